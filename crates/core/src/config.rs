@@ -1,0 +1,633 @@
+//! The TOML configuration: where state lives, the bridge, the service address, and the host's
+//! LCs with their resources.
+//!
+//! Parsing happens in two steps (raw TOML → validated [`Config`]) so that every error can name
+//! the file, the line and the key, and say what to do. Loading a config changes nothing on the
+//! host.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::model::{
+    BackendKind, CpuAlloc, DiskKind, DiskRole, DiskSpec, Ipv4Cidr, LcId, LcSpec, MacAddr, NicSpec,
+};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/patchover/patchover.toml";
+
+/// Facts about the host that bound a config: a config may not hand out more than this.
+#[derive(Debug, Clone, Copy)]
+pub struct HostFacts {
+    pub cpus: u32,
+    pub memory_mib: u64,
+}
+
+impl HostFacts {
+    /// Reads the CPU count and `MemTotal` of this host.
+    pub fn probe() -> HostFacts {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let memory_mib = fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map_or(u64::MAX, |kb| kb / 1024);
+        HostFacts { cpus, memory_mib }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}; pass another with --config PATH", path = path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{col}: {message}", path = path.display())]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+    #[error("{path}:{line}: `{key}`: {message}", path = path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    /// Name of the cgroup under which every LC's cgroup is made.
+    pub cgroup_parent: String,
+    pub network: NetworkConfig,
+    pub lcs: Vec<LcSpec>,
+    /// Keys of the raw table kept for later issues' sections (bundles, monitor, …).
+    pub extra: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    pub bridge: String,
+    /// The host's own address on the bridge, if it has one.
+    pub bridge_address: Option<Ipv4Cidr>,
+    /// The address clients use to reach the service.
+    pub service_address: Option<Ipv4Cidr>,
+}
+
+impl Config {
+    pub fn lc(&self, id: &str) -> Option<&LcSpec> {
+        self.lcs.iter().find(|l| l.id.as_str() == id)
+    }
+
+    /// The path of the SQLite store.
+    pub fn store_path(&self) -> PathBuf {
+        self.state_dir.join("state.db")
+    }
+
+    pub fn load(path: &Path, host: &HostFacts) -> Result<Config, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(path, &text, host)
+    }
+
+    pub fn parse(path: &Path, text: &str, host: &HostFacts) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let (line, col) = e
+                .span()
+                .map_or((1, 1), |s| line_col(text, s.start));
+            ConfigError::Syntax {
+                path: path.to_owned(),
+                line,
+                col,
+                message: e.message().trim().to_owned(),
+            }
+        })?;
+        Validator { path, text, host }.validate(raw)
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    (line, col)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state_dir: Option<PathBuf>,
+    run_dir: Option<PathBuf>,
+    cgroup_parent: Option<Spanned<String>>,
+    network: Option<RawNetwork>,
+    #[serde(default)]
+    lc: Vec<RawLc>,
+    // Sections owned by other parts of patchover; validated by them.
+    bundles: Option<toml::Value>,
+    monitor: Option<toml::Value>,
+    daemon: Option<toml::Value>,
+    yara: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    bridge: Option<Spanned<String>>,
+    bridge_address: Option<Spanned<String>>,
+    service_address: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLc {
+    id: Spanned<String>,
+    backend: Option<BackendKind>,
+    cpu: Option<Spanned<u32>>,
+    cpu_share: Spanned<u32>,
+    memory_mib: Spanned<u64>,
+    hostname: Option<String>,
+    init: Option<PathBuf>,
+    system_disk: RawDisk,
+    app_disk: Option<RawDisk>,
+    #[serde(default)]
+    nic: Vec<RawNic>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDisk {
+    path: Spanned<PathBuf>,
+    kind: Option<DiskKind>,
+    mount: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNic {
+    name: Spanned<String>,
+    mac: Option<Spanned<String>>,
+    address: Option<Spanned<String>>,
+    gateway: Option<Spanned<String>>,
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    text: &'a str,
+    host: &'a HostFacts,
+}
+
+impl Validator<'_> {
+    fn err<T>(&self, at: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line: line_col(self.text, at.span().start).0,
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let cgroup_parent = match raw.cgroup_parent {
+            Some(c) => {
+                let ok = !c.get_ref().is_empty()
+                    && c
+                        .get_ref()
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                if !ok {
+                    return Err(self.err(
+                        &c,
+                        "cgroup_parent",
+                        "must be one cgroup name of letters, digits, '-' and '_'",
+                    ));
+                }
+                c.into_inner()
+            }
+            None => "patchover".to_owned(),
+        };
+        let network = match raw.network {
+            Some(n) => NetworkConfig {
+                bridge: match n.bridge {
+                    Some(b) => {
+                        let name = b.get_ref();
+                        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                            return Err(self.err(
+                                &b,
+                                "network.bridge",
+                                "an interface name of 1-15 characters without '/' or spaces",
+                            ));
+                        }
+                        b.into_inner()
+                    }
+                    None => "pobr0".to_owned(),
+                },
+                bridge_address: self.opt_cidr(n.bridge_address, "network.bridge_address")?,
+                service_address: self.opt_cidr(n.service_address, "network.service_address")?,
+            },
+            None => NetworkConfig {
+                bridge: "pobr0".to_owned(),
+                bridge_address: None,
+                service_address: None,
+            },
+        };
+
+        let mut lcs: Vec<LcSpec> = Vec::new();
+        let mut seen_ids: HashMap<String, usize> = HashMap::new();
+        let mut disk_owner: HashMap<PathBuf, String> = HashMap::new();
+        let mut cpu_used: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut memory_used: u64 = 0;
+        for lc in raw.lc {
+            let id: LcId = lc
+                .id
+                .get_ref()
+                .parse()
+                .map_err(|m: String| self.err(&lc.id, "lc.id", m))?;
+            let line = line_col(self.text, lc.id.span().start).0;
+            if let Some(first) = seen_ids.insert(id.to_string(), line) {
+                return Err(self.err(
+                    &lc.id,
+                    "lc.id",
+                    format!("duplicate LC id \"{id}\" (first defined on line {first}); give each LC its own id"),
+                ));
+            }
+            let key = |k: &str| format!("lc.{id}.{k}");
+
+            let cpu_index = lc.cpu.as_ref().map_or(0, |c| *c.get_ref());
+            if let Some(c) = &lc.cpu
+                && *c.get_ref() >= self.host.cpus
+            {
+                return Err(self.err(
+                    c,
+                    &key("cpu"),
+                    format!(
+                        "CPU {} does not exist; this host has CPUs 0-{}",
+                        c.get_ref(),
+                        self.host.cpus - 1
+                    ),
+                ));
+            }
+            let share = *lc.cpu_share.get_ref();
+            if share == 0 || share > 100 {
+                return Err(self.err(
+                    &lc.cpu_share,
+                    &key("cpu_share"),
+                    "a percentage of one CPU, 1-100",
+                ));
+            }
+            let used = cpu_used.entry(cpu_index).or_default();
+            *used += share;
+            if *used > 100 {
+                return Err(self.err(
+                    &lc.cpu_share,
+                    &key("cpu_share"),
+                    format!(
+                        "CPU {cpu_index} would be handed out {used}% (more than 100%); lower the shares or move an LC to another CPU"
+                    ),
+                ));
+            }
+            let mem = *lc.memory_mib.get_ref();
+            if mem < 16 {
+                return Err(self.err(
+                    &lc.memory_mib,
+                    &key("memory_mib"),
+                    "at least 16 MiB",
+                ));
+            }
+            memory_used += mem;
+            if memory_used > self.host.memory_mib {
+                return Err(self.err(
+                    &lc.memory_mib,
+                    &key("memory_mib"),
+                    format!(
+                        "the LCs would get {memory_used} MiB in all, more than this host's {} MiB; lower memory_mib",
+                        self.host.memory_mib
+                    ),
+                ));
+            }
+
+            let system_disk = self.disk(lc.system_disk, DiskRole::System, &id, &mut disk_owner)?;
+            let app_disk = lc
+                .app_disk
+                .map(|d| self.disk(d, DiskRole::Application, &id, &mut disk_owner))
+                .transpose()?;
+
+            let mut nics = Vec::new();
+            for (i, n) in lc.nic.into_iter().enumerate() {
+                let name = n.name.get_ref();
+                if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                    return Err(self.err(
+                        &n.name,
+                        &key("nic.name"),
+                        "an interface name of 1-15 characters without '/' or spaces",
+                    ));
+                }
+                if nics.iter().any(|x: &NicSpec| &x.name == name) {
+                    return Err(self.err(
+                        &n.name,
+                        &key("nic.name"),
+                        format!("two NICs named {name:?}; give each its own name"),
+                    ));
+                }
+                let mac = match &n.mac {
+                    Some(m) => m
+                        .get_ref()
+                        .parse()
+                        .map_err(|e: String| self.err(m, &key("nic.mac"), e))?,
+                    None => MacAddr::derive(&format!("{id}/{i}")),
+                };
+                let address = self.opt_cidr(n.address, &key("nic.address"))?;
+                let gateway = match &n.gateway {
+                    Some(g) => Some(g.get_ref().parse::<Ipv4Addr>().map_err(|_| {
+                        self.err(g, &key("nic.gateway"), "an IPv4 address like 10.77.0.1")
+                    })?),
+                    None => None,
+                };
+                nics.push(NicSpec {
+                    name: n.name.into_inner(),
+                    mac,
+                    address,
+                    gateway,
+                });
+            }
+            if nics.len() > 9 {
+                return Err(ConfigError::Invalid {
+                    path: self.path.to_owned(),
+                    line,
+                    key: key("nic"),
+                    message: "at most 9 NICs per LC".to_owned(),
+                });
+            }
+
+            lcs.push(LcSpec {
+                hostname: lc.hostname.unwrap_or_else(|| id.to_string()),
+                backend: lc.backend.unwrap_or_default(),
+                cpu: CpuAlloc {
+                    cpu: cpu_index,
+                    share_pct: share,
+                },
+                memory_mib: mem,
+                init: lc.init.unwrap_or_else(|| PathBuf::from("/sbin/init")),
+                system_disk,
+                app_disk,
+                nics,
+                id,
+            });
+        }
+
+        let mut extra = BTreeMap::new();
+        for (k, v) in [
+            ("bundles", raw.bundles),
+            ("monitor", raw.monitor),
+            ("daemon", raw.daemon),
+            ("yara", raw.yara),
+        ] {
+            if let Some(v) = v {
+                extra.insert(k.to_owned(), v);
+            }
+        }
+
+        Ok(Config {
+            path: self.path.to_owned(),
+            state_dir: raw
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/patchover")),
+            run_dir: raw.run_dir.unwrap_or_else(|| PathBuf::from("/run/patchover")),
+            cgroup_parent,
+            network,
+            lcs,
+            extra,
+        })
+    }
+
+    fn opt_cidr(
+        &self,
+        v: Option<Spanned<String>>,
+        key: &str,
+    ) -> Result<Option<Ipv4Cidr>, ConfigError> {
+        v.map(|s| s.get_ref().parse().map_err(|e: String| self.err(&s, key, e)))
+            .transpose()
+    }
+
+    fn disk(
+        &self,
+        raw: RawDisk,
+        role: DiskRole,
+        id: &LcId,
+        owners: &mut HashMap<PathBuf, String>,
+    ) -> Result<DiskSpec, ConfigError> {
+        let which = match role {
+            DiskRole::System => "system_disk",
+            DiskRole::Application => "app_disk",
+        };
+        let key = format!("lc.{id}.{which}.path");
+        let path = raw.path.get_ref().clone();
+        if !path.is_absolute() {
+            return Err(self.err(&raw.path, &key, "use an absolute path"));
+        }
+        let norm = normalize(&path);
+        if let Some(other) = owners.get(&norm) {
+            return Err(self.err(
+                &raw.path,
+                &key,
+                format!(
+                    "{} is already a disk of {other}; two LCs cannot share a disk, give each its own",
+                    path.display()
+                ),
+            ));
+        }
+        owners.insert(norm, format!("LC {id}"));
+        let kind = raw.kind.unwrap_or_else(|| {
+            if path.extension().is_some_and(|e| e == "img" || e == "raw") {
+                DiskKind::Image
+            } else {
+                DiskKind::Dir
+            }
+        });
+        let mount = match (role, raw.mount) {
+            (DiskRole::System, Some(m)) => {
+                return Err(self.err(
+                    &m,
+                    &format!("lc.{id}.system_disk.mount"),
+                    "the system disk is always mounted at /; remove this key",
+                ));
+            }
+            (DiskRole::System, None) => PathBuf::from("/"),
+            (DiskRole::Application, Some(m)) => {
+                let p = m.get_ref();
+                if !p.is_absolute() || p == Path::new("/") || p.components().any(|c| c.as_os_str() == "..") {
+                    return Err(self.err(
+                        &m,
+                        &format!("lc.{id}.app_disk.mount"),
+                        "an absolute path inside the LC other than /, without '..'",
+                    ));
+                }
+                p.clone()
+            }
+            (DiskRole::Application, None) => PathBuf::from("/data"),
+        };
+        Ok(DiskSpec {
+            role,
+            path,
+            kind,
+            mount,
+        })
+    }
+}
+
+/// Lexical normalization (no I/O): drops `.` and trailing slashes so that two spellings of a
+/// path compare equal.
+fn normalize(p: &Path) -> PathBuf {
+    p.components().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: HostFacts = HostFacts {
+        cpus: 2,
+        memory_mib: 1024,
+    };
+
+    const GOOD: &str = r#"
+state_dir = "/tmp/po/state"
+run_dir = "/tmp/po/run"
+
+[network]
+bridge = "pobr0"
+service_address = "10.77.0.10/24"
+
+[[lc]]
+id = "lc1"
+cpu = 0
+cpu_share = 50
+memory_mib = 256
+system_disk = { path = "/srv/lc1/sys" }
+app_disk = { path = "/srv/lc1/app", mount = "/data" }
+nic = [{ name = "eth0", address = "10.77.0.10/24" }]
+
+[[lc]]
+id = "lc2"
+cpu = 0
+cpu_share = 50
+memory_mib = 256
+system_disk = { path = "/srv/lc2/sys.img" }
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/po.toml"), text, &HOST)
+    }
+
+    #[test]
+    fn good_config_parses() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.lcs.len(), 2);
+        let lc1 = c.lc("lc1").unwrap();
+        assert_eq!(lc1.cpu.share_pct, 50);
+        assert_eq!(lc1.app_disk.as_ref().unwrap().mount, PathBuf::from("/data"));
+        assert_eq!(lc1.nics[0].address.unwrap().to_string(), "10.77.0.10/24");
+        assert_eq!(c.lc("lc2").unwrap().system_disk.kind, DiskKind::Image);
+        assert_eq!(c.store_path(), PathBuf::from("/tmp/po/state/state.db"));
+    }
+
+    fn invalid(text: &str) -> (usize, String, String) {
+        match parse(text).unwrap_err() {
+            ConfigError::Invalid {
+                line, key, message, ..
+            } => (line, key, message),
+            other => panic!("expected Invalid, got {other}"),
+        }
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let text = GOOD.replace("memory_mib = 256\nsystem_disk = { path = \"/srv/lc2", "memory_mib = 256\ncolour = 3\nsystem_disk = { path = \"/srv/lc2");
+        let err = parse(&text).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("/etc/po.toml:23:"), "{msg}");
+        assert!(msg.contains("unknown field `colour`"), "{msg}");
+    }
+
+    #[test]
+    fn duplicate_id() {
+        let (line, key, msg) = invalid(&GOOD.replace("id = \"lc2\"", "id = \"lc1\""));
+        assert_eq!(line, 19);
+        assert_eq!(key, "lc.id");
+        assert!(msg.contains("duplicate LC id \"lc1\" (first defined on line 10)"), "{msg}");
+    }
+
+    #[test]
+    fn shared_disk() {
+        let (line, key, msg) = invalid(&GOOD.replace("/srv/lc2/sys.img", "/srv/lc1/app/"));
+        assert_eq!(line, 23);
+        assert_eq!(key, "lc.lc2.system_disk.path");
+        assert!(msg.contains("already a disk of LC lc1"), "{msg}");
+    }
+
+    #[test]
+    fn cpu_overcommit() {
+        let (line, key, msg) = invalid(&GOOD.replace("cpu_share = 50\nmemory_mib = 256\nsystem_disk = { path = \"/srv/lc2", "cpu_share = 51\nmemory_mib = 256\nsystem_disk = { path = \"/srv/lc2"));
+        assert_eq!((line, key.as_str()), (21, "lc.lc2.cpu_share"));
+        assert!(msg.contains("CPU 0 would be handed out 101%"), "{msg}");
+    }
+
+    #[test]
+    fn memory_beyond_host() {
+        let (_, key, msg) = invalid(&GOOD.replace("memory_mib = 256\nsystem_disk = { path = \"/srv/lc2", "memory_mib = 900\nsystem_disk = { path = \"/srv/lc2"));
+        assert_eq!(key, "lc.lc2.memory_mib");
+        assert!(msg.contains("1156 MiB in all, more than this host's 1024 MiB"), "{msg}");
+    }
+
+    #[test]
+    fn nonexistent_cpu_and_bad_share() {
+        let (_, key, msg) = invalid(&GOOD.replace("cpu = 0\ncpu_share = 50\nmemory_mib = 256\nsystem_disk = { path = \"/srv/lc2", "cpu = 7\ncpu_share = 50\nmemory_mib = 256\nsystem_disk = { path = \"/srv/lc2"));
+        assert_eq!(key, "lc.lc2.cpu");
+        assert!(msg.contains("CPU 7 does not exist"), "{msg}");
+        let (_, key, _) = invalid(&GOOD.replacen("cpu_share = 50", "cpu_share = 0", 1));
+        assert_eq!(key, "lc.lc1.cpu_share");
+    }
+
+    #[test]
+    fn bad_values() {
+        let (_, key, msg) = invalid(&GOOD.replace("10.77.0.10/24\" }]", "10.77.0.300/24\" }]"));
+        assert_eq!(key, "lc.lc1.nic.address");
+        assert!(msg.contains("invalid address"), "{msg}");
+        let (_, key, _) = invalid(&GOOD.replace("id = \"lc2\"", "id = \"LC 2\""));
+        assert_eq!(key, "lc.id");
+        let (_, key, _) = invalid(&GOOD.replace("/srv/lc2/sys.img", "relative/sys"));
+        assert_eq!(key, "lc.lc2.system_disk.path");
+        let (_, key, _) = invalid(&GOOD.replace("mount = \"/data\"", "mount = \"/\""));
+        assert_eq!(key, "lc.lc1.app_disk.mount");
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let err = parse("[[lc]\nid = 1").unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { line: 1, .. }), "{err}");
+    }
+
+    #[test]
+    fn missing_file() {
+        let err = Config::load(Path::new("/nonexistent/po.toml"), &HOST).unwrap_err();
+        assert!(err.to_string().contains("--config PATH"), "{err}");
+    }
+}
