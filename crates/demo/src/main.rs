@@ -1,1 +1,424 @@
-fn main() {}
+//! The demo service: a small HTTP/1.1 key-value store, the service every patchover test loads,
+//! patches and checks.
+//!
+//! Why it is shaped like this: patchover's promise is "no failed request and no lost write".
+//! So the service appends every write to a log on the LC's *application disk* and fsyncs it
+//! before it answers 2xx (an acknowledged write is durable), replays that log at start, keeps
+//! connections alive (so a switch must handle established flows), and reads its version string
+//! from a file on the *system disk* (so a patch can change it and a check can see it).
+//!
+//! Routes: `PUT /kv/KEY` (body = value), `GET /kv/KEY`, `GET /version`, `GET /health`.
+//! Every response carries `X-Served-By: <hostname>` so a client can tell which LC answered.
+//!
+//! std only: the binary is linked statically and runs inside any rootfs.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const MAX_HEADER: usize = 16 * 1024;
+const MAX_BODY: usize = 1024 * 1024;
+const MAX_KEY: usize = 200;
+const MAX_CONNECTIONS: usize = 1024;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Args {
+    listen: String,
+    data_dir: PathBuf,
+    version_file: PathBuf,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        listen: "0.0.0.0:80".to_owned(),
+        data_dir: PathBuf::from("/data"),
+        version_file: PathBuf::from("/etc/demo/version"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut val = || it.next().ok_or_else(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--listen" => args.listen = val()?,
+            "--data" => args.data_dir = PathBuf::from(val()?),
+            "--version-file" => args.version_file = PathBuf::from(val()?),
+            "--help" | "-h" => {
+                return Err(
+                    "usage: patchover-demo [--listen ADDR:PORT] [--data DIR] [--version-file FILE]"
+                        .to_owned(),
+                );
+            }
+            other => return Err(format!("unknown argument {other:?}; see --help")),
+        }
+    }
+    Ok(args)
+}
+
+/// The store: the map in memory, the log on disk. One lock orders writes in the log as they
+/// are acknowledged.
+struct Store {
+    inner: Mutex<StoreInner>,
+    version: String,
+    host: String,
+    writes: AtomicUsize,
+}
+
+struct StoreInner {
+    map: HashMap<String, Vec<u8>>,
+    log: File,
+}
+
+fn hex(data: &[u8]) -> String {
+    let mut s = String::with_capacity(data.len() * 2);
+    for b in data {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+impl Store {
+    /// Opens the log and replays it. A torn last line (a write that was never acknowledged,
+    /// since the fsync did not return) is dropped.
+    fn open(data_dir: &Path, version: String, host: String) -> io::Result<Store> {
+        std::fs::create_dir_all(data_dir)?;
+        let path = data_dir.join("kv.log");
+        let mut map = HashMap::new();
+        if let Ok(f) = File::open(&path) {
+            for line in BufReader::new(f).split(b'\n') {
+                let line = line?;
+                let Ok(line) = std::str::from_utf8(&line) else {
+                    continue;
+                };
+                if let Some((k, v)) = line.split_once('\t')
+                    && let Some(v) = unhex(v)
+                {
+                    map.insert(k.to_owned(), v);
+                }
+            }
+        }
+        let log = OpenOptions::new().create(true).append(true).open(&path)?;
+        Ok(Store {
+            inner: Mutex::new(StoreInner { map, log }),
+            version,
+            host,
+            writes: AtomicUsize::new(0),
+        })
+    }
+
+    fn put(&self, key: &str, value: &[u8]) -> io::Result<()> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let line = format!("{key}\t{}\n", hex(value));
+        inner.log.write_all(line.as_bytes())?;
+        inner.log.sync_data()?;
+        inner.map.insert(key.to_owned(), value.to_vec());
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.map.get(key).cloned()
+    }
+
+    fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).map.len()
+    }
+}
+
+fn valid_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= MAX_KEY
+        && k
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+struct Request {
+    method: String,
+    path: String,
+    body: Vec<u8>,
+    keep_alive: bool,
+}
+
+enum ReadOutcome {
+    Request(Request),
+    Closed,
+    Bad(u16, &'static str),
+}
+
+fn read_request(r: &mut BufReader<TcpStream>) -> io::Result<ReadOutcome> {
+    let mut head = Vec::new();
+    loop {
+        let n = r.read_until(b'\n', &mut head)?;
+        if n == 0 {
+            return Ok(if head.is_empty() {
+                ReadOutcome::Closed
+            } else {
+                ReadOutcome::Bad(400, "truncated request")
+            });
+        }
+        if head.len() > MAX_HEADER {
+            return Ok(ReadOutcome::Bad(431, "header too large"));
+        }
+        if head == b"\r\n" || head == b"\n" {
+            head.clear(); // tolerate blank lines between requests
+            continue;
+        }
+        if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") {
+            break;
+        }
+    }
+    let Ok(text) = std::str::from_utf8(&head) else {
+        return Ok(ReadOutcome::Bad(400, "header is not UTF-8"));
+    };
+    let mut lines = text.lines();
+    let start = lines.next().unwrap_or_default();
+    let mut parts = start.split(' ');
+    let (Some(method), Some(path), Some(proto)) = (parts.next(), parts.next(), parts.next()) else {
+        return Ok(ReadOutcome::Bad(400, "bad request line"));
+    };
+    let mut keep_alive = proto == "HTTP/1.1";
+    let mut len = 0usize;
+    for l in lines {
+        let Some((name, value)) = l.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "content-length" => match value.parse() {
+                Ok(n) if n <= MAX_BODY => len = n,
+                Ok(_) => return Ok(ReadOutcome::Bad(413, "body too large")),
+                Err(_) => return Ok(ReadOutcome::Bad(400, "bad content-length")),
+            },
+            "transfer-encoding" => return Ok(ReadOutcome::Bad(501, "chunked bodies are not supported; send Content-Length")),
+            "connection" => {
+                let v = value.to_ascii_lowercase();
+                if v.contains("close") {
+                    keep_alive = false;
+                } else if v.contains("keep-alive") {
+                    keep_alive = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(ReadOutcome::Request(Request {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        body,
+        keep_alive,
+    }))
+}
+
+fn respond(
+    w: &mut impl Write,
+    store: &Store,
+    status: u16,
+    body: &[u8],
+    keep_alive: bool,
+) -> io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        201 => "Created",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
+    };
+    write!(
+        w,
+        "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nX-Served-By: {}\r\nConnection: {}\r\n\r\n",
+        body.len(),
+        store.host,
+        if keep_alive { "keep-alive" } else { "close" }
+    )?;
+    w.write_all(body)?;
+    w.flush()
+}
+
+fn handle(req: &Request, store: &Store) -> (u16, Vec<u8>) {
+    let path = req.path.split('?').next().unwrap_or_default();
+    match (req.method.as_str(), path) {
+        ("GET", "/version") => (200, format!("{}\n", store.version).into_bytes()),
+        ("GET", "/health") => (
+            200,
+            format!(
+                "{{\"status\":\"ok\",\"host\":\"{}\",\"version\":\"{}\",\"keys\":{},\"writes\":{}}}\n",
+                store.host,
+                store.version,
+                store.len(),
+                store.writes.load(Ordering::Relaxed)
+            )
+            .into_bytes(),
+        ),
+        (m, p) if p.starts_with("/kv/") => {
+            let key = &p[4..];
+            if !valid_key(key) {
+                return (400, b"bad key: use 1-200 of A-Z a-z 0-9 . _ -\n".to_vec());
+            }
+            match m {
+                "GET" => match store.get(key) {
+                    Some(v) => (200, v),
+                    None => (404, b"no such key\n".to_vec()),
+                },
+                "PUT" | "POST" => match store.put(key, &req.body) {
+                    Ok(()) => (201, b"stored\n".to_vec()),
+                    Err(e) => (500, format!("cannot store: {e}\n").into_bytes()),
+                },
+                _ => (405, b"use GET or PUT\n".to_vec()),
+            }
+        }
+        _ => (404, b"routes: GET /version, GET /health, GET|PUT /kv/KEY\n".to_vec()),
+    }
+}
+
+fn serve_connection(stream: TcpStream, store: &Store) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = BufWriter::new(stream);
+    loop {
+        match read_request(&mut reader)? {
+            ReadOutcome::Closed => return Ok(()),
+            ReadOutcome::Bad(status, why) => {
+                respond(&mut writer, store, status, format!("{why}\n").as_bytes(), false)?;
+                return Ok(());
+            }
+            ReadOutcome::Request(req) => {
+                let (status, body) = handle(&req, store);
+                respond(&mut writer, store, status, &body, req.keep_alive)?;
+                if !req.keep_alive {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("patchover-demo: {e}");
+            std::process::exit(2);
+        }
+    };
+    let version = std::fs::read_to_string(&args.version_file)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|e| {
+            eprintln!(
+                "patchover-demo: cannot read version file {}: {e}; answering \"unknown\"",
+                args.version_file.display()
+            );
+            "unknown".to_owned()
+        });
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let store = match Store::open(&args.data_dir, version, host) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!(
+                "patchover-demo: cannot open the log in {}: {e}",
+                args.data_dir.display()
+            );
+            std::process::exit(1);
+        }
+    };
+    let listener = match TcpListener::bind(&args.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("patchover-demo: cannot listen on {}: {e}", args.listen);
+            std::process::exit(1);
+        }
+    };
+    eprintln!(
+        "patchover-demo {} listening on {} with data in {}",
+        store.version,
+        args.listen,
+        args.data_dir.display()
+    );
+    let active = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+            let mut w = stream;
+            let _ = respond(&mut w, &store, 503, b"too many connections\n", false);
+            continue;
+        }
+        active.fetch_add(1, Ordering::Relaxed);
+        let store = Arc::clone(&store);
+        let active = Arc::clone(&active);
+        let spawned = std::thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                let _ = serve_connection(stream, &store);
+                active.fetch_sub(1, Ordering::Relaxed);
+            });
+        if spawned.is_err() {
+            eprintln!("patchover-demo: cannot start a thread for a connection");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        let data = b"\x00hello\xff\n\t";
+        assert_eq!(unhex(&hex(data)).unwrap(), data);
+        assert!(unhex("abc").is_none());
+        assert!(unhex("zz").is_none());
+    }
+
+    #[test]
+    fn log_replay_survives_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), "1".into(), "h".into()).unwrap();
+            s.put("a", b"one").unwrap();
+            s.put("b", b"two").unwrap();
+            s.put("a", b"three").unwrap();
+        }
+        // A write that crashed before its fsync returned: half a line.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("kv.log"))
+            .unwrap();
+        f.write_all(b"c\t6").unwrap();
+        let s = Store::open(dir.path(), "1".into(), "h".into()).unwrap();
+        assert_eq!(s.get("a").unwrap(), b"three");
+        assert_eq!(s.get("b").unwrap(), b"two");
+        assert!(s.get("c").is_none());
+    }
+
+    #[test]
+    fn keys_are_checked() {
+        assert!(valid_key("user-1.x_y"));
+        assert!(!valid_key(""));
+        assert!(!valid_key("a/b"));
+        assert!(!valid_key(&"k".repeat(201)));
+    }
+}

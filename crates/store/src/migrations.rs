@@ -1,0 +1,89 @@
+//! Numbered schema migrations. Append only: a released migration never changes.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use crate::StoreError;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the resource table (fig. 5), the patch table (fig. 6), the run journal.
+    r#"
+    CREATE TABLE lcs (
+        id          TEXT PRIMARY KEY,
+        backend     TEXT NOT NULL,
+        cpu         INTEGER NOT NULL,
+        cpu_share   INTEGER NOT NULL,
+        memory_mib  INTEGER NOT NULL,
+        system_disk TEXT NOT NULL,
+        app_disk    TEXT,
+        app_mount   TEXT,
+        nics        TEXT NOT NULL,
+        spec        TEXT NOT NULL,
+        role        TEXT NOT NULL DEFAULT 'unused' CHECK (role IN ('active','standby','unused')),
+        updated_ms  INTEGER NOT NULL
+    );
+    CREATE TABLE patches (
+        id            TEXT PRIMARY KEY,
+        title         TEXT NOT NULL,
+        category      TEXT NOT NULL CHECK (category IN ('security','enhancement','bugfix')),
+        severity      TEXT NOT NULL,
+        published     TEXT NOT NULL,
+        sha256        TEXT NOT NULL,
+        file          TEXT NOT NULL,
+        registered_ms INTEGER NOT NULL,
+        apply_next    INTEGER NOT NULL DEFAULT 0,
+        applied_ms    INTEGER,
+        applied_lc    TEXT,
+        last_result   TEXT CHECK (last_result IN ('ok','failed','skipped')),
+        last_output   TEXT,
+        last_ms       INTEGER
+    );
+    CREATE TABLE runs (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        lc          TEXT NOT NULL,
+        standby     TEXT,
+        mode        TEXT NOT NULL,
+        dry_run     INTEGER NOT NULL,
+        state       TEXT NOT NULL,
+        started_ms  INTEGER NOT NULL,
+        ended_ms    INTEGER,
+        outcome     TEXT,
+        report      TEXT
+    );
+    -- At most one unfinished run per LC: the second is refused by the database itself.
+    CREATE UNIQUE INDEX one_open_run_per_lc ON runs(lc) WHERE ended_ms IS NULL;
+    CREATE TABLE run_steps (
+        run_id   INTEGER NOT NULL REFERENCES runs(id),
+        seq      INTEGER NOT NULL,
+        step     TEXT NOT NULL,
+        state    TEXT NOT NULL CHECK (state IN ('started','done','failed')),
+        at_ms    INTEGER NOT NULL,
+        detail   TEXT,
+        PRIMARY KEY (run_id, seq)
+    );
+    "#,
+];
+
+pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|source| StoreError::Migrate { version: 0, source })?;
+    if found > known {
+        return Err(StoreError::TooNew {
+            path: path.to_owned(),
+            found,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let version = i as i64 + 1;
+        let err = |source| StoreError::Migrate { version, source };
+        let tx = conn.transaction().map_err(err)?;
+        tx.execute_batch(sql).map_err(err)?;
+        tx.pragma_update(None, "user_version", version).map_err(err)?;
+        tx.commit().map_err(err)?;
+    }
+    Ok(())
+}
