@@ -1,1 +1,180 @@
-//! placeholder
+//! Logical computers: the seed's resource partitioning mechanism (110) and LC control program
+//! (305), behind one trait, [`LcBackend`].
+//!
+//! An LC is booted from its system disk, runs its own boot scripts, gets its application disk
+//! mounted and its NICs plugged into the host bridge, and is controlled from the host: reboot,
+//! stop, status, exec, freeze, attach disks and NICs, and the agent channel. Backends:
+//! - [`ns::NsBackend`]: Linux namespaces + cgroups (software partitioning);
+//! - QEMU VMs (hardware partitioning) — the `qemu` backend, to come behind the same trait.
+//!
+//! Every privileged call of a backend goes through the [`host::Host`] seam, so the backend's
+//! logic (ordering, rollback on failure, state checks) is unit-tested against a recording fake
+//! without root; the real calls are exercised by the integration tests.
+
+pub mod cgroup;
+pub mod host;
+pub mod ns;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use patchover_core::{LcId, LcSpec};
+use serde::Serialize;
+
+/// What the host sees of an LC.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LcStatus {
+    pub id: LcId,
+    pub state: LcState,
+    /// The host PID of the LC's init.
+    pub pid: Option<i32>,
+    pub uptime_s: Option<f64>,
+    /// Processes in the LC now.
+    pub processes: usize,
+    /// Limits as the kernel reports them.
+    pub limits: Option<cgroup::Limits>,
+    /// Host-side interface names of the LC's NICs.
+    pub host_ports: Vec<String>,
+    /// The agent socket on the host.
+    pub agent_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LcState {
+    Running,
+    Frozen,
+    Stopped,
+}
+
+impl std::fmt::Display for LcState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LcState::Running => "running",
+            LcState::Frozen => "frozen",
+            LcState::Stopped => "stopped",
+        })
+    }
+}
+
+/// The output of a program run inside an LC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExecOutput {
+    /// Exit status, `None` when killed by a signal.
+    pub status: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Whether an exec's standard streams go to the caller's terminal or are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stdio {
+    Inherit,
+    Capture,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LcError {
+    #[error("LC {0} is already running; stop it first or use `patchover lc reboot {0}`")]
+    AlreadyRunning(LcId),
+    #[error("LC {0} is not running; boot it with `patchover lc boot {0}`")]
+    NotRunning(LcId),
+    #[error("LC {lc}: {what} {path} does not exist; create it (e.g. `patchover image build-demo {path}`) or fix the config", path = path.display())]
+    DiskMissing {
+        lc: LcId,
+        what: &'static str,
+        path: PathBuf,
+    },
+    #[error("LC {lc}: disk {path} is marked incomplete (a copy that did not finish); copy it again before using it", path = path.display())]
+    DiskIncomplete { lc: LcId, path: PathBuf },
+    #[error("LC {lc}: disk {path} is in use by LC {other}; stop {other} or give {lc} its own disk", path = path.display())]
+    DiskInUse {
+        lc: LcId,
+        path: PathBuf,
+        other: String,
+    },
+    #[error("LC {lc}: the system disk {path} has no init at {init}; build the image with `patchover image build-demo` or set `init` in the config", path = path.display(), init = init.display())]
+    NoInit {
+        lc: LcId,
+        path: PathBuf,
+        init: PathBuf,
+    },
+    #[error("LC {lc}: {step} failed")]
+    Host {
+        lc: LcId,
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("LC {lc}: booting failed inside the LC: {message}")]
+    Launch { lc: LcId, message: String },
+    #[error("LC {lc}: {what} did not happen within {timeout:?}")]
+    Timeout {
+        lc: LcId,
+        what: &'static str,
+        timeout: Duration,
+    },
+    #[error("LC {lc}: the agent did not answer")]
+    Agent {
+        lc: LcId,
+        #[source]
+        source: patchover_agent::AgentError,
+    },
+    #[error("LC {lc}: {message}")]
+    Unsupported { lc: LcId, message: String },
+}
+
+impl LcError {
+    /// True when the error is about what was asked (exit code 2), not about the host.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            LcError::AlreadyRunning(_)
+                | LcError::NotRunning(_)
+                | LcError::DiskMissing { .. }
+                | LcError::DiskIncomplete { .. }
+                | LcError::DiskInUse { .. }
+                | LcError::NoInit { .. }
+                | LcError::Unsupported { .. }
+        )
+    }
+}
+
+/// The partitioning mechanism and LC control program, one implementation per kind of LC.
+pub trait LcBackend {
+    /// Boots the LC from its system disk; it runs its own boot scripts. Fails without a trace
+    /// left on the host if any step fails.
+    fn boot(&self, spec: &LcSpec) -> Result<LcStatus, LcError>;
+    /// Ends every process of the LC and boots it again from its disk.
+    fn reboot(&self, spec: &LcSpec) -> Result<LcStatus, LcError> {
+        self.stop(spec)?;
+        self.boot(spec)
+    }
+    /// Shuts the LC down (its own shutdown scripts first, then force), leaving no process,
+    /// mount, link or cgroup behind.
+    fn stop(&self, spec: &LcSpec) -> Result<(), LcError>;
+    fn status(&self, spec: &LcSpec) -> Result<LcStatus, LcError>;
+    /// Runs a program inside the running LC.
+    fn exec(&self, spec: &LcSpec, argv: &[String], stdio: Stdio) -> Result<ExecOutput, LcError>;
+    /// Holds every process of the LC still (the disk copier's quiesce), or lets them go.
+    fn set_frozen(&self, spec: &LcSpec, frozen: bool) -> Result<(), LcError>;
+    /// Mounts a host directory into the running LC at `at`.
+    fn attach_disk(&self, spec: &LcSpec, source: &std::path::Path, at: &std::path::Path)
+    -> Result<(), LcError>;
+    /// Plugs a new NIC into the running LC and the host bridge; returns the host-side port.
+    fn attach_nic(&self, spec: &LcSpec, nic: &patchover_core::NicSpec) -> Result<String, LcError>;
+    /// Waits until the agent inside answers.
+    fn wait_agent(&self, spec: &LcSpec, timeout: Duration) -> Result<patchover_agent::Response, LcError>;
+    /// Opens the agent channel.
+    fn agent(&self, spec: &LcSpec) -> Result<patchover_agent::AgentClient, LcError>;
+}
+
+/// The host-side name of NIC `index` of LC `id`: `po<id>n<index>` (≤ 15 bytes by the id rule).
+pub fn host_port_name(id: &LcId, index: usize) -> String {
+    format!("po{id}n{index}")
+}
+
+/// The temporary name of the LC-side end before it moves into the LC.
+pub fn peer_port_name(id: &LcId, index: usize) -> String {
+    format!("pp{id}n{index}")
+}

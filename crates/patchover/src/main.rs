@@ -1,1 +1,123 @@
-fn main() {}
+//! `patchover`: the CLI (and later the daemon) in one binary.
+//!
+//! Raw arguments are parsed by clap into [`Cli`]; each verb group lives in its own file under
+//! `cmd/` and gets a [`cmd::Ctx`] with the global flags. Errors are printed once, here, with
+//! their whole chain, and mapped to exit codes in [`exit_code`].
+
+mod cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "patchover", version, about = "Patch a running service without stopping it.")]
+struct Cli {
+    /// The config file.
+    #[arg(long, global = true, env = "PATCHOVER_CONFIG", default_value = patchover_core::config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Print machine-readable JSON instead of tables and progress.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Logical computers: the resource table and their lifecycle.
+    #[command(subcommand)]
+    Lc(cmd::lc::LcCmd),
+    /// Build LC images.
+    #[command(subcommand)]
+    Image(cmd::image::ImageCmd),
+    /// Copy a live disk with its write history.
+    #[command(subcommand)]
+    Disk(cmd::disk::DiskCmd),
+    /// Switch the service's network path between LCs.
+    #[command(subcommand)]
+    Net(cmd::net::NetCmd),
+    /// Drive an HTTP load at a constant rate and record every request's outcome.
+    Load(cmd::load::LoadArgs),
+    /// Benchmarks that print their figures against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCmd),
+    /// Signed patch bundles.
+    #[command(subcommand)]
+    Bundle(cmd::bundle::BundleCmd),
+    /// The patch table.
+    #[command(subcommand)]
+    Patches(cmd::patches::PatchesCmd),
+    /// Internal: run by patchover itself to start and enter LCs.
+    #[command(subcommand, hide = true)]
+    Internal(cmd::internal::InternalCmd),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let ctx = cmd::Ctx {
+        config_path: cli.config,
+        json: cli.json,
+    };
+    let result = match cli.command {
+        Command::Lc(c) => cmd::lc::run(c, &ctx),
+        Command::Image(c) => cmd::image::run(c, &ctx),
+        Command::Disk(c) => cmd::disk::run(c, &ctx),
+        Command::Net(c) => cmd::net::run(c, &ctx),
+        Command::Load(a) => cmd::load::run(a, &ctx),
+        Command::Bench(c) => cmd::bench::run(c, &ctx),
+        Command::Bundle(c) => cmd::bundle::run(c, &ctx),
+        Command::Patches(c) => cmd::patches::run(c, &ctx),
+        Command::Internal(c) => cmd::internal::run(c),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if ctx.json {
+                let out = serde_json::json!({
+                    "error": format!("{e:#}"),
+                    "code": exit_code(&e),
+                });
+                println!("{out}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// The one place errors become exit codes: 2 for bad input (config, unknown LC, wrong state),
+/// 1 for everything else.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if cause.downcast_ref::<patchover_core::ConfigError>().is_some() {
+            return 2;
+        }
+        if let Some(lc) = cause.downcast_ref::<patchover_lc::LcError>()
+            && lc.is_bad_input()
+        {
+            return 2;
+        }
+        if cause.downcast_ref::<cmd::BadInput>().is_some() {
+            return 2;
+        }
+    }
+    1
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PATCHOVER_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let json = std::env::var("PATCHOVER_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,312 @@
+//! The seam between backend logic and the host's privileged calls.
+//!
+//! [`LinuxHost`] does the real thing; tests use a recording fake (see `ns::tests`). The seam
+//! sits at the level of "create this veth", "write this cgroup file", "start this launcher",
+//! which is where the backend's decisions end and the kernel's work begins.
+
+use std::fs;
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use patchover_core::MacAddr;
+
+use crate::ns::launch::LaunchSpec;
+
+/// A launcher that has created the LC's namespaces and its init process, which is waiting
+/// for [`Launch::release`] before it mounts its disks and execs init.
+pub trait Launch {
+    /// The host PID of the LC's init-to-be.
+    fn pid(&self) -> i32;
+    /// Lets init go on; returns once init was exec'd, or the error the LC met on the way.
+    fn release(self: Box<Self>) -> Result<(), String>;
+}
+
+pub trait Host {
+    fn read_file(&self, path: &Path) -> io::Result<String>;
+    fn write_file(&self, path: &Path, data: &str) -> io::Result<()>;
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// Removes an empty directory (a cgroup).
+    fn remove_dir(&self, path: &Path) -> io::Result<()>;
+    fn remove_all(&self, path: &Path) -> io::Result<()>;
+    fn exists(&self, path: &Path) -> bool;
+    /// True if `path` is a file that its owner may execute, following symlinks *inside* `root`.
+    fn is_executable_in(&self, root: &Path, path: &Path) -> bool;
+
+    /// Creates the bridge if missing; true if it was created.
+    fn ensure_bridge(&self, name: &str) -> io::Result<bool>;
+    fn link_exists(&self, name: &str) -> bool;
+    fn create_veth(&self, host_end: &str, peer: &str, peer_mac: MacAddr) -> io::Result<()>;
+    /// Makes `port` a port of `bridge` and brings it up.
+    fn attach_to_bridge(&self, port: &str, bridge: &str) -> io::Result<()>;
+    fn move_to_netns(&self, link: &str, pid: i32) -> io::Result<()>;
+    fn delete_link(&self, name: &str) -> io::Result<()>;
+    /// Configures NICs inside the netns of `pid` (rename, address, up, default route).
+    fn configure_nics(&self, pid: i32, nics: &[crate::ns::launch::NicSetup]) -> io::Result<()>;
+
+    fn spawn_launcher(&self, spec: &LaunchSpec) -> io::Result<Box<dyn Launch + '_>>;
+    /// The process's start time (clock ticks since boot), `None` if it is gone or a zombie.
+    fn process_start_time(&self, pid: i32) -> Option<u64>;
+    fn signal(&self, pid: i32, signal: Signal) -> io::Result<()>;
+    fn sleep(&self, d: Duration);
+    /// Runs `internal <args…>` of the launcher binary; used for exec and attach, which must
+    /// enter namespaces from a single-threaded process.
+    fn run_internal(&self, args: &[String], stdio: crate::Stdio) -> io::Result<crate::ExecOutput>;
+}
+
+/// The real host.
+pub struct LinuxHost {
+    /// The `patchover` binary, whose hidden `internal` verbs enter namespaces.
+    pub launcher: PathBuf,
+}
+
+impl LinuxHost {
+    pub fn new(launcher: PathBuf) -> LinuxHost {
+        LinuxHost { launcher }
+    }
+
+    fn ip(&self, args: &[&str]) -> io::Result<()> {
+        run_quiet(Command::new("ip").args(args))
+    }
+}
+
+/// Runs a command, turning a non-zero exit into an error carrying its stderr.
+pub(crate) fn run_quiet(cmd: &mut Command) -> io::Result<()> {
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot run {:?}: {e}", cmd.get_program()),
+        )
+    })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
+    Err(io::Error::other(format!(
+        "`{} {}` failed: {}",
+        cmd.get_program().to_string_lossy(),
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
+impl Host for LinuxHost {
+    fn read_file(&self, path: &Path) -> io::Result<String> {
+        fs::read_to_string(path)
+    }
+    fn write_file(&self, path: &Path, data: &str) -> io::Result<()> {
+        // cgroup files want one write(2) per value.
+        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+        f.write_all(data.as_bytes())
+            .map_err(|e| io::Error::new(e.kind(), format!("writing {data:?} to {}: {e}", path.display())))
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        fs::create_dir_all(path)
+    }
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        fs::remove_dir(path)
+    }
+    fn remove_all(&self, path: &Path) -> io::Result<()> {
+        match fs::remove_dir_all(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            r => r,
+        }
+    }
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+    fn is_executable_in(&self, root: &Path, path: &Path) -> bool {
+        use std::os::unix::fs::PermissionsExt;
+        let mut cur = path.to_path_buf();
+        for _ in 0..16 {
+            let host = root.join(cur.strip_prefix("/").unwrap_or(&cur));
+            let Ok(meta) = fs::symlink_metadata(&host) else {
+                return false;
+            };
+            if meta.file_type().is_symlink() {
+                let Ok(target) = fs::read_link(&host) else {
+                    return false;
+                };
+                cur = if target.is_absolute() {
+                    target
+                } else {
+                    cur.parent().unwrap_or(Path::new("/")).join(target)
+                };
+                continue;
+            }
+            return meta.is_file() && meta.permissions().mode() & 0o100 != 0;
+        }
+        false
+    }
+
+    fn ensure_bridge(&self, name: &str) -> io::Result<bool> {
+        if self.link_exists(name) {
+            return Ok(false);
+        }
+        self.ip(&["link", "add", name, "type", "bridge"])?;
+        self.ip(&["link", "set", name, "up"])?;
+        Ok(true)
+    }
+    fn link_exists(&self, name: &str) -> bool {
+        Path::new("/sys/class/net").join(name).exists()
+    }
+    fn create_veth(&self, host_end: &str, peer: &str, peer_mac: MacAddr) -> io::Result<()> {
+        let mac = peer_mac.to_string();
+        self.ip(&[
+            "link", "add", host_end, "type", "veth", "peer", "name", peer, "address", &mac,
+        ])
+    }
+    fn attach_to_bridge(&self, port: &str, bridge: &str) -> io::Result<()> {
+        self.ip(&["link", "set", port, "master", bridge])?;
+        self.ip(&["link", "set", port, "up"])
+    }
+    fn move_to_netns(&self, link: &str, pid: i32) -> io::Result<()> {
+        self.ip(&["link", "set", link, "netns", &pid.to_string()])
+    }
+    fn delete_link(&self, name: &str) -> io::Result<()> {
+        if !self.link_exists(name) {
+            return Ok(());
+        }
+        self.ip(&["link", "del", name])
+    }
+    fn configure_nics(&self, pid: i32, nics: &[crate::ns::launch::NicSetup]) -> io::Result<()> {
+        let spec = serde_json::to_string(nics).map_err(io::Error::other)?;
+        let out = self.run_internal(
+            &["netcfg".into(), "--pid".into(), pid.to_string(), "--nics".into(), spec],
+            crate::Stdio::Capture,
+        )?;
+        if out.status == Some(0) {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "configuring NICs inside the LC failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+
+    fn spawn_launcher(&self, spec: &LaunchSpec) -> io::Result<Box<dyn Launch + '_>> {
+        let mut child = Command::new(&self.launcher)
+            .args(["internal", "launch"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot start the launcher {}: {e}", self.launcher.display()),
+                )
+            })?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = serde_json::to_vec(spec).map_err(io::Error::other)?;
+        line.push(b'\n');
+        stdin.write_all(&line)?;
+        let reply = read_reply(&mut stdout)?;
+        let pid = match reply.strip_prefix("pid ") {
+            Some(p) => p.parse().map_err(|_| io::Error::other(format!("launcher said {reply:?}")))?,
+            None => {
+                let _ = child.wait();
+                return Err(io::Error::other(
+                    reply.strip_prefix("err ").unwrap_or(&reply).to_owned(),
+                ));
+            }
+        };
+        Ok(Box::new(RealLaunch {
+            pid,
+            child,
+            stdin: Some(stdin),
+            stdout,
+        }))
+    }
+    fn process_start_time(&self, pid: i32) -> Option<u64> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after = stat.rsplit_once(')')?.1;
+        let mut fields = after.split_whitespace();
+        let state = fields.next()?;
+        if state == "Z" || state == "X" {
+            return None;
+        }
+        // Field 22 of stat; `after` starts at field 3.
+        fields.nth(18)?.parse().ok()
+    }
+    fn signal(&self, pid: i32, signal: Signal) -> io::Result<()> {
+        match kill(Pid::from_raw(pid), signal) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn sleep(&self, d: Duration) {
+        std::thread::sleep(d)
+    }
+    fn run_internal(&self, args: &[String], stdio: crate::Stdio) -> io::Result<crate::ExecOutput> {
+        let mut cmd = Command::new(&self.launcher);
+        cmd.arg("internal").args(args);
+        match stdio {
+            crate::Stdio::Inherit => {
+                let status = cmd.status()?;
+                Ok(crate::ExecOutput {
+                    status: status.code(),
+                    stdout: Vec::new(),
+                    stderr: Vec::new(),
+                })
+            }
+            crate::Stdio::Capture => {
+                let out = cmd.stdin(Stdio::null()).output()?;
+                Ok(crate::ExecOutput {
+                    status: out.status.code(),
+                    stdout: out.stdout,
+                    stderr: out.stderr,
+                })
+            }
+        }
+    }
+}
+
+fn read_reply(r: &mut BufReader<ChildStdout>) -> io::Result<String> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(io::Error::other("the launcher exited without a word; see its stderr"));
+    }
+    Ok(line.trim_end().to_owned())
+}
+
+struct RealLaunch {
+    pid: i32,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Launch for RealLaunch {
+    fn pid(&self) -> i32 {
+        self.pid
+    }
+    fn release(mut self: Box<Self>) -> Result<(), String> {
+        self.stdin
+            .as_mut()
+            .expect("released once")
+            .write_all(b"go\n")
+            .map_err(|e| format!("cannot signal the launcher: {e}"))?;
+        let reply = read_reply(&mut self.stdout).map_err(|e| e.to_string());
+        let _ = self.child.wait();
+        let reply = reply?;
+        match reply.as_str() {
+            "ok" => Ok(()),
+            other => Err(other.strip_prefix("err ").unwrap_or(other).to_owned()),
+        }
+    }
+}
+
+impl Drop for RealLaunch {
+    fn drop(&mut self) {
+        // Dropped without release: the launcher sees EOF on stdin and kills the waiting init.
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,422 @@
+//! The code that runs in fresh single-threaded processes (`patchover internal …`) to create
+//! and enter an LC's namespaces.
+//!
+//! Why a separate process: `unshare(CLONE_NEWNS)` and `setns` into a mount namespace refuse
+//! multi-threaded callers, and `fork` in a multi-threaded program may only call
+//! async-signal-safe functions. So patchover spawns itself, and the child does the namespace
+//! work with nothing else running.
+//!
+//! Launch protocol (over the launcher's stdin/stdout, one line each):
+//! 1. patchover writes the [`LaunchSpec`] as JSON;
+//! 2. the launcher joins the LC's cgroups, unshares the namespaces, forks the LC's init-to-be
+//!    (PID 1 of the new PID namespace) and answers `pid <host pid>`;
+//! 3. patchover moves the NICs into the new network namespace, configures them, and writes
+//!    `go` (or closes stdin to abort: the launcher then kills the child);
+//! 4. the child mounts the disks, `/proc`, `/sys`, `/dev`, the agent directory, pivots into
+//!    the system disk and execs init; the launcher answers `ok`, or `err <why>` if any of it
+//!    failed, and exits. Init is left without a parent in patchover, so it outlives patchover.
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, setns, unshare};
+use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+use nix::sys::wait::waitpid;
+use nix::fcntl::OFlag;
+use nix::unistd::{
+    ForkResult, chdir, dup2_stderr, dup2_stdin, dup2_stdout, execve, fork, pipe2, pivot_root,
+    sethostname, setsid,
+};
+use patchover_core::DiskKind;
+use serde::{Deserialize, Serialize};
+
+use crate::host::run_quiet;
+
+/// Prefix of the launcher's error when the system disk has no init; the backend maps it to
+/// [`crate::LcError::NoInit`].
+pub const NO_INIT: &str = "no init at ";
+
+const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A disk to mount inside the LC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    pub source: PathBuf,
+    pub kind: DiskKind,
+    /// Path inside the LC.
+    pub target: PathBuf,
+}
+
+/// Everything the launcher needs; written by the backend, read by `internal launch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    pub lc: String,
+    pub hostname: String,
+    pub system_disk: MountSpec,
+    /// An empty host directory where the system disk is mounted (in the LC's mount
+    /// namespace only) before the pivot.
+    pub staging: PathBuf,
+    pub init: PathBuf,
+    pub mounts: Vec<MountSpec>,
+    /// Host directory bound at [`patchover_agent::GUEST_SOCKET_DIR`] inside.
+    pub agent_dir: Option<PathBuf>,
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Where init's stdout and stderr go (on the host).
+    pub console: PathBuf,
+}
+
+/// One NIC as configured inside the LC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSetup {
+    /// The name it arrives with.
+    pub temp_name: String,
+    pub name: String,
+    pub address: Option<String>,
+    pub gateway: Option<String>,
+}
+
+fn errno(context: &str) -> impl FnOnce(nix::errno::Errno) -> String + '_ {
+    move |e| format!("{context}: {e}")
+}
+
+/// `internal launch`: see the module docs. Returns the process exit code.
+pub fn launch_main() -> i32 {
+    let stdin = io::stdin();
+    let mut input = stdin.lock();
+    let mut out = io::stdout();
+    let mut line = String::new();
+    if input.read_line(&mut line).is_err() {
+        return 1;
+    }
+    let reply = |out: &mut io::Stdout, s: &str| {
+        let _ = writeln!(out, "{s}");
+        let _ = out.flush();
+    };
+    let spec: LaunchSpec = match serde_json::from_str(&line) {
+        Ok(s) => s,
+        Err(e) => {
+            reply(&mut out, &format!("err bad launch spec: {e}"));
+            return 1;
+        }
+    };
+    let prepared = (|| -> Result<(File, OwnedFd, OwnedFd, OwnedFd, OwnedFd), String> {
+        let console = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.console)
+            .map_err(|e| format!("cannot open the console log {}: {e}", spec.console.display()))?;
+        let me = std::process::id().to_string();
+        for f in &spec.cgroup_procs {
+            fs::write(f, &me).map_err(|e| format!("cannot join cgroup {}: {e}", f.display()))?;
+        }
+        unshare(
+            CloneFlags::CLONE_NEWNS
+                | CloneFlags::CLONE_NEWUTS
+                | CloneFlags::CLONE_NEWIPC
+                | CloneFlags::CLONE_NEWNET
+                | CloneFlags::CLONE_NEWPID,
+        )
+        .map_err(errno("unshare"))?;
+        let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).map_err(errno("pipe"))?;
+        let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(errno("pipe"))?;
+        Ok((console, go_r, go_w, err_r, err_w))
+    })();
+    let (console, go_r, go_w, err_r, err_w) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            reply(&mut out, &format!("err {e}"));
+            return 1;
+        }
+    };
+    // SAFETY: this process is single-threaded (it is `patchover internal launch`, which
+    // starts no thread), so the child may do anything a normal program does.
+    match unsafe { fork() } {
+        Err(e) => {
+            reply(&mut out, &format!("err fork: {e}"));
+            1
+        }
+        Ok(ForkResult::Child) => {
+            drop(go_w);
+            drop(err_r);
+            let mut go = [0u8; 1];
+            let mut go_r = File::from(go_r);
+            if go_r.read_exact(&mut go).is_err() {
+                // Aborted by patchover before release.
+                std::process::exit(1);
+            }
+            let err = child_boot(&spec, &console).unwrap_err();
+            let mut err_w = File::from(err_w);
+            let _ = err_w.write_all(err.as_bytes());
+            std::process::exit(1);
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(go_r);
+            drop(err_w);
+            reply(&mut out, &format!("pid {child}"));
+            let mut cmd = String::new();
+            let _ = input.read_line(&mut cmd);
+            if cmd.trim() != "go" {
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                let _ = waitpid(child, None);
+                return 1;
+            }
+            let mut go_w = File::from(go_w);
+            if go_w.write_all(b"g").is_err() {
+                reply(&mut out, "err the LC's init died before release");
+                return 1;
+            }
+            drop(go_w);
+            // The error pipe is close-on-exec: EOF without data means init was exec'd.
+            let mut msg = String::new();
+            let _ = File::from(err_r).read_to_string(&mut msg);
+            if msg.is_empty() {
+                reply(&mut out, "ok");
+                0
+            } else {
+                let _ = waitpid(child, None);
+                reply(&mut out, &format!("err {}", msg.replace('\n', " ")));
+                1
+            }
+        }
+    }
+}
+
+
+/// Runs in the LC's init-to-be: mounts, pivots and execs. Returns only on failure.
+fn child_boot(spec: &LaunchSpec, console: &File) -> Result<std::convert::Infallible, String> {
+    setsid().map_err(errno("setsid"))?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(errno("making / private"))?;
+    sethostname(&spec.hostname).map_err(errno("sethostname"))?;
+
+    let root = &spec.staging;
+    fs::create_dir_all(root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+    mount_disk(&spec.system_disk, root)?;
+    let init_on_disk = root.join(spec.init.strip_prefix("/").unwrap_or(&spec.init));
+    if !is_executable(&init_on_disk) {
+        return Err(format!(
+            "{NO_INIT}{} on the system disk {}",
+            spec.init.display(),
+            spec.system_disk.source.display()
+        ));
+    }
+    for m in &spec.mounts {
+        let target = inside(root, &m.target);
+        fs::create_dir_all(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+        mount_disk(m, &target)?;
+    }
+    mount_kernel_fs(root)?;
+    if let Some(agent) = &spec.agent_dir {
+        let target = inside(root, Path::new(patchover_agent::GUEST_SOCKET_DIR));
+        fs::create_dir_all(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+        bind(agent, &target)?;
+    }
+
+    chdir(root).map_err(errno("chdir to the new root"))?;
+    pivot_root(".", ".").map_err(errno("pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(errno("detaching the old root"))?;
+    chdir("/").map_err(errno("chdir /"))?;
+
+    let null = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/null")
+        .map_err(|e| format!("opening /dev/null: {e}"))?;
+    dup2_stdin(null.as_fd()).map_err(errno("dup2"))?;
+    dup2_stdout(console.as_fd()).map_err(errno("dup2"))?;
+    dup2_stderr(console.as_fd()).map_err(errno("dup2"))?;
+
+    let init = CString::new(spec.init.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    let env = [
+        CString::new(PATH_ENV).expect("no NUL"),
+        CString::new("TERM=linux").expect("no NUL"),
+        CString::new("container=patchover").expect("no NUL"),
+    ];
+    execve(&init, &[&init], &env).map_err(errno("exec init"))
+}
+
+fn inside(root: &Path, p: &Path) -> PathBuf {
+    root.join(p.strip_prefix("/").unwrap_or(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn bind(source: &Path, target: &Path) -> Result<(), String> {
+    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .map_err(|e| format!("binding {} at {}: {e}", source.display(), target.display()))
+}
+
+fn mount_disk(m: &MountSpec, target: &Path) -> Result<(), String> {
+    match m.kind {
+        DiskKind::Dir => bind(&m.source, target),
+        // util-linux sets up the loop device with autoclear: it goes when the LC's mount
+        // namespace (and so the mount) goes.
+        DiskKind::Image => run_quiet(Command::new("mount").arg("-o").arg("loop").arg(&m.source).arg(target))
+            .map_err(|e| format!("mounting image {}: {e}", m.source.display())),
+    }
+}
+
+fn mount_kernel_fs(root: &Path) -> Result<(), String> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let mk = |p: &Path| fs::create_dir_all(p).map_err(|e| format!("creating {}: {e}", p.display()));
+    let proc_ = inside(root, Path::new("/proc"));
+    mk(&proc_)?;
+    mount(Some("proc"), &proc_, Some("proc"), nosuid, None::<&str>).map_err(errno("mounting /proc"))?;
+    let sys = inside(root, Path::new("/sys"));
+    mk(&sys)?;
+    mount(Some("sysfs"), &sys, Some("sysfs"), nosuid | MsFlags::MS_RDONLY, None::<&str>)
+        .map_err(errno("mounting /sys"))?;
+    let dev = inside(root, Path::new("/dev"));
+    mk(&dev)?;
+    mount(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=755,size=64k"))
+        .map_err(errno("mounting /dev"))?;
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        mknod(
+            &dev.join(name),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .map_err(errno("creating device nodes"))?;
+    }
+    let pts = dev.join("pts");
+    mk(&pts)?;
+    mount(Some("devpts"), &pts, Some("devpts"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=620"))
+        .map_err(errno("mounting /dev/pts"))?;
+    let shm = dev.join("shm");
+    mk(&shm)?;
+    mount(Some("tmpfs"), &shm, Some("tmpfs"), nosuid, Some("mode=1777"))
+        .map_err(errno("mounting /dev/shm"))?;
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, dev.join(link))
+            .map_err(|e| format!("creating /dev/{link}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Opens `/proc/<pid>/ns/<kind>`.
+fn ns_fd(pid: i32, kind: &str) -> Result<OwnedFd, String> {
+    let f = File::open(format!("/proc/{pid}/ns/{kind}"))
+        .map_err(|e| format!("LC process {pid} has no {kind} namespace (is the LC running?): {e}"))?;
+    Ok(OwnedFd::from(f))
+}
+
+/// `internal exec --pid P [--cgroup-procs F]… -- ARGV`: runs ARGV inside the LC whose init is
+/// P, in its cgroups and all its namespaces. Returns the program's exit code.
+pub fn exec_main(pid: i32, cgroup_procs: &[PathBuf], argv: &[String]) -> Result<i32, String> {
+    let fds: Vec<(OwnedFd, CloneFlags)> = [
+        ("ipc", CloneFlags::CLONE_NEWIPC),
+        ("uts", CloneFlags::CLONE_NEWUTS),
+        ("net", CloneFlags::CLONE_NEWNET),
+        ("pid", CloneFlags::CLONE_NEWPID),
+        ("mnt", CloneFlags::CLONE_NEWNS),
+    ]
+    .into_iter()
+    .map(|(k, f)| Ok((ns_fd(pid, k)?, f)))
+    .collect::<Result<_, String>>()?;
+    let me = std::process::id().to_string();
+    for f in cgroup_procs {
+        fs::write(f, &me).map_err(|e| format!("cannot join cgroup {}: {e}", f.display()))?;
+    }
+    for (fd, flag) in &fds {
+        setns(fd, *flag).map_err(errno("setns"))?;
+    }
+    let (prog, args) = argv.split_first().ok_or("nothing to run")?;
+    // The child is the first process in the LC's PID namespace we spawn after setns.
+    let status = Command::new(prog)
+        .args(args)
+        .env_clear()
+        .env("PATH", &PATH_ENV[5..])
+        .env("TERM", "linux")
+        .current_dir("/")
+        .status()
+        .map_err(|e| format!("cannot run {prog:?} inside the LC: {e}"))?;
+    Ok(status.code().unwrap_or(128 + 9))
+}
+
+/// `internal netcfg --pid P --nics JSON`: configures NICs inside the network namespace of P
+/// with the host's `ip` (only the network namespace is entered, so host binaries are used).
+pub fn netcfg_main(pid: i32, nics: &[NicSetup]) -> Result<(), String> {
+    let fd = ns_fd(pid, "net")?;
+    setns(&fd, CloneFlags::CLONE_NEWNET).map_err(errno("setns net"))?;
+    let ip = |args: &[&str]| run_quiet(Command::new("ip").args(args)).map_err(|e| e.to_string());
+    ip(&["link", "set", "lo", "up"])?;
+    for n in nics {
+        if n.temp_name != n.name {
+            ip(&["link", "set", &n.temp_name, "name", &n.name])?;
+        }
+        if let Some(a) = &n.address {
+            ip(&["addr", "add", a, "dev", &n.name])?;
+        }
+        ip(&["link", "set", &n.name, "up"])?;
+        if let Some(g) = &n.gateway {
+            ip(&["route", "add", "default", "via", g, "dev", &n.name])?;
+        }
+    }
+    Ok(())
+}
+
+/// `internal attach-disk --pid P --source DIR --target PATH`: mounts a host directory into the
+/// running LC's mount namespace. The tree is cloned with `open_tree` while still in the
+/// host's namespace, then attached inside with `move_mount`.
+pub fn attach_main(pid: i32, source: &Path, target: &Path) -> Result<(), String> {
+    let mnt = ns_fd(pid, "mnt")?;
+    let src = CString::new(source.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: open_tree takes a valid NUL-terminated path and flags; the result is a new fd
+    // we own, or -1.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            (libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as u32) as libc::c_uint,
+        )
+    };
+    if tree < 0 {
+        return Err(format!("open_tree {}: {}", source.display(), io::Error::last_os_error()));
+    }
+    // SAFETY: `tree` is a fresh fd returned by open_tree and owned by nobody else.
+    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+    setns(&mnt, CloneFlags::CLONE_NEWNS).map_err(errno("setns mnt"))?;
+    fs::create_dir_all(target).map_err(|e| format!("creating {} inside the LC: {e}", target.display()))?;
+    let tgt = CString::new(target.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    let empty = CString::new("").expect("no NUL");
+    // SAFETY: valid fds and NUL-terminated paths; MOVE_MOUNT_F_EMPTY_PATH makes the kernel
+    // use `tree` itself as the source.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            tgt.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(format!("move_mount to {}: {}", target.display(), io::Error::last_os_error()));
+    }
+    Ok(())
+}

@@ -1,0 +1,699 @@
+//! The `ns` backend: an LC is a set of namespaces (mount, PID, network, UTS, IPC) with cgroup
+//! limits, booted from its system disk by the disk's own init and boot scripts.
+//!
+//! Lifecycle and where each step lives:
+//! - boot: check disks → cgroups → veths on the bridge → launcher (namespaces + init-to-be)
+//!   → NICs moved in and configured → release (mounts, pivot_root, exec init) → runtime state.
+//!   Any failure undoes what was done, in reverse, so a failed boot leaves nothing behind.
+//! - stop: the init's own shutdown (SIGUSR2 = busybox poweroff, which runs the shutdown
+//!   scripts), then `cgroup.kill` after a deadline; then links, cgroups and runtime files go.
+//! - crash safety: init is not a child of patchover, and the runtime state (init's PID and
+//!   start time) is a file under the run directory; a new patchover adopts a running LC by
+//!   checking that PID still has that start time.
+
+pub mod launch;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use patchover_agent::{AgentClient, Request, Response, SOCKET_NAME};
+use patchover_core::{DiskKind, DiskSpec, LcId, LcSpec, NicSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::{Layout, LcGroups};
+use crate::host::Host;
+use crate::{ExecOutput, LcBackend, LcError, LcState, LcStatus, Stdio, host_port_name, peer_port_name};
+use launch::{LaunchSpec, MountSpec, NicSetup};
+
+/// The file a disk copy leaves in a directory disk (or beside an image, with this suffix) while
+/// it is not complete; such a disk is never used by an LC.
+pub const INCOMPLETE_MARKER: &str = ".patchover-incomplete";
+
+/// Where the backend keeps things, and its knobs.
+#[derive(Debug, Clone)]
+pub struct NsConfig {
+    /// Runtime files (state, agent sockets); gone with a host reboot, as the LCs are.
+    pub run_dir: PathBuf,
+    /// Persistent files (console logs).
+    pub state_dir: PathBuf,
+    pub cgroup_parent: String,
+    pub bridge: String,
+    /// How long init gets to shut down by itself before every process is killed.
+    pub stop_timeout: Duration,
+    /// The signal that asks init to shut down (busybox: SIGUSR2 = poweroff; systemd:
+    /// SIGRTMIN+4).
+    pub stop_signal: Signal,
+}
+
+impl NsConfig {
+    pub fn from_config(c: &patchover_core::Config) -> NsConfig {
+        NsConfig {
+            run_dir: c.run_dir.clone(),
+            state_dir: c.state_dir.clone(),
+            cgroup_parent: c.cgroup_parent.clone(),
+            bridge: c.network.bridge.clone(),
+            stop_timeout: Duration::from_secs(10),
+            stop_signal: Signal::SIGUSR2,
+        }
+    }
+}
+
+/// What the backend remembers of a running LC, in `<run_dir>/lc/<id>/state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RuntimeState {
+    pub pid: i32,
+    /// Init's start time in clock ticks after boot; with the PID it names the process.
+    pub start_time: u64,
+    pub booted_unix_ms: u64,
+    pub groups: LcGroups,
+    pub host_ports: Vec<String>,
+    pub disks: Vec<PathBuf>,
+}
+
+pub struct NsBackend<H: Host> {
+    host: H,
+    cfg: NsConfig,
+}
+
+/// Steps to take back if a boot fails half-way, run in reverse.
+enum Undo {
+    Link(String),
+    Groups(LcGroups),
+    Dir(PathBuf),
+}
+
+impl<H: Host> NsBackend<H> {
+    pub fn new(host: H, cfg: NsConfig) -> NsBackend<H> {
+        NsBackend { host, cfg }
+    }
+
+    pub fn host(&self) -> &H {
+        &self.host
+    }
+
+    fn lc_dir(&self, id: &LcId) -> PathBuf {
+        self.cfg.run_dir.join("lc").join(id.as_str())
+    }
+
+    fn state_path(&self, id: &LcId) -> PathBuf {
+        self.lc_dir(id).join("state.json")
+    }
+
+    pub fn agent_socket(&self, id: &LcId) -> PathBuf {
+        self.lc_dir(id).join("agent").join(SOCKET_NAME)
+    }
+
+    pub fn console_log(&self, id: &LcId) -> PathBuf {
+        self.cfg.state_dir.join("lc").join(id.as_str()).join("console.log")
+    }
+
+    fn disk_owner_path(&self, disk: &Path) -> PathBuf {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in disk.as_os_str().as_encoded_bytes() {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.cfg.run_dir.join("disks").join(format!("{h:016x}"))
+    }
+
+    /// The runtime state of `id` if its init is alive (the same process that was booted).
+    pub fn running(&self, id: &LcId) -> Option<RuntimeState> {
+        let text = self.host.read_file(&self.state_path(id)).ok()?;
+        let st: RuntimeState = serde_json::from_str(&text).ok()?;
+        (self.host.process_start_time(st.pid) == Some(st.start_time)).then_some(st)
+    }
+
+    fn check_disks(&self, spec: &LcSpec) -> Result<(), LcError> {
+        for d in spec.disks() {
+            let what = match d.role {
+                patchover_core::DiskRole::System => "system disk",
+                patchover_core::DiskRole::Application => "application disk",
+            };
+            if !self.host.exists(&d.path) {
+                return Err(LcError::DiskMissing {
+                    lc: spec.id.clone(),
+                    what,
+                    path: d.path.clone(),
+                });
+            }
+            let marker = match d.kind {
+                DiskKind::Dir => d.path.join(INCOMPLETE_MARKER),
+                DiskKind::Image => PathBuf::from(format!("{}{INCOMPLETE_MARKER}", d.path.display())),
+            };
+            if self.host.exists(&marker) {
+                return Err(LcError::DiskIncomplete {
+                    lc: spec.id.clone(),
+                    path: d.path.clone(),
+                });
+            }
+            if let Ok(owner) = self.host.read_file(&self.disk_owner_path(&d.path)) {
+                let other = owner.lines().next().unwrap_or_default().to_owned();
+                let alive = other
+                    .parse::<LcId>()
+                    .ok()
+                    .is_some_and(|o| o != spec.id && self.running(&o).is_some());
+                if alive {
+                    return Err(LcError::DiskInUse {
+                        lc: spec.id.clone(),
+                        path: d.path.clone(),
+                        other,
+                    });
+                }
+            }
+        }
+        if spec.system_disk.kind == DiskKind::Dir
+            && !self.host.is_executable_in(&spec.system_disk.path, &spec.init)
+        {
+            return Err(LcError::NoInit {
+                lc: spec.id.clone(),
+                path: spec.system_disk.path.clone(),
+                init: spec.init.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn groups(&self, spec: &LcSpec) -> Result<LcGroups, LcError> {
+        let host_err = |e: crate::cgroup::CgroupError| LcError::Host {
+            lc: spec.id.clone(),
+            step: "cgroup setup",
+            source: std::io::Error::other(format_chain(&e)),
+        };
+        Layout::detect(&self.host)
+            .and_then(|l| l.groups(&self.cfg.cgroup_parent, spec.id.as_str()))
+            .map_err(host_err)
+    }
+
+    fn undo(&self, steps: Vec<Undo>) {
+        for step in steps.into_iter().rev() {
+            match step {
+                Undo::Link(l) => {
+                    let _ = self.host.delete_link(&l);
+                }
+                Undo::Groups(g) => {
+                    let _ = g.kill_all(&self.host);
+                    self.wait_empty(&g, Duration::from_secs(5));
+                    let _ = g.remove(&self.host);
+                }
+                Undo::Dir(d) => {
+                    let _ = self.host.remove_all(&d);
+                }
+            }
+        }
+    }
+
+    fn wait_empty(&self, g: &LcGroups, timeout: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            if g.pids(&self.host).is_empty() {
+                return true;
+            }
+            if start.elapsed() >= timeout {
+                return false;
+            }
+            self.host.sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn boot_steps(&self, spec: &LcSpec, undo: &mut Vec<Undo>) -> Result<RuntimeState, LcError> {
+        let id = &spec.id;
+        let step = |step: &'static str| {
+            move |source: std::io::Error| LcError::Host {
+                lc: id.clone(),
+                step,
+                source,
+            }
+        };
+        self.host
+            .ensure_bridge(&self.cfg.bridge)
+            .map_err(step("creating the bridge"))?;
+
+        let groups = self.groups(spec)?;
+        undo.push(Undo::Groups(groups.clone()));
+        groups
+            .create(&self.host, spec.cpu.cpu, spec.cpu.share_pct, spec.memory_mib)
+            .map_err(|e| LcError::Host {
+                lc: id.clone(),
+                step: "cgroup setup",
+                source: std::io::Error::other(format_chain(&e)),
+            })?;
+
+        let mut host_ports = Vec::new();
+        let mut nic_setup = Vec::new();
+        for (i, nic) in spec.nics.iter().enumerate() {
+            let (port, peer) = (host_port_name(id, i), peer_port_name(id, i));
+            // A port left by a crashed boot would make creation fail: remove it first.
+            let _ = self.host.delete_link(&port);
+            self.host
+                .create_veth(&port, &peer, nic.mac)
+                .map_err(step("creating a veth"))?;
+            undo.push(Undo::Link(port.clone()));
+            self.host
+                .attach_to_bridge(&port, &self.cfg.bridge)
+                .map_err(step("plugging the veth into the bridge"))?;
+            nic_setup.push(nic_setup_for(nic, peer));
+            host_ports.push(port);
+        }
+
+        let lc_dir = self.lc_dir(id);
+        undo.push(Undo::Dir(lc_dir.clone()));
+        let agent_dir = lc_dir.join("agent");
+        let staging = lc_dir.join("root");
+        for d in [&agent_dir, &staging] {
+            self.host.create_dir_all(d).map_err(step("creating the run directory"))?;
+        }
+        let console = self.console_log(id);
+        if let Some(p) = console.parent() {
+            self.host.create_dir_all(p).map_err(step("creating the state directory"))?;
+        }
+        let launch_spec = LaunchSpec {
+            lc: id.to_string(),
+            hostname: spec.hostname.clone(),
+            system_disk: mount_spec(&spec.system_disk),
+            staging,
+            init: spec.init.clone(),
+            mounts: spec.app_disk.iter().map(mount_spec).collect(),
+            agent_dir: Some(agent_dir),
+            cgroup_procs: groups.procs_files(),
+            console,
+        };
+        let launch = self
+            .host
+            .spawn_launcher(&launch_spec)
+            .map_err(step("starting the launcher"))?;
+        let pid = launch.pid();
+        for n in &nic_setup {
+            self.host
+                .move_to_netns(&n.temp_name, pid)
+                .map_err(step("moving a NIC into the LC"))?;
+        }
+        self.host
+            .configure_nics(pid, &nic_setup)
+            .map_err(step("configuring the LC's NICs"))?;
+        launch.release().map_err(|message| match message.strip_prefix(launch::NO_INIT) {
+            Some(_) => LcError::NoInit {
+                lc: id.clone(),
+                path: spec.system_disk.path.clone(),
+                init: spec.init.clone(),
+            },
+            None => LcError::Launch {
+                lc: id.clone(),
+                message,
+            },
+        })?;
+        let start_time = self.host.process_start_time(pid).ok_or_else(|| LcError::Launch {
+            lc: id.clone(),
+            message: format!(
+                "init exited right after it started; see its console log {}",
+                self.console_log(id).display()
+            ),
+        })?;
+        let st = RuntimeState {
+            pid,
+            start_time,
+            booted_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            groups,
+            host_ports,
+            disks: spec.disks().map(|d| d.path.clone()).collect(),
+        };
+        self.host
+            .write_file(
+                &self.state_path(id),
+                &serde_json::to_string(&st).expect("state serializes"),
+            )
+            .map_err(step("writing the runtime state"))?;
+        self.host
+            .create_dir_all(&self.cfg.run_dir.join("disks"))
+            .map_err(step("writing the disk owners"))?;
+        for d in &st.disks {
+            self.host
+                .write_file(&self.disk_owner_path(d), &format!("{id}\n{}\n", d.display()))
+                .map_err(step("writing the disk owners"))?;
+        }
+        Ok(st)
+    }
+
+    /// Removes what a stopped LC may have left (a crash between steps): links, cgroups,
+    /// runtime files. Never touches a running LC.
+    fn clean_leftovers(&self, spec: &LcSpec) {
+        for i in 0..spec.nics.len() {
+            let _ = self.host.delete_link(&host_port_name(&spec.id, i));
+            let _ = self.host.delete_link(&peer_port_name(&spec.id, i));
+        }
+        if let Ok(g) = self.groups(spec) {
+            if !g.pids(&self.host).is_empty() {
+                let _ = g.kill_all(&self.host);
+                self.wait_empty(&g, Duration::from_secs(5));
+            }
+            let _ = g.remove(&self.host);
+        }
+        for d in spec.disks() {
+            let owner = self.disk_owner_path(&d.path);
+            if self
+                .host
+                .read_file(&owner)
+                .is_ok_and(|o| o.lines().next() == Some(spec.id.as_str()))
+            {
+                let _ = self.host.remove_all(&owner);
+            }
+        }
+        let _ = self.host.remove_all(&self.lc_dir(&spec.id));
+    }
+
+    fn uptime_s(&self, st: &RuntimeState) -> Option<f64> {
+        let up: f64 = self
+            .host
+            .read_file(Path::new("/proc/uptime"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        // USER_HZ is 100 on every architecture patchover supports.
+        Some(up - st.start_time as f64 / 100.0)
+    }
+}
+
+fn format_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn mount_spec(d: &DiskSpec) -> MountSpec {
+    MountSpec {
+        source: d.path.clone(),
+        kind: d.kind,
+        target: d.mount.clone(),
+    }
+}
+
+fn nic_setup_for(nic: &NicSpec, temp_name: String) -> NicSetup {
+    NicSetup {
+        temp_name,
+        name: nic.name.clone(),
+        address: nic.address.map(|a| a.to_string()),
+        gateway: nic.gateway.map(|g| g.to_string()),
+    }
+}
+
+impl<H: Host> LcBackend for NsBackend<H> {
+    fn boot(&self, spec: &LcSpec) -> Result<LcStatus, LcError> {
+        if self.running(&spec.id).is_some() {
+            return Err(LcError::AlreadyRunning(spec.id.clone()));
+        }
+        self.check_disks(spec)?;
+        self.clean_leftovers(spec);
+        let mut undo = Vec::new();
+        match self.boot_steps(spec, &mut undo) {
+            Ok(_) => {
+                tracing::info!(lc = %spec.id, "booted");
+                self.status(spec)
+            }
+            Err(e) => {
+                tracing::warn!(lc = %spec.id, error = %e, "boot failed; undoing");
+                self.undo(undo);
+                Err(e)
+            }
+        }
+    }
+
+    fn stop(&self, spec: &LcSpec) -> Result<(), LcError> {
+        let st = self
+            .running(&spec.id)
+            .ok_or_else(|| LcError::NotRunning(spec.id.clone()))?;
+        let host_err = |step: &'static str| {
+            move |source: std::io::Error| LcError::Host {
+                lc: spec.id.clone(),
+                step,
+                source,
+            }
+        };
+        // A frozen LC cannot run its shutdown scripts.
+        let _ = st.groups.set_frozen(&self.host, false);
+        self.host
+            .signal(st.pid, self.cfg.stop_signal)
+            .map_err(host_err("asking init to shut down"))?;
+        let start = Instant::now();
+        while self.host.process_start_time(st.pid) == Some(st.start_time)
+            && start.elapsed() < self.cfg.stop_timeout
+        {
+            self.host.sleep(Duration::from_millis(20));
+        }
+        if !st.groups.pids(&self.host).is_empty() {
+            tracing::info!(lc = %spec.id, "init did not end every process in time; killing");
+            st.groups.kill_all(&self.host).map_err(|e| LcError::Host {
+                lc: spec.id.clone(),
+                step: "killing the LC's processes",
+                source: std::io::Error::other(format_chain(&e)),
+            })?;
+            if !self.wait_empty(&st.groups, Duration::from_secs(10)) {
+                return Err(LcError::Timeout {
+                    lc: spec.id.clone(),
+                    what: "the end of every process",
+                    timeout: Duration::from_secs(10),
+                });
+            }
+        }
+        for port in &st.host_ports {
+            self.host.delete_link(port).map_err(host_err("removing a veth"))?;
+        }
+        // rmdir of a cgroup fails while the last tasks are still being torn down.
+        let start = Instant::now();
+        loop {
+            match st.groups.remove(&self.host) {
+                Ok(()) => break,
+                Err(_) if start.elapsed() < Duration::from_secs(5) => {
+                    self.host.sleep(Duration::from_millis(20))
+                }
+                Err(e) => {
+                    return Err(LcError::Host {
+                        lc: spec.id.clone(),
+                        step: "removing the cgroups",
+                        source: std::io::Error::other(format_chain(&e)),
+                    });
+                }
+            }
+        }
+        self.clean_leftovers(spec);
+        tracing::info!(lc = %spec.id, "stopped");
+        Ok(())
+    }
+
+    fn status(&self, spec: &LcSpec) -> Result<LcStatus, LcError> {
+        let Some(st) = self.running(&spec.id) else {
+            return Ok(LcStatus {
+                id: spec.id.clone(),
+                state: LcState::Stopped,
+                pid: None,
+                uptime_s: None,
+                processes: 0,
+                limits: None,
+                host_ports: Vec::new(),
+                agent_socket: None,
+            });
+        };
+        Ok(LcStatus {
+            id: spec.id.clone(),
+            state: if st.groups.is_frozen(&self.host) {
+                LcState::Frozen
+            } else {
+                LcState::Running
+            },
+            pid: Some(st.pid),
+            uptime_s: self.uptime_s(&st),
+            processes: st.groups.pids(&self.host).len(),
+            limits: Some(st.groups.read_limits(&self.host)),
+            host_ports: st.host_ports.clone(),
+            agent_socket: Some(self.agent_socket(&spec.id)),
+        })
+    }
+
+    fn exec(&self, spec: &LcSpec, argv: &[String], stdio: Stdio) -> Result<ExecOutput, LcError> {
+        let st = self
+            .running(&spec.id)
+            .ok_or_else(|| LcError::NotRunning(spec.id.clone()))?;
+        if argv.is_empty() {
+            return Err(LcError::Unsupported {
+                lc: spec.id.clone(),
+                message: "nothing to run: give a command after --".to_owned(),
+            });
+        }
+        let mut args = vec!["exec".to_owned(), "--pid".to_owned(), st.pid.to_string()];
+        for f in st.groups.procs_files() {
+            args.push("--cgroup-procs".to_owned());
+            args.push(f.display().to_string());
+        }
+        args.push("--".to_owned());
+        args.extend(argv.iter().cloned());
+        self.host
+            .run_internal(&args, stdio)
+            .map_err(|source| LcError::Host {
+                lc: spec.id.clone(),
+                step: "entering the LC",
+                source,
+            })
+    }
+
+    fn set_frozen(&self, spec: &LcSpec, frozen: bool) -> Result<(), LcError> {
+        let st = self
+            .running(&spec.id)
+            .ok_or_else(|| LcError::NotRunning(spec.id.clone()))?;
+        st.groups
+            .set_frozen(&self.host, frozen)
+            .map_err(|e| LcError::Host {
+                lc: spec.id.clone(),
+                step: if frozen { "freezing" } else { "thawing" },
+                source: std::io::Error::other(format_chain(&e)),
+            })?;
+        let start = Instant::now();
+        while st.groups.is_frozen(&self.host) != frozen {
+            if start.elapsed() > Duration::from_secs(5) {
+                return Err(LcError::Timeout {
+                    lc: spec.id.clone(),
+                    what: if frozen { "freezing" } else { "thawing" },
+                    timeout: Duration::from_secs(5),
+                });
+            }
+            self.host.sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    fn attach_disk(&self, spec: &LcSpec, source: &Path, at: &Path) -> Result<(), LcError> {
+        let st = self
+            .running(&spec.id)
+            .ok_or_else(|| LcError::NotRunning(spec.id.clone()))?;
+        if !self.host.exists(source) {
+            return Err(LcError::DiskMissing {
+                lc: spec.id.clone(),
+                what: "disk",
+                path: source.to_owned(),
+            });
+        }
+        if !at.is_absolute() {
+            return Err(LcError::Unsupported {
+                lc: spec.id.clone(),
+                message: format!("mount point {} must be absolute", at.display()),
+            });
+        }
+        let out = self
+            .host
+            .run_internal(
+                &[
+                    "attach-disk".into(),
+                    "--pid".into(),
+                    st.pid.to_string(),
+                    "--source".into(),
+                    source.display().to_string(),
+                    "--target".into(),
+                    at.display().to_string(),
+                ],
+                Stdio::Capture,
+            )
+            .map_err(|source| LcError::Host {
+                lc: spec.id.clone(),
+                step: "attaching a disk",
+                source,
+            })?;
+        if out.status != Some(0) {
+            return Err(LcError::Host {
+                lc: spec.id.clone(),
+                step: "attaching a disk",
+                source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+            });
+        }
+        Ok(())
+    }
+
+    fn attach_nic(&self, spec: &LcSpec, nic: &NicSpec) -> Result<String, LcError> {
+        let mut st = self
+            .running(&spec.id)
+            .ok_or_else(|| LcError::NotRunning(spec.id.clone()))?;
+        let i = st.host_ports.len();
+        if i > 9 {
+            return Err(LcError::Unsupported {
+                lc: spec.id.clone(),
+                message: "at most 10 NICs per LC".to_owned(),
+            });
+        }
+        let step = |step: &'static str| {
+            move |source: std::io::Error| LcError::Host {
+                lc: spec.id.clone(),
+                step,
+                source,
+            }
+        };
+        let (port, peer) = (host_port_name(&spec.id, i), peer_port_name(&spec.id, i));
+        self.host
+            .create_veth(&port, &peer, nic.mac)
+            .map_err(step("creating a veth"))?;
+        let done = (|| {
+            self.host
+                .attach_to_bridge(&port, &self.cfg.bridge)
+                .map_err(step("plugging the veth into the bridge"))?;
+            self.host
+                .move_to_netns(&peer, st.pid)
+                .map_err(step("moving a NIC into the LC"))?;
+            self.host
+                .configure_nics(st.pid, &[nic_setup_for(nic, peer.clone())])
+                .map_err(step("configuring the NIC"))
+        })();
+        if let Err(e) = done {
+            let _ = self.host.delete_link(&port);
+            return Err(e);
+        }
+        st.host_ports.push(port.clone());
+        self.host
+            .write_file(
+                &self.state_path(&spec.id),
+                &serde_json::to_string(&st).expect("state serializes"),
+            )
+            .map_err(step("writing the runtime state"))?;
+        Ok(port)
+    }
+
+    fn wait_agent(&self, spec: &LcSpec, timeout: Duration) -> Result<Response, LcError> {
+        let start = Instant::now();
+        loop {
+            if self.running(&spec.id).is_none() {
+                return Err(LcError::NotRunning(spec.id.clone()));
+            }
+            let attempt = AgentClient::connect(&self.agent_socket(&spec.id), Duration::from_secs(2))
+                .and_then(|mut c| c.call(&Request::Ping));
+            match attempt {
+                Ok(r) => return Ok(r),
+                Err(source) if start.elapsed() >= timeout => {
+                    return Err(LcError::Agent {
+                        lc: spec.id.clone(),
+                        source,
+                    });
+                }
+                Err(_) => self.host.sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    fn agent(&self, spec: &LcSpec) -> Result<AgentClient, LcError> {
+        if self.running(&spec.id).is_none() {
+            return Err(LcError::NotRunning(spec.id.clone()));
+        }
+        AgentClient::connect(&self.agent_socket(&spec.id), Duration::from_secs(30)).map_err(
+            |source| LcError::Agent {
+                lc: spec.id.clone(),
+                source,
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;

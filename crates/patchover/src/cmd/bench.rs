@@ -1,0 +1,22 @@
+//! `patchover bench …`: each benchmark in its own file.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use super::{Ctx, bench_copy, bench_switch};
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Disk copy throughput, reflink, freeze windows (against `cp -a`).
+    Copy(bench_copy::BenchArgs),
+    /// Switchover under load in every mode (against stop-and-restart and a VRRP-style move).
+    Switch(bench_switch::BenchArgs),
+}
+
+pub fn run(cmd: BenchCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    match cmd {
+        BenchCmd::Copy(a) => bench_copy::run(a, ctx),
+        BenchCmd::Switch(a) => bench_switch::run(a, ctx),
+    }
+}

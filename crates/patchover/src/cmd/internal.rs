@@ -1,0 +1,64 @@
+//! `patchover internal …`: hidden verbs that patchover runs as fresh single-threaded
+//! processes to create and enter LC namespaces (see `patchover_lc::ns::launch`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use patchover_lc::ns::launch;
+
+#[derive(Subcommand)]
+pub enum InternalCmd {
+    /// Create an LC's namespaces and init (protocol on stdin/stdout).
+    Launch,
+    /// Run a program inside a running LC.
+    Exec {
+        #[arg(long)]
+        pid: i32,
+        #[arg(long = "cgroup-procs")]
+        cgroup_procs: Vec<PathBuf>,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Configure NICs inside an LC's network namespace.
+    Netcfg {
+        #[arg(long)]
+        pid: i32,
+        #[arg(long)]
+        nics: String,
+    },
+    /// Mount a host directory into a running LC.
+    AttachDisk {
+        #[arg(long)]
+        pid: i32,
+        #[arg(long)]
+        source: PathBuf,
+        #[arg(long)]
+        target: PathBuf,
+    },
+}
+
+pub fn run(cmd: InternalCmd) -> anyhow::Result<ExitCode> {
+    let code = match cmd {
+        InternalCmd::Launch => launch::launch_main(),
+        InternalCmd::Exec {
+            pid,
+            cgroup_procs,
+            argv,
+        } => launch::exec_main(pid, &cgroup_procs, &argv).map_err(anyhow::Error::msg)?,
+        InternalCmd::Netcfg { pid, nics } => {
+            let nics: Vec<launch::NicSetup> = serde_json::from_str(&nics)?;
+            launch::netcfg_main(pid, &nics).map_err(anyhow::Error::msg)?;
+            0
+        }
+        InternalCmd::AttachDisk {
+            pid,
+            source,
+            target,
+        } => {
+            launch::attach_main(pid, &source, &target).map_err(anyhow::Error::msg)?;
+            0
+        }
+    };
+    Ok(ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1)))
+}
