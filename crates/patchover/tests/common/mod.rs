@@ -1,0 +1,335 @@
+//! The harness for integration tests: real LCs on a bridge of the test's own, a client network
+//! namespace, and the real `patchover` binary. Every name carries a unique suffix so tests run
+//! in parallel, and every resource is removed on drop, also when the test fails.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_patchover");
+
+/// A suffix unique to this test process and call.
+pub fn unique() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{:05x}", (std::process::id() ^ t.rotate_left(7) ^ (n << 16)) & 0xfffff)
+}
+
+/// The static guest binaries, built once per test run (cargo skips the work when fresh).
+pub fn guest_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(d) = std::env::var_os("PATCHOVER_GUEST_DIR") {
+            return PathBuf::from(d);
+        }
+        let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let target = ws.join("target/guest");
+        let status = Command::new(env!("CARGO"))
+            .current_dir(&ws)
+            .env("CARGO_TARGET_DIR", &target)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "x86_64-unknown-linux-gnu",
+                "-p",
+                "patchover-agent",
+                "-p",
+                "patchover-demo",
+            ])
+            .status()
+            .expect("run cargo to build the guest binaries");
+        assert!(status.success(), "building the static guest binaries failed");
+        target.join("x86_64-unknown-linux-gnu/release")
+    })
+    .clone()
+}
+
+/// Runs the patchover binary.
+pub fn po(config: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .env("PATCHOVER_CONFIG", config)
+        .env("PATCHOVER_GUEST_DIR", guest_dir())
+        .args(args)
+        .output()
+        .expect("run patchover")
+}
+
+/// Runs patchover and insists it succeeded; returns stdout.
+pub fn po_ok(config: &Path, args: &[&str]) -> String {
+    let out = po(config, args);
+    assert!(
+        out.status.success(),
+        "patchover {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn po_json(config: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    serde_json::from_str(&po_ok(config, &a)).expect("JSON output")
+}
+
+/// An LC of the test.
+pub struct LcDef {
+    pub id: String,
+    pub cpu: u32,
+    pub share: u32,
+    pub memory_mib: u64,
+    pub address: String,
+    pub sys: PathBuf,
+    pub app: PathBuf,
+}
+
+/// A bridge, its LCs' disks and a config, all of this test's own.
+pub struct Topo {
+    pub dir: tempfile::TempDir,
+    pub suffix: String,
+    pub bridge: String,
+    pub cgroup_parent: String,
+    pub config: PathBuf,
+    pub lcs: Vec<LcDef>,
+}
+
+impl Topo {
+    /// `lcs`: (cpu, share %, memory MiB) each; LC i gets address 10.77.0.(10+i).
+    pub fn new(lcs: &[(u32, u32, u64)]) -> Topo {
+        let suffix = unique();
+        let dir = tempfile::Builder::new().prefix("po-test-").tempdir().unwrap();
+        let defs: Vec<LcDef> = lcs
+            .iter()
+            .enumerate()
+            .map(|(i, &(cpu, share, memory_mib))| LcDef {
+                id: format!("{}{suffix}", (b'a' + i as u8) as char),
+                cpu,
+                share,
+                memory_mib,
+                address: format!("10.77.0.{}", 10 + i),
+                sys: dir.path().join(format!("lc{i}-sys")),
+                app: dir.path().join(format!("lc{i}-app")),
+            })
+            .collect();
+        let t = Topo {
+            bridge: format!("pob{suffix}"),
+            cgroup_parent: format!("po-test-{suffix}"),
+            config: dir.path().join("patchover.toml"),
+            suffix,
+            lcs: defs,
+            dir,
+        };
+        t.write_config("");
+        t
+    }
+
+    pub fn write_config(&self, extra: &str) {
+        let mut text = format!(
+            "state_dir = \"{d}/state\"\nrun_dir = \"{d}/run\"\ncgroup_parent = \"{cg}\"\n\n[network]\nbridge = \"{br}\"\nservice_address = \"10.77.0.10/24\"\n",
+            d = self.dir.path().display(),
+            cg = self.cgroup_parent,
+            br = self.bridge
+        );
+        for l in &self.lcs {
+            text.push_str(&format!(
+                "\n[[lc]]\nid = \"{}\"\ncpu = {}\ncpu_share = {}\nmemory_mib = {}\nsystem_disk = {{ path = \"{}\" }}\napp_disk = {{ path = \"{}\", mount = \"/data\" }}\nnic = [{{ name = \"eth0\", address = \"{}/24\" }}]\n",
+                l.id,
+                l.cpu,
+                l.share,
+                l.memory_mib,
+                l.sys.display(),
+                l.app.display(),
+                l.address
+            ));
+        }
+        text.push_str(extra);
+        fs::write(&self.config, text).unwrap();
+    }
+
+    /// Builds the demo image for LC `i`.
+    pub fn build_image(&self, i: usize, version: &str) {
+        let l = &self.lcs[i];
+        po_ok(
+            &self.config,
+            &[
+                "image",
+                "build-demo",
+                l.sys.to_str().unwrap(),
+                "--app-dir",
+                l.app.to_str().unwrap(),
+                "--version",
+                version,
+            ],
+        );
+    }
+
+    pub fn po(&self, args: &[&str]) -> Output {
+        po(&self.config, args)
+    }
+    pub fn po_ok(&self, args: &[&str]) -> String {
+        po_ok(&self.config, args)
+    }
+    pub fn po_json(&self, args: &[&str]) -> serde_json::Value {
+        po_json(&self.config, args)
+    }
+
+    /// The LC's v2 cgroup directory (this host has the unified hierarchy).
+    pub fn v2_group(&self, id: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/cgroup/unified/{}/{id}", self.cgroup_parent))
+    }
+
+    /// Host PIDs of every process of the LC.
+    pub fn pids(&self, id: &str) -> Vec<i32> {
+        fs::read_to_string(self.v2_group(id).join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .collect()
+    }
+
+    /// Asserts that LC `id` left nothing on the host.
+    pub fn assert_nothing_left(&self, id: &str) {
+        for ctl in ["unified", "cpu", "memory", "cpuset", "freezer"] {
+            let p = PathBuf::from(format!("/sys/fs/cgroup/{ctl}/{}/{id}", self.cgroup_parent));
+            assert!(!p.exists(), "cgroup {} left behind", p.display());
+        }
+        assert!(
+            !Path::new(&format!("/sys/class/net/po{id}n0")).exists(),
+            "veth po{id}n0 left behind"
+        );
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let d = self.dir.path().to_str().unwrap();
+        assert!(!mounts.contains(d), "a mount under {d} is left:\n{mounts}");
+        let run = self.dir.path().join("run/lc").join(id);
+        assert!(!run.exists(), "run dir {} left behind", run.display());
+        // No process of the LC anywhere: none has a root in its disk.
+        for e in fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(cmd) = fs::read_to_string(e.path().join("cmdline"))
+                && cmd.contains("patchover-demo")
+                && let Ok(root) = fs::read_link(e.path().join("root"))
+            {
+                assert!(!root.starts_with(self.dir.path()), "process {:?} of the LC left", e.path());
+            }
+        }
+    }
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        // Best effort: stop every LC, remove the bridge and cgroup parents.
+        for l in &self.lcs {
+            let _ = po(&self.config, &["lc", "stop", &l.id]);
+            for ctl in ["unified", "cpu", "memory", "cpuset", "freezer"] {
+                let g = PathBuf::from(format!("/sys/fs/cgroup/{ctl}/{}/{}", self.cgroup_parent, l.id));
+                if g.exists() {
+                    if let Ok(p) = fs::read_to_string(g.join("cgroup.procs")) {
+                        for pid in p.lines() {
+                            let _ = Command::new("kill").args(["-9", pid]).status();
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                    let _ = fs::remove_dir(&g);
+                }
+            }
+            let _ = Command::new("ip").args(["link", "del", &format!("po{}n0", l.id)]).output();
+        }
+        for ctl in ["unified", "cpu", "memory", "cpuset", "freezer"] {
+            let _ = fs::remove_dir(format!("/sys/fs/cgroup/{ctl}/{}", self.cgroup_parent));
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+    }
+}
+
+/// A client host: its own network namespace with a veth on the test's bridge.
+pub struct Client {
+    pub name: String,
+    ns: fs::File,
+}
+
+impl Client {
+    pub fn new(bridge: &str, address: &str) -> Client {
+        let name = format!("poc{}", unique());
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        ip(&["netns", "add", &name]);
+        let host_end = format!("{name}h");
+        ip(&["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &name]);
+        ip(&["link", "set", &host_end, "master", bridge, "up"]);
+        ip(&["-n", &name, "addr", "add", address, "dev", "eth0"]);
+        ip(&["-n", &name, "link", "set", "eth0", "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        let ns = fs::File::open(format!("/run/netns/{name}")).unwrap();
+        Client { name, ns }
+    }
+
+    /// Runs `f` on a thread inside the client's network namespace (a thread's network
+    /// namespace is its own, so the test process stays where it is).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let ns = self.ns.try_clone().unwrap();
+        std::thread::spawn(move || {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &format!("{}h", self.name)]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection; (status, body).
+pub fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+    let addr: SocketAddr = format!("{addr}:80").parse().unwrap();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response {text:?}")))?;
+    let body_at = resp.windows(4).position(|w| w == b"\r\n\r\n").map_or(resp.len(), |p| p + 4);
+    Ok((status, resp[body_at..].to_vec()))
+}
+
+/// Retries `http` until the service answers (it starts in the background at boot).
+pub fn http_ready(addr: &str, path: &str) -> (u16, Vec<u8>) {
+    let start = std::time::Instant::now();
+    loop {
+        match http(addr, "GET", path, b"") {
+            Ok(r) => return r,
+            Err(e) if start.elapsed() > Duration::from_secs(15) => panic!("{addr}{path}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The foundation end to end: real LCs on namespaces and cgroups, booted from the demo image,
+//! reached over the bridge from a client namespace, rebooted, stopped, and bad input refused.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::{Client, Topo, http, http_ready};
+
+#[test]
+fn boot_serve_reboot_keeps_every_write_and_stop_leaves_nothing() {
+    let t = Topo::new(&[(0, 50, 128)]);
+    t.build_image(0, "1.0.0");
+    let id = t.lcs[0].id.clone();
+    let addr = t.lcs[0].address.clone();
+
+    let boot = t.po_json(&["lc", "boot", &id]);
+    assert_eq!(boot["state"], "running");
+    let client = Client::new(&t.bridge, "10.77.0.200/24");
+
+    let a = addr.clone();
+    let (status, version) = client.run(move || http_ready(&a, "/version"));
+    assert_eq!((status, version.as_slice()), (200, b"1.0.0\n".as_slice()));
+    let a = addr.clone();
+    client.run(move || {
+        for k in 0..50 {
+            let (s, _) = http(&a, "PUT", &format!("/kv/key{k}"), format!("value{k}").as_bytes()).unwrap();
+            assert_eq!(s, 201, "write {k} not acknowledged");
+        }
+    });
+    // The writes are on the application disk, as the demo service fsynced them.
+    let log = fs::read_to_string(t.lcs[0].app.join("kv.log")).unwrap();
+    assert_eq!(log.lines().count(), 50);
+
+    let before = t.pids(&id);
+    assert!(before.len() >= 3, "init, agent and service: {before:?}");
+    let reboot = t.po_json(&["lc", "reboot", &id]);
+    assert_eq!(reboot["state"], "running");
+    let after = t.pids(&id);
+    assert!(!after.is_empty());
+    assert!(
+        before.iter().all(|p| !after.contains(p)),
+        "every process must be new after a reboot: before {before:?}, after {after:?}"
+    );
+    let a = addr.clone();
+    client.run(move || {
+        http_ready(&a, "/health");
+        for k in 0..50 {
+            let (s, v) = http(&a, "GET", &format!("/kv/key{k}"), b"").unwrap();
+            assert_eq!((s, v), (200, format!("value{k}").into_bytes()), "key{k} lost across the reboot");
+        }
+    });
+
+    // exec runs inside the LC: its hostname, its PID namespace, its root.
+    let out = t.po_json(&["lc", "exec", &id, "--", "cat", "/etc/demo/version"]);
+    assert_eq!(out["stdout"], "1.0.0\n");
+    let out = t.po_json(&["lc", "exec", &id, "--", "hostname"]);
+    assert_eq!(out["stdout"], format!("{id}\n"));
+    let out = t.po_json(&["lc", "exec", &id, "--", "sh", "-c", "echo $$; ls /proc | grep -c '^[0-9]'"]);
+    let lines: Vec<&str> = out["stdout"].as_str().unwrap().lines().collect();
+    assert!(lines[0].parse::<u32>().unwrap() < 100, "PIDs inside are the LC's own: {lines:?}");
+
+    let stop = t.po_json(&["lc", "stop", &id]);
+    assert_eq!(stop["state"], "stopped");
+    t.assert_nothing_left(&id);
+    let a = addr.clone();
+    assert!(client.run(move || http(&a, "GET", "/version", b"")).is_err(), "nothing answers after stop");
+}
+
+#[test]
+fn two_lcs_get_their_own_limits_from_the_kernel() {
+    let t = Topo::new(&[(0, 30, 64), (1, 60, 96)]);
+    t.build_image(0, "1.0.0");
+    t.build_image(1, "1.0.0");
+    let (a, b) = (t.lcs[0].id.clone(), t.lcs[1].id.clone());
+    t.po_ok(&["lc", "boot", &a]);
+    t.po_ok(&["lc", "boot", &b]);
+
+    let read = |ctl: &str, id: &str, file: &str| {
+        fs::read_to_string(format!("/sys/fs/cgroup/{ctl}/{}/{id}/{file}", t.cgroup_parent))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(read("cpu", &a, "cpu.cfs_quota_us"), "30000");
+    assert_eq!(read("cpu", &b, "cpu.cfs_quota_us"), "60000");
+    assert_eq!(read("cpu", &a, "cpu.cfs_period_us"), "100000");
+    assert_eq!(read("memory", &a, "memory.limit_in_bytes"), (64u64 << 20).to_string());
+    assert_eq!(read("memory", &b, "memory.limit_in_bytes"), (96u64 << 20).to_string());
+    assert_eq!(read("cpuset", &a, "cpuset.cpus"), "0");
+    assert_eq!(read("cpuset", &b, "cpuset.cpus"), "1");
+    // Every process of each LC is in its groups (the service included).
+    for id in [&a, &b] {
+        let procs = read("memory", id, "cgroup.procs");
+        assert!(procs.lines().count() >= 3, "{id}: {procs}");
+    }
+    // `lc show --json` reports the same kernel values.
+    let show = t.po_json(&["lc", "show", &b]);
+    assert_eq!(show["status"]["limits"]["cpu_quota_us"], 60000);
+    assert_eq!(show["status"]["limits"]["memory_bytes"], 96u64 << 20);
+    let list = t.po_json(&["lc", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert!(list.as_array().unwrap().iter().all(|r| r["state"] == "running"));
+
+    // The memory limit holds: a shell that buffers 100 MB is killed in LC a (64 MiB) by the
+    // kernel's OOM killer, while 20 MB fits.
+    let hog = |id: &str, bytes: u64| {
+        t.po(&["lc", "exec", id, "--", "sh", "-c", &format!("x=$(head -c {bytes} /dev/zero | tr '\\0' a); echo ${{#x}}")])
+    };
+    let out = hog(&a, 100_000_000);
+    assert!(!out.status.success(), "100 MB in a 64 MiB LC must not fit");
+    let oom = read("memory", &a, "memory.oom_control");
+    assert!(oom.lines().any(|l| l.starts_with("oom_kill ") && l != "oom_kill 0"), "{oom}");
+    let out = hog(&a, 20_000_000);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "20000000");
+
+    t.po_ok(&["lc", "stop", &a]);
+    t.po_ok(&["lc", "stop", &b]);
+    t.assert_nothing_left(&a);
+    t.assert_nothing_left(&b);
+}
+
+fn assert_bad_input(out: &std::process::Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "expected exit 2 (bad input): {stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let t = Topo::new(&[(0, 20, 64), (1, 20, 64)]);
+    t.build_image(0, "1.0.0");
+    let (a, b) = (t.lcs[0].id.clone(), t.lcs[1].id.clone());
+
+    assert_bad_input(&t.po(&["lc", "boot", "nosuch"]), "unknown LC \"nosuch\"");
+    assert_bad_input(&t.po(&["lc", "stop", &a]), "is not running");
+
+    // LC b's disks do not exist yet.
+    assert_bad_input(&t.po(&["lc", "boot", &b]), "does not exist");
+    t.assert_nothing_left(&b);
+    // A rootfs without an init.
+    fs::create_dir_all(&t.lcs[1].sys).unwrap();
+    fs::create_dir_all(&t.lcs[1].app).unwrap();
+    assert_bad_input(&t.po(&["lc", "boot", &b]), "has no init at /sbin/init");
+    t.assert_nothing_left(&b);
+
+    // Booting a running LC leaves it running, with the same init.
+    t.po_ok(&["lc", "boot", &a]);
+    let pid = t.po_json(&["lc", "status", &a])["status"]["pid"].clone();
+    assert_bad_input(&t.po(&["lc", "boot", &a]), "is already running");
+    assert_eq!(t.po_json(&["lc", "status", &a])["status"]["pid"], pid);
+
+    // A second config on the same host that names a's system disk for another LC.
+    let other = t.dir.path().join("other.toml");
+    fs::write(
+        &other,
+        format!(
+            "state_dir = \"{d}/state2\"\nrun_dir = \"{d}/run\"\ncgroup_parent = \"{cg}\"\n[network]\nbridge = \"{br}\"\n[[lc]]\nid = \"z{s}\"\ncpu_share = 10\nmemory_mib = 32\nsystem_disk = {{ path = \"{sys}\" }}\n",
+            d = t.dir.path().display(),
+            cg = t.cgroup_parent,
+            br = t.bridge,
+            s = t.suffix,
+            sys = t.lcs[0].sys.display()
+        ),
+    )
+    .unwrap();
+    assert_bad_input(&common::po(&other, &["lc", "boot", &format!("z{}", t.suffix)]), &format!("is in use by LC {a}"));
+
+    // An invalid config: two LCs on one disk, named by file, line and key.
+    let bad = t.dir.path().join("bad.toml");
+    let text = fs::read_to_string(&t.config).unwrap().replace(
+        &t.lcs[1].sys.display().to_string(),
+        &t.lcs[0].sys.display().to_string(),
+    );
+    fs::write(&bad, &text).unwrap();
+    let out = common::po(&bad, &["lc", "list"]);
+    let line = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(&t.lcs[0].sys.display().to_string()))
+        .nth(1)
+        .unwrap()
+        .0
+        + 1;
+    assert_bad_input(&out, &format!("{}:{line}: `lc.{b}.system_disk.path`", bad.display()));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("two LCs cannot share a disk"));
+
+    t.po_ok(&["lc", "stop", &a]);
+    t.assert_nothing_left(&a);
+}
+
+#[test]
+fn a_running_lc_outlives_patchover_and_is_adopted() {
+    let t = Topo::new(&[(0, 20, 64)]);
+    t.build_image(0, "1.0.0");
+    let id = t.lcs[0].id.clone();
+    t.po_ok(&["lc", "boot", &id]);
+    let pid = t.po_json(&["lc", "status", &id])["status"]["pid"].as_i64().unwrap();
+    // Init's parent is not a patchover process: nothing of patchover holds the LC up.
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let ppid: i32 = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let parent = fs::read_to_string(format!("/proc/{ppid}/cmdline")).unwrap_or_default();
+    assert!(!parent.contains("patchover"), "init's parent is {parent:?}");
+    // A new patchover process finds it, and can stop it.
+    let st = t.po_json(&["lc", "status", &id]);
+    assert_eq!(st["status"]["state"], "running");
+    assert_eq!(st["status"]["pid"].as_i64(), Some(pid));
+    // An LC killed behind patchover's back is seen as stopped and boots again cleanly.
+    for p in t.pids(&id) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+    }
+    let start = std::time::Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() && start.elapsed().as_secs() < 5 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(t.po_json(&["lc", "status", &id])["status"]["state"], "stopped");
+    t.po_ok(&["lc", "boot", &id]);
+    t.po_ok(&["lc", "stop", &id]);
+    t.assert_nothing_left(&id);
+}
