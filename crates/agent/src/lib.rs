@@ -6,7 +6,10 @@
 //! The host always asks and the agent answers: a restarted patchover can ask again for a
 //! report it missed, so nothing is lost when the host side crashes.
 //!
-//! This crate is std + serde (+ thiserror) only, because the agent is linked statically into every rootfs.
+//! This crate stays small (std, serde, and the bundle crate without signing) because the agent
+//! is linked statically into every rootfs.
+
+pub mod apply;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;

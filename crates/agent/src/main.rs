@@ -11,8 +11,23 @@ use std::time::{Duration, Instant};
 
 use patchover_agent::{GUEST_SOCKET_DIR, Request, Response, SOCKET_NAME, read_line};
 
-/// Where the boot-time patch execution script leaves its report.
-const REPORT_PATH: &str = "/var/lib/patchover-agent/report.json";
+/// Where the patch execution script works: the table copy, the bundles, the keys, the report.
+const AGENT_DIR: &str = patchover_bundle::table::AGENT_DIR;
+
+fn report_path() -> PathBuf {
+    Path::new(AGENT_DIR).join(patchover_agent::apply::REPORT_FILE)
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
 const MAX_OUTPUT: usize = 1024 * 1024;
 
 fn main() {
@@ -31,12 +46,40 @@ fn main() {
                 }
             }
         }
+        Some("apply-patches") => {
+            let dir = args.get(1).map_or(PathBuf::from(AGENT_DIR), PathBuf::from);
+            match patchover_agent::apply::apply_patches(&dir, Path::new("/")) {
+                Ok(r) => {
+                    for b in &r.report.bundles {
+                        eprintln!("patchover-agent: {} {}", b.id, b.status.as_str());
+                    }
+                    i32::from(!r.all_ok)
+                }
+                Err(e) => {
+                    eprintln!("patchover-agent: apply-patches: {}", chain(&e));
+                    1
+                }
+            }
+        }
+        Some("post-checks") => {
+            let dir = args.get(1).map_or(PathBuf::from(AGENT_DIR), PathBuf::from);
+            match patchover_agent::apply::post_checks(&dir, Path::new("/")) {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    i32::from(!r.passed)
+                }
+                Err(e) => {
+                    eprintln!("patchover-agent: post-checks: {}", chain(&e));
+                    2
+                }
+            }
+        }
         Some("--version") => {
             println!("patchover-agent {}", env!("CARGO_PKG_VERSION"));
             0
         }
         _ => {
-            eprintln!("usage: patchover-agent serve [SOCKET]");
+            eprintln!("usage: patchover-agent serve [SOCKET] | apply-patches [DIR] | post-checks [DIR]");
             2
         }
     };
@@ -87,11 +130,11 @@ fn answer(req: Request) -> Response {
             pids: pids(),
         },
         Request::Exec { argv, timeout_ms } => exec(&argv, Duration::from_millis(timeout_ms)),
-        Request::Report => match std::fs::read(REPORT_PATH) {
+        Request::Report => match std::fs::read(report_path()) {
             Ok(bytes) => match serde_json::from_slice(&bytes) {
                 Ok(v) => Response::Report { report: Some(v) },
                 Err(e) => Response::Error {
-                    message: format!("the report at {REPORT_PATH} is not JSON: {e}"),
+                    message: format!("the report at {} is not JSON: {e}", report_path().display()),
                 },
             },
             Err(_) => Response::Report { report: None },

@@ -146,6 +146,7 @@ struct RawConfig {
     monitor: Option<toml::Value>,
     daemon: Option<toml::Value>,
     yara: Option<toml::Value>,
+    service: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -399,6 +400,7 @@ impl Validator<'_> {
             ("monitor", raw.monitor),
             ("daemon", raw.daemon),
             ("yara", raw.yara),
+            ("service", raw.service),
         ] {
             if let Some(v) = v {
                 extra.insert(k.to_owned(), v);

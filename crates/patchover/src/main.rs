@@ -49,6 +49,26 @@ enum Command {
     /// The patch table.
     #[command(subcommand)]
     Patches(cmd::patches::PatchesCmd),
+    /// The patch monitor: poll feeds, mail notices, act on authenticated approvals.
+    #[command(subcommand)]
+    Monitor(cmd::monitor::MonitorCmd),
+    /// Patch feeds: publish a signed index for a directory of bundles.
+    #[command(subcommand)]
+    Feed(cmd::feed::FeedCmd),
+    /// Compute the approval code for a decision on a challenge (the administrator's side).
+    ApprovalCode(cmd::approval::ApprovalCodeArgs),
+    /// Give a decision on an approval challenge on the host.
+    Approve(cmd::approval::ApproveArgs),
+    /// Patch a running LC without stopping its service (the whole cycle).
+    Patch(cmd::patch::PatchArgs),
+    /// Hand the service back to the LC an earlier patch run kept.
+    Rollback(cmd::patch::RollbackArgs),
+    /// The run journal.
+    #[command(subcommand)]
+    Runs(cmd::patch::RunsCmd),
+    /// The service address.
+    #[command(subcommand)]
+    Service(cmd::patch::ServiceCmd),
     /// Internal: run by patchover itself to start and enter LCs.
     #[command(subcommand, hide = true)]
     Internal(cmd::internal::InternalCmd),
@@ -70,6 +90,14 @@ fn main() -> ExitCode {
         Command::Bench(c) => cmd::bench::run(c, &ctx),
         Command::Bundle(c) => cmd::bundle::run(c, &ctx),
         Command::Patches(c) => cmd::patches::run(c, &ctx),
+        Command::Monitor(c) => cmd::monitor::run(c, &ctx),
+        Command::Feed(c) => cmd::feed::run(c, &ctx),
+        Command::ApprovalCode(a) => cmd::approval::run_code(a, &ctx),
+        Command::Approve(a) => cmd::approval::run_approve(a, &ctx),
+        Command::Patch(a) => cmd::patch::run_patch(a, &ctx),
+        Command::Rollback(a) => cmd::patch::run_rollback(a, &ctx),
+        Command::Runs(c) => cmd::patch::run_runs(c, &ctx),
+        Command::Service(c) => cmd::patch::run_service(c, &ctx),
         Command::Internal(c) => cmd::internal::run(c),
     };
     match result {

@@ -17,7 +17,7 @@ fn boot_serve_reboot_keeps_every_write_and_stop_leaves_nothing() {
 
     let boot = t.po_json(&["lc", "boot", &id]);
     assert_eq!(boot["state"], "running");
-    let client = Client::new(&t.bridge, "10.77.0.200/24");
+    let client = Client::new(&t.bridge, &t.client_addr(0));
 
     let a = addr.clone();
     let (status, version) = client.run(move || http_ready(&a, "/version"));
@@ -218,4 +218,31 @@ fn a_running_lc_outlives_patchover_and_is_adopted() {
     t.po_ok(&["lc", "boot", &id]);
     t.po_ok(&["lc", "stop", &id]);
     t.assert_nothing_left(&id);
+}
+
+#[test]
+fn disks_and_nics_attach_to_a_running_lc() {
+    let t = Topo::new(&[(0, 20, 64)]);
+    t.build_image(0, "1.0.0");
+    let id = t.lcs[0].id.clone();
+    t.po_ok(&["lc", "boot", &id]);
+    let extra = t.dir.path().join("extra-disk");
+    fs::create_dir_all(&extra).unwrap();
+    fs::write(extra.join("hello.txt"), "from the host\n").unwrap();
+    t.po_ok(&["lc", "attach-disk", &id, extra.to_str().unwrap(), "/mnt/extra"]);
+    let out = t.po_json(&["lc", "exec", &id, "--", "cat", "/mnt/extra/hello.txt"]);
+    assert_eq!(out["stdout"], "from the host\n");
+    // Writes inside land on the host directory.
+    t.po_ok(&["lc", "exec", &id, "--", "sh", "-c", "echo back > /mnt/extra/reply.txt"]);
+    assert_eq!(fs::read_to_string(extra.join("reply.txt")).unwrap(), "back\n");
+
+    let port = t.po_json(&["lc", "attach-nic", &id, "eth1", "--address", "10.78.0.5/24"]);
+    assert_eq!(port["host_port"], format!("po{id}n1"));
+    assert!(Path::new(&format!("/sys/class/net/po{id}n1/master")).exists(), "on the bridge");
+    let out = t.po_json(&["lc", "exec", &id, "--", "ip", "-o", "-4", "addr", "show", "dev", "eth1"]);
+    assert!(out["stdout"].as_str().unwrap().contains("10.78.0.5/24"), "{out}");
+
+    t.po_ok(&["lc", "stop", &id]);
+    t.assert_nothing_left(&id);
+    assert!(!Path::new(&format!("/sys/class/net/po{id}n1")).exists(), "second veth left");
 }

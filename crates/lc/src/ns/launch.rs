@@ -418,5 +418,14 @@ pub fn attach_main(pid: i32, source: &Path, target: &Path) -> Result<(), String>
     if r < 0 {
         return Err(format!("move_mount to {}: {}", target.display(), io::Error::last_os_error()));
     }
+    // Check from inside that the mount is there: an attach that cannot be seen is a failure.
+    // (This process is not in the LC's PID namespace, so /proc/self does not exist in the
+    // LC's /proc; its init, PID 1 there, sees the same mounts.)
+    let info = fs::read_to_string("/proc/1/mountinfo")
+        .map_err(|e| format!("reading the LC's mount table: {e}"))?;
+    let want = target.to_string_lossy();
+    if !info.lines().any(|l| l.split(' ').nth(4) == Some(&want)) {
+        return Err(format!("{} is not a mount point inside the LC after the attach", target.display()));
+    }
     Ok(())
 }

@@ -186,10 +186,20 @@ case "$1" in
     echo $! > $PIDFILE
     ;;
   stop)
-    [ -f $PIDFILE ] && kill $(cat $PIDFILE) 2>/dev/null
-    rm -f $PIDFILE
+    if [ -f $PIDFILE ]; then
+        pid=$(cat $PIDFILE)
+        kill $pid 2>/dev/null
+        # Wait until it is gone, so that a start right after finds its port free.
+        n=0
+        while kill -0 $pid 2>/dev/null && [ $n -lt 500 ]; do usleep 10000; n=$((n+1)); done
+        rm -f $PIDFILE
+    fi
     ;;
-  *) echo "usage: $0 start|stop"; exit 2 ;;
+  restart)
+    "$0" stop
+    "$0" start
+    ;;
+  *) echo "usage: $0 start|stop|restart"; exit 2 ;;
 esac
 "#
     )

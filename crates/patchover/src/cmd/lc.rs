@@ -37,6 +37,23 @@ pub enum LcCmd {
     Stop { lc: String },
     /// Running or not, its PID, processes and limits.
     Status { lc: String },
+    /// Mount a host directory into a running LC.
+    AttachDisk {
+        lc: String,
+        source: std::path::PathBuf,
+        /// Where it appears inside the LC.
+        at: std::path::PathBuf,
+    },
+    /// Plug a new NIC into a running LC and the host bridge.
+    AttachNic {
+        lc: String,
+        /// Its name inside the LC.
+        name: String,
+        #[arg(long)]
+        address: Option<patchover_core::Ipv4Cidr>,
+        #[arg(long)]
+        mac: Option<patchover_core::MacAddr>,
+    },
     /// Run a program inside an LC: `patchover lc exec lc1 -- cat /etc/demo/version`.
     Exec {
         lc: String,
@@ -84,6 +101,40 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 println!("{}", json!({"lc": lc, "state": "stopped", "took_ms": ms}));
             } else {
                 println!("{lc} stopped in {ms} ms");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LcCmd::AttachDisk { lc, source, at } => {
+            let spec = env.lc(&lc)?;
+            env.backend.attach_disk(spec, &source, &at)?;
+            if ctx.json {
+                println!("{}", json!({"lc": lc, "source": source, "at": at}));
+            } else {
+                println!("{} attached to {lc} at {}", source.display(), at.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        LcCmd::AttachNic {
+            lc,
+            name,
+            address,
+            mac,
+        } => {
+            let spec = env.lc(&lc)?;
+            if spec.nics.iter().any(|n| n.name == name) {
+                return Err(super::BadInput(format!("LC {lc} already has a NIC named {name}")).into());
+            }
+            let nic = patchover_core::NicSpec {
+                mac: mac.unwrap_or_else(|| patchover_core::MacAddr::derive(&format!("{lc}/{name}"))),
+                name,
+                address,
+                gateway: None,
+            };
+            let port = env.backend.attach_nic(spec, &nic)?;
+            if ctx.json {
+                println!("{}", json!({"lc": lc, "nic": nic, "host_port": port}));
+            } else {
+                println!("{} plugged into {lc} as {} (host port {port})", nic.mac, nic.name);
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1,15 +1,20 @@
 //! One file per CLI verb group.
 
+pub mod approval;
 pub mod bench;
 pub mod bench_copy;
+pub mod bench_feed;
 pub mod bench_switch;
 pub mod bundle;
 pub mod disk;
+pub mod feed;
 pub mod image;
 pub mod internal;
 pub mod lc;
 pub mod load;
+pub mod monitor;
 pub mod net;
+pub mod patch;
 pub mod patches;
 
 use std::path::PathBuf;

@@ -101,6 +101,8 @@ pub struct LcDef {
 /// A bridge, its LCs' disks and a config, all of this test's own.
 pub struct Topo {
     pub dir: tempfile::TempDir,
+    /// This test's /24: 10.77.<net>.0 (unique, since the host may route it).
+    pub net: u8,
     pub suffix: String,
     pub bridge: String,
     pub cgroup_parent: String,
@@ -109,9 +111,11 @@ pub struct Topo {
 }
 
 impl Topo {
-    /// `lcs`: (cpu, share %, memory MiB) each; LC i gets address 10.77.0.(10+i).
+    /// `lcs`: (cpu, share %, memory MiB) each; LC i gets address 10.77.<net>.(11+i), the
+    /// service address is .10, the host's address on the bridge .1, clients .200 and up.
     pub fn new(lcs: &[(u32, u32, u64)]) -> Topo {
         let suffix = unique();
+        let net = (u32::from_str_radix(&suffix, 16).unwrap() % 250 + 1) as u8;
         let dir = tempfile::Builder::new().prefix("po-test-").tempdir().unwrap();
         let defs: Vec<LcDef> = lcs
             .iter()
@@ -121,12 +125,13 @@ impl Topo {
                 cpu,
                 share,
                 memory_mib,
-                address: format!("10.77.0.{}", 10 + i),
+                address: format!("10.77.{net}.{}", 11 + i),
                 sys: dir.path().join(format!("lc{i}-sys")),
                 app: dir.path().join(format!("lc{i}-app")),
             })
             .collect();
         let t = Topo {
+            net,
             bridge: format!("pob{suffix}"),
             cgroup_parent: format!("po-test-{suffix}"),
             config: dir.path().join("patchover.toml"),
@@ -138,12 +143,24 @@ impl Topo {
         t
     }
 
+    /// The service address (without prefix).
+    pub fn service(&self) -> String {
+        format!("10.77.{}.10", self.net)
+    }
+
+    /// A client address on the test's network.
+    pub fn client_addr(&self, n: u8) -> String {
+        format!("10.77.{}.{}/24", self.net, 200 + n)
+    }
+
     pub fn write_config(&self, extra: &str) {
         let mut text = format!(
-            "state_dir = \"{d}/state\"\nrun_dir = \"{d}/run\"\ncgroup_parent = \"{cg}\"\n\n[network]\nbridge = \"{br}\"\nservice_address = \"10.77.0.10/24\"\n",
+            "state_dir = \"{d}/state\"\nrun_dir = \"{d}/run\"\ncgroup_parent = \"{cg}\"\n\n[network]\nbridge = \"{br}\"\nservice_address = \"{svc}/24\"\nbridge_address = \"10.77.{n}.1/24\"\n",
             d = self.dir.path().display(),
             cg = self.cgroup_parent,
-            br = self.bridge
+            br = self.bridge,
+            svc = self.service(),
+            n = self.net,
         );
         for l in &self.lcs {
             text.push_str(&format!(

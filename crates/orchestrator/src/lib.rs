@@ -1,0 +1,204 @@
+//! The patch execution program (seed fig. 2 and 7, claims 1–3): one patch run, from the
+//! standby search to the network switch, as a state machine journaled in the store.
+//!
+//! Every step is recorded before it acts and after it is done (`run_steps`), so a restarted
+//! patchover knows how far a run got: [`recover`] finishes a run whose switch completed and
+//! rolls back any other. Until the switch, nothing touches the active LC except the disk
+//! copier's brief freeze; any failure before it releases the standby and leaves the service
+//! where it was; a failed switch is rolled back by the switcher itself.
+//!
+//! Steps: 701 standby search → 702 malware check → 703 system disk copy (replayed once) →
+//! 704 application disk copy (followed until the cut) → 705/706 install the bundles, the
+//! table copy and the patch execution script → 707 boot the standby, wait for its report
+//! (1207) → 708 reboot it → 709 post-checks and the service's health on the standby → the
+//! switch, with the application disk's final catch-up and the service restart on the standby
+//! inside the switch window → the old LC is stopped and kept intact as the rollback target.
+
+pub mod install;
+pub mod malware;
+pub mod service;
+pub mod standby;
+
+mod cycle;
+pub mod recover;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use patchover_net::Mode;
+use serde::Serialize;
+
+pub use cycle::{Orchestrator, RunFailed, endpoint as cycle_endpoint};
+pub use recover::{RunLock, recover};
+pub use service::ServiceSettings;
+
+/// What to patch and how.
+#[derive(Debug, Clone)]
+pub struct PatchRequest {
+    /// The active LC.
+    pub lc: String,
+    /// Bundle ids to apply; empty = every patch marked for the next run.
+    pub bundles: Vec<String>,
+    pub mode: Mode,
+    /// Stop before the switch with the patched standby ready.
+    pub dry_run: bool,
+    /// Hand the service back to this LC (the old LC kept by an earlier run) instead of
+    /// patching: only the application disk is copied, nothing is installed or patched.
+    pub rollback_to: Option<String>,
+}
+
+/// Knobs of a run that come from the config and the environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub service: ServiceSettings,
+    /// The static agent copied onto the standby.
+    pub agent_binary: PathBuf,
+    /// Trusted public keys for bundles.
+    pub trusted_keys: Vec<PathBuf>,
+    pub bundle_limits: patchover_bundle::Limits,
+    /// YARA rules directory for step 702 (none: the step is skipped and says so).
+    pub yara_rules: Option<PathBuf>,
+    /// How long the standby may take to apply the patches and report.
+    pub report_timeout: Duration,
+    /// How long the old LC may take to finish its requests at the switch.
+    pub drain_deadline: Duration,
+    pub garp: patchover_net::GarpConfig,
+}
+
+/// One step's timing in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTiming {
+    pub step: String,
+    pub ms: f64,
+    pub ok: bool,
+}
+
+/// What a run did, for the CLI (`--json`) and the run journal.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct RunReport {
+    pub run_id: i64,
+    pub lc: String,
+    pub standby: Option<String>,
+    pub mode: String,
+    pub dry_run: bool,
+    /// `ok`, `dry-run`, `failed` (before the switch: the service never moved), or
+    /// `rolled-back` (the switch failed and the service is back where it was).
+    pub outcome: String,
+    pub error: Option<String>,
+    /// What to do about the error.
+    pub hint: Option<String>,
+    pub steps: Vec<StepTiming>,
+    pub bytes_copied: u64,
+    pub bytes_replayed: u64,
+    pub freeze_ms: Option<f64>,
+    pub pause_ms: Option<f64>,
+    pub switch: Option<patchover_net::SwitchReport>,
+    pub patches: Vec<patchover_bundle::BundleResult>,
+    pub post_checks: Option<patchover_bundle::PostCheckReport>,
+    /// The service's answer to the health path before and after.
+    pub version_before: Option<String>,
+    pub version_after: Option<String>,
+}
+
+/// A progress event, for progress output and the event stream.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub run_id: i64,
+    pub step: String,
+    /// `started`, `done` or `failed`.
+    pub state: String,
+    pub detail: Option<serde_json::Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrchestratorError {
+    /// What was asked cannot be done; nothing was changed.
+    #[error("{0}")]
+    BadInput(String),
+    #[error("run journal")]
+    Store(#[from] patchover_store::StoreError),
+    #[error(transparent)]
+    NoStandby(#[from] standby::NoStandby),
+    #[error("malware check")]
+    Malware(#[from] malware::MalwareError),
+    #[error("bundle {id} is not usable")]
+    Bundle {
+        id: String,
+        #[source]
+        source: patchover_bundle::VerifyError,
+    },
+    #[error("copying the {disk} disk")]
+    Copy {
+        disk: &'static str,
+        #[source]
+        source: patchover_disk::CopyError,
+    },
+    #[error("preparing the standby's {disk} disk {path}")]
+    Prepare {
+        disk: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Install(#[from] install::InstallError),
+    #[error(transparent)]
+    Lc(#[from] patchover_lc::LcError),
+    #[error(
+        "the standby did not report its patch results within {0:?}; see its console log and /var/log/patchover-apply.log on its system disk"
+    )]
+    ReportTimeout(Duration),
+    #[error("patch {id} failed on the standby{}: {error}", step.map(|s| format!(" at step {s}")).unwrap_or_default())]
+    PatchFailed {
+        id: String,
+        step: Option<usize>,
+        error: String,
+        output: String,
+    },
+    #[error("post-check failed on the standby: {0}")]
+    PostCheck(String),
+    #[error("the service is not healthy on the standby")]
+    Health(#[source] patchover_net::health::HealthError),
+    #[error("the service did not restart on the standby: {0}")]
+    Service(String),
+    #[error(transparent)]
+    Switch(#[from] patchover_net::SwitchError),
+    #[error("network setup")]
+    Net(#[source] patchover_net::rtnl::RtnlError),
+}
+
+impl OrchestratorError {
+    /// What an operator should do next.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            OrchestratorError::BadInput(_) | OrchestratorError::NoStandby(_) => {
+                "fix the request or the config; nothing was changed"
+            }
+            OrchestratorError::Malware(_) => {
+                "clean the active LC's system disk (the service keeps running), then run the patch again"
+            }
+            OrchestratorError::PatchFailed { .. } | OrchestratorError::PostCheck(_) => {
+                "the service stays on the active LC; fix the bundle (see `patchover patches show ID`) and run again"
+            }
+            OrchestratorError::Switch(_) => {
+                "the switch was rolled back and the service stays on the active LC; see the error"
+            }
+            _ => "the service stays on the active LC; fix the cause and run again",
+        }
+    }
+}
+
+/// The whole error chain on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}

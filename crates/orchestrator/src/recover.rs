@@ -1,0 +1,213 @@
+//! Crash safety: the per-LC run lock, and finishing or rolling back a run whose patchover died.
+//!
+//! A live run holds `<run_dir>/runs/<lc>.lock` with `flock`. The kernel drops the lock when the
+//! process dies however it dies, so an unfinished run in the journal whose lock can be taken
+//! belongs to a dead patchover, and [`recover`] deals with it:
+//! - the switch was done: finish (stop the old LC, set the roles);
+//! - the switch started but did not finish: whoever holds the service address now decides —
+//!   the standby with a healthy service keeps it (finish), otherwise the address goes back to
+//!   the old LC (roll back), the switcher's nftables leftovers are removed;
+//! - the switch never started: release the standby; the service never moved.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use patchover_core::{Config, Ipv4Cidr};
+use patchover_lc::LcState;
+use patchover_net::rtnl::{Rtnl, RtnlError};
+use patchover_store::Role;
+
+use crate::cycle::{Orchestrator, endpoint};
+use crate::{OrchestratorError, RunReport};
+
+/// Held while a run for one LC is going.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: File,
+}
+
+impl RunLock {
+    /// Takes the lock of `lc`, or says who holds it.
+    pub fn acquire(run_dir: &Path, lc: &str) -> Result<RunLock, OrchestratorError> {
+        let dir = run_dir.join("runs");
+        let io = |source| OrchestratorError::Prepare {
+            disk: "run lock",
+            path: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let path = dir.join(format!("{lc}.lock"));
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        // SAFETY: flock on an fd we own; no memory is involved.
+        let r = unsafe { libc_flock(f.as_raw_fd()) };
+        if r != 0 {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(OrchestratorError::BadInput(format!(
+                "a patch run for LC {lc} is in progress (patchover pid {}); wait for it, or see `patchover runs list`",
+                holder.trim()
+            )));
+        }
+        f.set_len(0).map_err(io)?;
+        let _ = write!(f, "{}", std::process::id());
+        Ok(RunLock { _file: f })
+    }
+}
+
+/// `flock(fd, LOCK_EX | LOCK_NB)`.
+///
+/// # Safety
+/// `fd` must be an open file descriptor.
+unsafe fn libc_flock(fd: i32) -> i32 {
+    unsafe extern "C" {
+        fn flock(fd: i32, op: i32) -> i32;
+    }
+    const LOCK_EX: i32 = 2;
+    const LOCK_NB: i32 = 4;
+    // SAFETY: the caller passes an open fd; flock has no other requirement.
+    unsafe { flock(fd, LOCK_EX | LOCK_NB) }
+}
+
+/// Whether `iface` in `netns` holds `addr`.
+pub fn holds_address(netns: &Path, iface: &str, addr: Ipv4Addr) -> Result<bool, RtnlError> {
+    let r = Rtnl::open(Some(netns))?;
+    let l = r.need_link(iface)?;
+    Ok(r.addresses(l.index)?.iter().any(|a| a.addr == addr))
+}
+
+/// Gives the host its configured address on the bridge (the switcher checks the service from
+/// there).
+pub fn ensure_bridge_address(config: &Config) -> Result<(), RtnlError> {
+    let Some(addr) = config.network.bridge_address else {
+        return Ok(());
+    };
+    let r = Rtnl::open(None)?;
+    let l = r.need_link(&config.network.bridge)?;
+    r.add_address(l.index, addr)
+}
+
+/// An NFQUEUE number for a run's held SYNs, distinct between concurrent runs on one host.
+pub fn queue_number(run_id: i64) -> u16 {
+    (1000 + (std::process::id() as i64 * 31 + run_id).rem_euclid(30_000)) as u16
+}
+
+/// Puts `service` on `lc`'s first NIC (and nowhere else among `others`), and announces it.
+pub fn assign_service(
+    netns: &Path,
+    iface: &str,
+    mac: patchover_core::MacAddr,
+    service: Ipv4Cidr,
+) -> Result<(), RtnlError> {
+    let r = Rtnl::open(Some(netns))?;
+    let l = r.need_link(iface)?;
+    r.add_address(l.index, service)?;
+    let g = patchover_net::GarpConfig::default();
+    let _ =
+        patchover_net::garp::announce(Some(netns), iface, mac, service.addr, g.count, g.interval);
+    Ok(())
+}
+
+/// Finishes or rolls back every unfinished run whose patchover is gone. Returns what was done.
+pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorError> {
+    let mut done = Vec::new();
+    for run in o.store.runs()?.into_iter().filter(|r| r.ended_ms.is_none()) {
+        let Ok(_lock) = RunLock::acquire(&o.config.run_dir, &run.lc) else {
+            continue; // a live patchover is on it
+        };
+        let steps = o.store.steps(run.id)?;
+        let has =
+            |name: &str, state: &str| steps.iter().any(|s| s.step == name && s.state == state);
+        let last = steps
+            .last()
+            .map(|s| format!("{}:{}", s.step, s.state))
+            .unwrap_or_else(|| "start".into());
+        let active = o.config.lc(&run.lc).cloned();
+        let standby = run.standby.as_deref().and_then(|s| o.config.lc(s)).cloned();
+        let mut report = RunReport {
+            run_id: run.id,
+            lc: run.lc.clone(),
+            standby: run.standby.clone(),
+            mode: run.mode.clone(),
+            dry_run: run.dry_run,
+            ..RunReport::default()
+        };
+        let service = o.config.network.service_address;
+        let standby_holds = match (&standby, service) {
+            (Some(s), Some(svc)) if has("switch", "started") => endpoint(o.backend, s)
+                .ok()
+                .and_then(|ep| holds_address(&ep.netns, &ep.iface, svc.addr).ok())
+                .unwrap_or(false),
+            _ => false,
+        };
+        if has("switch", "done") || standby_holds {
+            // The service is on the standby: finish the run.
+            if let Some(a) = &active
+                && o.backend
+                    .status(a)
+                    .is_ok_and(|st| st.state != LcState::Stopped)
+            {
+                o.backend.stop(a)?;
+            }
+            if let Some(s) = &standby {
+                o.store.set_role(s.id.as_str(), Role::Active)?;
+            }
+            o.store.set_role(&run.lc, Role::Standby)?;
+            report.outcome = "ok".into();
+            report.error = Some(format!(
+                "patchover stopped at {last}; the run was finished by recovery"
+            ));
+        } else {
+            // The service never moved, or must move back.
+            if let (Some(a), Some(svc)) = (&active, service)
+                && has("switch", "started")
+            {
+                let _ = patchover_net::teardown(None, svc.addr);
+                if let Some(s) = &standby
+                    && let Ok(ep) = endpoint(o.backend, s)
+                    && let Ok(r) = Rtnl::open(Some(&ep.netns))
+                    && let Ok(l) = r.need_link(&ep.iface)
+                {
+                    let _ = r.del_address(l.index, svc.addr);
+                }
+                let ep = endpoint(o.backend, a)?;
+                assign_service(&ep.netns, &ep.iface, ep.mac, svc)
+                    .map_err(OrchestratorError::Net)?;
+            }
+            if let Some(s) = &standby {
+                o.release_standby(s, None);
+            }
+            report.outcome = if has("switch", "started") {
+                "rolled-back"
+            } else {
+                "failed"
+            }
+            .into();
+            report.error = Some(format!(
+                "patchover stopped at {last}; recovery rolled the run back and the service is on {}",
+                run.lc
+            ));
+        }
+        o.store.record_step(
+            run.id,
+            "recover",
+            "done",
+            Some(&serde_json::json!({"outcome": report.outcome, "last": last})),
+        )?;
+        o.store.end_run(
+            run.id,
+            &report.outcome,
+            &serde_json::to_value(&report).unwrap_or_default(),
+        )?;
+        tracing::info!(run = run.id, outcome = %report.outcome, "recovered an unfinished run");
+        done.push(report);
+    }
+    Ok(done)
+}

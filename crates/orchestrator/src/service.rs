@@ -1,0 +1,119 @@
+//! The service the LCs run: how to check it and how to restart it on the standby.
+
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+/// The `[service]` config section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSettings {
+    /// The TCP port the service listens on.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// A GET path whose answer names the LC that serves it (the demo's `/health`).
+    #[serde(default = "default_health")]
+    pub health_path: String,
+    /// A GET path whose answer is the service's version (the demo's `/version`).
+    #[serde(default = "default_version")]
+    pub version_path: String,
+    /// The command, run inside the standby, that restarts the service after the application
+    /// disk's final catch-up (so it reads the data as of the cut).
+    #[serde(default = "default_restart")]
+    pub restart: Vec<String>,
+}
+
+fn default_port() -> u16 {
+    80
+}
+fn default_health() -> String {
+    "/health".to_owned()
+}
+fn default_version() -> String {
+    "/version".to_owned()
+}
+fn default_restart() -> Vec<String> {
+    vec!["/etc/init.d/S50demo".to_owned(), "restart".to_owned()]
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        ServiceSettings {
+            port: default_port(),
+            health_path: default_health(),
+            version_path: default_version(),
+            restart: default_restart(),
+        }
+    }
+}
+
+impl ServiceSettings {
+    pub fn from_extra(
+        extra: &std::collections::BTreeMap<String, toml::Value>,
+    ) -> Result<ServiceSettings, String> {
+        match extra.get("service") {
+            None => Ok(ServiceSettings::default()),
+            Some(v) => {
+                let s: ServiceSettings = v
+                    .clone()
+                    .try_into()
+                    .map_err(|e| format!("config [service]: {e}"))?;
+                if s.restart.is_empty() {
+                    return Err("config [service]: `restart` needs a command".into());
+                }
+                Ok(s)
+            }
+        }
+    }
+
+    pub fn health(&self, expect: &str) -> patchover_net::HealthCheck {
+        patchover_net::HealthCheck::new(self.port, &self.health_path, expect)
+    }
+}
+
+/// GETs `path` inside the network namespace `netns` from `addr:port`, retrying until
+/// `patience` runs out; returns the body.
+pub fn get(
+    netns: &std::path::Path,
+    addr: std::net::Ipv4Addr,
+    port: u16,
+    path: &str,
+    patience: Duration,
+) -> Result<String, String> {
+    let start = Instant::now();
+    let path = path.to_owned();
+    loop {
+        let p = path.clone();
+        let res = patchover_net::netns::in_netns(Some(netns), move || fetch(addr, port, &p));
+        match res {
+            Ok(Ok(body)) => return Ok(body),
+            Ok(Err(e)) if start.elapsed() >= patience => return Err(e),
+            Err(e) if start.elapsed() >= patience => return Err(e.to_string()),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn fetch(addr: std::net::Ipv4Addr, port: u16, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let sa = std::net::SocketAddr::from((addr, port));
+    let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(500))
+        .map_err(|e| format!("connect {sa}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed answer")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!(
+            "GET {path}: {}",
+            head.lines().next().unwrap_or_default()
+        ));
+    }
+    Ok(body.trim().to_owned())
+}

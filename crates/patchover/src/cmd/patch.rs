@@ -1,0 +1,357 @@
+//! `patchover patch`, `patchover rollback`, `patchover runs …`, `patchover service assign`:
+//! the patch execution program (seed fig. 2, 7) and its journal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Subcommand;
+use patchover_bundle::BundlesConfig;
+use patchover_net::Mode;
+use patchover_orchestrator::{
+    Event, Orchestrator, PatchRequest, RunLock, RunReport, ServiceSettings, Settings,
+};
+use patchover_lc::LcBackend;
+use patchover_store::Role;
+use serde_json::json;
+
+use super::{BadInput, Ctx, Env};
+
+#[derive(clap::Args)]
+pub struct PatchArgs {
+    /// The active LC, the one whose service is patched.
+    pub lc: String,
+    /// Apply these patches (default: every patch marked for the next run).
+    #[arg(long = "bundle")]
+    pub bundles: Vec<String>,
+    /// How the network moves to the patched LC.
+    #[arg(long, default_value = "readdress", value_parser = |s: &str| s.parse::<Mode>())]
+    pub mode: Mode,
+    /// Stop before the switch, with the patched standby running and a report.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How long the standby may take to apply the patches, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub report_timeout: u64,
+}
+
+#[derive(clap::Args)]
+pub struct RollbackArgs {
+    /// The LC to hand the service back to (the old LC an earlier run kept).
+    pub lc: String,
+    #[arg(long, default_value = "readdress", value_parser = |s: &str| s.parse::<Mode>())]
+    pub mode: Mode,
+}
+
+#[derive(Subcommand)]
+pub enum RunsCmd {
+    /// Every patch run with its outcome.
+    List,
+    /// One run's timeline: every step with its duration.
+    Show { run: i64 },
+    /// Finish or roll back runs whose patchover died (also done before every patch).
+    Recover,
+}
+
+#[derive(Subcommand)]
+pub enum ServiceCmd {
+    /// Give LC the service address (the first time; later the switches move it) and make it
+    /// the active LC.
+    Assign { lc: String },
+}
+
+fn settings(env: &Env, report_timeout: u64) -> anyhow::Result<Settings> {
+    let bundles = BundlesConfig::from_extra(&env.config.extra).context("config [bundles]")?;
+    let service = ServiceSettings::from_extra(&env.config.extra).map_err(BadInput)?;
+    let yara_rules = match env.config.extra.get("yara") {
+        None => None,
+        Some(v) => Some(PathBuf::from(
+            v.get("rules")
+                .and_then(|r| r.as_str())
+                .ok_or_else(|| BadInput("config [yara]: set `rules = \"/dir/of/rules\"`".into()))?,
+        )),
+    };
+    Ok(Settings {
+        service,
+        agent_binary: super::image::guest_binary("patchover-agent")?,
+        trusted_keys: bundles.trusted_keys,
+        bundle_limits: bundles.limits,
+        yara_rules,
+        report_timeout: Duration::from_secs(report_timeout),
+        drain_deadline: Duration::from_secs(10),
+        garp: patchover_net::GarpConfig::default(),
+    })
+}
+
+fn progress(ctx: &Ctx) -> impl FnMut(&Event) + use<> {
+    let json = ctx.json;
+    move |e: &Event| {
+        if json {
+            return;
+        }
+        let ms = e
+            .detail
+            .as_ref()
+            .and_then(|d| d.get("ms"))
+            .and_then(|m| m.as_f64())
+            .map_or(String::new(), |ms| format!(" ({ms:.0} ms)"));
+        let err = e
+            .detail
+            .as_ref()
+            .and_then(|d| d.get("error"))
+            .and_then(|m| m.as_str())
+            .map_or(String::new(), |m| format!(": {m}"));
+        if e.state != "started" {
+            eprintln!("run {} {:<18} {}{ms}{err}", e.run_id, e.step, e.state);
+        }
+    }
+}
+
+fn print_report(ctx: &Ctx, r: &RunReport) {
+    if ctx.json {
+        println!("{}", serde_json::to_string_pretty(r).expect("report serializes"));
+        return;
+    }
+    println!(
+        "run {} on {}: {} (standby {}, mode {})",
+        r.run_id,
+        r.lc,
+        r.outcome,
+        r.standby.as_deref().unwrap_or("-"),
+        r.mode
+    );
+    for p in &r.patches {
+        println!("  patch {:<24} {}", p.id, p.status.as_str());
+    }
+    if let (Some(b), Some(a)) = (&r.version_before, &r.version_after) {
+        println!("  version {b} -> {a}");
+    }
+    println!(
+        "  copied {} bytes, replayed {} bytes; freeze {} ms; pause {} ms",
+        r.bytes_copied,
+        r.bytes_replayed,
+        r.freeze_ms.map_or("-".into(), |v| format!("{v:.1}")),
+        r.pause_ms.map_or("-".into(), |v| format!("{v:.1}"))
+    );
+    if let Some(e) = &r.error {
+        println!("  error: {e}");
+    }
+    if let Some(h) = &r.hint {
+        println!("  what to do: {h}");
+    }
+}
+
+/// Runs the orchestrator for a patch or a rollback, with the run lock and recovery first.
+fn drive(ctx: &Ctx, req: PatchRequest, report_timeout: u64) -> anyhow::Result<ExitCode> {
+    let mut env = Env::open(ctx)?;
+    env.lc(&req.lc)?;
+    let settings = settings(&env, report_timeout)?;
+    let _lock = RunLock::acquire(&env.config.run_dir, &req.lc).map_err(|e| BadInput(e.to_string()))?;
+    let mut events = progress(ctx);
+    let mut o = Orchestrator {
+        config: &env.config,
+        store: &mut env.store,
+        backend: &env.backend,
+        settings: &settings,
+        events: &mut events,
+    };
+    // A run this LC's lock covered but whose patchover died is dealt with first.
+    drop(_lock);
+    for r in patchover_orchestrator::recover(&mut o)? {
+        eprintln!("recovered run {}: {}", r.run_id, r.error.as_deref().unwrap_or(&r.outcome));
+    }
+    let _lock = RunLock::acquire(&env.config.run_dir, &req.lc).map_err(|e| BadInput(e.to_string()))?;
+    match o.patch(&req) {
+        Ok(r) => {
+            print_report(ctx, &r);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(f) => {
+            print_report(ctx, &f.report);
+            if matches!(f.error, patchover_orchestrator::OrchestratorError::BadInput(_)) {
+                return Err(BadInput(patchover_orchestrator::chain(&f.error)).into());
+            }
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+pub fn run_patch(a: PatchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    drive(
+        ctx,
+        PatchRequest {
+            lc: a.lc,
+            bundles: a.bundles,
+            mode: a.mode,
+            dry_run: a.dry_run,
+            rollback_to: None,
+        },
+        a.report_timeout,
+    )
+}
+
+pub fn run_rollback(a: RollbackArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let env = Env::open(ctx)?;
+    env.lc(&a.lc)?;
+    let active = env
+        .store
+        .lcs()?
+        .into_iter()
+        .find(|r| r.role == Role::Active)
+        .ok_or_else(|| BadInput("no LC is active; nothing to roll back".into()))?;
+    drop(env);
+    drive(
+        ctx,
+        PatchRequest {
+            lc: active.spec.id.to_string(),
+            bundles: Vec::new(),
+            mode: a.mode,
+            dry_run: false,
+            rollback_to: Some(a.lc),
+        },
+        60,
+    )
+}
+
+pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let mut env = Env::open(ctx)?;
+    match cmd {
+        RunsCmd::List => {
+            let runs = env.store.runs()?;
+            if ctx.json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rows: Vec<Vec<String>> = runs
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.id.to_string(),
+                        r.lc.clone(),
+                        r.standby.clone().unwrap_or_else(|| "-".into()),
+                        r.mode.clone(),
+                        if r.dry_run { "yes" } else { "no" }.into(),
+                        r.state.clone(),
+                        r.outcome.clone().unwrap_or_else(|| "running".into()),
+                        r.ended_ms
+                            .map_or("-".into(), |e| format!("{:.1} s", (e - r.started_ms) as f64 / 1000.0)),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                super::table(
+                    &["RUN", "LC", "STANDBY", "MODE", "DRY RUN", "LAST STEP", "OUTCOME", "TOOK"],
+                    &rows
+                )
+            );
+        }
+        RunsCmd::Show { run } => {
+            let r = env
+                .store
+                .run(run)?
+                .ok_or_else(|| BadInput(format!("no run {run}; see `patchover runs list`")))?;
+            let steps = env.store.steps(run)?;
+            if ctx.json {
+                println!("{}", serde_json::to_string_pretty(&json!({"run": r, "steps": steps}))?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "run {} on {} (standby {}, mode {}): {}",
+                r.id,
+                r.lc,
+                r.standby.as_deref().unwrap_or("-"),
+                r.mode,
+                r.outcome.as_deref().unwrap_or("running")
+            );
+            let mut started = std::collections::HashMap::new();
+            let rows: Vec<Vec<String>> = steps
+                .iter()
+                .filter_map(|s| {
+                    if s.state == "started" {
+                        started.insert(s.step.clone(), s.at_ms);
+                        return None;
+                    }
+                    let took = started
+                        .get(&s.step)
+                        .map_or("-".into(), |t| format!("{} ms", s.at_ms - t));
+                    let err = s
+                        .detail
+                        .as_ref()
+                        .and_then(|d| d.get("error"))
+                        .and_then(|e| e.as_str())
+                        .unwrap_or("")
+                        .to_owned();
+                    Some(vec![
+                        format!("+{} ms", s.at_ms - r.started_ms),
+                        s.step.clone(),
+                        s.state.clone(),
+                        took,
+                        err,
+                    ])
+                })
+                .collect();
+            print!("{}", super::table(&["AT", "STEP", "STATE", "TOOK", "ERROR"], &rows));
+        }
+        RunsCmd::Recover => {
+            let settings = settings(&env, 60)?;
+            let mut events = progress(ctx);
+            let mut o = Orchestrator {
+                config: &env.config,
+                store: &mut env.store,
+                backend: &env.backend,
+                settings: &settings,
+                events: &mut events,
+            };
+            let done = patchover_orchestrator::recover(&mut o)?;
+            if ctx.json {
+                println!("{}", serde_json::to_string_pretty(&done)?);
+            } else if done.is_empty() {
+                println!("no unfinished run to recover");
+            } else {
+                for r in done {
+                    println!("run {}: {}", r.run_id, r.error.unwrap_or(r.outcome));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_service(cmd: ServiceCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let mut env = Env::open(ctx)?;
+    match cmd {
+        ServiceCmd::Assign { lc } => {
+            let spec = env.lc(&lc)?.clone();
+            let service = env
+                .config
+                .network
+                .service_address
+                .ok_or_else(|| BadInput("network.service_address is not set in the config".into()))?;
+            if let Some(other) = env
+                .store
+                .lcs()?
+                .into_iter()
+                .find(|r| r.role == Role::Active && r.spec.id != spec.id)
+                && env.backend.status(&other.spec).is_ok_and(|s| s.pid.is_some())
+            {
+                return Err(BadInput(format!(
+                    "LC {} is the active LC; move the service with `patchover patch` or `patchover net switch`",
+                    other.spec.id
+                ))
+                .into());
+            }
+            let ep = patchover_orchestrator::cycle_endpoint(&env.backend, &spec)?;
+            patchover_orchestrator::recover::assign_service(&ep.netns, &ep.iface, ep.mac, service)?;
+            patchover_orchestrator::recover::ensure_bridge_address(&env.config)?;
+            env.store.set_role(spec.id.as_str(), Role::Active)?;
+            if ctx.json {
+                println!("{}", json!({"lc": lc, "service_address": service.to_string()}));
+            } else {
+                println!("{lc} now holds the service address {service}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
