@@ -11,8 +11,12 @@
 
 use std::path::{Path, PathBuf};
 
-use patchover_bundle::table::{BUNDLES_DIR, KEYS_DIR, TABLE_FILE, verification_failure_results, verify_marked};
-use patchover_bundle::{ApplyOptions, ApplyReport, Limits, TrustedKeys, apply_bundles, read_table, write_table};
+use patchover_bundle::table::{
+    BUNDLES_DIR, KEYS_DIR, TABLE_FILE, verification_failure_results, verify_marked,
+};
+use patchover_bundle::{
+    ApplyOptions, ApplyReport, Limits, TrustedKeys, apply_bundles, read_table, write_table,
+};
 use serde::{Deserialize, Serialize};
 
 /// The report file, next to the table copy.
@@ -123,7 +127,10 @@ fn load_keys(dir: &Path) -> Result<TrustedKeys, ApplyScriptError> {
 
 /// The post-checks of every bundle in the table copy whose result is `ok` (step 709, after
 /// the reboot of step 708).
-pub fn post_checks(dir: &Path, root: &Path) -> Result<patchover_bundle::PostCheckReport, ApplyScriptError> {
+pub fn post_checks(
+    dir: &Path,
+    root: &Path,
+) -> Result<patchover_bundle::PostCheckReport, ApplyScriptError> {
     let table = read_table(&dir.join(TABLE_FILE)).map_err(ApplyScriptError::Table)?;
     let keys = load_keys(&dir.join(KEYS_DIR))?;
     let bundles = verify_marked(&table, &dir.join(BUNDLES_DIR), &keys, &Limits::default())

@@ -91,8 +91,12 @@ impl AgentClient {
             path: socket.display().to_string(),
             source,
         })?;
-        stream.set_read_timeout(Some(timeout)).map_err(AgentError::Io)?;
-        stream.set_write_timeout(Some(timeout)).map_err(AgentError::Io)?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(AgentError::Io)?;
+        stream
+            .set_write_timeout(Some(timeout))
+            .map_err(AgentError::Io)?;
         let writer = stream.try_clone().map_err(AgentError::Io)?;
         Ok(AgentClient {
             reader: BufReader::new(stream),
@@ -153,7 +157,10 @@ mod tests {
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(s, r#"{"op":"exec","argv":["ls"],"timeout_ms":5}"#);
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
-        assert!(serde_json::from_str::<Request>(r#"{"op":"exec","argv":[],"timeout_ms":1,"x":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"op":"exec","argv":[],"timeout_ms":1,"x":1}"#)
+                .is_err()
+        );
         assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
     }
 
@@ -161,7 +168,10 @@ mod tests {
     fn read_line_limits() {
         let mut ok = io::Cursor::new(b"abc\nrest".to_vec());
         assert_eq!(read_line(&mut ok).unwrap().unwrap(), b"abc");
-        assert!(read_line(&mut ok).is_err(), "a line without newline is cut short");
+        assert!(
+            read_line(&mut ok).is_err(),
+            "a line without newline is cut short"
+        );
         let mut empty = io::Cursor::new(Vec::new());
         assert!(read_line(&mut empty).unwrap().is_none());
     }

@@ -79,7 +79,9 @@ fn main() {
             0
         }
         _ => {
-            eprintln!("usage: patchover-agent serve [SOCKET] | apply-patches [DIR] | post-checks [DIR]");
+            eprintln!(
+                "usage: patchover-agent serve [SOCKET] | apply-patches [DIR] | post-checks [DIR]"
+            );
             2
         }
     };
@@ -189,10 +191,7 @@ fn exec(argv: &[String], timeout: Duration) -> Response {
             };
         }
     };
-    let (out_t, err_t) = (
-        capture(child.stdout.take()),
-        capture(child.stderr.take()),
-    );
+    let (out_t, err_t) = (capture(child.stdout.take()), capture(child.stderr.take()));
     let start = Instant::now();
     let mut timed_out = false;
     let status = loop {

@@ -111,9 +111,7 @@ impl Config {
 
     pub fn parse(path: &Path, text: &str, host: &HostFacts) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let (line, col) = e
-                .span()
-                .map_or((1, 1), |s| line_col(text, s.start));
+            let (line, col) = e.span().map_or((1, 1), |s| line_col(text, s.start));
             ConfigError::Syntax {
                 path: path.to_owned(),
                 line,
@@ -128,7 +126,10 @@ impl Config {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
     (line, col)
 }
 
@@ -210,8 +211,7 @@ impl Validator<'_> {
         let cgroup_parent = match raw.cgroup_parent {
             Some(c) => {
                 let ok = !c.get_ref().is_empty()
-                    && c
-                        .get_ref()
+                    && c.get_ref()
                         .bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
                 if !ok {
@@ -307,11 +307,7 @@ impl Validator<'_> {
             }
             let mem = *lc.memory_mib.get_ref();
             if mem < 16 {
-                return Err(self.err(
-                    &lc.memory_mib,
-                    &key("memory_mib"),
-                    "at least 16 MiB",
-                ));
+                return Err(self.err(&lc.memory_mib, &key("memory_mib"), "at least 16 MiB"));
             }
             memory_used += mem;
             if memory_used > self.host.memory_mib {
@@ -412,7 +408,9 @@ impl Validator<'_> {
             state_dir: raw
                 .state_dir
                 .unwrap_or_else(|| PathBuf::from("/var/lib/patchover")),
-            run_dir: raw.run_dir.unwrap_or_else(|| PathBuf::from("/run/patchover")),
+            run_dir: raw
+                .run_dir
+                .unwrap_or_else(|| PathBuf::from("/run/patchover")),
             cgroup_parent,
             network,
             lcs,
@@ -425,8 +423,12 @@ impl Validator<'_> {
         v: Option<Spanned<String>>,
         key: &str,
     ) -> Result<Option<Ipv4Cidr>, ConfigError> {
-        v.map(|s| s.get_ref().parse().map_err(|e: String| self.err(&s, key, e)))
-            .transpose()
+        v.map(|s| {
+            s.get_ref()
+                .parse()
+                .map_err(|e: String| self.err(&s, key, e))
+        })
+        .transpose()
     }
 
     fn disk(
@@ -475,7 +477,10 @@ impl Validator<'_> {
             (DiskRole::System, None) => PathBuf::from("/"),
             (DiskRole::Application, Some(m)) => {
                 let p = m.get_ref();
-                if !p.is_absolute() || p == Path::new("/") || p.components().any(|c| c.as_os_str() == "..") {
+                if !p.is_absolute()
+                    || p == Path::new("/")
+                    || p.components().any(|c| c.as_os_str() == "..")
+                {
                     return Err(self.err(
                         &m,
                         &format!("lc.{id}.app_disk.mount"),
@@ -562,7 +567,10 @@ system_disk = { path = "/srv/lc2/sys.img" }
 
     #[test]
     fn unknown_key_names_line_and_key() {
-        let text = GOOD.replace("memory_mib = 256\nsystem_disk = { path = \"/srv/lc2", "memory_mib = 256\ncolour = 3\nsystem_disk = { path = \"/srv/lc2");
+        let text = GOOD.replace(
+            "memory_mib = 256\nsystem_disk = { path = \"/srv/lc2",
+            "memory_mib = 256\ncolour = 3\nsystem_disk = { path = \"/srv/lc2",
+        );
         let err = parse(&text).unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("/etc/po.toml:23:"), "{msg}");
@@ -574,7 +582,10 @@ system_disk = { path = "/srv/lc2/sys.img" }
         let (line, key, msg) = invalid(&GOOD.replace("id = \"lc2\"", "id = \"lc1\""));
         assert_eq!(line, 19);
         assert_eq!(key, "lc.id");
-        assert!(msg.contains("duplicate LC id \"lc1\" (first defined on line 10)"), "{msg}");
+        assert!(
+            msg.contains("duplicate LC id \"lc1\" (first defined on line 10)"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -587,21 +598,33 @@ system_disk = { path = "/srv/lc2/sys.img" }
 
     #[test]
     fn cpu_overcommit() {
-        let (line, key, msg) = invalid(&GOOD.replace("cpu_share = 50\nmemory_mib = 256\nsystem_disk = { path = \"/srv/lc2", "cpu_share = 51\nmemory_mib = 256\nsystem_disk = { path = \"/srv/lc2"));
+        let (line, key, msg) = invalid(&GOOD.replace(
+            "cpu_share = 50\nmemory_mib = 256\nsystem_disk = { path = \"/srv/lc2",
+            "cpu_share = 51\nmemory_mib = 256\nsystem_disk = { path = \"/srv/lc2",
+        ));
         assert_eq!((line, key.as_str()), (21, "lc.lc2.cpu_share"));
         assert!(msg.contains("CPU 0 would be handed out 101%"), "{msg}");
     }
 
     #[test]
     fn memory_beyond_host() {
-        let (_, key, msg) = invalid(&GOOD.replace("memory_mib = 256\nsystem_disk = { path = \"/srv/lc2", "memory_mib = 900\nsystem_disk = { path = \"/srv/lc2"));
+        let (_, key, msg) = invalid(&GOOD.replace(
+            "memory_mib = 256\nsystem_disk = { path = \"/srv/lc2",
+            "memory_mib = 900\nsystem_disk = { path = \"/srv/lc2",
+        ));
         assert_eq!(key, "lc.lc2.memory_mib");
-        assert!(msg.contains("1156 MiB in all, more than this host's 1024 MiB"), "{msg}");
+        assert!(
+            msg.contains("1156 MiB in all, more than this host's 1024 MiB"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn nonexistent_cpu_and_bad_share() {
-        let (_, key, msg) = invalid(&GOOD.replace("cpu = 0\ncpu_share = 50\nmemory_mib = 256\nsystem_disk = { path = \"/srv/lc2", "cpu = 7\ncpu_share = 50\nmemory_mib = 256\nsystem_disk = { path = \"/srv/lc2"));
+        let (_, key, msg) = invalid(&GOOD.replace(
+            "cpu = 0\ncpu_share = 50\nmemory_mib = 256\nsystem_disk = { path = \"/srv/lc2",
+            "cpu = 7\ncpu_share = 50\nmemory_mib = 256\nsystem_disk = { path = \"/srv/lc2",
+        ));
         assert_eq!(key, "lc.lc2.cpu");
         assert!(msg.contains("CPU 7 does not exist"), "{msg}");
         let (_, key, _) = invalid(&GOOD.replacen("cpu_share = 50", "cpu_share = 0", 1));

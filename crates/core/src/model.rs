@@ -137,7 +137,8 @@ impl FromStr for MacAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parts: Vec<&str> = s.split(':').collect();
-        let bad = || format!("invalid MAC address {s:?}: write six hex bytes like 02:00:00:00:00:01");
+        let bad =
+            || format!("invalid MAC address {s:?}: write six hex bytes like 02:00:00:00:00:01");
         if parts.len() != 6 {
             return Err(bad());
         }
@@ -149,7 +150,9 @@ impl FromStr for MacAddr {
             m[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
         }
         if m[0] & 1 == 1 {
-            return Err(format!("invalid MAC address {s:?}: it is a multicast address"));
+            return Err(format!(
+                "invalid MAC address {s:?}: it is a multicast address"
+            ));
         }
         Ok(MacAddr(m))
     }
@@ -184,7 +187,9 @@ impl fmt::Display for Ipv4Cidr {
 impl FromStr for Ipv4Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("invalid address {s:?}: write an IPv4 address with prefix, like 10.77.0.10/24");
+        let bad = || {
+            format!("invalid address {s:?}: write an IPv4 address with prefix, like 10.77.0.10/24")
+        };
         let (a, p) = s.split_once('/').ok_or_else(bad)?;
         let addr: Ipv4Addr = a.parse().map_err(|_| bad())?;
         let prefix: u8 = p.parse().map_err(|_| bad())?;

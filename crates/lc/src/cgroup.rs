@@ -34,7 +34,9 @@ pub struct Layout {
 pub enum CgroupError {
     #[error("cannot read the cgroup layout from /proc/self/mountinfo")]
     Mountinfo(#[source] io::Error),
-    #[error("no cgroup hierarchy offers the {0} controller; mount cgroup v2 or the v1 {0} controller")]
+    #[error(
+        "no cgroup hierarchy offers the {0} controller; mount cgroup v2 or the v1 {0} controller"
+    )]
     NoController(&'static str),
     #[error("cgroup {path}", path = path.display())]
     Io {
@@ -227,7 +229,11 @@ impl LcGroups {
             let enable: Vec<String> = self.v2_enable.iter().map(|c| format!("+{c}")).collect();
             let mut dir = root.clone();
             let parent = v2.parent().unwrap_or(v2);
-            for comp in parent.strip_prefix(root).unwrap_or(Path::new("")).components() {
+            for comp in parent
+                .strip_prefix(root)
+                .unwrap_or(Path::new(""))
+                .components()
+            {
                 host.write_file(&dir.join("cgroup.subtree_control"), &enable.join(" "))
                     .map_err(io_at(&dir))?;
                 dir.push(comp);
@@ -267,13 +273,19 @@ impl LcGroups {
         let cpu_dir = self.dir(&self.cpu).expect("cpu group");
         match &self.cpu {
             Knob::V1(_) => {
-                host.write_file(&cpu_dir.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())
-                    .map_err(io_at(&cpu_dir))?;
+                host.write_file(
+                    &cpu_dir.join("cpu.cfs_period_us"),
+                    &CFS_PERIOD_US.to_string(),
+                )
+                .map_err(io_at(&cpu_dir))?;
                 host.write_file(&cpu_dir.join("cpu.cfs_quota_us"), &quota.to_string())
                     .map_err(io_at(&cpu_dir))?;
             }
             Knob::V2 => host
-                .write_file(&cpu_dir.join("cpu.max"), &format!("{quota} {CFS_PERIOD_US}"))
+                .write_file(
+                    &cpu_dir.join("cpu.max"),
+                    &format!("{quota} {CFS_PERIOD_US}"),
+                )
                 .map_err(io_at(&cpu_dir))?,
         }
         if let Some(k) = &self.cpuset {
@@ -294,7 +306,10 @@ impl LcGroups {
 
     /// The `cgroup.procs` files a process must be written to, to be in the LC.
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs().into_iter().map(|d| d.join("cgroup.procs")).collect()
+        self.dirs()
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
     }
 
     /// PIDs in the LC (host view).
@@ -336,6 +351,20 @@ impl LcGroups {
             if frozen { "FROZEN" } else { "THAWED" },
         )
         .map_err(io_at(f))
+    }
+
+    /// The file and value that thaw the group.
+    pub fn thaw_file(&self) -> (PathBuf, &'static str) {
+        match &self.v2 {
+            Some(v2) => (v2.join("cgroup.freeze"), "0"),
+            None => (
+                self.freezer
+                    .as_ref()
+                    .expect("v1 freezer without v2")
+                    .join("freezer.state"),
+                "THAWED",
+            ),
+        }
     }
 
     /// Whether the kernel reports the group frozen.
@@ -421,8 +450,14 @@ mod tests {
         assert_eq!(l.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
         let g = l.groups("patchover", "lc1").unwrap();
         assert_eq!(g.cpu, Knob::V1("/sys/fs/cgroup/cpu/patchover/lc1".into()));
-        assert_eq!(g.memory, Knob::V1("/sys/fs/cgroup/memory/patchover/lc1".into()));
-        assert_eq!(g.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/unified/patchover/lc1")));
+        assert_eq!(
+            g.memory,
+            Knob::V1("/sys/fs/cgroup/memory/patchover/lc1".into())
+        );
+        assert_eq!(
+            g.v2.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/unified/patchover/lc1"))
+        );
         assert!(g.freezer.is_none(), "v2 freeze is preferred");
         assert_eq!(g.dirs().len(), 4);
     }
@@ -440,9 +475,16 @@ mod tests {
 
     #[test]
     fn pure_v1_uses_the_freezer() {
-        let text: String = HYBRID.lines().filter(|l| !l.contains("cgroup2")).map(|l| format!("{l}\n")).collect();
+        let text: String = HYBRID
+            .lines()
+            .filter(|l| !l.contains("cgroup2"))
+            .map(|l| format!("{l}\n"))
+            .collect();
         let g = Layout::parse_mountinfo(&text).groups("p", "x").unwrap();
-        assert_eq!(g.freezer.as_deref(), Some(Path::new("/sys/fs/cgroup/freezer/p/x")));
+        assert_eq!(
+            g.freezer.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/freezer/p/x"))
+        );
         assert!(g.v2.is_none());
     }
 }

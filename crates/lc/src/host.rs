@@ -52,6 +52,14 @@ pub trait Host {
     fn process_start_time(&self, pid: i32) -> Option<u64>;
     fn signal(&self, pid: i32, signal: Signal) -> io::Result<()>;
     fn sleep(&self, d: Duration);
+    /// Starts a guard process that writes `value` to `file` when this process goes away
+    /// without dropping the guard (a crash): a frozen LC is thawed even if patchover dies
+    /// while it holds it frozen. Returns once the guard is armed.
+    fn spawn_thaw_guard(
+        &self,
+        file: &Path,
+        value: &str,
+    ) -> io::Result<Box<dyn std::any::Any + Send>>;
     /// Runs `internal <args…>` of the launcher binary; used for exec and attach, which must
     /// enter namespaces from a single-threaded process.
     fn run_internal(&self, args: &[String], stdio: crate::Stdio) -> io::Result<crate::ExecOutput>;
@@ -76,10 +84,7 @@ impl LinuxHost {
 /// Runs a command, turning a non-zero exit into an error carrying its stderr.
 pub(crate) fn run_quiet(cmd: &mut Command) -> io::Result<()> {
     let out = cmd.stdin(Stdio::null()).output().map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot run {:?}: {e}", cmd.get_program()),
-        )
+        io::Error::new(e.kind(), format!("cannot run {:?}: {e}", cmd.get_program()))
     })?;
     if out.status.success() {
         return Ok(());
@@ -99,9 +104,17 @@ impl Host for LinuxHost {
     }
     fn write_file(&self, path: &Path, data: &str) -> io::Result<()> {
         // cgroup files want one write(2) per value.
-        let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
-        f.write_all(data.as_bytes())
-            .map_err(|e| io::Error::new(e.kind(), format!("writing {data:?} to {}: {e}", path.display())))
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        f.write_all(data.as_bytes()).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("writing {data:?} to {}: {e}", path.display()),
+            )
+        })
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
         fs::create_dir_all(path)
@@ -175,7 +188,13 @@ impl Host for LinuxHost {
     fn configure_nics(&self, pid: i32, nics: &[crate::ns::launch::NicSetup]) -> io::Result<()> {
         let spec = serde_json::to_string(nics).map_err(io::Error::other)?;
         let out = self.run_internal(
-            &["netcfg".into(), "--pid".into(), pid.to_string(), "--nics".into(), spec],
+            &[
+                "netcfg".into(),
+                "--pid".into(),
+                pid.to_string(),
+                "--nics".into(),
+                spec,
+            ],
             crate::Stdio::Capture,
         )?;
         if out.status == Some(0) {
@@ -208,7 +227,9 @@ impl Host for LinuxHost {
         stdin.write_all(&line)?;
         let reply = read_reply(&mut stdout)?;
         let pid = match reply.strip_prefix("pid ") {
-            Some(p) => p.parse().map_err(|_| io::Error::other(format!("launcher said {reply:?}")))?,
+            Some(p) => p
+                .parse()
+                .map_err(|_| io::Error::other(format!("launcher said {reply:?}")))?,
             None => {
                 let _ = child.wait();
                 return Err(io::Error::other(
@@ -243,6 +264,32 @@ impl Host for LinuxHost {
     fn sleep(&self, d: Duration) {
         std::thread::sleep(d)
     }
+    fn spawn_thaw_guard(
+        &self,
+        file: &Path,
+        value: &str,
+    ) -> io::Result<Box<dyn std::any::Any + Send>> {
+        let mut child = Command::new(&self.launcher)
+            .args(["internal", "thaw-guard", "--file"])
+            .arg(file)
+            .args(["--value", value])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut out = BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        if line.trim() != "armed" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::other("the thaw guard did not start"));
+        }
+        Ok(Box::new(ThawGuard {
+            stdin: child.stdin.take(),
+            child,
+        }))
+    }
     fn run_internal(&self, args: &[String], stdio: crate::Stdio) -> io::Result<crate::ExecOutput> {
         let mut cmd = Command::new(&self.launcher);
         cmd.arg("internal").args(args);
@@ -271,9 +318,26 @@ fn read_reply(r: &mut BufReader<ChildStdout>) -> io::Result<String> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     if line.is_empty() {
-        return Err(io::Error::other("the launcher exited without a word; see its stderr"));
+        return Err(io::Error::other(
+            "the launcher exited without a word; see its stderr",
+        ));
     }
     Ok(line.trim_end().to_owned())
+}
+
+/// Dropping it disarms the guard (it exits without writing).
+struct ThawGuard {
+    stdin: Option<ChildStdin>,
+    child: Child,
+}
+
+impl Drop for ThawGuard {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.stdin.take() {
+            let _ = s.write_all(b"disarm\n");
+        }
+        let _ = self.child.wait();
+    }
 }
 
 struct RealLaunch {

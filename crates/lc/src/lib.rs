@@ -159,12 +159,20 @@ pub trait LcBackend {
     /// Holds every process of the LC still (the disk copier's quiesce), or lets them go.
     fn set_frozen(&self, spec: &LcSpec, frozen: bool) -> Result<(), LcError>;
     /// Mounts a host directory into the running LC at `at`.
-    fn attach_disk(&self, spec: &LcSpec, source: &std::path::Path, at: &std::path::Path)
-    -> Result<(), LcError>;
+    fn attach_disk(
+        &self,
+        spec: &LcSpec,
+        source: &std::path::Path,
+        at: &std::path::Path,
+    ) -> Result<(), LcError>;
     /// Plugs a new NIC into the running LC and the host bridge; returns the host-side port.
     fn attach_nic(&self, spec: &LcSpec, nic: &patchover_core::NicSpec) -> Result<String, LcError>;
     /// Waits until the agent inside answers.
-    fn wait_agent(&self, spec: &LcSpec, timeout: Duration) -> Result<patchover_agent::Response, LcError>;
+    fn wait_agent(
+        &self,
+        spec: &LcSpec,
+        timeout: Duration,
+    ) -> Result<patchover_agent::Response, LcError>;
     /// Opens the agent channel.
     fn agent(&self, spec: &LcSpec) -> Result<patchover_agent::AgentClient, LcError>;
 }

@@ -71,10 +71,7 @@ pub(crate) fn netns_of(
 }
 
 /// The LC's switch endpoint: its first NIC.
-pub fn endpoint(
-    backend: &dyn LcBackend,
-    spec: &LcSpec,
-) -> Result<Endpoint, OrchestratorError> {
+pub fn endpoint(backend: &dyn LcBackend, spec: &LcSpec) -> Result<Endpoint, OrchestratorError> {
     let nic = spec.nics.first().ok_or_else(|| {
         OrchestratorError::BadInput(format!(
             "LC {} has no NIC; give it one in the config",

@@ -139,6 +139,15 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
             dry_run: run.dry_run,
             ..RunReport::default()
         };
+        // A crash during the disk copier's cut could leave the active LC frozen (its thaw
+        // guard normally thaws it first): never leave it so.
+        if let Some(a) = &active
+            && o.backend
+                .status(a)
+                .is_ok_and(|st| st.state == LcState::Frozen)
+        {
+            let _ = o.backend.set_frozen(a, false);
+        }
         let service = o.config.network.service_address;
         let standby_holds = match (&standby, service) {
             (Some(s), Some(svc)) if has("switch", "started") => endpoint(o.backend, s)

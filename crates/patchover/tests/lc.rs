@@ -25,7 +25,13 @@ fn boot_serve_reboot_keeps_every_write_and_stop_leaves_nothing() {
     let a = addr.clone();
     client.run(move || {
         for k in 0..50 {
-            let (s, _) = http(&a, "PUT", &format!("/kv/key{k}"), format!("value{k}").as_bytes()).unwrap();
+            let (s, _) = http(
+                &a,
+                "PUT",
+                &format!("/kv/key{k}"),
+                format!("value{k}").as_bytes(),
+            )
+            .unwrap();
             assert_eq!(s, 201, "write {k} not acknowledged");
         }
     });
@@ -48,7 +54,11 @@ fn boot_serve_reboot_keeps_every_write_and_stop_leaves_nothing() {
         http_ready(&a, "/health");
         for k in 0..50 {
             let (s, v) = http(&a, "GET", &format!("/kv/key{k}"), b"").unwrap();
-            assert_eq!((s, v), (200, format!("value{k}").into_bytes()), "key{k} lost across the reboot");
+            assert_eq!(
+                (s, v),
+                (200, format!("value{k}").into_bytes()),
+                "key{k} lost across the reboot"
+            );
         }
     });
 
@@ -57,15 +67,31 @@ fn boot_serve_reboot_keeps_every_write_and_stop_leaves_nothing() {
     assert_eq!(out["stdout"], "1.0.0\n");
     let out = t.po_json(&["lc", "exec", &id, "--", "hostname"]);
     assert_eq!(out["stdout"], format!("{id}\n"));
-    let out = t.po_json(&["lc", "exec", &id, "--", "sh", "-c", "echo $$; ls /proc | grep -c '^[0-9]'"]);
+    let out = t.po_json(&[
+        "lc",
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo $$; ls /proc | grep -c '^[0-9]'",
+    ]);
     let lines: Vec<&str> = out["stdout"].as_str().unwrap().lines().collect();
-    assert!(lines[0].parse::<u32>().unwrap() < 100, "PIDs inside are the LC's own: {lines:?}");
+    assert!(
+        lines[0].parse::<u32>().unwrap() < 100,
+        "PIDs inside are the LC's own: {lines:?}"
+    );
 
     let stop = t.po_json(&["lc", "stop", &id]);
     assert_eq!(stop["state"], "stopped");
     t.assert_nothing_left(&id);
     let a = addr.clone();
-    assert!(client.run(move || http(&a, "GET", "/version", b"")).is_err(), "nothing answers after stop");
+    assert!(
+        client
+            .run(move || http(&a, "GET", "/version", b""))
+            .is_err(),
+        "nothing answers after stop"
+    );
 }
 
 #[test]
@@ -78,16 +104,25 @@ fn two_lcs_get_their_own_limits_from_the_kernel() {
     t.po_ok(&["lc", "boot", &b]);
 
     let read = |ctl: &str, id: &str, file: &str| {
-        fs::read_to_string(format!("/sys/fs/cgroup/{ctl}/{}/{id}/{file}", t.cgroup_parent))
-            .unwrap()
-            .trim()
-            .to_owned()
+        fs::read_to_string(format!(
+            "/sys/fs/cgroup/{ctl}/{}/{id}/{file}",
+            t.cgroup_parent
+        ))
+        .unwrap()
+        .trim()
+        .to_owned()
     };
     assert_eq!(read("cpu", &a, "cpu.cfs_quota_us"), "30000");
     assert_eq!(read("cpu", &b, "cpu.cfs_quota_us"), "60000");
     assert_eq!(read("cpu", &a, "cpu.cfs_period_us"), "100000");
-    assert_eq!(read("memory", &a, "memory.limit_in_bytes"), (64u64 << 20).to_string());
-    assert_eq!(read("memory", &b, "memory.limit_in_bytes"), (96u64 << 20).to_string());
+    assert_eq!(
+        read("memory", &a, "memory.limit_in_bytes"),
+        (64u64 << 20).to_string()
+    );
+    assert_eq!(
+        read("memory", &b, "memory.limit_in_bytes"),
+        (96u64 << 20).to_string()
+    );
     assert_eq!(read("cpuset", &a, "cpuset.cpus"), "0");
     assert_eq!(read("cpuset", &b, "cpuset.cpus"), "1");
     // Every process of each LC is in its groups (the service included).
@@ -101,17 +136,34 @@ fn two_lcs_get_their_own_limits_from_the_kernel() {
     assert_eq!(show["status"]["limits"]["memory_bytes"], 96u64 << 20);
     let list = t.po_json(&["lc", "list"]);
     assert_eq!(list.as_array().unwrap().len(), 2);
-    assert!(list.as_array().unwrap().iter().all(|r| r["state"] == "running"));
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["state"] == "running")
+    );
 
     // The memory limit holds: a shell that buffers 100 MB is killed in LC a (64 MiB) by the
     // kernel's OOM killer, while 20 MB fits.
     let hog = |id: &str, bytes: u64| {
-        t.po(&["lc", "exec", id, "--", "sh", "-c", &format!("x=$(head -c {bytes} /dev/zero | tr '\\0' a); echo ${{#x}}")])
+        t.po(&[
+            "lc",
+            "exec",
+            id,
+            "--",
+            "sh",
+            "-c",
+            &format!("x=$(head -c {bytes} /dev/zero | tr '\\0' a); echo ${{#x}}"),
+        ])
     };
     let out = hog(&a, 100_000_000);
     assert!(!out.status.success(), "100 MB in a 64 MiB LC must not fit");
     let oom = read("memory", &a, "memory.oom_control");
-    assert!(oom.lines().any(|l| l.starts_with("oom_kill ") && l != "oom_kill 0"), "{oom}");
+    assert!(
+        oom.lines()
+            .any(|l| l.starts_with("oom_kill ") && l != "oom_kill 0"),
+        "{oom}"
+    );
     let out = hog(&a, 20_000_000);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "20000000");
 
@@ -123,7 +175,11 @@ fn two_lcs_get_their_own_limits_from_the_kernel() {
 
 fn assert_bad_input(out: &std::process::Output, needle: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "expected exit 2 (bad input): {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected exit 2 (bad input): {stderr}"
+    );
     assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
 }
 
@@ -165,7 +221,10 @@ fn bad_input_is_refused_and_changes_nothing() {
         ),
     )
     .unwrap();
-    assert_bad_input(&common::po(&other, &["lc", "boot", &format!("z{}", t.suffix)]), &format!("is in use by LC {a}"));
+    assert_bad_input(
+        &common::po(&other, &["lc", "boot", &format!("z{}", t.suffix)]),
+        &format!("is in use by LC {a}"),
+    );
 
     // An invalid config: two LCs on one disk, named by file, line and key.
     let bad = t.dir.path().join("bad.toml");
@@ -183,7 +242,10 @@ fn bad_input_is_refused_and_changes_nothing() {
         .unwrap()
         .0
         + 1;
-    assert_bad_input(&out, &format!("{}:{line}: `lc.{b}.system_disk.path`", bad.display()));
+    assert_bad_input(
+        &out,
+        &format!("{}:{line}: `lc.{b}.system_disk.path`", bad.display()),
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("two LCs cannot share a disk"));
 
     t.po_ok(&["lc", "stop", &a]);
@@ -196,10 +258,20 @@ fn a_running_lc_outlives_patchover_and_is_adopted() {
     t.build_image(0, "1.0.0");
     let id = t.lcs[0].id.clone();
     t.po_ok(&["lc", "boot", &id]);
-    let pid = t.po_json(&["lc", "status", &id])["status"]["pid"].as_i64().unwrap();
+    let pid = t.po_json(&["lc", "status", &id])["status"]["pid"]
+        .as_i64()
+        .unwrap();
     // Init's parent is not a patchover process: nothing of patchover holds the LC up.
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let ppid: i32 = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let ppid: i32 = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let parent = fs::read_to_string(format!("/proc/{ppid}/cmdline")).unwrap_or_default();
     assert!(!parent.contains("patchover"), "init's parent is {parent:?}");
     // A new patchover process finds it, and can stop it.
@@ -208,13 +280,19 @@ fn a_running_lc_outlives_patchover_and_is_adopted() {
     assert_eq!(st["status"]["pid"].as_i64(), Some(pid));
     // An LC killed behind patchover's back is seen as stopped and boots again cleanly.
     for p in t.pids(&id) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     let start = std::time::Instant::now();
     while Path::new(&format!("/proc/{pid}")).exists() && start.elapsed().as_secs() < 5 {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert_eq!(t.po_json(&["lc", "status", &id])["status"]["state"], "stopped");
+    assert_eq!(
+        t.po_json(&["lc", "status", &id])["status"]["state"],
+        "stopped"
+    );
     t.po_ok(&["lc", "boot", &id]);
     t.po_ok(&["lc", "stop", &id]);
     t.assert_nothing_left(&id);
@@ -229,20 +307,48 @@ fn disks_and_nics_attach_to_a_running_lc() {
     let extra = t.dir.path().join("extra-disk");
     fs::create_dir_all(&extra).unwrap();
     fs::write(extra.join("hello.txt"), "from the host\n").unwrap();
-    t.po_ok(&["lc", "attach-disk", &id, extra.to_str().unwrap(), "/mnt/extra"]);
+    t.po_ok(&[
+        "lc",
+        "attach-disk",
+        &id,
+        extra.to_str().unwrap(),
+        "/mnt/extra",
+    ]);
     let out = t.po_json(&["lc", "exec", &id, "--", "cat", "/mnt/extra/hello.txt"]);
     assert_eq!(out["stdout"], "from the host\n");
     // Writes inside land on the host directory.
-    t.po_ok(&["lc", "exec", &id, "--", "sh", "-c", "echo back > /mnt/extra/reply.txt"]);
-    assert_eq!(fs::read_to_string(extra.join("reply.txt")).unwrap(), "back\n");
+    t.po_ok(&[
+        "lc",
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo back > /mnt/extra/reply.txt",
+    ]);
+    assert_eq!(
+        fs::read_to_string(extra.join("reply.txt")).unwrap(),
+        "back\n"
+    );
 
     let port = t.po_json(&["lc", "attach-nic", &id, "eth1", "--address", "10.78.0.5/24"]);
     assert_eq!(port["host_port"], format!("po{id}n1"));
-    assert!(Path::new(&format!("/sys/class/net/po{id}n1/master")).exists(), "on the bridge");
-    let out = t.po_json(&["lc", "exec", &id, "--", "ip", "-o", "-4", "addr", "show", "dev", "eth1"]);
-    assert!(out["stdout"].as_str().unwrap().contains("10.78.0.5/24"), "{out}");
+    assert!(
+        Path::new(&format!("/sys/class/net/po{id}n1/master")).exists(),
+        "on the bridge"
+    );
+    let out = t.po_json(&[
+        "lc", "exec", &id, "--", "ip", "-o", "-4", "addr", "show", "dev", "eth1",
+    ]);
+    assert!(
+        out["stdout"].as_str().unwrap().contains("10.78.0.5/24"),
+        "{out}"
+    );
 
     t.po_ok(&["lc", "stop", &id]);
     t.assert_nothing_left(&id);
-    assert!(!Path::new(&format!("/sys/class/net/po{id}n1")).exists(), "second veth left");
+    assert!(
+        !Path::new(&format!("/sys/class/net/po{id}n1")).exists(),
+        "second veth left"
+    );
 }

@@ -49,7 +49,14 @@ fn static_server(dir: &Path) -> (Server, u16) {
         .unwrap()
         .port();
     let child = Command::new("/usr/bin/python3")
-        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"])
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -57,7 +64,10 @@ fn static_server(dir: &Path) -> (Server, u16) {
         .unwrap();
     let t0 = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "http.server did not start");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "http.server did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     (Server(child), port)
@@ -94,7 +104,14 @@ fn publish_poll_and_decide_through_the_cli() {
     // feed publish
     let out = json(&po(
         &config,
-        &["--json", "feed", "publish", feed.to_str().unwrap(), "--key", &s("feed.key")],
+        &[
+            "--json",
+            "feed",
+            "publish",
+            feed.to_str().unwrap(),
+            "--key",
+            &s("feed.key"),
+        ],
     ));
     assert_eq!(out["bundles"], 1);
     assert!(feed.join("index.json.minisig").is_file());
@@ -153,24 +170,57 @@ trusted_keys = ["{key}"]
     // A wrong code is refused with exit code 2; the right one (from approval-code) is taken.
     let bad = po(
         &config,
-        &["approve", &challenge, "--decision", "reject all", "--code", "AAAA-AAAA-AAAA-AAAA-AAAA-AAAA"],
+        &[
+            "approve",
+            &challenge,
+            "--decision",
+            "reject all",
+            "--code",
+            "AAAA-AAAA-AAAA-AAAA-AAAA-AAAA",
+        ],
     );
-    assert_eq!(bad.status.code(), Some(2), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
     let code = json(&po(
         &config,
-        &["--json", "approval-code", &challenge, "--decision", "reject all"],
+        &[
+            "--json",
+            "approval-code",
+            &challenge,
+            "--decision",
+            "reject all",
+        ],
     ));
     let code = code["code"].as_str().unwrap().to_owned();
     let d = json(&po(
         &config,
-        &["--json", "approve", &challenge, "--decision", "reject all", "--code", &code],
+        &[
+            "--json",
+            "approve",
+            &challenge,
+            "--decision",
+            "reject all",
+            "--code",
+            &code,
+        ],
     ));
     assert_eq!(d["decision"], "reject all");
     assert_eq!(d["patches"][0], "cve-1");
     // Single use.
     let again = po(
         &config,
-        &["approve", &challenge, "--decision", "reject all", "--code", &code],
+        &[
+            "approve",
+            &challenge,
+            "--decision",
+            "reject all",
+            "--code",
+            &code,
+        ],
     );
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already used"));

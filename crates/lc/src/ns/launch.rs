@@ -24,11 +24,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
 use nix::sys::stat::{Mode, SFlag, makedev, mknod};
 use nix::sys::wait::waitpid;
-use nix::fcntl::OFlag;
 use nix::unistd::{
     ForkResult, chdir, dup2_stderr, dup2_stdin, dup2_stdout, execve, fork, pipe2, pivot_root,
     sethostname, setsid,
@@ -110,7 +110,12 @@ pub fn launch_main() -> i32 {
             .create(true)
             .append(true)
             .open(&spec.console)
-            .map_err(|e| format!("cannot open the console log {}: {e}", spec.console.display()))?;
+            .map_err(|e| {
+                format!(
+                    "cannot open the console log {}: {e}",
+                    spec.console.display()
+                )
+            })?;
         let me = std::process::id().to_string();
         for f in &spec.cgroup_procs {
             fs::write(f, &me).map_err(|e| format!("cannot join cgroup {}: {e}", f.display()))?;
@@ -187,12 +192,17 @@ pub fn launch_main() -> i32 {
     }
 }
 
-
 /// Runs in the LC's init-to-be: mounts, pivots and execs. Returns only on failure.
 fn child_boot(spec: &LaunchSpec, console: &File) -> Result<std::convert::Infallible, String> {
     setsid().map_err(errno("setsid"))?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(errno("making / private"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(errno("making / private"))?;
     sethostname(&spec.hostname).map_err(errno("sethostname"))?;
 
     let root = &spec.staging;
@@ -251,8 +261,14 @@ fn is_executable(p: &Path) -> bool {
 }
 
 fn bind(source: &Path, target: &Path) -> Result<(), String> {
-    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .map_err(|e| format!("binding {} at {}: {e}", source.display(), target.display()))
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("binding {} at {}: {e}", source.display(), target.display()))
 }
 
 fn mount_disk(m: &MountSpec, target: &Path) -> Result<(), String> {
@@ -260,8 +276,14 @@ fn mount_disk(m: &MountSpec, target: &Path) -> Result<(), String> {
         DiskKind::Dir => bind(&m.source, target),
         // util-linux sets up the loop device with autoclear: it goes when the LC's mount
         // namespace (and so the mount) goes.
-        DiskKind::Image => run_quiet(Command::new("mount").arg("-o").arg("loop").arg(&m.source).arg(target))
-            .map_err(|e| format!("mounting image {}: {e}", m.source.display())),
+        DiskKind::Image => run_quiet(
+            Command::new("mount")
+                .arg("-o")
+                .arg("loop")
+                .arg(&m.source)
+                .arg(target),
+        )
+        .map_err(|e| format!("mounting image {}: {e}", m.source.display())),
     }
 }
 
@@ -270,15 +292,28 @@ fn mount_kernel_fs(root: &Path) -> Result<(), String> {
     let mk = |p: &Path| fs::create_dir_all(p).map_err(|e| format!("creating {}: {e}", p.display()));
     let proc_ = inside(root, Path::new("/proc"));
     mk(&proc_)?;
-    mount(Some("proc"), &proc_, Some("proc"), nosuid, None::<&str>).map_err(errno("mounting /proc"))?;
+    mount(Some("proc"), &proc_, Some("proc"), nosuid, None::<&str>)
+        .map_err(errno("mounting /proc"))?;
     let sys = inside(root, Path::new("/sys"));
     mk(&sys)?;
-    mount(Some("sysfs"), &sys, Some("sysfs"), nosuid | MsFlags::MS_RDONLY, None::<&str>)
-        .map_err(errno("mounting /sys"))?;
+    mount(
+        Some("sysfs"),
+        &sys,
+        Some("sysfs"),
+        nosuid | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(errno("mounting /sys"))?;
     let dev = inside(root, Path::new("/dev"));
     mk(&dev)?;
-    mount(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=755,size=64k"))
-        .map_err(errno("mounting /dev"))?;
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=755,size=64k"),
+    )
+    .map_err(errno("mounting /dev"))?;
     for (name, major, minor) in [
         ("null", 1, 3),
         ("zero", 1, 5),
@@ -297,12 +332,24 @@ fn mount_kernel_fs(root: &Path) -> Result<(), String> {
     }
     let pts = dev.join("pts");
     mk(&pts)?;
-    mount(Some("devpts"), &pts, Some("devpts"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=620"))
-        .map_err(errno("mounting /dev/pts"))?;
+    mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=620"),
+    )
+    .map_err(errno("mounting /dev/pts"))?;
     let shm = dev.join("shm");
     mk(&shm)?;
-    mount(Some("tmpfs"), &shm, Some("tmpfs"), nosuid, Some("mode=1777"))
-        .map_err(errno("mounting /dev/shm"))?;
+    mount(
+        Some("tmpfs"),
+        &shm,
+        Some("tmpfs"),
+        nosuid,
+        Some("mode=1777"),
+    )
+    .map_err(errno("mounting /dev/shm"))?;
     for (link, target) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -318,8 +365,9 @@ fn mount_kernel_fs(root: &Path) -> Result<(), String> {
 
 /// Opens `/proc/<pid>/ns/<kind>`.
 fn ns_fd(pid: i32, kind: &str) -> Result<OwnedFd, String> {
-    let f = File::open(format!("/proc/{pid}/ns/{kind}"))
-        .map_err(|e| format!("LC process {pid} has no {kind} namespace (is the LC running?): {e}"))?;
+    let f = File::open(format!("/proc/{pid}/ns/{kind}")).map_err(|e| {
+        format!("LC process {pid} has no {kind} namespace (is the LC running?): {e}")
+    })?;
     Ok(OwnedFd::from(f))
 }
 
@@ -391,16 +439,22 @@ pub fn attach_main(pid: i32, source: &Path, target: &Path) -> Result<(), String>
             libc::SYS_open_tree,
             libc::AT_FDCWD,
             src.as_ptr(),
-            (libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as u32) as libc::c_uint,
+            (libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_RECURSIVE as u32)
+                as libc::c_uint,
         )
     };
     if tree < 0 {
-        return Err(format!("open_tree {}: {}", source.display(), io::Error::last_os_error()));
+        return Err(format!(
+            "open_tree {}: {}",
+            source.display(),
+            io::Error::last_os_error()
+        ));
     }
     // SAFETY: `tree` is a fresh fd returned by open_tree and owned by nobody else.
     let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
     setns(&mnt, CloneFlags::CLONE_NEWNS).map_err(errno("setns mnt"))?;
-    fs::create_dir_all(target).map_err(|e| format!("creating {} inside the LC: {e}", target.display()))?;
+    fs::create_dir_all(target)
+        .map_err(|e| format!("creating {} inside the LC: {e}", target.display()))?;
     let tgt = CString::new(target.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     let empty = CString::new("").expect("no NUL");
     // SAFETY: valid fds and NUL-terminated paths; MOVE_MOUNT_F_EMPTY_PATH makes the kernel
@@ -416,7 +470,11 @@ pub fn attach_main(pid: i32, source: &Path, target: &Path) -> Result<(), String>
         )
     };
     if r < 0 {
-        return Err(format!("move_mount to {}: {}", target.display(), io::Error::last_os_error()));
+        return Err(format!(
+            "move_mount to {}: {}",
+            target.display(),
+            io::Error::last_os_error()
+        ));
     }
     // Check from inside that the mount is there: an attach that cannot be seen is a failure.
     // (This process is not in the LC's PID namespace, so /proc/self does not exist in the
@@ -425,7 +483,36 @@ pub fn attach_main(pid: i32, source: &Path, target: &Path) -> Result<(), String>
         .map_err(|e| format!("reading the LC's mount table: {e}"))?;
     let want = target.to_string_lossy();
     if !info.lines().any(|l| l.split(' ').nth(4) == Some(&want)) {
-        return Err(format!("{} is not a mount point inside the LC after the attach", target.display()));
+        return Err(format!(
+            "{} is not a mount point inside the LC after the attach",
+            target.display()
+        ));
     }
     Ok(())
+}
+
+/// `internal thaw-guard --file F --value V`: says `armed`, then waits on stdin. `disarm`
+/// ends it quietly; end of input without it (patchover died) writes V to F first.
+pub fn thaw_guard_main(file: &Path, value: &str) -> i32 {
+    let mut out = io::stdout();
+    let _ = writeln!(out, "armed");
+    let _ = out.flush();
+    let mut line = String::new();
+    let _ = io::stdin().lock().read_line(&mut line);
+    if line.trim() == "disarm" {
+        return 0;
+    }
+    match fs::write(file, value) {
+        Ok(()) => {
+            eprintln!(
+                "patchover thaw guard: patchover went away while an LC was frozen; thawed {}",
+                file.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("patchover thaw guard: cannot thaw {}: {e}", file.display());
+            1
+        }
+    }
 }

@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Layout, LcGroups};
 use crate::host::Host;
-use crate::{ExecOutput, LcBackend, LcError, LcState, LcStatus, Stdio, host_port_name, peer_port_name};
+use crate::{
+    ExecOutput, LcBackend, LcError, LcState, LcStatus, Stdio, host_port_name, peer_port_name,
+};
 use launch::{LaunchSpec, MountSpec, NicSetup};
 
 /// The file a disk copy leaves in a directory disk (or beside an image, with this suffix) while
@@ -74,6 +76,8 @@ pub struct RuntimeState {
 pub struct NsBackend<H: Host> {
     host: H,
     cfg: NsConfig,
+    /// Thaw guards of the LCs this process holds frozen.
+    guards: std::sync::Mutex<std::collections::HashMap<String, Box<dyn std::any::Any + Send>>>,
 }
 
 /// Steps to take back if a boot fails half-way, run in reverse.
@@ -85,7 +89,11 @@ enum Undo {
 
 impl<H: Host> NsBackend<H> {
     pub fn new(host: H, cfg: NsConfig) -> NsBackend<H> {
-        NsBackend { host, cfg }
+        NsBackend {
+            host,
+            cfg,
+            guards: Default::default(),
+        }
     }
 
     pub fn host(&self) -> &H {
@@ -105,7 +113,11 @@ impl<H: Host> NsBackend<H> {
     }
 
     pub fn console_log(&self, id: &LcId) -> PathBuf {
-        self.cfg.state_dir.join("lc").join(id.as_str()).join("console.log")
+        self.cfg
+            .state_dir
+            .join("lc")
+            .join(id.as_str())
+            .join("console.log")
     }
 
     fn disk_owner_path(&self, disk: &Path) -> PathBuf {
@@ -139,7 +151,9 @@ impl<H: Host> NsBackend<H> {
             }
             let marker = match d.kind {
                 DiskKind::Dir => d.path.join(INCOMPLETE_MARKER),
-                DiskKind::Image => PathBuf::from(format!("{}{INCOMPLETE_MARKER}", d.path.display())),
+                DiskKind::Image => {
+                    PathBuf::from(format!("{}{INCOMPLETE_MARKER}", d.path.display()))
+                }
             };
             if self.host.exists(&marker) {
                 return Err(LcError::DiskIncomplete {
@@ -163,7 +177,9 @@ impl<H: Host> NsBackend<H> {
             }
         }
         if spec.system_disk.kind == DiskKind::Dir
-            && !self.host.is_executable_in(&spec.system_disk.path, &spec.init)
+            && !self
+                .host
+                .is_executable_in(&spec.system_disk.path, &spec.init)
         {
             return Err(LcError::NoInit {
                 lc: spec.id.clone(),
@@ -232,7 +248,12 @@ impl<H: Host> NsBackend<H> {
         let groups = self.groups(spec)?;
         undo.push(Undo::Groups(groups.clone()));
         groups
-            .create(&self.host, spec.cpu.cpu, spec.cpu.share_pct, spec.memory_mib)
+            .create(
+                &self.host,
+                spec.cpu.cpu,
+                spec.cpu.share_pct,
+                spec.memory_mib,
+            )
             .map_err(|e| LcError::Host {
                 lc: id.clone(),
                 step: "cgroup setup",
@@ -261,11 +282,15 @@ impl<H: Host> NsBackend<H> {
         let agent_dir = lc_dir.join("agent");
         let staging = lc_dir.join("root");
         for d in [&agent_dir, &staging] {
-            self.host.create_dir_all(d).map_err(step("creating the run directory"))?;
+            self.host
+                .create_dir_all(d)
+                .map_err(step("creating the run directory"))?;
         }
         let console = self.console_log(id);
         if let Some(p) = console.parent() {
-            self.host.create_dir_all(p).map_err(step("creating the state directory"))?;
+            self.host
+                .create_dir_all(p)
+                .map_err(step("creating the state directory"))?;
         }
         let launch_spec = LaunchSpec {
             lc: id.to_string(),
@@ -291,24 +316,29 @@ impl<H: Host> NsBackend<H> {
         self.host
             .configure_nics(pid, &nic_setup)
             .map_err(step("configuring the LC's NICs"))?;
-        launch.release().map_err(|message| match message.strip_prefix(launch::NO_INIT) {
-            Some(_) => LcError::NoInit {
+        launch
+            .release()
+            .map_err(|message| match message.strip_prefix(launch::NO_INIT) {
+                Some(_) => LcError::NoInit {
+                    lc: id.clone(),
+                    path: spec.system_disk.path.clone(),
+                    init: spec.init.clone(),
+                },
+                None => LcError::Launch {
+                    lc: id.clone(),
+                    message,
+                },
+            })?;
+        let start_time = self
+            .host
+            .process_start_time(pid)
+            .ok_or_else(|| LcError::Launch {
                 lc: id.clone(),
-                path: spec.system_disk.path.clone(),
-                init: spec.init.clone(),
-            },
-            None => LcError::Launch {
-                lc: id.clone(),
-                message,
-            },
-        })?;
-        let start_time = self.host.process_start_time(pid).ok_or_else(|| LcError::Launch {
-            lc: id.clone(),
-            message: format!(
-                "init exited right after it started; see its console log {}",
-                self.console_log(id).display()
-            ),
-        })?;
+                message: format!(
+                    "init exited right after it started; see its console log {}",
+                    self.console_log(id).display()
+                ),
+            })?;
         let st = RuntimeState {
             pid,
             start_time,
@@ -330,7 +360,10 @@ impl<H: Host> NsBackend<H> {
             .map_err(step("writing the disk owners"))?;
         for d in &st.disks {
             self.host
-                .write_file(&self.disk_owner_path(d), &format!("{id}\n{}\n", d.display()))
+                .write_file(
+                    &self.disk_owner_path(d),
+                    &format!("{id}\n{}\n", d.display()),
+                )
                 .map_err(step("writing the disk owners"))?;
         }
         Ok(st)
@@ -464,7 +497,9 @@ impl<H: Host> LcBackend for NsBackend<H> {
             }
         }
         for port in &st.host_ports {
-            self.host.delete_link(port).map_err(host_err("removing a veth"))?;
+            self.host
+                .delete_link(port)
+                .map_err(host_err("removing a veth"))?;
         }
         // rmdir of a cgroup fails while the last tasks are still being torn down.
         let start = Instant::now();
@@ -547,13 +582,38 @@ impl<H: Host> LcBackend for NsBackend<H> {
         let st = self
             .running(&spec.id)
             .ok_or_else(|| LcError::NotRunning(spec.id.clone()))?;
-        st.groups
+        if frozen {
+            // Armed before the freeze: if this process dies while the LC is frozen, the guard
+            // thaws it, so a crash of patchover never leaves the service stopped.
+            let (file, value) = st.groups.thaw_file();
+            let guard =
+                self.host
+                    .spawn_thaw_guard(&file, value)
+                    .map_err(|source| LcError::Host {
+                        lc: spec.id.clone(),
+                        step: "arming the thaw guard",
+                        source,
+                    })?;
+            self.guards
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(spec.id.to_string(), guard);
+        }
+        let res = st
+            .groups
             .set_frozen(&self.host, frozen)
             .map_err(|e| LcError::Host {
                 lc: spec.id.clone(),
                 step: if frozen { "freezing" } else { "thawing" },
                 source: std::io::Error::other(format_chain(&e)),
-            })?;
+            });
+        if !frozen || res.is_err() {
+            self.guards
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(spec.id.as_str());
+        }
+        res?;
         let start = Instant::now();
         while st.groups.is_frozen(&self.host) != frozen {
             if start.elapsed() > Duration::from_secs(5) {
@@ -608,7 +668,9 @@ impl<H: Host> LcBackend for NsBackend<H> {
             return Err(LcError::Host {
                 lc: spec.id.clone(),
                 step: "attaching a disk",
-                source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+                source: std::io::Error::other(
+                    String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                ),
             });
         }
         Ok(())
@@ -667,8 +729,9 @@ impl<H: Host> LcBackend for NsBackend<H> {
             if self.running(&spec.id).is_none() {
                 return Err(LcError::NotRunning(spec.id.clone()));
             }
-            let attempt = AgentClient::connect(&self.agent_socket(&spec.id), Duration::from_secs(2))
-                .and_then(|mut c| c.call(&Request::Ping));
+            let attempt =
+                AgentClient::connect(&self.agent_socket(&spec.id), Duration::from_secs(2))
+                    .and_then(|mut c| c.call(&Request::Ping));
             match attempt {
                 Ok(r) => return Ok(r),
                 Err(source) if start.elapsed() >= timeout => {

@@ -1,10 +1,10 @@
 //! The backend's logic against a recording fake of the host: no root needed.
 
 use std::cell::RefCell;
-use std::rc::Rc;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -48,11 +48,18 @@ impl FakeHost {
         let f = FakeHost::default();
         {
             let mut w = f.w.borrow_mut();
-            w.files.insert("/proc/self/mountinfo".into(), MOUNTINFO.into());
-            w.files.insert("/sys/fs/cgroup/cpuset/cpuset.cpus".into(), "0-1\n".into());
-            w.files.insert("/sys/fs/cgroup/cpuset/cpuset.mems".into(), "0\n".into());
-            w.files.insert("/sys/fs/cgroup/unified/cgroup.controllers".into(), String::new());
-            w.files.insert("/proc/uptime".into(), "1000.0 10.0\n".into());
+            w.files
+                .insert("/proc/self/mountinfo".into(), MOUNTINFO.into());
+            w.files
+                .insert("/sys/fs/cgroup/cpuset/cpuset.cpus".into(), "0-1\n".into());
+            w.files
+                .insert("/sys/fs/cgroup/cpuset/cpuset.mems".into(), "0\n".into());
+            w.files.insert(
+                "/sys/fs/cgroup/unified/cgroup.controllers".into(),
+                String::new(),
+            );
+            w.files
+                .insert("/proc/uptime".into(), "1000.0 10.0\n".into());
             for d in ["/srv/lc1/sys", "/srv/lc1/app", "/srv/lc2/sys"] {
                 w.dirs.insert(d.into());
             }
@@ -84,7 +91,9 @@ impl FakeHost {
     }
     /// Every process in the LC's v2 group.
     fn procs_file(lc: &str) -> PathBuf {
-        PathBuf::from(format!("/sys/fs/cgroup/unified/patchover/{lc}/cgroup.procs"))
+        PathBuf::from(format!(
+            "/sys/fs/cgroup/unified/patchover/{lc}/cgroup.procs"
+        ))
     }
     /// Ends every process listed in `procs`; as in the kernel, a dead process leaves every
     /// hierarchy's cgroup.
@@ -118,7 +127,9 @@ impl Launch for FakeLaunch<'_> {
         self.pid
     }
     fn release(self: Box<Self>) -> Result<(), String> {
-        self.host.op("release", self.pid.to_string()).map_err(|e| e.to_string())?;
+        self.host
+            .op("release", self.pid.to_string())
+            .map_err(|e| e.to_string())?;
         match self.host.w.borrow().release_error.clone() {
             Some(e) => Err(e),
             None => Ok(()),
@@ -161,7 +172,10 @@ impl Host for FakeHost {
     fn remove_dir(&self, path: &Path) -> io::Result<()> {
         self.op("rmdir", path.display().to_string())?;
         let mut w = self.w.borrow_mut();
-        let busy = w.files.get(&path.join("cgroup.procs")).is_some_and(|s| !s.trim().is_empty());
+        let busy = w
+            .files
+            .get(&path.join("cgroup.procs"))
+            .is_some_and(|s| !s.trim().is_empty());
         let has_children = w.dirs.iter().any(|d| d != path && d.starts_with(path));
         if busy || has_children || !w.dirs.contains(path) {
             return Err(io::Error::other("busy or missing"));
@@ -225,7 +239,10 @@ impl Host for FakeHost {
         Ok(())
     }
     fn configure_nics(&self, pid: i32, nics: &[NicSetup]) -> io::Result<()> {
-        let names: Vec<_> = nics.iter().map(|n| format!("{}>{}", n.temp_name, n.name)).collect();
+        let names: Vec<_> = nics
+            .iter()
+            .map(|n| format!("{}>{}", n.temp_name, n.name))
+            .collect();
         self.op("configure_nics", format!("{pid} {}", names.join(",")))
     }
     fn spawn_launcher(&self, spec: &LaunchSpec) -> io::Result<Box<dyn Launch + '_>> {
@@ -250,7 +267,9 @@ impl Host for FakeHost {
             let procs: Vec<PathBuf> = w
                 .files
                 .keys()
-                .filter(|k| k.ends_with("cgroup.procs") && w.files[*k].lines().any(|l| l == pid.to_string()))
+                .filter(|k| {
+                    k.ends_with("cgroup.procs") && w.files[*k].lines().any(|l| l == pid.to_string())
+                })
                 .cloned()
                 .collect();
             for p in procs {
@@ -261,6 +280,14 @@ impl Host for FakeHost {
         Ok(())
     }
     fn sleep(&self, _d: Duration) {}
+    fn spawn_thaw_guard(
+        &self,
+        file: &Path,
+        value: &str,
+    ) -> io::Result<Box<dyn std::any::Any + Send>> {
+        self.op("thaw_guard", format!("{} {value}", file.display()))?;
+        Ok(Box::new(()))
+    }
     fn run_internal(&self, args: &[String], _stdio: Stdio) -> io::Result<ExecOutput> {
         self.op("internal", args.join(" "))?;
         Ok(ExecOutput {
@@ -326,16 +353,26 @@ fn boot_sets_limits_plugs_nics_before_release_and_records_state() {
     assert_eq!(st.pid, Some(1001));
     assert_eq!(st.host_ports, vec!["polc1n0".to_owned()]);
     assert_eq!(
-        host.file("/sys/fs/cgroup/cpu/patchover/lc1/cpu.cfs_quota_us").as_deref(),
+        host.file("/sys/fs/cgroup/cpu/patchover/lc1/cpu.cfs_quota_us")
+            .as_deref(),
         Some("50000")
     );
     assert_eq!(
-        host.file("/sys/fs/cgroup/memory/patchover/lc1/memory.limit_in_bytes").as_deref(),
+        host.file("/sys/fs/cgroup/memory/patchover/lc1/memory.limit_in_bytes")
+            .as_deref(),
         Some("67108864")
     );
-    assert_eq!(host.file("/sys/fs/cgroup/cpuset/patchover/lc1/cpuset.cpus").as_deref(), Some("1"));
+    assert_eq!(
+        host.file("/sys/fs/cgroup/cpuset/patchover/lc1/cpuset.cpus")
+            .as_deref(),
+        Some("1")
+    );
     // The parent cpuset got CPUs and memory nodes before the child was made.
-    assert_eq!(host.file("/sys/fs/cgroup/cpuset/patchover/cpuset.mems").as_deref(), Some("0"));
+    assert_eq!(
+        host.file("/sys/fs/cgroup/cpuset/patchover/cpuset.mems")
+            .as_deref(),
+        Some("0")
+    );
     let limits = st.limits.unwrap();
     assert_eq!(limits.cpu_quota_us, Some(50_000));
     assert_eq!(limits.memory_bytes, Some(64 << 20));
@@ -354,7 +391,11 @@ fn boot_sets_limits_plugs_nics_before_release_and_records_state() {
     ];
     let pos: Vec<usize> = order.iter().map(|p| position(&calls, p)).collect();
     assert!(pos.windows(2).all(|w| w[0] < w[1]), "out of order: {pos:?}");
-    assert!(host.file("/run/po/lc/lc1/state.json").unwrap().contains("\"pid\":1001"));
+    assert!(
+        host.file("/run/po/lc/lc1/state.json")
+            .unwrap()
+            .contains("\"pid\":1001")
+    );
 }
 
 #[test]
@@ -366,28 +407,50 @@ fn booting_a_running_lc_is_refused_without_changes() {
     let err = b.boot(&lc("lc1")).unwrap_err();
     assert!(matches!(err, LcError::AlreadyRunning(_)), "{err}");
     assert!(err.is_bad_input());
-    assert_eq!(host.mutations().len(), before, "a refused boot changes nothing");
+    assert_eq!(
+        host.mutations().len(),
+        before,
+        "a refused boot changes nothing"
+    );
 }
 
 fn assert_nothing_left(host: &FakeHost) {
     let w = host.w.borrow();
-    assert!(w.links.iter().all(|l| l == "pobr0"), "links left: {:?}", w.links);
     assert!(
-        !w.dirs.iter().any(|d| d.starts_with("/sys/fs/cgroup") && d.ends_with("lc1")),
+        w.links.iter().all(|l| l == "pobr0"),
+        "links left: {:?}",
+        w.links
+    );
+    assert!(
+        !w.dirs
+            .iter()
+            .any(|d| d.starts_with("/sys/fs/cgroup") && d.ends_with("lc1")),
         "cgroups left: {:?}",
         w.dirs
     );
-    assert!(!w.dirs.iter().any(|d| d.starts_with("/run/po/lc/lc1")), "run dir left");
+    assert!(
+        !w.dirs.iter().any(|d| d.starts_with("/run/po/lc/lc1")),
+        "run dir left"
+    );
     assert!(w.procs.is_empty(), "processes left: {:?}", w.procs);
 }
 
 #[test]
 fn a_failure_half_way_undoes_every_step() {
-    for step in ["move_to_netns", "configure_nics", "release", "spawn_launcher", "attach_to_bridge"] {
+    for step in [
+        "move_to_netns",
+        "configure_nics",
+        "release",
+        "spawn_launcher",
+        "attach_to_bridge",
+    ] {
         let host = FakeHost::new();
         host.w.borrow_mut().fail_on = Some(step);
         let err = backend(&host).boot(&lc("lc1")).unwrap_err();
-        assert!(matches!(err, LcError::Host { .. } | LcError::Launch { .. }), "{step}: {err}");
+        assert!(
+            matches!(err, LcError::Host { .. } | LcError::Launch { .. }),
+            "{step}: {err}"
+        );
         host.w.borrow_mut().fail_on = None;
         assert_nothing_left(&host);
     }
@@ -409,17 +472,29 @@ fn bad_disks_are_refused_before_any_change() {
     // lc2's system disk has no init.
     let err = b.boot(&lc("lc2")).unwrap_err();
     assert!(matches!(err, LcError::NoInit { .. }), "{err}");
-    assert!(err.to_string().contains("has no init at /sbin/init"), "{err}");
+    assert!(
+        err.to_string().contains("has no init at /sbin/init"),
+        "{err}"
+    );
 
     host.w.borrow_mut().dirs.remove(Path::new("/srv/lc1/app"));
     let err = b.boot(&lc("lc1")).unwrap_err();
-    assert!(matches!(err, LcError::DiskMissing { what: "application disk", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            LcError::DiskMissing {
+                what: "application disk",
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     host.w.borrow_mut().dirs.insert("/srv/lc1/app".into());
-    host.w
-        .borrow_mut()
-        .files
-        .insert(PathBuf::from("/srv/lc1/app").join(INCOMPLETE_MARKER), String::new());
+    host.w.borrow_mut().files.insert(
+        PathBuf::from("/srv/lc1/app").join(INCOMPLETE_MARKER),
+        String::new(),
+    );
     let err = b.boot(&lc("lc1")).unwrap_err();
     assert!(matches!(err, LcError::DiskIncomplete { .. }), "{err}");
     assert!(host.mutations().is_empty(), "{:?}", host.mutations());
@@ -434,7 +509,10 @@ fn a_disk_held_by_a_running_lc_is_in_use() {
     let mut other = lc("lc2");
     other.system_disk.path = "/srv/lc1/sys".into();
     let err = b.boot(&other).unwrap_err();
-    assert!(matches!(err, LcError::DiskInUse { ref other, .. } if other == "lc1"), "{err}");
+    assert!(
+        matches!(err, LcError::DiskInUse { ref other, .. } if other == "lc1"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -444,8 +522,14 @@ fn stop_asks_init_then_cleans_up_everything() {
     b.boot(&lc("lc1")).unwrap();
     b.stop(&lc("lc1")).unwrap();
     let calls = host.calls();
-    assert!(calls.iter().any(|c| c == "signal 1001 SIGUSR2"), "{calls:#?}");
-    assert!(!calls.iter().any(|c| c.contains("cgroup.kill")), "graceful stop needs no kill");
+    assert!(
+        calls.iter().any(|c| c == "signal 1001 SIGUSR2"),
+        "{calls:#?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.contains("cgroup.kill")),
+        "graceful stop needs no kill"
+    );
     assert_nothing_left(&host);
     assert_eq!(b.status(&lc("lc1")).unwrap().state, LcState::Stopped);
     let err = b.stop(&lc("lc1")).unwrap_err();
@@ -459,7 +543,11 @@ fn stop_kills_when_init_ignores_the_request() {
     let b = backend(&host);
     b.boot(&lc("lc1")).unwrap();
     b.stop(&lc("lc1")).unwrap();
-    assert!(host.calls().iter().any(|c| c.starts_with("write /sys/fs/cgroup/unified/patchover/lc1/cgroup.kill 1")));
+    assert!(
+        host.calls()
+            .iter()
+            .any(|c| c.starts_with("write /sys/fs/cgroup/unified/patchover/lc1/cgroup.kill 1"))
+    );
     assert_nothing_left(&host);
 }
 
@@ -480,15 +568,55 @@ fn a_new_backend_adopts_a_running_lc_but_not_a_reused_pid() {
 }
 
 #[test]
+fn freezing_arms_a_thaw_guard_first() {
+    let host = FakeHost::new();
+    let b = backend(&host);
+    b.boot(&lc("lc1")).unwrap();
+    host.w.borrow_mut().files.insert(
+        "/sys/fs/cgroup/unified/patchover/lc1/cgroup.events".into(),
+        "populated 1\nfrozen 1\n".into(),
+    );
+    b.set_frozen(&lc("lc1"), true).unwrap();
+    let calls = host.calls();
+    let guard = position(
+        &calls,
+        "thaw_guard /sys/fs/cgroup/unified/patchover/lc1/cgroup.freeze 0",
+    );
+    let freeze = position(
+        &calls,
+        "write /sys/fs/cgroup/unified/patchover/lc1/cgroup.freeze 1",
+    );
+    assert!(guard < freeze, "the guard must be armed before the freeze");
+    assert_eq!(b.guards.lock().unwrap().len(), 1);
+    host.w.borrow_mut().files.insert(
+        "/sys/fs/cgroup/unified/patchover/lc1/cgroup.events".into(),
+        "populated 1\nfrozen 0\n".into(),
+    );
+    b.set_frozen(&lc("lc1"), false).unwrap();
+    assert!(
+        b.guards.lock().unwrap().is_empty(),
+        "thawing disarms the guard"
+    );
+}
+
+#[test]
 fn exec_enters_by_pid_and_cgroups() {
     let host = FakeHost::new();
     let b = backend(&host);
-    let err = b.exec(&lc("lc1"), &["true".into()], Stdio::Capture).unwrap_err();
+    let err = b
+        .exec(&lc("lc1"), &["true".into()], Stdio::Capture)
+        .unwrap_err();
     assert!(matches!(err, LcError::NotRunning(_)));
     b.boot(&lc("lc1")).unwrap();
-    let out = b.exec(&lc("lc1"), &["cat".into(), "/x".into()], Stdio::Capture).unwrap();
+    let out = b
+        .exec(&lc("lc1"), &["cat".into(), "/x".into()], Stdio::Capture)
+        .unwrap();
     assert_eq!(out.stdout, b"out");
-    let call = host.calls().into_iter().find(|c| c.starts_with("internal exec")).unwrap();
+    let call = host
+        .calls()
+        .into_iter()
+        .find(|c| c.starts_with("internal exec"))
+        .unwrap();
     assert!(call.starts_with("internal exec --pid 1001 --cgroup-procs /sys/fs/cgroup/unified/patchover/lc1/cgroup.procs"), "{call}");
     assert!(call.ends_with("-- cat /x"), "{call}");
 }

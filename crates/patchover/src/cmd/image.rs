@@ -92,9 +92,15 @@ pub fn guest_binary(name: &str) -> anyhow::Result<PathBuf> {
     if let Some(d) = std::env::var_os("PATCHOVER_GUEST_DIR") {
         dirs.push(PathBuf::from(d));
     }
-    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_owned)) {
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_owned))
+    {
         dirs.push(exe_dir.clone());
-        for up in [exe_dir.parent(), exe_dir.parent().and_then(Path::parent)].into_iter().flatten() {
+        for up in [exe_dir.parent(), exe_dir.parent().and_then(Path::parent)]
+            .into_iter()
+            .flatten()
+        {
             dirs.push(up.join("x86_64-unknown-linux-gnu/release"));
             dirs.push(up.join("target/x86_64-unknown-linux-gnu/release"));
         }
@@ -123,7 +129,12 @@ pub fn guest_binary(name: &str) -> anyhow::Result<PathBuf> {
 /// A static busybox, installing Debian's busybox-static when there is none.
 fn busybox() -> anyhow::Result<PathBuf> {
     let candidates = ["/bin/busybox", "/usr/bin/busybox"];
-    let find = || candidates.iter().map(PathBuf::from).find(|p| is_static_elf(p));
+    let find = || {
+        candidates
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| is_static_elf(p))
+    };
     if let Some(p) = find() {
         return Ok(p);
     }
@@ -137,7 +148,9 @@ fn busybox() -> anyhow::Result<PathBuf> {
         (Ok(s), None) => bail!(
             "apt-get install busybox-static ended with {s} and left no static busybox; install it by hand"
         ),
-        (Err(e), None) => bail!("cannot run apt-get to install busybox-static ({e}); install it by hand"),
+        (Err(e), None) => {
+            bail!("cannot run apt-get to install busybox-static ({e}); install it by hand")
+        }
     }
 }
 
@@ -191,7 +204,10 @@ case "$1" in
         kill $pid 2>/dev/null
         # Wait until it is gone, so that a start right after finds its port free.
         n=0
-        while kill -0 $pid 2>/dev/null && [ $n -lt 500 ]; do usleep 10000; n=$((n+1)); done
+        # A zombie (init does not reap while it runs the shutdown scripts) counts as gone.
+        while [ -r /proc/$pid/status ] && ! grep -q '^State:.*Z' /proc/$pid/status && [ $n -lt 500 ]; do
+            usleep 10000; n=$((n+1))
+        done
         rm -f $PIDFILE
     fi
     ;;
@@ -207,13 +223,17 @@ esac
 
 pub fn build_demo(dir: &Path, version: &str, port: u16, force: bool) -> anyhow::Result<()> {
     if version.is_empty() || version.contains(['\n', '"', '\\']) {
-        bail!(BadInput(format!("invalid version {version:?}: one line without quotes")));
+        bail!(BadInput(format!(
+            "invalid version {version:?}: one line without quotes"
+        )));
     }
     let agent = guest_binary("patchover-agent")?;
     let demo = guest_binary("patchover-demo")?;
     let busybox = busybox()?;
     if dir.exists() {
-        let empty = fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false);
+        let empty = fs::read_dir(dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
         if !empty && !force {
             bail!(BadInput(format!(
                 "{} exists and is not empty; pass --force to replace it",
@@ -225,13 +245,30 @@ pub fn build_demo(dir: &Path, version: &str, port: u16, force: bool) -> anyhow::
         }
     }
     // Build next to DIR and rename at the end: a half-built image is never at DIR.
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let tmp = tempfile_dir(parent)?;
     let root = tmp.path();
     for d in [
-        "bin", "sbin", "usr/bin", "usr/sbin", "etc/init.d", "etc/demo", "proc", "sys", "dev", "run",
-        "tmp", "var/log", "var/run", "var/lib/patchover-agent", "data", "root",
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc/init.d",
+        "etc/demo",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "var/log",
+        "var/run",
+        "var/lib/patchover-agent",
+        "data",
+        "root",
     ] {
         fs::create_dir_all(root.join(d))?;
     }
@@ -268,12 +305,22 @@ pub fn build_demo(dir: &Path, version: &str, port: u16, force: bool) -> anyhow::
         &root.join("etc/init.d/S50demo"),
         &daemon_script(
             "patchover-demo",
-            &format!("/usr/bin/patchover-demo --listen 0.0.0.0:{port} --data /data --version-file /etc/demo/version"),
+            &format!(
+                "/usr/bin/patchover-demo --listen 0.0.0.0:{port} --data /data --version-file /etc/demo/version"
+            ),
         ),
         0o755,
     )?;
-    write(&root.join("etc/demo/version"), &format!("{version}\n"), 0o644)?;
-    write(&root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n", 0o644)?;
+    write(
+        &root.join("etc/demo/version"),
+        &format!("{version}\n"),
+        0o644,
+    )?;
+    write(
+        &root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\n",
+        0o644,
+    )?;
     write(&root.join("etc/group"), "root:x:0:\n", 0o644)?;
     let tmp_path = tmp.keep();
     fs::rename(&tmp_path, dir).with_context(|| format!("moving the image to {}", dir.display()))?;

@@ -27,6 +27,13 @@ pub enum InternalCmd {
         #[arg(long)]
         nics: String,
     },
+    /// Thaw a cgroup if patchover dies while it is frozen.
+    ThawGuard {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        value: String,
+    },
     /// Mount a host directory into a running LC.
     AttachDisk {
         #[arg(long)]
@@ -51,6 +58,7 @@ pub fn run(cmd: InternalCmd) -> anyhow::Result<ExitCode> {
             launch::netcfg_main(pid, &nics).map_err(anyhow::Error::msg)?;
             0
         }
+        InternalCmd::ThawGuard { file, value } => launch::thaw_guard_main(&file, &value),
         InternalCmd::AttachDisk {
             pid,
             source,
@@ -60,5 +68,7 @@ pub fn run(cmd: InternalCmd) -> anyhow::Result<ExitCode> {
             0
         }
     };
-    Ok(ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1)))
+    Ok(ExitCode::from(
+        u8::try_from(code.clamp(0, 255)).unwrap_or(1),
+    ))
 }

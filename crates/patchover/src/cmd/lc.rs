@@ -122,10 +122,13 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         } => {
             let spec = env.lc(&lc)?;
             if spec.nics.iter().any(|n| n.name == name) {
-                return Err(super::BadInput(format!("LC {lc} already has a NIC named {name}")).into());
+                return Err(
+                    super::BadInput(format!("LC {lc} already has a NIC named {name}")).into(),
+                );
             }
             let nic = patchover_core::NicSpec {
-                mac: mac.unwrap_or_else(|| patchover_core::MacAddr::derive(&format!("{lc}/{name}"))),
+                mac: mac
+                    .unwrap_or_else(|| patchover_core::MacAddr::derive(&format!("{lc}/{name}"))),
                 name,
                 address,
                 gateway: None,
@@ -134,13 +137,20 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             if ctx.json {
                 println!("{}", json!({"lc": lc, "nic": nic, "host_port": port}));
             } else {
-                println!("{} plugged into {lc} as {} (host port {port})", nic.mac, nic.name);
+                println!(
+                    "{} plugged into {lc} as {} (host port {port})",
+                    nic.mac, nic.name
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
         LcCmd::Exec { lc, argv } => {
             let spec = env.lc(&lc)?;
-            let stdio = if ctx.json { Stdio::Capture } else { Stdio::Inherit };
+            let stdio = if ctx.json {
+                Stdio::Capture
+            } else {
+                Stdio::Inherit
+            };
             let out = env.backend.exec(spec, &argv, stdio)?;
             if ctx.json {
                 println!(
@@ -161,7 +171,12 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
 }
 
 /// Waits for the agent when the image has one; returns how long that took.
-fn wait_agent(env: &Env, spec: &LcSpec, no_wait: bool, timeout: u64) -> anyhow::Result<Option<u128>> {
+fn wait_agent(
+    env: &Env,
+    spec: &LcSpec,
+    no_wait: bool,
+    timeout: u64,
+) -> anyhow::Result<Option<u128>> {
     let has_agent = spec
         .system_disk
         .path
@@ -233,7 +248,15 @@ fn list(env: &Env, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let header = [
-        "ID", "BACKEND", "CPU", "SHARE", "MEMORY", "SYSTEM DISK", "APP DISK", "NICS", "ROLE",
+        "ID",
+        "BACKEND",
+        "CPU",
+        "SHARE",
+        "MEMORY",
+        "SYSTEM DISK",
+        "APP DISK",
+        "NICS",
+        "ROLE",
         "STATE",
     ];
     let table: Vec<Vec<String>> = out
@@ -269,8 +292,7 @@ fn print_status(ctx: &Ctx, env: &Env, spec: &LcSpec, st: &LcStatus) {
     if ctx.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"spec": spec, "status": st}))
-                .expect("serializes")
+            serde_json::to_string_pretty(&json!({"spec": spec, "status": st})).expect("serializes")
         );
         return;
     }
@@ -278,12 +300,18 @@ fn print_status(ctx: &Ctx, env: &Env, spec: &LcSpec, st: &LcStatus) {
         ("id", spec.id.to_string()),
         ("backend", spec.backend.to_string()),
         ("state", st.state.to_string()),
-        ("cpu", format!("CPU {} at {}%", spec.cpu.cpu, spec.cpu.share_pct)),
+        (
+            "cpu",
+            format!("CPU {} at {}%", spec.cpu.cpu, spec.cpu.share_pct),
+        ),
         ("memory", format!("{} MiB", spec.memory_mib)),
         ("system disk", disk_text(Some(&spec.system_disk))),
     ];
     if let Some(d) = &spec.app_disk {
-        lines.push(("app disk", format!("{} at {}", d.path.display(), d.mount.display())));
+        lines.push((
+            "app disk",
+            format!("{} at {}", d.path.display(), d.mount.display()),
+        ));
     }
     for n in &spec.nics {
         lines.push((
@@ -310,12 +338,16 @@ fn print_status(ctx: &Ctx, env: &Env, spec: &LcSpec, st: &LcStatus) {
                     l.cpu_quota_us.map_or("max".to_owned(), |q| q.to_string()),
                     l.cpu_period_us,
                     l.cpus.as_deref().unwrap_or("-"),
-                    l.memory_bytes.map_or("max".to_owned(), |m| format!("{} MiB", m >> 20))
+                    l.memory_bytes
+                        .map_or("max".to_owned(), |m| format!("{} MiB", m >> 20))
                 ),
             ));
         }
         lines.push(("host ports", st.host_ports.join(", ")));
-        lines.push(("console log", env.backend.console_log(&spec.id).display().to_string()));
+        lines.push((
+            "console log",
+            env.backend.console_log(&spec.id).display().to_string(),
+        ));
     }
     for (k, v) in lines {
         println!("{k:>14}  {v}");

@@ -8,11 +8,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Subcommand;
 use patchover_bundle::BundlesConfig;
+use patchover_lc::LcBackend;
 use patchover_net::Mode;
 use patchover_orchestrator::{
     Event, Orchestrator, PatchRequest, RunLock, RunReport, ServiceSettings, Settings,
 };
-use patchover_lc::LcBackend;
 use patchover_store::Role;
 use serde_json::json;
 
@@ -110,7 +110,10 @@ fn progress(ctx: &Ctx) -> impl FnMut(&Event) + use<> {
 
 fn print_report(ctx: &Ctx, r: &RunReport) {
     if ctx.json {
-        println!("{}", serde_json::to_string_pretty(r).expect("report serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(r).expect("report serializes")
+        );
         return;
     }
     println!(
@@ -147,7 +150,8 @@ fn drive(ctx: &Ctx, req: PatchRequest, report_timeout: u64) -> anyhow::Result<Ex
     let mut env = Env::open(ctx)?;
     env.lc(&req.lc)?;
     let settings = settings(&env, report_timeout)?;
-    let _lock = RunLock::acquire(&env.config.run_dir, &req.lc).map_err(|e| BadInput(e.to_string()))?;
+    let _lock =
+        RunLock::acquire(&env.config.run_dir, &req.lc).map_err(|e| BadInput(e.to_string()))?;
     let mut events = progress(ctx);
     let mut o = Orchestrator {
         config: &env.config,
@@ -159,9 +163,14 @@ fn drive(ctx: &Ctx, req: PatchRequest, report_timeout: u64) -> anyhow::Result<Ex
     // A run this LC's lock covered but whose patchover died is dealt with first.
     drop(_lock);
     for r in patchover_orchestrator::recover(&mut o)? {
-        eprintln!("recovered run {}: {}", r.run_id, r.error.as_deref().unwrap_or(&r.outcome));
+        eprintln!(
+            "recovered run {}: {}",
+            r.run_id,
+            r.error.as_deref().unwrap_or(&r.outcome)
+        );
     }
-    let _lock = RunLock::acquire(&env.config.run_dir, &req.lc).map_err(|e| BadInput(e.to_string()))?;
+    let _lock =
+        RunLock::acquire(&env.config.run_dir, &req.lc).map_err(|e| BadInput(e.to_string()))?;
     match o.patch(&req) {
         Ok(r) => {
             print_report(ctx, &r);
@@ -169,7 +178,10 @@ fn drive(ctx: &Ctx, req: PatchRequest, report_timeout: u64) -> anyhow::Result<Ex
         }
         Err(f) => {
             print_report(ctx, &f.report);
-            if matches!(f.error, patchover_orchestrator::OrchestratorError::BadInput(_)) {
+            if matches!(
+                f.error,
+                patchover_orchestrator::OrchestratorError::BadInput(_)
+            ) {
                 return Err(BadInput(patchover_orchestrator::chain(&f.error)).into());
             }
             Ok(ExitCode::from(1))
@@ -234,15 +246,25 @@ pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                         if r.dry_run { "yes" } else { "no" }.into(),
                         r.state.clone(),
                         r.outcome.clone().unwrap_or_else(|| "running".into()),
-                        r.ended_ms
-                            .map_or("-".into(), |e| format!("{:.1} s", (e - r.started_ms) as f64 / 1000.0)),
+                        r.ended_ms.map_or("-".into(), |e| {
+                            format!("{:.1} s", (e - r.started_ms) as f64 / 1000.0)
+                        }),
                     ]
                 })
                 .collect();
             print!(
                 "{}",
                 super::table(
-                    &["RUN", "LC", "STANDBY", "MODE", "DRY RUN", "LAST STEP", "OUTCOME", "TOOK"],
+                    &[
+                        "RUN",
+                        "LC",
+                        "STANDBY",
+                        "MODE",
+                        "DRY RUN",
+                        "LAST STEP",
+                        "OUTCOME",
+                        "TOOK"
+                    ],
                     &rows
                 )
             );
@@ -254,7 +276,10 @@ pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 .ok_or_else(|| BadInput(format!("no run {run}; see `patchover runs list`")))?;
             let steps = env.store.steps(run)?;
             if ctx.json {
-                println!("{}", serde_json::to_string_pretty(&json!({"run": r, "steps": steps}))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"run": r, "steps": steps}))?
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
@@ -292,7 +317,10 @@ pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                     ])
                 })
                 .collect();
-            print!("{}", super::table(&["AT", "STEP", "STATE", "TOOK", "ERROR"], &rows));
+            print!(
+                "{}",
+                super::table(&["AT", "STEP", "STATE", "TOOK", "ERROR"], &rows)
+            );
         }
         RunsCmd::Recover => {
             let settings = settings(&env, 60)?;
@@ -324,17 +352,18 @@ pub fn run_service(cmd: ServiceCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     match cmd {
         ServiceCmd::Assign { lc } => {
             let spec = env.lc(&lc)?.clone();
-            let service = env
-                .config
-                .network
-                .service_address
-                .ok_or_else(|| BadInput("network.service_address is not set in the config".into()))?;
+            let service = env.config.network.service_address.ok_or_else(|| {
+                BadInput("network.service_address is not set in the config".into())
+            })?;
             if let Some(other) = env
                 .store
                 .lcs()?
                 .into_iter()
                 .find(|r| r.role == Role::Active && r.spec.id != spec.id)
-                && env.backend.status(&other.spec).is_ok_and(|s| s.pid.is_some())
+                && env
+                    .backend
+                    .status(&other.spec)
+                    .is_ok_and(|s| s.pid.is_some())
             {
                 return Err(BadInput(format!(
                     "LC {} is the active LC; move the service with `patchover patch` or `patchover net switch`",
@@ -347,7 +376,10 @@ pub fn run_service(cmd: ServiceCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             patchover_orchestrator::recover::ensure_bridge_address(&env.config)?;
             env.store.set_role(spec.id.as_str(), Role::Active)?;
             if ctx.json {
-                println!("{}", json!({"lc": lc, "service_address": service.to_string()}));
+                println!(
+                    "{}",
+                    json!({"lc": lc, "service_address": service.to_string()})
+                );
             } else {
                 println!("{lc} now holds the service address {service}");
             }

@@ -89,7 +89,14 @@ pub fn run(cmd: PatchesCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let header = [
-                "ID", "CATEGORY", "SEVERITY", "PUBLISHED", "NEXT RUN", "APPLIED", "ON", "LAST RESULT",
+                "ID",
+                "CATEGORY",
+                "SEVERITY",
+                "PUBLISHED",
+                "NEXT RUN",
+                "APPLIED",
+                "ON",
+                "LAST RESULT",
             ];
             let table: Vec<Vec<String>> = rows
                 .iter()
@@ -112,9 +119,9 @@ pub fn run(cmd: PatchesCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         }
         PatchesCmd::Show { id } => {
             let (_, store) = open(ctx)?;
-            let row = store
-                .patch(&id)?
-                .ok_or_else(|| BadInput(format!("no patch {id:?}; see `patchover patches list`")))?;
+            let row = store.patch(&id)?.ok_or_else(|| {
+                BadInput(format!("no patch {id:?}; see `patchover patches list`"))
+            })?;
             if ctx.json {
                 println!("{}", serde_json::to_string_pretty(&row_json(&row))?);
             } else {
@@ -126,9 +133,15 @@ pub fn run(cmd: PatchesCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                     ("published", row.published.clone()),
                     ("sha256", row.sha256.clone()),
                     ("file", row.file.clone()),
-                    ("next run", if row.apply_next { "yes" } else { "no" }.to_owned()),
+                    (
+                        "next run",
+                        if row.apply_next { "yes" } else { "no" }.to_owned(),
+                    ),
                     ("applied", ms_text(row.applied_ms)),
-                    ("applied on", row.applied_lc.clone().unwrap_or_else(|| "-".into())),
+                    (
+                        "applied on",
+                        row.applied_lc.clone().unwrap_or_else(|| "-".into()),
+                    ),
                     (
                         "last result",
                         row.last_result
@@ -195,7 +208,11 @@ pub fn run(cmd: PatchesCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                     row.category,
                     row.severity,
                     verified.key_id(),
-                    if mark { ", marked for the next run" } else { "" }
+                    if mark {
+                        ", marked for the next run"
+                    } else {
+                        ""
+                    }
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -231,7 +248,11 @@ fn mark(ctx: &Ctx, ids: &[String], on: bool) -> anyhow::Result<ExitCode> {
     if ctx.json {
         println!("{}", json!({"marked": on, "ids": ids}));
     } else {
-        println!("{} {}", if on { "marked" } else { "unmarked" }, ids.join(", "));
+        println!(
+            "{} {}",
+            if on { "marked" } else { "unmarked" },
+            ids.join(", ")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod cycle;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -24,7 +26,10 @@ pub fn unique() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
-    format!("{:05x}", (std::process::id() ^ t.rotate_left(7) ^ (n << 16)) & 0xfffff)
+    format!(
+        "{:05x}",
+        (std::process::id() ^ t.rotate_left(7) ^ (n << 16)) & 0xfffff
+    )
 }
 
 /// The static guest binaries, built once per test run (cargo skips the work when fresh).
@@ -52,7 +57,10 @@ pub fn guest_dir() -> PathBuf {
             ])
             .status()
             .expect("run cargo to build the guest binaries");
-        assert!(status.success(), "building the static guest binaries failed");
+        assert!(
+            status.success(),
+            "building the static guest binaries failed"
+        );
         target.join("x86_64-unknown-linux-gnu/release")
     })
     .clone()
@@ -116,7 +124,10 @@ impl Topo {
     pub fn new(lcs: &[(u32, u32, u64)]) -> Topo {
         let suffix = unique();
         let net = (u32::from_str_radix(&suffix, 16).unwrap() % 250 + 1) as u8;
-        let dir = tempfile::Builder::new().prefix("po-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("po-test-")
+            .tempdir()
+            .unwrap();
         let defs: Vec<LcDef> = lcs
             .iter()
             .enumerate()
@@ -207,7 +218,10 @@ impl Topo {
 
     /// The LC's v2 cgroup directory (this host has the unified hierarchy).
     pub fn v2_group(&self, id: &str) -> PathBuf {
-        PathBuf::from(format!("/sys/fs/cgroup/unified/{}/{id}", self.cgroup_parent))
+        PathBuf::from(format!(
+            "/sys/fs/cgroup/unified/{}/{id}",
+            self.cgroup_parent
+        ))
     }
 
     /// Host PIDs of every process of the LC.
@@ -240,7 +254,11 @@ impl Topo {
                 && cmd.contains("patchover-demo")
                 && let Ok(root) = fs::read_link(e.path().join("root"))
             {
-                assert!(!root.starts_with(self.dir.path()), "process {:?} of the LC left", e.path());
+                assert!(
+                    !root.starts_with(self.dir.path()),
+                    "process {:?} of the LC left",
+                    e.path()
+                );
             }
         }
     }
@@ -252,7 +270,10 @@ impl Drop for Topo {
         for l in &self.lcs {
             let _ = po(&self.config, &["lc", "stop", &l.id]);
             for ctl in ["unified", "cpu", "memory", "cpuset", "freezer"] {
-                let g = PathBuf::from(format!("/sys/fs/cgroup/{ctl}/{}/{}", self.cgroup_parent, l.id));
+                let g = PathBuf::from(format!(
+                    "/sys/fs/cgroup/{ctl}/{}/{}",
+                    self.cgroup_parent, l.id
+                ));
                 if g.exists() {
                     if let Ok(p) = fs::read_to_string(g.join("cgroup.procs")) {
                         for pid in p.lines() {
@@ -263,12 +284,16 @@ impl Drop for Topo {
                     let _ = fs::remove_dir(&g);
                 }
             }
-            let _ = Command::new("ip").args(["link", "del", &format!("po{}n0", l.id)]).output();
+            let _ = Command::new("ip")
+                .args(["link", "del", &format!("po{}n0", l.id)])
+                .output();
         }
         for ctl in ["unified", "cpu", "memory", "cpuset", "freezer"] {
             let _ = fs::remove_dir(format!("/sys/fs/cgroup/{ctl}/{}", self.cgroup_parent));
         }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
     }
 }
 
@@ -283,11 +308,17 @@ impl Client {
         let name = format!("poc{}", unique());
         let ip = |args: &[&str]| {
             let out = Command::new("ip").args(args).output().unwrap();
-            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
         ip(&["netns", "add", &name]);
         let host_end = format!("{name}h");
-        ip(&["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &name]);
+        ip(&[
+            "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &name,
+        ]);
         ip(&["link", "set", &host_end, "master", bridge, "up"]);
         ip(&["-n", &name, "addr", "add", address, "dev", "eth0"]);
         ip(&["-n", &name, "link", "set", "eth0", "up"]);
@@ -311,8 +342,12 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &format!("{}h", self.name)]).output();
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("{}h", self.name)])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -335,7 +370,10 @@ pub fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> std::io::Resul
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad response {text:?}")))?;
-    let body_at = resp.windows(4).position(|w| w == b"\r\n\r\n").map_or(resp.len(), |p| p + 4);
+    let body_at = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(resp.len(), |p| p + 4);
     Ok((status, resp[body_at..].to_vec()))
 }
 

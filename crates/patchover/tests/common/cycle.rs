@@ -1,0 +1,197 @@
+//! Helpers for the patch cycle tests: two LCs with a signing key, bundles, and a client load
+//! whose every request has a deadline.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{Client, Topo, http, http_ready};
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    // sha256 via the system tool keeps the test free of extra crates.
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("x");
+    fs::write(&f, data).unwrap();
+    let out = std::process::Command::new("sha256sum")
+        .arg(&f)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// A topology of two LCs, a signing key, and the config that trusts it.
+pub struct Cycle {
+    pub t: Topo,
+    pub key: PathBuf,
+}
+
+impl Cycle {
+    pub fn new(n_lcs: usize, extra: &str) -> Cycle {
+        let lcs: Vec<(u32, u32, u64)> = (0..n_lcs).map(|i| (i as u32 % 2, 40, 96)).collect();
+        let t = Topo::new(&lcs);
+        let key = t.dir.path().join("release.key");
+        let pubkey = t.dir.path().join("release.pub");
+        t.po_ok(&[
+            "bundle",
+            "keygen",
+            "--public",
+            pubkey.to_str().unwrap(),
+            "--secret",
+            key.to_str().unwrap(),
+        ]);
+        t.write_config(&format!(
+            "\n[bundles]\ntrusted_keys = [\"{}\"]\n{extra}",
+            pubkey.display()
+        ));
+        t.build_image(0, "1.0.0");
+        // The standby's disks exist (any content): the run replaces them with the copy.
+        for l in &t.lcs[1..] {
+            fs::create_dir_all(&l.sys).unwrap();
+            fs::create_dir_all(&l.app).unwrap();
+        }
+        Cycle { t, key }
+    }
+
+    /// Makes, signs and imports a bundle; `steps` is the manifest's step/check part.
+    pub fn bundle(&self, id: &str, steps: &str, payload: &[(&str, &[u8])]) {
+        let dir = self.t.dir.path().join(format!("b-{id}"));
+        fs::create_dir_all(dir.join("payload")).unwrap();
+        for (name, data) in payload {
+            fs::write(dir.join("payload").join(name), data).unwrap();
+        }
+        fs::write(
+            dir.join("manifest.toml"),
+            format!(
+                "format = 1\nid = \"{id}\"\ntitle = \"test bundle {id}\"\ncategory = \"security\"\nseverity = \"high\"\npublished = 2026-11-25T00:00:00Z\n{steps}"
+            ),
+        )
+        .unwrap();
+        let file = self.t.dir.path().join(format!("{id}.po"));
+        self.t.po_ok(&[
+            "bundle",
+            "create",
+            dir.to_str().unwrap(),
+            "-o",
+            file.to_str().unwrap(),
+        ]);
+        self.t.po_ok(&[
+            "bundle",
+            "sign",
+            file.to_str().unwrap(),
+            "--key",
+            self.key.to_str().unwrap(),
+        ]);
+        self.t
+            .po_ok(&["patches", "import", file.to_str().unwrap(), "--mark"]);
+    }
+
+    /// The bundle that upgrades the demo service from 1.0.0 to 1.0.1.
+    pub fn upgrade_bundle(&self) {
+        let steps = format!(
+            "[[step]]\nkind = \"replace\"\npath = \"/etc/demo/version\"\nfile = \"version\"\nold_sha256 = \"{}\"\n\n[[check]]\nkind = \"file_hash\"\npath = \"/etc/demo/version\"\nsha256 = \"{}\"\n\n[[check]]\nkind = \"command_output\"\ncommand = [\"/bin/cat\", \"/etc/demo/version\"]\ncontains = \"1.0.1\"\n",
+            sha256_hex(b"1.0.0\n"),
+            sha256_hex(b"1.0.1\n")
+        );
+        self.bundle("demo-1.0.1", &steps, &[("version", b"1.0.1\n")]);
+    }
+
+    pub fn start_service(&self) {
+        let a = &self.t.lcs[0].id;
+        self.t.po_ok(&["lc", "boot", a]);
+        self.t.po_ok(&["service", "assign", a]);
+    }
+}
+
+/// A client that writes (and reads back) without pause until stopped; every request has a
+/// deadline, so a hung request counts as failed.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<(u64, Vec<String>, BTreeMap<String, String>)>>,
+}
+
+impl Load {
+    pub fn start(client: &Client, service: String) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let ns = format!("/run/netns/{}", client.name);
+        let handle = std::thread::spawn(move || {
+            let f = fs::File::open(&ns).unwrap();
+            nix::sched::setns(
+                std::os::fd::AsFd::as_fd(&f),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+            )
+            .unwrap();
+            let mut ok = 0u64;
+            let mut failures = Vec::new();
+            let mut acked = BTreeMap::new();
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                n += 1;
+                let key = format!("k{n}");
+                let val = format!("v{n}");
+                let t = Instant::now();
+                match http(&service, "PUT", &format!("/kv/{key}"), val.as_bytes()) {
+                    Ok((201, _)) if t.elapsed() < Duration::from_secs(2) => {
+                        ok += 1;
+                        acked.insert(key.clone(), val);
+                    }
+                    Ok((status, body)) => failures.push(format!(
+                        "PUT {key}: {status} {}",
+                        String::from_utf8_lossy(&body)
+                    )),
+                    Err(e) => failures.push(format!("PUT {key}: {e} after {:?}", t.elapsed())),
+                }
+                if n % 5 == 0 {
+                    match http(&service, "GET", "/version", b"") {
+                        Ok((200, _)) => ok += 1,
+                        Ok((status, _)) => failures.push(format!("GET /version: {status}")),
+                        Err(e) => failures.push(format!("GET /version: {e}")),
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (ok, failures, acked)
+        });
+        Load {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn finish(mut self) -> (u64, Vec<String>, BTreeMap<String, String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+pub fn assert_all_there(client: &Client, service: &str, acked: &BTreeMap<String, String>) {
+    let service = service.to_owned();
+    let acked = acked.clone();
+    let lost = client.run(move || {
+        acked
+            .iter()
+            .filter(|(k, v)| !matches!(http(&service, "GET", &format!("/kv/{k}"), b""), Ok((200, b)) if b == v.as_bytes()))
+            .map(|(k, _)| k.clone())
+            .collect::<Vec<_>>()
+    });
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+}
+
+pub fn version(client: &Client, service: &str) -> String {
+    let s = service.to_owned();
+    let (st, body) = client.run(move || http_ready(&s, "/version"));
+    assert_eq!(st, 200);
+    String::from_utf8(body).unwrap().trim().to_owned()
+}

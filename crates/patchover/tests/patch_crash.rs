@@ -1,0 +1,140 @@
+//! Crash safety of a patch run: patchover is SIGKILLed at random moments of patch cycles; each
+//! time `patchover runs recover` finishes or rolls the run back. Across all of it the service
+//! answers every request and keeps every acknowledged write.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::cycle::{Cycle, Load, assert_all_there};
+use common::{BIN, Client, guest_dir};
+
+/// A small deterministic generator (xorshift), seeded per run and printed for reruns.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[test]
+fn sigkill_at_random_points_never_interrupts_the_service() {
+    let points: u32 = std::env::var("PATCHOVER_CRASH_POINTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let seed = std::env::var("PATCHOVER_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("crash points: {points}, seed: {seed} (rerun with PATCHOVER_CRASH_SEED={seed})");
+    let mut rng = Rng(seed);
+
+    let c = Cycle::new(2, "");
+    // An idempotent patch, so that every cycle can apply it again.
+    c.bundle(
+        "stamp-1",
+        "[[step]]\nkind = \"script\"\nfile = \"stamp.sh\"\n",
+        &[("stamp.sh", b"date > /etc/demo/last-patch\n")],
+    );
+    c.start_service();
+    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    let load = Load::start(&client, svc.clone());
+
+    let mut outcomes = Vec::new();
+    for i in 0..points {
+        let list = c.t.po_json(&["lc", "list"]);
+        let active = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["role"] == "active")
+            .expect("an active LC")["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        c.t.po_ok(&["patches", "mark", "stamp-1"]);
+        let delay = Duration::from_millis(rng.below(7000));
+        let mut child = Command::new(BIN)
+            .env("PATCHOVER_CONFIG", &c.t.config)
+            .env("PATCHOVER_GUEST_DIR", guest_dir())
+            .args(["--json", "patch", &active])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        let mut finished = false;
+        while start.elapsed() < delay {
+            if child.try_wait().unwrap().is_some() {
+                finished = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !finished {
+            child.kill().unwrap();
+        }
+        child.wait().unwrap();
+        let recovered = c.t.po_json(&["runs", "recover"]);
+        let runs = c.t.po_json(&["runs", "list"]);
+        assert!(
+            runs.as_array()
+                .unwrap()
+                .iter()
+                .all(|r| !r["ended_ms"].is_null()),
+            "point {i}: an unfinished run is left: {runs:#}"
+        );
+        // Exactly one LC runs, and it is the active one, answering on the service address.
+        let list = c.t.po_json(&["lc", "list"]);
+        let running: Vec<_> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["state"] == "running")
+            .collect();
+        assert_eq!(running.len(), 1, "point {i} ({delay:?}): {list:#}");
+        assert_eq!(running[0]["role"], "active", "point {i}: {list:#}");
+        let host = running[0]["id"].as_str().unwrap().to_owned();
+        let s = svc.clone();
+        let health = client.run(move || common::http_ready(&s, "/health"));
+        assert!(
+            String::from_utf8_lossy(&health.1).contains(&format!("\"host\":\"{host}\"")),
+            "point {i}: {health:?}"
+        );
+        let outcome = recovered.as_array().unwrap().first().map_or(
+            if finished {
+                "finished"
+            } else {
+                "nothing to recover"
+            }
+            .to_owned(),
+            |r| r["outcome"].as_str().unwrap_or("?").to_owned(),
+        );
+        eprintln!("point {i}: killed after {delay:?} -> {outcome}, service on {host}");
+        outcomes.push(outcome);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (ok, failures, acked) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} failed requests of {}: {:?}",
+        failures.len(),
+        ok,
+        &failures[..failures.len().min(10)]
+    );
+    assert_all_there(&client, &svc, &acked);
+    eprintln!("outcomes: {outcomes:?}; {ok} requests, none failed");
+}
