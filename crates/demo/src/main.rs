@@ -8,6 +8,10 @@
 //! from a file on the *system disk* (so a patch can change it and a check can see it).
 //!
 //! Routes: `PUT /kv/KEY` (body = value), `GET /kv/KEY`, `GET /version`, `GET /health`.
+//!
+//! Drain (for a switch): SIGUSR1 makes the service stop keeping connections alive — a request
+//! in flight is answered with `Connection: close`, an idle keep-alive connection is closed —
+//! while it keeps accepting new ones; SIGUSR2 undoes it.
 //! Every response carries `X-Served-By: <hostname>` so a client can tell which LC answered.
 //!
 //! std only: the binary is linked statically and runs inside any rootfs.
@@ -17,7 +21,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +30,34 @@ const MAX_BODY: usize = 1024 * 1024;
 const MAX_KEY: usize = 200;
 const MAX_CONNECTIONS: usize = 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often an idle connection looks at the drain flag.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
+
+/// Set by SIGUSR1, cleared by SIGUSR2.
+static DRAINING: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_drain(_: libc::c_int) {
+    DRAINING.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_resume(_: libc::c_int) {
+    DRAINING.store(false, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    // SAFETY: the handlers only store to an atomic, which is async-signal-safe; `signal` is
+    // called before any thread starts.
+    unsafe {
+        libc::signal(
+            libc::SIGUSR1,
+            on_drain as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGUSR2,
+            on_resume as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
+}
 
 struct Args {
     listen: String,
@@ -135,15 +167,18 @@ impl Store {
     }
 
     fn len(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).map.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .len()
     }
 }
 
 fn valid_key(k: &str) -> bool {
     !k.is_empty()
         && k.len() <= MAX_KEY
-        && k
-            .bytes()
+        && k.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
@@ -158,6 +193,32 @@ enum ReadOutcome {
     Request(Request),
     Closed,
     Bad(u16, &'static str),
+}
+
+/// Waits for the first byte of the next request. `false`: close the connection (the peer
+/// closed it, it was idle too long, or the service drains).
+fn wait_for_request(r: &mut BufReader<TcpStream>) -> io::Result<bool> {
+    let idle_since = std::time::Instant::now();
+    r.get_ref().set_read_timeout(Some(DRAIN_POLL))?;
+    let more = loop {
+        match r.fill_buf() {
+            Ok(buf) => break !buf.is_empty(),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                if DRAINING.load(Ordering::SeqCst) || idle_since.elapsed() > IDLE_TIMEOUT {
+                    break false;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    };
+    r.get_ref().set_read_timeout(Some(IDLE_TIMEOUT))?;
+    Ok(more)
 }
 
 fn read_request(r: &mut BufReader<TcpStream>) -> io::Result<ReadOutcome> {
@@ -204,7 +265,12 @@ fn read_request(r: &mut BufReader<TcpStream>) -> io::Result<ReadOutcome> {
                 Ok(_) => return Ok(ReadOutcome::Bad(413, "body too large")),
                 Err(_) => return Ok(ReadOutcome::Bad(400, "bad content-length")),
             },
-            "transfer-encoding" => return Ok(ReadOutcome::Bad(501, "chunked bodies are not supported; send Content-Length")),
+            "transfer-encoding" => {
+                return Ok(ReadOutcome::Bad(
+                    501,
+                    "chunked bodies are not supported; send Content-Length",
+                ));
+            }
             "connection" => {
                 let v = value.to_ascii_lowercase();
                 if v.contains("close") {
@@ -294,20 +360,29 @@ fn handle(req: &Request, store: &Store) -> (u16, Vec<u8>) {
 
 fn serve_connection(stream: TcpStream, store: &Store) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = BufWriter::new(stream);
     loop {
+        if !wait_for_request(&mut reader)? {
+            return Ok(());
+        }
         match read_request(&mut reader)? {
             ReadOutcome::Closed => return Ok(()),
             ReadOutcome::Bad(status, why) => {
-                respond(&mut writer, store, status, format!("{why}\n").as_bytes(), false)?;
+                respond(
+                    &mut writer,
+                    store,
+                    status,
+                    format!("{why}\n").as_bytes(),
+                    false,
+                )?;
                 return Ok(());
             }
             ReadOutcome::Request(req) => {
                 let (status, body) = handle(&req, store);
-                respond(&mut writer, store, status, &body, req.keep_alive)?;
-                if !req.keep_alive {
+                let keep_alive = req.keep_alive && !DRAINING.load(Ordering::SeqCst);
+                respond(&mut writer, store, status, &body, keep_alive)?;
+                if !keep_alive {
                     return Ok(());
                 }
             }
@@ -358,6 +433,7 @@ fn main() {
         args.listen,
         args.data_dir.display()
     );
+    install_signal_handlers();
     let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };

@@ -183,7 +183,12 @@ impl Host for LinuxHost {
         if !self.link_exists(name) {
             return Ok(());
         }
-        self.ip(&["link", "del", name])
+        match self.ip(&["link", "del", name]) {
+            // The kernel removes a veth by itself when the namespace of its peer goes away;
+            // that may happen between the check and the delete.
+            Err(_) if !self.link_exists(name) => Ok(()),
+            r => r,
+        }
     }
     fn configure_nics(&self, pid: i32, nics: &[crate::ns::launch::NicSetup]) -> io::Result<()> {
         let spec = serde_json::to_string(nics).map_err(io::Error::other)?;

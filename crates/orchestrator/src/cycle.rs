@@ -10,7 +10,7 @@ use patchover_bundle::{BundleStatus, PostCheckReport, TrustedKeys, VerifiedBundl
 use patchover_core::{Config, LcSpec, Quiesce};
 use patchover_disk::{CopyOptions, FollowCopy, NoProgress};
 use patchover_lc::{LcBackend, LcState, Stdio};
-use patchover_net::{Endpoint, Hooks, Mode, NoControl, SwitchPlan};
+use patchover_net::{Endpoint, Hooks, Mode, SwitchPlan};
 use patchover_store::{PatchResult, Role, Store};
 
 use crate::service::get;
@@ -642,6 +642,7 @@ impl<'a> Orchestrator<'a> {
         let backend = self.backend;
         let restart = self.settings.service.restart.clone();
         let svc = self.settings.service.clone();
+        let lcs_all = &self.config.lcs[..];
         let switched = self.step(report, "switch", |_, report| {
             let mut cut_report = None;
             let mut in_window = |_: &SwitchPlan| -> Result<(), patchover_net::BoxError> {
@@ -674,7 +675,11 @@ impl<'a> Orchestrator<'a> {
                 )?;
                 Ok(())
             };
-            let mut ctl = NoControl;
+            let mut ctl = crate::service::LcServiceControl {
+                backend,
+                lcs: lcs_all,
+                settings: &svc,
+            };
             let mut hooks = Hooks {
                 service: &mut ctl,
                 in_window: &mut in_window,

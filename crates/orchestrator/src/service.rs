@@ -21,6 +21,27 @@ pub struct ServiceSettings {
     /// disk's final catch-up (so it reads the data as of the cut).
     #[serde(default = "default_restart")]
     pub restart: Vec<String>,
+    /// Run inside the old LC at the switch: stop keeping connections alive (answer with
+    /// `Connection: close`, close idle keep-alive connections), keep serving.
+    #[serde(default = "default_drain")]
+    pub drain: Vec<String>,
+    /// Undoes `drain`.
+    #[serde(default = "default_resume")]
+    pub resume: Vec<String>,
+}
+
+fn signal_demo(sig: &str) -> Vec<String> {
+    vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        format!("kill -{sig} $(cat /var/run/patchover-demo.pid)"),
+    ]
+}
+fn default_drain() -> Vec<String> {
+    signal_demo("USR1")
+}
+fn default_resume() -> Vec<String> {
+    signal_demo("USR2")
 }
 
 fn default_port() -> u16 {
@@ -43,6 +64,8 @@ impl Default for ServiceSettings {
             health_path: default_health(),
             version_path: default_version(),
             restart: default_restart(),
+            drain: default_drain(),
+            resume: default_resume(),
         }
     }
 }
@@ -116,4 +139,51 @@ fn fetch(addr: std::net::Ipv4Addr, port: u16, path: &str) -> Result<String, Stri
         ));
     }
     Ok(body.trim().to_owned())
+}
+
+/// The switcher's [`patchover_net::ServiceControl`]: runs the configured drain and resume
+/// commands inside the LC an endpoint names.
+pub struct LcServiceControl<'a> {
+    pub backend: &'a dyn patchover_lc::LcBackend,
+    pub lcs: &'a [patchover_core::LcSpec],
+    pub settings: &'a ServiceSettings,
+}
+
+impl LcServiceControl<'_> {
+    fn run(
+        &self,
+        ep: &patchover_net::Endpoint,
+        argv: &[String],
+    ) -> Result<(), patchover_net::BoxError> {
+        if argv.is_empty() {
+            return Ok(());
+        }
+        let spec = self
+            .lcs
+            .iter()
+            .find(|l| l.id.as_str() == ep.name)
+            .ok_or_else(|| format!("no LC {}", ep.name))?;
+        let out = self
+            .backend
+            .exec(spec, argv, patchover_lc::Stdio::Capture)?;
+        if out.status != Some(0) {
+            return Err(format!(
+                "{argv:?} in {} exited with {:?}: {}",
+                ep.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+impl patchover_net::ServiceControl for LcServiceControl<'_> {
+    fn drain(&mut self, ep: &patchover_net::Endpoint) -> Result<(), patchover_net::BoxError> {
+        self.run(ep, &self.settings.drain)
+    }
+    fn resume(&mut self, ep: &patchover_net::Endpoint) -> Result<(), patchover_net::BoxError> {
+        self.run(ep, &self.settings.resume)
+    }
 }

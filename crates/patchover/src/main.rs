@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "patchover", version, about = "Patch a running service without stopping it.")]
+#[command(
+    name = "patchover",
+    version,
+    about = "Patch a running service without stopping it."
+)]
 struct Cli {
     /// The config file.
     #[arg(long, global = true, env = "PATCHOVER_CONFIG", default_value = patchover_core::config::DEFAULT_CONFIG_PATH)]
@@ -59,6 +63,9 @@ enum Command {
     ApprovalCode(cmd::approval::ApprovalCodeArgs),
     /// Give a decision on an approval challenge on the host.
     Approve(cmd::approval::ApproveArgs),
+    /// The whole story on this host: two LCs, the demo service patched from 1.0.0 to 1.0.1
+    /// under load, and the report (failed requests, lost writes, pause, versions).
+    Demo(cmd::demo::DemoArgs),
     /// Patch a running LC without stopping its service (the whole cycle).
     Patch(cmd::patch::PatchArgs),
     /// Hand the service back to the LC an earlier patch run kept.
@@ -80,6 +87,7 @@ fn main() -> ExitCode {
     let ctx = cmd::Ctx {
         config_path: cli.config,
         json: cli.json,
+        quiet: false,
     };
     let result = match cli.command {
         Command::Lc(c) => cmd::lc::run(c, &ctx),
@@ -94,6 +102,7 @@ fn main() -> ExitCode {
         Command::Feed(c) => cmd::feed::run(c, &ctx),
         Command::ApprovalCode(a) => cmd::approval::run_code(a, &ctx),
         Command::Approve(a) => cmd::approval::run_approve(a, &ctx),
+        Command::Demo(a) => cmd::demo::run(a, &ctx),
         Command::Patch(a) => cmd::patch::run_patch(a, &ctx),
         Command::Rollback(a) => cmd::patch::run_rollback(a, &ctx),
         Command::Runs(c) => cmd::patch::run_runs(c, &ctx),
@@ -121,7 +130,10 @@ fn main() -> ExitCode {
 /// 1 for everything else.
 fn exit_code(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
-        if cause.downcast_ref::<patchover_core::ConfigError>().is_some() {
+        if cause
+            .downcast_ref::<patchover_core::ConfigError>()
+            .is_some()
+        {
             return 2;
         }
         if let Some(lc) = cause.downcast_ref::<patchover_lc::LcError>()
@@ -138,7 +150,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("PATCHOVER_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter =
+        EnvFilter::try_from_env("PATCHOVER_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
     let json = std::env::var("PATCHOVER_LOG_FORMAT").is_ok_and(|v| v == "json");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

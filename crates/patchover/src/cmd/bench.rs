@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use super::{Ctx, bench_copy, bench_switch};
+use super::{Ctx, bench_copy, bench_feed, bench_switch};
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
@@ -12,11 +12,14 @@ pub enum BenchCmd {
     Copy(bench_copy::BenchArgs),
     /// Switchover under load in every mode (against stop-and-restart and a VRRP-style move).
     Switch(bench_switch::BenchArgs),
+    /// A 10,000-entry feed index verified, parsed and diffed with the patch table (goal < 100 ms).
+    Feed(bench_feed::BenchArgs),
 }
 
 pub fn run(cmd: BenchCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCmd::Copy(a) => bench_copy::run(a, ctx),
         BenchCmd::Switch(a) => bench_switch::run(a, ctx),
+        BenchCmd::Feed(a) => bench_feed::run(a, ctx),
     }
 }

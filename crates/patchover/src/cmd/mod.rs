@@ -6,6 +6,7 @@ pub mod bench_copy;
 pub mod bench_feed;
 pub mod bench_switch;
 pub mod bundle;
+pub mod demo;
 pub mod disk;
 pub mod feed;
 pub mod image;
@@ -26,6 +27,8 @@ use patchover_core::{Config, HostFacts};
 pub struct Ctx {
     pub config_path: PathBuf,
     pub json: bool,
+    /// Print nothing on success (a verb called by another verb).
+    pub quiet: bool,
 }
 
 impl Ctx {
@@ -71,7 +74,11 @@ impl Env {
             BadInput(format!(
                 "unknown LC {id:?}; {} defines: {}",
                 self.config.path.display(),
-                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
             ))
         })?;
         if spec.backend != patchover_core::BackendKind::Ns {

@@ -375,7 +375,8 @@ pub fn run_service(cmd: ServiceCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             patchover_orchestrator::recover::assign_service(&ep.netns, &ep.iface, ep.mac, service)?;
             patchover_orchestrator::recover::ensure_bridge_address(&env.config)?;
             env.store.set_role(spec.id.as_str(), Role::Active)?;
-            if ctx.json {
+            if ctx.quiet {
+            } else if ctx.json {
                 println!(
                     "{}",
                     json!({"lc": lc, "service_address": service.to_string()})

@@ -199,7 +199,8 @@ pub fn run(cmd: PatchesCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 store.mark_patch(m.id.as_str(), true)?;
             }
             let row = store.patch(m.id.as_str())?.expect("just registered");
-            if ctx.json {
+            if ctx.quiet {
+            } else if ctx.json {
                 println!("{}", row_json(&row));
             } else {
                 println!(

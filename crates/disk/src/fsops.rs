@@ -1,0 +1,698 @@
+//! File-level operations: data copy with fast paths, metadata, xattrs, special files, block diffs.
+//!
+//! Data is copied with the cheapest mechanism that works, tried in order and remembered per copy
+//! (one failed probe per run, not per file): `FICLONE` (a reflink shares the blocks, O(extents)),
+//! then `copy_file_range` extent by extent (the kernel copies, holes found with
+//! `SEEK_DATA`/`SEEK_HOLE` stay holes), then `pread`/`pwrite` over the same extents. Metadata is
+//! applied after the data in the order that keeps it: owner first (chown clears set-id bits and
+//! file capabilities), then mode, then xattrs, then timestamps last (every other change moves them).
+
+use std::ffi::{CStr, CString};
+use std::fs::{File, Metadata, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use xxhash_rust::xxh3::xxh3_128;
+
+use crate::error::CopyError;
+
+/// Block size of the hash diff. 4 KiB matches the page size and the typical write size, so a
+/// random 4 KiB write ships 4 KiB.
+pub const BLOCK: usize = 4096;
+const CHUNK: usize = 1 << 20;
+
+/// How reflinks are used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Reflink {
+    /// Reflink when the filesystem can, copy otherwise.
+    #[default]
+    Auto,
+    /// Never reflink (always copy the bytes).
+    Never,
+}
+
+/// Which fast paths still work for this copy, and what each one moved.
+#[derive(Debug, Default, Clone)]
+pub struct FastPaths {
+    pub reflink: Reflink,
+    reflink_broken: bool,
+    cfr_broken: bool,
+    pub bytes_reflinked: u64,
+    pub bytes_copy_range: u64,
+    pub bytes_read_write: u64,
+}
+
+impl FastPaths {
+    pub fn new(reflink: Reflink) -> Self {
+        FastPaths {
+            reflink,
+            ..FastPaths::default()
+        }
+    }
+}
+
+fn is_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EOPNOTSUPP
+                | libc::EXDEV
+                | libc::EINVAL
+                | libc::ENOTTY
+                | libc::ENOSYS
+                | libc::EBADF
+        )
+    )
+}
+
+pub fn cstr(p: &Path) -> io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Copies a regular file's data into a new file at `dst` (which must not exist). Returns the
+/// open destination so the caller can apply metadata through the fd.
+pub fn copy_new_file(src: &Path, dst: &Path, fp: &mut FastPaths) -> Result<File, CopyError> {
+    let sf = open_source(src)?;
+    let df = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dst)
+        .map_err(|e| CopyError::write(dst, e))?;
+    copy_data(&sf, src, &df, dst, fp)?;
+    Ok(df)
+}
+
+/// Opens a source file for reading, never following a symlink and never blocking on a FIFO: the
+/// source changes under us, and what was a regular file when listed may be something else now.
+/// That case is reported as `ENOENT` (the entry is gone as a regular file; the trap has recorded
+/// the change and replay copies what is there now).
+pub fn open_source(src: &Path) -> Result<File, CopyError> {
+    let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK;
+    // O_NOATIME keeps reads from touching the source's atime; it is refused for files we do not
+    // own unless we are root, hence the retry without it.
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags | libc::O_NOATIME)
+        .open(src)
+        .or_else(|_| OpenOptions::new().read(true).custom_flags(flags).open(src))
+        .map_err(|e| CopyError::read(src, e))?;
+    let md = f.metadata().map_err(|e| CopyError::read(src, e))?;
+    if !md.is_file() {
+        return Err(CopyError::read(
+            src,
+            io::Error::from_raw_os_error(libc::ENOENT),
+        ));
+    }
+    Ok(f)
+}
+
+/// Copies all data of `sf` into the empty `df`, keeping holes.
+pub fn copy_data(
+    sf: &File,
+    src: &Path,
+    df: &File,
+    dst: &Path,
+    fp: &mut FastPaths,
+) -> Result<(), CopyError> {
+    let len = sf.metadata().map_err(|e| CopyError::read(src, e))?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    if fp.reflink == Reflink::Auto && !fp.reflink_broken {
+        // SAFETY: FICLONE takes the source fd as its integer argument; both fds are open.
+        let r = unsafe { libc::ioctl(df.as_raw_fd(), libc::FICLONE, sf.as_raw_fd()) };
+        if r == 0 {
+            fp.bytes_reflinked += len;
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if is_unsupported(&e) {
+            fp.reflink_broken = true;
+        } else {
+            return Err(CopyError::write(dst, e));
+        }
+    }
+    df.set_len(len).map_err(|e| CopyError::write(dst, e))?;
+    let mut pos: i64 = 0;
+    let end = len as i64;
+    let mut buf: Vec<u8> = Vec::new();
+    while pos < end {
+        // SAFETY: lseek on an open fd has no memory effects.
+        let data = unsafe { libc::lseek(sf.as_raw_fd(), pos, libc::SEEK_DATA) };
+        let data = if data < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ENXIO) => break, // only a hole remains
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => pos,
+                _ => return Err(CopyError::read(src, e)),
+            }
+        } else {
+            data
+        };
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(sf.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { end } else { hole.min(end) };
+        if hole <= data {
+            break;
+        }
+        copy_range(
+            sf,
+            src,
+            df,
+            dst,
+            data as u64,
+            (hole - data) as u64,
+            fp,
+            &mut buf,
+        )?;
+        pos = hole;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn copy_range(
+    sf: &File,
+    src: &Path,
+    df: &File,
+    dst: &Path,
+    off: u64,
+    len: u64,
+    fp: &mut FastPaths,
+    buf: &mut Vec<u8>,
+) -> Result<(), CopyError> {
+    let mut done = 0u64;
+    if !fp.cfr_broken {
+        while done < len {
+            let mut so = (off + done) as i64;
+            let mut doff = (off + done) as i64;
+            let want = (len - done).min(1 << 30) as usize;
+            // SAFETY: both offsets point to valid i64s; fds are open.
+            let n = unsafe {
+                libc::copy_file_range(sf.as_raw_fd(), &mut so, df.as_raw_fd(), &mut doff, want, 0)
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if is_unsupported(&e) && done == 0 {
+                    fp.cfr_broken = true;
+                    break;
+                }
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                // copy_file_range cannot tell which side failed; ENOSPC/EDQUOT/EIO on write is
+                // the usual case, a read error shows up again on the plain path.
+                return Err(CopyError::write(dst, e));
+            }
+            if n == 0 {
+                return Ok(()); // the source shrank under us: the history replays it
+            }
+            done += n as u64;
+            fp.bytes_copy_range += n as u64;
+        }
+        if done >= len {
+            return Ok(());
+        }
+    }
+    buf.resize(CHUNK, 0);
+    while done < len {
+        let want = ((len - done) as usize).min(CHUNK);
+        let n = sf
+            .read_at(&mut buf[..want], off + done)
+            .map_err(|e| CopyError::read(src, e))?;
+        if n == 0 {
+            return Ok(());
+        }
+        df.write_all_at(&buf[..n], off + done)
+            .map_err(|e| CopyError::write(dst, e))?;
+        done += n as u64;
+        fp.bytes_read_write += n as u64;
+    }
+    Ok(())
+}
+
+/// Creates a non-regular, non-directory, non-symlink node (device, FIFO, socket) like `src`.
+pub fn make_node(dst: &Path, md: &Metadata) -> io::Result<()> {
+    let c = cstr(dst)?;
+    let mode = md.mode() & libc::S_IFMT | 0o600;
+    // SAFETY: c is a valid NUL-terminated path.
+    cvt(unsafe { libc::mknod(c.as_ptr(), mode, md.rdev()) })?;
+    Ok(())
+}
+
+/// Applies owner, mode, xattrs and timestamps of `md` (the source's) to `dst`, without following
+/// a symlink at `dst`. `src` is read for xattrs. `exact_xattrs` also removes xattrs `dst` has and
+/// the source has not (needed on replay, not on a fresh copy).
+pub fn apply_meta(
+    src: &Path,
+    dst: &Path,
+    md: &Metadata,
+    exact_xattrs: bool,
+) -> Result<(), CopyError> {
+    let c = cstr(dst).map_err(|e| CopyError::write(dst, e))?;
+    let w = |e| CopyError::write(dst, e);
+    // SAFETY: c is a valid path; AT_FDCWD with AT_SYMLINK_NOFOLLOW acts on the link itself.
+    cvt(unsafe {
+        libc::fchownat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            md.uid(),
+            md.gid(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map_err(w)?;
+    let is_link = md.file_type().is_symlink();
+    if !is_link {
+        // SAFETY: as above; chmod does not follow because dst is not a symlink.
+        cvt(unsafe { libc::chmod(c.as_ptr(), md.mode() & 0o7777) }).map_err(w)?;
+    }
+    copy_xattrs(src, dst, exact_xattrs)?;
+    set_times(&c, md).map_err(w)?;
+    Ok(())
+}
+
+fn set_times(c: &CStr, md: &Metadata) -> io::Result<()> {
+    let ts = [
+        libc::timespec {
+            tv_sec: md.atime(),
+            tv_nsec: md.atime_nsec(),
+        },
+        libc::timespec {
+            tv_sec: md.mtime(),
+            tv_nsec: md.mtime_nsec(),
+        },
+    ];
+    // SAFETY: c is a valid path and ts has two entries.
+    cvt(unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    Ok(())
+}
+
+/// Lists the xattr names of `p` (not following symlinks).
+pub fn list_xattrs(p: &Path) -> io::Result<Vec<Vec<u8>>> {
+    let c = cstr(p)?;
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: buf is valid for buf.len() bytes.
+        let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ERANGE) => {
+                    buf.resize(buf.len() * 4, 0);
+                    continue;
+                }
+                Some(libc::ENOTSUP) => return Ok(Vec::new()),
+                _ => return Err(e),
+            }
+        }
+        return Ok(buf[..n as usize]
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.to_vec())
+            .collect());
+    }
+}
+
+/// Reads one xattr value of `p`.
+pub fn get_xattr(p: &Path, name: &[u8]) -> io::Result<Vec<u8>> {
+    let c = cstr(p)?;
+    let n = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: buf is valid for buf.len() bytes; c and n are NUL-terminated.
+        let r =
+            unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ERANGE) {
+                buf.resize(buf.len() * 4, 0);
+                continue;
+            }
+            return Err(e);
+        }
+        buf.truncate(r as usize);
+        return Ok(buf);
+    }
+}
+
+fn copy_xattrs(src: &Path, dst: &Path, exact: bool) -> Result<(), CopyError> {
+    let names = list_xattrs(src).map_err(|e| CopyError::read(src, e))?;
+    let dc = cstr(dst).map_err(|e| CopyError::write(dst, e))?;
+    for name in &names {
+        let val = match get_xattr(src, name) {
+            Ok(v) => v,
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
+            Err(e) => return Err(CopyError::read(src, e)),
+        };
+        let n = CString::new(name.as_slice())
+            .map_err(|_| CopyError::read(src, io::Error::from_raw_os_error(libc::EINVAL)))?;
+        // SAFETY: pointers are valid for the given lengths.
+        let r =
+            unsafe { libc::lsetxattr(dc.as_ptr(), n.as_ptr(), val.as_ptr().cast(), val.len(), 0) };
+        if r < 0 {
+            return Err(CopyError::write(dst, io::Error::last_os_error()));
+        }
+    }
+    if exact {
+        let have = list_xattrs(dst).map_err(|e| CopyError::write(dst, e))?;
+        for name in have.iter().filter(|n| !names.contains(n)) {
+            let n = CString::new(name.as_slice())
+                .map_err(|_| CopyError::write(dst, io::Error::from_raw_os_error(libc::EINVAL)))?;
+            // SAFETY: both strings are NUL-terminated.
+            let r = unsafe { libc::lremovexattr(dc.as_ptr(), n.as_ptr()) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ENODATA) {
+                    return Err(CopyError::write(dst, e));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Block hashes of a destination file, as far as they are known (`None`: never read).
+pub type Hashes = Vec<Option<u128>>;
+
+/// What a diff shipped.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DiffStats {
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+/// Makes the existing regular file `dst` equal to `src` by comparing 4 KiB block hashes, writing
+/// only the blocks that differ (all-zero blocks are punched as holes). `hashes` holds what is
+/// known about `dst` and is updated. Changed ranges are reported to `on_range`.
+pub fn diff_file(
+    src: &Path,
+    dst: &Path,
+    hashes: &mut Hashes,
+    parallel: bool,
+    on_range: &mut dyn FnMut(u64, u64),
+) -> Result<DiffStats, CopyError> {
+    let sf = open_source(src)?;
+    let df = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dst)
+        .map_err(|e| CopyError::write(dst, e))?;
+    diff_fds(&sf, src, &df, dst, hashes, parallel, on_range)
+}
+
+/// [`diff_file`] on open files.
+pub fn diff_fds(
+    sf: &File,
+    src: &Path,
+    df: &File,
+    dst: &Path,
+    hashes: &mut Hashes,
+    parallel: bool,
+    on_range: &mut dyn FnMut(u64, u64),
+) -> Result<DiffStats, CopyError> {
+    let mut st = DiffStats::default();
+    let slen = sf.metadata().map_err(|e| CopyError::read(src, e))?.len();
+    let dlen = df.metadata().map_err(|e| CopyError::write(dst, e))?.len();
+    if slen != dlen {
+        df.set_len(slen).map_err(|e| CopyError::write(dst, e))?;
+        let keep = (slen.min(dlen) as usize) / BLOCK;
+        hashes.truncate(keep);
+    }
+    let nblocks = (slen as usize).div_ceil(BLOCK);
+    hashes.resize(nblocks, None);
+    // Large files are split over the CPUs when asked (`parallel`: while the writers are frozen at
+    // a cut, the hash scan is the freeze window, and the cores are otherwise idle).
+    let threads = if parallel && slen >= PARALLEL_MIN {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(8)
+    } else {
+        1
+    };
+    let per = nblocks.div_ceil(threads).div_ceil(CHUNK / BLOCK) * (CHUNK / BLOCK);
+    let mut results: Vec<SpanResult> = Vec::new();
+    std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        let mut rest: &mut [Option<u128>] = hashes;
+        let mut first = 0usize;
+        while !rest.is_empty() {
+            let take = per.min(rest.len());
+            let (mine, tail) = rest.split_at_mut(take);
+            rest = tail;
+            let start = (first * BLOCK) as u64;
+            let end = (((first + take) * BLOCK) as u64).min(slen);
+            first += take;
+            if threads == 1 {
+                results.push(diff_span(sf, src, df, dst, mine, start, end));
+            } else {
+                handles.push(scope.spawn(move || diff_span(sf, src, df, dst, mine, start, end)));
+            }
+        }
+        for h in handles {
+            results.push(h.join().unwrap_or(Err(CopyError::WorkerDied)));
+        }
+    });
+    for r in results {
+        let (s, ranges) = r?;
+        st.bytes_read += s.bytes_read;
+        st.bytes_written += s.bytes_written;
+        for (o, l) in ranges {
+            on_range(o, l);
+        }
+    }
+    Ok(st)
+}
+
+/// What one thread's diff did, and the ranges it wrote.
+type SpanResult = Result<(DiffStats, Vec<(u64, u64)>), CopyError>;
+
+/// Files at least this large are diffed by several threads.
+const PARALLEL_MIN: u64 = 64 << 20;
+
+/// Diffs bytes `start..end` (block-aligned start) whose block hashes are `hashes`.
+fn diff_span(
+    sf: &File,
+    src: &Path,
+    df: &File,
+    dst: &Path,
+    hashes: &mut [Option<u128>],
+    start: u64,
+    end: u64,
+) -> SpanResult {
+    let mut st = DiffStats::default();
+    let mut ranges = Vec::new();
+    let mut on_range = |o, l| ranges.push((o, l));
+    let mut sbuf = vec![0u8; CHUNK];
+    let mut dbuf = vec![0u8; CHUNK];
+    let zero = [0u8; BLOCK];
+    let mut off = start;
+    while off < end {
+        let want = ((end - off) as usize).min(CHUNK);
+        let n = read_full(sf, &mut sbuf[..want], off).map_err(|e| CopyError::read(src, e))?;
+        st.bytes_read += n as u64;
+        if n == 0 {
+            break;
+        }
+        let first = ((off - start) as usize) / BLOCK;
+        let nb = n.div_ceil(BLOCK);
+        let mut dst_read = false;
+        // A run of consecutive changed blocks: (start block, end block).
+        let mut run: Option<(usize, usize)> = None;
+        for i in 0..nb {
+            let b = &sbuf[i * BLOCK..((i + 1) * BLOCK).min(n)];
+            let h = xxh3_128(b);
+            let changed = match hashes[first + i] {
+                Some(k) => k != h,
+                None => {
+                    if !dst_read {
+                        let dn = read_full(df, &mut dbuf[..n], off)
+                            .map_err(|e| CopyError::write(dst, e))?;
+                        dbuf[dn..n].fill(0);
+                        dst_read = true;
+                    }
+                    dbuf[i * BLOCK..((i + 1) * BLOCK).min(n)] != *b
+                }
+            };
+            hashes[first + i] = Some(h);
+            if changed {
+                run = match run {
+                    Some((s, e)) if e == i => Some((s, i + 1)),
+                    Some((s, e)) => {
+                        write_run(df, dst, &sbuf, off, s, e, n, &zero, &mut st, &mut on_range)?;
+                        Some((i, i + 1))
+                    }
+                    None => Some((i, i + 1)),
+                };
+            }
+        }
+        if let Some((s, e)) = run {
+            write_run(df, dst, &sbuf, off, s, e, n, &zero, &mut st, &mut on_range)?;
+        }
+        off += n as u64;
+    }
+    Ok((st, ranges))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_run(
+    df: &File,
+    dst: &Path,
+    sbuf: &[u8],
+    off: u64,
+    s: usize,
+    e: usize,
+    n: usize,
+    zero: &[u8],
+    st: &mut DiffStats,
+    on_range: &mut dyn FnMut(u64, u64),
+) -> Result<(), CopyError> {
+    let a = s * BLOCK;
+    let b = (e * BLOCK).min(n);
+    let data = &sbuf[a..b];
+    let at = off + a as u64;
+    on_range(at, data.len() as u64);
+    if data.len().is_multiple_of(BLOCK) && data.chunks(BLOCK).all(|c| c == zero) {
+        // SAFETY: fallocate on an open fd with in-range arguments.
+        let r = unsafe {
+            libc::fallocate(
+                df.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                at as i64,
+                data.len() as i64,
+            )
+        };
+        if r == 0 {
+            st.bytes_written += data.len() as u64;
+            return Ok(());
+        }
+    }
+    df.write_all_at(data, at)
+        .map_err(|e| CopyError::write(dst, e))?;
+    st.bytes_written += data.len() as u64;
+    Ok(())
+}
+
+fn read_full(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], off + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// True for the kinds of inodes a disk can hold that are copied with `mknod`.
+pub fn is_special(ft: &std::fs::FileType) -> bool {
+    ft.is_block_device() || ft.is_char_device() || ft.is_fifo() || ft.is_socket()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn diff_ships_only_changed_blocks_and_follows_size_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, t) = (d.path().join("s"), d.path().join("t"));
+        let mut data = pattern(10 * BLOCK + 100, 1);
+        fs::write(&s, &data).unwrap();
+        fs::write(&t, &data).unwrap();
+        let mut h = Hashes::new();
+        let mut ranges = Vec::new();
+        // First diff: nothing known, copy compared byte for byte, nothing differs.
+        let st = diff_file(&s, &t, &mut h, true, &mut |o, l| ranges.push((o, l))).unwrap();
+        assert_eq!(st.bytes_written, 0);
+        assert!(ranges.is_empty());
+        // One block changes: exactly that block ships (from the hashes, without reading t).
+        data[3 * BLOCK + 7] ^= 0xff;
+        fs::write(&s, &data).unwrap();
+        let st = diff_file(&s, &t, &mut h, true, &mut |o, l| ranges.push((o, l))).unwrap();
+        assert_eq!(ranges, vec![((3 * BLOCK) as u64, BLOCK as u64)]);
+        assert_eq!(st.bytes_written, BLOCK as u64);
+        assert_eq!(fs::read(&t).unwrap(), data);
+        // Grow with a tail, then shrink into the middle of a block.
+        data.extend(pattern(3 * BLOCK, 9));
+        fs::write(&s, &data).unwrap();
+        diff_file(&s, &t, &mut h, true, &mut |_, _| {}).unwrap();
+        assert_eq!(fs::read(&t).unwrap(), data);
+        data.truncate(5 * BLOCK + 17);
+        fs::write(&s, &data).unwrap();
+        diff_file(&s, &t, &mut h, true, &mut |_, _| {}).unwrap();
+        assert_eq!(fs::read(&t).unwrap(), data);
+    }
+
+    #[test]
+    fn diff_punches_zeroed_blocks_as_holes() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, t) = (d.path().join("s"), d.path().join("t"));
+        let data = pattern(64 * BLOCK, 3);
+        fs::write(&s, &data).unwrap();
+        fs::write(&t, &data).unwrap();
+        let mut h = Hashes::new();
+        diff_file(&s, &t, &mut h, true, &mut |_, _| {}).unwrap();
+        let mut zeroed = data.clone();
+        zeroed[..32 * BLOCK].fill(0);
+        fs::write(&s, &zeroed).unwrap();
+        diff_file(&s, &t, &mut h, true, &mut |_, _| {}).unwrap();
+        assert_eq!(fs::read(&t).unwrap(), zeroed);
+        use std::os::unix::fs::MetadataExt;
+        let alloc = fs::metadata(&t).unwrap().blocks() * 512;
+        assert!(
+            alloc <= 40 * BLOCK as u64,
+            "zero blocks were written, not punched: {alloc}"
+        );
+    }
+
+    #[test]
+    fn large_files_are_diffed_in_parallel_spans() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, t) = (d.path().join("s"), d.path().join("t"));
+        let mut data = pattern((PARALLEL_MIN as usize) + 3 * BLOCK + 5, 7);
+        fs::write(&s, &data).unwrap();
+        fs::write(&t, &data).unwrap();
+        let mut h = Hashes::new();
+        diff_file(&s, &t, &mut h, true, &mut |_, _| {}).unwrap();
+        for at in [0, 5 * BLOCK + 1, data.len() / 2 + 9, data.len() - 1] {
+            data[at] ^= 0x5a;
+        }
+        fs::write(&s, &data).unwrap();
+        let mut ranges = Vec::new();
+        let st = diff_file(&s, &t, &mut h, true, &mut |o, l| ranges.push((o, l))).unwrap();
+        assert_eq!(fs::read(&t).unwrap(), data);
+        assert_eq!(ranges.len(), 4, "{ranges:?}");
+        assert!(st.bytes_written <= 4 * BLOCK as u64);
+    }
+}

@@ -1,0 +1,318 @@
+//! Follow mode and cuts while a writer keeps changing the source, including a property test with
+//! random workloads (writes, appends, truncates, renames, deletes, many small files, sparse files,
+//! hard links, metadata). At every cut the copy must equal the frozen source, checked by the
+//! test's own comparator.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use common::{LoopFs, diff_trees};
+use patchover_core::Quiesce;
+use patchover_disk::{CopyOptions, FollowCopy, NoProgress, is_incomplete};
+use proptest::prelude::*;
+
+/// Freezes the test's writer thread: the writer holds the lock for each operation, so `freeze`
+/// returns only between operations. `hold` keeps the writer frozen through `thaw` so the test can
+/// compare the trees at the cut.
+#[derive(Default)]
+struct Gate {
+    state: Mutex<(bool, bool)>, // (paused, hold)
+    cv: Condvar,
+}
+
+#[derive(Clone)]
+struct GateQ(Arc<Gate>);
+
+impl Quiesce for GateQ {
+    fn freeze(&mut self) -> std::io::Result<()> {
+        self.0.state.lock().unwrap().0 = true;
+        Ok(())
+    }
+    fn thaw(&mut self) -> std::io::Result<()> {
+        let mut s = self.0.state.lock().unwrap();
+        if !s.1 {
+            s.0 = false;
+            self.0.cv.notify_all();
+        }
+        Ok(())
+    }
+}
+
+impl Gate {
+    fn run<T>(&self, f: impl FnOnce() -> T) -> T {
+        let mut s = self.state.lock().unwrap();
+        while s.0 {
+            s = self.cv.wait(s).unwrap();
+        }
+        let r = f();
+        drop(s);
+        r
+    }
+    fn release(&self) {
+        let mut s = self.state.lock().unwrap();
+        *s = (false, false);
+        self.cv.notify_all();
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { f: u8, off: u32, len: u16, b: u8 },
+    Append { f: u8, len: u16 },
+    Truncate { f: u8, len: u32 },
+    Rename { a: u8, b: u8 },
+    Delete { f: u8 },
+    Many { d: u8, n: u16 },
+    Sparse { f: u8, at: u32 },
+    Link { a: u8, b: u8 },
+    Chmod { f: u8, mode: u16 },
+    Mkdir { d: u8 },
+    RenameDir { a: u8, b: u8 },
+    RmDir { d: u8 },
+    Symlink { f: u8 },
+}
+
+fn file(root: &Path, f: u8) -> PathBuf {
+    root.join(format!("d{}", f % 3)).join(format!("f{}", f % 7))
+}
+
+fn apply(root: &Path, op: &Op) {
+    // Errors are expected (the target may not exist): a workload is a mix of whatever happens.
+    let _ = (|| -> std::io::Result<()> {
+        match *op {
+            Op::Write { f, off, len, b } => {
+                let fh = OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(false)
+                    .open(file(root, f))?;
+                fh.write_all_at(&vec![b; len as usize], off as u64 % (4 << 20))?;
+            }
+            Op::Append { f, len } => {
+                let mut fh = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(file(root, f))?;
+                std::io::Write::write_all(&mut fh, &vec![b'a'; len as usize])?;
+            }
+            Op::Truncate { f, len } => {
+                OpenOptions::new()
+                    .write(true)
+                    .open(file(root, f))?
+                    .set_len(len as u64 % (8 << 20))?;
+            }
+            Op::Rename { a, b } => fs::rename(file(root, a), file(root, b))?,
+            Op::Delete { f } => fs::remove_file(file(root, f))?,
+            Op::Many { d, n } => {
+                let dir = root.join(format!("d{}", d % 3)).join("many");
+                fs::create_dir_all(&dir)?;
+                for i in 0..n {
+                    fs::write(dir.join(format!("s{i}")), format!("{d}-{i}"))?;
+                }
+            }
+            Op::Sparse { f, at } => {
+                let fh = OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(false)
+                    .open(file(root, f))?;
+                fh.set_len((at as u64 % (64 << 20)) + 8192)?;
+                fh.write_all_at(b"island", at as u64 % (64 << 20))?;
+            }
+            Op::Link { a, b } => fs::hard_link(file(root, a), file(root, b))?,
+            Op::Chmod { f, mode } => fs::set_permissions(
+                file(root, f),
+                fs::Permissions::from_mode(mode as u32 & 0o777),
+            )?,
+            Op::Mkdir { d } => fs::create_dir(root.join(format!("d{}", d % 3)))?,
+            Op::RenameDir { a, b } => fs::rename(
+                root.join(format!("d{}", a % 3)),
+                root.join(format!("d{}", b % 3)),
+            )?,
+            Op::RmDir { d } => fs::remove_dir_all(root.join(format!("d{}", d % 3)))?,
+            Op::Symlink { f } => std::os::unix::fs::symlink(format!("f{}", f % 5), file(root, f))?,
+        }
+        Ok(())
+    })();
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (any::<u8>(), any::<u32>(), 1..20000u16, any::<u8>()).prop_map(|(f, off, len, b)| Op::Write { f, off, len, b }),
+        2 => (any::<u8>(), 1..5000u16).prop_map(|(f, len)| Op::Append { f, len }),
+        2 => (any::<u8>(), any::<u32>()).prop_map(|(f, len)| Op::Truncate { f, len }),
+        2 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Op::Rename { a, b }),
+        1 => any::<u8>().prop_map(|f| Op::Delete { f }),
+        1 => (any::<u8>(), 1..400u16).prop_map(|(d, n)| Op::Many { d, n }),
+        1 => (any::<u8>(), any::<u32>()).prop_map(|(f, at)| Op::Sparse { f, at }),
+        1 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Op::Link { a, b }),
+        1 => (any::<u8>(), any::<u16>()).prop_map(|(f, mode)| Op::Chmod { f, mode }),
+        2 => any::<u8>().prop_map(|d| Op::Mkdir { d }),
+        1 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Op::RenameDir { a, b }),
+        1 => any::<u8>().prop_map(|d| Op::RmDir { d }),
+        1 => any::<u8>().prop_map(|f| Op::Symlink { f }),
+    ]
+}
+
+fn seed_tree(root: &Path) {
+    for d in 0..3u8 {
+        fs::create_dir_all(root.join(format!("d{d}"))).unwrap();
+        for f in 0..7u8 {
+            fs::write(file(root, d + 3 * f), vec![f; 3000 * f as usize]).unwrap();
+        }
+    }
+    common::rich_tree(&root.join("rich"));
+}
+
+/// Runs `ops` (then cycles them) in a writer thread during a follow copy; checkpoints in the
+/// middle and cuts at the end, comparing the trees at each cut with the writer frozen.
+fn follow_with_workload(base: &Path, ops: Vec<Op>, checkpoints: usize) {
+    let (src, dst) = (base.join("src"), base.join("dst"));
+    fs::create_dir_all(&src).unwrap();
+    seed_tree(&src);
+    let gate = Arc::new(Gate::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (gate, stop, src, ops) = (gate.clone(), stop.clone(), src.clone(), ops.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) && !ops.is_empty() {
+                gate.run(|| apply(&src, &ops[i % ops.len()]));
+                i += 1;
+                if i >= ops.len() {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        })
+    };
+    let opts = CopyOptions {
+        sync: false,
+        round_interval: Duration::from_millis(20),
+        ..CopyOptions::default()
+    };
+    let mut copy = FollowCopy::start(&src, &dst, &opts, Arc::new(NoProgress)).unwrap();
+    let mut q = GateQ(gate.clone());
+    for _ in 0..checkpoints {
+        std::thread::sleep(Duration::from_millis(30));
+        let cut = copy.checkpoint(&mut q, true).unwrap();
+        assert_eq!(cut.verified, Some(true));
+        assert!(
+            is_incomplete(&dst),
+            "a checkpoint is not the end of the copy"
+        );
+    }
+    gate.state.lock().unwrap().1 = true; // keep the writer frozen after the final cut
+    let rep = copy.cut(&mut q).unwrap();
+    let diffs = diff_trees(&src, &dst);
+    gate.release();
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    assert_eq!(
+        diffs,
+        Vec::<String>::new(),
+        "copy differs from the frozen source at the cut"
+    );
+    assert!(!is_incomplete(&dst));
+    assert!(rep.cut.is_some());
+}
+
+#[test]
+fn follow_copy_is_identical_at_every_cut() {
+    let lfs = LoopFs::new("ext4", 512);
+    let mut ops = Vec::new();
+    let mut x: u32 = 12345;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        x
+    };
+    for _ in 0..400 {
+        let r = next();
+        let a = (r >> 8) as u8;
+        let b = (r >> 16) as u8;
+        ops.push(match r % 10 {
+            0..=3 => Op::Write {
+                f: a,
+                off: next(),
+                len: 4096,
+                b,
+            },
+            4 => Op::Rename { a, b },
+            5 => Op::Many { d: a, n: 50 },
+            6 => Op::Truncate { f: a, len: next() },
+            7 => Op::Link { a, b },
+            8 => Op::Mkdir { d: a },
+            _ => Op::Delete { f: a },
+        });
+    }
+    follow_with_workload(&lfs.mnt, ops, 4);
+}
+
+#[test]
+fn follow_copy_of_an_image_file_under_random_writes() {
+    let lfs = LoopFs::new("ext4", 256);
+    let src = lfs.mnt.join("disk.img");
+    let f = fs::File::create(&src).unwrap();
+    f.set_len(32 << 20).unwrap();
+    drop(f);
+    let gate = Arc::new(Gate::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (gate, stop, src) = (gate.clone(), stop.clone(), src.clone());
+        std::thread::spawn(move || {
+            let fh = OpenOptions::new().write(true).open(&src).unwrap();
+            let mut x: u64 = 99;
+            while !stop.load(Ordering::SeqCst) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let off = (x >> 20) % (8192 - 1) * 4096;
+                gate.run(|| fh.write_all_at(&[(x >> 8) as u8; 4096], off).unwrap());
+            }
+        })
+    };
+    let dst = lfs.mnt.join("copy.img");
+    let opts = CopyOptions {
+        sync: false,
+        round_interval: Duration::from_millis(20),
+        ..CopyOptions::default()
+    };
+    let mut copy = FollowCopy::start(&src, &dst, &opts, Arc::new(NoProgress)).unwrap();
+    let mut q = GateQ(gate.clone());
+    let mut shipped = 0;
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(50));
+        let cut = copy.checkpoint(&mut q, true).unwrap();
+        assert_eq!(cut.verified, Some(true));
+        shipped += cut.bytes_shipped;
+    }
+    gate.state.lock().unwrap().1 = true;
+    let rep = copy.cut(&mut q).unwrap();
+    let same = fs::read(&src).unwrap() == fs::read(&dst).unwrap();
+    gate.release();
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    assert!(same, "image differs at the cut");
+    assert!(rep.stats.history_entries > 0);
+    assert!(rep.stats.bytes_replayed > 0, "{rep:?}");
+    // Block diffs ship what changed, not the whole image each time.
+    assert!(shipped < 3 * (32 << 20), "shipped {shipped}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, max_shrink_iters: 64, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn random_workloads_are_identical_at_the_cut(ops in proptest::collection::vec(op_strategy(), 20..150)) {
+        static FS: std::sync::OnceLock<LoopFs> = std::sync::OnceLock::new();
+        let lfs = FS.get_or_init(|| LoopFs::new("ext4", 1024));
+        let base = tempfile::tempdir_in(&lfs.mnt).unwrap();
+        follow_with_workload(base.path(), ops, 1);
+    }
+}

@@ -1,0 +1,247 @@
+//! Links, addresses and neighbours over rtnetlink, in any network namespace.
+//!
+//! The switcher changes the live path with a handful of netlink requests (attach a port to the
+//! bridge, move an address, fix a neighbour entry). They are sent over a netlink socket opened
+//! inside the namespace they act on, so no `ip` output is ever parsed and no namespace is
+//! entered by the calling thread.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+
+use futures::TryStreamExt;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{LinkAttribute, LinkFlag};
+use netlink_packet_route::neighbour::NeighbourState;
+use patchover_core::{Ipv4Cidr, MacAddr};
+
+use crate::netns::{NetnsError, in_netns};
+
+/// A netlink request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RtnlError {
+    #[error("netlink")]
+    Netns(#[from] NetnsError),
+    #[error("netlink: cannot open a socket")]
+    Socket(#[source] std::io::Error),
+    #[error("netlink: {what}")]
+    Request {
+        what: String,
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    #[error("link {name:?} does not exist; check the name (host port names look like po<LC>n<i>)")]
+    NoSuchLink { name: String },
+}
+
+/// What the switcher needs to know about a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub index: u32,
+    /// Index of the bridge (controller) the link is a port of.
+    pub controller: Option<u32>,
+    pub up: bool,
+    pub mac: Option<MacAddr>,
+}
+
+/// An rtnetlink connection bound to one network namespace.
+pub struct Rtnl {
+    rt: tokio::runtime::Runtime,
+    handle: rtnetlink::Handle,
+}
+
+impl Rtnl {
+    /// Opens a connection in `netns` (`None`: the caller's namespace).
+    pub fn open(netns: Option<&Path>) -> Result<Rtnl, RtnlError> {
+        in_netns(netns, || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(RtnlError::Socket)?;
+            let (conn, handle) = {
+                let _guard = rt.enter();
+                let (conn, handle, _) = rtnetlink::new_connection().map_err(RtnlError::Socket)?;
+                (conn, handle)
+            };
+            rt.spawn(conn);
+            Ok(Rtnl { rt, handle })
+        })?
+    }
+
+    fn req(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RtnlError {
+        let what = what.into();
+        move |source| RtnlError::Request {
+            what,
+            source: Box::new(source),
+        }
+    }
+
+    /// Looks a link up by name; `Ok(None)` if it does not exist.
+    pub fn link(&self, name: &str) -> Result<Option<LinkInfo>, RtnlError> {
+        let handle = self.handle.clone();
+        self.rt.block_on(async move {
+            let mut s = handle.link().get().match_name(name.to_string()).execute();
+            match s.try_next().await {
+                Ok(Some(msg)) => {
+                    let mut info = LinkInfo {
+                        index: msg.header.index,
+                        controller: None,
+                        up: msg.header.flags.contains(&LinkFlag::Up),
+                        mac: None,
+                    };
+                    for a in &msg.attributes {
+                        match a {
+                            LinkAttribute::Controller(c) => info.controller = Some(*c),
+                            LinkAttribute::Address(b) if b.len() == 6 => {
+                                let mut m = [0u8; 6];
+                                m.copy_from_slice(b);
+                                info.mac = Some(MacAddr(m));
+                            }
+                            _ => {}
+                        }
+                    }
+                    Ok(Some(info))
+                }
+                Ok(None) => Ok(None),
+                Err(rtnetlink::Error::NetlinkError(e))
+                    if e.code.map(|c| c.get()) == Some(-libc::ENODEV) =>
+                {
+                    Ok(None)
+                }
+                Err(e) => Err(Self::req(format!("look up link {name:?}"))(e)),
+            }
+        })
+    }
+
+    /// Like [`Rtnl::link`] but a missing link is an error.
+    pub fn need_link(&self, name: &str) -> Result<LinkInfo, RtnlError> {
+        self.link(name)?.ok_or_else(|| RtnlError::NoSuchLink {
+            name: name.to_string(),
+        })
+    }
+
+    /// Makes link `index` a port of bridge `bridge` (or of none) and sets it up.
+    pub fn set_controller(&self, index: u32, bridge: Option<u32>) -> Result<(), RtnlError> {
+        let handle = self.handle.clone();
+        self.rt.block_on(async move {
+            let req = handle.link().set(index);
+            let req = match bridge {
+                Some(b) => req.controller(b),
+                None => req.nocontroller(),
+            };
+            req.execute()
+                .await
+                .map_err(Self::req(format!("set controller of link {index}")))
+        })
+    }
+
+    /// Sets link `index` up or down.
+    pub fn set_up(&self, index: u32, up: bool) -> Result<(), RtnlError> {
+        let handle = self.handle.clone();
+        self.rt.block_on(async move {
+            let req = handle.link().set(index);
+            let req = if up { req.up() } else { req.down() };
+            req.execute()
+                .await
+                .map_err(Self::req(format!("set link {index} up={up}")))
+        })
+    }
+
+    /// The IPv4 addresses on link `index`.
+    pub fn addresses(&self, index: u32) -> Result<Vec<Ipv4Cidr>, RtnlError> {
+        let handle = self.handle.clone();
+        self.rt.block_on(async move {
+            let mut s = handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .execute();
+            let mut out = Vec::new();
+            while let Some(msg) = s
+                .try_next()
+                .await
+                .map_err(Self::req(format!("list addresses of link {index}")))?
+            {
+                if msg.header.index != index {
+                    continue;
+                }
+                for a in &msg.attributes {
+                    if let AddressAttribute::Address(IpAddr::V4(v4)) = a {
+                        out.push(Ipv4Cidr {
+                            addr: *v4,
+                            prefix: msg.header.prefix_len,
+                        });
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Adds `cidr` to link `index`; adding an address that is already there is fine.
+    pub fn add_address(&self, index: u32, cidr: Ipv4Cidr) -> Result<(), RtnlError> {
+        if self.addresses(index)?.iter().any(|a| a.addr == cidr.addr) {
+            return Ok(());
+        }
+        let handle = self.handle.clone();
+        self.rt.block_on(async move {
+            handle
+                .address()
+                .add(index, IpAddr::V4(cidr.addr), cidr.prefix)
+                .execute()
+                .await
+                .map_err(Self::req(format!("add {cidr} to link {index}")))
+        })
+    }
+
+    /// Removes `addr` from link `index`; removing an absent address is fine.
+    pub fn del_address(&self, index: u32, addr: Ipv4Addr) -> Result<(), RtnlError> {
+        let handle = self.handle.clone();
+        self.rt.block_on(async move {
+            let mut s = handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .set_address_filter(IpAddr::V4(addr))
+                .execute();
+            let mut msgs = Vec::new();
+            while let Some(m) = s
+                .try_next()
+                .await
+                .map_err(Self::req(format!("find {addr} on link {index}")))?
+            {
+                msgs.push(m);
+            }
+            for m in msgs {
+                handle
+                    .address()
+                    .del(m)
+                    .execute()
+                    .await
+                    .map_err(Self::req(format!("remove {addr} from link {index}")))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Points the neighbour entry for `ip` on link `index` at `mac` (state STALE, so the kernel
+    /// re-verifies it on use instead of trusting it forever).
+    pub fn replace_neighbour(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        mac: MacAddr,
+    ) -> Result<(), RtnlError> {
+        let handle = self.handle.clone();
+        self.rt.block_on(async move {
+            handle
+                .neighbours()
+                .add(index, IpAddr::V4(ip))
+                .link_local_address(&mac.0)
+                .state(NeighbourState::Stale)
+                .replace()
+                .execute()
+                .await
+                .map_err(Self::req(format!("point neighbour {ip} at {mac}")))
+        })
+    }
+}

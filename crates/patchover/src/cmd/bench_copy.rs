@@ -1,0 +1,110 @@
+//! `patchover bench copy`: disk copy throughput against `cp -a`, reflink, freeze windows and the
+//! writer's throughput loss, all measured in one run (see `patchover_disk::bench`).
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use patchover_disk::bench::{self, BenchConfig, WriterSpec};
+
+use super::Ctx;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// A CI-sized run: smaller tree and data file, fewer verified cuts (about 30 s).
+    #[arg(long)]
+    pub quick: bool,
+    /// Cuts for the freeze-window figures.
+    #[arg(long)]
+    pub cuts: Option<usize>,
+    /// Internal: run as the benchmark's writer process with this spec (JSON).
+    #[arg(long, hide = true, value_name = "SPEC")]
+    pub internal_writer: Option<String>,
+}
+
+pub fn run(args: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    if let Some(spec) = args.internal_writer {
+        let spec: WriterSpec = serde_json::from_str(&spec).context("writer spec")?;
+        let r = bench::writer_main(&spec).context("writer")?;
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let exe = std::env::current_exe().context("find the patchover binary for the writer")?;
+    let writer_cmd = vec![
+        exe.into_os_string(),
+        "bench".into(),
+        "copy".into(),
+        "--internal-writer".into(),
+    ];
+    let mut cfg = if args.quick {
+        BenchConfig::quick(writer_cmd)
+    } else {
+        BenchConfig::full(writer_cmd)
+    };
+    if let Some(c) = args.cuts {
+        cfg.cuts = c.max(1);
+    }
+    let json = ctx.json;
+    let r = bench::run(&cfg, &|s| {
+        if !json {
+            eprintln!("… {s}");
+        }
+    })
+    .context("bench copy")?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let yes = |b: bool| if b { "met" } else { "MISSED" };
+    println!(
+        "bulk (ext4)     {:.0} MiB, {} files: cp -a {:.2} s, patchover {:.2} s  → {:.2}× cp   (goal ≥ 0.9×: {})",
+        mib(r.bulk.bytes),
+        r.bulk.files,
+        r.bulk.cp_secs,
+        r.bulk.patchover_secs,
+        r.bulk.ratio,
+        yes(r.goals.bulk_ge_0_9_cp)
+    );
+    println!(
+        "reflink (xfs)   tree: cp -a {:.2} s, patchover {:.3} s → {:.1}× cp; image {:.0} MiB: cp -a {:.2} s, patchover {:.3} s → {:.0}× cp   (goal ≥ 10×: {})",
+        r.reflink.cp_secs,
+        r.reflink.patchover_secs,
+        r.reflink.ratio,
+        mib(r.reflink_image.bytes),
+        r.reflink_image.cp_secs,
+        r.reflink_image.patchover_secs,
+        r.reflink_image.ratio,
+        yes(r.goals.reflink_ge_10x_cp)
+    );
+    println!(
+        "freeze window   {} cuts: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {:.0} KiB shipped per cut   (goal p99 < 50 ms: {})",
+        r.freeze.cuts,
+        r.freeze.p50_ms,
+        r.freeze.p99_ms,
+        r.freeze.max_ms,
+        r.freeze.mean_shipped_kib,
+        yes(r.goals.freeze_p99_lt_50ms)
+    );
+    println!(
+        "writer          {:.1} MB/s alone, {:.1} MB/s while the copy runs → {:.1}% loss   (goal ≤ 10%: {}); {:.1} MB/s during back-to-back cuts ({:.1}% loss, frozen time included)",
+        r.writer.alone_mb_s,
+        r.writer.during_copy_mb_s,
+        r.writer.loss * 100.0,
+        yes(r.goals.writer_loss_le_10pct),
+        r.writer.during_cuts_mb_s,
+        r.writer.loss_with_cuts * 100.0,
+    );
+    println!(
+        "identical       {}/{} cuts{}   (goal all: {})",
+        r.identical.identical,
+        r.identical.cuts,
+        r.identical
+            .first_difference
+            .as_ref()
+            .map(|d| format!(", first difference: {d}"))
+            .unwrap_or_default(),
+        yes(r.goals.identical_at_every_cut)
+    );
+    Ok(ExitCode::SUCCESS)
+}

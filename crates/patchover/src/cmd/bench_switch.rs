@@ -1,0 +1,115 @@
+//! `patchover bench switch`: every switch mode under load, against stop-and-restart and a
+//! VRRP-style address move, in namespaces it creates and removes itself.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use patchover_load::{ConnMode, parse_duration};
+use patchover_net::Mode;
+use patchover_net::bench::{BenchConfig, CaseResult};
+
+use super::Ctx;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Requests per second.
+    #[arg(long, default_value_t = 5000.0)]
+    pub rate: f64,
+    /// Switchovers per mode and connection kind.
+    #[arg(long, default_value_t = 20)]
+    pub switches: usize,
+    /// Time between switchovers.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub gap: Duration,
+    /// Modes to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "path,readdress,seamless", value_parser = |s: &str| s.parse::<Mode>())]
+    pub modes: Vec<Mode>,
+    /// Client kinds, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "new,keepalive,mixed", value_parser = |s: &str| s.parse::<ConnMode>())]
+    pub connections: Vec<ConnMode>,
+    /// Skip the stop-restart and address-move baselines.
+    #[arg(long)]
+    pub no_baselines: bool,
+    /// Downtime of the stop-restart baseline ("patching").
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub patch_time: Duration,
+    /// Switches of each baseline.
+    #[arg(long, default_value_t = 5)]
+    pub baseline_switches: usize,
+}
+
+fn row(r: &CaseResult) -> Vec<String> {
+    vec![
+        r.case.clone(),
+        format!("{:?}", r.connections).to_lowercase(),
+        r.switches.to_string(),
+        format!("{}/{}", r.failed, r.total),
+        r.retried.to_string(),
+        format!(
+            "{:.2}/{:.2}/{:.2}",
+            r.steady.p50_ms, r.steady.p99_ms, r.steady.p999_ms
+        ),
+        format!(
+            "{:.2}/{:.2}/{:.2}",
+            r.window.p50_ms, r.window.p99_ms, r.window.p999_ms
+        ),
+        format!("{:.1}/{:.1}", r.pause_ms.p50, r.pause_ms.max),
+        format!(
+            "{:.1}/{:.1}",
+            r.first_request_ms.p50, r.first_request_ms.max
+        ),
+        format!("{:.1}/{:.1}", r.outage_ms.p50, r.outage_ms.max),
+    ]
+}
+
+const HEADER: [&str; 10] = [
+    "case",
+    "clients",
+    "switches",
+    "failed/total",
+    "retried",
+    "steady p50/p99/p99.9 ms",
+    "window p50/p99/p99.9 ms",
+    "pause p50/max ms",
+    "first req p50/max ms",
+    "no-answer gap p50/max ms",
+];
+
+pub fn run(args: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let cfg = BenchConfig {
+        rate: args.rate,
+        switches: args.switches,
+        gap: args.gap,
+        modes: args.modes,
+        connections: args.connections,
+        baselines: !args.no_baselines,
+        patch_time: args.patch_time,
+        baseline_switches: args.baseline_switches,
+        ..BenchConfig::default()
+    };
+    let json = ctx.json;
+    let mut progress = |r: &CaseResult| {
+        if !json {
+            eprint!("{}", super::table(&HEADER, &[row(r)]));
+        }
+    };
+    let results = patchover_net::bench::run(&cfg, &mut progress)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"config": cfg, "results": results}))?
+        );
+    } else {
+        let rows: Vec<Vec<String>> = results.iter().map(row).collect();
+        print!("{}", super::table(&HEADER, &rows));
+    }
+    let modes_failed = results
+        .iter()
+        .any(|r| r.failed > 0 && r.case.parse::<Mode>().is_ok());
+    Ok(if modes_failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,460 @@
+//! `patchover demo`: the whole story on this host in one command. Two LCs, the demo service
+//! v1.0.0 on one, a signed bundle that upgrades it to v1.0.1, a client that reads and writes
+//! all along, and the patch cycle in between; then the report users care about: failed
+//! requests, acknowledged writes lost, the pause, and the versions before and after.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use patchover_bundle::create::{create_bundle, sign_bundle};
+use patchover_bundle::keys::{SigningKey, generate_keypair};
+use patchover_lc::LcBackend;
+use patchover_net::Mode;
+use serde_json::json;
+
+use super::{Ctx, Env};
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Where the demo keeps its config, disks, keys and state (wiped at the start).
+    #[arg(long, default_value = "/var/tmp/patchover-demo")]
+    pub dir: PathBuf,
+    #[arg(long, default_value = "readdress", value_parser = |s: &str| s.parse::<Mode>())]
+    pub mode: Mode,
+    /// Read requests per second of the load (GET /version, new and keep-alive connections).
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+    /// Keep the LCs running after the demo (to look around with `patchover lc …`).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+const BRIDGE: &str = "podemo0";
+const NET: &str = "10.77.250";
+const CLIENT_NS: &str = "podemo-client";
+
+fn sh(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {}", args[0]))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    patchover_bundle::Sha256::of(data).to_string()
+}
+
+/// Writes the demo's config and returns its path.
+fn write_config(dir: &Path, pubkey: &Path) -> anyhow::Result<PathBuf> {
+    let d = dir.display();
+    let text = format!(
+        r#"# Written by `patchover demo`.
+state_dir = "{d}/state"
+run_dir = "{d}/run"
+cgroup_parent = "patchover-demo"
+
+[network]
+bridge = "{BRIDGE}"
+bridge_address = "{NET}.1/24"
+service_address = "{NET}.10/24"
+
+[bundles]
+trusted_keys = ["{pk}"]
+
+[[lc]]
+id = "lc1"
+cpu = 0
+cpu_share = 50
+memory_mib = 256
+system_disk = {{ path = "{d}/lc1-sys" }}
+app_disk = {{ path = "{d}/lc1-app", mount = "/data" }}
+nic = [{{ name = "eth0", address = "{NET}.11/24" }}]
+
+[[lc]]
+id = "lc2"
+cpu = 1
+cpu_share = 50
+memory_mib = 256
+system_disk = {{ path = "{d}/lc2-sys" }}
+app_disk = {{ path = "{d}/lc2-app", mount = "/data" }}
+nic = [{{ name = "eth0", address = "{NET}.12/24" }}]
+"#,
+        pk = pubkey.display()
+    );
+    let path = dir.join("patchover.toml");
+    fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// One request with a deadline on a fresh connection; the status code.
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    deadline: Duration,
+) -> Result<u16, String> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, deadline).map_err(|e| e.to_string())?;
+    let left = deadline
+        .saturating_sub(start.elapsed())
+        .max(Duration::from_millis(1));
+    s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: demo\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .map_err(|e| e.to_string())?;
+    s.write_all(body).map_err(|e| e.to_string())?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).map_err(|e| e.to_string())?;
+    String::from_utf8_lossy(&resp)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| "malformed answer".to_owned())
+}
+
+struct WriterResult {
+    acked: BTreeMap<String, String>,
+    failed: Vec<String>,
+}
+
+/// Writes keys as fast as the service acknowledges them, from inside the client namespace.
+fn writer(
+    netns: PathBuf,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<WriterResult> {
+    std::thread::spawn(move || {
+        let mut r = WriterResult {
+            acked: BTreeMap::new(),
+            failed: Vec::new(),
+        };
+        if let Err(e) = patchover_net::netns::enter_netns(&netns) {
+            r.failed
+                .push(format!("cannot enter the client namespace: {e}"));
+            return r;
+        }
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let (k, v) = (format!("demo-{n}"), format!("value-{n}"));
+            match request(
+                addr,
+                "PUT",
+                &format!("/kv/{k}"),
+                v.as_bytes(),
+                Duration::from_secs(2),
+            ) {
+                Ok(201) => {
+                    r.acked.insert(k, v);
+                }
+                Ok(s) => r.failed.push(format!("PUT {k}: HTTP {s}")),
+                Err(e) => r.failed.push(format!("PUT {k}: {e}")),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        r
+    })
+}
+
+/// Counts the acknowledged writes the service no longer has.
+fn lost_writes(
+    netns: &Path,
+    addr: SocketAddr,
+    acked: &BTreeMap<String, String>,
+) -> anyhow::Result<u64> {
+    let acked = acked.clone();
+    let lost = patchover_net::netns::in_netns(Some(netns), move || {
+        acked
+            .iter()
+            .filter(|(k, v)| {
+                let get = || -> Result<Vec<u8>, String> {
+                    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                        .map_err(|e| e.to_string())?;
+                    s.set_read_timeout(Some(Duration::from_secs(2)))
+                        .map_err(|e| e.to_string())?;
+                    write!(
+                        s,
+                        "GET /kv/{k} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n"
+                    )
+                    .map_err(|e| e.to_string())?;
+                    let mut resp = Vec::new();
+                    s.read_to_end(&mut resp).map_err(|e| e.to_string())?;
+                    let at = resp
+                        .windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .ok_or("malformed")?
+                        + 4;
+                    Ok(resp[at..].to_vec())
+                };
+                get().map_or(true, |b| b != v.as_bytes())
+            })
+            .count() as u64
+    })?;
+    Ok(lost)
+}
+
+fn stop_previous(dir: &Path) {
+    let cfg = dir.join("patchover.toml");
+    if cfg.exists()
+        && let Ok(exe) = std::env::current_exe()
+    {
+        for lc in ["lc1", "lc2"] {
+            let _ = Command::new(&exe)
+                .env("PATCHOVER_CONFIG", &cfg)
+                .args(["lc", "stop", lc])
+                .output();
+        }
+    }
+    let _ = Command::new("ip")
+        .args(["netns", "del", CLIENT_NS])
+        .output();
+    let _ = Command::new("ip")
+        .args(["link", "del", "podemocli"])
+        .output();
+}
+
+pub fn run(a: DemoArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let say = |s: &str| {
+        if !ctx.json {
+            eprintln!("demo: {s}");
+        }
+    };
+    stop_previous(&a.dir);
+    if a.dir.exists() {
+        fs::remove_dir_all(&a.dir).with_context(|| format!("clearing {}", a.dir.display()))?;
+    }
+    fs::create_dir_all(&a.dir)?;
+    let keys = a.dir.join("keys");
+    fs::create_dir_all(&keys)?;
+    let (pubkey, seckey) = (keys.join("release.pub"), keys.join("release.key"));
+    generate_keypair(&pubkey, &seckey, None).context("making the signing key")?;
+    let config_path = write_config(&a.dir, &pubkey)?;
+    let dctx = Ctx {
+        config_path: config_path.clone(),
+        json: true,
+        quiet: true,
+    };
+
+    say("building the demo image (busybox, the agent, the demo service v1.0.0)");
+    super::image::build_demo(&a.dir.join("lc1-sys"), "1.0.0", 80, true)?;
+    for d in ["lc1-app", "lc2-sys", "lc2-app"] {
+        fs::create_dir_all(a.dir.join(d))?;
+    }
+
+    say("making and signing the bundle demo-1.0.1");
+    let bdir = a.dir.join("bundle-src");
+    fs::create_dir_all(bdir.join("payload"))?;
+    fs::write(bdir.join("payload/version"), "1.0.1\n")?;
+    fs::write(
+        bdir.join("manifest.toml"),
+        format!(
+            r#"format = 1
+id = "demo-1.0.1"
+title = "Upgrade the demo service to 1.0.1"
+category = "security"
+severity = "high"
+published = 2026-11-25T00:00:00Z
+
+[[step]]
+kind = "replace"
+path = "/etc/demo/version"
+file = "version"
+old_sha256 = "{old}"
+
+[[check]]
+kind = "file_hash"
+path = "/etc/demo/version"
+sha256 = "{new}"
+"#,
+            old = sha256_hex(b"1.0.0\n"),
+            new = sha256_hex(b"1.0.1\n")
+        ),
+    )?;
+    let bundle = a.dir.join("demo-1.0.1.po");
+    create_bundle(&bdir, &bundle).context("creating the bundle")?;
+    sign_bundle(&bundle, &SigningKey::from_file(&seckey, None)?).context("signing the bundle")?;
+    super::patches::run(
+        super::patches::PatchesCmd::Import {
+            file: bundle,
+            mark: true,
+        },
+        &dctx,
+    )?;
+
+    say("booting lc1 and giving it the service address");
+    {
+        let env = Env::open(&dctx)?;
+        let lc1 = env.lc("lc1")?.clone();
+        env.backend.boot(&lc1)?;
+        env.backend.wait_agent(&lc1, Duration::from_secs(30))?;
+    }
+    super::patch::run_service(super::patch::ServiceCmd::Assign { lc: "lc1".into() }, &dctx)?;
+
+    // A client host on the bridge.
+    sh(&["ip", "netns", "add", CLIENT_NS])?;
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        "podemocli",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        CLIENT_NS,
+    ])?;
+    sh(&["ip", "link", "set", "podemocli", "master", BRIDGE, "up"])?;
+    sh(&[
+        "ip",
+        "-n",
+        CLIENT_NS,
+        "addr",
+        "add",
+        &format!("{NET}.200/24"),
+        "dev",
+        "eth0",
+    ])?;
+    sh(&["ip", "-n", CLIENT_NS, "link", "set", "eth0", "up"])?;
+    sh(&["ip", "-n", CLIENT_NS, "link", "set", "lo", "up"])?;
+    let netns = PathBuf::from(format!("/run/netns/{CLIENT_NS}"));
+    let service: SocketAddr = format!("{NET}.10:80").parse()?;
+
+    let load_secs = 30u64;
+    say(&format!(
+        "driving load for {load_secs} s ({} reads/s + a writer) and patching lc1 meanwhile",
+        a.rate
+    ));
+    let mut cfg = patchover_load::LoadConfig::for_url(
+        &format!("http://{service}/version"),
+        a.rate,
+        Duration::from_secs(load_secs),
+        patchover_load::ConnMode::Mixed,
+    )?;
+    cfg.netns = Some(netns.clone());
+    let reads = std::thread::spawn(move || patchover_load::run(&cfg));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = writer(netns.clone(), service, stop.clone());
+    std::thread::sleep(Duration::from_secs(2));
+
+    let started = Instant::now();
+    let out = Command::new(std::env::current_exe()?)
+        .env("PATCHOVER_CONFIG", &config_path)
+        .args(["--json", "patch", "lc1", "--mode", &a.mode.to_string()])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    let cycle_s = started.elapsed().as_secs_f64();
+    let run: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("the patch run's report")?;
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let w = writes
+        .join()
+        .map_err(|_| anyhow::anyhow!("the writer thread panicked"))?;
+    let r = reads
+        .join()
+        .map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
+    let lost = lost_writes(&netns, service, &w.acked)?;
+
+    let requests_total = r.summary.total + w.acked.len() as u64 + w.failed.len() as u64;
+    let requests_failed = r.summary.failed_total + w.failed.len() as u64;
+    let report = json!({
+        "mode": a.mode.to_string(),
+        "outcome": run["outcome"],
+        "requests_total": requests_total,
+        "requests_failed": requests_failed,
+        "reads": {"total": r.summary.total, "failed": r.summary.failed, "p50_ms": r.summary.latency.p50_ms, "p99_ms": r.summary.latency.p99_ms, "max_ms": r.summary.latency.max_ms},
+        "writes_acknowledged": w.acked.len(),
+        "writes_failed": w.failed.len(),
+        "writes_lost": lost,
+        "pause_ms": run["pause_ms"],
+        "freeze_ms": run["freeze_ms"],
+        "bytes_copied": run["bytes_copied"],
+        "bytes_replayed": run["bytes_replayed"],
+        "version_before": run["version_before"],
+        "version_after": run["version_after"],
+        "cycle_s": cycle_s,
+        "steps": run["steps"],
+        "error": run["error"],
+        "run_id": run["run_id"],
+    });
+    if ctx.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "patchover demo ({} mode): {}",
+            a.mode,
+            run["outcome"].as_str().unwrap_or("?")
+        );
+        println!(
+            "  version            {} -> {}",
+            run["version_before"].as_str().unwrap_or("?"),
+            run["version_after"].as_str().unwrap_or("?")
+        );
+        println!("  requests           {requests_total} total, {requests_failed} failed");
+        println!(
+            "  writes             {} acknowledged, {lost} lost",
+            w.acked.len()
+        );
+        println!(
+            "  pause              {} ms (freeze {} ms)",
+            run["pause_ms"], run["freeze_ms"]
+        );
+        println!(
+            "  copied / replayed  {} / {} bytes",
+            run["bytes_copied"], run["bytes_replayed"]
+        );
+        println!("  the cycle took     {cycle_s:.1} s:");
+        for s in run["steps"].as_array().into_iter().flatten() {
+            println!(
+                "    {:<18} {:>8.0} ms",
+                s["step"].as_str().unwrap_or(""),
+                s["ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+        if let Some(e) = run["error"].as_str() {
+            println!("  error: {e}");
+        }
+        for f in w.failed.iter().take(5) {
+            println!("  failed: {f}");
+        }
+    }
+    let _ = Command::new("ip")
+        .args(["netns", "del", CLIENT_NS])
+        .output();
+    if !a.keep {
+        stop_previous(&a.dir);
+    } else if !ctx.json {
+        println!(
+            "  LCs kept: PATCHOVER_CONFIG={} patchover lc list",
+            config_path.display()
+        );
+    }
+    let good = run["outcome"] == "ok" && requests_failed == 0 && lost == 0;
+    Ok(if good {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

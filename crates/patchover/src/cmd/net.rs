@@ -1,0 +1,260 @@
+//! `patchover net`: move the service between LCs (`switch`), hand it back (`back`), and set up
+//! the service NAT of `seamless` mode (`setup`). The switching itself lives in `patchover-net`;
+//! this file maps LCs of the config onto its endpoints.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Subcommand;
+use patchover_core::LcSpec;
+use patchover_lc::LcBackend;
+use patchover_load::parse_duration;
+use patchover_net::{
+    Endpoint, GarpConfig, HealthCheck, Hooks, Mode, NoControl, SwitchError, SwitchPlan,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{BadInput, Ctx, Env};
+
+#[derive(Subcommand)]
+pub enum NetCmd {
+    /// Move the service from LC FROM to LC TO.
+    Switch {
+        from: String,
+        to: String,
+        /// path (one NIC identity, bridge port swap), readdress (two NICs, address move +
+        /// gratuitous ARP) or seamless (host NAT, no pause).
+        #[arg(long, value_parser = |s: &str| s.parse::<Mode>())]
+        mode: Mode,
+        #[command(flatten)]
+        opts: SwitchOpts,
+    },
+    /// Hand the service back to the LC the last switch moved it from.
+    Back {
+        #[command(flatten)]
+        opts: SwitchOpts,
+    },
+    /// seamless mode: point the service NAT at ACTIVE (once, before the first switch).
+    Setup { active: String },
+}
+
+#[derive(clap::Args, Clone)]
+pub struct SwitchOpts {
+    /// The service port (checked, drained, held).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// The check the standby must pass on the service address.
+    #[arg(long, default_value = "/version")]
+    pub check_path: String,
+    /// Text the standby's answer must contain (its version or id); empty accepts any 200.
+    #[arg(long, default_value = "")]
+    pub expect: String,
+    /// How long the old LC may take to finish its connections.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub drain_deadline: Duration,
+    /// Gratuitous ARP frames per burst (readdress).
+    #[arg(long, default_value_t = 3)]
+    pub garp_count: u32,
+    /// Gap between frames of a burst.
+    #[arg(long, default_value = "5ms", value_parser = parse_duration)]
+    pub garp_interval: Duration,
+    /// Repeat the burst this long after the switch (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1s,5s", value_parser = parse_duration)]
+    pub garp_refresh: Vec<Duration>,
+}
+
+/// What `back` needs to know about the last switch.
+#[derive(Serialize, Deserialize)]
+struct LastSwitch {
+    from: String,
+    to: String,
+    mode: Mode,
+}
+
+fn last_path(env: &Env) -> PathBuf {
+    env.config.state_dir.join("net-last-switch.json")
+}
+
+fn endpoint(env: &Env, spec: &LcSpec) -> anyhow::Result<Endpoint> {
+    let nic = spec.nics.first().ok_or_else(|| {
+        BadInput(format!(
+            "LC {} has no NIC in the config; add one under [[lc.nic]]",
+            spec.id
+        ))
+    })?;
+    let address = nic.address.ok_or_else(|| {
+        BadInput(format!(
+            "NIC {} of LC {} has no address in the config",
+            nic.name, spec.id
+        ))
+    })?;
+    let status = env
+        .backend
+        .status(spec)
+        .with_context(|| format!("status of LC {}", spec.id))?;
+    let pid = status.pid.ok_or_else(|| {
+        BadInput(format!(
+            "LC {} is not running; boot it first (patchover lc boot {})",
+            spec.id, spec.id
+        ))
+    })?;
+    Ok(Endpoint {
+        name: spec.id.to_string(),
+        netns: PathBuf::from(format!("/proc/{pid}/ns/net")),
+        host_port: patchover_lc::host_port_name(&spec.id, 0),
+        iface: nic.name.clone(),
+        mac: nic.mac,
+        address,
+        identity: String::new(),
+    })
+}
+
+fn plan(env: &Env, from: &str, to: &str, mode: Mode, o: &SwitchOpts) -> anyhow::Result<SwitchPlan> {
+    let net = &env.config.network;
+    let service = net.service_address.ok_or_else(|| {
+        BadInput(format!(
+            "{} has no network.service_address; set the address clients use",
+            env.config.path.display()
+        ))
+    })?;
+    if mode != Mode::Seamless && net.bridge_address.is_none() {
+        return Err(BadInput(
+            "path and readdress modes check the service from the host: set network.bridge_address"
+                .into(),
+        )
+        .into());
+    }
+    let from_ep = endpoint(env, env.lc(from)?)?;
+    let mut to_ep = endpoint(env, env.lc(to)?)?;
+    to_ep.identity = o.expect.clone();
+    Ok(SwitchPlan {
+        host_netns: None,
+        bridge: net.bridge.clone(),
+        service,
+        from: from_ep,
+        to: to_ep,
+        mode,
+        health: HealthCheck::new(o.port, &o.check_path, &o.expect),
+        check_from: None,
+        garp: GarpConfig {
+            count: o.garp_count,
+            interval: o.garp_interval,
+            refresh_after: o.garp_refresh.clone(),
+        },
+        drain_deadline: o.drain_deadline,
+        queue: 4242,
+        lock_path: env.config.run_dir.join("net-switch.lock"),
+    })
+}
+
+fn is_bad_input(e: &SwitchError) -> bool {
+    matches!(
+        e,
+        SwitchError::Plan(_)
+            | SwitchError::Busy { .. }
+            | SwitchError::NoBridge { .. }
+            | SwitchError::State(_)
+            | SwitchError::StandbyNotReady { .. }
+            | SwitchError::DrainTimeout { .. }
+            | SwitchError::AddressTaken { .. }
+    )
+}
+
+fn do_switch(
+    env: &Env,
+    ctx: &Ctx,
+    from: &str,
+    to: &str,
+    mode: Mode,
+    o: &SwitchOpts,
+) -> anyhow::Result<ExitCode> {
+    let plan = plan(env, from, to, mode, o)?;
+    // The orchestrator drains services through the agent; from the CLI the switcher waits for
+    // the old LC's connections to close by themselves (up to --drain-deadline).
+    let mut svc = NoControl;
+    let mut window = |_: &SwitchPlan| -> Result<(), patchover_net::BoxError> { Ok(()) };
+    let mut hooks = Hooks {
+        service: &mut svc,
+        in_window: &mut window,
+    };
+    let sw = match patchover_net::switch(&plan, &mut hooks) {
+        Ok(sw) => sw,
+        Err(e) if is_bad_input(&e) => {
+            return Err(BadInput(format!("{:#}", anyhow::Error::from(e))).into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let last = LastSwitch {
+        from: from.to_string(),
+        to: to.to_string(),
+        mode,
+    };
+    std::fs::create_dir_all(&env.config.state_dir).ok();
+    std::fs::write(last_path(env), serde_json::to_vec(&last)?)
+        .with_context(|| format!("cannot record the switch in {}", last_path(env).display()))?;
+    let r = &sw.report;
+    if ctx.json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        println!(
+            "switched {} -> {} ({}): pause {:.1} ms, drain {:.1} ms, first request after {:.1} ms, {} held connection(s) released",
+            r.from, r.to, r.mode, r.pause_ms, r.drain_ms, r.first_request_ms, r.held_syns
+        );
+        if r.leftover_connections > 0 {
+            println!(
+                "{} connection(s) still open on {} at the drain deadline",
+                r.leftover_connections, r.from
+            );
+        }
+    }
+    if let Some(h) = sw.refresh {
+        // Later gratuitous ARP bursts: wait for them so neighbours that missed the first hear it.
+        let _ = h.join();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run(cmd: NetCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let env = Env::open(ctx)?;
+    match cmd {
+        NetCmd::Switch {
+            from,
+            to,
+            mode,
+            opts,
+        } => do_switch(&env, ctx, &from, &to, mode, &opts),
+        NetCmd::Back { opts } => {
+            let path = last_path(&env);
+            let text = std::fs::read(&path).map_err(|_| {
+                BadInput(format!(
+                    "no switch recorded in {}; nothing to hand back",
+                    path.display()
+                ))
+            })?;
+            let last: LastSwitch = serde_json::from_slice(&text)
+                .with_context(|| format!("reading {}", path.display()))?;
+            do_switch(&env, ctx, &last.to, &last.from, last.mode, &opts)
+        }
+        NetCmd::Setup { active } => {
+            let service = env.config.network.service_address.ok_or_else(|| {
+                BadInput("network.service_address is not set in the config".into())
+            })?;
+            let ep = endpoint(&env, env.lc(&active)?)?;
+            patchover_net::seamless_setup(None, service.addr, ep.address.addr)?;
+            if ctx.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"service": service.to_string(), "active": active})
+                );
+            } else {
+                println!(
+                    "service NAT: {} -> {} ({active})",
+                    service.addr, ep.address.addr
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
