@@ -8,6 +8,7 @@
 //! in one transaction each, tracked by `PRAGMA user_version`.
 
 mod migrations;
+mod monitor;
 mod patches;
 mod resources;
 mod runs;
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
+pub use monitor::{ChallengeRow, FeedStateRow, NewChallenge};
 pub use patches::{NewPatch, PatchResult, PatchRow};
 pub use resources::{LcRow, Role};
 pub use runs::{RunRow, StepRow};
@@ -82,7 +84,8 @@ impl Store {
             source,
         };
         let conn = Connection::open(path).map_err(open_err)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(open_err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(open_err)?;
         conn.pragma_update(None, "synchronous", "FULL")

@@ -63,6 +63,38 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (run_id, seq)
     );
     "#,
+    // 2: the patch monitor (issue 7): per-feed polling state, approval challenges, and how far
+    // the approval mailbox has been read.
+    r#"
+    CREATE TABLE feed_state (
+        feed            TEXT PRIMARY KEY,
+        url             TEXT NOT NULL,
+        etag            TEXT,
+        last_modified   TEXT,
+        last_checked_ms INTEGER,
+        last_ok_ms      INTEGER,
+        failures        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_ms INTEGER NOT NULL DEFAULT 0,
+        last_error      TEXT
+    );
+    CREATE TABLE challenges (
+        id              TEXT PRIMARY KEY,
+        patches         TEXT NOT NULL,
+        message_id      TEXT NOT NULL,
+        created_ms      INTEGER NOT NULL,
+        expires_ms      INTEGER NOT NULL,
+        notified_ms     INTEGER,
+        failed_attempts INTEGER NOT NULL DEFAULT 0,
+        used_ms         INTEGER,
+        decision        TEXT,
+        decided_by      TEXT
+    );
+    CREATE TABLE mailbox_state (
+        mailbox      TEXT PRIMARY KEY,
+        uid_validity INTEGER NOT NULL,
+        last_uid     INTEGER NOT NULL
+    );
+    "#,
 ];
 
 pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
@@ -82,7 +114,8 @@ pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreErr
         let err = |source| StoreError::Migrate { version, source };
         let tx = conn.transaction().map_err(err)?;
         tx.execute_batch(sql).map_err(err)?;
-        tx.pragma_update(None, "user_version", version).map_err(err)?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(err)?;
         tx.commit().map_err(err)?;
     }
     Ok(())

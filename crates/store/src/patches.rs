@@ -121,7 +121,9 @@ impl Store {
     pub fn patches(&self) -> Result<Vec<PatchRow>, StoreError> {
         let mut s = self
             .conn
-            .prepare(&format!("SELECT {COLS} FROM patches ORDER BY published, id"))
+            .prepare(&format!(
+                "SELECT {COLS} FROM patches ORDER BY published, id"
+            ))
             .map_err(q("list patches"))?;
         s.query_map([], row)
             .and_then(|rows| rows.collect())
@@ -179,7 +181,9 @@ impl Store {
             )
             .map_err(q("record patch result"))?;
         if n == 0 {
-            return Err(StoreError::NotFound(format!("no patch {id:?} in the patch table")));
+            return Err(StoreError::NotFound(format!(
+                "no patch {id:?} in the patch table"
+            )));
         }
         Ok(())
     }

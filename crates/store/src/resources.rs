@@ -77,8 +77,12 @@ impl Store {
                     lc.cpu.share_pct,
                     lc.memory_mib as i64,
                     lc.system_disk.path.to_string_lossy(),
-                    lc.app_disk.as_ref().map(|d| d.path.to_string_lossy().into_owned()),
-                    lc.app_disk.as_ref().map(|d| d.mount.to_string_lossy().into_owned()),
+                    lc.app_disk
+                        .as_ref()
+                        .map(|d| d.path.to_string_lossy().into_owned()),
+                    lc.app_disk
+                        .as_ref()
+                        .map(|d| d.mount.to_string_lossy().into_owned()),
                     nics.join(", "),
                     spec,
                     now_ms(),
@@ -144,7 +148,9 @@ impl Store {
             )
             .map_err(q("set role"))?;
         if n == 0 {
-            return Err(StoreError::NotFound(format!("no LC {id:?} in the resource table")));
+            return Err(StoreError::NotFound(format!(
+                "no LC {id:?} in the resource table"
+            )));
         }
         Ok(())
     }

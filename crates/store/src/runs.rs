@@ -99,7 +99,10 @@ impl Store {
 
     pub fn set_run_standby(&mut self, run: i64, standby: &str) -> Result<(), StoreError> {
         self.conn
-            .execute("UPDATE runs SET standby = ?2 WHERE id = ?1", params![run, standby])
+            .execute(
+                "UPDATE runs SET standby = ?2 WHERE id = ?1",
+                params![run, standby],
+            )
             .map_err(q("set standby"))?;
         Ok(())
     }
@@ -121,7 +124,11 @@ impl Store {
 
     pub fn run(&self, id: i64) -> Result<Option<RunRow>, StoreError> {
         self.conn
-            .query_row(&format!("SELECT {COLS} FROM runs WHERE id = ?1"), [id], run_row)
+            .query_row(
+                &format!("SELECT {COLS} FROM runs WHERE id = ?1"),
+                [id],
+                run_row,
+            )
             .optional()
             .map_err(q("read run"))
     }

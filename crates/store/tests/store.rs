@@ -36,7 +36,7 @@ fn resource_table_mirrors_config_and_keeps_roles() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
     let mut s = Store::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), 1);
+    assert_eq!(s.schema_version().unwrap(), 2);
     s.sync_lcs(&config(true).lcs).unwrap();
     assert_eq!(s.lcs().unwrap().len(), 2);
     s.set_role("lc1", Role::Active).unwrap();
@@ -50,7 +50,10 @@ fn resource_table_mirrors_config_and_keeps_roles() {
     assert_eq!(rows[0].role, Role::Active);
     assert_eq!(rows[0].spec.memory_mib, 128);
     assert!(s.lc("lc2").unwrap().is_none());
-    assert!(matches!(s.set_role("nope", Role::Active), Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        s.set_role("nope", Role::Active),
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 #[test]
@@ -81,7 +84,10 @@ fn patch_table_flags_and_results() {
     let row = s.patch("demo-1.0.1").unwrap().unwrap();
     assert!(!row.apply_next);
     assert_eq!(row.applied_lc.as_deref(), Some("lc2"));
-    assert!(matches!(s.mark_patch("nope", true), Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        s.mark_patch("nope", true),
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 #[test]
@@ -97,13 +103,22 @@ fn one_open_run_per_lc_and_steps_are_journaled() {
         r => panic!("expected a conflict, got {r:?}"),
     }
     other.begin_run("lc9", "path", true).unwrap();
-    s.record_step(run, "standby_search", "started", None).unwrap();
-    s.record_step(run, "standby_search", "done", Some(&serde_json::json!({"standby": "lc2"})))
+    s.record_step(run, "standby_search", "started", None)
         .unwrap();
+    s.record_step(
+        run,
+        "standby_search",
+        "done",
+        Some(&serde_json::json!({"standby": "lc2"})),
+    )
+    .unwrap();
     let steps = other.steps(run).unwrap();
     assert_eq!(steps.len(), 2);
     assert_eq!(steps[1].detail.as_ref().unwrap()["standby"], "lc2");
-    assert_eq!(other.run(run).unwrap().unwrap().state, "standby_search:done");
+    assert_eq!(
+        other.run(run).unwrap().unwrap().state,
+        "standby_search:done"
+    );
     s.end_run(run, "ok", &serde_json::json!({})).unwrap();
     assert!(s.open_run("lc1").unwrap().is_none());
     s.begin_run("lc1", "path", false).unwrap();

@@ -1,0 +1,359 @@
+//! The feed index: what a patch server publishes (seed fig. 19, 1801–1802).
+//!
+//! A feed is a directory on any static web server holding `index.json`, its minisign
+//! signature `index.json.minisig`, and the bundles with their own `.minisig` files. The index
+//! lists each bundle's id, title, category, severity, publication time, URL (relative to the
+//! index, or absolute), size and SHA-256. The index is signed as a whole, so the monitor can
+//! trust sizes and digests before it downloads anything, and the bundles are signed on their
+//! own, so a bundle keeps its authenticity once it leaves the feed.
+//!
+//! The reader is strict (unknown fields are errors, ids and digests validated, entry count
+//! bounded) because the index is outside input; it is fuzzed (`fuzz/fuzz_targets/feed_index.rs`).
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use patchover_bundle::keys::{SignatureFile, SigningKey, TrustedKeys, signature_path};
+use patchover_bundle::manifest::Published;
+use patchover_bundle::{BundleId, Limits, Severity, Sha256, verify_bundle};
+use patchover_core::Category;
+use serde::{Deserialize, Serialize};
+
+/// The index format this build reads and writes.
+pub const INDEX_FORMAT: u32 = 1;
+/// The file name `feed publish` writes.
+pub const INDEX_NAME: &str = "index.json";
+/// The most entries an index may list.
+pub const MAX_ENTRIES: usize = 100_000;
+
+/// An index that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("the feed index is not valid JSON of format {INDEX_FORMAT}")]
+    Json(#[source] serde_json::Error),
+    #[error("the feed index has format {0}; this patchover reads format {INDEX_FORMAT}")]
+    Format(u32),
+    #[error("the feed index lists {0} bundles, more than {MAX_ENTRIES}")]
+    TooMany(usize),
+    #[error("the feed index entry {index}: {message}")]
+    Entry { index: usize, message: String },
+    #[error("the feed index lists bundle {0} twice")]
+    Duplicate(String),
+    #[error("the feed index signature is unreadable")]
+    SignatureFile(#[source] patchover_bundle::KeyError),
+    #[error("the feed index signature is not from a trusted key")]
+    Signature(#[source] patchover_bundle::SignatureError),
+}
+
+/// One bundle as the index lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexEntry {
+    pub id: BundleId,
+    pub title: String,
+    pub category: Category,
+    pub severity: Severity,
+    /// RFC 3339 with an offset.
+    pub published: String,
+    /// Relative to the index's URL, or absolute.
+    pub url: String,
+    pub size: u64,
+    pub sha256: Sha256,
+}
+
+/// A parsed, validated index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedIndex {
+    pub format: u32,
+    /// When the index was written (RFC 3339).
+    pub generated: String,
+    pub bundles: Vec<IndexEntry>,
+}
+
+impl FeedIndex {
+    /// Parses and validates an index (without its signature: see [`verify_index`]).
+    pub fn parse(bytes: &[u8]) -> Result<FeedIndex, IndexError> {
+        let idx: FeedIndex = serde_json::from_slice(bytes).map_err(IndexError::Json)?;
+        if idx.format != INDEX_FORMAT {
+            return Err(IndexError::Format(idx.format));
+        }
+        if idx.bundles.len() > MAX_ENTRIES {
+            return Err(IndexError::TooMany(idx.bundles.len()));
+        }
+        let mut seen = HashSet::with_capacity(idx.bundles.len());
+        for (index, e) in idx.bundles.iter().enumerate() {
+            let bad = |message: String| IndexError::Entry { index, message };
+            if !seen.insert(e.id.as_str()) {
+                return Err(IndexError::Duplicate(e.id.to_string()));
+            }
+            if e.title.len() > 512 || e.title.chars().any(char::is_control) {
+                return Err(bad(format!(
+                    "{}: the title must be at most 512 bytes without control characters",
+                    e.id
+                )));
+            }
+            Published::from_str(&e.published).map_err(|m| bad(format!("{}: {m}", e.id)))?;
+            if e.url.is_empty() || e.url.len() > 2048 || e.url.chars().any(char::is_control) {
+                return Err(bad(format!(
+                    "{}: the url is empty, too long or not text",
+                    e.id
+                )));
+            }
+            if e.size == 0 {
+                return Err(bad(format!("{}: size 0", e.id)));
+            }
+        }
+        Ok(idx)
+    }
+
+    /// Entries whose id is not in `known` (the patch table): what is new (fig. 19, 1802).
+    pub fn new_entries<'a>(&'a self, known: &HashSet<String>) -> Vec<&'a IndexEntry> {
+        self.bundles
+            .iter()
+            .filter(|e| !known.contains(e.id.as_str()))
+            .collect()
+    }
+}
+
+/// Checks the index bytes against their signature text with the feed's trusted keys, then
+/// parses them. The signature is checked first, so an unsigned index is never parsed.
+pub fn verify_index(
+    bytes: &[u8],
+    signature: &str,
+    keys: &TrustedKeys,
+) -> Result<FeedIndex, IndexError> {
+    let sig =
+        SignatureFile::parse(signature, "index.json.minisig").map_err(IndexError::SignatureFile)?;
+    keys.verify(bytes, &sig).map_err(IndexError::Signature)?;
+    FeedIndex::parse(bytes)
+}
+
+/// `feed publish` could not write the index.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("cannot read the bundle directory {path}")]
+    ReadDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} does not verify: sign it with `patchover bundle sign` first")]
+    Bundle {
+        path: PathBuf,
+        #[source]
+        source: Box<patchover_bundle::VerifyError>,
+    },
+    #[error("bundle id {id} is in both {first} and {second}")]
+    Duplicate {
+        id: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+    #[error("cannot sign the index")]
+    Sign(#[source] patchover_bundle::KeyError),
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What `feed publish` wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct PublishedFeed {
+    pub index: PathBuf,
+    pub signature: PathBuf,
+    pub bundles: usize,
+    pub key_id: String,
+}
+
+/// The RFC 3339 UTC time of `unix` seconds.
+pub fn rfc3339(unix: i64) -> String {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let r = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// Writes `<dir>/index.json` and `<dir>/index.json.minisig` listing every signed bundle
+/// (`*.tar.zst` with a `.minisig`) in `dir`. Each bundle is verified with `bundle_keys`
+/// first, so a feed never lists a bundle its subscribers would reject. The signature file is
+/// written before the index, so a client never sees a new index with an old signature for
+/// long (and rejects it if it does: it retries at the next poll).
+pub fn publish(
+    dir: &Path,
+    key: &SigningKey,
+    bundle_keys: &TrustedKeys,
+    limits: &Limits,
+) -> Result<PublishedFeed, PublishError> {
+    let rd = std::fs::read_dir(dir).map_err(|source| PublishError::ReadDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let mut files = BTreeSet::new();
+    for e in rd {
+        let e = e.map_err(|source| PublishError::ReadDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".tar.zst") && !name.starts_with('.') && e.path().is_file() {
+            files.insert(e.path());
+        }
+    }
+    let mut bundles: Vec<IndexEntry> = Vec::new();
+    let mut from: Vec<PathBuf> = Vec::new();
+    for path in files {
+        let v =
+            verify_bundle(&path, bundle_keys, limits).map_err(|source| PublishError::Bundle {
+                path: path.clone(),
+                source: Box::new(source),
+            })?;
+        if let Some(i) = bundles.iter().position(|b| b.id.as_str() == v.id()) {
+            return Err(PublishError::Duplicate {
+                id: v.id().to_owned(),
+                first: from[i].clone(),
+                second: path,
+            });
+        }
+        let m = v.manifest();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        bundles.push(IndexEntry {
+            id: m.id.clone(),
+            title: m.title.clone(),
+            category: m.category,
+            severity: m.severity,
+            published: m.published.rfc3339.clone(),
+            url: name,
+            size: v.size(),
+            sha256: v.sha256(),
+        });
+        from.push(path);
+    }
+    bundles.sort_by(|a, b| a.published.cmp(&b.published).then(a.id.cmp(&b.id)));
+    let index = FeedIndex {
+        format: INDEX_FORMAT,
+        generated: rfc3339(now_unix()),
+        bundles,
+    };
+    let mut bytes = serde_json::to_vec_pretty(&index).unwrap_or_default();
+    bytes.push(b'\n');
+    let comment = format!(
+        "timestamp:{}\tfile:{INDEX_NAME}\tsha256:{}",
+        now_unix(),
+        Sha256::of(&bytes)
+    );
+    let sig = key.sign(&bytes, &comment).map_err(PublishError::Sign)?;
+    let index_path = dir.join(INDEX_NAME);
+    let sig_path = signature_path(&index_path);
+    for (p, b) in [(&sig_path, sig.as_bytes()), (&index_path, &bytes[..])] {
+        write_atomic(p, b).map_err(|source| PublishError::Write {
+            path: p.clone(),
+            source,
+        })?;
+    }
+    tracing::info!(dir = %dir.display(), bundles = index.bundles.len(), "feed index published");
+    Ok(PublishedFeed {
+        index: index_path,
+        signature: sig_path,
+        bundles: index.bundles.len(),
+        key_id: key.id().to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn entry(i: usize) -> String {
+        format!(
+            r#"{{"id":"p{i}","title":"patch {i}","category":"security","severity":"high","published":"2026-11-20T10:00:00Z","url":"p{i}.tar.zst","size":100,"sha256":"{}"}}"#,
+            "ab".repeat(32)
+        )
+    }
+
+    #[test]
+    fn parses_and_diffs() {
+        let text = format!(
+            r#"{{"format":1,"generated":"2026-11-20T10:00:00Z","bundles":[{},{}]}}"#,
+            entry(1),
+            entry(2)
+        );
+        let idx = FeedIndex::parse(text.as_bytes()).unwrap();
+        assert_eq!(idx.bundles.len(), 2);
+        let known: HashSet<String> = ["p1".to_owned()].into();
+        let new = idx.new_entries(&known);
+        assert_eq!(new.len(), 1);
+        assert_eq!(new[0].id.as_str(), "p2");
+    }
+
+    #[test]
+    fn rejects_bad_indexes() {
+        let wrap = |b: &str| format!(r#"{{"format":1,"generated":"x","bundles":[{b}]}}"#);
+        let e = entry(1);
+        for bad in [
+            wrap(&format!("{e},{e}")),
+            wrap(&e.replace("\"p1\"", "\"../p1\"")),
+            wrap(&e.replace("security", "urgent")),
+            wrap(&e.replace("2026-11-20T10:00:00Z", "yesterday")),
+            wrap(&e.replace("\"size\":100", "\"size\":0")),
+            wrap(&e.replace("abab", "zz")),
+            wrap(&e.replace("\"size\"", "\"extra\":1,\"size\"")),
+            wrap(&e).replace("\"format\":1", "\"format\":2"),
+            "[]".to_owned(),
+            String::new(),
+        ] {
+            assert!(FeedIndex::parse(bad.as_bytes()).is_err(), "accepted {bad}");
+        }
+    }
+
+    #[test]
+    fn rfc3339_of_known_times() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_794_996_000), "2026-11-18T10:00:00Z");
+        let p: Published = rfc3339(1_794_996_000).parse().unwrap();
+        assert_eq!(p.unix, 1_794_996_000);
+    }
+}

@@ -1,0 +1,684 @@
+//! The monitor against real servers on loopback: an HTTP server serving a published feed,
+//! aiosmtpd receiving the notice into a Maildir, dovecot holding the administrator's reply.
+//! The reply is built as a mail client builds one (In-Reply-To, References, quoted text,
+//! the decision and code lines) and APPENDed over IMAP; `run_once` must pick it up.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{HttpServer, ImapServer, Key, RecordingStarter, Route, SmtpServer, bundle};
+use mail_parser::MimeHeaders;
+use patchover_bundle::{Limits, TrustedKey, TrustedKeys};
+use patchover_monitor::mailbox::Inbox;
+use patchover_monitor::monitor::{Monitor, RunReport};
+use patchover_monitor::poll::FeedStatus;
+use patchover_monitor::{Decision, MonitorConfig, Secret, publish};
+use patchover_store::{NewChallenge, Store};
+
+const SECRET: &[u8] = b"test approval secret, 32 bytes!!\n";
+
+fn trusted(k: &Key) -> TrustedKeys {
+    TrustedKeys::new(vec![TrustedKey::from_file(&k.public).unwrap()]).unwrap()
+}
+
+fn config(toml_text: &str) -> MonitorConfig {
+    let v: toml::Table = toml::from_str(toml_text).unwrap();
+    let extra: BTreeMap<String, toml::Value> = v.into_iter().collect();
+    MonitorConfig::from_extra(&extra).unwrap()
+}
+
+fn monitor<'a>(
+    config: &'a MonitorConfig,
+    dir: &Path,
+    starter: &'a RecordingStarter,
+) -> Monitor<'a> {
+    Monitor {
+        config,
+        bundle_keys: TrustedKeys::default(),
+        limits: Limits::default(),
+        bundles_dir: dir.join("state/bundles"),
+        lcs: vec!["lc1".into(), "lc2".into()],
+        host: "testhost".into(),
+        starter,
+    }
+}
+
+fn reasons(r: &RunReport) -> Vec<&str> {
+    r.replies
+        .iter()
+        .map(|o| o.reason.unwrap_or("accepted"))
+        .collect()
+}
+
+/// A reply as a mail client writes it: threading headers, the answer on top, the notice
+/// quoted below.
+fn client_reply(
+    from: &str,
+    notice: &mail_parser::Message<'_>,
+    decision: &str,
+    code: &str,
+) -> Vec<u8> {
+    let mid = notice.message_id().unwrap();
+    let quoted: String = notice
+        .body_text(0)
+        .unwrap()
+        .lines()
+        .map(|l| format!("> {l}\r\n"))
+        .collect();
+    format!(
+        "From: The Admin <{from}>\r\nTo: patchover@example.org\r\nSubject: Re: {subject}\r\n\
+Date: Fri, 20 Nov 2026 11:00:00 +0000\r\nMessage-ID: <reply-{n}@example.org>\r\n\
+In-Reply-To: <{mid}>\r\nReferences: <{mid}>\r\nMIME-Version: 1.0\r\n\
+Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
+Decision: {decision}\r\nCode: {code}\r\n\r\nOn Fri, 20 Nov 2026, patchover wrote:\r\n{quoted}",
+        subject = notice.subject().unwrap(),
+        n = code.len() + decision.len() + from.len(),
+    )
+    .into_bytes()
+}
+
+fn append(cfg: &MonitorConfig, mails: &[Vec<u8>]) {
+    let mut inbox = Inbox::open(cfg.imap.as_ref().unwrap()).unwrap();
+    for m in mails {
+        inbox.append(m).unwrap();
+    }
+    inbox.logout();
+}
+
+#[test]
+fn notice_then_authenticated_reply_marks_and_starts_and_attacks_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let key = Key::new(dir, "feed");
+    let feed_dir = dir.join("feed");
+    bundle(dir, &feed_dir, "sec-1", "security", &["lc1"], &key);
+    bundle(dir, &feed_dir, "fix-1", "bugfix", &[], &key);
+    let published = publish(&feed_dir, &key.signing, &trusted(&key), &Limits::default()).unwrap();
+    assert_eq!(published.bundles, 2);
+    let http = HttpServer::start();
+    http.serve_dir(&feed_dir, "/feed");
+    let smtp = SmtpServer::start(dir);
+    let imap = ImapServer::start(dir);
+    let secret_file = dir.join("approval.secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let pw_file = dir.join("imap.pw");
+    std::fs::write(&pw_file, format!("{}\n", common::IMAP_PASSWORD)).unwrap();
+    let cfg = config(&format!(
+        r#"[monitor]
+interval_secs = 60
+admins = ["admin@example.org"]
+from = "patchover@example.org"
+secret_file = "{secret}"
+lcs = ["lc2"]
+max_mail_kib = 64
+[[monitor.feeds]]
+name = "main"
+url = "{url}"
+trusted_keys = ["{pubkey}"]
+[monitor.smtp]
+host = "127.0.0.1"
+port = {smtp}
+tls = "none"
+[monitor.imap]
+host = "127.0.0.1"
+port = {imap}
+tls = "none"
+username = "{user}"
+password_file = "{pw}"
+"#,
+        secret = secret_file.display(),
+        url = http.url("/feed/index.json"),
+        pubkey = key.public.display(),
+        smtp = smtp.port,
+        imap = imap.port,
+        user = common::IMAP_USER,
+        pw = pw_file.display(),
+    ));
+    let db = dir.join("state/state.db");
+    let starter = RecordingStarter::default();
+    let m = monitor(&cfg, dir, &starter);
+
+    // Round 1 (fig. 19, 1801–1805): both bundles registered, one notice mailed.
+    let mut store = Store::open(&db).unwrap();
+    let t0 = Instant::now();
+    let r1 = m.run_once(&mut store);
+    let mails = smtp.wait_mails(1, Duration::from_secs(5));
+    let to_mail = t0.elapsed();
+    println!(
+        "poll start to notice in the administrator's mailbox: {} ms",
+        to_mail.as_millis()
+    );
+    assert!(matches!(r1.feeds[0].status, FeedStatus::Fetched), "{r1:?}");
+    let mut ids: Vec<&str> = r1.feeds[0]
+        .registered
+        .iter()
+        .map(|r| r.id.as_str())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["fix-1", "sec-1"]);
+    assert_eq!(r1.notices.len(), 1);
+    assert!(r1.notices[0].sent, "{:?}", r1.notices[0]);
+    assert_eq!(mails.len(), 1);
+    // Goal: publication to mail within one poll interval + 1 s, i.e. the round itself < 1 s.
+    assert!(to_mail < Duration::from_secs(1), "{to_mail:?}");
+    let notice = mail_parser::MessageParser::default()
+        .parse(&mails[0])
+        .unwrap();
+    let challenge = r1.notices[0].challenge.clone();
+    assert_eq!(
+        notice.message_id().unwrap(),
+        format!("patchover.{challenge}@example.org")
+    );
+    assert!(notice.date().is_some(), "no Date header");
+    assert_eq!(notice.content_type().unwrap().ctype(), "text");
+    assert_eq!(notice.content_type().unwrap().subtype(), Some("plain"));
+    let text = notice.body_text(0).unwrap().into_owned();
+    for want in [
+        "sec-1",
+        "fix-1",
+        "security",
+        "bugfix",
+        &format!("Challenge: {challenge}"),
+    ] {
+        assert!(text.contains(want), "notice lacks {want:?}:\n{text}");
+    }
+    for id in ["sec-1", "fix-1"] {
+        let p = store.patch(id).unwrap().unwrap();
+        assert!(!p.apply_next);
+        assert!(Path::new(&p.file).is_file());
+    }
+    drop(store);
+
+    // Round 2: attacks only. Nothing may be marked or started.
+    let secret = Secret::from_bytes(SECRET).unwrap();
+    let all: Decision = "approve all".parse().unwrap();
+    let only_sec: Decision = "approve sec-1".parse().unwrap();
+    let genuine = secret.code(&challenge, &all);
+    let forged = Secret::from_bytes(b"a guessed secret of some length")
+        .unwrap()
+        .code(&challenge, &all);
+    let mut store = Store::open(&db).unwrap(); // state survives a restart
+    let expired = "EXPIREDCHALLENGEAAAAAAAAAAAAAAAA";
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    store
+        .insert_challenge(&NewChallenge {
+            id: expired,
+            patches: &["sec-1".to_owned()],
+            message_id: &format!("patchover.{expired}@example.org"),
+            created_ms: now_ms - 100_000,
+            expires_ms: now_ms - 1_000,
+        })
+        .unwrap();
+    let expired_reply = format!(
+        "From: admin@example.org\r\nTo: patchover@example.org\r\nSubject: Re: old\r\n\
+In-Reply-To: <patchover.{expired}@example.org>\r\nContent-Type: text/plain\r\n\r\n\
+Decision: approve all\r\nCode: {}\r\n",
+        secret.code(expired, &all)
+    )
+    .into_bytes();
+    let malformed = b"From: admin@example.org\r\nIn-Reply-To: <patchover.X@y>\r\n\
+Content-Type: multipart/mixed; boundary=\"never-closed\r\n\r\n--never\r\n\x00\xff\xfe garbage\r\n"
+        .to_vec();
+    let mut huge = client_reply("admin@example.org", &notice, "approve all", &genuine);
+    huge.extend(std::iter::repeat_n(b'x', 100 * 1024));
+    append(
+        &cfg,
+        &[
+            client_reply("admin@example.org", &notice, "approve all", &forged),
+            client_reply(
+                "admin@example.org",
+                &notice,
+                "approve all",
+                &secret.code(&challenge, &only_sec),
+            ),
+            client_reply("intruder@example.net", &notice, "approve all", &genuine),
+            malformed,
+            huge,
+            expired_reply,
+        ],
+    );
+    let r2 = m.run_once(&mut store);
+    assert!(
+        matches!(r2.feeds[0].status, FeedStatus::NotModified),
+        "{:?}",
+        r2.feeds
+    );
+    assert_eq!(
+        http.hits("/feed/index.json"),
+        [200, 304],
+        "conditional request"
+    );
+    assert_eq!(
+        reasons(&r2),
+        [
+            "bad-code",
+            "bad-code",
+            "unexpected-sender",
+            "malformed-mime",
+            "too-large",
+            "expired"
+        ],
+        "{r2:#?}"
+    );
+    assert!(starter.calls.lock().unwrap().is_empty());
+    for id in ["sec-1", "fix-1"] {
+        assert!(
+            !store.patch(id).unwrap().unwrap().apply_next,
+            "{id} marked by an attack"
+        );
+    }
+    let c = store.challenge(&challenge).unwrap().unwrap();
+    assert!(c.used_ms.is_none());
+    assert_eq!(c.failed_attempts, 2);
+
+    // Round 3: the administrator's genuine reply (fig. 20, 1806–1809).
+    let reply = client_reply("Admin@Example.org", &notice, "approve all", &genuine);
+    append(&cfg, std::slice::from_ref(&reply));
+    let r3 = m.run_once(&mut store);
+    assert_eq!(reasons(&r3), ["accepted"], "{r3:#?}");
+    let d = r3.replies[0].decision.as_ref().unwrap();
+    assert_eq!(d.decision, "approve all");
+    assert_eq!(d.decided_by, "admin@example.org");
+    for id in ["sec-1", "fix-1"] {
+        assert!(
+            store.patch(id).unwrap().unwrap().apply_next,
+            "{id} not marked"
+        );
+    }
+    let mut calls = starter.calls.lock().unwrap().clone();
+    calls.sort();
+    assert_eq!(
+        calls,
+        [
+            ("lc1".to_owned(), vec!["sec-1".to_owned()]),
+            ("lc2".to_owned(), vec!["fix-1".to_owned()]),
+        ]
+    );
+    let c = store.challenge(&challenge).unwrap().unwrap();
+    assert_eq!(c.decision.as_deref(), Some("approve all"));
+
+    // Round 4: the same reply again is a replay.
+    append(&cfg, &[reply]);
+    let r4 = m.run_once(&mut store);
+    assert_eq!(reasons(&r4), ["replayed"], "{r4:#?}");
+    assert_eq!(starter.calls.lock().unwrap().len(), 2);
+    // No new patch: no new notice; nothing registered twice.
+    assert!(r4.notices.is_empty());
+    assert_eq!(store.patches().unwrap().len(), 2);
+}
+
+#[test]
+fn hostile_feeds_are_rejected_and_back_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let key = Key::new(dir, "feed");
+    let stranger = Key::new(dir, "stranger");
+    let http = HttpServer::start();
+
+    // bad signature: a good index signed by a key the config does not trust.
+    let d = dir.join("badsig");
+    bundle(dir, &d, "b-sig", "security", &[], &key);
+    publish(&d, &stranger.signing, &trusted(&key), &Limits::default()).unwrap();
+    http.serve_dir(&d, "/badsig");
+
+    // hash mismatch: the bundle served differs from the signed index (same size).
+    let d = dir.join("hash");
+    let b = bundle(dir, &d, "b-hash", "security", &[], &key);
+    publish(&d, &key.signing, &trusted(&key), &Limits::default()).unwrap();
+    http.serve_dir(&d, "/hash");
+    let mut bytes = std::fs::read(&b).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    http.route(
+        "/hash/b-hash.tar.zst",
+        Route::File {
+            body: bytes,
+            etag: "\"x\"".into(),
+        },
+    );
+
+    // foreign host: the index points at another host (localhost is not 127.0.0.1).
+    let d = dir.join("foreign");
+    bundle(dir, &d, "b-foreign", "security", &[], &key);
+    let idx = d.join("index.json");
+    publish(&d, &key.signing, &trusted(&key), &Limits::default()).unwrap();
+    let text = std::fs::read_to_string(&idx).unwrap().replace(
+        "\"b-foreign.tar.zst\"",
+        &format!(
+            "\"http://localhost:{}/foreign/b-foreign.tar.zst\"",
+            http.port
+        ),
+    );
+    std::fs::write(&idx, &text).unwrap();
+    let sig = key
+        .signing
+        .sign(text.as_bytes(), "file:index.json")
+        .unwrap();
+    std::fs::write(d.join("index.json.minisig"), sig).unwrap();
+    http.serve_dir(&d, "/foreign");
+
+    // redirect loop, slow-loris, 10 MB index.
+    http.route(
+        "/loop/index.json",
+        Route::Redirect("/loop/again.json".into()),
+    );
+    http.route(
+        "/loop/again.json",
+        Route::Redirect("/loop/index.json".into()),
+    );
+    http.route(
+        "/slow/index.json",
+        Route::Slow {
+            body: vec![b' '; 1000],
+            delay: Duration::from_millis(100),
+        },
+    );
+    http.route(
+        "/huge/index.json",
+        Route::File {
+            body: vec![b' '; 10 << 20],
+            etag: "\"h\"".into(),
+        },
+    );
+
+    let feeds: String = ["badsig", "hash", "foreign", "loop", "slow", "huge"]
+        .iter()
+        .map(|n| {
+            format!(
+                "[[monitor.feeds]]\nname = \"{n}\"\nurl = \"{}\"\ntrusted_keys = [\"{}\"]\n",
+                http.url(&format!("/{n}/index.json")),
+                key.public.display()
+            )
+        })
+        .collect();
+    let cfg = config(&format!(
+        "[monitor]\ninterval_secs = 60\nhttp_timeout_secs = 1\n{feeds}"
+    ));
+    let starter = RecordingStarter::default();
+    let m = monitor(&cfg, dir, &starter);
+    let mut store = Store::open(&dir.join("state/state.db")).unwrap();
+    let t0 = Instant::now();
+    let r = m.run_once(&mut store);
+    let took = t0.elapsed();
+    let got: Vec<(String, Vec<&str>)> = r
+        .feeds
+        .iter()
+        .map(|f| {
+            (
+                f.feed.clone(),
+                f.rejected.iter().map(|x| x.reason).collect(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, Vec<&str>)> = vec![
+        ("badsig".into(), vec!["bad-signature"]),
+        ("hash".into(), vec!["hash-mismatch"]),
+        ("foreign".into(), vec!["foreign-host"]),
+        ("loop".into(), vec!["redirect-loop"]),
+        ("slow".into(), vec!["timeout"]),
+        ("huge".into(), vec!["too-large"]),
+    ];
+    assert_eq!(got, want, "{r:#?}");
+    assert!(
+        store.patches().unwrap().is_empty(),
+        "a hostile feed registered a patch"
+    );
+    assert!(r.notices.is_empty());
+    // The slow-loris server held us for the timeout only, not for its 100 s.
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(
+        std::fs::read_dir(dir.join("state/bundles"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0,
+        "rejected bundles left files behind"
+    );
+
+    // Whole-feed failures back off: the next round does not contact them.
+    let failed: Vec<&str> = ["badsig", "loop", "slow", "huge"].into();
+    for f in &r.feeds {
+        if failed.contains(&f.feed.as_str()) {
+            assert!(matches!(f.status, FeedStatus::Failed));
+            assert!(f.next_attempt_ms > 0);
+        }
+    }
+    let before = http.log.lock().unwrap().len();
+    let r2 = m.run_once(&mut store);
+    for f in &r2.feeds {
+        if failed.contains(&f.feed.as_str()) {
+            assert!(matches!(f.status, FeedStatus::Backoff), "{f:?}");
+        }
+    }
+    let after: Vec<String> = http.log.lock().unwrap()[before..]
+        .iter()
+        .map(|(p, _)| p.clone())
+        .collect();
+    for f in &failed {
+        assert!(
+            !after.iter().any(|p| p.starts_with(&format!("/{f}/"))),
+            "{f} contacted while backing off: {after:?}"
+        );
+    }
+}
+
+#[test]
+fn host_approval_without_mail_and_rejection_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let key = Key::new(dir, "feed");
+    let feed_dir = dir.join("feed");
+    bundle(dir, &feed_dir, "p-1", "security", &["lc1"], &key);
+    bundle(dir, &feed_dir, "p-2", "enhancement", &["lc1"], &key);
+    publish(&feed_dir, &key.signing, &trusted(&key), &Limits::default()).unwrap();
+    let http = HttpServer::start();
+    http.serve_dir(&feed_dir, "/f");
+    let secret_file = dir.join("s");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cfg = config(&format!(
+        "[monitor]\nsecurity_only = true\nsecret_file = \"{}\"\n[[monitor.feeds]]\nname = \"f\"\nurl = \"{}\"\ntrusted_keys = [\"{}\"]\n",
+        secret_file.display(),
+        http.url("/f/index.json"),
+        key.public.display()
+    ));
+    let starter = RecordingStarter::default();
+    let m = monitor(&cfg, dir, &starter);
+    let mut store = Store::open(&dir.join("state.db")).unwrap();
+    let r = m.run_once(&mut store);
+    assert_eq!(r.feeds[0].registered.len(), 2);
+    // security_only: the challenge offers only the security patch; no SMTP: not sent.
+    assert_eq!(r.notices.len(), 1);
+    assert_eq!(r.notices[0].patches, ["p-1"]);
+    assert!(!r.notices[0].sent);
+    let ch = r.notices[0].challenge.clone();
+    let secret = Secret::from_bytes(SECRET).unwrap();
+
+    // A decision naming a patch the challenge did not offer is refused even with its code.
+    let wider: Decision = "approve p-1 p-2".parse().unwrap();
+    let e = m
+        .decide(
+            &mut store,
+            &ch,
+            &wider,
+            Some(&secret.code(&ch, &wider)),
+            "host",
+        )
+        .unwrap_err();
+    assert_eq!(e.reason(), "not-offered");
+
+    // A genuine rejection records it, marks nothing, starts nothing.
+    let reject: Decision = "reject all".parse().unwrap();
+    let d = m
+        .decide(
+            &mut store,
+            &ch,
+            &reject,
+            Some(&secret.code(&ch, &reject)),
+            "host",
+        )
+        .unwrap();
+    assert_eq!(d.patches, ["p-1"]);
+    assert!(d.started.is_empty());
+    assert!(starter.calls.lock().unwrap().is_empty());
+    assert!(!store.patch("p-1").unwrap().unwrap().apply_next);
+    let c = store.challenge(&ch).unwrap().unwrap();
+    assert_eq!(c.decision.as_deref(), Some("reject all"));
+    // Used: an approval afterwards is refused.
+    let approve: Decision = "approve all".parse().unwrap();
+    let e = m
+        .decide(
+            &mut store,
+            &ch,
+            &approve,
+            Some(&secret.code(&ch, &approve)),
+            "host",
+        )
+        .unwrap_err();
+    assert_eq!(e.reason(), "replayed");
+
+    // Five wrong codes lock a challenge, even for the right code afterwards.
+    let ch2 = "LOCKEDCHALLENGEAAAAAAAAAAAAAAAAA";
+    store
+        .insert_challenge(&NewChallenge {
+            id: ch2,
+            patches: &["p-2".to_owned()],
+            message_id: "x",
+            created_ms: 0,
+            expires_ms: i64::MAX,
+        })
+        .unwrap();
+    for _ in 0..5 {
+        let e = m
+            .decide(
+                &mut store,
+                ch2,
+                &approve,
+                Some("AAAA-AAAA-AAAA-AAAA-AAAA-AAAA"),
+                "x",
+            )
+            .unwrap_err();
+        assert_eq!(e.reason(), "bad-code");
+    }
+    let e = m
+        .decide(
+            &mut store,
+            ch2,
+            &approve,
+            Some(&secret.code(ch2, &approve)),
+            "x",
+        )
+        .unwrap_err();
+    assert_eq!(e.reason(), "locked");
+    assert!(!store.patch("p-2").unwrap().unwrap().apply_next);
+}
+
+#[test]
+fn notice_and_mailbox_over_starttls_with_a_site_ca() {
+    use patchover_monitor::notice::{NoticeItem, compose, send};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs = common::certs(dir);
+    let smtp = SmtpServer::start_with(dir, Some(&certs), Some(("po-smtp", "smtp-pw")));
+    std::fs::write(dir.join("smtp.pw"), "smtp-pw\n").unwrap();
+    std::fs::write(dir.join("smtp.bad"), "wrong\n").unwrap();
+    let imap = ImapServer::start_with(dir, Some(&certs));
+    let pw_file = dir.join("imap.pw");
+    std::fs::write(&pw_file, common::IMAP_PASSWORD).unwrap();
+    let section = |ca: bool, smtp_pw: &str| {
+        let ca_line = if ca {
+            format!("ca_file = \"{}\"\n", certs.ca.display())
+        } else {
+            String::new()
+        };
+        config(&format!(
+            "[monitor]\nadmins = [\"admin@example.org\"]\nfrom = \"po@example.org\"\n\
+[monitor.smtp]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\ntimeout_secs = 5\n\
+username = \"po-smtp\"\npassword_file = \"{}\"\n{ca_line}\
+[monitor.imap]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"starttls\"\nusername = \"{}\"\npassword_file = \"{}\"\ntimeout_secs = 5\n{ca_line}",
+            smtp.port,
+            dir.join(smtp_pw).display(),
+            imap.port,
+            common::IMAP_USER,
+            pw_file.display()
+        ))
+    };
+    let items = [NoticeItem {
+        id: "sec-1".into(),
+        title: "t".into(),
+        category: "security".into(),
+        severity: "high".into(),
+        published: "2026-11-20T10:00:00Z".into(),
+    }];
+    let notice = compose(
+        "h",
+        "po@example.org",
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567",
+        &items,
+        "x",
+    );
+
+    // Without the site CA the self-signed chain is refused: nothing is sent in clear.
+    let untrusted = section(false, "smtp.pw");
+    let e = send(
+        untrusted.smtp.as_ref().unwrap(),
+        &untrusted.from,
+        &untrusted.admins,
+        &notice,
+    )
+    .unwrap_err();
+    assert!(
+        patchover_monitor::poll::chain(&e)
+            .to_lowercase()
+            .contains("certificate"),
+        "{e:?}"
+    );
+    assert!(Inbox::open(untrusted.imap.as_ref().unwrap()).is_err());
+    assert!(smtp.mails().is_empty());
+
+    // With it but a wrong SMTP password, AUTH fails: nothing is delivered.
+    let bad_pw = section(true, "smtp.bad");
+    let e = send(
+        bad_pw.smtp.as_ref().unwrap(),
+        &bad_pw.from,
+        &bad_pw.admins,
+        &notice,
+    )
+    .unwrap_err();
+    let why = patchover_monitor::poll::chain(&e);
+    assert!(why.contains("535"), "not an AUTH failure: {why}");
+    assert!(smtp.mails().is_empty());
+
+    // With both, the notice goes through STARTTLS + AUTH and the mailbox is read over
+    // STARTTLS.
+    let trusted_cfg = section(true, "smtp.pw");
+    send(
+        trusted_cfg.smtp.as_ref().unwrap(),
+        &trusted_cfg.from,
+        &trusted_cfg.admins,
+        &notice,
+    )
+    .unwrap();
+    let mails = smtp.wait_mails(1, Duration::from_secs(5));
+    assert_eq!(mails.len(), 1);
+    let mut inbox = Inbox::open(trusted_cfg.imap.as_ref().unwrap()).unwrap();
+    inbox.append(&mails[0]).unwrap();
+    let got = inbox.mails_after(0, 1 << 20).unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(
+        got[0]
+            .body
+            .as_ref()
+            .unwrap()
+            .windows(5)
+            .any(|w| w == b"sec-1")
+    );
+    inbox.logout();
+}
