@@ -634,7 +634,14 @@ impl<'a> Orchestrator<'a> {
             mode: req.mode,
             health: self.settings.service.health(&to.identity),
             check_from: None,
-            garp: self.settings.garp.clone(),
+            garp: patchover_net::GarpConfig {
+                refresh_after: if self.settings.refresher.is_some() {
+                    Vec::new()
+                } else {
+                    self.settings.garp.refresh_after.clone()
+                },
+                ..self.settings.garp.clone()
+            },
             drain_deadline: self.settings.drain_deadline,
             queue: crate::recover::queue_number(run_id),
             lock_path: self.config.run_dir.join("switch.lock"),
@@ -712,6 +719,39 @@ impl<'a> Orchestrator<'a> {
         })?;
         if let Some(t) = switched.refresh {
             let _ = t.join();
+        }
+        // The later announcements of the service address come from a detached process, so
+        // that this run ends now.
+        if let Some(exe) = &self.settings.refresher
+            && !self.settings.garp.refresh_after.is_empty()
+        {
+            let after: Vec<String> = self
+                .settings
+                .garp
+                .refresh_after
+                .iter()
+                .map(|d| d.as_millis().to_string())
+                .collect();
+            use std::os::unix::process::CommandExt;
+            let spawned = std::process::Command::new(exe)
+                .process_group(0)
+                .args(["internal", "garp-refresh", "--netns"])
+                .arg(&to.netns)
+                .args(["--iface", &to.iface, "--mac", &to.mac.to_string()])
+                .args([
+                    "--ip",
+                    &service.addr.to_string(),
+                    "--count",
+                    &self.settings.garp.count.to_string(),
+                ])
+                .args(["--after-ms", &after.join(",")])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn();
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the gratuitous ARP refresher; neighbours that missed the first burst learn the address by ARP");
+            }
         }
         report.outcome = "ok".into();
         Ok(())

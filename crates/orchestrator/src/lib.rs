@@ -62,7 +62,12 @@ pub struct Settings {
     pub report_timeout: Duration,
     /// How long the old LC may take to finish its requests at the switch.
     pub drain_deadline: Duration,
+    /// The first burst of gratuitous ARP at the switch (its `refresh_after` is sent by a
+    /// detached process, see `refresher`).
     pub garp: patchover_net::GarpConfig,
+    /// The `patchover` binary, for detached helpers (`internal garp-refresh`), so that no
+    /// later work keeps a finished run's process alive.
+    pub refresher: Option<PathBuf>,
 }
 
 /// One step's timing in the report.

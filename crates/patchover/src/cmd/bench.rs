@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use super::{Ctx, bench_copy, bench_feed, bench_switch};
+use super::{Ctx, bench_copy, bench_cycle, bench_feed, bench_switch};
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
@@ -12,6 +12,9 @@ pub enum BenchCmd {
     Copy(bench_copy::BenchArgs),
     /// Switchover under load in every mode (against stop-and-restart and a VRRP-style move).
     Switch(bench_switch::BenchArgs),
+    /// The patch cycle split by step, and the orchestration overhead (goal < 1 s), against
+    /// stop-patch-restart on one LC.
+    Cycle(bench_cycle::BenchArgs),
     /// A 10,000-entry feed index verified, parsed and diffed with the patch table (goal < 100 ms).
     Feed(bench_feed::BenchArgs),
 }
@@ -21,5 +24,6 @@ pub fn run(cmd: BenchCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         BenchCmd::Copy(a) => bench_copy::run(a, ctx),
         BenchCmd::Switch(a) => bench_switch::run(a, ctx),
         BenchCmd::Feed(a) => bench_feed::run(a, ctx),
+        BenchCmd::Cycle(a) => bench_cycle::run(a, ctx),
     }
 }

@@ -233,22 +233,29 @@ fn stop_previous(dir: &Path) {
         .output();
 }
 
-pub fn run(a: DemoArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let say = |s: &str| {
-        if !ctx.json {
-            eprintln!("demo: {s}");
-        }
-    };
-    stop_previous(&a.dir);
-    if a.dir.exists() {
-        fs::remove_dir_all(&a.dir).with_context(|| format!("clearing {}", a.dir.display()))?;
+/// The demo's world, ready: two LCs configured, lc1 booted with the service address, a signed
+/// bundle imported and marked, a client namespace on the bridge.
+pub struct Prepared {
+    pub config_path: PathBuf,
+    pub ctx: Ctx,
+    pub seckey: PathBuf,
+    /// The client's network namespace.
+    pub netns: PathBuf,
+    pub service: SocketAddr,
+}
+
+/// Builds the demo's world in `dir` (wiped first).
+pub fn prepare(dir: &Path, say: &dyn Fn(&str)) -> anyhow::Result<Prepared> {
+    stop_previous(&dir);
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
-    fs::create_dir_all(&a.dir)?;
-    let keys = a.dir.join("keys");
+    fs::create_dir_all(&dir)?;
+    let keys = dir.join("keys");
     fs::create_dir_all(&keys)?;
     let (pubkey, seckey) = (keys.join("release.pub"), keys.join("release.key"));
     generate_keypair(&pubkey, &seckey, None).context("making the signing key")?;
-    let config_path = write_config(&a.dir, &pubkey)?;
+    let config_path = write_config(&dir, &pubkey)?;
     let dctx = Ctx {
         config_path: config_path.clone(),
         json: true,
@@ -256,13 +263,13 @@ pub fn run(a: DemoArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     };
 
     say("building the demo image (busybox, the agent, the demo service v1.0.0)");
-    super::image::build_demo(&a.dir.join("lc1-sys"), "1.0.0", 80, true)?;
+    super::image::build_demo(&dir.join("lc1-sys"), "1.0.0", 80, true)?;
     for d in ["lc1-app", "lc2-sys", "lc2-app"] {
-        fs::create_dir_all(a.dir.join(d))?;
+        fs::create_dir_all(dir.join(d))?;
     }
 
     say("making and signing the bundle demo-1.0.1");
-    let bdir = a.dir.join("bundle-src");
+    let bdir = dir.join("bundle-src");
     fs::create_dir_all(bdir.join("payload"))?;
     fs::write(bdir.join("payload/version"), "1.0.1\n")?;
     fs::write(
@@ -290,7 +297,7 @@ sha256 = "{new}"
             new = sha256_hex(b"1.0.1\n")
         ),
     )?;
-    let bundle = a.dir.join("demo-1.0.1.po");
+    let bundle = dir.join("demo-1.0.1.po");
     create_bundle(&bdir, &bundle).context("creating the bundle")?;
     sign_bundle(&bundle, &SigningKey::from_file(&seckey, None)?).context("signing the bundle")?;
     super::patches::run(
@@ -341,6 +348,32 @@ sha256 = "{new}"
     let netns = PathBuf::from(format!("/run/netns/{CLIENT_NS}"));
     let service: SocketAddr = format!("{NET}.10:80").parse()?;
 
+    Ok(Prepared {
+        config_path,
+        ctx: dctx,
+        seckey,
+        netns,
+        service,
+    })
+}
+
+/// Tears the demo's world down (the LCs, the client namespace).
+pub fn teardown(dir: &Path) {
+    stop_previous(dir);
+}
+
+pub fn run(a: DemoArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let say = |s: &str| {
+        if !ctx.json {
+            eprintln!("demo: {s}");
+        }
+    };
+    let Prepared {
+        config_path,
+        netns,
+        service,
+        ..
+    } = prepare(&a.dir, &say)?;
     let load_secs = 30u64;
     say(&format!(
         "driving load for {load_secs} s ({} reads/s + a writer) and patching lc1 meanwhile",

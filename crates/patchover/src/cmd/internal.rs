@@ -27,6 +27,22 @@ pub enum InternalCmd {
         #[arg(long)]
         nics: String,
     },
+    /// Announce an address again later (gratuitous ARP), detached from the run that moved it.
+    GarpRefresh {
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(long)]
+        iface: String,
+        #[arg(long)]
+        mac: patchover_core::MacAddr,
+        #[arg(long)]
+        ip: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 3)]
+        count: u32,
+        /// Milliseconds after the start, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        after_ms: Vec<u64>,
+    },
     /// Thaw a cgroup if patchover dies while it is frozen.
     ThawGuard {
         #[arg(long)]
@@ -56,6 +72,29 @@ pub fn run(cmd: InternalCmd) -> anyhow::Result<ExitCode> {
         InternalCmd::Netcfg { pid, nics } => {
             let nics: Vec<launch::NicSetup> = serde_json::from_str(&nics)?;
             launch::netcfg_main(pid, &nics).map_err(anyhow::Error::msg)?;
+            0
+        }
+        InternalCmd::GarpRefresh {
+            netns,
+            iface,
+            mac,
+            ip,
+            count,
+            after_ms,
+        } => {
+            let start = std::time::Instant::now();
+            for ms in after_ms {
+                let at = std::time::Duration::from_millis(ms);
+                std::thread::sleep(at.saturating_sub(start.elapsed()));
+                patchover_net::garp::announce(
+                    Some(&netns),
+                    &iface,
+                    mac,
+                    ip,
+                    count,
+                    std::time::Duration::from_millis(5),
+                )?;
+            }
             0
         }
         InternalCmd::ThawGuard { file, value } => launch::thaw_guard_main(&file, &value),

@@ -81,6 +81,7 @@ fn settings(env: &Env, report_timeout: u64) -> anyhow::Result<Settings> {
         report_timeout: Duration::from_secs(report_timeout),
         drain_deadline: Duration::from_secs(10),
         garp: patchover_net::GarpConfig::default(),
+        refresher: std::env::current_exe().ok(),
     })
 }
 
