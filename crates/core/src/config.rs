@@ -363,6 +363,7 @@ impl Validator<'_> {
                     mac,
                     address,
                     gateway,
+                    detached: false,
                 });
             }
             if nics.len() > 9 {

@@ -221,6 +221,10 @@ pub struct NicSpec {
     pub mac: MacAddr,
     pub address: Option<Ipv4Cidr>,
     pub gateway: Option<Ipv4Addr>,
+    /// Boot with the host end off the bridge (a standby that shares the active LC's MAC and
+    /// address in `path` mode must not be on the bridge until the switch).
+    #[serde(default)]
+    pub detached: bool,
 }
 
 /// The CPU part of an LC's resources: a share of one host CPU.

@@ -42,6 +42,8 @@ pub trait Host {
     fn create_veth(&self, host_end: &str, peer: &str, peer_mac: MacAddr) -> io::Result<()>;
     /// Makes `port` a port of `bridge` and brings it up.
     fn attach_to_bridge(&self, port: &str, bridge: &str) -> io::Result<()>;
+    /// Brings a link up without making it a bridge port.
+    fn set_link_up(&self, link: &str) -> io::Result<()>;
     fn move_to_netns(&self, link: &str, pid: i32) -> io::Result<()>;
     fn delete_link(&self, name: &str) -> io::Result<()>;
     /// Configures NICs inside the netns of `pid` (rename, address, up, default route).
@@ -175,6 +177,9 @@ impl Host for LinuxHost {
     fn attach_to_bridge(&self, port: &str, bridge: &str) -> io::Result<()> {
         self.ip(&["link", "set", port, "master", bridge])?;
         self.ip(&["link", "set", port, "up"])
+    }
+    fn set_link_up(&self, link: &str) -> io::Result<()> {
+        self.ip(&["link", "set", link, "up"])
     }
     fn move_to_netns(&self, link: &str, pid: i32) -> io::Result<()> {
         self.ip(&["link", "set", link, "netns", &pid.to_string()])

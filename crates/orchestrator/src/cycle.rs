@@ -256,11 +256,10 @@ impl<'a> Orchestrator<'a> {
                     active.id, active.id
                 )));
             }
-            if req.mode != Mode::Readdress {
-                return Err(OrchestratorError::BadInput(format!(
-                    "mode {} is available in `patchover net switch` but not yet in the patch cycle; use --mode readdress",
-                    req.mode
-                )));
+            if req.mode == Mode::Seamless {
+                return Err(OrchestratorError::BadInput(
+                    "mode seamless is not offered by the patch cycle: the old LC still writes its application disk while the standby already serves, so the final catch-up could overwrite newer writes (see docs/network-switch.md); use --mode readdress or --mode path (`patchover net switch --mode seamless` moves stateless services)".into(),
+                ));
             }
             let service = self.config.network.service_address.ok_or_else(|| {
                 OrchestratorError::BadInput(
@@ -268,13 +267,19 @@ impl<'a> Orchestrator<'a> {
                 )
             })?;
             let from = endpoint(self.backend, &active)?;
-            let holds = crate::recover::holds_address(&from.netns, &from.iface, service.addr)
+            let holds = crate::recover::service_is_on(self.config, req.mode, &from, service.addr)
                 .map_err(OrchestratorError::Net)?;
             if !holds {
-                return Err(OrchestratorError::BadInput(format!(
-                    "LC {} does not hold the service address {}; it is not the active LC (give it the address with `patchover net assign {}`)",
-                    active.id, service.addr, active.id
-                )));
+                return Err(OrchestratorError::BadInput(match req.mode {
+                    Mode::Path => format!(
+                        "LC {}'s port is not on the bridge {}, so it does not serve the service; it is not the active LC",
+                        active.id, self.config.network.bridge
+                    ),
+                    _ => format!(
+                        "LC {} does not hold the service address {}; it is not the active LC (give it the address with `patchover service assign {}`)",
+                        active.id, service.addr, active.id
+                    ),
+                }));
             }
             let bundles = if req.rollback_to.is_some() {
                 Vec::new()
@@ -492,10 +497,17 @@ impl<'a> Orchestrator<'a> {
 
         // 707 + 1201–1207. The standby boots without its application disk: that disk is still
         // a live copy until the cut, and is attached in the switch window, after it.
-        let standby_boot = LcSpec {
+        let mut standby_boot = LcSpec {
             app_disk: None,
             ..standby.clone()
         };
+        // In `path` mode the standby has the active LC's MAC and address: it stays off the
+        // bridge until the switch moves the path to it.
+        if req.mode == Mode::Path
+            && let Some(n) = standby_boot.nics.first_mut()
+        {
+            n.detached = true;
+        }
         self.step(report, "boot_standby", |o, _| {
             let st = o.backend.boot(&standby_boot)?;
             o.backend.wait_agent(&standby, Duration::from_secs(30))?;

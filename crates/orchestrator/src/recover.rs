@@ -83,6 +83,45 @@ pub fn holds_address(netns: &Path, iface: &str, addr: Ipv4Addr) -> Result<bool, 
     Ok(r.addresses(l.index)?.iter().any(|a| a.addr == addr))
 }
 
+/// Whether the service is on the LC of endpoint `ep`: in `path` mode its port is on the bridge,
+/// otherwise its NIC holds the service address.
+pub fn service_is_on(
+    config: &Config,
+    mode: patchover_net::Mode,
+    ep: &patchover_net::Endpoint,
+    service: Ipv4Addr,
+) -> Result<bool, RtnlError> {
+    match mode {
+        patchover_net::Mode::Path => port_on_bridge(config, &ep.host_port),
+        _ => holds_address(&ep.netns, &ep.iface, service),
+    }
+}
+
+fn port_on_bridge(config: &Config, port: &str) -> Result<bool, RtnlError> {
+    let r = Rtnl::open(None)?;
+    let bridge = r.need_link(&config.network.bridge)?;
+    Ok(r.link(port)?
+        .is_some_and(|l| l.controller == Some(bridge.index)))
+}
+
+/// Puts the service path back on `active` in `path` mode: its port on the bridge, the
+/// standby's off.
+fn path_back(
+    config: &Config,
+    active_port: &str,
+    standby_port: Option<&str>,
+) -> Result<(), RtnlError> {
+    let r = Rtnl::open(None)?;
+    let bridge = r.need_link(&config.network.bridge)?;
+    if let Some(p) = standby_port
+        && let Some(l) = r.link(p)?
+    {
+        r.set_controller(l.index, None)?;
+    }
+    let a = r.need_link(active_port)?;
+    r.set_controller(a.index, Some(bridge.index))
+}
+
 /// Gives the host its configured address on the bridge (the switcher checks the service from
 /// there).
 pub fn ensure_bridge_address(config: &Config) -> Result<(), RtnlError> {
@@ -149,10 +188,11 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
             let _ = o.backend.set_frozen(a, false);
         }
         let service = o.config.network.service_address;
+        let mode: patchover_net::Mode = run.mode.parse().unwrap_or(patchover_net::Mode::Readdress);
         let standby_holds = match (&standby, service) {
             (Some(s), Some(svc)) if has("switch", "started") => endpoint(o.backend, s)
                 .ok()
-                .and_then(|ep| holds_address(&ep.netns, &ep.iface, svc.addr).ok())
+                .and_then(|ep| service_is_on(o.config, mode, &ep, svc.addr).ok())
                 .unwrap_or(false),
             _ => false,
         };
@@ -178,17 +218,29 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
             if let (Some(a), Some(svc)) = (&active, service)
                 && has("switch", "started")
             {
-                let _ = patchover_net::teardown(None, svc.addr);
-                if let Some(s) = &standby
-                    && let Ok(ep) = endpoint(o.backend, s)
-                    && let Ok(r) = Rtnl::open(Some(&ep.netns))
-                    && let Ok(l) = r.need_link(&ep.iface)
-                {
-                    let _ = r.del_address(l.index, svc.addr);
-                }
-                let ep = endpoint(o.backend, a)?;
-                assign_service(&ep.netns, &ep.iface, ep.mac, svc)
+                if mode == patchover_net::Mode::Path {
+                    let sport = standby
+                        .as_ref()
+                        .map(|s| patchover_lc::host_port_name(&s.id, 0));
+                    path_back(
+                        o.config,
+                        &patchover_lc::host_port_name(&a.id, 0),
+                        sport.as_deref(),
+                    )
                     .map_err(OrchestratorError::Net)?;
+                } else {
+                    let _ = patchover_net::teardown(None, svc.addr);
+                    if let Some(s) = &standby
+                        && let Ok(ep) = endpoint(o.backend, s)
+                        && let Ok(r) = Rtnl::open(Some(&ep.netns))
+                        && let Ok(l) = r.need_link(&ep.iface)
+                    {
+                        let _ = r.del_address(l.index, svc.addr);
+                    }
+                    let ep = endpoint(o.backend, a)?;
+                    assign_service(&ep.netns, &ep.iface, ep.mac, svc)
+                        .map_err(OrchestratorError::Net)?;
+                }
             }
             if let Some(s) = &standby {
                 o.release_standby(s, None);

@@ -119,6 +119,45 @@ fn patch_under_load_then_roll_back() {
 }
 
 #[test]
+fn patch_in_path_mode_under_load() {
+    // Both LCs have one NIC identity (MAC and service address); the bridge port moves.
+    let c = Cycle::with_layout(2, "", true);
+    c.upgrade_bundle();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    c.t.po_ok(&["lc", "boot", &a]);
+    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    assert_eq!(version(&client, &svc), "1.0.0");
+    let load = Load::start(&client, svc.clone());
+    std::thread::sleep(Duration::from_millis(300));
+    let report = c.t.po_json(&["patch", &a, "--mode", "path"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failures, acked) = load.finish();
+    assert_eq!(report["outcome"], "ok", "{report:#}");
+    assert!(
+        failures.is_empty(),
+        "{} failed of {}: {:?}",
+        failures.len(),
+        ok,
+        &failures[..failures.len().min(10)]
+    );
+    assert_eq!(version(&client, &svc), "1.0.1");
+    assert_all_there(&client, &svc, &acked);
+    assert!(
+        Path::new(&format!("/sys/class/net/po{b}n0/master")).exists(),
+        "the new port is on the bridge"
+    );
+    // seamless is refused by the cycle, with the reason.
+    c.t.po_ok(&["patches", "mark", "demo-1.0.1"]);
+    let out = c.t.po(&["patch", &b, "--mode", "seamless"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("final catch-up could overwrite newer writes")
+    );
+}
+
+#[test]
 fn failures_before_the_switch_leave_the_service_where_it_is() {
     let rules = tempfile::tempdir().unwrap();
     let c = Cycle::new(2, "");

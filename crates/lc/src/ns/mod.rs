@@ -270,9 +270,15 @@ impl<H: Host> NsBackend<H> {
                 .create_veth(&port, &peer, nic.mac)
                 .map_err(step("creating a veth"))?;
             undo.push(Undo::Link(port.clone()));
-            self.host
-                .attach_to_bridge(&port, &self.cfg.bridge)
-                .map_err(step("plugging the veth into the bridge"))?;
+            if nic.detached {
+                self.host
+                    .set_link_up(&port)
+                    .map_err(step("bringing the veth up"))?;
+            } else {
+                self.host
+                    .attach_to_bridge(&port, &self.cfg.bridge)
+                    .map_err(step("plugging the veth into the bridge"))?;
+            }
             nic_setup.push(nic_setup_for(nic, peer));
             host_ports.push(port);
         }

@@ -219,6 +219,9 @@ impl Host for FakeHost {
     fn attach_to_bridge(&self, port: &str, bridge: &str) -> io::Result<()> {
         self.op("attach_to_bridge", format!("{port} {bridge}"))
     }
+    fn set_link_up(&self, link: &str) -> io::Result<()> {
+        self.op("set_link_up", link.to_owned())
+    }
     fn move_to_netns(&self, link: &str, pid: i32) -> io::Result<()> {
         self.op("move_to_netns", format!("{link} {pid}"))?;
         self.w.borrow_mut().links.remove(link);
@@ -565,6 +568,18 @@ fn a_new_backend_adopts_a_running_lc_but_not_a_reused_pid() {
     host.w.borrow_mut().procs.remove(&1001);
     FakeHost::end_all(&mut host.w.borrow_mut(), &FakeHost::procs_file("lc1"));
     b2.boot(&lc("lc1")).unwrap();
+}
+
+#[test]
+fn a_detached_nic_is_not_plugged_into_the_bridge() {
+    let host = FakeHost::new();
+    let b = backend(&host);
+    let mut spec = lc("lc1");
+    spec.nics[0].detached = true;
+    b.boot(&spec).unwrap();
+    let calls = host.calls();
+    assert!(calls.iter().any(|c| c == "set_link_up polc1n0"), "{calls:#?}");
+    assert!(!calls.iter().any(|c| c.starts_with("attach_to_bridge")), "{calls:#?}");
 }
 
 #[test]

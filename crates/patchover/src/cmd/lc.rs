@@ -132,6 +132,7 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 name,
                 address,
                 gateway: None,
+                detached: false,
             };
             let port = env.backend.attach_nic(spec, &nic)?;
             if ctx.json {

@@ -34,8 +34,14 @@ pub struct Cycle {
 
 impl Cycle {
     pub fn new(n_lcs: usize, extra: &str) -> Cycle {
+        Cycle::with_layout(n_lcs, extra, false)
+    }
+
+    /// `shared_identity`: the `path` mode layout (one MAC and address for all LCs).
+    pub fn with_layout(n_lcs: usize, extra: &str, shared_identity: bool) -> Cycle {
         let lcs: Vec<(u32, u32, u64)> = (0..n_lcs).map(|i| (i as u32 % 2, 40, 96)).collect();
-        let t = Topo::new(&lcs);
+        let mut t = Topo::new(&lcs);
+        t.shared_identity = shared_identity;
         let key = t.dir.path().join("release.key");
         let pubkey = t.dir.path().join("release.pub");
         t.po_ok(&[

@@ -116,6 +116,8 @@ pub struct Topo {
     pub cgroup_parent: String,
     pub config: PathBuf,
     pub lcs: Vec<LcDef>,
+    /// `path` mode layout: every LC's NIC has the same MAC and the service address.
+    pub shared_identity: bool,
 }
 
 impl Topo {
@@ -149,6 +151,7 @@ impl Topo {
             suffix,
             lcs: defs,
             dir,
+            shared_identity: false,
         };
         t.write_config("");
         t
@@ -174,15 +177,23 @@ impl Topo {
             n = self.net,
         );
         for l in &self.lcs {
+            let nic = if self.shared_identity {
+                format!(
+                    "{{ name = \"eth0\", address = \"{}/24\", mac = \"02:50:4f:00:{:02x}:0a\" }}",
+                    self.service(),
+                    self.net
+                )
+            } else {
+                format!("{{ name = \"eth0\", address = \"{}/24\" }}", l.address)
+            };
             text.push_str(&format!(
-                "\n[[lc]]\nid = \"{}\"\ncpu = {}\ncpu_share = {}\nmemory_mib = {}\nsystem_disk = {{ path = \"{}\" }}\napp_disk = {{ path = \"{}\", mount = \"/data\" }}\nnic = [{{ name = \"eth0\", address = \"{}/24\" }}]\n",
+                "\n[[lc]]\nid = \"{}\"\ncpu = {}\ncpu_share = {}\nmemory_mib = {}\nsystem_disk = {{ path = \"{}\" }}\napp_disk = {{ path = \"{}\", mount = \"/data\" }}\nnic = [{nic}]\n",
                 l.id,
                 l.cpu,
                 l.share,
                 l.memory_mib,
                 l.sys.display(),
                 l.app.display(),
-                l.address
             ));
         }
         text.push_str(extra);
