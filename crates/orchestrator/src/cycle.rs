@@ -206,7 +206,7 @@ impl<'a> Orchestrator<'a> {
             let b = verify_bundle(Path::new(&r.file), &keys, &self.settings.bundle_limits)
                 .map_err(|source| OrchestratorError::Bundle {
                     id: r.id.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             if b.sha256().to_string() != r.sha256 {
                 return Err(OrchestratorError::BadInput(format!(
@@ -268,7 +268,7 @@ impl<'a> Orchestrator<'a> {
             })?;
             let from = endpoint(self.backend, &active)?;
             let holds = crate::recover::service_is_on(self.config, req.mode, &from, service.addr)
-                .map_err(OrchestratorError::Net)?;
+                .map_err(OrchestratorError::net)?;
             if !holds {
                 return Err(OrchestratorError::BadInput(match req.mode {
                     Mode::Path => format!(
@@ -455,7 +455,7 @@ impl<'a> Orchestrator<'a> {
                 )
                 .map_err(|source| OrchestratorError::Copy {
                     disk: "system",
-                    source,
+                    source: Box::new(source),
                 })?;
                 report.bytes_copied += r.stats.bytes_copied;
                 report.bytes_replayed += r.stats.bytes_replayed;
@@ -470,7 +470,7 @@ impl<'a> Orchestrator<'a> {
                 let f = FollowCopy::start(&src.path, &dst.path, &opts, Arc::new(NoProgress))
                     .map_err(|source| OrchestratorError::Copy {
                         disk: "application",
-                        source,
+                        source: Box::new(source),
                     })?;
                 Ok((
                     f,
@@ -589,7 +589,7 @@ impl<'a> Orchestrator<'a> {
                 to.address.addr,
                 &o.settings.service.health(&to.identity),
             )
-            .map_err(OrchestratorError::Health)?;
+            .map_err(|e| OrchestratorError::Health(Box::new(e)))?;
             report.version_after = get(
                 &to.netns,
                 to.address.addr,
@@ -613,7 +613,7 @@ impl<'a> Orchestrator<'a> {
                             })
                             .map_err(|source| OrchestratorError::Copy {
                                 disk: "application",
-                                source,
+                                source: Box::new(source),
                             })?;
                         report.bytes_replayed += r.stats.bytes_replayed;
                         report.freeze_ms = r
@@ -636,7 +636,7 @@ impl<'a> Orchestrator<'a> {
             .network
             .service_address
             .expect("checked before the run");
-        crate::recover::ensure_bridge_address(self.config).map_err(OrchestratorError::Net)?;
+        crate::recover::ensure_bridge_address(self.config).map_err(OrchestratorError::net)?;
         let plan = SwitchPlan {
             host_netns: None,
             bridge: self.config.network.bridge.clone(),

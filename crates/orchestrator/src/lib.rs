@@ -130,13 +130,13 @@ pub enum OrchestratorError {
     Bundle {
         id: String,
         #[source]
-        source: patchover_bundle::VerifyError,
+        source: Box<patchover_bundle::VerifyError>,
     },
     #[error("copying the {disk} disk")]
     Copy {
         disk: &'static str,
         #[source]
-        source: patchover_disk::CopyError,
+        source: Box<patchover_disk::CopyError>,
     },
     #[error("preparing the standby's {disk} disk {path}")]
     Prepare {
@@ -163,16 +163,26 @@ pub enum OrchestratorError {
     #[error("post-check failed on the standby: {0}")]
     PostCheck(String),
     #[error("the service is not healthy on the standby")]
-    Health(#[source] patchover_net::health::HealthError),
+    Health(#[source] Box<patchover_net::health::HealthError>),
     #[error("the service did not restart on the standby: {0}")]
     Service(String),
     #[error(transparent)]
-    Switch(#[from] patchover_net::SwitchError),
+    Switch(Box<patchover_net::SwitchError>),
     #[error("network setup")]
-    Net(#[source] patchover_net::rtnl::RtnlError),
+    Net(#[source] Box<patchover_net::rtnl::RtnlError>),
+}
+
+impl From<patchover_net::SwitchError> for OrchestratorError {
+    fn from(e: patchover_net::SwitchError) -> Self {
+        OrchestratorError::Switch(Box::new(e))
+    }
 }
 
 impl OrchestratorError {
+    pub(crate) fn net(e: patchover_net::rtnl::RtnlError) -> Self {
+        OrchestratorError::Net(Box::new(e))
+    }
+
     /// What an operator should do next.
     pub fn hint(&self) -> &'static str {
         match self {

@@ -227,7 +227,7 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
                         &patchover_lc::host_port_name(&a.id, 0),
                         sport.as_deref(),
                     )
-                    .map_err(OrchestratorError::Net)?;
+                    .map_err(OrchestratorError::net)?;
                 } else {
                     let _ = patchover_net::teardown(None, svc.addr);
                     if let Some(s) = &standby
@@ -239,7 +239,7 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
                     }
                     let ep = endpoint(o.backend, a)?;
                     assign_service(&ep.netns, &ep.iface, ep.mac, svc)
-                        .map_err(OrchestratorError::Net)?;
+                        .map_err(OrchestratorError::net)?;
                 }
             }
             if let Some(s) = &standby {

@@ -246,16 +246,16 @@ pub struct Prepared {
 
 /// Builds the demo's world in `dir` (wiped first).
 pub fn prepare(dir: &Path, say: &dyn Fn(&str)) -> anyhow::Result<Prepared> {
-    stop_previous(&dir);
+    stop_previous(dir);
     if dir.exists() {
-        fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+        fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
-    fs::create_dir_all(&dir)?;
+    fs::create_dir_all(dir)?;
     let keys = dir.join("keys");
     fs::create_dir_all(&keys)?;
     let (pubkey, seckey) = (keys.join("release.pub"), keys.join("release.key"));
     generate_keypair(&pubkey, &seckey, None).context("making the signing key")?;
-    let config_path = write_config(&dir, &pubkey)?;
+    let config_path = write_config(dir, &pubkey)?;
     let dctx = Ctx {
         config_path: config_path.clone(),
         json: true,

@@ -117,9 +117,12 @@ impl Cycle {
 
 /// A client that writes (and reads back) without pause until stopped; every request has a
 /// deadline, so a hung request counts as failed.
+/// Requests that succeeded, the failures, and the acknowledged writes (key → value).
+pub type LoadResult = (u64, Vec<String>, BTreeMap<String, String>);
+
 pub struct Load {
     stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<(u64, Vec<String>, BTreeMap<String, String>)>>,
+    handle: Option<std::thread::JoinHandle<LoadResult>>,
 }
 
 impl Load {
@@ -154,7 +157,7 @@ impl Load {
                     )),
                     Err(e) => failures.push(format!("PUT {key}: {e} after {:?}", t.elapsed())),
                 }
-                if n % 5 == 0 {
+                if n.is_multiple_of(5) {
                     match http(&service, "GET", "/version", b"") {
                         Ok((200, _)) => ok += 1,
                         Ok((status, _)) => failures.push(format!("GET /version: {status}")),
@@ -171,7 +174,7 @@ impl Load {
         }
     }
 
-    pub fn finish(mut self) -> (u64, Vec<String>, BTreeMap<String, String>) {
+    pub fn finish(mut self) -> LoadResult {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.take().unwrap().join().unwrap()
     }
