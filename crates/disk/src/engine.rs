@@ -194,6 +194,8 @@ pub struct Engine {
     replaying: bool,
     /// True while the writers are frozen: replay may use every CPU.
     pub frozen: bool,
+    /// The bulk copy has completed (replay rounds before it would copy nothing).
+    pub bulk_done: bool,
     /// The bulk copy's worker pool, while it runs.
     pool: Option<Pool>,
     /// Directories whose metadata waits for the pool.
@@ -252,6 +254,7 @@ impl Engine {
             sync: opts.sync,
             replaying: false,
             frozen: false,
+            bulk_done: false,
             pool: None,
             deferred_dirs: Vec::new(),
         })
@@ -315,6 +318,7 @@ impl Engine {
         if self.is_file {
             self.copy_fresh(Path::new(""), &md, progress)?;
             self.refresh_fast_paths();
+            self.bulk_done = true;
             return Ok(());
         }
         let workers = std::thread::available_parallelism()
@@ -386,7 +390,9 @@ impl Engine {
                 r => r?,
             }
         }
-        fsops::apply_meta(&self.src, &self.dst, &md, false)
+        fsops::apply_meta(&self.src, &self.dst, &md, false)?;
+        self.bulk_done = true;
+        Ok(())
     }
 
     fn copy_children(&mut self, rel: &Path, progress: &dyn Progress) -> Result<(), CopyError> {
@@ -448,10 +454,12 @@ impl Engine {
                 self.sync(rel, CONTENT | META, progress)?;
             }
             self.stats.hardlinks += 1;
-            progress.copied(
-                self.stats.bytes_copied,
-                self.stats.files + self.stats.hardlinks,
-            );
+            if self.pool.is_none() {
+                progress.copied(
+                    self.stats.bytes_copied,
+                    self.stats.files + self.stats.hardlinks,
+                );
+            }
             return Ok(());
         }
         if ft.is_file()
@@ -485,10 +493,13 @@ impl Engine {
         }
         fsops::apply_meta(&s, &d, md, false)?;
         self.names.entry(key).or_default().push(rel.to_path_buf());
-        progress.copied(
-            self.stats.bytes_copied,
-            self.stats.files + self.stats.hardlinks,
-        );
+        if self.pool.is_none() {
+            // While the pool runs, its workers report (this thread's counts lag theirs).
+            progress.copied(
+                self.stats.bytes_copied,
+                self.stats.files + self.stats.hardlinks,
+            );
+        }
         Ok(())
     }
 
@@ -754,14 +765,11 @@ impl Engine {
     /// removing an entry changes the directory's times).
     fn fix_dirs(&mut self) -> Result<(), CopyError> {
         let mut dirs: Vec<PathBuf> = std::mem::take(&mut self.touched).into_iter().collect();
+        if self.is_file {
+            return Ok(()); // an image file has no directories (its parent is not ours)
+        }
         dirs.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
         for rel in dirs {
-            if self.is_file && !rel.as_os_str().is_empty() {
-                continue;
-            }
-            if self.is_file {
-                continue;
-            }
             let (s, d) = (self.s(&rel), self.d(&rel));
             let Ok(smd) = fs::symlink_metadata(&s) else {
                 continue;

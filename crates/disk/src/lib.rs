@@ -312,11 +312,13 @@ fn follow_loop(sh: &Shared, opts: &CopyOptions, progress: &dyn Progress) -> Resu
     {
         let mut g = lock(&sh.engine);
         let Some(e) = g.as_mut() else { return Ok(()) };
-        if opts.scan_totals {
-            let (b, f) = e.scan();
-            progress.scanned(b, f);
+        if !e.bulk_done {
+            if opts.scan_totals {
+                let (b, f) = e.scan();
+                progress.scanned(b, f);
+            }
+            e.bulk(progress)?;
         }
-        e.bulk(progress)?;
     }
     while !sh.stop.load(Ordering::SeqCst) {
         let t = Instant::now();
@@ -340,6 +342,10 @@ fn checkpoint(
     q: &mut dyn Quiesce,
     verify: bool,
 ) -> Result<CutReport, CopyError> {
+    // A cut asked for before the background thread started copying does the bulk copy itself.
+    if !e.bulk_done {
+        e.bulk(&NoProgress)?;
+    }
     // Catch up while the writers still run, so the frozen round has little left to do.
     e.round(&NoProgress)?;
     let entries0 = e.stats.history_entries;

@@ -233,14 +233,19 @@ fn disk_copy_follow_cuts_a_live_writer_frozen_by_its_cgroup() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        po.try_wait().unwrap().is_none(),
-        "follow mode must wait for the cut"
-    );
+    // Marked incomplete while following (poll: the machine may be busy).
+    let t = std::time::Instant::now();
+    while !dst.join(".patchover-incomplete").exists() && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
         dst.join(".patchover-incomplete").exists(),
         "marked incomplete while following"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        po.try_wait().unwrap().is_none(),
+        "follow mode must wait for the cut"
     );
     po.stdin.take().unwrap().write_all(b"\n").unwrap();
     let out = po.wait_with_output().unwrap();

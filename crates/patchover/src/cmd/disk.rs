@@ -229,7 +229,7 @@ impl Progress for Bar {
     }
     fn copied(&self, bytes: u64, files: u64) {
         self.pb.set_position(bytes);
-        if files % 64 == 0 {
+        if files.is_multiple_of(64) {
             self.pb.set_message(format!("{files} files"));
         }
     }
