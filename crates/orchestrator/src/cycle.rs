@@ -299,6 +299,13 @@ impl<'a> Orchestrator<'a> {
                 e => fail(&mut report, e.into()),
             })?;
         report.run_id = run_id;
+        // Armed for the whole run: if this process dies, the guard recovers the run at once
+        // (puts the service back or finishes the switch), not when an operator next looks.
+        let _guard = self.settings.guard.as_ref().and_then(|(exe, config)| {
+            crate::recover::RunGuard::arm(exe, config)
+                .inspect_err(|e| tracing::warn!(error = %e, "cannot arm the run guard; a crash will be recovered by the next patchover"))
+                .ok()
+        });
         let _ = self.store.set_role(active.id.as_str(), Role::Active);
         report.version_before = get(
             &from.netns,

@@ -29,7 +29,7 @@ use patchover_net::Mode;
 use serde::Serialize;
 
 pub use cycle::{Orchestrator, RunFailed, endpoint as cycle_endpoint};
-pub use recover::{RunLock, recover};
+pub use recover::{RunGuard, RunLock, recover};
 pub use service::ServiceSettings;
 
 /// What to patch and how.
@@ -68,6 +68,9 @@ pub struct Settings {
     /// The `patchover` binary, for detached helpers (`internal garp-refresh`), so that no
     /// later work keeps a finished run's process alive.
     pub refresher: Option<PathBuf>,
+    /// The `patchover` binary and its config, for the run guard: a process that runs the
+    /// recovery at once if this one dies in the middle of a run (`internal run-guard`).
+    pub guard: Option<(PathBuf, PathBuf)>,
 }
 
 /// One step's timing in the report.

@@ -62,6 +62,48 @@ impl RunLock {
     }
 }
 
+/// A process that waits on a pipe from this one; dropping the guard disarms it. If this process
+/// dies first, the guard sees end of input and runs `patchover runs recover`.
+pub struct RunGuard {
+    stdin: Option<std::process::ChildStdin>,
+    child: std::process::Child,
+}
+
+impl RunGuard {
+    pub fn arm(exe: &Path, config: &Path) -> std::io::Result<RunGuard> {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new(exe)
+            .args(["internal", "run-guard"])
+            .env("PATCHOVER_CONFIG", config)
+            .process_group(0)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        if line.trim() != "armed" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other("the run guard did not start"));
+        }
+        Ok(RunGuard {
+            stdin: child.stdin.take(),
+            child,
+        })
+    }
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.stdin.take() {
+            let _ = s.write_all(b"disarm\n");
+        }
+        let _ = self.child.wait();
+    }
+}
+
 /// `flock(fd, LOCK_EX | LOCK_NB)`.
 ///
 /// # Safety

@@ -246,6 +246,72 @@ fn failures_before_the_switch_leave_the_service_where_it_is() {
     assert_eq!(version(&client, &svc), "1.0.0");
 }
 
+/// Each way a run can fail before or at the switch, under load: the service keeps answering
+/// from the active LC, no request fails, no acknowledged write is lost.
+#[test]
+fn each_failure_leaves_the_service_on_the_active_lc() {
+    let c = Cycle::new(2, "");
+    c.start_service();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    // (bundle id, manifest steps, payload, the step that must fail, text in the error)
+    let cases: [(&str, &str, &[(&str, &[u8])], &str, &str); 4] = [
+        (
+            "no-init",
+            "[[step]]\nkind = \"script\"\nfile = \"x.sh\"\n",
+            &[("x.sh", b"rm /sbin/init\n")],
+            "reboot_standby",
+            "has no init",
+        ),
+        (
+            "bad-check",
+            "[[step]]\nkind = \"script\"\nfile = \"x.sh\"\n\n[[check]]\nkind = \"command_output\"\ncommand = [\"/bin/cat\", \"/etc/demo/version\"]\ncontains = \"9.9.9\"\n",
+            &[("x.sh", b"true\n")],
+            "post_checks",
+            "post-check failed",
+        ),
+        (
+            "broken-service",
+            "[[step]]\nkind = \"script\"\nfile = \"x.sh\"\n",
+            &[("x.sh", b"printf '#!/bin/sh\\nexit 1\\n' > /usr/bin/patchover-demo\n")],
+            "standby_health",
+            "not healthy",
+        ),
+        (
+            "no-restart",
+            "[[step]]\nkind = \"script\"\nfile = \"x.sh\"\n",
+            &[("x.sh", b"sed -i 's/^  restart)/  restart) exit 3 ;;\\n  restart-unused)/' /etc/init.d/S50demo\n")],
+            "switch",
+            "rolled back",
+        ),
+    ];
+    for (id, steps, payload, failed_step, text) in cases {
+        c.bundle(id, steps, payload);
+        let load = Load::start(&client, svc.clone());
+        let out = c.t.po(&["--json", "patch", &a, "--bundle", id]);
+        let (ok, failures, acked) = load.finish();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{id}: {report:#}");
+        let failed: Vec<&str> = report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["ok"] == false)
+            .map(|s| s["step"].as_str().unwrap())
+            .collect();
+        assert_eq!(failed, [failed_step], "{id}: {report:#}");
+        assert!(report["error"].as_str().unwrap().contains(text), "{id}: {report:#}");
+        assert!(failures.is_empty() && ok > 0, "{id}: {failures:?}");
+        assert_all_there(&client, &svc, &acked);
+        let s = svc.clone();
+        let health = client.run(move || common::http_ready(&s, "/health"));
+        assert!(String::from_utf8_lossy(&health.1).contains(&format!("\"host\":\"{a}\"")), "{id}: {health:?}");
+        assert_eq!(c.t.po_json(&["lc", "status", &b])["status"]["state"], "stopped", "{id}");
+        c.t.po_ok(&["patches", "unmark", id]);
+    }
+}
+
 #[test]
 fn no_standby_is_bad_input_naming_what_each_lacks() {
     let t = Topo::new(&[(0, 40, 96), (1, 40, 32)]);

@@ -43,6 +43,9 @@ pub enum InternalCmd {
         #[arg(long, value_delimiter = ',')]
         after_ms: Vec<u64>,
     },
+    /// Recover the run at once if the patchover that armed this guard dies (`PATCHOVER_CONFIG`
+    /// names the config).
+    RunGuard,
     /// Thaw a cgroup if patchover dies while it is frozen.
     ThawGuard {
         #[arg(long)]
@@ -95,6 +98,28 @@ pub fn run(cmd: InternalCmd) -> anyhow::Result<ExitCode> {
                     std::time::Duration::from_millis(5),
                 )?;
             }
+            0
+        }
+        InternalCmd::RunGuard => {
+            use std::io::{BufRead, Write};
+            let mut out = std::io::stdout();
+            writeln!(out, "armed")?;
+            out.flush()?;
+            let mut line = String::new();
+            let _ = std::io::stdin().lock().read_line(&mut line);
+            if line.trim() == "disarm" {
+                return Ok(ExitCode::SUCCESS);
+            }
+            // The run's process died: its run lock is free now; recover.
+            let config = std::env::var_os("PATCHOVER_CONFIG")
+                .map(std::path::PathBuf::from)
+                .ok_or_else(|| anyhow::anyhow!("PATCHOVER_CONFIG is not set"))?;
+            let ctx = super::Ctx {
+                config_path: config,
+                json: true,
+                quiet: true,
+            };
+            super::patch::run_runs(super::patch::RunsCmd::Recover, &ctx)?;
             0
         }
         InternalCmd::ThawGuard { file, value } => launch::thaw_guard_main(&file, &value),

@@ -34,6 +34,9 @@ pub struct PatchArgs {
     /// How long the standby may take to apply the patches, in seconds.
     #[arg(long, default_value_t = 300)]
     pub report_timeout: u64,
+    /// Run here even when a daemon is running (by default the daemon runs it).
+    #[arg(long)]
+    pub direct: bool,
 }
 
 #[derive(clap::Args)]
@@ -42,6 +45,9 @@ pub struct RollbackArgs {
     pub lc: String,
     #[arg(long, default_value = "readdress", value_parser = |s: &str| s.parse::<Mode>())]
     pub mode: Mode,
+    /// Run here even when a daemon is running (by default the daemon runs it).
+    #[arg(long)]
+    pub direct: bool,
 }
 
 #[derive(Subcommand)]
@@ -52,6 +58,8 @@ pub enum RunsCmd {
     Show { run: i64 },
     /// Finish or roll back runs whose patchover died (also done before every patch).
     Recover,
+    /// Follow a run's steps live (from the daemon's event stream) until it ends.
+    Watch { run: i64 },
 }
 
 #[derive(Subcommand)]
@@ -61,7 +69,7 @@ pub enum ServiceCmd {
     Assign { lc: String },
 }
 
-fn settings(env: &Env, report_timeout: u64) -> anyhow::Result<Settings> {
+pub fn settings_for(env: &Env, report_timeout: u64) -> anyhow::Result<Settings> {
     let bundles = BundlesConfig::from_extra(&env.config.extra).context("config [bundles]")?;
     let service = ServiceSettings::from_extra(&env.config.extra).map_err(BadInput)?;
     let yara_rules = match env.config.extra.get("yara") {
@@ -82,6 +90,9 @@ fn settings(env: &Env, report_timeout: u64) -> anyhow::Result<Settings> {
         drain_deadline: Duration::from_secs(10),
         garp: patchover_net::GarpConfig::default(),
         refresher: std::env::current_exe().ok(),
+        guard: std::env::current_exe()
+            .ok()
+            .map(|exe| (exe, env.config.path.clone())),
     })
 }
 
@@ -110,6 +121,11 @@ fn progress(ctx: &Ctx) -> impl FnMut(&Event) + use<> {
 }
 
 fn print_report(ctx: &Ctx, r: &RunReport) {
+    print_report_json(ctx, &serde_json::to_value(r).expect("report serializes"));
+}
+
+/// Prints a run report (a `RunReport` as JSON: from this process or from the daemon).
+fn print_report_json(ctx: &Ctx, r: &serde_json::Value) {
     if ctx.json {
         println!(
             "{}",
@@ -117,62 +133,189 @@ fn print_report(ctx: &Ctx, r: &RunReport) {
         );
         return;
     }
+    let s = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
+    let ms = |k: &str| r[k].as_f64().map_or("-".into(), |v| format!("{v:.1}"));
     println!(
         "run {} on {}: {} (standby {}, mode {})",
-        r.run_id,
-        r.lc,
-        r.outcome,
-        r.standby.as_deref().unwrap_or("-"),
-        r.mode
+        r["run_id"],
+        s("lc"),
+        s("outcome"),
+        s("standby"),
+        s("mode")
     );
-    for p in &r.patches {
-        println!("  patch {:<24} {}", p.id, p.status.as_str());
+    for p in r["patches"].as_array().into_iter().flatten() {
+        println!(
+            "  patch {:<24} {}",
+            p["id"].as_str().unwrap_or("?"),
+            p["status"].as_str().unwrap_or("?")
+        );
     }
-    if let (Some(b), Some(a)) = (&r.version_before, &r.version_after) {
+    if let (Some(b), Some(a)) = (r["version_before"].as_str(), r["version_after"].as_str()) {
         println!("  version {b} -> {a}");
     }
     println!(
         "  copied {} bytes, replayed {} bytes; freeze {} ms; pause {} ms",
-        r.bytes_copied,
-        r.bytes_replayed,
-        r.freeze_ms.map_or("-".into(), |v| format!("{v:.1}")),
-        r.pause_ms.map_or("-".into(), |v| format!("{v:.1}"))
+        r["bytes_copied"],
+        r["bytes_replayed"],
+        ms("freeze_ms"),
+        ms("pause_ms")
     );
-    if let Some(e) = &r.error {
+    if let Some(e) = r["error"].as_str() {
         println!("  error: {e}");
     }
-    if let Some(h) = &r.hint {
+    if let Some(h) = r["hint"].as_str() {
         println!("  what to do: {h}");
     }
 }
 
-/// Runs the orchestrator for a patch or a rollback, with the run lock and recovery first.
-fn drive(ctx: &Ctx, req: PatchRequest, report_timeout: u64) -> anyhow::Result<ExitCode> {
+/// The daemon's socket when one is running and `direct` is not asked.
+fn daemon_socket(ctx: &Ctx, direct: bool) -> anyhow::Result<Option<PathBuf>> {
+    if direct {
+        return Ok(None);
+    }
+    let config = ctx.config()?;
+    let d = patchover_daemon::DaemonConfig::from_extra(&config.extra, &config.run_dir)
+        .map_err(|e| BadInput(patchover_orchestrator::chain(&e)))?;
+    Ok(patchover_daemon::client::Client::available(&d.socket).then_some(d.socket))
+}
+
+/// An API refusal is bad input (exit 2); anything else is an error (exit 1).
+fn client_error(e: patchover_daemon::client::ClientError) -> anyhow::Error {
+    use patchover_daemon::ErrorCode as C;
+    match &e {
+        patchover_daemon::client::ClientError::Api(a)
+            if !matches!(a.code, C::Internal | C::Timeout | C::Unavailable) =>
+        {
+            BadInput(a.message.clone()).into()
+        }
+        _ => e.into(),
+    }
+}
+
+/// Hands the run to the daemon (`POST path`), follows it, prints its report.
+fn via_daemon(
+    ctx: &Ctx,
+    socket: &std::path::Path,
+    path: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<ExitCode> {
+    let c = patchover_daemon::client::Client::new(socket);
+    let started = c.call("POST", path, Some(&body)).map_err(client_error)?;
+    let run = started["run_id"]
+        .as_i64()
+        .ok_or_else(|| anyhow::anyhow!("the daemon's answer has no run_id: {started}"))?;
+    if !ctx.json {
+        eprintln!("run {run} started by the daemon on {}", socket.display());
+    }
+    watch(ctx, &c, run)?;
+    let r = c
+        .call("GET", &format!("/v1/runs/{run}"), None)
+        .map_err(client_error)?;
+    let report = &r["run"]["report"];
+    print_report_json(ctx, report);
+    Ok(match report["outcome"].as_str() {
+        Some("ok") | Some("dry-run") => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    })
+}
+
+/// Follows `run` on the event stream until it ends, printing its steps (a spinner on the
+/// current one); with --json, each event as one JSON line on stderr.
+fn watch(ctx: &Ctx, c: &patchover_daemon::client::Client, run: i64) -> anyhow::Result<()> {
+    let bar = if ctx.json {
+        None
+    } else {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.enable_steady_tick(Duration::from_millis(120));
+        Some(b)
+    };
+    // Subscribed first, then asked whether the run already ended, so no end is missed.
+    let still_going = || {
+        c.call("GET", &format!("/v1/runs/{run}"), None)
+            .map(|r| !r["run"]["ended_ms"].is_i64())
+    };
+    c.events(still_going, |kind, e| {
+        if e["run_id"].as_i64() != Some(run) {
+            return true;
+        }
+        if ctx.json {
+            eprintln!("{}", json!({"event": kind, "data": e}));
+        } else if let Some(b) = &bar {
+            match (kind, e["state"].as_str()) {
+                ("step", Some("started")) => {
+                    b.set_message(format!("run {run} {}", e["step"].as_str().unwrap_or("?")))
+                }
+                ("step", Some(state)) => {
+                    let ms = e["detail"]["ms"]
+                        .as_f64()
+                        .map_or(String::new(), |m| format!(" ({m:.0} ms)"));
+                    let err = e["detail"]["error"]
+                        .as_str()
+                        .map_or(String::new(), |m| format!(": {m}"));
+                    b.println(format!(
+                        "run {run} {:<18} {state}{ms}{err}",
+                        e["step"].as_str().unwrap_or("?")
+                    ));
+                }
+                _ => {}
+            }
+        }
+        kind != "run"
+    })
+    .map_err(client_error)?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(())
+}
+
+/// Runs the orchestrator for a patch or a rollback, with the run lock and recovery first:
+/// the one code path of `patchover patch`, `patchover rollback` and the daemon's runs.
+/// `Err` when the request is refused before any run is opened (nothing changed); otherwise
+/// the run's report, successful or not.
+pub fn execute(
+    ctx: &Ctx,
+    req: &PatchRequest,
+    report_timeout: u64,
+    events: &mut dyn FnMut(&Event),
+) -> anyhow::Result<Result<RunReport, patchover_orchestrator::RunFailed>> {
     let mut env = Env::open(ctx)?;
     env.lc(&req.lc)?;
-    let settings = settings(&env, report_timeout)?;
+    let settings = settings_for(&env, report_timeout)?;
     let _lock =
         RunLock::acquire(&env.config.run_dir, &req.lc).map_err(|e| BadInput(e.to_string()))?;
-    let mut events = progress(ctx);
     let mut o = Orchestrator {
         config: &env.config,
         store: &mut env.store,
         backend: &env.backend,
         settings: &settings,
-        events: &mut events,
+        events,
     };
     // A run this LC's lock covered but whose patchover died is dealt with first.
     drop(_lock);
     for r in patchover_orchestrator::recover(&mut o)? {
-        eprintln!(
-            "recovered run {}: {}",
-            r.run_id,
-            r.error.as_deref().unwrap_or(&r.outcome)
+        tracing::warn!(
+            run = r.run_id,
+            outcome = %r.outcome,
+            error = r.error.as_deref().unwrap_or(""),
+            "recovered an unfinished run"
         );
+        if !ctx.quiet {
+            eprintln!(
+                "recovered run {}: {}",
+                r.run_id,
+                r.error.as_deref().unwrap_or(&r.outcome)
+            );
+        }
     }
     let _lock =
         RunLock::acquire(&env.config.run_dir, &req.lc).map_err(|e| BadInput(e.to_string()))?;
-    match o.patch(&req) {
+    Ok(o.patch(req))
+}
+
+fn drive(ctx: &Ctx, req: PatchRequest, report_timeout: u64) -> anyhow::Result<ExitCode> {
+    let mut events = progress(ctx);
+    match execute(ctx, &req, report_timeout, &mut events)? {
         Ok(r) => {
             print_report(ctx, &r);
             Ok(ExitCode::SUCCESS)
@@ -190,7 +333,40 @@ fn drive(ctx: &Ctx, req: PatchRequest, report_timeout: u64) -> anyhow::Result<Ex
     }
 }
 
+/// The LC a rollback to `to` starts from: the active one.
+pub fn rollback_request(ctx: &Ctx, to: &str, mode: Mode) -> anyhow::Result<PatchRequest> {
+    let env = Env::open(ctx)?;
+    env.lc(to)?;
+    let active = env
+        .store
+        .lcs()?
+        .into_iter()
+        .find(|r| r.role == Role::Active)
+        .ok_or_else(|| BadInput("no LC is active; nothing to roll back".into()))?;
+    Ok(PatchRequest {
+        lc: active.spec.id.to_string(),
+        bundles: Vec::new(),
+        mode,
+        dry_run: false,
+        rollback_to: Some(to.to_owned()),
+    })
+}
+
 pub fn run_patch(a: PatchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    if let Some(socket) = daemon_socket(ctx, a.direct)? {
+        return via_daemon(
+            ctx,
+            &socket,
+            "/v1/runs",
+            json!({
+                "lc": a.lc,
+                "bundles": a.bundles,
+                "mode": a.mode.to_string(),
+                "dry_run": a.dry_run,
+                "report_timeout": a.report_timeout,
+            }),
+        );
+    }
     drive(
         ctx,
         PatchRequest {
@@ -205,26 +381,16 @@ pub fn run_patch(a: PatchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_rollback(a: RollbackArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let env = Env::open(ctx)?;
-    env.lc(&a.lc)?;
-    let active = env
-        .store
-        .lcs()?
-        .into_iter()
-        .find(|r| r.role == Role::Active)
-        .ok_or_else(|| BadInput("no LC is active; nothing to roll back".into()))?;
-    drop(env);
-    drive(
-        ctx,
-        PatchRequest {
-            lc: active.spec.id.to_string(),
-            bundles: Vec::new(),
-            mode: a.mode,
-            dry_run: false,
-            rollback_to: Some(a.lc),
-        },
-        60,
-    )
+    if let Some(socket) = daemon_socket(ctx, a.direct)? {
+        return via_daemon(
+            ctx,
+            &socket,
+            "/v1/rollback",
+            json!({"lc": a.lc, "mode": a.mode.to_string()}),
+        );
+    }
+    let req = rollback_request(ctx, &a.lc, a.mode)?;
+    drive(ctx, req, 60)
 }
 
 pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
@@ -323,8 +489,28 @@ pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 super::table(&["AT", "STEP", "STATE", "TOOK", "ERROR"], &rows)
             );
         }
+        RunsCmd::Watch { run } => {
+            let socket = daemon_socket(ctx, false)?.ok_or_else(|| {
+                BadInput(
+                    "no daemon is running; `patchover runs show RUN` shows a run's steps".into(),
+                )
+            })?;
+            let c = patchover_daemon::client::Client::new(&socket);
+            watch(ctx, &c, run)?;
+            let r = c
+                .call("GET", &format!("/v1/runs/{run}"), None)
+                .map_err(client_error)?;
+            if ctx.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "run {run}: {}",
+                    r["run"]["outcome"].as_str().unwrap_or("running")
+                );
+            }
+        }
         RunsCmd::Recover => {
-            let settings = settings(&env, 60)?;
+            let settings = settings_for(&env, 60)?;
             let mut events = progress(ctx);
             let mut o = Orchestrator {
                 config: &env.config,
@@ -334,7 +520,8 @@ pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 events: &mut events,
             };
             let done = patchover_orchestrator::recover(&mut o)?;
-            if ctx.json {
+            if ctx.quiet {
+            } else if ctx.json {
                 println!("{}", serde_json::to_string_pretty(&done)?);
             } else if done.is_empty() {
                 println!("no unfinished run to recover");

@@ -1,0 +1,1190 @@
+//! `patchover serve`: the real binary on a socket in a temp dir, driven over HTTP/1.1 by a
+//! small client of the test's own. Every route is exercised (runs on their refusal paths;
+//! the full cycle is in patch_cycle.rs), the TCP listener's tokens, bad input (malformed,
+//! unknown fields, huge bodies, unknown ids, many connections, a stalled client), the
+//! OpenAPI document against the server, `/metrics` against what the test did, and SIGTERM.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Topo, guest_dir};
+
+/// Parsed samples: (metric name, sorted labels) → value.
+type Samples = HashMap<(String, Vec<(String, String)>), f64>;
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// The daemon process; killed on drop if the test did not stop it.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(config: &Path, socket: &Path) -> Daemon {
+        let child = Command::new(BIN)
+            .env("PATCHOVER_CONFIG", config)
+            .env("PATCHOVER_GUEST_DIR", guest_dir())
+            .env("PATCHOVER_LOG", "info")
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start patchover serve");
+        let d = Daemon {
+            child,
+            socket: socket.to_owned(),
+        };
+        let t = Instant::now();
+        while UnixStream::connect(socket).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the daemon did not listen on {}",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn req(&self, method: &str, path: &str, body: Option<&[u8]>) -> Resp {
+        let s = UnixStream::connect(&self.socket).expect("connect to the daemon's socket");
+        http(
+            s,
+            method,
+            path,
+            &[("content-type", "application/json")],
+            body,
+        )
+    }
+
+    fn get(&self, path: &str) -> Resp {
+        self.req("GET", path, None)
+    }
+
+    fn post(&self, path: &str, body: &str) -> Resp {
+        self.req("POST", path, Some(body.as_bytes()))
+    }
+
+    fn sigterm(&mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let t = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the daemon did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {} {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// Asserts an error answer: the status, the stable code, a message.
+    fn error(&self, status: u16, code: &str) {
+        let v = self.json();
+        assert_eq!(self.status, status, "{v}");
+        assert_eq!(v["code"], code, "{v}");
+        assert!(v["message"].as_str().is_some_and(|m| m.len() > 10), "{v}");
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; reads the whole answer.
+fn http<S: Read + Write>(
+    mut s: S,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Resp {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: patchover\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        head.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    if let Some(b) = body {
+        // A huge body may be refused before it is all sent.
+        let _ = s.write_all(b);
+    }
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> Resp {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t == "chunked")
+    {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let nl = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let n = usize::from_str_radix(std::str::from_utf8(&rest[..nl]).unwrap().trim(), 16)
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[nl + 2..nl + 2 + n]);
+            rest = &rest[nl + 2 + n + 2..];
+        }
+        body = out;
+    }
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A Prometheus text-format parser: `name{labels} value` samples keyed by name and sorted
+/// labels; checks `# TYPE` lines precede their samples.
+fn parse_prometheus(text: &str) -> Samples {
+    let mut typed = BTreeSet::new();
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split(' ');
+            let name = it.next().unwrap();
+            let kind = it.next().unwrap();
+            assert!(
+                ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                "{line}"
+            );
+            typed.insert(name.to_owned());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect(line);
+        let value: f64 = value.parse().expect(line);
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_owned(), Vec::new()),
+            Some((n, l)) => {
+                let l = l.strip_suffix('}').expect(line);
+                let mut labels = Vec::new();
+                let mut rest = l;
+                while !rest.is_empty() {
+                    let (k, r) = rest.split_once("=\"").expect(line);
+                    let mut v = String::new();
+                    let mut chars = r.char_indices();
+                    let mut end = None;
+                    while let Some((i, c)) = chars.next() {
+                        match c {
+                            '\\' => v.push(chars.next().expect(line).1),
+                            '"' => {
+                                end = Some(i);
+                                break;
+                            }
+                            c => v.push(c),
+                        }
+                    }
+                    let end = end.expect(line);
+                    labels.push((k.to_owned(), v));
+                    rest = r[end + 1..].trim_start_matches(',');
+                }
+                labels.sort();
+                (n.to_owned(), labels)
+            }
+        };
+        assert!(typed.contains(&name), "sample {name} without a # TYPE line");
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{name}"
+        );
+        out.insert((name, labels), value);
+    }
+    out
+}
+
+fn metric(m: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut l: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    l.sort();
+    m.get(&(name.to_owned(), l)).copied().unwrap_or(0.0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run_cli(config: &Path, args: &[&str]) -> serde_json::Value {
+    let o = Command::new(BIN)
+        .env("PATCHOVER_CONFIG", config)
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// A topology (config only: no LC is booted), a signed bundle in the patch table, and the
+/// daemon on a Unix socket plus TCP with one token.
+fn setup() -> (Topo, Daemon, u16, String) {
+    let t = Topo::new(&[(0, 50, 64), (0, 50, 64)]);
+    let d = t.dir.path();
+    let s = |p: &str| d.join(p).to_str().unwrap().to_owned();
+    let port = free_port();
+    let socket = d.join("sock/patchover.sock");
+    let hash = {
+        let mut c = Command::new(BIN)
+            .args(["serve", "--hash-token"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(TOKEN.as_bytes()).unwrap();
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success());
+        String::from_utf8(o.stdout).unwrap().trim().to_owned()
+    };
+    assert!(hash.starts_with("sha256:") && hash.len() == 71, "{hash}");
+    t.write_config(&format!(
+        "\n[bundles]\ntrusted_keys = [\"{key}\"]\n\n[daemon]\nsocket = \"{sock}\"\nlisten = \"127.0.0.1:{port}\"\ntokens = [\"{hash}\"]\nmax_body_bytes = 4096\nhead_timeout_secs = 1\n",
+        key = s("release.pub"),
+        sock = socket.display(),
+    ));
+    run_cli(
+        &t.config,
+        &[
+            "bundle",
+            "keygen",
+            "--public",
+            &s("release.pub"),
+            "--secret",
+            &s("release.key"),
+        ],
+    );
+    std::fs::create_dir_all(d.join("src/payload")).unwrap();
+    std::fs::write(
+        d.join("src/manifest.toml"),
+        "format = 1\nid = \"api-1\"\ntitle = \"API test\"\ncategory = \"bugfix\"\nseverity = \"low\"\n\
+         published = 2026-11-20T10:00:00Z\n\n[[step]]\nkind = \"script\"\nfile = \"fix.sh\"\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("src/payload/fix.sh"), "echo fixed\n").unwrap();
+    run_cli(
+        &t.config,
+        &["bundle", "create", &s("src"), "-o", &s("b.tar.zst")],
+    );
+    run_cli(
+        &t.config,
+        &[
+            "bundle",
+            "sign",
+            &s("b.tar.zst"),
+            "--key",
+            &s("release.key"),
+        ],
+    );
+    run_cli(&t.config, &["patches", "import", &s("b.tar.zst")]);
+    let daemon = Daemon::start(&t.config, &socket);
+    (t, daemon, port, hash)
+}
+
+#[test]
+fn every_route_bad_input_tokens_metrics_and_sigterm() {
+    let (t, mut d, port, _) = setup();
+    let (a, b) = (t.lcs[0].id.clone(), t.lcs[1].id.clone());
+    let mut expect: HashMap<(String, String), f64> = HashMap::new();
+    let mut count = |route: &str, status: u16| {
+        *expect
+            .entry((route.to_owned(), status.to_string()))
+            .or_default() += 1.0;
+    };
+
+    // The socket is root-only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+
+    let st = d.get("/v1/status");
+    assert_eq!(st.status, 200);
+    assert_eq!(st.json()["lcs"], 2);
+    assert_eq!(st.json()["running_runs"], 0);
+    count("/v1/status", 200);
+
+    let lcs = d.get("/v1/lcs");
+    assert_eq!(lcs.status, 200);
+    let ids: Vec<String> = lcs
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, [a.clone(), b.clone()]);
+    count("/v1/lcs", 200);
+    let one = d.get(&format!("/v1/lcs/{a}"));
+    assert_eq!(one.json()["state"], "stopped");
+    assert_eq!(one.json()["role"], "unused");
+    count("/v1/lcs/{id}", 200);
+    d.get("/v1/lcs/nope").error(404, "not_found");
+    count("/v1/lcs/{id}", 404);
+    // Booting an LC without a system disk: refused with what to do, and it stays stopped.
+    let boot = d.post(&format!("/v1/lcs/{a}/boot"), "");
+    boot.error(422, "unprocessable");
+    assert!(
+        boot.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("image build-demo")
+    );
+    count("/v1/lcs/{id}/boot", 422);
+    d.post("/v1/lcs/nope/reboot", "").error(404, "not_found");
+    count("/v1/lcs/{id}/reboot", 404);
+    let stop = d.post(&format!("/v1/lcs/{a}/stop"), "");
+    stop.error(422, "unprocessable");
+    assert!(
+        stop.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("not running")
+    );
+    count("/v1/lcs/{id}/stop", 422);
+
+    // Patches: mark and unmark change the table; an unknown id changes nothing.
+    let p = d.get("/v1/patches").json();
+    assert_eq!(p[0]["id"], "api-1");
+    assert_eq!(p[0]["apply_next"], false);
+    count("/v1/patches", 200);
+    let m = d.post("/v1/patches/api-1/mark", "");
+    assert_eq!(m.json()["apply_next"], true);
+    count("/v1/patches/{id}/mark", 200);
+    assert_eq!(d.get("/v1/patches").json()[0]["apply_next"], true);
+    count("/v1/patches", 200);
+    d.post("/v1/patches/nope/mark", "").error(404, "not_found");
+    count("/v1/patches/{id}/mark", 404);
+    let u = d.post("/v1/patches/api-1/unmark", "");
+    assert_eq!(u.json()["apply_next"], false);
+    count("/v1/patches/{id}/unmark", 200);
+    let cli = run_cli(&t.config, &["patches", "list"]);
+    assert_eq!(
+        cli[0]["apply_next"], false,
+        "the CLI sees the API's change: {cli}"
+    );
+
+    // Runs: every refusal opens no run.
+    let r = d.post("/v1/runs", &format!("{{\"lc\":\"{a}\",\"dry_run\":true}}"));
+    r.error(422, "unprocessable");
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("not running"),
+        "{:?}",
+        r.json()
+    );
+    count("/v1/runs", 422);
+    d.post("/v1/runs", r#"{"lc":"nope"}"#)
+        .error(404, "not_found");
+    count("/v1/runs", 404);
+    let unknown = d.post("/v1/runs", &format!("{{\"lc\":\"{a}\",\"dryrun\":true}}"));
+    unknown.error(400, "invalid_body");
+    assert!(
+        unknown.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field")
+    );
+    count("/v1/runs", 400);
+    d.post("/v1/runs", "{\"lc\": ").error(400, "invalid_body");
+    count("/v1/runs", 400);
+    d.post(
+        "/v1/runs",
+        &format!("{{\"lc\":\"{a}\",\"mode\":\"teleport\"}}"),
+    )
+    .error(400, "invalid_body");
+    count("/v1/runs", 400);
+    let huge = format!("{{\"lc\":\"{}\"}}", "x".repeat(100_000));
+    d.post("/v1/runs", &huge).error(413, "body_too_large");
+    count("/v1/runs", 413);
+    {
+        let s = UnixStream::connect(&d.socket).unwrap();
+        http(s, "POST", "/v1/runs", &[], Some(br#"{"lc":"x"}"#))
+            .error(415, "unsupported_media_type");
+        count("/v1/runs", 415);
+    }
+    // Another patchover holds the LC's run lock: 409, and the lock holder is untouched.
+    {
+        let dir = t.dir.path().join("run/runs");
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{a}.lock")))
+            .unwrap();
+        let _held = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| e)
+            .unwrap();
+        let c = d.post("/v1/runs", &format!("{{\"lc\":\"{a}\"}}"));
+        c.error(409, "conflict");
+        assert!(
+            c.json()["message"]
+                .as_str()
+                .unwrap()
+                .contains("in progress")
+        );
+        count("/v1/runs", 409);
+    }
+    d.post("/v1/rollback", r#"{"lc":"nope"}"#)
+        .error(404, "not_found");
+    count("/v1/rollback", 404);
+    let rb = d.post("/v1/rollback", &format!("{{\"lc\":\"{b}\"}}"));
+    rb.error(422, "unprocessable");
+    assert!(
+        rb.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("no LC is active")
+    );
+    count("/v1/rollback", 422);
+    assert_eq!(d.get("/v1/runs").json(), serde_json::json!([]));
+    count("/v1/runs", 200);
+    d.get("/v1/runs/1").error(404, "not_found");
+    count("/v1/runs/{id}", 404);
+    d.get("/v1/runs/one").error(400, "bad_request");
+    count("/v1/runs/{id}", 400);
+
+    // The monitor is not configured: said so.
+    let mon = d.post("/v1/monitor/run-once", "");
+    mon.error(422, "unprocessable");
+    assert!(
+        mon.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("[monitor]")
+    );
+    count("/v1/monitor/run-once", 422);
+    d.get("/v1/approve?decision=approve%20all")
+        .error(400, "bad_request");
+    count("/v1/approve", 400);
+    // Well-formed, but this host has no [monitor] (no secret): refused, said so.
+    let link = format!(
+        "/v1/approve?challenge={}&decision=approve%20all&code={}",
+        "A".repeat(32),
+        "B".repeat(24)
+    );
+    d.get(&link).error(422, "unprocessable");
+    count("/v1/approve", 422);
+
+    // Unknown routes and methods.
+    d.get("/v2/nothing").error(404, "not_found");
+    count("unmatched", 404);
+    d.req("DELETE", "/v1/lcs", None)
+        .error(405, "method_not_allowed");
+    count("/v1/lcs", 405);
+
+    // A stalled client (half a request head) does not hold up others; many connections at
+    // once are all answered.
+    let mut stalled = UnixStream::connect(&d.socket).unwrap();
+    stalled
+        .write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let stalled_at = Instant::now();
+    let threads: Vec<_> = (0..64)
+        .map(|_| {
+            let sock = d.socket.clone();
+            std::thread::spawn(move || {
+                let s = UnixStream::connect(&sock).unwrap();
+                http(s, "GET", "/v1/status", &[], None).status
+            })
+        })
+        .collect();
+    for th in threads {
+        assert_eq!(th.join().unwrap(), 200);
+        count("/v1/status", 200);
+    }
+    // The stalled client is closed once its head deadline (1 s here) passes.
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    match stalled.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        r => panic!("the stalled connection was not closed: {r:?}"),
+    }
+    assert!(stalled_at.elapsed() >= Duration::from_millis(900));
+
+    // TCP: no token, a wrong token → 401 (the daemon stays up); the right one → 200.
+    let tcp = |h: &[(&str, &str)]| {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        http(s, "GET", "/v1/status", h, None)
+    };
+    tcp(&[]).error(401, "unauthorized");
+    tcp(&[("authorization", "Bearer wrong-token-0123456789")]).error(401, "unauthorized");
+    tcp(&[("authorization", TOKEN)]).error(401, "unauthorized");
+    let ok = tcp(&[("authorization", &format!("Bearer {TOKEN}"))]);
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json()["lcs"], 2);
+    count("/v1/status", 200);
+
+    // The event stream answers as SSE.
+    {
+        let mut s = UnixStream::connect(&d.socket).unwrap();
+        s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+        let mut ct = String::new();
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if line.to_ascii_lowercase().starts_with("content-type:") {
+                ct = line.clone();
+            }
+        }
+        assert!(ct.contains("text/event-stream"), "{ct}");
+    }
+
+    // The CLI hands its run to the running daemon (same refusal, counted by the daemon),
+    // or runs it itself with --direct (not counted by the daemon).
+    let cli_patch = |extra: &[&str]| {
+        let o = Command::new(BIN)
+            .env("PATCHOVER_CONFIG", &t.config)
+            .env("PATCHOVER_GUEST_DIR", guest_dir())
+            .args(["--json", "patch", &a])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        // The last JSON document is the error (--direct prints the refused report first).
+        let v = serde_json::Deserializer::from_slice(&o.stdout)
+            .into_iter::<serde_json::Value>()
+            .last()
+            .unwrap()
+            .unwrap();
+        assert!(v["error"].as_str().unwrap().contains("not running"), "{v}");
+    };
+    cli_patch(&[]);
+    count("/v1/runs", 422);
+    cli_patch(&["--direct"]);
+    let o = Command::new(BIN)
+        .env("PATCHOVER_CONFIG", &t.config)
+        .args(["runs", "watch", "99"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no run 99"),
+        "{o:?}"
+    );
+    count("/v1/runs/{id}", 404);
+
+    // The metrics follow what this test did.
+    let text = d.get("/metrics");
+    assert_eq!(text.status, 200);
+    assert!(text.headers["content-type"].starts_with("text/plain"));
+    let m = parse_prometheus(std::str::from_utf8(&text.body).unwrap());
+    for ((route, status), n) in &expect {
+        assert_eq!(
+            metric(
+                &m,
+                "patchover_http_requests_total",
+                &[("route", route), ("status", status)]
+            ),
+            *n,
+            "{route} {status}"
+        );
+    }
+    // The event stream request finished when the client went away: counted too; /metrics
+    // itself is counted after it answers.
+    assert_eq!(
+        metric(&m, "patchover_runs_total", &[("outcome", "refused")]),
+        2.0
+    );
+    assert_eq!(
+        metric(&m, "patchover_runs_total", &[("outcome", "ok")]),
+        0.0
+    );
+    assert_eq!(
+        metric(&m, "patchover_approvals_total", &[("result", "refused")]),
+        2.0
+    );
+    assert_eq!(
+        metric(&m, "patchover_approvals_total", &[("result", "accepted")]),
+        0.0
+    );
+    assert_eq!(metric(&m, "patchover_bytes_copied_total", &[]), 0.0);
+    assert_eq!(metric(&m, "patchover_mails_sent_total", &[]), 0.0);
+    assert_eq!(
+        metric(&m, "patchover_feed_polls_total", &[("result", "failed")]),
+        0.0
+    );
+    assert!(m.contains_key(&("patchover_switch_pause_seconds_count".to_owned(), vec![])));
+
+    // Nothing a failed request did opened a run; the daemon is still up.
+    assert_eq!(d.get("/v1/runs").json(), serde_json::json!([]));
+    assert_eq!(
+        d.get("/v1/status").json()["open_runs"],
+        serde_json::json!([])
+    );
+
+    // SIGTERM: a clean exit, the socket removed.
+    let st = d.sigterm();
+    assert!(st.success(), "{st:?}");
+    assert!(!d.socket.exists());
+}
+
+/// Every path and method of docs/openapi.yaml is on the server and every route of the server
+/// is in the document; answers have the required top-level fields of their schema.
+#[test]
+fn openapi_document_matches_the_server() {
+    let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.yaml");
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&doc_path).unwrap()).unwrap();
+    let mut documented = BTreeSet::new();
+    let mut schema_of: HashMap<(String, String), Option<String>> = HashMap::new();
+    for (path, ops) in doc["paths"].as_mapping().unwrap() {
+        let path = path.as_str().unwrap();
+        for (method, op) in ops.as_mapping().unwrap() {
+            let method = method.as_str().unwrap().to_ascii_uppercase();
+            documented.insert((method.clone(), path.to_owned()));
+            let ok = op["responses"]
+                .as_mapping()
+                .unwrap()
+                .iter()
+                .find(|(k, _)| k.as_str().is_some_and(|k| k.starts_with('2')))
+                .map(|(_, v)| v.clone())
+                .expect("a 2xx response");
+            let r = ok["content"]["application/json"]["schema"]["$ref"]
+                .as_str()
+                .map(|r| r.rsplit('/').next().unwrap().to_owned());
+            schema_of.insert((method, path.to_owned()), r);
+        }
+    }
+    let served: BTreeSet<(String, String)> = patchover_daemon::routes()
+        .into_iter()
+        .map(|(m, p)| (m.to_owned(), p.to_owned()))
+        .collect();
+    assert_eq!(
+        documented, served,
+        "docs/openapi.yaml and the server's routes differ"
+    );
+    let required = |schema: &str| -> Vec<String> {
+        let s = &doc["components"]["schemas"][schema];
+        let mut out: Vec<String> = s["required"]
+            .as_sequence()
+            .map(|r| r.iter().map(|x| x.as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default();
+        if let Some(all) = s["allOf"].as_sequence() {
+            for part in all {
+                if let Some(r) = part["$ref"].as_str() {
+                    let inner = &doc["components"]["schemas"][r.rsplit('/').next().unwrap()];
+                    out.extend(
+                        inner["required"]
+                            .as_sequence()
+                            .unwrap()
+                            .iter()
+                            .map(|x| x.as_str().unwrap().to_owned()),
+                    );
+                }
+                if let Some(r) = part["required"].as_sequence() {
+                    out.extend(r.iter().map(|x| x.as_str().unwrap().to_owned()));
+                }
+            }
+        }
+        out
+    };
+
+    // Probe the live server: every documented route answers as itself (not the fallback's
+    // "no such route" nor 405), and JSON answers carry their schema's required fields.
+    let (t, d, _, _) = setup();
+    let a = t.lcs[0].id.clone();
+    let error_fields = required("Error");
+    assert_eq!(error_fields, ["code", "message"]);
+    for (method, path) in &documented {
+        let concrete = path.replace(
+            "{id}",
+            if path.starts_with("/v1/lcs") {
+                &a
+            } else if path.starts_with("/v1/runs") {
+                "1"
+            } else {
+                "api-1"
+            },
+        );
+        if path == "/v1/events" {
+            continue; // a stream; checked in the other test
+        }
+        let body = match path.as_str() {
+            "/v1/runs" => Some(format!("{{\"lc\":\"{a}\"}}")),
+            "/v1/rollback" => Some(format!("{{\"lc\":\"{a}\"}}")),
+            _ => None,
+        };
+        // Boot would fail anyway (no image); stop and reboot are probed by what they answer.
+        let r = d.req(method, &concrete, body.as_deref().map(str::as_bytes));
+        assert_ne!(r.status, 405, "{method} {path}");
+        if r.status == 404 {
+            let v = r.json();
+            assert!(
+                !v["message"].as_str().unwrap().contains("no such route"),
+                "{method} {path} is not on the server"
+            );
+        }
+        if path == "/metrics" {
+            assert_eq!(r.status, 200);
+            continue;
+        }
+        let v = r.json();
+        let fields = if r.status >= 400 {
+            error_fields.clone()
+        } else {
+            match &schema_of[&(method.clone(), path.clone())] {
+                Some(s) => required(s),
+                None => Vec::new(), // an array; items checked below
+            }
+        };
+        for f in &fields {
+            assert!(v.get(f).is_some(), "{method} {path}: {f} missing in {v}");
+        }
+    }
+    // Array answers: their items' fields.
+    let lcs = d.get("/v1/lcs").json();
+    for f in required("Lc") {
+        assert!(lcs[0].get(&f).is_some(), "Lc.{f} missing in {lcs}");
+    }
+    let p = d.get("/v1/patches").json();
+    for f in required("Patch") {
+        assert!(p[0].get(&f).is_some(), "Patch.{f} missing in {p}");
+    }
+    // The request schemas are the server's: unknown fields refused, documented ones taken.
+    let props = |s: &str| -> Vec<String> {
+        doc["components"]["schemas"][s]["properties"]
+            .as_mapping()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all_fields: serde_json::Map<String, serde_json::Value> = props("RunRequest")
+        .into_iter()
+        .map(|k| {
+            let v = match k.as_str() {
+                "lc" => serde_json::json!("nope"),
+                "bundles" => serde_json::json!([]),
+                "mode" => serde_json::json!("readdress"),
+                "dry_run" => serde_json::json!(true),
+                _ => serde_json::json!(5),
+            };
+            (k, v)
+        })
+        .collect();
+    // Every documented field parses (the LC is unknown, so 404, not 400).
+    d.post(
+        "/v1/runs",
+        &serde_json::Value::Object(all_fields).to_string(),
+    )
+    .error(404, "not_found");
+    drop(t);
+}
+
+/// A real LC booted, rebooted and stopped through the API, with the event stream reporting
+/// each action and the CLI seeing the same state.
+#[test]
+fn lc_lifecycle_over_the_api_with_events() {
+    let (t, mut d, _, _) = setup();
+    let a = t.lcs[0].id.clone();
+    t.build_image(0, "1.0.0");
+
+    let mut s = UnixStream::connect(&d.socket).unwrap();
+    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(s).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Wait for the stream's head so the subscription exists before the actions.
+    let t0 = Instant::now();
+    loop {
+        let l = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("event stream head");
+        if l.is_empty() {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+    let next_event = |kind: &str| -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut current = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let l = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {kind} event"));
+            // Chunked framing lines (sizes) are skipped; SSE fields are what matter.
+            if let Some(k) = l.strip_prefix("event: ") {
+                current = k.to_owned();
+            } else if let Some(data) = l.strip_prefix("data: ")
+                && current == kind
+            {
+                return serde_json::from_str(data).unwrap();
+            }
+        }
+    };
+
+    let boot = d.post(&format!("/v1/lcs/{a}/boot"), "");
+    assert_eq!(boot.status, 200, "{}", String::from_utf8_lossy(&boot.body));
+    let v = boot.json();
+    assert_eq!(v["state"], "running", "{v}");
+    assert!(v["pid"].as_i64().is_some_and(|p| p > 1), "{v}");
+    let e = next_event("lc");
+    assert_eq!(e["lc"], a.as_str());
+    assert_eq!(e["action"], "boot");
+    let cli = run_cli(&t.config, &["lc", "list"]);
+    assert_eq!(
+        cli[0]["state"], "running",
+        "the CLI sees the API's boot: {cli}"
+    );
+    assert_eq!(
+        cli,
+        d.get("/v1/lcs").json(),
+        "`lc list --json` is the API's JSON"
+    );
+
+    // A second boot of a running LC is refused and changes nothing.
+    let again = d.post(&format!("/v1/lcs/{a}/boot"), "");
+    assert!(
+        again.status == 422 || again.status == 409,
+        "{:?}",
+        again.json()
+    );
+    assert_eq!(d.get(&format!("/v1/lcs/{a}")).json()["pid"], v["pid"]);
+
+    let rb = d.post(&format!("/v1/lcs/{a}/reboot"), "");
+    assert_eq!(rb.status, 200, "{:?}", rb.json());
+    assert_eq!(rb.json()["state"], "running");
+    assert_ne!(rb.json()["pid"], v["pid"], "a reboot starts a new init");
+    assert_eq!(next_event("lc")["action"], "reboot");
+
+    let stop = d.post(&format!("/v1/lcs/{a}/stop"), "");
+    assert_eq!(stop.status, 200, "{:?}", stop.json());
+    assert_eq!(stop.json()["state"], "stopped");
+    assert_eq!(next_event("lc")["action"], "stop");
+
+    let m = parse_prometheus(std::str::from_utf8(&d.get("/metrics").body).unwrap());
+    assert_eq!(metric(&m, "patchover_events_total", &[]), 3.0);
+    assert_eq!(
+        metric(
+            &m,
+            "patchover_http_requests_total",
+            &[("route", "/v1/lcs/{id}/boot"), ("status", "200")]
+        ),
+        1.0
+    );
+    // SIGTERM with an event stream open: the stream ends and the daemon exits cleanly.
+    assert!(d.sigterm().success());
+}
+
+/// The whole cycle through the daemon: a run started over the API (202), a second run for
+/// the same LC refused with 409 while it goes, its steps on the event stream, the metrics
+/// after it; then a rollback run during which SIGTERM arrives: the daemon waits for it, exits
+/// cleanly, and after a restart the journal shows it finished.
+#[test]
+fn runs_over_the_api_conflict_metrics_and_sigterm_during_a_run() {
+    use common::cycle::{Cycle, version};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("po.sock");
+    let c = Cycle::new(
+        2,
+        &format!(
+            "\n[daemon]\nsocket = \"{}\"\nshutdown_grace_secs = 120\n",
+            socket.display()
+        ),
+    );
+    c.upgrade_bundle();
+    c.start_service();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    let client = common::Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    assert_eq!(version(&client, &svc), "1.0.0");
+    let mut d = Daemon::start(&c.t.config, &socket);
+
+    // Follow the event stream from before the run.
+    let mut s = UnixStream::connect(&socket).unwrap();
+    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(s).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // (kind, data) of the next event, skipping the stream's head and chunk sizes.
+    let next = || -> (String, serde_json::Value) {
+        let mut kind = String::new();
+        loop {
+            let l = rx.recv_timeout(Duration::from_secs(120)).expect("an event");
+            if let Some(k) = l.strip_prefix("event: ") {
+                kind = k.to_owned();
+            } else if let Some(data) = l.strip_prefix("data: ")
+                && !kind.is_empty()
+            {
+                return (kind, serde_json::from_str(data).unwrap());
+            }
+        }
+    };
+    std::thread::sleep(Duration::from_millis(200));
+
+    let r = d.post("/v1/runs", &format!("{{\"lc\":\"{a}\"}}"));
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    let run_id = r.json()["run_id"].as_i64().unwrap();
+    assert_eq!(r.json()["href"], format!("/v1/runs/{run_id}"));
+    // `runs watch` follows it from the CLI.
+    let watcher = Command::new(BIN)
+        .env("PATCHOVER_CONFIG", &c.t.config)
+        .args(["--json", "runs", "watch", &run_id.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While it goes, a second run for the same LC is refused and changes nothing.
+    let again = d.post("/v1/runs", &format!("{{\"lc\":\"{a}\"}}"));
+    again.error(409, "conflict");
+    assert_eq!(d.get("/v1/status").json()["running_runs"], 1);
+
+    let mut steps_done = BTreeSet::new();
+    let outcome = loop {
+        let (kind, e) = next();
+        match kind.as_str() {
+            "step" => {
+                assert_eq!(e["run_id"], run_id, "{e}");
+                if e["state"] == "done" {
+                    steps_done.insert(e["step"].as_str().unwrap().to_owned());
+                }
+            }
+            "run" if e["run_id"] == run_id => break e,
+            _ => {}
+        }
+    };
+    assert_eq!(outcome["outcome"], "ok", "{outcome}");
+    assert!(steps_done.len() >= 5, "{steps_done:?}");
+    assert_eq!(version(&client, &svc), "1.0.1");
+
+    let w = watcher.wait_with_output().unwrap();
+    assert!(w.status.success(), "{w:?}");
+    let watched: serde_json::Value = serde_json::from_slice(&w.stdout).unwrap();
+    assert_eq!(watched["run"]["outcome"], "ok", "{watched}");
+    let watch_events = String::from_utf8_lossy(&w.stderr);
+    assert!(
+        watch_events
+            .lines()
+            .filter(|l| l.contains("\"step\""))
+            .count()
+            >= steps_done.len(),
+        "{watch_events}"
+    );
+    let run = d.get(&format!("/v1/runs/{run_id}")).json();
+    assert_eq!(run["run"]["outcome"], "ok");
+    assert_eq!(run["run"]["standby"], b.as_str());
+    assert!(run["steps"].as_array().unwrap().len() >= 2 * steps_done.len());
+    let cli = run_cli(&c.t.config, &["runs", "show", &run_id.to_string()]);
+    assert_eq!(cli, run, "`runs show --json` is the API's JSON");
+
+    let m = parse_prometheus(std::str::from_utf8(&d.get("/metrics").body).unwrap());
+    assert_eq!(
+        metric(&m, "patchover_runs_total", &[("outcome", "ok")]),
+        1.0
+    );
+    let report = &run["run"]["report"];
+    assert_eq!(
+        metric(&m, "patchover_bytes_copied_total", &[]),
+        report["bytes_copied"].as_f64().unwrap()
+    );
+    assert!(metric(&m, "patchover_bytes_copied_total", &[]) > 0.0);
+    assert_eq!(metric(&m, "patchover_freeze_seconds_count", &[]), 1.0);
+    assert_eq!(metric(&m, "patchover_switch_pause_seconds_count", &[]), 1.0);
+    let pause = metric(&m, "patchover_switch_pause_seconds_sum", &[]);
+    assert!(
+        (pause * 1000.0 - report["pause_ms"].as_f64().unwrap()).abs() < 0.01,
+        "{pause}"
+    );
+    assert_eq!(
+        metric(&m, "patchover_switch_held_syns_total", &[]),
+        report["switch"]["held_syns"].as_f64().unwrap()
+    );
+    for step in &steps_done {
+        assert_eq!(
+            metric(&m, "patchover_step_seconds_count", &[("step", step)]),
+            1.0,
+            "{step}"
+        );
+    }
+
+    // Roll back, and SIGTERM once the rollback run is under way: the daemon stops
+    // accepting but lets the run finish, then exits 0.
+    let rb = d.post("/v1/rollback", &format!("{{\"lc\":\"{a}\"}}"));
+    assert_eq!(rb.status, 202, "{:?}", rb.json());
+    let rb_id = rb.json()["run_id"].as_i64().unwrap();
+    assert!(rb_id > run_id);
+    let st = d.sigterm();
+    assert!(st.success(), "{st:?}");
+    assert!(!socket.exists());
+    assert_eq!(version(&client, &svc), "1.0.0", "the rollback finished");
+
+    // Restarted: nothing to recover, the journal has both runs ended.
+    let d2 = Daemon::start(&c.t.config, &socket);
+    let rb_run = d2.get(&format!("/v1/runs/{rb_id}")).json();
+    assert_eq!(rb_run["run"]["outcome"], "ok", "{rb_run}");
+    assert_eq!(
+        d2.get("/v1/status").json()["open_runs"],
+        serde_json::json!([])
+    );
+    assert_eq!(d2.get("/v1/status").json()["active_lc"], a.as_str());
+    drop(d2);
+}
+
+/// SIGTERM with no grace: the daemon exits at once, cutting its run off; the next start
+/// recovers it from the journal before it answers, and the service is where it was.
+#[test]
+fn a_run_cut_off_by_sigterm_is_recovered_by_the_next_start() {
+    use common::cycle::{Cycle, version};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("po.sock");
+    let c = Cycle::new(
+        2,
+        &format!(
+            "\n[daemon]\nsocket = \"{}\"\nshutdown_grace_secs = 0\n",
+            socket.display()
+        ),
+    );
+    c.upgrade_bundle();
+    c.start_service();
+    let a = c.t.lcs[0].id.clone();
+    let client = common::Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    let mut d = Daemon::start(&c.t.config, &socket);
+    let r = d.post("/v1/runs", &format!("{{\"lc\":\"{a}\"}}"));
+    assert_eq!(r.status, 202, "{:?}", r.json());
+    let run_id = r.json()["run_id"].as_i64().unwrap();
+    let t = Instant::now();
+    assert!(d.sigterm().success());
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // Cut off: recovered from the journal, by the orchestrator's run guard as soon as the
+    // daemon died or else by the next start, before it answers.
+    let d2 = Daemon::start(&c.t.config, &socket);
+    let t = Instant::now();
+    let run = loop {
+        let run = d2.get(&format!("/v1/runs/{run_id}")).json();
+        if run["run"]["ended_ms"].is_i64() {
+            break run;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "not recovered: {run}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_ne!(run["run"]["outcome"], "ok", "{run}");
+    assert!(
+        run["run"]["report"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("recovery")),
+        "{run}"
+    );
+    assert_eq!(
+        d2.get("/v1/status").json()["open_runs"],
+        serde_json::json!([])
+    );
+    assert_eq!(
+        version(&client, &svc),
+        "1.0.0",
+        "the service stayed on the active LC"
+    );
+    // And a new run can start on the LC again.
+    let again = d2.post("/v1/runs", &format!("{{\"lc\":\"{a}\",\"dry_run\":true}}"));
+    assert_eq!(again.status, 202, "{:?}", again.json());
+    drop(d2);
+}
