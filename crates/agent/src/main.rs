@@ -18,16 +18,7 @@ fn report_path() -> PathBuf {
     Path::new(AGENT_DIR).join(patchover_agent::apply::REPORT_FILE)
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+use patchover_core::error_chain as chain;
 const MAX_OUTPUT: usize = 1024 * 1024;
 
 fn main() {

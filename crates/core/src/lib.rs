@@ -6,9 +6,11 @@
 //! touches the host lives in the backend crates, so the model stays testable anywhere.
 
 pub mod config;
+pub mod error;
 pub mod model;
 pub mod quiesce;
 
 pub use config::{Config, ConfigError, HostFacts};
+pub use error::chain as error_chain;
 pub use model::*;
 pub use quiesce::Quiesce;

@@ -416,16 +416,7 @@ impl<H: Host> NsBackend<H> {
     }
 }
 
-fn format_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+use patchover_core::error_chain as format_chain;
 
 fn mount_spec(d: &DiskSpec) -> MountSpec {
     MountSpec {

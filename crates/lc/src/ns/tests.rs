@@ -578,8 +578,14 @@ fn a_detached_nic_is_not_plugged_into_the_bridge() {
     spec.nics[0].detached = true;
     b.boot(&spec).unwrap();
     let calls = host.calls();
-    assert!(calls.iter().any(|c| c == "set_link_up polc1n0"), "{calls:#?}");
-    assert!(!calls.iter().any(|c| c.starts_with("attach_to_bridge")), "{calls:#?}");
+    assert!(
+        calls.iter().any(|c| c == "set_link_up polc1n0"),
+        "{calls:#?}"
+    );
+    assert!(
+        !calls.iter().any(|c| c.starts_with("attach_to_bridge")),
+        "{calls:#?}"
+    );
 }
 
 #[test]
