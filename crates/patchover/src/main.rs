@@ -76,6 +76,8 @@ enum Command {
     /// The service address.
     #[command(subcommand)]
     Service(cmd::patch::ServiceCmd),
+    /// The daemon: the REST API on a Unix socket (and TCP), metrics, events, the monitor.
+    Serve(cmd::serve::ServeArgs),
     /// Internal: run by patchover itself to start and enter LCs.
     #[command(subcommand, hide = true)]
     Internal(cmd::internal::InternalCmd),
@@ -107,6 +109,7 @@ fn main() -> ExitCode {
         Command::Rollback(a) => cmd::patch::run_rollback(a, &ctx),
         Command::Runs(c) => cmd::patch::run_runs(c, &ctx),
         Command::Service(c) => cmd::patch::run_service(c, &ctx),
+        Command::Serve(a) => cmd::serve::run(a, &ctx),
         Command::Internal(c) => cmd::internal::run(c),
     };
     match result {

@@ -219,6 +219,23 @@ fn disk_text(d: Option<&DiskSpec>) -> String {
     d.map_or("-".to_owned(), |d| d.path.display().to_string())
 }
 
+/// One LC of the resource table with its state, as `lc list --json` and the API show it.
+pub fn row_json(row: &patchover_store::LcRow, st: &LcStatus) -> serde_json::Value {
+    json!({
+        "id": row.spec.id,
+        "backend": row.spec.backend,
+        "cpu": row.spec.cpu.cpu,
+        "cpu_share": row.spec.cpu.share_pct,
+        "memory_mib": row.spec.memory_mib,
+        "system_disk": row.spec.system_disk.path,
+        "app_disk": row.spec.app_disk.as_ref().map(|d| &d.path),
+        "nics": row.spec.nics,
+        "role": row.role,
+        "state": st.state,
+        "pid": st.pid,
+    })
+}
+
 fn list(env: &Env, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let rows = env.store.lcs()?;
     let mut out = Vec::new();
@@ -227,24 +244,7 @@ fn list(env: &Env, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         out.push((row, st));
     }
     if ctx.json {
-        let v: Vec<_> = out
-            .iter()
-            .map(|(row, st)| {
-                json!({
-                    "id": row.spec.id,
-                    "backend": row.spec.backend,
-                    "cpu": row.spec.cpu.cpu,
-                    "cpu_share": row.spec.cpu.share_pct,
-                    "memory_mib": row.spec.memory_mib,
-                    "system_disk": row.spec.system_disk.path,
-                    "app_disk": row.spec.app_disk.as_ref().map(|d| &d.path),
-                    "nics": row.spec.nics,
-                    "role": row.role,
-                    "state": st.state,
-                    "pid": st.pid,
-                })
-            })
-            .collect();
+        let v: Vec<_> = out.iter().map(|(row, st)| row_json(row, st)).collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }

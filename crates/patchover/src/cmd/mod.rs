@@ -18,6 +18,7 @@ pub mod monitor;
 pub mod net;
 pub mod patch;
 pub mod patches;
+pub mod serve;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,107 @@
+//! Bearer tokens for the TCP listener. Only hashes are stored (`sha256:<hex>` in the
+//! config), so a leaked config does not leak a usable token; a presented token is hashed and
+//! compared with every configured hash in constant time, so timing reveals nothing about how
+//! much of a hash matched.
+
+use sha2::{Digest, Sha256};
+
+/// A configured token hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenHash([u8; 32]);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error(
+        "token {0:?} is not `sha256:<64 hex digits>`; hash a token with `patchover serve --hash-token < token-file`"
+    )]
+    Format(String),
+}
+
+impl TokenHash {
+    /// Parses `sha256:<64 hex>`.
+    pub fn parse(s: &str) -> Result<TokenHash, TokenError> {
+        let bad = || TokenError::Format(s.chars().take(80).collect());
+        let hex = s.strip_prefix("sha256:").ok_or_else(bad)?;
+        if hex.len() != 64 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+                .map_err(|_| bad())?;
+        }
+        Ok(TokenHash(out))
+    }
+
+    /// The hash of a clear token.
+    pub fn of(token: &str) -> TokenHash {
+        TokenHash(Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// The config form, `sha256:<hex>`.
+    pub fn to_config(&self) -> String {
+        let mut s = String::from("sha256:");
+        for b in self.0 {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+}
+
+/// Whether two hashes are equal, looking at every byte whatever the result.
+fn ct_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let mut diff = 0u8;
+    for (x, y) in a.iter().zip(b) {
+        diff |= x ^ y;
+    }
+    // black_box keeps the compiler from turning the fold into an early exit.
+    std::hint::black_box(diff) == 0
+}
+
+/// Whether the `Authorization` header value carries one of the tokens. Every configured hash
+/// is compared (no early return), so the time does not depend on which one matched.
+pub fn authorized(header: Option<&str>, tokens: &[TokenHash]) -> bool {
+    let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    let presented = TokenHash::of(token.trim());
+    let mut ok = false;
+    for t in tokens {
+        ok |= ct_eq(&presented.0, &t.0);
+    }
+    ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_match() {
+        let h = TokenHash::of("s3cret");
+        let parsed = TokenHash::parse(&h.to_config()).unwrap();
+        assert_eq!(parsed, h);
+        assert!(authorized(
+            Some("Bearer s3cret"),
+            std::slice::from_ref(&parsed)
+        ));
+        assert!(!authorized(
+            Some("Bearer s3cres"),
+            std::slice::from_ref(&parsed)
+        ));
+        assert!(!authorized(Some("s3cret"), std::slice::from_ref(&parsed)));
+        assert!(!authorized(None, &[parsed]));
+        assert!(!authorized(Some("Bearer s3cret"), &[]));
+    }
+
+    #[test]
+    fn malformed_hashes_are_refused() {
+        for s in [
+            "s3cret",
+            "sha256:abcd",
+            &format!("sha256:{}", "zz".repeat(32)),
+        ] {
+            assert!(TokenHash::parse(s).is_err(), "{s}");
+        }
+    }
+}

@@ -1,0 +1,572 @@
+//! `patchover serve`: the daemon. The HTTP side lives in `patchover-daemon`; this file
+//! implements its [`Dispatch`] with the CLI's own functions (`patch::execute`,
+//! `lc::row_json`, the store, `Monitor`), so the API and the CLI are one implementation.
+//!
+//! Runs go on their own thread (a run is a long blocking call) and are journaled, so a
+//! daemon stopped in the middle of one leaves it to `recover`, which the next start calls
+//! before it accepts requests.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use patchover_daemon::api::{LcAction, RollbackBody, RunBody};
+use patchover_daemon::metrics::RunFigures;
+use patchover_daemon::{ApiError, Command, DaemonConfig, Dispatch, ErrorCode, Hub, Reply};
+use patchover_lc::LcBackend;
+use patchover_monitor::poll::FeedStatus;
+use patchover_net::Mode;
+use patchover_orchestrator::{Event, OrchestratorError, PatchRequest, RunLock, RunReport};
+use serde_json::json;
+
+use super::{BadInput, Ctx, Env};
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Print the `[daemon] tokens` entry for the token read from stdin, and exit.
+    #[arg(long)]
+    pub hash_token: bool,
+}
+
+/// The one place the binary's errors become API errors.
+fn api_error(e: anyhow::Error) -> ApiError {
+    let msg = format!("{e:#}");
+    for cause in e.chain() {
+        if cause.downcast_ref::<BadInput>().is_some()
+            || cause
+                .downcast_ref::<patchover_core::ConfigError>()
+                .is_some()
+        {
+            return ApiError::new(ErrorCode::Unprocessable, msg);
+        }
+        if let Some(lc) = cause.downcast_ref::<patchover_lc::LcError>()
+            && lc.is_bad_input()
+        {
+            return ApiError::new(ErrorCode::Unprocessable, msg);
+        }
+    }
+    tracing::error!(error = %msg, "request failed");
+    ApiError::new(ErrorCode::Internal, msg)
+}
+
+fn not_found(what: String) -> ApiError {
+    ApiError::new(ErrorCode::NotFound, what)
+}
+
+struct Daemon {
+    config_path: PathBuf,
+    hub: Arc<Hub>,
+}
+
+impl Daemon {
+    fn ctx(&self) -> Ctx {
+        Ctx {
+            config_path: self.config_path.clone(),
+            json: true,
+            quiet: true,
+        }
+    }
+
+    fn env(&self) -> Result<Env, ApiError> {
+        Env::open(&self.ctx()).map_err(api_error)
+    }
+
+    fn spec(env: &Env, id: &str) -> Result<patchover_core::LcSpec, ApiError> {
+        if env.config.lc(id).is_none() {
+            let known: Vec<String> = env.config.lcs.iter().map(|l| l.id.to_string()).collect();
+            return Err(not_found(format!(
+                "no LC {id:?}; the config defines: {}",
+                known.join(", ")
+            )));
+        }
+        env.lc(id).cloned().map_err(api_error)
+    }
+
+    fn lc_json(env: &Env, id: &str) -> Result<serde_json::Value, ApiError> {
+        Self::spec(env, id)?;
+        let row = env
+            .store
+            .lc(id)
+            .map_err(|e| api_error(e.into()))?
+            .ok_or_else(|| not_found(format!("no LC {id:?} in the resource table")))?;
+        let st = env
+            .backend
+            .status(&row.spec)
+            .map_err(|e| api_error(e.into()))?;
+        Ok(super::lc::row_json(&row, &st))
+    }
+
+    fn mode(m: Option<&str>) -> Result<Mode, ApiError> {
+        m.unwrap_or("readdress")
+            .parse::<Mode>()
+            .map_err(|e| ApiError::new(ErrorCode::InvalidBody, format!("mode: {e}")))
+    }
+
+    /// Starts a run on its own thread; answers once the run is journaled (202 with its id) or
+    /// refused (nothing opened, nothing changed).
+    fn start_run(&self, req: PatchRequest, report_timeout: u64) -> Result<Reply, ApiError> {
+        let env = self.env()?;
+        Self::spec(&env, &req.lc)?;
+        // A run on this LC (ours or another patchover's) holds its lock: 409 at once.
+        drop(
+            RunLock::acquire(&env.config.run_dir, &req.lc).map_err(|e| {
+                ApiError::new(ErrorCode::Conflict, patchover_orchestrator::chain(&e))
+            })?,
+        );
+        let last_run = env
+            .store
+            .runs()
+            .map_err(|e| api_error(e.into()))?
+            .iter()
+            .map(|r| r.id)
+            .max()
+            .unwrap_or(0);
+        drop(env);
+        let (tx, rx) = std::sync::mpsc::channel::<Result<i64, ApiError>>();
+        let hub = self.hub.clone();
+        let guard = hub.run_guard();
+        let ctx = self.ctx();
+        let lc = req.lc.clone();
+        std::thread::Builder::new()
+            .name(format!("run-{}", req.lc))
+            .spawn(move || {
+                let _guard = guard;
+                let mut sent = false;
+                let first = tx.clone();
+                let h = hub.clone();
+                let mut events = move |e: &Event| {
+                    // Events of older runs come from the recovery before ours.
+                    if !sent && e.run_id > last_run {
+                        let _ = first.send(Ok(e.run_id));
+                        sent = true;
+                    }
+                    if e.state == "done" {
+                        // The orchestrator logs starts and failures; this is the end.
+                        tracing::info!(
+                            run = e.run_id,
+                            step = %e.step,
+                            detail = ?e.detail,
+                            "step done"
+                        );
+                    }
+                    h.publish("step", &serde_json::to_value(e).unwrap_or_default());
+                };
+                let report = match super::patch::execute(&ctx, &req, report_timeout, &mut events) {
+                    Err(e) => {
+                        hub.metrics.inc("patchover_runs_total", &["refused"]);
+                        let _ = tx.send(Err(api_error(e)));
+                        return;
+                    }
+                    Ok(Ok(r)) => r,
+                    Ok(Err(f)) if f.report.run_id == 0 => {
+                        hub.metrics.inc("patchover_runs_total", &["refused"]);
+                        let code = match &f.error {
+                            OrchestratorError::BadInput(m) if m.contains("still going") => {
+                                ErrorCode::Conflict
+                            }
+                            OrchestratorError::BadInput(_) | OrchestratorError::NoStandby(_) => {
+                                ErrorCode::Unprocessable
+                            }
+                            _ => ErrorCode::Internal,
+                        };
+                        let _ = tx.send(Err(ApiError::new(
+                            code,
+                            format!(
+                                "{}; {}",
+                                patchover_orchestrator::chain(&f.error),
+                                f.error.hint()
+                            ),
+                        )));
+                        return;
+                    }
+                    Ok(Err(f)) => *f.report,
+                };
+                record_run(&hub, &report);
+                let _ = tx.send(Ok(report.run_id));
+            })
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::Internal,
+                    format!("cannot start a run thread: {e}"),
+                )
+            })?;
+        match rx.recv() {
+            Ok(Ok(id)) => Ok(Reply::accepted(json!({
+                "run_id": id,
+                "lc": lc,
+                "href": format!("/v1/runs/{id}"),
+            }))),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ApiError::new(
+                ErrorCode::Internal,
+                "the run ended without a report; see the daemon's log",
+            )),
+        }
+    }
+
+    fn monitor_once(&self) -> Result<Reply, ApiError> {
+        let ctx = self.ctx();
+        let (menv, mut store) = super::monitor::monitor_env(&ctx).map_err(api_error)?;
+        let starter = super::monitor::SpawnStarter::new(&ctx, &menv.config).map_err(api_error)?;
+        let report = menv.monitor(&starter).run_once(&mut store);
+        record_monitor(&self.hub, &report);
+        let v = serde_json::to_value(&report).unwrap_or_default();
+        self.hub.publish("monitor", &v);
+        Ok(Reply::ok(v))
+    }
+
+    fn approve(&self, query: &str) -> Result<Reply, ApiError> {
+        let refused = |e: ApiError| {
+            self.hub
+                .metrics
+                .inc("patchover_approvals_total", &["refused"]);
+            e
+        };
+        let (challenge, decision, code) = patchover_monitor::approval::parse_approval_query(query)
+            .map_err(|e| {
+                refused(ApiError::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "{}; use the link from the notice mail as it is",
+                        patchover_orchestrator::chain(&e)
+                    ),
+                ))
+            })?;
+        let ctx = self.ctx();
+        let (menv, mut store) =
+            super::monitor::monitor_env(&ctx).map_err(|e| refused(api_error(e)))?;
+        let starter = super::monitor::SpawnStarter::new(&ctx, &menv.config).map_err(api_error)?;
+        let out = menv
+            .monitor(&starter)
+            .decide(&mut store, &challenge, &decision, Some(&code), "link")
+            .map_err(|e| {
+                let code = match e {
+                    patchover_monitor::monitor::DecisionError::Unknown(_) => ErrorCode::NotFound,
+                    patchover_monitor::monitor::DecisionError::Store(_)
+                    | patchover_monitor::monitor::DecisionError::Secret(_) => ErrorCode::Internal,
+                    patchover_monitor::monitor::DecisionError::NoSecret => ErrorCode::Unprocessable,
+                    _ => ErrorCode::Forbidden,
+                };
+                refused(ApiError::new(code, patchover_orchestrator::chain(&e)))
+            })?;
+        self.hub
+            .metrics
+            .inc("patchover_approvals_total", &["accepted"]);
+        let v = serde_json::to_value(&out).unwrap_or_default();
+        self.hub.publish("approval", &v);
+        Ok(Reply::ok(v))
+    }
+}
+
+fn record_run(hub: &Hub, r: &RunReport) {
+    let steps: Vec<(String, f64)> = r.steps.iter().map(|s| (s.step.clone(), s.ms)).collect();
+    hub.metrics.run_finished(&RunFigures {
+        outcome: &r.outcome,
+        steps: &steps,
+        bytes_copied: r.bytes_copied,
+        bytes_replayed: r.bytes_replayed,
+        freeze_ms: r.freeze_ms,
+        pause_ms: r.pause_ms,
+        switch_counts: r
+            .switch
+            .as_ref()
+            .map(|s| (s.held_syns as u64, s.leftover_connections as u64)),
+    });
+    tracing::info!(run = r.run_id, lc = %r.lc, outcome = %r.outcome, "run ended");
+    hub.publish(
+        "run",
+        &json!({"run_id": r.run_id, "lc": r.lc, "outcome": r.outcome, "error": r.error}),
+    );
+}
+
+fn record_monitor(hub: &Hub, r: &patchover_monitor::monitor::RunReport) {
+    for f in &r.feeds {
+        let result = match f.status {
+            FeedStatus::Backoff => "backoff",
+            FeedStatus::NotModified => "not-modified",
+            FeedStatus::Fetched => "fetched",
+            FeedStatus::Failed => "failed",
+        };
+        hub.metrics.inc("patchover_feed_polls_total", &[result]);
+        if matches!(f.status, FeedStatus::Failed) {
+            hub.metrics.inc("patchover_feed_errors_total", &[]);
+        }
+    }
+    for n in &r.notices {
+        if n.sent {
+            hub.metrics.inc("patchover_mails_sent_total", &[]);
+        } else {
+            hub.metrics.inc("patchover_mail_errors_total", &[]);
+        }
+    }
+    for o in &r.replies {
+        if o.decision.is_some() {
+            hub.metrics.inc("patchover_approvals_total", &["accepted"]);
+        } else if o.challenge.is_some() {
+            hub.metrics.inc("patchover_approvals_total", &["refused"]);
+        }
+    }
+}
+
+impl Dispatch for Daemon {
+    fn dispatch(&self, cmd: Command) -> Result<Reply, ApiError> {
+        let t = Instant::now();
+        let name = cmd.name();
+        let r = self.dispatch_inner(cmd);
+        tracing::debug!(
+            command = name,
+            ok = r.is_ok(),
+            ms = t.elapsed().as_millis() as u64,
+            "command"
+        );
+        r
+    }
+}
+
+impl Daemon {
+    fn dispatch_inner(&self, cmd: Command) -> Result<Reply, ApiError> {
+        let store_err = |e: patchover_store::StoreError| api_error(e.into());
+        match cmd {
+            Command::Status => {
+                let env = self.env()?;
+                let lcs = env.store.lcs().map_err(store_err)?;
+                let active = lcs
+                    .iter()
+                    .find(|r| r.role == patchover_store::Role::Active)
+                    .map(|r| r.spec.id.to_string());
+                let open: Vec<i64> = env
+                    .store
+                    .runs()
+                    .map_err(store_err)?
+                    .iter()
+                    .filter(|r| r.ended_ms.is_none())
+                    .map(|r| r.id)
+                    .collect();
+                Ok(Reply::ok(json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "pid": std::process::id(),
+                    "lcs": lcs.len(),
+                    "active_lc": active,
+                    "running_runs": self.hub.running(),
+                    "open_runs": open,
+                    "monitor": env.config.extra.contains_key("monitor"),
+                    "service_address": env.config.network.service_address.map(|a| a.to_string()),
+                })))
+            }
+            Command::ListLcs => {
+                let env = self.env()?;
+                let mut out = Vec::new();
+                for row in env.store.lcs().map_err(store_err)? {
+                    let st = env
+                        .backend
+                        .status(&row.spec)
+                        .map_err(|e| api_error(e.into()))?;
+                    out.push(super::lc::row_json(&row, &st));
+                }
+                Ok(Reply::ok(json!(out)))
+            }
+            Command::GetLc(id) => Ok(Reply::ok(Self::lc_json(&self.env()?, &id)?)),
+            Command::Lc { id, action } => {
+                let env = self.env()?;
+                let spec = Self::spec(&env, &id)?;
+                let t = Instant::now();
+                let r = match action {
+                    LcAction::Boot => env.backend.boot(&spec).map(|_| ()),
+                    LcAction::Reboot => env.backend.reboot(&spec).map(|_| ()),
+                    LcAction::Stop => env.backend.stop(&spec),
+                };
+                r.map_err(|e| api_error(e.into()))?;
+                let took = t.elapsed().as_millis() as u64;
+                self.hub
+                    .publish("lc", &json!({"lc": id, "action": action, "took_ms": took}));
+                let mut v = Self::lc_json(&env, &id)?;
+                v["took_ms"] = json!(took);
+                Ok(Reply::ok(v))
+            }
+            Command::ListPatches => {
+                let env = self.env()?;
+                Ok(Reply::ok(json!(env.store.patches().map_err(store_err)?)))
+            }
+            Command::MarkPatch { id, apply_next } => {
+                let mut env = self.env()?;
+                if env.store.patch(&id).map_err(store_err)?.is_none() {
+                    return Err(not_found(format!(
+                        "no patch {id:?}; see GET /v1/patches (nothing was changed)"
+                    )));
+                }
+                env.store.mark_patch(&id, apply_next).map_err(store_err)?;
+                let row = env.store.patch(&id).map_err(store_err)?;
+                Ok(Reply::ok(json!(row)))
+            }
+            Command::StartRun(RunBody {
+                lc,
+                bundles,
+                mode,
+                dry_run,
+                report_timeout,
+            }) => {
+                let mode = Self::mode(mode.as_deref())?;
+                self.start_run(
+                    PatchRequest {
+                        lc,
+                        bundles,
+                        mode,
+                        dry_run,
+                        rollback_to: None,
+                    },
+                    report_timeout.unwrap_or(300),
+                )
+            }
+            Command::Rollback(RollbackBody { lc, mode }) => {
+                let mode = Self::mode(mode.as_deref())?;
+                let env = self.env()?;
+                Self::spec(&env, &lc)?;
+                drop(env);
+                let req =
+                    super::patch::rollback_request(&self.ctx(), &lc, mode).map_err(api_error)?;
+                self.start_run(req, 60)
+            }
+            Command::ListRuns => {
+                let env = self.env()?;
+                Ok(Reply::ok(json!(env.store.runs().map_err(store_err)?)))
+            }
+            Command::GetRun(id) => {
+                let env = self.env()?;
+                let run = env
+                    .store
+                    .run(id)
+                    .map_err(store_err)?
+                    .ok_or_else(|| not_found(format!("no run {id}; see GET /v1/runs")))?;
+                let steps = env.store.steps(id).map_err(store_err)?;
+                Ok(Reply::ok(json!({"run": run, "steps": steps})))
+            }
+            Command::MonitorRunOnce => self.monitor_once(),
+            Command::Approve { query } => self.approve(&query),
+        }
+    }
+}
+
+/// Runs the monitor every `[monitor] interval_secs` until shutdown.
+async fn monitor_loop(daemon: Arc<Daemon>, interval: Duration) {
+    let hub = daemon.hub.clone();
+    loop {
+        tokio::select! {
+            _ = hub.wait_shutdown() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let d = daemon.clone();
+        match tokio::task::spawn_blocking(move || d.monitor_once()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e.message, "monitor round failed"),
+            Err(e) => tracing::error!(error = %e, "monitor round panicked"),
+        }
+    }
+}
+
+pub fn run(a: ServeArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    if a.hash_token {
+        let mut t = String::new();
+        std::io::stdin()
+            .read_to_string(&mut t)
+            .context("reading the token from stdin")?;
+        let t = t.trim();
+        if t.len() < 16 {
+            return Err(BadInput("the token is shorter than 16 characters; use a long random one (e.g. `openssl rand -hex 32`)".into()).into());
+        }
+        let h = patchover_daemon::auth::TokenHash::of(t).to_config();
+        if ctx.json {
+            println!("{}", json!({"token_hash": h}));
+        } else {
+            println!("{h}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let config = ctx.config()?;
+    let dcfg = DaemonConfig::from_extra(&config.extra, &config.run_dir)
+        .map_err(|e| BadInput(patchover_orchestrator::chain(&e)))?;
+    let hub = Hub::new();
+    let daemon = Arc::new(Daemon {
+        config_path: ctx.config_path.clone(),
+        hub: hub.clone(),
+    });
+    // Runs a previous daemon left unfinished are finished or rolled back before any request.
+    {
+        let mut env = Env::open(ctx)?;
+        let h = hub.clone();
+        let mut events =
+            move |e: &Event| h.publish("step", &serde_json::to_value(e).unwrap_or_default());
+        match super::patch::settings_for(&env, 60) {
+            Ok(settings) => {
+                let mut o = patchover_orchestrator::Orchestrator {
+                    config: &env.config,
+                    store: &mut env.store,
+                    backend: &env.backend,
+                    settings: &settings,
+                    events: &mut events,
+                };
+                for r in patchover_orchestrator::recover(&mut o)? {
+                    tracing::warn!(run = r.run_id, outcome = %r.outcome, "recovered an unfinished run");
+                    record_run(&hub, &r);
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = %format!("{e:#}"),
+                "cannot recover unfinished runs now; each run recovers them before it starts"
+            ),
+        }
+    }
+    let monitor_interval = if dcfg.monitor && config.extra.contains_key("monitor") {
+        Some(
+            patchover_monitor::MonitorConfig::from_extra(&config.extra)
+                .map_err(|e| BadInput(patchover_orchestrator::chain(&e)))?
+                .interval,
+        )
+    } else {
+        None
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        if let Some(i) = monitor_interval {
+            tokio::spawn(monitor_loop(daemon.clone(), i));
+        }
+        let stop = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        if !ctx.json {
+            eprintln!("patchover daemon on {}", dcfg.socket.display());
+        }
+        patchover_daemon::serve(&dcfg, daemon, hub.clone(), stop).await
+    })?;
+    // A run thread still going after the grace period is cut off here; its journal lets the
+    // next start finish or roll it back.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_input_is_unprocessable_and_host_failures_internal() {
+        let e = anyhow::Error::from(BadInput("LC a is not running".into())).context("patch");
+        let a = api_error(e);
+        assert_eq!(a.code, ErrorCode::Unprocessable);
+        assert!(a.message.contains("not running"), "{}", a.message);
+        let e = anyhow::Error::from(std::io::Error::other("disk on fire"));
+        assert_eq!(api_error(e).code, ErrorCode::Internal);
+    }
+}
