@@ -256,7 +256,8 @@ fn each_failure_leaves_the_service_on_the_active_lc() {
     let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
     let svc = c.t.service();
     // (bundle id, manifest steps, payload, the step that must fail, text in the error)
-    let cases: [(&str, &str, &[(&str, &[u8])], &str, &str); 4] = [
+    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a [u8])], &'a str, &'a str);
+    let cases: [Case; 4] = [
         (
             "no-init",
             "[[step]]\nkind = \"script\"\nfile = \"x.sh\"\n",
