@@ -256,7 +256,13 @@ fn each_failure_leaves_the_service_on_the_active_lc() {
     let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
     let svc = c.t.service();
     // (bundle id, manifest steps, payload, the step that must fail, text in the error)
-    type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a [u8])], &'a str, &'a str);
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a [(&'a str, &'a [u8])],
+        &'a str,
+        &'a str,
+    );
     let cases: [Case; 4] = [
         (
             "no-init",
@@ -302,13 +308,23 @@ fn each_failure_leaves_the_service_on_the_active_lc() {
             .map(|s| s["step"].as_str().unwrap())
             .collect();
         assert_eq!(failed, [failed_step], "{id}: {report:#}");
-        assert!(report["error"].as_str().unwrap().contains(text), "{id}: {report:#}");
+        assert!(
+            report["error"].as_str().unwrap().contains(text),
+            "{id}: {report:#}"
+        );
         assert!(failures.is_empty() && ok > 0, "{id}: {failures:?}");
         assert_all_there(&client, &svc, &acked);
         let s = svc.clone();
         let health = client.run(move || common::http_ready(&s, "/health"));
-        assert!(String::from_utf8_lossy(&health.1).contains(&format!("\"host\":\"{a}\"")), "{id}: {health:?}");
-        assert_eq!(c.t.po_json(&["lc", "status", &b])["status"]["state"], "stopped", "{id}");
+        assert!(
+            String::from_utf8_lossy(&health.1).contains(&format!("\"host\":\"{a}\"")),
+            "{id}: {health:?}"
+        );
+        assert_eq!(
+            c.t.po_json(&["lc", "status", &b])["status"]["state"],
+            "stopped",
+            "{id}"
+        );
         c.t.po_ok(&["patches", "unmark", id]);
     }
 }
