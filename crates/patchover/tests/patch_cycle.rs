@@ -329,6 +329,89 @@ fn each_failure_leaves_the_service_on_the_active_lc() {
     }
 }
 
+/// Seed fig. 12 on a real standby: the boot script applies the marked patches in order and
+/// reports each result (1205–1207) into the host's patch table; a failing patch stops the ones
+/// after it.
+#[test]
+fn the_standby_applies_patches_in_order_and_a_failure_stops_the_rest() {
+    let c = Cycle::new(2, "");
+    c.start_service();
+    let a = c.t.lcs[0].id.clone();
+    let script = |id: &str, body: &str| {
+        c.bundle(
+            id,
+            "[[step]]\nkind = \"script\"\nfile = \"s.sh\"\n",
+            &[("s.sh", body.as_bytes())],
+        )
+    };
+    script("p1", "echo p1 ran; echo p1 >> /etc/demo/applied\n");
+    script("p2", "echo p2 ran; echo p2 >> /etc/demo/applied\n");
+    let report = c.t.po_json(&["patch", &a]);
+    assert_eq!(report["outcome"], "ok", "{report:#}");
+    let ids: Vec<&str> = report["patches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["p1", "p2"], "applied in order");
+    let b = report["standby"].as_str().unwrap().to_owned();
+    let applied =
+        c.t.po_json(&["lc", "exec", &b, "--", "cat", "/etc/demo/applied"]);
+    assert_eq!(applied["stdout"], "p1\np2\n");
+    for id in ["p1", "p2"] {
+        let row = c.t.po_json(&["patches", "show", id]);
+        assert_eq!(
+            (row["last_result"].clone(), row["applied_lc"].clone()),
+            ("ok".into(), b.as_str().into()),
+            "{row}"
+        );
+        assert!(
+            row["last_output"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("{id} ran")),
+            "{row}"
+        );
+    }
+
+    script("q1", "echo q1 ran\n");
+    script("q2", "echo q2 is about to fail >&2; exit 9\n");
+    script("q3", "echo q3 ran\n");
+    let out = c.t.po(&["--json", "patch", &b]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status: Vec<(&str, &str)> = report["patches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["id"].as_str().unwrap(), p["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        status,
+        [("q1", "ok"), ("q2", "failed"), ("q3", "skipped")],
+        "{report:#}"
+    );
+    let q2 = c.t.po_json(&["patches", "show", "q2"]);
+    assert_eq!(q2["last_result"], "failed");
+    assert!(
+        q2["last_output"]
+            .as_str()
+            .unwrap()
+            .contains("q2 is about to fail"),
+        "{q2}"
+    );
+    assert_eq!(
+        c.t.po_json(&["patches", "show", "q3"])["last_result"],
+        "skipped"
+    );
+    // The service stayed where it was.
+    assert_eq!(
+        c.t.po_json(&["lc", "status", &b])["status"]["state"],
+        "running"
+    );
+}
+
 #[test]
 fn no_standby_is_bad_input_naming_what_each_lacks() {
     let t = Topo::new(&[(0, 40, 96), (1, 40, 32)]);
