@@ -507,11 +507,6 @@ async fn one(target: SocketAddr, req: &[u8], keepalive: bool, pool: &Pool) -> (O
     }
 }
 
-/// A point in time as an offset from the run's start, for cutting windows out of samples.
-pub fn offset_us(start: Instant, t: Instant) -> u64 {
-    t.saturating_duration_since(start).as_micros() as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -264,7 +264,10 @@ impl Testbed {
             from,
             to,
             mode: self.mode,
-            health: HealthCheck::new(PORT, "/version", ""),
+            health: HealthCheck {
+                patience: Duration::from_millis(500),
+                ..HealthCheck::new(PORT, "/version", "")
+            },
             check_from: None,
             garp: GarpConfig {
                 count: 3,

@@ -35,6 +35,9 @@ pub struct DemoArgs {
     /// Keep the LCs running after the demo (to look around with `patchover lc …`).
     #[arg(long)]
     pub keep: bool,
+    /// How long the load runs, in seconds (the patch starts 2 s into it).
+    #[arg(long, default_value_t = 30)]
+    pub load_seconds: u64,
 }
 
 const BRIDGE: &str = "podemo0";
@@ -374,7 +377,7 @@ pub fn run(a: DemoArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         service,
         ..
     } = prepare(&a.dir, &say)?;
-    let load_secs = 30u64;
+    let load_secs = a.load_seconds.max(5);
     say(&format!(
         "driving load for {load_secs} s ({} reads/s + a writer) and patching lc1 meanwhile",
         a.rate

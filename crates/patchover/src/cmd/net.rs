@@ -126,8 +126,10 @@ fn plan(env: &Env, from: &str, to: &str, mode: Mode, o: &SwitchOpts) -> anyhow::
         )
         .into());
     }
-    let from_ep = endpoint(env, env.lc(from)?)?;
-    let mut to_ep = endpoint(env, env.lc(to)?)?;
+    // Unknown LCs first, then their state.
+    let (from_spec, to_spec) = (env.lc(from)?, env.lc(to)?);
+    let from_ep = endpoint(env, from_spec)?;
+    let mut to_ep = endpoint(env, to_spec)?;
     to_ep.identity = o.expect.clone();
     Ok(SwitchPlan {
         host_netns: None,
