@@ -153,8 +153,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("PATCHOVER_LOG").unwrap_or_else(|_| EnvFilter::new("warn,netlink_packet_route=error"));
+    let filter = EnvFilter::try_from_env("PATCHOVER_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("warn,netlink_packet_route=error"));
     let json = std::env::var("PATCHOVER_LOG_FORMAT").is_ok_and(|v| v == "json");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
