@@ -234,6 +234,7 @@ fn stop_previous(dir: &Path) {
     let _ = Command::new("ip")
         .args(["link", "del", "podemocli"])
         .output();
+    let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
 }
 
 /// The demo's world, ready: two LCs configured, lc1 booted with the service address, a signed
