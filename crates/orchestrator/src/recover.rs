@@ -187,6 +187,11 @@ pub fn assign_service(
     mac: patchover_core::MacAddr,
     service: Ipv4Cidr,
 ) -> Result<(), RtnlError> {
+    // A switcher rule left from an earlier switch of this address (the readdress MAC fix)
+    // would send the clients' frames to the LC that had it then.
+    if let Err(e) = patchover_net::teardown(None, service.addr) {
+        tracing::warn!(error = %e, "cannot remove old switcher rules for the service address");
+    }
     let r = Rtnl::open(Some(netns))?;
     let l = r.need_link(iface)?;
     r.add_address(l.index, service)?;

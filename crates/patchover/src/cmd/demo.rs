@@ -235,6 +235,10 @@ fn stop_previous(dir: &Path) {
         .args(["link", "del", "podemocli"])
         .output();
     let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
+    // The switcher's rules for the demo's service address (kept after a switch on purpose).
+    if let Ok(ip) = format!("{NET}.10").parse() {
+        let _ = patchover_net::teardown(None, ip);
+    }
 }
 
 /// The demo's world, ready: two LCs configured, lc1 booted with the service address, a signed

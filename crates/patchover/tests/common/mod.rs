@@ -305,6 +305,10 @@ impl Drop for Topo {
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .output();
+        // The switcher keeps its MAC-fix rule after a switch; this test's address goes now.
+        if let Ok(ip) = self.service().parse() {
+            let _ = patchover_net::teardown(None, ip);
+        }
     }
 }
 
