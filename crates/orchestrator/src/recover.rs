@@ -244,7 +244,16 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
             _ => false,
         };
         if has("switch", "done") || standby_holds {
-            // The service is on the standby: finish the run.
+            // The service is on the standby: finish the run. A switch cut short did not get
+            // to its announcements (and left the rule for held SYNs only): announce the
+            // address from the standby now, so clients stop sending to the old LC's MAC.
+            if !has("switch", "done")
+                && let (Some(s), Some(svc)) = (&standby, service)
+                && let Ok(ep) = endpoint(o.backend, s)
+            {
+                assign_service(&ep.netns, &ep.iface, ep.mac, svc)
+                    .map_err(OrchestratorError::net)?;
+            }
             if let Some(a) = &active
                 && o.backend
                     .status(a)
