@@ -126,7 +126,12 @@ pub struct Load {
 }
 
 impl Load {
+    /// A load whose requests fail if they take 2 s or more.
     pub fn start(client: &Client, service: String) -> Load {
+        Load::with_deadline(client, service, Duration::from_secs(2))
+    }
+
+    pub fn with_deadline(client: &Client, service: String, deadline: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let ns = format!("/run/netns/{}", client.name);
@@ -147,21 +152,36 @@ impl Load {
                 let val = format!("v{n}");
                 let t = Instant::now();
                 match http(&service, "PUT", &format!("/kv/{key}"), val.as_bytes()) {
-                    Ok((201, _)) if t.elapsed() < Duration::from_secs(2) => {
+                    Ok((201, _)) if t.elapsed() < deadline => {
                         ok += 1;
                         acked.insert(key.clone(), val);
                     }
                     Ok((status, body)) => failures.push(format!(
-                        "PUT {key}: {status} {}",
-                        String::from_utf8_lossy(&body)
+                        "PUT {key}: {status} {} after {:?} (unix ms {})",
+                        String::from_utf8_lossy(&body),
+                        t.elapsed(),
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap()
+                            .as_millis()
                     )),
                     Err(e) => failures.push(format!("PUT {key}: {e} after {:?}", t.elapsed())),
                 }
                 if n.is_multiple_of(5) {
+                    let t = Instant::now();
                     match http(&service, "GET", "/version", b"") {
-                        Ok((200, _)) => ok += 1,
-                        Ok((status, _)) => failures.push(format!("GET /version: {status}")),
-                        Err(e) => failures.push(format!("GET /version: {e}")),
+                        Ok((200, _)) if t.elapsed() < deadline => ok += 1,
+                        Ok((status, _)) => {
+                            failures.push(format!("GET /version: {status} after {:?}", t.elapsed()))
+                        }
+                        Err(e) => failures.push(format!(
+                            "GET /version: {e} at {:?} (unix ms {})",
+                            t.elapsed(),
+                            std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .unwrap()
+                                .as_millis()
+                        )),
                     }
                 }
                 std::thread::sleep(Duration::from_millis(2));
