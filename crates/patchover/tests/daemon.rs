@@ -1032,8 +1032,19 @@ fn runs_over_the_api_conflict_metrics_and_sigterm_during_a_run() {
         .unwrap();
     // While it goes, a second run for the same LC is refused and changes nothing.
     let again = d.post("/v1/runs", &format!("{{\"lc\":\"{a}\"}}"));
+    if again.status != 409 {
+        panic!(
+            "the first run ended already: {:#}",
+            d.get(&format!("/v1/runs/{run_id}")).json()
+        );
+    }
     again.error(409, "conflict");
-    assert_eq!(d.get("/v1/status").json()["running_runs"], 1);
+    assert_eq!(
+        d.get("/v1/status").json()["running_runs"],
+        1,
+        "{:#}",
+        d.get(&format!("/v1/runs/{run_id}")).json()
+    );
 
     let mut steps_done = BTreeSet::new();
     let outcome = loop {

@@ -45,7 +45,13 @@ impl Store {
     /// Makes the resource table mirror the config's LCs: new ones are added (unused), changed
     /// ones updated (role kept), removed ones deleted.
     pub fn sync_lcs(&mut self, lcs: &[LcSpec]) -> Result<(), StoreError> {
-        let tx = self.conn.transaction().map_err(q("begin sync"))?;
+        // IMMEDIATE: a deferred transaction that reads first cannot wait for another writer (SQLite
+        // answers SQLITE_BUSY at once when it upgrades); this one takes the write lock up front and
+        // waits with the busy timeout.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(q("begin sync"))?;
         {
             let mut ids = Vec::new();
             let mut up = tx

@@ -76,7 +76,11 @@ impl Store {
         state: &str,
         detail: Option<&serde_json::Value>,
     ) -> Result<(), StoreError> {
-        let tx = self.conn.transaction().map_err(q("begin step"))?;
+        // IMMEDIATE for the same reason as in `sync_lcs`: another process may write meanwhile.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(q("begin step"))?;
         let seq: i64 = tx
             .query_row(
                 "SELECT COALESCE(MAX(seq), 0) + 1 FROM run_steps WHERE run_id = ?1",

@@ -123,3 +123,31 @@ fn one_open_run_per_lc_and_steps_are_journaled() {
     assert!(s.open_run("lc1").unwrap().is_none());
     s.begin_run("lc1", "path", false).unwrap();
 }
+
+/// Regression: a run journaled by one process while another (the daemon answering a request)
+/// syncs the resource table failed with "database is locked": a deferred transaction that
+/// reads before it writes gets SQLITE_BUSY at once instead of waiting. Writers now take the
+/// write lock up front and wait.
+#[test]
+fn r_concurrent_writers_wait_instead_of_database_is_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let mut s = Store::open(&path).unwrap();
+    let run = s.begin_run("lc1", "path", false).unwrap();
+    let p2 = path.clone();
+    let syncer = std::thread::spawn(move || {
+        let mut other = Store::open(&p2).unwrap();
+        let lcs = config(true).lcs;
+        for i in 0..2000 {
+            let mut l = lcs.clone();
+            l[0].memory_mib = 64 + i % 2;
+            other.sync_lcs(&l).unwrap();
+        }
+    });
+    for i in 0..2000 {
+        s.record_step(run, &format!("step{i}"), "started", None)
+            .unwrap();
+    }
+    syncer.join().unwrap();
+    assert_eq!(s.steps(run).unwrap().len(), 2000);
+}
