@@ -289,16 +289,7 @@ fn apply_one(opts: &ApplyOptions, b: &VerifiedBundle) -> BundleResult {
     finish(result, out)
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+use patchover_core::error_chain as chain;
 
 struct StepCtx<'a> {
     root: &'a Path,

@@ -109,16 +109,7 @@ impl PollError {
 }
 
 /// The error and its causes on one line, for reports and the store.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use patchover_core::error_chain as chain;
 
 /// A bundle registered by this poll.
 #[derive(Debug, Clone, Serialize)]

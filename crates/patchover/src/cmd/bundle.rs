@@ -293,13 +293,4 @@ fn password(file: Option<&Path>) -> anyhow::Result<Option<String>> {
 }
 
 /// An error with its causes on one line, for [`BadInput`] (which carries text only).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
+use patchover_core::error_chain as chain;
