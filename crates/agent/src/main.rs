@@ -1,7 +1,8 @@
 //! `patchover-agent`: runs inside an LC, statically linked so that it runs in any rootfs.
 //!
 //! `patchover-agent serve` answers the host on the agent channel (see the library's docs);
-//! the LC's boot scripts start it.
+//! the LC's boot scripts start it. Without a socket argument it serves on the virtio-serial
+//! port named `org.patchover.agent` when the LC has one (QEMU), else on the Unix socket.
 
 use std::io::{BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -9,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use patchover_agent::{GUEST_SOCKET_DIR, Request, Response, SOCKET_NAME, read_line};
+use patchover_agent::{
+    GUEST_SOCKET_DIR, Request, Response, SOCKET_NAME, VIRTIO_PORTS_DIR, find_virtio_port,
+    read_line, serve_envelopes,
+};
 
 /// Where the patch execution script works: the table copy, the bundles, the keys, the report.
 const AGENT_DIR: &str = patchover_bundle::table::AGENT_DIR;
@@ -25,14 +29,23 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match args.first().map(String::as_str) {
         Some("serve") => {
+            let virtio = match args.get(1) {
+                Some(_) => None,
+                None => find_virtio_port(Path::new(VIRTIO_PORTS_DIR)),
+            };
             let socket = args
                 .get(1)
                 .map(PathBuf::from)
                 .unwrap_or_else(|| Path::new(GUEST_SOCKET_DIR).join(SOCKET_NAME));
-            match serve(&socket) {
+            let served = match &virtio {
+                Some(port) => serve_virtio(port),
+                None => serve(&socket),
+            };
+            match served {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("patchover-agent: cannot serve on {}: {e}", socket.display());
+                    let on = virtio.as_ref().unwrap_or(&socket);
+                    eprintln!("patchover-agent: cannot serve on {}: {e}", on.display());
                     1
                 }
             }
@@ -93,6 +106,21 @@ fn serve(socket: &Path) -> std::io::Result<()> {
         });
     }
     Ok(())
+}
+
+/// Serves envelopes on the virtio port until the port fails, reopening it after a failure
+/// (e.g. a device reset); gives up only when it cannot be opened at all.
+fn serve_virtio(port: &Path) -> std::io::Result<()> {
+    loop {
+        let dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(port)?;
+        eprintln!("patchover-agent: serving on {}", port.display());
+        let e = serve_envelopes(&dev, &dev, answer, Duration::from_millis(20));
+        eprintln!("patchover-agent: {}: {e}; reopening", port.display());
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 fn handle(conn: UnixStream) -> std::io::Result<()> {

@@ -15,6 +15,7 @@ use toml::Spanned;
 
 use crate::model::{
     BackendKind, CpuAlloc, DiskKind, DiskRole, DiskSpec, Ipv4Cidr, LcId, LcSpec, MacAddr, NicSpec,
+    QemuBoot,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/patchover/patchover.toml";
@@ -168,6 +169,9 @@ struct RawLc {
     memory_mib: Spanned<u64>,
     hostname: Option<String>,
     init: Option<PathBuf>,
+    kernel: Option<Spanned<PathBuf>>,
+    initrd: Option<PathBuf>,
+    append: Option<String>,
     system_disk: RawDisk,
     app_disk: Option<RawDisk>,
     #[serde(default)]
@@ -375,9 +379,52 @@ impl Validator<'_> {
                 });
             }
 
+            let backend = lc.backend.unwrap_or_default();
+            let qemu = match (backend, lc.kernel) {
+                (BackendKind::Qemu, Some(k)) => Some(QemuBoot {
+                    kernel: k.into_inner(),
+                    initrd: lc.initrd,
+                    append: lc.append.unwrap_or_default(),
+                }),
+                (BackendKind::Qemu, None) => {
+                    return Err(ConfigError::Invalid {
+                        path: self.path.to_owned(),
+                        line,
+                        key: key("kernel"),
+                        message: "a qemu LC boots a kernel: set kernel = \"DIR/vmlinuz\" and initrd = \"DIR/initrd.img\" (built by `patchover image build-demo --qemu DIR`)".to_owned(),
+                    });
+                }
+                (BackendKind::Ns, Some(k)) => {
+                    return Err(self.err(
+                        &k,
+                        &key("kernel"),
+                        "only qemu LCs boot a kernel; remove it or set backend = \"qemu\"",
+                    ));
+                }
+                (BackendKind::Ns, None) => None,
+            };
+            if backend == BackendKind::Qemu
+                && let Some(d) = std::iter::once(&system_disk)
+                    .chain(app_disk.as_ref())
+                    .find(|d| d.kind != DiskKind::Image)
+            {
+                return Err(ConfigError::Invalid {
+                    path: self.path.to_owned(),
+                    line,
+                    key: key(match d.role {
+                        DiskRole::System => "system_disk.path",
+                        DiskRole::Application => "app_disk.path",
+                    }),
+                    message: format!(
+                        "a qemu LC's disks are image files (raw or qcow2), and {} is a directory",
+                        d.path.display()
+                    ),
+                });
+            }
             lcs.push(LcSpec {
+                qemu,
                 hostname: lc.hostname.unwrap_or_else(|| id.to_string()),
-                backend: lc.backend.unwrap_or_default(),
+                backend,
                 cpu: CpuAlloc {
                     cpu: cpu_index,
                     share_pct: share,
@@ -555,6 +602,39 @@ system_disk = { path = "/srv/lc2/sys.img" }
         assert_eq!(lc1.nics[0].address.unwrap().to_string(), "10.77.0.10/24");
         assert_eq!(c.lc("lc2").unwrap().system_disk.kind, DiskKind::Image);
         assert_eq!(c.store_path(), PathBuf::from("/tmp/po/state/state.db"));
+    }
+
+    #[test]
+    fn qemu_lcs_boot_a_kernel_from_image_disks() {
+        let text = GOOD.replace(
+            "id = \"lc2\"\n",
+            "id = \"lc2\"\nbackend = \"qemu\"\nkernel = \"/img/vmlinuz\"\ninitrd = \"/img/initrd.img\"\n",
+        );
+        let c = parse(&text).unwrap();
+        let q = c.lc("lc2").unwrap().qemu.clone().unwrap();
+        assert_eq!(q.kernel, PathBuf::from("/img/vmlinuz"));
+        assert_eq!(q.initrd, Some(PathBuf::from("/img/initrd.img")));
+        assert_eq!(c.lc("lc1").unwrap().qemu, None);
+
+        // No kernel: the error names the key and how to get one.
+        let (line, key, msg) =
+            invalid(&GOOD.replace("id = \"lc2\"\n", "id = \"lc2\"\nbackend = \"qemu\"\n"));
+        assert_eq!((line, key.as_str()), (19, "lc.lc2.kernel"));
+        assert!(msg.contains("build-demo --qemu"), "{msg}");
+
+        // A directory disk cannot back a VM.
+        let text = GOOD.replace(
+            "id = \"lc1\"\n",
+            "id = \"lc1\"\nbackend = \"qemu\"\nkernel = \"/img/vmlinuz\"\n",
+        );
+        let (_, key, msg) = invalid(&text);
+        assert_eq!(key, "lc.lc1.system_disk.path");
+        assert!(msg.contains("image files"), "{msg}");
+
+        // A kernel on an ns LC is a mistake, reported at its line.
+        let (line, key, _) =
+            invalid(&GOOD.replace("id = \"lc2\"\n", "id = \"lc2\"\nkernel = \"/k\"\n"));
+        assert_eq!((line, key.as_str()), (20, "lc.lc2.kernel"));
     }
 
     fn invalid(text: &str) -> (usize, String, String) {

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -249,6 +249,19 @@ pub struct LcSpec {
     pub system_disk: DiskSpec,
     pub app_disk: Option<DiskSpec>,
     pub nics: Vec<NicSpec>,
+    /// How a `qemu` LC boots (its kernel lives outside its disks); `None` for `ns`.
+    #[serde(default)]
+    pub qemu: Option<QemuBoot>,
+}
+
+/// The kernel a `qemu` LC boots, and what it is told on its command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuBoot {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command line, appended after what patchover sets.
+    #[serde(default)]
+    pub append: String,
 }
 
 impl LcSpec {
@@ -328,6 +341,22 @@ impl FromStr for Category {
                 "unknown category {other:?}: use security, enhancement or bugfix"
             )),
         }
+    }
+}
+
+/// Name of the marker a disk copy leaves while it is not complete: `<dir>/.patchover-incomplete/`
+/// in a directory disk, the sidecar `<image>.patchover-incomplete/` beside an image file. No LC
+/// backend uses a disk that carries it (see `patchover_disk::marker`).
+pub const INCOMPLETE_MARKER: &str = ".patchover-incomplete";
+
+/// Where the incomplete marker of the disk at `disk` lives (whether or not it exists).
+pub fn incomplete_marker(disk: &Path, is_image: bool) -> PathBuf {
+    if is_image {
+        let mut s = disk.as_os_str().to_owned();
+        s.push(INCOMPLETE_MARKER);
+        PathBuf::from(s)
+    } else {
+        disk.join(INCOMPLETE_MARKER)
     }
 }
 

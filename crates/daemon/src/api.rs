@@ -34,7 +34,38 @@ pub struct RollbackBody {
     pub mode: Option<String>,
 }
 
-/// `POST /v1/lcs/{id}/{action}`.
+/// `POST /v1/lcs/{id}/{action}`: an optional body (an empty one takes the defaults).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LcActionBody {
+    /// Boot and reboot: answer as soon as init runs instead of waiting for the LC's agent.
+    #[serde(default)]
+    pub no_wait: bool,
+    /// Boot and reboot: seconds to wait for the agent (default 30).
+    #[serde(default)]
+    pub timeout: Option<u64>,
+}
+
+/// `POST /v1/patches`: import a signed bundle.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ImportBody {
+    /// The bundle's absolute path on the daemon's host (its signature is `FILE.minisig`).
+    pub file: String,
+    /// Also mark it for the next run.
+    #[serde(default)]
+    pub mark: bool,
+}
+
+/// `POST /v1/patch-marks`: mark or unmark several patches, all or none.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MarksBody {
+    pub ids: Vec<String>,
+    pub apply_next: bool,
+}
+
+/// The action of `POST /v1/lcs/{id}/{action}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LcAction {
@@ -52,17 +83,22 @@ pub enum Command {
     Lc {
         id: String,
         action: LcAction,
+        body: LcActionBody,
     },
     ListPatches,
+    GetPatch(String),
+    ImportPatch(ImportBody),
     MarkPatch {
         id: String,
         apply_next: bool,
     },
+    MarkPatches(MarksBody),
     StartRun(RunBody),
     ListRuns,
     GetRun(i64),
     Rollback(RollbackBody),
     MonitorRunOnce,
+    MonitorStatus,
     /// The approval link's raw query string.
     Approve {
         query: String,
@@ -78,12 +114,16 @@ impl Command {
             Command::GetLc(_) => "get_lc",
             Command::Lc { .. } => "lc_action",
             Command::ListPatches => "list_patches",
+            Command::GetPatch(_) => "get_patch",
+            Command::ImportPatch(_) => "import_patch",
             Command::MarkPatch { .. } => "mark_patch",
+            Command::MarkPatches(_) => "mark_patches",
             Command::StartRun(_) => "start_run",
             Command::ListRuns => "list_runs",
             Command::GetRun(_) => "get_run",
             Command::Rollback(_) => "rollback",
             Command::MonitorRunOnce => "monitor_run_once",
+            Command::MonitorStatus => "monitor_status",
             Command::Approve { .. } => "approve",
         }
     }

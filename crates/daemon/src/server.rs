@@ -26,7 +26,10 @@ use axum::routing::{MethodRouter, get, post};
 use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, watch};
 
-use crate::api::{ApiError, Command, Dispatch, ErrorCode, LcAction, Reply, RollbackBody, RunBody};
+use crate::api::{
+    ApiError, Command, Dispatch, ErrorCode, ImportBody, LcAction, LcActionBody, MarksBody, Reply,
+    RollbackBody, RunBody,
+};
 use crate::auth::{TokenHash, authorized};
 use crate::config::DaemonConfig;
 use crate::metrics::Metrics;
@@ -126,6 +129,28 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// A JSON body that may be left out: a request without one (no or a zero `Content-Length`)
+/// takes `T::default()`; one with a body is parsed as [`ApiJson`] (unknown fields refused).
+struct OptJson<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let h = req.headers();
+        let empty = match h.get(axum::http::header::CONTENT_LENGTH) {
+            Some(n) => n.to_str().is_ok_and(|n| n.trim() == "0"),
+            None => !h.contains_key(axum::http::header::TRANSFER_ENCODING),
+        };
+        if empty {
+            return Ok(OptJson(T::default()));
+        }
+        ApiJson::<T>::from_request(req, state)
+            .await
+            .map(|ApiJson(v)| OptJson(v))
+    }
+}
+
 async fn run(s: &AppState, cmd: Command) -> Result<Reply, ApiError> {
     if matches!(cmd, Command::StartRun(_) | Command::Rollback(_)) && s.hub.shutting_down() {
         return Err(ApiError::new(
@@ -157,17 +182,24 @@ async fn run(s: &AppState, cmd: Command) -> Result<Reply, ApiError> {
 
 type Id = UrlPath<String>;
 
-async fn lc(s: State<AppState>, UrlPath(id): Id, action: LcAction) -> Result<Reply, ApiError> {
-    run(&s.0, Command::Lc { id, action }).await
+type Body = OptJson<LcActionBody>;
+
+async fn lc(
+    s: State<AppState>,
+    UrlPath(id): Id,
+    action: LcAction,
+    OptJson(body): Body,
+) -> Result<Reply, ApiError> {
+    run(&s.0, Command::Lc { id, action, body }).await
 }
-async fn lc_boot(s: State<AppState>, id: Id) -> Result<Reply, ApiError> {
-    lc(s, id, LcAction::Boot).await
+async fn lc_boot(s: State<AppState>, id: Id, b: Body) -> Result<Reply, ApiError> {
+    lc(s, id, LcAction::Boot, b).await
 }
-async fn lc_stop(s: State<AppState>, id: Id) -> Result<Reply, ApiError> {
-    lc(s, id, LcAction::Stop).await
+async fn lc_stop(s: State<AppState>, id: Id, b: Body) -> Result<Reply, ApiError> {
+    lc(s, id, LcAction::Stop, b).await
 }
-async fn lc_reboot(s: State<AppState>, id: Id) -> Result<Reply, ApiError> {
-    lc(s, id, LcAction::Reboot).await
+async fn lc_reboot(s: State<AppState>, id: Id, b: Body) -> Result<Reply, ApiError> {
+    lc(s, id, LcAction::Reboot, b).await
 }
 async fn mark(s: State<AppState>, UrlPath(id): Id) -> Result<Reply, ApiError> {
     run(
@@ -305,8 +337,33 @@ fn table() -> Vec<Route> {
         ("POST", "/v1/lcs/{id}/stop", post(lc_stop)),
         ("POST", "/v1/lcs/{id}/reboot", post(lc_reboot)),
         ("GET", "/v1/patches", get(simple(Command::ListPatches))),
+        (
+            "POST",
+            "/v1/patches",
+            post(
+                async |State(s): State<AppState>, ApiJson(b): ApiJson<ImportBody>| {
+                    run(&s, Command::ImportPatch(b)).await
+                },
+            ),
+        ),
+        (
+            "GET",
+            "/v1/patches/{id}",
+            get(async |State(s): State<AppState>, UrlPath(id): Id| {
+                run(&s, Command::GetPatch(id)).await
+            }),
+        ),
         ("POST", "/v1/patches/{id}/mark", post(mark)),
         ("POST", "/v1/patches/{id}/unmark", post(unmark)),
+        (
+            "POST",
+            "/v1/patch-marks",
+            post(
+                async |State(s): State<AppState>, ApiJson(b): ApiJson<MarksBody>| {
+                    run(&s, Command::MarkPatches(b)).await
+                },
+            ),
+        ),
         ("GET", "/v1/runs", get(simple(Command::ListRuns))),
         (
             "POST",
@@ -332,6 +389,7 @@ fn table() -> Vec<Route> {
             "/v1/monitor/run-once",
             post(simple(Command::MonitorRunOnce)),
         ),
+        ("GET", "/v1/monitor", get(simple(Command::MonitorStatus))),
         (
             "GET",
             "/v1/approve",
@@ -603,8 +661,47 @@ mod tests {
                 Command::Lc {
                     id: "lc1".into(),
                     action: LcAction::Reboot,
+                    body: LcActionBody::default(),
                 },
             ),
+            (
+                "POST",
+                "/v1/lcs/lc1/boot",
+                Some(json!({"no_wait": true})),
+                Command::Lc {
+                    id: "lc1".into(),
+                    action: LcAction::Boot,
+                    body: LcActionBody {
+                        no_wait: true,
+                        timeout: None,
+                    },
+                },
+            ),
+            (
+                "GET",
+                "/v1/patches/p1",
+                None,
+                Command::GetPatch("p1".into()),
+            ),
+            (
+                "POST",
+                "/v1/patches",
+                Some(json!({"file": "/b.po", "mark": true})),
+                Command::ImportPatch(ImportBody {
+                    file: "/b.po".into(),
+                    mark: true,
+                }),
+            ),
+            (
+                "POST",
+                "/v1/patch-marks",
+                Some(json!({"ids": ["a", "b"], "apply_next": false})),
+                Command::MarkPatches(MarksBody {
+                    ids: vec!["a".into(), "b".into()],
+                    apply_next: false,
+                }),
+            ),
+            ("GET", "/v1/monitor", None, Command::MonitorStatus),
             (
                 "POST",
                 "/v1/patches/p%2D1/unmark",
@@ -642,6 +739,14 @@ mod tests {
         for (m, p, b, want) in &cases {
             c.call(m, p, b.as_ref()).unwrap();
             assert_eq!(fake.seen.lock().unwrap().last().unwrap(), want, "{m} {p}");
+        }
+        // An LC action's optional body refuses unknown fields.
+        match c.call("POST", "/v1/lcs/lc1/stop", Some(&json!({"nowait": true}))) {
+            Err(ClientError::Api(e)) => {
+                assert_eq!(e.code, ErrorCode::InvalidBody);
+                assert!(e.message.contains("unknown field"), "{}", e.message);
+            }
+            r => panic!("{r:?}"),
         }
         // The dispatcher's error comes back as the API error.
         match c.call("GET", "/v1/runs/7", None) {

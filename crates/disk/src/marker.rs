@@ -11,17 +11,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// Name of the marker inside a directory disk.
-pub const MARKER: &str = ".patchover-incomplete";
+pub const MARKER: &str = patchover_core::INCOMPLETE_MARKER;
 
 /// Where the marker of the disk at `dst` lives (whether or not it exists).
 pub fn marker_path(dst: &Path, is_file: bool) -> PathBuf {
-    if is_file {
-        let mut s = dst.as_os_str().to_owned();
-        s.push(MARKER);
-        PathBuf::from(s)
-    } else {
-        dst.join(MARKER)
-    }
+    patchover_core::incomplete_marker(dst, is_file)
 }
 
 /// True when `path` (a directory or an image file) is an unfinished copy. An LC backend must

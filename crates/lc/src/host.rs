@@ -41,6 +41,8 @@ pub trait Host {
     fn link_exists(&self, name: &str) -> bool;
     fn create_veth(&self, host_end: &str, peer: &str, peer_mac: MacAddr) -> io::Result<()>;
     /// Makes `port` a port of `bridge` and brings it up.
+    /// Creates a tap device (a VM's NIC on the host), down and on no bridge.
+    fn create_tap(&self, name: &str) -> io::Result<()>;
     fn attach_to_bridge(&self, port: &str, bridge: &str) -> io::Result<()>;
     /// Brings a link up without making it a bridge port.
     fn set_link_up(&self, link: &str) -> io::Result<()>;
@@ -173,6 +175,9 @@ impl Host for LinuxHost {
         self.ip(&[
             "link", "add", host_end, "type", "veth", "peer", "name", peer, "address", &mac,
         ])
+    }
+    fn create_tap(&self, name: &str) -> io::Result<()> {
+        self.ip(&["tuntap", "add", "dev", name, "mode", "tap"])
     }
     fn attach_to_bridge(&self, port: &str, bridge: &str) -> io::Result<()> {
         self.ip(&["link", "set", port, "master", bridge])?;

@@ -12,6 +12,8 @@
 //! without root; the real calls are exercised by the integration tests.
 
 pub mod cgroup;
+pub mod disks;
+pub mod dispatch;
 pub mod host;
 pub mod ns;
 
@@ -175,6 +177,8 @@ pub trait LcBackend {
     ) -> Result<patchover_agent::Response, LcError>;
     /// Opens the agent channel.
     fn agent(&self, spec: &LcSpec) -> Result<patchover_agent::AgentClient, LcError>;
+    /// Where the LC's console output goes (kept across boots).
+    fn console_log(&self, spec: &LcSpec) -> PathBuf;
 }
 
 /// The host-side name of NIC `index` of LC `id`: `po<id>n<index>` (≤ 15 bytes by the id rule).

@@ -152,7 +152,7 @@ impl ServiceControl for Both {
 
 fn serve(ep: &Endpoint) -> Result<RefServer, ServerError> {
     RefServer::start(
-        Some(&ep.netns),
+        ep.netns(),
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT)),
         &ep.identity,
     )
@@ -423,7 +423,7 @@ impl Vrrp {
         let dir = std::env::temp_dir().join(format!("patchover-vrrp-{}", tb.id));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         // keepalived adds the address itself: start from a clean slate.
-        let ra = Rtnl::open(Some(&tb.a.netns)).map_err(|e| e.to_string())?;
+        let ra = Rtnl::open(tb.a.netns()).map_err(|e| e.to_string())?;
         let ia = ra.need_link(&tb.a.iface).map_err(|e| e.to_string())?.index;
         ra.del_address(ia, tb.service.addr)
             .map_err(|e| e.to_string())?;
@@ -450,7 +450,7 @@ impl Vrrp {
         )
         .map_err(|e| e.to_string())?;
         let mut cmd =
-            crate::netns::command_in(Some(&ep.netns), "keepalived").map_err(|e| e.to_string())?;
+            crate::netns::command_in(ep.netns(), "keepalived").map_err(|e| e.to_string())?;
         cmd.arg("-n")
             .arg("-f")
             .arg(&conf)
@@ -507,7 +507,7 @@ impl Drop for Vrrp {
 }
 
 fn wait_holds(ep: &Endpoint, addr: Ipv4Addr, limit: Duration) -> Result<(), String> {
-    let r = Rtnl::open(Some(&ep.netns)).map_err(|e| e.to_string())?;
+    let r = Rtnl::open(ep.netns()).map_err(|e| e.to_string())?;
     let i = r.need_link(&ep.iface).map_err(|e| e.to_string())?.index;
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -526,14 +526,14 @@ fn wait_holds(ep: &Endpoint, addr: Ipv4Addr, limit: Duration) -> Result<(), Stri
 /// The VRRP-style baseline: the address moves and is announced; no drain, no held SYNs.
 fn plain_move(tb: &Testbed, from: &Endpoint, to: &Endpoint) -> Result<(), String> {
     let s = tb.service;
-    let rf = Rtnl::open(Some(&from.netns)).map_err(|e| e.to_string())?;
-    let rt = Rtnl::open(Some(&to.netns)).map_err(|e| e.to_string())?;
+    let rf = Rtnl::open(from.netns()).map_err(|e| e.to_string())?;
+    let rt = Rtnl::open(to.netns()).map_err(|e| e.to_string())?;
     let fi = rf.need_link(&from.iface).map_err(|e| e.to_string())?.index;
     let ti = rt.need_link(&to.iface).map_err(|e| e.to_string())?.index;
     rf.del_address(fi, s.addr).map_err(|e| e.to_string())?;
     rt.add_address(ti, s).map_err(|e| e.to_string())?;
     garp::announce(
-        Some(&to.netns),
+        to.netns(),
         &to.iface,
         to.mac,
         s.addr,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::lc::{HttpAnswer, InLc, InLcError};
 use crate::netns::{NetnsError, NsWorker, in_netns};
 
 /// The check failed.
@@ -28,6 +29,8 @@ pub enum HealthError {
     },
     #[error("service check: {0}")]
     Mismatch(Box<Mismatch>),
+    #[error("service check")]
+    InLc(#[from] InLcError),
 }
 
 /// An answer that was not the expected one.
@@ -127,34 +130,69 @@ pub fn check_on(worker: &NsWorker, addr: Ipv4Addr, hc: &HealthCheck) -> Result<(
     }
 }
 
+/// Runs the check from inside an LC (its namespace or its guest) until it passes or
+/// `hc.patience` is over.
+pub fn check_in(lc: &dyn InLc, addr: Ipv4Addr, hc: &HealthCheck) -> Result<(), HealthError> {
+    let start = Instant::now();
+    let sa = SocketAddr::from((addr, hc.port));
+    loop {
+        let res = lc
+            .http_get(sa, &hc.path, hc.timeout)
+            .map_err(HealthError::from)
+            .and_then(|a| judge(sa, hc, a));
+        match res {
+            Ok(()) => return Ok(()),
+            Err(e) if start.elapsed() >= hc.patience => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "service check: retrying");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
 fn get(sa: SocketAddr, hc: &HealthCheck) -> Result<(), HealthError> {
-    let io = |source| HealthError::Io {
+    let answer = http_get_here(sa, &hc.path, hc.timeout).map_err(|source| HealthError::Io {
         addr: sa,
         path: hc.path.clone(),
         source,
-    };
-    let mut s = TcpStream::connect_timeout(&sa, hc.timeout).map_err(io)?;
-    s.set_read_timeout(Some(hc.timeout)).map_err(io)?;
-    s.set_write_timeout(Some(hc.timeout)).map_err(io)?;
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nUser-Agent: patchover-check\r\n\r\n",
-        hc.path, sa
-    );
-    s.write_all(req.as_bytes()).map_err(io)?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).map_err(io)?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status_line = head.lines().next().unwrap_or("").to_string();
-    let ok = status_line.split_whitespace().nth(1) == Some("200");
-    if ok && body.contains(&hc.expect) {
+    })?;
+    judge(sa, hc, answer)
+}
+
+/// Whether `answer` passes `hc`: status 200 and the expected text in the body.
+fn judge(sa: SocketAddr, hc: &HealthCheck, answer: HttpAnswer) -> Result<(), HealthError> {
+    if answer.status() == Some(200) && answer.body.contains(&hc.expect) {
         return Ok(());
     }
     Err(HealthError::Mismatch(Box::new(Mismatch {
         addr: sa,
         path: hc.path.clone(),
-        status_line,
+        status_line: answer.status_line,
         expect: hc.expect.clone(),
-        body: body.chars().take(200).collect(),
+        body: answer.body.chars().take(200).collect(),
     })))
+}
+
+/// One plain HTTP/1.1 `GET path` to `sa` from the calling thread's namespace.
+pub(crate) fn http_get_here(
+    sa: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<HttpAnswer> {
+    let mut s = TcpStream::connect_timeout(&sa, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {sa}\r\nConnection: close\r\nUser-Agent: patchover-check\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Ok(HttpAnswer {
+        status_line: head.lines().next().unwrap_or("").to_string(),
+        body: body.to_string(),
+    })
 }

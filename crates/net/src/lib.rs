@@ -8,12 +8,14 @@
 //! instead of dropping them.
 //!
 //! The crate knows endpoints, not LCs: the orchestrator maps LCs onto [`Endpoint`]s and passes
-//! the service-specific parts in as [`Hooks`].
+//! the service-specific parts in as [`Hooks`]. An endpoint is reached through its network
+//! namespace (`ns` LCs) or its agent channel (`qemu` LCs); see [`lc`].
 
 pub mod bench;
 pub mod garp;
 pub mod health;
 pub mod hold;
+pub mod lc;
 pub mod netns;
 pub mod nft;
 pub mod rtnl;
@@ -22,6 +24,7 @@ pub mod testbed;
 
 pub use garp::GarpConfig;
 pub use health::HealthCheck;
+pub use lc::{InLc, InLcError, LcAccess};
 pub use switch::{
     BoxError, Endpoint, Hooks, Mode, NoControl, ServiceControl, SwitchError, SwitchLock,
     SwitchPlan, SwitchReport, Switched, lock, seamless_setup, switch, switch_back, teardown,

@@ -102,7 +102,7 @@ pub fn command_in(
 /// TCP states that still carry or may still carry a request (`tcp_states.h`): established,
 /// SYN_RECV, FIN_WAIT1, CLOSE_WAIT, LAST_ACK, CLOSING. `TIME_WAIT` and `FIN_WAIT2` do not
 /// count: the server has sent everything by then.
-const BUSY_MASK: u32 = (1 << 1) | (1 << 3) | (1 << 4) | (1 << 8) | (1 << 9) | (1 << 11);
+pub(crate) const BUSY_MASK: u32 = (1 << 1) | (1 << 3) | (1 << 4) | (1 << 8) | (1 << 9) | (1 << 11);
 
 /// Counts TCP sockets on local `port` in `netns` that still carry traffic (see [`BUSY_MASK`]).
 ///

@@ -1,8 +1,10 @@
 //! The switchover itself: moving the service from the active LC to the standby (seed fig. 13–17,
 //! 21–26) without a failed request, checking it, and rolling back on any failure.
 //!
-//! The switcher knows nothing about LCs: it works on [`Endpoint`]s (a namespace, a host port on
-//! the bridge, an interface, a MAC and an address), so the orchestrator maps its LCs onto them.
+//! The switcher knows nothing about LCs: it works on [`Endpoint`]s (a way into the LC, a host
+//! port on the bridge, an interface, a MAC and an address), so the orchestrator maps its LCs
+//! onto them. What happens inside an LC goes through [`crate::lc::InLc`], for namespaces and
+//! for VMs alike.
 //! Two things only the orchestrator can do are passed in as [`Hooks`]: telling a service to stop
 //! keeping connections alive ([`ServiceControl`]), and work that must happen while neither LC is
 //! writing (the disk copier's final catch-up, `in_window`).
@@ -19,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::garp::{self, GarpConfig, GarpError};
 use crate::health::{self, HealthCheck, HealthError};
 use crate::hold::{HoldError, SynHold};
+use crate::lc::{InLc, InLcError, LcAccess};
 use crate::netns::{NetnsError, NsWorker, command_in};
 use crate::nft::{self, NftError};
 use crate::rtnl::{Rtnl, RtnlError};
@@ -31,8 +34,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct Endpoint {
     /// A name for messages (the LC id).
     pub name: String,
-    /// The LC's network namespace: `/proc/<pid>/ns/net` or `/run/netns/<name>`.
-    pub netns: PathBuf,
+    /// The way into the LC: its network namespace (`ns`) or its agent channel (`qemu`).
+    /// Endpoints written before VMs had a `netns` path here; they still read.
+    #[serde(alias = "netns")]
+    pub access: LcAccess,
     /// The host end of the LC's veth (or its tap), a port of the bridge.
     pub host_port: String,
     /// The interface inside the LC, e.g. `eth0`.
@@ -42,6 +47,26 @@ pub struct Endpoint {
     pub address: Ipv4Cidr,
     /// A substring of the health answer that proves this LC answers (its version, its id).
     pub identity: String,
+}
+
+impl Endpoint {
+    /// The LC's network namespace, for `ns` LCs.
+    pub fn netns(&self) -> Option<&Path> {
+        self.access.netns()
+    }
+
+    /// Opens the way into the LC (see [`LcAccess::open`]).
+    pub fn open(&self) -> Result<Box<dyn InLc>, SwitchError> {
+        self.access.open().map_err(on(self))
+    }
+}
+
+/// Wraps an error from inside `ep`'s LC.
+fn on(ep: &Endpoint) -> impl FnOnce(InLcError) -> SwitchError + '_ {
+    move |source| SwitchError::InLc {
+        lc: ep.name.clone(),
+        source,
+    }
 }
 
 /// How the service moves.
@@ -236,6 +261,12 @@ pub enum SwitchError {
     Garp(#[from] GarpError),
     #[error("switch: namespace")]
     Netns(#[from] NetnsError),
+    #[error("switch: inside {lc}")]
+    InLc {
+        lc: String,
+        #[source]
+        source: InLcError,
+    },
     #[error("switch: the standby {to} did not answer on the service address")]
     Check {
         to: String,
@@ -372,6 +403,9 @@ pub fn switch(plan: &SwitchPlan, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
     let from_port = host.need_link(&plan.from.host_port)?;
     let to_port = host.need_link(&plan.to.host_port)?;
     let s = plan.service.addr;
+    // One way into each LC for the whole switch (a namespace worker, or the agent channel).
+    let from_lc = plan.from.open()?;
+    let to_lc = plan.to.open()?;
 
     // The live path must be what the plan says, or we would "switch" something else.
     match plan.mode {
@@ -398,18 +432,20 @@ pub fn switch(plan: &SwitchPlan, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
                     )));
                 }
             }
-            let has = |ep: &Endpoint| -> Result<bool, SwitchError> {
-                let r = Rtnl::open(Some(&ep.netns))?;
-                let l = r.need_link(&ep.iface)?;
-                Ok(r.addresses(l.index)?.iter().any(|a| a.addr == s))
+            let has = |ep: &Endpoint, lc: &dyn InLc| -> Result<bool, SwitchError> {
+                Ok(lc
+                    .addresses(&ep.iface)
+                    .map_err(on(ep))?
+                    .iter()
+                    .any(|a| a.addr == s))
             };
-            if !has(&plan.from)? {
+            if !has(&plan.from, &*from_lc)? {
                 return Err(SwitchError::State(format!(
                     "{} does not hold the service address {s}",
                     plan.from.name
                 )));
             }
-            if has(&plan.to)? {
+            if has(&plan.to, &*to_lc)? {
                 return Err(SwitchError::State(format!(
                     "{} already holds the service address {s}",
                     plan.to.name
@@ -458,8 +494,8 @@ pub fn switch(plan: &SwitchPlan, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
             hook: "resume",
             source,
         })?;
-    health::check(
-        Some(&plan.to.netns),
+    health::check_in(
+        &*to_lc,
         plan.to.address.addr,
         &plan.health.expecting(&plan.to.identity),
     )
@@ -475,6 +511,8 @@ pub fn switch(plan: &SwitchPlan, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
         bridge: bridge.index,
         from_port: from_port.index,
         to_port: to_port.index,
+        from_lc,
+        to_lc,
         t0,
     };
     let res = match plan.mode {
@@ -524,41 +562,12 @@ pub fn teardown(host_netns: Option<&Path>, service: Ipv4Addr) -> Result<(), NftE
     )
 }
 
-/// Netlink handles and interface indexes inside both LCs (readdress), opened before the pause.
-/// Netlink handles and interface indexes inside both LCs (readdress), opened before the pause.
-struct LcLinks {
-    from: Rtnl,
-    from_if: u32,
-    to: Rtnl,
-    to_if: u32,
-}
-
-impl LcLinks {
-    fn open(from: &Endpoint, to: &Endpoint) -> Result<LcLinks, SwitchError> {
-        let f = Rtnl::open(Some(&from.netns))?;
-        let t = Rtnl::open(Some(&to.netns))?;
-        let from_if = f.need_link(&from.iface)?.index;
-        let to_if = t.need_link(&to.iface)?.index;
-        Ok(LcLinks {
-            from: f,
-            from_if,
-            to: t,
-            to_if,
-        })
-    }
-}
-
 /// Firewall mark of SYNs released after a hold.
 const HELD_MARK: u32 = 0x504f_4844;
 
 /// Everything opened before the pause, so the pause only does the switching itself.
 struct Ready {
-    /// Announces the service address from the standby inside the pause.
-    garp_to: Option<garp::Sender>,
-    from_w: NsWorker,
-    to_w: NsWorker,
     check_w: NsWorker,
-    lcs: Option<LcLinks>,
     nft: Option<nft::Prepared>,
 }
 
@@ -568,6 +577,8 @@ struct Ctx<'a> {
     bridge: u32,
     from_port: u32,
     to_port: u32,
+    from_lc: Box<dyn InLc>,
+    to_lc: Box<dyn InLc>,
     t0: Instant,
 }
 
@@ -582,23 +593,18 @@ impl Ctx<'_> {
 
     fn ready(&self) -> Result<Ready, SwitchError> {
         let plan = self.plan;
-        let to_w = NsWorker::start(Some(&plan.to.netns))?;
-        let garp_to = match plan.mode {
-            Mode::Path | Mode::Readdress => {
-                let (ns, iface) = (Some(plan.to.netns.clone()), plan.to.iface.clone());
-                Some(to_w.run(move || garp::Sender::open_here(ns, &iface))??)
-            }
-            Mode::Seamless => None,
-        };
+        // Netlink in both LCs (readdress moves the address) and a packet socket in the standby
+        // (the announcement inside the pause); an agent is pinged, so a dead one fails here.
+        let readdress = plan.mode == Mode::Readdress;
+        let announce = plan.mode != Mode::Seamless;
+        self.to_lc
+            .prepare(&plan.to.iface, readdress, announce)
+            .map_err(on(&plan.to))?;
+        self.from_lc
+            .prepare(&plan.from.iface, readdress, false)
+            .map_err(on(&plan.from))?;
         Ok(Ready {
-            garp_to,
-            from_w: NsWorker::start(Some(&plan.from.netns))?,
-            to_w,
             check_w: NsWorker::start(self.check_ns())?,
-            lcs: match plan.mode {
-                Mode::Readdress => Some(LcLinks::open(&plan.from, &plan.to)?),
-                _ => None,
-            },
             nft: match plan.mode {
                 Mode::Readdress | Mode::Seamless => Some(nft::Prepared::spawn(self.host_ns())?),
                 Mode::Path => None,
@@ -606,10 +612,21 @@ impl Ctx<'_> {
         })
     }
 
-    fn wait_drained(&self, ready: &Ready) -> Result<(Duration, usize), SwitchError> {
+    fn wait_drained(&self) -> Result<(Duration, usize), SwitchError> {
         let start = Instant::now();
+        let mut warned = false;
         loop {
-            let left = ready.from_w.busy_tcp_connections(self.plan.health.port)?;
+            // A failed count counts as busy, so a drain never ends on an error.
+            let left = match self.from_lc.busy_tcp_connections(self.plan.health.port) {
+                Ok(n) => n,
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(lc = %self.plan.from.name, error = %e, "cannot count the old LC's connections");
+                        warned = true;
+                    }
+                    usize::MAX
+                }
+            };
             if left == 0 {
                 return Ok((start.elapsed(), 0));
             }
@@ -663,7 +680,7 @@ impl Ctx<'_> {
                         hook: "drain",
                         source,
                     })?;
-                let (drain, left) = self.wait_drained(ready)?;
+                let (drain, left) = self.wait_drained()?;
                 tracing::debug!(at_ms = ms(t_hold.elapsed()), "drained");
                 if left > 0 {
                     return Err(SwitchError::DrainTimeout {
@@ -760,19 +777,14 @@ impl Ctx<'_> {
         } else {
             (self.to_port, self.from_port)
         };
-        let b_worker = if forward { &ready.to_w } else { &ready.from_w };
-        let garp_to = if forward {
-            ready.garp_to.as_ref()
+        let (a_lc, b_lc) = if forward {
+            (&*self.from_lc, &*self.to_lc)
         } else {
-            None
+            (&*self.to_lc, &*self.from_lc)
         };
-        let garp_one = |w: &NsWorker| -> Result<u32, SwitchError> {
-            if let Some(sender) = garp_to {
-                sender.send(b.mac, s.addr)?;
-                return Ok(1);
-            }
-            let (ns, iface, mac) = (Some(b.netns.clone()), b.iface.clone(), b.mac);
-            Ok(w.run(move || garp::announce_here(ns, &iface, mac, s.addr, 1, Duration::ZERO))??)
+        let garp_one = || -> Result<u32, SwitchError> {
+            b_lc.announce(&b.iface, b.mac, s.addr, 1, Duration::ZERO)
+                .map_err(on(b))
         };
         let mut nft_apply = |what: &str, batch: &serde_json::Value| -> Result<(), SwitchError> {
             match ready.nft.take() {
@@ -788,26 +800,17 @@ impl Ctx<'_> {
                 self.host.set_up(b_port, true)?;
                 // One announcement makes the bridge learn the MAC on the new port at once
                 // instead of flooding until the LC sends something.
-                garp_one(b_worker)
+                garp_one()
             }
             Mode::Readdress => {
-                let lcs = match &ready.lcs {
-                    Some(l) => l,
-                    None => return Err(SwitchError::Plan("readdress without LC links".into())),
-                };
-                let (ra, ia, rb, ib) = if forward {
-                    (&lcs.from, lcs.from_if, &lcs.to, lcs.to_if)
-                } else {
-                    (&lcs.to, lcs.to_if, &lcs.from, lcs.from_if)
-                };
-                ra.del_address(ia, s.addr)?;
-                rb.add_address(ib, s)?;
+                a_lc.del_address(&a.iface, s).map_err(on(a))?;
+                b_lc.add_address(&b.iface, s).map_err(on(b))?;
                 if !forward {
                     // Rolling back: frames already sent to the standby's MAC go back too.
                     nft_apply("MAC fix", &nft::mac_fix_batch(s.addr, a.mac, b.mac))?;
                 }
                 self.host.replace_neighbour(self.bridge, s.addr, b.mac)?;
-                garp_one(b_worker)
+                garp_one()
             }
             Mode::Seamless => {
                 nft_apply(
@@ -831,10 +834,17 @@ impl Ctx<'_> {
         std::thread::Builder::new()
             .name("po-garp-refresh".into())
             .spawn(move || {
+                let lc = match ep.access.open() {
+                    Ok(lc) => lc,
+                    Err(e) => {
+                        tracing::warn!(lc = %ep.name, error = %e, "gratuitous ARP refresh: cannot reach the LC");
+                        return;
+                    }
+                };
                 let rest = garp.count.saturating_sub(1);
                 if rest > 0 {
                     std::thread::sleep(garp.interval);
-                    if let Err(e) = garp::announce(Some(&ep.netns), &ep.iface, ep.mac, s, rest, garp.interval) {
+                    if let Err(e) = lc.announce(&ep.iface, ep.mac, s, rest, garp.interval) {
                         tracing::warn!(error = %e, "gratuitous ARP burst failed");
                     }
                 }
@@ -849,17 +859,12 @@ impl Ctx<'_> {
                         tracing::info!("gratuitous ARP refresh skipped: a switch is running");
                         return;
                     };
-                    let holds = Rtnl::open(Some(&ep.netns)).and_then(|r| {
-                        let l = r.need_link(&ep.iface)?;
-                        Ok(r.addresses(l.index)?.iter().any(|a| a.addr == s))
-                    });
+                    let holds = lc.addresses(&ep.iface).map(|v| v.iter().any(|a| a.addr == s));
                     if !matches!(holds, Ok(true)) {
                         tracing::info!(lc = %ep.name, "gratuitous ARP refresh stopped: the address moved on");
                         return;
                     }
-                    if let Err(e) =
-                        garp::announce(Some(&ep.netns), &ep.iface, ep.mac, s, garp.count, garp.interval)
-                    {
+                    if let Err(e) = lc.announce(&ep.iface, ep.mac, s, garp.count, garp.interval) {
                         tracing::warn!(error = %e, "gratuitous ARP refresh failed");
                     }
                 }
@@ -887,7 +892,7 @@ impl Ctx<'_> {
                 hook: "drain",
                 source,
             })?;
-        let (drain, left) = self.wait_drained(&ready)?;
+        let (drain, left) = self.wait_drained()?;
         if left > 0 {
             tracing::warn!(left, from = %plan.from.name, "old LC still has connections at the drain deadline");
         }
@@ -953,7 +958,7 @@ mod tests {
     fn ep(name: &str, addr: &str, mac: u8) -> Endpoint {
         Endpoint {
             name: name.into(),
-            netns: PathBuf::from("/nonexistent"),
+            access: LcAccess::Netns(PathBuf::from("/nonexistent")),
             host_port: format!("po{name}n0"),
             iface: "eth0".into(),
             mac: MacAddr([2, 0, 0, 0, 0, mac]),
@@ -1044,6 +1049,25 @@ mod tests {
         assert_eq!(r.from.name, "b");
         assert_eq!(r.to.name, "a");
         assert_eq!(r.reversed(), p);
+    }
+
+    #[test]
+    fn endpoints_read_the_shape_before_vms() {
+        let old = r#"{"name":"lc1","netns":"/proc/42/ns/net","host_port":"polc1n0","iface":"eth0",
+            "mac":"02:00:00:00:00:01","address":"10.0.0.2/24","identity":"lc1"}"#;
+        let ep: Endpoint = serde_json::from_str(old).unwrap();
+        assert_eq!(ep.access, LcAccess::Netns(PathBuf::from("/proc/42/ns/net")));
+        assert_eq!(ep.netns(), Some(Path::new("/proc/42/ns/net")));
+        let vm = Endpoint {
+            access: LcAccess::Agent {
+                socket: PathBuf::from("/run/po/lc/lc2/agent.sock"),
+            },
+            ..ep
+        };
+        let text = serde_json::to_string(&vm).unwrap();
+        assert!(text.contains(r#""access":{"agent":{"socket":"/run/po/lc/lc2/agent.sock"}}"#));
+        assert_eq!(serde_json::from_str::<Endpoint>(&text).unwrap(), vm);
+        assert_eq!(vm.netns(), None);
     }
 
     #[test]

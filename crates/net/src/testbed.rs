@@ -18,6 +18,7 @@ use patchover_core::{Ipv4Cidr, MacAddr};
 
 use crate::garp::GarpConfig;
 use crate::health::HealthCheck;
+use crate::lc::LcAccess;
 use crate::netns::{NetnsError, in_netns};
 use crate::switch::{Endpoint, Mode, SwitchPlan};
 
@@ -113,7 +114,7 @@ impl Testbed {
             },
             a: Endpoint {
                 name: "a".into(),
-                netns: PathBuf::from(format!("/run/netns/{}", ns("a"))),
+                access: LcAccess::Netns(PathBuf::from(format!("/run/netns/{}", ns("a")))),
                 host_port: "poan0".into(),
                 iface: "eth0".into(),
                 mac: MacAddr([0x02, 0x50, 0, 0, 0, 0x0a]),
@@ -122,7 +123,7 @@ impl Testbed {
             },
             b: Endpoint {
                 name: "b".into(),
-                netns: PathBuf::from(format!("/run/netns/{}", ns("b"))),
+                access: LcAccess::Netns(PathBuf::from(format!("/run/netns/{}", ns("b")))),
                 host_port: "pobn0".into(),
                 iface: "eth0".into(),
                 mac: MacAddr([0x02, 0x50, 0, 0, 0, 0x0b]),

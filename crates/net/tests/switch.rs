@@ -5,14 +5,19 @@
 //! client namespace, switches back and forth, and fails on any failed request.
 //! To run the demo service instead, replace `start_service` (one function).
 
+mod guest;
+
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use patchover_load::server::RefServer;
 use patchover_load::{ConnMode, LoadConfig};
+use patchover_net::lc::NsLc;
 use patchover_net::testbed::{PORT, Testbed};
-use patchover_net::{BoxError, Endpoint, Hooks, Mode, ServiceControl, SwitchError, health, switch};
+use patchover_net::{
+    BoxError, Endpoint, Hooks, InLc, LcAccess, Mode, ServiceControl, SwitchError, health, switch,
+};
 
 /// The service under test in one LC namespace.
 fn start_service(netns: &Path, identity: &str) -> RefServer {
@@ -67,14 +72,31 @@ fn who_serves(tb: &Testbed) -> String {
 }
 
 fn under_load(mode: Mode, conns: ConnMode, switches: usize) {
+    under_load_via(mode, conns, switches, false);
+}
+
+/// Fake VM agent channels for both LCs of `tb` (see `guest`).
+fn guests(tb: &Testbed) -> (guest::Guest, guest::Guest) {
+    let sock = |ep: &Endpoint| -> PathBuf {
+        std::env::temp_dir().join(format!("po-guest-{}-{}.sock", tb.id, ep.name))
+    };
+    (
+        guest::Guest::start(&sock(&tb.a), tb.a.netns().unwrap()),
+        guest::Guest::start(&sock(&tb.b), tb.b.netns().unwrap()),
+    )
+}
+
+/// `agent`: the switcher reaches both LCs only through their agent channels, as for VMs.
+fn under_load_via(mode: Mode, conns: ConnMode, switches: usize, agent: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
     let tb = Testbed::new(mode).expect("testbed");
+    let guests = agent.then(|| guests(&tb));
     let mut svc = Services {
-        a: Some(start_service(&tb.a.netns, "lc-a")),
-        b: Some(start_service(&tb.b.netns, "lc-b")),
+        a: Some(start_service(tb.a.netns().unwrap(), "lc-a")),
+        b: Some(start_service(tb.b.netns().unwrap(), "lc-b")),
     };
     assert_eq!(who_serves(&tb), "lc-a");
     let gap = Duration::from_millis(400);
@@ -85,7 +107,15 @@ fn under_load(mode: Mode, conns: ConnMode, switches: usize) {
     let mut reports = Vec::new();
     std::thread::sleep(gap);
     for i in 0..switches {
-        let plan = tb.plan(i % 2 == 0);
+        let mut plan = tb.plan(i % 2 == 0);
+        if let Some((ga, gb)) = &guests {
+            for ep in [&mut plan.from, &mut plan.to] {
+                let g = if ep.name == "a" { ga } else { gb };
+                ep.access = LcAccess::Agent {
+                    socket: g.socket.clone(),
+                };
+            }
+        }
         let mut window = no_window;
         let mut hooks = Hooks {
             service: &mut svc,
@@ -98,7 +128,7 @@ fn under_load(mode: Mode, conns: ConnMode, switches: usize) {
     }
     let r = load.join().unwrap();
     eprintln!(
-        "{mode} {conns:?}: total {} failed {} ({:?}) retried {} p99.9 {:.2} ms max {:.2} ms",
+        "{mode} {conns:?} (agent: {agent}): total {} failed {} ({:?}) retried {} p99.9 {:.2} ms max {:.2} ms",
         r.summary.total,
         r.summary.failed_total,
         r.summary.failed,
@@ -168,11 +198,152 @@ fn seamless_mixed() {
 }
 
 #[test]
+fn path_via_agent() {
+    under_load_via(Mode::Path, ConnMode::New, 2, true);
+}
+
+#[test]
+fn readdress_via_agent() {
+    under_load_via(Mode::Readdress, ConnMode::Mixed, 4, true);
+}
+
+#[test]
+fn seamless_via_agent() {
+    under_load_via(Mode::Seamless, ConnMode::Keepalive, 2, true);
+}
+
+/// Every in-LC operation through the agent channel sees and does what the namespace path
+/// sees and does, on the same LC.
+#[test]
+fn agent_ops_match_the_namespace() {
+    let tb = Testbed::new(Mode::Readdress).unwrap();
+    let (ga, gb) = guests(&tb);
+    let _svc_b = start_service(tb.b.netns().unwrap(), "lc-b");
+    let ns_a = NsLc::open(tb.a.netns().unwrap()).unwrap();
+    let ag_a = LcAccess::Agent {
+        socket: ga.socket.clone(),
+    }
+    .open()
+    .unwrap();
+    let ag_b = LcAccess::Agent {
+        socket: gb.socket.clone(),
+    }
+    .open()
+    .unwrap();
+    ag_a.prepare("eth0", true, true).unwrap();
+
+    // Addresses: the same list, and changes made through the agent show in the namespace.
+    let mut via_ns = ns_a.addresses("eth0").unwrap();
+    let mut via_agent = ag_a.addresses("eth0").unwrap();
+    via_ns.sort_by_key(|c| c.addr);
+    via_agent.sort_by_key(|c| c.addr);
+    assert_eq!(via_agent, via_ns);
+    assert!(via_agent.iter().any(|c| c.addr == tb.service_addr()));
+    let extra: patchover_core::Ipv4Cidr = "10.99.0.77/24".parse().unwrap();
+    ag_a.add_address("eth0", extra).unwrap();
+    ag_a.add_address("eth0", extra).unwrap();
+    assert!(ns_a.addresses("eth0").unwrap().contains(&extra));
+    ag_a.del_address("eth0", extra).unwrap();
+    ag_a.del_address("eth0", extra).unwrap();
+    assert!(!ns_a.addresses("eth0").unwrap().contains(&extra));
+    assert!(ag_a.addresses("nosuch0").is_err());
+
+    // HTTP from inside the LC: the real status and body, and the health check on top.
+    let b = SocketAddr::from((tb.b.address.addr, PORT));
+    let got = ag_a
+        .http_get(b, "/version", Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(got.status(), Some(200), "{got:?}");
+    assert!(got.body.contains("lc-b"));
+    let hc = patchover_net::HealthCheck::new(PORT, "/version", "lc-b");
+    health::check_in(&*ag_a, tb.b.address.addr, &hc).unwrap();
+    let mut wrong = hc.expecting("lc-a");
+    wrong.patience = Duration::from_millis(100);
+    assert!(matches!(
+        health::check_in(&*ag_a, tb.b.address.addr, &wrong),
+        Err(health::HealthError::Mismatch(_))
+    ));
+    let closed = SocketAddr::from((tb.b.address.addr, 9));
+    assert!(ag_a.http_get(closed, "/", Duration::from_secs(2)).is_err());
+
+    // Busy connections on b's service port: the agent's count equals sock_diag's.
+    let ns_b = NsLc::open(tb.b.netns().unwrap()).unwrap();
+    assert_eq!(ag_b.busy_tcp_connections(PORT).unwrap(), 0);
+    let conns = patchover_net::netns::in_netns(tb.a.netns(), move || {
+        (0..3)
+            .map(|_| std::net::TcpStream::connect(b).unwrap())
+            .collect::<Vec<_>>()
+    })
+    .unwrap();
+    let start = std::time::Instant::now();
+    while ns_b.busy_tcp_connections(PORT).unwrap() < 3 && start.elapsed().as_secs() < 2 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(ns_b.busy_tcp_connections(PORT).unwrap(), 3);
+    assert_eq!(ag_b.busy_tcp_connections(PORT).unwrap(), 3);
+    drop(conns);
+    let start = std::time::Instant::now();
+    while ag_b.busy_tcp_connections(PORT).unwrap() > 0 && start.elapsed().as_secs() < 2 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(ag_b.busy_tcp_connections(PORT).unwrap(), 0);
+
+    // A gratuitous ARP from the guest overrides a neighbour's stale entry.
+    let h = tb.host_netns.file_name().unwrap().to_str().unwrap();
+    let a_ip = tb.a.address.addr.to_string();
+    let neigh = |args: &[&str]| {
+        let o = std::process::Command::new("ip")
+            .args(["-n", h, "neigh"])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_lowercase()
+    };
+    neigh(&[
+        "replace",
+        &a_ip,
+        "lladdr",
+        "02:66:66:66:66:66",
+        "dev",
+        "pobr",
+        "nud",
+        "stale",
+    ]);
+    assert!(neigh(&["show", &a_ip, "dev", "pobr"]).contains("02:66:66:66:66:66"));
+    let t = std::time::Instant::now();
+    let sent = ag_a
+        .announce(
+            "eth0",
+            tb.a.mac,
+            tb.a.address.addr,
+            2,
+            Duration::from_millis(5),
+        )
+        .unwrap();
+    assert_eq!(sent, 2);
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "frames are not paced a second apart: {:?}",
+        t.elapsed()
+    );
+    let mac = tb.a.mac.to_string().to_lowercase();
+    let start = std::time::Instant::now();
+    while !neigh(&["show", &a_ip, "dev", "pobr"]).contains(&mac) && start.elapsed().as_secs() < 2 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        neigh(&["show", &a_ip, "dev", "pobr"]).contains(&mac),
+        "{}",
+        neigh(&["show", &a_ip, "dev", "pobr"])
+    );
+}
+
+#[test]
 fn standby_not_ready_changes_nothing() {
     for mode in [Mode::Path, Mode::Readdress, Mode::Seamless] {
         let tb = Testbed::new(mode).unwrap();
         let mut svc = Services {
-            a: Some(start_service(&tb.a.netns, "lc-a")),
+            a: Some(start_service(tb.a.netns().unwrap(), "lc-a")),
             b: None,
         };
         let mut window = no_window;
@@ -193,8 +364,8 @@ fn standby_not_ready_changes_nothing() {
 fn wrong_identity_on_standby_changes_nothing() {
     let tb = Testbed::new(Mode::Readdress).unwrap();
     let mut svc = Services {
-        a: Some(start_service(&tb.a.netns, "lc-a")),
-        b: Some(start_service(&tb.b.netns, "old-version")),
+        a: Some(start_service(tb.a.netns().unwrap(), "lc-a")),
+        b: Some(start_service(tb.b.netns().unwrap(), "old-version")),
     };
     let mut window = no_window;
     let mut hooks = Hooks {
@@ -214,8 +385,8 @@ fn failing_window_hook_rolls_back() {
     for mode in [Mode::Path, Mode::Readdress, Mode::Seamless] {
         let tb = Testbed::new(mode).unwrap();
         let mut svc = Services {
-            a: Some(start_service(&tb.a.netns, "lc-a")),
-            b: Some(start_service(&tb.b.netns, "lc-b")),
+            a: Some(start_service(tb.a.netns().unwrap(), "lc-a")),
+            b: Some(start_service(tb.b.netns().unwrap(), "lc-b")),
         };
         let mut calls = 0;
         let mut window = |_: &patchover_net::SwitchPlan| -> Result<(), BoxError> {
@@ -266,8 +437,8 @@ fn failing_window_hook_rolls_back() {
 fn missing_bridge_wrong_state_and_busy_lock() {
     let tb = Testbed::new(Mode::Path).unwrap();
     let mut svc = Services {
-        a: Some(start_service(&tb.a.netns, "lc-a")),
-        b: Some(start_service(&tb.b.netns, "lc-b")),
+        a: Some(start_service(tb.a.netns().unwrap(), "lc-a")),
+        b: Some(start_service(tb.b.netns().unwrap(), "lc-b")),
     };
     let mut window = no_window;
     let mut plan = tb.plan(true);
@@ -339,8 +510,8 @@ fn service_address_taken_by_a_stranger_changes_nothing() {
     for mode in [Mode::Path, Mode::Readdress] {
         let tb = Testbed::new(mode).unwrap();
         let mut svc = Services {
-            a: Some(start_service(&tb.a.netns, "lc-a")),
-            b: Some(start_service(&tb.b.netns, "lc-b")),
+            a: Some(start_service(tb.a.netns().unwrap(), "lc-a")),
+            b: Some(start_service(tb.b.netns().unwrap(), "lc-b")),
         };
         let _stranger = Stranger::claim(&tb, &tb.service.to_string());
         let mut window = no_window;
@@ -364,7 +535,7 @@ fn service_address_taken_by_a_stranger_changes_nothing() {
             "{mode}"
         );
         if mode == Mode::Readdress {
-            let a = patchover_net::rtnl::Rtnl::open(Some(&tb.a.netns)).unwrap();
+            let a = patchover_net::rtnl::Rtnl::open(tb.a.netns()).unwrap();
             let eth0 = a.need_link("eth0").unwrap().index;
             assert!(
                 a.addresses(eth0)

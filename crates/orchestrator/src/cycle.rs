@@ -1,16 +1,15 @@
 //! One patch run, step by step (see the crate docs for the order).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::copy::{self, LiveCopy};
 use patchover_agent::apply::PatchReport;
 use patchover_agent::{Request, Response};
 use patchover_bundle::{BundleStatus, PostCheckReport, TrustedKeys, VerifiedBundle, verify_bundle};
-use patchover_core::{Config, LcSpec, Quiesce};
-use patchover_disk::{CopyOptions, FollowCopy, NoProgress};
+use patchover_core::{BackendKind, Config, LcSpec, Quiesce};
 use patchover_lc::{LcBackend, LcState, Stdio};
-use patchover_net::{Endpoint, Hooks, Mode, SwitchPlan};
+use patchover_net::{Endpoint, Hooks, LcAccess, Mode, SwitchPlan};
 use patchover_store::{PatchResult, Role, Store};
 
 use crate::service::get;
@@ -58,15 +57,25 @@ impl Quiesce for FreezeLc<'_> {
     }
 }
 
-/// `/proc/<init>/ns/net` of a running LC.
-pub(crate) fn netns_of(
-    backend: &dyn LcBackend,
-    spec: &LcSpec,
-) -> Result<PathBuf, OrchestratorError> {
+/// The way into a running LC: `/proc/<init>/ns/net` of an `ns` LC, the agent channel of a
+/// `qemu` LC (a VM has no namespace on the host).
+pub fn lc_access(backend: &dyn LcBackend, spec: &LcSpec) -> Result<LcAccess, OrchestratorError> {
     let st = backend.status(spec)?;
-    match (st.state, st.pid) {
-        (LcState::Running, Some(pid)) => Ok(PathBuf::from(format!("/proc/{pid}/ns/net"))),
-        _ => Err(patchover_lc::LcError::NotRunning(spec.id.clone()).into()),
+    if st.state != LcState::Running {
+        return Err(patchover_lc::LcError::NotRunning(spec.id.clone()).into());
+    }
+    match (spec.backend, st.pid, st.agent_socket) {
+        (BackendKind::Qemu, _, Some(socket)) => Ok(LcAccess::Agent { socket }),
+        (BackendKind::Qemu, _, None) => Err(OrchestratorError::BadInput(format!(
+            "LC {} reports no agent channel; the switcher reaches a VM only through it (is the qemu backend current?)",
+            spec.id
+        ))),
+        (BackendKind::Ns, Some(pid), _) => Ok(LcAccess::Netns(PathBuf::from(format!(
+            "/proc/{pid}/ns/net"
+        )))),
+        (BackendKind::Ns, None, _) => {
+            Err(patchover_lc::LcError::NotRunning(spec.id.clone()).into())
+        }
     }
 }
 
@@ -86,7 +95,7 @@ pub fn endpoint(backend: &dyn LcBackend, spec: &LcSpec) -> Result<Endpoint, Orch
     })?;
     Ok(Endpoint {
         name: spec.id.to_string(),
-        netns: netns_of(backend, spec)?,
+        access: lc_access(backend, spec)?,
         host_port: patchover_lc::host_port_name(&spec.id, 0),
         iface: nic.name.clone(),
         mac: nic.mac,
@@ -267,8 +276,7 @@ impl<'a> Orchestrator<'a> {
                 )
             })?;
             let from = endpoint(self.backend, &active)?;
-            let holds = crate::recover::service_is_on(self.config, req.mode, &from, service.addr)
-                .map_err(OrchestratorError::net)?;
+            let holds = crate::recover::service_is_on(self.config, req.mode, &from, service.addr)?;
             if !holds {
                 return Err(OrchestratorError::BadInput(match req.mode {
                     Mode::Path => format!(
@@ -308,7 +316,7 @@ impl<'a> Orchestrator<'a> {
         });
         let _ = self.store.set_role(active.id.as_str(), Role::Active);
         report.version_before = get(
-            &from.netns,
+            &from.access,
             from.address.addr,
             self.settings.service.port,
             &self.settings.service.version_path,
@@ -316,7 +324,7 @@ impl<'a> Orchestrator<'a> {
         )
         .ok();
 
-        let mut follow: Option<FollowCopy> = None;
+        let mut follow: Option<LiveCopy> = None;
         let mut standby: Option<LcSpec> = None;
         let res = self.cycle(
             &mut report,
@@ -369,7 +377,7 @@ impl<'a> Orchestrator<'a> {
     pub(crate) fn release_standby(
         &mut self,
         s: &LcSpec,
-        follow: Option<FollowCopy>,
+        follow: Option<LiveCopy>,
     ) -> serde_json::Value {
         drop(follow);
         let mut stopped = false;
@@ -380,9 +388,38 @@ impl<'a> Orchestrator<'a> {
         {
             stopped = self.backend.stop(s).is_ok();
         }
-        install::uninstall(&s.system_disk.path);
+        let _ = copy::with_root(&s.system_disk, &self.config.run_dir, |root| {
+            install::uninstall(root);
+            Ok(())
+        });
         let _ = self.store.set_role(s.id.as_str(), Role::Unused);
         serde_json::json!({"standby": s.id, "stopped": stopped})
+    }
+
+    /// 702: the YARA rules over the files of `disk` (a directory, or an image mounted).
+    fn malware_check(
+        &mut self,
+        report: &mut RunReport,
+        disk: &patchover_core::DiskSpec,
+    ) -> Result<(), OrchestratorError> {
+        self.step(report, "malware_check", |o, _| {
+            match &o.settings.yara_rules {
+                None => Ok((
+                    (),
+                    serde_json::json!({"skipped": "no [yara] rules directory in the config"}),
+                )),
+                Some(dir) => {
+                    let rules = malware::Rules::load(dir)?;
+                    let rep =
+                        copy::with_root(
+                            disk,
+                            &o.config.run_dir,
+                            |root| Ok(rules.scan_tree(root)?),
+                        )?;
+                    Ok(((), serde_json::to_value(rep).unwrap_or_default()))
+                }
+            }
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -393,7 +430,7 @@ impl<'a> Orchestrator<'a> {
         active: &LcSpec,
         bundles: &[VerifiedBundle],
         from: &Endpoint,
-        follow: &mut Option<FollowCopy>,
+        follow: &mut Option<LiveCopy>,
         standby_out: &mut Option<LcSpec>,
     ) -> Result<(), OrchestratorError> {
         let run_id = report.run_id;
@@ -433,52 +470,32 @@ impl<'a> Orchestrator<'a> {
         let _ = self.store.set_role(standby.id.as_str(), Role::Standby);
 
         let rollback = req.rollback_to.is_some();
-        let opts = CopyOptions::default();
-        // 702
+        let run_dir = self.config.run_dir.clone();
+        // 702 (a VM's system disk is checked on its point-in-time copy, after 703: the live
+        // image is mounted by the guest and cannot be read consistently from the host)
+        let vm = active.backend == patchover_core::BackendKind::Qemu;
         if !rollback {
-            self.step(report, "malware_check", |o, _| {
-                match &o.settings.yara_rules {
-                    None => Ok((
-                        (),
-                        serde_json::json!({"skipped": "no [yara] rules directory in the config"}),
-                    )),
-                    Some(dir) => {
-                        let rules = malware::Rules::load(dir)?;
-                        let rep = rules.scan_tree(&active.system_disk.path)?;
-                        Ok(((), serde_json::to_value(rep).unwrap_or_default()))
-                    }
-                }
-            })?;
-
+            if !vm {
+                self.malware_check(report, &active.system_disk)?;
+            }
             // 703: the system disk, replayed until caught up.
-            let opts = CopyOptions::default();
             self.step(report, "copy_system_disk", |_, report| {
                 clear_disk(&standby.system_disk.path, "system")?;
-                let r = patchover_disk::copy_once(
-                    &active.system_disk.path,
-                    &standby.system_disk.path,
-                    &opts,
-                    &NoProgress,
-                )
-                .map_err(|source| OrchestratorError::Copy {
-                    disk: "system",
-                    source: Box::new(source),
-                })?;
-                report.bytes_copied += r.stats.bytes_copied;
-                report.bytes_replayed += r.stats.bytes_replayed;
-                Ok(((), serde_json::to_value(&r).unwrap_or_default()))
+                let r = copy::copy_system(&run_dir, active, &standby.system_disk.path)?;
+                report.bytes_copied += r.bytes_copied;
+                report.bytes_replayed += r.bytes_replayed;
+                Ok(((), r.detail))
             })?;
+            if vm {
+                self.malware_check(report, &standby.system_disk)?;
+            }
         }
 
         // 704: the application disk, followed until the cut in the switch window.
         if let (Some(src), Some(dst)) = (&active.app_disk, &standby.app_disk) {
             let f = self.step(report, "copy_app_disk", |_, _| {
                 clear_disk(&dst.path, "application")?;
-                let f = FollowCopy::start(&src.path, &dst.path, &opts, Arc::new(NoProgress))
-                    .map_err(|source| OrchestratorError::Copy {
-                        disk: "application",
-                        source: Box::new(source),
-                    })?;
+                let f = LiveCopy::start(&run_dir, active, src, dst)?;
                 Ok((
                     f,
                     serde_json::json!({"src": src.path, "dst": dst.path, "follow": true}),
@@ -490,14 +507,16 @@ impl<'a> Orchestrator<'a> {
         // 705/706
         if !rollback {
             self.step(report, "install_patches", |o, _| {
-                let i = install::install(
-                    &standby.system_disk.path,
-                    standby.id.as_str(),
-                    &run_id.to_string(),
-                    bundles,
-                    &o.settings.trusted_keys,
-                    &o.settings.agent_binary,
-                )?;
+                let i = copy::with_root(&standby.system_disk, &o.config.run_dir, |root| {
+                    Ok(install::install(
+                        root,
+                        standby.id.as_str(),
+                        &run_id.to_string(),
+                        bundles,
+                        &o.settings.trusted_keys,
+                        &o.settings.agent_binary,
+                    )?)
+                })?;
                 Ok(((), serde_json::to_value(i).unwrap_or_default()))
             })?;
         }
@@ -591,14 +610,19 @@ impl<'a> Orchestrator<'a> {
         }
         let to = self.step(report, "standby_health", |o, report| {
             let to = endpoint(o.backend, &standby)?;
-            patchover_net::health::check(
-                Some(&to.netns),
+            let lc = to
+                .access
+                .open()
+                .map_err(|e| OrchestratorError::Health(Box::new(e.into())))?;
+            patchover_net::health::check_in(
+                &*lc,
                 to.address.addr,
                 &o.settings.service.health(&to.identity),
             )
             .map_err(|e| OrchestratorError::Health(Box::new(e)))?;
+            drop(lc);
             report.version_after = get(
-                &to.netns,
+                &to.access,
                 to.address.addr,
                 o.settings.service.port,
                 &o.settings.service.version_path,
@@ -613,21 +637,10 @@ impl<'a> Orchestrator<'a> {
             self.step(report, "cut_app_disk", |o, report| {
                 let detail = match follow.take() {
                     Some(f) => {
-                        let r = f
-                            .cut(&mut FreezeLc {
-                                backend: o.backend,
-                                spec: active,
-                            })
-                            .map_err(|source| OrchestratorError::Copy {
-                                disk: "application",
-                                source: Box::new(source),
-                            })?;
-                        report.bytes_replayed += r.stats.bytes_replayed;
-                        report.freeze_ms = r
-                            .cut
-                            .as_ref()
-                            .map(|c| c.freeze_window.as_secs_f64() * 1000.0);
-                        serde_json::to_value(&r).unwrap_or_default()
+                        let r = f.cut(o.backend, active)?;
+                        report.bytes_replayed += r.bytes_replayed;
+                        report.freeze_ms = r.freeze_ms;
+                        r.detail
                     }
                     None => serde_json::json!({"skipped": "no application disk"}),
                 };
@@ -673,11 +686,7 @@ impl<'a> Orchestrator<'a> {
             let mut cut_report = None;
             let mut in_window = |_: &SwitchPlan| -> Result<(), patchover_net::BoxError> {
                 if let Some(f) = follow.take() {
-                    let r = f.cut(&mut FreezeLc {
-                        backend,
-                        spec: active,
-                    })?;
-                    cut_report = Some(r);
+                    cut_report = Some(f.cut(backend, active)?);
                 }
                 // The application disk, complete as of the cut, goes under the service.
                 if let Some(d) = &standby.app_disk {
@@ -693,7 +702,7 @@ impl<'a> Orchestrator<'a> {
                     .into());
                 }
                 get(
-                    &to.netns,
+                    &to.access,
                     to.address.addr,
                     svc.port,
                     &svc.health_path,
@@ -716,11 +725,8 @@ impl<'a> Orchestrator<'a> {
                 }
             })?;
             if let Some(r) = cut_report {
-                report.bytes_replayed += r.stats.bytes_replayed;
-                report.freeze_ms = r
-                    .cut
-                    .as_ref()
-                    .map(|c| c.freeze_window.as_secs_f64() * 1000.0);
+                report.bytes_replayed += r.bytes_replayed;
+                report.freeze_ms = r.freeze_ms;
             }
             report.pause_ms = Some(sw.report.pause_ms);
             report.switch = Some(sw.report.clone());
@@ -754,8 +760,11 @@ impl<'a> Orchestrator<'a> {
             use std::os::unix::process::CommandExt;
             let spawned = std::process::Command::new(exe)
                 .process_group(0)
-                .args(["internal", "garp-refresh", "--netns"])
-                .arg(&to.netns)
+                .args(["internal", "garp-refresh"])
+                .args(match &to.access {
+                    LcAccess::Netns(p) => ["--netns".as_ref(), p.as_os_str()],
+                    LcAccess::Agent { socket } => ["--agent".as_ref(), socket.as_os_str()],
+                })
                 .args(["--iface", &to.iface, "--mac", &to.mac.to_string()])
                 .args([
                     "--ip",

@@ -19,6 +19,7 @@ pub mod malware;
 pub mod service;
 pub mod standby;
 
+mod copy;
 mod cycle;
 pub mod recover;
 
@@ -28,7 +29,7 @@ use std::time::Duration;
 use patchover_net::Mode;
 use serde::Serialize;
 
-pub use cycle::{Orchestrator, RunFailed, endpoint as cycle_endpoint};
+pub use cycle::{Orchestrator, RunFailed, endpoint as cycle_endpoint, lc_access};
 pub use recover::{RunGuard, RunLock, recover};
 pub use service::ServiceSettings;
 
@@ -139,7 +140,7 @@ pub enum OrchestratorError {
     Copy {
         disk: &'static str,
         #[source]
-        source: Box<patchover_disk::CopyError>,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("preparing the standby's {disk} disk {path}")]
     Prepare {
@@ -173,6 +174,8 @@ pub enum OrchestratorError {
     Switch(Box<patchover_net::SwitchError>),
     #[error("network setup")]
     Net(#[source] Box<patchover_net::rtnl::RtnlError>),
+    #[error("network setup inside an LC")]
+    InLc(#[source] Box<patchover_net::InLcError>),
 }
 
 impl From<patchover_net::SwitchError> for OrchestratorError {
@@ -184,6 +187,10 @@ impl From<patchover_net::SwitchError> for OrchestratorError {
 impl OrchestratorError {
     pub(crate) fn net(e: patchover_net::rtnl::RtnlError) -> Self {
         OrchestratorError::Net(Box::new(e))
+    }
+
+    pub(crate) fn in_lc(e: patchover_net::InLcError) -> Self {
+        OrchestratorError::InLc(Box::new(e))
     }
 
     /// What an operator should do next.

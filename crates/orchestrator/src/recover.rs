@@ -18,6 +18,7 @@ use std::path::Path;
 use patchover_core::{Config, Ipv4Cidr};
 use patchover_lc::LcState;
 use patchover_net::rtnl::{Rtnl, RtnlError};
+use patchover_net::{InLcError, LcAccess};
 use patchover_store::Role;
 
 use crate::cycle::{Orchestrator, endpoint};
@@ -118,11 +119,10 @@ unsafe fn libc_flock(fd: i32) -> i32 {
     unsafe { flock(fd, LOCK_EX | LOCK_NB) }
 }
 
-/// Whether `iface` in `netns` holds `addr`.
-pub fn holds_address(netns: &Path, iface: &str, addr: Ipv4Addr) -> Result<bool, RtnlError> {
-    let r = Rtnl::open(Some(netns))?;
-    let l = r.need_link(iface)?;
-    Ok(r.addresses(l.index)?.iter().any(|a| a.addr == addr))
+/// Whether `iface` in the LC `access` reaches holds `addr`.
+pub fn holds_address(access: &LcAccess, iface: &str, addr: Ipv4Addr) -> Result<bool, InLcError> {
+    let lc = access.open()?;
+    Ok(lc.addresses(iface)?.iter().any(|a| a.addr == addr))
 }
 
 /// Whether the service is on the LC of endpoint `ep`: in `path` mode its port is on the bridge,
@@ -132,10 +132,12 @@ pub fn service_is_on(
     mode: patchover_net::Mode,
     ep: &patchover_net::Endpoint,
     service: Ipv4Addr,
-) -> Result<bool, RtnlError> {
+) -> Result<bool, OrchestratorError> {
     match mode {
-        patchover_net::Mode::Path => port_on_bridge(config, &ep.host_port),
-        _ => holds_address(&ep.netns, &ep.iface, service),
+        patchover_net::Mode::Path => {
+            port_on_bridge(config, &ep.host_port).map_err(OrchestratorError::net)
+        }
+        _ => holds_address(&ep.access, &ep.iface, service).map_err(OrchestratorError::in_lc),
     }
 }
 
@@ -180,24 +182,22 @@ pub fn queue_number(run_id: i64) -> u16 {
     (1000 + (std::process::id() as i64 * 31 + run_id).rem_euclid(30_000)) as u16
 }
 
-/// Puts `service` on `lc`'s first NIC (and nowhere else among `others`), and announces it.
+/// Puts `service` on `iface` of the LC `access` reaches, and announces it.
 pub fn assign_service(
-    netns: &Path,
+    access: &LcAccess,
     iface: &str,
     mac: patchover_core::MacAddr,
     service: Ipv4Cidr,
-) -> Result<(), RtnlError> {
+) -> Result<(), InLcError> {
     // A switcher rule left from an earlier switch of this address (the readdress MAC fix)
     // would send the clients' frames to the LC that had it then.
     if let Err(e) = patchover_net::teardown(None, service.addr) {
         tracing::warn!(error = %e, "cannot remove old switcher rules for the service address");
     }
-    let r = Rtnl::open(Some(netns))?;
-    let l = r.need_link(iface)?;
-    r.add_address(l.index, service)?;
+    let lc = access.open()?;
+    lc.add_address(iface, service)?;
     let g = patchover_net::GarpConfig::default();
-    let _ =
-        patchover_net::garp::announce(Some(netns), iface, mac, service.addr, g.count, g.interval);
+    let _ = lc.announce(iface, mac, service.addr, g.count, g.interval);
     Ok(())
 }
 
@@ -251,8 +251,8 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
                 && let (Some(s), Some(svc)) = (&standby, service)
                 && let Ok(ep) = endpoint(o.backend, s)
             {
-                assign_service(&ep.netns, &ep.iface, ep.mac, svc)
-                    .map_err(OrchestratorError::net)?;
+                assign_service(&ep.access, &ep.iface, ep.mac, svc)
+                    .map_err(OrchestratorError::in_lc)?;
             }
             if let Some(a) = &active
                 && o.backend
@@ -288,14 +288,13 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
                     let _ = patchover_net::teardown(None, svc.addr);
                     if let Some(s) = &standby
                         && let Ok(ep) = endpoint(o.backend, s)
-                        && let Ok(r) = Rtnl::open(Some(&ep.netns))
-                        && let Ok(l) = r.need_link(&ep.iface)
+                        && let Ok(lc) = ep.access.open()
                     {
-                        let _ = r.del_address(l.index, svc.addr);
+                        let _ = lc.del_address(&ep.iface, svc);
                     }
                     let ep = endpoint(o.backend, a)?;
-                    assign_service(&ep.netns, &ep.iface, ep.mac, svc)
-                        .map_err(OrchestratorError::net)?;
+                    assign_service(&ep.access, &ep.iface, ep.mac, svc)
+                        .map_err(OrchestratorError::in_lc)?;
                 }
             }
             if let Some(s) = &standby {

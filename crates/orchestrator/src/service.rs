@@ -94,51 +94,51 @@ impl ServiceSettings {
     }
 }
 
-/// GETs `path` inside the network namespace `netns` from `addr:port`, retrying until
-/// `patience` runs out; returns the body.
+/// GETs `path` from `addr:port` inside the LC that `access` reaches (its namespace, or its
+/// guest through the agent), retrying until `patience` runs out; returns the trimmed body of a
+/// 200 answer.
 pub fn get(
-    netns: &std::path::Path,
+    access: &patchover_net::LcAccess,
     addr: std::net::Ipv4Addr,
     port: u16,
     path: &str,
     patience: Duration,
 ) -> Result<String, String> {
     let start = Instant::now();
-    let path = path.to_owned();
+    let sa = std::net::SocketAddr::from((addr, port));
+    let mut lc: Option<Box<dyn patchover_net::InLc>> = None;
     loop {
-        let p = path.clone();
-        let res = patchover_net::netns::in_netns(Some(netns), move || fetch(addr, port, &p));
+        let res = match &lc {
+            Some(lc) => fetch(&**lc, sa, path),
+            None => match access.open() {
+                Ok(opened) => {
+                    let r = fetch(&*opened, sa, path);
+                    lc = Some(opened);
+                    r
+                }
+                Err(e) => Err(crate::chain(&e)),
+            },
+        };
         match res {
-            Ok(Ok(body)) => return Ok(body),
-            Ok(Err(e)) if start.elapsed() >= patience => return Err(e),
-            Err(e) if start.elapsed() >= patience => return Err(e.to_string()),
-            _ => std::thread::sleep(Duration::from_millis(20)),
+            Ok(body) => return Ok(body),
+            Err(e) if start.elapsed() >= patience => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
 }
 
-fn fetch(addr: std::net::Ipv4Addr, port: u16, path: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let sa = std::net::SocketAddr::from((addr, port));
-    let mut s = std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(500))
-        .map_err(|e| format!("connect {sa}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed answer")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(format!(
-            "GET {path}: {}",
-            head.lines().next().unwrap_or_default()
-        ));
+fn fetch(
+    lc: &dyn patchover_net::InLc,
+    sa: std::net::SocketAddr,
+    path: &str,
+) -> Result<String, String> {
+    let a = lc
+        .http_get(sa, path, Duration::from_secs(2))
+        .map_err(|e| crate::chain(&e))?;
+    if a.status() != Some(200) {
+        return Err(format!("GET {path}: {}", a.status_line));
     }
-    Ok(body.trim().to_owned())
+    Ok(a.body.trim().to_owned())
 }
 
 /// The switcher's [`patchover_net::ServiceControl`]: runs the configured drain and resume

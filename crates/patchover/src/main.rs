@@ -24,6 +24,10 @@ struct Cli {
     /// Print machine-readable JSON instead of tables and progress.
     #[arg(long, global = true)]
     json: bool,
+    /// Do not use the daemon: act in this process even when `patchover serve` answers on its
+    /// socket (by default verbs the daemon serves go through it when it runs).
+    #[arg(long, global = true)]
+    direct: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
         config_path: cli.config,
         json: cli.json,
         quiet: false,
+        direct: cli.direct,
     };
     let result = match cli.command {
         Command::Lc(c) => cmd::lc::run(c, &ctx),
@@ -144,7 +149,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         {
             return 2;
         }
-        if cause.downcast_ref::<cmd::BadInput>().is_some() {
+        if cause.downcast_ref::<cmd::BadInput>().is_some()
+            || cause.downcast_ref::<cmd::NotFound>().is_some()
+        {
             return 2;
         }
     }

@@ -434,7 +434,7 @@ fn every_route_bad_input_tokens_metrics_and_sigterm() {
     let u = d.post("/v1/patches/api-1/unmark", "");
     assert_eq!(u.json()["apply_next"], false);
     count("/v1/patches/{id}/unmark", 200);
-    let cli = run_cli(&t.config, &["patches", "list"]);
+    let cli = run_cli(&t.config, &["--direct", "patches", "list"]);
     assert_eq!(
         cli[0]["apply_next"], false,
         "the CLI sees the API's change: {cli}"
@@ -920,14 +920,14 @@ fn lc_lifecycle_over_the_api_with_events() {
     let e = next_event("lc");
     assert_eq!(e["lc"], a.as_str());
     assert_eq!(e["action"], "boot");
-    let cli = run_cli(&t.config, &["lc", "list"]);
+    let cli = run_cli(&t.config, &["--direct", "lc", "list"]);
     assert_eq!(
         cli[0]["state"], "running",
         "the CLI sees the API's boot: {cli}"
     );
     assert_eq!(
-        cli,
-        d.get("/v1/lcs").json(),
+        steady(&cli, &["uptime_s"]),
+        steady(&d.get("/v1/lcs").json(), &["uptime_s"]),
         "`lc list --json` is the API's JSON"
     );
 
@@ -1081,7 +1081,10 @@ fn runs_over_the_api_conflict_metrics_and_sigterm_during_a_run() {
     assert_eq!(run["run"]["outcome"], "ok");
     assert_eq!(run["run"]["standby"], b.as_str());
     assert!(run["steps"].as_array().unwrap().len() >= 2 * steps_done.len());
-    let cli = run_cli(&c.t.config, &["runs", "show", &run_id.to_string()]);
+    let cli = run_cli(
+        &c.t.config,
+        &["--direct", "runs", "show", &run_id.to_string()],
+    );
     assert_eq!(cli, run, "`runs show --json` is the API's JSON");
 
     let m = parse_prometheus(std::str::from_utf8(&d.get("/metrics").body).unwrap());
@@ -1196,4 +1199,420 @@ fn a_run_cut_off_by_sigterm_is_recovered_by_the_next_start() {
         "the service stayed on the active LC"
     );
     drop(d2);
+}
+
+/// A CLI run: exit code, the last JSON document on stdout, stderr.
+struct CliOut {
+    code: Option<i32>,
+    json: serde_json::Value,
+    stderr: String,
+}
+
+/// `patchover --json ARGS` (plus `--direct` when asked); the daemon is not asked for.
+fn po_via(config: &Path, args: &[&str], direct: bool) -> CliOut {
+    let mut c = Command::new(BIN);
+    c.env("PATCHOVER_CONFIG", config)
+        .env("PATCHOVER_GUEST_DIR", guest_dir())
+        .arg("--json");
+    if direct {
+        c.arg("--direct");
+    }
+    let o = c.args(args).output().unwrap();
+    let json = serde_json::Deserializer::from_slice(&o.stdout)
+        .into_iter::<serde_json::Value>()
+        .last()
+        .unwrap_or_else(|| panic!("{args:?}: no JSON on stdout: {o:?}"))
+        .unwrap();
+    CliOut {
+        code: o.status.code(),
+        json,
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// `v` without the `keys` that change from one call to the next (times, PIDs), at the top
+/// level and in the items of a top-level array.
+fn steady(v: &serde_json::Value, keys: &[&str]) -> serde_json::Value {
+    let strip = |o: &serde_json::Value| {
+        let mut o = o.clone();
+        if let Some(m) = o.as_object_mut() {
+            for k in keys {
+                m.remove(*k);
+            }
+        }
+        o
+    };
+    match v {
+        serde_json::Value::Array(a) => a.iter().map(strip).collect(),
+        v => strip(v),
+    }
+}
+
+/// How many requests the daemon answered on `route` (any status).
+fn served(d: &Daemon, route: &str) -> f64 {
+    let m = parse_prometheus(std::str::from_utf8(&d.get("/metrics").body).unwrap());
+    m.iter()
+        .filter(|((name, labels), _)| {
+            name == "patchover_http_requests_total"
+                && labels.contains(&("route".to_owned(), route.to_owned()))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Runs `args` through the daemon and with --direct against the same state: the daemon
+/// serves the first (its `route` counter goes up by one) and not the second, and both give
+/// the same exit code and the same JSON but for the `volatile` keys. Returns the JSON.
+fn same_both_ways(
+    d: &Daemon,
+    config: &Path,
+    args: &[&str],
+    route: &str,
+    volatile: &[&str],
+) -> serde_json::Value {
+    let before = served(d, route);
+    let via = po_via(config, args, false);
+    assert_eq!(
+        served(d, route),
+        before + 1.0,
+        "{args:?} did not go through the daemon: {}",
+        via.stderr
+    );
+    let direct = po_via(config, args, true);
+    assert_eq!(
+        served(d, route),
+        before + 1.0,
+        "{args:?} --direct went to the daemon"
+    );
+    assert_eq!(
+        via.code, direct.code,
+        "{args:?}: {} / {}",
+        via.stderr, direct.stderr
+    );
+    assert_eq!(
+        steady(&via.json, volatile),
+        steady(&direct.json, volatile),
+        "{args:?}: through the daemon, then --direct"
+    );
+    via.json
+}
+
+/// Every verb the daemon serves gives the same JSON through it and with --direct: `lc list`,
+/// `lc show|status`, `lc boot|reboot|stop` on a real LC, `patches list|show|mark|unmark|import`,
+/// `runs list`, `monitor status|run-once`.
+#[test]
+fn routed_verbs_give_the_same_json_through_the_daemon_and_direct() {
+    let (t, d, _, _) = setup();
+    let a = t.lcs[0].id.clone();
+    let dir = t.dir.path();
+    t.build_image(0, "1.0.0");
+    // A [monitor] without feeds; the daemon reads the config at every request.
+    std::fs::write(dir.join("secret"), "an approval secret for the test\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join("secret"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&t.config)
+            .unwrap();
+        writeln!(
+            f,
+            "\n[monitor]\nsecret_file = \"{}\"",
+            dir.join("secret").display()
+        )
+        .unwrap();
+    }
+
+    // The resource table and one LC: one shape (the row, the backend's report, the spec).
+    let list = same_both_ways(&d, &t.config, &["lc", "list"], "/v1/lcs", &[]);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    let show = same_both_ways(&d, &t.config, &["lc", "show", &a], "/v1/lcs/{id}", &[]);
+    assert_eq!(show, list[0], "`lc show` is the row of `lc list`");
+    for k in [
+        "id",
+        "role",
+        "state",
+        "pid",
+        "processes",
+        "limits",
+        "console_log",
+        "spec",
+    ] {
+        assert!(show.get(k).is_some(), "{k} missing in {show}");
+    }
+    assert_eq!(show["spec"]["id"], a.as_str());
+    same_both_ways(&d, &t.config, &["lc", "status", &a], "/v1/lcs/{id}", &[]);
+
+    // The lifecycle on a real LC: through the daemon, then the same again directly.
+    let volatile = ["pid", "took_ms", "agent_ms", "uptime_s", "processes"];
+    let mut outs = Vec::new();
+    for direct in [false, true] {
+        let before = served(&d, "/v1/lcs/{id}/boot");
+        let boot = po_via(&t.config, &["lc", "boot", &a], direct);
+        assert_eq!(boot.code, Some(0), "{}", boot.stderr);
+        assert_eq!(
+            served(&d, "/v1/lcs/{id}/boot"),
+            before + if direct { 0.0 } else { 1.0 }
+        );
+        assert_eq!(boot.json["state"], "running", "{}", boot.json);
+        assert!(
+            boot.json["agent_ms"].is_u64(),
+            "waited for the agent: {}",
+            boot.json
+        );
+        // While it runs, `lc show` both ways (the same init PID).
+        let running = same_both_ways(
+            &d,
+            &t.config,
+            &["lc", "show", &a],
+            "/v1/lcs/{id}",
+            &["uptime_s", "processes"],
+        );
+        assert_eq!(running["pid"], boot.json["pid"]);
+        let reboot = po_via(&t.config, &["lc", "reboot", &a], direct);
+        assert_eq!(reboot.code, Some(0), "{}", reboot.stderr);
+        assert_ne!(reboot.json["pid"], boot.json["pid"]);
+        let stop = po_via(&t.config, &["lc", "stop", &a], direct);
+        assert_eq!(stop.code, Some(0), "{}", stop.stderr);
+        assert_eq!(stop.json["state"], "stopped");
+        outs.push([boot.json, reboot.json, stop.json].map(|v| steady(&v, &volatile)));
+    }
+    assert_eq!(
+        outs[0], outs[1],
+        "boot, reboot, stop: through the daemon, then --direct"
+    );
+
+    // The patch table.
+    same_both_ways(&d, &t.config, &["patches", "list"], "/v1/patches", &[]);
+    let p = same_both_ways(
+        &d,
+        &t.config,
+        &["patches", "show", "api-1"],
+        "/v1/patches/{id}",
+        &[],
+    );
+    assert_eq!(p["id"], "api-1");
+    let m = same_both_ways(
+        &d,
+        &t.config,
+        &["patches", "mark", "api-1"],
+        "/v1/patch-marks",
+        &[],
+    );
+    assert_eq!(m, serde_json::json!({"marked": true, "ids": ["api-1"]}));
+    assert_eq!(
+        po_via(&t.config, &["patches", "show", "api-1"], true).json["apply_next"],
+        true
+    );
+    same_both_ways(
+        &d,
+        &t.config,
+        &["patches", "unmark", "api-1"],
+        "/v1/patch-marks",
+        &[],
+    );
+    assert_eq!(
+        po_via(&t.config, &["patches", "show", "api-1"], false).json["apply_next"],
+        false
+    );
+
+    // Import changes the table: the same store before each (no connection is open between
+    // requests), the same answer but for the registration time.
+    let s = |p: &str| dir.join(p).to_str().unwrap().to_owned();
+    std::fs::create_dir_all(dir.join("src2/payload")).unwrap();
+    std::fs::write(
+        dir.join("src2/manifest.toml"),
+        "format = 1\nid = \"api-2\"\ntitle = \"API test 2\"\ncategory = \"security\"\nseverity = \"high\"\n\
+         published = 2026-11-21T10:00:00Z\n\n[[step]]\nkind = \"script\"\nfile = \"fix.sh\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("src2/payload/fix.sh"), "echo fixed\n").unwrap();
+    run_cli(
+        &t.config,
+        &["bundle", "create", &s("src2"), "-o", &s("b2.tar.zst")],
+    );
+    run_cli(
+        &t.config,
+        &[
+            "bundle",
+            "sign",
+            &s("b2.tar.zst"),
+            "--key",
+            &s("release.key"),
+        ],
+    );
+    let db = dir.join("state/state.db");
+    let wal = dir.join("state/state.db-wal");
+    let snapshot = std::fs::read(&db).unwrap();
+    assert!(!wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0);
+    let before = served(&d, "/v1/patches");
+    // A relative path: the CLI resolves it, the daemon gets it whole.
+    let import = |direct| {
+        let mut c = Command::new(BIN);
+        c.current_dir(dir)
+            .env("PATCHOVER_CONFIG", &t.config)
+            .arg("--json");
+        if direct {
+            c.arg("--direct");
+        }
+        let o = c
+            .args(["patches", "import", "b2.tar.zst", "--mark"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let via = import(false);
+    assert_eq!(served(&d, "/v1/patches"), before + 1.0);
+    assert_eq!(via["id"], "api-2");
+    assert_eq!(via["apply_next"], true);
+    assert!(
+        via["key_id"].as_str().is_some_and(|k| !k.is_empty()),
+        "{via}"
+    );
+    let _ = std::fs::remove_file(&wal);
+    let _ = std::fs::remove_file(dir.join("state/state.db-shm"));
+    std::fs::write(&db, &snapshot).unwrap();
+    assert!(po_via(&t.config, &["patches", "show", "api-2"], true).code == Some(2));
+    let direct = import(true);
+    assert_eq!(served(&d, "/v1/patches"), before + 1.0);
+    assert_eq!(
+        steady(&via, &["registered_ms"]),
+        steady(&direct, &["registered_ms"])
+    );
+
+    // The run journal (empty: runs are in runs_over_the_api_…).
+    let runs = same_both_ways(&d, &t.config, &["runs", "list"], "/v1/runs", &[]);
+    assert_eq!(runs, serde_json::json!([]));
+
+    // The monitor.
+    same_both_ways(&d, &t.config, &["monitor", "status"], "/v1/monitor", &[]);
+    let r = same_both_ways(
+        &d,
+        &t.config,
+        &["monitor", "run-once"],
+        "/v1/monitor/run-once",
+        &["duration_ms"],
+    );
+    assert_eq!(r["feeds"], serde_json::json!([]), "{r}");
+
+    // The text output is printed from the same JSON: the same both ways.
+    for args in [
+        vec!["lc", "list"],
+        vec!["lc", "show", &a],
+        vec!["patches", "list"],
+        vec!["patches", "show", "api-1"],
+        vec!["runs", "list"],
+        vec!["monitor", "status"],
+    ] {
+        let text = |direct: bool| {
+            let mut c = Command::new(BIN);
+            c.env("PATCHOVER_CONFIG", &t.config);
+            if direct {
+                c.arg("--direct");
+            }
+            let o = c.args(&args).output().unwrap();
+            assert!(o.status.success(), "{args:?}: {o:?}");
+            String::from_utf8(o.stdout).unwrap()
+        };
+        let via = text(false);
+        assert!(!via.is_empty(), "{args:?}");
+        assert_eq!(via, text(true), "{args:?}");
+    }
+    drop(t);
+}
+
+/// Bad input through the daemon: the same exit code (2) and the same message as directly,
+/// in text and in JSON, and nothing changed.
+#[test]
+fn bad_input_through_the_daemon_gets_the_direct_code_and_message() {
+    let (t, d, _, _) = setup();
+    let a = t.lcs[0].id.clone();
+    let bundle = t.dir.path().join("b.tar.zst");
+    let bundle = bundle.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str, &str)> = vec![
+        (
+            vec!["lc", "show", "nope"],
+            "/v1/lcs/{id}",
+            "unknown LC \"nope\"",
+        ),
+        (
+            vec!["lc", "boot", "nope"],
+            "/v1/lcs/{id}/boot",
+            "unknown LC \"nope\"",
+        ),
+        (vec!["lc", "stop", &a], "/v1/lcs/{id}/stop", "not running"),
+        (
+            vec!["patches", "show", "nope"],
+            "/v1/patches/{id}",
+            "no patch \"nope\"",
+        ),
+        // All or nothing: api-1 exists, nope does not; api-1 stays unmarked.
+        (
+            vec!["patches", "mark", "api-1", "nope"],
+            "/v1/patch-marks",
+            "nothing was changed",
+        ),
+        (
+            vec!["patches", "import", bundle],
+            "/v1/patches",
+            "already in the patch table",
+        ),
+        (vec!["monitor", "status"], "/v1/monitor", "[monitor]"),
+        (vec!["runs", "show", "7"], "/v1/runs/{id}", "no run 7"),
+        (
+            vec!["monitor", "run-once"],
+            "/v1/monitor/run-once",
+            "[monitor]",
+        ),
+    ];
+    for (args, route, want) in &cases {
+        // JSON: {"error", "code"} on stdout.
+        let before = served(&d, route);
+        let via = po_via(&t.config, args, false);
+        assert_eq!(
+            served(&d, route),
+            before + 1.0,
+            "{args:?} not served by the daemon"
+        );
+        let direct = po_via(&t.config, args, true);
+        assert_eq!(via.code, Some(2), "{args:?}: {}", via.json);
+        assert_eq!(direct.code, Some(2), "{args:?}: {}", direct.json);
+        assert_eq!(via.json, direct.json, "{args:?}");
+        assert!(
+            via.json["error"].as_str().unwrap().contains(want),
+            "{args:?}: {}",
+            via.json
+        );
+        // Text: the same line on stderr.
+        let text = |direct: bool| {
+            let mut c = Command::new(BIN);
+            c.env("PATCHOVER_CONFIG", &t.config);
+            if direct {
+                c.arg("--direct");
+            }
+            let o = c.args(args).output().unwrap();
+            (
+                o.status.code(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        };
+        let (v, dr) = (text(false), text(true));
+        assert_eq!(v, dr, "{args:?}");
+        assert_eq!(v.0, Some(2));
+        assert!(
+            v.1.starts_with("error: ") && v.1.contains(want),
+            "{args:?}: {}",
+            v.1
+        );
+    }
+    assert_eq!(
+        po_via(&t.config, &["patches", "show", "api-1"], false).json["apply_next"],
+        false
+    );
+    assert_eq!(
+        po_via(&t.config, &["lc", "show", &a], false).json["state"],
+        "stopped"
+    );
 }

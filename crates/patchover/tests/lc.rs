@@ -132,8 +132,8 @@ fn two_lcs_get_their_own_limits_from_the_kernel() {
     }
     // `lc show --json` reports the same kernel values.
     let show = t.po_json(&["lc", "show", &b]);
-    assert_eq!(show["status"]["limits"]["cpu_quota_us"], 60000);
-    assert_eq!(show["status"]["limits"]["memory_bytes"], 96u64 << 20);
+    assert_eq!(show["limits"]["cpu_quota_us"], 60000);
+    assert_eq!(show["limits"]["memory_bytes"], 96u64 << 20);
     let list = t.po_json(&["lc", "list"]);
     assert_eq!(list.as_array().unwrap().len(), 2);
     assert!(
@@ -203,9 +203,9 @@ fn bad_input_is_refused_and_changes_nothing() {
 
     // Booting a running LC leaves it running, with the same init.
     t.po_ok(&["lc", "boot", &a]);
-    let pid = t.po_json(&["lc", "status", &a])["status"]["pid"].clone();
+    let pid = t.po_json(&["lc", "status", &a])["pid"].clone();
     assert_bad_input(&t.po(&["lc", "boot", &a]), "is already running");
-    assert_eq!(t.po_json(&["lc", "status", &a])["status"]["pid"], pid);
+    assert_eq!(t.po_json(&["lc", "status", &a])["pid"], pid);
 
     // A second config on the same host that names a's system disk for another LC.
     let other = t.dir.path().join("other.toml");
@@ -258,9 +258,7 @@ fn a_running_lc_outlives_patchover_and_is_adopted() {
     t.build_image(0, "1.0.0");
     let id = t.lcs[0].id.clone();
     t.po_ok(&["lc", "boot", &id]);
-    let pid = t.po_json(&["lc", "status", &id])["status"]["pid"]
-        .as_i64()
-        .unwrap();
+    let pid = t.po_json(&["lc", "status", &id])["pid"].as_i64().unwrap();
     // Init's parent is not a patchover process: nothing of patchover holds the LC up.
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let ppid: i32 = stat
@@ -276,8 +274,8 @@ fn a_running_lc_outlives_patchover_and_is_adopted() {
     assert!(!parent.contains("patchover"), "init's parent is {parent:?}");
     // A new patchover process finds it, and can stop it.
     let st = t.po_json(&["lc", "status", &id]);
-    assert_eq!(st["status"]["state"], "running");
-    assert_eq!(st["status"]["pid"].as_i64(), Some(pid));
+    assert_eq!(st["state"], "running");
+    assert_eq!(st["pid"].as_i64(), Some(pid));
     // An LC killed behind patchover's back is seen as stopped and boots again cleanly.
     for p in t.pids(&id) {
         let _ = nix::sys::signal::kill(
@@ -289,10 +287,7 @@ fn a_running_lc_outlives_patchover_and_is_adopted() {
     while Path::new(&format!("/proc/{pid}")).exists() && start.elapsed().as_secs() < 5 {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert_eq!(
-        t.po_json(&["lc", "status", &id])["status"]["state"],
-        "stopped"
-    );
+    assert_eq!(t.po_json(&["lc", "status", &id])["state"], "stopped");
     t.po_ok(&["lc", "boot", &id]);
     t.po_ok(&["lc", "stop", &id]);
     t.assert_nothing_left(&id);

@@ -193,15 +193,9 @@ fn failures_before_the_switch_leave_the_service_where_it_is() {
         "{p}"
     );
     // The standby was released: stopped, and its disk carries no patch script.
-    assert_eq!(
-        c.t.po_json(&["lc", "status", &b])["status"]["state"],
-        "stopped"
-    );
+    assert_eq!(c.t.po_json(&["lc", "status", &b])["state"], "stopped");
     assert!(!c.t.lcs[1].sys.join("etc/init.d/S05patchover").exists());
-    assert_eq!(
-        c.t.po_json(&["lc", "status", &a])["status"]["state"],
-        "running"
-    );
+    assert_eq!(c.t.po_json(&["lc", "status", &a])["state"], "running");
 
     // No marked patch → refused with exit 2, no run.
     c.t.po_ok(&["patches", "unmark", "broken-1"]);
@@ -321,7 +315,7 @@ fn each_failure_leaves_the_service_on_the_active_lc() {
             "{id}: {health:?}"
         );
         assert_eq!(
-            c.t.po_json(&["lc", "status", &b])["status"]["state"],
+            c.t.po_json(&["lc", "status", &b])["state"],
             "stopped",
             "{id}"
         );
@@ -406,10 +400,7 @@ fn the_standby_applies_patches_in_order_and_a_failure_stops_the_rest() {
         "skipped"
     );
     // The service stayed where it was.
-    assert_eq!(
-        c.t.po_json(&["lc", "status", &b])["status"]["state"],
-        "running"
-    );
+    assert_eq!(c.t.po_json(&["lc", "status", &b])["state"], "running");
 }
 
 #[test]

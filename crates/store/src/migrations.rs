@@ -95,6 +95,13 @@ const MIGRATIONS: &[&str] = &[
         last_uid     INTEGER NOT NULL
     );
     "#,
+    // 3: what the store itself remembers (the LC section the resource table was synced from).
+    r#"
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    "#,
 ];
 
 pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {

@@ -6,6 +6,9 @@ use serde::Serialize;
 
 use crate::{Store, StoreError, now_ms, q};
 
+/// The `meta` key holding the LC section (JSON) the resource table was last synced from.
+const SYNCED_LCS: &str = "synced_lcs";
+
 /// What an LC is doing for the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -43,8 +46,15 @@ pub struct LcRow {
 
 impl Store {
     /// Makes the resource table mirror the config's LCs: new ones are added (unused), changed
-    /// ones updated (role kept), removed ones deleted.
-    pub fn sync_lcs(&mut self, lcs: &[LcSpec]) -> Result<(), StoreError> {
+    /// ones updated (role kept), removed ones deleted. Returns whether it wrote: the LC section
+    /// the table was last synced from is kept in `meta`, and the same section again is only
+    /// read, without taking the write lock (every CLI call and API request syncs, and would
+    /// otherwise wait for any writer, such as a run journaling its steps).
+    pub fn sync_lcs(&mut self, lcs: &[LcSpec]) -> Result<bool, StoreError> {
+        let section = serde_json::to_string(lcs).expect("LcSpec serializes");
+        if self.meta(SYNCED_LCS)?.as_deref() == Some(section.as_str()) {
+            return Ok(false);
+        }
         // IMMEDIATE: a deferred transaction that reads first cannot wait for another writer (SQLite
         // answers SQLITE_BUSY at once when it upgrades); this one takes the write lock up front and
         // waits with the busy timeout.
@@ -104,8 +114,22 @@ impl Store {
                 tx.execute("DELETE FROM lcs WHERE id = ?1", [id])
                     .map_err(q("drop LC"))?;
             }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![SYNCED_LCS, section],
+            )
+            .map_err(q("remember the synced LCs"))?;
         }
-        tx.commit().map_err(q("commit sync"))
+        tx.commit().map_err(q("commit sync"))?;
+        Ok(true)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(q("read meta"))
     }
 
     pub fn lcs(&self) -> Result<Vec<LcRow>, StoreError> {

@@ -36,7 +36,7 @@ fn resource_table_mirrors_config_and_keeps_roles() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
     let mut s = Store::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), 2);
+    assert_eq!(s.schema_version().unwrap(), 3);
     s.sync_lcs(&config(true).lcs).unwrap();
     assert_eq!(s.lcs().unwrap().len(), 2);
     s.set_role("lc1", Role::Active).unwrap();
@@ -54,6 +54,40 @@ fn resource_table_mirrors_config_and_keeps_roles() {
         s.set_role("nope", Role::Active),
         Err(StoreError::NotFound(_))
     ));
+}
+
+/// Every CLI call and API request opens the store and syncs the config's LCs into it: with
+/// the config unchanged that must not write, nor wait for the write lock another process
+/// holds (a run journaling its steps).
+#[test]
+fn a_second_sync_with_the_same_config_does_not_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let mut s = Store::open(&path).unwrap();
+    assert!(
+        s.sync_lcs(&config(true).lcs).unwrap(),
+        "the first sync writes"
+    );
+    drop(s);
+
+    // Another connection holds the write lock; the store waits up to 10 s for it.
+    let holder = rusqlite::Connection::open(&path).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let t = std::time::Instant::now();
+    let mut s = Store::open(&path).unwrap();
+    assert!(!s.sync_lcs(&config(true).lcs).unwrap(), "nothing to write");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "the unchanged sync waited for the write lock: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(s.lcs().unwrap().len(), 2);
+    holder.execute_batch("COMMIT").unwrap();
+
+    // A changed config writes again, and then is remembered.
+    assert!(s.sync_lcs(&config(false).lcs).unwrap());
+    assert_eq!(s.lcs().unwrap().len(), 1);
+    assert!(!s.sync_lcs(&config(false).lcs).unwrap());
 }
 
 #[test]

@@ -28,9 +28,7 @@ use crate::{
 };
 use launch::{LaunchSpec, MountSpec, NicSetup};
 
-/// The file a disk copy leaves in a directory disk (or beside an image, with this suffix) while
-/// it is not complete; such a disk is never used by an LC.
-pub const INCOMPLETE_MARKER: &str = ".patchover-incomplete";
+pub use patchover_core::INCOMPLETE_MARKER;
 
 /// Where the backend keeps things, and its knobs.
 #[derive(Debug, Clone)]
@@ -112,7 +110,7 @@ impl<H: Host> NsBackend<H> {
         self.lc_dir(id).join("agent").join(SOCKET_NAME)
     }
 
-    pub fn console_log(&self, id: &LcId) -> PathBuf {
+    fn console_log_of(&self, id: &LcId) -> PathBuf {
         self.cfg
             .state_dir
             .join("lc")
@@ -120,13 +118,11 @@ impl<H: Host> NsBackend<H> {
             .join("console.log")
     }
 
-    fn disk_owner_path(&self, disk: &Path) -> PathBuf {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in disk.as_os_str().as_encoded_bytes() {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
+    fn owners(&self) -> crate::disks::DiskOwners<'_> {
+        crate::disks::DiskOwners {
+            host: &self.host,
+            run_dir: &self.cfg.run_dir,
         }
-        self.cfg.run_dir.join("disks").join(format!("{h:016x}"))
     }
 
     /// The runtime state of `id` if its init is alive (the same process that was booted).
@@ -137,45 +133,7 @@ impl<H: Host> NsBackend<H> {
     }
 
     fn check_disks(&self, spec: &LcSpec) -> Result<(), LcError> {
-        for d in spec.disks() {
-            let what = match d.role {
-                patchover_core::DiskRole::System => "system disk",
-                patchover_core::DiskRole::Application => "application disk",
-            };
-            if !self.host.exists(&d.path) {
-                return Err(LcError::DiskMissing {
-                    lc: spec.id.clone(),
-                    what,
-                    path: d.path.clone(),
-                });
-            }
-            let marker = match d.kind {
-                DiskKind::Dir => d.path.join(INCOMPLETE_MARKER),
-                DiskKind::Image => {
-                    PathBuf::from(format!("{}{INCOMPLETE_MARKER}", d.path.display()))
-                }
-            };
-            if self.host.exists(&marker) {
-                return Err(LcError::DiskIncomplete {
-                    lc: spec.id.clone(),
-                    path: d.path.clone(),
-                });
-            }
-            if let Ok(owner) = self.host.read_file(&self.disk_owner_path(&d.path)) {
-                let other = owner.lines().next().unwrap_or_default().to_owned();
-                let alive = other
-                    .parse::<LcId>()
-                    .ok()
-                    .is_some_and(|o| o != spec.id && self.running(&o).is_some());
-                if alive {
-                    return Err(LcError::DiskInUse {
-                        lc: spec.id.clone(),
-                        path: d.path.clone(),
-                        other,
-                    });
-                }
-            }
-        }
+        self.owners().check(spec)?;
         if spec.system_disk.kind == DiskKind::Dir
             && !self
                 .host
@@ -292,7 +250,7 @@ impl<H: Host> NsBackend<H> {
                 .create_dir_all(d)
                 .map_err(step("creating the run directory"))?;
         }
-        let console = self.console_log(id);
+        let console = self.console_log_of(id);
         if let Some(p) = console.parent() {
             self.host
                 .create_dir_all(p)
@@ -342,7 +300,7 @@ impl<H: Host> NsBackend<H> {
                 lc: id.clone(),
                 message: format!(
                     "init exited right after it started; see its console log {}",
-                    self.console_log(id).display()
+                    self.console_log_of(id).display()
                 ),
             })?;
         let st = RuntimeState {
@@ -361,17 +319,9 @@ impl<H: Host> NsBackend<H> {
                 &serde_json::to_string(&st).expect("state serializes"),
             )
             .map_err(step("writing the runtime state"))?;
-        self.host
-            .create_dir_all(&self.cfg.run_dir.join("disks"))
+        self.owners()
+            .claim(id, pid, start_time, &st.disks)
             .map_err(step("writing the disk owners"))?;
-        for d in &st.disks {
-            self.host
-                .write_file(
-                    &self.disk_owner_path(d),
-                    &format!("{id}\n{}\n", d.display()),
-                )
-                .map_err(step("writing the disk owners"))?;
-        }
         Ok(st)
     }
 
@@ -389,16 +339,8 @@ impl<H: Host> NsBackend<H> {
             }
             let _ = g.remove(&self.host);
         }
-        for d in spec.disks() {
-            let owner = self.disk_owner_path(&d.path);
-            if self
-                .host
-                .read_file(&owner)
-                .is_ok_and(|o| o.lines().next() == Some(spec.id.as_str()))
-            {
-                let _ = self.host.remove_all(&owner);
-            }
-        }
+        self.owners()
+            .release(&spec.id, spec.disks().map(|d| d.path.clone()));
         let _ = self.host.remove_all(&self.lc_dir(&spec.id));
     }
 
@@ -436,6 +378,10 @@ fn nic_setup_for(nic: &NicSpec, temp_name: String) -> NicSetup {
 }
 
 impl<H: Host> LcBackend for NsBackend<H> {
+    fn console_log(&self, spec: &LcSpec) -> PathBuf {
+        self.console_log_of(&spec.id)
+    }
+
     fn boot(&self, spec: &LcSpec) -> Result<LcStatus, LcError> {
         if self.running(&spec.id).is_some() {
             return Err(LcError::AlreadyRunning(spec.id.clone()));

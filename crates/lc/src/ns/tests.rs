@@ -207,6 +207,11 @@ impl Host for FakeHost {
     fn link_exists(&self, name: &str) -> bool {
         self.w.borrow().links.contains(name)
     }
+    fn create_tap(&self, name: &str) -> io::Result<()> {
+        self.op("create_tap", name.to_owned())?;
+        self.w.borrow_mut().links.insert(name.to_owned());
+        Ok(())
+    }
     fn create_veth(&self, host_end: &str, peer: &str, mac: MacAddr) -> io::Result<()> {
         self.op("create_veth", format!("{host_end} {peer} {mac}"))?;
         let mut w = self.w.borrow_mut();

@@ -268,6 +268,7 @@ pub fn prepare(dir: &Path, say: &dyn Fn(&str)) -> anyhow::Result<Prepared> {
         config_path: config_path.clone(),
         json: true,
         quiet: true,
+        direct: true,
     };
 
     say("building the demo image (busybox, the agent, the demo service v1.0.0)");

@@ -1,6 +1,9 @@
 //! `patchover image build-demo DIR`: a bootable busybox rootfs with the agent and the demo
 //! service, whose boot scripts (seed fig. 11) start both.
 //!
+//! With `--qemu` the same tree becomes an ext4 disk image beside a kernel and an initramfs
+//! (see `image_qemu`).
+//!
 //! The guest binaries (`patchover-agent`, `patchover-demo`) must be static, since the rootfs
 //! has no C library. They are found in `$PATCHOVER_GUEST_DIR`, beside this binary, or in
 //! cargo's static-target directory next to it; `scripts/build-guest` builds them.
@@ -22,8 +25,15 @@ pub enum ImageCmd {
     BuildDemo {
         dir: PathBuf,
         /// Also create this empty directory as the application disk.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "qemu")]
         app_dir: Option<PathBuf>,
+        /// Build a QEMU image instead: DIR gets vmlinuz, initrd.img, system.img and app.img.
+        #[arg(long)]
+        qemu: bool,
+        /// The Debian kernel package (linux-image-*-cloud-amd64 .deb) for --qemu, instead of
+        /// downloading it with apt.
+        #[arg(long, requires = "qemu")]
+        kernel_deb: Option<PathBuf>,
         /// The demo service's version string (in /etc/demo/version).
         #[arg(long, default_value = "1.0.0")]
         version: String,
@@ -40,10 +50,39 @@ pub fn run(cmd: ImageCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     match cmd {
         ImageCmd::BuildDemo {
             dir,
+            qemu: true,
+            kernel_deb,
+            version,
+            port,
+            force,
+            ..
+        } => {
+            let img = super::image_qemu::build_demo_qemu(
+                &dir,
+                &version,
+                port,
+                force,
+                kernel_deb.as_deref(),
+            )?;
+            if ctx.json {
+                println!("{}", serde_json::to_string(&img)?);
+            } else {
+                println!(
+                    "QEMU demo image {} (service v{version} on port {port}, kernel {}) built in {}",
+                    env!("CARGO_PKG_VERSION"),
+                    img.kernel_release,
+                    dir.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ImageCmd::BuildDemo {
+            dir,
             app_dir,
             version,
             port,
             force,
+            ..
         } => {
             build_demo(&dir, &version, port, force)?;
             if let Some(app) = &app_dir {
@@ -68,7 +107,7 @@ pub fn run(cmd: ImageCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
 }
 
 /// True for an ELF file without a program interpreter (statically linked).
-fn is_static_elf(path: &Path) -> bool {
+pub(super) fn is_static_elf(path: &Path) -> bool {
     let Ok(data) = fs::read(path) else {
         return false;
     };
@@ -127,7 +166,7 @@ pub fn guest_binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// A static busybox, installing Debian's busybox-static when there is none.
-fn busybox() -> anyhow::Result<PathBuf> {
+pub(super) fn busybox() -> anyhow::Result<PathBuf> {
     let candidates = ["/bin/busybox", "/usr/bin/busybox"];
     let find = || {
         candidates
@@ -154,7 +193,7 @@ fn busybox() -> anyhow::Result<PathBuf> {
     }
 }
 
-fn write(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+pub(super) fn write(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {}", path.display()))
@@ -222,14 +261,43 @@ esac
 }
 
 pub fn build_demo(dir: &Path, version: &str, port: u16, force: bool) -> anyhow::Result<()> {
-    if version.is_empty() || version.contains(['\n', '"', '\\']) {
-        bail!(BadInput(format!(
-            "invalid version {version:?}: one line without quotes"
-        )));
+    let parts = DemoParts::find(version)?;
+    let root = prepare_output(dir, force)?;
+    populate_demo_tree(root.path(), &parts, port)?;
+    root.finish(dir)
+}
+
+/// What the demo rootfs is made of, checked before anything at the output is touched.
+pub(super) struct DemoParts {
+    version: String,
+    agent: PathBuf,
+    demo: PathBuf,
+    busybox: PathBuf,
+}
+
+impl DemoParts {
+    pub(super) fn find(version: &str) -> anyhow::Result<DemoParts> {
+        if version.is_empty() || version.contains(['\n', '"', '\\']) {
+            bail!(BadInput(format!(
+                "invalid version {version:?}: one line without quotes"
+            )));
+        }
+        Ok(DemoParts {
+            version: version.to_owned(),
+            agent: guest_binary("patchover-agent")?,
+            demo: guest_binary("patchover-demo")?,
+            busybox: busybox()?,
+        })
     }
-    let agent = guest_binary("patchover-agent")?;
-    let demo = guest_binary("patchover-demo")?;
-    let busybox = busybox()?;
+
+    pub(super) fn busybox(&self) -> &Path {
+        &self.busybox
+    }
+}
+
+/// Checks DIR (empty, or replaceable with `force`) and returns a temporary directory beside it,
+/// so that a half-built image is never at DIR; [`TmpDir::finish`] renames it into place.
+pub(super) fn prepare_output(dir: &Path, force: bool) -> anyhow::Result<TmpDir> {
     if dir.exists() {
         let empty = fs::read_dir(dir)
             .map(|mut d| d.next().is_none())
@@ -244,14 +312,24 @@ pub fn build_demo(dir: &Path, version: &str, port: u16, force: bool) -> anyhow::
             fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
         }
     }
-    // Build next to DIR and rename at the end: a half-built image is never at DIR.
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = tempfile_dir(parent)?;
-    let root = tmp.path();
+    tempfile_dir(parent)
+}
+
+/// Writes the demo rootfs into the empty directory `root`: busybox with its applets, the
+/// static agent and demo service, and the boot scripts. Shared by the ns image (the tree is
+/// the system disk) and the QEMU image (the tree becomes an ext4 file).
+pub(super) fn populate_demo_tree(root: &Path, parts: &DemoParts, port: u16) -> anyhow::Result<()> {
+    let DemoParts {
+        version,
+        agent,
+        demo,
+        busybox,
+    } = parts;
     for d in [
         "bin",
         "sbin",
@@ -273,8 +351,8 @@ pub fn build_demo(dir: &Path, version: &str, port: u16, force: bool) -> anyhow::
         fs::create_dir_all(root.join(d))?;
     }
     fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
-    fs::copy(&busybox, root.join("bin/busybox")).context("copying busybox")?;
-    let list = Command::new(&busybox)
+    fs::copy(busybox, root.join("bin/busybox")).context("copying busybox")?;
+    let list = Command::new(busybox)
         .arg("--list-full")
         .output()
         .context("listing busybox applets")?;
@@ -291,8 +369,8 @@ pub fn build_demo(dir: &Path, version: &str, port: u16, force: bool) -> anyhow::
             symlink("/bin/busybox", &link)?;
         }
     }
-    fs::copy(&agent, root.join("usr/sbin/patchover-agent")).context("copying the agent")?;
-    fs::copy(&demo, root.join("usr/bin/patchover-demo")).context("copying the demo service")?;
+    fs::copy(agent, root.join("usr/sbin/patchover-agent")).context("copying the agent")?;
+    fs::copy(demo, root.join("usr/bin/patchover-demo")).context("copying the demo service")?;
     write(&root.join("etc/inittab"), INITTAB, 0o644)?;
     write(&root.join("etc/init.d/rcS"), RCS, 0o755)?;
     write(&root.join("etc/init.d/rcK"), RCK, 0o755)?;
@@ -322,20 +400,21 @@ pub fn build_demo(dir: &Path, version: &str, port: u16, force: bool) -> anyhow::
         0o644,
     )?;
     write(&root.join("etc/group"), "root:x:0:\n", 0o644)?;
-    let tmp_path = tmp.keep();
-    fs::rename(&tmp_path, dir).with_context(|| format!("moving the image to {}", dir.display()))?;
     Ok(())
 }
 
 /// A temporary directory beside the target, removed unless kept.
-struct TmpDir(Option<PathBuf>);
+pub(super) struct TmpDir(Option<PathBuf>);
 
 impl TmpDir {
-    fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         self.0.as_deref().expect("not kept yet")
     }
-    fn keep(mut self) -> PathBuf {
-        self.0.take().expect("kept once")
+
+    /// Moves the finished directory to `dir`.
+    pub(super) fn finish(mut self, dir: &Path) -> anyhow::Result<()> {
+        let tmp = self.0.take().expect("finished once");
+        fs::rename(&tmp, dir).with_context(|| format!("moving the image to {}", dir.display()))
     }
 }
 

@@ -29,8 +29,12 @@ pub enum InternalCmd {
     },
     /// Announce an address again later (gratuitous ARP), detached from the run that moved it.
     GarpRefresh {
+        /// The LC's network namespace (`ns` LCs).
+        #[arg(long, required_unless_present = "agent", conflicts_with = "agent")]
+        netns: Option<PathBuf>,
+        /// The LC's agent channel (`qemu` LCs).
         #[arg(long)]
-        netns: PathBuf,
+        agent: Option<PathBuf>,
         #[arg(long)]
         iface: String,
         #[arg(long)]
@@ -79,18 +83,23 @@ pub fn run(cmd: InternalCmd) -> anyhow::Result<ExitCode> {
         }
         InternalCmd::GarpRefresh {
             netns,
+            agent,
             iface,
             mac,
             ip,
             count,
             after_ms,
         } => {
+            let access = match (netns, agent) {
+                (Some(p), _) => patchover_net::LcAccess::Netns(p),
+                (None, Some(socket)) => patchover_net::LcAccess::Agent { socket },
+                (None, None) => anyhow::bail!("garp-refresh needs --netns or --agent"),
+            };
             let start = std::time::Instant::now();
             for ms in after_ms {
                 let at = std::time::Duration::from_millis(ms);
                 std::thread::sleep(at.saturating_sub(start.elapsed()));
-                patchover_net::garp::announce(
-                    Some(&netns),
+                access.open()?.announce(
                     &iface,
                     mac,
                     ip,
@@ -118,6 +127,7 @@ pub fn run(cmd: InternalCmd) -> anyhow::Result<ExitCode> {
                 config_path: config,
                 json: true,
                 quiet: true,
+                direct: true,
             };
             super::patch::run_runs(super::patch::RunsCmd::Recover, &ctx)?;
             0

@@ -1,15 +1,21 @@
 //! `patchover lc …`: the resource table and the LC lifecycle.
+//!
+//! `list`, `show`, `status`, `boot`, `reboot` and `stop` go through the daemon when one runs
+//! (see [`remote`]); each has one function that does it ([`list_json`], [`show_json`],
+//! [`act`]), called here or by the daemon, and one printer for its JSON.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Subcommand;
-use patchover_core::{DiskSpec, LcSpec};
+use patchover_core::LcSpec;
+use patchover_daemon::api::{LcAction, LcActionBody};
 use patchover_lc::{LcBackend, LcStatus, Stdio};
+use patchover_store::LcRow;
 use serde_json::json;
 
-use super::{Ctx, Env};
+use super::{Ctx, Env, NotFound, remote};
 
 #[derive(Subcommand)]
 pub enum LcCmd {
@@ -63,13 +69,23 @@ pub enum LcCmd {
 }
 
 pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let env = Env::open(ctx)?;
     match cmd {
-        LcCmd::List => list(&env, ctx),
+        LcCmd::List => {
+            let v = remote::route(
+                ctx,
+                |c| remote::call(c, "GET", "/v1/lcs", None),
+                || list_json(&Env::open(ctx)?),
+            )?;
+            print_list(ctx, &v)?;
+            Ok(ExitCode::SUCCESS)
+        }
         LcCmd::Show { lc } | LcCmd::Status { lc } => {
-            let spec = env.lc(&lc)?;
-            let st = env.backend.status(spec)?;
-            print_status(ctx, &env, spec, &st);
+            let v = remote::route(
+                ctx,
+                |c| remote::call(c, "GET", &format!("/v1/lcs/{}", remote::segment(&lc)), None),
+                || show_json(&Env::open(ctx)?, &lc),
+            )?;
+            print_show(ctx, &v)?;
             Ok(ExitCode::SUCCESS)
         }
         LcCmd::Boot {
@@ -77,34 +93,25 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             no_wait,
             timeout,
         } => {
-            let spec = env.lc(&lc)?;
-            let start = Instant::now();
-            let st = env.backend.boot(spec)?;
-            let agent_ms = wait_agent(&env, spec, no_wait, timeout)?;
-            report_boot(ctx, "booted", &st, start, agent_ms);
-            Ok(ExitCode::SUCCESS)
+            let body = LcActionBody {
+                no_wait,
+                timeout: Some(timeout),
+            };
+            action(ctx, &lc, LcAction::Boot, &body)
         }
         LcCmd::Reboot { lc, timeout } => {
-            let spec = env.lc(&lc)?;
-            let start = Instant::now();
-            let st = env.backend.reboot(spec)?;
-            let agent_ms = wait_agent(&env, spec, false, timeout)?;
-            report_boot(ctx, "rebooted", &st, start, agent_ms);
-            Ok(ExitCode::SUCCESS)
+            let body = LcActionBody {
+                no_wait: false,
+                timeout: Some(timeout),
+            };
+            action(ctx, &lc, LcAction::Reboot, &body)
         }
-        LcCmd::Stop { lc } => {
-            let spec = env.lc(&lc)?;
-            let start = Instant::now();
-            env.backend.stop(spec)?;
-            let ms = start.elapsed().as_millis();
-            if ctx.json {
-                println!("{}", json!({"lc": lc, "state": "stopped", "took_ms": ms}));
-            } else {
-                println!("{lc} stopped in {ms} ms");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        LcCmd::Stop { lc } => action(ctx, &lc, LcAction::Stop, &LcActionBody::default()),
+        // attach-disk, attach-nic and exec act here: the API has no routes for them (exec
+        // runs the program with this terminal's stdin, stdout and stderr, which a JSON
+        // request cannot carry).
         LcCmd::AttachDisk { lc, source, at } => {
+            let env = Env::open(ctx)?;
             let spec = env.lc(&lc)?;
             env.backend.attach_disk(spec, &source, &at)?;
             if ctx.json {
@@ -120,6 +127,7 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             address,
             mac,
         } => {
+            let env = Env::open(ctx)?;
             let spec = env.lc(&lc)?;
             if spec.nics.iter().any(|n| n.name == name) {
                 return Err(
@@ -146,6 +154,7 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         LcCmd::Exec { lc, argv } => {
+            let env = Env::open(ctx)?;
             let spec = env.lc(&lc)?;
             let stdio = if ctx.json {
                 Stdio::Capture
@@ -171,18 +180,93 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Boots, reboots or stops an LC, here or through the daemon, and prints what it did.
+fn action(ctx: &Ctx, lc: &str, action: LcAction, body: &LcActionBody) -> anyhow::Result<ExitCode> {
+    let v = remote::route(
+        ctx,
+        |c| {
+            let path = format!(
+                "/v1/lcs/{}/{}",
+                remote::segment(lc),
+                serde_json::to_value(action)?.as_str().unwrap_or_default()
+            );
+            remote::call(c, "POST", &path, Some(&serde_json::to_value(body)?))
+        },
+        || act(&Env::open(ctx)?, lc, action, body),
+    )?;
+    if ctx.quiet {
+    } else if ctx.json {
+        println!("{v}");
+    } else {
+        let ms = &v["took_ms"];
+        match action {
+            LcAction::Stop => println!("{lc} stopped in {ms} ms"),
+            LcAction::Boot | LcAction::Reboot => {
+                let verb = if action == LcAction::Boot {
+                    "booted"
+                } else {
+                    "rebooted"
+                };
+                let agent = v["agent_ms"]
+                    .as_u64()
+                    .map_or(String::new(), |a| format!(", agent up after {a} ms"));
+                println!(
+                    "{lc} {verb}: init pid {}{agent} ({ms} ms in all)",
+                    v["pid"].as_i64().unwrap_or_default()
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Boots, reboots or stops LC `id` (waiting for its agent after a boot unless `no_wait`); the
+/// LC afterwards as [`lc_json`] shows it, with `took_ms` and `agent_ms`. The one
+/// implementation of `lc boot|reboot|stop` and `POST /v1/lcs/{id}/{action}`.
+pub fn act(
+    env: &Env,
+    id: &str,
+    action: LcAction,
+    body: &LcActionBody,
+) -> anyhow::Result<serde_json::Value> {
+    let spec = env.lc(id)?;
+    let timeout = body.timeout.unwrap_or(30);
+    let start = Instant::now();
+    let agent_ms = match action {
+        LcAction::Boot => {
+            env.backend.boot(spec)?;
+            wait_agent(env, spec, body.no_wait, timeout)?
+        }
+        LcAction::Reboot => {
+            env.backend.reboot(spec)?;
+            wait_agent(env, spec, body.no_wait, timeout)?
+        }
+        LcAction::Stop => {
+            env.backend.stop(spec)?;
+            None
+        }
+    };
+    let took_ms = start.elapsed().as_millis() as u64;
+    let mut v = show_json(env, id)?;
+    v["took_ms"] = json!(took_ms);
+    v["agent_ms"] = json!(agent_ms);
+    Ok(v)
+}
+
 /// Waits for the agent when the image has one; returns how long that took.
 fn wait_agent(
     env: &Env,
     spec: &LcSpec,
     no_wait: bool,
     timeout: u64,
-) -> anyhow::Result<Option<u128>> {
-    let has_agent = spec
-        .system_disk
-        .path
-        .join("usr/sbin/patchover-agent")
-        .exists();
+) -> anyhow::Result<Option<u64>> {
+    // A VM's disk is an image the host cannot look into: QEMU images always have an agent.
+    let has_agent = spec.backend == patchover_core::BackendKind::Qemu
+        || spec
+            .system_disk
+            .path
+            .join("usr/sbin/patchover-agent")
+            .exists();
     if no_wait || !has_agent {
         return Ok(None);
     }
@@ -192,36 +276,19 @@ fn wait_agent(
         .with_context(|| {
             format!(
                 "the LC runs but its agent did not answer; see its console log {}",
-                env.backend.console_log(&spec.id).display()
+                env.backend.console_log(spec).display()
             )
         })?;
-    Ok(Some(start.elapsed().as_millis()))
+    Ok(Some(start.elapsed().as_millis() as u64))
 }
 
-fn report_boot(ctx: &Ctx, verb: &str, st: &LcStatus, start: Instant, agent_ms: Option<u128>) {
-    let ms = start.elapsed().as_millis();
-    if ctx.json {
-        println!(
-            "{}",
-            json!({"lc": st.id, "state": st.state, "pid": st.pid, "took_ms": ms, "agent_ms": agent_ms, "host_ports": st.host_ports})
-        );
-    } else {
-        let agent = agent_ms.map_or(String::new(), |a| format!(", agent up after {a} ms"));
-        println!(
-            "{} {verb}: init pid {}{agent} ({ms} ms in all)",
-            st.id,
-            st.pid.unwrap_or_default()
-        );
-    }
-}
-
-fn disk_text(d: Option<&DiskSpec>) -> String {
-    d.map_or("-".to_owned(), |d| d.path.display().to_string())
-}
-
-/// One LC of the resource table with its state, as `lc list --json` and the API show it.
-pub fn row_json(row: &patchover_store::LcRow, st: &LcStatus) -> serde_json::Value {
-    json!({
+/// One LC as `lc list`, `lc show` and the API (`GET /v1/lcs`, `GET /v1/lcs/{id}`) show it:
+/// its resource-table row (id, backend, cpu, cpu_share, memory_mib, system_disk, app_disk,
+/// nics, role), what the backend reports now (state, pid, uptime_s, processes, limits as the
+/// kernel has them, host_ports, agent_socket), its console log, and its whole config entry
+/// (`spec`).
+pub fn lc_json(env: &Env, row: &LcRow, st: &LcStatus) -> serde_json::Value {
+    let mut v = json!({
         "id": row.spec.id,
         "backend": row.spec.backend,
         "cpu": row.spec.cpu.cpu,
@@ -231,22 +298,56 @@ pub fn row_json(row: &patchover_store::LcRow, st: &LcStatus) -> serde_json::Valu
         "app_disk": row.spec.app_disk.as_ref().map(|d| &d.path),
         "nics": row.spec.nics,
         "role": row.role,
-        "state": st.state,
-        "pid": st.pid,
-    })
+        "console_log": env.backend.console_log(&row.spec),
+        "spec": row.spec,
+    });
+    if let (Ok(serde_json::Value::Object(status)), Some(out)) =
+        (serde_json::to_value(st), v.as_object_mut())
+    {
+        for (k, x) in status {
+            if k != "id" {
+                out.insert(k, x);
+            }
+        }
+    }
+    v
 }
 
-fn list(env: &Env, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let rows = env.store.lcs()?;
+/// The resource table with each LC's state: `lc list` and `GET /v1/lcs`.
+pub fn list_json(env: &Env) -> anyhow::Result<serde_json::Value> {
     let mut out = Vec::new();
-    for row in &rows {
+    for row in env.store.lcs()? {
         let st = env.backend.status(&row.spec)?;
-        out.push((row, st));
+        out.push(lc_json(env, &row, &st));
     }
+    Ok(serde_json::Value::Array(out))
+}
+
+/// One LC: `lc show`, `lc status` and `GET /v1/lcs/{id}`.
+pub fn show_json(env: &Env, id: &str) -> anyhow::Result<serde_json::Value> {
+    env.lc(id)?;
+    let row = env.store.lc(id)?.ok_or_else(|| {
+        NotFound(format!(
+            "LC {id} is in the config but not in the resource table; run the command again"
+        ))
+    })?;
+    let st = env.backend.status(&row.spec)?;
+    Ok(lc_json(env, &row, &st))
+}
+
+/// A JSON value as table text: strings as they are, null as `-`.
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+fn print_list(ctx: &Ctx, v: &serde_json::Value) -> anyhow::Result<()> {
     if ctx.json {
-        let v: Vec<_> = out.iter().map(|(row, st)| row_json(row, st)).collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(ExitCode::SUCCESS);
+        println!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
     }
     let header = [
         "ID",
@@ -260,97 +361,113 @@ fn list(env: &Env, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         "ROLE",
         "STATE",
     ];
-    let table: Vec<Vec<String>> = out
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
         .iter()
-        .map(|(row, st)| {
-            let s = &row.spec;
+        .map(|l| {
+            let nics: Vec<String> = l["nics"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|n| match n["address"].as_str() {
+                    Some(a) => format!("{} {a}", text(&n["name"])),
+                    None => text(&n["name"]),
+                })
+                .collect();
             vec![
-                s.id.to_string(),
-                s.backend.to_string(),
-                s.cpu.cpu.to_string(),
-                format!("{}%", s.cpu.share_pct),
-                format!("{} MiB", s.memory_mib),
-                disk_text(Some(&s.system_disk)),
-                disk_text(s.app_disk.as_ref()),
-                s.nics
-                    .iter()
-                    .map(|n| match n.address {
-                        Some(a) => format!("{} {a}", n.name),
-                        None => n.name.clone(),
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                format!("{:?}", row.role).to_lowercase(),
-                st.state.to_string(),
+                text(&l["id"]),
+                text(&l["backend"]),
+                text(&l["cpu"]),
+                format!("{}%", text(&l["cpu_share"])),
+                format!("{} MiB", text(&l["memory_mib"])),
+                text(&l["system_disk"]),
+                text(&l["app_disk"]),
+                nics.join(", "),
+                text(&l["role"]),
+                text(&l["state"]),
             ]
         })
         .collect();
-    print!("{}", super::table(&header, &table));
-    Ok(ExitCode::SUCCESS)
+    print!("{}", super::table(&header, &rows));
+    Ok(())
 }
 
-fn print_status(ctx: &Ctx, env: &Env, spec: &LcSpec, st: &LcStatus) {
+fn print_show(ctx: &Ctx, v: &serde_json::Value) -> anyhow::Result<()> {
     if ctx.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"spec": spec, "status": st})).expect("serializes")
-        );
-        return;
+        println!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
     }
     let mut lines = vec![
-        ("id", spec.id.to_string()),
-        ("backend", spec.backend.to_string()),
-        ("state", st.state.to_string()),
+        ("id", text(&v["id"])),
+        ("backend", text(&v["backend"])),
+        ("state", text(&v["state"])),
         (
             "cpu",
-            format!("CPU {} at {}%", spec.cpu.cpu, spec.cpu.share_pct),
+            format!("CPU {} at {}%", text(&v["cpu"]), text(&v["cpu_share"])),
         ),
-        ("memory", format!("{} MiB", spec.memory_mib)),
-        ("system disk", disk_text(Some(&spec.system_disk))),
+        ("memory", format!("{} MiB", text(&v["memory_mib"]))),
+        ("system disk", text(&v["system_disk"])),
     ];
-    if let Some(d) = &spec.app_disk {
+    let app = &v["spec"]["app_disk"];
+    if !app.is_null() {
         lines.push((
             "app disk",
-            format!("{} at {}", d.path.display(), d.mount.display()),
+            format!("{} at {}", text(&app["path"]), text(&app["mount"])),
         ));
     }
-    for n in &spec.nics {
+    for n in v["spec"]["nics"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
         lines.push((
             "nic",
             format!(
                 "{} {} {}",
-                n.name,
-                n.mac,
-                n.address.map_or("-".to_owned(), |a| a.to_string())
+                text(&n["name"]),
+                text(&n["mac"]),
+                text(&n["address"])
             ),
         ));
     }
-    if let Some(pid) = st.pid {
+    if let Some(pid) = v["pid"].as_i64() {
         lines.push(("init pid", pid.to_string()));
-        lines.push(("processes", st.processes.to_string()));
-        if let Some(u) = st.uptime_s {
+        lines.push(("processes", text(&v["processes"])));
+        if let Some(u) = v["uptime_s"].as_f64() {
             lines.push(("uptime", format!("{u:.1} s")));
         }
-        if let Some(l) = &st.limits {
+        let l = &v["limits"];
+        if l.is_object() {
             lines.push((
                 "kernel limits",
                 format!(
                     "cpu quota {} / {} us, cpus {}, memory {}",
-                    l.cpu_quota_us.map_or("max".to_owned(), |q| q.to_string()),
-                    l.cpu_period_us,
-                    l.cpus.as_deref().unwrap_or("-"),
-                    l.memory_bytes
+                    l["cpu_quota_us"]
+                        .as_u64()
+                        .map_or("max".to_owned(), |q| q.to_string()),
+                    text(&l["cpu_period_us"]),
+                    text(&l["cpus"]),
+                    l["memory_bytes"]
+                        .as_u64()
                         .map_or("max".to_owned(), |m| format!("{} MiB", m >> 20))
                 ),
             ));
         }
-        lines.push(("host ports", st.host_ports.join(", ")));
-        lines.push((
-            "console log",
-            env.backend.console_log(&spec.id).display().to_string(),
-        ));
+        let ports: Vec<String> = v["host_ports"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(text)
+            .collect();
+        lines.push(("host ports", ports.join(", ")));
+        lines.push(("console log", text(&v["console_log"])));
     }
     for (k, v) in lines {
         println!("{k:>14}  {v}");
     }
+    Ok(())
 }

@@ -11,6 +11,7 @@ pub mod demo;
 pub mod disk;
 pub mod feed;
 pub mod image;
+pub mod image_qemu;
 pub mod internal;
 pub mod lc;
 pub mod load;
@@ -18,6 +19,7 @@ pub mod monitor;
 pub mod net;
 pub mod patch;
 pub mod patches;
+pub mod remote;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -26,11 +28,14 @@ use anyhow::Context;
 use patchover_core::{Config, HostFacts};
 
 /// The global flags, handed to every verb.
+#[derive(Clone)]
 pub struct Ctx {
     pub config_path: PathBuf,
     pub json: bool,
     /// Print nothing on success (a verb called by another verb).
     pub quiet: bool,
+    /// Act in this process even when a daemon answers on its socket (see [`remote`]).
+    pub direct: bool,
 }
 
 impl Ctx {
@@ -45,23 +50,37 @@ impl Ctx {
 #[error("{0}")]
 pub struct BadInput(pub String);
 
+/// Bad input naming something that does not exist (an LC, a patch): exit code 2, and 404
+/// through the API.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotFound(pub String);
+
 /// What most verbs need: the config, the store mirroring it, and the LC backend.
 pub struct Env {
     pub config: Config,
     pub store: patchover_store::Store,
-    pub backend: patchover_lc::ns::NsBackend<patchover_lc::host::LinuxHost>,
+    /// Every LC backend; each call goes to the one the LC's spec names.
+    pub backend: patchover_lc::dispatch::ByKind,
 }
 
 impl Env {
     pub fn open(ctx: &Ctx) -> anyhow::Result<Env> {
         let config = ctx.config()?;
         let mut store = patchover_store::Store::open(&config.store_path())?;
+        // Writes only when the config's LCs changed since the last sync.
         store.sync_lcs(&config.lcs)?;
         let exe = std::env::current_exe().context("cannot find the patchover binary")?;
-        let backend = patchover_lc::ns::NsBackend::new(
-            patchover_lc::host::LinuxHost::new(exe),
-            patchover_lc::ns::NsConfig::from_config(&config),
-        );
+        let backend = patchover_lc::dispatch::ByKind {
+            ns: Box::new(patchover_lc::ns::NsBackend::new(
+                patchover_lc::host::LinuxHost::new(exe.clone()),
+                patchover_lc::ns::NsConfig::from_config(&config),
+            )),
+            qemu: Some(Box::new(patchover_qemu::backend::QemuBackend::new(
+                patchover_lc::host::LinuxHost::new(exe),
+                patchover_qemu::backend::QemuConfig::from_config(&config),
+            ))),
+        };
         Ok(Env {
             config,
             store,
@@ -73,7 +92,7 @@ impl Env {
     pub fn lc(&self, id: &str) -> anyhow::Result<&patchover_core::LcSpec> {
         let spec = self.config.lc(id).ok_or_else(|| {
             let known: Vec<String> = self.config.lcs.iter().map(|l| l.id.to_string()).collect();
-            BadInput(format!(
+            NotFound(format!(
                 "unknown LC {id:?}; {} defines: {}",
                 self.config.path.display(),
                 if known.is_empty() {
@@ -83,13 +102,6 @@ impl Env {
                 }
             ))
         })?;
-        if spec.backend != patchover_core::BackendKind::Ns {
-            return Err(BadInput(format!(
-                "LC {id} uses the {} backend, which this build does not have yet; use backend = \"ns\"",
-                spec.backend
-            ))
-            .into());
-        }
         Ok(spec)
     }
 }

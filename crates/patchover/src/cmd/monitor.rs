@@ -4,6 +4,9 @@
 //! store, and provides the [`PatchStarter`] that starts an approved patch cycle by spawning
 //! `patchover patch LC --bundle ID…` detached (its own process group, output to a log file
 //! in the state directory), so the monitor never waits for a cycle and a cycle outlives it.
+//!
+//! `run-once` and `status` go through the daemon when one runs (see [`super::remote`]): both
+//! paths call [`round`] / [`status_json`] and print their JSON with one printer.
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -17,7 +20,6 @@ use patchover_monitor::MonitorConfig;
 use patchover_monitor::monitor::{
     Monitor, PatchStarter, RunHandle, RunReport, StartError, hostname,
 };
-use patchover_monitor::poll::FeedStatus;
 use patchover_store::Store;
 
 use super::{BadInput, Ctx};
@@ -141,62 +143,94 @@ impl PatchStarter for SpawnStarter {
     }
 }
 
-fn print_report(r: &RunReport) {
-    for f in &r.feeds {
-        let status = match f.status {
-            FeedStatus::Backoff => "backing off",
-            FeedStatus::NotModified => "not modified",
-            FeedStatus::Fetched => "fetched",
-            FeedStatus::Failed => "FAILED",
+/// A JSON value as text: strings as they are, null as `-`.
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+fn items(v: &serde_json::Value) -> &[serde_json::Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
+/// A round's report (the JSON of [`RunReport`]) as text.
+fn print_report(r: &serde_json::Value) {
+    for f in items(&r["feeds"]) {
+        let status = match f["status"].as_str() {
+            Some("backoff") => "backing off",
+            Some("not-modified") => "not modified",
+            Some("fetched") => "fetched",
+            _ => "FAILED",
         };
         println!(
             "feed {}: {status}, {} listed, {} new",
-            f.feed,
-            f.listed,
-            f.registered.len()
+            text(&f["feed"]),
+            text(&f["listed"]),
+            items(&f["registered"]).len()
         );
-        for p in &f.registered {
-            println!("  registered {} ({}, {})", p.id, p.category, p.severity);
+        for p in items(&f["registered"]) {
+            println!(
+                "  registered {} ({}, {})",
+                text(&p["id"]),
+                text(&p["category"]),
+                text(&p["severity"])
+            );
         }
-        for x in &f.rejected {
-            println!("  rejected {} [{}]: {}", x.what, x.reason, x.detail);
+        for x in items(&f["rejected"]) {
+            println!(
+                "  rejected {} [{}]: {}",
+                text(&x["what"]),
+                text(&x["reason"]),
+                text(&x["detail"])
+            );
         }
     }
-    for n in &r.notices {
-        match &n.error {
+    for n in items(&r["notices"]) {
+        let patches: Vec<String> = items(&n["patches"]).iter().map(text).collect();
+        match n["error"].as_str() {
             None => println!(
                 "notice sent: challenge {} ({})",
-                n.challenge,
-                n.patches.join(", ")
+                text(&n["challenge"]),
+                patches.join(", ")
             ),
-            Some(e) => println!("notice NOT sent: challenge {}: {e}", n.challenge),
+            Some(e) => println!("notice NOT sent: challenge {}: {e}", text(&n["challenge"])),
         }
     }
-    if let Some(e) = &r.mailbox_error {
+    if let Some(e) = r["mailbox_error"].as_str() {
         println!("mailbox FAILED: {e}");
     }
-    for o in &r.replies {
-        match &o.decision {
-            Some(d) => println!(
+    for o in items(&r["replies"]) {
+        let d = &o["decision"];
+        if d.is_object() {
+            let started: Vec<String> = items(&d["started"])
+                .iter()
+                .map(|h| text(&h["lc"]))
+                .collect();
+            println!(
                 "reply {} from {}: {} on {} (started {})",
-                o.uid,
-                d.decided_by,
-                d.decision,
-                d.challenge,
-                d.started
-                    .iter()
-                    .map(|h| h.lc.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            None => println!(
+                text(&o["uid"]),
+                text(&d["decided_by"]),
+                text(&d["decision"]),
+                text(&d["challenge"]),
+                started.join(", ")
+            );
+        } else {
+            println!(
                 "reply {} rejected [{}]: {}",
-                o.uid,
-                o.reason.unwrap_or("?"),
-                o.detail.as_deref().unwrap_or("")
-            ),
+                text(&o["uid"]),
+                o["reason"].as_str().unwrap_or("?"),
+                o["detail"].as_str().unwrap_or("")
+            );
         }
     }
+}
+
+/// Whether a round's report says a feed or the mailbox failed (exit code 1, for cron).
+fn round_failed(r: &serde_json::Value) -> bool {
+    !r["mailbox_error"].is_null() || items(&r["feeds"]).iter().any(|f| f["status"] == "failed")
 }
 
 /// Holds `<state_dir>/monitor.lock` (flock) for one round, so overlapping rounds (a slow
@@ -224,79 +258,96 @@ fn lock_round(config: &Config) -> anyhow::Result<std::fs::File> {
     Ok(f)
 }
 
-fn round(ctx: &Ctx) -> anyhow::Result<RunReport> {
+/// One monitor round, under the round lock: `monitor run-once`, `monitor run`, the daemon's
+/// `POST /v1/monitor/run-once` and its interval loop.
+pub fn round(ctx: &Ctx) -> anyhow::Result<RunReport> {
     let (env, mut store) = monitor_env(ctx)?;
     let _lock = lock_round(&env.config)?;
     let starter = SpawnStarter::new(ctx, &env.config)?;
-    let report = env.monitor(&starter).run_once(&mut store);
+    Ok(env.monitor(&starter).run_once(&mut store))
+}
+
+/// The feeds' polling state and the approval challenges: `monitor status` and
+/// `GET /v1/monitor`.
+pub fn status_json(ctx: &Ctx) -> anyhow::Result<serde_json::Value> {
+    let (_env, store) = monitor_env(ctx)?;
+    Ok(serde_json::json!({"feeds": store.feed_states()?, "challenges": store.challenges()?}))
+}
+
+fn print_round(ctx: &Ctx, r: &serde_json::Value) {
     if ctx.json {
-        println!("{}", serde_json::to_string(&report)?);
+        println!("{r}");
     } else {
-        print_report(&report);
+        print_report(r);
     }
-    Ok(report)
 }
 
 pub fn run(cmd: MonitorCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     match cmd {
         MonitorCmd::RunOnce => {
-            let r = round(ctx)?;
-            let failed = r.mailbox_error.is_some()
-                || r.feeds
-                    .iter()
-                    .any(|f| matches!(f.status, FeedStatus::Failed));
-            Ok(if failed {
+            let r = super::remote::route(
+                ctx,
+                |c| super::remote::call(c, "POST", "/v1/monitor/run-once", None),
+                || Ok(serde_json::to_value(round(ctx)?)?),
+            )?;
+            print_round(ctx, &r);
+            Ok(if round_failed(&r) {
                 ExitCode::from(1)
             } else {
                 ExitCode::SUCCESS
             })
         }
+        // The rounds of a daemon run in the daemon (`[daemon] monitor`); this loop is for
+        // hosts without one.
         MonitorCmd::Run => loop {
             let (env, _) = monitor_env(ctx)?;
-            round(ctx)?;
+            print_round(ctx, &serde_json::to_value(round(ctx)?)?);
             std::thread::sleep(env.monitor.interval);
         },
         MonitorCmd::Status => {
-            let (_env, store) = monitor_env(ctx)?;
-            let feeds = store.feed_states()?;
-            let challenges = store.challenges()?;
+            let v = super::remote::route(
+                ctx,
+                |c| super::remote::call(c, "GET", "/v1/monitor", None),
+                || status_json(ctx),
+            )?;
             if ctx.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"feeds": feeds, "challenges": challenges})
-                );
-            } else {
-                let rows: Vec<Vec<String>> = feeds
-                    .iter()
-                    .map(|f| {
-                        vec![
-                            f.feed.clone(),
-                            f.failures.to_string(),
-                            f.etag.clone().unwrap_or_default(),
-                            f.last_error.clone().unwrap_or_default(),
-                        ]
-                    })
-                    .collect();
-                print!(
-                    "{}",
-                    super::table(&["feed", "failures", "etag", "last error"], &rows)
-                );
-                let rows: Vec<Vec<String>> = challenges
-                    .iter()
-                    .map(|c| {
-                        vec![
-                            c.id.clone(),
-                            c.patches.join(","),
-                            c.decision.clone().unwrap_or_else(|| "-".into()),
-                            c.failed_attempts.to_string(),
-                        ]
-                    })
-                    .collect();
-                print!(
-                    "{}",
-                    super::table(&["challenge", "patches", "decision", "failed"], &rows)
-                );
+                println!("{v}");
+                return Ok(ExitCode::SUCCESS);
             }
+            let rows: Vec<Vec<String>> = items(&v["feeds"])
+                .iter()
+                .map(|f| {
+                    vec![
+                        text(&f["feed"]),
+                        text(&f["failures"]),
+                        f["etag"].as_str().unwrap_or_default().to_owned(),
+                        f["last_error"].as_str().unwrap_or_default().to_owned(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                super::table(&["feed", "failures", "etag", "last error"], &rows)
+            );
+            let rows: Vec<Vec<String>> = items(&v["challenges"])
+                .iter()
+                .map(|c| {
+                    vec![
+                        text(&c["id"]),
+                        items(&c["patches"])
+                            .iter()
+                            .map(text)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        text(&c["decision"]),
+                        text(&c["failed_attempts"]),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                super::table(&["challenge", "patches", "decision", "failed"], &rows)
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -94,15 +94,17 @@ fn endpoint(env: &Env, spec: &LcSpec) -> anyhow::Result<Endpoint> {
         .backend
         .status(spec)
         .with_context(|| format!("status of LC {}", spec.id))?;
-    let pid = status.pid.ok_or_else(|| {
-        BadInput(format!(
+    if status.state != patchover_lc::LcState::Running {
+        return Err(BadInput(format!(
             "LC {} is not running; boot it first (patchover lc boot {})",
             spec.id, spec.id
         ))
-    })?;
+        .into());
+    }
+    let access = patchover_orchestrator::lc_access(&env.backend, spec)?;
     Ok(Endpoint {
         name: spec.id.to_string(),
-        netns: PathBuf::from(format!("/proc/{pid}/ns/net")),
+        access,
         host_port: patchover_lc::host_port_name(&spec.id, 0),
         iface: nic.name.clone(),
         mac: nic.mac,

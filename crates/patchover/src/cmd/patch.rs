@@ -16,7 +16,7 @@ use patchover_orchestrator::{
 use patchover_store::Role;
 use serde_json::json;
 
-use super::{BadInput, Ctx, Env};
+use super::{BadInput, Ctx, Env, NotFound};
 
 #[derive(clap::Args)]
 pub struct PatchArgs {
@@ -34,9 +34,6 @@ pub struct PatchArgs {
     /// How long the standby may take to apply the patches, in seconds.
     #[arg(long, default_value_t = 300)]
     pub report_timeout: u64,
-    /// Run here even when a daemon is running (by default the daemon runs it).
-    #[arg(long)]
-    pub direct: bool,
 }
 
 #[derive(clap::Args)]
@@ -45,9 +42,6 @@ pub struct RollbackArgs {
     pub lc: String,
     #[arg(long, default_value = "readdress", value_parser = |s: &str| s.parse::<Mode>())]
     pub mode: Mode,
-    /// Run here even when a daemon is running (by default the daemon runs it).
-    #[arg(long)]
-    pub direct: bool,
 }
 
 #[derive(Subcommand)]
@@ -168,46 +162,23 @@ fn print_report_json(ctx: &Ctx, r: &serde_json::Value) {
     }
 }
 
-/// The daemon's socket when one is running and `direct` is not asked.
-fn daemon_socket(ctx: &Ctx, direct: bool) -> anyhow::Result<Option<PathBuf>> {
-    if direct {
-        return Ok(None);
-    }
-    let config = ctx.config()?;
-    let d = patchover_daemon::DaemonConfig::from_extra(&config.extra, &config.run_dir)
-        .map_err(|e| BadInput(patchover_orchestrator::chain(&e)))?;
-    Ok(patchover_daemon::client::Client::available(&d.socket).then_some(d.socket))
-}
-
-/// An API refusal is bad input (exit 2); anything else is an error (exit 1).
-fn client_error(e: patchover_daemon::client::ClientError) -> anyhow::Error {
-    use patchover_daemon::ErrorCode as C;
-    match &e {
-        patchover_daemon::client::ClientError::Api(a)
-            if !matches!(a.code, C::Internal | C::Timeout | C::Unavailable) =>
-        {
-            BadInput(a.message.clone()).into()
-        }
-        _ => e.into(),
-    }
-}
+use super::remote::client_error;
 
 /// Hands the run to the daemon (`POST path`), follows it, prints its report.
 fn via_daemon(
     ctx: &Ctx,
-    socket: &std::path::Path,
+    c: &patchover_daemon::client::Client,
     path: &str,
     body: serde_json::Value,
 ) -> anyhow::Result<ExitCode> {
-    let c = patchover_daemon::client::Client::new(socket);
     let started = c.call("POST", path, Some(&body)).map_err(client_error)?;
     let run = started["run_id"]
         .as_i64()
         .ok_or_else(|| anyhow::anyhow!("the daemon's answer has no run_id: {started}"))?;
     if !ctx.json {
-        eprintln!("run {run} started by the daemon on {}", socket.display());
+        eprintln!("run {run} started by the daemon");
     }
-    watch(ctx, &c, run)?;
+    watch(ctx, c, run)?;
     let r = c
         .call("GET", &format!("/v1/runs/{run}"), None)
         .map_err(client_error)?;
@@ -353,10 +324,10 @@ pub fn rollback_request(ctx: &Ctx, to: &str, mode: Mode) -> anyhow::Result<Patch
 }
 
 pub fn run_patch(a: PatchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    if let Some(socket) = daemon_socket(ctx, a.direct)? {
+    if let Some(c) = super::remote::daemon(ctx)? {
         return via_daemon(
             ctx,
-            &socket,
+            &c,
             "/v1/runs",
             json!({
                 "lc": a.lc,
@@ -381,10 +352,10 @@ pub fn run_patch(a: PatchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_rollback(a: RollbackArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    if let Some(socket) = daemon_socket(ctx, a.direct)? {
+    if let Some(c) = super::remote::daemon(ctx)? {
         return via_daemon(
             ctx,
-            &socket,
+            &c,
             "/v1/rollback",
             json!({"lc": a.lc, "mode": a.mode.to_string()}),
         );
@@ -393,109 +364,146 @@ pub fn run_rollback(a: RollbackArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     drive(ctx, req, 60)
 }
 
+/// The run journal: `runs list` and `GET /v1/runs`.
+pub fn runs_json(store: &patchover_store::Store) -> anyhow::Result<serde_json::Value> {
+    Ok(json!(store.runs()?))
+}
+
+/// One run with its steps: `runs show` and `GET /v1/runs/{id}`.
+pub fn run_json(store: &patchover_store::Store, run: i64) -> anyhow::Result<serde_json::Value> {
+    let r = store
+        .run(run)?
+        .ok_or_else(|| NotFound(format!("no run {run}; see `patchover runs list`")))?;
+    Ok(json!({"run": r, "steps": store.steps(run)?}))
+}
+
+/// A JSON value as table text: strings as they are, null as `-`.
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+fn items(v: &serde_json::Value) -> &[serde_json::Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
+fn print_runs(ctx: &Ctx, runs: &serde_json::Value) -> anyhow::Result<()> {
+    if ctx.json {
+        println!("{}", serde_json::to_string_pretty(runs)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = items(runs)
+        .iter()
+        .map(|r| {
+            vec![
+                text(&r["id"]),
+                text(&r["lc"]),
+                text(&r["standby"]),
+                text(&r["mode"]),
+                if r["dry_run"] == true { "yes" } else { "no" }.into(),
+                text(&r["state"]),
+                r["outcome"].as_str().unwrap_or("running").to_owned(),
+                match (r["ended_ms"].as_i64(), r["started_ms"].as_i64()) {
+                    (Some(e), Some(s)) => format!("{:.1} s", (e - s) as f64 / 1000.0),
+                    _ => "-".into(),
+                },
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        super::table(
+            &[
+                "RUN",
+                "LC",
+                "STANDBY",
+                "MODE",
+                "DRY RUN",
+                "LAST STEP",
+                "OUTCOME",
+                "TOOK"
+            ],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+fn print_run(ctx: &Ctx, v: &serde_json::Value) -> anyhow::Result<()> {
+    if ctx.json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    }
+    let r = &v["run"];
+    println!(
+        "run {} on {} (standby {}, mode {}): {}",
+        text(&r["id"]),
+        text(&r["lc"]),
+        text(&r["standby"]),
+        text(&r["mode"]),
+        r["outcome"].as_str().unwrap_or("running")
+    );
+    let run_start = r["started_ms"].as_i64().unwrap_or_default();
+    let mut started = std::collections::HashMap::new();
+    let rows: Vec<Vec<String>> = items(&v["steps"])
+        .iter()
+        .filter_map(|s| {
+            let step = text(&s["step"]);
+            let at = s["at_ms"].as_i64().unwrap_or_default();
+            if s["state"] == "started" {
+                started.insert(step, at);
+                return None;
+            }
+            let took = started
+                .get(&step)
+                .map_or("-".into(), |t| format!("{} ms", at - t));
+            Some(vec![
+                format!("+{} ms", at - run_start),
+                step,
+                text(&s["state"]),
+                took,
+                s["detail"]["error"].as_str().unwrap_or("").to_owned(),
+            ])
+        })
+        .collect();
+    print!(
+        "{}",
+        super::table(&["AT", "STEP", "STATE", "TOOK", "ERROR"], &rows)
+    );
+    Ok(())
+}
+
 pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let mut env = Env::open(ctx)?;
     match cmd {
         RunsCmd::List => {
-            let runs = env.store.runs()?;
-            if ctx.json {
-                println!("{}", serde_json::to_string_pretty(&runs)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            let rows: Vec<Vec<String>> = runs
-                .iter()
-                .map(|r| {
-                    vec![
-                        r.id.to_string(),
-                        r.lc.clone(),
-                        r.standby.clone().unwrap_or_else(|| "-".into()),
-                        r.mode.clone(),
-                        if r.dry_run { "yes" } else { "no" }.into(),
-                        r.state.clone(),
-                        r.outcome.clone().unwrap_or_else(|| "running".into()),
-                        r.ended_ms.map_or("-".into(), |e| {
-                            format!("{:.1} s", (e - r.started_ms) as f64 / 1000.0)
-                        }),
-                    ]
-                })
-                .collect();
-            print!(
-                "{}",
-                super::table(
-                    &[
-                        "RUN",
-                        "LC",
-                        "STANDBY",
-                        "MODE",
-                        "DRY RUN",
-                        "LAST STEP",
-                        "OUTCOME",
-                        "TOOK"
-                    ],
-                    &rows
-                )
-            );
+            let v = super::remote::route(
+                ctx,
+                |c| super::remote::call(c, "GET", "/v1/runs", None),
+                || runs_json(&Env::open(ctx)?.store),
+            )?;
+            print_runs(ctx, &v)?;
         }
         RunsCmd::Show { run } => {
-            let r = env
-                .store
-                .run(run)?
-                .ok_or_else(|| BadInput(format!("no run {run}; see `patchover runs list`")))?;
-            let steps = env.store.steps(run)?;
-            if ctx.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&json!({"run": r, "steps": steps}))?
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
-            println!(
-                "run {} on {} (standby {}, mode {}): {}",
-                r.id,
-                r.lc,
-                r.standby.as_deref().unwrap_or("-"),
-                r.mode,
-                r.outcome.as_deref().unwrap_or("running")
-            );
-            let mut started = std::collections::HashMap::new();
-            let rows: Vec<Vec<String>> = steps
-                .iter()
-                .filter_map(|s| {
-                    if s.state == "started" {
-                        started.insert(s.step.clone(), s.at_ms);
-                        return None;
-                    }
-                    let took = started
-                        .get(&s.step)
-                        .map_or("-".into(), |t| format!("{} ms", s.at_ms - t));
-                    let err = s
-                        .detail
-                        .as_ref()
-                        .and_then(|d| d.get("error"))
-                        .and_then(|e| e.as_str())
-                        .unwrap_or("")
-                        .to_owned();
-                    Some(vec![
-                        format!("+{} ms", s.at_ms - r.started_ms),
-                        s.step.clone(),
-                        s.state.clone(),
-                        took,
-                        err,
-                    ])
-                })
-                .collect();
-            print!(
-                "{}",
-                super::table(&["AT", "STEP", "STATE", "TOOK", "ERROR"], &rows)
-            );
+            let v = super::remote::route(
+                ctx,
+                |c| super::remote::call(c, "GET", &format!("/v1/runs/{run}"), None),
+                || run_json(&Env::open(ctx)?.store, run),
+            )?;
+            print_run(ctx, &v)?;
         }
         RunsCmd::Watch { run } => {
-            let socket = daemon_socket(ctx, false)?.ok_or_else(|| {
+            let c = super::remote::daemon(&Ctx {
+                direct: false,
+                ..ctx.clone()
+            })?
+            .ok_or_else(|| {
                 BadInput(
                     "no daemon is running; `patchover runs show RUN` shows a run's steps".into(),
                 )
             })?;
-            let c = patchover_daemon::client::Client::new(&socket);
             watch(ctx, &c, run)?;
             let r = c
                 .call("GET", &format!("/v1/runs/{run}"), None)
@@ -510,6 +518,7 @@ pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             }
         }
         RunsCmd::Recover => {
+            let mut env = Env::open(ctx)?;
             let settings = settings_for(&env, 60)?;
             let mut events = progress(ctx);
             let mut o = Orchestrator {
@@ -560,7 +569,9 @@ pub fn run_service(cmd: ServiceCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 .into());
             }
             let ep = patchover_orchestrator::cycle_endpoint(&env.backend, &spec)?;
-            patchover_orchestrator::recover::assign_service(&ep.netns, &ep.iface, ep.mac, service)?;
+            patchover_orchestrator::recover::assign_service(
+                &ep.access, &ep.iface, ep.mac, service,
+            )?;
             patchover_orchestrator::recover::ensure_bridge_address(&env.config)?;
             env.store.set_role(spec.id.as_str(), Role::Active)?;
             if ctx.quiet {

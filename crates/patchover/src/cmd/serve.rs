@@ -1,6 +1,7 @@
 //! `patchover serve`: the daemon. The HTTP side lives in `patchover-daemon`; this file
 //! implements its [`Dispatch`] with the CLI's own functions (`patch::execute`,
-//! `lc::row_json`, the store, `Monitor`), so the API and the CLI are one implementation.
+//! `lc::list_json`, `patches::import`, `monitor::round`…), so the API and the CLI are one
+//! implementation.
 //!
 //! Runs go on their own thread (a run is a long blocking call) and are journaled, so a
 //! daemon stopped in the middle of one leaves it to `recover`, which the next start calls
@@ -13,16 +14,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use patchover_daemon::api::{LcAction, RollbackBody, RunBody};
+use patchover_daemon::api::{ImportBody, MarksBody, RollbackBody, RunBody};
 use patchover_daemon::metrics::RunFigures;
 use patchover_daemon::{ApiError, Command, DaemonConfig, Dispatch, ErrorCode, Hub, Reply};
-use patchover_lc::LcBackend;
 use patchover_monitor::poll::FeedStatus;
 use patchover_net::Mode;
 use patchover_orchestrator::{Event, OrchestratorError, PatchRequest, RunLock, RunReport};
 use serde_json::json;
 
-use super::{BadInput, Ctx, Env};
+use super::{BadInput, Ctx, Env, NotFound};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -35,6 +35,9 @@ pub struct ServeArgs {
 fn api_error(e: anyhow::Error) -> ApiError {
     let msg = format!("{e:#}");
     for cause in e.chain() {
+        if cause.downcast_ref::<NotFound>().is_some() {
+            return ApiError::new(ErrorCode::NotFound, msg);
+        }
         if cause.downcast_ref::<BadInput>().is_some()
             || cause
                 .downcast_ref::<patchover_core::ConfigError>()
@@ -52,10 +55,6 @@ fn api_error(e: anyhow::Error) -> ApiError {
     ApiError::new(ErrorCode::Internal, msg)
 }
 
-fn not_found(what: String) -> ApiError {
-    ApiError::new(ErrorCode::NotFound, what)
-}
-
 struct Daemon {
     config_path: PathBuf,
     hub: Arc<Hub>,
@@ -67,6 +66,8 @@ impl Daemon {
             config_path: self.config_path.clone(),
             json: true,
             quiet: true,
+            // The daemon is what the CLI would call.
+            direct: true,
         }
     }
 
@@ -74,29 +75,9 @@ impl Daemon {
         Env::open(&self.ctx()).map_err(api_error)
     }
 
+    /// The LC named `id` (404 when the config has none).
     fn spec(env: &Env, id: &str) -> Result<patchover_core::LcSpec, ApiError> {
-        if env.config.lc(id).is_none() {
-            let known: Vec<String> = env.config.lcs.iter().map(|l| l.id.to_string()).collect();
-            return Err(not_found(format!(
-                "no LC {id:?}; the config defines: {}",
-                known.join(", ")
-            )));
-        }
         env.lc(id).cloned().map_err(api_error)
-    }
-
-    fn lc_json(env: &Env, id: &str) -> Result<serde_json::Value, ApiError> {
-        Self::spec(env, id)?;
-        let row = env
-            .store
-            .lc(id)
-            .map_err(|e| api_error(e.into()))?
-            .ok_or_else(|| not_found(format!("no LC {id:?} in the resource table")))?;
-        let st = env
-            .backend
-            .status(&row.spec)
-            .map_err(|e| api_error(e.into()))?;
-        Ok(super::lc::row_json(&row, &st))
     }
 
     fn mode(m: Option<&str>) -> Result<Mode, ApiError> {
@@ -208,10 +189,7 @@ impl Daemon {
     }
 
     fn monitor_once(&self) -> Result<Reply, ApiError> {
-        let ctx = self.ctx();
-        let (menv, mut store) = super::monitor::monitor_env(&ctx).map_err(api_error)?;
-        let starter = super::monitor::SpawnStarter::new(&ctx, &menv.config).map_err(api_error)?;
-        let report = menv.monitor(&starter).run_once(&mut store);
+        let report = super::monitor::round(&self.ctx()).map_err(api_error)?;
         record_monitor(&self.hub, &report);
         let v = serde_json::to_value(&report).unwrap_or_default();
         self.hub.publish("monitor", &v);
@@ -356,50 +334,51 @@ impl Daemon {
                     "service_address": env.config.network.service_address.map(|a| a.to_string()),
                 })))
             }
-            Command::ListLcs => {
+            Command::ListLcs => Ok(Reply::ok(
+                super::lc::list_json(&self.env()?).map_err(api_error)?,
+            )),
+            Command::GetLc(id) => Ok(Reply::ok(
+                super::lc::show_json(&self.env()?, &id).map_err(api_error)?,
+            )),
+            Command::Lc { id, action, body } => {
                 let env = self.env()?;
-                let mut out = Vec::new();
-                for row in env.store.lcs().map_err(store_err)? {
-                    let st = env
-                        .backend
-                        .status(&row.spec)
-                        .map_err(|e| api_error(e.into()))?;
-                    out.push(super::lc::row_json(&row, &st));
-                }
-                Ok(Reply::ok(json!(out)))
-            }
-            Command::GetLc(id) => Ok(Reply::ok(Self::lc_json(&self.env()?, &id)?)),
-            Command::Lc { id, action } => {
-                let env = self.env()?;
-                let spec = Self::spec(&env, &id)?;
-                let t = Instant::now();
-                let r = match action {
-                    LcAction::Boot => env.backend.boot(&spec).map(|_| ()),
-                    LcAction::Reboot => env.backend.reboot(&spec).map(|_| ()),
-                    LcAction::Stop => env.backend.stop(&spec),
-                };
-                r.map_err(|e| api_error(e.into()))?;
-                let took = t.elapsed().as_millis() as u64;
-                self.hub
-                    .publish("lc", &json!({"lc": id, "action": action, "took_ms": took}));
-                let mut v = Self::lc_json(&env, &id)?;
-                v["took_ms"] = json!(took);
+                let v = super::lc::act(&env, &id, action, &body).map_err(api_error)?;
+                self.hub.publish(
+                    "lc",
+                    &json!({"lc": id, "action": action, "took_ms": v["took_ms"]}),
+                );
                 Ok(Reply::ok(v))
             }
-            Command::ListPatches => {
-                let env = self.env()?;
-                Ok(Reply::ok(json!(env.store.patches().map_err(store_err)?)))
+            Command::ListPatches => Ok(Reply::ok(
+                super::patches::list_json(&self.env()?.store).map_err(api_error)?,
+            )),
+            Command::GetPatch(id) => Ok(Reply::ok(
+                super::patches::show_json(&self.env()?.store, &id).map_err(api_error)?,
+            )),
+            Command::ImportPatch(ImportBody { file, mark }) => {
+                let mut env = self.env()?;
+                let v = super::patches::import(
+                    &env.config,
+                    &mut env.store,
+                    std::path::Path::new(&file),
+                    mark,
+                )
+                .map_err(api_error)?;
+                Ok(Reply::ok(v))
             }
             Command::MarkPatch { id, apply_next } => {
                 let mut env = self.env()?;
-                if env.store.patch(&id).map_err(store_err)?.is_none() {
-                    return Err(not_found(format!(
-                        "no patch {id:?}; see GET /v1/patches (nothing was changed)"
-                    )));
-                }
-                env.store.mark_patch(&id, apply_next).map_err(store_err)?;
-                let row = env.store.patch(&id).map_err(store_err)?;
-                Ok(Reply::ok(json!(row)))
+                super::patches::mark(&mut env.store, std::slice::from_ref(&id), apply_next)
+                    .map_err(api_error)?;
+                Ok(Reply::ok(
+                    super::patches::show_json(&env.store, &id).map_err(api_error)?,
+                ))
+            }
+            Command::MarkPatches(MarksBody { ids, apply_next }) => {
+                let mut env = self.env()?;
+                Ok(Reply::ok(
+                    super::patches::mark(&mut env.store, &ids, apply_next).map_err(api_error)?,
+                ))
             }
             Command::StartRun(RunBody {
                 lc,
@@ -429,21 +408,16 @@ impl Daemon {
                     super::patch::rollback_request(&self.ctx(), &lc, mode).map_err(api_error)?;
                 self.start_run(req, 60)
             }
-            Command::ListRuns => {
-                let env = self.env()?;
-                Ok(Reply::ok(json!(env.store.runs().map_err(store_err)?)))
-            }
-            Command::GetRun(id) => {
-                let env = self.env()?;
-                let run = env
-                    .store
-                    .run(id)
-                    .map_err(store_err)?
-                    .ok_or_else(|| not_found(format!("no run {id}; see GET /v1/runs")))?;
-                let steps = env.store.steps(id).map_err(store_err)?;
-                Ok(Reply::ok(json!({"run": run, "steps": steps})))
-            }
+            Command::ListRuns => Ok(Reply::ok(
+                super::patch::runs_json(&self.env()?.store).map_err(api_error)?,
+            )),
+            Command::GetRun(id) => Ok(Reply::ok(
+                super::patch::run_json(&self.env()?.store, id).map_err(api_error)?,
+            )),
             Command::MonitorRunOnce => self.monitor_once(),
+            Command::MonitorStatus => Ok(Reply::ok(
+                super::monitor::status_json(&self.ctx()).map_err(api_error)?,
+            )),
             Command::Approve { query } => self.approve(&query),
         }
     }

@@ -39,9 +39,22 @@ impl Cycle {
 
     /// `shared_identity`: the `path` mode layout (one MAC and address for all LCs).
     pub fn with_layout(n_lcs: usize, extra: &str, shared_identity: bool) -> Cycle {
-        let lcs: Vec<(u32, u32, u64)> = (0..n_lcs).map(|i| (i as u32 % 2, 40, 96)).collect();
+        Cycle::build(n_lcs, extra, shared_identity, false)
+    }
+
+    /// The same on QEMU LCs (the kernel and disks of `image build-demo --qemu`).
+    pub fn qemu(n_lcs: usize, extra: &str, shared_identity: bool) -> Cycle {
+        Cycle::build(n_lcs, extra, shared_identity, true)
+    }
+
+    fn build(n_lcs: usize, extra: &str, shared_identity: bool, qemu: bool) -> Cycle {
+        let mem = if qemu { 160 } else { 96 };
+        let lcs: Vec<(u32, u32, u64)> = (0..n_lcs).map(|i| (i as u32 % 2, 40, mem)).collect();
         let mut t = Topo::new(&lcs);
         t.shared_identity = shared_identity;
+        if qemu {
+            t.use_qemu("");
+        }
         let key = t.dir.path().join("release.key");
         let pubkey = t.dir.path().join("release.pub");
         t.po_ok(&[
@@ -59,8 +72,14 @@ impl Cycle {
         t.build_image(0, "1.0.0");
         // The standby's disks exist (any content): the run replaces them with the copy.
         for l in &t.lcs[1..] {
-            fs::create_dir_all(&l.sys).unwrap();
-            fs::create_dir_all(&l.app).unwrap();
+            let (sys, app) = t.disks(l);
+            if t.qemu.is_some() {
+                fs::write(&sys, b"").unwrap();
+                fs::write(&app, b"").unwrap();
+            } else {
+                fs::create_dir_all(&sys).unwrap();
+                fs::create_dir_all(&app).unwrap();
+            }
         }
         Cycle { t, key }
     }

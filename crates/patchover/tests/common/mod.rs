@@ -68,9 +68,15 @@ pub fn guest_dir() -> PathBuf {
 
 /// Runs the patchover binary.
 pub fn po(config: &Path, args: &[&str]) -> Output {
+    po_env(config, args, &[])
+}
+
+/// Runs the patchover binary with extra environment variables.
+pub fn po_env(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(BIN)
         .env("PATCHOVER_CONFIG", config)
         .env("PATCHOVER_GUEST_DIR", guest_dir())
+        .envs(env.iter().copied())
         .args(args)
         .output()
         .expect("run patchover")
@@ -118,6 +124,9 @@ pub struct Topo {
     pub lcs: Vec<LcDef>,
     /// `path` mode layout: every LC's NIC has the same MAC and the service address.
     pub shared_identity: bool,
+    /// QEMU LCs booting the kernel of this image directory (`image build-demo --qemu`);
+    /// their disks are `lc<i>-sys.img` and `lc<i>-app.img`.
+    pub qemu: Option<PathBuf>,
 }
 
 impl Topo {
@@ -152,6 +161,7 @@ impl Topo {
             lcs: defs,
             dir,
             shared_identity: false,
+            qemu: None,
         };
         t.write_config("");
         t
@@ -186,23 +196,83 @@ impl Topo {
             } else {
                 format!("{{ name = \"eth0\", address = \"{}/24\" }}", l.address)
             };
+            let (sys, app) = self.disks(l);
+            if let Some(img) = &self.qemu {
+                text.push_str(&format!(
+                    "\n[[lc]]\nbackend = \"qemu\"\nkernel = \"{k}\"\ninitrd = \"{i}\"",
+                    k = img.join("vmlinuz").display(),
+                    i = img.join("initrd.img").display(),
+                ));
+            } else {
+                text.push_str("\n[[lc]]");
+            }
             text.push_str(&format!(
-                "\n[[lc]]\nid = \"{}\"\ncpu = {}\ncpu_share = {}\nmemory_mib = {}\nsystem_disk = {{ path = \"{}\" }}\napp_disk = {{ path = \"{}\", mount = \"/data\" }}\nnic = [{nic}]\n",
+                "\nid = \"{}\"\ncpu = {}\ncpu_share = {}\nmemory_mib = {}\nsystem_disk = {{ path = \"{}\" }}\napp_disk = {{ path = \"{}\", mount = \"/data\" }}\nnic = [{nic}]\n",
                 l.id,
                 l.cpu,
                 l.share,
                 l.memory_mib,
-                l.sys.display(),
-                l.app.display(),
+                sys.display(),
+                app.display(),
             ));
         }
         text.push_str(extra);
         fs::write(&self.config, text).unwrap();
     }
 
+    /// LC `l`'s system and application disks: directories, or images for QEMU LCs.
+    pub fn disks(&self, l: &LcDef) -> (PathBuf, PathBuf) {
+        if self.qemu.is_some() {
+            (l.sys.with_extension("img"), l.app.with_extension("img"))
+        } else {
+            (l.sys.clone(), l.app.clone())
+        }
+    }
+
+    /// Makes this a topology of QEMU LCs: builds the QEMU demo image (kernel, initramfs,
+    /// disks) once, in `<dir>/qemu-image`, and rewrites the config.
+    pub fn use_qemu(&mut self, extra: &str) {
+        let img = self.dir.path().join("qemu-image");
+        po_ok(
+            &self.config,
+            &["image", "build-demo", "--qemu", img.to_str().unwrap()],
+        );
+        self.qemu = Some(img);
+        self.write_config(extra);
+    }
+
     /// Builds the demo image for LC `i`.
     pub fn build_image(&self, i: usize, version: &str) {
         let l = &self.lcs[i];
+        if let Some(img) = &self.qemu {
+            // The QEMU image with this version, copied to the LC's own disks.
+            let v = self.dir.path().join(format!("qemu-image-{version}"));
+            if !v.exists() {
+                po_ok(
+                    &self.config,
+                    &[
+                        "image",
+                        "build-demo",
+                        "--qemu",
+                        v.to_str().unwrap(),
+                        "--version",
+                        version,
+                    ],
+                );
+            }
+            let (sys, app) = self.disks(l);
+            for (from, to) in [("system.img", &sys), ("app.img", &app)] {
+                let st = Command::new("cp")
+                    .args(["--sparse=always"])
+                    .arg(v.join(from))
+                    .arg(to)
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+            }
+            let _ = img;
+            return;
+        }
         po_ok(
             &self.config,
             &[

@@ -1,0 +1,287 @@
+//! Steps 703/704, by the kind of LC: the disk copies with a write history.
+//!
+//! - `ns` LCs: `patchover-disk` copies files and traps writes with fanotify; the system disk is
+//!   replayed until caught up, the application disk followed until the cut.
+//! - `qemu` LCs: QEMU copies the disk itself with a `blockdev-mirror` job (the hypervisor's own
+//!   write tracking); the system disk is cut at once after READY (a point-in-time copy), the
+//!   application disk is kept mirroring and cut in the switch window, with the guest paused.
+//!   A mirror that does not converge in the background is started again in write-blocking
+//!   mode, where every guest write reaches both images before it completes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use patchover_core::{BackendKind, DiskSpec, LcSpec, Quiesce};
+use patchover_disk::{CopyOptions, FollowCopy, NoProgress};
+use patchover_lc::LcBackend;
+use patchover_qemu::{CopyMode, ImageFormat, Mirror, MirrorSpec, Qmp};
+
+use crate::OrchestratorError;
+use crate::cycle::FreezeLc;
+
+/// How long a background mirror may take to reach READY before it is restarted write-blocking.
+const CONVERGE: Duration = Duration::from_secs(600);
+
+fn copy_err(disk: &'static str) -> impl Fn(BoxError) -> OrchestratorError {
+    move |source| OrchestratorError::Copy { disk, source }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a finished copy did.
+pub(crate) struct Copied {
+    pub bytes_copied: u64,
+    pub bytes_replayed: u64,
+    pub detail: serde_json::Value,
+}
+
+/// The monitor a VM keeps for block jobs (see `patchover_qemu::backend`).
+fn jobs_qmp(run_dir: &Path, active: &LcSpec) -> Result<Qmp, BoxError> {
+    let sock = patchover_qemu::backend::jobs_socket(run_dir, &active.id);
+    Ok(Qmp::connect(&sock, Duration::from_secs(10))?)
+}
+
+/// A mirror job of one disk of a running VM, with its own monitor connection. Dropped
+/// unfinished (a failed run), it aborts: the job ends and the half-made target is removed.
+pub(crate) struct MirrorJob {
+    qmp: Qmp,
+    mirror: Option<Mirror>,
+    started: Instant,
+    mode: CopyMode,
+}
+
+impl MirrorJob {
+    fn start(
+        run_dir: &Path,
+        active: &LcSpec,
+        node: &str,
+        dst: &Path,
+    ) -> Result<MirrorJob, BoxError> {
+        let mut qmp = jobs_qmp(run_dir, active)?;
+        let started = Instant::now();
+        let spec = |mode| MirrorSpec {
+            job_id: format!("patchover-{node}"),
+            device_node: node.to_owned(),
+            target_path: dst.to_owned(),
+            target_node: format!("patchover-{node}-copy"),
+            format: match patchover_qemu::backend::image_format(dst) {
+                "qcow2" => ImageFormat::Qcow2,
+                _ => ImageFormat::Raw,
+            },
+            copy_mode: mode,
+            speed: 0,
+        };
+        let mut mirror = Mirror::start(&mut qmp, spec(CopyMode::Background))?;
+        let mode = match mirror.wait_ready(&mut qmp, CONVERGE) {
+            Ok(_) => CopyMode::Background,
+            Err(patchover_qemu::MirrorError::NotConverging { .. }) => {
+                tracing::warn!(lc = %active.id, node, "the mirror does not converge; starting again write-blocking");
+                mirror.abort(&mut qmp)?;
+                let mut m = Mirror::start(&mut qmp, spec(CopyMode::WriteBlocking))?;
+                if let Err(e) = m.wait_ready(&mut qmp, CONVERGE) {
+                    let _ = m.abort(&mut qmp);
+                    return Err(e.into());
+                }
+                mirror = m;
+                CopyMode::WriteBlocking
+            }
+            Err(e) => {
+                let _ = mirror.abort(&mut qmp);
+                return Err(e.into());
+            }
+        };
+        Ok(MirrorJob {
+            qmp,
+            mirror: Some(mirror),
+            started,
+            mode,
+        })
+    }
+
+    /// Ends the job with a point-in-time copy; the caller holds the guest still if it must.
+    fn cut(mut self) -> Result<serde_json::Value, BoxError> {
+        let m = self.mirror.take().expect("a job is cut once");
+        let r = m.cut(&mut self.qmp, Duration::from_secs(60))?;
+        Ok(serde_json::json!({
+            "mirror": true,
+            "copy_mode": format!("{:?}", self.mode),
+            "bytes": r.bytes,
+            "cut_ms": r.cut.as_secs_f64() * 1000.0,
+            "total_s": self.started.elapsed().as_secs_f64(),
+        }))
+    }
+}
+
+impl Drop for MirrorJob {
+    fn drop(&mut self) {
+        if let Some(m) = self.mirror.take()
+            && let Err(e) = m.abort(&mut self.qmp)
+        {
+            tracing::warn!(error = %patchover_core::error_chain(&e), "aborting a mirror job");
+        }
+    }
+}
+
+/// 703: copies the active LC's system disk to `dst` (empty), until caught up.
+pub(crate) fn copy_system(
+    run_dir: &Path,
+    active: &LcSpec,
+    dst: &Path,
+) -> Result<Copied, OrchestratorError> {
+    let src = &active.system_disk.path;
+    match active.backend {
+        BackendKind::Ns => {
+            let r = patchover_disk::copy_once(src, dst, &CopyOptions::default(), &NoProgress)
+                .map_err(|e| copy_err("system")(Box::new(e)))?;
+            Ok(Copied {
+                bytes_copied: r.stats.bytes_copied,
+                bytes_replayed: r.stats.bytes_replayed,
+                detail: serde_json::to_value(&r).unwrap_or_default(),
+            })
+        }
+        BackendKind::Qemu => {
+            let job = MirrorJob::start(run_dir, active, "sys", dst).map_err(copy_err("system"))?;
+            let detail = job.cut().map_err(copy_err("system"))?;
+            Ok(Copied {
+                bytes_copied: detail["bytes"].as_u64().unwrap_or(0),
+                bytes_replayed: 0,
+                detail,
+            })
+        }
+    }
+}
+
+/// 704: a copy of the application disk that goes on until [`LiveCopy::cut`].
+pub(crate) enum LiveCopy {
+    Files(FollowCopy),
+    Mirror(Box<MirrorJob>),
+}
+
+/// What the cut did.
+pub(crate) struct CutDone {
+    pub bytes_replayed: u64,
+    pub freeze_ms: Option<f64>,
+    pub detail: serde_json::Value,
+}
+
+impl LiveCopy {
+    pub(crate) fn start(
+        run_dir: &Path,
+        active: &LcSpec,
+        src: &DiskSpec,
+        dst: &DiskSpec,
+    ) -> Result<LiveCopy, OrchestratorError> {
+        match active.backend {
+            BackendKind::Ns => FollowCopy::start(
+                &src.path,
+                &dst.path,
+                &CopyOptions::default(),
+                Arc::new(NoProgress),
+            )
+            .map(LiveCopy::Files)
+            .map_err(|e| copy_err("application")(Box::new(e))),
+            BackendKind::Qemu => MirrorJob::start(run_dir, active, "app", &dst.path)
+                .map(|m| LiveCopy::Mirror(Box::new(m)))
+                .map_err(copy_err("application")),
+        }
+    }
+
+    /// Holds the active LC still, makes the copy complete, lets the LC go.
+    pub(crate) fn cut(
+        self,
+        backend: &dyn LcBackend,
+        active: &LcSpec,
+    ) -> Result<CutDone, OrchestratorError> {
+        let mut q = FreezeLc {
+            backend,
+            spec: active,
+        };
+        match self {
+            LiveCopy::Files(f) => {
+                let r = f
+                    .cut(&mut q)
+                    .map_err(|e| copy_err("application")(Box::new(e)))?;
+                Ok(CutDone {
+                    bytes_replayed: r.stats.bytes_replayed,
+                    freeze_ms: r
+                        .cut
+                        .as_ref()
+                        .map(|c| c.freeze_window.as_secs_f64() * 1000.0),
+                    detail: serde_json::to_value(&r).unwrap_or_default(),
+                })
+            }
+            LiveCopy::Mirror(job) => {
+                let t = Instant::now();
+                q.freeze()
+                    .map_err(|e| copy_err("application")(Box::new(e)))?;
+                let res = job.cut();
+                let thawed = q.thaw();
+                let freeze_ms = t.elapsed().as_secs_f64() * 1000.0;
+                let detail = res.map_err(copy_err("application"))?;
+                thawed.map_err(|e| copy_err("application")(Box::new(e)))?;
+                Ok(CutDone {
+                    bytes_replayed: 0,
+                    freeze_ms: Some(freeze_ms),
+                    detail,
+                })
+            }
+        }
+    }
+}
+
+/// Runs `f` with the standby's system disk reachable as a directory: the directory itself,
+/// or the image mounted on the host (the standby is stopped, so nothing else has it open).
+pub(crate) fn with_root<T>(
+    disk: &DiskSpec,
+    run_dir: &Path,
+    f: impl FnOnce(&Path) -> Result<T, OrchestratorError>,
+) -> Result<T, OrchestratorError> {
+    if disk.kind == patchover_core::DiskKind::Dir {
+        return f(&disk.path);
+    }
+    let at: PathBuf = run_dir.join(format!("mnt-{}", std::process::id()));
+    let prep = |source: std::io::Error| OrchestratorError::Prepare {
+        disk: "system",
+        path: disk.path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&at).map_err(prep)?;
+    let fmt = patchover_qemu::backend::image_format(&disk.path);
+    let out = if fmt == "raw" {
+        std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&disk.path)
+            .arg(&at)
+            .output()
+    } else {
+        Err(std::io::Error::other(
+            "only raw images can be mounted on the host for installing patches; use a raw system disk",
+        ))
+    };
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => {
+            let _ = std::fs::remove_dir(&at);
+            return Err(prep(std::io::Error::other(format!(
+                "mount: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))));
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir(&at);
+            return Err(prep(e));
+        }
+    }
+    let r = f(&at);
+    let umount = std::process::Command::new("umount").arg(&at).output();
+    let _ = std::fs::remove_dir(&at);
+    match umount {
+        Ok(o) if o.status.success() => r,
+        Ok(o) => r.and(Err(prep(std::io::Error::other(format!(
+            "umount: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))))),
+        Err(e) => r.and(Err(prep(e))),
+    }
+}

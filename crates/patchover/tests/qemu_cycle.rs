@@ -1,0 +1,191 @@
+//! The patch cycle on QEMU LCs (issue 9; TCG on this host): the demo service in a VM is
+//! patched from 1.0.0 to 1.0.1 under load — the disks copied by QEMU's own mirror jobs, the
+//! application disk cut inside the switch window — with no failed request and no acknowledged
+//! write lost; a standby that fails to boot leaves the service on the active VM; bad input to
+//! the qemu backend gets a clear error and changes nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cycle::{Cycle, Load, assert_all_there, version};
+use common::{Client, Topo};
+
+fn step_names(report: &serde_json::Value, ok: bool) -> Vec<String> {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["ok"] == ok)
+        .map(|s| s["step"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// QEMU requests are slower under TCG: a request fails if it takes 5 s or more.
+const DEADLINE: Duration = Duration::from_secs(5);
+
+#[test]
+fn qemu_patch_under_load_then_roll_back() {
+    let c = Cycle::qemu(2, "", false);
+    c.upgrade_bundle();
+    c.start_service();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    assert_eq!(version(&client, &svc), "1.0.0");
+
+    let load = Load::with_deadline(&client, svc.clone(), DEADLINE);
+    std::thread::sleep(Duration::from_millis(500));
+    let report = c.t.po_json(&["patch", &a, "--mode", "readdress"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, failures, acked) = load.finish();
+    eprintln!(
+        "qemu patch: {ok} requests, {} failed, {} writes acknowledged; steps: {}",
+        failures.len(),
+        acked.len(),
+        report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| format!(
+                "{}={:.0}ms",
+                s["step"].as_str().unwrap(),
+                s["ms"].as_f64().unwrap_or(0.0)
+            ))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    assert_eq!(report["outcome"], "ok", "{report:#}");
+    assert_eq!(report["standby"], b.as_str());
+    assert!(
+        failures.is_empty(),
+        "{} failed requests of {}: {:?}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(10)]
+    );
+    assert!(ok > 20, "the load ran: {ok}");
+    assert_eq!(report["version_before"], "1.0.0");
+    assert_eq!(report["version_after"], "1.0.1");
+    assert_eq!(version(&client, &svc), "1.0.1");
+    assert_all_there(&client, &svc, &acked);
+    // The copies were made by QEMU's mirror jobs, not by the file copier.
+    let run =
+        c.t.po_json(&["runs", "show", &report["run_id"].to_string()]);
+    let detail = |name: &str| {
+        run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["step"] == name && s["state"] == "done")
+            .unwrap_or_else(|| panic!("no step {name}: {run:#}"))["detail"]
+            .clone()
+    };
+    assert_eq!(detail("copy_system_disk")["mirror"], true, "{run:#}");
+    assert_eq!(detail("switch")["mode"], "readdress", "{run:#}");
+    assert_eq!(
+        c.t.po_json(&["lc", "status", &a])["state"],
+        "stopped",
+        "the old VM is kept, stopped"
+    );
+
+    // Later: hand the service back, under load, with the writes made since.
+    let load = Load::with_deadline(&client, svc.clone(), DEADLINE);
+    std::thread::sleep(Duration::from_millis(500));
+    let back = c.t.po_json(&["rollback", &a]);
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok2, failures, acked2) = load.finish();
+    assert_eq!(back["outcome"], "ok", "{back:#}");
+    assert!(
+        failures.is_empty(),
+        "rollback: {} failed of {}: {:?}",
+        failures.len(),
+        ok2,
+        &failures[..failures.len().min(10)]
+    );
+    assert_eq!(version(&client, &svc), "1.0.0");
+    assert_all_there(&client, &svc, &acked);
+    assert_all_there(&client, &svc, &acked2);
+}
+
+#[test]
+fn a_standby_vm_that_does_not_boot_leaves_the_service_on_the_active_vm() {
+    let c = Cycle::qemu(2, "", false);
+    c.start_service();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    // The patch removes init: the standby's reboot (708) panics the guest kernel.
+    c.bundle(
+        "no-init",
+        "[[step]]\nkind = \"script\"\nfile = \"x.sh\"\n",
+        &[("x.sh", b"rm /sbin/init\n")],
+    );
+    let load = Load::with_deadline(&client, svc.clone(), DEADLINE);
+    let out = c.t.po(&["--json", "patch", &a, "--bundle", "no-init"]);
+    let (ok, failures, acked) = load.finish();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{report:#}");
+    assert_eq!(step_names(&report, false), ["reboot_standby"], "{report:#}");
+    let err = report["error"].as_str().unwrap();
+    // The error carries the guest's console, which shows why.
+    assert!(err.contains("console"), "{err}");
+    assert!(failures.is_empty() && ok > 0, "{failures:?}");
+    assert_all_there(&client, &svc, &acked);
+    let s = svc.clone();
+    let health = client.run(move || common::http_ready(&s, "/health"));
+    assert!(
+        String::from_utf8_lossy(&health.1).contains(&format!("\"host\":\"{a}\"")),
+        "{health:?}"
+    );
+    assert_eq!(c.t.po_json(&["lc", "status", &b])["state"], "stopped");
+    assert_eq!(c.t.po_json(&["lc", "status", &a])["state"], "running");
+}
+
+#[test]
+fn qemu_bad_input_is_refused_and_changes_nothing() {
+    let mut t = Topo::new(&[(0, 30, 128)]);
+    t.use_qemu("");
+    let id = t.lcs[0].id.clone();
+    // No disk yet.
+    let out = t.po(&["lc", "boot", &id]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not exist"), "{err}");
+    t.assert_nothing_left(&id);
+
+    // QEMU missing: the error says how to install it.
+    t.build_image(0, "1.0.0");
+    let out = common::po_env(
+        &t.config,
+        &["lc", "boot", &id],
+        &[("PATCHOVER_QEMU", "/nonexistent/qemu")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("apt-get install qemu-system-x86"), "{err}");
+    t.assert_nothing_left(&id);
+
+    // A kernel that does not boot: the agent never answers; the error carries the console.
+    let (sys, _) = t.disks(&t.lcs[0]);
+    let saved = sys.with_extension("saved");
+    std::fs::rename(&sys, &saved).unwrap();
+    std::fs::write(&sys, vec![0u8; 4 << 20]).unwrap();
+    let out = t.po(&["lc", "boot", &id, "--timeout", "20"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("PATCHOVER-INITRD-FAILED") || err.contains("console"),
+        "{err}"
+    );
+    let _ = t.po(&["lc", "stop", &id]);
+    t.assert_nothing_left(&id);
+    std::fs::rename(&saved, &sys).unwrap();
+
+    // A good boot and a clean stop leave nothing behind.
+    t.po_ok(&["lc", "boot", &id]);
+    let st = t.po_json(&["lc", "status", &id]);
+    assert_eq!(st["state"], "running", "{st:#}");
+    t.po_ok(&["lc", "stop", &id]);
+    t.assert_nothing_left(&id);
+}
