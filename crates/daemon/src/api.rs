@@ -65,6 +65,93 @@ pub struct MarksBody {
     pub apply_next: bool,
 }
 
+/// How a network switch checks, drains and announces (`net switch|back` options). Every
+/// field has the CLI's default.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SwitchOptions {
+    /// The service port (checked, drained, held).
+    pub port: u16,
+    /// The check the standby must pass on the service address.
+    pub check_path: String,
+    /// Text the standby's answer must contain; empty accepts any 200.
+    pub expect: String,
+    /// How long the old LC may take to finish its connections.
+    pub drain_deadline_ms: u64,
+    /// Gratuitous ARP frames per burst (readdress).
+    pub garp_count: u32,
+    /// Gap between frames of a burst.
+    pub garp_interval_ms: u64,
+    /// Repeat the burst this long after the switch.
+    pub garp_refresh_ms: Vec<u64>,
+}
+
+impl Default for SwitchOptions {
+    fn default() -> SwitchOptions {
+        SwitchOptions {
+            port: 8080,
+            check_path: "/version".into(),
+            expect: String::new(),
+            drain_deadline_ms: 5000,
+            garp_count: 3,
+            garp_interval_ms: 5,
+            garp_refresh_ms: vec![1000, 5000],
+        }
+    }
+}
+
+/// `POST /v1/net/switch`: move the service from LC `from` to LC `to`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchBody {
+    pub from: String,
+    pub to: String,
+    /// `path`, `readdress` or `seamless`.
+    pub mode: String,
+    #[serde(default)]
+    pub options: SwitchOptions,
+}
+
+/// `POST /v1/net/back`: hand the service back to the LC the last switch moved it from (an
+/// optional body).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchBackBody {
+    #[serde(default)]
+    pub options: SwitchOptions,
+}
+
+/// `POST /v1/service/assign`: give LC `lc` the service address and make it the active LC.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AssignBody {
+    pub lc: String,
+}
+
+/// `POST /v1/lcs/{id}/disks`: mount a host directory into a running LC.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttachDiskBody {
+    /// The host directory (an absolute path on the daemon's host).
+    pub source: String,
+    /// Where it appears inside the LC.
+    pub at: String,
+}
+
+/// `POST /v1/lcs/{id}/nics`: plug a new NIC into a running LC and the host bridge.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AttachNicBody {
+    /// Its name inside the LC.
+    pub name: String,
+    /// `a.b.c.d/n`.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Default: derived from the LC and the name.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
 /// The action of `POST /v1/lcs/{id}/{action}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -103,6 +190,18 @@ pub enum Command {
     Approve {
         query: String,
     },
+    NetSwitch(SwitchBody),
+    NetBack(SwitchBackBody),
+    AssignService(AssignBody),
+    RecoverRuns,
+    AttachDisk {
+        id: String,
+        body: AttachDiskBody,
+    },
+    AttachNic {
+        id: String,
+        body: AttachNicBody,
+    },
 }
 
 impl Command {
@@ -125,6 +224,12 @@ impl Command {
             Command::MonitorRunOnce => "monitor_run_once",
             Command::MonitorStatus => "monitor_status",
             Command::Approve { .. } => "approve",
+            Command::NetSwitch(_) => "net_switch",
+            Command::NetBack(_) => "net_back",
+            Command::AssignService(_) => "assign_service",
+            Command::RecoverRuns => "recover_runs",
+            Command::AttachDisk { .. } => "attach_disk",
+            Command::AttachNic { .. } => "attach_nic",
         }
     }
 }
@@ -299,5 +404,25 @@ mod tests {
         let b: RunBody = serde_json::from_str(r#"{"lc":"lc1"}"#).unwrap();
         assert_eq!(b.bundles, Vec::<String>::new());
         assert!(!b.dry_run);
+    }
+
+    #[test]
+    fn switch_options_take_the_cli_defaults_and_refuse_unknown_fields() {
+        let b: SwitchBody =
+            serde_json::from_str(r#"{"from":"a","to":"b","mode":"readdress"}"#).unwrap();
+        assert_eq!(b.options, SwitchOptions::default());
+        assert_eq!(b.options.port, 8080);
+        let o: SwitchBackBody = serde_json::from_str(r#"{"options":{"expect":"1.0.1"}}"#).unwrap();
+        assert_eq!(o.options.expect, "1.0.1");
+        assert_eq!(o.options.garp_refresh_ms, [1000, 5000]);
+        for bad in [
+            r#"{"from":"a","to":"b","mode":"readdress","port":1}"#,
+            r#"{"from":"a","to":"b","mode":"readdress","options":{"prot":1}}"#,
+        ] {
+            let e = serde_json::from_str::<SwitchBody>(bad).unwrap_err();
+            assert!(e.to_string().contains("unknown field"), "{e}");
+        }
+        let e = serde_json::from_str::<AttachNicBody>(r#"{"name":"eth1","ip":"x"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
     }
 }

@@ -27,8 +27,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, watch};
 
 use crate::api::{
-    ApiError, Command, Dispatch, ErrorCode, ImportBody, LcAction, LcActionBody, MarksBody, Reply,
-    RollbackBody, RunBody,
+    ApiError, AssignBody, AttachDiskBody, AttachNicBody, Command, Dispatch, ErrorCode, ImportBody,
+    LcAction, LcActionBody, MarksBody, Reply, RollbackBody, RunBody, SwitchBackBody, SwitchBody,
 };
 use crate::auth::{TokenHash, authorized};
 use crate::config::DaemonConfig;
@@ -403,6 +403,60 @@ fn table() -> Vec<Route> {
                 .await
             }),
         ),
+        (
+            "POST",
+            "/v1/lcs/{id}/disks",
+            post(
+                async |State(s): State<AppState>,
+                       UrlPath(id): Id,
+                       ApiJson(body): ApiJson<AttachDiskBody>| {
+                    run(&s, Command::AttachDisk { id, body }).await
+                },
+            ),
+        ),
+        (
+            "POST",
+            "/v1/lcs/{id}/nics",
+            post(
+                async |State(s): State<AppState>,
+                       UrlPath(id): Id,
+                       ApiJson(body): ApiJson<AttachNicBody>| {
+                    run(&s, Command::AttachNic { id, body }).await
+                },
+            ),
+        ),
+        (
+            "POST",
+            "/v1/net/switch",
+            post(
+                async |State(s): State<AppState>, ApiJson(b): ApiJson<SwitchBody>| {
+                    run(&s, Command::NetSwitch(b)).await
+                },
+            ),
+        ),
+        (
+            "POST",
+            "/v1/net/back",
+            post(
+                async |State(s): State<AppState>, OptJson(b): OptJson<SwitchBackBody>| {
+                    run(&s, Command::NetBack(b)).await
+                },
+            ),
+        ),
+        (
+            "POST",
+            "/v1/service/assign",
+            post(
+                async |State(s): State<AppState>, ApiJson(b): ApiJson<AssignBody>| {
+                    run(&s, Command::AssignService(b)).await
+                },
+            ),
+        ),
+        (
+            "POST",
+            "/v1/runs/recover",
+            post(simple(Command::RecoverRuns)),
+        ),
         ("GET", "/v1/events", get(events)),
         ("GET", "/metrics", get(metrics)),
     ]
@@ -734,6 +788,60 @@ mod tests {
                 "/v1/monitor/run-once",
                 None,
                 Command::MonitorRunOnce,
+            ),
+            (
+                "POST",
+                "/v1/net/switch",
+                Some(json!({"from": "a", "to": "b", "mode": "path", "options": {"port": 81}})),
+                Command::NetSwitch(SwitchBody {
+                    from: "a".into(),
+                    to: "b".into(),
+                    mode: "path".into(),
+                    options: crate::api::SwitchOptions {
+                        port: 81,
+                        ..Default::default()
+                    },
+                }),
+            ),
+            (
+                "POST",
+                "/v1/net/back",
+                None,
+                Command::NetBack(SwitchBackBody::default()),
+            ),
+            (
+                "POST",
+                "/v1/service/assign",
+                Some(json!({"lc": "lc1"})),
+                Command::AssignService(AssignBody { lc: "lc1".into() }),
+            ),
+            ("POST", "/v1/runs/recover", None, Command::RecoverRuns),
+            // A static segment next to /v1/runs/{id}: both answer.
+            ("GET", "/v1/runs/3", None, Command::GetRun(3)),
+            (
+                "POST",
+                "/v1/lcs/lc1/disks",
+                Some(json!({"source": "/srv/x", "at": "/mnt/x"})),
+                Command::AttachDisk {
+                    id: "lc1".into(),
+                    body: AttachDiskBody {
+                        source: "/srv/x".into(),
+                        at: "/mnt/x".into(),
+                    },
+                },
+            ),
+            (
+                "POST",
+                "/v1/lcs/lc1/nics",
+                Some(json!({"name": "eth1"})),
+                Command::AttachNic {
+                    id: "lc1".into(),
+                    body: AttachNicBody {
+                        name: "eth1".into(),
+                        address: None,
+                        mac: None,
+                    },
+                },
             ),
         ];
         for (m, p, b, want) in &cases {

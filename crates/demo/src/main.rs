@@ -14,7 +14,11 @@
 //! while it keeps accepting new ones; SIGUSR2 undoes it.
 //! Every response carries `X-Served-By: <hostname>` so a client can tell which LC answered.
 //!
+//! `patchover-demo writer …` runs the disk-copy benchmark's writer instead (see [`writer`]).
+//!
 //! std only: the binary is linked statically and runs inside any rootfs.
+
+mod writer;
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -80,7 +84,7 @@ fn parse_args() -> Result<Args, String> {
             "--version-file" => args.version_file = PathBuf::from(val()?),
             "--help" | "-h" => {
                 return Err(
-                    "usage: patchover-demo [--listen ADDR:PORT] [--data DIR] [--version-file FILE]"
+                    "usage: patchover-demo [--listen ADDR:PORT] [--data DIR] [--version-file FILE]\n       patchover-demo writer --help"
                         .to_owned(),
                 );
             }
@@ -391,6 +395,16 @@ fn serve_connection(stream: TcpStream, store: &Store) -> io::Result<()> {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("writer") {
+        let code = match writer::parse(std::env::args().skip(2)).and_then(|a| writer::run(&a)) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("patchover-demo writer: {e}");
+                2
+            }
+        };
+        std::process::exit(code);
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {

@@ -230,6 +230,39 @@ impl LiveCopy {
     }
 }
 
+/// Ends the mirror jobs a run left on a VM (patchover died while they ran: a job outlives the
+/// monitor connection that started it, and would go on writing into the standby's image).
+/// Returns the jobs ended.
+pub(crate) fn abort_leftover_jobs(run_dir: &Path, active: &LcSpec) -> Vec<String> {
+    if active.backend != BackendKind::Qemu {
+        return Vec::new();
+    }
+    let Ok(mut qmp) = jobs_qmp(run_dir, active) else {
+        return Vec::new(); // not running: no job
+    };
+    let jobs = qmp.query_block_jobs().unwrap_or_default();
+    let mut ended = Vec::new();
+    for j in jobs
+        .into_iter()
+        .filter(|j| j.device.starts_with("patchover-"))
+    {
+        if qmp.block_job_cancel(&j.device, true).is_ok() {
+            let id = j.device.clone();
+            let _ = qmp.wait_event(
+                |e| {
+                    e.job_id() == Some(id.as_str())
+                        && (e.name == "BLOCK_JOB_CANCELLED" || e.name == "BLOCK_JOB_COMPLETED")
+                },
+                Duration::from_secs(30),
+            );
+        }
+        // The job's target node is `<job id>-copy` (see MirrorJob::start).
+        let _ = qmp.blockdev_del(&format!("{}-copy", j.device));
+        ended.push(j.device);
+    }
+    ended
+}
+
 /// Runs `f` with the standby's system disk reachable as a directory: the directory itself,
 /// or the image mounted on the host (the standby is stopped, so nothing else has it open).
 pub(crate) fn with_root<T>(

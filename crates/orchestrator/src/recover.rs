@@ -234,6 +234,14 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
         {
             let _ = o.backend.set_frozen(a, false);
         }
+        // Mirror jobs outlive the patchover that started them: end them before the standby's
+        // disks are touched.
+        if let Some(a) = &active {
+            let ended = crate::copy::abort_leftover_jobs(&o.config.run_dir, a);
+            if !ended.is_empty() {
+                tracing::info!(run = run.id, jobs = ?ended, "ended the mirror jobs of the interrupted run");
+            }
+        }
         let service = o.config.network.service_address;
         let mode: patchover_net::Mode = run.mode.parse().unwrap_or(patchover_net::Mode::Readdress);
         let standby_holds = match (&standby, service) {

@@ -114,6 +114,8 @@ pub enum MirrorError {
         "mirror {job}: the VM has no block node named {node}: check the node name (system disk 'sys', application disk 'app')"
     )]
     NoSourceNode { job: String, node: String },
+    #[error("mirror {job}: the target {path} is the source's own image: give another target path")]
+    TargetIsSource { job: String, path: PathBuf },
     #[error(
         "mirror {job}: cannot create the target image {path}: check that its directory exists and is writable"
     )]
@@ -178,12 +180,22 @@ impl Mirror {
             let job = job.clone();
             move |source| MirrorError::Qmp { job, step, source }
         };
-        let size = virtual_size(qmp, &spec.device_node)
+        let (size, source_files) = source_image(qmp, &spec.device_node)
             .map_err(step("reading the source size (query-named-block-nodes)"))?
             .ok_or_else(|| MirrorError::NoSourceNode {
                 job: job.clone(),
                 node: spec.device_node.clone(),
             })?;
+        if let Ok(target) = fs::canonicalize(&spec.target_path)
+            && source_files
+                .iter()
+                .any(|f| fs::canonicalize(f).is_ok_and(|f| f == target))
+        {
+            return Err(MirrorError::TargetIsSource {
+                job,
+                path: spec.target_path.clone(),
+            });
+        }
         let jobs = qmp
             .execute("query-jobs", Value::Null)
             .map_err(step("query-jobs"))?;
@@ -430,7 +442,7 @@ impl Mirror {
             }
         }
         let cut_start = Instant::now();
-        qmp.block_job_cancel(id, false)
+        qmp.block_job_cancel(id, true)
             .map_err(self.step("block-job-cancel (cut)"))?;
         let end = qmp
             .wait_event(
@@ -666,12 +678,27 @@ fn remove_target(path: &Path) -> io::Result<()> {
     }
 }
 
-/// The virtual size of node `node`, `None` when there is no such node.
-fn virtual_size(qmp: &mut Qmp, node: &str) -> Result<Option<u64>, QmpError> {
+/// The virtual size of node `node` and the files of its image chain (the image and its backing
+/// files), `None` when there is no such node.
+fn source_image(qmp: &mut Qmp, node: &str) -> Result<Option<(u64, Vec<PathBuf>)>, QmpError> {
     let nodes = qmp.execute("query-named-block-nodes", json!({ "flat": true }))?;
-    Ok(nodes.as_array().and_then(|a| {
+    let Some(image) = nodes.as_array().and_then(|a| {
         a.iter()
             .find(|n| n.get("node-name").and_then(Value::as_str) == Some(node))
-            .and_then(|n| n.get("image")?.get("virtual-size")?.as_u64())
-    }))
+            .and_then(|n| n.get("image"))
+    }) else {
+        return Ok(None);
+    };
+    let Some(size) = image.get("virtual-size").and_then(Value::as_u64) else {
+        return Ok(None);
+    };
+    let mut files = Vec::new();
+    let mut cur = Some(image);
+    while let Some(img) = cur {
+        if let Some(f) = img.get("filename").and_then(Value::as_str) {
+            files.push(PathBuf::from(f));
+        }
+        cur = img.get("backing-image");
+    }
+    Ok(Some((size, files)))
 }

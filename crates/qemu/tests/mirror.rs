@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{QemuGuard, Rng, assert_same, hmp_write};
+use common::{QemuGuard, Rng, assert_same, guest_write};
 use patchover_qemu::{
     CopyMode, ImageFormat, Mirror, MirrorError, MirrorSpec, Qmp, QmpError, RunState,
 };
@@ -37,7 +37,7 @@ fn random_writes(qmp: &mut Qmp, rng: &mut Rng, n: usize, model: &mut [u8]) {
         let len = (1 + rng.next() as usize % 16) * 64 * 1024;
         let offset = (rng.next() as usize % ((SIZE - len) / 4096)) * 4096;
         let pattern = (rng.next() % 255) as u8 + 1;
-        hmp_write(qmp, "src", pattern, offset, len, model);
+        guest_write(qmp, "src-dev", pattern, offset, len, model);
     }
 }
 
@@ -47,8 +47,8 @@ fn mirror_under_writes(mode: CopyMode) {
     let q = QemuGuard::start(SIZE, &model);
     let mut qmp = q.connect();
     let mut sp = spec(&q, "src", "copy", ImageFormat::Raw, mode);
-    // Slow the copy down so the writes below really land while the job copies.
-    sp.speed = 32 << 20;
+    // Slow the copy down (16 MiB, then a pause) so the writes below land while the job copies.
+    sp.speed = 1 << 20;
     let target = sp.target_path.clone();
     assert!(!target.exists());
 
@@ -57,15 +57,13 @@ fn mirror_under_writes(mode: CopyMode) {
     let mut during = 0;
     for _ in 0..20 {
         random_writes(&mut qmp, &mut rng, 2, &mut model);
-        let p = m.progress(&mut qmp).unwrap();
-        eprintln!("{p:?}");
-        if p.offset < p.len {
+        let job = &qmp.query_block_jobs().unwrap()[0];
+        if !job.ready && job.offset < job.len {
             during += 2;
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        during >= 10,
+        during >= 30,
         "only {during} writes landed while the job was copying"
     );
     m.set_speed(&mut qmp, 0).unwrap();
@@ -85,7 +83,7 @@ fn mirror_under_writes(mode: CopyMode) {
 
     // Point in time: a write after the cut reaches the source, not the copy.
     let frozen = model.clone();
-    hmp_write(&mut qmp, "src", 0xEE, 0, 1 << 20, &mut model);
+    guest_write(&mut qmp, "src-dev", 0xEE, 0, 1 << 20, &mut model);
     assert_same("source", &q.src(), &model);
     assert_same("target after a later write", &target, &frozen);
 
@@ -104,7 +102,7 @@ fn mirror_under_writes(mode: CopyMode) {
         !names.contains(&"copy") && !names.contains(&"copy-file"),
         "{names:?}"
     );
-    assert_eq!(qmp.query_status().unwrap(), RunState::Running);
+    assert_eq!(qmp.query_status().unwrap(), RunState::Prelaunch);
 }
 
 #[test]
@@ -222,8 +220,20 @@ fn target_in_a_missing_directory_is_a_clear_error_and_the_source_still_answers()
         msg.contains("no/such/dir/copy.img") && msg.contains("directory exists"),
         "{msg}"
     );
-    assert_eq!(qmp.query_status().unwrap(), RunState::Running);
+    assert_eq!(qmp.query_status().unwrap(), RunState::Prelaunch);
     assert!(qmp.query_block_jobs().unwrap().is_empty());
+}
+
+#[test]
+fn the_source_image_as_target_is_refused_and_left_alone() {
+    let model = Rng(23).bytes(SIZE);
+    let q = QemuGuard::start(SIZE, &model);
+    let mut qmp = q.connect();
+    let mut sp = spec(&q, "src", "self", ImageFormat::Raw, CopyMode::Background);
+    sp.target_path = q.dir.path().join(".").join("src.img");
+    let err = Mirror::start(&mut qmp, sp).unwrap_err();
+    assert!(matches!(err, MirrorError::TargetIsSource { .. }), "{err:?}");
+    assert_same("source", &q.src(), &model);
 }
 
 #[test]
@@ -245,7 +255,8 @@ fn a_start_failure_in_qemu_leaves_nothing_behind_and_never_deletes_other_nodes()
     // QEMU refuses the target. The cleanup must not delete the source's nodes.
     let q = QemuGuard::start(SIZE, &vec![1u8; SIZE]);
     let mut qmp = q.connect();
-    let sp = spec(&q, "src", "src", ImageFormat::Raw, CopyMode::Background);
+    let mut sp = spec(&q, "src", "src", ImageFormat::Raw, CopyMode::Background);
+    sp.target_path = q.path("collide.img");
     let err = Mirror::start(&mut qmp, sp.clone()).unwrap_err();
     match &err {
         MirrorError::Qmp {
@@ -271,7 +282,7 @@ fn a_start_failure_in_qemu_leaves_nothing_behind_and_never_deletes_other_nodes()
         names.contains(&"src") && names.contains(&"src-file"),
         "{names:?}"
     );
-    assert_eq!(qmp.query_status().unwrap(), RunState::Running);
+    assert_eq!(qmp.query_status().unwrap(), RunState::Prelaunch);
 }
 
 #[test]
@@ -326,6 +337,6 @@ fn a_failing_target_is_a_job_failure_and_the_source_still_answers() {
     assert!(err.to_string().contains("source is untouched"), "{err}");
     m.abort(&mut qmp).unwrap();
     assert!(!mnt.join("full.img").exists());
-    assert_eq!(qmp.query_status().unwrap(), RunState::Running);
+    assert_eq!(qmp.query_status().unwrap(), RunState::Prelaunch);
     assert_same("source", &q.src(), &model);
 }

@@ -17,8 +17,14 @@ fn connects_negotiates_and_reports_status_and_events() {
     let q = QemuGuard::start(1 << 20, &vec![0u8; 1 << 20]);
     let mut qmp = q.connect();
     assert_eq!(qmp.greeting()["version"]["qemu"]["major"], 7);
-    assert_eq!(qmp.query_status().unwrap(), RunState::Running);
+    assert_eq!(qmp.query_status().unwrap(), RunState::Prelaunch); // -S
 
+    qmp.cont().unwrap();
+    assert_eq!(qmp.query_status().unwrap(), RunState::Running);
+    let resume = qmp
+        .wait_event(|e| e.name == "RESUME", Duration::from_secs(5))
+        .unwrap();
+    assert!(resume.timestamp.is_some());
     qmp.stop().unwrap();
     let stop = qmp
         .wait_event(|e| e.name == "STOP", Duration::from_secs(5))
@@ -69,7 +75,7 @@ fn command_errors_are_mapped() {
         other => panic!("expected a command error, got {other:?}"),
     }
     // The session is still usable after errors.
-    assert_eq!(qmp.query_status().unwrap(), RunState::Running);
+    assert_eq!(qmp.query_status().unwrap(), RunState::Prelaunch);
 }
 
 #[test]
@@ -123,7 +129,7 @@ fn connect_waits_for_a_late_socket() {
     // QEMU creates its socket a moment after it starts: connect retries.
     let q = QemuGuard::start(1 << 20, &vec![0u8; 1 << 20]);
     let mut qmp = Qmp::connect(&q.qmp_path, Duration::from_secs(10)).unwrap();
-    assert_eq!(qmp.query_status().unwrap(), RunState::Running);
+    assert_eq!(qmp.query_status().unwrap(), RunState::Prelaunch);
 }
 
 /// A fake QMP server: sends the greeting, then hands each request line to `answer`, which

@@ -29,6 +29,9 @@ pub struct BenchArgs {
     pub baseline_runs: u32,
     #[arg(long, default_value = "/var/tmp/patchover-bench-cycle")]
     pub dir: PathBuf,
+    /// The kind of LC: `ns` or `qemu`.
+    #[arg(long, default_value = "ns", value_parser = super::demo::parse_backend)]
+    pub backend: patchover_core::BackendKind,
 }
 
 /// Steps whose time is the work itself, not orchestration.
@@ -69,7 +72,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             eprintln!("bench cycle: {s}");
         }
     };
-    let p = prepare(&a.dir, &say)?;
+    let p = prepare(&a.dir, a.backend, &say)?;
     let exe = std::env::current_exe()?;
     // An idempotent patch for every cycle after the first (which also applies demo-1.0.1).
     let stamp = a.dir.join("stamp-src");

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use patchover_bundle::create::{create_bundle, sign_bundle};
 use patchover_bundle::keys::{SigningKey, generate_keypair};
+use patchover_core::BackendKind;
 use patchover_lc::LcBackend;
 use patchover_net::Mode;
 use serde_json::json;
@@ -38,6 +39,18 @@ pub struct DemoArgs {
     /// How long the load runs, in seconds (the patch starts 2 s into it).
     #[arg(long, default_value_t = 30)]
     pub load_seconds: u64,
+    /// The kind of LC: `ns` (namespaces) or `qemu` (VMs; TCG where KVM does not work).
+    #[arg(long, default_value = "ns", value_parser = parse_backend)]
+    pub backend: BackendKind,
+}
+
+/// `ns` or `qemu`.
+pub fn parse_backend(s: &str) -> Result<BackendKind, String> {
+    match s {
+        "ns" => Ok(BackendKind::Ns),
+        "qemu" => Ok(BackendKind::Qemu),
+        _ => Err(format!("unknown backend {s:?}: use ns or qemu")),
+    }
 }
 
 const BRIDGE: &str = "podemo0";
@@ -64,7 +77,45 @@ fn sha256_hex(data: &[u8]) -> String {
 }
 
 /// Writes the demo's config and returns its path.
-fn write_config(dir: &Path, pubkey: &Path) -> anyhow::Result<PathBuf> {
+/// The demo's LCs: directories for `ns`, images and the image's kernel for `qemu`.
+struct Layout {
+    sys1: PathBuf,
+    app1: PathBuf,
+    sys2: PathBuf,
+    app2: PathBuf,
+    /// The `backend`, `kernel` and `initrd` lines of each LC.
+    boot: String,
+}
+
+impl Layout {
+    fn new(dir: &Path, backend: BackendKind) -> Layout {
+        match backend {
+            BackendKind::Ns => Layout {
+                sys1: dir.join("lc1-sys"),
+                app1: dir.join("lc1-app"),
+                sys2: dir.join("lc2-sys"),
+                app2: dir.join("lc2-app"),
+                boot: String::new(),
+            },
+            BackendKind::Qemu => {
+                let img = dir.join("qemu-image");
+                Layout {
+                    sys1: dir.join("lc1-sys.img"),
+                    app1: dir.join("lc1-app.img"),
+                    sys2: dir.join("lc2-sys.img"),
+                    app2: dir.join("lc2-app.img"),
+                    boot: format!(
+                        "backend = \"qemu\"\nkernel = \"{}\"\ninitrd = \"{}\"\n",
+                        img.join("vmlinuz").display(),
+                        img.join("initrd.img").display()
+                    ),
+                }
+            }
+        }
+    }
+}
+
+fn write_config(dir: &Path, pubkey: &Path, l: &Layout) -> anyhow::Result<PathBuf> {
     let d = dir.display();
     let text = format!(
         r#"# Written by `patchover demo`.
@@ -82,23 +133,28 @@ trusted_keys = ["{pk}"]
 
 [[lc]]
 id = "lc1"
-cpu = 0
+{boot}cpu = 0
 cpu_share = 50
 memory_mib = 256
-system_disk = {{ path = "{d}/lc1-sys" }}
-app_disk = {{ path = "{d}/lc1-app", mount = "/data" }}
+system_disk = {{ path = "{sys1}" }}
+app_disk = {{ path = "{app1}", mount = "/data" }}
 nic = [{{ name = "eth0", address = "{NET}.11/24" }}]
 
 [[lc]]
 id = "lc2"
-cpu = 1
+{boot}cpu = 1
 cpu_share = 50
 memory_mib = 256
-system_disk = {{ path = "{d}/lc2-sys" }}
-app_disk = {{ path = "{d}/lc2-app", mount = "/data" }}
+system_disk = {{ path = "{sys2}" }}
+app_disk = {{ path = "{app2}", mount = "/data" }}
 nic = [{{ name = "eth0", address = "{NET}.12/24" }}]
 "#,
-        pk = pubkey.display()
+        pk = pubkey.display(),
+        boot = l.boot,
+        sys1 = l.sys1.display(),
+        app1 = l.app1.display(),
+        sys2 = l.sys2.display(),
+        app2 = l.app2.display(),
     );
     let path = dir.join("patchover.toml");
     fs::write(&path, text)?;
@@ -253,7 +309,7 @@ pub struct Prepared {
 }
 
 /// Builds the demo's world in `dir` (wiped first).
-pub fn prepare(dir: &Path, say: &dyn Fn(&str)) -> anyhow::Result<Prepared> {
+pub fn prepare(dir: &Path, backend: BackendKind, say: &dyn Fn(&str)) -> anyhow::Result<Prepared> {
     stop_previous(dir);
     if dir.exists() {
         fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
@@ -263,7 +319,8 @@ pub fn prepare(dir: &Path, say: &dyn Fn(&str)) -> anyhow::Result<Prepared> {
     fs::create_dir_all(&keys)?;
     let (pubkey, seckey) = (keys.join("release.pub"), keys.join("release.key"));
     generate_keypair(&pubkey, &seckey, None).context("making the signing key")?;
-    let config_path = write_config(dir, &pubkey)?;
+    let layout = Layout::new(dir, backend);
+    let config_path = write_config(dir, &pubkey, &layout)?;
     let dctx = Ctx {
         config_path: config_path.clone(),
         json: true,
@@ -271,10 +328,32 @@ pub fn prepare(dir: &Path, say: &dyn Fn(&str)) -> anyhow::Result<Prepared> {
         direct: true,
     };
 
-    say("building the demo image (busybox, the agent, the demo service v1.0.0)");
-    super::image::build_demo(&dir.join("lc1-sys"), "1.0.0", 80, true)?;
-    for d in ["lc1-app", "lc2-sys", "lc2-app"] {
-        fs::create_dir_all(dir.join(d))?;
+    match backend {
+        BackendKind::Ns => {
+            say("building the demo image (busybox, the agent, the demo service v1.0.0)");
+            super::image::build_demo(&layout.sys1, "1.0.0", 80, true)?;
+            for d in [&layout.app1, &layout.sys2, &layout.app2] {
+                fs::create_dir_all(d)?;
+            }
+        }
+        BackendKind::Qemu => {
+            say(
+                "building the QEMU demo image (Debian's cloud kernel, busybox, the agent, the demo service v1.0.0)",
+            );
+            let img = super::image_qemu::build_demo_qemu(
+                &dir.join("qemu-image"),
+                "1.0.0",
+                80,
+                true,
+                None,
+            )?;
+            fs::copy(&img.system_disk, &layout.sys1)?;
+            fs::copy(&img.app_disk, &layout.app1)?;
+            // The standby's disks are made by the run's copies.
+            for d in [&layout.sys2, &layout.app2] {
+                fs::write(d, b"")?;
+            }
+        }
     }
 
     say("making and signing the bundle demo-1.0.1");
@@ -382,7 +461,7 @@ pub fn run(a: DemoArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         netns,
         service,
         ..
-    } = prepare(&a.dir, &say)?;
+    } = prepare(&a.dir, a.backend, &say)?;
     let load_secs = a.load_seconds.max(5);
     say(&format!(
         "driving load for {load_secs} s ({} reads/s + a writer) and patching lc1 meanwhile",

@@ -1,4 +1,7 @@
-//! A real QEMU for the tests: no guest, no CPU running, just block nodes and QMP.
+//! A real QEMU for the tests: no guest and no CPU running (`-S`), a disk on a virtio-blk device
+//! and QMP. The tests write "as the guest" with HMP `qemu-io -d` on the device's block backend:
+//! those writes take the guest's path through the mirror filter (`qemu-io` on a bare node name
+//! would not, and its temporary backend drains the node, which wakes a rate-limited job).
 
 #![allow(dead_code)] // each test binary uses a part
 
@@ -18,8 +21,9 @@ pub struct QemuGuard {
 }
 
 impl QemuGuard {
-    /// Starts `qemu-system-x86_64 -machine none` with a raw source image `src.img` of `size`
-    /// bytes filled by `fill` (file node `src-file`, format node `src`).
+    /// Starts `qemu-system-x86_64 -machine q35 -S` (TCG) with a raw source image `src.img` of
+    /// `size` bytes filled by `fill` (file node `src-file`, format node `src`) on a virtio-blk
+    /// device `src-dev`. The VM stays in `prelaunch`.
     pub fn start(size: usize, fill: &[u8]) -> QemuGuard {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src.img");
@@ -29,7 +33,8 @@ impl QemuGuard {
         f.sync_all().unwrap();
         let qmp_path = dir.path().join("qmp.sock");
         let child = Command::new("qemu-system-x86_64")
-            .args(["-machine", "none", "-nodefaults", "-display", "none"])
+            .args(["-machine", "q35", "-accel", "tcg", "-S", "-m", "64"])
+            .args(["-nodefaults", "-no-user-config", "-display", "none"])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
             .arg("-blockdev")
@@ -38,6 +43,7 @@ impl QemuGuard {
                 src.display()
             ))
             .args(["-blockdev", "driver=raw,file=src-file,node-name=src"])
+            .args(["-device", "virtio-blk-pci,drive=src,id=src-dev"])
             .stdin(Stdio::null())
             .stdout(Stdio::null()) // qemu-io (HMP) prints its reports here
             .stderr(Stdio::inherit())
@@ -95,11 +101,11 @@ impl Rng {
     }
 }
 
-/// Writes `len` bytes of `pattern` at `offset` of node `node` through HMP `qemu-io`, and applies
-/// the same write to `model`.
-pub fn hmp_write(
+/// Writes `len` bytes of `pattern` at `offset` through the virtio-blk device `dev` (HMP
+/// `qemu-io -d`), as the guest would, and applies the same write to `model`.
+pub fn guest_write(
     qmp: &mut Qmp,
-    node: &str,
+    dev: &str,
     pattern: u8,
     offset: usize,
     len: usize,
@@ -107,7 +113,7 @@ pub fn hmp_write(
 ) {
     let out = qmp
         .human_monitor_command(&format!(
-            "qemu-io {node} \"write -P 0x{pattern:02x} {offset} {len}\""
+            "qemu-io -d /machine/peripheral/{dev}/virtio-backend \"write -P 0x{pattern:02x} {offset} {len}\""
         ))
         .expect("qemu-io write");
     assert!(out.trim().is_empty(), "qemu-io said: {out}");
