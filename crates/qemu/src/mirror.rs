@@ -442,7 +442,7 @@ impl Mirror {
             }
         }
         let cut_start = Instant::now();
-        qmp.block_job_cancel(id, true)
+        qmp.block_job_cancel(id, false)
             .map_err(self.step("block-job-cancel (cut)"))?;
         let end = qmp
             .wait_event(
