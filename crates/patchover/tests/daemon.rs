@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Topo, guest_dir};
+use common::{BIN, Topo, guest_dir, http_ready};
 
 /// Parsed samples: (metric name, sorted labels) → value.
 type Samples = HashMap<(String, Vec<(String, String)>), f64>;
@@ -1529,9 +1529,67 @@ fn routed_verbs_give_the_same_json_through_the_daemon_and_direct() {
 fn bad_input_through_the_daemon_gets_the_direct_code_and_message() {
     let (t, d, _, _) = setup();
     let a = t.lcs[0].id.clone();
+    let b = t.lcs[1].id.clone();
     let bundle = t.dir.path().join("b.tar.zst");
     let bundle = bundle.to_str().unwrap();
+    // A bundle whose signature is malformed, and one changed after it was signed.
+    let dir = t.dir.path();
+    std::fs::copy(dir.join("b.tar.zst"), dir.join("badsig.tar.zst")).unwrap();
+    std::fs::write(dir.join("badsig.tar.zst.minisig"), "not a signature\n").unwrap();
+    let mut changed = std::fs::read(dir.join("b.tar.zst")).unwrap();
+    changed.extend_from_slice(b"tail");
+    std::fs::write(dir.join("changed.tar.zst"), changed).unwrap();
+    std::fs::copy(
+        dir.join("b.tar.zst.minisig"),
+        dir.join("changed.tar.zst.minisig"),
+    )
+    .unwrap();
+    let badsig = dir.join("badsig.tar.zst");
+    let badsig = badsig.to_str().unwrap();
+    let changed = dir.join("changed.tar.zst");
+    let changed = changed.to_str().unwrap();
+    // Through the API: 422 with the stable code, not 500.
+    for f in [badsig, changed] {
+        d.post("/v1/patches", &format!("{{\"file\":\"{f}\"}}"))
+            .error(422, "unprocessable");
+    }
     let cases: Vec<(Vec<&str>, &str, &str)> = vec![
+        (
+            vec!["patches", "import", badsig],
+            "/v1/patches",
+            "is not a minisign signature",
+        ),
+        (
+            vec!["patches", "import", changed],
+            "/v1/patches",
+            "the bundle was changed after it was signed",
+        ),
+        (
+            vec!["net", "switch", "nope", &b, "--mode", "readdress"],
+            "/v1/net/switch",
+            "unknown LC \"nope\"",
+        ),
+        (
+            vec!["net", "switch", &a, &b, "--mode", "readdress"],
+            "/v1/net/switch",
+            "is not running",
+        ),
+        (vec!["net", "back"], "/v1/net/back", "no switch recorded"),
+        (
+            vec!["service", "assign", "nope"],
+            "/v1/service/assign",
+            "unknown LC \"nope\"",
+        ),
+        (
+            vec!["lc", "attach-disk", "nope", "/tmp", "/mnt/x"],
+            "/v1/lcs/{id}/disks",
+            "unknown LC \"nope\"",
+        ),
+        (
+            vec!["lc", "attach-nic", &a, "eth0"],
+            "/v1/lcs/{id}/nics",
+            "already has a NIC named eth0",
+        ),
         (
             vec!["lc", "show", "nope"],
             "/v1/lcs/{id}",
@@ -1615,4 +1673,321 @@ fn bad_input_through_the_daemon_gets_the_direct_code_and_message() {
         po_via(&t.config, &["lc", "show", &a], false).json["state"],
         "stopped"
     );
+}
+
+/// The text of `/proc/net/fib_trie` inside LC `id`: the addresses it holds.
+fn addresses(config: &Path, id: &str) -> String {
+    let out = po_via(
+        config,
+        &["lc", "exec", id, "--", "cat", "/proc/net/fib_trie"],
+        true,
+    );
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    out.json["stdout"].as_str().unwrap().to_owned()
+}
+
+/// `service assign`, `runs recover`, `net switch|back` and `lc attach-disk|attach-nic` on
+/// real LCs, through the daemon and with --direct: the same JSON but for the timings, and the
+/// same effect (the service address moves, the directory and the NIC appear inside).
+#[test]
+fn switch_assign_recover_and_attach_through_the_daemon_and_direct() {
+    let (t, d, _, _) = setup();
+    let (a, b) = (t.lcs[0].id.clone(), t.lcs[1].id.clone());
+    let dir = t.dir.path();
+    let service = t.service();
+    for i in 0..2 {
+        t.build_image(i, "1.0.0");
+        let boot = po_via(&t.config, &["lc", "boot", &t.lcs[i].id], true);
+        assert_eq!(boot.code, Some(0), "{}", boot.stderr);
+    }
+
+    // The service address on a: the same answer both ways (assigning it again is a no-op).
+    let v = same_both_ways(
+        &d,
+        &t.config,
+        &["service", "assign", &a],
+        "/v1/service/assign",
+        &[],
+    );
+    assert_eq!(v["lc"], a.as_str());
+    assert!(addresses(&t.config, &a).contains(&service));
+    assert_eq!(
+        po_via(&t.config, &["lc", "show", &a], true).json["role"],
+        "active"
+    );
+
+    // Both services answer (they start in the background at boot).
+    for l in &t.lcs {
+        assert_eq!(http_ready(&l.address, "/version").0, 200);
+    }
+
+    // No unfinished run: nothing to recover, both ways.
+    let v = same_both_ways(&d, &t.config, &["runs", "recover"], "/v1/runs/recover", &[]);
+    assert_eq!(v, serde_json::json!([]));
+
+    // a -> b through the daemon, back directly; a -> b directly, back through the daemon.
+    let timing = ["pause_ms", "drain_ms", "first_request_ms", "window_ms"];
+    let fast = ["--port", "80", "--garp-refresh", "100ms"];
+    let switch: Vec<&str> = ["net", "switch", &a, &b, "--mode", "readdress"]
+        .into_iter()
+        .chain(fast)
+        .collect();
+    let back: Vec<&str> = ["net", "back"].into_iter().chain(fast).collect();
+    let mut outs = Vec::new();
+    for direct in [false, true] {
+        let n = served(&d, "/v1/net/switch");
+        let sw = po_via(&t.config, &switch, direct);
+        assert_eq!(sw.code, Some(0), "{} {}", sw.json, sw.stderr);
+        assert_eq!(
+            served(&d, "/v1/net/switch"),
+            n + f64::from(u8::from(!direct))
+        );
+        assert_eq!(sw.json["from"], a.as_str());
+        assert_eq!(sw.json["to"], b.as_str());
+        assert_eq!(sw.json["mode"], "readdress");
+        assert!(sw.json["pause_ms"].as_f64().is_some(), "{}", sw.json);
+        assert!(addresses(&t.config, &b).contains(&service), "moved to b");
+        assert!(!addresses(&t.config, &a).contains(&service), "gone from a");
+        // Back the other way: through the daemon when the switch was direct.
+        let n = served(&d, "/v1/net/back");
+        let bk = po_via(&t.config, &back, !direct);
+        assert_eq!(bk.code, Some(0), "{} {}", bk.json, bk.stderr);
+        assert_eq!(served(&d, "/v1/net/back"), n + f64::from(u8::from(direct)));
+        assert_eq!(bk.json["from"], b.as_str());
+        assert_eq!(bk.json["to"], a.as_str());
+        assert!(addresses(&t.config, &a).contains(&service), "back on a");
+        outs.push([steady(&sw.json, &timing), steady(&bk.json, &timing)]);
+    }
+    assert_eq!(
+        outs[0], outs[1],
+        "switch and back: through the daemon, then --direct"
+    );
+
+    // A host directory into a, at two places: through the daemon, then directly.
+    std::fs::create_dir_all(dir.join("share")).unwrap();
+    std::fs::write(dir.join("share/hello.txt"), "from the host\n").unwrap();
+    let mut outs = Vec::new();
+    for (direct, at) in [(false, "/mnt/s1"), (true, "/mnt/s2")] {
+        let n = served(&d, "/v1/lcs/{id}/disks");
+        // A relative source: the CLI resolves it, the daemon gets it whole.
+        let mut c = Command::new(BIN);
+        c.current_dir(dir)
+            .env("PATCHOVER_CONFIG", &t.config)
+            .arg("--json");
+        if direct {
+            c.arg("--direct");
+        }
+        let o = c
+            .args(["lc", "attach-disk", &a, "share", at])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        assert_eq!(
+            served(&d, "/v1/lcs/{id}/disks"),
+            n + f64::from(u8::from(!direct))
+        );
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["source"], dir.join("share").to_str().unwrap());
+        assert_eq!(v["at"], at);
+        let cat = po_via(
+            &t.config,
+            &["lc", "exec", &a, "--", "cat", &format!("{at}/hello.txt")],
+            true,
+        );
+        assert_eq!(cat.json["stdout"], "from the host\n", "{}", cat.stderr);
+        outs.push(steady(&v, &["at"]));
+    }
+    assert_eq!(outs[0], outs[1]);
+
+    // A NIC into a through the daemon, into b directly.
+    let mut outs = Vec::new();
+    for (direct, lc, addr) in [(false, &a, ".51"), (true, &b, ".52")] {
+        let address = format!("10.77.{}{addr}/24", t.net);
+        let n = served(&d, "/v1/lcs/{id}/nics");
+        let v = po_via(
+            &t.config,
+            &["lc", "attach-nic", lc, "eth1", "--address", &address],
+            direct,
+        );
+        assert_eq!(v.code, Some(0), "{}", v.stderr);
+        assert_eq!(
+            served(&d, "/v1/lcs/{id}/nics"),
+            n + f64::from(u8::from(!direct))
+        );
+        assert_eq!(v.json["host_port"], format!("po{lc}n1"));
+        assert_eq!(v.json["nic"]["name"], "eth1");
+        assert_eq!(v.json["nic"]["address"], address.as_str());
+        assert!(addresses(&t.config, lc).contains(&address[..address.len() - 3]));
+        let mut keys: Vec<String> = v.json.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        outs.push(keys);
+    }
+    assert_eq!(outs[0], outs[1]);
+    drop(d);
+    drop(t);
+}
+
+/// A feed served on loopback; `monitor run-once` through the daemon registers its bundle and
+/// makes an approval challenge; the approval link (its code from `approval-code`) taken by
+/// `GET /v1/approve` records the decision, marks the patch for the next run as the direct
+/// `approve` does, counts an accepted approval, and is not taken twice.
+#[test]
+fn an_approval_link_through_the_daemon_marks_the_patch() {
+    let (t, d, _, _) = setup();
+    let dir = t.dir.path();
+    let s = |p: &str| dir.join(p).to_str().unwrap().to_owned();
+    // A bundle signed with the release key, published in a feed signed with it too.
+    std::fs::create_dir_all(dir.join("src3/payload")).unwrap();
+    std::fs::write(
+        dir.join("src3/manifest.toml"),
+        "format = 1\nid = \"feed-1\"\ntitle = \"from the feed\"\ncategory = \"security\"\nseverity = \"critical\"\n\
+         published = 2026-11-22T10:00:00Z\n\n[[step]]\nkind = \"script\"\nfile = \"fix.sh\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("src3/payload/fix.sh"), "echo fixed\n").unwrap();
+    std::fs::create_dir_all(dir.join("www/feed")).unwrap();
+    let out = s("www/feed/feed-1.tar.zst");
+    run_cli(&t.config, &["bundle", "create", &s("src3"), "-o", &out]);
+    run_cli(
+        &t.config,
+        &["bundle", "sign", &out, "--key", &s("release.key")],
+    );
+    run_cli(
+        &t.config,
+        &[
+            "feed",
+            "publish",
+            &s("www/feed"),
+            "--key",
+            &s("release.key"),
+        ],
+    );
+    let port = free_port();
+    let mut server = Command::new("/usr/bin/python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(dir.join("www"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(&mut server);
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "http.server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::write(dir.join("secret"), "an approval secret for the test\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join("secret"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&t.config)
+            .unwrap();
+        writeln!(
+            f,
+            "\n[monitor]\nsecret_file = \"{}\"\n\n[[monitor.feeds]]\nname = \"local\"\nurl = \"http://127.0.0.1:{port}/feed/index.json\"\ntrusted_keys = [\"{}\"]",
+            s("secret"),
+            s("release.pub"),
+        )
+        .unwrap();
+    }
+
+    // One round through the daemon: fetched, registered, a challenge (no SMTP: not sent).
+    let n = served(&d, "/v1/monitor/run-once");
+    let r = po_via(&t.config, &["monitor", "run-once"], false);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(served(&d, "/v1/monitor/run-once"), n + 1.0);
+    let r = r.json;
+    assert_eq!(r["feeds"][0]["status"], "fetched", "{r}");
+    assert_eq!(r["feeds"][0]["registered"][0]["id"], "feed-1", "{r}");
+    let challenge = r["notices"][0]["challenge"].as_str().unwrap().to_owned();
+    assert_eq!(
+        po_via(&t.config, &["patches", "show", "feed-1"], true).json["apply_next"],
+        false
+    );
+
+    // The administrator's link, as the notice mail would carry it.
+    let code = run_cli(
+        &t.config,
+        &[
+            "approval-code",
+            &challenge,
+            "--decision",
+            "approve all",
+            "--link",
+            "http://patchover/v1/approve",
+        ],
+    );
+    let link = code["link"].as_str().unwrap();
+    let query = &link[link.find('?').unwrap()..];
+    // A wrong code first: refused, nothing decided.
+    let wrong = query.replace(
+        code["code"].as_str().unwrap(),
+        "AAAA-AAAA-AAAA-AAAA-AAAA-AAAA",
+    );
+    d.get(&format!("/v1/approve{wrong}"))
+        .error(403, "forbidden");
+    let ok = d.get(&format!("/v1/approve{query}"));
+    assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));
+    let v = ok.json();
+    assert_eq!(v["challenge"], challenge.as_str());
+    assert_eq!(v["decision"], "approve all");
+    assert_eq!(v["patches"], serde_json::json!(["feed-1"]));
+    assert_eq!(v["decided_by"], "link");
+    // The bundle names no LC and [monitor] lcs is empty: no run is started, and it says so.
+    assert_eq!(v["started"], serde_json::json!([]));
+    assert!(
+        v["start_errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("names no LC"),
+        "{v}"
+    );
+
+    // The effect, seen both ways: the patch is marked, the challenge used with its decision.
+    for direct in [false, true] {
+        let p = po_via(&t.config, &["patches", "show", "feed-1"], direct).json;
+        assert_eq!(p["apply_next"], true, "{p}");
+        let st = po_via(&t.config, &["monitor", "status"], direct).json;
+        let c = &st["challenges"][0];
+        assert_eq!(c["id"], challenge.as_str(), "{st}");
+        assert!(c["used_ms"].is_i64(), "{st}");
+        assert_eq!(c["decision"], "approve all");
+        assert_eq!(c["decided_by"], "link");
+        assert_eq!(c["failed_attempts"], 1);
+    }
+    let m = parse_prometheus(std::str::from_utf8(&d.get("/metrics").body).unwrap());
+    assert_eq!(
+        metric(&m, "patchover_approvals_total", &[("result", "accepted")]),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "patchover_approvals_total", &[("result", "refused")]),
+        1.0
+    );
+    assert_eq!(metric(&m, "patchover_mails_sent_total", &[]), 0.0);
+    // Single use: the same link again is refused.
+    d.get(&format!("/v1/approve{query}"))
+        .error(403, "forbidden");
+    drop(d);
+    drop(t);
 }

@@ -109,6 +109,42 @@ fn qemu_patch_under_load_then_roll_back() {
 }
 
 #[test]
+fn qemu_patch_in_path_mode_under_load() {
+    // Both VMs have one NIC identity (MAC and service address); the tap moves on the bridge.
+    let c = Cycle::qemu(2, "", true);
+    c.upgrade_bundle();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    c.t.po_ok(&["lc", "boot", &a]);
+    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    assert_eq!(version(&client, &svc), "1.0.0");
+    let load = Load::with_deadline(&client, svc.clone(), DEADLINE);
+    std::thread::sleep(Duration::from_millis(500));
+    let report = c.t.po_json(&["patch", &a, "--mode", "path"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, failures, acked) = load.finish();
+    assert_eq!(report["outcome"], "ok", "{report:#}");
+    assert!(
+        failures.is_empty(),
+        "{} failed of {}: {:?}",
+        failures.len(),
+        ok,
+        &failures[..failures.len().min(10)]
+    );
+    assert!(ok > 20, "the load ran: {ok}");
+    assert_eq!(version(&client, &svc), "1.0.1");
+    assert_all_there(&client, &svc, &acked);
+    assert!(
+        std::path::Path::new(&format!("/sys/class/net/po{b}n0/master")).exists(),
+        "the new VM's tap is on the bridge"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/sys/class/net/po{a}n0")).exists(),
+        "the old VM's tap went with it"
+    );
+}
+
+#[test]
 fn a_standby_vm_that_does_not_boot_leaves_the_service_on_the_active_vm() {
     let c = Cycle::qemu(2, "", false);
     c.start_service();

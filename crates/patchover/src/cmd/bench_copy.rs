@@ -1,16 +1,30 @@
 //! `patchover bench copy`: disk copy throughput against `cp -a`, reflink, freeze windows and the
 //! writer's throughput loss, all measured in one run (see `patchover_disk::bench`).
+//! `--backend qemu` measures the VM's copy (QEMU mirror jobs) instead: see [`super::bench_copy_qemu`].
 
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use patchover_disk::bench::{self, BenchConfig, WriterSpec};
 
 use super::Ctx;
+use super::bench_copy_qemu::{self, QemuArgs};
+
+/// Which kind of LC's disk copy to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CopyBackend {
+    /// The file copier of namespace LCs (fanotify write history).
+    Ns,
+    /// QEMU's mirror jobs on a VM's disk (the VM's own write tracking).
+    Qemu,
+}
 
 #[derive(Args)]
 pub struct BenchArgs {
+    /// The copier to measure.
+    #[arg(long, value_enum, default_value_t = CopyBackend::Ns)]
+    pub backend: CopyBackend,
     /// A CI-sized run: smaller tree and data file, fewer verified cuts (about 30 s).
     #[arg(long)]
     pub quick: bool,
@@ -20,6 +34,8 @@ pub struct BenchArgs {
     /// Internal: run as the benchmark's writer process with this spec (JSON).
     #[arg(long, hide = true, value_name = "SPEC")]
     pub internal_writer: Option<String>,
+    #[command(flatten)]
+    pub qemu: QemuArgs,
 }
 
 pub fn run(args: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
@@ -28,6 +44,9 @@ pub fn run(args: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         let r = bench::writer_main(&spec).context("writer")?;
         println!("{}", serde_json::to_string(&r)?);
         return Ok(ExitCode::SUCCESS);
+    }
+    if args.backend == CopyBackend::Qemu {
+        return bench_copy_qemu::run(args.cuts.unwrap_or(20), &args.qemu, ctx);
     }
     let exe = std::env::current_exe().context("find the patchover binary for the writer")?;
     let writer_cmd = vec![

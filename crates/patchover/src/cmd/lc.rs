@@ -1,8 +1,8 @@
 //! `patchover lc …`: the resource table and the LC lifecycle.
 //!
-//! `list`, `show`, `status`, `boot`, `reboot` and `stop` go through the daemon when one runs
-//! (see [`remote`]); each has one function that does it ([`list_json`], [`show_json`],
-//! [`act`]), called here or by the daemon, and one printer for its JSON.
+//! Every verb but `exec` goes through the daemon when one runs (see [`remote`]); each has one
+//! function that does it ([`list_json`], [`show_json`], [`act`], [`attach_disk`],
+//! [`attach_nic`]), called here or by the daemon, and one printer for its JSON.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -107,17 +107,28 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             action(ctx, &lc, LcAction::Reboot, &body)
         }
         LcCmd::Stop { lc } => action(ctx, &lc, LcAction::Stop, &LcActionBody::default()),
-        // attach-disk, attach-nic and exec act here: the API has no routes for them (exec
-        // runs the program with this terminal's stdin, stdout and stderr, which a JSON
-        // request cannot carry).
         LcCmd::AttachDisk { lc, source, at } => {
-            let env = Env::open(ctx)?;
-            let spec = env.lc(&lc)?;
-            env.backend.attach_disk(spec, &source, &at)?;
-            if ctx.json {
-                println!("{}", json!({"lc": lc, "source": source, "at": at}));
+            // The daemon reads the path itself: it gets it as this process sees it.
+            let source = std::path::absolute(&source)
+                .with_context(|| format!("cannot resolve {}", source.display()))?;
+            let v = remote::route(
+                ctx,
+                |c| {
+                    let path = format!("/v1/lcs/{}/disks", remote::segment(&lc));
+                    let body = json!({"source": source, "at": at});
+                    remote::call(c, "POST", &path, Some(&body))
+                },
+                || attach_disk(&Env::open(ctx)?, &lc, &source, &at),
+            )?;
+            if ctx.quiet {
+            } else if ctx.json {
+                println!("{v}");
             } else {
-                println!("{} attached to {lc} at {}", source.display(), at.display());
+                println!(
+                    "{} attached to {lc} at {}",
+                    text(&v["source"]),
+                    text(&v["at"])
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -127,32 +138,34 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             address,
             mac,
         } => {
-            let env = Env::open(ctx)?;
-            let spec = env.lc(&lc)?;
-            if spec.nics.iter().any(|n| n.name == name) {
-                return Err(
-                    super::BadInput(format!("LC {lc} already has a NIC named {name}")).into(),
-                );
-            }
-            let nic = patchover_core::NicSpec {
-                mac: mac
-                    .unwrap_or_else(|| patchover_core::MacAddr::derive(&format!("{lc}/{name}"))),
-                name,
-                address,
-                gateway: None,
-                detached: false,
-            };
-            let port = env.backend.attach_nic(spec, &nic)?;
-            if ctx.json {
-                println!("{}", json!({"lc": lc, "nic": nic, "host_port": port}));
+            let v = remote::route(
+                ctx,
+                |c| {
+                    let path = format!("/v1/lcs/{}/nics", remote::segment(&lc));
+                    let body = json!({
+                        "name": name,
+                        "address": address.map(|a| a.to_string()),
+                        "mac": mac.map(|m| m.to_string()),
+                    });
+                    remote::call(c, "POST", &path, Some(&body))
+                },
+                || attach_nic(&Env::open(ctx)?, &lc, &name, address, mac),
+            )?;
+            if ctx.quiet {
+            } else if ctx.json {
+                println!("{v}");
             } else {
                 println!(
-                    "{} plugged into {lc} as {} (host port {port})",
-                    nic.mac, nic.name
+                    "{} plugged into {lc} as {} (host port {})",
+                    text(&v["nic"]["mac"]),
+                    text(&v["nic"]["name"]),
+                    text(&v["host_port"])
                 );
             }
             Ok(ExitCode::SUCCESS)
         }
+        // exec acts here: it runs the program with this terminal's stdin, stdout and stderr,
+        // which a JSON request cannot carry.
         LcCmd::Exec { lc, argv } => {
             let env = Env::open(ctx)?;
             let spec = env.lc(&lc)?;
@@ -251,6 +264,50 @@ pub fn act(
     v["took_ms"] = json!(took_ms);
     v["agent_ms"] = json!(agent_ms);
     Ok(v)
+}
+
+/// Mounts host directory `source` into the running LC `id` at `at`: `lc attach-disk` and
+/// `POST /v1/lcs/{id}/disks`.
+pub fn attach_disk(
+    env: &Env,
+    id: &str,
+    source: &std::path::Path,
+    at: &std::path::Path,
+) -> anyhow::Result<serde_json::Value> {
+    if !source.is_absolute() {
+        return Err(super::BadInput(format!(
+            "{} is not an absolute path; give the directory's whole path",
+            source.display()
+        ))
+        .into());
+    }
+    let spec = env.lc(id)?;
+    env.backend.attach_disk(spec, source, at)?;
+    Ok(json!({"lc": id, "source": source, "at": at}))
+}
+
+/// Plugs NIC `name` into the running LC `id` and the host bridge (its MAC derived from the LC
+/// and the name unless given): `lc attach-nic` and `POST /v1/lcs/{id}/nics`.
+pub fn attach_nic(
+    env: &Env,
+    id: &str,
+    name: &str,
+    address: Option<patchover_core::Ipv4Cidr>,
+    mac: Option<patchover_core::MacAddr>,
+) -> anyhow::Result<serde_json::Value> {
+    let spec = env.lc(id)?;
+    if spec.nics.iter().any(|n| n.name == name) {
+        return Err(super::BadInput(format!("LC {id} already has a NIC named {name}")).into());
+    }
+    let nic = patchover_core::NicSpec {
+        mac: mac.unwrap_or_else(|| patchover_core::MacAddr::derive(&format!("{id}/{name}"))),
+        name: name.to_owned(),
+        address,
+        gateway: None,
+        detached: false,
+    };
+    let port = env.backend.attach_nic(spec, &nic)?;
+    Ok(json!({"lc": id, "nic": nic, "host_port": port}))
 }
 
 /// Waits for the agent when the image has one; returns how long that took.

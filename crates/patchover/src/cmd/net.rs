@@ -1,6 +1,9 @@
 //! `patchover net`: move the service between LCs (`switch`), hand it back (`back`), and set up
 //! the service NAT of `seamless` mode (`setup`). The switching itself lives in `patchover-net`;
 //! this file maps LCs of the config onto its endpoints.
+//!
+//! `switch` and `back` go through the daemon when one runs (see [`remote`]): [`switch_json`]
+//! and [`back_json`] are called here or by the daemon, and one printer prints their JSON.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Subcommand;
 use patchover_core::LcSpec;
+use patchover_daemon::api::{SwitchBackBody, SwitchBody, SwitchOptions};
 use patchover_lc::LcBackend;
 use patchover_load::parse_duration;
 use patchover_net::{
@@ -16,7 +20,7 @@ use patchover_net::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{BadInput, Ctx, Env};
+use super::{BadInput, Ctx, Env, remote};
 
 #[derive(Subcommand)]
 pub enum NetCmd {
@@ -63,6 +67,22 @@ pub struct SwitchOpts {
     /// Repeat the burst this long after the switch (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1s,5s", value_parser = parse_duration)]
     pub garp_refresh: Vec<Duration>,
+}
+
+impl SwitchOpts {
+    /// The API's form of the options (what both paths hand to [`switch_json`]).
+    pub fn options(&self) -> SwitchOptions {
+        let ms = |d: &Duration| d.as_millis() as u64;
+        SwitchOptions {
+            port: self.port,
+            check_path: self.check_path.clone(),
+            expect: self.expect.clone(),
+            drain_deadline_ms: ms(&self.drain_deadline),
+            garp_count: self.garp_count,
+            garp_interval_ms: ms(&self.garp_interval),
+            garp_refresh_ms: self.garp_refresh.iter().map(ms).collect(),
+        }
+    }
 }
 
 /// What `back` needs to know about the last switch.
@@ -113,7 +133,13 @@ fn endpoint(env: &Env, spec: &LcSpec) -> anyhow::Result<Endpoint> {
     })
 }
 
-fn plan(env: &Env, from: &str, to: &str, mode: Mode, o: &SwitchOpts) -> anyhow::Result<SwitchPlan> {
+fn plan(
+    env: &Env,
+    from: &str,
+    to: &str,
+    mode: Mode,
+    o: &SwitchOptions,
+) -> anyhow::Result<SwitchPlan> {
     let net = &env.config.network;
     let service = net.service_address.ok_or_else(|| {
         BadInput(format!(
@@ -144,10 +170,14 @@ fn plan(env: &Env, from: &str, to: &str, mode: Mode, o: &SwitchOpts) -> anyhow::
         check_from: None,
         garp: GarpConfig {
             count: o.garp_count,
-            interval: o.garp_interval,
-            refresh_after: o.garp_refresh.clone(),
+            interval: Duration::from_millis(o.garp_interval_ms),
+            refresh_after: o
+                .garp_refresh_ms
+                .iter()
+                .map(|&m| Duration::from_millis(m))
+                .collect(),
         },
-        drain_deadline: o.drain_deadline,
+        drain_deadline: Duration::from_millis(o.drain_deadline_ms),
         queue: 4242,
         lock_path: env.config.run_dir.join("net-switch.lock"),
     })
@@ -166,17 +196,19 @@ fn is_bad_input(e: &SwitchError) -> bool {
     )
 }
 
-fn do_switch(
+/// Moves the service from `from` to `to` and records the switch for `back`: `net switch` and
+/// `POST /v1/net/switch`. The switch report, and the thread sending the later gratuitous ARP
+/// bursts (the CLI waits for it before it exits; the daemon lets it run).
+pub fn switch_json(
     env: &Env,
-    ctx: &Ctx,
     from: &str,
     to: &str,
     mode: Mode,
-    o: &SwitchOpts,
-) -> anyhow::Result<ExitCode> {
+    o: &SwitchOptions,
+) -> anyhow::Result<(serde_json::Value, Option<std::thread::JoinHandle<()>>)> {
     let plan = plan(env, from, to, mode, o)?;
-    // The orchestrator drains services through the agent; from the CLI the switcher waits for
-    // the old LC's connections to close by themselves (up to --drain-deadline).
+    // The orchestrator drains services through the agent; here the switcher waits for the old
+    // LC's connections to close by themselves (up to the drain deadline).
     let mut svc = NoControl;
     let mut window = |_: &SwitchPlan| -> Result<(), patchover_net::BoxError> { Ok(()) };
     let mut hooks = Hooks {
@@ -198,50 +230,117 @@ fn do_switch(
     std::fs::create_dir_all(&env.config.state_dir).ok();
     std::fs::write(last_path(env), serde_json::to_vec(&last)?)
         .with_context(|| format!("cannot record the switch in {}", last_path(env).display()))?;
-    let r = &sw.report;
-    if ctx.json {
-        println!("{}", serde_json::to_string_pretty(r)?);
-    } else {
-        println!(
-            "switched {} -> {} ({}): pause {:.1} ms, drain {:.1} ms, first request after {:.1} ms, {} held connection(s) released",
-            r.from, r.to, r.mode, r.pause_ms, r.drain_ms, r.first_request_ms, r.held_syns
-        );
-        if r.leftover_connections > 0 {
-            println!(
-                "{} connection(s) still open on {} at the drain deadline",
-                r.leftover_connections, r.from
-            );
-        }
-    }
-    if let Some(h) = sw.refresh {
+    Ok((serde_json::to_value(&sw.report)?, sw.refresh))
+}
+
+/// Hands the service back to the LC the last switch moved it from: `net back` and
+/// `POST /v1/net/back`. As [`switch_json`].
+pub fn back_json(
+    env: &Env,
+    o: &SwitchOptions,
+) -> anyhow::Result<(serde_json::Value, Option<std::thread::JoinHandle<()>>)> {
+    let path = last_path(env);
+    let text = std::fs::read(&path).map_err(|_| {
+        BadInput(format!(
+            "no switch recorded in {}; nothing to hand back",
+            path.display()
+        ))
+    })?;
+    let last: LastSwitch =
+        serde_json::from_slice(&text).with_context(|| format!("reading {}", path.display()))?;
+    switch_json(env, &last.to, &last.from, last.mode, o)
+}
+
+/// Runs the switch here (waiting for the later ARP bursts) or through the daemon.
+fn direct(
+    r: anyhow::Result<(serde_json::Value, Option<std::thread::JoinHandle<()>>)>,
+) -> anyhow::Result<serde_json::Value> {
+    let (v, refresh) = r?;
+    if let Some(h) = refresh {
         // Later gratuitous ARP bursts: wait for them so neighbours that missed the first hear it.
         let _ = h.join();
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(v)
+}
+
+fn print_switch(ctx: &Ctx, r: &serde_json::Value) -> anyhow::Result<()> {
+    if ctx.quiet {
+    } else if ctx.json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        let ms = |k: &str| r[k].as_f64().unwrap_or_default();
+        let s = |k: &str| r[k].as_str().unwrap_or("?").to_owned();
+        println!(
+            "switched {} -> {} ({}): pause {:.1} ms, drain {:.1} ms, first request after {:.1} ms, {} held connection(s) released",
+            s("from"),
+            s("to"),
+            s("mode"),
+            ms("pause_ms"),
+            ms("drain_ms"),
+            ms("first_request_ms"),
+            r["held_syns"]
+        );
+        let left = r["leftover_connections"].as_u64().unwrap_or_default();
+        if left > 0 {
+            println!(
+                "{left} connection(s) still open on {} at the drain deadline",
+                s("from")
+            );
+        }
+    }
+    Ok(())
 }
 
 pub fn run(cmd: NetCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let env = Env::open(ctx)?;
     match cmd {
         NetCmd::Switch {
             from,
             to,
             mode,
             opts,
-        } => do_switch(&env, ctx, &from, &to, mode, &opts),
+        } => {
+            let o = opts.options();
+            let v = remote::route(
+                ctx,
+                |c| {
+                    let body = SwitchBody {
+                        from: from.clone(),
+                        to: to.clone(),
+                        mode: mode.to_string(),
+                        options: o.clone(),
+                    };
+                    remote::call(
+                        c,
+                        "POST",
+                        "/v1/net/switch",
+                        Some(&serde_json::to_value(body)?),
+                    )
+                },
+                || direct(switch_json(&Env::open(ctx)?, &from, &to, mode, &o)),
+            )?;
+            print_switch(ctx, &v)?;
+            Ok(ExitCode::SUCCESS)
+        }
         NetCmd::Back { opts } => {
-            let path = last_path(&env);
-            let text = std::fs::read(&path).map_err(|_| {
-                BadInput(format!(
-                    "no switch recorded in {}; nothing to hand back",
-                    path.display()
-                ))
-            })?;
-            let last: LastSwitch = serde_json::from_slice(&text)
-                .with_context(|| format!("reading {}", path.display()))?;
-            do_switch(&env, ctx, &last.to, &last.from, last.mode, &opts)
+            let o = opts.options();
+            let v = remote::route(
+                ctx,
+                |c| {
+                    let body = SwitchBackBody { options: o.clone() };
+                    remote::call(
+                        c,
+                        "POST",
+                        "/v1/net/back",
+                        Some(&serde_json::to_value(body)?),
+                    )
+                },
+                || direct(back_json(&Env::open(ctx)?, &o)),
+            )?;
+            print_switch(ctx, &v)?;
+            Ok(ExitCode::SUCCESS)
         }
         NetCmd::Setup { active } => {
+            let env = Env::open(ctx)?;
             let service = env.config.network.service_address.ok_or_else(|| {
                 BadInput("network.service_address is not set in the config".into())
             })?;

@@ -518,25 +518,25 @@ pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             }
         }
         RunsCmd::Recover => {
-            let mut env = Env::open(ctx)?;
-            let settings = settings_for(&env, 60)?;
-            let mut events = progress(ctx);
-            let mut o = Orchestrator {
-                config: &env.config,
-                store: &mut env.store,
-                backend: &env.backend,
-                settings: &settings,
-                events: &mut events,
-            };
-            let done = patchover_orchestrator::recover(&mut o)?;
+            let v = super::remote::route(
+                ctx,
+                |c| super::remote::call(c, "POST", "/v1/runs/recover", None),
+                || {
+                    Ok(serde_json::to_value(recover_runs(
+                        ctx,
+                        &mut progress(ctx),
+                    )?)?)
+                },
+            )?;
             if ctx.quiet {
             } else if ctx.json {
-                println!("{}", serde_json::to_string_pretty(&done)?);
-            } else if done.is_empty() {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if items(&v).is_empty() {
                 println!("no unfinished run to recover");
             } else {
-                for r in done {
-                    println!("run {}: {}", r.run_id, r.error.unwrap_or(r.outcome));
+                for r in items(&v) {
+                    let what = r["error"].as_str().or(r["outcome"].as_str());
+                    println!("run {}: {}", r["run_id"], what.unwrap_or("-"));
                 }
             }
         }
@@ -544,44 +544,73 @@ pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn run_service(cmd: ServiceCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+/// Finishes or rolls back the runs whose patchover died (a run another live patchover holds
+/// is left alone): `runs recover` and `POST /v1/runs/recover`. The reports of the runs dealt
+/// with (their JSON is the verb's and the route's answer).
+pub fn recover_runs(ctx: &Ctx, events: &mut dyn FnMut(&Event)) -> anyhow::Result<Vec<RunReport>> {
     let mut env = Env::open(ctx)?;
+    let settings = settings_for(&env, 60)?;
+    let mut o = Orchestrator {
+        config: &env.config,
+        store: &mut env.store,
+        backend: &env.backend,
+        settings: &settings,
+        events,
+    };
+    Ok(patchover_orchestrator::recover(&mut o)?)
+}
+
+/// Gives LC `lc` the service address and makes it the active LC (the first time; later the
+/// switches move it): `service assign` and `POST /v1/service/assign`.
+pub fn assign_json(env: &mut Env, lc: &str) -> anyhow::Result<serde_json::Value> {
+    let spec = env.lc(lc)?.clone();
+    let service = env
+        .config
+        .network
+        .service_address
+        .ok_or_else(|| BadInput("network.service_address is not set in the config".into()))?;
+    if let Some(other) = env
+        .store
+        .lcs()?
+        .into_iter()
+        .find(|r| r.role == Role::Active && r.spec.id != spec.id)
+        && env
+            .backend
+            .status(&other.spec)
+            .is_ok_and(|s| s.pid.is_some())
+    {
+        return Err(BadInput(format!(
+            "LC {} is the active LC; move the service with `patchover patch` or `patchover net switch`",
+            other.spec.id
+        ))
+        .into());
+    }
+    let ep = patchover_orchestrator::cycle_endpoint(&env.backend, &spec)?;
+    patchover_orchestrator::recover::assign_service(&ep.access, &ep.iface, ep.mac, service)?;
+    patchover_orchestrator::recover::ensure_bridge_address(&env.config)?;
+    env.store.set_role(spec.id.as_str(), Role::Active)?;
+    Ok(json!({"lc": lc, "service_address": service.to_string()}))
+}
+
+pub fn run_service(cmd: ServiceCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     match cmd {
         ServiceCmd::Assign { lc } => {
-            let spec = env.lc(&lc)?.clone();
-            let service = env.config.network.service_address.ok_or_else(|| {
-                BadInput("network.service_address is not set in the config".into())
-            })?;
-            if let Some(other) = env
-                .store
-                .lcs()?
-                .into_iter()
-                .find(|r| r.role == Role::Active && r.spec.id != spec.id)
-                && env
-                    .backend
-                    .status(&other.spec)
-                    .is_ok_and(|s| s.pid.is_some())
-            {
-                return Err(BadInput(format!(
-                    "LC {} is the active LC; move the service with `patchover patch` or `patchover net switch`",
-                    other.spec.id
-                ))
-                .into());
-            }
-            let ep = patchover_orchestrator::cycle_endpoint(&env.backend, &spec)?;
-            patchover_orchestrator::recover::assign_service(
-                &ep.access, &ep.iface, ep.mac, service,
+            let v = super::remote::route(
+                ctx,
+                |c| {
+                    let body = json!({"lc": lc});
+                    super::remote::call(c, "POST", "/v1/service/assign", Some(&body))
+                },
+                || assign_json(&mut Env::open(ctx)?, &lc),
             )?;
-            patchover_orchestrator::recover::ensure_bridge_address(&env.config)?;
-            env.store.set_role(spec.id.as_str(), Role::Active)?;
             if ctx.quiet {
             } else if ctx.json {
-                println!(
-                    "{}",
-                    json!({"lc": lc, "service_address": service.to_string()})
-                );
+                println!("{v}");
             } else {
-                println!("{lc} now holds the service address {service}");
+                println!(
+                    "{lc} now holds the service address {}",
+                    v["service_address"].as_str().unwrap_or("?")
+                );
             }
         }
     }

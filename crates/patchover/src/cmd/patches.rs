@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Subcommand;
-use patchover_bundle::{BundlesConfig, verify_bundle};
+use patchover_bundle::{BundlesConfig, VerifyError, verify_bundle};
 use patchover_store::{NewPatch, PatchRow, Store};
 use serde_json::json;
 
@@ -237,8 +237,16 @@ pub fn import(
         ))
         .into());
     }
-    let verified = verify_bundle(file, &keys, &bundles.limits)
-        .with_context(|| format!("bundle {} is not imported", file.display()))?;
+    let verified = verify_bundle(file, &keys, &bundles.limits).map_err(|e| {
+        let bad = is_bad_bundle(&e);
+        let e =
+            anyhow::Error::from(e).context(format!("bundle {} is not imported", file.display()));
+        if bad {
+            BadInput(format!("{e:#}")).into()
+        } else {
+            e
+        }
+    })?;
     let m = verified.manifest();
     if store.patch(m.id.as_str())?.is_some() {
         return Err(BadInput(format!(
@@ -267,6 +275,18 @@ pub fn import(
     let mut v = row_json(&row);
     v["key_id"] = json!(verified.key_id().to_string());
     Ok(v)
+}
+
+/// Whether a bundle was refused for what it is (a signature that does not verify or is
+/// malformed, a bad archive, too large, or no such file): bad input, exit code 2 and 422
+/// through the API. Only a failure to read an existing file is the host's.
+fn is_bad_bundle(e: &VerifyError) -> bool {
+    match e {
+        VerifyError::Signature { .. }
+        | VerifyError::Archive { .. }
+        | VerifyError::TooLarge { .. } => true,
+        VerifyError::Read { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+    }
 }
 
 /// A JSON value as table text: strings as they are, null as `-`.

@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use patchover_daemon::api::{ImportBody, MarksBody, RollbackBody, RunBody};
+use patchover_daemon::api::{
+    AssignBody, AttachDiskBody, AttachNicBody, ImportBody, MarksBody, RollbackBody, RunBody,
+    SwitchBackBody, SwitchBody,
+};
 use patchover_daemon::metrics::RunFigures;
 use patchover_daemon::{ApiError, Command, DaemonConfig, Dispatch, ErrorCode, Hub, Reply};
 use patchover_monitor::poll::FeedStatus;
@@ -419,6 +422,73 @@ impl Daemon {
                 super::monitor::status_json(&self.ctx()).map_err(api_error)?,
             )),
             Command::Approve { query } => self.approve(&query),
+            Command::NetSwitch(SwitchBody {
+                from,
+                to,
+                mode,
+                options,
+            }) => {
+                let mode = Self::mode(Some(&mode))?;
+                let env = self.env()?;
+                // The later gratuitous ARP bursts go on in the daemon after the answer.
+                let (v, _refresh) =
+                    super::net::switch_json(&env, &from, &to, mode, &options).map_err(api_error)?;
+                self.hub.publish("switch", &v);
+                Ok(Reply::ok(v))
+            }
+            Command::NetBack(SwitchBackBody { options }) => {
+                let env = self.env()?;
+                let (v, _refresh) = super::net::back_json(&env, &options).map_err(api_error)?;
+                self.hub.publish("switch", &v);
+                Ok(Reply::ok(v))
+            }
+            Command::AssignService(AssignBody { lc }) => Ok(Reply::ok(
+                super::patch::assign_json(&mut self.env()?, &lc).map_err(api_error)?,
+            )),
+            Command::RecoverRuns => {
+                let h = self.hub.clone();
+                let mut events = move |e: &Event| {
+                    h.publish("step", &serde_json::to_value(e).unwrap_or_default())
+                };
+                let done =
+                    super::patch::recover_runs(&self.ctx(), &mut events).map_err(api_error)?;
+                for r in &done {
+                    record_run(&self.hub, r);
+                }
+                Ok(Reply::ok(serde_json::to_value(&done).unwrap_or_default()))
+            }
+            Command::AttachDisk {
+                id,
+                body: AttachDiskBody { source, at },
+            } => Ok(Reply::ok(
+                super::lc::attach_disk(
+                    &self.env()?,
+                    &id,
+                    std::path::Path::new(&source),
+                    std::path::Path::new(&at),
+                )
+                .map_err(api_error)?,
+            )),
+            Command::AttachNic {
+                id,
+                body: AttachNicBody { name, address, mac },
+            } => {
+                let invalid = |what: &str, e: String| {
+                    ApiError::new(ErrorCode::InvalidBody, format!("{what}: {e}"))
+                };
+                let address = address
+                    .map(|a| a.parse::<patchover_core::Ipv4Cidr>())
+                    .transpose()
+                    .map_err(|e| invalid("address", e.to_string()))?;
+                let mac = mac
+                    .map(|m| m.parse::<patchover_core::MacAddr>())
+                    .transpose()
+                    .map_err(|e| invalid("mac", e.to_string()))?;
+                Ok(Reply::ok(
+                    super::lc::attach_nic(&self.env()?, &id, &name, address, mac)
+                        .map_err(api_error)?,
+                ))
+            }
         }
     }
 }
