@@ -508,7 +508,10 @@ impl Validator<'_> {
         }
         owners.insert(norm, format!("LC {id}"));
         let kind = raw.kind.unwrap_or_else(|| {
-            if path.extension().is_some_and(|e| e == "img" || e == "raw" || e == "qcow2") {
+            if path
+                .extension()
+                .is_some_and(|e| e == "img" || e == "raw" || e == "qcow2")
+            {
                 DiskKind::Image
             } else {
                 DiskKind::Dir

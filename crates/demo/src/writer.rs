@@ -103,7 +103,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<WriterArgs, Strin
     if w.threads == 0 || w.threads > 64 {
         return Err(format!("--threads {} must be 1..=64", w.threads));
     }
-    if !(w.rate_mib >= 0.0 && w.rate_mib.is_finite()) {
+    if w.rate_mib.is_nan() || w.rate_mib < 0.0 || w.rate_mib.is_infinite() {
         return Err(format!("--rate-mib {} must be ≥ 0", w.rate_mib));
     }
     if w.interval.is_zero() {

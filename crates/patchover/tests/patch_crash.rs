@@ -28,10 +28,26 @@ impl Rng {
 
 #[test]
 fn sigkill_at_random_points_never_interrupts_the_service() {
-    let points: u32 = std::env::var("PATCHOVER_CRASH_POINTS")
+    let points = env_or("PATCHOVER_CRASH_POINTS", 20);
+    crash_at_random_points(Cycle::new(2, ""), points, Duration::from_millis(7000));
+}
+
+/// The same on QEMU LCs: a cycle takes ≈ 20 s under TCG, so fewer points spread over longer.
+#[test]
+fn sigkill_at_random_points_never_interrupts_the_service_on_qemu() {
+    let points = env_or("PATCHOVER_QEMU_CRASH_POINTS", 4);
+    crash_at_random_points(Cycle::qemu(2, "", false), points, Duration::from_secs(22));
+}
+
+fn env_or(name: &str, default: u32) -> u32 {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(default)
+}
+
+/// Runs `points` patch cycles, each SIGKILLed after a random delay below `max_delay`.
+fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration) {
     let seed = std::env::var("PATCHOVER_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -45,7 +61,6 @@ fn sigkill_at_random_points_never_interrupts_the_service() {
     eprintln!("crash points: {points}, seed: {seed} (rerun with PATCHOVER_CRASH_SEED={seed})");
     let mut rng = Rng(seed);
 
-    let c = Cycle::new(2, "");
     // An idempotent patch, so that every cycle can apply it again.
     c.bundle(
         "stamp-1",
@@ -70,7 +85,7 @@ fn sigkill_at_random_points_never_interrupts_the_service() {
             .unwrap()
             .to_owned();
         c.t.po_ok(&["patches", "mark", "stamp-1"]);
-        let delay = Duration::from_millis(rng.below(7000));
+        let delay = Duration::from_millis(rng.below(max_delay.as_millis() as u64));
         let mut child = Command::new(BIN)
             .env("PATCHOVER_CONFIG", &c.t.config)
             .env("PATCHOVER_GUEST_DIR", guest_dir())

@@ -599,6 +599,23 @@ impl<H: Host> QemuBackend<H> {
         }
     }
 
+    /// Runs a shell script in the guest; a non-zero exit is the error of `step`.
+    fn guest_sh(&self, spec: &LcSpec, step: &'static str, script: String) -> Result<(), LcError> {
+        let out = self.exec(
+            spec,
+            &["/bin/sh".to_owned(), "-c".to_owned(), script],
+            Stdio::Capture,
+        )?;
+        if out.status == Some(0) {
+            return Ok(());
+        }
+        Err(LcError::Host {
+            lc: spec.id.clone(),
+            step,
+            source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        })
+    }
+
     fn uptime_s(&self, st: &RuntimeState) -> Option<f64> {
         let up: f64 = self
             .host
@@ -861,21 +878,7 @@ impl<H: Host> LcBackend for QemuBackend<H> {
              mkdir -p '{at}' && mount \"$d\" '{at}'",
             at = at.display()
         );
-        let out = self.exec(
-            spec,
-            &["/bin/sh".to_owned(), "-c".to_owned(), script],
-            Stdio::Capture,
-        )?;
-        if out.status != Some(0) {
-            return Err(LcError::Host {
-                lc: spec.id.clone(),
-                step: "mounting the disk in the guest",
-                source: std::io::Error::other(
-                    String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                ),
-            });
-        }
-        Ok(())
+        self.guest_sh(spec, "mounting the disk in the guest", script)
     }
 
     fn attach_nic(&self, spec: &LcSpec, nic: &NicSpec) -> Result<String, LcError> {
@@ -940,21 +943,7 @@ impl<H: Host> LcBackend for QemuBackend<H> {
                 mac = nic.mac,
                 name = nic.name
             );
-            let out = self.exec(
-                spec,
-                &["/bin/sh".to_owned(), "-c".to_owned(), script],
-                Stdio::Capture,
-            )?;
-            if out.status != Some(0) {
-                return Err(LcError::Host {
-                    lc: spec.id.clone(),
-                    step: "configuring the NIC in the guest",
-                    source: std::io::Error::other(
-                        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                    ),
-                });
-            }
-            Ok(())
+            self.guest_sh(spec, "configuring the NIC in the guest", script)
         })();
         if let Err(e) = done {
             let _ = self.host.delete_link(&port);

@@ -5,7 +5,10 @@
 //!    fills a `--file-mib` file on it (in the guest, `dd`), and starts `patchover-demo writer` in
 //!    the guest: random 4 KiB `O_DIRECT` writes to that file at `--rate-mib`, plus small-file
 //!    churn on the same disk;
-//! 2. measures the writer alone (the baseline), then while mirror jobs run;
+//! 2. measures the writer alone (a continuous baseline), then while mirror jobs run, and in
+//!    *control phases* interleaved with the copies: as long as the copy phase before, with the
+//!    same readings and a pause/resume at the end, but no mirror (so the readings' own cost in
+//!    the guest and the host's load at the time weigh on both alike);
 //! 3. cuts `--cuts` times as the patch cycle does (`patchover_orchestrator`'s `MirrorJob`):
 //!    mirror start (background; write-blocking if it does not converge) → ready → pause the
 //!    guest (`LcBackend::set_frozen`) → non-forced cancel (a point-in-time copy) → *compare the
@@ -62,6 +65,17 @@ pub struct QemuArgs {
     /// qemu: how long each ready mirror keeps in sync with the writer before its cut (ms).
     #[arg(long, default_value_t = 1000)]
     pub hold_ms: u64,
+    /// qemu: the mirror's dirty-tracking granularity in bytes (0: QEMU's default, 64 KiB on a
+    /// raw image, which makes each random 4 KiB write cost a 64 KiB copy).
+    #[arg(long, default_value_t = 4096)]
+    pub granularity: u32,
+    /// qemu: the mirror's copy rate limit in MiB/s (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub speed_mib: u64,
+    /// qemu: start every mirror write-blocking (each guest write reaches both images before it
+    /// completes) instead of background.
+    #[arg(long)]
+    pub write_blocking: bool,
     /// qemu: an image directory from `patchover image build-demo --qemu` (default: build one).
     #[arg(long, value_name = "DIR")]
     pub image: Option<PathBuf>,
@@ -83,6 +97,8 @@ pub struct QemuBenchReport {
     pub identical: Identical,
     pub bulk: BulkFigures,
     pub copy_modes: CopyModes,
+    /// The mirrors' dirty-tracking granularity (bytes; 0: QEMU's default).
+    pub granularity: u32,
     pub goals: Goals,
 }
 
@@ -91,14 +107,25 @@ pub struct WriterFigures {
     pub target_mib_s: f64,
     pub threads: u32,
     pub io: &'static str,
-    /// The writer alone, no copy running.
+    /// The writer alone, no copy running, read at the start and end of one long window.
     pub baseline_mib_s: f64,
     pub baseline_secs: f64,
+    /// The control phases: no copy, same length and readings as the copy phases, interleaved.
+    pub control_mib_s: f64,
+    pub control_secs: f64,
     /// While the mirror jobs ran (start → just before each pause), guest time.
     pub during_copy_mib_s: f64,
     pub during_copy_secs: f64,
+    /// The same split: mirror start → ready (the bulk copy), and ready → pause (in sync).
+    pub until_ready_mib_s: f64,
+    pub until_ready_secs: f64,
+    pub in_sync_mib_s: f64,
+    pub in_sync_secs: f64,
+    /// 1 − during_copy ÷ control.
     pub loss: f64,
-    /// Bytes of the copy phases over their time plus the freeze windows.
+    /// 1 − during_copy ÷ baseline.
+    pub loss_vs_baseline: f64,
+    /// Bytes of the copy phases over their time plus the freeze windows (loss against control).
     pub with_freeze_mib_s: f64,
     pub loss_with_freeze: f64,
     /// Small files created (and fsynced) per second during the baseline.
@@ -120,6 +147,8 @@ pub struct FreezeFigures {
     pub pause_call_p50_ms: f64,
     pub cut_p50_ms: f64,
     pub resume_call_p50_ms: f64,
+    /// Pause → resume with no cut (the control phases): the floor under the windows above.
+    pub pause_resume_only_p50_ms: f64,
     /// Every window, in cut order.
     pub windows_ms: Vec<f64>,
 }
@@ -200,8 +229,12 @@ fn ms(d: Duration) -> f64 {
 /// Compares two images byte for byte; `None` when equal, else where they first differ.
 pub fn compare_images(a: &Path, b: &Path) -> anyhow::Result<Option<String>> {
     let (la, lb) = (
-        fs::metadata(a).with_context(|| format!("stat {}", a.display()))?.len(),
-        fs::metadata(b).with_context(|| format!("stat {}", b.display()))?.len(),
+        fs::metadata(a)
+            .with_context(|| format!("stat {}", a.display()))?
+            .len(),
+        fs::metadata(b)
+            .with_context(|| format!("stat {}", b.display()))?
+            .len(),
     );
     if la != lb {
         return Ok(Some(format!("sizes differ: {la} vs {lb} bytes")));
@@ -224,7 +257,11 @@ pub fn compare_images(a: &Path, b: &Path) -> anyhow::Result<Option<String>> {
         rb.map_err(|_| anyhow::anyhow!("reader thread panicked"))?
             .with_context(|| format!("read {}", b.display()))?;
         if ba[..n] != bb[..n] {
-            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y).unwrap_or(0);
+            let i = ba[..n]
+                .iter()
+                .zip(&bb[..n])
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
             return Ok(Some(format!("first difference at byte {}", off + i as u64)));
         }
         off += n as u64;
@@ -308,7 +345,12 @@ impl Drop for Rig {
                 .output();
         }
         // The LC's own group went with stop; its parent is ours alone.
-        for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpuset", "/sys/fs/cgroup/memory"] {
+        for root in [
+            "/sys/fs/cgroup",
+            "/sys/fs/cgroup/cpu",
+            "/sys/fs/cgroup/cpuset",
+            "/sys/fs/cgroup/memory",
+        ] {
             let _ = fs::remove_dir(Path::new(root).join(&self.cgroup_parent));
         }
         if self.remove_work {
@@ -318,9 +360,7 @@ impl Drop for Rig {
 }
 
 fn run_tool(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}): {}",
@@ -368,8 +408,10 @@ fn unique() -> String {
 fn mirror_ready(
     qmp: &mut Qmp,
     target: &Path,
+    a: &QemuArgs,
     mut say: impl FnMut(&str),
 ) -> anyhow::Result<(Mirror, CopyMode, patchover_qemu::Progress)> {
+    let granularity = (a.granularity > 0).then_some(a.granularity);
     let spec = |mode| MirrorSpec {
         job_id: "bench-app".to_owned(),
         device_node: "app".to_owned(),
@@ -377,16 +419,21 @@ fn mirror_ready(
         target_node: "bench-app-copy".to_owned(),
         format: ImageFormat::Raw,
         copy_mode: mode,
-        speed: 0,
+        speed: a.speed_mib << 20,
     };
-    let mut m = Mirror::start(qmp, spec(CopyMode::Background)).context("mirror start")?;
+    let first = if a.write_blocking {
+        CopyMode::WriteBlocking
+    } else {
+        CopyMode::Background
+    };
+    let mut m = Mirror::start_granular(qmp, spec(first), granularity).context("mirror start")?;
     match m.wait_ready(qmp, CONVERGE) {
-        Ok(p) => Ok((m, CopyMode::Background, p)),
+        Ok(p) => Ok((m, first, p)),
         Err(MirrorError::NotConverging { .. }) => {
             say("the mirror does not converge; starting again write-blocking");
             m.abort(qmp).context("mirror abort")?;
-            let mut m =
-                Mirror::start(qmp, spec(CopyMode::WriteBlocking)).context("mirror start")?;
+            let mut m = Mirror::start_granular(qmp, spec(CopyMode::WriteBlocking), granularity)
+                .context("mirror start")?;
             match m.wait_ready(qmp, CONVERGE) {
                 Ok(p) => Ok((m, CopyMode::WriteBlocking, p)),
                 Err(e) => {
@@ -427,24 +474,35 @@ pub fn run(cuts: usize, a: &QemuArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     );
     println!("                measured as: {}", f.measured_as);
     println!(
-        "                p50 parts: QMP stop {:.1} ms, cut {:.1} ms, QMP cont {:.1} ms; host compare (excluded) {:.0} ms",
-        f.pause_call_p50_ms, f.cut_p50_ms, f.resume_call_p50_ms, f.compare_p50_ms
+        "                p50 parts: QMP stop {:.1} ms, cut {:.1} ms, QMP cont {:.1} ms; host compare (excluded) {:.0} ms; pause+resume alone {:.1} ms",
+        f.pause_call_p50_ms,
+        f.cut_p50_ms,
+        f.resume_call_p50_ms,
+        f.compare_p50_ms,
+        f.pause_resume_only_p50_ms
     );
     let w = &r.writer;
     println!(
-        "writer          target {:.0} MiB/s ({} threads, {}), {:.2} MiB/s alone ({:.0} s), {:.2} MiB/s while the mirror runs ({:.0} s) → {:.1}% loss   (goal ≤ 10%: {}); {:.2} MiB/s with the freeze windows ({:.1}% loss); {:.0} small files/s",
+        "writer          target {:.0} MiB/s ({} threads, {}), {:.2} MiB/s alone ({:.0} s), {:.2} MiB/s in control phases ({:.0} s), {:.2} MiB/s while the mirror runs ({:.0} s) → {:.1}% loss vs control, {:.1}% vs alone   (goal ≤ 10%: {}); {:.2} MiB/s with the freeze windows ({:.1}% loss); {:.0} small files/s",
         w.target_mib_s,
         w.threads,
         w.io,
         w.baseline_mib_s,
         w.baseline_secs,
+        w.control_mib_s,
+        w.control_secs,
         w.during_copy_mib_s,
         w.during_copy_secs,
         w.loss * 100.0,
+        w.loss_vs_baseline * 100.0,
         met(r.goals.writer_loss_le_10pct),
         w.with_freeze_mib_s,
         w.loss_with_freeze * 100.0,
         w.churn_files_per_s
+    );
+    println!(
+        "                while copying: {:.2} MiB/s until ready ({:.1} s), {:.2} MiB/s once in sync ({:.1} s)",
+        w.until_ready_mib_s, w.until_ready_secs, w.in_sync_mib_s, w.in_sync_secs
     );
     println!(
         "identical       {}/{} cuts{}   (goal all: {})",
@@ -468,14 +526,14 @@ pub fn run(cuts: usize, a: &QemuArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         b.ratio
     );
     println!(
-        "                accel {}; mirrors: {} background, {} write-blocking",
-        r.accel, r.copy_modes.background, r.copy_modes.write_blocking
+        "                accel {}; mirrors: {} background, {} write-blocking, granularity {} B",
+        r.accel, r.copy_modes.background, r.copy_modes.write_blocking, r.granularity
     );
     Ok(ExitCode::SUCCESS)
 }
 
 fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBenchReport> {
-    if a.file_mib == 0 || !(a.rate_mib > 0.0) || a.writer_threads == 0 {
+    if a.file_mib == 0 || a.rate_mib.is_nan() || a.rate_mib <= 0.0 || a.writer_threads == 0 {
         bail!(super::BadInput(
             "--file-mib, --rate-mib and --writer-threads must be positive".to_owned()
         ));
@@ -483,7 +541,10 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
     let u = unique();
     let (work, remove_work) = match &a.work_dir {
         Some(d) => (d.clone(), false),
-        None => (PathBuf::from(format!("/var/tmp/patchover-bench-qemu-{u}")), true),
+        None => (
+            PathBuf::from(format!("/var/tmp/patchover-bench-qemu-{u}")),
+            true,
+        ),
     };
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let work = work.canonicalize()?;
@@ -545,7 +606,9 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
 
     say("booting the VM");
     rig.booted = true;
-    rig.backend.boot(&rig.spec).context("booting the bench VM")?;
+    rig.backend
+        .boot(&rig.spec)
+        .context("booting the bench VM")?;
     rig.backend
         .wait_agent(&rig.spec, Duration::from_secs(120))
         .context("waiting for the guest agent")?;
@@ -557,11 +620,31 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
     say(&format!("filling a {} MiB file in the guest", a.file_mib));
     let file = format!("{GUEST_FILE_DIR}/big");
     let t = Instant::now();
+    // In the background: one agent call must answer within seconds.
     rig.exec(&format!(
-        "mkdir -p {GUEST_FILE_DIR} && dd if=/dev/zero of={file} bs=1048576 count={} conv=fsync 2>&1 && sync",
+        "mkdir -p {GUEST_FILE_DIR} && rm -f /tmp/po-fill.rc && \
+         (dd if=/dev/zero of={file} bs=1048576 count={} conv=fsync >/tmp/po-fill.log 2>&1; \
+          echo $? >/tmp/po-fill.rc) </dev/null >/dev/null 2>&1 &",
         a.file_mib
     ))?;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let rc = rig.exec("cat /tmp/po-fill.rc 2>/dev/null || true")?;
+        match rc.trim() {
+            "" if t.elapsed() < Duration::from_secs(900) => continue,
+            "" => bail!("filling {file} in the guest took more than 15 min"),
+            "0" => break,
+            rc => bail!(
+                "dd of {file} in the guest exited with {rc}: {}",
+                rig.exec("cat /tmp/po-fill.log").unwrap_or_default().trim()
+            ),
+        }
+    }
     say(&format!("filled in {:.1} s", t.elapsed().as_secs_f64()));
+    // Let the fill settle (the host writing the image's dirty pages back, the guest's ext4
+    // journal) so that it does not weigh on the baseline.
+    rig.exec("sync")?;
+    run_tool(Command::new("sync").arg(&app))?;
 
     // 2. The writer, and its baseline.
     let pid = rig
@@ -573,7 +656,7 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
         ))?
         .trim()
         .to_owned();
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_secs(3));
     rig.writer_alive(&pid)?;
     say(&format!("writer alone for {:.0} s", a.baseline_secs));
     let b0 = rig.sample(&pid)?;
@@ -585,7 +668,9 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
     }
     let baseline = (b1.bytes - b0.bytes) / 1048576.0 / baseline_secs;
     let churn_rate = (b1.churn - b0.churn) / baseline_secs;
-    say(&format!("writer alone: {baseline:.2} MiB/s, {churn_rate:.0} files/s"));
+    say(&format!(
+        "writer alone: {baseline:.2} MiB/s, {churn_rate:.0} files/s"
+    ));
 
     // 3. cp of the same image, for the bulk comparison.
     let cp_dst = work.join("cp.img");
@@ -607,6 +692,9 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
     let (mut compares, mut pauses, mut cut_ms, mut resumes) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut copy_bytes, mut copy_ms) = (0.0, 0.0);
+    let (mut bulk_bytes, mut bulk_ms, mut sync_bytes, mut sync_ms) = (0.0, 0.0, 0.0, 0.0);
+    let (mut ctl_bytes, mut ctl_ms) = (0.0, 0.0);
+    let mut bare_pauses = Vec::new();
     let mut identical = 0;
     let mut first_difference = None;
     let mut modes = CopyModes {
@@ -617,7 +705,8 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
     for i in 0..cuts {
         let s0 = rig.sample(&pid)?;
         let t0 = Instant::now();
-        let (mirror, mode, progress) = mirror_ready(&mut qmp, &target, say)?;
+        let phase = Instant::now();
+        let (mirror, mode, progress) = mirror_ready(&mut qmp, &target, a, say)?;
         let ready = t0.elapsed();
         match mode {
             CopyMode::Background => modes.background += 1,
@@ -626,28 +715,29 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
         if bulk.is_none() {
             bulk = Some((ready.as_secs_f64(), progress.offset));
         }
+        let sr = rig.sample(&pid)?;
         std::thread::sleep(Duration::from_millis(a.hold_ms));
+        let phase = phase.elapsed();
         let s1 = rig.sample(&pid)?;
         copy_bytes += s1.bytes - s0.bytes;
         copy_ms += s1.ms - s0.ms;
+        bulk_bytes += sr.bytes - s0.bytes;
+        bulk_ms += sr.ms - s0.ms;
+        sync_bytes += s1.bytes - sr.bytes;
+        sync_ms += s1.ms - sr.ms;
 
         let t_freeze = Instant::now();
         let frozen = rig.backend.set_frozen(&rig.spec, true);
         let t_paused = Instant::now();
         let cut = match frozen {
-            Ok(()) => mirror
-                .cut(&mut qmp, Duration::from_secs(60))
-                .context("cut"),
+            Ok(()) => mirror.cut(&mut qmp, Duration::from_secs(60)).context("cut"),
             Err(e) => {
                 let _ = mirror.abort(&mut qmp);
                 Err(e).context("pausing the guest")
             }
         };
         let t_cut = Instant::now();
-        let cmp = cut
-            .as_ref()
-            .ok()
-            .map(|_| compare_images(&app, &target));
+        let cmp = cut.as_ref().ok().map(|_| compare_images(&app, &target));
         let t_cmp = Instant::now();
         let resumed = rig.backend.set_frozen(&rig.spec, false);
         let t_resumed = Instant::now();
@@ -663,6 +753,22 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
         pauses.push(ms(t_paused - t_freeze));
         cut_ms.push(ms(t_cut - t_paused));
         resumes.push(ms(t_resumed - t_cmp));
+        // The control phase: the same, without a mirror.
+        let c0 = rig.sample(&pid)?;
+        std::thread::sleep(ready);
+        let _ = rig.sample(&pid)?;
+        std::thread::sleep(phase.saturating_sub(ready));
+        let c1 = rig.sample(&pid)?;
+        ctl_bytes += c1.bytes - c0.bytes;
+        ctl_ms += c1.ms - c0.ms;
+        let t = Instant::now();
+        rig.backend
+            .set_frozen(&rig.spec, true)
+            .context("pausing the guest")?;
+        let resumed = rig.backend.set_frozen(&rig.spec, false);
+        bare_pauses.push(ms(t.elapsed()));
+        resumed.context("resuming the guest")?;
+
         match cmp {
             None => identical += 1,
             Some(d) => {
@@ -670,12 +776,18 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
             }
         }
         say(&format!(
-            "cut {}/{cuts}: {:?}, ready after {:.2} s, freeze {window:.1} ms (compare {:.0} ms), {}",
+            "cut {}/{cuts}: {:?}, ready after {:.2} s, freeze {window:.1} ms (compare {:.0} ms), writer {:.2} MiB/s copying, {:.2} MiB/s control, {}",
             i + 1,
             mode,
             ready.as_secs_f64(),
             ms(compare),
-            if identical == i + 1 { "identical" } else { "DIFFERENT" }
+            (s1.bytes - s0.bytes) / 1048576.0 / ((s1.ms - s0.ms) / 1000.0),
+            (c1.bytes - c0.bytes) / 1048576.0 / ((c1.ms - c0.ms) / 1000.0),
+            if identical == i + 1 {
+                "identical"
+            } else {
+                "DIFFERENT"
+            }
         ));
     }
     drop(qmp);
@@ -691,7 +803,12 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
     let (mirror_secs, mirror_job_bytes) = bulk.unwrap_or_default();
     let mirror_rate = disk_bytes as f64 / mirror_secs;
     let cp_rate = disk_bytes as f64 / cp_secs;
-    let loss = (1.0 - during / baseline).max(0.0);
+    let control = if ctl_ms > 0.0 {
+        ctl_bytes / 1048576.0 / (ctl_ms / 1000.0)
+    } else {
+        0.0
+    };
+    let loss = (1.0 - during / control).max(0.0);
     let p99 = pct(&windows, 0.99);
     Ok(QemuBenchReport {
         backend: "qemu",
@@ -704,11 +821,18 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
             io: "O_DIRECT random 4 KiB + small-file churn",
             baseline_mib_s: baseline,
             baseline_secs,
+            control_mib_s: control,
+            control_secs: ctl_ms / 1000.0,
             during_copy_mib_s: during,
             during_copy_secs: copy_ms / 1000.0,
+            until_ready_mib_s: bulk_bytes / 1048576.0 / (bulk_ms / 1000.0).max(1e-9),
+            until_ready_secs: bulk_ms / 1000.0,
+            in_sync_mib_s: sync_bytes / 1048576.0 / (sync_ms / 1000.0).max(1e-9),
+            in_sync_secs: sync_ms / 1000.0,
             loss,
+            loss_vs_baseline: (1.0 - during / baseline).max(0.0),
             with_freeze_mib_s: with_freeze,
-            loss_with_freeze: (1.0 - with_freeze / baseline).max(0.0),
+            loss_with_freeze: (1.0 - with_freeze / control).max(0.0),
             churn_files_per_s: churn_rate,
         },
         freeze: FreezeFigures {
@@ -721,6 +845,7 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
             pause_call_p50_ms: pct(&pauses, 0.5),
             cut_p50_ms: pct(&cut_ms, 0.5),
             resume_call_p50_ms: pct(&resumes, 0.5),
+            pause_resume_only_p50_ms: pct(&bare_pauses, 0.5),
             windows_ms: windows,
         },
         identical: Identical {
@@ -738,6 +863,7 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
             ratio: mirror_rate / cp_rate,
         },
         copy_modes: modes,
+        granularity: a.granularity,
         goals: Goals {
             freeze_p99_lt_50ms: p99 < 50.0,
             writer_loss_le_10pct: loss <= 0.10,
@@ -754,7 +880,10 @@ mod tests {
     fn samples_parse_figure_lines_only() {
         let s = Sample::parse("1200 5242880 524288 5.00 12").unwrap();
         assert_eq!((s.ms, s.bytes, s.churn), (1200.0, 5242880.0, 12.0));
-        assert!(Sample::parse("# elapsed_ms total_bytes interval_bytes interval_mib_s churn_files").is_none());
+        assert!(
+            Sample::parse("# elapsed_ms total_bytes interval_bytes interval_mib_s churn_files")
+                .is_none()
+        );
         assert!(Sample::parse("").is_none());
         assert!(Sample::parse("1 2 3").is_none());
     }
@@ -774,7 +903,12 @@ mod tests {
             format!("first difference at byte {}", (8 << 20) + 5)
         );
         fs::write(&b, &data[..100]).unwrap();
-        assert!(compare_images(&a, &b).unwrap().unwrap().contains("sizes differ"));
+        assert!(
+            compare_images(&a, &b)
+                .unwrap()
+                .unwrap()
+                .contains("sizes differ")
+        );
     }
 
     #[test]

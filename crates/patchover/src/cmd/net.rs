@@ -15,9 +15,7 @@ use patchover_core::LcSpec;
 use patchover_daemon::api::{SwitchBackBody, SwitchBody, SwitchOptions};
 use patchover_lc::LcBackend;
 use patchover_load::parse_duration;
-use patchover_net::{
-    Endpoint, GarpConfig, HealthCheck, Hooks, Mode, NoControl, SwitchError, SwitchPlan,
-};
+use patchover_net::{Endpoint, GarpConfig, HealthCheck, Hooks, Mode, SwitchError, SwitchPlan};
 use serde::{Deserialize, Serialize};
 
 use super::{BadInput, Ctx, Env, remote};
@@ -207,9 +205,16 @@ pub fn switch_json(
     o: &SwitchOptions,
 ) -> anyhow::Result<(serde_json::Value, Option<std::thread::JoinHandle<()>>)> {
     let plan = plan(env, from, to, mode, o)?;
-    // The orchestrator drains services through the agent; here the switcher waits for the old
-    // LC's connections to close by themselves (up to the drain deadline).
-    let mut svc = NoControl;
+    // The service is told to drain by the commands of `[service]` (the demo's defaults:
+    // SIGUSR1/SIGUSR2 to patchover-demo), run in the LCs through their backend, as the patch
+    // cycle does.
+    let settings = patchover_orchestrator::service::ServiceSettings::from_extra(&env.config.extra)
+        .map_err(BadInput)?;
+    let mut svc = patchover_orchestrator::service::LcServiceControl {
+        backend: &env.backend,
+        lcs: &env.config.lcs,
+        settings: &settings,
+    };
     let mut window = |_: &SwitchPlan| -> Result<(), patchover_net::BoxError> { Ok(()) };
     let mut hooks = Hooks {
         service: &mut svc,
