@@ -232,7 +232,7 @@ impl LiveCopy {
 
 /// Ends the mirror jobs a run left on a VM (patchover died while they ran: a job outlives the
 /// monitor connection that started it, and would go on writing into the standby's image).
-/// Returns the jobs ended.
+/// Returns the jobs ended and the nodes removed.
 pub(crate) fn abort_leftover_jobs(run_dir: &Path, active: &LcSpec) -> Vec<String> {
     if active.backend != BackendKind::Qemu {
         return Vec::new();
@@ -256,9 +256,25 @@ pub(crate) fn abort_leftover_jobs(run_dir: &Path, active: &LcSpec) -> Vec<String
                 Duration::from_secs(30),
             );
         }
-        // The job's target node is `<job id>-copy` (see MirrorJob::start).
-        let _ = qmp.blockdev_del(&format!("{}-copy", j.device));
         ended.push(j.device);
+    }
+    // The target nodes (`patchover-<node>-copy` over `…-copy-file`), also when patchover died
+    // after adding them and before the job started: a format node goes before its file node.
+    let mut nodes: Vec<String> = qmp
+        .execute("query-named-block-nodes", serde_json::json!({"flat": true}))
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str().map(str::to_owned))
+        .filter(|n| n.starts_with("patchover-"))
+        .collect();
+    nodes.sort_by_key(|n| n.ends_with("-file"));
+    nodes.dedup();
+    for n in nodes {
+        if qmp.blockdev_del(&n).is_ok() {
+            ended.push(n);
+        }
     }
     ended
 }
