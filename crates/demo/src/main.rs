@@ -441,6 +441,13 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // A longer accept queue than std's 128: after a switch the held connection attempts are
+    // released at once (hundreds under load); a SYN dropped by a full queue costs its client a
+    // 1 s retransmission. listen(2) on a listening socket only changes the backlog.
+    // SAFETY: the fd is the listener's own, open for as long as `listener` lives.
+    unsafe {
+        libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096);
+    }
     eprintln!(
         "patchover-demo {} listening on {} with data in {}",
         store.version,

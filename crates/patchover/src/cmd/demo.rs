@@ -42,6 +42,10 @@ pub struct DemoArgs {
     /// The kind of LC: `ns` (namespaces) or `qemu` (VMs; TCG where KVM does not work).
     #[arg(long, default_value = "ns", value_parser = parse_backend)]
     pub backend: BackendKind,
+    /// A request that takes this long counts as failed (default 2000 ms; 5000 ms on qemu,
+    /// whose switch pause under TCG is 1–2 s: requests are held, not dropped).
+    #[arg(long)]
+    pub deadline_ms: Option<u64>,
 }
 
 /// `ns` or `qemu`.
@@ -200,6 +204,7 @@ struct WriterResult {
 fn writer(
     netns: PathBuf,
     addr: SocketAddr,
+    deadline: Duration,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<WriterResult> {
     std::thread::spawn(move || {
@@ -216,13 +221,7 @@ fn writer(
         while !stop.load(Ordering::Relaxed) {
             n += 1;
             let (k, v) = (format!("demo-{n}"), format!("value-{n}"));
-            match request(
-                addr,
-                "PUT",
-                &format!("/kv/{k}"),
-                v.as_bytes(),
-                Duration::from_secs(2),
-            ) {
+            match request(addr, "PUT", &format!("/kv/{k}"), v.as_bytes(), deadline) {
                 Ok(201) => {
                     r.acked.insert(k, v);
                 }
@@ -463,6 +462,10 @@ pub fn run(a: DemoArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         ..
     } = prepare(&a.dir, a.backend, &say)?;
     let load_secs = a.load_seconds.max(5);
+    let deadline = Duration::from_millis(a.deadline_ms.unwrap_or(match a.backend {
+        BackendKind::Ns => 2000,
+        BackendKind::Qemu => 5000,
+    }));
     say(&format!(
         "driving load for {load_secs} s ({} reads/s + a writer) and patching lc1 meanwhile",
         a.rate
@@ -474,9 +477,10 @@ pub fn run(a: DemoArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         patchover_load::ConnMode::Mixed,
     )?;
     cfg.netns = Some(netns.clone());
+    cfg.deadline = deadline;
     let reads = std::thread::spawn(move || patchover_load::run(&cfg));
     let stop = Arc::new(AtomicBool::new(false));
-    let writes = writer(netns.clone(), service, stop.clone());
+    let writes = writer(netns.clone(), service, deadline, stop.clone());
     std::thread::sleep(Duration::from_secs(2));
 
     let started = Instant::now();
@@ -502,6 +506,8 @@ pub fn run(a: DemoArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let requests_failed = r.summary.failed_total + w.failed.len() as u64;
     let report = json!({
         "mode": a.mode.to_string(),
+        "backend": a.backend.to_string(),
+        "deadline_ms": deadline.as_millis() as u64,
         "outcome": run["outcome"],
         "requests_total": requests_total,
         "requests_failed": requests_failed,
@@ -524,8 +530,9 @@ pub fn run(a: DemoArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "patchover demo ({} mode): {}",
+            "patchover demo ({} mode, {} LCs): {}",
             a.mode,
+            a.backend,
             run["outcome"].as_str().unwrap_or("?")
         );
         println!(
@@ -533,7 +540,10 @@ pub fn run(a: DemoArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             run["version_before"].as_str().unwrap_or("?"),
             run["version_after"].as_str().unwrap_or("?")
         );
-        println!("  requests           {requests_total} total, {requests_failed} failed");
+        println!(
+            "  requests           {requests_total} total, {requests_failed} failed (a request failed if it took {} ms or more)",
+            deadline.as_millis()
+        );
         println!(
             "  writes             {} acknowledged, {lost} lost",
             w.acked.len()
