@@ -340,3 +340,36 @@ fn a_failing_target_is_a_job_failure_and_the_source_still_answers() {
     assert_eq!(qmp.query_status().unwrap(), RunState::Prelaunch);
     assert_same("source", &q.src(), &model);
 }
+
+#[test]
+fn a_fine_granularity_mirror_copies_4k_writes_and_a_bad_one_reaches_qemu_and_is_refused() {
+    let mut rng = Rng(0x4b);
+    let mut model = rng.bytes(SIZE);
+    let q = QemuGuard::start(SIZE, &model);
+    let mut qmp = q.connect();
+    // QEMU takes powers of 2 only: an error from QEMU shows the option is passed on.
+    let err = Mirror::start_granular(
+        &mut qmp,
+        spec(&q, "src", "bad", ImageFormat::Raw, CopyMode::Background),
+        Some(3000),
+    )
+    .unwrap_err();
+    assert!(matches!(err, MirrorError::Qmp { .. }), "{err:?}");
+    assert!(
+        !q.path("bad.img").exists(),
+        "a refused start leaves no target"
+    );
+
+    let sp = spec(&q, "src", "fine", ImageFormat::Raw, CopyMode::Background);
+    let target = sp.target_path.clone();
+    let mut m = Mirror::start_granular(&mut qmp, sp, Some(4096)).unwrap();
+    m.wait_ready(&mut qmp, Duration::from_secs(60)).unwrap();
+    // Random 4 KiB writes once in sync, each tracked at its own granule.
+    for _ in 0..64 {
+        let offset = (rng.next() as usize % (SIZE / 4096)) * 4096;
+        let pattern = (rng.next() % 255) as u8 + 1;
+        guest_write(&mut qmp, "src-dev", pattern, offset, 4096, &mut model);
+    }
+    m.cut(&mut qmp, Duration::from_secs(30)).unwrap();
+    assert_same("target after the cut", &target, &model);
+}

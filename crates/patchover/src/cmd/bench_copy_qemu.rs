@@ -5,10 +5,10 @@
 //!    fills a `--file-mib` file on it (in the guest, `dd`), and starts `patchover-demo writer` in
 //!    the guest: random 4 KiB `O_DIRECT` writes to that file at `--rate-mib`, plus small-file
 //!    churn on the same disk;
-//! 2. measures the writer alone (a continuous baseline), then while mirror jobs run, and in
-//!    *control phases* interleaved with the copies: as long as the copy phase before, with the
-//!    same readings and a pause/resume at the end, but no mirror (so the readings' own cost in
-//!    the guest and the host's load at the time weigh on both alike);
+//! 2. measures the writer while mirror jobs run, alone (a continuous baseline, after the cuts),
+//!    and in *control phases* interleaved with the copies: as long as the copy phase before,
+//!    with the same readings and a pause/resume at the end, but no mirror (so the readings' own
+//!    cost in the guest and the host's load at the time weigh on both alike);
 //! 3. cuts `--cuts` times as the patch cycle does (`patchover_orchestrator`'s `MirrorJob`):
 //!    mirror start (background; write-blocking if it does not converge) → ready → pause the
 //!    guest (`LcBackend::set_frozen`) → non-forced cancel (a point-in-time copy) → *compare the
@@ -69,7 +69,8 @@ pub struct QemuArgs {
     /// raw image, which makes each random 4 KiB write cost a 64 KiB copy).
     #[arg(long, default_value_t = 4096)]
     pub granularity: u32,
-    /// qemu: the mirror's copy rate limit in MiB/s (0: none).
+    /// qemu: the mirror's copy rate limit in MiB/s until it is ready (0: none); lifted once in
+    /// sync.
     #[arg(long, default_value_t = 0)]
     pub speed_mib: u64,
     /// qemu: start every mirror write-blocking (each guest write reaches both images before it
@@ -651,20 +652,6 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
         .to_owned();
     std::thread::sleep(Duration::from_secs(3));
     rig.writer_alive(&pid)?;
-    say(&format!("writer alone for {:.0} s", a.baseline_secs));
-    let b0 = rig.sample(&pid)?;
-    std::thread::sleep(Duration::from_secs_f64(a.baseline_secs));
-    let b1 = rig.sample(&pid)?;
-    let baseline_secs = (b1.ms - b0.ms) / 1000.0;
-    if baseline_secs <= 0.0 {
-        bail!("the writer's clock did not advance during the baseline");
-    }
-    let baseline = (b1.bytes - b0.bytes) / 1048576.0 / baseline_secs;
-    let churn_rate = (b1.churn - b0.churn) / baseline_secs;
-    say(&format!(
-        "writer alone: {baseline:.2} MiB/s, {churn_rate:.0} files/s"
-    ));
-
     // 3. cp of the same image, for the bulk comparison.
     let cp_dst = work.join("cp.img");
     let t = Instant::now();
@@ -707,6 +694,13 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
         }
         if bulk.is_none() {
             bulk = Some((ready.as_secs_f64(), progress.offset));
+        }
+        if a.speed_mib > 0 {
+            // The limit spares the writer during the bulk copy; in sync the job copies only
+            // what the guest writes, and a limit would only hold up the drain at the pause.
+            mirror
+                .set_speed(&mut qmp, 0)
+                .context("lifting the mirror's rate limit")?;
         }
         let sr = rig.sample(&pid)?;
         std::thread::sleep(Duration::from_millis(a.hold_ms));
@@ -784,6 +778,23 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
         ));
     }
     drop(qmp);
+
+    // 5. The writer alone, after the cuts: right after the fill and boot it runs slower here
+    // for a while, which would flatter the copy.
+    say(&format!("writer alone for {:.0} s", a.baseline_secs));
+    let b0 = rig.sample(&pid)?;
+    std::thread::sleep(Duration::from_secs_f64(a.baseline_secs));
+    let b1 = rig.sample(&pid)?;
+    let baseline_secs = (b1.ms - b0.ms) / 1000.0;
+    if baseline_secs <= 0.0 {
+        bail!("the writer's clock did not advance during the baseline");
+    }
+    let baseline = (b1.bytes - b0.bytes) / 1048576.0 / baseline_secs;
+    let churn_rate = (b1.churn - b0.churn) / baseline_secs;
+    say(&format!(
+        "writer alone: {baseline:.2} MiB/s, {churn_rate:.0} files/s"
+    ));
+
     rig.writer_alive(&pid)?;
 
     let during = if copy_ms > 0.0 {
