@@ -13,8 +13,10 @@ pub mod config;
 pub mod metrics;
 pub mod server;
 pub mod slow;
+pub mod tls;
 
 pub use api::{ApiError, Command, Dispatch, ErrorCode, Reply};
 pub use config::{DaemonConfig, DaemonConfigError};
 pub use metrics::Metrics;
 pub use server::{Hub, RunGuard, router, routes, serve};
+pub use tls::{TlsError, TlsFiles};

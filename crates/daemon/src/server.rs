@@ -1,10 +1,11 @@
 //! The HTTP server: the router (requests → [`Command`]s), the event stream, `/metrics`, the
 //! Unix-socket and TCP listeners, and the graceful shutdown.
 //!
-//! The Unix socket is the root-only door (mode 0600, no token); TCP is opt-in and every
-//! request on it needs a bearer token. Shutdown stops accepting, ends the event streams so
-//! open connections can close, then waits up to the grace period for running patch runs; a run
-//! cut off after that is finished or rolled back from its journal by the next start.
+//! The Unix socket is the root-only door (mode 0600, no token); TCP is opt-in, every request
+//! on it needs a bearer token, and with `tls_cert`/`tls_key` it speaks TLS ([`crate::tls`]).
+//! Shutdown stops accepting, ends the event streams so open connections can close, then waits
+//! up to the grace period for running patch runs; a run cut off after that is finished or
+//! rolled back from its journal by the next start.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -519,12 +520,20 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("TLS on the TCP listener")]
+    Tls(#[source] crate::tls::TlsError),
     #[error("serving {what}")]
     Serve {
         what: String,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The TCP listener, plain or TLS.
+enum Tcp {
+    Plain(tokio::net::TcpListener),
+    Tls(crate::tls::TlsListener),
 }
 
 fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
@@ -549,28 +558,51 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
     Ok(l)
 }
 
-/// Serves the API on the Unix socket (and TCP when configured) until `stop` resolves, then
-/// shuts down gracefully: no new connections, event streams end, running runs get up to
-/// `cfg.shutdown_grace` to finish.
+/// Serves the API on the Unix socket (and TCP when configured, over TLS when `cfg.tls` names
+/// the files) until `stop` resolves, then shuts down gracefully: no new connections, event
+/// streams end, running runs get up to `cfg.shutdown_grace` to finish.
 pub async fn serve(
     cfg: &DaemonConfig,
     dispatch: Arc<dyn Dispatch>,
     hub: Arc<Hub>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    // Checked before anything is bound: a bad file refuses the start.
+    let tls = match (&cfg.tls, cfg.listen) {
+        (Some(files), Some(_)) => Some(files.load().map_err(ServeError::Tls)?),
+        (Some(_), None) => {
+            tracing::warn!(
+                "[daemon] tls_cert and tls_key are set without `listen`: no TCP to use them"
+            );
+            None
+        }
+        (None, _) => None,
+    };
     let unix = bind_unix(&cfg.socket)?;
+    let head_timeout = cfg.head_timeout;
     let tcp = match cfg.listen {
         None => None,
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServeError::Listen {
-                    what: addr.to_string(),
-                    source,
-                })?,
-        ),
+        Some(addr) => {
+            let listen = |source| ServeError::Listen {
+                what: addr.to_string(),
+                source,
+            };
+            let l = tokio::net::TcpListener::bind(addr).await.map_err(listen)?;
+            Some(match tls.clone() {
+                // The handshake gets the head deadline too; the head's starts after it.
+                Some(tls) => {
+                    Tcp::Tls(crate::tls::TlsListener::new(l, tls, head_timeout).map_err(listen)?)
+                }
+                None => Tcp::Plain(l),
+            })
+        }
     };
-    tracing::info!(socket = %cfg.socket.display(), tcp = ?cfg.listen, "daemon listening");
+    tracing::info!(
+        socket = %cfg.socket.display(),
+        tcp = ?cfg.listen,
+        tls = tls.is_some(),
+        "daemon listening"
+    );
     {
         let hub = hub.clone();
         tokio::spawn(async move {
@@ -579,7 +611,6 @@ pub async fn serve(
             hub.begin_shutdown();
         });
     }
-    let head_timeout = cfg.head_timeout;
     let unix_app = router(dispatch.clone(), hub.clone(), cfg, None);
     let h1 = hub.clone();
     let unix_srv = tokio::spawn(async move {
@@ -594,15 +625,27 @@ pub async fn serve(
     let tcp_srv = tcp.map(|l| {
         let app = router(dispatch, hub.clone(), cfg, Some(cfg.tokens.clone()));
         let h2 = hub.clone();
-        tokio::spawn(async move {
-            let l = crate::slow::Guarded {
-                inner: l,
-                head_timeout,
-            };
-            axum::serve(l, app)
-                .with_graceful_shutdown(async move { h2.wait_shutdown().await })
-                .await
-        })
+        let stopped = async move { h2.wait_shutdown().await };
+        match l {
+            Tcp::Plain(inner) => {
+                let l = crate::slow::Guarded {
+                    inner,
+                    head_timeout,
+                };
+                tokio::spawn(
+                    async move { axum::serve(l, app).with_graceful_shutdown(stopped).await },
+                )
+            }
+            Tcp::Tls(inner) => {
+                let l = crate::slow::Guarded {
+                    inner,
+                    head_timeout,
+                };
+                tokio::spawn(
+                    async move { axum::serve(l, app).with_graceful_shutdown(stopped).await },
+                )
+            }
+        }
     });
     let joined = |r: Result<std::io::Result<()>, tokio::task::JoinError>, what: String| match r {
         Ok(Ok(())) => Ok(()),

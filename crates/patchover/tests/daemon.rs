@@ -294,6 +294,22 @@ fn run_cli(config: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// The `[daemon] tokens` entry for [`TOKEN`], from `patchover serve --hash-token`.
+fn token_hash() -> String {
+    let mut c = Command::new(BIN)
+        .args(["serve", "--hash-token"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(TOKEN.as_bytes()).unwrap();
+    let o = c.wait_with_output().unwrap();
+    assert!(o.status.success());
+    let hash = String::from_utf8(o.stdout).unwrap().trim().to_owned();
+    assert!(hash.starts_with("sha256:") && hash.len() == 71, "{hash}");
+    hash
+}
+
 /// A topology (config only: no LC is booted), a signed bundle in the patch table, and the
 /// daemon on a Unix socket plus TCP with one token.
 fn setup() -> (Topo, Daemon, u16, String) {
@@ -302,19 +318,7 @@ fn setup() -> (Topo, Daemon, u16, String) {
     let s = |p: &str| d.join(p).to_str().unwrap().to_owned();
     let port = free_port();
     let socket = d.join("sock/patchover.sock");
-    let hash = {
-        let mut c = Command::new(BIN)
-            .args(["serve", "--hash-token"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        c.stdin.take().unwrap().write_all(TOKEN.as_bytes()).unwrap();
-        let o = c.wait_with_output().unwrap();
-        assert!(o.status.success());
-        String::from_utf8(o.stdout).unwrap().trim().to_owned()
-    };
-    assert!(hash.starts_with("sha256:") && hash.len() == 71, "{hash}");
+    let hash = token_hash();
     t.write_config(&format!(
         "\n[bundles]\ntrusted_keys = [\"{key}\"]\n\n[daemon]\nsocket = \"{sock}\"\nlisten = \"127.0.0.1:{port}\"\ntokens = [\"{hash}\"]\nmax_body_bytes = 4096\nhead_timeout_secs = 1\n",
         key = s("release.pub"),
@@ -1990,4 +1994,166 @@ fn an_approval_link_through_the_daemon_marks_the_patch() {
         .error(403, "forbidden");
     drop(d);
     drop(t);
+}
+
+/// A self-signed ECDSA certificate for 127.0.0.1 and its key, made with `openssl` as
+/// docs/daemon.md shows: (cert, key).
+fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    let o = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", "/CN=patchover-test"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (cert, key)
+}
+
+/// A TLS connection to 127.0.0.1:`port` that trusts only `cert`.
+fn tls_connect(
+    cert: &Path,
+    port: u16,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(cert).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// Runs `patchover serve` on a config it must refuse; its exit code and stderr.
+fn serve_refuses(config: &Path) -> (Option<i32>, String) {
+    let mut c = Command::new(BIN)
+        .env("PATCHOVER_CONFIG", config)
+        .arg("serve")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while c.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("patchover serve did not refuse {}", config.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = c.wait_with_output().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn tls_on_tcp_serves_tokens_refuses_plaintext_and_bad_tls_config_exits_2() {
+    let t = Topo::new(&[(0, 50, 64)]);
+    let d = t.dir.path();
+    let (cert, key) = self_signed(d, "a");
+    let (_, other_key) = self_signed(d, "b");
+    let hash = token_hash();
+    let port = free_port();
+    let socket = d.join("sock/patchover.sock");
+    let daemon = |listen: &str, tls: &str| {
+        format!(
+            "\n[daemon]\nsocket = \"{}\"\nlisten = \"{listen}\"\ntokens = [\"{hash}\"]\nhead_timeout_secs = 1\n{tls}",
+            socket.display()
+        )
+    };
+    let tls = |c: &Path, k: &Path| {
+        format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            c.display(),
+            k.display()
+        )
+    };
+    let local = format!("127.0.0.1:{port}");
+    let missing = d.join("missing.pem");
+    let bad: Vec<(String, &str)> = vec![
+        (
+            daemon(&local, &format!("tls_cert = \"{}\"\n", cert.display())),
+            "`tls_cert` is set without `tls_key`",
+        ),
+        (daemon(&local, &tls(&missing, &key)), "no such file"),
+        // A directory cannot be read as a file (root reads any file, whatever its mode).
+        (daemon(&local, &tls(d, &key)), "cannot read it"),
+        (daemon(&local, &tls(&key, &key)), "no PEM certificate"),
+        (
+            daemon(&local, &tls(&cert, &cert)),
+            "no unencrypted PEM private key",
+        ),
+        (
+            daemon(&local, &tls(&cert, &other_key)),
+            "does not match the certificate",
+        ),
+        (
+            daemon(&format!("0.0.0.0:{port}"), ""),
+            "would cross the network in clear",
+        ),
+    ];
+    for (cfg, want) in &bad {
+        t.write_config(cfg);
+        let (code, err) = serve_refuses(&t.config);
+        assert_eq!(code, Some(2), "{want}: {err}");
+        assert!(err.contains(want), "want {want:?} in: {err}");
+        assert!(!socket.exists(), "{want}: the daemon bound its socket");
+    }
+
+    t.write_config(&daemon(&local, &tls(&cert, &key)));
+    let mut dm = Daemon::start(&t.config, &socket);
+    let auth = format!("Bearer {TOKEN}");
+    let over_tls = |auth: Option<&str>| {
+        let mut h = vec![("content-type", "application/json")];
+        if let Some(a) = auth {
+            h.push(("authorization", a));
+        }
+        http(tls_connect(&cert, port), "GET", "/v1/status", &h, None)
+    };
+    let ok = over_tls(Some(&auth));
+    assert_eq!(ok.status, 200, "{:?}", String::from_utf8_lossy(&ok.body));
+    assert_eq!(ok.json()["lcs"], 1);
+    over_tls(Some("Bearer wrong-token-0123456789abcdef")).error(401, "unauthorized");
+    over_tls(None).error(401, "unauthorized");
+    // The right token in plaintext to the TLS port gets no HTTP answer.
+    let mut p = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    p.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    p.write_all(
+        format!("GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let _ = p.read_to_end(&mut raw);
+    assert!(
+        !raw.starts_with(b"HTTP/"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    // The Unix socket is unchanged.
+    assert_eq!(dm.get("/v1/status").status, 200);
+    let st = dm.sigterm();
+    assert!(st.success(), "{st:?}");
 }

@@ -531,6 +531,13 @@ pub fn run(a: ServeArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let config = ctx.config()?;
     let dcfg = DaemonConfig::from_extra(&config.extra, &config.run_dir)
         .map_err(|e| BadInput(patchover_orchestrator::chain(&e)))?;
+    // The TLS files are checked before recovery touches anything: a bad one is a config
+    // error (exit 2). `serve` loads them again when it binds.
+    if let (Some(files), Some(_)) = (&dcfg.tls, dcfg.listen) {
+        files
+            .load()
+            .map_err(|e| BadInput(patchover_orchestrator::chain(&e)))?;
+    }
     let hub = Hub::new();
     let daemon = Arc::new(Daemon {
         config_path: ctx.config_path.clone(),
