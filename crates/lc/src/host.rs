@@ -25,6 +25,19 @@ pub trait Launch {
     fn release(self: Box<Self>) -> Result<(), String>;
 }
 
+/// Seconds since the process that started `start_time` clock ticks after boot began.
+pub fn uptime_since(host: &dyn Host, start_time: u64) -> Option<f64> {
+    let up: f64 = host
+        .read_file(Path::new("/proc/uptime"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    // USER_HZ is 100 on every architecture patchover supports.
+    Some(up - start_time as f64 / 100.0)
+}
+
 pub trait Host {
     fn read_file(&self, path: &Path) -> io::Result<String>;
     fn write_file(&self, path: &Path, data: &str) -> io::Result<()>;

@@ -41,6 +41,22 @@ pub struct LcStatus {
     pub agent_socket: Option<PathBuf>,
 }
 
+impl LcStatus {
+    /// What a backend reports of an LC that does not run.
+    pub fn stopped(id: &LcId) -> LcStatus {
+        LcStatus {
+            id: id.clone(),
+            state: LcState::Stopped,
+            pid: None,
+            uptime_s: None,
+            processes: 0,
+            limits: None,
+            host_ports: Vec::new(),
+            agent_socket: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LcState {
@@ -127,6 +143,15 @@ pub enum LcError {
 }
 
 impl LcError {
+    /// A host step that failed with `e`, its whole cause chain kept in the message.
+    pub fn host_chain(lc: &LcId, step: &'static str, e: &dyn std::error::Error) -> LcError {
+        LcError::Host {
+            lc: lc.clone(),
+            step,
+            source: std::io::Error::other(patchover_core::error_chain(e)),
+        }
+    }
+
     /// True when the error is about what was asked (exit code 2), not about the host.
     pub fn is_bad_input(&self) -> bool {
         matches!(

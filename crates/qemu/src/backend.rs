@@ -276,9 +276,8 @@ impl<H: Host> QemuBackend<H> {
 
     /// The runtime state of `id` if its QEMU is alive (the same process that was started).
     pub fn running(&self, id: &LcId) -> Option<RuntimeState> {
-        let text = self.host.read_file(&self.state_path(id)).ok()?;
-        let st: RuntimeState = serde_json::from_str(&text).ok()?;
-        (self.host.process_start_time(st.pid) == Some(st.start_time)).then_some(st)
+        self.recorded(id)
+            .filter(|st| self.host.process_start_time(st.pid) == Some(st.start_time))
     }
 
     /// The runtime state file as written, whether or not its QEMU still runs.
@@ -290,7 +289,7 @@ impl<H: Host> QemuBackend<H> {
     /// Cleans up after a VM that ended by itself (guest power-off, panic, QEMU crash).
     fn reap_ended(&self, spec: &LcSpec) -> bool {
         match self.recorded(&spec.id) {
-            Some(st) if self.running(&spec.id).is_none() => {
+            Some(st) if self.host.process_start_time(st.pid) != Some(st.start_time) => {
                 self.leave_groups(&st.groups, st.pid);
                 self.clean_leftovers(spec, Some(&st));
                 true
@@ -301,11 +300,8 @@ impl<H: Host> QemuBackend<H> {
 
     /// Opens QMP on a running VM.
     pub fn qmp(&self, id: &LcId) -> Result<Qmp, LcError> {
-        Qmp::connect(&self.qmp_socket(id), Duration::from_secs(5)).map_err(|e| LcError::Host {
-            lc: id.clone(),
-            step: "talking to QEMU over QMP",
-            source: std::io::Error::other(patchover_core::error_chain(&e)),
-        })
+        Qmp::connect(&self.qmp_socket(id), Duration::from_secs(5))
+            .map_err(|e| LcError::host_chain(id, "talking to QEMU over QMP", &e))
     }
 
     /// The last lines of the VM's console, for errors about a guest that did not come up.
@@ -380,11 +376,7 @@ impl<H: Host> QemuBackend<H> {
     fn groups(&self, spec: &LcSpec) -> Result<LcGroups, LcError> {
         Layout::detect(&self.host)
             .and_then(|l| l.groups(&self.cfg.cgroup_parent, spec.id.as_str()))
-            .map_err(|e| LcError::Host {
-                lc: spec.id.clone(),
-                step: "cgroup setup",
-                source: std::io::Error::other(patchover_core::error_chain(&e)),
-            })
+            .map_err(|e| LcError::host_chain(&spec.id, "cgroup setup", &e))
     }
 
     fn boot_steps(&self, spec: &LcSpec, undo: &mut Vec<Undo>) -> Result<RuntimeState, LcError> {
@@ -421,11 +413,7 @@ impl<H: Host> QemuBackend<H> {
                 spec.cpu.share_pct,
                 spec.memory_mib + QEMU_OVERHEAD_MIB,
             )
-            .map_err(|e| LcError::Host {
-                lc: id.clone(),
-                step: "cgroup setup",
-                source: std::io::Error::other(patchover_core::error_chain(&e)),
-            })?;
+            .map_err(|e| LcError::host_chain(id, "cgroup setup", &e))?;
 
         let mut host_ports = Vec::new();
         for (i, nic) in spec.nics.iter().enumerate() {
@@ -615,18 +603,6 @@ impl<H: Host> QemuBackend<H> {
             source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
         })
     }
-
-    fn uptime_s(&self, st: &RuntimeState) -> Option<f64> {
-        let up: f64 = self
-            .host
-            .read_file(Path::new("/proc/uptime"))
-            .ok()?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()?;
-        Some(up - st.start_time as f64 / 100.0)
-    }
 }
 
 fn which(p: &Path) -> Option<PathBuf> {
@@ -720,27 +696,14 @@ impl<H: Host> LcBackend for QemuBackend<H> {
 
     fn status(&self, spec: &LcSpec) -> Result<LcStatus, LcError> {
         let Some(st) = self.running(&spec.id) else {
-            return Ok(LcStatus {
-                id: spec.id.clone(),
-                state: LcState::Stopped,
-                pid: None,
-                uptime_s: None,
-                processes: 0,
-                limits: None,
-                host_ports: Vec::new(),
-                agent_socket: None,
-            });
+            return Ok(LcStatus::stopped(&spec.id));
         };
+        // A monitor that does not answer reads as running: the process is alive.
         let paused = self
             .qmp(&spec.id)
-            .and_then(|mut q| {
-                q.query_status().map_err(|e| LcError::Host {
-                    lc: spec.id.clone(),
-                    step: "query-status",
-                    source: std::io::Error::other(e.to_string()),
-                })
-            })
-            .is_ok_and(|s| s == RunState::Paused);
+            .ok()
+            .and_then(|mut q| q.query_status().ok())
+            == Some(RunState::Paused);
         Ok(LcStatus {
             id: spec.id.clone(),
             state: if paused {
@@ -749,7 +712,7 @@ impl<H: Host> LcBackend for QemuBackend<H> {
                 LcState::Running
             },
             pid: Some(st.pid),
-            uptime_s: self.uptime_s(&st),
+            uptime_s: patchover_lc::host::uptime_since(&self.host, st.start_time),
             // The guest's processes are the guest's business; QEMU is one process here.
             processes: 1,
             limits: Some(st.groups.read_limits(&self.host)),
@@ -809,15 +772,12 @@ impl<H: Host> LcBackend for QemuBackend<H> {
             .ok_or_else(|| LcError::NotRunning(spec.id.clone()))?;
         let mut q = self.qmp(&spec.id)?;
         let r = if frozen { q.stop() } else { q.cont() };
-        r.map_err(|e| LcError::Host {
-            lc: spec.id.clone(),
-            step: if frozen {
-                "pausing the VM"
-            } else {
-                "resuming the VM"
-            },
-            source: std::io::Error::other(patchover_core::error_chain(&e)),
-        })
+        let step = if frozen {
+            "pausing the VM"
+        } else {
+            "resuming the VM"
+        };
+        r.map_err(|e| LcError::host_chain(&spec.id, step, &e))
     }
 
     fn attach_disk(&self, spec: &LcSpec, source: &Path, at: &Path) -> Result<(), LcError> {
@@ -847,11 +807,7 @@ impl<H: Host> LcBackend for QemuBackend<H> {
             _ => format!("disk{}", st.attached.len()),
         };
         let host_err = |step: &'static str| {
-            move |e: crate::qmp::QmpError| LcError::Host {
-                lc: spec.id.clone(),
-                step,
-                source: std::io::Error::other(patchover_core::error_chain(&e)),
-            }
+            move |e: crate::qmp::QmpError| LcError::host_chain(&spec.id, step, &e)
         };
         let mut q = self.qmp(&spec.id)?;
         q.execute("blockdev-add", blockdev_json(&node, source))
@@ -914,10 +870,8 @@ impl<H: Host> LcBackend for QemuBackend<H> {
                     .map_err(io_err("plugging the tap into the bridge"))?;
             }
             let mut q = self.qmp(&spec.id)?;
-            let qerr = |e: crate::qmp::QmpError| LcError::Host {
-                lc: spec.id.clone(),
-                step: "adding the NIC to QEMU",
-                source: std::io::Error::other(patchover_core::error_chain(&e)),
+            let qerr = |e: crate::qmp::QmpError| {
+                LcError::host_chain(&spec.id, "adding the NIC to QEMU", &e)
             };
             q.execute(
                 "netdev_add",

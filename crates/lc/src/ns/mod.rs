@@ -343,19 +343,6 @@ impl<H: Host> NsBackend<H> {
             .release(&spec.id, spec.disks().map(|d| d.path.clone()));
         let _ = self.host.remove_all(&self.lc_dir(&spec.id));
     }
-
-    fn uptime_s(&self, st: &RuntimeState) -> Option<f64> {
-        let up: f64 = self
-            .host
-            .read_file(Path::new("/proc/uptime"))
-            .ok()?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()?;
-        // USER_HZ is 100 on every architecture patchover supports.
-        Some(up - st.start_time as f64 / 100.0)
-    }
 }
 
 use patchover_core::error_chain as format_chain;
@@ -468,16 +455,7 @@ impl<H: Host> LcBackend for NsBackend<H> {
 
     fn status(&self, spec: &LcSpec) -> Result<LcStatus, LcError> {
         let Some(st) = self.running(&spec.id) else {
-            return Ok(LcStatus {
-                id: spec.id.clone(),
-                state: LcState::Stopped,
-                pid: None,
-                uptime_s: None,
-                processes: 0,
-                limits: None,
-                host_ports: Vec::new(),
-                agent_socket: None,
-            });
+            return Ok(LcStatus::stopped(&spec.id));
         };
         Ok(LcStatus {
             id: spec.id.clone(),
@@ -487,7 +465,7 @@ impl<H: Host> LcBackend for NsBackend<H> {
                 LcState::Running
             },
             pid: Some(st.pid),
-            uptime_s: self.uptime_s(&st),
+            uptime_s: crate::host::uptime_since(&self.host, st.start_time),
             processes: st.groups.pids(&self.host).len(),
             limits: Some(st.groups.read_limits(&self.host)),
             host_ports: st.host_ports.clone(),

@@ -244,7 +244,7 @@ impl Topo {
     /// Builds the demo image for LC `i`.
     pub fn build_image(&self, i: usize, version: &str) {
         let l = &self.lcs[i];
-        if let Some(img) = &self.qemu {
+        if self.qemu.is_some() {
             // The QEMU image with this version, copied to the LC's own disks.
             let v = self.dir.path().join(format!("qemu-image-{version}"));
             if !v.exists() {
@@ -270,7 +270,6 @@ impl Topo {
                     .unwrap();
                 assert!(st.success());
             }
-            let _ = img;
             return;
         }
         po_ok(
