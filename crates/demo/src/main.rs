@@ -14,10 +14,14 @@
 //! while it keeps accepting new ones; SIGUSR2 undoes it.
 //! Every response carries `X-Served-By: <hostname>` so a client can tell which LC answered.
 //!
+//! Hand-off (the patch cycle's `seamless` mode): park, then forward to the standby, over a
+//! control socket (see [`handoff`]).
+//!
 //! `patchover-demo writer …` runs the disk-copy benchmark's writer instead (see [`writer`]).
 //!
 //! std only: the binary is linked statically and runs inside any rootfs.
 
+mod handoff;
 mod writer;
 
 use std::collections::HashMap;
@@ -26,7 +30,7 @@ use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 const MAX_HEADER: usize = 16 * 1024;
@@ -39,6 +43,9 @@ const DRAIN_POLL: Duration = Duration::from_millis(10);
 
 /// Set by SIGUSR1, cleared by SIGUSR2.
 static DRAINING: AtomicBool = AtomicBool::new(false);
+
+/// Where requests go: here, held (parked), or to the standby.
+static GATE: LazyLock<handoff::Gate> = LazyLock::new(handoff::Gate::default);
 
 extern "C" fn on_drain(_: libc::c_int) {
     DRAINING.store(true, Ordering::SeqCst);
@@ -67,6 +74,7 @@ struct Args {
     listen: String,
     data_dir: PathBuf,
     version_file: PathBuf,
+    control: PathBuf,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -74,6 +82,7 @@ fn parse_args() -> Result<Args, String> {
         listen: "0.0.0.0:80".to_owned(),
         data_dir: PathBuf::from("/data"),
         version_file: PathBuf::from("/etc/demo/version"),
+        control: PathBuf::from(handoff::DEFAULT_CONTROL),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -82,9 +91,10 @@ fn parse_args() -> Result<Args, String> {
             "--listen" => args.listen = val()?,
             "--data" => args.data_dir = PathBuf::from(val()?),
             "--version-file" => args.version_file = PathBuf::from(val()?),
+            "--control" => args.control = PathBuf::from(val()?),
             "--help" | "-h" => {
                 return Err(
-                    "usage: patchover-demo [--listen ADDR:PORT] [--data DIR] [--version-file FILE]\n       patchover-demo writer --help"
+                    "usage: patchover-demo [--listen ADDR:PORT] [--data DIR] [--version-file FILE] [--control SOCKET]\n       patchover-demo ctl --help\n       patchover-demo writer --help"
                         .to_owned(),
                 );
             }
@@ -213,7 +223,10 @@ fn wait_for_request(r: &mut BufReader<TcpStream>) -> io::Result<bool> {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                if DRAINING.load(Ordering::SeqCst) || idle_since.elapsed() > IDLE_TIMEOUT {
+                if DRAINING.load(Ordering::SeqCst)
+                    || GATE.forwarding()
+                    || idle_since.elapsed() > IDLE_TIMEOUT
+                {
                     break false;
                 }
             }
@@ -298,7 +311,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> io::Result<ReadOutcome> {
 
 fn respond(
     w: &mut impl Write,
-    store: &Store,
+    served_by: &str,
     status: u16,
     body: &[u8],
     keep_alive: bool,
@@ -319,7 +332,7 @@ fn respond(
         w,
         "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nX-Served-By: {}\r\nConnection: {}\r\n\r\n",
         body.len(),
-        store.host,
+        served_by,
         if keep_alive { "keep-alive" } else { "close" }
     )?;
     w.write_all(body)?;
@@ -375,7 +388,7 @@ fn serve_connection(stream: TcpStream, store: &Store) -> io::Result<()> {
             ReadOutcome::Bad(status, why) => {
                 respond(
                     &mut writer,
-                    store,
+                    &store.host,
                     status,
                     format!("{why}\n").as_bytes(),
                     false,
@@ -383,9 +396,25 @@ fn serve_connection(stream: TcpStream, store: &Store) -> io::Result<()> {
                 return Ok(());
             }
             ReadOutcome::Request(req) => {
-                let (status, body) = handle(&req, store);
-                let keep_alive = req.keep_alive && !DRAINING.load(Ordering::SeqCst);
-                respond(&mut writer, store, status, &body, keep_alive)?;
+                let (status, body, served_by) = match GATE.enter() {
+                    handoff::Pass::Local(_in_flight) => {
+                        let (status, body) = handle(&req, store);
+                        (status, body, store.host.clone())
+                    }
+                    handoff::Pass::Forward(to) => {
+                        match handoff::forward(to, &req.method, &req.path, &req.body) {
+                            Ok(r) => (r.status, r.body, r.served_by),
+                            Err(e) => (
+                                502,
+                                format!("hand-off to {to} failed: {e}\n").into_bytes(),
+                                store.host.clone(),
+                            ),
+                        }
+                    }
+                };
+                let keep_alive =
+                    req.keep_alive && !DRAINING.load(Ordering::SeqCst) && !GATE.forwarding();
+                respond(&mut writer, &served_by, status, &body, keep_alive)?;
                 if !keep_alive {
                     return Ok(());
                 }
@@ -404,6 +433,9 @@ fn main() {
             }
         };
         std::process::exit(code);
+    }
+    if std::env::args().nth(1).as_deref() == Some("ctl") {
+        std::process::exit(handoff::ctl_main(std::env::args().skip(2)));
     }
     let args = match parse_args() {
         Ok(a) => a,
@@ -455,12 +487,18 @@ fn main() {
         args.data_dir.display()
     );
     install_signal_handlers();
+    if let Err(e) = handoff::serve_control(&args.control, &GATE) {
+        eprintln!(
+            "patchover-demo: cannot serve control commands on {}: {e} (hand-off unavailable)",
+            args.control.display()
+        );
+    }
     let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
         if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
             let mut w = stream;
-            let _ = respond(&mut w, &store, 503, b"too many connections\n", false);
+            let _ = respond(&mut w, &store.host, 503, b"too many connections\n", false);
             continue;
         }
         active.fetch_add(1, Ordering::Relaxed);

@@ -126,12 +126,26 @@ fn ip_daddr(addr: Ipv4Addr) -> Value {
 
 /// The batch that points service address `service` at `target` (seamless mode).
 pub fn service_nat_batch(service: Ipv4Addr, target: Ipv4Addr) -> Value {
+    service_nat_split_batch(service, target, target)
+}
+
+/// Like [`service_nat_batch`], but the host's own connections (the `output` hook) go to
+/// `host_target` while forwarded ones (clients, `prerouting`) still go to `clients_target`:
+/// the hand-off checks the standby through the NAT before any client is sent there.
+pub fn service_nat_split_batch(
+    service: Ipv4Addr,
+    clients_target: Ipv4Addr,
+    host_target: Ipv4Addr,
+) -> Value {
     let t = table_name(service);
     let mut cmds = vec![
         json!({"add": {"table": {"family": "ip", "name": t}}}),
         json!({"flush": {"table": {"family": "ip", "name": t}}}),
     ];
-    for (chain, hook) in [("pre", "prerouting"), ("out", "output")] {
+    for (chain, hook, target) in [
+        ("pre", "prerouting", clients_target),
+        ("out", "output", host_target),
+    ] {
         cmds.push(
             json!({"add": {"chain": {"family": "ip", "table": t, "name": chain,
             "type": "nat", "hook": hook, "prio": -100, "policy": "accept"}}}),
@@ -230,6 +244,26 @@ mod tests {
             .filter_map(|c| c["add"]["rule"]["expr"][1]["dnat"]["addr"].as_str())
             .collect();
         assert_eq!(dnats, ["10.0.0.3", "10.0.0.3"]);
+    }
+
+    #[test]
+    fn split_batch_sends_only_the_host_to_the_new_target() {
+        let s = Ipv4Addr::new(10, 0, 0, 1);
+        let b = service_nat_split_batch(s, Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3));
+        let by_chain: Vec<(&str, &str)> = b["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| {
+                let r = &c["add"]["rule"];
+                Some((r["chain"].as_str()?, r["expr"][1]["dnat"]["addr"].as_str()?))
+            })
+            .collect();
+        assert_eq!(by_chain, [("pre", "10.0.0.2"), ("out", "10.0.0.3")]);
+        // Recovery reads the clients' target, which has not moved yet.
+        let rs = json!({"nftables": b["nftables"].as_array().unwrap().iter()
+            .filter_map(|c| c["add"].get("rule").map(|r| json!({"rule": r}))).collect::<Vec<_>>()});
+        assert_eq!(nat_target_in(&rs, s), Some(Ipv4Addr::new(10, 0, 0, 2)));
     }
 
     #[test]

@@ -126,6 +126,10 @@ pub struct SwitchPlan {
     pub queue: u16,
     /// Lock file that keeps two switches from running at once.
     pub lock_path: PathBuf,
+    /// `seamless` only: the service hands off (see [`ServiceControl::park`]) instead of both
+    /// LCs serving at once — for services that write (each LC has its own data disk).
+    #[serde(default)]
+    pub handoff: bool,
 }
 
 impl SwitchPlan {
@@ -146,6 +150,34 @@ pub trait ServiceControl {
     fn drain(&mut self, ep: &Endpoint) -> Result<(), BoxError>;
     /// Undoes `drain` (the service on `ep` is about to serve again).
     fn resume(&mut self, ep: &Endpoint) -> Result<(), BoxError>;
+    /// Hand-off, step 1: the service on `ep` finishes its requests in flight and holds every
+    /// later one (on its connections, old and new) without serving it; returns once nothing is
+    /// in flight. From then on it writes nothing.
+    fn park(&mut self, ep: &Endpoint) -> Result<(), BoxError> {
+        Err(format!(
+            "the service on {} cannot hand off (no park command)",
+            ep.name
+        )
+        .into())
+    }
+    /// Hand-off, step 2: the service on `ep` sends the held requests, and every later one, to
+    /// `to` (the standby's own address), answering each with `Connection: close`.
+    fn forward(&mut self, ep: &Endpoint, to: std::net::SocketAddr) -> Result<(), BoxError> {
+        let _ = to;
+        Err(format!(
+            "the service on {} cannot hand off (no forward command)",
+            ep.name
+        )
+        .into())
+    }
+    /// Undoes `park` (before any `forward`): the service on `ep` serves its held requests itself.
+    fn unpark(&mut self, ep: &Endpoint) -> Result<(), BoxError> {
+        Err(format!(
+            "the service on {} cannot hand off (no unpark command)",
+            ep.name
+        )
+        .into())
+    }
 }
 
 /// For services that close their connections by themselves: the switcher only waits.
@@ -309,6 +341,12 @@ pub fn validate(plan: &SwitchPlan) -> Result<(), SwitchError> {
     }
     if plan.health.port == 0 {
         return bad("the health check port is 0".into());
+    }
+    if plan.handoff && plan.mode != Mode::Seamless {
+        return bad(format!(
+            "a hand-off belongs to seamless mode; {} mode moves the service in a pause",
+            plan.mode
+        ));
     }
     let s = plan.service.addr;
     match plan.mode {
@@ -517,6 +555,7 @@ pub fn switch(plan: &SwitchPlan, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
     };
     let res = match plan.mode {
         Mode::Path | Mode::Readdress => ctx.paused(hooks),
+        Mode::Seamless if plan.handoff => ctx.handoff(hooks),
         Mode::Seamless => ctx.seamless(hooks),
     };
     match &res {
@@ -919,6 +958,123 @@ impl Ctx<'_> {
         })
     }
 
+    /// `seamless` with a hand-off, for services that write: the old service parks (finishes
+    /// what is in flight, holds the rest), `in_window` moves the last writes to the standby and
+    /// starts its service, the host's own connections are pointed at the standby and checked
+    /// through the service address, then the clients' NAT follows and the old service forwards
+    /// what it holds, and every later request on its connections, to the standby. No SYN is
+    /// held; requests that reach the old LC while it is parked wait for the forward.
+    fn handoff(&self, hooks: &mut Hooks<'_>) -> Result<Switched, SwitchError> {
+        let plan = self.plan;
+        let s = plan.service.addr;
+        let (old, new) = (plan.from.address.addr, plan.to.address.addr);
+        let mut ready = self.ready()?;
+        let hook = |hook: &'static str| move |source| SwitchError::Hook { hook, source };
+        let t_park = Instant::now();
+        if let Err(e) = hooks.service.park(&plan.from) {
+            let rb = match hooks.service.unpark(&plan.from) {
+                Ok(()) => Vec::new(),
+                Err(u) => vec![format!("unpark {}: {u}", plan.from.name)],
+            };
+            return Err(rolled_back(plan, hook("park")(e), rb));
+        }
+        // Until the clients' NAT moves, a failure puts everything back: the standby has served
+        // nobody but the switcher's check, so the old LC's data is still the whole truth.
+        let unpark = |hooks: &mut Hooks<'_>, cause: SwitchError, mut rb: Vec<String>| {
+            if let Err(u) = hooks.service.unpark(&plan.from) {
+                rb.push(format!("unpark {}: {u}", plan.from.name));
+            }
+            rolled_back(plan, cause, rb)
+        };
+        let tw = Instant::now();
+        if let Err(e) = (hooks.in_window)(plan) {
+            return Err(unpark(hooks, hook("in_window")(e), Vec::new()));
+        }
+        let window = tw.elapsed();
+        if let Err(e) =
+            health::check_in(&*self.to_lc, new, &plan.health.expecting(&plan.to.identity))
+        {
+            let cause = SwitchError::StandbyNotReady {
+                to: plan.to.name.clone(),
+                source: e,
+            };
+            return Err(unpark(hooks, cause, Vec::new()));
+        }
+        let host_first = match ready.nft.take() {
+            Some(p) => p.apply(
+                "service NAT: the host first",
+                &nft::service_nat_split_batch(s, old, new),
+            ),
+            None => nft::apply(
+                self.host_ns(),
+                "service NAT: the host first",
+                &nft::service_nat_split_batch(s, old, new),
+            ),
+        };
+        if let Err(e) = host_first {
+            return Err(unpark(hooks, e.into(), Vec::new()));
+        }
+        let back = |what: &str| {
+            nft::apply(self.host_ns(), what, &nft::service_nat_batch(s, old))
+                .err()
+                .map(|e| format!("NAT back: {e}"))
+                .into_iter()
+                .collect::<Vec<_>>()
+        };
+        if let Err(cause) = self.check_to(&ready) {
+            let rb = back("service NAT back");
+            return Err(unpark(hooks, cause, rb));
+        }
+        if let Err(e) = nft::apply(
+            self.host_ns(),
+            "service NAT switch",
+            &nft::service_nat_batch(s, new),
+        ) {
+            let rb = back("service NAT back");
+            return Err(unpark(hooks, e.into(), rb));
+        }
+        let first = self.t0.elapsed();
+        // From here the standby serves clients: the old service must never serve again. A
+        // failed forward leaves it parked (its held requests fail when the old LC stops) —
+        // reported, never undone.
+        let to = std::net::SocketAddr::from((new, plan.health.port));
+        let mut forward = hooks.service.forward(&plan.from, to);
+        for _ in 0..2 {
+            if forward.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            forward = hooks.service.forward(&plan.from, to);
+        }
+        let pause = t_park.elapsed();
+        if let Err(e) = &forward {
+            tracing::error!(from = %plan.from.name, error = %e, "the old service did not take the forward; its held requests will fail");
+        }
+        let (drain, left) = self.wait_drained()?;
+        if left > 0 {
+            tracing::warn!(left, from = %plan.from.name, "old LC still has connections at the drain deadline");
+        }
+        self.move_udp_flows(old);
+        if let Err(e) = forward {
+            return Err(hook("forward")(e));
+        }
+        Ok(Switched {
+            report: SwitchReport {
+                mode: plan.mode,
+                from: plan.from.name.clone(),
+                to: plan.to.name.clone(),
+                pause_ms: ms(pause),
+                drain_ms: ms(drain),
+                leftover_connections: left,
+                first_request_ms: ms(first),
+                window_ms: ms(window),
+                held_syns: 0,
+                garp_sent: 0,
+            },
+            refresh: None,
+        })
+    }
+
     /// UDP has no end: at the deadline its conntrack entries to the old LC are deleted so the
     /// next datagram of each flow is NATed to the standby.
     fn move_udp_flows(&self, old: Ipv4Addr) {
@@ -981,6 +1137,7 @@ mod tests {
             drain_deadline: Duration::from_secs(1),
             queue: 1,
             lock_path: PathBuf::from("/nonexistent/lock"),
+            handoff: false,
         }
     }
 
@@ -1026,6 +1183,21 @@ mod tests {
             ep("b", "10.0.0.3/24", 2),
         );
         assert!(validate(&p).is_err());
+    }
+
+    #[test]
+    fn handoff_is_for_seamless_only() {
+        let mut p = plan(
+            Mode::Readdress,
+            ep("a", "10.0.0.2/24", 1),
+            ep("b", "10.0.0.3/24", 2),
+        );
+        p.handoff = true;
+        assert!(
+            matches!(validate(&p), Err(SwitchError::Plan(m)) if m.contains("hand-off belongs to seamless"))
+        );
+        p.mode = Mode::Seamless;
+        validate(&p).unwrap();
     }
 
     #[test]

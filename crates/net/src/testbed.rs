@@ -278,6 +278,7 @@ impl Testbed {
             drain_deadline: Duration::from_secs(2),
             queue: 7,
             lock_path: self.lock_path.clone(),
+            handoff: false,
         }
     }
 

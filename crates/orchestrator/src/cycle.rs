@@ -265,11 +265,6 @@ impl<'a> Orchestrator<'a> {
                     active.id, active.id
                 )));
             }
-            if req.mode == Mode::Seamless {
-                return Err(OrchestratorError::BadInput(
-                    "mode seamless is not offered by the patch cycle: the old LC still writes its application disk while the standby already serves, so the final catch-up could overwrite newer writes (see docs/network-switch.md); use --mode readdress or --mode path (`patchover net switch --mode seamless` moves stateless services)".into(),
-                ));
-            }
             let service = self.config.network.service_address.ok_or_else(|| {
                 OrchestratorError::BadInput(
                     "network.service_address is not set in the config".into(),
@@ -282,6 +277,10 @@ impl<'a> Orchestrator<'a> {
                     Mode::Path => format!(
                         "LC {}'s port is not on the bridge {}, so it does not serve the service; it is not the active LC",
                         active.id, self.config.network.bridge
+                    ),
+                    Mode::Seamless => format!(
+                        "the service NAT of {} does not point at LC {}; it is not the active LC (point it there once with `patchover net setup {}`)",
+                        service.addr, active.id, active.id
                     ),
                     _ => format!(
                         "LC {} does not hold the service address {}; it is not the active LC (give it the address with `patchover service assign {}`)",
@@ -677,6 +676,8 @@ impl<'a> Orchestrator<'a> {
             drain_deadline: self.settings.drain_deadline,
             queue: crate::recover::queue_number(run_id),
             lock_path: self.config.run_dir.join("switch.lock"),
+            // A writing service must not serve from both LCs: hand off.
+            handoff: req.mode == Mode::Seamless,
         };
         let backend = self.backend;
         let restart = self.settings.service.restart.clone();

@@ -126,7 +126,8 @@ pub fn holds_address(access: &LcAccess, iface: &str, addr: Ipv4Addr) -> Result<b
 }
 
 /// Whether the service is on the LC of endpoint `ep`: in `path` mode its port is on the bridge,
-/// otherwise its NIC holds the service address.
+/// in `seamless` mode the clients' NAT points at it, otherwise its NIC holds the service
+/// address.
 pub fn service_is_on(
     config: &Config,
     mode: patchover_net::Mode,
@@ -137,7 +138,12 @@ pub fn service_is_on(
         patchover_net::Mode::Path => {
             port_on_bridge(config, &ep.host_port).map_err(OrchestratorError::net)
         }
-        _ => holds_address(&ep.access, &ep.iface, service).map_err(OrchestratorError::in_lc),
+        patchover_net::Mode::Seamless => Ok(patchover_net::nft::service_nat_target(None, service)
+            .map_err(|e| OrchestratorError::Switch(Box::new(e.into())))?
+            == Some(ep.address.addr)),
+        patchover_net::Mode::Readdress => {
+            holds_address(&ep.access, &ep.iface, service).map_err(OrchestratorError::in_lc)
+        }
     }
 }
 
@@ -201,6 +207,40 @@ pub fn assign_service(
     Ok(())
 }
 
+/// Recovery of a `seamless` hand-off whose clients' NAT already points at the standby: the old
+/// service forwards what it holds to the standby, and its connections get the drain deadline
+/// to end, before the old LC is stopped. Best effort: the old LC stops either way.
+fn forward_held(
+    o: &Orchestrator<'_>,
+    active: &patchover_core::LcSpec,
+    standby: &patchover_core::LcSpec,
+) {
+    let (Ok(from), Ok(to)) = (endpoint(o.backend, active), endpoint(o.backend, standby)) else {
+        return;
+    };
+    let mut ctl = crate::service::LcServiceControl {
+        backend: o.backend,
+        lcs: &o.config.lcs,
+        settings: &o.settings.service,
+    };
+    let target = std::net::SocketAddr::from((to.address.addr, o.settings.service.port));
+    if let Err(e) = patchover_net::ServiceControl::forward(&mut ctl, &from, target) {
+        tracing::warn!(lc = %active.id, error = %e, "cannot make the old service forward its held requests");
+        return;
+    }
+    let Ok(lc) = from.access.open() else { return };
+    let start = std::time::Instant::now();
+    while start.elapsed() < o.settings.drain_deadline {
+        if lc
+            .busy_tcp_connections(o.settings.service.port)
+            .is_ok_and(|n| n == 0)
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Finishes or rolls back every unfinished run whose patchover is gone. Returns what was done.
 pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorError> {
     let mut done = Vec::new();
@@ -256,11 +296,20 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
             // to its announcements (and left the rule for held SYNs only): announce the
             // address from the standby now, so clients stop sending to the old LC's MAC.
             if !has("switch", "done")
+                && mode != patchover_net::Mode::Seamless
                 && let (Some(s), Some(svc)) = (&standby, service)
                 && let Ok(ep) = endpoint(o.backend, s)
             {
                 assign_service(&ep.access, &ep.iface, ep.mac, svc)
                     .map_err(OrchestratorError::in_lc)?;
+            }
+            // A hand-off cut short: the old service may still hold requests; they go to the
+            // standby, whose data is the truth now, before the old LC stops.
+            if !has("switch", "done")
+                && mode == patchover_net::Mode::Seamless
+                && let (Some(a), Some(s)) = (&active, &standby)
+            {
+                forward_held(o, a, s);
             }
             if let Some(a) = &active
                 && o.backend
@@ -292,6 +341,20 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
                         sport.as_deref(),
                     )
                     .map_err(OrchestratorError::net)?;
+                } else if mode == patchover_net::Mode::Seamless {
+                    // The clients' NAT never left the old LC (or goes back to it now); its
+                    // service, parked for the hand-off, serves its held requests itself.
+                    let ep = endpoint(o.backend, a)?;
+                    patchover_net::seamless_setup(None, svc.addr, ep.address.addr)
+                        .map_err(|e| OrchestratorError::Switch(Box::new(e.into())))?;
+                    let mut ctl = crate::service::LcServiceControl {
+                        backend: o.backend,
+                        lcs: &o.config.lcs,
+                        settings: &o.settings.service,
+                    };
+                    if let Err(e) = patchover_net::ServiceControl::unpark(&mut ctl, &ep) {
+                        tracing::warn!(lc = %a.id, error = %e, "cannot unpark the old service (it resumes by itself when its park expires)");
+                    }
                 } else {
                     let _ = patchover_net::teardown(None, svc.addr);
                     if let Some(s) = &standby

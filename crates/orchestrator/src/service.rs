@@ -28,6 +28,17 @@ pub struct ServiceSettings {
     /// Undoes `drain`.
     #[serde(default = "default_resume")]
     pub resume: Vec<String>,
+    /// `seamless` hand-off, run inside the old LC: finish the requests in flight, hold the rest;
+    /// must exit 0 only once nothing is in flight (see `patchover_net::ServiceControl::park`).
+    #[serde(default = "default_park")]
+    pub park: Vec<String>,
+    /// Run inside the old LC after `park`: send the held and later requests to the standby;
+    /// `{to}` is replaced by the standby's `ADDR:PORT`.
+    #[serde(default = "default_forward")]
+    pub forward: Vec<String>,
+    /// Undoes `park` when the hand-off is called off before `forward`.
+    #[serde(default = "default_unpark")]
+    pub unpark: Vec<String>,
 }
 
 fn signal_demo(sig: &str) -> Vec<String> {
@@ -42,6 +53,23 @@ fn default_drain() -> Vec<String> {
 }
 fn default_resume() -> Vec<String> {
     signal_demo("USR2")
+}
+
+fn demo_ctl(args: &[&str]) -> Vec<String> {
+    ["/usr/bin/patchover-demo", "ctl"]
+        .iter()
+        .chain(args)
+        .map(|s| (*s).to_owned())
+        .collect()
+}
+fn default_park() -> Vec<String> {
+    demo_ctl(&["park"])
+}
+fn default_forward() -> Vec<String> {
+    demo_ctl(&["forward", "{to}"])
+}
+fn default_unpark() -> Vec<String> {
+    demo_ctl(&["resume"])
 }
 
 fn default_port() -> u16 {
@@ -66,6 +94,9 @@ impl Default for ServiceSettings {
             restart: default_restart(),
             drain: default_drain(),
             resume: default_resume(),
+            park: default_park(),
+            forward: default_forward(),
+            unpark: default_unpark(),
         }
     }
 }
@@ -185,5 +216,42 @@ impl patchover_net::ServiceControl for LcServiceControl<'_> {
     }
     fn resume(&mut self, ep: &patchover_net::Endpoint) -> Result<(), patchover_net::BoxError> {
         self.run(ep, &self.settings.resume)
+    }
+    fn park(&mut self, ep: &patchover_net::Endpoint) -> Result<(), patchover_net::BoxError> {
+        self.hand_off(ep, "park", &self.settings.park)
+    }
+    fn forward(
+        &mut self,
+        ep: &patchover_net::Endpoint,
+        to: std::net::SocketAddr,
+    ) -> Result<(), patchover_net::BoxError> {
+        let argv: Vec<String> = self
+            .settings
+            .forward
+            .iter()
+            .map(|a| a.replace("{to}", &to.to_string()))
+            .collect();
+        self.hand_off(ep, "forward", &argv)
+    }
+    fn unpark(&mut self, ep: &patchover_net::Endpoint) -> Result<(), patchover_net::BoxError> {
+        self.hand_off(ep, "unpark", &self.settings.unpark)
+    }
+}
+
+impl LcServiceControl<'_> {
+    /// A hand-off command must exist: an empty one cannot be "only waited for".
+    fn hand_off(
+        &self,
+        ep: &patchover_net::Endpoint,
+        what: &str,
+        argv: &[String],
+    ) -> Result<(), patchover_net::BoxError> {
+        if argv.is_empty() {
+            return Err(format!(
+                "[service] {what} is empty: seamless mode needs the service's hand-off commands (park, forward, unpark)"
+            )
+            .into());
+        }
+        self.run(ep, argv)
     }
 }

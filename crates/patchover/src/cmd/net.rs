@@ -178,6 +178,8 @@ fn plan(
         drain_deadline: Duration::from_millis(o.drain_deadline_ms),
         queue: 4242,
         lock_path: env.config.run_dir.join("net-switch.lock"),
+        // The hand-off moves a writing service's data too: only the patch cycle does it.
+        handoff: false,
     })
 }
 
@@ -349,7 +351,15 @@ pub fn run(cmd: NetCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             let service = env.config.network.service_address.ok_or_else(|| {
                 BadInput("network.service_address is not set in the config".into())
             })?;
+            if env.config.network.bridge_address.is_none() {
+                return Err(BadInput(
+                    "seamless mode routes clients through the host to the LCs on the bridge: set network.bridge_address (the LCs' gateway)".into(),
+                )
+                .into());
+            }
             let ep = endpoint(&env, env.lc(&active)?)?;
+            // The host forwards the NATed traffic onto the bridge: it needs its address there.
+            patchover_orchestrator::recover::ensure_bridge_address(&env.config)?;
             patchover_net::seamless_setup(None, service.addr, ep.address.addr)?;
             if ctx.json {
                 println!(

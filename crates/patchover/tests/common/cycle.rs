@@ -47,11 +47,21 @@ impl Cycle {
         Cycle::build(n_lcs, extra, shared_identity, true)
     }
 
+    /// The `seamless` layout: own addresses, clients routed through the host (see
+    /// [`Topo::routed`]).
+    pub fn routed(n_lcs: usize, extra: &str) -> Cycle {
+        Cycle::build_with(n_lcs, extra, |t| t.routed = true, false)
+    }
+
     fn build(n_lcs: usize, extra: &str, shared_identity: bool, qemu: bool) -> Cycle {
+        Cycle::build_with(n_lcs, extra, |t| t.shared_identity = shared_identity, qemu)
+    }
+
+    fn build_with(n_lcs: usize, extra: &str, layout: impl FnOnce(&mut Topo), qemu: bool) -> Cycle {
         let mem = if qemu { 160 } else { 96 };
         let lcs: Vec<(u32, u32, u64)> = (0..n_lcs).map(|i| (i as u32 % 2, 40, mem)).collect();
         let mut t = Topo::new(&lcs);
-        t.shared_identity = shared_identity;
+        layout(&mut t);
         if qemu {
             t.use_qemu("");
         }
@@ -214,6 +224,141 @@ impl Load {
     }
 
     pub fn finish(mut self) -> LoadResult {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+/// A client that keeps one connection alive and writes on it without pause, opening a new one
+/// only when the server answers `Connection: close`. It records which LC answered each
+/// request, so a request answered by another LC than its connection's first answer (the old
+/// service forwarding it) is seen.
+pub struct KeepAlive {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<KeepAliveResult>>,
+}
+
+/// Requests that succeeded, failures, acknowledged writes, and the requests answered by an LC
+/// other than the one their connection started with.
+pub type KeepAliveResult = (u64, Vec<String>, BTreeMap<String, String>, u64);
+
+impl KeepAlive {
+    pub fn start(client: &Client, service: String, deadline: Duration) -> KeepAlive {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let ns = format!("/run/netns/{}", client.name);
+        let handle = std::thread::spawn(move || {
+            let f = fs::File::open(&ns).unwrap();
+            nix::sched::setns(
+                std::os::fd::AsFd::as_fd(&f),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+            )
+            .unwrap();
+            let addr: std::net::SocketAddr = format!("{service}:80").parse().unwrap();
+            let (mut ok, mut failures, mut acked, mut moved) =
+                (0u64, Vec::new(), BTreeMap::new(), 0u64);
+            let mut conn: Option<(BufReader<std::net::TcpStream>, Option<String>)> = None;
+            let mut n = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                n += 1;
+                let (key, val) = (format!("ka{n}"), format!("w{n}"));
+                let t = Instant::now();
+                type Conn = Option<(BufReader<std::net::TcpStream>, Option<String>)>;
+                let attempt = |conn: &mut Conn| -> std::io::Result<(u16, String, bool)> {
+                    if conn.is_none() {
+                        let st = std::net::TcpStream::connect_timeout(&addr, deadline)?;
+                        st.set_read_timeout(Some(deadline))?;
+                        *conn = Some((BufReader::new(st), None));
+                    }
+                    let (r, _) = conn.as_mut().unwrap();
+                    write!(
+                        r.get_mut(),
+                        "PUT /kv/{key} HTTP/1.1\r\nHost: s\r\nContent-Length: {}\r\n\r\n{val}",
+                        val.len()
+                    )?;
+                    let mut line = String::new();
+                    if r.read_line(&mut line)? == 0 {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "closed before answering",
+                        ));
+                    }
+                    let status: u16 = line
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|x| x.parse().ok())
+                        .ok_or_else(|| std::io::Error::other(format!("status line {line:?}")))?;
+                    let (mut len, mut by, mut close) = (0usize, String::new(), false);
+                    loop {
+                        let mut h = String::new();
+                        r.read_line(&mut h)?;
+                        let h = h.trim_end().to_ascii_lowercase();
+                        if h.is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        } else if let Some(v) = h.strip_prefix("x-served-by:") {
+                            by = v.trim().to_owned();
+                        } else if h.starts_with("connection:") && h.contains("close") {
+                            close = true;
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body)?;
+                    Ok((status, by, close))
+                };
+                let reused = conn.as_ref().is_some_and(|c| c.1.is_some());
+                let mut res = attempt(&mut conn);
+                // RFC 9112 §9.3.1: a request on a reused connection that the server closed
+                // without answering is sent again on a new one (PUT is idempotent).
+                if reused
+                    && matches!(&res, Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe))
+                {
+                    conn = None;
+                    res = attempt(&mut conn);
+                }
+                match res {
+                    Ok((201, by, close)) if t.elapsed() < deadline => {
+                        ok += 1;
+                        acked.insert(key, val);
+                        let first = &mut conn.as_mut().unwrap().1;
+                        match first {
+                            None => *first = Some(by),
+                            Some(f) if *f != by => moved += 1,
+                            _ => {}
+                        }
+                        if close {
+                            conn = None;
+                        }
+                    }
+                    Ok((status, by, _)) => {
+                        failures.push(format!(
+                            "PUT {key}: {status} from {by} after {:?}",
+                            t.elapsed()
+                        ));
+                        conn = None;
+                    }
+                    Err(e) => {
+                        failures.push(format!(
+                            "PUT {key} on a kept-alive connection: {e} after {:?}",
+                            t.elapsed()
+                        ));
+                        conn = None;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (ok, failures, acked, moved)
+        });
+        KeepAlive {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn finish(mut self) -> KeepAliveResult {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.take().unwrap().join().unwrap()
     }

@@ -127,6 +127,9 @@ pub struct Topo {
     /// QEMU LCs booting the kernel of this image directory (`image build-demo --qemu`);
     /// their disks are `lc<i>-sys.img` and `lc<i>-app.img`.
     pub qemu: Option<PathBuf>,
+    /// Clients are routed through the host (`seamless` mode): every LC's NIC gets the host's
+    /// bridge address as its gateway, so replies to [`Client::routed`] go back through the host.
+    pub routed: bool,
 }
 
 impl Topo {
@@ -162,6 +165,7 @@ impl Topo {
             dir,
             shared_identity: false,
             qemu: None,
+            routed: false,
         };
         t.write_config("");
         t
@@ -192,6 +196,11 @@ impl Topo {
                     "{{ name = \"eth0\", address = \"{}/24\", mac = \"02:50:4f:00:{:02x}:0a\" }}",
                     self.service(),
                     self.net
+                )
+            } else if self.routed {
+                format!(
+                    "{{ name = \"eth0\", address = \"{}/24\", gateway = \"10.77.{}.1\" }}",
+                    l.address, self.net
                 )
             } else {
                 format!("{{ name = \"eth0\", address = \"{}/24\" }}", l.address)
@@ -407,6 +416,60 @@ impl Client {
         ip(&["-n", &name, "addr", "add", address, "dev", "eth0"]);
         ip(&["-n", &name, "link", "set", "eth0", "up"]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
+        let ns = fs::File::open(format!("/run/netns/{name}")).unwrap();
+        Client { name, ns }
+    }
+
+    /// A client behind the host as a router (the `seamless` layout): its own /24
+    /// (10.78.<net>.0), a veth to the host that is not on the bridge, and forwarding switched on
+    /// for that veth and the test's bridge only (per device: the host's global setting stays).
+    pub fn routed(t: &Topo) -> Client {
+        let name = format!("poc{}", unique());
+        let host_end = format!("{name}h");
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &name]);
+        ip(&[
+            "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &name,
+        ]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.78.{}.1/24", t.net),
+            "dev",
+            &host_end,
+        ]);
+        ip(&["link", "set", &host_end, "up"]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("10.78.{}.2/24", t.net),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &name, "link", "set", "eth0", "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &name,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.78.{}.1", t.net),
+        ]);
+        for dev in [host_end.as_str(), t.bridge.as_str()] {
+            fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/forwarding"), "1")
+                .unwrap_or_else(|e| panic!("forwarding on {dev}: {e}"));
+        }
         let ns = fs::File::open(format!("/run/netns/{name}")).unwrap();
         Client { name, ns }
     }
