@@ -11,7 +11,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cycle::{Cycle, Load, assert_all_there};
+use common::cycle::{Cycle, KeepAlive, Load, assert_all_there};
 use common::{BIN, Client, guest_dir};
 
 /// A small deterministic generator (xorshift), seeded per run and printed for reruns.
@@ -29,14 +29,38 @@ impl Rng {
 #[test]
 fn sigkill_at_random_points_never_interrupts_the_service() {
     let points = env_or("PATCHOVER_CRASH_POINTS", 20);
-    crash_at_random_points(Cycle::new(2, ""), points, Duration::from_millis(7000));
+    crash_at_random_points(
+        Cycle::new(2, ""),
+        points,
+        Duration::from_millis(7000),
+        "readdress",
+    );
+}
+
+/// The same in `seamless` mode, where a kill can leave the old service parked in the middle of
+/// its hand-off (recovery forwards or unparks it) and the clients' NAT half-moved.
+#[test]
+fn sigkill_at_random_points_never_interrupts_the_service_in_seamless_mode() {
+    let points = env_or("PATCHOVER_SEAMLESS_CRASH_POINTS", 10);
+    crash_at_random_points(
+        Cycle::routed(2, ""),
+        points,
+        // A seamless ns cycle takes ≈ 4.5 s here: kill inside it, not after.
+        Duration::from_millis(5000),
+        "seamless",
+    );
 }
 
 /// The same on QEMU LCs: a cycle takes ≈ 20–25 s under TCG, so fewer points spread over longer.
 #[test]
 fn sigkill_at_random_points_never_interrupts_the_service_on_qemu() {
     let points = env_or("PATCHOVER_QEMU_CRASH_POINTS", 5);
-    crash_at_random_points(Cycle::qemu(2, "", false), points, Duration::from_secs(30));
+    crash_at_random_points(
+        Cycle::qemu(2, "", false),
+        points,
+        Duration::from_secs(30),
+        "readdress",
+    );
 }
 
 fn env_or(name: &str, default: u32) -> u32 {
@@ -46,8 +70,9 @@ fn env_or(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// Runs `points` patch cycles, each SIGKILLed after a random delay below `max_delay`.
-fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration) {
+/// Runs `points` patch cycles in `mode`, each SIGKILLed after a random delay below
+/// `max_delay`.
+fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration, mode: &str) {
     let seed = std::env::var("PATCHOVER_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -67,10 +92,19 @@ fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration) {
         "[[step]]\nkind = \"script\"\nfile = \"stamp.sh\"\n",
         &[("stamp.sh", b"date > /etc/demo/last-patch\n")],
     );
-    c.start_service();
-    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let seamless = mode == "seamless";
+    let client = if seamless {
+        c.t.po_ok(&["lc", "boot", &c.t.lcs[0].id]);
+        c.t.po_ok(&["net", "setup", &c.t.lcs[0].id]);
+        Client::routed(&c.t)
+    } else {
+        c.start_service();
+        Client::new(&c.t.bridge, &c.t.client_addr(0))
+    };
     let svc = c.t.service();
     let load = Load::with_deadline(&client, svc.clone(), Duration::from_secs(7));
+    // Kept-alive connections are what a hand-off holds and forwards.
+    let kept = seamless.then(|| KeepAlive::start(&client, svc.clone(), Duration::from_secs(7)));
 
     let mut outcomes = Vec::new();
     for i in 0..points {
@@ -89,7 +123,7 @@ fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration) {
         let mut child = Command::new(BIN)
             .env("PATCHOVER_CONFIG", &c.t.config)
             .env("PATCHOVER_GUEST_DIR", guest_dir())
-            .args(["--json", "patch", &active])
+            .args(["--json", "patch", &active, "--mode", mode])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -189,5 +223,17 @@ fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration) {
         &failures[..failures.len().min(10)]
     );
     assert_all_there(&client, &svc, &acked);
+    if let Some(kept) = kept {
+        let (k_ok, k_failures, k_acked, moved) = kept.finish();
+        assert!(
+            k_failures.is_empty(),
+            "kept-alive: {} failed of {}: {:?}",
+            k_failures.len(),
+            k_ok,
+            &k_failures[..k_failures.len().min(10)]
+        );
+        assert_all_there(&client, &svc, &k_acked);
+        eprintln!("kept-alive: {k_ok} requests, {moved} forwarded by a parked service");
+    }
     eprintln!("outcomes: {outcomes:?}; {ok} requests, none failed");
 }

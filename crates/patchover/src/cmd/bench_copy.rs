@@ -1,6 +1,8 @@
 //! `patchover bench copy`: disk copy throughput against `cp -a`, reflink, freeze windows and the
 //! writer's throughput loss, all measured in one run (see `patchover_disk::bench`).
 //! `--backend qemu` measures the VM's copy (QEMU mirror jobs) instead: see [`super::bench_copy_qemu`].
+//! `--disk image` measures an `ns` LC's image disk served by qemu-storage-daemon and copied by
+//! QEMU's dirty bitmap: see [`super::bench_copy_image`].
 
 use std::process::ExitCode;
 
@@ -9,7 +11,17 @@ use clap::{Args, ValueEnum};
 use patchover_disk::bench::{self, BenchConfig, WriterSpec};
 
 use super::Ctx;
+use super::bench_copy_image::{self, ImageBenchConfig};
 use super::bench_copy_qemu::{self, QemuArgs};
+
+/// Which kind of `ns` disk to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DiskArg {
+    /// A directory (the file copier, fanotify write history).
+    Dir,
+    /// An ext4 image served by qemu-storage-daemon and loop-mounted (QEMU's dirty bitmap).
+    Image,
+}
 
 /// Which kind of LC's disk copy to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -25,6 +37,9 @@ pub struct BenchArgs {
     /// The copier to measure.
     #[arg(long, value_enum, default_value_t = CopyBackend::Ns)]
     pub backend: CopyBackend,
+    /// ns: the kind of disk to copy.
+    #[arg(long, value_enum, default_value_t = DiskArg::Dir)]
+    pub disk: DiskArg,
     /// A CI-sized run: smaller tree and data file, fewer verified cuts (about 30 s).
     #[arg(long)]
     pub quick: bool,
@@ -45,6 +60,11 @@ pub fn run(args: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(ExitCode::SUCCESS);
     }
+    if args.backend == CopyBackend::Qemu && args.disk == DiskArg::Image {
+        anyhow::bail!(super::BadInput(
+            "--disk image is for ns LCs: a VM's disks are always images (drop --disk)".to_owned()
+        ));
+    }
     if args.backend == CopyBackend::Qemu {
         return bench_copy_qemu::run(args.cuts.unwrap_or(20), &args.qemu, ctx);
     }
@@ -55,6 +75,29 @@ pub fn run(args: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         "copy".into(),
         "--internal-writer".into(),
     ];
+    let json = ctx.json;
+    if args.disk == DiskArg::Image {
+        let mut cfg = if args.quick {
+            ImageBenchConfig::quick(writer_cmd)
+        } else {
+            ImageBenchConfig::full(writer_cmd)
+        };
+        if let Some(c) = args.cuts {
+            cfg.cuts = c;
+        }
+        let r = bench_copy_image::run(&cfg, &|s| {
+            if !json {
+                eprintln!("… {s}");
+            }
+        })
+        .context("bench copy --disk image")?;
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            bench_copy_image::print(&r);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut cfg = if args.quick {
         BenchConfig::quick(writer_cmd)
     } else {
@@ -63,7 +106,6 @@ pub fn run(args: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     if let Some(c) = args.cuts {
         cfg.cuts = c.max(1);
     }
-    let json = ctx.json;
     let r = bench::run(&cfg, &|s| {
         if !json {
             eprintln!("… {s}");

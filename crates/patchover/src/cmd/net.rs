@@ -347,7 +347,7 @@ pub fn run(cmd: NetCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         NetCmd::Setup { active } => {
-            let env = Env::open(ctx)?;
+            let mut env = Env::open(ctx)?;
             let service = env.config.network.service_address.ok_or_else(|| {
                 BadInput("network.service_address is not set in the config".into())
             })?;
@@ -357,10 +357,14 @@ pub fn run(cmd: NetCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 )
                 .into());
             }
-            let ep = endpoint(&env, env.lc(&active)?)?;
+            let spec = env.lc(&active)?.clone();
+            super::patch::refuse_second_active(&env, &spec)?;
+            let ep = endpoint(&env, &spec)?;
             // The host forwards the NATed traffic onto the bridge: it needs its address there.
             patchover_orchestrator::recover::ensure_bridge_address(&env.config)?;
             patchover_net::seamless_setup(None, service.addr, ep.address.addr)?;
+            // The NAT's target is the active LC (the one `patchover patch` starts from).
+            env.store.set_role(&active, patchover_store::Role::Active)?;
             if ctx.json {
                 println!(
                     "{}",

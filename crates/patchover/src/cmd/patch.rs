@@ -560,15 +560,9 @@ pub fn recover_runs(ctx: &Ctx, events: &mut dyn FnMut(&Event)) -> anyhow::Result
     Ok(patchover_orchestrator::recover(&mut o)?)
 }
 
-/// Gives LC `lc` the service address and makes it the active LC (the first time; later the
-/// switches move it): `service assign` and `POST /v1/service/assign`.
-pub fn assign_json(env: &mut Env, lc: &str) -> anyhow::Result<serde_json::Value> {
-    let spec = env.lc(lc)?.clone();
-    let service = env
-        .config
-        .network
-        .service_address
-        .ok_or_else(|| BadInput("network.service_address is not set in the config".into()))?;
+/// Refuses to make `spec` the active LC while another active LC runs: the service is moved
+/// between LCs by `patchover patch` or `patchover net switch`, not by assigning it twice.
+pub fn refuse_second_active(env: &Env, spec: &patchover_core::LcSpec) -> anyhow::Result<()> {
     if let Some(other) = env
         .store
         .lcs()?
@@ -585,6 +579,19 @@ pub fn assign_json(env: &mut Env, lc: &str) -> anyhow::Result<serde_json::Value>
         ))
         .into());
     }
+    Ok(())
+}
+
+/// Gives LC `lc` the service address and makes it the active LC (the first time; later the
+/// switches move it): `service assign` and `POST /v1/service/assign`.
+pub fn assign_json(env: &mut Env, lc: &str) -> anyhow::Result<serde_json::Value> {
+    let spec = env.lc(lc)?.clone();
+    let service = env
+        .config
+        .network
+        .service_address
+        .ok_or_else(|| BadInput("network.service_address is not set in the config".into()))?;
+    refuse_second_active(env, &spec)?;
     let ep = patchover_orchestrator::cycle_endpoint(&env.backend, &spec)?;
     patchover_orchestrator::recover::assign_service(&ep.access, &ep.iface, ep.mac, service)?;
     patchover_orchestrator::recover::ensure_bridge_address(&env.config)?;

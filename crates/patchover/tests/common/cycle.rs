@@ -269,13 +269,17 @@ impl KeepAlive {
                     if conn.is_none() {
                         let st = std::net::TcpStream::connect_timeout(&addr, deadline)?;
                         st.set_read_timeout(Some(deadline))?;
+                        st.set_nodelay(true)?;
                         *conn = Some((BufReader::new(st), None));
                     }
                     let (r, _) = conn.as_mut().unwrap();
-                    write!(
-                        r.get_mut(),
-                        "PUT /kv/{key} HTTP/1.1\r\nHost: s\r\nContent-Length: {}\r\n\r\n{val}",
-                        val.len()
+                    // One write: pieces would meet Nagle and delayed ACKs (40 ms each).
+                    r.get_mut().write_all(
+                        format!(
+                            "PUT /kv/{key} HTTP/1.1\r\nHost: s\r\nContent-Length: {}\r\n\r\n{val}",
+                            val.len()
+                        )
+                        .as_bytes(),
                     )?;
                     let mut line = String::new();
                     if r.read_line(&mut line)? == 0 {
