@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use patchover_lc::{LcBackend, Stdio};
+use patchover_net::Mode;
 use serde_json::json;
 
 use super::demo::{Prepared, prepare, teardown};
@@ -32,6 +33,9 @@ pub struct BenchArgs {
     /// The kind of LC: `ns` or `qemu`.
     #[arg(long, default_value = "ns", value_parser = super::demo::parse_backend)]
     pub backend: patchover_core::BackendKind,
+    /// The switch mode of the cycles: path, readdress or seamless (a hand-off).
+    #[arg(long, default_value = "readdress", value_parser = |s: &str| s.parse::<Mode>())]
+    pub mode: Mode,
 }
 
 /// Steps whose time is the work itself, not orchestration.
@@ -72,7 +76,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             eprintln!("bench cycle: {s}");
         }
     };
-    let p = prepare(&a.dir, a.backend, &say)?;
+    let p = prepare(&a.dir, a.backend, a.mode, &say)?;
     let exe = std::env::current_exe()?;
     // An idempotent patch for every cycle after the first (which also applies demo-1.0.1).
     let stamp = a.dir.join("stamp-src");
@@ -111,7 +115,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         let t = Instant::now();
         let out = Command::new(&exe)
             .env("PATCHOVER_CONFIG", &p.config_path)
-            .args(["--json", "patch", &active])
+            .args(["--json", "patch", &active, "--mode", &a.mode.to_string()])
             .output()?;
         let wall_ms = t.elapsed().as_secs_f64() * 1000.0;
         let r: serde_json::Value =

@@ -60,6 +60,8 @@ pub fn parse_backend(s: &str) -> Result<BackendKind, String> {
 const BRIDGE: &str = "podemo0";
 const NET: &str = "10.77.250";
 const CLIENT_NS: &str = "podemo-client";
+/// The client's own network in `seamless` mode (routed through the host).
+const CLIENT_NET: &str = "10.78.250";
 
 fn sh(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new(args[0])
@@ -119,7 +121,22 @@ impl Layout {
     }
 }
 
-fn write_config(dir: &Path, pubkey: &Path, l: &Layout) -> anyhow::Result<PathBuf> {
+/// The NIC line of demo LC `n` (1 or 2) for a switch mode: own addresses (`readdress`), the
+/// same MAC and the service address on both (`path`), or own addresses with the host as
+/// gateway (`seamless`: clients are routed through the host's NAT).
+fn nic_line(mode: Mode, n: u8) -> String {
+    match mode {
+        Mode::Readdress => format!("{{ name = \"eth0\", address = \"{NET}.1{n}/24\" }}"),
+        Mode::Path => {
+            format!("{{ name = \"eth0\", address = \"{NET}.10/24\", mac = \"02:50:4f:de:00:0a\" }}")
+        }
+        Mode::Seamless => {
+            format!("{{ name = \"eth0\", address = \"{NET}.1{n}/24\", gateway = \"{NET}.1\" }}")
+        }
+    }
+}
+
+fn write_config(dir: &Path, pubkey: &Path, l: &Layout, mode: Mode) -> anyhow::Result<PathBuf> {
     let d = dir.display();
     let text = format!(
         r#"# Written by `patchover demo`.
@@ -142,7 +159,7 @@ cpu_share = 50
 memory_mib = 256
 system_disk = {{ path = "{sys1}" }}
 app_disk = {{ path = "{app1}", mount = "/data" }}
-nic = [{{ name = "eth0", address = "{NET}.11/24" }}]
+nic = [{nic1}]
 
 [[lc]]
 id = "lc2"
@@ -151,8 +168,10 @@ cpu_share = 50
 memory_mib = 256
 system_disk = {{ path = "{sys2}" }}
 app_disk = {{ path = "{app2}", mount = "/data" }}
-nic = [{{ name = "eth0", address = "{NET}.12/24" }}]
+nic = [{nic2}]
 "#,
+        nic1 = nic_line(mode, 1),
+        nic2 = nic_line(mode, 2),
         pk = pubkey.display(),
         boot = l.boot,
         sys1 = l.sys1.display(),
@@ -308,7 +327,12 @@ pub struct Prepared {
 }
 
 /// Builds the demo's world in `dir` (wiped first).
-pub fn prepare(dir: &Path, backend: BackendKind, say: &dyn Fn(&str)) -> anyhow::Result<Prepared> {
+pub fn prepare(
+    dir: &Path,
+    backend: BackendKind,
+    mode: Mode,
+    say: &dyn Fn(&str),
+) -> anyhow::Result<Prepared> {
     stop_previous(dir);
     if dir.exists() {
         fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
@@ -319,7 +343,7 @@ pub fn prepare(dir: &Path, backend: BackendKind, say: &dyn Fn(&str)) -> anyhow::
     let (pubkey, seckey) = (keys.join("release.pub"), keys.join("release.key"));
     generate_keypair(&pubkey, &seckey, None).context("making the signing key")?;
     let layout = Layout::new(dir, backend);
-    let config_path = write_config(dir, &pubkey, &layout)?;
+    let config_path = write_config(dir, &pubkey, &layout, mode)?;
     let dctx = Ctx {
         config_path: config_path.clone(),
         json: true,
@@ -395,16 +419,33 @@ sha256 = "{new}"
         &dctx,
     )?;
 
-    say("booting lc1 and giving it the service address");
+    say("booting lc1 and giving it the service");
     {
         let env = Env::open(&dctx)?;
         let lc1 = env.lc("lc1")?.clone();
         env.backend.boot(&lc1)?;
         env.backend.wait_agent(&lc1, Duration::from_secs(30))?;
     }
-    super::patch::run_service(super::patch::ServiceCmd::Assign { lc: "lc1".into() }, &dctx)?;
+    match mode {
+        // lc1's NIC has the service address itself; its port is the one on the bridge.
+        Mode::Path => {}
+        Mode::Readdress => {
+            super::patch::run_service(
+                super::patch::ServiceCmd::Assign { lc: "lc1".into() },
+                &dctx,
+            )?;
+        }
+        Mode::Seamless => {
+            super::net::run(
+                super::net::NetCmd::Setup {
+                    active: "lc1".into(),
+                },
+                &dctx,
+            )?;
+        }
+    }
 
-    // A client host on the bridge.
+    // A client host: on the bridge, or (seamless) behind the host, which routes and NATs.
     sh(&["ip", "netns", "add", CLIENT_NS])?;
     sh(&[
         "ip",
@@ -419,19 +460,50 @@ sha256 = "{new}"
         "netns",
         CLIENT_NS,
     ])?;
-    sh(&["ip", "link", "set", "podemocli", "master", BRIDGE, "up"])?;
+    let client_addr = if mode == Mode::Seamless {
+        // Forwarding for the demo's own two interfaces only; the host's setting stays.
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{CLIENT_NET}.1/24"),
+            "dev",
+            "podemocli",
+        ])?;
+        sh(&["ip", "link", "set", "podemocli", "up"])?;
+        for dev in ["podemocli", BRIDGE] {
+            fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/forwarding"), "1")
+                .with_context(|| format!("switching on forwarding for {dev}"))?;
+        }
+        format!("{CLIENT_NET}.2/24")
+    } else {
+        sh(&["ip", "link", "set", "podemocli", "master", BRIDGE, "up"])?;
+        format!("{NET}.200/24")
+    };
     sh(&[
         "ip",
         "-n",
         CLIENT_NS,
         "addr",
         "add",
-        &format!("{NET}.200/24"),
+        &client_addr,
         "dev",
         "eth0",
     ])?;
     sh(&["ip", "-n", CLIENT_NS, "link", "set", "eth0", "up"])?;
     sh(&["ip", "-n", CLIENT_NS, "link", "set", "lo", "up"])?;
+    if mode == Mode::Seamless {
+        sh(&[
+            "ip",
+            "-n",
+            CLIENT_NS,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{CLIENT_NET}.1"),
+        ])?;
+    }
     let netns = PathBuf::from(format!("/run/netns/{CLIENT_NS}"));
     let service: SocketAddr = format!("{NET}.10:80").parse()?;
 
@@ -460,7 +532,7 @@ pub fn run(a: DemoArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         netns,
         service,
         ..
-    } = prepare(&a.dir, a.backend, &say)?;
+    } = prepare(&a.dir, a.backend, a.mode, &say)?;
     let load_secs = a.load_seconds.max(5);
     let deadline = Duration::from_millis(a.deadline_ms.unwrap_or(match a.backend {
         BackendKind::Ns => 2000,

@@ -365,7 +365,8 @@ pub fn run(cmd: NetCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             patchover_net::seamless_setup(None, service.addr, ep.address.addr)?;
             // The NAT's target is the active LC (the one `patchover patch` starts from).
             env.store.set_role(&active, patchover_store::Role::Active)?;
-            if ctx.json {
+            if ctx.quiet {
+            } else if ctx.json {
                 println!(
                     "{}",
                     serde_json::json!({"service": service.to_string(), "active": active})
