@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cycle::{Cycle, Load, assert_all_there, version};
+use common::cycle::{Cycle, KeepAlive, Load, assert_all_there, version};
 use common::{Client, Topo};
 
 fn step_names(report: &serde_json::Value, ok: bool) -> Vec<String> {
@@ -106,6 +106,47 @@ fn qemu_patch_under_load_then_roll_back() {
     assert_eq!(version(&client, &svc), "1.0.0");
     assert_all_there(&client, &svc, &acked);
     assert_all_there(&client, &svc, &acked2);
+}
+
+#[test]
+fn qemu_patch_in_seamless_mode_hands_off_under_load() {
+    // Clients routed through the host's NAT; the old VM's service parks, then forwards what
+    // its connections still send to the new VM (through the agent: `patchover-demo ctl`).
+    let c = Cycle::qemu_routed(2, "");
+    c.upgrade_bundle();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    c.t.po_ok(&["lc", "boot", &a]);
+    c.t.po_ok(&["net", "setup", &a]);
+    let client = Client::routed(&c.t);
+    let svc = c.t.service();
+    assert_eq!(version(&client, &svc), "1.0.0");
+    let load = Load::with_deadline(&client, svc.clone(), DEADLINE);
+    let kept = KeepAlive::start(&client, svc.clone(), DEADLINE);
+    std::thread::sleep(Duration::from_millis(500));
+    let report = c.t.po_json(&["patch", &a, "--mode", "seamless"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, failures, acked) = load.finish();
+    let (k_ok, k_failures, k_acked, moved) = kept.finish();
+    eprintln!(
+        "{ok} + {k_ok} requests, {moved} forwarded, switch {}",
+        report["switch"]
+    );
+    assert_eq!(report["outcome"], "ok", "{report:#}");
+    assert!(
+        failures.is_empty() && k_failures.is_empty(),
+        "{:?} {:?}",
+        &failures[..failures.len().min(5)],
+        &k_failures[..k_failures.len().min(5)]
+    );
+    assert!(ok > 20 && k_ok > 20, "the loads ran: {ok}, {k_ok}");
+    assert!(
+        moved >= 1,
+        "no request was forwarded by the old VM: {report:#}"
+    );
+    assert_eq!(report["standby"], b.as_str());
+    assert_eq!(version(&client, &svc), "1.0.1");
+    assert_all_there(&client, &svc, &acked);
+    assert_all_there(&client, &svc, &k_acked);
 }
 
 #[test]

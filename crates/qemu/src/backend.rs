@@ -124,7 +124,10 @@ pub fn kernel_cmdline(spec: &LcSpec) -> String {
     ];
     for n in &spec.nics {
         let addr = n.address.map_or("-".to_owned(), |a| a.to_string());
-        c.push(format!("patchover.nic={},{},{addr}", n.name, n.mac));
+        match n.gateway {
+            Some(g) => c.push(format!("patchover.nic={},{},{addr},{g}", n.name, n.mac)),
+            None => c.push(format!("patchover.nic={},{},{addr}", n.name, n.mac)),
+        }
     }
     if let Some(app) = &spec.app_disk {
         c.push(format!("patchover.app=/dev/vdb,{}", app.mount.display()));
@@ -994,6 +997,15 @@ nic = [{ name = "eth0", mac = "52:54:00:12:34:56", address = "10.77.0.11/24" }]
             kernel_cmdline(&spec()),
             "console=ttyS0 panic=-1 quiet root=/dev/vda rw patchover.hostname=vm1 \
              patchover.nic=eth0,52:54:00:12:34:56,10.77.0.11/24 patchover.app=/dev/vdb,/srv/data loglevel=3"
+        );
+        // A gateway (clients routed through the host, `seamless`) rides on the NIC's entry.
+        let mut s = spec();
+        s.nics[0].gateway = Some("10.77.0.1".parse().unwrap());
+        assert!(
+            kernel_cmdline(&s)
+                .contains(" patchover.nic=eth0,52:54:00:12:34:56,10.77.0.11/24,10.77.0.1 "),
+            "{}",
+            kernel_cmdline(&s)
         );
     }
 

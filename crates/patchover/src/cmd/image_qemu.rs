@@ -490,7 +490,7 @@ fail "switch_root failed"
 /// Runs first at boot on a QEMU LC and applies the kernel command line the host built.
 const S01QEMU: &str = r#"#!/bin/sh
 # QEMU LCs: applies what the host put on the kernel command line (patchover.hostname,
-# patchover.nic=IFNAME,MAC,ADDR/PREFIX, patchover.app=DEV,DIR) before the agent and the
+# patchover.nic=IFNAME,MAC,ADDR/PREFIX[,GATEWAY], patchover.app=DEV,DIR) before the agent and the
 # service start. Does nothing in other LCs.
 cmdline=$(cat /proc/cmdline)
 case " $cmdline " in
@@ -507,6 +507,8 @@ case "$1" in
                 spec=${arg#patchover.nic=}
                 name=${spec%%,*}; rest=${spec#*,}
                 mac=$(echo "${rest%%,*}" | tr A-F a-f); addr=${rest#*,}
+                gw=
+                case "$addr" in *,*) gw=${addr#*,}; addr=${addr%%,*} ;; esac
                 found=
                 for dev in /sys/class/net/*; do
                     [ "$(cat "$dev/address" 2>/dev/null)" = "$mac" ] && found=${dev##*/}
@@ -518,6 +520,7 @@ case "$1" in
                 [ "$found" = "$name" ] || ip link set dev "$found" name "$name"
                 [ "$addr" = "-" ] || ip addr add "$addr" dev "$name"
                 ip link set dev "$name" up
+                [ -z "$gw" ] || ip route add default via "$gw" dev "$name"
                 ;;
             patchover.app=*)
                 spec=${arg#patchover.app=}; dev=${spec%%,*}; dir=${spec#*,}

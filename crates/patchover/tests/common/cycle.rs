@@ -53,6 +53,11 @@ impl Cycle {
         Cycle::build_with(n_lcs, extra, |t| t.routed = true, false)
     }
 
+    /// The `seamless` layout on QEMU LCs.
+    pub fn qemu_routed(n_lcs: usize, extra: &str) -> Cycle {
+        Cycle::build_with(n_lcs, extra, |t| t.routed = true, true)
+    }
+
     fn build(n_lcs: usize, extra: &str, shared_identity: bool, qemu: bool) -> Cycle {
         Cycle::build_with(n_lcs, extra, |t| t.shared_identity = shared_identity, qemu)
     }
