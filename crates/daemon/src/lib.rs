@@ -18,5 +18,5 @@ pub mod tls;
 pub use api::{ApiError, Command, Dispatch, ErrorCode, Reply};
 pub use config::{DaemonConfig, DaemonConfigError};
 pub use metrics::Metrics;
-pub use server::{Hub, RunGuard, router, routes, serve};
+pub use server::{Hub, RunGuard, router, routes, serve, tls_config};
 pub use tls::{TlsError, TlsFiles};

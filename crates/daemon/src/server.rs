@@ -520,8 +520,6 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("TLS on the TCP listener")]
-    Tls(#[source] crate::tls::TlsError),
     #[error("serving {what}")]
     Serve {
         what: String,
@@ -558,26 +556,34 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
     Ok(l)
 }
 
-/// Serves the API on the Unix socket (and TCP when configured, over TLS when `cfg.tls` names
-/// the files) until `stop` resolves, then shuts down gracefully: no new connections, event
-/// streams end, running runs get up to `cfg.shutdown_grace` to finish.
-pub async fn serve(
+/// The TLS setup of the TCP listener: the files `cfg.tls` names, read and checked (a bad one is
+/// an error: call this before acting on anything, so it refuses the start); `None` without TLS
+/// or without a TCP listener.
+pub fn tls_config(
     cfg: &DaemonConfig,
-    dispatch: Arc<dyn Dispatch>,
-    hub: Arc<Hub>,
-    stop: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
-    // Checked before anything is bound: a bad file refuses the start.
-    let tls = match (&cfg.tls, cfg.listen) {
-        (Some(files), Some(_)) => Some(files.load().map_err(ServeError::Tls)?),
+) -> Result<Option<Arc<rustls::ServerConfig>>, crate::tls::TlsError> {
+    match (&cfg.tls, cfg.listen) {
+        (Some(files), Some(_)) => files.load().map(Some),
         (Some(_), None) => {
             tracing::warn!(
                 "[daemon] tls_cert and tls_key are set without `listen`: no TCP to use them"
             );
-            None
+            Ok(None)
         }
-        (None, _) => None,
-    };
+        (None, _) => Ok(None),
+    }
+}
+
+/// Serves the API on the Unix socket (and TCP when configured, over TLS with `tls`, from
+/// [`tls_config`]) until `stop` resolves, then shuts down gracefully: no new connections, event
+/// streams end, running runs get up to `cfg.shutdown_grace` to finish.
+pub async fn serve(
+    cfg: &DaemonConfig,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    dispatch: Arc<dyn Dispatch>,
+    hub: Arc<Hub>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let unix = bind_unix(&cfg.socket)?;
     let head_timeout = cfg.head_timeout;
     let tcp = match cfg.listen {
@@ -734,7 +740,7 @@ mod tests {
         let server = {
             let (cfg, hub, fake) = (cfg.clone(), hub.clone(), fake.clone());
             rt.spawn(async move {
-                serve(&cfg, fake, hub, async move {
+                serve(&cfg, None, fake, hub, async move {
                     let _ = stop_rx.await;
                 })
                 .await

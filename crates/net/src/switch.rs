@@ -601,6 +601,48 @@ pub fn teardown(host_netns: Option<&Path>, service: Ipv4Addr) -> Result<(), NftE
     )
 }
 
+/// How often the drain is polled while new connections are held (the pause waits on it).
+const PAUSED_DRAIN_POLL: Duration = Duration::from_micros(500);
+/// How often the drain is polled once the standby serves (nothing waits on it but the report).
+const BACKGROUND_DRAIN_POLL: Duration = Duration::from_millis(5);
+
+/// The calling thread at the lowest CPU priority (nice 19) until dropped. Threads and
+/// processes it starts meanwhile inherit it.
+struct LowPriority {
+    tid: libc::id_t,
+    before: Option<libc::c_int>,
+}
+
+impl LowPriority {
+    fn enter() -> LowPriority {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() } as libc::id_t;
+        // getpriority can return -1 legitimately: errno tells an error apart.
+        // SAFETY: errno is this thread's; getpriority reads the scheduler state only.
+        let before = unsafe {
+            *libc::__errno_location() = 0;
+            let p = libc::getpriority(libc::PRIO_PROCESS, tid);
+            (*libc::__errno_location() == 0).then_some(p)
+        };
+        // SAFETY: PRIO_PROCESS with a TID changes that thread only.
+        if before.is_some() && unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) } != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the switcher's priority");
+        }
+        LowPriority { tid, before }
+    }
+}
+
+impl Drop for LowPriority {
+    fn drop(&mut self) {
+        if let Some(p) = self.before
+            // SAFETY: as in `enter`; raising it back needs CAP_SYS_NICE, which root has.
+            && unsafe { libc::setpriority(libc::PRIO_PROCESS, self.tid, p) } != 0
+        {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot restore the switcher's priority");
+        }
+    }
+}
+
 /// Firewall mark of SYNs released after a hold.
 const HELD_MARK: u32 = 0x504f_4844;
 
@@ -624,6 +666,22 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn host_ns(&self) -> Option<&Path> {
         self.plan.host_netns.as_deref()
+    }
+
+    /// This switch's report with every figure zero (the modes fill in theirs).
+    fn report(&self) -> SwitchReport {
+        SwitchReport {
+            mode: self.plan.mode,
+            from: self.plan.from.name.clone(),
+            to: self.plan.to.name.clone(),
+            pause_ms: 0.0,
+            drain_ms: 0.0,
+            leftover_connections: 0,
+            first_request_ms: 0.0,
+            window_ms: 0.0,
+            held_syns: 0,
+            garp_sent: 0,
+        }
     }
 
     fn check_ns(&self) -> Option<&Path> {
@@ -651,7 +709,9 @@ impl Ctx<'_> {
         })
     }
 
-    fn wait_drained(&self) -> Result<(Duration, usize), SwitchError> {
+    /// Waits, polling every `poll`, until the old LC has no busy connection on the service
+    /// port or the drain deadline passed.
+    fn wait_drained(&self, poll: Duration) -> Result<(Duration, usize), SwitchError> {
         let start = Instant::now();
         let mut warned = false;
         loop {
@@ -672,7 +732,7 @@ impl Ctx<'_> {
             if start.elapsed() >= self.plan.drain_deadline {
                 return Ok((start.elapsed(), left));
             }
-            std::thread::sleep(Duration::from_micros(500));
+            std::thread::sleep(poll);
         }
     }
 
@@ -719,7 +779,7 @@ impl Ctx<'_> {
                         hook: "drain",
                         source,
                     })?;
-                let (drain, left) = self.wait_drained()?;
+                let (drain, left) = self.wait_drained(PAUSED_DRAIN_POLL)?;
                 tracing::debug!(at_ms = ms(t_hold.elapsed()), "drained");
                 if left > 0 {
                     return Err(SwitchError::DrainTimeout {
@@ -757,16 +817,13 @@ impl Ctx<'_> {
                 let refresh = self.spawn_refresh(&plan.to);
                 Ok(Switched {
                     report: SwitchReport {
-                        mode: plan.mode,
-                        from: plan.from.name.clone(),
-                        to: plan.to.name.clone(),
                         pause_ms: ms(pause),
                         drain_ms: ms(drain),
-                        leftover_connections: 0,
                         first_request_ms: ms(first),
                         window_ms: ms(window),
                         held_syns: stats.held,
                         garp_sent,
+                        ..self.report()
                     },
                     refresh,
                 })
@@ -914,6 +971,10 @@ impl Ctx<'_> {
     /// `seamless`: switch the NAT at once, then let the old LC drain.
     fn seamless(&self, hooks: &mut Hooks<'_>) -> Result<Switched, SwitchError> {
         let plan = self.plan;
+        // No pause: nothing below is urgent for any client, while the switcher's own work (a
+        // worker per namespace, an `nft` process, the check, the drain's polls, a `conntrack`
+        // process) competes with the service for the CPU on a busy host. It yields instead.
+        let _low = LowPriority::enter();
         let mut ready = self.ready()?;
         self.move_service(&plan.from, &plan.to, &mut ready)?;
         if let Err(cause) = self.check_to(&ready) {
@@ -931,7 +992,7 @@ impl Ctx<'_> {
                 hook: "drain",
                 source,
             })?;
-        let (drain, left) = self.wait_drained()?;
+        let (drain, left) = self.wait_drained(BACKGROUND_DRAIN_POLL)?;
         if left > 0 {
             tracing::warn!(left, from = %plan.from.name, "old LC still has connections at the drain deadline");
         }
@@ -943,16 +1004,11 @@ impl Ctx<'_> {
         })?;
         Ok(Switched {
             report: SwitchReport {
-                mode: plan.mode,
-                from: plan.from.name.clone(),
-                to: plan.to.name.clone(),
-                pause_ms: 0.0,
                 drain_ms: ms(drain),
                 leftover_connections: left,
                 first_request_ms: ms(first),
                 window_ms: ms(tw.elapsed()),
-                held_syns: 0,
-                garp_sent: 0,
+                ..self.report()
             },
             refresh: None,
         })
@@ -1050,7 +1106,7 @@ impl Ctx<'_> {
         if let Err(e) = &forward {
             tracing::error!(from = %plan.from.name, error = %e, "the old service did not take the forward; its held requests will fail");
         }
-        let (drain, left) = self.wait_drained()?;
+        let (drain, left) = self.wait_drained(BACKGROUND_DRAIN_POLL)?;
         if left > 0 {
             tracing::warn!(left, from = %plan.from.name, "old LC still has connections at the drain deadline");
         }
@@ -1060,16 +1116,12 @@ impl Ctx<'_> {
         }
         Ok(Switched {
             report: SwitchReport {
-                mode: plan.mode,
-                from: plan.from.name.clone(),
-                to: plan.to.name.clone(),
                 pause_ms: ms(pause),
                 drain_ms: ms(drain),
                 leftover_connections: left,
                 first_request_ms: ms(first),
                 window_ms: ms(window),
-                held_syns: 0,
-                garp_sent: 0,
+                ..self.report()
             },
             refresh: None,
         })

@@ -94,9 +94,7 @@ fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration, mode: &str
     );
     let seamless = mode == "seamless";
     let client = if seamless {
-        c.t.po_ok(&["lc", "boot", &c.t.lcs[0].id]);
-        c.t.po_ok(&["net", "setup", &c.t.lcs[0].id]);
-        Client::routed(&c.t)
+        c.start_seamless()
     } else {
         c.start_service();
         Client::new(&c.t.bridge, &c.t.client_addr(0))

@@ -166,9 +166,7 @@ fn patch_in_seamless_mode_hands_off_under_load_then_rolls_back() {
     let c = Cycle::routed(2, "");
     c.upgrade_bundle();
     let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
-    c.t.po_ok(&["lc", "boot", &a]);
-    c.t.po_ok(&["net", "setup", &a]);
-    let client = Client::routed(&c.t);
+    let client = c.start_seamless();
     let svc = c.t.service();
     assert_eq!(version(&client, &svc), "1.0.0");
 

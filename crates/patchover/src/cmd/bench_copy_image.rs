@@ -10,8 +10,10 @@
 //!
 //! 1. control: the writer alone on the served disk, before the copy and again after the cuts;
 //! 2. the copy: the full backup, then rounds of the bitmap while the writer writes;
-//! 3. `--cuts` cuts, each: `syncfs` → freeze the writer's cgroup → `syncfs` → start the
-//!    point-in-time job → thaw. The freeze window is freeze → thaw. At every cut, while the
+//! 3. `--cuts` cuts, each: `syncfs` (up to 3, until quick) → freeze the writer's cgroup →
+//!    flushes to the host disk off (`blockserver::set_flush`) → `syncfs` → start the
+//!    point-in-time job (at a crawl, see `BitmapCopy::cut_round`) → flushes on → thaw → lift
+//!    the job's limit. The freeze window is freeze → thaw. At every cut, while the
 //!    writer is still frozen, the source tree is hashed file by file (the reference; its time
 //!    is taken out of the window, production does not do it); after the thaw the job finishes
 //!    while the writer writes again (copy-before-write keeps the point in time), and the copy,
@@ -31,7 +33,9 @@ use anyhow::{Context, bail};
 use patchover_core::Quiesce;
 use patchover_disk::CgroupFreezer;
 use patchover_disk::bench::{BenchConfig, Cgroup, Writer, WriterResult, WriterSpec};
-use patchover_qemu::blockserver::{BlockServer, BlockServerSpec, LoopMount, ServedDisk, syncfs};
+use patchover_qemu::blockserver::{
+    BlockServer, BlockServerSpec, LoopMount, ServedDisk, set_flush, syncfs,
+};
 use patchover_qemu::{BackupSpec, BitmapCopy, ImageFormat, Qmp};
 use serde::Serialize;
 
@@ -96,8 +100,8 @@ pub struct Freeze {
     pub p99_ms: f64,
     pub max_ms: f64,
     pub measured_as: &'static str,
-    /// The two parts of a window, p50: the `syncfs` while frozen, and the QMP call that starts
-    /// the point-in-time job.
+    /// The two parts of a window, p50: flushes off + the `syncfs` while frozen, and the QMP
+    /// call that starts the point-in-time job + flushes on.
     pub syncfs_p50_ms: f64,
     pub job_start_p50_ms: f64,
     /// Hashing the frozen source for the identity check (taken out of the windows).
@@ -264,6 +268,22 @@ fn fill(path: &Path, mib: u64) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// `syncfs` until one takes under 5 ms (at most 3): each flushes what the writer wrote during
+/// the previous one, so the one under the freeze has little left. (With the host disk's
+/// flushes in each, they do not converge at 20 MB/s of scattered writes: 3 is enough.)
+fn presync(mnt: &Path) -> std::io::Result<Vec<f64>> {
+    let mut took = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        syncfs(mnt)?;
+        took.push(ms(t.elapsed()));
+        if t.elapsed() < Duration::from_millis(5) {
+            break;
+        }
+    }
+    Ok(took)
+}
+
 /// Runs the bench. `say` gets one line per step.
 pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBenchReport> {
     if cfg.cuts == 0 || cfg.file_mib == 0 {
@@ -291,10 +311,11 @@ pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBe
 
     say("serving the image (qemu-storage-daemon, FUSE export) and loop-mounting it");
     let export = work.join("app.export");
+    let disk = ServedDisk::new("app", &img, &export);
     let server = BlockServer::start(&BlockServerSpec::new(
         work.join("qsd"),
         work.join("qsd/jobs.sock"),
-        vec![ServedDisk::new("app", &img, &export)],
+        vec![disk.clone()],
     ))
     .context("starting the block server")?;
     let jobs_socket = server.jobs_socket().to_path_buf();
@@ -373,7 +394,10 @@ pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBe
         cfg.cuts
     ));
     let mut q = CgroupFreezer::new(cg.dir());
-    let verify = work.join("verify.img");
+    // The scratch copy of the copy lives in memory: written to the host's disk, its writeback
+    // would slow the flushes of the cuts that follow (a measurement artefact).
+    let verify = PathBuf::from("/dev/shm")
+        .join(format!("patchover-bench-verify-{}.img", std::process::id()));
     let vmnt = work.join("verify-mnt");
     fs::create_dir(&vmnt)?;
     let mut windows = Vec::new();
@@ -387,20 +411,34 @@ pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBe
     let phase_start = Instant::now();
     for i in 0..cfg.cuts {
         std::thread::sleep(cfg.cut_gap);
-        // A round before the cut keeps the cut's own job small; a syncfs before the freeze
-        // leaves little for the frozen one.
-        copy.round(&mut qmp)?;
-        copy.wait(&mut qmp, Duration::from_secs(60))?;
-        syncfs(&mnt)?;
+        // Rounds before the cut (of what a syncfs just pushed into QSD: the writer's pages
+        // reach it on writeback only) keep the cut's own job small. The first catches up with
+        // the seconds the previous cut's check took (production has no such gap); the second,
+        // `cut_gap` later, is the steady state. A syncfs right before the freeze leaves little
+        // for the frozen one.
+        for _ in 0..2 {
+            presync(&mnt)?;
+            copy.round(&mut qmp)?;
+            copy.wait(&mut qmp, Duration::from_secs(60))?;
+            std::thread::sleep(cfg.cut_gap);
+        }
+        let pre = presync(&mnt)?;
+        tracing::info!(cut = i + 1, presync_ms = ?pre, "bench: presync");
 
         let t0 = Instant::now();
         q.freeze().context("freezing the writer")?;
         let frozen = (|| -> anyhow::Result<(Duration, Duration, Duration, _)> {
             let t = Instant::now();
-            syncfs(&mnt)?;
+            set_flush(&mut qmp, &disk, false)?;
+            let synced = syncfs(&mnt);
             let s = t.elapsed();
             let t = Instant::now();
-            copy.round(&mut qmp)?;
+            let cut = synced.map_err(anyhow::Error::from).and_then(|()| {
+                copy.cut_round(&mut qmp)?;
+                Ok(())
+            });
+            set_flush(&mut qmp, &disk, true)?;
+            cut?;
             let j = t.elapsed();
             let t = Instant::now();
             let reference = tree_digest(&src)?;
@@ -410,6 +448,7 @@ pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBe
         let t1 = Instant::now();
         thawed.context("thawing the writer")?;
         let (s, j, r, reference) = frozen?;
+        copy.release(&mut qmp)?;
         windows.push(ms((t1 - t0) - r));
         syncs.push(ms(s));
         starts.push(ms(j));

@@ -531,13 +531,10 @@ pub fn run(a: ServeArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let config = ctx.config()?;
     let dcfg = DaemonConfig::from_extra(&config.extra, &config.run_dir)
         .map_err(|e| BadInput(patchover_orchestrator::chain(&e)))?;
-    // The TLS files are checked before recovery touches anything: a bad one is a config
-    // error (exit 2). `serve` loads them again when it binds.
-    if let (Some(files), Some(_)) = (&dcfg.tls, dcfg.listen) {
-        files
-            .load()
-            .map_err(|e| BadInput(patchover_orchestrator::chain(&e)))?;
-    }
+    // The TLS files are read and checked before recovery touches anything: a bad one is a
+    // config error (exit 2).
+    let tls = patchover_daemon::tls_config(&dcfg)
+        .map_err(|e| BadInput(patchover_orchestrator::chain(&e)))?;
     let hub = Hub::new();
     let daemon = Arc::new(Daemon {
         config_path: ctx.config_path.clone(),
@@ -599,7 +596,7 @@ pub fn run(a: ServeArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         if !ctx.json {
             eprintln!("patchover daemon on {}", dcfg.socket.display());
         }
-        patchover_daemon::serve(&dcfg, daemon, hub.clone(), stop).await
+        patchover_daemon::serve(&dcfg, tls, daemon, hub.clone(), stop).await
     })?;
     // A run thread still going after the grace period is cut off here; its journal lets the
     // next start finish or roll it back.

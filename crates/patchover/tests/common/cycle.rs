@@ -142,6 +142,15 @@ impl Cycle {
         self.bundle("demo-1.0.1", &steps, &[("version", b"1.0.1\n")]);
     }
 
+    /// The `seamless` start: LC 0 booted, the host's service NAT pointed at it; a client routed
+    /// through the host.
+    pub fn start_seamless(&self) -> Client {
+        let a = &self.t.lcs[0].id;
+        self.t.po_ok(&["lc", "boot", a]);
+        self.t.po_ok(&["net", "setup", a]);
+        Client::routed(&self.t)
+    }
+
     pub fn start_service(&self) {
         let a = &self.t.lcs[0].id;
         self.t.po_ok(&["lc", "boot", a]);
@@ -168,14 +177,7 @@ impl Load {
     pub fn with_deadline(client: &Client, service: String, deadline: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let ns = format!("/run/netns/{}", client.name);
-        let handle = std::thread::spawn(move || {
-            let f = fs::File::open(&ns).unwrap();
-            nix::sched::setns(
-                std::os::fd::AsFd::as_fd(&f),
-                nix::sched::CloneFlags::CLONE_NEWNET,
-            )
-            .unwrap();
+        let handle = client.spawn(move || {
             let mut ok = 0u64;
             let mut failures = Vec::new();
             let mut acked = BTreeMap::new();
@@ -252,14 +254,7 @@ impl KeepAlive {
         use std::io::{BufRead, BufReader, Read, Write};
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
-        let ns = format!("/run/netns/{}", client.name);
-        let handle = std::thread::spawn(move || {
-            let f = fs::File::open(&ns).unwrap();
-            nix::sched::setns(
-                std::os::fd::AsFd::as_fd(&f),
-                nix::sched::CloneFlags::CLONE_NEWNET,
-            )
-            .unwrap();
+        let handle = client.spawn(move || {
             let addr: std::net::SocketAddr = format!("{service}:80").parse().unwrap();
             let (mut ok, mut failures, mut acked, mut moved) =
                 (0u64, Vec::new(), BTreeMap::new(), 0u64);

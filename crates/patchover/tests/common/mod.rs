@@ -390,6 +390,16 @@ impl Drop for Topo {
     }
 }
 
+/// Runs `ip ARGS`; a failure fails the test.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A client host: its own network namespace with a veth on the test's bridge.
 pub struct Client {
     pub name: String,
@@ -398,21 +408,44 @@ pub struct Client {
 
 impl Client {
     pub fn new(bridge: &str, address: &str) -> Client {
+        Client::make(address, |ip, host_end| {
+            ip(&["link", "set", host_end, "master", bridge, "up"]);
+        })
+    }
+
+    /// A client behind the host as a router (the `seamless` layout): its own /24
+    /// (10.78.<net>.0), a veth to the host that is not on the bridge, and forwarding switched on
+    /// for that veth and the test's bridge only (per device: the host's global setting stays).
+    pub fn routed(t: &Topo) -> Client {
+        let c = Client::make(&format!("10.78.{}.2/24", t.net), |ip, host_end| {
+            ip(&[
+                "addr",
+                "add",
+                &format!("10.78.{}.1/24", t.net),
+                "dev",
+                host_end,
+            ]);
+            ip(&["link", "set", host_end, "up"]);
+            for dev in [host_end, t.bridge.as_str()] {
+                fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/forwarding"), "1")
+                    .unwrap_or_else(|e| panic!("forwarding on {dev}: {e}"));
+            }
+        });
+        let via = format!("10.78.{}.1", t.net);
+        ip(&["-n", &c.name, "route", "add", "default", "via", &via]);
+        c
+    }
+
+    /// A namespace `poc<unique>` with `eth0` at `address`, whose veth peer `<name>h` on the
+    /// host `host_side` connects.
+    fn make(address: &str, host_side: impl FnOnce(&dyn Fn(&[&str]), &str)) -> Client {
         let name = format!("poc{}", unique());
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ip(&["netns", "add", &name]);
         let host_end = format!("{name}h");
+        ip(&["netns", "add", &name]);
         ip(&[
             "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &name,
         ]);
-        ip(&["link", "set", &host_end, "master", bridge, "up"]);
+        host_side(&ip, &host_end);
         ip(&["-n", &name, "addr", "add", address, "dev", "eth0"]);
         ip(&["-n", &name, "link", "set", "eth0", "up"]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
@@ -420,70 +453,22 @@ impl Client {
         Client { name, ns }
     }
 
-    /// A client behind the host as a router (the `seamless` layout): its own /24
-    /// (10.78.<net>.0), a veth to the host that is not on the bridge, and forwarding switched on
-    /// for that veth and the test's bridge only (per device: the host's global setting stays).
-    pub fn routed(t: &Topo) -> Client {
-        let name = format!("poc{}", unique());
-        let host_end = format!("{name}h");
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ip(&["netns", "add", &name]);
-        ip(&[
-            "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &name,
-        ]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("10.78.{}.1/24", t.net),
-            "dev",
-            &host_end,
-        ]);
-        ip(&["link", "set", &host_end, "up"]);
-        ip(&[
-            "-n",
-            &name,
-            "addr",
-            "add",
-            &format!("10.78.{}.2/24", t.net),
-            "dev",
-            "eth0",
-        ]);
-        ip(&["-n", &name, "link", "set", "eth0", "up"]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n",
-            &name,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.78.{}.1", t.net),
-        ]);
-        for dev in [host_end.as_str(), t.bridge.as_str()] {
-            fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/forwarding"), "1")
-                .unwrap_or_else(|e| panic!("forwarding on {dev}: {e}"));
-        }
-        let ns = fs::File::open(format!("/run/netns/{name}")).unwrap();
-        Client { name, ns }
-    }
-
     /// Runs `f` on a thread inside the client's network namespace (a thread's network
     /// namespace is its own, so the test process stays where it is).
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f).join().unwrap()
+    }
+
+    /// Starts `f` on a thread inside the client's network namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let ns = self.ns.try_clone().unwrap();
         std::thread::spawn(move || {
             nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             f()
         })
-        .join()
-        .unwrap()
     }
 }
 
