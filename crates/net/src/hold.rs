@@ -224,6 +224,52 @@ impl Drop for SynHold {
     }
 }
 
+/// A held SYN: its connection (addresses and ports) and initial sequence number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SynKey {
+    flow: (Ipv4Addr, u16, Ipv4Addr, u16),
+    seq: u32,
+}
+
+impl SynKey {
+    /// Reads an IPv4 TCP packet's start; `None` for anything else (such packets are let go).
+    fn parse(p: &[u8]) -> Option<SynKey> {
+        if p.len() < 20 || p[0] >> 4 != 4 || p[9] != 6 {
+            return None;
+        }
+        let ihl = usize::from(p[0] & 0x0f) * 4;
+        let tcp = p.get(ihl..ihl + 8)?;
+        let addr = |i: usize| Ipv4Addr::new(p[i], p[i + 1], p[i + 2], p[i + 3]);
+        Some(SynKey {
+            flow: (
+                addr(12),
+                u16::from_be_bytes([tcp[0], tcp[1]]),
+                addr(16),
+                u16::from_be_bytes([tcp[2], tcp[3]]),
+            ),
+            seq: u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        })
+    }
+}
+
+/// Which held SYNs must not be released: every SYN of a connection but its client's latest.
+/// A client that gave up during the pause and opened a new socket on the same source port has
+/// two SYNs held with different sequence numbers; released together, the server may complete
+/// the stale one and read the new connection's bytes at the wrong offset. Retransmissions
+/// (same sequence number) are redundant once the latest is released.
+fn superseded(held: &[Option<SynKey>]) -> Vec<bool> {
+    let mut latest = std::collections::HashMap::new();
+    for (i, k) in held.iter().enumerate() {
+        if let Some(k) = k {
+            latest.insert(k.flow, i);
+        }
+    }
+    held.iter()
+        .enumerate()
+        .map(|(i, k)| k.is_some_and(|k| latest[&k.flow] != i))
+        .collect()
+}
+
 fn reader(
     netns: Option<PathBuf>,
     queue_num: u16,
@@ -242,7 +288,9 @@ fn reader(
         let mut q = nfq::Queue::open()?;
         q.bind(queue_num)?;
         q.set_fail_open(queue_num, true)?;
-        q.set_copy_range(queue_num, 0)?;
+        // Enough of each SYN for its addresses, ports and sequence number (IPv4 options
+        // included), to tell a client's stale attempts from its latest one.
+        q.set_copy_range(queue_num, 128)?;
         q.set_queue_max_len(queue_num, 65536)?;
         q.set_nonblocking(true);
         Ok(q)
@@ -262,12 +310,21 @@ fn reader(
     let mut finish_seen: Option<Instant> = None;
     loop {
         let st = state.load(Ordering::SeqCst);
-        if st >= PASSING {
-            for mut m in held.drain(..) {
-                if let Some(mark) = mark {
-                    m.set_nfmark(mark);
+        if st >= PASSING && !held.is_empty() {
+            let keys: Vec<Option<SynKey>> = held
+                .iter()
+                .map(|m| SynKey::parse(m.get_payload()))
+                .collect();
+            let stale = superseded(&keys);
+            for (mut m, stale) in held.drain(..).zip(stale) {
+                if stale {
+                    m.set_verdict(nfq::Verdict::Drop);
+                } else {
+                    if let Some(mark) = mark {
+                        m.set_nfmark(mark);
+                    }
+                    m.set_verdict(nfq::Verdict::Accept);
                 }
-                m.set_verdict(nfq::Verdict::Accept);
                 q.verdict(m)?;
             }
         }
@@ -299,4 +356,61 @@ fn reader(
     }
     let _ = q.unbind(queue_num);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An IPv4 TCP SYN's first bytes: `ihl` words of IP header, then ports and sequence.
+    fn syn(ihl: u8, src: [u8; 4], sport: u16, seq: u32) -> Vec<u8> {
+        let mut p = vec![0u8; usize::from(ihl) * 4];
+        p[0] = 0x40 | ihl;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&[10, 0, 0, 10]);
+        p.extend_from_slice(&sport.to_be_bytes());
+        p.extend_from_slice(&80u16.to_be_bytes());
+        p.extend_from_slice(&seq.to_be_bytes());
+        p.extend_from_slice(&[0; 12]);
+        p
+    }
+
+    #[test]
+    fn parses_addresses_ports_and_sequence_with_ip_options() {
+        let k = SynKey::parse(&syn(6, [10, 0, 0, 2], 40000, 7)).unwrap();
+        assert_eq!(
+            k.flow,
+            (
+                "10.0.0.2".parse().unwrap(),
+                40000,
+                "10.0.0.10".parse().unwrap(),
+                80
+            )
+        );
+        assert_eq!(k.seq, 7);
+        assert_eq!(SynKey::parse(&[0x60; 40]), None, "IPv6 is not read");
+        let mut udp = syn(5, [10, 0, 0, 2], 1, 1);
+        udp[9] = 17;
+        assert_eq!(SynKey::parse(&udp), None);
+        assert_eq!(
+            SynKey::parse(&syn(5, [10, 0, 0, 2], 1, 1)[..22]),
+            None,
+            "cut short"
+        );
+    }
+
+    #[test]
+    fn only_each_connections_latest_syn_is_released() {
+        let k = |src: u8, port: u16, seq: u32| SynKey::parse(&syn(5, [10, 0, 0, src], port, seq));
+        let held = [
+            k(2, 40000, 100), // gave up on: superseded by the new socket's SYN below
+            k(3, 40000, 500), // another client, same port: its own connection
+            k(2, 40000, 100), // a retransmission of the first
+            None,             // unreadable: let go
+            k(2, 40000, 900), // the client's new socket on the same port
+            k(2, 40001, 100),
+        ];
+        assert_eq!(superseded(&held), [true, false, true, false, false, false]);
+    }
 }
