@@ -65,6 +65,9 @@ impl LcBackend for ByKind {
     fn agent(&self, spec: &LcSpec) -> Result<patchover_agent::AgentClient, LcError> {
         self.of(spec)?.agent(spec)
     }
+    fn has_agent(&self, spec: &LcSpec) -> bool {
+        self.of(spec).is_ok_and(|b| b.has_agent(spec))
+    }
     fn console_log(&self, spec: &LcSpec) -> std::path::PathBuf {
         match self.of(spec) {
             Ok(b) => b.console_log(spec),

@@ -204,7 +204,16 @@ pub trait LcBackend {
     fn agent(&self, spec: &LcSpec) -> Result<patchover_agent::AgentClient, LcError>;
     /// Where the LC's console output goes (kept across boots).
     fn console_log(&self, spec: &LcSpec) -> PathBuf;
+    /// Whether the LC's system has an agent to wait for. A system the host cannot look into
+    /// (a VM's image) is taken to have one.
+    fn has_agent(&self, spec: &LcSpec) -> bool {
+        let _ = spec;
+        true
+    }
 }
+
+/// Where the agent lives in an LC's root filesystem.
+pub const AGENT_PATH_IN_LC: &str = "usr/sbin/patchover-agent";
 
 /// The host-side name of NIC `index` of LC `id`: `po<id>n<index>` (≤ 15 bytes by the id rule).
 pub fn host_port_name(id: &LcId, index: usize) -> String {

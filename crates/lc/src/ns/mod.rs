@@ -369,6 +369,16 @@ impl<H: Host> LcBackend for NsBackend<H> {
         self.console_log_of(&spec.id)
     }
 
+    /// Looks for the agent in the running LC's root (a directory or a mounted image), else in
+    /// the system disk's directory.
+    fn has_agent(&self, spec: &LcSpec) -> bool {
+        let root = match self.running(&spec.id) {
+            Some(st) => PathBuf::from(format!("/proc/{}/root", st.pid)),
+            None => spec.system_disk.path.clone(),
+        };
+        root.join(crate::AGENT_PATH_IN_LC).exists()
+    }
+
     fn boot(&self, spec: &LcSpec) -> Result<LcStatus, LcError> {
         if self.running(&spec.id).is_some() {
             return Err(LcError::AlreadyRunning(spec.id.clone()));

@@ -369,7 +369,7 @@ pub(super) fn populate_demo_tree(root: &Path, parts: &DemoParts, port: u16) -> a
             symlink("/bin/busybox", &link)?;
         }
     }
-    fs::copy(agent, root.join("usr/sbin/patchover-agent")).context("copying the agent")?;
+    fs::copy(agent, root.join(patchover_lc::AGENT_PATH_IN_LC)).context("copying the agent")?;
     fs::copy(demo, root.join("usr/bin/patchover-demo")).context("copying the demo service")?;
     write(&root.join("etc/inittab"), INITTAB, 0o644)?;
     write(&root.join("etc/init.d/rcS"), RCS, 0o755)?;

@@ -317,14 +317,7 @@ fn wait_agent(
     no_wait: bool,
     timeout: u64,
 ) -> anyhow::Result<Option<u64>> {
-    // A VM's disk is an image the host cannot look into: QEMU images always have an agent.
-    let has_agent = spec.backend == patchover_core::BackendKind::Qemu
-        || spec
-            .system_disk
-            .path
-            .join("usr/sbin/patchover-agent")
-            .exists();
-    if no_wait || !has_agent {
+    if no_wait || !env.backend.has_agent(spec) {
         return Ok(None);
     }
     let start = Instant::now();
