@@ -220,7 +220,37 @@ pub fn host_port_name(id: &LcId, index: usize) -> String {
     format!("po{id}n{index}")
 }
 
+/// The most NICs an LC may have (one digit in the port name keeps it within 15 bytes).
+pub const MAX_NICS: usize = 10;
+
+/// The index and host port name of the next NIC of LC `id`, which has `attached` now.
+pub fn next_nic(id: &LcId, attached: usize) -> Result<(usize, String), LcError> {
+    if attached >= MAX_NICS {
+        return Err(LcError::Unsupported {
+            lc: id.clone(),
+            message: format!("at most {MAX_NICS} NICs per LC"),
+        });
+    }
+    Ok((attached, host_port_name(id, attached)))
+}
+
 /// The temporary name of the LC-side end before it moves into the LC.
 pub fn peer_port_name(id: &LcId, index: usize) -> String {
     format!("pp{id}n{index}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nics_are_numbered_up_to_the_limit() {
+        let id: LcId = "lc1".parse().unwrap();
+        assert_eq!(next_nic(&id, 0).unwrap(), (0, "polc1n0".to_owned()));
+        assert_eq!(next_nic(&id, 9).unwrap(), (9, "polc1n9".to_owned()));
+        assert!(matches!(
+            next_nic(&id, MAX_NICS),
+            Err(LcError::Unsupported { message, .. }) if message.contains("at most 10 NICs")
+        ));
+    }
 }

@@ -844,14 +844,7 @@ impl<H: Host> LcBackend for QemuBackend<H> {
         let mut st = self
             .running(&spec.id)
             .ok_or_else(|| LcError::NotRunning(spec.id.clone()))?;
-        let i = st.host_ports.len();
-        if i > 9 {
-            return Err(LcError::Unsupported {
-                lc: spec.id.clone(),
-                message: "at most 10 NICs per LC".to_owned(),
-            });
-        }
-        let port = host_port_name(&spec.id, i);
+        let (i, port) = patchover_lc::next_nic(&spec.id, st.host_ports.len())?;
         let io_err = |step: &'static str| {
             move |source: std::io::Error| LcError::Host {
                 lc: spec.id.clone(),

@@ -611,13 +611,7 @@ impl<H: Host> LcBackend for NsBackend<H> {
         let mut st = self
             .running(&spec.id)
             .ok_or_else(|| LcError::NotRunning(spec.id.clone()))?;
-        let i = st.host_ports.len();
-        if i > 9 {
-            return Err(LcError::Unsupported {
-                lc: spec.id.clone(),
-                message: "at most 10 NICs per LC".to_owned(),
-            });
-        }
+        let (i, port) = crate::next_nic(&spec.id, st.host_ports.len())?;
         let step = |step: &'static str| {
             move |source: std::io::Error| LcError::Host {
                 lc: spec.id.clone(),
@@ -625,7 +619,7 @@ impl<H: Host> LcBackend for NsBackend<H> {
                 source,
             }
         };
-        let (port, peer) = (host_port_name(&spec.id, i), peer_port_name(&spec.id, i));
+        let peer = peer_port_name(&spec.id, i);
         self.host
             .create_veth(&port, &peer, nic.mac)
             .map_err(step("creating a veth"))?;
