@@ -222,6 +222,64 @@ fn patch_in_seamless_mode_hands_off_under_load_then_rolls_back() {
 }
 
 #[test]
+fn a_hand_off_that_fails_after_the_park_unparks_the_old_service() {
+    // The standby's service cannot be restarted on the cut disk: the hand-off fails after the
+    // old service parked. It serves its held requests itself; nothing fails, nothing is lost.
+    let c = Cycle::routed(
+        2,
+        "\n[service]\nrestart = [\"/bin/sh\", \"-c\", \"echo no restart today >&2; exit 3\"]\n",
+    );
+    c.upgrade_bundle();
+    let a = c.t.lcs[0].id.clone();
+    let client = c.start_seamless();
+    let svc = c.t.service();
+    let load = Load::start(&client, svc.clone());
+    let kept = KeepAlive::start(&client, svc.clone(), Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(300));
+    let out = c.t.po(&["--json", "patch", &a, "--mode", "seamless"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failures, acked) = load.finish();
+    let (k_ok, k_failures, k_acked, moved) = kept.finish();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(report["outcome"], "ok", "{report:#}");
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(error.contains("no restart today"), "{report:#}");
+    assert!(
+        failures.is_empty() && k_failures.is_empty(),
+        "{:?} {:?}",
+        &failures[..failures.len().min(5)],
+        &k_failures[..k_failures.len().min(5)]
+    );
+    assert!(ok > 50 && k_ok > 50, "the loads ran: {ok}, {k_ok}");
+    assert_eq!(moved, 0, "nothing was forwarded");
+    // Still the old LC, serving by itself again, with every write; the NAT still points there.
+    assert_eq!(version(&client, &svc), "1.0.0");
+    let state = c.t.po_ok(&[
+        "lc",
+        "exec",
+        &a,
+        "--",
+        "/usr/bin/patchover-demo",
+        "ctl",
+        "state",
+    ]);
+    assert!(state.contains("serving"), "{state}");
+    assert_all_there(&client, &svc, &acked);
+    assert_all_there(&client, &svc, &k_acked);
+    let nat = patchover_net::nft::service_nat_target(None, svc.parse().unwrap()).unwrap();
+    assert_eq!(nat, Some(c.t.lcs[0].address.parse().unwrap()));
+    let list = c.t.po_json(&["lc", "list"]);
+    let running: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["state"] == "running")
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(running, [a.clone()], "the standby was released");
+}
+
+#[test]
 fn failures_before_the_switch_leave_the_service_where_it_is() {
     let rules = tempfile::tempdir().unwrap();
     let c = Cycle::new(2, "");
