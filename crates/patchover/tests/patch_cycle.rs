@@ -8,8 +8,13 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use common::cycle::{Cycle, KeepAlive, Load, assert_all_there, version};
+use common::cycle::{Cycle, KeepAlive, Load, assert_all_there, run_under_load, version};
 use common::{Client, Topo};
+
+/// A request slower than this fails.
+const LOAD_DEADLINE: Duration = Duration::from_secs(2);
+/// The load's time before and after a run.
+const SETTLE: Duration = Duration::from_millis(300);
 
 #[test]
 fn patch_under_load_then_roll_back() {
@@ -21,21 +26,15 @@ fn patch_under_load_then_roll_back() {
     let svc = c.t.service();
     assert_eq!(version(&client, &svc), "1.0.0");
 
-    let load = Load::start(&client, svc.clone());
-    std::thread::sleep(Duration::from_millis(300));
-    let report = c.t.po_json(&["patch", &a, "--mode", "readdress"]);
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, failures, acked) = load.finish();
-    assert_eq!(report["outcome"], "ok", "{report:#}");
-    assert_eq!(report["standby"], b.as_str());
-    assert!(
-        failures.is_empty(),
-        "{} failed requests of {}: {:?}",
-        failures.len(),
-        ok + failures.len() as u64,
-        &failures[..failures.len().min(10)]
+    let (report, acked) = run_under_load(
+        &c,
+        &client,
+        LOAD_DEADLINE,
+        SETTLE,
+        50,
+        &["patch", &a, "--mode", "readdress"],
     );
-    assert!(ok > 50, "the load ran: {ok}");
+    assert_eq!(report["standby"], b.as_str());
     assert_eq!(report["version_before"], "1.0.0");
     assert_eq!(report["version_after"], "1.0.1");
     assert_eq!(report["patches"][0]["status"], "ok");
@@ -100,19 +99,7 @@ fn patch_under_load_then_roll_back() {
     );
 
     // Hours later: hand the service back, under load, with the writes made since.
-    let load = Load::start(&client, svc.clone());
-    std::thread::sleep(Duration::from_millis(300));
-    let back = c.t.po_json(&["rollback", &a]);
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok2, failures, acked2) = load.finish();
-    assert_eq!(back["outcome"], "ok", "{back:#}");
-    assert!(
-        failures.is_empty(),
-        "rollback: {} failed of {}: {:?}",
-        failures.len(),
-        ok2,
-        &failures[..failures.len().min(10)]
-    );
+    let (_, acked2) = run_under_load(&c, &client, LOAD_DEADLINE, SETTLE, 50, &["rollback", &a]);
     assert_eq!(version(&client, &svc), "1.0.0");
     assert_all_there(&client, &svc, &acked);
     assert_all_there(&client, &svc, &acked2);
@@ -128,18 +115,13 @@ fn patch_in_path_mode_under_load() {
     let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
     let svc = c.t.service();
     assert_eq!(version(&client, &svc), "1.0.0");
-    let load = Load::start(&client, svc.clone());
-    std::thread::sleep(Duration::from_millis(300));
-    let report = c.t.po_json(&["patch", &a, "--mode", "path"]);
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, failures, acked) = load.finish();
-    assert_eq!(report["outcome"], "ok", "{report:#}");
-    assert!(
-        failures.is_empty(),
-        "{} failed of {}: {:?}",
-        failures.len(),
-        ok,
-        &failures[..failures.len().min(10)]
+    let (_, acked) = run_under_load(
+        &c,
+        &client,
+        LOAD_DEADLINE,
+        SETTLE,
+        50,
+        &["patch", &a, "--mode", "path"],
     );
     assert_eq!(version(&client, &svc), "1.0.1");
     assert_all_there(&client, &svc, &acked);
@@ -276,7 +258,7 @@ fn a_hand_off_that_fails_after_the_park_unparks_the_old_service() {
         .filter(|r| r["state"] == "running")
         .map(|r| r["id"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(running, [a.clone()], "the standby was released");
+    assert_eq!(running, [a], "the standby was released");
 }
 
 #[test]

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cycle::{Cycle, KeepAlive, Load, assert_all_there, version};
+use common::cycle::{Cycle, KeepAlive, Load, assert_all_there, run_under_load, version};
 use common::{Client, Topo};
 
 fn step_names(report: &serde_json::Value, ok: bool) -> Vec<String> {
@@ -23,6 +23,8 @@ fn step_names(report: &serde_json::Value, ok: bool) -> Vec<String> {
 
 /// QEMU requests are slower under TCG: a request fails if it takes 5 s or more.
 const DEADLINE: Duration = Duration::from_secs(5);
+/// The load's time before and after a run.
+const SETTLE: Duration = Duration::from_millis(500);
 
 #[test]
 fn qemu_patch_under_load_then_roll_back() {
@@ -34,37 +36,15 @@ fn qemu_patch_under_load_then_roll_back() {
     let svc = c.t.service();
     assert_eq!(version(&client, &svc), "1.0.0");
 
-    let load = Load::with_deadline(&client, svc.clone(), DEADLINE);
-    std::thread::sleep(Duration::from_millis(500));
-    let report = c.t.po_json(&["patch", &a, "--mode", "readdress"]);
-    std::thread::sleep(Duration::from_millis(500));
-    let (ok, failures, acked) = load.finish();
-    eprintln!(
-        "qemu patch: {ok} requests, {} failed, {} writes acknowledged; steps: {}",
-        failures.len(),
-        acked.len(),
-        report["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| format!(
-                "{}={:.0}ms",
-                s["step"].as_str().unwrap(),
-                s["ms"].as_f64().unwrap_or(0.0)
-            ))
-            .collect::<Vec<_>>()
-            .join(" ")
+    let (report, acked) = run_under_load(
+        &c,
+        &client,
+        DEADLINE,
+        SETTLE,
+        20,
+        &["patch", &a, "--mode", "readdress"],
     );
-    assert_eq!(report["outcome"], "ok", "{report:#}");
     assert_eq!(report["standby"], b.as_str());
-    assert!(
-        failures.is_empty(),
-        "{} failed requests of {}: {:?}",
-        failures.len(),
-        ok + failures.len() as u64,
-        &failures[..failures.len().min(10)]
-    );
-    assert!(ok > 20, "the load ran: {ok}");
     assert_eq!(report["version_before"], "1.0.0");
     assert_eq!(report["version_after"], "1.0.1");
     assert_eq!(version(&client, &svc), "1.0.1");
@@ -90,19 +70,7 @@ fn qemu_patch_under_load_then_roll_back() {
     );
 
     // Later: hand the service back, under load, with the writes made since.
-    let load = Load::with_deadline(&client, svc.clone(), DEADLINE);
-    std::thread::sleep(Duration::from_millis(500));
-    let back = c.t.po_json(&["rollback", &a]);
-    std::thread::sleep(Duration::from_millis(500));
-    let (ok2, failures, acked2) = load.finish();
-    assert_eq!(back["outcome"], "ok", "{back:#}");
-    assert!(
-        failures.is_empty(),
-        "rollback: {} failed of {}: {:?}",
-        failures.len(),
-        ok2,
-        &failures[..failures.len().min(10)]
-    );
+    let (_, acked2) = run_under_load(&c, &client, DEADLINE, SETTLE, 20, &["rollback", &a]);
     assert_eq!(version(&client, &svc), "1.0.0");
     assert_all_there(&client, &svc, &acked);
     assert_all_there(&client, &svc, &acked2);
@@ -157,20 +125,14 @@ fn qemu_patch_in_path_mode_under_load() {
     let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
     let svc = c.t.service();
     assert_eq!(version(&client, &svc), "1.0.0");
-    let load = Load::with_deadline(&client, svc.clone(), DEADLINE);
-    std::thread::sleep(Duration::from_millis(500));
-    let report = c.t.po_json(&["patch", &a, "--mode", "path"]);
-    std::thread::sleep(Duration::from_millis(500));
-    let (ok, failures, acked) = load.finish();
-    assert_eq!(report["outcome"], "ok", "{report:#}");
-    assert!(
-        failures.is_empty(),
-        "{} failed of {}: {:?}",
-        failures.len(),
-        ok,
-        &failures[..failures.len().min(10)]
+    let (_, acked) = run_under_load(
+        &c,
+        &client,
+        DEADLINE,
+        SETTLE,
+        20,
+        &["patch", &a, "--mode", "path"],
     );
-    assert!(ok > 20, "the load ran: {ok}");
     assert_eq!(version(&client, &svc), "1.0.1");
     assert_all_there(&client, &svc, &acked);
     assert!(

@@ -368,6 +368,51 @@ impl KeepAlive {
     }
 }
 
+/// Runs `args` (a `patch` or a `rollback`, with `--json` added) while `client` writes with a
+/// per-request `deadline`; the run must end `ok` with no failed request and at least
+/// `min_requests` served. Returns the run's report and the acknowledged writes. `settle` is
+/// the load's time before and after the run.
+pub fn run_under_load(
+    c: &Cycle,
+    client: &Client,
+    deadline: Duration,
+    settle: Duration,
+    min_requests: u64,
+    args: &[&str],
+) -> (serde_json::Value, BTreeMap<String, String>) {
+    let load = Load::with_deadline(client, c.t.service(), deadline);
+    std::thread::sleep(settle);
+    let report = c.t.po_json(args);
+    std::thread::sleep(settle);
+    let (ok, failures, acked) = load.finish();
+    eprintln!(
+        "{args:?}: {ok} requests, {} failed, {} writes acknowledged; steps: {}",
+        failures.len(),
+        acked.len(),
+        report["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| format!(
+                "{}={:.0}ms",
+                s["step"].as_str().unwrap_or("?"),
+                s["ms"].as_f64().unwrap_or(0.0)
+            ))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    assert_eq!(report["outcome"], "ok", "{args:?}: {report:#}");
+    assert!(
+        failures.is_empty(),
+        "{args:?}: {} failed requests of {}: {:?}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(10)]
+    );
+    assert!(ok > min_requests, "{args:?}: the load ran: {ok}");
+    (report, acked)
+}
+
 pub fn assert_all_there(client: &Client, service: &str, acked: &BTreeMap<String, String>) {
     let service = service.to_owned();
     let acked = acked.clone();
