@@ -63,6 +63,129 @@ fn sigkill_at_random_points_never_interrupts_the_service_on_qemu() {
     );
 }
 
+/// The two moments of a hand-off that recovery must tell apart, each held open by a slow
+/// hand-off command so patchover can be killed inside it: (1) the old service parked, the
+/// clients' NAT still on it → recovery unparks it and the service stays; (2) the clients' NAT
+/// on the standby, the old service still parked → recovery makes it forward and finishes.
+#[test]
+fn sigkill_inside_a_hand_off_is_recovered_both_ways() {
+    let c = Cycle::routed(
+        2,
+        "\n[service]\npark = [\"/bin/sh\", \"-c\", \"/usr/bin/patchover-demo ctl park && sleep 3\"]\nforward = [\"/bin/sh\", \"-c\", \"sleep 3; exec /usr/bin/patchover-demo ctl forward {to}\"]\n",
+    );
+    c.bundle(
+        "stamp-1",
+        "[[step]]\nkind = \"script\"\nfile = \"stamp.sh\"\n",
+        &[("stamp.sh", b"date > /etc/demo/last-patch\n")],
+    );
+    let client = c.start_seamless();
+    let svc = c.t.service();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    let load = Load::with_deadline(&client, svc.clone(), Duration::from_secs(7));
+    let kept = KeepAlive::start(&client, svc.clone(), Duration::from_secs(7));
+    let nat = || patchover_net::nft::service_nat_target(None, svc.parse().unwrap()).unwrap();
+    let addr = |i: usize| Some(c.t.lcs[i].address.parse().unwrap());
+    let parked = |lc: &str| {
+        let out = c.t.po(&[
+            "lc",
+            "exec",
+            lc,
+            "--",
+            "/usr/bin/patchover-demo",
+            "ctl",
+            "state",
+        ]);
+        String::from_utf8_lossy(&out.stdout).contains("parked")
+    };
+    for (moment, expect_on, expect_outcome) in
+        [("parked", 0, "rolled-back"), ("nat moved", 1, "ok")]
+    {
+        c.t.po_ok(&["patches", "mark", "stamp-1"]);
+        let mut child = Command::new(BIN)
+            .env("PATCHOVER_CONFIG", &c.t.config)
+            .env("PATCHOVER_GUEST_DIR", guest_dir())
+            .args(["--json", "patch", &a, "--mode", "seamless"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        loop {
+            let there = match moment {
+                "parked" => parked(&a),
+                _ => nat() == addr(1) && parked(&a),
+            };
+            if there {
+                break;
+            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "{moment}: the run ended before the moment came"
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{moment}: never came"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.kill().unwrap();
+        let _ = child.wait();
+        // The run guard recovers at once; `runs recover` waits for it (or does it).
+        let t = Instant::now();
+        let outcome = loop {
+            let _ = c.t.po(&["runs", "recover"]);
+            let runs = c.t.po_json(&["runs", "list"]);
+            let last = runs.as_array().unwrap().last().cloned().unwrap();
+            if !last["ended_ms"].is_null() {
+                break last["outcome"].as_str().unwrap_or("?").to_owned();
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{moment}: not recovered"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(outcome, expect_outcome, "{moment}");
+        let on = &c.t.lcs[expect_on].id;
+        assert_eq!(nat(), addr(expect_on), "{moment}: the NAT points at {on}");
+        let state = c.t.po_ok(&[
+            "lc",
+            "exec",
+            on,
+            "--",
+            "/usr/bin/patchover-demo",
+            "ctl",
+            "state",
+        ]);
+        assert!(state.contains("serving"), "{moment}: {state}");
+        let st = |lc: &str| c.t.po_json(&["lc", "status", lc])["state"].clone();
+        assert_eq!(
+            st(&a),
+            if expect_on == 0 { "running" } else { "stopped" },
+            "{moment}"
+        );
+        assert_eq!(
+            st(&b),
+            if expect_on == 0 { "stopped" } else { "running" },
+            "{moment}"
+        );
+        eprintln!("{moment}: killed, recovered as {outcome}, service on {on}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failures, acked) = load.finish();
+    let (k_ok, k_failures, k_acked, moved) = kept.finish();
+    assert!(
+        failures.is_empty() && k_failures.is_empty(),
+        "{:?} {:?}",
+        &failures[..failures.len().min(5)],
+        &k_failures[..k_failures.len().min(5)]
+    );
+    assert!(moved >= 1, "the recovery's forward moved no held request");
+    assert_all_there(&client, &svc, &acked);
+    assert_all_there(&client, &svc, &k_acked);
+    eprintln!("{ok} + {k_ok} requests, none failed, {moved} forwarded");
+}
+
 fn env_or(name: &str, default: u32) -> u32 {
     std::env::var(name)
         .ok()
