@@ -331,12 +331,13 @@ fn sh(c: &mut Command) -> Result<(), BenchError> {
 }
 
 /// A cgroup v2 directory for the writer; removed on drop (after its tasks are gone).
-struct Cgroup {
+pub struct Cgroup {
     dir: PathBuf,
 }
 
 impl Cgroup {
-    fn new() -> Result<Cgroup, BenchError> {
+    /// A fresh group under the v2 hierarchy, so that freezing it freezes the writer alone.
+    pub fn new() -> Result<Cgroup, BenchError> {
         let dir = PathBuf::from(format!(
             "/sys/fs/cgroup/unified/patchover-bench-{}-{:08x}",
             std::process::id(),
@@ -344,6 +345,11 @@ impl Cgroup {
         ));
         fs::create_dir(&dir).map_err(setup(format!("create cgroup {}", dir.display())))?;
         Ok(Cgroup { dir })
+    }
+
+    /// The group's directory (for a [`CgroupFreezer`]).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 }
 
@@ -359,14 +365,15 @@ impl Drop for Cgroup {
     }
 }
 
-/// A running writer child; killed on drop if still running.
-struct Writer {
+/// A running writer child (in its own [`Cgroup`]); killed on drop if still running.
+pub struct Writer {
     child: Option<Child>,
     stop: PathBuf,
 }
 
 impl Writer {
-    fn spawn(cfg: &BenchConfig, spec: &WriterSpec, cg: &Cgroup) -> Result<Writer, BenchError> {
+    /// Runs `cfg.writer_cmd` with `spec` and moves it into `cg`.
+    pub fn spawn(cfg: &BenchConfig, spec: &WriterSpec, cg: &Cgroup) -> Result<Writer, BenchError> {
         let _ = fs::remove_file(&spec.stop_file);
         let (prog, args) = cfg
             .writer_cmd
@@ -388,7 +395,8 @@ impl Writer {
         })
     }
 
-    fn finish(mut self) -> Result<WriterResult, BenchError> {
+    /// Tells the writer to stop and returns what it did.
+    pub fn finish(mut self) -> Result<WriterResult, BenchError> {
         File::create(&self.stop).map_err(setup("stop the writer"))?;
         let child = self
             .child

@@ -12,11 +12,17 @@
 //!   `blockdev-mirror` job copies a disk while the guest writes to it, and a *cut* ends it with a
 //!   point-in-time copy that another VM can boot. It is the VM counterpart of `patchover-disk`
 //!   (which traps writes with fanotify for namespace LCs).
+//! - [`blockserver`]: `qemu-storage-daemon` serving image disks on the host as FUSE export
+//!   files (loop-mounted); [`backup`] copies such a disk live with a dirty bitmap and
+//!   point-in-time backups (QEMU 7.2 refuses a mirror of a writable FUSE export).
 
 pub mod accel;
 pub mod backend;
+pub mod backup;
+pub mod blockserver;
 pub mod mirror;
 pub mod qmp;
 
+pub use backup::{BackupError, BackupSpec, BitmapCopy, RoundReport};
 pub use mirror::{CutReport, ImageFormat, Mirror, MirrorError, MirrorSpec, Progress};
 pub use qmp::{BlockJob, CopyMode, Event, Qmp, QmpError, RunState};
