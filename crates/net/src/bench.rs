@@ -120,6 +120,49 @@ pub struct CaseResult {
     pub drain_ms: Spread,
     pub first_request_ms: Spread,
     pub achieved_rate: f64,
+    /// Latency by when a request was due, relative to the decision of its switch (all
+    /// switches of the case together), in [`PROFILE_BIN_MS`] bins: where in a switch the
+    /// slow requests are.
+    pub profile: Vec<ProfileBin>,
+}
+
+/// Width of a [`ProfileBin`].
+pub const PROFILE_BIN_MS: i64 = 10;
+
+/// Requests due in `[from_ms, from_ms + PROFILE_BIN_MS)` after their switch's decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileBin {
+    pub from_ms: i64,
+    pub requests: usize,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// Bins the requests due from 50 ms before to 300 ms after each window's start.
+fn profile(samples: &[Sample], starts: &[u64]) -> Vec<ProfileBin> {
+    let mut bins: std::collections::BTreeMap<i64, Vec<u64>> = std::collections::BTreeMap::new();
+    for s in samples {
+        for &st in starts {
+            let rel_ms = (s.due_us as i64 - st as i64).div_euclid(1000);
+            if (-50..300).contains(&rel_ms) {
+                bins.entry(rel_ms.div_euclid(PROFILE_BIN_MS) * PROFILE_BIN_MS)
+                    .or_default()
+                    .push(s.latency_us);
+            }
+        }
+    }
+    bins.into_iter()
+        .map(|(from_ms, mut v)| {
+            v.sort_unstable();
+            let at = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)] as f64 / 1000.0;
+            ProfileBin {
+                from_ms,
+                requests: v.len(),
+                p99_ms: at(0.99),
+                max_ms: at(1.0),
+            }
+        })
+        .collect()
 }
 
 struct Both {
@@ -381,6 +424,10 @@ fn run_case(cfg: &BenchConfig, case: Case, conns: ConnMode) -> Result<CaseResult
         drain_ms: Spread::of(windows.iter().filter_map(|w| w.drain_ms).collect()),
         first_request_ms: Spread::of(windows.iter().filter_map(|w| w.first_ms).collect()),
         achieved_rate: report.achieved_rate,
+        profile: profile(
+            &report.samples,
+            &windows.iter().map(|w| w.start_us).collect::<Vec<_>>(),
+        ),
     })
 }
 
@@ -564,6 +611,30 @@ mod tests {
             s(3000, 50_000, Outcome::Ok),
         ];
         assert!((longest_gap_ms(&v, 0, 100_000) - 51.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn profile_bins_by_time_since_each_decision() {
+        let at = |due_ms: u64, lat_ms: u64| Sample {
+            due_us: due_ms * 1000,
+            latency_us: lat_ms * 1000,
+            outcome: patchover_load::Outcome::Ok,
+            retried: false,
+        };
+        // Two switches at 1000 and 2000 ms; slow requests 25 ms after each decision.
+        let samples = [
+            at(990, 1),
+            at(1025, 40),
+            at(1026, 2),
+            at(2025, 60),
+            at(2400, 1),
+        ];
+        let p = profile(&samples, &[1_000_000, 2_000_000]);
+        let bin = |from: i64| p.iter().find(|b| b.from_ms == from).cloned();
+        assert_eq!(bin(-10).unwrap().requests, 1);
+        let b20 = bin(20).unwrap();
+        assert_eq!((b20.requests, b20.max_ms), (3, 60.0));
+        assert!(bin(390).is_none(), "outside the profile's span");
     }
 
     #[test]

@@ -70,32 +70,28 @@ pub fn enter_netns(path: &Path) -> Result<(), NetnsError> {
     })
 }
 
-/// A command that runs in `netns` (joined in the child between fork and exec).
+/// A command that runs in `netns` (through `nsenter --net`, see below).
 pub fn command_in(
     netns: Option<&Path>,
     program: &str,
 ) -> Result<std::process::Command, NetnsError> {
-    let mut cmd = std::process::Command::new(program);
-    if let Some(path) = netns {
-        let file = File::open(path).map_err(|source| NetnsError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        use std::os::fd::AsRawFd;
-        use std::os::unix::process::CommandExt;
-        let fd = file.as_raw_fd();
-        // SAFETY: the closure runs in the child between fork and exec and only calls setns(2),
-        // which is async-signal-safe; `file` is kept alive by the closure so `fd` stays open.
-        unsafe {
-            cmd.pre_exec(move || {
-                let _keep = &file;
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
+    let Some(path) = netns else {
+        return Ok(std::process::Command::new(program));
+    };
+    // Checked here, so a missing namespace is told apart from a failing program.
+    File::open(path).map_err(|source| NetnsError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // `nsenter` joins the namespace in the child. Joining it in a `pre_exec` hook instead would
+    // make std start the child with fork(2), which copies this process's page tables and
+    // write-protects its memory: in a process that also serves (the daemon, the benchmark's
+    // service and load) every thread then stalls on page faults for tens of milliseconds. A
+    // command without a hook is started with posix_spawn (vfork), which copies nothing.
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--net={}", path.display()))
+        .arg("--")
+        .arg(program);
     Ok(cmd)
 }
 
