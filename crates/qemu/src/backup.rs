@@ -25,7 +25,7 @@
 //! Every job id is `<job>-<round>`; the bitmap is `<job>-dirty`, the target nodes
 //! `<target_node>` over `<target_node>-file`.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -119,23 +119,8 @@ impl BitmapCopy {
                 job: job.clone(),
                 node: spec.device_node.clone(),
             })?;
-        let created_target = match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&spec.target_path)
-        {
-            Ok(f) => {
-                if let Err(source) = f.set_len(size) {
-                    let _ = fs::remove_file(&spec.target_path);
-                    return Err(BackupError::CreateTarget {
-                        job,
-                        path: spec.target_path.clone(),
-                        source,
-                    });
-                }
-                true
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        let created_target = match crate::mirror::create_target(&spec.target_path, Some(size)) {
+            Ok(created) => created,
             Err(source) => {
                 return Err(BackupError::CreateTarget {
                     job,

@@ -222,25 +222,9 @@ impl Mirror {
         // A job of the same id that ended earlier may have left events behind.
         qmp.discard_events(|e| e.job_id() == Some(job.as_str()));
 
-        let created_target = match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&spec.target_path)
-        {
-            Ok(f) => {
-                if spec.format == ImageFormat::Raw
-                    && let Err(source) = f.set_len(size)
-                {
-                    let _ = fs::remove_file(&spec.target_path);
-                    return Err(MirrorError::CreateTarget {
-                        job,
-                        path: spec.target_path.clone(),
-                        source,
-                    });
-                }
-                true
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+        let raw_size = (spec.format == ImageFormat::Raw).then_some(size);
+        let created_target = match create_target(&spec.target_path, raw_size) {
+            Ok(created) => created,
             Err(source) => {
                 return Err(MirrorError::CreateTarget {
                     job,
@@ -717,4 +701,23 @@ fn source_image(qmp: &mut Qmp, node: &str) -> Result<Option<(u64, Vec<PathBuf>)>
         cur = img.get("backing-image");
     }
     Ok(Some((size, files)))
+}
+
+/// Creates a copy's target file, of `size` bytes when given (a raw image QEMU writes into);
+/// `false` when it exists already (the caller's `blockdev-add` then refuses or reuses it). A
+/// file it created and could not size is removed again.
+pub(crate) fn create_target(path: &std::path::Path, size: Option<u64>) -> io::Result<bool> {
+    match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(f) => {
+            if let Some(size) = size
+                && let Err(e) = f.set_len(size)
+            {
+                let _ = fs::remove_file(path);
+                return Err(e);
+            }
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
 }
