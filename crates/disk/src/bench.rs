@@ -509,7 +509,8 @@ fn time_pair(
     Ok((best_cp, best_us))
 }
 
-fn pct(v: &[f64], p: f64) -> f64 {
+/// The `p` quantile of `v` (nearest rank); 0 for no values.
+pub fn pct(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use patchover_core::Quiesce;
 use patchover_disk::CgroupFreezer;
-use patchover_disk::bench::{BenchConfig, Cgroup, Writer, WriterResult, WriterSpec};
+use patchover_disk::bench::{BenchConfig, Cgroup, Writer, WriterResult, WriterSpec, pct};
 use patchover_qemu::blockserver::{
     BlockServer, BlockServerSpec, LoopMount, ServedDisk, set_flush, syncfs,
 };
@@ -163,16 +163,6 @@ pub struct Goals {
     pub freeze_p99_lt_50ms: bool,
     pub writer_loss_le_10pct: bool,
     pub identical_at_every_cut: bool,
-}
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let i = ((p * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
-    s[i]
 }
 
 fn ms(d: Duration) -> f64 {

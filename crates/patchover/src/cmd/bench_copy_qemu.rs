@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use patchover_core::{Config, HostFacts, LcSpec};
+use patchover_disk::bench::pct;
 use patchover_lc::{LcBackend, Stdio};
 use patchover_qemu::backend::{QemuBackend, QemuConfig};
 use patchover_qemu::{CopyMode, ImageFormat, Mirror, MirrorError, MirrorSpec, Qmp};
@@ -211,16 +212,6 @@ impl Sample {
             churn: f[4],
         })
     }
-}
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let i = ((p * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1;
-    s[i]
 }
 
 fn ms(d: Duration) -> f64 {
