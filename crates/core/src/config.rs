@@ -507,16 +507,7 @@ impl Validator<'_> {
             ));
         }
         owners.insert(norm, format!("LC {id}"));
-        let kind = raw.kind.unwrap_or_else(|| {
-            if path
-                .extension()
-                .is_some_and(|e| e == "img" || e == "raw" || e == "qcow2")
-            {
-                DiskKind::Image
-            } else {
-                DiskKind::Dir
-            }
-        });
+        let kind = raw.kind.unwrap_or_else(|| DiskKind::of_path(&path));
         let mount = match (role, raw.mount) {
             (DiskRole::System, Some(m)) => {
                 return Err(self.err(

@@ -85,6 +85,21 @@ pub enum DiskKind {
     Image,
 }
 
+impl DiskKind {
+    /// The kind a path names when the config does not say: `.img`, `.raw` and `.qcow2` files
+    /// are images, anything else a directory.
+    pub fn of_path(path: &std::path::Path) -> DiskKind {
+        if path
+            .extension()
+            .is_some_and(|e| e == "img" || e == "raw" || e == "qcow2")
+        {
+            DiskKind::Image
+        } else {
+            DiskKind::Dir
+        }
+    }
+}
+
 /// What a disk is for (seed fig. 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -80,6 +80,11 @@ pub trait Host {
     /// Runs `internal <args…>` of the launcher binary; used for exec and attach, which must
     /// enter namespaces from a single-threaded process.
     fn run_internal(&self, args: &[String], stdio: crate::Stdio) -> io::Result<crate::ExecOutput>;
+    /// Attaches a free loop device to `file` here in the host's mount namespace (buffered:
+    /// never direct I/O, see `patchover_qemu::blockserver`); returns the device.
+    fn loop_attach(&self, file: &Path) -> io::Result<PathBuf>;
+    /// Detaches loop device `dev` now, or, while it is mounted, once its last mount goes.
+    fn loop_detach(&self, dev: &Path) -> io::Result<()>;
 }
 
 /// The real host.
@@ -318,6 +323,27 @@ impl Host for LinuxHost {
             child,
         }))
     }
+    fn loop_attach(&self, file: &Path) -> io::Result<PathBuf> {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "losetup --find --show {}: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    }
+
+    fn loop_detach(&self, dev: &Path) -> io::Result<()> {
+        // A busy device gets LO_FLAGS_AUTOCLEAR instead: it goes with its last mount.
+        run_quiet(Command::new("losetup").arg("-d").arg(dev))
+    }
+
     fn run_internal(&self, args: &[String], stdio: crate::Stdio) -> io::Result<crate::ExecOutput> {
         let mut cmd = Command::new(&self.launcher);
         cmd.arg("internal").args(args);

@@ -15,6 +15,7 @@ pub mod cgroup;
 pub mod disks;
 pub mod dispatch;
 pub mod host;
+pub mod images;
 pub mod ns;
 
 use std::path::PathBuf;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use patchover_core::{BackendKind, DiskSpec, LcSpec, Quiesce};
 use patchover_disk::{CopyOptions, FollowCopy, NoProgress};
 use patchover_lc::LcBackend;
-use patchover_qemu::{CopyMode, ImageFormat, Mirror, MirrorSpec, Qmp};
+use patchover_qemu::{CopyMode, ImageFormat, Mirror, MirrorSpec, Qmp, ServedCopy};
 
 use crate::OrchestratorError;
 use crate::cycle::FreezeLc;
@@ -156,7 +156,21 @@ pub(crate) fn copy_system(
 pub(crate) enum LiveCopy {
     Files(FollowCopy),
     Mirror(Box<MirrorJob>),
+    /// An `ns` LC's application image served by its block server: dirty bitmap + point-in-time
+    /// backups (`patchover_qemu::ServedCopy`).
+    Blocks(Box<BlocksJob>),
 }
+
+/// A [`ServedCopy`] of an `ns` LC's application image, and where the LC mounts it.
+pub(crate) struct BlocksJob {
+    copy: ServedCopy,
+    mount: PathBuf,
+    started: Instant,
+    rounds: Vec<patchover_qemu::RoundReport>,
+}
+
+/// How long one block job may take.
+const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What the cut did.
 pub(crate) struct CutDone {
@@ -172,6 +186,32 @@ impl LiveCopy {
         src: &DiskSpec,
         dst: &DiskSpec,
     ) -> Result<LiveCopy, OrchestratorError> {
+        if active.backend == BackendKind::Ns
+            && src.kind == patchover_core::DiskKind::Image
+            && let Some(disk) = patchover_qemu::nsdisks::served_disk(
+                run_dir,
+                &active.id,
+                patchover_lc::images::APP_NODE,
+            )
+        {
+            let started = Instant::now();
+            let mut copy = ServedCopy::start(
+                &patchover_qemu::nsdisks::jobs_socket(run_dir, &active.id),
+                disk,
+                "patchover-app",
+                &dst.path,
+            )
+            .map_err(|e| copy_err("application")(Box::new(e)))?;
+            // The full copy, then the LC runs on while the bitmap records its writes.
+            copy.wait(JOB_TIMEOUT)
+                .map_err(|e| copy_err("application")(Box::new(e)))?;
+            return Ok(LiveCopy::Blocks(Box::new(BlocksJob {
+                copy,
+                mount: src.mount.clone(),
+                started,
+                rounds: Vec::new(),
+            })));
+        }
         match active.backend {
             BackendKind::Ns => FollowCopy::start(
                 &src.path,
@@ -185,6 +225,29 @@ impl LiveCopy {
                 .map(|m| LiveCopy::Mirror(Box::new(m)))
                 .map_err(copy_err("application")),
         }
+    }
+
+    /// Whether [`LiveCopy::catch_up`] has anything to do.
+    pub(crate) fn catches_up(&self) -> bool {
+        matches!(self, LiveCopy::Blocks(_))
+    }
+
+    /// Brings the copy close to the source while the LC runs, so that the cut in the switch
+    /// window leaves little to copy: bitmap rounds until one ships ≤ 8 MiB (at most 4). The
+    /// file copier and QEMU's mirror keep up by themselves: `None`.
+    pub(crate) fn catch_up(&mut self) -> Result<Option<serde_json::Value>, OrchestratorError> {
+        let LiveCopy::Blocks(job) = self else {
+            return Ok(None);
+        };
+        let rounds = job
+            .copy
+            .catch_up(8 << 20, 4, JOB_TIMEOUT)
+            .map_err(|e| copy_err("application")(Box::new(e)))?;
+        job.rounds.extend(rounds.iter().copied());
+        Ok(Some(serde_json::json!({
+            "rounds": rounds.len(),
+            "bytes": rounds.iter().map(|r| r.bytes).collect::<Vec<_>>(),
+        })))
     }
 
     /// Holds the active LC still, makes the copy complete, lets the LC go.
@@ -211,6 +274,46 @@ impl LiveCopy {
                     detail: serde_json::to_value(&r).unwrap_or_default(),
                 })
             }
+            LiveCopy::Blocks(job) => {
+                let BlocksJob {
+                    mut copy,
+                    mount,
+                    started,
+                    rounds,
+                } = *job;
+                let pid = backend
+                    .status(active)?
+                    .pid
+                    .ok_or_else(|| OrchestratorError::Copy {
+                        disk: "application",
+                        source: format!("{} is not running", active.id).into(),
+                    })?;
+                // The LC's filesystem on the served disk, seen from the host.
+                let at = PathBuf::from(format!("/proc/{pid}/root"))
+                    .join(mount.strip_prefix("/").unwrap_or(&mount));
+                let (cut, ()) = copy
+                    .cut(&at, &mut q, || (), JOB_TIMEOUT)
+                    .map_err(|e| copy_err("application")(Box::new(e)))?;
+                copy.close()
+                    .map_err(|e| copy_err("application")(Box::new(e)))?;
+                let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+                Ok(CutDone {
+                    bytes_replayed: cut.shipped,
+                    freeze_ms: Some(ms(cut.freeze)),
+                    detail: serde_json::json!({
+                        "bitmap": true,
+                        "rounds_before_cut": rounds.len(),
+                        "bytes_before_cut": rounds.iter().map(|r| r.bytes).sum::<u64>(),
+                        "presync_ms": cut.presync.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+                        "syncfs_ms": ms(cut.syncfs),
+                        "job_start_ms": ms(cut.job_start),
+                        "freeze_ms": ms(cut.freeze),
+                        "shipped_after_thaw": cut.shipped,
+                        "complete_after_thaw_ms": ms(cut.complete_after_thaw),
+                        "total_s": started.elapsed().as_secs_f64(),
+                    }),
+                })
+            }
             LiveCopy::Mirror(job) => {
                 let t = Instant::now();
                 q.freeze()
@@ -230,16 +333,34 @@ impl LiveCopy {
     }
 }
 
-/// Ends the mirror jobs a run left on a VM (patchover died while they ran: a job outlives the
-/// monitor connection that started it, and would go on writing into the standby's image).
+/// Ends the copy jobs a run left on a VM or an `ns` LC's block server (patchover died while
+/// they ran: a job outlives the monitor connection that started it, and would go on writing
+/// into the standby's image).
 /// Returns the jobs ended and the nodes removed.
 pub(crate) fn abort_leftover_jobs(run_dir: &Path, active: &LcSpec) -> Vec<String> {
-    if active.backend != BackendKind::Qemu {
-        return Vec::new();
-    }
-    let Ok(mut qmp) = jobs_qmp(run_dir, active) else {
+    let qmp = match active.backend {
+        BackendKind::Qemu => jobs_qmp(run_dir, active).ok(),
+        // An ns LC's block server, if it serves the LC's application image.
+        BackendKind::Ns => Qmp::connect(
+            &patchover_qemu::nsdisks::jobs_socket(run_dir, &active.id),
+            Duration::from_secs(10),
+        )
+        .ok(),
+    };
+    let Some(mut qmp) = qmp else {
         return Vec::new(); // not running: no job
     };
+    // Killed inside a cut, patchover may have left the host-disk flushes off.
+    if active.backend == BackendKind::Ns
+        && let Some(d) = patchover_qemu::nsdisks::served_disk(
+            run_dir,
+            &active.id,
+            patchover_lc::images::APP_NODE,
+        )
+        && let Err(e) = patchover_qemu::blockserver::set_flush(&mut qmp, &d, true)
+    {
+        tracing::warn!(lc = %active.id, error = %patchover_core::error_chain(&e), "could not switch the host-disk flushes back on");
+    }
     let jobs = qmp.query_block_jobs().unwrap_or_default();
     let mut ended = Vec::new();
     for j in jobs
@@ -271,6 +392,19 @@ pub(crate) fn abort_leftover_jobs(run_dir: &Path, active: &LcSpec) -> Vec<String
         .collect();
     nodes.sort_by_key(|n| n.ends_with("-file"));
     nodes.dedup();
+    // A bitmap copy's dirty bitmap on the served disk (`<job>-dirty`, see
+    // `patchover_qemu::backup`): a new copy could not add its own.
+    let bitmap = "patchover-app-dirty";
+    if active.backend == BackendKind::Ns
+        && qmp
+            .execute(
+                "block-dirty-bitmap-remove",
+                serde_json::json!({"node": patchover_lc::images::APP_NODE, "name": bitmap}),
+            )
+            .is_ok()
+    {
+        ended.push(bitmap.to_owned());
+    }
     for n in nodes {
         if qmp.blockdev_del(&n).is_ok() {
             ended.push(n);

@@ -632,6 +632,14 @@ impl<'a> Orchestrator<'a> {
             Ok((to, detail))
         })?;
 
+        // A block-level copy catches up while the service runs, so that the cut in the window
+        // leaves little to copy.
+        if let Some(f) = follow.as_mut().filter(|f| f.catches_up()) {
+            self.step(report, "catch_up_app_disk", |_, _| {
+                Ok(((), f.catch_up()?.unwrap_or_default()))
+            })?;
+        }
+
         if req.dry_run {
             self.step(report, "cut_app_disk", |o, report| {
                 let detail = match follow.take() {
@@ -725,13 +733,14 @@ impl<'a> Orchestrator<'a> {
                     report.outcome = "rolled-back".into();
                 }
             })?;
+            report.pause_ms = Some(sw.report.pause_ms);
+            report.switch = Some(sw.report.clone());
+            let mut detail = serde_json::to_value(&sw.report).unwrap_or_default();
             if let Some(r) = cut_report {
                 report.bytes_replayed += r.bytes_replayed;
                 report.freeze_ms = r.freeze_ms;
+                detail["cut_app_disk"] = r.detail;
             }
-            report.pause_ms = Some(sw.report.pause_ms);
-            report.switch = Some(sw.report.clone());
-            let detail = serde_json::to_value(&sw.report).unwrap_or_default();
             Ok((sw, detail))
         })?;
         report.outcome = "switched".into();

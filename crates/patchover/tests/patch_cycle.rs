@@ -539,3 +539,77 @@ fn no_standby_is_bad_input_naming_what_each_lacks() {
     );
     assert!(Path::new(&c.t.lcs[0].sys).exists());
 }
+
+/// The loop device whose backing file is `file`, if any.
+fn loop_of(file: &Path) -> Option<String> {
+    fs::read_dir("/sys/block").ok()?.flatten().find_map(|e| {
+        let b = fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+        (Path::new(b.trim_end()) == file).then(|| e.file_name().to_string_lossy().into_owned())
+    })
+}
+
+#[test]
+fn an_image_app_disk_is_served_and_copied_by_its_dirty_bitmap_under_load() {
+    // ns LCs whose application disk is an ext4 image: the LC mounts it through its block
+    // server's FUSE export, and the cycle copies it with a dirty bitmap, cut while frozen.
+    let c = Cycle::app_image(2, "");
+    c.upgrade_bundle();
+    c.start_service();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    let run = c.t.dir.path().join("run/blockserver");
+    let export = |id: &str| run.join(id).join("app.export");
+    assert!(
+        loop_of(&export(&a)).is_some(),
+        "{a}'s application disk is not mounted through its block server's export"
+    );
+    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    assert_eq!(version(&client, &svc), "1.0.0");
+
+    let (report, acked) = run_under_load(
+        &c,
+        &client,
+        LOAD_DEADLINE,
+        SETTLE,
+        50,
+        &["patch", &a, "--mode", "readdress"],
+    );
+    assert_eq!(report["version_after"], "1.0.1");
+    assert_eq!(version(&client, &svc), "1.0.1");
+    assert_all_there(&client, &svc, &acked);
+    let steps = report["steps"].as_array().unwrap();
+    let step = |name: &str| steps.iter().find(|s| s["step"] == name).cloned();
+    assert!(
+        step("catch_up_app_disk").is_some(),
+        "no catch-up rounds: {report:#}"
+    );
+    let runs =
+        c.t.po_json(&["runs", "show", &report["run_id"].to_string()]);
+    let switch = runs["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "switch" && s["state"] == "done")
+        .expect("a switch step")
+        .clone();
+    let cut = &switch["detail"]["cut_app_disk"];
+    assert_eq!(cut["bitmap"], true, "not a bitmap cut: {switch:#}");
+    assert!(cut["freeze_ms"].as_f64().is_some(), "{cut:#}");
+    eprintln!("bitmap cut: {cut}");
+    // The new active LC serves its copy through its own server; the old one's server is gone
+    // with it, and nothing of it is left.
+    assert!(
+        loop_of(&export(&b)).is_some(),
+        "{b} does not mount its copy through its export"
+    );
+    assert!(!run.join(&a).exists(), "{a}'s block server outlived it");
+
+    // Hand it back, under load, with the writes made since: the copy goes the other way.
+    let (_, acked2) = run_under_load(&c, &client, LOAD_DEADLINE, SETTLE, 50, &["rollback", &a]);
+    assert_eq!(version(&client, &svc), "1.0.0");
+    assert_all_there(&client, &svc, &acked);
+    assert_all_there(&client, &svc, &acked2);
+    c.t.po_ok(&["lc", "stop", &a]);
+    c.t.assert_nothing_left(&a);
+    c.t.assert_nothing_left(&b);
+}

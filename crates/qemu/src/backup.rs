@@ -27,11 +27,14 @@
 
 use std::fs;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use patchover_core::Quiesce;
 
 use serde_json::{Value, json};
 
+use crate::blockserver::{ServedDisk, set_flush, syncfs};
 use crate::mirror::ImageFormat;
 use crate::qmp::{Qmp, QmpError};
 
@@ -87,6 +90,26 @@ pub enum BackupError {
     Idle { job: String },
     #[error("copy {job}: the job did not end within {after:?}")]
     Timeout { job: String, after: Duration },
+    #[error("copy {job}: cannot {step} the LC; nothing was cut and the LC runs on")]
+    Quiesce {
+        job: String,
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("copy {job}: syncfs of {path} failed (is the disk still mounted in the LC?)")]
+    Syncfs {
+        job: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("copy {job}: switching the host-disk flushes")]
+    Flush {
+        job: String,
+        #[source]
+        source: crate::blockserver::BlockServerError,
+    },
 }
 
 /// A live copy of one served disk. End it with [`BitmapCopy::close`] (the target stays) or
@@ -342,6 +365,252 @@ impl BitmapCopy {
         let job = self.spec.job.clone();
         move |source| BackupError::Qmp { job, step, source }
     }
+}
+
+/// The live copy of one disk served by a [`crate::blockserver::BlockServer`], as the
+/// orchestrator (an `ns` LC's application image) and `patchover bench copy --disk image` run it:
+/// a full copy, catch-up rounds while the LC runs, then cuts, each with the LC frozen for a
+/// `syncfs` and one QMP command (see the module docs and docs/blockserver.md).
+#[derive(Debug)]
+pub struct ServedCopy {
+    qmp: Qmp,
+    copy: Option<BitmapCopy>,
+    disk: ServedDisk,
+    relaxed_flush: bool,
+}
+
+/// What one cut took and shipped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CutTimes {
+    /// The `syncfs` calls just before the freeze.
+    pub presync: Vec<Duration>,
+    /// Freeze → thaw, without the caller's `while_frozen` work.
+    pub freeze: Duration,
+    /// The `syncfs` (flushes off) while frozen.
+    pub syncfs: Duration,
+    /// Starting the point-in-time job while frozen.
+    pub job_start: Duration,
+    /// The caller's work while frozen (not part of [`CutTimes::freeze`]).
+    pub while_frozen: Duration,
+    /// Bytes the cut's job copied after the thaw.
+    pub shipped: u64,
+    /// From the thaw until the copy was complete.
+    pub complete_after_thaw: Duration,
+}
+
+impl ServedCopy {
+    /// Starts the full copy of `disk` to `target` (created sparse when missing) through the
+    /// server's jobs monitor; returns once the job runs. Nothing is left behind on error.
+    pub fn start(
+        jobs_socket: &Path,
+        disk: ServedDisk,
+        job: &str,
+        target: &Path,
+    ) -> Result<ServedCopy, BackupError> {
+        let mut qmp = Qmp::connect(jobs_socket, Duration::from_secs(10)).map_err(|source| {
+            BackupError::Qmp {
+                job: job.to_owned(),
+                step: "connecting to the block server's jobs monitor",
+                source,
+            }
+        })?;
+        let spec = BackupSpec {
+            job: job.to_owned(),
+            device_node: disk.node.clone(),
+            target_path: target.to_owned(),
+            target_node: format!("{job}-copy"),
+            format: match target.extension().and_then(|e| e.to_str()) {
+                Some("qcow2") => ImageFormat::Qcow2,
+                _ => ImageFormat::Raw,
+            },
+            granularity: Some(4096),
+        };
+        let copy = BitmapCopy::start(&mut qmp, spec)?;
+        Ok(ServedCopy {
+            qmp,
+            copy: Some(copy),
+            disk,
+            relaxed_flush: false,
+        })
+    }
+
+    /// Host-disk flushes off also for the `syncfs` calls just before each freeze (shorter
+    /// freezes; LC fsyncs of those moments reach the host's disk only at the next flush).
+    pub fn relaxed_flush(mut self, relaxed: bool) -> ServedCopy {
+        self.relaxed_flush = relaxed;
+        self
+    }
+
+    fn copy(&mut self) -> &mut BitmapCopy {
+        self.copy.as_mut().expect("a copy until closed")
+    }
+
+    /// Waits for the running job (the full copy, a round) to end; `None` when none runs.
+    pub fn wait(&mut self, timeout: Duration) -> Result<Option<RoundReport>, BackupError> {
+        let c = self.copy.as_mut().expect("a copy until closed");
+        if !c.is_running() {
+            return Ok(None);
+        }
+        c.wait(&mut self.qmp, timeout).map(Some)
+    }
+
+    /// Rounds while the LC runs, until one ships at most `enough` bytes (at most `max`
+    /// rounds), so that the copy a cut leaves to do after the thaw is small. Returns the
+    /// rounds' reports.
+    pub fn catch_up(
+        &mut self,
+        enough: u64,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<RoundReport>, BackupError> {
+        self.wait(timeout)?;
+        let mut rounds = Vec::new();
+        for _ in 0..max {
+            let qmp = &mut self.qmp;
+            let c = self.copy.as_mut().expect("a copy until closed");
+            c.round(qmp)?;
+            let r = c.wait(qmp, timeout)?;
+            rounds.push(r);
+            if r.bytes <= enough {
+                break;
+            }
+        }
+        Ok(rounds)
+    }
+
+    /// A cut: `syncfs` of `mount` (the filesystem on the served disk) until quick, freeze the
+    /// writers, flushes off, `syncfs`, start the point-in-time job, flushes on, run
+    /// `while_frozen`, thaw, then let the job copy and wait for it. After it, the target holds
+    /// every write made before the freeze. On error the writers are thawed and flushes are on.
+    pub fn cut<T>(
+        &mut self,
+        mount: &Path,
+        q: &mut dyn Quiesce,
+        while_frozen: impl FnOnce() -> T,
+        timeout: Duration,
+    ) -> Result<(CutTimes, T), BackupError> {
+        self.wait(timeout)?;
+        let job = self.copy().spec.job.clone();
+        let relaxed = self.relaxed_flush;
+        let flush = |qmp: &mut Qmp, disk: &ServedDisk, on: bool| {
+            set_flush(qmp, disk, on).map_err(|source| BackupError::Flush {
+                job: job.clone(),
+                source,
+            })
+        };
+        let sync = |p: &Path| {
+            syncfs(p).map_err(|source| BackupError::Syncfs {
+                job: job.clone(),
+                path: p.to_owned(),
+                source,
+            })
+        };
+        if relaxed {
+            presync(mount).map_err(|source| BackupError::Syncfs {
+                job: job.clone(),
+                path: mount.to_owned(),
+                source,
+            })?;
+            flush(&mut self.qmp, &self.disk, false)?;
+        }
+        let pre = presync(mount);
+        let pre = match pre {
+            Ok(p) => p,
+            Err(source) => {
+                if relaxed {
+                    let _ = flush(&mut self.qmp, &self.disk, true);
+                }
+                return Err(BackupError::Syncfs {
+                    job: job.clone(),
+                    path: mount.to_owned(),
+                    source,
+                });
+            }
+        };
+        let t0 = Instant::now();
+        if let Err(source) = q.freeze() {
+            let _ = q.thaw();
+            if relaxed {
+                let _ = flush(&mut self.qmp, &self.disk, true);
+            }
+            return Err(BackupError::Quiesce {
+                job,
+                step: "freeze",
+                source,
+            });
+        }
+        let qmp = &mut self.qmp;
+        let copy = self.copy.as_mut().expect("a copy until closed");
+        let t = Instant::now();
+        let synced = if relaxed {
+            sync(mount)
+        } else {
+            flush(qmp, &self.disk, false).and_then(|()| sync(mount))
+        };
+        let s = t.elapsed();
+        let t = Instant::now();
+        let cut = synced.and_then(|()| copy.cut_round(qmp));
+        let flushed = flush(qmp, &self.disk, true);
+        let j = t.elapsed();
+        let frozen = cut.and(flushed).map(|()| {
+            let t = Instant::now();
+            let out = while_frozen();
+            (out, t.elapsed())
+        });
+        let thawed = q.thaw();
+        let t1 = Instant::now();
+        let (out, wf) = frozen?;
+        thawed.map_err(|source| BackupError::Quiesce {
+            job: job.clone(),
+            step: "thaw",
+            source,
+        })?;
+        copy.release(qmp)?;
+        let r = copy.wait(qmp, timeout)?;
+        Ok((
+            CutTimes {
+                presync: pre,
+                freeze: (t1 - t0).saturating_sub(wf),
+                syncfs: s,
+                job_start: j,
+                while_frozen: wf,
+                shipped: r.bytes,
+                complete_after_thaw: t1.elapsed(),
+            },
+            out,
+        ))
+    }
+
+    /// Ends the copy: the target stays as the last cut left it (its nodes and the bitmap go).
+    pub fn close(mut self) -> Result<(), BackupError> {
+        let c = self.copy.take().expect("a copy until closed");
+        c.close(&mut self.qmp)
+    }
+}
+
+impl Drop for ServedCopy {
+    /// Unfinished (a failed run): the job ends, the bitmap and nodes go, a target this copy
+    /// created is removed.
+    fn drop(&mut self) {
+        if let Some(c) = self.copy.take() {
+            c.abort(&mut self.qmp);
+        }
+    }
+}
+
+/// `syncfs` until one takes under 5 ms (at most 6): each pushes what the writers wrote during
+/// the previous one, so the one under the freeze has little left.
+fn presync(mount: &Path) -> io::Result<Vec<Duration>> {
+    let mut took = Vec::new();
+    for _ in 0..6 {
+        let t = Instant::now();
+        syncfs(mount)?;
+        took.push(t.elapsed());
+        if t.elapsed() < Duration::from_millis(5) {
+            break;
+        }
+    }
+    Ok(took)
 }
 
 /// Waits (best effort) until QEMU no longer lists job `id`.

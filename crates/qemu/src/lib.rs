@@ -14,15 +14,17 @@
 //!   (which traps writes with fanotify for namespace LCs).
 //! - [`blockserver`]: `qemu-storage-daemon` serving image disks on the host as FUSE export
 //!   files (loop-mounted); [`backup`] copies such a disk live with a dirty bitmap and
-//!   point-in-time backups (QEMU 7.2 refuses a mirror of a writable FUSE export).
+//!   point-in-time backups (QEMU 7.2 refuses a mirror of a writable FUSE export);
+//!   [`nsdisks`] is the `ns` backend's image server built on them (one block server per LC).
 
 pub mod accel;
 pub mod backend;
 pub mod backup;
 pub mod blockserver;
 pub mod mirror;
+pub mod nsdisks;
 pub mod qmp;
 
-pub use backup::{BackupError, BackupSpec, BitmapCopy, RoundReport};
+pub use backup::{BackupError, BackupSpec, BitmapCopy, CutTimes, RoundReport, ServedCopy};
 pub use mirror::{CutReport, ImageFormat, Mirror, MirrorError, MirrorSpec, Progress};
 pub use qmp::{BlockJob, CopyMode, Event, Qmp, QmpError, RunState};

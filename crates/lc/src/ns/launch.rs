@@ -272,8 +272,15 @@ fn bind(source: &Path, target: &Path) -> Result<(), String> {
 }
 
 fn mount_disk(m: &MountSpec, target: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let block_device = fs::metadata(&m.source).is_ok_and(|md| md.file_type().is_block_device());
     match m.kind {
         DiskKind::Dir => bind(&m.source, target),
+        // A loop device the host attached (an image served by the image server).
+        DiskKind::Image if block_device => {
+            run_quiet(Command::new("mount").arg(&m.source).arg(target))
+                .map_err(|e| format!("mounting {}: {e}", m.source.display()))
+        }
         // util-linux sets up the loop device with autoclear: it goes when the LC's mount
         // namespace (and so the mount) goes.
         DiskKind::Image => run_quiet(
@@ -426,11 +433,46 @@ pub fn netcfg_main(pid: i32, nics: &[NicSetup]) -> Result<(), String> {
     Ok(())
 }
 
-/// `internal attach-disk --pid P --source DIR --target PATH`: mounts a host directory into the
+/// `internal attach-disk --pid P --source DIR|IMAGE --target PATH [--image-staging DIR]`: mounts
+/// a host directory (or an image, loop-mounted on the host first) into the
 /// running LC's mount namespace. The tree is cloned with `open_tree` while still in the
 /// host's namespace, then attached inside with `move_mount`.
-pub fn attach_main(pid: i32, source: &Path, target: &Path) -> Result<(), String> {
+pub fn attach_main(
+    pid: i32,
+    source: &Path,
+    target: &Path,
+    image_staging: Option<&Path>,
+) -> Result<(), String> {
     let mnt = ns_fd(pid, "mnt")?;
+    // An image: loop-mounted here on the host (buffered, autoclear: the loop device goes with
+    // the last mount), cloned below, then unmounted here; the LC keeps the clone.
+    let staged = match image_staging {
+        Some(dir) => {
+            fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            mount_disk(
+                &MountSpec {
+                    source: source.to_owned(),
+                    kind: DiskKind::Image,
+                    target: dir.to_owned(),
+                },
+                dir,
+            )?;
+            Some(dir)
+        }
+        None => None,
+    };
+    let tree = open_tree(staged.unwrap_or(source));
+    if let Some(dir) = staged {
+        let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
+        let _ = fs::remove_dir(dir);
+    }
+    let tree = tree?;
+    setns(&mnt, CloneFlags::CLONE_NEWNS).map_err(errno("setns mnt"))?;
+    move_into(&tree, target)
+}
+
+/// A detached copy of the mount tree at `source`.
+fn open_tree(source: &Path) -> Result<OwnedFd, String> {
     let src = CString::new(source.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     // SAFETY: open_tree takes a valid NUL-terminated path and flags; the result is a new fd
     // we own, or -1.
@@ -451,8 +493,12 @@ pub fn attach_main(pid: i32, source: &Path, target: &Path) -> Result<(), String>
         ));
     }
     // SAFETY: `tree` is a fresh fd returned by open_tree and owned by nobody else.
-    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
-    setns(&mnt, CloneFlags::CLONE_NEWNS).map_err(errno("setns mnt"))?;
+    Ok(unsafe { OwnedFd::from_raw_fd(tree as i32) })
+}
+
+/// Mounts `tree` at `target` in this process's mount namespace (the LC's) and checks it is
+/// there.
+fn move_into(tree: &OwnedFd, target: &Path) -> Result<(), String> {
     fs::create_dir_all(target)
         .map_err(|e| format!("creating {} inside the LC: {e}", target.display()))?;
     let tgt = CString::new(target.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;

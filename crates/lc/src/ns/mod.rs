@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cgroup::{Layout, LcGroups};
 use crate::host::Host;
+use crate::images::ImageServer;
 use crate::{
     ExecOutput, LcBackend, LcError, LcState, LcStatus, Stdio, host_port_name, peer_port_name,
 };
@@ -74,6 +75,9 @@ pub struct RuntimeState {
 pub struct NsBackend<H: Host> {
     host: H,
     cfg: NsConfig,
+    /// Serves application image disks with a write history (see [`crate::images`]); `None`:
+    /// images are loop-mounted directly.
+    images: Option<std::sync::Arc<dyn ImageServer>>,
     /// Thaw guards of the LCs this process holds frozen.
     guards: std::sync::Mutex<std::collections::HashMap<String, Box<dyn std::any::Any + Send>>>,
 }
@@ -83,6 +87,8 @@ enum Undo {
     Link(String),
     Groups(LcGroups),
     Dir(PathBuf),
+    Images(LcId),
+    Loop(PathBuf),
 }
 
 impl<H: Host> NsBackend<H> {
@@ -90,7 +96,32 @@ impl<H: Host> NsBackend<H> {
         NsBackend {
             host,
             cfg,
+            images: None,
             guards: Default::default(),
+        }
+    }
+
+    /// Serves the LCs' application image disks through `server` (booted from now on).
+    pub fn with_images(mut self, server: std::sync::Arc<dyn ImageServer>) -> NsBackend<H> {
+        self.images = Some(server);
+        self
+    }
+
+    /// Stops `lc`'s image server once the LC's loop mounts are gone (they go with its mount
+    /// namespace, a moment after its last process).
+    fn stop_images(&self, lc: &LcId) -> std::io::Result<()> {
+        let Some(server) = &self.images else {
+            return Ok(());
+        };
+        let start = Instant::now();
+        loop {
+            match server.stop(lc) {
+                Ok(()) => return Ok(()),
+                Err(_) if start.elapsed() < Duration::from_secs(10) => {
+                    self.host.sleep(Duration::from_millis(20))
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -172,6 +203,14 @@ impl<H: Host> NsBackend<H> {
                 }
                 Undo::Dir(d) => {
                     let _ = self.host.remove_all(&d);
+                }
+                Undo::Loop(dev) => {
+                    let _ = self.host.loop_detach(&dev);
+                }
+                Undo::Images(lc) => {
+                    if let Err(e) = self.stop_images(&lc) {
+                        tracing::warn!(%lc, error = %e, "could not stop the LC's image server");
+                    }
                 }
             }
         }
@@ -256,13 +295,32 @@ impl<H: Host> NsBackend<H> {
                 .create_dir_all(p)
                 .map_err(step("creating the state directory"))?;
         }
+        // Application image disks through the image server: a loop device over its export,
+        // attached here on the host (so the host sees what backs it), mounted by the LC.
+        let mut mounts: Vec<MountSpec> = spec.app_disk.iter().map(mount_spec).collect();
+        let mut loops = Vec::new();
+        if let Some(server) = &self.images {
+            for m in mounts.iter_mut().filter(|m| m.kind == DiskKind::Image) {
+                undo.push(Undo::Images(id.clone()));
+                let export = server
+                    .serve(id, crate::images::APP_NODE, &m.source)
+                    .map_err(step("serving the application image"))?;
+                let dev = self
+                    .host
+                    .loop_attach(&export)
+                    .map_err(step("attaching a loop device to the image's export"))?;
+                undo.push(Undo::Loop(dev.clone()));
+                loops.push(dev.clone());
+                m.source = dev;
+            }
+        }
         let launch_spec = LaunchSpec {
             lc: id.to_string(),
             hostname: spec.hostname.clone(),
             system_disk: mount_spec(&spec.system_disk),
             staging,
             init: spec.init.clone(),
-            mounts: spec.app_disk.iter().map(mount_spec).collect(),
+            mounts,
             agent_dir: Some(agent_dir),
             cgroup_procs: groups.procs_files(),
             console,
@@ -293,6 +351,12 @@ impl<H: Host> NsBackend<H> {
                     message,
                 },
             })?;
+        // Mounted now: each loop device goes with the LC's mount of it.
+        for dev in &loops {
+            self.host
+                .loop_detach(dev)
+                .map_err(step("handing the loop device to the LC's mount"))?;
+        }
         let start_time = self
             .host
             .process_start_time(pid)
@@ -338,6 +402,9 @@ impl<H: Host> NsBackend<H> {
                 self.wait_empty(&g, Duration::from_secs(5));
             }
             let _ = g.remove(&self.host);
+        }
+        if let Err(e) = self.stop_images(&spec.id) {
+            tracing::warn!(lc = %spec.id, error = %e, "could not stop the LC's image server");
         }
         self.owners()
             .release(&spec.id, spec.disks().map(|d| d.path.clone()));
@@ -458,6 +525,8 @@ impl<H: Host> LcBackend for NsBackend<H> {
                 }
             }
         }
+        self.stop_images(&spec.id)
+            .map_err(host_err("stopping the image server"))?;
         self.clean_leftovers(spec);
         tracing::info!(lc = %spec.id, "stopped");
         Ok(())
@@ -576,32 +645,69 @@ impl<H: Host> LcBackend for NsBackend<H> {
                 message: format!("mount point {} must be absolute", at.display()),
             });
         }
+        let kind = spec
+            .disks()
+            .find(|d| d.path == source)
+            .map_or_else(|| DiskKind::of_path(source), |d| d.kind);
+        let mut args = vec![
+            "attach-disk".to_owned(),
+            "--pid".to_owned(),
+            st.pid.to_string(),
+            "--target".to_owned(),
+            at.display().to_string(),
+        ];
+        // An image is loop-mounted on the host (through the image server's export when there
+        // is one) and that mount moved into the LC.
+        let mut served = None;
+        let mounted = match (kind, &self.images) {
+            (DiskKind::Dir, _) => source.to_owned(),
+            (DiskKind::Image, None) => source.to_owned(),
+            (DiskKind::Image, Some(server)) => {
+                let taken = server.served(&spec.id);
+                let node = std::iter::once(crate::images::APP_NODE.to_owned())
+                    .chain((1..=8).map(|i| format!("disk{i}")))
+                    .find(|n| !taken.contains(n))
+                    .ok_or_else(|| LcError::Unsupported {
+                        lc: spec.id.clone(),
+                        message: "too many image disks attached (9); detach one first".to_owned(),
+                    })?;
+                let export =
+                    server
+                        .serve(&spec.id, &node, source)
+                        .map_err(|source| LcError::Host {
+                            lc: spec.id.clone(),
+                            step: "serving the image",
+                            source,
+                        })?;
+                served = Some(node);
+                export
+            }
+        };
+        if kind == DiskKind::Image {
+            args.push("--image-staging".to_owned());
+            args.push(self.lc_dir(&spec.id).join("attach").display().to_string());
+        }
+        args.push("--source".to_owned());
+        args.push(mounted.display().to_string());
         let out = self
             .host
-            .run_internal(
-                &[
-                    "attach-disk".into(),
-                    "--pid".into(),
-                    st.pid.to_string(),
-                    "--source".into(),
-                    source.display().to_string(),
-                    "--target".into(),
-                    at.display().to_string(),
-                ],
-                Stdio::Capture,
-            )
-            .map_err(|source| LcError::Host {
-                lc: spec.id.clone(),
-                step: "attaching a disk",
-                source,
-            })?;
-        if out.status != Some(0) {
+            .run_internal(&args, Stdio::Capture)
+            .and_then(|out| match out.status {
+                Some(0) => Ok(()),
+                _ => Err(std::io::Error::other(
+                    String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+                )),
+            });
+        if let Err(source) = out {
+            if let (Some(node), Some(server)) = (served, &self.images)
+                && let Err(e) = server.unserve(&spec.id, &node)
+            {
+                tracing::warn!(lc = %spec.id, node, error = %e, "could not stop serving an image");
+            }
             return Err(LcError::Host {
                 lc: spec.id.clone(),
                 step: "attaching a disk",
-                source: std::io::Error::other(
-                    String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-                ),
+                source,
             });
         }
         Ok(())

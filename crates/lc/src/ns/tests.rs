@@ -296,6 +296,13 @@ impl Host for FakeHost {
         self.op("thaw_guard", format!("{} {value}", file.display()))?;
         Ok(Box::new(()))
     }
+    fn loop_attach(&self, file: &Path) -> io::Result<PathBuf> {
+        self.op("loop_attach", file.display().to_string())?;
+        Ok(PathBuf::from("/dev/loop9"))
+    }
+    fn loop_detach(&self, dev: &Path) -> io::Result<()> {
+        self.op("loop_detach", dev.display().to_string())
+    }
     fn run_internal(&self, args: &[String], _stdio: Stdio) -> io::Result<ExecOutput> {
         self.op("internal", args.join(" "))?;
         Ok(ExecOutput {

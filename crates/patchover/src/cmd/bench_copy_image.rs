@@ -30,13 +30,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use patchover_core::Quiesce;
 use patchover_disk::CgroupFreezer;
 use patchover_disk::bench::{BenchConfig, Cgroup, Writer, WriterResult, WriterSpec, pct};
-use patchover_qemu::blockserver::{
-    BlockServer, BlockServerSpec, LoopMount, ServedDisk, set_flush, syncfs,
-};
-use patchover_qemu::{BackupSpec, BitmapCopy, ImageFormat, Qmp};
+use patchover_qemu::ServedCopy;
+use patchover_qemu::blockserver::{BlockServer, BlockServerSpec, LoopMount, ServedDisk, syncfs};
 use serde::Serialize;
 
 /// Room on the disk besides the writer's file (churn, ext4 metadata).
@@ -52,8 +49,6 @@ pub struct ImageBenchConfig {
     pub phase_secs: f64,
     /// Between cuts.
     pub cut_gap: Duration,
-    /// Bytes per bit of the dirty bitmap.
-    pub granularity: u32,
     /// Flushes to the host's disk off already for the syncfs calls *before* the freeze (not
     /// only under it): they then converge, at the cost of LC fsyncs in those ~100 ms not being
     /// on the host's disk until the next flush (see `blockserver::set_flush`).
@@ -69,7 +64,6 @@ impl ImageBenchConfig {
             cuts: 20,
             phase_secs: 8.0,
             cut_gap: Duration::from_millis(300),
-            granularity: 4096,
             relaxed_flush: false,
             writer_cmd,
         }
@@ -266,22 +260,6 @@ fn fill(path: &Path, mib: u64) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// `syncfs` until one takes under 5 ms (at most 6): each pushes what the writer wrote during
-/// the previous one, so the one under the freeze has little left. (With the host disk's
-/// flushes in each, they hardly converge at 20 MB/s of scattered writes; without, they do.)
-fn presync(mnt: &Path) -> std::io::Result<Vec<f64>> {
-    let mut took = Vec::new();
-    for _ in 0..6 {
-        let t = Instant::now();
-        syncfs(mnt)?;
-        took.push(ms(t.elapsed()));
-        if t.elapsed() < Duration::from_millis(5) {
-            break;
-        }
-    }
-    Ok(took)
-}
-
 /// Runs the bench. `say` gets one line per step.
 pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBenchReport> {
     if cfg.cuts == 0 || cfg.file_mib == 0 {
@@ -357,33 +335,18 @@ pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBe
     let _ = fs::remove_file(&cp_dst);
 
     say("writer during the copy (full copy, then bitmap rounds)");
-    let mut qmp = Qmp::connect(&jobs_socket, Duration::from_secs(10))?;
-    qmp.set_timeout(Duration::from_secs(30));
     let target = work.join("copy.img");
     let w = Writer::spawn(&bench_cfg, &spec, &cg)?;
     let t = Instant::now();
-    let mut copy = BitmapCopy::start(
-        &mut qmp,
-        BackupSpec {
-            job: "patchover-app".into(),
-            device_node: "app".into(),
-            target_path: target.clone(),
-            target_node: "patchover-app-copy".into(),
-            format: ImageFormat::Raw,
-            granularity: Some(cfg.granularity),
-        },
-    )
-    .context("starting the copy")?;
-    let copied = copy.wait(&mut qmp, Duration::from_secs(600));
+    let mut copy = ServedCopy::start(&jobs_socket, disk.clone(), "patchover-app", &target)
+        .context("starting the copy")?
+        .relaxed_flush(cfg.relaxed_flush);
+    copy.wait(Duration::from_secs(600))
+        .context("the full copy")?;
     let copy_secs = t.elapsed().as_secs_f64();
-    if let Err(e) = copied {
-        copy.abort(&mut qmp);
-        return Err(e).context("the full copy");
-    }
     while t.elapsed() < phase {
         std::thread::sleep(cfg.cut_gap);
-        copy.round(&mut qmp)?;
-        copy.wait(&mut qmp, Duration::from_secs(60))?;
+        copy.catch_up(0, 1, Duration::from_secs(60))?;
     }
     let during = w.finish()?;
 
@@ -412,55 +375,18 @@ pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBe
         // No bitmap round before the cut: the freeze does not depend on how much the cut's job
         // copies after the thaw, and a round's burst of 64 KiB clusters (QEMU 7.2's least
         // backup cluster) on the host's disk slows the flushes of the syncfs calls that follow
-        // (measured: p50 20 → 35 ms with two rounds). syncfs calls right before the freeze
-        // leave little for the frozen one.
-        let relaxed = cfg.relaxed_flush;
-        if relaxed {
-            presync(&mnt)?;
-            set_flush(&mut qmp, &disk, false)?;
-        }
-        let pre = presync(&mnt);
-        if relaxed && pre.is_err() {
-            set_flush(&mut qmp, &disk, true)?;
-        }
-        let pre = pre?;
-        tracing::debug!(cut = i + 1, presync_ms = ?pre, "bench: presync");
-
-        let t0 = Instant::now();
-        q.freeze().context("freezing the writer")?;
-        let frozen = (|| -> anyhow::Result<(Duration, Duration, Duration, _)> {
-            let t = Instant::now();
-            if !relaxed {
-                set_flush(&mut qmp, &disk, false)?;
-            }
-            let synced = syncfs(&mnt);
-            let s = t.elapsed();
-            let t = Instant::now();
-            let cut = synced.map_err(anyhow::Error::from).and_then(|()| {
-                copy.cut_round(&mut qmp)?;
-                Ok(())
-            });
-            set_flush(&mut qmp, &disk, true)?;
-            cut?;
-            let j = t.elapsed();
-            let t = Instant::now();
-            let reference = tree_digest(&src)?;
-            Ok((s, j, t.elapsed(), reference))
-        })();
-        let thawed = q.thaw();
-        let t1 = Instant::now();
-        thawed.context("thawing the writer")?;
-        let (s, j, r, reference) = frozen?;
-        copy.release(&mut qmp)?;
-        windows.push(ms((t1 - t0) - r));
-        syncs.push(ms(s));
-        starts.push(ms(j));
-        refs.push(ms(r));
-        ref_total += r;
-
-        let job = copy.wait(&mut qmp, Duration::from_secs(60))?;
-        completes.push(ms(t1.elapsed()));
-        shipped += job.bytes;
+        // (measured: p50 20 → 35 ms with two rounds).
+        let (cut, reference) =
+            copy.cut(&mnt, &mut q, || tree_digest(&src), Duration::from_secs(60))?;
+        let reference = reference?;
+        tracing::debug!(cut = i + 1, presync = ?cut.presync, "bench: presync");
+        windows.push(ms(cut.freeze));
+        syncs.push(ms(cut.syncfs));
+        starts.push(ms(cut.job_start));
+        refs.push(ms(cut.while_frozen));
+        ref_total += cut.while_frozen;
+        completes.push(ms(cut.complete_after_thaw));
+        shipped += cut.shipped;
         run_tool(
             Command::new("cp")
                 .arg("--sparse=always")
@@ -482,10 +408,10 @@ pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBe
             i + 1,
             cfg.cuts,
             windows[i],
-            ms(s),
-            ms(j),
-            ms(r),
-            job.bytes / 1024,
+            ms(cut.syncfs),
+            ms(cut.job_start),
+            ms(cut.while_frozen),
+            cut.shipped / 1024,
             completes[i],
             if identical == i + 1 {
                 "identical"
@@ -496,8 +422,7 @@ pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBe
     }
     let cut_phase = phase_start.elapsed();
     let during_cuts = w.finish()?;
-    copy.close(&mut qmp).context("closing the copy")?;
-    drop(qmp);
+    copy.close().context("closing the copy")?;
     let alone_after = alone("control, after the cuts")?;
     drop(cg);
 

@@ -65,6 +65,9 @@ pub enum InternalCmd {
         source: PathBuf,
         #[arg(long)]
         target: PathBuf,
+        /// The source is an image: loop-mount it here on the host first, then move that mount.
+        #[arg(long)]
+        image_staging: Option<PathBuf>,
     },
 }
 
@@ -137,8 +140,10 @@ pub fn run(cmd: InternalCmd) -> anyhow::Result<ExitCode> {
             pid,
             source,
             target,
+            image_staging,
         } => {
-            launch::attach_main(pid, &source, &target).map_err(anyhow::Error::msg)?;
+            launch::attach_main(pid, &source, &target, image_staging.as_deref())
+                .map_err(anyhow::Error::msg)?;
             0
         }
     };

@@ -74,10 +74,15 @@ impl Env {
         store.sync_lcs(&config.lcs)?;
         let exe = std::env::current_exe().context("cannot find the patchover binary")?;
         let backend = patchover_lc::dispatch::ByKind {
-            ns: Box::new(patchover_lc::ns::NsBackend::new(
-                patchover_lc::host::LinuxHost::new(exe.clone()),
-                patchover_lc::ns::NsConfig::from_config(&config),
-            )),
+            ns: Box::new(
+                patchover_lc::ns::NsBackend::new(
+                    patchover_lc::host::LinuxHost::new(exe.clone()),
+                    patchover_lc::ns::NsConfig::from_config(&config),
+                )
+                .with_images(std::sync::Arc::new(
+                    patchover_qemu::nsdisks::NsImageServer::new(&config.run_dir),
+                )),
+            ),
             qemu: Some(Box::new(patchover_qemu::backend::QemuBackend::new(
                 patchover_lc::host::LinuxHost::new(exe),
                 patchover_qemu::backend::QemuConfig::from_config(&config),

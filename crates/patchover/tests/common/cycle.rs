@@ -53,6 +53,11 @@ impl Cycle {
         Cycle::build_with(n_lcs, extra, |t| t.routed = true, false)
     }
 
+    /// `ns` LCs with an ext4 image as application disk (see [`Topo::app_image`]).
+    pub fn app_image(n_lcs: usize, extra: &str) -> Cycle {
+        Cycle::build_with(n_lcs, extra, |t| t.app_image = true, false)
+    }
+
     /// The `seamless` layout on QEMU LCs.
     pub fn qemu_routed(n_lcs: usize, extra: &str) -> Cycle {
         Cycle::build_with(n_lcs, extra, |t| t.routed = true, true)
@@ -90,6 +95,9 @@ impl Cycle {
             let (sys, app) = t.disks(l);
             if t.qemu.is_some() {
                 fs::write(&sys, b"").unwrap();
+                fs::write(&app, b"").unwrap();
+            } else if t.app_image {
+                fs::create_dir_all(&sys).unwrap();
                 fs::write(&app, b"").unwrap();
             } else {
                 fs::create_dir_all(&sys).unwrap();

@@ -130,6 +130,9 @@ pub struct Topo {
     /// Clients are routed through the host (`seamless` mode): every LC's NIC gets the host's
     /// bridge address as its gateway, so replies to [`Client::routed`] go back through the host.
     pub routed: bool,
+    /// `ns` LCs whose application disk is an ext4 image (`lc<i>-app.img`), served by the LC's
+    /// block server and copied by its dirty bitmap.
+    pub app_image: bool,
 }
 
 impl Topo {
@@ -166,6 +169,7 @@ impl Topo {
             shared_identity: false,
             qemu: None,
             routed: false,
+            app_image: false,
         };
         t.write_config("");
         t
@@ -233,6 +237,8 @@ impl Topo {
     pub fn disks(&self, l: &LcDef) -> (PathBuf, PathBuf) {
         if self.qemu.is_some() {
             (l.sys.with_extension("img"), l.app.with_extension("img"))
+        } else if self.app_image {
+            (l.sys.clone(), l.app.with_extension("img"))
         } else {
             (l.sys.clone(), l.app.clone())
         }
@@ -293,6 +299,18 @@ impl Topo {
                 version,
             ],
         );
+        if self.app_image {
+            // The application directory as an ext4 image of 64 MiB.
+            let (_, img) = self.disks(l);
+            let st = Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-d"])
+                .arg(&l.app)
+                .arg(&img)
+                .arg("64M")
+                .status()
+                .unwrap();
+            assert!(st.success(), "mkfs.ext4 -d {}", l.app.display());
+        }
     }
 
     pub fn po(&self, args: &[&str]) -> Output {
@@ -337,6 +355,8 @@ impl Topo {
         assert!(!mounts.contains(d), "a mount under {d} is left:\n{mounts}");
         let run = self.dir.path().join("run/lc").join(id);
         assert!(!run.exists(), "run dir {} left behind", run.display());
+        let qsd = self.dir.path().join("run/blockserver").join(id);
+        assert!(!qsd.exists(), "block server {} left behind", qsd.display());
         // No process of the LC anywhere: none has a root in its disk.
         for e in fs::read_dir("/proc").unwrap().flatten() {
             if let Ok(cmd) = fs::read_to_string(e.path().join("cmdline"))
@@ -376,6 +396,17 @@ impl Drop for Topo {
             let _ = Command::new("ip")
                 .args(["link", "del", &format!("po{}n0", l.id)])
                 .output();
+            // A block server left by a failed test (its FUSE exports go with it).
+            let qsd = self.dir.path().join("run/blockserver").join(&l.id);
+            if let Ok(pid) = fs::read_to_string(qsd.join("qsd.pid")) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+                std::thread::sleep(Duration::from_millis(100));
+                if let Ok(entries) = fs::read_dir(&qsd) {
+                    for e in entries.flatten() {
+                        let _ = Command::new("umount").arg("-l").arg(e.path()).output();
+                    }
+                }
+            }
         }
         for ctl in ["unified", "cpu", "memory", "cpuset", "freezer"] {
             let _ = fs::remove_dir(format!("/sys/fs/cgroup/{ctl}/{}", self.cgroup_parent));
