@@ -51,6 +51,20 @@ fn sigkill_at_random_points_never_interrupts_the_service_in_seamless_mode() {
     );
 }
 
+/// The same with image application disks, served by each LC's block server and copied by
+/// dirty bitmap: a kill can leave a backup job, its bitmap and target nodes in the active LC's
+/// server, or its host-disk flushes off in the middle of a cut; recovery ends and restores them.
+#[test]
+fn sigkill_at_random_points_never_interrupts_the_service_with_an_image_app_disk() {
+    let points = env_or("PATCHOVER_IMAGE_CRASH_POINTS", 8);
+    crash_at_random_points(
+        Cycle::app_image(2, ""),
+        points,
+        Duration::from_millis(6000),
+        "readdress",
+    );
+}
+
 /// The same on QEMU LCs: a cycle takes ≈ 20–25 s under TCG, so fewer points spread over longer.
 #[test]
 fn sigkill_at_random_points_never_interrupts_the_service_on_qemu() {
@@ -320,6 +334,16 @@ fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration, mode: &str
             String::from_utf8_lossy(&health.1).contains(&format!("\"host\":\"{host}\"")),
             "point {i}: {health:?}"
         );
+        if c.t.app_image {
+            // One block server: the active LC's (a standby's went with it).
+            let servers: Vec<String> = std::fs::read_dir(c.t.dir.path().join("run/blockserver"))
+                .unwrap()
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(servers, [host.clone()], "point {i}: block servers");
+        }
         let outcome = recovered.as_array().unwrap().first().map_or(
             if finished {
                 "finished"

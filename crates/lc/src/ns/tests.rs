@@ -653,3 +653,103 @@ fn exec_enters_by_pid_and_cgroups() {
     assert!(call.starts_with("internal exec --pid 1001 --cgroup-procs /sys/fs/cgroup/unified/patchover/lc1/cgroup.procs"), "{call}");
     assert!(call.ends_with("-- cat /x"), "{call}");
 }
+
+/// An image server that records its calls; `serve` fails when told to.
+#[derive(Default)]
+struct FakeImages {
+    calls: std::sync::Mutex<Vec<String>>,
+    fail_serve: bool,
+}
+
+impl ImageServer for FakeImages {
+    fn serve(&self, lc: &LcId, node: &str, image: &Path) -> io::Result<PathBuf> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("serve {lc} {node} {}", image.display()));
+        if self.fail_serve {
+            return Err(io::Error::other("injected: no qemu-storage-daemon"));
+        }
+        Ok(PathBuf::from(format!("/run/po/blockserver/{lc}/{node}.export")))
+    }
+    fn stop(&self, lc: &LcId) -> io::Result<()> {
+        self.calls.lock().unwrap().push(format!("stop {lc}"));
+        Ok(())
+    }
+    fn unserve(&self, lc: &LcId, node: &str) -> io::Result<()> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("unserve {lc} {node}"));
+        Ok(())
+    }
+    fn served(&self, _lc: &LcId) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+fn image_lc() -> LcSpec {
+    let mut spec = lc("lc1");
+    spec.app_disk.as_mut().unwrap().kind = DiskKind::Image;
+    spec
+}
+
+#[test]
+fn an_image_app_disk_is_served_and_mounted_through_a_loop_device_of_the_host() {
+    let host = FakeHost::new();
+    let images = std::sync::Arc::new(FakeImages::default());
+    let b = backend(&host).with_images(images.clone());
+    b.boot(&image_lc()).unwrap();
+    let calls = host.calls();
+    let order = [
+        "loop_attach /run/po/blockserver/lc1/app.export",
+        "spawn_launcher lc1",
+        "release 1001",
+        // Mounted by the LC: the device goes with that mount.
+        "loop_detach /dev/loop9",
+    ];
+    let pos: Vec<usize> = order.iter().map(|p| position(&calls, p)).collect();
+    assert!(pos.windows(2).all(|w| w[0] < w[1]), "out of order: {calls:#?}");
+    // A clean boot of a stopped LC first ends a server a crash may have left.
+    assert_eq!(
+        *images.calls.lock().unwrap(),
+        ["stop lc1", "serve lc1 app /srv/lc1/app"]
+    );
+    b.stop(&image_lc()).unwrap();
+    let after = images.calls.lock().unwrap().clone();
+    assert_eq!(after[2..], ["stop lc1".to_owned(), "stop lc1".to_owned()]);
+    assert_nothing_left(&host);
+}
+
+#[test]
+fn a_failed_serve_or_loop_attach_ends_the_server_and_leaves_nothing() {
+    for (fail_serve, fail_on) in [(true, None), (false, Some("loop_attach"))] {
+        let host = FakeHost::new();
+        host.w.borrow_mut().fail_on = fail_on;
+        let images = std::sync::Arc::new(FakeImages {
+            fail_serve,
+            ..Default::default()
+        });
+        let err = backend(&host)
+            .with_images(images.clone())
+            .boot(&image_lc())
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("serving the application image")
+                || err.to_string().contains("loop device"),
+            "{err}"
+        );
+        host.w.borrow_mut().fail_on = None;
+        assert_nothing_left(&host);
+        let calls = host.calls();
+        assert!(
+            !calls.iter().any(|c| c.starts_with("spawn_launcher")),
+            "launched anyway: {calls:#?}"
+        );
+        assert_eq!(
+            images.calls.lock().unwrap().last().map(String::as_str),
+            Some("stop lc1"),
+            "the server was not ended"
+        );
+    }
+}
