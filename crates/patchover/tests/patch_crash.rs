@@ -342,7 +342,11 @@ fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration, mode: &str
                 .filter(|e| e.path().is_dir())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect();
-            assert_eq!(servers, [host.clone()], "point {i}: block servers");
+            assert_eq!(
+                servers,
+                std::slice::from_ref(&host),
+                "point {i}: block servers"
+            );
         }
         let outcome = recovered.as_array().unwrap().first().map_or(
             if finished {

@@ -670,7 +670,9 @@ impl ImageServer for FakeImages {
         if self.fail_serve {
             return Err(io::Error::other("injected: no qemu-storage-daemon"));
         }
-        Ok(PathBuf::from(format!("/run/po/blockserver/{lc}/{node}.export")))
+        Ok(PathBuf::from(format!(
+            "/run/po/blockserver/{lc}/{node}.export"
+        )))
     }
     fn stop(&self, lc: &LcId) -> io::Result<()> {
         self.calls.lock().unwrap().push(format!("stop {lc}"));
@@ -709,7 +711,10 @@ fn an_image_app_disk_is_served_and_mounted_through_a_loop_device_of_the_host() {
         "loop_detach /dev/loop9",
     ];
     let pos: Vec<usize> = order.iter().map(|p| position(&calls, p)).collect();
-    assert!(pos.windows(2).all(|w| w[0] < w[1]), "out of order: {calls:#?}");
+    assert!(
+        pos.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {calls:#?}"
+    );
     // A clean boot of a stopped LC first ends a server a crash may have left.
     assert_eq!(
         *images.calls.lock().unwrap(),
