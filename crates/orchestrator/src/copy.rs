@@ -197,7 +197,7 @@ impl LiveCopy {
             let started = Instant::now();
             let mut copy = ServedCopy::start(
                 &patchover_qemu::nsdisks::jobs_socket(run_dir, &active.id),
-                disk,
+                &disk,
                 "patchover-app",
                 &dst.path,
             )
@@ -350,17 +350,6 @@ pub(crate) fn abort_leftover_jobs(run_dir: &Path, active: &LcSpec) -> Vec<String
     let Some(mut qmp) = qmp else {
         return Vec::new(); // not running: no job
     };
-    // Killed inside a cut, patchover may have left the host-disk flushes off.
-    if active.backend == BackendKind::Ns
-        && let Some(d) = patchover_qemu::nsdisks::served_disk(
-            run_dir,
-            &active.id,
-            patchover_lc::images::APP_NODE,
-        )
-        && let Err(e) = patchover_qemu::blockserver::set_flush(&mut qmp, &d, true)
-    {
-        tracing::warn!(lc = %active.id, error = %patchover_core::error_chain(&e), "could not switch the host-disk flushes back on");
-    }
     let jobs = qmp.query_block_jobs().unwrap_or_default();
     let mut ended = Vec::new();
     for j in jobs

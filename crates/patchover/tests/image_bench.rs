@@ -23,7 +23,6 @@ fn image_bench_copy_is_identical_at_every_cut_and_reports_every_figure() {
     let r: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
     eprintln!("{r:#}");
     assert_eq!(r["disk"], "image");
-    assert_eq!(r["flush_mode"], "durable");
     assert_eq!(r["identical"]["cuts"], 3, "{r:#}");
     assert_eq!(r["identical"]["identical"], 3, "{r:#}");
     assert!(r["identical"]["first_difference"].is_null(), "{r:#}");

@@ -53,7 +53,7 @@ fn sigkill_at_random_points_never_interrupts_the_service_in_seamless_mode() {
 
 /// The same with image application disks, served by each LC's block server and copied by
 /// dirty bitmap: a kill can leave a backup job, its bitmap and target nodes in the active LC's
-/// server, or its host-disk flushes off in the middle of a cut; recovery ends and restores them.
+/// server, or the LC frozen in the middle of a cut; recovery ends them and thaws it.
 #[test]
 fn sigkill_at_random_points_never_interrupts_the_service_with_an_image_app_disk() {
     let points = env_or("PATCHOVER_IMAGE_CRASH_POINTS", 8);

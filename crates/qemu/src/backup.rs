@@ -34,7 +34,7 @@ use patchover_core::Quiesce;
 
 use serde_json::{Value, json};
 
-use crate::blockserver::{ServedDisk, set_flush, syncfs};
+use crate::blockserver::{ServedDisk, syncfs};
 use crate::mirror::ImageFormat;
 use crate::qmp::{Qmp, QmpError};
 
@@ -103,12 +103,6 @@ pub enum BackupError {
         path: PathBuf,
         #[source]
         source: io::Error,
-    },
-    #[error("copy {job}: switching the host-disk flushes")]
-    Flush {
-        job: String,
-        #[source]
-        source: crate::blockserver::BlockServerError,
     },
 }
 
@@ -375,8 +369,6 @@ impl BitmapCopy {
 pub struct ServedCopy {
     qmp: Qmp,
     copy: Option<BitmapCopy>,
-    disk: ServedDisk,
-    relaxed_flush: bool,
 }
 
 /// What one cut took and shipped.
@@ -386,7 +378,7 @@ pub struct CutTimes {
     pub presync: Vec<Duration>,
     /// Freeze → thaw, without the caller's `while_frozen` work.
     pub freeze: Duration,
-    /// The `syncfs` (flushes off) while frozen.
+    /// The `syncfs` while frozen.
     pub syncfs: Duration,
     /// Starting the point-in-time job while frozen.
     pub job_start: Duration,
@@ -403,7 +395,7 @@ impl ServedCopy {
     /// server's jobs monitor; returns once the job runs. Nothing is left behind on error.
     pub fn start(
         jobs_socket: &Path,
-        disk: ServedDisk,
+        disk: &ServedDisk,
         job: &str,
         target: &Path,
     ) -> Result<ServedCopy, BackupError> {
@@ -429,16 +421,7 @@ impl ServedCopy {
         Ok(ServedCopy {
             qmp,
             copy: Some(copy),
-            disk,
-            relaxed_flush: false,
         })
-    }
-
-    /// Host-disk flushes off also for the `syncfs` calls just before each freeze (shorter
-    /// freezes; LC fsyncs of those moments reach the host's disk only at the next flush).
-    pub fn relaxed_flush(mut self, relaxed: bool) -> ServedCopy {
-        self.relaxed_flush = relaxed;
-        self
     }
 
     fn copy(&mut self) -> &mut BitmapCopy {
@@ -479,9 +462,14 @@ impl ServedCopy {
     }
 
     /// A cut: `syncfs` of `mount` (the filesystem on the served disk) until quick, freeze the
-    /// writers, flushes off, `syncfs`, start the point-in-time job, flushes on, run
-    /// `while_frozen`, thaw, then let the job copy and wait for it. After it, the target holds
-    /// every write made before the freeze. On error the writers are thawed and flushes are on.
+    /// writers, `syncfs`, start the point-in-time job, run `while_frozen`, thaw, then let the
+    /// job copy and wait for it. After it, the target holds every write made before the
+    /// freeze. On error the writers are thawed.
+    ///
+    /// The host-disk flushes stay on throughout: switching them off for the frozen `syncfs`
+    /// (`cache.no-flush` by `blockdev-reopen`) was measured to fail LC writes in flight with
+    /// EIO on QEMU 7.2 (see docs/blockserver.md), and an LC's disk must never see an error of
+    /// patchover's making.
     pub fn cut<T>(
         &mut self,
         mount: &Path,
@@ -491,13 +479,6 @@ impl ServedCopy {
     ) -> Result<(CutTimes, T), BackupError> {
         self.wait(timeout)?;
         let job = self.copy().spec.job.clone();
-        let relaxed = self.relaxed_flush;
-        let flush = |qmp: &mut Qmp, disk: &ServedDisk, on: bool| {
-            set_flush(qmp, disk, on).map_err(|source| BackupError::Flush {
-                job: job.clone(),
-                source,
-            })
-        };
         let sync = |p: &Path| {
             syncfs(p).map_err(|source| BackupError::Syncfs {
                 job: job.clone(),
@@ -505,34 +486,14 @@ impl ServedCopy {
                 source,
             })
         };
-        if relaxed {
-            presync(mount).map_err(|source| BackupError::Syncfs {
-                job: job.clone(),
-                path: mount.to_owned(),
-                source,
-            })?;
-            flush(&mut self.qmp, &self.disk, false)?;
-        }
-        let pre = presync(mount);
-        let pre = match pre {
-            Ok(p) => p,
-            Err(source) => {
-                if relaxed {
-                    let _ = flush(&mut self.qmp, &self.disk, true);
-                }
-                return Err(BackupError::Syncfs {
-                    job: job.clone(),
-                    path: mount.to_owned(),
-                    source,
-                });
-            }
-        };
+        let pre = presync(mount).map_err(|source| BackupError::Syncfs {
+            job: job.clone(),
+            path: mount.to_owned(),
+            source,
+        })?;
         let t0 = Instant::now();
         if let Err(source) = q.freeze() {
             let _ = q.thaw();
-            if relaxed {
-                let _ = flush(&mut self.qmp, &self.disk, true);
-            }
             return Err(BackupError::Quiesce {
                 job,
                 step: "freeze",
@@ -542,17 +503,12 @@ impl ServedCopy {
         let qmp = &mut self.qmp;
         let copy = self.copy.as_mut().expect("a copy until closed");
         let t = Instant::now();
-        let synced = if relaxed {
-            sync(mount)
-        } else {
-            flush(qmp, &self.disk, false).and_then(|()| sync(mount))
-        };
+        let synced = sync(mount);
         let s = t.elapsed();
         let t = Instant::now();
         let cut = synced.and_then(|()| copy.cut_round(qmp));
-        let flushed = flush(qmp, &self.disk, true);
         let j = t.elapsed();
-        let frozen = cut.and(flushed).map(|()| {
+        let frozen = cut.map(|()| {
             let t = Instant::now();
             let out = while_frozen();
             (out, t.elapsed())

@@ -809,32 +809,6 @@ fn run(c: &mut Command, what: &str) -> Result<(), BlockServerError> {
     }
 }
 
-/// Whether flushes of `disk` reach the host's disk (`fdatasync` of the image) or end in QSD
-/// (`cache.no-flush`), by `blockdev-reopen` of its file node on any of the server's monitors.
-///
-/// For a cut: the LC frozen, flushes off, `syncfs` in the LC, the point-in-time job started,
-/// flushes on, thaw. The `syncfs` then only has to push the LC's writes into QSD (all the copy
-/// needs) instead of also waiting for the host's disk (tens of ms for scattered pages, measured).
-/// Durability is unchanged: the LC is frozen, so none of its own fsyncs happen while flushes
-/// are off, and the first flush after (an fsync, ext4's next commit) covers these writes too.
-pub fn set_flush(qmp: &mut Qmp, disk: &ServedDisk, flush: bool) -> Result<(), BlockServerError> {
-    let image = fs::canonicalize(&disk.image).map_err(state_err(&disk.image))?;
-    qmp.execute(
-        "blockdev-reopen",
-        json!({ "options": [{
-            "driver": "file",
-            "filename": image,
-            "node-name": disk.file_node(),
-            "cache": { "direct": false, "no-flush": !flush },
-        }]}),
-    )
-    .map(drop)
-    .map_err(qmp_err(format!(
-        "blockdev-reopen {} (flush {flush})",
-        disk.node
-    )))
-}
-
 /// `syncfs(2)` on the filesystem holding `path`: ext4 writes back and flushes its device, so
 /// through a loop device over an export every write so far is in QSD's block layer.
 pub fn syncfs(path: &Path) -> io::Result<()> {

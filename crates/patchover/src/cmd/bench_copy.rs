@@ -40,10 +40,6 @@ pub struct BenchArgs {
     /// ns: the kind of disk to copy.
     #[arg(long, value_enum, default_value_t = DiskArg::Dir)]
     pub disk: DiskArg,
-    /// --disk image: host-disk flushes off also for the syncfs calls just before the freeze
-    /// (shorter freezes; LC fsyncs in those ~100 ms reach the host's disk at the next flush).
-    #[arg(long)]
-    pub relaxed_flush: bool,
     /// A CI-sized run: smaller tree and data file, fewer verified cuts (about 30 s).
     #[arg(long)]
     pub quick: bool,
@@ -89,7 +85,6 @@ pub fn run(args: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         if let Some(c) = args.cuts {
             cfg.cuts = c;
         }
-        cfg.relaxed_flush = args.relaxed_flush;
         let r = bench_copy_image::run(&cfg, &|s| {
             if !json {
                 eprintln!("… {s}");

@@ -10,10 +10,9 @@
 //!
 //! 1. control: the writer alone on the served disk, before the copy and again after the cuts;
 //! 2. the copy: the full backup, then rounds of the bitmap while the writer writes;
-//! 3. `--cuts` cuts, each: `syncfs` (up to 3, until quick) → freeze the writer's cgroup →
-//!    flushes to the host disk off (`blockserver::set_flush`) → `syncfs` → start the
-//!    point-in-time job (at a crawl, see `BitmapCopy::cut_round`) → flushes on → thaw → lift
-//!    the job's limit. The freeze window is freeze → thaw. At every cut, while the
+//! 3. `--cuts` cuts by `patchover_qemu::ServedCopy::cut` (the cycle's code), each: `syncfs`
+//!    (until quick) → freeze the writer's cgroup → `syncfs` → start the point-in-time job (at
+//!    a crawl, see `BitmapCopy::cut_round`) → thaw → lift the job's limit. The freeze window is freeze → thaw. At every cut, while the
 //!    writer is still frozen, the source tree is hashed file by file (the reference; its time
 //!    is taken out of the window, production does not do it); after the thaw the job finishes
 //!    while the writer writes again (copy-before-write keeps the point in time), and the copy,
@@ -49,10 +48,6 @@ pub struct ImageBenchConfig {
     pub phase_secs: f64,
     /// Between cuts.
     pub cut_gap: Duration,
-    /// Flushes to the host's disk off already for the syncfs calls *before* the freeze (not
-    /// only under it): they then converge, at the cost of LC fsyncs in those ~100 ms not being
-    /// on the host's disk until the next flush (see `blockserver::set_flush`).
-    pub relaxed_flush: bool,
     pub writer_cmd: Vec<OsString>,
 }
 
@@ -64,7 +59,6 @@ impl ImageBenchConfig {
             cuts: 20,
             phase_secs: 8.0,
             cut_gap: Duration::from_millis(300),
-            relaxed_flush: false,
             writer_cmd,
         }
     }
@@ -83,9 +77,6 @@ impl ImageBenchConfig {
 pub struct ImageBenchReport {
     pub disk: &'static str,
     pub copier: &'static str,
-    /// `durable`: host-disk flushes off only while frozen; `relaxed`: also for the syncfs
-    /// calls just before the freeze.
-    pub flush_mode: &'static str,
     pub disk_bytes: u64,
     pub file_mib: u64,
     pub freeze: Freeze,
@@ -102,8 +93,8 @@ pub struct Freeze {
     pub p99_ms: f64,
     pub max_ms: f64,
     pub measured_as: &'static str,
-    /// The two parts of a window, p50: flushes off + the `syncfs` while frozen, and the QMP
-    /// call that starts the point-in-time job + flushes on.
+    /// The two parts of a window, p50: the `syncfs` while frozen, and the QMP call that starts
+    /// the point-in-time job.
     pub syncfs_p50_ms: f64,
     pub job_start_p50_ms: f64,
     /// Hashing the frozen source for the identity check (taken out of the windows).
@@ -338,9 +329,8 @@ pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBe
     let target = work.join("copy.img");
     let w = Writer::spawn(&bench_cfg, &spec, &cg)?;
     let t = Instant::now();
-    let mut copy = ServedCopy::start(&jobs_socket, disk.clone(), "patchover-app", &target)
-        .context("starting the copy")?
-        .relaxed_flush(cfg.relaxed_flush);
+    let mut copy = ServedCopy::start(&jobs_socket, &disk, "patchover-app", &target)
+        .context("starting the copy")?;
     copy.wait(Duration::from_secs(600))
         .context("the full copy")?;
     let copy_secs = t.elapsed().as_secs_f64();
@@ -404,13 +394,17 @@ pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBe
             }
         }
         say(&format!(
-            "cut {}/{}: freeze {:.1} ms (syncfs {:.1}, job start {:.1}; reference {:.0} ms not counted), {} KiB copied after the thaw in {:.0} ms, {}",
+            "cut {}/{}: freeze {:.1} ms (syncfs {:.1}, job start {:.1}; reference {:.0} ms not counted; presync {:?}), {} KiB copied after the thaw in {:.0} ms, {}",
             i + 1,
             cfg.cuts,
             windows[i],
             ms(cut.syncfs),
             ms(cut.job_start),
             ms(cut.while_frozen),
+            cut.presync
+                .iter()
+                .map(|d| ms(*d).round())
+                .collect::<Vec<_>>(),
             cut.shipped / 1024,
             completes[i],
             if identical == i + 1 {
@@ -438,11 +432,6 @@ pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBe
     Ok(ImageBenchReport {
         disk: "image",
         copier: "qemu-storage-daemon: dirty bitmap + point-in-time backup",
-        flush_mode: if cfg.relaxed_flush {
-            "relaxed"
-        } else {
-            "durable"
-        },
         disk_bytes,
         file_mib: cfg.file_mib,
         freeze: Freeze {
@@ -493,9 +482,8 @@ pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBe
 pub fn print(r: &ImageBenchReport) {
     let yes = |b: bool| if b { "met" } else { "MISSED" };
     println!(
-        "image disk      ext4 image of {:.0} MiB served by qemu-storage-daemon (FUSE export, loop mount), copied by dirty bitmap + point-in-time backup; flushes {}",
+        "image disk      ext4 image of {:.0} MiB served by qemu-storage-daemon (FUSE export, loop mount), copied by dirty bitmap + point-in-time backup",
         r.disk_bytes as f64 / 1048576.0,
-        r.flush_mode
     );
     println!(
         "bulk            full copy {:.2} s, cp --sparse {:.2} s → {:.2}× cp",
