@@ -35,7 +35,7 @@ pub use engine::Stats;
 pub use error::CopyError;
 pub use freeze::CgroupFreezer;
 pub use fsops::{BLOCK, Reflink};
-pub use marker::{MARKER, is_incomplete, marker_path};
+pub use marker::{MARKER, is_incomplete, mark_complete, mark_incomplete, marker_path};
 use patchover_core::Quiesce;
 
 /// How to copy.

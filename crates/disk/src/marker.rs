@@ -40,6 +40,24 @@ pub fn finish(marker: &Path, keep_history: Option<&Path>) -> io::Result<()> {
     fs::remove_dir_all(marker)
 }
 
+/// Marks image `dst`, about to be written by a block-level copier (QEMU's jobs), as an
+/// unfinished copy of `src`; [`mark_complete`] when the copy is whole.
+pub fn mark_incomplete(dst: &Path, src: &Path) -> io::Result<()> {
+    let m = marker_path(dst, true);
+    match create(&m, src) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_dir_all(&m)?;
+            create(&m, src)
+        }
+        r => r,
+    }
+}
+
+/// Removes the marker of a finished block-level copy of image `dst`.
+pub fn mark_complete(dst: &Path) -> io::Result<()> {
+    finish(&marker_path(dst, true), None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

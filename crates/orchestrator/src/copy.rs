@@ -49,6 +49,8 @@ pub(crate) struct MirrorJob {
     mirror: Option<Mirror>,
     started: Instant,
     mode: CopyMode,
+    /// The target, marked incomplete until the cut.
+    dst: PathBuf,
 }
 
 impl MirrorJob {
@@ -60,6 +62,7 @@ impl MirrorJob {
     ) -> Result<MirrorJob, BoxError> {
         let mut qmp = jobs_qmp(run_dir, active)?;
         let started = Instant::now();
+        patchover_disk::mark_incomplete(dst, Path::new(&format!("{}:{node}", active.id)))?;
         let spec = |mode| MirrorSpec {
             job_id: format!("patchover-{node}"),
             device_node: node.to_owned(),
@@ -96,6 +99,7 @@ impl MirrorJob {
             mirror: Some(mirror),
             started,
             mode,
+            dst: dst.to_owned(),
         })
     }
 
@@ -103,6 +107,7 @@ impl MirrorJob {
     fn cut(mut self) -> Result<serde_json::Value, BoxError> {
         let m = self.mirror.take().expect("a job is cut once");
         let r = m.cut(&mut self.qmp, Duration::from_secs(60))?;
+        patchover_disk::mark_complete(&self.dst)?;
         Ok(serde_json::json!({
             "mirror": true,
             "copy_mode": format!("{:?}", self.mode),
@@ -165,6 +170,8 @@ pub(crate) enum LiveCopy {
 pub(crate) struct BlocksJob {
     copy: ServedCopy,
     mount: PathBuf,
+    /// The target, marked incomplete until the cut.
+    dst: PathBuf,
     started: Instant,
     rounds: Vec<patchover_qemu::RoundReport>,
 }
@@ -195,6 +202,8 @@ impl LiveCopy {
             )
         {
             let started = Instant::now();
+            patchover_disk::mark_incomplete(&dst.path, &src.path)
+                .map_err(|e| copy_err("application")(Box::new(e)))?;
             let mut copy = ServedCopy::start(
                 &patchover_qemu::nsdisks::jobs_socket(run_dir, &active.id),
                 &disk,
@@ -208,6 +217,7 @@ impl LiveCopy {
             return Ok(LiveCopy::Blocks(Box::new(BlocksJob {
                 copy,
                 mount: src.mount.clone(),
+                dst: dst.path.clone(),
                 started,
                 rounds: Vec::new(),
             })));
@@ -278,6 +288,7 @@ impl LiveCopy {
                 let BlocksJob {
                     mut copy,
                     mount,
+                    dst,
                     started,
                     rounds,
                 } = *job;
@@ -295,6 +306,8 @@ impl LiveCopy {
                     .cut(&at, &mut q, || (), JOB_TIMEOUT)
                     .map_err(|e| copy_err("application")(Box::new(e)))?;
                 copy.close()
+                    .map_err(|e| copy_err("application")(Box::new(e)))?;
+                patchover_disk::mark_complete(&dst)
                     .map_err(|e| copy_err("application")(Box::new(e)))?;
                 let ms = |d: Duration| d.as_secs_f64() * 1000.0;
                 Ok(CutDone {

@@ -242,6 +242,7 @@ fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration, mode: &str
     let kept = seamless.then(|| KeepAlive::start(&client, svc.clone(), Duration::from_secs(7)));
 
     let mut outcomes = Vec::new();
+    let mut incomplete_refused = 0;
     for i in 0..points {
         let list = c.t.po_json(&["lc", "list"]);
         let active = list
@@ -347,6 +348,19 @@ fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration, mode: &str
                 std::slice::from_ref(&host),
                 "point {i}: block servers"
             );
+            // A copy cut short is marked incomplete, and no LC boots from it.
+            for l in c.t.lcs.iter().filter(|l| l.id != host) {
+                let (_, app) = c.t.disks(l);
+                if patchover_disk::is_incomplete(&app) {
+                    let out = c.t.po(&["lc", "boot", &l.id]);
+                    assert_eq!(
+                        out.status.code(),
+                        Some(2),
+                        "point {i}: booted from a partial copy"
+                    );
+                    incomplete_refused += 1;
+                }
+            }
         }
         let outcome = recovered.as_array().unwrap().first().map_or(
             if finished {
@@ -384,5 +398,7 @@ fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration, mode: &str
         assert_all_there(&client, &svc, &k_acked);
         eprintln!("kept-alive: {k_ok} requests, {moved} forwarded by a parked service");
     }
-    eprintln!("outcomes: {outcomes:?}; {ok} requests, none failed");
+    eprintln!(
+        "outcomes: {outcomes:?}; {ok} requests, none failed; {incomplete_refused} boots from a partial copy refused"
+    );
 }

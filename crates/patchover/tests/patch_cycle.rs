@@ -603,6 +603,11 @@ fn an_image_app_disk_is_served_and_copied_by_its_dirty_bitmap_under_load() {
         "{b} does not mount its copy through its export"
     );
     assert!(!run.join(&a).exists(), "{a}'s block server outlived it");
+    let (_, b_app) = c.t.disks(&c.t.lcs[1]);
+    assert!(
+        !patchover_disk::is_incomplete(&b_app),
+        "the finished copy is still marked incomplete"
+    );
 
     // Hand it back, under load, with the writes made since: the copy goes the other way.
     let (_, acked2) = run_under_load(&c, &client, LOAD_DEADLINE, SETTLE, 50, &["rollback", &a]);
