@@ -554,11 +554,13 @@ impl Drop for ServedCopy {
     }
 }
 
-/// `syncfs` until one takes under 5 ms (at most 6): each pushes what the writers wrote during
-/// the previous one, so the one under the freeze has little left.
+/// `syncfs` until one takes under 5 ms (at most 3): each pushes what the writers wrote during
+/// the previous one, so the one under the freeze has little left. (Each also waits for the
+/// host's disk; at 20 MB/s of scattered writes here they stay at 50–150 ms and do not converge,
+/// measured with 6: more calls only load the LC's disk longer.)
 fn presync(mount: &Path) -> io::Result<Vec<Duration>> {
     let mut took = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..3 {
         let t = Instant::now();
         syncfs(mount)?;
         took.push(t.elapsed());
