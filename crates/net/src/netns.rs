@@ -95,6 +95,21 @@ pub fn command_in(
     Ok(cmd)
 }
 
+/// Like [`command_in`], but `program` runs under the `SCHED_IDLE` policy (through `chrt --idle
+/// 0`, from util-linux like `nsenter`): for heavy work no client waits for, which the scheduler
+/// must preempt whenever a thread of the service wakes up (it does not always preempt a nice-19
+/// task). Only `program` runs idle: `nsenter` and `chrt` start at the caller's priority, because
+/// until its `exec` a child started with `posix_spawn` runs in the caller's memory, and a starved
+/// child there could hold up the caller's other threads.
+pub fn idle_command_in(
+    netns: Option<&Path>,
+    program: &str,
+) -> Result<std::process::Command, NetnsError> {
+    let mut cmd = command_in(netns, "chrt")?;
+    cmd.args(["--idle", "0", program]);
+    Ok(cmd)
+}
+
 /// TCP states that still carry or may still carry a request (`tcp_states.h`): established,
 /// SYN_RECV, FIN_WAIT1, CLOSE_WAIT, LAST_ACK, CLOSING. `TIME_WAIT` and `FIN_WAIT2` do not
 /// count: the server has sent everything by then.
@@ -307,6 +322,28 @@ mod tests {
         let mask = u32::from_ne_bytes([r[20], r[21], r[22], r[23]]);
         assert_eq!(mask & (1 << 6), 0, "TIME_WAIT is not busy");
         assert_ne!(mask & (1 << 1), 0, "ESTABLISHED is busy");
+    }
+
+    /// The scheduling policy (field 41 of `/proc/<pid>/stat`) of the process `cmd` starts.
+    fn policy_of(mut cmd: std::process::Command) -> i64 {
+        let out = cmd.arg("/proc/self/stat").output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let stat = String::from_utf8(out.stdout).unwrap();
+        let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+        after_comm.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn idle_commands_run_under_sched_idle_in_the_namespace() {
+        let idle = i64::from(libc::SCHED_IDLE);
+        assert_ne!(policy_of(command_in(None, "cat").unwrap()), idle);
+        assert_eq!(policy_of(idle_command_in(None, "cat").unwrap()), idle);
+        // Through `nsenter` too (needs root, like the switch itself).
+        let ns = Path::new("/proc/self/ns/net");
+        assert_eq!(policy_of(idle_command_in(Some(ns), "cat").unwrap()), idle);
+        // SAFETY: reads the calling thread's policy.
+        let mine = unsafe { libc::sched_getscheduler(0) };
+        assert_ne!(mine, libc::SCHED_IDLE, "only the child runs idle");
     }
 
     #[test]
