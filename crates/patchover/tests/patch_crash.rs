@@ -95,8 +95,11 @@ fn sigkill_inside_a_hand_off_is_recovered_both_ways() {
     let client = c.start_seamless();
     let svc = c.t.service();
     let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
-    let load = Load::with_deadline(&client, svc.clone(), Duration::from_secs(7));
-    let kept = KeepAlive::start(&client, svc.clone(), Duration::from_secs(7));
+    // Requests are held from the park (whose command then sleeps 3 s) until recovery's forward
+    // (which sleeps 3 s first): ≥ 6 s by design, more on a loaded host (one CI run: 7.04 s).
+    let deadline = Duration::from_secs(15);
+    let load = Load::with_deadline(&client, svc.clone(), deadline);
+    let kept = KeepAlive::start(&client, svc.clone(), deadline);
     let nat = || patchover_net::nft::service_nat_target(None, svc.parse().unwrap()).unwrap();
     let addr = |i: usize| Some(c.t.lcs[i].address.parse().unwrap());
     let parked = |lc: &str| {
