@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Client, Topo, http, http_ready};
+use super::{Client, Topo, http, http_ready, http_within};
 
 pub fn sha256_hex(data: &[u8]) -> String {
     // sha256 via the system tool keeps the test free of extra crates.
@@ -185,6 +185,8 @@ impl Load {
     pub fn with_deadline(client: &Client, service: String, deadline: Duration) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        // The sockets wait at least as long as the deadline, which then judges each request.
+        let timeout = deadline.max(Duration::from_secs(7));
         let handle = client.spawn(move || {
             let mut ok = 0u64;
             let mut failures = Vec::new();
@@ -195,7 +197,13 @@ impl Load {
                 let key = format!("k{n}");
                 let val = format!("v{n}");
                 let t = Instant::now();
-                match http(&service, "PUT", &format!("/kv/{key}"), val.as_bytes()) {
+                match http_within(
+                    &service,
+                    "PUT",
+                    &format!("/kv/{key}"),
+                    val.as_bytes(),
+                    timeout,
+                ) {
                     Ok((201, _)) if t.elapsed() < deadline => {
                         ok += 1;
                         acked.insert(key.clone(), val);
@@ -213,7 +221,7 @@ impl Load {
                 }
                 if n.is_multiple_of(5) {
                     let t = Instant::now();
-                    match http(&service, "GET", "/version", b"") {
+                    match http_within(&service, "GET", "/version", b"", timeout) {
                         Ok((200, _)) if t.elapsed() < deadline => ok += 1,
                         Ok((status, _)) => {
                             failures.push(format!("GET /version: {status} after {:?}", t.elapsed()))

@@ -516,11 +516,22 @@ impl Drop for Client {
 
 /// One HTTP/1.1 request on a fresh connection; (status, body).
 pub fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
-    let addr: SocketAddr = format!("{addr}:80").parse().unwrap();
     // Long enough for two SYN retransmissions (1 s + 2 s) and then some: callers judge the
     // time a request took against their own deadline.
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(7))?;
-    s.set_read_timeout(Some(Duration::from_secs(7)))?;
+    http_within(addr, method, path, body, Duration::from_secs(7))
+}
+
+/// [`http`] with `timeout` for the connect and each read.
+pub fn http_within(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let addr: SocketAddr = format!("{addr}:80").parse().unwrap();
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
