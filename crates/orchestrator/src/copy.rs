@@ -29,6 +29,15 @@ fn copy_err(disk: &'static str) -> impl Fn(BoxError) -> OrchestratorError {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A failure of the application disk's copy.
+fn app_err(e: impl std::error::Error + Send + Sync + 'static) -> OrchestratorError {
+    copy_err("application")(Box::new(e))
+}
+
+/// The job (and so `<job>-dirty` bitmap and `<job>-copy` node) of a served application image's
+/// copy (see `patchover_qemu::backup`).
+const APP_JOB: &str = "patchover-app";
+
 /// What a finished copy did.
 pub(crate) struct Copied {
     pub bytes_copied: u64,
@@ -202,18 +211,16 @@ impl LiveCopy {
             )
         {
             let started = Instant::now();
-            patchover_disk::mark_incomplete(&dst.path, &src.path)
-                .map_err(|e| copy_err("application")(Box::new(e)))?;
+            patchover_disk::mark_incomplete(&dst.path, &src.path).map_err(app_err)?;
             let mut copy = ServedCopy::start(
                 &patchover_qemu::nsdisks::jobs_socket(run_dir, &active.id),
                 &disk,
-                "patchover-app",
+                APP_JOB,
                 &dst.path,
             )
-            .map_err(|e| copy_err("application")(Box::new(e)))?;
+            .map_err(app_err)?;
             // The full copy, then the LC runs on while the bitmap records its writes.
-            copy.wait(JOB_TIMEOUT)
-                .map_err(|e| copy_err("application")(Box::new(e)))?;
+            copy.wait(JOB_TIMEOUT).map_err(app_err)?;
             return Ok(LiveCopy::Blocks(Box::new(BlocksJob {
                 copy,
                 mount: src.mount.clone(),
@@ -230,7 +237,7 @@ impl LiveCopy {
                 Arc::new(NoProgress),
             )
             .map(LiveCopy::Files)
-            .map_err(|e| copy_err("application")(Box::new(e))),
+            .map_err(app_err),
             BackendKind::Qemu => MirrorJob::start(run_dir, active, "app", &dst.path)
                 .map(|m| LiveCopy::Mirror(Box::new(m)))
                 .map_err(copy_err("application")),
@@ -252,7 +259,7 @@ impl LiveCopy {
         let rounds = job
             .copy
             .catch_up(8 << 20, 4, JOB_TIMEOUT)
-            .map_err(|e| copy_err("application")(Box::new(e)))?;
+            .map_err(app_err)?;
         job.rounds.extend(rounds.iter().copied());
         Ok(Some(serde_json::json!({
             "rounds": rounds.len(),
@@ -272,9 +279,7 @@ impl LiveCopy {
         };
         match self {
             LiveCopy::Files(f) => {
-                let r = f
-                    .cut(&mut q)
-                    .map_err(|e| copy_err("application")(Box::new(e)))?;
+                let r = f.cut(&mut q).map_err(app_err)?;
                 Ok(CutDone {
                     bytes_replayed: r.stats.bytes_replayed,
                     freeze_ms: r
@@ -302,13 +307,9 @@ impl LiveCopy {
                 // The LC's filesystem on the served disk, seen from the host.
                 let at = PathBuf::from(format!("/proc/{pid}/root"))
                     .join(mount.strip_prefix("/").unwrap_or(&mount));
-                let (cut, ()) = copy
-                    .cut(&at, &mut q, || (), JOB_TIMEOUT)
-                    .map_err(|e| copy_err("application")(Box::new(e)))?;
-                copy.close()
-                    .map_err(|e| copy_err("application")(Box::new(e)))?;
-                patchover_disk::mark_complete(&dst)
-                    .map_err(|e| copy_err("application")(Box::new(e)))?;
+                let (cut, ()) = copy.cut(&at, &mut q, || (), JOB_TIMEOUT).map_err(app_err)?;
+                copy.close().map_err(app_err)?;
+                patchover_disk::mark_complete(&dst).map_err(app_err)?;
                 let ms = |d: Duration| d.as_secs_f64() * 1000.0;
                 Ok(CutDone {
                     bytes_replayed: cut.shipped,
@@ -329,13 +330,12 @@ impl LiveCopy {
             }
             LiveCopy::Mirror(job) => {
                 let t = Instant::now();
-                q.freeze()
-                    .map_err(|e| copy_err("application")(Box::new(e)))?;
+                q.freeze().map_err(app_err)?;
                 let res = job.cut();
                 let thawed = q.thaw();
                 let freeze_ms = t.elapsed().as_secs_f64() * 1000.0;
                 let detail = res.map_err(copy_err("application"))?;
-                thawed.map_err(|e| copy_err("application")(Box::new(e)))?;
+                thawed.map_err(app_err)?;
                 Ok(CutDone {
                     bytes_replayed: 0,
                     freeze_ms: Some(freeze_ms),
@@ -396,16 +396,16 @@ pub(crate) fn abort_leftover_jobs(run_dir: &Path, active: &LcSpec) -> Vec<String
     nodes.dedup();
     // A bitmap copy's dirty bitmap on the served disk (`<job>-dirty`, see
     // `patchover_qemu::backup`): a new copy could not add its own.
-    let bitmap = "patchover-app-dirty";
+    let bitmap = format!("{APP_JOB}-dirty");
     if active.backend == BackendKind::Ns
         && qmp
             .execute(
                 "block-dirty-bitmap-remove",
-                serde_json::json!({"node": patchover_lc::images::APP_NODE, "name": bitmap}),
+                serde_json::json!({"node": patchover_lc::images::APP_NODE, "name": &bitmap}),
             )
             .is_ok()
     {
-        ended.push(bitmap.to_owned());
+        ended.push(bitmap);
     }
     for n in nodes {
         if qmp.blockdev_del(&n).is_ok() {
