@@ -351,16 +351,16 @@ impl LiveCopy {
 /// into the standby's image).
 /// Returns the jobs ended and the nodes removed.
 pub(crate) fn abort_leftover_jobs(run_dir: &Path, active: &LcSpec) -> Vec<String> {
-    let qmp = match active.backend {
-        BackendKind::Qemu => jobs_qmp(run_dir, active).ok(),
+    let sock = match active.backend {
+        BackendKind::Qemu => patchover_qemu::backend::jobs_socket(run_dir, &active.id),
         // An ns LC's block server, if it serves the LC's application image.
-        BackendKind::Ns => Qmp::connect(
-            &patchover_qemu::nsdisks::jobs_socket(run_dir, &active.id),
-            Duration::from_secs(10),
-        )
-        .ok(),
+        BackendKind::Ns => patchover_qemu::nsdisks::jobs_socket(run_dir, &active.id),
     };
-    let Some(mut qmp) = qmp else {
+    // One attempt, no waiting: the VM or block server either runs (and its monitor answers at
+    // once) or does not (no job). Recovery calls this before it puts the service back, so a
+    // wait here is a wait of the service (a 10 s wait for an absent socket once held every
+    // recovery of an ns LC without a block server).
+    let Ok(mut qmp) = Qmp::connect(&sock, Duration::ZERO) else {
         return Vec::new(); // not running: no job
     };
     let jobs = qmp.query_block_jobs().unwrap_or_default();

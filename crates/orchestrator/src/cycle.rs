@@ -309,7 +309,7 @@ impl<'a> Orchestrator<'a> {
         // Armed for the whole run: if this process dies, the guard recovers the run at once
         // (puts the service back or finishes the switch), not when an operator next looks.
         let _guard = self.settings.guard.as_ref().and_then(|(exe, config)| {
-            crate::recover::RunGuard::arm(exe, config)
+            crate::recover::RunGuard::arm(exe, config, &self.config.run_dir)
                 .inspect_err(|e| tracing::warn!(error = %e, "cannot arm the run guard; a crash will be recovered by the next patchover"))
                 .ok()
         });

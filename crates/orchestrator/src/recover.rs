@@ -64,24 +64,35 @@ impl RunLock {
 }
 
 /// A process that waits on a pipe from this one; dropping the guard disarms it. If this process
-/// dies first, the guard sees end of input and runs `patchover runs recover`.
+/// dies first, the guard sees end of input and runs `patchover runs recover`, logging (at
+/// `info` unless `PATCHOVER_LOG` says otherwise) to [`RunGuard::LOG`] in the run dir.
 pub struct RunGuard {
     stdin: Option<std::process::ChildStdin>,
     child: std::process::Child,
 }
 
 impl RunGuard {
-    pub fn arm(exe: &Path, config: &Path) -> std::io::Result<RunGuard> {
+    /// The guard's log, in the run dir: what a recovery after a crash did, and when.
+    pub const LOG: &str = "run-guard.log";
+
+    pub fn arm(exe: &Path, config: &Path, run_dir: &Path) -> std::io::Result<RunGuard> {
         use std::io::BufRead;
         use std::os::unix::process::CommandExt;
-        let mut child = std::process::Command::new(exe)
-            .args(["internal", "run-guard"])
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run_dir.join(Self::LOG))?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["internal", "run-guard"])
             .env("PATCHOVER_CONFIG", config)
             .process_group(0)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
+            .stderr(log);
+        if std::env::var_os("PATCHOVER_LOG").is_none() {
+            cmd.env("PATCHOVER_LOG", "info,netlink_packet_route=error");
+        }
+        let mut child = cmd.spawn()?;
         let mut line = String::new();
         std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
         if line.trim() != "armed" {
@@ -255,6 +266,7 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
             .last()
             .map(|s| format!("{}:{}", s.step, s.state))
             .unwrap_or_else(|| "start".into());
+        tracing::info!(run = run.id, lc = %run.lc, %last, "recovering an unfinished run");
         let active = o.config.lc(&run.lc).cloned();
         let standby = run.standby.as_deref().and_then(|s| o.config.lc(s)).cloned();
         let mut report = RunReport {
@@ -311,6 +323,10 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
             {
                 forward_held(o, a, s);
             }
+            tracing::info!(
+                run = run.id,
+                "the service is on the standby; stopping the old LC"
+            );
             if let Some(a) = &active
                 && o.backend
                     .status(a)
@@ -368,6 +384,10 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
                         .map_err(OrchestratorError::in_lc)?;
                 }
             }
+            tracing::info!(
+                run = run.id,
+                "the service is on the active LC; releasing the standby"
+            );
             if let Some(s) = &standby {
                 o.release_standby(s, None);
             }

@@ -276,6 +276,30 @@ fn a_running_lc_outlives_patchover_and_is_adopted() {
     let st = t.po_json(&["lc", "status", &id]);
     assert_eq!(st["state"], "running");
     assert_eq!(st["pid"].as_i64(), Some(pid));
+    // A command patchover runs in the LC ends with patchover (it must not act after the
+    // recovery that follows a crash); what the command started in the background stays.
+    let mut exec = std::process::Command::new(common::BIN)
+        .env("PATCHOVER_CONFIG", &t.config)
+        .args(["lc", "exec", &id, "--", "/bin/sh", "-c"])
+        .arg("(sleep 1; echo bg > /tmp/bg) & sleep 1; echo late > /tmp/late")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    exec.kill().unwrap();
+    exec.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let late = t.po(&["lc", "exec", &id, "--", "cat", "/tmp/late"]);
+    assert!(
+        !late.status.success(),
+        "the command outlived the patchover that ran it: {late:?}"
+    );
+    let bg = t.po_ok(&["lc", "exec", &id, "--", "cat", "/tmp/bg"]);
+    assert!(
+        bg.contains("bg"),
+        "its background job was killed too: {bg:?}"
+    );
     // An LC killed behind patchover's back is seen as stopped and boots again cleanly.
     for p in t.pids(&id) {
         let _ = nix::sys::signal::kill(

@@ -279,10 +279,7 @@ fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration, mode: &str
         if !finished {
             child.kill().unwrap();
         }
-        let killed_at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis();
+        let killed_at = common::unix_ms();
         let out = child.wait_with_output().unwrap();
         if finished {
             // A run that ended by itself must have ended well: a crash test whose runs all fail
@@ -374,13 +371,38 @@ fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration, mode: &str
             .to_owned(),
             |r| r["outcome"].as_str().unwrap_or("?").to_owned(),
         );
+        // Where the run was when it died, and when recovery had ended it: a late request
+        // lines up with these.
+        let runs = c.t.po_json(&["runs", "list"]);
+        let last = runs
+            .as_array()
+            .and_then(|a| a.last())
+            .cloned()
+            .unwrap_or_default();
+        let steps = c.t.po_json(&["runs", "show", &last["id"].to_string()]);
+        let died_in = steps["steps"]
+            .as_array()
+            .and_then(|s| s.iter().rev().find(|s| s["step"] != "recover"))
+            .map(|s| {
+                format!(
+                    "{}:{} (unix ms {})",
+                    s["step"].as_str().unwrap_or("?"),
+                    s["state"].as_str().unwrap_or("?"),
+                    s["at_ms"]
+                )
+            })
+            .unwrap_or_default();
         eprintln!(
-            "point {i}: killed after {delay:?} (unix ms {killed_at}) -> {outcome}, service on {host}"
+            "point {i}: killed after {delay:?} (unix ms {killed_at}) in {died_in} -> {outcome} (ended at unix ms {}), service on {host}",
+            last["ended_ms"]
         );
         outcomes.push(outcome);
     }
     std::thread::sleep(Duration::from_millis(200));
     let (ok, failures, acked) = load.finish();
+    // What each recovery did and when, to line up with a failed request.
+    let log = std::fs::read_to_string(c.t.dir.path().join("run/run-guard.log"));
+    eprintln!("run guard's log:\n{}", log.unwrap_or_default());
     assert!(
         failures.is_empty(),
         "{} failed requests of {}: {:?}",

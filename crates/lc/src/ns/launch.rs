@@ -380,7 +380,14 @@ fn ns_fd(pid: i32, kind: &str) -> Result<OwnedFd, String> {
 
 /// `internal exec --pid P [--cgroup-procs F]… -- ARGV`: runs ARGV inside the LC whose init is
 /// P, in its cgroups and all its namespaces. Returns the program's exit code.
+///
+/// The command ends with the patchover that asked for it (parent-death signals on this helper
+/// and on the command): a command patchover was killed in the middle of must not act after
+/// the recovery that followed — a service parked for a hand-off by an orphaned `park` after
+/// recovery's `unpark` would hold its requests until its park expires. What the command
+/// starts in the background (its forks) is not touched.
 pub fn exec_main(pid: i32, cgroup_procs: &[PathBuf], argv: &[String]) -> Result<i32, String> {
+    die_with_parent()?;
     let fds: Vec<(OwnedFd, CloneFlags)> = [
         ("ipc", CloneFlags::CLONE_NEWIPC),
         ("uts", CloneFlags::CLONE_NEWUTS),
@@ -400,15 +407,35 @@ pub fn exec_main(pid: i32, cgroup_procs: &[PathBuf], argv: &[String]) -> Result<
     }
     let (prog, args) = argv.split_first().ok_or("nothing to run")?;
     // The child is the first process in the LC's PID namespace we spawn after setns.
-    let status = Command::new(prog)
-        .args(args)
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
         .env_clear()
         .env("PATH", &PATH_ENV[5..])
         .env("TERM", "linux")
-        .current_dir("/")
+        .current_dir("/");
+    // SAFETY: the hook only calls prctl(2), which is async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(io::Error::from)
+        });
+    }
+    let status = cmd
         .status()
         .map_err(|e| format!("cannot run {prog:?} inside the LC: {e}"))?;
     Ok(status.code().unwrap_or(128 + 9))
+}
+
+/// Makes this process get SIGKILL when its parent ends; fails if the parent already has.
+fn die_with_parent() -> Result<(), String> {
+    let parent = nix::unistd::getppid();
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(errno("prctl(PR_SET_PDEATHSIG)"))?;
+    if nix::unistd::getppid() != parent {
+        return Err("patchover ended before its command could start".to_owned());
+    }
+    Ok(())
 }
 
 /// `internal netcfg --pid P --nics JSON`: configures NICs inside the network namespace of P

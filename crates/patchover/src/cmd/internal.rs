@@ -123,6 +123,7 @@ pub fn run(cmd: InternalCmd) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             // The run's process died: its run lock is free now; recover.
+            tracing::info!("the patch run's process ended without disarming its guard; recovering");
             let config = std::env::var_os("PATCHOVER_CONFIG")
                 .map(std::path::PathBuf::from)
                 .ok_or_else(|| anyhow::anyhow!("PATCHOVER_CONFIG is not set"))?;

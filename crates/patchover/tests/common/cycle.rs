@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Client, Topo, http, http_ready, http_within};
+use super::{Client, Topo, http, http_ready, http_within, unix_ms};
 
 pub fn sha256_hex(data: &[u8]) -> String {
     // sha256 via the system tool keeps the test free of extra crates.
@@ -196,7 +196,7 @@ impl Load {
                 n += 1;
                 let key = format!("k{n}");
                 let val = format!("v{n}");
-                let t = Instant::now();
+                let (t, at) = (Instant::now(), unix_ms());
                 match http_within(
                     &service,
                     "PUT",
@@ -209,30 +209,26 @@ impl Load {
                         acked.insert(key.clone(), val);
                     }
                     Ok((status, body)) => failures.push(format!(
-                        "PUT {key}: {status} {} after {:?} (unix ms {})",
+                        "PUT {key}: {status} {} after {:?} (sent at unix ms {at})",
                         String::from_utf8_lossy(&body),
                         t.elapsed(),
-                        std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .unwrap()
-                            .as_millis()
                     )),
-                    Err(e) => failures.push(format!("PUT {key}: {e} after {:?}", t.elapsed())),
+                    Err(e) => failures.push(format!(
+                        "PUT {key}: {e} after {:?} (sent at unix ms {at})",
+                        t.elapsed()
+                    )),
                 }
                 if n.is_multiple_of(5) {
-                    let t = Instant::now();
+                    let (t, at) = (Instant::now(), unix_ms());
                     match http_within(&service, "GET", "/version", b"", timeout) {
                         Ok((200, _)) if t.elapsed() < deadline => ok += 1,
-                        Ok((status, _)) => {
-                            failures.push(format!("GET /version: {status} after {:?}", t.elapsed()))
-                        }
+                        Ok((status, _)) => failures.push(format!(
+                            "GET /version: {status} after {:?} (sent at unix ms {at})",
+                            t.elapsed()
+                        )),
                         Err(e) => failures.push(format!(
-                            "GET /version: {e} at {:?} (unix ms {})",
-                            t.elapsed(),
-                            std::time::SystemTime::now()
-                                .duration_since(std::time::UNIX_EPOCH)
-                                .unwrap()
-                                .as_millis()
+                            "GET /version: {e} after {:?} (sent at unix ms {at})",
+                            t.elapsed()
                         )),
                     }
                 }
@@ -355,15 +351,17 @@ impl KeepAlive {
                     }
                     Ok((status, by, _)) => {
                         failures.push(format!(
-                            "PUT {key}: {status} from {by} after {:?}",
-                            t.elapsed()
+                            "PUT {key}: {status} from {by} after {:?} (ended at unix ms {})",
+                            t.elapsed(),
+                            unix_ms()
                         ));
                         conn = None;
                     }
                     Err(e) => {
                         failures.push(format!(
-                            "PUT {key} on a kept-alive connection: {e} after {:?}",
-                            t.elapsed()
+                            "PUT {key} on a kept-alive connection: {e} after {:?} (ended at unix ms {})",
+                            t.elapsed(),
+                            unix_ms()
                         ));
                         conn = None;
                     }

@@ -17,6 +17,15 @@ use std::time::Duration;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_patchover");
 
+/// Wall-clock milliseconds since the epoch: failures print it so they can be lined up with what
+/// patchover did at that moment.
+pub fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
 /// A suffix unique to this test process and call.
 pub fn unique() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
