@@ -55,4 +55,25 @@ fn image_bench_copy_is_identical_at_every_cut_and_reports_every_figure() {
     ] {
         positive(p);
     }
+    // The quick run ships writes by rounds every 100 ms while it follows.
+    assert_eq!(r["writer"]["round_every_ms"], 100.0, "{r:#}");
+    assert!(r["writer"]["follow_rounds"].as_u64() >= Some(1), "{r:#}");
+    positive(&["writer", "follow_shipped_mib"]);
+}
+
+#[test]
+fn round_every_is_refused_for_the_file_copier() {
+    let out = Command::new(env!("CARGO_BIN_EXE_patchover"))
+        .args(["bench", "copy", "--round-every", "500", "--json"])
+        .output()
+        .expect("run patchover");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // With --json the error is the JSON on stdout.
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error");
+    assert!(
+        err["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("--round-every is for --disk image")),
+        "{err}"
+    );
 }

@@ -48,6 +48,9 @@ pub struct ImageBenchConfig {
     pub phase_secs: f64,
     /// Between cuts.
     pub cut_gap: Duration,
+    /// Between the bitmap rounds that ship writes while the copy follows (`None`: no rounds;
+    /// the writes wait in the bitmap for the cut).
+    pub round_every: Option<Duration>,
     pub writer_cmd: Vec<OsString>,
 }
 
@@ -59,6 +62,7 @@ impl ImageBenchConfig {
             cuts: 20,
             phase_secs: 8.0,
             cut_gap: Duration::from_millis(300),
+            round_every: Some(Duration::from_millis(300)),
             writer_cmd,
         }
     }
@@ -68,6 +72,7 @@ impl ImageBenchConfig {
             file_mib: 64,
             phase_secs: 3.0,
             cut_gap: Duration::from_millis(100),
+            round_every: Some(Duration::from_millis(100)),
             ..ImageBenchConfig::full(writer_cmd)
         }
     }
@@ -115,6 +120,10 @@ pub struct WriterFigures {
     pub alone_mb_s: f64,
     /// While the copy ran (full copy, then bitmap rounds), no cuts.
     pub during_copy_mb_s: f64,
+    /// The rounds while following: their interval (`null`: none), how many, what they shipped.
+    pub round_every_ms: Option<f64>,
+    pub follow_rounds: usize,
+    pub follow_shipped_mib: f64,
     /// 1 − during_copy ÷ alone.
     pub loss: f64,
     /// During the cuts, over the phase's time minus the reference hashing (frozen time of the
@@ -334,9 +343,17 @@ pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBe
     copy.wait(Duration::from_secs(600))
         .context("the full copy")?;
     let copy_secs = t.elapsed().as_secs_f64();
+    let (mut follow_rounds, mut follow_shipped) = (0, 0u64);
     while t.elapsed() < phase {
-        std::thread::sleep(cfg.cut_gap);
-        copy.catch_up(0, 1, Duration::from_secs(60))?;
+        let Some(gap) = cfg.round_every else {
+            std::thread::sleep(phase.saturating_sub(t.elapsed()));
+            break;
+        };
+        std::thread::sleep(gap);
+        for r in copy.catch_up(0, 1, Duration::from_secs(60))? {
+            follow_rounds += 1;
+            follow_shipped += r.bytes;
+        }
     }
     let during = w.finish()?;
 
@@ -453,6 +470,9 @@ pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBe
             alone_after_mb_s: mb_s(&alone_after),
             alone_mb_s,
             during_copy_mb_s: mb_s(&during),
+            round_every_ms: cfg.round_every.map(ms),
+            follow_rounds,
+            follow_shipped_mib: follow_shipped as f64 / (1 << 20) as f64,
             loss,
             during_cuts_mb_s,
             loss_with_cuts: (1.0 - during_cuts_mb_s / alone_mb_s).max(0.0),
@@ -502,11 +522,17 @@ pub fn print(r: &ImageBenchReport) {
         yes(r.goals.freeze_p99_lt_50ms)
     );
     println!(
-        "writer          {:.1} MB/s alone ({:.1} before, {:.1} after), {:.1} MB/s while the copy runs → {:.1}% loss   (goal ≤ 10%: {}); {:.1} MB/s during the cuts ({:.1}% loss, frozen time included)",
+        "writer          {:.1} MB/s alone ({:.1} before, {:.1} after), {:.1} MB/s while the copy runs ({} rounds{}, {:.0} MiB shipped) → {:.1}% loss   (goal ≤ 10%: {}); {:.1} MB/s during the cuts ({:.1}% loss, frozen time included)",
         r.writer.alone_mb_s,
         r.writer.alone_before_mb_s,
         r.writer.alone_after_mb_s,
         r.writer.during_copy_mb_s,
+        r.writer.follow_rounds,
+        r.writer
+            .round_every_ms
+            .map(|m| format!(" every {m:.0} ms"))
+            .unwrap_or_default(),
+        r.writer.follow_shipped_mib,
         r.writer.loss * 100.0,
         yes(r.goals.writer_loss_le_10pct),
         r.writer.during_cuts_mb_s,
