@@ -424,17 +424,21 @@ impl ServedCopy {
         })
     }
 
-    fn copy(&mut self) -> &mut BitmapCopy {
-        self.copy.as_mut().expect("a copy until closed")
+    /// The monitor and the copy, borrowed together (a copy is there until `close` or drop).
+    fn parts(&mut self) -> (&mut Qmp, &mut BitmapCopy) {
+        (
+            &mut self.qmp,
+            self.copy.as_mut().expect("a copy until closed"),
+        )
     }
 
     /// Waits for the running job (the full copy, a round) to end; `None` when none runs.
     pub fn wait(&mut self, timeout: Duration) -> Result<Option<RoundReport>, BackupError> {
-        let c = self.copy.as_mut().expect("a copy until closed");
+        let (qmp, c) = self.parts();
         if !c.is_running() {
             return Ok(None);
         }
-        c.wait(&mut self.qmp, timeout).map(Some)
+        c.wait(qmp, timeout).map(Some)
     }
 
     /// Rounds while the LC runs, until one ships at most `enough` bytes (at most `max`
@@ -449,8 +453,7 @@ impl ServedCopy {
         self.wait(timeout)?;
         let mut rounds = Vec::new();
         for _ in 0..max {
-            let qmp = &mut self.qmp;
-            let c = self.copy.as_mut().expect("a copy until closed");
+            let (qmp, c) = self.parts();
             c.round(qmp)?;
             let r = c.wait(qmp, timeout)?;
             rounds.push(r);
@@ -478,7 +481,7 @@ impl ServedCopy {
         timeout: Duration,
     ) -> Result<(CutTimes, T), BackupError> {
         self.wait(timeout)?;
-        let job = self.copy().spec.job.clone();
+        let job = self.parts().1.spec.job.clone();
         let sync = |p: &Path| {
             syncfs(p).map_err(|source| BackupError::Syncfs {
                 job: job.clone(),
@@ -500,8 +503,7 @@ impl ServedCopy {
                 source,
             });
         }
-        let qmp = &mut self.qmp;
-        let copy = self.copy.as_mut().expect("a copy until closed");
+        let (qmp, copy) = self.parts();
         let t = Instant::now();
         let synced = sync(mount);
         let s = t.elapsed();
