@@ -743,9 +743,15 @@ pub fn loop_user(export: &Path) -> Option<String> {
 /// unmounted on drop (the loop device goes with it).
 #[derive(Debug)]
 pub struct LoopMount {
+    file: PathBuf,
     at: PathBuf,
     mounted: bool,
 }
+
+/// How long an unmount waits for its loop device to go: the kernel clears an autoclear loop
+/// device after the last close, asynchronously, so right after `umount` the file can still
+/// show as in use (a `remove` of the export then refused it: seen once in a loaded test run).
+const LOOP_RELEASE: Duration = Duration::from_secs(5);
 
 impl LoopMount {
     /// `mount -o loop[,ro] file at`. Buffered (never `--direct-io`): see the module docs.
@@ -756,6 +762,7 @@ impl LoopMount {
             &format!("mount -o {opts} {} {}", file.display(), at.display()),
         )?;
         Ok(LoopMount {
+            file: file.to_path_buf(),
             at: at.to_path_buf(),
             mounted: true,
         })
@@ -767,12 +774,22 @@ impl LoopMount {
     }
 
     /// Unmounts now (the drop does it too, ignoring errors).
+    /// Returns once the loop device is gone too (or after [`LOOP_RELEASE`]).
     pub fn unmount(mut self) -> Result<(), BlockServerError> {
         self.mounted = false;
         run(
             Command::new("umount").arg(&self.at),
             &format!("umount {}", self.at.display()),
-        )
+        )?;
+        self.wait_released();
+        Ok(())
+    }
+
+    fn wait_released(&self) {
+        let start = Instant::now();
+        while loop_user(&self.file).is_some() && start.elapsed() < LOOP_RELEASE {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
@@ -787,6 +804,7 @@ impl Drop for LoopMount {
             if !ok {
                 let _ = Command::new("umount").arg("-l").arg(&self.at).status();
             }
+            self.wait_released();
         }
     }
 }
