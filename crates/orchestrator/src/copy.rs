@@ -360,7 +360,7 @@ pub(crate) fn abort_leftover_jobs(run_dir: &Path, active: &LcSpec) -> Vec<String
     // once) or does not (no job). Recovery calls this before it puts the service back, so a
     // wait here is a wait of the service (a 10 s wait for an absent socket once held every
     // recovery of an ns LC without a block server).
-    let Ok(mut qmp) = Qmp::connect(&sock, Duration::ZERO) else {
+    let Ok(mut qmp) = Qmp::connect_now(&sock, Duration::from_secs(10)) else {
         return Vec::new(); // not running: no job
     };
     let jobs = qmp.query_block_jobs().unwrap_or_default();

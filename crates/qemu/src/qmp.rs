@@ -237,11 +237,21 @@ impl Qmp {
     /// (QEMU creates the socket a moment after it starts), reads the greeting and negotiates
     /// capabilities. `timeout` is also the initial per-call timeout (see [`Qmp::set_timeout`]).
     pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        Self::open(path, timeout, timeout)
+    }
+
+    /// [`Qmp::connect`] to a monitor that listens now or not at all (one attempt: a QEMU that
+    /// is not running is not waited for); `timeout` is for the greeting and each reply.
+    pub fn connect_now(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
+        Self::open(path, Duration::ZERO, timeout)
+    }
+
+    fn open(path: &Path, wait: Duration, timeout: Duration) -> Result<Qmp, QmpError> {
         let start = Instant::now();
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) if start.elapsed() >= timeout => {
+                Err(e) if start.elapsed() >= wait => {
                     return Err(QmpError::Connect {
                         path: path.to_path_buf(),
                         waited: start.elapsed(),

@@ -132,6 +132,27 @@ fn connect_waits_for_a_late_socket() {
     assert_eq!(qmp.query_status().unwrap(), RunState::Prelaunch);
 }
 
+#[test]
+fn connect_now_takes_a_running_qemu_and_does_not_wait_for_an_absent_one() {
+    // Recovery's check for leftover block jobs: a monitor that listens answers at once, and
+    // its commands get the full reply timeout (not the zero wait of the connect).
+    let q = QemuGuard::start(1 << 20, &vec![0u8; 1 << 20]);
+    drop(Qmp::connect(&q.qmp_path, Duration::from_secs(10)).unwrap()); // it listens now
+    let mut qmp = Qmp::connect_now(&q.qmp_path, Duration::from_secs(10)).unwrap();
+    assert_eq!(qmp.query_status().unwrap(), RunState::Prelaunch);
+    assert!(qmp.query_block_jobs().unwrap().is_empty());
+    // Nothing listens: refused at once, not after the 10 s.
+    let dir = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let err = Qmp::connect_now(&dir.path().join("none.sock"), Duration::from_secs(10)).unwrap_err();
+    assert!(matches!(err, QmpError::Connect { .. }), "{err:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
 /// A fake QMP server: sends the greeting, then hands each request line to `answer`, which
 /// returns the lines to send back (after an optional delay).
 fn fake_server(
