@@ -52,6 +52,15 @@ pub struct BackupSpec {
     pub format: ImageFormat,
     /// Bytes per bit of the dirty bitmap (a power of 2, ≥ 512); `None`: QEMU's default.
     pub granularity: Option<u32>,
+    /// The source node's raw image file, served buffered (`cache.direct=false`, as the block
+    /// server does): the full copy is then made on the host (reflink or `copy_file_range`)
+    /// after the bitmap is added, instead of by a `sync=full` backup. Every area written after
+    /// the bitmap's start is in the bitmap, so a torn read of it is redone by the rounds; every
+    /// other area was last written before, and the host's page cache already holds it. No
+    /// copy-before-write on the LC's writes and no load on the server's main loop while the
+    /// disk is copied. `None` (or a qcow2 target, whose metadata a byte copy could tear): the
+    /// backup job.
+    pub source_file: Option<PathBuf>,
 }
 
 /// What one job copied.
@@ -81,6 +90,13 @@ pub enum BackupError {
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    #[error("copy {job}: the host-side full copy of {src} failed (the source is untouched)")]
+    HostCopy {
+        job: String,
+        src: PathBuf,
+        #[source]
+        source: patchover_disk::CopyError,
     },
     #[error("copy {job}: the backup job failed: {error}; abort the copy (the source is untouched)")]
     JobFailed { job: String, error: String },
@@ -119,6 +135,8 @@ pub struct BitmapCopy {
     created_target: bool,
     added_nodes: Vec<String>,
     bitmap_added: bool,
+    /// The host-side full copy's report, until a `wait` takes it.
+    host_full: Option<RoundReport>,
 }
 
 impl BitmapCopy {
@@ -136,14 +154,22 @@ impl BitmapCopy {
                 job: job.clone(),
                 node: spec.device_node.clone(),
             })?;
-        let created_target = match crate::mirror::create_target(&spec.target_path, Some(size)) {
-            Ok(created) => created,
-            Err(source) => {
-                return Err(BackupError::CreateTarget {
-                    job,
-                    path: spec.target_path.clone(),
-                    source,
-                });
+        let host_src = spec
+            .source_file
+            .clone()
+            .filter(|_| spec.format == ImageFormat::Raw);
+        let created_target = if host_src.is_some() {
+            !spec.target_path.exists()
+        } else {
+            match crate::mirror::create_target(&spec.target_path, Some(size)) {
+                Ok(created) => created,
+                Err(source) => {
+                    return Err(BackupError::CreateTarget {
+                        job,
+                        path: spec.target_path.clone(),
+                        source,
+                    });
+                }
             }
         };
         let mut c = BitmapCopy {
@@ -154,21 +180,52 @@ impl BitmapCopy {
             created_target,
             added_nodes: Vec::new(),
             bitmap_added: false,
+            host_full: None,
         };
-        match c.attach(qmp).and_then(|()| c.start_job(qmp, "full", 0)) {
+        let started = match &host_src {
+            Some(src) => c
+                .add_bitmap(qmp)
+                .and_then(|()| c.host_full_copy(src))
+                .and_then(|()| c.attach_target(qmp)),
+            None => c
+                .attach_target(qmp)
+                .and_then(|()| c.add_bitmap(qmp))
+                .and_then(|()| c.start_job(qmp, "full", 0)),
+        };
+        match started {
             Ok(()) => {
                 tracing::info!(job = %c.spec.job, source = %c.spec.device_node,
-                    target = %c.spec.target_path.display(), size, "bitmap copy: started");
+                    target = %c.spec.target_path.display(), size, host = host_src.is_some(),
+                    "bitmap copy: started");
                 Ok(c)
             }
             Err(e) => {
-                c.cleanup(qmp, true);
+                let created = c.created_target;
+                c.cleanup(qmp, created);
                 Err(e)
             }
         }
     }
 
-    fn attach(&mut self, qmp: &mut Qmp) -> Result<(), BackupError> {
+    /// The full copy on the host (see [`BackupSpec::source_file`]); its report is what the
+    /// next [`BitmapCopy::wait`] returns.
+    fn host_full_copy(&mut self, src: &Path) -> Result<(), BackupError> {
+        let t = Instant::now();
+        let done = patchover_disk::copy_file(src, &self.spec.target_path).map_err(|source| {
+            BackupError::HostCopy {
+                job: self.spec.job.clone(),
+                src: src.to_owned(),
+                source,
+            }
+        })?;
+        self.host_full = Some(RoundReport {
+            bytes: done.bytes,
+            took: t.elapsed(),
+        });
+        Ok(())
+    }
+
+    fn attach_target(&mut self, qmp: &mut Qmp) -> Result<(), BackupError> {
         let file_node = format!("{}-file", self.spec.target_node);
         qmp.blockdev_add(json!({
             "driver": "file",
@@ -187,6 +244,10 @@ impl BitmapCopy {
         }))
         .map_err(self.step("adding the target format node"))?;
         self.added_nodes.insert(0, self.spec.target_node.clone());
+        Ok(())
+    }
+
+    fn add_bitmap(&mut self, qmp: &mut Qmp) -> Result<(), BackupError> {
         let mut args = json!({ "node": self.spec.device_node, "name": self.bitmap });
         if let Some(g) = self.spec.granularity {
             args["granularity"] = json!(g);
@@ -230,6 +291,7 @@ impl BitmapCopy {
                 job: self.spec.job.clone(),
             });
         }
+        self.host_full = None; // a job's own report supersedes it
         self.round += 1;
         let id = format!("{}-{}", self.spec.job, self.round);
         let started = Instant::now();
@@ -250,14 +312,19 @@ impl BitmapCopy {
         Ok(())
     }
 
-    /// True while a job runs (without waiting).
+    /// True while a job runs (without waiting), or while the report of a host-side full
+    /// copy waits for [`BitmapCopy::wait`].
     pub fn is_running(&self) -> bool {
-        self.running.is_some()
+        self.running.is_some() || self.host_full.is_some()
     }
 
     /// Waits for the running job to end.
     pub fn wait(&mut self, qmp: &mut Qmp, timeout: Duration) -> Result<RoundReport, BackupError> {
         let Some((id, started)) = self.running.clone() else {
+            // The host-side full copy ended inside `start`.
+            if let Some(r) = self.host_full.take() {
+                return Ok(r);
+            }
             return Err(BackupError::Idle {
                 job: self.spec.job.clone(),
             });
@@ -416,6 +483,9 @@ impl ServedCopy {
                 _ => ImageFormat::Raw,
             },
             granularity: Some(4096),
+            // The block server opens every image buffered; a qcow2 source is copied by job.
+            source_file: (crate::backend::image_format(&disk.image) == "raw")
+                .then(|| disk.image.clone()),
         };
         let copy = BitmapCopy::start(&mut qmp, spec)?;
         Ok(ServedCopy {

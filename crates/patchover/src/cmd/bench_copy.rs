@@ -47,9 +47,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub cuts: Option<usize>,
     /// --disk image: milliseconds between the dirty-bitmap rounds that ship writes while the
-    /// copy follows the source (0: none; the writes then wait in the bitmap for the cut's
-    /// catch-up). Each 4 KiB random write costs a 64 KiB cluster copy (QEMU 7.2's least), so
-    /// frequent rounds cost the writer more than they save the cut.
+    /// copy follows the source. Default: none, as in the patch cycle (the writes wait in the
+    /// bitmap for the catch-up before the cut); `--quick`: 100. Each 4 KiB random write costs
+    /// a 64 KiB cluster copy (QEMU 7.2's least), so rounds cost the writer more than they save
+    /// the cut.
     #[arg(long, value_name = "MS")]
     pub round_every: Option<u64>,
     /// Internal: run as the benchmark's writer process with this spec (JSON).
