@@ -8,11 +8,13 @@
 //! filter can sit between. `blockdev-backup` shares RESIZE, and gives the same thing — a
 //! block-level write log — in another shape:
 //!
-//! 1. [`BitmapCopy::start`]: create the target, `blockdev-add` it, add a dirty bitmap on the
-//!    source (`granularity` bytes per bit: a random 4 KiB write dirties 4 KiB, not 64), and
-//!    start a `sync=full` backup bound to the bitmap (`bitmap-mode=on-success`): the copy
-//!    is the disk as it was when the job started, and once the job succeeds the bitmap holds
-//!    exactly the writes made since that start;
+//! 1. [`BitmapCopy::start`]: add a dirty bitmap on the source (`granularity` bytes per bit: a
+//!    random 4 KiB write dirties 4 KiB, not 64) and make the full copy. A raw source image
+//!    ([`BackupSpec::source_file`]) is copied on the host after the bitmap started (no
+//!    copy-before-write on the LC's writes; what the copy may tear is in the bitmap); otherwise
+//!    the target is created and `blockdev-add`ed and a `sync=full` backup bound to the bitmap
+//!    (`bitmap-mode=on-success`) runs: the copy is the disk as it was when the job started, and
+//!    once the job succeeds the bitmap holds exactly the writes made since that start;
 //! 2. [`BitmapCopy::round`]: a `sync=bitmap` backup of what the bitmap holds, again as of the
 //!    job's start, again leaving in the bitmap only the writes made since. Rounds bring the
 //!    target closer while the LC runs ([`BitmapCopy::wait`] waits for one);
