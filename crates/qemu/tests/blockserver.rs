@@ -258,11 +258,7 @@ fn bitmap_copy_cuts(host_full: bool) {
     if host_full {
         // Holes stay holes: what the image holds so far (what the LC's page cache has not
         // written back yet reaches the server later, and so the bitmap).
-        assert!(
-            full.bytes > 0 && full.bytes < 128 << 20,
-            "{}",
-            full.bytes
-        );
+        assert!(full.bytes > 0 && full.bytes < 128 << 20, "{}", full.bytes);
         assert!(
             qmp.query_block_jobs().unwrap().is_empty(),
             "no backup job for the full copy"
