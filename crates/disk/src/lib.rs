@@ -128,21 +128,12 @@ fn start_engine(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<engine::En
     engine::Engine::start(plan, opts)
 }
 
-/// How [`copy_file`] moved the data.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FileCopy {
-    pub bytes: u64,
-    pub reflinked: u64,
-    pub copy_range: u64,
-    pub read_write: u64,
-}
-
 /// Copies one regular file's data to `dst` (created, or truncated first), by the fastest path
 /// there is: `FICLONE`, else `copy_file_range` extent by extent, else read/write; holes stay
 /// holes. Reads go through the page cache, so a writer's buffered writes done before the call
 /// are in the copy; writes during it may or may not be (callers that copy a file being written
-/// track those writes themselves).
-pub fn copy_file(src: &Path, dst: &Path) -> Result<FileCopy, CopyError> {
+/// track those writes themselves). Returns the bytes of data copied (holes not counted).
+pub fn copy_file(src: &Path, dst: &Path) -> Result<u64, CopyError> {
     use std::os::unix::fs::OpenOptionsExt;
     let sf = fsops::open_source(src)?;
     let df = std::fs::OpenOptions::new()
@@ -155,12 +146,7 @@ pub fn copy_file(src: &Path, dst: &Path) -> Result<FileCopy, CopyError> {
     let mut fp = fsops::FastPaths::new(Reflink::Auto);
     fsops::copy_data(&sf, src, &df, dst, &mut fp)?;
     df.sync_all().map_err(|e| CopyError::write(dst, e))?;
-    Ok(FileCopy {
-        bytes: fp.bytes_reflinked + fp.bytes_copy_range + fp.bytes_read_write,
-        reflinked: fp.bytes_reflinked,
-        copy_range: fp.bytes_copy_range,
-        read_write: fp.bytes_read_write,
-    })
+    Ok(fp.bytes_reflinked + fp.bytes_copy_range + fp.bytes_read_write)
 }
 
 /// Copies `src` to `dst` (a directory tree or an image file) while it may be written, then

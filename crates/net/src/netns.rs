@@ -288,7 +288,7 @@ impl Drop for NsWorker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn msg(kind: u16, sport: u16) -> Vec<u8> {
@@ -324,13 +324,19 @@ mod tests {
         assert_ne!(mask & (1 << 1), 0, "ESTABLISHED is busy");
     }
 
+    /// Field `n` (1-based, as in proc(5)) of a `/proc/<pid>/stat` line.
+    pub(crate) fn stat_field(stat: &str, n: usize) -> &str {
+        let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+        after_comm.split(' ').nth(n - 3).unwrap()
+    }
+
     /// The scheduling policy (field 41 of `/proc/<pid>/stat`) of the process `cmd` starts.
     fn policy_of(mut cmd: std::process::Command) -> i64 {
         let out = cmd.arg("/proc/self/stat").output().unwrap();
         assert!(out.status.success(), "{out:?}");
-        let stat = String::from_utf8(out.stdout).unwrap();
-        let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
-        after_comm.split(' ').nth(41 - 3).unwrap().parse().unwrap()
+        stat_field(&String::from_utf8(out.stdout).unwrap(), 41)
+            .parse()
+            .unwrap()
     }
 
     #[test]

@@ -1347,8 +1347,8 @@ mod tests {
         // (policy, nice) from /proc/<pid>/stat: fields 41 and 19.
         let sched = || {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-            let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-            (f[41 - 3].to_owned(), f[19 - 3].to_owned())
+            let f = |n| crate::netns::tests::stat_field(&stat, n).to_owned();
+            (f(41), f(19))
         };
         let start = Instant::now();
         while sched().0 != libc::SCHED_IDLE.to_string() {

@@ -213,7 +213,7 @@ impl BitmapCopy {
     /// next [`BitmapCopy::wait`] returns.
     fn host_full_copy(&mut self, src: &Path) -> Result<(), BackupError> {
         let t = Instant::now();
-        let done = patchover_disk::copy_file(src, &self.spec.target_path).map_err(|source| {
+        let bytes = patchover_disk::copy_file(src, &self.spec.target_path).map_err(|source| {
             BackupError::HostCopy {
                 job: self.spec.job.clone(),
                 src: src.to_owned(),
@@ -221,7 +221,7 @@ impl BitmapCopy {
             }
         })?;
         self.host_full = Some(RoundReport {
-            bytes: done.bytes,
+            bytes,
             took: t.elapsed(),
         });
         Ok(())
