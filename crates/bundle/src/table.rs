@@ -24,7 +24,9 @@ use crate::apply::{BundleResult, BundleStatus};
 use crate::archive::Limits;
 use crate::create::write_atomic;
 use crate::hash::Sha256;
-use crate::keys::{TrustedKeys, signature_path};
+use crate::keys::TrustedKeys;
+#[cfg(feature = "stage")]
+use crate::keys::signature_path;
 use crate::manifest::BundleId;
 use crate::verify::{VerifiedBundle, VerifyError, verify_bundle};
 
@@ -236,12 +238,16 @@ pub fn write_table(path: &Path, table: &TableCopy) -> Result<(), TableError> {
 }
 
 /// Puts a patch run onto a standby's disk (seed 705/706): under `agent_dir` (the standby's
-/// `/var/lib/patchover-agent`, seen from the host) it writes `bundles/<id>.tar.zst` with its
+/// `/var/lib/patchover-agent`, a path inside `root`) it writes `bundles/<id>.tar.zst` with its
 /// `.minisig` for each of `bundles` (in apply order, all marked), `keys/key-<n>.pub` for each
 /// of `key_files`, and `table.json` last, so an agent that finds a table finds everything it
-/// names. Each copied bundle is hashed again and must equal what was verified. Files left from
-/// an earlier run in `bundles/` and `keys/` are removed first.
+/// names. Each copied bundle is hashed again, through the descriptor it was written by, and
+/// must equal what was verified. Files left from an earlier run in `bundles/` and `keys/` are
+/// removed first. Every write goes through `root`: a link the LC planted anywhere on the way
+/// resolves inside the LC, never on the host.
+#[cfg(feature = "stage")]
 pub fn stage(
+    root: &patchover_lcroot::LcRoot,
     agent_dir: &Path,
     lc: &str,
     run_id: &str,
@@ -250,25 +256,29 @@ pub fn stage(
 ) -> Result<TableCopy, TableError> {
     let io = |path: &Path| {
         let path = path.to_owned();
-        move |source| TableError::Write { path, source }
+        move |e: patchover_lcroot::RootError| TableError::Write {
+            path,
+            source: std::io::Error::other(e),
+        }
     };
     let mut table = TableCopy::new(lc, run_id);
     table.entries = bundles.iter().map(TableEntry::for_bundle).collect();
     table.validate()?;
     let bdir = agent_dir.join(BUNDLES_DIR);
     let kdir = agent_dir.join(KEYS_DIR);
-    let _ = std::fs::remove_file(agent_dir.join(TABLE_FILE));
+    let tpath = agent_dir.join(TABLE_FILE);
+    root.remove_file(&tpath).map_err(io(&tpath))?;
     for d in [&bdir, &kdir] {
-        match std::fs::remove_dir_all(d) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(d)(e)),
-            _ => {}
-        }
-        std::fs::create_dir_all(d).map_err(io(d))?;
+        root.remove_all(d).map_err(io(d))?;
+        root.mkdir_all(d, 0o755).map_err(io(d))?;
     }
     for b in bundles {
         let dest = bdir.join(bundle_file_name(b));
-        std::fs::copy(b.path(), &dest).map_err(io(&dest))?;
-        let copied = Sha256::of_file(&dest).map_err(io(&dest))?;
+        let written = root.copy_in(b.path(), &dest, 0o644).map_err(io(&dest))?;
+        let copied = Sha256::of_reader(written).map_err(|source| TableError::Write {
+            path: dest.clone(),
+            source,
+        })?;
         if copied != b.sha256() {
             return Err(TableError::HashMismatch {
                 id: b.id().to_owned(),
@@ -277,13 +287,20 @@ pub fn stage(
             });
         }
         let sig = signature_path(&dest);
-        std::fs::copy(signature_path(b.path()), &sig).map_err(io(&sig))?;
+        root.copy_in(&signature_path(b.path()), &sig, 0o644)
+            .map_err(io(&sig))?;
     }
     for (n, k) in key_files.iter().enumerate() {
         let dest = kdir.join(format!("key-{n}.pub"));
-        std::fs::copy(k, &dest).map_err(io(&dest))?;
+        root.copy_in(k, &dest, 0o644).map_err(io(&dest))?;
     }
-    write_table(&agent_dir.join(TABLE_FILE), &table)?;
+    table.validate()?;
+    let mut bytes = serde_json::to_vec_pretty(&table).map_err(|source| TableError::Parse {
+        path: tpath.clone(),
+        source,
+    })?;
+    bytes.push(b'\n');
+    root.write_file(&tpath, &bytes, 0o644).map_err(io(&tpath))?;
     Ok(table)
 }
 

@@ -523,8 +523,11 @@ fn table_copy_drives_a_run_and_records_results() {
         verified.push(lab.bundle(id, &script("s.sh"), "", &[("s.sh", body.as_bytes(), 0o755)]));
     }
     // The host stages the run onto the standby's disk (705/706), then unmarks one entry.
+    std::fs::create_dir_all(&agent).unwrap();
+    let root = patchover_lcroot::LcRoot::open(&lab.base).unwrap();
     let mut table = stage(
-        &agent,
+        &root,
+        std::path::Path::new("agent"),
         "lc2",
         "run-7",
         &verified,

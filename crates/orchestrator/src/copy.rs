@@ -8,6 +8,7 @@
 //!   A mirror that does not converge in the background is started again in write-blocking
 //!   mode, where every guest write reaches both images before it completes.
 
+use patchover_lcroot::LcRoot;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -415,27 +416,30 @@ pub(crate) fn abort_leftover_jobs(run_dir: &Path, active: &LcSpec) -> Vec<String
     ended
 }
 
-/// Runs `f` with the standby's system disk reachable as a directory: the directory itself,
-/// or the image mounted on the host (the standby is stopped, so nothing else has it open).
+/// Runs `f` with the standby's system disk opened as an [`LcRoot`]: the directory itself, or
+/// the image mounted on the host (the standby is stopped, so nothing else has it open). The
+/// image was written by an LC, so it is mounted `nosuid,nodev,noexec` (docs/lc-ns.md, "An LC
+/// is untrusted"), and every access inside goes through the root handle.
 pub(crate) fn with_root<T>(
     disk: &DiskSpec,
     run_dir: &Path,
-    f: impl FnOnce(&Path) -> Result<T, OrchestratorError>,
+    f: impl FnOnce(&LcRoot) -> Result<T, OrchestratorError>,
 ) -> Result<T, OrchestratorError> {
-    if disk.kind == patchover_core::DiskKind::Dir {
-        return f(&disk.path);
-    }
-    let at: PathBuf = run_dir.join(format!("mnt-{}", std::process::id()));
     let prep = |source: std::io::Error| OrchestratorError::Prepare {
         disk: "system",
         path: disk.path.clone(),
         source,
     };
+    let open = |at: &Path| LcRoot::open(at).map_err(|e| prep(std::io::Error::other(e)));
+    if disk.kind == patchover_core::DiskKind::Dir {
+        return f(&open(&disk.path)?);
+    }
+    let at: PathBuf = run_dir.join(format!("mnt-{}", std::process::id()));
     std::fs::create_dir_all(&at).map_err(prep)?;
     let fmt = patchover_qemu::backend::image_format(&disk.path);
     let out = if fmt == "raw" {
         std::process::Command::new("mount")
-            .args(["-o", "loop"])
+            .args(["-o", HOST_MOUNT_OPTIONS])
             .arg(&disk.path)
             .arg(&at)
             .output()
@@ -458,7 +462,7 @@ pub(crate) fn with_root<T>(
             return Err(prep(e));
         }
     }
-    let r = f(&at);
+    let r = open(&at).and_then(|root| f(&root));
     let umount = std::process::Command::new("umount").arg(&at).output();
     let _ = std::fs::remove_dir(&at);
     match umount {
@@ -470,3 +474,7 @@ pub(crate) fn with_root<T>(
         Err(e) => r.and(Err(prep(e))),
     }
 }
+
+/// How the host mounts an image an LC wrote: no set-user-ID programs, device nodes or
+/// executables of the LC's take effect on the host.
+pub const HOST_MOUNT_OPTIONS: &str = "loop,nosuid,nodev,noexec";

@@ -6,39 +6,25 @@
 //! is an rcS-style `S05patchover` (before the services) on busybox/SysV images, or a oneshot
 //! unit on systemd images.
 
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use patchover_bundle::VerifiedBundle;
 use patchover_bundle::table::stage;
+use patchover_lcroot::LcRoot;
 
 /// The agent directory inside the LC, relative to its root.
 pub const AGENT_DIR_REL: &str = "var/lib/patchover-agent";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
-    #[error("installing the patch execution script: {what} {path}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("installing the patch execution script")]
+    Root(#[source] patchover_lcroot::RootError),
     #[error("installing the patch execution script: the table copy")]
     Table(#[source] patchover_bundle::TableError),
     #[error(
         "the standby's system disk {0} has neither /etc/init.d nor /etc/systemd/system; patchover cannot install a boot script there"
     )]
     NoBootScripts(PathBuf),
-}
-
-fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> InstallError + 'a {
-    move |source| InstallError::Io {
-        what,
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// Where the script went.
@@ -77,58 +63,56 @@ WantedBy=multi-user.target
 ";
 
 pub fn install(
-    sysroot: &Path,
+    root: &LcRoot,
     lc: &str,
     run_id: &str,
     bundles: &[VerifiedBundle],
     keys: &[PathBuf],
     agent: &Path,
 ) -> Result<Installed, InstallError> {
-    let dir = sysroot.join(AGENT_DIR_REL);
+    let dir = Path::new(AGENT_DIR_REL);
     // A previous run's files (its report above all) must not be mistaken for this run's.
-    if dir.exists() {
-        fs::remove_dir_all(&dir).map_err(io("clearing", &dir))?;
-    }
-    fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
-    stage(&dir, lc, run_id, bundles, keys).map_err(InstallError::Table)?;
-    let agent_dest = dir.join("patchover-agent");
-    fs::copy(agent, &agent_dest).map_err(io("copying", agent))?;
-    fs::set_permissions(&agent_dest, fs::Permissions::from_mode(0o755))
-        .map_err(io("chmod", &agent_dest))?;
+    root.remove_all(dir).map_err(InstallError::Root)?;
+    root.mkdir_all(dir, 0o755).map_err(InstallError::Root)?;
+    stage(root, dir, lc, run_id, bundles, keys).map_err(InstallError::Table)?;
+    root.copy_in(agent, &dir.join("patchover-agent"), 0o755)
+        .map_err(InstallError::Root)?;
 
-    let initd = sysroot.join("etc/init.d");
-    let systemd = sysroot.join("etc/systemd/system");
-    let script = if initd.is_dir() {
-        let p = initd.join("S05patchover");
-        fs::write(&p, SCRIPT).map_err(io("writing", &p))?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).map_err(io("chmod", &p))?;
+    // Both are looked up as the LC would (links inside the LC resolve inside its root).
+    let script = if root.is_dir(Path::new("etc/init.d")) {
+        let p = Path::new(INIT_SCRIPT);
+        root.write_file(p, SCRIPT.as_bytes(), 0o755)
+            .map_err(InstallError::Root)?;
         p
-    } else if systemd.is_dir() {
-        let p = systemd.join("patchover-apply.service");
-        fs::write(&p, UNIT).map_err(io("writing", &p))?;
-        let wants = systemd.join("multi-user.target.wants");
-        fs::create_dir_all(&wants).map_err(io("creating", &wants))?;
-        let link = wants.join("patchover-apply.service");
-        let _ = fs::remove_file(&link);
-        std::os::unix::fs::symlink("../patchover-apply.service", &link)
-            .map_err(io("linking", &link))?;
+    } else if root.is_dir(Path::new("etc/systemd/system")) {
+        let p = Path::new(UNIT_FILE);
+        root.write_file(p, UNIT.as_bytes(), 0o644)
+            .map_err(InstallError::Root)?;
+        root.symlink(Path::new(UNIT_WANTS), Path::new("../patchover-apply.service"))
+            .map_err(InstallError::Root)?;
         p
     } else {
-        return Err(InstallError::NoBootScripts(sysroot.to_owned()));
+        return Err(InstallError::NoBootScripts(root.host_path().to_owned()));
     };
     Ok(Installed {
-        script,
+        script: Path::new("/").join(script),
         bundles: bundles.len(),
     })
 }
 
+const INIT_SCRIPT: &str = "etc/init.d/S05patchover";
+const UNIT_FILE: &str = "etc/systemd/system/patchover-apply.service";
+const UNIT_WANTS: &str = "etc/systemd/system/multi-user.target.wants/patchover-apply.service";
+
 /// Removes the script and the agent directory (a run that is rolled back leaves no script
 /// that would patch at the standby's next boot).
-pub fn uninstall(sysroot: &Path) {
-    let _ = fs::remove_file(sysroot.join("etc/init.d/S05patchover"));
-    let _ = fs::remove_file(
-        sysroot.join("etc/systemd/system/multi-user.target.wants/patchover-apply.service"),
-    );
-    let _ = fs::remove_file(sysroot.join("etc/systemd/system/patchover-apply.service"));
-    let _ = fs::remove_dir_all(sysroot.join(AGENT_DIR_REL));
+pub fn uninstall(root: &LcRoot) {
+    for f in [INIT_SCRIPT, UNIT_WANTS, UNIT_FILE] {
+        if let Err(e) = root.remove_file(Path::new(f)) {
+            tracing::warn!(error = %e, "removing the patch execution script");
+        }
+    }
+    if let Err(e) = root.remove_all(Path::new(AGENT_DIR_REL)) {
+        tracing::warn!(error = %e, "removing the agent directory");
+    }
 }
