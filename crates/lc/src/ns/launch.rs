@@ -27,13 +27,14 @@ use std::process::Command;
 use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::sched::{CloneFlags, setns, unshare};
-use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+use nix::sys::stat::{Mode, SFlag, makedev, mknodat};
 use nix::sys::wait::waitpid;
 use nix::unistd::{
     ForkResult, chdir, dup2_stderr, dup2_stdin, dup2_stdout, execve, fork, pipe2, pivot_root,
     sethostname, setsid,
 };
 use patchover_core::DiskKind;
+use patchover_lcroot::LcRoot;
 use serde::{Deserialize, Serialize};
 
 use crate::host::run_quiet;
@@ -208,8 +209,11 @@ fn child_boot(spec: &LaunchSpec, console: &File) -> Result<std::convert::Infalli
     let root = &spec.staging;
     fs::create_dir_all(root).map_err(|e| format!("creating {}: {e}", root.display()))?;
     mount_disk(&spec.system_disk, root)?;
-    let init_on_disk = root.join(spec.init.strip_prefix("/").unwrap_or(&spec.init));
-    if !is_executable(&init_on_disk) {
+    // From here every path inside the LC is resolved within its root: the disk may hold links
+    // that point at host paths (runc's CVE-2021-30465 class); mounts go onto the resolved
+    // directory's descriptor, never onto a path looked up again.
+    let lc = LcRoot::open(root).map_err(|e| e.to_string())?;
+    if !lc.is_executable_file(&spec.init) {
         return Err(format!(
             "{NO_INIT}{} on the system disk {}",
             spec.init.display(),
@@ -217,15 +221,15 @@ fn child_boot(spec: &LaunchSpec, console: &File) -> Result<std::convert::Infalli
         ));
     }
     for m in &spec.mounts {
-        let target = inside(root, &m.target);
-        fs::create_dir_all(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
-        mount_disk(m, &target)?;
+        let target = lc.mount_target(&m.target, 0o755).map_err(|e| e.to_string())?;
+        mount_disk(m, &fd_path(&target))?;
     }
-    mount_kernel_fs(root)?;
+    mount_kernel_fs(&lc)?;
     if let Some(agent) = &spec.agent_dir {
-        let target = inside(root, Path::new(patchover_agent::GUEST_SOCKET_DIR));
-        fs::create_dir_all(&target).map_err(|e| format!("creating {}: {e}", target.display()))?;
-        bind(agent, &target)?;
+        let target = lc
+            .mount_target(Path::new(patchover_agent::GUEST_SOCKET_DIR), 0o755)
+            .map_err(|e| e.to_string())?;
+        bind(agent, &fd_path(&target))?;
     }
 
     chdir(root).map_err(errno("chdir to the new root"))?;
@@ -251,13 +255,10 @@ fn child_boot(spec: &LaunchSpec, console: &File) -> Result<std::convert::Infalli
     execve(&init, &[&init], &env).map_err(errno("exec init"))
 }
 
-fn inside(root: &Path, p: &Path) -> PathBuf {
-    root.join(p.strip_prefix("/").unwrap_or(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+/// The path of an open descriptor, for `mount(2)` and for `mount(8)` started from here (the
+/// descriptor must then be inherited: [`inheritable`]).
+fn fd_path(fd: &impl AsRawFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 fn bind(source: &Path, target: &Path) -> Result<(), String> {
@@ -278,13 +279,13 @@ fn mount_disk(m: &MountSpec, target: &Path) -> Result<(), String> {
         DiskKind::Dir => bind(&m.source, target),
         // A loop device the host attached (an image served by the image server).
         DiskKind::Image if block_device => {
-            run_quiet(Command::new("mount").arg(&m.source).arg(target))
+            run_quiet(mount_cmd(target)?.arg(&m.source).arg(target))
                 .map_err(|e| format!("mounting {}: {e}", m.source.display()))
         }
         // util-linux sets up the loop device with autoclear: it goes when the LC's mount
         // namespace (and so the mount) goes.
         DiskKind::Image => run_quiet(
-            Command::new("mount")
+            mount_cmd(target)?
                 .arg("-o")
                 .arg("loop")
                 .arg(&m.source)
@@ -294,33 +295,56 @@ fn mount_disk(m: &MountSpec, target: &Path) -> Result<(), String> {
     }
 }
 
-fn mount_kernel_fs(root: &Path) -> Result<(), String> {
+/// `mount --no-canonicalize`: a `/proc/self/fd/N` target is passed to the kernel as it is (a
+/// canonical path would be looked up again). The descriptor `N` is made inheritable for it.
+fn mount_cmd(target: &Path) -> Result<Command, String> {
+    if let Some(n) = target
+        .strip_prefix("/proc/self/fd")
+        .ok()
+        .and_then(|n| n.to_str()?.parse::<i32>().ok())
+    {
+        // SAFETY: `n` is a descriptor this process holds open for the command's lifetime
+        // (the caller's target); F_SETFD only changes its close-on-exec flag.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(n) };
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))
+            .map_err(errno("making the mount point inheritable"))?;
+    }
+    let mut c = Command::new("mount");
+    c.arg("--no-canonicalize");
+    Ok(c)
+}
+
+fn mount_kernel_fs(lc: &LcRoot) -> Result<(), String> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    let mk = |p: &Path| fs::create_dir_all(p).map_err(|e| format!("creating {}: {e}", p.display()));
-    let proc_ = inside(root, Path::new("/proc"));
-    mk(&proc_)?;
-    mount(Some("proc"), &proc_, Some("proc"), nosuid, None::<&str>)
+    let at = |p: &str| {
+        lc.mount_target(Path::new(p), 0o755)
+            .map_err(|e| e.to_string())
+    };
+    let proc_ = at("proc")?;
+    mount(Some("proc"), &fd_path(&proc_), Some("proc"), nosuid, None::<&str>)
         .map_err(errno("mounting /proc"))?;
-    let sys = inside(root, Path::new("/sys"));
-    mk(&sys)?;
+    let sys = at("sys")?;
     mount(
         Some("sysfs"),
-        &sys,
+        &fd_path(&sys),
         Some("sysfs"),
         nosuid | MsFlags::MS_RDONLY,
         None::<&str>,
     )
     .map_err(errno("mounting /sys"))?;
-    let dev = inside(root, Path::new("/dev"));
-    mk(&dev)?;
+    let dev = at("dev")?;
     mount(
         Some("tmpfs"),
-        &dev,
+        &fd_path(&dev),
         Some("tmpfs"),
         MsFlags::MS_NOSUID,
         Some("mode=755,size=64k"),
     )
     .map_err(errno("mounting /dev"))?;
+    // The fresh tmpfs, opened again now that it is mounted: what follows is created in it.
+    let dev = lc
+        .mkdir_all(Path::new("dev"), 0o755)
+        .map_err(|e| e.to_string())?;
     for (name, major, minor) in [
         ("null", 1, 3),
         ("zero", 1, 5),
@@ -329,29 +353,28 @@ fn mount_kernel_fs(root: &Path) -> Result<(), String> {
         ("urandom", 1, 9),
         ("tty", 5, 0),
     ] {
-        mknod(
-            &dev.join(name),
+        mknodat(
+            dev.as_fd(),
+            name,
             SFlag::S_IFCHR,
             Mode::from_bits_truncate(0o666),
             makedev(major, minor),
         )
         .map_err(errno("creating device nodes"))?;
     }
-    let pts = dev.join("pts");
-    mk(&pts)?;
+    let pts = at("dev/pts")?;
     mount(
         Some("devpts"),
-        &pts,
+        &fd_path(&pts),
         Some("devpts"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("newinstance,ptmxmode=0666,mode=620"),
     )
     .map_err(errno("mounting /dev/pts"))?;
-    let shm = dev.join("shm");
-    mk(&shm)?;
+    let shm = at("dev/shm")?;
     mount(
         Some("tmpfs"),
-        &shm,
+        &fd_path(&shm),
         Some("tmpfs"),
         nosuid,
         Some("mode=1777"),
@@ -364,7 +387,7 @@ fn mount_kernel_fs(root: &Path) -> Result<(), String> {
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ] {
-        std::os::unix::fs::symlink(target, dev.join(link))
+        nix::unistd::symlinkat(target, dev.as_fd(), link)
             .map_err(|e| format!("creating /dev/{link}: {e}"))?;
     }
     Ok(())
@@ -526,20 +549,23 @@ fn open_tree(source: &Path) -> Result<OwnedFd, String> {
 /// Mounts `tree` at `target` in this process's mount namespace (the LC's) and checks it is
 /// there.
 fn move_into(tree: &OwnedFd, target: &Path) -> Result<(), String> {
-    fs::create_dir_all(target)
+    // This process is in the LC's mount namespace now, "/" is the LC's root; the target is
+    // still resolved within it and the mount goes onto the resolved descriptor.
+    let lc = LcRoot::open(Path::new("/")).map_err(|e| e.to_string())?;
+    let at = lc
+        .mount_target(target, 0o755)
         .map_err(|e| format!("creating {} inside the LC: {e}", target.display()))?;
-    let tgt = CString::new(target.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     let empty = CString::new("").expect("no NUL");
-    // SAFETY: valid fds and NUL-terminated paths; MOVE_MOUNT_F_EMPTY_PATH makes the kernel
-    // use `tree` itself as the source.
+    // SAFETY: valid fds and NUL-terminated (empty) paths; MOVE_MOUNT_F_EMPTY_PATH and
+    // MOVE_MOUNT_T_EMPTY_PATH make the kernel use `tree` and `at` themselves.
     let r = unsafe {
         libc::syscall(
             libc::SYS_move_mount,
             tree.as_raw_fd(),
             empty.as_ptr(),
-            libc::AT_FDCWD,
-            tgt.as_ptr(),
-            libc::MOVE_MOUNT_F_EMPTY_PATH,
+            at.as_raw_fd(),
+            empty.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH,
         )
     };
     if r < 0 {
