@@ -103,12 +103,42 @@ pub enum AgentError {
     Remote(String),
 }
 
+// `O_PATH` and `O_NOFOLLOW` on Linux x86_64/aarch64 (this crate stays without libc).
+const O_PATH: i32 = 0o10000000;
+const O_NOFOLLOW: i32 = 0o400000;
+
 /// The host's side of the channel.
 pub struct AgentClient {
-    reader: BufReader<UnixStream>,
+    reader: BufReader<Deadlined>,
     writer: UnixStream,
     /// On a virtio port: the id of the next request.
     next_id: Option<u64>,
+    /// How long a whole call may take, its response included.
+    timeout: Duration,
+}
+
+/// The read half of the channel, with an overall deadline: each read waits at most what is
+/// left of it, so an agent that sends a response a byte at a time cannot hold the host longer
+/// than the call's timeout (a per-read timeout alone would let a slow drip last forever).
+struct Deadlined {
+    stream: UnixStream,
+    deadline: Option<Instant>,
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the agent's response did not arrive in time",
+                ));
+            }
+            self.stream.set_read_timeout(Some(left))?;
+        }
+        self.stream.read(buf)
+    }
 }
 
 impl AgentClient {
@@ -128,11 +158,36 @@ impl AgentClient {
         AgentClient::from_stream(Self::dial(socket)?, timeout, Some(first_id))
     }
 
+    /// Connects to the socket at `socket` without following a link there: in an `ns` LC the
+    /// socket's directory is writable from inside, and root in the LC may put a link to a host
+    /// socket in its place. The last component is opened `O_PATH|O_NOFOLLOW`, must be a socket,
+    /// and is connected to through its descriptor (`/proc/self/fd/N`), so what is connected to
+    /// is the inode that was checked.
     fn dial(socket: &Path) -> Result<UnixStream, AgentError> {
-        UnixStream::connect(socket).map_err(|source| AgentError::Connect {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let fail = |source| AgentError::Connect {
             path: socket.display().to_string(),
             source,
-        })
+        };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(O_PATH | O_NOFOLLOW)
+            .open(socket)
+            .map_err(fail)?;
+        let ft = f.metadata().map_err(fail)?.file_type();
+        if !ft.is_socket() {
+            return Err(AgentError::Protocol(format!(
+                "{} is not a socket ({}); the LC may have replaced it: patchover does not follow it",
+                socket.display(),
+                if ft.is_symlink() {
+                    "a link"
+                } else {
+                    "another kind of file"
+                }
+            )));
+        }
+        UnixStream::connect(format!("/proc/self/fd/{}", f.as_raw_fd())).map_err(fail)
     }
 
     fn from_stream(
@@ -148,20 +203,27 @@ impl AgentClient {
             .map_err(AgentError::Io)?;
         let writer = stream.try_clone().map_err(AgentError::Io)?;
         Ok(AgentClient {
-            reader: BufReader::new(stream),
+            reader: BufReader::new(Deadlined {
+                stream,
+                deadline: None,
+            }),
             writer,
             next_id,
+            timeout,
         })
     }
 
-    /// How long a call may wait for its response.
-    pub fn set_timeout(&self, timeout: Duration) -> Result<(), AgentError> {
+    /// How long a call may take, its whole response included.
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), AgentError> {
         self.writer
-            .set_read_timeout(Some(timeout))
-            .map_err(AgentError::Io)
+            .set_write_timeout(Some(timeout))
+            .map_err(AgentError::Io)?;
+        self.timeout = timeout;
+        Ok(())
     }
 
     pub fn call(&mut self, req: &Request) -> Result<Response, AgentError> {
+        self.reader.get_mut().deadline = Instant::now().checked_add(self.timeout);
         let resp = match self.next_id {
             None => {
                 self.send(req)?;
@@ -174,24 +236,21 @@ impl AgentClient {
                     id,
                     request: req.clone(),
                 })?;
-                let timeout = self
-                    .writer
-                    .read_timeout()
-                    .map_err(AgentError::Io)?
-                    .unwrap_or(Duration::MAX);
-                let deadline = Instant::now().checked_add(timeout);
+                let timeout = self.timeout;
                 loop {
-                    let line = self.receive()?;
+                    let line = match self.receive() {
+                        Err(AgentError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+                            return Err(AgentError::Protocol(format!(
+                                "no response to request {id} within {timeout:?}, only others"
+                            )));
+                        }
+                        r => r?,
+                    };
                     // Anything else is a leftover of an earlier client (or its cut-off line).
                     if let Ok(env) = serde_json::from_slice::<ResponseEnvelope>(&line)
                         && env.id == id
                     {
                         break env.response;
-                    }
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(AgentError::Protocol(format!(
-                            "no response to request {id} within {timeout:?}, only others"
-                        )));
                     }
                 }
             }
@@ -419,6 +478,57 @@ mod tests {
         );
         drop(c);
         peer.join().unwrap();
+    }
+
+    #[test]
+    fn a_response_dripped_slowly_is_cut_at_the_calls_deadline() {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let peer = std::thread::spawn(move || {
+            let mut w = &guest;
+            // One byte every 20 ms: each read is well within the timeout, the whole is not.
+            for _ in 0..200 {
+                if w.write_all(b" ").is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let mut c = AgentClient::from_stream(host, Duration::from_millis(300), None).unwrap();
+        let t = Instant::now();
+        let err = c.call(&Request::Ping).unwrap_err();
+        let took = t.elapsed();
+        assert!(took < Duration::from_millis(1500), "held {took:?}: {err}");
+        assert!(
+            matches!(&err, AgentError::Io(e) if e.kind() == io::ErrorKind::TimedOut),
+            "{err}"
+        );
+        drop(c);
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn the_socket_is_not_followed_when_the_lc_replaced_it_with_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        // A "host" socket elsewhere, and the agent's socket path made a link to it.
+        let host_sock = dir.path().join("host.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&host_sock).unwrap();
+        let agent = dir.path().join("agent.sock");
+        std::os::unix::fs::symlink(&host_sock, &agent).unwrap();
+        let err = AgentClient::connect(&agent, Duration::from_secs(1))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("not a socket (a link)"), "{err}");
+        listener.set_nonblocking(true).unwrap();
+        assert!(
+            listener.accept().is_err(),
+            "nothing connected to the host socket"
+        );
+        // A plain file is refused too; the real socket is connected to through its descriptor.
+        std::fs::remove_file(&agent).unwrap();
+        std::fs::write(&agent, "x").unwrap();
+        assert!(AgentClient::connect(&agent, Duration::from_secs(1)).is_err());
+        assert!(AgentClient::connect(&host_sock, Duration::from_secs(1)).is_ok());
+        assert!(listener.accept().is_ok());
     }
 
     /// Reads a script of chunks; `None` is a read of 0 bytes (no host connected); the end of

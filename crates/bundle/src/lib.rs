@@ -35,7 +35,7 @@ pub use config::{BundlesConfig, BundlesConfigError};
 pub use hash::Sha256;
 pub use keys::{KeyError, KeyId, SignatureError, TrustedKey, TrustedKeys};
 pub use manifest::{BundleId, Check, Manifest, ManifestError, Severity, Step};
-pub use table::{TableCopy, TableEntry, TableError, read_table, verify_marked, write_table};
 #[cfg(feature = "stage")]
 pub use table::stage;
+pub use table::{TableCopy, TableEntry, TableError, read_table, verify_marked, write_table};
 pub use verify::{VerifiedBundle, VerifyError, verify_bundle};

@@ -294,6 +294,15 @@ impl LcRoot {
         remove_at(&dir, name).map_err(self.err("removing", rel))
     }
 
+    /// Removes everything in the root (the root directory itself stays); nothing is followed.
+    pub fn clear(&self) -> Result<(), RootError> {
+        let top = self.dir("clearing", Path::new(""))?;
+        for n in list(&top).map_err(self.err("clearing", Path::new("")))? {
+            remove_at(&top, &n).map_err(self.err("clearing", Path::new(&n)))?;
+        }
+        Ok(())
+    }
+
     /// What `rel` is, links resolved within the root (`None`: absent).
     pub fn stat(&self, rel: &Path) -> Result<Option<FileStat>, RootError> {
         let rel = clean(rel);

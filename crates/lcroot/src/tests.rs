@@ -154,6 +154,11 @@ fn removal_takes_the_link_not_its_target() {
     lc.remove_all(Path::new("a")).unwrap();
     assert!(!fx.root.join("a").exists());
     assert_eq!(fx.host_state(), before);
+    // Clearing the whole root takes links to host trees as links.
+    symlink(&fx.host, fx.root.join("hostdir")).unwrap();
+    lc.clear().unwrap();
+    assert_eq!(fs::read_dir(&fx.root).unwrap().count(), 0);
+    assert_eq!(fx.host_state(), before);
 }
 
 #[test]

@@ -107,17 +107,24 @@ pub fn endpoint(backend: &dyn LcBackend, spec: &LcSpec) -> Result<Endpoint, Orch
 /// Clears a standby disk so the copier finds an empty destination. Refuses anything that is
 /// not the standby's own configured disk path.
 fn clear_disk(path: &Path, disk: &'static str) -> Result<(), OrchestratorError> {
-    let res = match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
-        Ok(_) => std::fs::remove_file(path),
-    };
-    res.map_err(|source| OrchestratorError::Prepare {
+    let prep = |source: std::io::Error| OrchestratorError::Prepare {
         disk,
         path: path.to_owned(),
         source,
-    })?;
+    };
+    // The disk's contents are an LC's: emptied through its root handle (nothing in it is
+    // followed), then the empty directory itself goes.
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(prep(e)),
+        Ok(m) if m.is_dir() => {
+            patchover_lcroot::LcRoot::open(path)
+                .and_then(|r| r.clear())
+                .map_err(|e| prep(std::io::Error::other(e)))?;
+            std::fs::remove_dir(path).map_err(prep)?;
+        }
+        Ok(_) => std::fs::remove_file(path).map_err(prep)?,
+    }
     let marker = patchover_disk::marker_path(path, true);
     if marker.exists() {
         let _ = std::fs::remove_dir_all(marker);
@@ -540,10 +547,12 @@ impl<'a> Orchestrator<'a> {
         })?;
         if !rollback {
             let patch_report = self.step(report, "patch_report", |o, report| {
+                let staged: Vec<&str> = bundles.iter().map(|b| b.id()).collect();
                 let r = wait_report(
                     o.backend,
                     &standby,
                     &run_id.to_string(),
+                    &staged,
                     o.settings.report_timeout,
                 )?;
                 for b in &r.report.bundles {
@@ -801,15 +810,20 @@ fn wait_report(
     backend: &dyn LcBackend,
     standby: &LcSpec,
     run_id: &str,
+    staged: &[&str],
     timeout: Duration,
 ) -> Result<PatchReport, OrchestratorError> {
     let start = Instant::now();
     loop {
         if let Ok(mut c) = backend.agent(standby)
             && let Ok(Response::Report { report: Some(v) }) = c.call(&Request::Report)
-            && let Ok(r) = serde_json::from_value::<PatchReport>(v)
-            && r.run_id == run_id
         {
+            // Once the LC says something, it is judged, not waited on: a report this run did
+            // not stage is refused at once, and nothing of it is recorded.
+            let r = serde_json::from_value::<PatchReport>(v)
+                .map_err(|e| OrchestratorError::BadReport(format!("not a patch report: {e}")))?;
+            check_report(&r, run_id, standby.id.as_str(), staged)
+                .map_err(OrchestratorError::BadReport)?;
             return Ok(r);
         }
         if start.elapsed() >= timeout {
@@ -819,5 +833,101 @@ fn wait_report(
             return Err(patchover_lc::LcError::NotRunning(standby.id.clone()).into());
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What the standby reports (1207) is a claim of an untrusted LC: it must be for this run and
+/// this LC, and name exactly the bundles staged for it, in order, with the agent's own rule
+/// (after a failure the rest are skipped). Returns why not.
+pub(crate) fn check_report(
+    r: &PatchReport,
+    run_id: &str,
+    lc: &str,
+    staged: &[&str],
+) -> Result<(), String> {
+    if r.run_id != run_id {
+        return Err(format!(
+            "the report is for run {:?}, this run is {run_id}",
+            r.run_id
+        ));
+    }
+    if r.lc != lc {
+        return Err(format!(
+            "the report is for LC {:?}, the standby is {lc}",
+            r.lc
+        ));
+    }
+    let got: Vec<&str> = r.report.bundles.iter().map(|b| b.id.as_str()).collect();
+    if got != staged {
+        return Err(format!(
+            "the report names the bundles {got:?}, this run staged {staged:?}"
+        ));
+    }
+    let mut failed = false;
+    for b in &r.report.bundles {
+        if failed && b.status != BundleStatus::Skipped {
+            return Err(format!(
+                "the report has bundle {} {} after a failed one (the agent skips the rest)",
+                b.id,
+                b.status.as_str()
+            ));
+        }
+        failed |= b.status == BundleStatus::Failed;
+    }
+    if r.all_ok != r.report.all_ok() {
+        return Err("the report's all_ok contradicts its bundles".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod report_tests {
+    use super::check_report;
+    use patchover_agent::apply::PatchReport;
+
+    fn report(run: &str, lc: &str, bundles: &[(&str, &str)]) -> PatchReport {
+        let all_ok = bundles.iter().all(|(_, s)| *s == "ok");
+        let b: Vec<_> = bundles
+            .iter()
+            .map(|(id, st)| {
+                serde_json::json!({"id": id, "status": st, "exit_code": null, "output": "",
+                    "duration_ms": 1, "step": null, "error": null, "finished_unix": 0})
+            })
+            .collect();
+        serde_json::from_value(
+            serde_json::json!({"run_id": run, "lc": lc, "all_ok": all_ok, "bundles": b}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn only_the_staged_bundles_of_this_run_are_accepted() {
+        let staged = ["a", "b"];
+        let ok = report("7", "lc2", &[("a", "ok"), ("b", "ok")]);
+        check_report(&ok, "7", "lc2", &staged).unwrap();
+        let failed = report("7", "lc2", &[("a", "failed"), ("b", "skipped")]);
+        check_report(&failed, "7", "lc2", &staged).unwrap();
+        for (r, why) in [
+            (report("8", "lc2", &[("a", "ok"), ("b", "ok")]), "run"),
+            (report("", "lc2", &[("a", "ok"), ("b", "ok")]), "run"),
+            (report("7", "lc1", &[("a", "ok"), ("b", "ok")]), "LC"),
+            (report("7", "lc2", &[]), "staged"),
+            (report("7", "lc2", &[("a", "ok")]), "staged"),
+            (report("7", "lc2", &[("b", "ok"), ("a", "ok")]), "staged"),
+            (
+                report("7", "lc2", &[("a", "ok"), ("b", "ok"), ("evil", "ok")]),
+                "staged",
+            ),
+            (
+                report("7", "lc2", &[("a", "failed"), ("b", "ok")]),
+                "after a failed",
+            ),
+        ] {
+            let e = check_report(&r, "7", "lc2", &staged).unwrap_err();
+            assert!(e.contains(why), "{why}: {e}");
+        }
+        let mut lie = report("7", "lc2", &[("a", "failed"), ("b", "skipped")]);
+        lie.all_ok = true;
+        assert!(check_report(&lie, "7", "lc2", &staged).is_err());
     }
 }

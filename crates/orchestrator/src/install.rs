@@ -88,8 +88,11 @@ pub fn install(
         let p = Path::new(UNIT_FILE);
         root.write_file(p, UNIT.as_bytes(), 0o644)
             .map_err(InstallError::Root)?;
-        root.symlink(Path::new(UNIT_WANTS), Path::new("../patchover-apply.service"))
-            .map_err(InstallError::Root)?;
+        root.symlink(
+            Path::new(UNIT_WANTS),
+            Path::new("../patchover-apply.service"),
+        )
+        .map_err(InstallError::Root)?;
         p
     } else {
         return Err(InstallError::NoBootScripts(root.host_path().to_owned()));

@@ -157,6 +157,8 @@ pub enum OrchestratorError {
         "the standby did not report its patch results within {0:?}; see its console log and /var/log/patchover-apply.log on its system disk"
     )]
     ReportTimeout(Duration),
+    #[error("the standby's report is refused: {0}")]
+    BadReport(String),
     #[error("patch {id} failed on the standby{}: {error}", step.map(|s| format!(" at step {s}")).unwrap_or_default())]
     PatchFailed {
         id: String,
@@ -204,6 +206,9 @@ impl OrchestratorError {
             }
             OrchestratorError::PatchFailed { .. } | OrchestratorError::PostCheck(_) => {
                 "the service stays on the active LC; fix the bundle (see `patchover patches show ID`) and run again"
+            }
+            OrchestratorError::BadReport(_) => {
+                "the service stays on the active LC and nothing of the report was recorded; the standby's agent said something this run did not stage: inspect the active LC, which the standby was copied from"
             }
             OrchestratorError::Switch(_) => {
                 "the switch was rolled back and the service stays on the active LC; see the error"

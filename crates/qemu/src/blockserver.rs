@@ -754,9 +754,16 @@ pub struct LoopMount {
 const LOOP_RELEASE: Duration = Duration::from_secs(5);
 
 impl LoopMount {
-    /// `mount -o loop[,ro] file at`. Buffered (never `--direct-io`): see the module docs.
+    /// `mount -o loop,nosuid,nodev[,ro] file at`. Buffered (never `--direct-io`): see the
+    /// module docs. The image is the LC's, written by whatever runs in it: no set-user-ID
+    /// program or device node on it takes effect (it is the LC's application disk, so it
+    /// stays executable inside the LC).
     pub fn mount(file: &Path, at: &Path, read_only: bool) -> Result<LoopMount, BlockServerError> {
-        let opts = if read_only { "loop,ro" } else { "loop" };
+        let opts = if read_only {
+            "loop,nosuid,nodev,ro"
+        } else {
+            "loop,nosuid,nodev"
+        };
         run(
             Command::new("mount").args(["-o", opts]).arg(file).arg(at),
             &format!("mount -o {opts} {} {}", file.display(), at.display()),

@@ -221,7 +221,9 @@ fn child_boot(spec: &LaunchSpec, console: &File) -> Result<std::convert::Infalli
         ));
     }
     for m in &spec.mounts {
-        let target = lc.mount_target(&m.target, 0o755).map_err(|e| e.to_string())?;
+        let target = lc
+            .mount_target(&m.target, 0o755)
+            .map_err(|e| e.to_string())?;
         mount_disk(m, &fd_path(&target))?;
     }
     mount_kernel_fs(&lc)?;
@@ -278,10 +280,8 @@ fn mount_disk(m: &MountSpec, target: &Path) -> Result<(), String> {
     match m.kind {
         DiskKind::Dir => bind(&m.source, target),
         // A loop device the host attached (an image served by the image server).
-        DiskKind::Image if block_device => {
-            run_quiet(mount_cmd(target)?.arg(&m.source).arg(target))
-                .map_err(|e| format!("mounting {}: {e}", m.source.display()))
-        }
+        DiskKind::Image if block_device => run_quiet(mount_cmd(target)?.arg(&m.source).arg(target))
+            .map_err(|e| format!("mounting {}: {e}", m.source.display())),
         // util-linux sets up the loop device with autoclear: it goes when the LC's mount
         // namespace (and so the mount) goes.
         DiskKind::Image => run_quiet(
@@ -306,8 +306,11 @@ fn mount_cmd(target: &Path) -> Result<Command, String> {
         // SAFETY: `n` is a descriptor this process holds open for the command's lifetime
         // (the caller's target); F_SETFD only changes its close-on-exec flag.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(n) };
-        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))
-            .map_err(errno("making the mount point inheritable"))?;
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .map_err(errno("making the mount point inheritable"))?;
     }
     let mut c = Command::new("mount");
     c.arg("--no-canonicalize");
@@ -321,8 +324,14 @@ fn mount_kernel_fs(lc: &LcRoot) -> Result<(), String> {
             .map_err(|e| e.to_string())
     };
     let proc_ = at("proc")?;
-    mount(Some("proc"), &fd_path(&proc_), Some("proc"), nosuid, None::<&str>)
-        .map_err(errno("mounting /proc"))?;
+    mount(
+        Some("proc"),
+        &fd_path(&proc_),
+        Some("proc"),
+        nosuid,
+        None::<&str>,
+    )
+    .map_err(errno("mounting /proc"))?;
     let sys = at("sys")?;
     mount(
         Some("sysfs"),
