@@ -119,3 +119,57 @@ pub fn uninstall(root: &LcRoot) {
         tracing::warn!(error = %e, "removing the agent directory");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    /// A systemd root whose unit directories are links out of it (absolute and relative): the
+    /// unit, its `wants` link, the agent and the table land inside the root; the host's
+    /// directories keep what they had.
+    #[test]
+    fn a_systemd_root_with_links_out_keeps_every_write_inside() {
+        let t = tempfile::tempdir().unwrap();
+        let (root, host) = (t.path().join("root"), t.path().join("host"));
+        fs::create_dir_all(host.join("units")).unwrap();
+        fs::write(host.join("units/keep"), "host's").unwrap();
+        fs::write(host.join("agent-bin"), "agent").unwrap();
+        fs::create_dir_all(root.join("etc/systemd/system")).unwrap();
+        fs::create_dir_all(root.join("var/lib")).unwrap();
+        // The wants directory: absolute link to the host's; the unit file: relative link out.
+        symlink(
+            host.join("units"),
+            root.join("etc/systemd/system/multi-user.target.wants"),
+        )
+        .unwrap();
+        symlink(
+            "../../../../../../../../../../host/units/keep",
+            root.join("etc/systemd/system/patchover-apply.service"),
+        )
+        .unwrap();
+        symlink(host.join("units"), root.join("var/lib/patchover-agent")).unwrap();
+        let lc = LcRoot::open(&root).unwrap();
+        // The absolute link points at nothing inside the root: refused, the host untouched.
+        let e = install(&lc, "lc2", "1", &[], &[], &host.join("agent-bin")).unwrap_err();
+        assert!(format!("{e:?}").contains("NotADirectory"), "{e:?}");
+        assert_eq!(fs::read_dir(host.join("units")).unwrap().count(), 1);
+        // Made to exist inside (as the LC would see it): the writes go there.
+        fs::create_dir_all(root.join(host.join("units").strip_prefix("/").unwrap())).unwrap();
+        let i = install(&lc, "lc2", "1", &[], &[], &host.join("agent-bin")).unwrap();
+        assert_eq!(i.script, Path::new("/").join(UNIT_FILE));
+        assert_eq!(fs::read_dir(host.join("units")).unwrap().count(), 1);
+        assert_eq!(
+            fs::read_to_string(host.join("units/keep")).unwrap(),
+            "host's"
+        );
+        let unit = root.join(UNIT_FILE);
+        assert!(fs::symlink_metadata(&unit).unwrap().is_file());
+        assert_eq!(fs::read_to_string(unit).unwrap(), UNIT);
+        uninstall(&lc);
+        assert_eq!(fs::read_dir(host.join("units")).unwrap().count(), 1);
+        assert!(fs::symlink_metadata(root.join(UNIT_FILE)).is_err());
+    }
+}
