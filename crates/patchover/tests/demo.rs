@@ -64,3 +64,40 @@ fn demo(args: &[&str], min_requests: u64) -> serde_json::Value {
     );
     report
 }
+
+/// The soak's fast case (the long one, ≥ 50 cycles per mode, is in the slow tier): three
+/// patch → rollback cycles under load, nothing failed or lost, and no resource count grows
+/// from after the first cycle to after the last. To see that a leak is caught, the census
+/// is also checked to count what it claims (the LCs' veths and cgroups are there).
+#[test]
+fn a_short_soak_leaves_nothing_behind() {
+    let dir = tempfile::Builder::new()
+        .prefix("po-soak-")
+        .tempdir()
+        .unwrap();
+    let out = Command::new(common::BIN)
+        .env("PATCHOVER_GUEST_DIR", common::guest_dir())
+        .args(["--json", "bench", "soak", "--cycles", "3", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(out.status.success(), "{r:#}");
+    assert_eq!(r["cycles"], 3, "{r:#}");
+    assert_eq!(r["requests_failed"], 0, "{r:#}");
+    assert_eq!(r["writes_lost"], 0, "{r:#}");
+    assert!(r["writes_acknowledged"].as_u64().unwrap() > 100, "{r:#}");
+    for (k, v) in r["leaks"].as_object().unwrap() {
+        assert!(v.as_i64().unwrap() <= 0, "{k} leaked: {r:#}");
+    }
+    let census = &r["census_after_last"];
+    for (k, at_least) in [("veths", 2), ("cgroups", 2), ("processes", 1), ("open_fds", 3)] {
+        assert!(census[k].as_i64().unwrap() >= at_least, "{k}: {r:#}");
+    }
+    assert!(r["history_bytes_per_cycle"].as_f64().unwrap() > 0.0, "{r:#}");
+}

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use super::{Ctx, bench_copy, bench_cycle, bench_feed, bench_switch};
+use super::{Ctx, bench_copy, bench_cycle, bench_feed, bench_soak, bench_switch};
 
 #[derive(Subcommand)]
 pub enum BenchCmd {
@@ -15,6 +15,9 @@ pub enum BenchCmd {
     /// The patch cycle split by step, and the orchestration overhead (goal < 1 s), against
     /// stop-patch-restart on one LC.
     Cycle(bench_cycle::BenchArgs),
+    /// patch → rollback cycles under load, counting what each leaves on the host (fds, rules,
+    /// conntrack, mounts, loops, cgroups, namespaces, veths, processes, files): every leak 0.
+    Soak(bench_soak::BenchArgs),
     /// A 10,000-entry feed index verified, parsed and diffed with the patch table (goal < 100 ms).
     Feed(bench_feed::BenchArgs),
 }
@@ -25,5 +28,6 @@ pub fn run(cmd: BenchCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         BenchCmd::Switch(a) => bench_switch::run(a, ctx),
         BenchCmd::Feed(a) => bench_feed::run(a, ctx),
         BenchCmd::Cycle(a) => bench_cycle::run(a, ctx),
+        BenchCmd::Soak(a) => bench_soak::run(a, ctx),
     }
 }

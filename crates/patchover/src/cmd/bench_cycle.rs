@@ -70,16 +70,10 @@ fn probe_ok(p: &Prepared) -> bool {
     .unwrap_or(false)
 }
 
-pub fn run(a: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let say = |s: &str| {
-        if !ctx.json {
-            eprintln!("bench cycle: {s}");
-        }
-    };
-    let p = prepare(&a.dir, a.backend, a.mode, &say)?;
-    let exe = std::env::current_exe()?;
-    // An idempotent patch for every cycle after the first (which also applies demo-1.0.1).
-    let stamp = a.dir.join("stamp-src");
+/// Makes, signs and imports (marked) an idempotent bundle that every cycle after the first
+/// applies (the first also applies demo-1.0.1); returns its id.
+pub fn import_stamp_bundle(dir: &std::path::Path, p: &Prepared) -> anyhow::Result<String> {
+    let stamp = dir.join("stamp-src");
     std::fs::create_dir_all(stamp.join("payload"))?;
     std::fs::write(
         stamp.join("payload/stamp.sh"),
@@ -89,7 +83,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         stamp.join("manifest.toml"),
         "format = 1\nid = \"bench-stamp\"\ntitle = \"bench stamp\"\ncategory = \"bugfix\"\nseverity = \"low\"\npublished = 2026-11-25T00:00:00Z\n[[step]]\nkind = \"script\"\nfile = \"stamp.sh\"\n",
     )?;
-    let file = a.dir.join("bench-stamp.po");
+    let file = dir.join("bench-stamp.po");
     patchover_bundle::create::create_bundle(&stamp, &file)?;
     patchover_bundle::create::sign_bundle(
         &file,
@@ -99,6 +93,18 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         super::patches::PatchesCmd::Import { file, mark: true },
         &p.ctx,
     )?;
+    Ok("bench-stamp".into())
+}
+
+pub fn run(a: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let say = |s: &str| {
+        if !ctx.json {
+            eprintln!("bench cycle: {s}");
+        }
+    };
+    let p = prepare(&a.dir, a.backend, a.mode, &say)?;
+    let exe = std::env::current_exe()?;
+    let stamp = import_stamp_bundle(&a.dir, &p)?;
 
     let mut cycles = Vec::new();
     let mut active = "lc1".to_owned();
@@ -106,7 +112,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         if i > 0 {
             super::patches::run(
                 super::patches::PatchesCmd::Mark {
-                    ids: vec!["bench-stamp".into()],
+                    ids: vec![stamp.clone()],
                 },
                 &p.ctx,
             )?;

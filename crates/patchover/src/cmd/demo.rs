@@ -57,8 +57,8 @@ pub fn parse_backend(s: &str) -> Result<BackendKind, String> {
     }
 }
 
-const BRIDGE: &str = "podemo0";
-const NET: &str = "10.77.250";
+pub(super) const BRIDGE: &str = "podemo0";
+pub(super) const NET: &str = "10.77.250";
 const CLIENT_NS: &str = "podemo-client";
 /// The client's own network in `seamless` mode (routed through the host).
 const CLIENT_NET: &str = "10.78.250";
@@ -185,7 +185,7 @@ nic = [{nic2}]
 }
 
 /// One request with a deadline on a fresh connection; the status code.
-fn request(
+pub(super) fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
@@ -214,13 +214,13 @@ fn request(
         .ok_or_else(|| "malformed answer".to_owned())
 }
 
-struct WriterResult {
-    acked: BTreeMap<String, String>,
-    failed: Vec<String>,
+pub(super) struct WriterResult {
+    pub acked: BTreeMap<String, String>,
+    pub failed: Vec<String>,
 }
 
 /// Writes keys as fast as the service acknowledges them, from inside the client namespace.
-fn writer(
+pub(super) fn writer(
     netns: PathBuf,
     addr: SocketAddr,
     deadline: Duration,
@@ -254,7 +254,7 @@ fn writer(
 }
 
 /// Counts the acknowledged writes the service no longer has.
-fn lost_writes(
+pub(super) fn lost_writes(
     netns: &Path,
     addr: SocketAddr,
     acked: &BTreeMap<String, String>,

@@ -7,6 +7,7 @@ pub mod bench_copy_image;
 pub mod bench_copy_qemu;
 pub mod bench_cycle;
 pub mod bench_feed;
+pub mod bench_soak;
 pub mod bench_switch;
 pub mod bundle;
 pub mod demo;
