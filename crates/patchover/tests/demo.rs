@@ -96,8 +96,16 @@ fn a_short_soak_leaves_nothing_behind() {
         assert!(v.as_i64().unwrap() <= 0, "{k} leaked: {r:#}");
     }
     let census = &r["census_after_last"];
-    for (k, at_least) in [("veths", 2), ("cgroups", 2), ("processes", 1), ("open_fds", 3)] {
+    for (k, at_least) in [
+        ("veths", 2),
+        ("cgroups", 2),
+        ("processes", 1),
+        ("open_fds", 3),
+    ] {
         assert!(census[k].as_i64().unwrap() >= at_least, "{k}: {r:#}");
     }
-    assert!(r["history_bytes_per_cycle"].as_f64().unwrap() > 0.0, "{r:#}");
+    assert!(
+        r["history_bytes_per_cycle"].as_f64().unwrap() > 0.0,
+        "{r:#}"
+    );
 }

@@ -213,6 +213,51 @@ fn plant_boot_script(c: &Cycle, lc: &str, body: &str) {
     );
 }
 
+/// Two LCs, the service on the first with the upgrade marked, a client, and a host canary.
+struct Scene {
+    c: Cycle,
+    a: String,
+    b: String,
+    client: Client,
+    svc: String,
+    canary: Canary,
+    before: BTreeMap<PathBuf, String>,
+}
+
+impl Scene {
+    fn new(extra: &str) -> Scene {
+        let c = Cycle::new(2, extra);
+        c.upgrade_bundle();
+        c.start_service();
+        let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+        let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+        let svc = c.t.service();
+        let canary = Canary::new();
+        let before = canary.state();
+        Scene {
+            c,
+            a,
+            b,
+            client,
+            svc,
+            canary,
+            before,
+        }
+    }
+
+    /// `patchover patch` on the active LC under load; whatever the run's outcome, the host's
+    /// canary is untouched, no request failed and every acknowledged write is served.
+    fn patch_under_load(&self) -> (Option<i32>, serde_json::Value) {
+        let load = Load::start(&self.client, self.svc.clone());
+        let (code, report) = patch(&self.c, &self.a);
+        let (ok, failures, acked) = load.finish();
+        self.canary.assert_untouched(&self.before);
+        assert!(failures.is_empty() && ok > 0, "{failures:?}");
+        assert_all_there(&self.client, &self.svc, &acked);
+        (code, report)
+    }
+}
+
 #[test]
 fn links_planted_in_the_active_lc_never_lead_patchover_out_of_it() {
     let rules = tempfile::tempdir().unwrap();
@@ -221,19 +266,15 @@ fn links_planted_in_the_active_lc_never_lead_patchover_out_of_it() {
         "rule never_here { strings: $a = \"NOT-ON-ANY-DISK-7f3a\" condition: $a }",
     )
     .unwrap();
-    let c = Cycle::new(
-        2,
-        &format!("\n[yara]\nrules = \"{}\"\n", rules.path().display()),
-    );
-    c.upgrade_bundle();
-    c.start_service();
-    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
-    let canary = Canary::new();
-    let before = canary.state();
+    let s = Scene::new(&format!(
+        "\n[yara]\nrules = \"{}\"\n",
+        rules.path().display()
+    ));
+    let (c, a, b, canary) = (&s.c, &s.a, &s.b, &s.canary);
     let up = "../../../../../../../../../..";
     inside(
-        &c,
-        &a,
+        c,
+        a,
         &format!(
             "set -e
             ln -sfn {passwd} /etc/init.d/S05patchover                       # 1
@@ -256,8 +297,8 @@ fn links_planted_in_the_active_lc_never_lead_patchover_out_of_it() {
     // 10: flips /srv/flip between a directory with a file and a link to the host's directory,
     // as fast as the shell goes, for the whole run; counts its flips.
     inside(
-        &c,
-        &a,
+        c,
+        a,
         &format!(
             "mkdir -p /srv; (n=0; while :; do rm -rf /srv/flip; mkdir /srv/flip; echo inside > /srv/flip/file; \
              rm -rf /srv/flip; ln -s {sub} /srv/flip; n=$((n+1)); echo $n > /srv/flips.tmp; mv /srv/flips.tmp /srv/flips; done) \
@@ -271,8 +312,6 @@ fn links_planted_in_the_active_lc_never_lead_patchover_out_of_it() {
     std::os::unix::fs::symlink(&canary.dir, bsys.join("hostdir")).unwrap();
     std::os::unix::fs::symlink(canary.dir.join("passwd"), bsys.join("etc/passwd")).unwrap();
 
-    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
-    let svc = c.t.service();
     // Read on the host (the old LC is stopped after the switch); a test may read its own disk.
     let asys = c.t.lcs[0].sys.clone();
     let flips = |_: &Cycle| -> u64 {
@@ -282,21 +321,16 @@ fn links_planted_in_the_active_lc_never_lead_patchover_out_of_it() {
             .parse()
             .unwrap_or(0)
     };
-    let load = Load::start(&client, svc.clone());
-    let flips_before = flips(&c);
-    let (code, report) = patch(&c, &a);
-    let flips_during = flips(&c) - flips_before;
-    let (ok, failures, acked) = load.finish();
+    let flips_before = flips(c);
+    let (code, report) = s.patch_under_load();
+    let flips_during = flips(c) - flips_before;
     eprintln!("10: {flips_during} flips of /srv/flip during the run");
 
-    canary.assert_untouched(&before);
     canary.assert_not_in(&bsys);
     canary.assert_not_in(&c.t.lcs[1].app);
     assert_eq!(code, Some(0), "{report:#}");
     assert_eq!(report["standby"], b.as_str());
-    assert!(failures.is_empty() && ok > 0, "{failures:?}");
-    assert_all_there(&client, &svc, &acked);
-    assert_served_by(&client, &svc, &b, "1.0.1");
+    assert_served_by(&s.client, &s.svc, b, "1.0.1");
     assert!(
         flips_during > 10,
         "the race never ran: {flips_during} flips"
@@ -333,28 +367,19 @@ fn links_planted_in_the_active_lc_never_lead_patchover_out_of_it() {
 
 #[test]
 fn a_parent_directory_link_fails_the_run_cleanly() {
-    let c = Cycle::new(2, "");
-    c.upgrade_bundle();
-    c.start_service();
-    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
-    let canary = Canary::new();
-    let before = canary.state();
+    let s = Scene::new("");
+    let (c, a, b, canary) = (&s.c, &s.a, &s.b, &s.canary);
     // 12: /var/lib is a link to the host's directory (absolute). Inside the LC it points at
     // nothing; patchover must resolve it as the LC would and never reach the host's.
     inside(
-        &c,
-        &a,
+        c,
+        a,
         &format!(
             "set -e; rm -rf /var/lib; ln -s {} /var/lib",
             canary.path("sub")
         ),
     );
-    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
-    let svc = c.t.service();
-    let load = Load::start(&client, svc.clone());
-    let (code, report) = patch(&c, &a);
-    let (ok, failures, acked) = load.finish();
-    canary.assert_untouched(&before);
+    let (code, report) = s.patch_under_load();
     canary.assert_not_in(&c.t.lcs[1].sys);
     assert_eq!(code, Some(1), "{report:#}");
     assert_eq!(failed_step(&report), ["install_patches"], "{report:#}");
@@ -363,22 +388,14 @@ fn a_parent_directory_link_fails_the_run_cleanly() {
         err.contains("inside the LC root") && err.contains("var/lib"),
         "{err}"
     );
-    assert!(failures.is_empty() && ok > 0, "{failures:?}");
-    assert_all_there(&client, &svc, &acked);
-    assert_served_by(&client, &svc, &a, "1.0.0");
-    assert_eq!(c.t.po_json(&["lc", "status", &b])["state"], "stopped");
+    assert_served_by(&s.client, &s.svc, a, "1.0.0");
+    assert_eq!(c.t.po_json(&["lc", "status", b])["state"], "stopped");
 }
 
 #[test]
 fn a_forged_report_is_refused_and_nothing_of_it_is_recorded() {
-    let c = Cycle::new(2, "");
-    c.upgrade_bundle();
-    c.start_service();
-    let a = c.t.lcs[0].id.clone();
-    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
-    let svc = c.t.service();
-    let canary = Canary::new();
-    let before = canary.state();
+    let s = Scene::new("");
+    let (c, a) = (&s.c, &s.a);
     // The planted script reads the run and LC from the table patchover staged and writes the
     // report before the real script runs (which then finds "its" report and stops).
     let forge = |bundles: &str| {
@@ -395,10 +412,8 @@ fn a_forged_report_is_refused_and_nothing_of_it_is_recorded() {
         (13, String::new(), "this run staged"),
         (14, evil.to_owned(), "\"evil\""),
     ] {
-        plant_boot_script(&c, &a, &forge(&bundles));
-        let load = Load::start(&client, svc.clone());
-        let (code, report) = patch(&c, &a);
-        let (ok, failures, acked) = load.finish();
+        plant_boot_script(c, a, &forge(&bundles));
+        let (code, report) = s.patch_under_load();
         assert_eq!(code, Some(1), "{n}: {report:#}");
         assert_eq!(failed_step(&report), ["patch_report"], "{n}: {report:#}");
         let err = report["error"].as_str().unwrap();
@@ -406,9 +421,7 @@ fn a_forged_report_is_refused_and_nothing_of_it_is_recorded() {
             err.contains("report is refused") && err.contains(why),
             "{n}: {err}"
         );
-        assert!(failures.is_empty() && ok > 0, "{n}: {failures:?}");
-        assert_all_there(&client, &svc, &acked);
-        assert_served_by(&client, &svc, &a, "1.0.0");
+        assert_served_by(&s.client, &s.svc, a, "1.0.0");
         let p = c.t.po_json(&["patches", "show", "demo-1.0.1"]);
         assert_ne!(p["last_result"], "ok", "{n}: {p}");
         assert!(
@@ -416,36 +429,24 @@ fn a_forged_report_is_refused_and_nothing_of_it_is_recorded() {
             "{n}: a bundle the LC named was recorded"
         );
     }
-    canary.assert_untouched(&before);
 }
 
 #[test]
 fn a_replaced_agent_socket_is_never_followed_to_the_host() {
-    let c = Cycle::new(2, "");
-    c.upgrade_bundle();
-    c.start_service();
-    let a = c.t.lcs[0].id.clone();
-    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
-    let svc = c.t.service();
-    let canary = Canary::new();
-    let before = canary.state();
+    let s = Scene::new("");
+    let (c, a) = (&s.c, &s.a);
     // 15: on the standby, whenever the agent's socket appears it is replaced by a link to a
     // host socket (the directory is bound writable into the LC).
     plant_boot_script(
-        &c,
-        &a,
+        c,
+        a,
         &format!(
             "(while :; do s=/run/patchover-agent/agent.sock; if [ -S $s ]; then rm -f $s; ln -s {} $s; fi; sleep 0.02; done) >/dev/null 2>&1 &",
-            canary.path("host.sock")
+            s.canary.path("host.sock")
         ),
     );
-    let load = Load::with_deadline(&client, svc.clone(), Duration::from_secs(2));
-    let (code, report) = patch(&c, &a);
-    let (ok, failures, acked) = load.finish();
-    canary.assert_untouched(&before);
-    assert!(failures.is_empty() && ok > 0, "{failures:?}");
-    assert_all_there(&client, &svc, &acked);
+    let (code, report) = s.patch_under_load();
     // Unreachable agent: the run fails at the standby's boot, the service stays.
     assert_eq!(code, Some(1), "{report:#}");
-    assert_served_by(&client, &svc, &a, "1.0.0");
+    assert_served_by(&s.client, &s.svc, a, "1.0.0");
 }
