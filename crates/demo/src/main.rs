@@ -10,8 +10,10 @@
 //! Routes: `PUT /kv/KEY` (body = value), `GET /kv/KEY`, `GET /version`, `GET /health`.
 //!
 //! Drain (for a switch): SIGUSR1 makes the service stop keeping connections alive — a request
-//! in flight is answered with `Connection: close`, an idle keep-alive connection is closed —
-//! while it keeps accepting new ones; SIGUSR2 undoes it.
+//! in flight is answered with `Connection: close`, a keep-alive connection idle between
+//! requests is closed — while it keeps accepting new ones; a new connection is not idle
+//! before its first request, which is awaited and answered with `Connection: close` (see
+//! `FIRST_REQUEST_GRACE`); SIGUSR2 undoes it.
 //! Every response carries `X-Served-By: <hostname>` so a client can tell which LC answered.
 //!
 //! Hand-off (the patch cycle's `seamless` mode): park, then forward to the standby, over a
@@ -40,6 +42,14 @@ const MAX_CONNECTIONS: usize = 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often an idle connection looks at the drain flag.
 const DRAIN_POLL: Duration = Duration::from_millis(10);
+/// How long a draining service waits for the first request of a new connection. Such a
+/// connection is not idle: its client sends its request right after the handshake, and only
+/// a scheduler that did not run it yet stands between the two (under load, well over
+/// `DRAIN_POLL`). Closing it then fails the request outright: a client may only retry on a
+/// connection it *reused* (RFC 9112 §9.3.1; e.g. Go's net/http never retries a fresh one).
+/// Bounded, so a client that connects and stays silent (a browser's preconnect) holds a switch
+/// for about this long, not for the switch's whole drain deadline.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// Set by SIGUSR1, cleared by SIGUSR2.
 static DRAINING: AtomicBool = AtomicBool::new(false);
@@ -210,8 +220,14 @@ enum ReadOutcome {
 }
 
 /// Waits for the first byte of the next request. `false`: close the connection (the peer
-/// closed it, it was idle too long, or the service drains).
-fn wait_for_request(r: &mut BufReader<TcpStream>) -> io::Result<bool> {
+/// closed it, it was idle too long, or the service drains and the connection is idle between
+/// requests). `opened`: when the connection was accepted if it has not sent a request yet
+/// (`None` once it has): such a connection is given [`FIRST_REQUEST_GRACE`] from then to send
+/// its first request even while the service drains.
+fn wait_for_request(
+    r: &mut BufReader<TcpStream>,
+    opened: Option<std::time::Instant>,
+) -> io::Result<bool> {
     let idle_since = std::time::Instant::now();
     r.get_ref().set_read_timeout(Some(DRAIN_POLL))?;
     let more = loop {
@@ -223,10 +239,9 @@ fn wait_for_request(r: &mut BufReader<TcpStream>) -> io::Result<bool> {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                if DRAINING.load(Ordering::SeqCst)
-                    || GATE.forwarding()
-                    || idle_since.elapsed() > IDLE_TIMEOUT
-                {
+                let closing = DRAINING.load(Ordering::SeqCst) || GATE.forwarding();
+                let fresh = opened.is_some_and(|t| t.elapsed() < FIRST_REQUEST_GRACE);
+                if (closing && !fresh) || idle_since.elapsed() > IDLE_TIMEOUT {
                     break false;
                 }
             }
@@ -379,8 +394,9 @@ fn serve_connection(stream: TcpStream, store: &Store) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = BufWriter::new(stream);
+    let mut opened = Some(std::time::Instant::now());
     loop {
-        if !wait_for_request(&mut reader)? {
+        if !wait_for_request(&mut reader, opened.take())? {
             return Ok(());
         }
         match read_request(&mut reader)? {

@@ -63,6 +63,27 @@ impl RunLock {
     }
 }
 
+/// Runs the `[service] resume` command in `lc` (undoes a drain; harmless without one). A
+/// failure is logged, not returned: the service answers either way, only without keep-alive.
+fn resume_service(o: &Orchestrator<'_>, lc: &patchover_core::LcSpec) {
+    let r = endpoint(o.backend, lc)
+        .map_err(|e| patchover_core::error::chain(&e))
+        .and_then(|ep| {
+            let mut ctl = crate::service::LcServiceControl {
+                backend: o.backend,
+                lcs: &o.config.lcs,
+                settings: &o.settings.service,
+            };
+            patchover_net::ServiceControl::resume(&mut ctl, &ep).map_err(|e| e.to_string())
+        });
+    match r {
+        Ok(()) => tracing::info!(lc = %lc.id, "resumed the old service (undid the drain)"),
+        Err(e) => {
+            tracing::warn!(lc = %lc.id, error = %e, "cannot resume the old service; it answers without keeping connections alive until it restarts")
+        }
+    }
+}
+
 /// A process that waits on a pipe from this one; dropping the guard disarms it. If this process
 /// dies first, the guard sees end of input and runs `patchover runs recover`, logging (at
 /// `info` unless `PATCHOVER_LOG` says otherwise) to [`RunGuard::LOG`] in the run dir.
@@ -382,6 +403,12 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
                     let ep = endpoint(o.backend, a)?;
                     assign_service(&ep.access, &ep.iface, ep.mac, svc)
                         .map_err(OrchestratorError::in_lc)?;
+                }
+                if mode != patchover_net::Mode::Seamless {
+                    // The switch may have drained the old service (told it to stop keeping
+                    // connections alive) before patchover died; the switcher's own rollback
+                    // resumes it, so must this one, or it stays draining until it restarts.
+                    resume_service(o, a);
                 }
             }
             tracing::info!(

@@ -203,6 +203,132 @@ fn sigkill_inside_a_hand_off_is_recovered_both_ways() {
     eprintln!("{ok} + {k_ok} requests, none failed, {moved} forwarded");
 }
 
+/// The id of the newest run in the journal (`None`: no run yet).
+fn last_run_id(c: &Cycle) -> Option<i64> {
+    c.t.po_json(&["runs", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["id"].as_i64())
+        .max()
+}
+
+/// Issue 15: recovery rolled a readdress run killed after its drain back (the address back on
+/// the old LC) but never undid the drain, so the old service went on answering every request
+/// with `Connection: close` and closing idle connections until it restarted. The drain
+/// command here marks that it ran and then takes 3 s, so patchover is killed inside it.
+#[test]
+fn r15_sigkill_inside_the_drain_leaves_the_service_keeping_connections_alive() {
+    let c = Cycle::new(
+        2,
+        "\n[service]\ndrain = [\"/bin/sh\", \"-c\", \"kill -USR1 $(cat /var/run/patchover-demo.pid) && touch /var/run/po-drained && sleep 3\"]\n",
+    );
+    c.bundle(
+        "stamp-1",
+        "[[step]]\nkind = \"script\"\nfile = \"stamp.sh\"\n",
+        &[("stamp.sh", b"date > /etc/demo/last-patch\n")],
+    );
+    c.start_service();
+    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    let a = c.t.lcs[0].id.clone();
+    let keeps_alive = || {
+        let s = svc.clone();
+        client.run(move || keep_alive_answer(&s))
+    };
+    assert_eq!(keeps_alive(), "keep-alive", "before the run");
+    // SYNs held by the killed patchover are dropped with its queue: their clients retransmit
+    // after 1 s (as in the random-point tests).
+    let load = Load::with_deadline(&client, svc.clone(), Duration::from_secs(7));
+    let mut child = Command::new(BIN)
+        .env("PATCHOVER_CONFIG", &c.t.config)
+        .env("PATCHOVER_GUEST_DIR", guest_dir())
+        .args(["--json", "patch", &a, "--mode", "readdress"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !c
+        .t
+        .po(&["lc", "exec", &a, "--", "test", "-e", "/var/run/po-drained"])
+        .status
+        .success()
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its drain"
+        );
+        assert!(start.elapsed() < Duration::from_secs(90), "no drain came");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    let t = Instant::now();
+    let outcome = loop {
+        let _ = c.t.po(&["runs", "recover"]);
+        let runs = c.t.po_json(&["runs", "list"]);
+        let last = runs.as_array().unwrap().last().cloned().unwrap();
+        if !last["ended_ms"].is_null() {
+            break last["outcome"].as_str().unwrap_or("?").to_owned();
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "not recovered");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(outcome, "rolled-back");
+    let health = {
+        let s = svc.clone();
+        client.run(move || common::http_ready(&s, "/health"))
+    };
+    assert!(
+        String::from_utf8_lossy(&health.1).contains(&format!("\"host\":\"{a}\"")),
+        "{health:?}"
+    );
+    assert_eq!(
+        keeps_alive(),
+        "keep-alive",
+        "the recovered service still drains"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let (ok, failures, acked) = load.finish();
+    assert!(
+        failures.is_empty(),
+        "{} failed requests of {}: {:?}",
+        failures.len(),
+        ok,
+        &failures[..failures.len().min(10)]
+    );
+    assert_all_there(&client, &svc, &acked);
+}
+
+/// The `Connection` header of the answer to a keep-alive `GET /version` on a new connection.
+fn keep_alive_answer(service: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect((service, 80)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /version HTTP/1.1\r\nHost: s\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "closed without an answer: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got)
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("connection:")
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
 fn env_or(name: &str, default: u32) -> u32 {
     std::env::var(name)
         .ok()
@@ -258,6 +384,9 @@ fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration, mode: &str
             .unwrap()
             .to_owned();
         c.t.po_ok(&["patches", "mark", "stamp-1"]);
+        // A kill before the run is journaled (during the checks that change nothing) is a
+        // point like any other, with no run of its own: never mistake an earlier run for it.
+        let last_run_before = last_run_id(&c);
         let delay = Duration::from_millis(rng.below(max_delay.as_millis() as u64));
         let mut child = Command::new(BIN)
             .env("PATCHOVER_CONFIG", &c.t.config)
@@ -306,9 +435,15 @@ fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration, mode: &str
                 .iter()
                 .all(|r| !r["ended_ms"].is_null())
             {
-                if recovered.as_array().is_some_and(|a| a.is_empty()) && !finished {
-                    let last = runs.as_array().unwrap().last().cloned().unwrap_or_default();
-                    recovered = serde_json::json!([{"outcome": last["outcome"]}]);
+                if recovered.as_array().is_some_and(|a| a.is_empty())
+                    && !finished
+                    && let Some(this) = runs
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|r| r["id"].as_i64() > last_run_before)
+                {
+                    recovered = serde_json::json!([{"outcome": this["outcome"]}]);
                 }
                 break;
             }
@@ -362,39 +497,51 @@ fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration, mode: &str
                 }
             }
         }
+        // This point's run, if patchover got as far as opening one.
+        let run =
+            c.t.po_json(&["runs", "list"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| r["id"].as_i64() > last_run_before)
+                .max_by_key(|r| r["id"].as_i64())
+                .cloned();
+        assert!(
+            run.is_some() || !finished,
+            "point {i}: the run ended by itself but is not in the journal"
+        );
         let outcome = recovered.as_array().unwrap().first().map_or(
-            if finished {
-                "finished"
-            } else {
-                "nothing to recover"
+            match (finished, &run) {
+                (true, _) => "finished",
+                (false, Some(_)) => "nothing to recover",
+                (false, None) => "killed before its run was journaled",
             }
             .to_owned(),
             |r| r["outcome"].as_str().unwrap_or("?").to_owned(),
         );
         // Where the run was when it died, and when recovery had ended it: a late request
         // lines up with these.
-        let runs = c.t.po_json(&["runs", "list"]);
-        let last = runs
-            .as_array()
-            .and_then(|a| a.last())
-            .cloned()
-            .unwrap_or_default();
-        let steps = c.t.po_json(&["runs", "show", &last["id"].to_string()]);
-        let died_in = steps["steps"]
-            .as_array()
-            .and_then(|s| s.iter().rev().find(|s| s["step"] != "recover"))
-            .map(|s| {
-                format!(
-                    "{}:{} (unix ms {})",
-                    s["step"].as_str().unwrap_or("?"),
-                    s["state"].as_str().unwrap_or("?"),
-                    s["at_ms"]
-                )
-            })
-            .unwrap_or_default();
+        let (died_in, ended_ms) = match &run {
+            None => ("the checks before the run".to_owned(), "-".to_owned()),
+            Some(run) => {
+                let steps = c.t.po_json(&["runs", "show", &run["id"].to_string()]);
+                let died_in = steps["steps"]
+                    .as_array()
+                    .and_then(|s| s.iter().rev().find(|s| s["step"] != "recover"))
+                    .map(|s| {
+                        format!(
+                            "{}:{} (unix ms {})",
+                            s["step"].as_str().unwrap_or("?"),
+                            s["state"].as_str().unwrap_or("?"),
+                            s["at_ms"]
+                        )
+                    })
+                    .unwrap_or_else(|| "the run's start".to_owned());
+                (died_in, run["ended_ms"].to_string())
+            }
+        };
         eprintln!(
-            "point {i}: killed after {delay:?} (unix ms {killed_at}) in {died_in} -> {outcome} (ended at unix ms {}), service on {host}",
-            last["ended_ms"]
+            "point {i}: killed after {delay:?} (unix ms {killed_at}) in {died_in} -> {outcome} (ended at unix ms {ended_ms}), service on {host}"
         );
         outcomes.push(outcome);
     }
