@@ -68,6 +68,16 @@ pub enum ConfigError {
     },
 }
 
+/// Where the store (the tables and the run journal) lives: systemd's `StateDirectory=patchover`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/patchover";
+/// Where running LCs' records live (`lc/`, `disks/`, `runs/`, `blockserver/`): they must
+/// outlive the daemon (not a reboot, like the processes and mounts they describe), so this is
+/// the parent of the unit's `RuntimeDirectory=patchover/daemon`, which systemd never removes.
+pub const DEFAULT_RUN_DIR: &str = "/run/patchover";
+/// Every LC's cgroup is `<hierarchy>/<cgroup_parent>/<id>`: by default inside the delegated
+/// subtree of `patchover.service` (`Delegate=yes`).
+pub const DEFAULT_CGROUP_PARENT: &str = "system.slice/patchover.service/lcs";
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -214,20 +224,24 @@ impl Validator<'_> {
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let cgroup_parent = match raw.cgroup_parent {
             Some(c) => {
-                let ok = !c.get_ref().is_empty()
-                    && c.get_ref()
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                let ok = c.get_ref().split('/').all(|name| {
+                    !name.is_empty()
+                        && name != "."
+                        && name != ".."
+                        && name.bytes().all(|b| {
+                            b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'
+                        })
+                });
                 if !ok {
                     return Err(self.err(
                         &c,
                         "cgroup_parent",
-                        "must be one cgroup name of letters, digits, '-' and '_'",
+                        "must be a relative cgroup path: names of letters, digits, '-', '_' and '.' joined by '/' (e.g. \"system.slice/patchover.service/lcs\")",
                     ));
                 }
                 c.into_inner()
             }
-            None => "patchover".to_owned(),
+            None => DEFAULT_CGROUP_PARENT.to_owned(),
         };
         let network = match raw.network {
             Some(n) => NetworkConfig {
@@ -455,10 +469,10 @@ impl Validator<'_> {
             path: self.path.to_owned(),
             state_dir: raw
                 .state_dir
-                .unwrap_or_else(|| PathBuf::from("/var/lib/patchover")),
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
             run_dir: raw
                 .run_dir
-                .unwrap_or_else(|| PathBuf::from("/run/patchover")),
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR)),
             cgroup_parent,
             network,
             lcs,
@@ -637,6 +651,37 @@ system_disk = { path = "/srv/lc2/sys.img" }
                 line, key, message, ..
             } => (line, key, message),
             other => panic!("expected Invalid, got {other}"),
+        }
+    }
+
+    #[test]
+    fn defaults_and_cgroup_parent_paths() {
+        let bare = "[network]\nbridge = \"pobr0\"\n";
+        let c = parse(bare).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.run_dir, PathBuf::from("/run/patchover"));
+        assert_eq!(c.cgroup_parent, "system.slice/patchover.service/lcs");
+        for ok in [
+            "patchover",
+            "po-test_1",
+            "system.slice/patchover.service/lcs",
+        ] {
+            let c = parse(&format!("cgroup_parent = \"{ok}\"\n{bare}")).unwrap();
+            assert_eq!(c.cgroup_parent, ok);
+        }
+        for bad in [
+            "",
+            "/abs",
+            "a//b",
+            "a/",
+            "../up",
+            "a/./b",
+            "a b",
+            "a/../../etc",
+        ] {
+            let (line, key, msg) = invalid(&format!("cgroup_parent = \"{bad}\"\n{bare}"));
+            assert_eq!((line, key.as_str()), (1, "cgroup_parent"), "{bad}");
+            assert!(msg.contains("relative cgroup path"), "{bad}: {msg}");
         }
     }
 

@@ -10,7 +10,9 @@ pub mod error;
 pub mod model;
 pub mod quiesce;
 
-pub use config::{Config, ConfigError, HostFacts};
+pub use config::{
+    Config, ConfigError, DEFAULT_CGROUP_PARENT, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, HostFacts,
+};
 pub use error::chain as error_chain;
 pub use model::*;
 pub use quiesce::Quiesce;

@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [daemon]
-//! socket = "/run/patchover/patchover.sock"   # default: <run_dir>/patchover.sock
+//! socket = "/run/patchover/daemon/patchover.sock"  # default: <run_dir>/daemon/patchover.sock
 //! listen = "127.0.0.1:7878"                   # optional TCP listener; needs tokens
 //! tokens = ["sha256:<hex>"]                   # bearer tokens, hashed
 //! monitor = true                              # run the monitor every [monitor] interval
@@ -93,6 +93,13 @@ pub enum DaemonConfigError {
     PlaintextTcp(SocketAddr),
 }
 
+/// The socket when `[daemon] socket` is not set: `<run_dir>/daemon/patchover.sock`. The
+/// `daemon/` directory is the unit's `RuntimeDirectory=patchover/daemon`, which systemd
+/// removes on stop; everything else in `run_dir` outlives the daemon.
+pub fn default_socket(run_dir: &Path) -> PathBuf {
+    run_dir.join("daemon").join("patchover.sock")
+}
+
 impl DaemonConfig {
     pub fn from_extra(
         extra: &BTreeMap<String, toml::Value>,
@@ -135,7 +142,7 @@ impl DaemonConfig {
             return Err(DaemonConfigError::PlaintextTcp(addr));
         }
         Ok(DaemonConfig {
-            socket: raw.socket.unwrap_or_else(|| run_dir.join("patchover.sock")),
+            socket: raw.socket.unwrap_or_else(|| default_socket(run_dir)),
             listen: raw.listen,
             tokens,
             monitor: raw.monitor,
@@ -162,7 +169,7 @@ mod tests {
     #[test]
     fn defaults_and_tokens() {
         let c = DaemonConfig::from_extra(&BTreeMap::new(), Path::new("/run/p")).unwrap();
-        assert_eq!(c.socket, Path::new("/run/p/patchover.sock"));
+        assert_eq!(c.socket, Path::new("/run/p/daemon/patchover.sock"));
         assert!(c.listen.is_none());
         let h = TokenHash::of("t").to_config();
         let c = DaemonConfig::from_extra(

@@ -582,6 +582,7 @@ pub async fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     dispatch: Arc<dyn Dispatch>,
     hub: Arc<Hub>,
+    notify: crate::Notifier,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let unix = bind_unix(&cfg.socket)?;
@@ -609,11 +610,21 @@ pub async fn serve(
         tls = tls.is_some(),
         "daemon listening"
     );
+    // Every listener is bound (connections queue from here on) and the caller recovered the
+    // unfinished runs before calling us: ready for the service manager.
+    notify.ready(&format!("serving on {}", cfg.socket.display()));
     {
         let hub = hub.clone();
+        let notify = notify.clone();
+        let grace = cfg.shutdown_grace.as_secs();
         tokio::spawn(async move {
             stop.await;
             tracing::info!("shutting down: no new connections");
+            notify.stopping(&format!(
+                "stopping: {} run(s) going, grace {} s",
+                hub.running(),
+                grace
+            ));
             hub.begin_shutdown();
         });
     }
@@ -732,6 +743,19 @@ mod tests {
             run_ms: 700,
         });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        // The service manager's side of `Type=notify`.
+        let manager =
+            std::os::unix::net::UnixDatagram::bind(dir.path().join("notify.sock")).unwrap();
+        manager
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let notified = |m: &std::os::unix::net::UnixDatagram| {
+            let mut buf = [0u8; 512];
+            let n = m.recv(&mut buf).expect("a notification");
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        let notify =
+            crate::Notifier::from_value(dir.path().join("notify.sock").to_str().unwrap()).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -740,17 +764,16 @@ mod tests {
         let server = {
             let (cfg, hub, fake) = (cfg.clone(), hub.clone(), fake.clone());
             rt.spawn(async move {
-                serve(&cfg, None, fake, hub, async move {
+                serve(&cfg, None, fake, hub, notify, async move {
                     let _ = stop_rx.await;
                 })
                 .await
             })
         };
-        let t = Instant::now();
-        while !Client::available(&cfg.socket) {
-            assert!(t.elapsed() < Duration::from_secs(5));
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        // READY comes once the socket is bound: it takes connections at once.
+        let ready = notified(&manager);
+        assert!(ready.starts_with("READY=1\nSTATUS=serving on "), "{ready}");
+        assert!(std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok());
         let c = Client::new(&cfg.socket);
         let body = json!({"lc": "lc1", "dry_run": true});
         let cases: Vec<(&str, &str, Option<serde_json::Value>, Command)> = vec![
@@ -939,6 +962,11 @@ mod tests {
         assert_eq!(hub.running(), 1);
         let t = Instant::now();
         stop_tx.send(()).unwrap();
+        let stopping = notified(&manager);
+        assert!(
+            stopping.starts_with("STOPPING=1\nSTATUS=stopping: 1 run(s) going"),
+            "{stopping}"
+        );
         stream.join().unwrap().unwrap();
         rt.block_on(server).unwrap().unwrap();
         assert!(

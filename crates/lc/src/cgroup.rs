@@ -253,13 +253,23 @@ impl LcGroups {
                 let cpus = host
                     .read_file(&root.join("cpuset.cpus"))
                     .map_err(io_at(root))?;
+                // Every level between the root and the LC's group, top down: a parent may be
+                // a path (`system.slice/patchover.service/lcs`).
                 let parent = d.parent().unwrap_or(&d);
-                host.create_dir_all(parent).map_err(io_at(parent))?;
-                for (file, val) in [("cpuset.cpus", &cpus), ("cpuset.mems", &mems)] {
-                    let cur = host.read_file(&parent.join(file)).unwrap_or_default();
-                    if cur.trim().is_empty() {
-                        host.write_file(&parent.join(file), val.trim())
-                            .map_err(io_at(parent))?;
+                let mut level = root.clone();
+                for comp in parent
+                    .strip_prefix(root)
+                    .unwrap_or(Path::new(""))
+                    .components()
+                {
+                    level.push(comp);
+                    host.create_dir_all(&level).map_err(io_at(&level))?;
+                    for (file, val) in [("cpuset.cpus", &cpus), ("cpuset.mems", &mems)] {
+                        let cur = host.read_file(&level.join(file)).unwrap_or_default();
+                        if cur.trim().is_empty() {
+                            host.write_file(&level.join(file), val.trim())
+                                .map_err(io_at(&level))?;
+                        }
                     }
                 }
                 host.create_dir_all(&d).map_err(io_at(&d))?;

@@ -28,20 +28,40 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path, socket: &Path) -> Daemon {
-        let child = Command::new(BIN)
+        Daemon::start_as(config, socket, &[], &[])
+    }
+
+    /// Starts `patchover serve` with extra environment, run through `wrap` (e.g. `setpriv
+    /// …`), without waiting for its socket.
+    fn spawn(config: &Path, socket: &Path, env: &[(&str, &str)], wrap: &[&str]) -> Daemon {
+        let mut cmd = match wrap.split_first() {
+            None => Command::new(BIN),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(BIN);
+                c
+            }
+        };
+        let child = cmd
             .env("PATCHOVER_CONFIG", config)
             .env("PATCHOVER_GUEST_DIR", guest_dir())
             .env("PATCHOVER_LOG", "info")
+            .envs(env.iter().copied())
             .arg("serve")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start patchover serve");
-        let d = Daemon {
+        Daemon {
             child,
             socket: socket.to_owned(),
-        };
+        }
+    }
+
+    /// [`Daemon::spawn`], then waits until the socket answers.
+    fn start_as(config: &Path, socket: &Path, env: &[(&str, &str)], wrap: &[&str]) -> Daemon {
+        let d = Daemon::spawn(config, socket, env, wrap);
         let t = Instant::now();
         while UnixStream::connect(socket).is_err() {
             assert!(
@@ -2156,4 +2176,201 @@ fn tls_on_tcp_serves_tokens_refuses_plaintext_and_bad_tls_config_exits_2() {
     assert_eq!(dm.get("/v1/status").status, 200);
     let st = dm.sigterm();
     assert!(st.success(), "{st:?}");
+}
+
+/// Journals an unfinished run on `lc`, as a patchover killed in its malware check leaves it.
+fn unfinished_run(t: &Topo, lc: &str) -> i64 {
+    let mut store =
+        patchover_store::Store::open(&t.dir.path().join("state/state.db")).expect("the store");
+    let run = store.begin_run(lc, "readdress", false).unwrap();
+    store
+        .record_step(run, "malware_check", "started", None)
+        .unwrap();
+    run
+}
+
+/// Asserts run `id` was found by a recovery: ended, rolled back, its last step `recover`.
+fn assert_recovered(d: &Daemon, id: i64) {
+    let v = d.get(&format!("/v1/runs/{id}")).json();
+    assert!(v["run"]["ended_ms"].is_i64(), "not recovered: {v}");
+    assert_ne!(v["run"]["outcome"], "ok", "{v}");
+    assert!(
+        v["run"]["report"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("recovery")),
+        "{v}"
+    );
+    let steps = v["steps"].as_array().expect("steps");
+    assert_eq!(steps.last().unwrap()["step"], "recover", "{v}");
+}
+
+/// `Type=notify` with this test as the service manager: the daemon says READY=1 only once its
+/// socket takes connections and the journal's unfinished run is recovered. The daemon is
+/// stopped (SIGSTOP) the moment READY arrives, so what the test sees then held when it was
+/// said; STOPPING=1 comes on SIGTERM.
+#[test]
+fn ready_comes_only_after_the_socket_is_bound_and_unfinished_runs_are_recovered() {
+    use std::os::unix::net::UnixDatagram;
+    let t = Topo::new(&[(0, 30, 64)]);
+    let a = t.lcs[0].id.clone();
+    let run = unfinished_run(&t, &a);
+    let manager_path = t.dir.path().join("notify.sock");
+    let manager = UnixDatagram::bind(&manager_path).unwrap();
+    manager
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let recv = || {
+        let mut buf = [0u8; 1024];
+        let n = manager.recv(&mut buf).expect("a notification within 30 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    // The default socket: the unit's RuntimeDirectory under run_dir.
+    let socket = patchover_daemon::config::default_socket(&t.dir.path().join("run"));
+    let mut d = Daemon::spawn(
+        &t.config,
+        &socket,
+        &[("NOTIFY_SOCKET", manager_path.to_str().unwrap())],
+        &[],
+    );
+    let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
+    let mut before = Vec::new();
+    loop {
+        let m = recv();
+        if m.lines().any(|l| l == "READY=1") {
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+            break;
+        }
+        before.push(m);
+    }
+    // Frozen where it said READY: the listener is bound (the kernel queues the connection),
+    // and the journal already has the run's recovery.
+    let queued = UnixStream::connect(&socket);
+    let journal = patchover_store::Store::open(&t.dir.path().join("state/state.db"))
+        .unwrap()
+        .run(run)
+        .unwrap()
+        .unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(queued.is_ok(), "READY before the socket was bound");
+    assert!(
+        journal.ended_ms.is_some(),
+        "READY before the unfinished run was recovered: {journal:?}"
+    );
+    assert_eq!(before, ["STATUS=recovering unfinished runs"]);
+    assert_recovered(&d, run);
+    assert!(d.sigterm().success());
+    let m = recv();
+    assert!(m.starts_with("STOPPING=1\nSTATUS=stopping"), "{m}");
+}
+
+/// The unit keeps LC records across restarts: a daemon run with the unit's capability
+/// bounding set boots two LCs, a run is left unfinished, the daemon is stopped with SIGTERM
+/// and its runtime directory (`RuntimeDirectory=patchover/daemon`: the socket's directory)
+/// deleted as systemd does on stop; the next daemon lists both LCs running with the same
+/// init PIDs, and recovers the run before it answers. The LCs' cgroups are a path, as the
+/// unit's default (`system.slice/patchover.service/lcs`) is.
+#[test]
+fn a_restart_that_loses_the_runtime_directory_finds_every_lc_and_unfinished_run() {
+    /// Removes the cgroup levels above the LCs' parent, after the topology's own cleanup.
+    struct Levels(Vec<String>);
+    impl Drop for Levels {
+        fn drop(&mut self) {
+            for rel in &self.0 {
+                for ctl in ["unified", "cpu", "memory", "cpuset", "freezer"] {
+                    let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{ctl}/{rel}"));
+                }
+            }
+        }
+    }
+    let mut levels = Levels(Vec::new());
+    let mut t = Topo::new(&[(0, 30, 64), (1, 30, 64)]);
+    let top = format!("po-test-{}", t.suffix);
+    levels.0 = vec![
+        format!("{top}/patchover.service/lcs"),
+        format!("{top}/patchover.service"),
+        top.clone(),
+    ];
+    t.cgroup_parent = format!("{top}/patchover.service/lcs");
+    t.write_config("");
+    t.build_image(0, "1.0.0");
+    t.build_image(1, "1.0.0");
+    let ids: Vec<String> = t.lcs.iter().map(|l| l.id.clone()).collect();
+
+    // The unit's CapabilityBoundingSet=~CAP_… as setpriv's -cap,… list.
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/patchover.service"),
+    )
+    .unwrap();
+    let drop_list = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet=~"))
+        .expect("the unit's CapabilityBoundingSet");
+    let bounding = drop_list
+        .split_whitespace()
+        .map(|c| format!("-{}", c.trim_start_matches("CAP_").to_ascii_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let wrap = ["setpriv", "--bounding-set", bounding.as_str(), "--"];
+
+    let run_dir = t.dir.path().join("run");
+    let socket = patchover_daemon::config::default_socket(&run_dir);
+    let mut d = Daemon::start_as(&t.config, &socket, &[], &wrap);
+    let mut pids = Vec::new();
+    for id in &ids {
+        let r = d.post(&format!("/v1/lcs/{id}/boot"), "");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let pid = r.json()["pid"].as_i64().expect("init PID");
+        // The LC runs under the daemon's bounding set: no host kernel modules from inside.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let capbnd = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapBnd:"))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap();
+        assert_eq!(
+            capbnd & (1 << 16),
+            0,
+            "CAP_SYS_MODULE in LC {id}'s bounding set"
+        );
+        assert!(
+            Path::new(&format!("/sys/fs/cgroup/memory/{}/{id}", t.cgroup_parent)).exists(),
+            "LC {id}'s memory cgroup under the parent path"
+        );
+        pids.push(pid);
+    }
+    let run = unfinished_run(&t, &ids[0]);
+    assert!(d.sigterm().success());
+
+    // What systemd removes on stop.
+    let runtime = socket.parent().unwrap();
+    assert_eq!(runtime, run_dir.join("daemon"));
+    std::fs::remove_dir_all(runtime).unwrap();
+
+    let d2 = Daemon::start_as(&t.config, &socket, &[], &wrap);
+    // Recovery ran before the first answer.
+    assert_recovered(&d2, run);
+    let lcs = d2.get("/v1/lcs").json();
+    for (id, pid) in ids.iter().zip(&pids) {
+        let lc = lcs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["id"] == id.as_str())
+            .unwrap_or_else(|| panic!("{id} not listed: {lcs}"));
+        assert_eq!(lc["state"], "running", "{lc}");
+        assert_eq!(lc["pid"].as_i64(), Some(*pid), "{lc}");
+    }
+    assert_eq!(
+        d2.get("/v1/status").json()["open_runs"],
+        serde_json::json!([])
+    );
+    // Still the daemon's LCs: it stops them and nothing is left.
+    for id in &ids {
+        let r = d2.post(&format!("/v1/lcs/{id}/stop"), "");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        t.assert_nothing_left(id);
+    }
+    drop(d2);
+    drop(t);
+    drop(levels);
 }

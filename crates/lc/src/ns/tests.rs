@@ -318,6 +318,7 @@ fn config() -> Config {
         Path::new("t.toml"),
         r#"
 run_dir = "/run/po"
+cgroup_parent = "patchover"
 state_dir = "/var/lib/po"
 [[lc]]
 id = "lc1"

@@ -1,7 +1,7 @@
 //! The CLI as the daemon's client.
 //!
 //! The rule, for every verb the daemon serves: without `--direct`, when a daemon answers on
-//! its socket (`[daemon] socket`, default `<run_dir>/patchover.sock`) the verb is sent there;
+//! its socket (`[daemon] socket`, default `<run_dir>/daemon/patchover.sock`) the verb is sent there;
 //! when none answers (or with `--direct`) it acts in this process. Both paths call the same
 //! function (the daemon's `Dispatch` calls it on its side) and print its JSON with the same
 //! printer, so the output, the exit code and the error message do not depend on the path.

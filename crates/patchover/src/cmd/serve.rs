@@ -528,6 +528,14 @@ pub fn run(a: ServeArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // The service manager's socket (`Type=notify`), taken out of the environment so that
+    // nothing this daemon starts (a detached `patchover patch`, qemu, an LC's helpers)
+    // inherits it and speaks for the daemon.
+    let notify = patchover_daemon::Notifier::from_env()
+        .map_err(|e| BadInput(patchover_orchestrator::chain(&e)))?;
+    // SAFETY: nothing else runs yet: `main` only parsed the arguments and set up tracing,
+    // which starts no thread, so no other thread reads the environment meanwhile.
+    unsafe { std::env::remove_var(patchover_daemon::notify::NOTIFY_SOCKET) };
     let config = ctx.config()?;
     let dcfg = DaemonConfig::from_extra(&config.extra, &config.run_dir)
         .map_err(|e| BadInput(patchover_orchestrator::chain(&e)))?;
@@ -540,7 +548,9 @@ pub fn run(a: ServeArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         config_path: ctx.config_path.clone(),
         hub: hub.clone(),
     });
-    // Runs a previous daemon left unfinished are finished or rolled back before any request.
+    // Runs a previous daemon left unfinished are finished or rolled back before any request,
+    // and before READY: the service manager starts dependents only after this.
+    notify.status("recovering unfinished runs");
     {
         let mut env = Env::open(ctx)?;
         let h = hub.clone();
@@ -596,7 +606,7 @@ pub fn run(a: ServeArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         if !ctx.json {
             eprintln!("patchover daemon on {}", dcfg.socket.display());
         }
-        patchover_daemon::serve(&dcfg, tls, daemon, hub.clone(), stop).await
+        patchover_daemon::serve(&dcfg, tls, daemon, hub.clone(), notify, stop).await
     })?;
     // A run thread still going after the grace period is cut off here; its journal lets the
     // next start finish or roll it back.
