@@ -101,6 +101,10 @@ pub enum AgentError {
     Protocol(String),
     #[error("the agent says: {0}")]
     Remote(String),
+    #[error(
+        "the agent's socket {path} is {what}, not a socket: something inside the LC replaced it; patchover does not follow it (treat the LC as compromised)"
+    )]
+    Replaced { path: String, what: &'static str },
 }
 
 // `O_PATH` and `O_NOFOLLOW` on Linux x86_64/aarch64 (this crate stays without libc).
@@ -517,7 +521,7 @@ mod tests {
         let err = AgentClient::connect(&agent, Duration::from_secs(1))
             .err()
             .unwrap();
-        assert!(err.to_string().contains("not a socket (a link)"), "{err}");
+        assert!(matches!(err, AgentError::Replaced { what: "a link", .. }), "{err}");
         listener.set_nonblocking(true).unwrap();
         assert!(
             listener.accept().is_err(),

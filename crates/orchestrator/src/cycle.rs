@@ -815,7 +815,16 @@ fn wait_report(
 ) -> Result<PatchReport, OrchestratorError> {
     let start = Instant::now();
     loop {
-        if let Ok(mut c) = backend.agent(standby)
+        let client = match backend.agent(standby) {
+            Err(
+                e @ patchover_lc::LcError::Agent {
+                    source: patchover_agent::AgentError::Replaced { .. },
+                    ..
+                },
+            ) => return Err(e.into()),
+            c => c,
+        };
+        if let Ok(mut c) = client
             && let Ok(Response::Report { report: Some(v) }) = c.call(&Request::Report)
         {
             // Once the LC says something, it is judged, not waited on: a report this run did

@@ -446,7 +446,10 @@ fn a_replaced_agent_socket_is_never_followed_to_the_host() {
         ),
     );
     let (code, report) = s.patch_under_load();
-    // Unreachable agent: the run fails at the standby's boot, the service stays.
+    // The first time patchover meets the link it stops: the run fails (at the standby's boot
+    // or at its report, whichever meets it first), says why, and the service stays.
     assert_eq!(code, Some(1), "{report:#}");
+    let err = report["error"].as_str().unwrap();
+    assert!(err.contains("not a socket"), "{err}");
     assert_served_by(&s.client, &s.svc, a, "1.0.0");
 }

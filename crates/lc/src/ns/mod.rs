@@ -765,6 +765,13 @@ impl<H: Host> LcBackend for NsBackend<H> {
                     .and_then(|mut c| c.call(&Request::Ping));
             match attempt {
                 Ok(r) => return Ok(r),
+                // Not a socket that is not there yet: one the LC replaced. Waiting cannot help.
+                Err(source @ patchover_agent::AgentError::Replaced { .. }) => {
+                    return Err(LcError::Agent {
+                        lc: spec.id.clone(),
+                        source,
+                    });
+                }
                 Err(source) if start.elapsed() >= timeout => {
                     return Err(LcError::Agent {
                         lc: spec.id.clone(),
