@@ -23,6 +23,7 @@ mod fsops;
 pub mod journal;
 mod marker;
 mod trap;
+mod tree;
 pub mod verify;
 
 use std::path::{Path, PathBuf};
@@ -135,12 +136,21 @@ fn start_engine(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<engine::En
 /// track those writes themselves). Returns the bytes of data copied (holes not counted).
 pub fn copy_file(src: &Path, dst: &Path) -> Result<u64, CopyError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let sf = fsops::open_source(src)?;
+    // Host paths (image files the host owns), opened without following a link at the end and
+    // read only when they are regular files.
+    let parent = match src.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let sf = tree::Dir::open(parent)
+        .and_then(|d| d.open_regular(&tree::name(src.file_name().unwrap_or_default())?, false))
+        .map_err(|e| CopyError::read(src, e))?;
     let df = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(dst)
         .map_err(|e| CopyError::write(dst, e))?;
     let mut fp = fsops::FastPaths::new(Reflink::Auto);
