@@ -277,9 +277,8 @@ fn note_err(refused: &AtomicU64, e: &CopyError) {
 /// source file onto the new one.
 fn copy_job(job: &Job, src: &Path, dst: &Path, fp: &mut FastPaths) -> Result<(), CopyError> {
     let (sp, dp) = (src.join(&job.rel), dst.join(&job.rel));
-    let (sf, df) =
+    let (sf, df, md) =
         fsops::copy_new_file((&job.sdir, &job.name, &sp), (&job.ddir, &job.name, &dp), fp)?;
-    let md = tree::meta_of(&sf).map_err(|e| CopyError::read(&sp, e))?;
     fsops::apply_meta(
         (HandleRef::open(&sf), &sp),
         (HandleRef::open(&df), &dp),
@@ -669,12 +668,11 @@ impl Engine {
             return Ok(());
         }
         if md.is_file() {
-            let (sf, df) =
+            let (sf, df, sm) =
                 fsops::copy_new_file((sdir, sname, &sp), (ddir, dname, &dp), &mut self.fp)?;
             if let Ok(dm) = tree::meta_of(&df) {
                 self.hashes.remove(&(dm.dev(), dm.ino()));
             }
-            let sm = tree::meta_of(&sf).map_err(|e| CopyError::read(&sp, e))?;
             fsops::apply_meta(
                 (HandleRef::open(&sf), &sp),
                 (HandleRef::open(&df), &dp),

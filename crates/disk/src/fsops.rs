@@ -76,31 +76,32 @@ pub fn cstr(p: &Path) -> io::Result<CString> {
 
 /// Copies a regular file's data from `sname` in `sdir` into the new file `dname` in `ddir`
 /// (which must not exist: a link there is not followed). Returns both open files, so the caller
-/// applies metadata through the descriptors. `sp`/`dp` name the files in errors only.
+/// applies metadata through the descriptors, and the source's `stat` when it was opened. `sp`/`dp`
+/// name the files in errors only.
 pub fn copy_new_file(
     (sdir, sname, sp): (&Dir, &CStr, &Path),
     (ddir, dname, dp): (&Dir, &CStr, &Path),
     fp: &mut FastPaths,
-) -> Result<(File, File), CopyError> {
-    let sf = sdir
-        .open_regular(sname, false)
+) -> Result<(File, File, Meta), CopyError> {
+    let (sf, md) = sdir
+        .open_regular_meta(sname, false)
         .map_err(|e| CopyError::read(sp, e))?;
     let df = ddir
         .create_file(dname, 0o600)
         .map_err(|e| CopyError::write(dp, e))?;
-    copy_data(&sf, sp, &df, dp, fp)?;
-    Ok((sf, df))
+    copy_data(&sf, sp, &df, dp, md.len(), fp)?;
+    Ok((sf, df, md))
 }
 
-/// Copies all data of `sf` into the empty `df`, keeping holes.
+/// Copies all data of `sf` (`len` bytes when it was opened) into the empty `df`, keeping holes.
 pub fn copy_data(
     sf: &File,
     src: &Path,
     df: &File,
     dst: &Path,
+    len: u64,
     fp: &mut FastPaths,
 ) -> Result<(), CopyError> {
-    let len = sf.metadata().map_err(|e| CopyError::read(src, e))?.len();
     if len == 0 {
         return Ok(());
     }

@@ -142,8 +142,8 @@ pub fn copy_file(src: &Path, dst: &Path) -> Result<u64, CopyError> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let sf = tree::Dir::open(parent)
-        .and_then(|d| d.open_regular(&tree::name(src.file_name().unwrap_or_default())?, false))
+    let (sf, md) = tree::Dir::open(parent)
+        .and_then(|d| d.open_regular_meta(&tree::name(src.file_name().unwrap_or_default())?, false))
         .map_err(|e| CopyError::read(src, e))?;
     let df = std::fs::OpenOptions::new()
         .write(true)
@@ -154,7 +154,7 @@ pub fn copy_file(src: &Path, dst: &Path) -> Result<u64, CopyError> {
         .open(dst)
         .map_err(|e| CopyError::write(dst, e))?;
     let mut fp = fsops::FastPaths::new(Reflink::Auto);
-    fsops::copy_data(&sf, src, &df, dst, &mut fp)?;
+    fsops::copy_data(&sf, src, &df, dst, md.len(), &mut fp)?;
     df.sync_all().map_err(|e| CopyError::write(dst, e))?;
     Ok(fp.bytes_reflinked + fp.bytes_copy_range + fp.bytes_read_write)
 }

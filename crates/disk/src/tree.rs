@@ -338,6 +338,11 @@ impl Dir {
     /// `ELOOP`, anything else that is not a regular file `ENOENT` (it is gone as a regular file);
     /// neither is ever opened.
     pub fn open_regular(&self, name: &CStr, write: bool) -> io::Result<File> {
+        self.open_regular_meta(name, write).map(|(f, _)| f)
+    }
+
+    /// [`Dir::open_regular`], with the file's `stat` as it was checked.
+    pub fn open_regular_meta(&self, name: &CStr, write: bool) -> io::Result<(File, Meta)> {
         let h = openat(self.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         let m = fstat(h.as_fd())?;
         if m.is_symlink() {
@@ -362,7 +367,7 @@ impl Dir {
             )
             .or_else(|_| openat(cwd, &p, libc::O_RDONLY | libc::O_NONBLOCK, 0))?
         };
-        Ok(File::from(fd))
+        Ok((File::from(fd), m))
     }
 
     /// Creates the regular file `name` (it must not exist; a link there is not followed).

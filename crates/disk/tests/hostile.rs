@@ -382,7 +382,7 @@ fn r16_swapping_a_directory_for_a_host_link_during_the_copy_leads_nowhere() {
                     st.refused_links
                 );
             }
-            if st.rounds >= 3 || t0.elapsed() > Duration::from_secs(120) {
+            if st.rounds >= 3 || c.is_failed() || t0.elapsed() > Duration::from_secs(120) {
                 break;
             }
         }
