@@ -7,12 +7,20 @@
 //! replayed while the source keeps changing: anything that changes after a path was looked at
 //! raises a new entry for the next round. Once writers are frozen, one more round leaves nothing
 //! behind, which is what makes a cut exact.
+//!
+//! Paths here (`rel`, relative to the disk root) are names for the journal and for messages; no
+//! file is reached through one. Every operation goes through [`crate::tree::Dir`]: the directory
+//! holding `rel` is opened from the root's descriptor with no link followed, and the entry is used
+//! with `*at` calls that do not follow it. A link met on the way (the LC swapped a directory for
+//! a link while we copy) is treated like a vanished entry (the trap has recorded the swap, and
+//! replay copies the link as a link), and counted in [`Stats::refused_links`].
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::{self, Metadata};
+use std::ffi::{CStr, CString, OsStr};
+use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
@@ -21,6 +29,7 @@ use crate::fsops::{self, FastPaths, Hashes};
 use crate::journal::Journal;
 use crate::marker;
 use crate::trap::{Op, Trap};
+use crate::tree::{self, Dir, HandleRef, Meta};
 use crate::{CopyOptions, Progress};
 
 /// Counters of one copy; all cumulative.
@@ -45,27 +54,43 @@ pub struct Stats {
     /// Paths replayed (after coalescing entries of one round).
     pub paths_replayed: u64,
     pub rounds: u64,
+    /// Times a link stood where the copier walked a directory or opened a file, on either side,
+    /// and was refused rather than followed: the source changed under the copy (a directory
+    /// swapped for a link), or the copy holds a link where the source now has a directory.
+    pub refused_links: u64,
 }
 
 const REPLACE: u8 = 1;
 const CONTENT: u8 = 2;
 const META: u8 = 4;
 
-fn kind(md: &Metadata) -> u32 {
-    md.mode() & libc::S_IFMT
-}
-
-/// The source entry vanished or changed kind under us (ELOOP: a symlink where `O_NOFOLLOW` met
-/// it): the trap has recorded the change, replay copies what is there now.
+/// The entry vanished or changed kind under us: the trap has recorded the change, replay copies
+/// what is there now. ELOOP/EXDEV: a link where a directory was walked or a file opened;
+/// ENOTDIR: something else where a directory was walked.
 fn gone(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
-    )
+    tree::is_link_refusal(e) || matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR))
 }
 
 fn gone_err(e: &CopyError) -> bool {
     matches!(e, CopyError::ReadSource { source, .. } if gone(source))
+}
+
+/// A link target read as something else: the entry is no longer a link.
+fn not_link(e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(libc::EINVAL) {
+        io::Error::from_raw_os_error(libc::ENOENT)
+    } else {
+        e
+    }
+}
+
+/// `rel` is the incomplete marker at the root, or inside it: the copy's own, never the LC's.
+fn is_marker(rel: &Path) -> bool {
+    rel.components().next() == Some(Component::Normal(OsStr::new(marker::MARKER)))
+}
+
+fn entry_name(n: &CStr) -> &OsStr {
+    OsStr::from_bytes(n.to_bytes())
 }
 
 /// Checked and canonical source and destination.
@@ -118,6 +143,8 @@ pub fn prepare(src: &Path, dst: &Path) -> Result<Plan, CopyError> {
         return Err(CopyError::DestinationInsideSource { src, dst });
     }
     let mark = marker::marker_path(&dst, is_file);
+    let mname = tree::name(OsStr::new(marker::MARKER)).map_err(|e| CopyError::write(&mark, e))?;
+    let w = |e| CopyError::write(&dst, e);
     match fs::symlink_metadata(&dst) {
         Ok(dmd) if is_file => {
             if !dmd.is_file() {
@@ -129,7 +156,10 @@ pub fn prepare(src: &Path, dst: &Path) -> Result<Plan, CopyError> {
             if dmd.len() > 0 && !mark.exists() {
                 return Err(CopyError::DestinationNotEmpty(dst));
             }
-            fs::remove_file(&dst).map_err(|e| CopyError::write(&dst, e))?;
+            fs::remove_file(&dst).map_err(w)?;
+            if mark.exists() {
+                fs::remove_dir_all(&mark).map_err(|e| CopyError::write(&mark, e))?;
+            }
         }
         Ok(dmd) => {
             if !dmd.is_dir() {
@@ -138,38 +168,46 @@ pub fn prepare(src: &Path, dst: &Path) -> Result<Plan, CopyError> {
                     dst,
                 });
             }
-            let mut entries = fs::read_dir(&dst).map_err(|e| CopyError::write(&dst, e))?;
-            if entries.next().is_some() {
-                if !mark.exists() {
+            // An old incomplete copy may hold the LC's links: it is removed through descriptors.
+            let dd = Dir::open(&dst).map_err(w)?;
+            let names = dd.names().map_err(w)?;
+            let marked = dd.stat(&mname).is_ok_and(|m| m.is_dir());
+            if !names.is_empty() {
+                if !marked {
                     return Err(CopyError::DestinationNotEmpty(dst));
                 }
                 tracing::info!(dst = %dst.display(), "redoing an incomplete copy from scratch");
-                for e in fs::read_dir(&dst).map_err(|e| CopyError::write(&dst, e))? {
-                    let p = e.map_err(|e| CopyError::write(&dst, e))?.path();
-                    if p == mark {
-                        continue;
-                    }
-                    remove_any(&p).map_err(|e| CopyError::write(&p, e))?;
-                }
+            }
+            for n in names {
+                dd.remove_all(&n)
+                    .map_err(|e| CopyError::write(dst.join(entry_name(&n)), e))?;
             }
         }
-        Err(_) if is_file => {}
-        Err(_) => fs::create_dir(&dst).map_err(|e| CopyError::write(&dst, e))?,
-    }
-    if mark.exists() {
-        fs::remove_dir_all(&mark).map_err(|e| CopyError::write(&mark, e))?;
+        Err(_) if is_file => {
+            if mark.exists() {
+                fs::remove_dir_all(&mark).map_err(|e| CopyError::write(&mark, e))?;
+            }
+        }
+        Err(_) => fs::create_dir(&dst).map_err(w)?,
     }
     marker::create(&mark, &src).map_err(|e| CopyError::write(&mark, e))?;
     Ok(Plan { src, dst, is_file })
 }
 
-fn remove_any(p: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
-        Ok(_) => fs::remove_file(p),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
+#[derive(Clone, Copy)]
+enum Side {
+    Src,
+    Dst,
+}
+
+/// One regular file for the bulk copy's workers: both parent directories, the name, and the
+/// source's `stat` from the listing.
+struct Job {
+    sdir: Arc<Dir>,
+    ddir: Arc<Dir>,
+    name: CString,
+    rel: PathBuf,
+    md: Meta,
 }
 
 /// One running copy: source, destination, the armed trap and what replay knows.
@@ -177,6 +215,12 @@ pub struct Engine {
     pub src: PathBuf,
     pub dst: PathBuf,
     pub is_file: bool,
+    /// The source root directory (directory disks) or the image's directory (image files).
+    sroot: Arc<Dir>,
+    /// The root's name in `sroot`: `.` for a directory disk, the image's file name.
+    sroot_name: CString,
+    droot: Arc<Dir>,
+    droot_name: CString,
     root_dev: u64,
     marker: PathBuf,
     fp: FastPaths,
@@ -188,6 +232,8 @@ pub struct Engine {
     names: HashMap<(u64, u64), Vec<PathBuf>>,
     touched: BTreeSet<PathBuf>,
     pub stats: Stats,
+    /// Links refused, counted by this thread and the bulk copy's workers.
+    refused: Arc<AtomicU64>,
     keep_history: Option<PathBuf>,
     sync: bool,
     /// True inside a replay round (false in the bulk copy).
@@ -199,12 +245,12 @@ pub struct Engine {
     /// The bulk copy's worker pool, while it runs.
     pool: Option<Pool>,
     /// Directories whose metadata waits for the pool.
-    deferred_dirs: Vec<(PathBuf, Metadata)>,
+    deferred_dirs: Vec<PathBuf>,
 }
 
 /// The sending side of the bulk copy's worker pool.
 struct Pool {
-    tx: mpsc::SyncSender<(PathBuf, Metadata)>,
+    tx: mpsc::SyncSender<Job>,
     failed: Arc<AtomicBool>,
 }
 
@@ -212,6 +258,33 @@ impl Pool {
     fn failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
     }
+}
+
+/// Counts `e` if it is a refused link.
+fn note(refused: &AtomicU64, e: &io::Error) {
+    if tree::is_link_refusal(e) {
+        refused.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn note_err(refused: &AtomicU64, e: &CopyError) {
+    if let CopyError::ReadSource { source, .. } | CopyError::WriteDestination { source, .. } = e {
+        note(refused, source);
+    }
+}
+
+/// Where the copy's bulk worker puts one regular file: data, then metadata from the opened
+/// source file onto the new one.
+fn copy_job(job: &Job, src: &Path, dst: &Path, fp: &mut FastPaths) -> Result<(), CopyError> {
+    let (sp, dp) = (src.join(&job.rel), dst.join(&job.rel));
+    let (sf, df, md) =
+        fsops::copy_new_file((&job.sdir, &job.name, &sp), (&job.ddir, &job.name, &dp), fp)?;
+    fsops::apply_meta(
+        (HandleRef::open(&sf), &sp),
+        (HandleRef::open(&df), &dp),
+        &md,
+        false,
+    )
 }
 
 impl Engine {
@@ -234,13 +307,33 @@ impl Engine {
                 path: jpath.clone(),
                 source: e,
             })?;
-        let root_dev = fs::metadata(&plan.src)
+        // The roots are host paths the operator named (checked by `prepare`); below them,
+        // everything is the LC's and is reached through these descriptors only.
+        let open_root = |p: &Path| -> io::Result<(Dir, CString)> {
+            if plan.is_file {
+                let parent = p.parent().unwrap_or(Path::new("/"));
+                let name = tree::name(p.file_name().unwrap_or_default())?;
+                Ok((Dir::open(parent)?, name))
+            } else {
+                Ok((Dir::open(p)?, c".".to_owned()))
+            }
+        };
+        let (sroot, sroot_name) =
+            open_root(&plan.src).map_err(|e| CopyError::read(&plan.src, e))?;
+        let (droot, droot_name) =
+            open_root(&plan.dst).map_err(|e| CopyError::write(&plan.dst, e))?;
+        let root_dev = sroot
+            .stat(&sroot_name)
             .map_err(|e| CopyError::read(&plan.src, e))?
             .dev();
         Ok(Engine {
             src: plan.src,
             dst: plan.dst,
             is_file: plan.is_file,
+            sroot: Arc::new(sroot),
+            sroot_name,
+            droot: Arc::new(droot),
+            droot_name,
             root_dev,
             marker,
             fp: FastPaths::new(opts.reflink),
@@ -250,6 +343,7 @@ impl Engine {
             names: HashMap::new(),
             touched: BTreeSet::new(),
             stats: Stats::default(),
+            refused: Arc::new(AtomicU64::new(0)),
             keep_history: opts.keep_history.clone(),
             sync: opts.sync,
             replaying: false,
@@ -260,6 +354,7 @@ impl Engine {
         })
     }
 
+    /// The source path of `rel`, for messages only.
     fn s(&self, rel: &Path) -> PathBuf {
         if rel.as_os_str().is_empty() {
             self.src.clone()
@@ -268,6 +363,7 @@ impl Engine {
         }
     }
 
+    /// The copy's path of `rel`, for messages only.
     fn d(&self, rel: &Path) -> PathBuf {
         if rel.as_os_str().is_empty() {
             self.dst.clone()
@@ -283,15 +379,46 @@ impl Engine {
         }
     }
 
+    fn note(&self, e: &io::Error) {
+        note(&self.refused, e);
+    }
+
+    /// The directory holding `rel` on one side, opened from the root with no link followed, and
+    /// `rel`'s name in it.
+    fn locate(&self, side: Side, rel: &Path) -> io::Result<(Arc<Dir>, CString)> {
+        let (root, root_name) = match side {
+            Side::Src => (&self.sroot, &self.sroot_name),
+            Side::Dst => (&self.droot, &self.droot_name),
+        };
+        if rel.as_os_str().is_empty() {
+            return Ok((root.clone(), root_name.clone()));
+        }
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        let dir = if parent.as_os_str().is_empty() {
+            root.clone()
+        } else {
+            Arc::new(root.beneath(parent)?)
+        };
+        Ok((dir, tree::name(rel.file_name().unwrap_or_default())?))
+    }
+
+    /// `stat` of `rel` on one side (never following a link).
+    fn stat_rel(&self, side: Side, rel: &Path) -> io::Result<Meta> {
+        let (d, n) = self.locate(side, rel)?;
+        d.stat(&n)
+    }
+
     /// Counts what the bulk copy will move, for a progress bar with an ETA.
     pub fn scan(&self) -> (u64, u64) {
-        fn walk(p: &Path, dev: u64, acc: &mut (u64, u64)) {
-            let Ok(rd) = fs::read_dir(p) else { return };
-            for e in rd.flatten() {
-                let Ok(md) = e.metadata() else { continue };
+        fn walk(d: &Dir, dev: u64, acc: &mut (u64, u64)) {
+            let Ok(names) = d.names() else { return };
+            for n in names {
+                let Ok(md) = d.stat(&n) else { continue };
                 if md.is_dir() {
-                    if md.dev() == dev {
-                        walk(&e.path(), dev, acc);
+                    if md.dev() == dev
+                        && let Ok(sub) = d.sub(&n)
+                    {
+                        walk(&sub, dev, acc);
                     }
                 } else {
                     acc.1 += 1;
@@ -303,9 +430,15 @@ impl Engine {
         }
         let mut acc = (0, 0);
         if self.is_file {
-            acc = (fs::metadata(&self.src).map(|m| m.len()).unwrap_or(0), 1);
+            acc = (
+                self.sroot
+                    .stat(&self.sroot_name)
+                    .map(|m| m.len())
+                    .unwrap_or(0),
+                1,
+            );
         } else {
-            walk(&self.src, self.root_dev, &mut acc);
+            walk(&self.sroot, self.root_dev, &mut acc);
         }
         acc
     }
@@ -314,9 +447,11 @@ impl Engine {
     /// copied by a pool of worker threads (one per CPU) while this thread walks the tree and makes
     /// directories, links and special files; directory metadata is applied once every file is in.
     pub fn bulk(&mut self, progress: &dyn Progress) -> Result<(), CopyError> {
-        let md = fs::symlink_metadata(&self.src).map_err(|e| CopyError::read(&self.src, e))?;
         if self.is_file {
-            self.copy_fresh(Path::new(""), &md, progress)?;
+            let (sd, sn) = (self.sroot.clone(), self.sroot_name.clone());
+            let (dd, dn) = (self.droot.clone(), self.droot_name.clone());
+            let md = sd.stat(&sn).map_err(|e| CopyError::read(&self.src, e))?;
+            self.copy_fresh(Path::new(""), (&sd, &sn), (&dd, &dn), &md, progress)?;
             self.refresh_fast_paths();
             self.bulk_done = true;
             return Ok(());
@@ -324,7 +459,8 @@ impl Engine {
         let workers = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .clamp(1, 8);
-        let (tx, rx) = mpsc::sync_channel::<(PathBuf, Metadata)>(4096);
+        // Each queued job holds its two directories open: the bound keeps descriptors in check.
+        let (tx, rx) = mpsc::sync_channel::<Job>(1024);
         let rx = Mutex::new(rx);
         let failed = Arc::new(AtomicBool::new(false));
         let first_err: Mutex<Option<CopyError>> = Mutex::new(None);
@@ -332,26 +468,25 @@ impl Engine {
         let files = AtomicU64::new(0);
         let fps: Mutex<Vec<FastPaths>> = Mutex::new(Vec::new());
         let (src, dst, reflink) = (self.src.clone(), self.dst.clone(), self.fp.reflink);
+        let refused = self.refused.clone();
         let walked = std::thread::scope(|sc| {
             for _ in 0..workers {
                 sc.spawn(|| {
                     let mut fp = FastPaths::new(reflink);
                     loop {
                         let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                        let Ok((rel, md)) = job else { break };
+                        let Ok(job) = job else { break };
                         if failed.load(Ordering::Relaxed) {
                             continue;
                         }
-                        let (s, d) = (src.join(&rel), dst.join(&rel));
-                        let r = fsops::copy_new_file(&s, &d, &mut fp)
-                            .and_then(|_| fsops::apply_meta(&s, &d, &md, false));
-                        match r {
+                        match copy_job(&job, &src, &dst, &mut fp) {
                             Ok(()) => {
-                                let b = bytes.fetch_add(md.len(), Ordering::Relaxed) + md.len();
+                                let len = job.md.len();
+                                let b = bytes.fetch_add(len, Ordering::Relaxed) + len;
                                 let f = files.fetch_add(1, Ordering::Relaxed) + 1;
                                 progress.copied(b, f);
                             }
-                            Err(e) if gone_err(&e) => {}
+                            Err(e) if gone_err(&e) => note_err(&refused, &e),
                             Err(e) => {
                                 failed.store(true, Ordering::Relaxed);
                                 first_err
@@ -368,7 +503,8 @@ impl Engine {
                 tx,
                 failed: failed.clone(),
             });
-            let r = self.copy_children(Path::new(""), progress);
+            let (sroot, droot) = (self.sroot.clone(), self.droot.clone());
+            let r = self.copy_children(Path::new(""), sroot, droot, progress);
             self.pool = None; // closes the channel: the workers finish the queue and stop
             r
         });
@@ -384,36 +520,70 @@ impl Engine {
             return Err(e);
         }
         walked?;
-        for (rel, md) in std::mem::take(&mut self.deferred_dirs) {
-            match fsops::apply_meta(&self.s(&rel), &self.d(&rel), &md, false) {
+        for rel in std::mem::take(&mut self.deferred_dirs) {
+            match self.dir_meta(&rel, false) {
                 Err(e) if gone_err(&e) => {}
                 r => r?,
             }
         }
-        fsops::apply_meta(&self.src, &self.dst, &md, false)?;
+        self.dir_meta(Path::new(""), false)?;
+        self.refresh_fast_paths();
         self.bulk_done = true;
         Ok(())
     }
 
-    fn copy_children(&mut self, rel: &Path, progress: &dyn Progress) -> Result<(), CopyError> {
-        let s = self.s(rel);
-        let rd = match fs::read_dir(&s) {
-            Ok(rd) => rd,
-            Err(e) if gone(&e) => return Ok(()),
-            Err(e) => return Err(CopyError::read(&s, e)),
+    /// Copies the metadata of directory `rel` (both sides opened from their roots, no link
+    /// followed; a directory missing in the copy is skipped).
+    fn dir_meta(&self, rel: &Path, exact: bool) -> Result<(), CopyError> {
+        let (sp, dp) = (self.s(rel), self.d(rel));
+        let s = self.sroot.beneath(rel).map_err(|e| {
+            self.note(&e);
+            CopyError::read(&sp, e)
+        })?;
+        let d = match self.droot.beneath(rel) {
+            Ok(d) => d,
+            Err(e) if gone(&e) => {
+                self.note(&e);
+                return Ok(());
+            }
+            Err(e) => return Err(CopyError::write(&dp, e)),
         };
-        for ent in rd {
+        let md = s.meta().map_err(|e| CopyError::read(&sp, e))?;
+        fsops::apply_meta(
+            (HandleRef::open(&s), &sp),
+            (HandleRef::open(&d), &dp),
+            &md,
+            exact,
+        )
+    }
+
+    /// Copies the entries of directory `rel`, open as `sdir`, into the copy's `ddir`.
+    fn copy_children(
+        &mut self,
+        rel: &Path,
+        sdir: Arc<Dir>,
+        ddir: Arc<Dir>,
+        progress: &dyn Progress,
+    ) -> Result<(), CopyError> {
+        let names = match sdir.names() {
+            Ok(n) => n,
+            Err(e) if gone(&e) => return Ok(()),
+            Err(e) => return Err(CopyError::read(self.s(rel), e)),
+        };
+        for n in names {
             if self.pool.as_ref().is_some_and(Pool::failed) {
                 return Ok(()); // a worker failed: bulk() reports its error
             }
-            let ent = ent.map_err(|e| CopyError::read(&s, e))?;
-            let crel = rel.join(ent.file_name());
-            let md = match fs::symlink_metadata(self.s(&crel)) {
+            let crel = rel.join(entry_name(&n));
+            if is_marker(&crel) {
+                continue; // never the LC's: the copy's own marker lives there
+            }
+            let md = match sdir.stat(&n) {
                 Ok(md) => md,
                 Err(e) if gone(&e) => continue,
                 Err(e) => return Err(CopyError::read(self.s(&crel), e)),
             };
-            match self.copy_fresh(&crel, &md, progress) {
+            match self.copy_fresh(&crel, (&sdir, &n), (&ddir, &n), &md, progress) {
                 Err(e) if gone_err(&e) => continue,
                 r => r?,
             }
@@ -421,33 +591,50 @@ impl Engine {
         Ok(())
     }
 
-    /// Creates `rel` in the copy (it must not exist there) like the source, recursively.
+    /// Creates `rel` (`dname` in `ddir`, which must not exist) like the source's `sname` in
+    /// `sdir`, whose listing said `md`, recursively.
     fn copy_fresh(
         &mut self,
         rel: &Path,
-        md: &Metadata,
+        (sdir, sname): (&Arc<Dir>, &CStr),
+        (ddir, dname): (&Arc<Dir>, &CStr),
+        md: &Meta,
         progress: &dyn Progress,
     ) -> Result<(), CopyError> {
-        let (s, d) = (self.s(rel), self.d(rel));
-        let ft = md.file_type();
-        if ft.is_dir() {
-            fs::create_dir(&d).map_err(|e| CopyError::write(&d, e))?;
-            if md.dev() == self.root_dev {
-                self.copy_children(rel, progress)?;
+        let (sp, dp) = (self.s(rel), self.d(rel));
+        let refused = self.refused.clone();
+        let rd = |e: io::Error| {
+            note(&refused, &e);
+            CopyError::read(&sp, e)
+        };
+        if md.is_dir() {
+            ddir.mkdir(dname, 0o700)
+                .map_err(|e| CopyError::write(&dp, e))?;
+            // A link swapped in since the listing is refused here: the trap has the swap.
+            let s = Arc::new(sdir.sub(sname).map_err(rd)?);
+            let d = Arc::new(ddir.sub(dname).map_err(|e| CopyError::write(&dp, e))?);
+            let sm = s.meta().map_err(|e| CopyError::read(&sp, e))?;
+            if sm.dev() == self.root_dev {
+                self.copy_children(rel, s.clone(), d.clone(), progress)?;
             } else {
-                tracing::warn!(path = %s.display(), "not descending into another filesystem mounted in the source");
+                tracing::warn!(path = %sp.display(), "not descending into another filesystem mounted in the source");
             }
             if self.pool.is_some() {
                 // Files may still be in flight in the pool: their creation would move the times.
-                self.deferred_dirs.push((rel.to_path_buf(), md.clone()));
+                self.deferred_dirs.push(rel.to_path_buf());
             } else {
-                fsops::apply_meta(&s, &d, md, false)?;
+                fsops::apply_meta(
+                    (HandleRef::open(&*s), &sp),
+                    (HandleRef::open(&*d), &dp),
+                    &sm,
+                    false,
+                )?;
             }
             self.stats.dirs += 1;
             return Ok(());
         }
         let key = (md.dev(), md.ino());
-        if md.nlink() > 1 && self.link_existing(rel, key)? {
+        if md.nlink() > 1 && self.link_existing(rel, ddir, dname, key)? {
             if self.replaying {
                 // The writes that brought us here may have gone through this very name: the
                 // shared inode in the copy is brought up to date through it.
@@ -462,36 +649,53 @@ impl Engine {
             }
             return Ok(());
         }
-        if ft.is_file()
+        if md.is_file()
             && md.nlink() == 1
             && let Some(pool) = &self.pool
         {
             // Hard-linked files stay on this thread: linking needs their first copy to exist.
             self.names.entry(key).or_default().push(rel.to_path_buf());
-            if pool.tx.send((rel.to_path_buf(), md.clone())).is_err() {
+            let job = Job {
+                sdir: sdir.clone(),
+                ddir: ddir.clone(),
+                name: sname.to_owned(),
+                rel: rel.to_path_buf(),
+                md: *md,
+            };
+            if pool.tx.send(job).is_err() {
                 return Err(CopyError::WorkerDied);
             }
             return Ok(());
         }
-        if ft.is_file() {
-            let df = fsops::copy_new_file(&s, &d, &mut self.fp)?;
-            if let Ok(dm) = df.metadata() {
+        if md.is_file() {
+            let (sf, df, sm) =
+                fsops::copy_new_file((sdir, sname, &sp), (ddir, dname, &dp), &mut self.fp)?;
+            if let Ok(dm) = tree::meta_of(&df) {
                 self.hashes.remove(&(dm.dev(), dm.ino()));
             }
-            drop(df);
+            fsops::apply_meta(
+                (HandleRef::open(&sf), &sp),
+                (HandleRef::open(&df), &dp),
+                &sm,
+                false,
+            )?;
             self.stats.files += 1;
             self.stats.bytes_copied += md.len();
-        } else if ft.is_symlink() {
-            let target = fs::read_link(&s).map_err(|e| CopyError::read(&s, e))?;
-            std::os::unix::fs::symlink(&target, &d).map_err(|e| CopyError::write(&d, e))?;
+        } else if md.is_symlink() {
+            // Copied as a link, its target bytes unchanged: never followed on either side.
+            let target = sdir.readlink(sname).map_err(|e| rd(not_link(e)))?;
+            ddir.symlink(&target, dname)
+                .map_err(|e| CopyError::write(&dp, e))?;
             self.stats.symlinks += 1;
-        } else if fsops::is_special(&ft) {
-            fsops::make_node(&d, md).map_err(|e| CopyError::write(&d, e))?;
+            self.meta_at((sdir, sname, &sp), (ddir, dname, &dp), md.kind(), false)?;
+        } else if md.is_special() {
+            ddir.mknod(dname, md.kind() | 0o600, md.rdev())
+                .map_err(|e| CopyError::write(&dp, e))?;
             self.stats.specials += 1;
+            self.meta_at((sdir, sname, &sp), (ddir, dname, &dp), md.kind(), false)?;
         } else {
-            return Err(CopyError::UnknownDiskKind(s));
+            return Err(CopyError::UnknownDiskKind(sp));
         }
-        fsops::apply_meta(&s, &d, md, false)?;
         self.names.entry(key).or_default().push(rel.to_path_buf());
         if self.pool.is_none() {
             // While the pool runs, its workers report (this thread's counts lag theirs).
@@ -503,6 +707,31 @@ impl Engine {
         Ok(())
     }
 
+    /// Applies the metadata of the source entry to the copy's, both through `O_PATH`
+    /// descriptors (the entry is not opened: a link, a device, a FIFO). The source must still be
+    /// of kind `kind`, else it changed under us (`ENOENT`: the trap has it).
+    fn meta_at(
+        &self,
+        (sdir, sname, sp): (&Dir, &CStr, &Path),
+        (ddir, dname, dp): (&Dir, &CStr, &Path),
+        kind: u32,
+        exact: bool,
+    ) -> Result<(), CopyError> {
+        let sh = sdir.handle(sname).map_err(|e| CopyError::read(sp, e))?;
+        let sm = sh.as_ref().meta().map_err(|e| CopyError::read(sp, e))?;
+        if sm.kind() != kind {
+            if sm.is_symlink() {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            return Err(CopyError::read(
+                sp,
+                io::Error::from_raw_os_error(libc::ENOENT),
+            ));
+        }
+        let dh = ddir.handle(dname).map_err(|e| CopyError::write(dp, e))?;
+        fsops::apply_meta((sh.as_ref(), sp), (dh.as_ref(), dp), &sm, exact)
+    }
+
     /// The names in the copy of source inode `key` that still name it in the source.
     fn live_names(&self, key: (u64, u64)) -> Vec<PathBuf> {
         self.names
@@ -510,7 +739,7 @@ impl Engine {
             .map(|v| {
                 v.iter()
                     .filter(|n| {
-                        fs::symlink_metadata(self.s(n))
+                        self.stat_rel(Side::Src, n)
                             .map(|m| (m.dev(), m.ino()) == key)
                             .unwrap_or(false)
                     })
@@ -520,8 +749,15 @@ impl Engine {
             .unwrap_or_default()
     }
 
-    /// Links `rel` to an existing name of the same source inode in the copy, if there is one.
-    fn link_existing(&mut self, rel: &Path, key: (u64, u64)) -> Result<bool, CopyError> {
+    /// Links `dname` in `ddir` (the copy's `rel`) to an existing name of the same source inode
+    /// in the copy, if there is one.
+    fn link_existing(
+        &mut self,
+        rel: &Path,
+        ddir: &Dir,
+        dname: &CStr,
+        key: (u64, u64),
+    ) -> Result<bool, CopyError> {
         let Some(names) = self.names.get(&key).cloned() else {
             return Ok(false);
         };
@@ -531,25 +767,28 @@ impl Engine {
             if n == rel {
                 continue;
             }
-            let same_src = fs::symlink_metadata(self.s(&n))
+            let same_src = self
+                .stat_rel(Side::Src, &n)
                 .map(|m| (m.dev(), m.ino()) == key)
                 .unwrap_or(false);
-            let in_dst = fs::symlink_metadata(self.d(&n))
-                .map(|m| !m.is_dir())
-                .unwrap_or(false);
-            if same_src && in_dst {
+            let in_dst = self
+                .locate(Side::Dst, &n)
+                .and_then(|(d, nm)| d.stat(&nm).map(|m| (d, nm, m)))
+                .ok()
+                .filter(|(_, _, m)| !m.is_dir());
+            if same_src && let Some((d, nm, _)) = in_dst {
                 if found.is_none() {
-                    found = Some(n.clone());
+                    found = Some((d, nm));
                 }
                 live.push(n);
             }
         }
-        let Some(existing) = found else {
+        let Some((odir, oname)) = found else {
             self.names.remove(&key);
             return Ok(false);
         };
-        let d = self.d(rel);
-        fs::hard_link(self.d(&existing), &d).map_err(|e| CopyError::write(&d, e))?;
+        ddir.link_from(&odir, &oname, dname)
+            .map_err(|e| CopyError::write(self.d(rel), e))?;
         live.push(rel.to_path_buf());
         self.names.insert(key, live);
         Ok(true)
@@ -586,6 +825,9 @@ impl Engine {
             self.journal
                 .append(ev.op.name(), None, &ev.rel)
                 .map_err(|e| self.jerr(e))?;
+            if !self.is_file && is_marker(&ev.rel) {
+                continue; // the LC's entry of the marker's name is never copied
+            }
             let f = match ev.op {
                 Op::Overflow => {
                     rescan = true;
@@ -616,6 +858,7 @@ impl Engine {
             .append("round", Some((self.stats.rounds, n)), Path::new(""))
             .map_err(|e| self.jerr(e))?;
         self.journal.flush().map_err(|e| self.jerr(e))?;
+        self.refresh_fast_paths();
         progress.replayed(
             self.stats.rounds,
             self.stats.history_entries,
@@ -648,51 +891,74 @@ impl Engine {
 
     /// Makes the copy's `rel` equal to the source's current `rel`.
     fn sync(&mut self, rel: &Path, flags: u8, progress: &dyn Progress) -> Result<(), CopyError> {
-        let (s, d) = (self.s(rel), self.d(rel));
-        let smd = match fs::symlink_metadata(&s) {
-            Ok(m) => m,
-            Err(e) if gone(&e) && !rel.as_os_str().is_empty() => return self.remove(rel),
-            Err(e) => return Err(CopyError::read(&s, e)),
-        };
-        if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
-            let pd = fs::symlink_metadata(self.d(parent));
-            if !pd.map(|m| m.is_dir()).unwrap_or(false) {
-                // The parent is not in the copy yet (or is something else): copying the parent
-                // brings this entry along.
-                return self.sync(parent, REPLACE, progress);
-            }
+        if !self.is_file && is_marker(rel) {
+            return Ok(()); // the LC's own entry of that name is never copied
         }
-        let dmd = fs::symlink_metadata(&d).ok();
-        let same_kind = dmd.as_ref().is_some_and(|m| kind(m) == kind(&smd));
         let root = rel.as_os_str().is_empty();
+        let (sp, dp) = (self.s(rel), self.d(rel));
+        let (sdir, sname) = match self.locate(Side::Src, rel) {
+            Ok(x) => x,
+            // A link (or a file) where a directory was: `rel` is not in the source's tree any
+            // more; the swap itself is an entry of its own.
+            Err(e) if gone(&e) && !root => {
+                self.note(&e);
+                return self.remove(rel);
+            }
+            Err(e) => return Err(CopyError::read(&sp, e)),
+        };
+        let smd = match sdir.stat(&sname) {
+            Ok(m) => m,
+            Err(e) if gone(&e) && !root => return self.remove(rel),
+            Err(e) => return Err(CopyError::read(&sp, e)),
+        };
+        let (ddir, dname) = match self.locate(Side::Dst, rel) {
+            Ok(x) => x,
+            Err(e) if gone(&e) => {
+                // The parent is not in the copy yet, or is something else there (a link copied
+                // from the source): copying the parent brings this entry along.
+                self.note(&e);
+                let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+                return self.sync(&parent, REPLACE, progress);
+            }
+            Err(e) => return Err(CopyError::write(&dp, e)),
+        };
+        let dmd = ddir.stat(&dname).ok();
+        let same_kind = dmd.as_ref().is_some_and(|m| m.kind() == smd.kind());
         if !root && (flags & REPLACE != 0 || !same_kind) {
-            self.remove(rel)?;
+            self.remove_at(rel, &ddir, &dname)?;
             let before = self.stats.bytes_copied;
-            self.copy_fresh(rel, &smd, progress)?;
+            self.copy_fresh(rel, (&sdir, &sname), (&ddir, &dname), &smd, progress)?;
             self.stats.bytes_replayed += self.stats.bytes_copied - before;
             if let Some(p) = rel.parent() {
                 self.touched.insert(p.to_path_buf());
             }
             return Ok(());
         }
-        let ft = smd.file_type();
-        if ft.is_dir() {
+        if smd.is_dir() {
             self.touched.insert(rel.to_path_buf());
             return Ok(());
         }
         let Some(dmd) = dmd else {
             return Err(CopyError::write(
-                &d,
+                &dp,
                 io::Error::from_raw_os_error(libc::ENOENT),
             ));
         };
-        if ft.is_file() {
+        if smd.is_file() {
             if flags & CONTENT != 0 || dmd.len() != smd.len() {
+                let sf = sdir.open_regular(&sname, false).map_err(|e| {
+                    self.note(&e);
+                    CopyError::read(&sp, e)
+                })?;
+                let df = ddir
+                    .open_regular(&dname, true)
+                    .map_err(|e| CopyError::write(&dp, e))?;
                 let key = (dmd.dev(), dmd.ino());
                 let mut h = self.hashes.remove(&key).unwrap_or_default();
                 let mut ranges = Vec::new();
-                let r =
-                    fsops::diff_file(&s, &d, &mut h, self.frozen, &mut |o, l| ranges.push((o, l)));
+                let r = fsops::diff_fds(&sf, &sp, &df, &dp, &mut h, self.frozen, &mut |o, l| {
+                    ranges.push((o, l))
+                });
                 self.hashes.insert(key, h);
                 let st = r?;
                 self.stats.bytes_hashed += st.bytes_read;
@@ -703,26 +969,39 @@ impl Engine {
                         .map_err(|e| self.jerr(e))?;
                 }
             }
-        } else if ft.is_symlink() {
-            if fs::read_link(&s).ok() != fs::read_link(&d).ok() {
-                self.remove(rel)?;
-                return self.copy_fresh(rel, &smd, progress);
+        } else if smd.is_symlink() {
+            if sdir.readlink(&sname).ok() != ddir.readlink(&dname).ok() {
+                self.remove_at(rel, &ddir, &dname)?;
+                return self.copy_fresh(rel, (&sdir, &sname), (&ddir, &dname), &smd, progress);
             }
         } else if smd.rdev() != dmd.rdev() {
-            self.remove(rel)?;
-            return self.copy_fresh(rel, &smd, progress);
+            self.remove_at(rel, &ddir, &dname)?;
+            return self.copy_fresh(rel, (&sdir, &sname), (&ddir, &dname), &smd, progress);
         }
         if flags & (META | CONTENT) != 0 || !root {
-            // Re-read: the diff may have taken a while, and the times must be the latest.
-            let smd = fs::symlink_metadata(&s).map_err(|e| CopyError::read(&s, e))?;
-            fsops::apply_meta(&s, &d, &smd, true)?;
+            // Read from the source's inode now: the diff may have taken a while, and the times
+            // must be the latest.
+            self.meta_at((&sdir, &sname, &sp), (&ddir, &dname, &dp), dmd.kind(), true)?;
         }
         Ok(())
     }
 
+    /// Removes the copy's `rel`, whatever it is. Nothing to do when a link stands on the way in
+    /// the copy: `rel` is then not in the copy's tree (the link is replayed on its own).
     fn remove(&mut self, rel: &Path) -> Result<(), CopyError> {
-        let d = self.d(rel);
-        remove_any(&d).map_err(|e| CopyError::write(&d, e))?;
+        match self.locate(Side::Dst, rel) {
+            Ok((d, n)) => self.remove_at(rel, &d, &n),
+            Err(e) if gone(&e) => {
+                self.note(&e);
+                Ok(())
+            }
+            Err(e) => Err(CopyError::write(self.d(rel), e)),
+        }
+    }
+
+    fn remove_at(&mut self, rel: &Path, ddir: &Dir, dname: &CStr) -> Result<(), CopyError> {
+        ddir.remove_all(dname)
+            .map_err(|e| CopyError::write(self.d(rel), e))?;
         if let Some(p) = rel.parent() {
             self.touched.insert(p.to_path_buf());
         }
@@ -733,29 +1012,35 @@ impl Engine {
     /// fixed, every file is diffed.
     fn rescan(&mut self, rel: &Path, progress: &dyn Progress) -> Result<(), CopyError> {
         self.sync(rel, CONTENT | META, progress)?;
-        let s = self.s(rel);
-        let Ok(md) = fs::symlink_metadata(&s) else {
-            return Ok(());
-        };
-        if !md.is_dir() {
+        if self.is_file {
             return Ok(());
         }
-        let list = |p: &Path| -> BTreeSet<std::ffi::OsString> {
-            fs::read_dir(p)
-                .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
-                .unwrap_or_default()
-        };
-        let mut sn = list(&s);
-        let dn = list(&self.d(rel));
-        for n in dn.difference(&sn) {
-            if rel.as_os_str().is_empty() && n == marker::MARKER {
-                continue;
+        let s = match self.sroot.beneath(rel) {
+            Ok(s) => s,
+            Err(e) => {
+                self.note(&e);
+                return Ok(()); // not a directory (any more)
             }
-            self.remove(&rel.join(n))?;
+        };
+        let sn: BTreeSet<CString> = s.names().unwrap_or_default().into_iter().collect();
+        let dn: BTreeSet<CString> = self
+            .droot
+            .beneath(rel)
+            .and_then(|d| d.names())
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        for n in dn.difference(&sn) {
+            let crel = rel.join(entry_name(n));
+            if !is_marker(&crel) {
+                self.remove(&crel)?;
+            }
         }
-        sn.retain(|n| !(rel.as_os_str().is_empty() && n == marker::MARKER));
         for n in sn {
-            self.rescan(&rel.join(n), progress)?;
+            let crel = rel.join(entry_name(&n));
+            if !is_marker(&crel) {
+                self.rescan(&crel, progress)?;
+            }
         }
         self.touched.insert(rel.to_path_buf());
         Ok(())
@@ -770,18 +1055,12 @@ impl Engine {
         }
         dirs.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
         for rel in dirs {
-            let (s, d) = (self.s(&rel), self.d(&rel));
-            let Ok(smd) = fs::symlink_metadata(&s) else {
+            if is_marker(&rel) {
                 continue;
-            };
-            let dir_in_copy = fs::symlink_metadata(&d)
-                .map(|m| m.is_dir())
-                .unwrap_or(false);
-            if smd.is_dir() && dir_in_copy {
-                match fsops::apply_meta(&s, &d, &smd, true) {
-                    Err(e) if gone_err(&e) => {}
-                    r => r?,
-                }
+            }
+            match self.dir_meta(&rel, true) {
+                Err(e) if gone_err(&e) => {} // not a directory in the source (any more)
+                r => r?,
             }
         }
         Ok(())
@@ -794,31 +1073,28 @@ impl Engine {
             .map_err(|e| self.jerr(e))?;
         self.journal.flush().map_err(|e| self.jerr(e))?;
         if self.sync {
-            let f = fs::File::open(if self.is_file {
-                &self.dst
-            } else {
-                &self.marker
-            })
-            .map_err(|e| CopyError::write(&self.dst, e))?;
-            // SAFETY: syncfs on an open fd.
-            if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) } < 0 {
-                return Err(CopyError::write(&self.dst, io::Error::last_os_error()));
-            }
+            self.droot
+                .syncfs()
+                .map_err(|e| CopyError::write(&self.dst, e))?;
         }
-        let root = fs::symlink_metadata(&self.dst).ok();
+        let root = (!self.is_file).then(|| self.droot.meta().ok()).flatten();
         marker::finish(&self.marker, self.keep_history.as_deref())
             .map_err(|e| CopyError::write(&self.marker, e))?;
-        if let (false, Some(md)) = (self.is_file, root) {
+        if let Some(md) = root {
             // Removing the marker changed the root's times: put back what the copy had.
-            fsops::apply_meta(&self.dst, &self.dst, &md, false)?;
+            HandleRef::open(&*self.droot)
+                .set_times(md.atime(), md.mtime())
+                .map_err(|e| CopyError::write(&self.dst, e))?;
         }
+        self.refresh_fast_paths();
         Ok(self.stats.clone())
     }
 
-    /// Fast-path counters so far.
+    /// Counters kept outside `stats` so far (fast paths, refused links).
     pub fn refresh_fast_paths(&mut self) {
         self.stats.bytes_reflinked = self.fp.bytes_reflinked;
         self.stats.bytes_copy_range = self.fp.bytes_copy_range;
         self.stats.bytes_read_write = self.fp.bytes_read_write;
+        self.stats.refused_links = self.refused.load(Ordering::Relaxed);
     }
 }

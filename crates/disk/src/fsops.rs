@@ -8,16 +8,17 @@
 //! file capabilities), then mode, then xattrs, then timestamps last (every other change moves them).
 
 use std::ffi::{CStr, CString};
-use std::fs::{File, Metadata, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::error::CopyError;
+use crate::tree::{Dir, HandleRef, Meta};
 
 /// Block size of the hash diff. 4 KiB matches the page size and the typical write size, so a
 /// random 4 KiB write ships 4 KiB.
@@ -73,61 +74,34 @@ pub fn cstr(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
+/// Copies a regular file's data from `sname` in `sdir` into the new file `dname` in `ddir`
+/// (which must not exist: a link there is not followed). Returns both open files, so the caller
+/// applies metadata through the descriptors, and the source's `stat` when it was opened. `sp`/`dp`
+/// name the files in errors only.
+pub fn copy_new_file(
+    (sdir, sname, sp): (&Dir, &CStr, &Path),
+    (ddir, dname, dp): (&Dir, &CStr, &Path),
+    fp: &mut FastPaths,
+) -> Result<(File, File, Meta), CopyError> {
+    let (sf, md) = sdir
+        .open_regular_meta(sname, false)
+        .map_err(|e| CopyError::read(sp, e))?;
+    let df = ddir
+        .create_file(dname, 0o600)
+        .map_err(|e| CopyError::write(dp, e))?;
+    copy_data(&sf, sp, &df, dp, md.len(), fp)?;
+    Ok((sf, df, md))
 }
 
-/// Copies a regular file's data into a new file at `dst` (which must not exist). Returns the
-/// open destination so the caller can apply metadata through the fd.
-pub fn copy_new_file(src: &Path, dst: &Path, fp: &mut FastPaths) -> Result<File, CopyError> {
-    let sf = open_source(src)?;
-    let df = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dst)
-        .map_err(|e| CopyError::write(dst, e))?;
-    copy_data(&sf, src, &df, dst, fp)?;
-    Ok(df)
-}
-
-/// Opens a source file for reading, never following a symlink and never blocking on a FIFO: the
-/// source changes under us, and what was a regular file when listed may be something else now.
-/// That case is reported as `ENOENT` (the entry is gone as a regular file; the trap has recorded
-/// the change and replay copies what is there now).
-pub fn open_source(src: &Path) -> Result<File, CopyError> {
-    let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK;
-    // O_NOATIME keeps reads from touching the source's atime; it is refused for files we do not
-    // own unless we are root, hence the retry without it.
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(flags | libc::O_NOATIME)
-        .open(src)
-        .or_else(|_| OpenOptions::new().read(true).custom_flags(flags).open(src))
-        .map_err(|e| CopyError::read(src, e))?;
-    let md = f.metadata().map_err(|e| CopyError::read(src, e))?;
-    if !md.is_file() {
-        return Err(CopyError::read(
-            src,
-            io::Error::from_raw_os_error(libc::ENOENT),
-        ));
-    }
-    Ok(f)
-}
-
-/// Copies all data of `sf` into the empty `df`, keeping holes.
+/// Copies all data of `sf` (`len` bytes when it was opened) into the empty `df`, keeping holes.
 pub fn copy_data(
     sf: &File,
     src: &Path,
     df: &File,
     dst: &Path,
+    len: u64,
     fp: &mut FastPaths,
 ) -> Result<(), CopyError> {
-    let len = sf.metadata().map_err(|e| CopyError::read(src, e))?.len();
     if len == 0 {
         return Ok(());
     }
@@ -244,151 +218,37 @@ fn copy_range(
     Ok(())
 }
 
-/// Creates a non-regular, non-directory, non-symlink node (device, FIFO, socket) like `src`.
-pub fn make_node(dst: &Path, md: &Metadata) -> io::Result<()> {
-    let c = cstr(dst)?;
-    let mode = md.mode() & libc::S_IFMT | 0o600;
-    // SAFETY: c is a valid NUL-terminated path.
-    cvt(unsafe { libc::mknod(c.as_ptr(), mode, md.rdev()) })?;
-    Ok(())
-}
-
-/// Applies owner, mode, xattrs and timestamps of `md` (the source's) to `dst`, without following
-/// a symlink at `dst`. `src` is read for xattrs. `exact_xattrs` also removes xattrs `dst` has and
-/// the source has not (needed on replay, not on a fresh copy).
+/// Applies owner, mode, xattrs and timestamps of the source inode `s` (whose `stat` is `md`) to
+/// the copy's inode `d`, both reached through descriptors. `exact_xattrs` also removes xattrs `d`
+/// has and the source has not (needed on replay, not on a fresh copy). `sp`/`dp` name them in
+/// errors only.
 pub fn apply_meta(
-    src: &Path,
-    dst: &Path,
-    md: &Metadata,
+    (s, sp): (HandleRef<'_>, &Path),
+    (d, dp): (HandleRef<'_>, &Path),
+    md: &Meta,
     exact_xattrs: bool,
 ) -> Result<(), CopyError> {
-    let c = cstr(dst).map_err(|e| CopyError::write(dst, e))?;
-    let w = |e| CopyError::write(dst, e);
-    // SAFETY: c is a valid path; AT_FDCWD with AT_SYMLINK_NOFOLLOW acts on the link itself.
-    cvt(unsafe {
-        libc::fchownat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            md.uid(),
-            md.gid(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-    .map_err(w)?;
-    let is_link = md.file_type().is_symlink();
-    if !is_link {
-        // SAFETY: as above; chmod does not follow because dst is not a symlink.
-        cvt(unsafe { libc::chmod(c.as_ptr(), md.mode() & 0o7777) }).map_err(w)?;
+    let w = |e| CopyError::write(dp, e);
+    d.chown(md.uid(), md.gid()).map_err(w)?;
+    if !md.is_symlink() {
+        d.chmod(md.mode() & 0o7777).map_err(w)?;
     }
-    copy_xattrs(src, dst, exact_xattrs)?;
-    set_times(&c, md).map_err(w)?;
-    Ok(())
-}
-
-fn set_times(c: &CStr, md: &Metadata) -> io::Result<()> {
-    let ts = [
-        libc::timespec {
-            tv_sec: md.atime(),
-            tv_nsec: md.atime_nsec(),
-        },
-        libc::timespec {
-            tv_sec: md.mtime(),
-            tv_nsec: md.mtime_nsec(),
-        },
-    ];
-    // SAFETY: c is a valid path and ts has two entries.
-    cvt(unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            ts.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })?;
-    Ok(())
-}
-
-/// Lists the xattr names of `p` (not following symlinks).
-pub fn list_xattrs(p: &Path) -> io::Result<Vec<Vec<u8>>> {
-    let c = cstr(p)?;
-    let mut buf = vec![0u8; 1024];
-    loop {
-        // SAFETY: buf is valid for buf.len() bytes.
-        let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::ERANGE) => {
-                    buf.resize(buf.len() * 4, 0);
-                    continue;
-                }
-                Some(libc::ENOTSUP) => return Ok(Vec::new()),
-                _ => return Err(e),
-            }
-        }
-        return Ok(buf[..n as usize]
-            .split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| s.to_vec())
-            .collect());
-    }
-}
-
-/// Reads one xattr value of `p`.
-pub fn get_xattr(p: &Path, name: &[u8]) -> io::Result<Vec<u8>> {
-    let c = cstr(p)?;
-    let n = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let mut buf = vec![0u8; 256];
-    loop {
-        // SAFETY: buf is valid for buf.len() bytes; c and n are NUL-terminated.
-        let r =
-            unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ERANGE) {
-                buf.resize(buf.len() * 4, 0);
-                continue;
-            }
-            return Err(e);
-        }
-        buf.truncate(r as usize);
-        return Ok(buf);
-    }
-}
-
-fn copy_xattrs(src: &Path, dst: &Path, exact: bool) -> Result<(), CopyError> {
-    let names = list_xattrs(src).map_err(|e| CopyError::read(src, e))?;
-    let dc = cstr(dst).map_err(|e| CopyError::write(dst, e))?;
+    let names = s.list_xattrs().map_err(|e| CopyError::read(sp, e))?;
     for name in &names {
-        let val = match get_xattr(src, name) {
+        let val = match s.get_xattr(name) {
             Ok(v) => v,
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
-            Err(e) => return Err(CopyError::read(src, e)),
+            Err(e) => return Err(CopyError::read(sp, e)),
         };
-        let n = CString::new(name.as_slice())
-            .map_err(|_| CopyError::read(src, io::Error::from_raw_os_error(libc::EINVAL)))?;
-        // SAFETY: pointers are valid for the given lengths.
-        let r =
-            unsafe { libc::lsetxattr(dc.as_ptr(), n.as_ptr(), val.as_ptr().cast(), val.len(), 0) };
-        if r < 0 {
-            return Err(CopyError::write(dst, io::Error::last_os_error()));
-        }
+        d.set_xattr(name, &val).map_err(w)?;
     }
-    if exact {
-        let have = list_xattrs(dst).map_err(|e| CopyError::write(dst, e))?;
+    if exact_xattrs {
+        let have = d.list_xattrs().map_err(w)?;
         for name in have.iter().filter(|n| !names.contains(n)) {
-            let n = CString::new(name.as_slice())
-                .map_err(|_| CopyError::write(dst, io::Error::from_raw_os_error(libc::EINVAL)))?;
-            // SAFETY: both strings are NUL-terminated.
-            let r = unsafe { libc::lremovexattr(dc.as_ptr(), n.as_ptr()) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::ENODATA) {
-                    return Err(CopyError::write(dst, e));
-                }
-            }
+            d.remove_xattr(name).map_err(w)?;
         }
     }
+    d.set_times(md.atime(), md.mtime()).map_err(w)?;
     Ok(())
 }
 
@@ -402,27 +262,10 @@ pub struct DiffStats {
     pub bytes_written: u64,
 }
 
-/// Makes the existing regular file `dst` equal to `src` by comparing 4 KiB block hashes, writing
+/// Makes the existing regular file `df` equal to `sf` by comparing 4 KiB block hashes, writing
 /// only the blocks that differ (all-zero blocks are punched as holes). `hashes` holds what is
-/// known about `dst` and is updated. Changed ranges are reported to `on_range`.
-pub fn diff_file(
-    src: &Path,
-    dst: &Path,
-    hashes: &mut Hashes,
-    parallel: bool,
-    on_range: &mut dyn FnMut(u64, u64),
-) -> Result<DiffStats, CopyError> {
-    let sf = open_source(src)?;
-    let df = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(dst)
-        .map_err(|e| CopyError::write(dst, e))?;
-    diff_fds(&sf, src, &df, dst, hashes, parallel, on_range)
-}
-
-/// [`diff_file`] on open files.
+/// known about `df` and is updated. Changed ranges are reported to `on_range`. `parallel` splits
+/// large files over the CPUs. `src`/`dst` name the files in errors only.
 pub fn diff_fds(
     sf: &File,
     src: &Path,
@@ -607,15 +450,23 @@ fn read_full(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
     Ok(got)
 }
 
-/// True for the kinds of inodes a disk can hold that are copied with `mknod`.
-pub fn is_special(ft: &std::fs::FileType) -> bool {
-    ft.is_block_device() || ft.is_char_device() || ft.is_fifo() || ft.is_socket()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::fs;
+    use std::fs::OpenOptions;
+
+    fn diff_file(
+        src: &Path,
+        dst: &Path,
+        hashes: &mut Hashes,
+        parallel: bool,
+        on_range: &mut dyn FnMut(u64, u64),
+    ) -> Result<DiffStats, CopyError> {
+        let sf = File::open(src).unwrap();
+        let df = OpenOptions::new().read(true).write(true).open(dst).unwrap();
+        diff_fds(&sf, src, &df, dst, hashes, parallel, on_range)
+    }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len)

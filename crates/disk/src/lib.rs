@@ -23,6 +23,7 @@ mod fsops;
 pub mod journal;
 mod marker;
 mod trap;
+mod tree;
 pub mod verify;
 
 use std::path::{Path, PathBuf};
@@ -135,16 +136,25 @@ fn start_engine(src: &Path, dst: &Path, opts: &CopyOptions) -> Result<engine::En
 /// track those writes themselves). Returns the bytes of data copied (holes not counted).
 pub fn copy_file(src: &Path, dst: &Path) -> Result<u64, CopyError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let sf = fsops::open_source(src)?;
+    // Host paths (image files the host owns), opened without following a link at the end and
+    // read only when they are regular files.
+    let parent = match src.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let (sf, md) = tree::Dir::open(parent)
+        .and_then(|d| d.open_regular_meta(&tree::name(src.file_name().unwrap_or_default())?, false))
+        .map_err(|e| CopyError::read(src, e))?;
     let df = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(dst)
         .map_err(|e| CopyError::write(dst, e))?;
     let mut fp = fsops::FastPaths::new(Reflink::Auto);
-    fsops::copy_data(&sf, src, &df, dst, &mut fp)?;
+    fsops::copy_data(&sf, src, &df, dst, md.len(), &mut fp)?;
     df.sync_all().map_err(|e| CopyError::write(dst, e))?;
     Ok(fp.bytes_reflinked + fp.bytes_copy_range + fp.bytes_read_write)
 }

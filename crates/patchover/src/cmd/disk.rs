@@ -188,6 +188,12 @@ fn print_report(r: &CopyReport, ctx: &Ctx) -> anyhow::Result<()> {
             " (still being written: not caught up)"
         }
     );
+    if s.refused_links > 0 {
+        println!(
+            "links       {} refused, not followed (the source swapped directories for links while it was copied)",
+            s.refused_links
+        );
+    }
     println!("duration    {:.2} s", r.duration.as_secs_f64());
     if let Some(c) = &r.cut {
         println!(
