@@ -141,7 +141,14 @@ impl Read for Deadlined {
             }
             self.stream.set_read_timeout(Some(left))?;
         }
-        self.stream.read(buf)
+        // A socket read timeout shows as EAGAIN (`WouldBlock`): it is the deadline.
+        self.stream.read(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock => io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the agent's response did not arrive in time",
+            ),
+            _ => e,
+        })
     }
 }
 
@@ -181,15 +188,14 @@ impl AgentClient {
             .map_err(fail)?;
         let ft = f.metadata().map_err(fail)?.file_type();
         if !ft.is_socket() {
-            return Err(AgentError::Protocol(format!(
-                "{} is not a socket ({}); the LC may have replaced it: patchover does not follow it",
-                socket.display(),
-                if ft.is_symlink() {
+            return Err(AgentError::Replaced {
+                path: socket.display().to_string(),
+                what: if ft.is_symlink() {
                     "a link"
                 } else {
                     "another kind of file"
-                }
-            )));
+                },
+            });
         }
         UnixStream::connect(format!("/proc/self/fd/{}", f.as_raw_fd())).map_err(fail)
     }
@@ -521,7 +527,10 @@ mod tests {
         let err = AgentClient::connect(&agent, Duration::from_secs(1))
             .err()
             .unwrap();
-        assert!(matches!(err, AgentError::Replaced { what: "a link", .. }), "{err}");
+        assert!(
+            matches!(err, AgentError::Replaced { what: "a link", .. }),
+            "{err}"
+        );
         listener.set_nonblocking(true).unwrap();
         assert!(
             listener.accept().is_err(),
