@@ -236,6 +236,7 @@ fn reader(
 /// (other work on the machine does not show up as a leak).
 fn census(dir: &Path, dirs: &[PathBuf], p: &Prepared) -> Counts {
     let dir_s = dir.display().to_string();
+    let cg = demo::cgroup_parent(dir);
     let exe = std::env::current_exe().ok();
     let mut c = Counts::new();
     // This process's descriptors, and those of every other patchover process (helpers).
@@ -250,7 +251,7 @@ fn census(dir: &Path, dirs: &[PathBuf], p: &Prepared) -> Counts {
         let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
         let ours = exe_of.is_some() && exe_of == exe;
         let of_dir = String::from_utf8_lossy(&cmdline).contains(&dir_s);
-        if ours || of_dir || cgroup.contains("patchover-demo") {
+        if ours || of_dir || cgroup.contains(&cg) {
             procs += 1;
             if ours {
                 fds += count_dir(Path::new(&format!("/proc/{pid}/fd")));
@@ -304,7 +305,7 @@ fn census(dir: &Path, dirs: &[PathBuf], p: &Prepared) -> Counts {
             o.lines().filter(|l| l.contains(&dir_s)).count() as i64
         }),
     );
-    c.insert("cgroups", cgroups("patchover-demo"));
+    c.insert("cgroups", cgroups(&cg));
     c.insert(
         "network_namespaces",
         mountinfo

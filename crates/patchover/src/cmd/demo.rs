@@ -59,7 +59,27 @@ pub fn parse_backend(s: &str) -> Result<BackendKind, String> {
 
 pub(super) const BRIDGE: &str = "podemo0";
 pub(super) const NET: &str = "10.77.250";
-const CLIENT_NS: &str = "podemo-client";
+/// The demo's names that are global on the host (a named network namespace, a cgroup), made
+/// from its directory so that two demos (a test and a benchmark, say) in two directories do not
+/// meet there. (The bridge and interface names are per network namespace: a second demo at the
+/// same time runs in a namespace of its own, `ip netns exec NS patchover …`.)
+fn instance(dir: &Path) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in dir.as_os_str().as_encoded_bytes() {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    format!("{:06x}", h & 0xff_ffff)
+}
+
+/// The client's named network namespace.
+fn client_ns(dir: &Path) -> String {
+    format!("podemo-c-{}", instance(dir))
+}
+
+/// The LCs' cgroup parent.
+pub(super) fn cgroup_parent(dir: &Path) -> String {
+    format!("patchover-demo-{}", instance(dir))
+}
 /// The client's own network in `seamless` mode (routed through the host).
 const CLIENT_NET: &str = "10.78.250";
 
@@ -142,7 +162,7 @@ fn write_config(dir: &Path, pubkey: &Path, l: &Layout, mode: Mode) -> anyhow::Re
         r#"# Written by `patchover demo`.
 state_dir = "{d}/state"
 run_dir = "{d}/run"
-cgroup_parent = "patchover-demo"
+cgroup_parent = "{cg}"
 
 [network]
 bridge = "{BRIDGE}"
@@ -170,6 +190,7 @@ system_disk = {{ path = "{sys2}" }}
 app_disk = {{ path = "{app2}", mount = "/data" }}
 nic = [{nic2}]
 "#,
+        cg = cgroup_parent(dir),
         nic1 = nic_line(mode, 1),
         nic2 = nic_line(mode, 2),
         pk = pubkey.display(),
@@ -303,7 +324,7 @@ fn stop_previous(dir: &Path) {
         }
     }
     let _ = Command::new("ip")
-        .args(["netns", "del", CLIENT_NS])
+        .args(["netns", "del", &client_ns(dir)])
         .output();
     let _ = Command::new("ip")
         .args(["link", "del", "podemocli"])
@@ -446,7 +467,9 @@ sha256 = "{new}"
     }
 
     // A client host: on the bridge, or (seamless) behind the host, which routes and NATs.
-    sh(&["ip", "netns", "add", CLIENT_NS])?;
+    let cns = client_ns(dir);
+    let cns = cns.as_str();
+    sh(&["ip", "netns", "add", cns])?;
     sh(&[
         "ip",
         "link",
@@ -458,7 +481,7 @@ sha256 = "{new}"
         "name",
         "eth0",
         "netns",
-        CLIENT_NS,
+        cns,
     ])?;
     let client_addr = if mode == Mode::Seamless {
         // Forwarding for the demo's own two interfaces only; the host's setting stays.
@@ -480,23 +503,14 @@ sha256 = "{new}"
         sh(&["ip", "link", "set", "podemocli", "master", BRIDGE, "up"])?;
         format!("{NET}.200/24")
     };
-    sh(&[
-        "ip",
-        "-n",
-        CLIENT_NS,
-        "addr",
-        "add",
-        &client_addr,
-        "dev",
-        "eth0",
-    ])?;
-    sh(&["ip", "-n", CLIENT_NS, "link", "set", "eth0", "up"])?;
-    sh(&["ip", "-n", CLIENT_NS, "link", "set", "lo", "up"])?;
+    sh(&["ip", "-n", cns, "addr", "add", &client_addr, "dev", "eth0"])?;
+    sh(&["ip", "-n", cns, "link", "set", "eth0", "up"])?;
+    sh(&["ip", "-n", cns, "link", "set", "lo", "up"])?;
     if mode == Mode::Seamless {
         sh(&[
             "ip",
             "-n",
-            CLIENT_NS,
+            cns,
             "route",
             "add",
             "default",
@@ -504,7 +518,7 @@ sha256 = "{new}"
             &format!("{CLIENT_NET}.1"),
         ])?;
     }
-    let netns = PathBuf::from(format!("/run/netns/{CLIENT_NS}"));
+    let netns = PathBuf::from(format!("/run/netns/{cns}"));
     let service: SocketAddr = format!("{NET}.10:80").parse()?;
 
     Ok(Prepared {
@@ -644,7 +658,7 @@ pub fn run(a: DemoArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         }
     }
     let _ = Command::new("ip")
-        .args(["netns", "del", CLIENT_NS])
+        .args(["netns", "del", &client_ns(&a.dir)])
         .output();
     if !a.keep {
         stop_previous(&a.dir);
