@@ -80,6 +80,22 @@ pub fn frame(mac: MacAddr, ip: Ipv4Addr, op: u16) -> [u8; 42] {
     f
 }
 
+/// Builds the ARP request a neighbour at `from_mac`/`from_ip` would send to ask the LC at
+/// `to_mac` for `target`: unicast, so only that LC sees it. An LC that holds `target` answers
+/// it and, as every Linux stack does for a request addressed to one of its own addresses,
+/// keeps the asker's MAC in its neighbour table (see `hold`'s neighbour priming).
+pub fn request_for(
+    from_mac: MacAddr,
+    from_ip: Ipv4Addr,
+    to_mac: MacAddr,
+    target: Ipv4Addr,
+) -> [u8; 42] {
+    let mut f = frame(from_mac, from_ip, 1);
+    f[0..6].copy_from_slice(&to_mac.0);
+    f[38..42].copy_from_slice(&target.octets());
+    f
+}
+
 /// Sends `count` gratuitous ARP request+reply pairs for `ip` at `mac` from `iface` in `netns`.
 pub fn announce(
     netns: Option<&Path>,
@@ -260,26 +276,31 @@ impl Sender {
 
     /// Sends one request+reply pair announcing `ip` at `mac`.
     pub fn send(&self, mac: MacAddr, ip: Ipv4Addr) -> Result<(), GarpError> {
-        use std::os::fd::AsRawFd;
         for op in [1u16, 2u16] {
-            let f = frame(mac, ip, op);
-            // SAFETY: `f` and `self.addr` are valid for the lengths passed; the socket is open.
-            let n = unsafe {
-                libc::sendto(
-                    self.sock.as_raw_fd(),
-                    f.as_ptr().cast(),
-                    f.len(),
-                    0,
-                    (&raw const self.addr).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            if n < 0 {
-                return Err(GarpError::Send {
-                    iface: self.iface.clone(),
-                    source: std::io::Error::last_os_error(),
-                });
-            }
+            self.send_frame(&frame(mac, ip, op))?;
+        }
+        Ok(())
+    }
+
+    /// Writes one whole Ethernet frame (header included) on the interface.
+    pub fn send_frame(&self, f: &[u8]) -> Result<(), GarpError> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `f` and `self.addr` are valid for the lengths passed; the socket is open.
+        let n = unsafe {
+            libc::sendto(
+                self.sock.as_raw_fd(),
+                f.as_ptr().cast(),
+                f.len(),
+                0,
+                (&raw const self.addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if n < 0 {
+            return Err(GarpError::Send {
+                iface: self.iface.clone(),
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(())
     }
@@ -300,6 +321,21 @@ mod tests {
             None
         );
         assert_eq!(arp_reply_from(&[0u8; 20], ip), None);
+    }
+
+    #[test]
+    fn request_for_asks_one_lc_on_behalf_of_a_neighbour() {
+        let (client, lc) = (MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2]));
+        let (cip, sip) = (Ipv4Addr::new(10, 0, 0, 200), Ipv4Addr::new(10, 0, 0, 10));
+        let f = request_for(client, cip, lc, sip);
+        assert_eq!(&f[0..6], &lc.0, "unicast to the LC");
+        assert_eq!(&f[6..12], &client.0);
+        assert_eq!(&f[12..14], &[0x08, 0x06]);
+        assert_eq!(&f[20..22], &[0, 1], "a request");
+        assert_eq!(&f[22..28], &client.0, "sender MAC");
+        assert_eq!(&f[28..32], &cip.octets(), "sender IP");
+        assert_eq!(&f[32..38], &[0; 6]);
+        assert_eq!(&f[38..42], &sip.octets(), "target IP");
     }
 
     #[test]

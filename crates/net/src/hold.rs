@@ -13,6 +13,20 @@
 //! NFQUEUE target and `br_netfilter`. The rule is installed with `--queue-bypass` and the queue
 //! with fail-open: if patchover dies while holding, the kernel lets SYNs through instead of
 //! dropping them, so a crash never blackholes the service.
+//!
+//! Released SYNs reach a standby that has never talked to their clients. Its SYN-ACKs then wait
+//! for ARP, all of them behind the one ARP request it sends, in a queue of `unres_qlen_bytes`
+//! (212,992 bytes by default: about 175 SYN-ACKs per neighbour) that drops its *oldest* packets
+//! when full. The client's ARP reply reaches the standby only after the whole released burst,
+//! so under load the standby dropped the SYN-ACKs of the connections that had waited longest
+//! (issue 15: 323 `unresolved_discards` in a VM standby after one switch; those clients waited
+//! for their next SYN retransmission and then at the back of the standby's backlog, and a
+//! request past the demo's 5 s deadline was the result). So before the release the hold
+//! *primes* the standby ([`Prime`]): for every distinct on-link client among the held SYNs it
+//! writes, on the standby's bridge port, the ARP request that client would send for the service
+//! address — the standby keeps the client's MAC from it and answers at once. The frames go in
+//! ahead of the SYNs on the same queue, so the standby knows every client before it answers
+//! one. Held SYNs are released oldest connection first.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -21,6 +35,9 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use patchover_core::{Ipv4Cidr, MacAddr};
+
+use crate::garp::{self, GarpError};
 use crate::netns::{NetnsError, command_in, enter_netns, in_netns};
 
 /// Holding or releasing SYNs failed.
@@ -50,6 +67,26 @@ pub enum HoldError {
     },
     #[error("SYN hold: the queue reader thread failed")]
     Reader(#[source] std::io::Error),
+    #[error("SYN hold: cannot open the standby's port {port:?} to prime its neighbours")]
+    Prime {
+        port: String,
+        #[source]
+        source: GarpError,
+    },
+}
+
+/// Where the held connections go after the release, so its neighbour table can be primed
+/// with their clients (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prime {
+    /// The standby's port on the bridge, in the hold's namespace (frames written there reach
+    /// only the standby).
+    pub port: String,
+    /// The standby's MAC.
+    pub mac: MacAddr,
+    /// The service address and its prefix: what the frames ask for, and which clients are
+    /// on-link (only those are primed: the standby reaches the others through a gateway).
+    pub service: Ipv4Cidr,
 }
 
 const HOLDING: u8 = 0;
@@ -65,6 +102,8 @@ pub struct HoldStats {
     pub held: usize,
     /// When held SYNs were let go (the end of the pause; removing the rule comes after).
     pub released_at: Instant,
+    /// Clients announced to the standby before the release ([`Prime`]).
+    pub primed: usize,
 }
 
 /// An active hold of new TCP connections to `service:port`. Dropping it releases everything.
@@ -73,6 +112,7 @@ pub struct SynHold {
     rule: Vec<String>,
     state: Arc<AtomicU8>,
     held: Arc<AtomicUsize>,
+    primed: Arc<AtomicUsize>,
     reader: Option<JoinHandle<std::io::Result<()>>>,
     prev_brnf: Option<String>,
     rule_installed: bool,
@@ -81,24 +121,30 @@ pub struct SynHold {
 impl SynHold {
     /// Starts holding SYNs to `service:port` that enter the bridges (and routing) of `netns`.
     /// Released packets get firewall mark `mark`, so rules installed before the pause can act
-    /// on exactly them (readdress rewrites their stale destination MAC).
+    /// on exactly them (readdress rewrites their stale destination MAC). With `prime`, the
+    /// standby learns every held on-link client's MAC just before the release.
     pub fn start(
         netns: Option<&Path>,
         service: Ipv4Addr,
         port: u16,
         queue: u16,
         mark: Option<u32>,
+        prime: Option<Prime>,
     ) -> Result<SynHold, HoldError> {
         let state = Arc::new(AtomicU8::new(HOLDING));
         let held = Arc::new(AtomicUsize::new(0));
+        let primed = Arc::new(AtomicUsize::new(0));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let reader = {
             let netns = netns.map(Path::to_path_buf);
             let state = state.clone();
-            let held = held.clone();
+            let counts = Counts {
+                held: held.clone(),
+                primed: primed.clone(),
+            };
             std::thread::Builder::new()
                 .name("po-synhold".into())
-                .spawn(move || reader(netns, queue, mark, state, held, ready_tx))
+                .spawn(move || reader(netns, queue, mark, prime, state, counts, ready_tx))
                 .map_err(HoldError::Reader)?
         };
         match ready_rx.recv() {
@@ -138,6 +184,7 @@ impl SynHold {
             ],
             state,
             held,
+            primed,
             reader: Some(reader),
             prev_brnf: None,
             rule_installed: false,
@@ -209,6 +256,7 @@ impl SynHold {
             None => Ok(HoldStats {
                 held: self.held.load(Ordering::SeqCst),
                 released_at,
+                primed: self.primed.load(Ordering::SeqCst),
             }),
         }
     }
@@ -225,7 +273,7 @@ impl Drop for SynHold {
 }
 
 /// A held SYN: its connection (addresses and ports) and initial sequence number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct SynKey {
     flow: (Ipv4Addr, u16, Ipv4Addr, u16),
     seq: u32,
@@ -270,12 +318,84 @@ fn superseded(held: &[Option<SynKey>]) -> Vec<bool> {
         .collect()
 }
 
+/// The held SYNs to let go, in the order to let them go: each connection's latest SYN (see
+/// [`superseded`]), the connection that has waited longest first (by its first SYN, not by
+/// its latest retransmission), so a standby that answers them in turn serves the oldest
+/// waiters first.
+fn release_order(held: &[Option<SynKey>]) -> Vec<usize> {
+    let stale = superseded(held);
+    let mut first = std::collections::HashMap::new();
+    for (i, k) in held.iter().enumerate() {
+        if let Some(k) = k {
+            first.entry(*k).or_insert(i);
+        }
+    }
+    let mut order: Vec<usize> = (0..held.len()).filter(|&i| !stale[i]).collect();
+    order.sort_by_key(|&i| held[i].map_or(i, |k| first[&k]));
+    order
+}
+
+/// The distinct clients of the held SYNs that are on the service's own network, in the order
+/// they first asked: (address, MAC as the frame carried it).
+fn on_link_clients(
+    held: &[(Option<SynKey>, Option<MacAddr>)],
+    service: Ipv4Cidr,
+) -> Vec<(Ipv4Addr, MacAddr)> {
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(service.prefix))
+        .unwrap_or(0);
+    let net = |a: Ipv4Addr| u32::from(a) & mask;
+    let mut seen = std::collections::HashSet::new();
+    held.iter()
+        .filter_map(|(k, mac)| Some((k.as_ref()?.flow.0, (*mac)?)))
+        .filter(|(ip, _)| net(*ip) == net(service.addr) && *ip != service.addr)
+        .filter(|c| seen.insert(*c))
+        .collect()
+}
+
+/// The source MAC of a queued frame, when it came in on an Ethernet device.
+fn source_mac(m: &nfq::Message) -> Option<MacAddr> {
+    let a: [u8; 6] = m.get_hw_addr()?.try_into().ok()?;
+    Some(MacAddr(a))
+}
+
+/// Counters the reader thread fills in.
+struct Counts {
+    held: Arc<AtomicUsize>,
+    primed: Arc<AtomicUsize>,
+}
+
+/// The standby's port, opened before the pause.
+struct Primer {
+    sender: garp::Sender,
+    prime: Prime,
+}
+
+impl Primer {
+    /// Writes one ARP request per client; returns how many went out.
+    fn prime(&self, clients: &[(Ipv4Addr, MacAddr)]) -> usize {
+        let p = &self.prime;
+        let mut sent = 0;
+        for &(ip, mac) in clients {
+            let f = garp::request_for(mac, ip, p.mac, p.service.addr);
+            match self.sender.send_frame(&f) {
+                Ok(()) => sent += 1,
+                Err(e) => {
+                    tracing::warn!(client = %ip, error = %e, "SYN hold: cannot prime the standby's neighbour entry");
+                }
+            }
+        }
+        sent
+    }
+}
+
 fn reader(
     netns: Option<PathBuf>,
     queue_num: u16,
     mark: Option<u32>,
+    prime: Option<Prime>,
     state: Arc<AtomicU8>,
-    held_count: Arc<AtomicUsize>,
+    counts: Counts,
     ready: std::sync::mpsc::Sender<Result<(), HoldError>>,
 ) -> std::io::Result<()> {
     if let Some(ns) = &netns
@@ -284,6 +404,19 @@ fn reader(
         let _ = ready.send(Err(e.into()));
         return Ok(());
     }
+    let mut primer = match prime {
+        Some(prime) => match garp::Sender::open_here(netns.clone(), &prime.port) {
+            Ok(sender) => Some(Primer { sender, prime }),
+            Err(source) => {
+                let _ = ready.send(Err(HoldError::Prime {
+                    port: prime.port,
+                    source,
+                }));
+                return Ok(());
+            }
+        },
+        None => None,
+    };
     let open = || -> std::io::Result<nfq::Queue> {
         let mut q = nfq::Queue::open()?;
         q.bind(queue_num)?;
@@ -306,33 +439,46 @@ fn reader(
         }
     };
     let _ = ready.send(Ok(()));
-    let mut held: Vec<nfq::Message> = Vec::new();
+    let mut held: Vec<Option<nfq::Message>> = Vec::new();
+    let mut seen: Vec<(Option<SynKey>, Option<MacAddr>)> = Vec::new();
     let mut finish_seen: Option<Instant> = None;
     loop {
         let st = state.load(Ordering::SeqCst);
         if st >= PASSING && !held.is_empty() {
-            let keys: Vec<Option<SynKey>> = held
-                .iter()
-                .map(|m| SynKey::parse(m.get_payload()))
-                .collect();
-            let stale = superseded(&keys);
-            for (mut m, stale) in held.drain(..).zip(stale) {
-                if stale {
-                    m.set_verdict(nfq::Verdict::Drop);
-                } else {
+            // The standby learns the clients first: these frames queue ahead of the SYNs.
+            if let Some(p) = &primer {
+                let clients = on_link_clients(&seen, p.prime.service);
+                counts.primed.fetch_add(p.prime(&clients), Ordering::SeqCst);
+            }
+            let keys: Vec<Option<SynKey>> = seen.iter().map(|(k, _)| *k).collect();
+            for i in release_order(&keys) {
+                if let Some(mut m) = held[i].take() {
                     if let Some(mark) = mark {
                         m.set_nfmark(mark);
                     }
                     m.set_verdict(nfq::Verdict::Accept);
+                    q.verdict(m)?;
                 }
+            }
+            // What is left is superseded.
+            for mut m in held.drain(..).flatten() {
+                m.set_verdict(nfq::Verdict::Drop);
                 q.verdict(m)?;
+            }
+            seen.clear();
+            // Closing a packet socket waits for an RCU grace period; nothing waits on it here.
+            if let Some(p) = primer.take() {
+                let _ = std::thread::Builder::new()
+                    .name("po-synhold-close".into())
+                    .spawn(move || drop(p));
             }
         }
         match q.recv() {
             Ok(mut m) => {
                 if st == HOLDING {
-                    held_count.fetch_add(1, Ordering::SeqCst);
-                    held.push(m);
+                    counts.held.fetch_add(1, Ordering::SeqCst);
+                    seen.push((SynKey::parse(m.get_payload()), source_mac(&m)));
+                    held.push(Some(m));
                 } else {
                     if let Some(mark) = mark {
                         m.set_nfmark(mark);
@@ -412,5 +558,51 @@ mod tests {
             k(2, 40001, 100),
         ];
         assert_eq!(superseded(&held), [true, false, true, false, false, false]);
+    }
+
+    #[test]
+    fn the_longest_waiting_connection_is_released_first() {
+        let k = |src: u8, port: u16, seq: u32| SynKey::parse(&syn(5, [10, 0, 0, src], port, seq));
+        let held = [
+            k(2, 40000, 100), // 0: first SYN of the oldest connection
+            k(3, 40001, 200), // 1
+            k(2, 40000, 100), // 2: the oldest connection's retransmission (released)
+            None,             // 3: unreadable: let go in its place
+            k(4, 40002, 300), // 4
+            k(3, 40001, 200), // 5: retransmission of 1 (released)
+            k(3, 40003, 1),   // 6
+        ];
+        // The latest copy of each, ordered by the connection's first SYN.
+        assert_eq!(release_order(&held), [2, 5, 3, 4, 6]);
+        // A new socket on a used port waits from its own first SYN, not the old one's.
+        let reopened = [k(2, 40000, 100), k(3, 40001, 5), k(2, 40000, 900)];
+        assert_eq!(release_order(&reopened), [1, 2]);
+    }
+
+    #[test]
+    fn only_distinct_on_link_clients_are_primed() {
+        let k = |src: [u8; 4], port: u16| SynKey::parse(&syn(5, src, port, 1));
+        let (m1, m2) = (MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2]));
+        let service: Ipv4Cidr = "10.0.0.10/24".parse().unwrap();
+        let held = [
+            (k([10, 0, 0, 200], 1), Some(m1)),
+            (k([10, 0, 0, 200], 2), Some(m1)), // same client: once
+            (k([10, 0, 1, 7], 3), Some(m2)),   // off-link (behind a gateway)
+            (k([10, 0, 0, 201], 4), None),     // no Ethernet source
+            (None, Some(m2)),                  // unreadable
+            (k([10, 0, 0, 10], 5), Some(m2)),  // the service address itself
+            (k([10, 0, 0, 3], 6), Some(m2)),
+        ];
+        assert_eq!(
+            on_link_clients(&held, service),
+            [
+                ("10.0.0.200".parse().unwrap(), m1),
+                ("10.0.0.3".parse().unwrap(), m2)
+            ]
+        );
+        let host_route: Ipv4Cidr = "10.0.0.10/32".parse().unwrap();
+        assert!(on_link_clients(&held, host_route).is_empty());
+        let everything: Ipv4Cidr = "10.0.0.10/0".parse().unwrap();
+        assert_eq!(on_link_clients(&held, everything).len(), 3);
     }
 }

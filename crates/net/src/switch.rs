@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::garp::{self, GarpConfig, GarpError};
 use crate::health::{self, HealthCheck, HealthError};
-use crate::hold::{HoldError, SynHold};
+use crate::hold::{HoldError, Prime, SynHold};
 use crate::lc::{InLc, InLcError, LcAccess};
 use crate::netns::{NetnsError, NsWorker, idle_command_in};
 use crate::nft::{self, NftError};
@@ -222,6 +222,10 @@ pub struct SwitchReport {
     pub window_ms: f64,
     /// New connections held and released.
     pub held_syns: usize,
+    /// Clients of held connections the standby was told about before the release, so that it
+    /// answers them without an ARP round first (see `hold`).
+    #[serde(default)]
+    pub primed_neighbours: usize,
     /// Gratuitous ARP frames sent in the first burst.
     pub garp_sent: u32,
 }
@@ -686,6 +690,7 @@ impl Ctx<'_> {
             first_request_ms: 0.0,
             window_ms: 0.0,
             held_syns: 0,
+            primed_neighbours: 0,
             garp_sent: 0,
         }
     }
@@ -772,7 +777,20 @@ impl Ctx<'_> {
             }
             _ => None,
         };
-        let hold = SynHold::start(self.host_ns(), s, plan.health.port, plan.queue, mark)?;
+        // The standby learns the held clients' MACs before it answers them (see `hold`).
+        let prime = Prime {
+            port: plan.to.host_port.clone(),
+            mac: plan.to.mac,
+            service: plan.service,
+        };
+        let hold = SynHold::start(
+            self.host_ns(),
+            s,
+            plan.health.port,
+            plan.queue,
+            mark,
+            Some(prime),
+        )?;
         let t_hold = Instant::now();
         tracing::debug!(hold_ms = ms(self.t0.elapsed()), "holding new connections");
         let mut moved = false;
@@ -828,6 +846,7 @@ impl Ctx<'_> {
                         first_request_ms: ms(first),
                         window_ms: ms(window),
                         held_syns: stats.held,
+                        primed_neighbours: stats.primed,
                         garp_sent,
                         ..self.report()
                     },
