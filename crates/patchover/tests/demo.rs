@@ -20,6 +20,25 @@ fn the_demo_runs_in_path_and_seamless_mode() {
     }
 }
 
+/// Issue 15 item 5: the qemu demo passes with the deadline it declares (5 s). It failed one run
+/// in two: the standby VM dropped the SYN-ACKs of the longest-held connections while it waited
+/// for their client's ARP reply (see docs/network-switch.md, "Holding new connections").
+/// Slow tier: two TCG VMs boot and reboot and 30 s of load run (about 90 s on this host).
+#[test]
+#[ignore = "slow tier (two TCG VMs, ~90 s): cargo nextest run --run-ignored only -E 'test(qemu_demo)'"]
+fn qemu_demo_meets_its_deadline() {
+    let report = demo(&["--backend", "qemu"], 5000);
+    assert_eq!(report["deadline_ms"], 5000, "{report:#}");
+    assert!(
+        report["reads"]["max_ms"].as_f64().unwrap() < 5000.0,
+        "{report:#}"
+    );
+    // Connections were held in the pause, and the standby was told their client first.
+    let sw = &report["switch"];
+    assert!(sw["held_syns"].as_u64().unwrap() > 0, "{report:#}");
+    assert_eq!(sw["primed_neighbours"], 1, "one client: {report:#}");
+}
+
 fn demo(args: &[&str], min_requests: u64) -> serde_json::Value {
     let dir = tempfile::Builder::new()
         .prefix("po-demo-")

@@ -603,6 +603,8 @@ pub fn run(a: DemoArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         "writes_lost": lost,
         "pause_ms": run["pause_ms"],
         "freeze_ms": run["freeze_ms"],
+        // The switcher's own figures: held connections, clients primed on the standby, drain.
+        "switch": run["switch"],
         "bytes_copied": run["bytes_copied"],
         "bytes_replayed": run["bytes_replayed"],
         "version_before": run["version_before"],
