@@ -25,7 +25,6 @@ fn the_demo_runs_in_path_and_seamless_mode() {
 /// for their client's ARP reply (see docs/network-switch.md, "Holding new connections").
 /// Slow tier: two TCG VMs boot and reboot and 30 s of load run (about 90 s on this host).
 #[test]
-#[ignore = "slow tier (two TCG VMs, ~90 s): cargo nextest run --run-ignored only -E 'test(qemu_demo)'"]
 fn qemu_demo_meets_its_deadline() {
     let report = demo(&["--backend", "qemu"], 5000);
     assert_eq!(report["deadline_ms"], 5000, "{report:#}");
