@@ -5,61 +5,18 @@
 
 mod common;
 
+use common::{Gate, GateQ};
+
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use common::{LoopFs, diff_trees};
-use patchover_core::Quiesce;
 use patchover_disk::{CopyOptions, FollowCopy, NoProgress, is_incomplete};
 use proptest::prelude::*;
-
-/// Freezes the test's writer thread: the writer holds the lock for each operation, so `freeze`
-/// returns only between operations. `hold` keeps the writer frozen through `thaw` so the test can
-/// compare the trees at the cut.
-#[derive(Default)]
-struct Gate {
-    state: Mutex<(bool, bool)>, // (paused, hold)
-    cv: Condvar,
-}
-
-#[derive(Clone)]
-struct GateQ(Arc<Gate>);
-
-impl Quiesce for GateQ {
-    fn freeze(&mut self) -> std::io::Result<()> {
-        self.0.state.lock().unwrap().0 = true;
-        Ok(())
-    }
-    fn thaw(&mut self) -> std::io::Result<()> {
-        let mut s = self.0.state.lock().unwrap();
-        if !s.1 {
-            s.0 = false;
-            self.0.cv.notify_all();
-        }
-        Ok(())
-    }
-}
-
-impl Gate {
-    fn run<T>(&self, f: impl FnOnce() -> T) -> T {
-        let mut s = self.state.lock().unwrap();
-        while s.0 {
-            s = self.cv.wait(s).unwrap();
-        }
-        let r = f();
-        drop(s);
-        r
-    }
-    fn release(&self) {
-        let mut s = self.state.lock().unwrap();
-        *s = (false, false);
-        self.cv.notify_all();
-    }
-}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -207,7 +164,7 @@ fn follow_with_workload(base: &Path, ops: Vec<Op>, checkpoints: usize) {
             "a checkpoint is not the end of the copy"
         );
     }
-    gate.state.lock().unwrap().1 = true; // keep the writer frozen after the final cut
+    gate.hold(); // keep the writer frozen after the final cut
     let rep = copy.cut(&mut q).unwrap();
     let diffs = diff_trees(&src, &dst);
     gate.release();
@@ -293,7 +250,7 @@ fn follow_copy_of_an_image_file_under_random_writes() {
         assert_eq!(cut.verified, Some(true));
         shipped += cut.bytes_shipped;
     }
-    gate.state.lock().unwrap().1 = true;
+    gate.hold();
     let rep = copy.cut(&mut q).unwrap();
     let same = fs::read(&src).unwrap() == fs::read(&dst).unwrap();
     gate.release();

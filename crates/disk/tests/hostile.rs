@@ -13,52 +13,12 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{LoopFs, diff_trees};
-use patchover_core::Quiesce;
+use common::{Gate, GateQ, LoopFs, diff_trees};
 use patchover_disk::{CopyOptions, FollowCopy, NoProgress, is_incomplete};
-
-/// Freezes the hostile writer between two of its operations (see `follow.rs`); `hold` keeps it
-/// frozen after the cut so the test can compare the trees.
-#[derive(Default)]
-struct Gate {
-    state: Mutex<(bool, bool)>, // (paused, hold)
-    cv: Condvar,
-}
-
-struct GateQ(Arc<Gate>);
-
-impl Quiesce for GateQ {
-    fn freeze(&mut self) -> std::io::Result<()> {
-        self.0.state.lock().unwrap().0 = true;
-        Ok(())
-    }
-    fn thaw(&mut self) -> std::io::Result<()> {
-        let mut s = self.0.state.lock().unwrap();
-        if !s.1 {
-            s.0 = false;
-            self.0.cv.notify_all();
-        }
-        Ok(())
-    }
-}
-
-impl Gate {
-    fn run<T>(&self, f: impl FnOnce() -> T) -> T {
-        let mut s = self.state.lock().unwrap();
-        while s.0 {
-            s = self.cv.wait(s).unwrap();
-        }
-        f()
-    }
-    fn release(&self) {
-        *self.state.lock().unwrap() = (false, false);
-        self.cv.notify_all();
-    }
-}
 
 /// Swaps two names atomically (`renameat2(RENAME_EXCHANGE)`): a directory and a link trade places
 /// with no moment where neither exists.
@@ -386,7 +346,7 @@ fn r16_swapping_a_directory_for_a_host_link_during_the_copy_leads_nowhere() {
                 break;
             }
         }
-        gate.state.lock().unwrap().1 = true; // keep the LC frozen after the cut
+        gate.hold(); // keep the LC frozen after the cut
         c.cut_with(&mut GateQ(gate.clone()), false)
     });
     copying.store(false, Ordering::SeqCst);

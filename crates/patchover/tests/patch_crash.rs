@@ -148,20 +148,7 @@ fn sigkill_inside_a_hand_off_is_recovered_both_ways() {
         child.kill().unwrap();
         let _ = child.wait();
         // The run guard recovers at once; `runs recover` waits for it (or does it).
-        let t = Instant::now();
-        let outcome = loop {
-            let _ = c.t.po(&["runs", "recover"]);
-            let runs = c.t.po_json(&["runs", "list"]);
-            let last = runs.as_array().unwrap().last().cloned().unwrap();
-            if !last["ended_ms"].is_null() {
-                break last["outcome"].as_str().unwrap_or("?").to_owned();
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "{moment}: not recovered"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        };
+        let outcome = recovered_outcome(&c, moment);
         assert_eq!(outcome, expect_outcome, "{moment}");
         let on = &c.t.lcs[expect_on].id;
         assert_eq!(nat(), addr(expect_on), "{moment}: the NAT points at {on}");
@@ -204,6 +191,24 @@ fn sigkill_inside_a_hand_off_is_recovered_both_ways() {
 }
 
 /// The id of the newest run in the journal (`None`: no run yet).
+/// Waits (at most 60 s, running `runs recover`) until the newest run has ended; its outcome.
+fn recovered_outcome(c: &Cycle, moment: &str) -> String {
+    let t = Instant::now();
+    loop {
+        let _ = c.t.po(&["runs", "recover"]);
+        let runs = c.t.po_json(&["runs", "list"]);
+        let last = runs.as_array().unwrap().last().cloned().unwrap();
+        if !last["ended_ms"].is_null() {
+            return last["outcome"].as_str().unwrap_or("?").to_owned();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{moment}: not recovered"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn last_run_id(c: &Cycle) -> Option<i64> {
     c.t.po_json(&["runs", "list"])
         .as_array()
@@ -264,17 +269,7 @@ fn r15_sigkill_inside_the_drain_leaves_the_service_keeping_connections_alive() {
     }
     child.kill().unwrap();
     let _ = child.wait();
-    let t = Instant::now();
-    let outcome = loop {
-        let _ = c.t.po(&["runs", "recover"]);
-        let runs = c.t.po_json(&["runs", "list"]);
-        let last = runs.as_array().unwrap().last().cloned().unwrap();
-        if !last["ended_ms"].is_null() {
-            break last["outcome"].as_str().unwrap_or("?").to_owned();
-        }
-        assert!(t.elapsed() < Duration::from_secs(60), "not recovered");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let outcome = recovered_outcome(&c, "killed in the drain");
     assert_eq!(outcome, "rolled-back");
     let health = {
         let s = svc.clone();

@@ -297,3 +297,51 @@ fn xxh(b: &[u8]) -> u64 {
         (h ^ *x as u64).wrapping_mul(0x100000001b3)
     })
 }
+
+/// Freezes a test's writer thread: the writer runs each operation through [`Gate::run`], so
+/// `freeze` returns only between operations. [`Gate::hold`] keeps the writer frozen through
+/// `thaw` so the test can compare the trees at the cut.
+#[derive(Default)]
+pub struct Gate {
+    state: std::sync::Mutex<(bool, bool)>, // (paused, hold)
+    cv: std::sync::Condvar,
+}
+
+/// The [`patchover_core::Quiesce`] side of a [`Gate`].
+#[derive(Clone)]
+pub struct GateQ(pub std::sync::Arc<Gate>);
+
+impl patchover_core::Quiesce for GateQ {
+    fn freeze(&mut self) -> std::io::Result<()> {
+        self.0.state.lock().unwrap().0 = true;
+        Ok(())
+    }
+    fn thaw(&mut self) -> std::io::Result<()> {
+        let mut s = self.0.state.lock().unwrap();
+        if !s.1 {
+            s.0 = false;
+            self.0.cv.notify_all();
+        }
+        Ok(())
+    }
+}
+
+impl Gate {
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> T {
+        let mut s = self.state.lock().unwrap();
+        while s.0 {
+            s = self.cv.wait(s).unwrap();
+        }
+        let r = f();
+        drop(s);
+        r
+    }
+    /// The next freeze lasts through its thaw.
+    pub fn hold(&self) {
+        self.state.lock().unwrap().1 = true;
+    }
+    pub fn release(&self) {
+        *self.state.lock().unwrap() = (false, false);
+        self.cv.notify_all();
+    }
+}

@@ -96,6 +96,17 @@ pub fn import_stamp_bundle(dir: &std::path::Path, p: &Prepared) -> anyhow::Resul
     Ok("bench-stamp".into())
 }
 
+/// Marks bundle `id` for the next run.
+pub fn mark(id: &str, p: &Prepared) -> anyhow::Result<()> {
+    super::patches::run(
+        super::patches::PatchesCmd::Mark {
+            ids: vec![id.to_owned()],
+        },
+        &p.ctx,
+    )?;
+    Ok(())
+}
+
 pub fn run(a: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let say = |s: &str| {
         if !ctx.json {
@@ -110,12 +121,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let mut active = "lc1".to_owned();
     for i in 0..a.cycles {
         if i > 0 {
-            super::patches::run(
-                super::patches::PatchesCmd::Mark {
-                    ids: vec![stamp.clone()],
-                },
-                &p.ctx,
-            )?;
+            mark(&stamp, &p)?;
         }
         say(&format!("cycle {} of {} on {active}", i + 1, a.cycles));
         let t = Instant::now();

@@ -91,12 +91,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     for i in 0..a.cycles {
         say(&format!("cycle {} of {}", i + 1, a.cycles));
         if i > 0 {
-            super::patches::run(
-                super::patches::PatchesCmd::Mark {
-                    ids: vec![stamp.clone()],
-                },
-                &p.ctx,
-            )?;
+            super::bench_cycle::mark(&stamp, &p)?;
         }
         for args in [
             ["patch", "lc1", "--mode", mode.as_str()],
