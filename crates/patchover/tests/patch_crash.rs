@@ -118,14 +118,7 @@ fn sigkill_inside_a_hand_off_is_recovered_both_ways() {
         [("parked", 0, "rolled-back"), ("nat moved", 1, "ok")]
     {
         c.t.po_ok(&["patches", "mark", "stamp-1"]);
-        let mut child = Command::new(BIN)
-            .env("PATCHOVER_CONFIG", &c.t.config)
-            .env("PATCHOVER_GUEST_DIR", guest_dir())
-            .args(["--json", "patch", &a, "--mode", "seamless"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_patch(&c, &a, "seamless");
         let start = Instant::now();
         loop {
             let there = match moment {
@@ -191,6 +184,18 @@ fn sigkill_inside_a_hand_off_is_recovered_both_ways() {
 }
 
 /// The id of the newest run in the journal (`None`: no run yet).
+/// `patchover patch LC --mode MODE` started in the background (to be killed by the test).
+fn spawn_patch(c: &Cycle, lc: &str, mode: &str) -> std::process::Child {
+    Command::new(BIN)
+        .env("PATCHOVER_CONFIG", &c.t.config)
+        .env("PATCHOVER_GUEST_DIR", guest_dir())
+        .args(["--json", "patch", lc, "--mode", mode])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// Waits (at most 60 s, running `runs recover`) until the newest run has ended; its outcome.
 fn recovered_outcome(c: &Cycle, moment: &str) -> String {
     let t = Instant::now();
@@ -245,14 +250,7 @@ fn r15_sigkill_inside_the_drain_leaves_the_service_keeping_connections_alive() {
     // SYNs held by the killed patchover are dropped with its queue: their clients retransmit
     // after 1 s (as in the random-point tests).
     let load = Load::with_deadline(&client, svc.clone(), Duration::from_secs(7));
-    let mut child = Command::new(BIN)
-        .env("PATCHOVER_CONFIG", &c.t.config)
-        .env("PATCHOVER_GUEST_DIR", guest_dir())
-        .args(["--json", "patch", &a, "--mode", "readdress"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_patch(&c, &a, "readdress");
     let start = Instant::now();
     while !c
         .t
