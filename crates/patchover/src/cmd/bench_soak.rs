@@ -234,8 +234,9 @@ fn census(dir: &Path, dirs: &[PathBuf], p: &Prepared) -> Counts {
     let cg = demo::cgroup_parent(dir);
     let exe = std::env::current_exe().ok();
     let mut c = Counts::new();
-    // This process's descriptors, and those of every other patchover process (helpers).
-    let mut fds = count_dir(Path::new("/proc/self/fd"));
+    // This process's descriptors (but the load's own sockets, which come and go with its
+    // requests), and all of every other patchover process (helpers).
+    let mut fds = count_fds(Path::new("/proc/self/fd"), false);
     let mut procs = 0;
     for pid in pids() {
         if pid == std::process::id() {
@@ -249,7 +250,7 @@ fn census(dir: &Path, dirs: &[PathBuf], p: &Prepared) -> Counts {
         if ours || of_dir || cgroup.contains(&cg) {
             procs += 1;
             if ours {
-                fds += count_dir(Path::new(&format!("/proc/{pid}/fd")));
+                fds += count_fds(Path::new(&format!("/proc/{pid}/fd")), true);
             }
         }
     }
@@ -384,8 +385,17 @@ fn count_files(d: &Path, keep: &dyn Fn(&str) -> bool) -> i64 {
     n
 }
 
-fn count_dir(d: &Path) -> i64 {
-    std::fs::read_dir(d).map_or(0, |rd| rd.count() as i64)
+/// The descriptors in a `/proc/PID/fd` directory; sockets only if `sockets`.
+fn count_fds(d: &Path, sockets: bool) -> i64 {
+    std::fs::read_dir(d).map_or(0, |rd| {
+        rd.flatten()
+            .filter(|e| {
+                sockets
+                    || !std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+            })
+            .count() as i64
+    })
 }
 
 fn count_dir_matching(d: &Path, prefix: &str) -> i64 {
