@@ -206,17 +206,24 @@ fn serve(
             .then(|| v.trim().to_owned())
     });
     let route = routes.lock().unwrap().get(&path).cloned();
-    let status;
+    // The request is logged when it arrives, before its answer is written: an answer the
+    // client stops reading (a huge or slow one) ends only when the client goes, and a test
+    // that looks at the log right after a round must see that round's requests.
+    let status = match &route {
+        None => 404,
+        Some(Route::File { etag, .. }) if inm.as_deref() == Some(etag.as_str()) => 304,
+        Some(Route::File { .. }) | Some(Route::Slow { .. }) => 200,
+        Some(Route::Redirect(_)) => 302,
+    };
+    log.lock().unwrap().push((path, status));
     match route {
         None => {
-            status = 404;
             let _ = c.write_all(
                 b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             );
         }
         Some(Route::File { body, etag }) => {
             if inm.as_deref() == Some(etag.as_str()) {
-                status = 304;
                 let _ = c.write_all(
                     format!(
                         "HTTP/1.1 304 Not Modified\r\nETag: {etag}\r\nConnection: close\r\n\r\n"
@@ -224,7 +231,6 @@ fn serve(
                     .as_bytes(),
                 );
             } else {
-                status = 200;
                 let _ = c.write_all(
                     format!(
                         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: {etag}\r\nLast-Modified: Fri, 20 Nov 2026 10:00:00 GMT\r\nConnection: close\r\n\r\n",
@@ -236,13 +242,11 @@ fn serve(
             }
         }
         Some(Route::Redirect(to)) => {
-            status = 302;
             let _ = c.write_all(
                 format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes(),
             );
         }
         Some(Route::Slow { body, delay }) => {
-            status = 200;
             let _ = c.write_all(
                 format!(
                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -258,7 +262,6 @@ fn serve(
             }
         }
     }
-    log.lock().unwrap().push((path, status));
 }
 
 // ---------------------------------------------------------------- processes
