@@ -50,6 +50,9 @@ const DRAIN_POLL: Duration = Duration::from_millis(10);
 /// Bounded, so a client that connects and stays silent (a browser's preconnect) holds a switch
 /// for about this long, not for the switch's whole drain deadline.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+/// How long a forwarding service (the hand-off) keeps a connection that is idle between
+/// requests: its client's next request is forwarded and answered with `Connection: close`.
+const FORWARD_IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// Set by SIGUSR1, cleared by SIGUSR2.
 static DRAINING: AtomicBool = AtomicBool::new(false);
@@ -239,7 +242,11 @@ fn wait_for_request(
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                let closing = DRAINING.load(Ordering::SeqCst) || GATE.forwarding();
+                // A forwarding service keeps an idle connection a while: its client's next
+                // request is one the hand-off must forward, and closing under it makes a
+                // request in flight fail (a client may retry only what is idempotent).
+                let closing = DRAINING.load(Ordering::SeqCst)
+                    || (GATE.forwarding() && idle_since.elapsed() > FORWARD_IDLE_GRACE);
                 let fresh = opened.is_some_and(|t| t.elapsed() < FIRST_REQUEST_GRACE);
                 if (closing && !fresh) || idle_since.elapsed() > IDLE_TIMEOUT {
                     break false;
