@@ -11,7 +11,6 @@
 //! the service-specific parts in as [`Hooks`]. An endpoint is reached through its network
 //! namespace (`ns` LCs) or its agent channel (`qemu` LCs); see [`lc`].
 
-pub mod bench;
 pub mod garp;
 pub mod health;
 pub mod hold;
@@ -20,7 +19,6 @@ pub mod netns;
 pub mod nft;
 pub mod rtnl;
 pub mod switch;
-pub mod testbed;
 
 pub use garp::GarpConfig;
 pub use health::HealthCheck;

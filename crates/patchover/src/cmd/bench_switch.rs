@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use patchover_load::{ConnMode, parse_duration};
 use patchover_net::Mode;
-use patchover_net::bench::{BenchConfig, CaseResult};
+use patchover_netbed::bench::{BenchConfig, CaseResult};
 
 use super::Ctx;
 
@@ -94,7 +94,7 @@ pub fn run(args: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             eprint!("{}", super::table(&HEADER, &[row(r)]));
         }
     };
-    let results = patchover_net::bench::run(&cfg, &mut progress)?;
+    let results = patchover_netbed::bench::run(&cfg, &mut progress)?;
     if json {
         println!(
             "{}",

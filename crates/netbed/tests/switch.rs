@@ -14,7 +14,7 @@ use std::time::Duration;
 use patchover_load::server::RefServer;
 use patchover_load::{ConnMode, LoadConfig};
 use patchover_net::lc::NsLc;
-use patchover_net::testbed::{PORT, Testbed};
+use patchover_netbed::testbed::{PORT, Testbed};
 use patchover_net::{
     BoxError, Endpoint, Hooks, InLc, LcAccess, Mode, ServiceControl, SwitchError, health, switch,
 };

@@ -15,9 +15,9 @@ use patchover_load::server::{RefServer, ServerError};
 use patchover_load::{ConnMode, Latency, LoadConfig, LoadError, Sample, Summary};
 use serde::{Deserialize, Serialize};
 
-use crate::garp;
-use crate::rtnl::Rtnl;
-use crate::switch::{BoxError, Endpoint, Hooks, Mode, ServiceControl, SwitchPlan, switch};
+use patchover_net::garp;
+use patchover_net::rtnl::Rtnl;
+use patchover_net::switch::{BoxError, Endpoint, Hooks, Mode, ServiceControl, SwitchPlan, switch};
 use crate::testbed::{PORT, Testbed, TestbedError};
 
 /// The benchmark could not run.
@@ -34,7 +34,7 @@ pub enum BenchError {
         case: String,
         index: usize,
         #[source]
-        source: Box<crate::switch::SwitchError>,
+        source: Box<patchover_net::SwitchError>,
     },
     #[error("bench: baseline step of {case}: {what}")]
     Baseline { case: String, what: String },
@@ -497,7 +497,7 @@ impl Vrrp {
         )
         .map_err(|e| e.to_string())?;
         let mut cmd =
-            crate::netns::command_in(ep.netns(), "keepalived").map_err(|e| e.to_string())?;
+            patchover_net::netns::command_in(ep.netns(), "keepalived").map_err(|e| e.to_string())?;
         cmd.arg("-n")
             .arg("-f")
             .arg(&conf)

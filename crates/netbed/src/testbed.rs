@@ -16,11 +16,11 @@ use std::time::Duration;
 
 use patchover_core::{Ipv4Cidr, MacAddr};
 
-use crate::garp::GarpConfig;
-use crate::health::HealthCheck;
-use crate::lc::LcAccess;
-use crate::netns::{NetnsError, in_netns};
-use crate::switch::{Endpoint, Mode, SwitchPlan};
+use patchover_net::garp::GarpConfig;
+use patchover_net::health::HealthCheck;
+use patchover_net::lc::LcAccess;
+use patchover_net::netns::{NetnsError, in_netns};
+use patchover_net::switch::{Endpoint, Mode, SwitchPlan};
 
 /// Building the test topology failed.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +42,7 @@ pub enum TestbedError {
     #[error("testbed")]
     Netns(#[from] NetnsError),
     #[error("testbed: service NAT")]
-    Nft(#[from] crate::nft::NftError),
+    Nft(#[from] patchover_net::nft::NftError),
 }
 
 /// The service port of the testbed.
@@ -226,7 +226,7 @@ impl Testbed {
                 "dev",
                 "lo",
             ])?;
-            crate::switch::seamless_setup(
+            patchover_net::seamless_setup(
                 Some(&tb.host_netns),
                 tb.service.addr,
                 tb.a.address.addr,
