@@ -15,10 +15,10 @@ use patchover_load::server::{RefServer, ServerError};
 use patchover_load::{ConnMode, Latency, LoadConfig, LoadError, Sample, Summary};
 use serde::{Deserialize, Serialize};
 
+use crate::testbed::{PORT, Testbed, TestbedError};
 use patchover_net::garp;
 use patchover_net::rtnl::Rtnl;
 use patchover_net::switch::{BoxError, Endpoint, Hooks, Mode, ServiceControl, SwitchPlan, switch};
-use crate::testbed::{PORT, Testbed, TestbedError};
 
 /// The benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -496,8 +496,8 @@ impl Vrrp {
             ),
         )
         .map_err(|e| e.to_string())?;
-        let mut cmd =
-            patchover_net::netns::command_in(ep.netns(), "keepalived").map_err(|e| e.to_string())?;
+        let mut cmd = patchover_net::netns::command_in(ep.netns(), "keepalived")
+            .map_err(|e| e.to_string())?;
         cmd.arg("-n")
             .arg("-f")
             .arg(&conf)

@@ -14,10 +14,10 @@ use std::time::Duration;
 use patchover_load::server::RefServer;
 use patchover_load::{ConnMode, LoadConfig};
 use patchover_net::lc::NsLc;
-use patchover_netbed::testbed::{PORT, Testbed};
 use patchover_net::{
     BoxError, Endpoint, Hooks, InLc, LcAccess, Mode, ServiceControl, SwitchError, health, switch,
 };
+use patchover_netbed::testbed::{PORT, Testbed};
 
 /// The service under test in one LC namespace.
 fn start_service(netns: &Path, identity: &str) -> RefServer {
