@@ -1,8 +1,7 @@
 //! The `[bundles]` section of the patchover config.
 //!
-//! The core config keeps sections it does not know as raw TOML (`Config.extra`); this crate
-//! owns `[bundles]` and validates it here, with the same strictness as the rest of the config:
-//! unknown keys are errors, key paths must be absolute.
+//! The config loader (`patchover_core::config`) checks the section at load (unknown keys are
+//! errors, key paths must be absolute); this turns it into the bundle code's limits and keys.
 //!
 //! ```toml
 //! [bundles]
@@ -11,10 +10,9 @@
 //! max_unpacked_mib = 1024   # optional
 //! ```
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use patchover_core::config::BundlesSection;
 
 use crate::archive::Limits;
 use crate::keys::{KeyError, TrustedKeys};
@@ -22,27 +20,14 @@ use crate::keys::{KeyError, TrustedKeys};
 /// The section name in the config.
 pub const SECTION: &str = "bundles";
 
-/// A `[bundles]` section that is not valid.
+/// The trusted keys of a `[bundles]` section cannot be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum BundlesConfigError {
-    #[error("config [bundles] is not valid")]
-    Toml(#[source] toml::de::Error),
-    #[error("config [bundles] {key}: {message}")]
-    Invalid { key: &'static str, message: String },
     #[error("config [bundles] trusted_keys")]
     Keys(#[source] KeyError),
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Raw {
-    #[serde(default)]
-    trusted_keys: Vec<PathBuf>,
-    max_bundle_mib: Option<u64>,
-    max_unpacked_mib: Option<u64>,
-}
-
-/// The validated `[bundles]` section.
+/// The `[bundles]` section as the bundle code uses it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BundlesConfig {
     /// Public key files (minisign format) whose signatures are trusted.
@@ -51,46 +36,19 @@ pub struct BundlesConfig {
 }
 
 impl BundlesConfig {
-    /// Reads the section from the config's `extra` map; a missing section is the default
-    /// (no trusted keys, default limits).
-    pub fn from_extra(extra: &BTreeMap<String, toml::Value>) -> Result<Self, BundlesConfigError> {
-        match extra.get(SECTION) {
-            None => Ok(BundlesConfig::default()),
-            Some(v) => BundlesConfig::from_value(v.clone()),
-        }
-    }
-
-    pub fn from_value(v: toml::Value) -> Result<Self, BundlesConfigError> {
-        let raw: Raw = v.try_into().map_err(BundlesConfigError::Toml)?;
-        for p in &raw.trusted_keys {
-            if !p.is_absolute() {
-                return Err(BundlesConfigError::Invalid {
-                    key: "trusted_keys",
-                    message: format!("{} must be an absolute path", p.display()),
-                });
-            }
-        }
+    /// The section the config loader checked (absolute key paths, limits in range).
+    pub fn from_section(section: &BundlesSection) -> BundlesConfig {
         let mut limits = Limits::default();
-        let mib = |key: &'static str, v: u64| {
-            if v == 0 || v > 64 * 1024 {
-                Err(BundlesConfigError::Invalid {
-                    key,
-                    message: format!("{v} must be 1 to 65536"),
-                })
-            } else {
-                Ok(v << 20)
-            }
-        };
-        if let Some(v) = raw.max_bundle_mib {
-            limits.max_bundle_bytes = mib("max_bundle_mib", v)?;
+        if let Some(b) = section.max_bundle_bytes {
+            limits.max_bundle_bytes = b;
         }
-        if let Some(v) = raw.max_unpacked_mib {
-            limits.max_unpacked_bytes = mib("max_unpacked_mib", v)?;
+        if let Some(b) = section.max_unpacked_bytes {
+            limits.max_unpacked_bytes = b;
         }
-        Ok(BundlesConfig {
-            trusted_keys: raw.trusted_keys,
+        BundlesConfig {
+            trusted_keys: section.trusted_keys.clone(),
             limits,
-        })
+        }
     }
 
     /// Loads the trusted public keys the section lists.
@@ -103,34 +61,27 @@ impl BundlesConfig {
 mod tests {
     use super::*;
 
-    fn parse(s: &str) -> Result<BundlesConfig, BundlesConfigError> {
-        let v: toml::Table = toml::from_str(s).unwrap();
-        let extra: BTreeMap<String, toml::Value> = v.into_iter().collect();
-        BundlesConfig::from_extra(&extra)
-    }
-
     #[test]
-    fn section_parses_and_validates() {
-        assert_eq!(parse("").unwrap(), BundlesConfig::default());
-        let c = parse("[bundles]\ntrusted_keys = [\"/k/a.pub\"]\nmax_bundle_mib = 8\n").unwrap();
+    fn section_becomes_limits_and_keys() {
+        assert_eq!(
+            BundlesConfig::from_section(&BundlesSection::default()),
+            BundlesConfig::default()
+        );
+        let c = BundlesConfig::from_section(&BundlesSection {
+            trusted_keys: vec![PathBuf::from("/k/a.pub")],
+            max_bundle_bytes: Some(8 << 20),
+            max_unpacked_bytes: None,
+        });
         assert_eq!(c.trusted_keys, [PathBuf::from("/k/a.pub")]);
         assert_eq!(c.limits.max_bundle_bytes, 8 << 20);
-        assert!(matches!(
-            parse("[bundles]\ntrusted_keys = [\"a.pub\"]\n"),
-            Err(BundlesConfigError::Invalid {
-                key: "trusted_keys",
-                ..
-            })
-        ));
-        assert!(matches!(
-            parse("[bundles]\ntrusted = []\n"),
-            Err(BundlesConfigError::Toml(_))
-        ));
-        assert!(matches!(
-            parse("[bundles]\nmax_bundle_mib = 0\n"),
-            Err(BundlesConfigError::Invalid { .. })
-        ));
-        let missing = parse("[bundles]\ntrusted_keys = [\"/nonexistent/k.pub\"]\n").unwrap();
+        assert_eq!(
+            c.limits.max_unpacked_bytes,
+            Limits::default().max_unpacked_bytes
+        );
+        let missing = BundlesConfig::from_section(&BundlesSection {
+            trusted_keys: vec![PathBuf::from("/nonexistent/k.pub")],
+            ..Default::default()
+        });
         assert!(matches!(
             missing.load_trusted_keys(),
             Err(BundlesConfigError::Keys(_))

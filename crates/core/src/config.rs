@@ -1,9 +1,14 @@
-//! The TOML configuration: where state lives, the bridge, the service address, and the host's
-//! LCs with their resources.
+//! The TOML configuration: where state lives, the bridge, the service address, the host's
+//! LCs with their resources, and every other section (`[service]`, `[bundles]`, `[monitor]`,
+//! `[yara]`, `[daemon]`).
 //!
 //! Parsing happens in two steps (raw TOML → validated [`Config`]) so that every error can name
-//! the file, the line and the key, and say what to do. Loading a config changes nothing on the
-//! host.
+//! the file, the line and the key, and say what to do. The whole file is checked here, once:
+//! an unknown key in any section is an error at its line, and no other crate parses TOML.
+//! Loading a config changes nothing on the host.
+
+mod monitor;
+mod sections;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -12,6 +17,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
+
+pub use monitor::{
+    FeedConfig, MailServer, MonitorConfig, PasswordFileError, TlsMode, valid_address,
+};
+pub use sections::{
+    BundlesSection, DaemonSection, ServiceSettings, TlsPaths, YaraSection, default_socket,
+    parse_token_hash,
+};
 
 use crate::model::{
     BackendKind, CpuAlloc, DiskKind, DiskRole, DiskSpec, Ipv4Cidr, LcId, LcSpec, MacAddr, NicSpec,
@@ -66,6 +79,12 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+    #[error("{path}: {what} is not set; {hint}", path = path.display())]
+    Missing {
+        path: PathBuf,
+        what: &'static str,
+        hint: &'static str,
+    },
 }
 
 /// Where the store (the tables and the run journal) lives: systemd's `StateDirectory=patchover`.
@@ -89,8 +108,16 @@ pub struct Config {
     pub cgroup_parent: String,
     pub network: NetworkConfig,
     pub lcs: Vec<LcSpec>,
-    /// Keys of the raw table kept for later issues' sections (bundles, monitor, …).
-    pub extra: BTreeMap<String, toml::Value>,
+    /// `[service]`: how to check, restart and hand off the service (defaults: the demo's).
+    pub service: ServiceSettings,
+    /// `[bundles]`: the keys whose signatures are trusted, size limits.
+    pub bundles: BundlesSection,
+    /// `[monitor]`, when configured.
+    pub monitor: Option<MonitorConfig>,
+    /// `[yara]`, when configured: the malware check before the copy.
+    pub yara: Option<YaraSection>,
+    /// `[daemon]` (defaults when absent).
+    pub daemon: DaemonSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +132,27 @@ pub struct NetworkConfig {
 impl Config {
     pub fn lc(&self, id: &str) -> Option<&LcSpec> {
         self.lcs.iter().find(|l| l.id.as_str() == id)
+    }
+
+    /// The address clients use to reach the service, which switching modes and `service
+    /// assign` need: an error that says where to set it when the config has none.
+    pub fn service_address(&self) -> Result<Ipv4Cidr, ConfigError> {
+        self.network
+            .service_address
+            .ok_or_else(|| ConfigError::Missing {
+                path: self.path.clone(),
+                what: "network.service_address",
+                hint: "set the address clients use, e.g. service_address = \"10.77.0.10/24\" under [network]",
+            })
+    }
+
+    /// The `[monitor]` section, which the monitor's verbs need.
+    pub fn monitor(&self) -> Result<&MonitorConfig, ConfigError> {
+        self.monitor.as_ref().ok_or_else(|| ConfigError::Missing {
+            path: self.path.clone(),
+            what: "the [monitor] section",
+            hint: "add one (see docs/monitor.md)",
+        })
     }
 
     /// The path of the SQLite store.
@@ -153,12 +201,11 @@ struct RawConfig {
     network: Option<RawNetwork>,
     #[serde(default)]
     lc: Vec<RawLc>,
-    // Sections owned by other parts of patchover; validated by them.
-    bundles: Option<toml::Value>,
-    monitor: Option<toml::Value>,
-    daemon: Option<toml::Value>,
-    yara: Option<toml::Value>,
-    service: Option<toml::Value>,
+    bundles: Option<sections::RawBundles>,
+    monitor: Option<monitor::RawMonitor>,
+    daemon: Option<sections::RawDaemon>,
+    yara: Option<sections::RawYara>,
+    service: Option<Spanned<ServiceSettings>>,
 }
 
 #[derive(Deserialize)]
@@ -452,31 +499,29 @@ impl Validator<'_> {
             });
         }
 
-        let mut extra = BTreeMap::new();
-        for (k, v) in [
-            ("bundles", raw.bundles),
-            ("monitor", raw.monitor),
-            ("daemon", raw.daemon),
-            ("yara", raw.yara),
-            ("service", raw.service),
-        ] {
-            if let Some(v) = v {
-                extra.insert(k.to_owned(), v);
-            }
-        }
+        let run_dir = raw
+            .run_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR));
+        let service = self.service(raw.service)?;
+        let bundles = self.bundles(raw.bundles)?;
+        let monitor = self.monitor(raw.monitor)?;
+        let yara = self.yara(raw.yara)?;
+        let daemon = self.daemon(raw.daemon, &run_dir)?;
 
         Ok(Config {
             path: self.path.to_owned(),
             state_dir: raw
                 .state_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-            run_dir: raw
-                .run_dir
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR)),
+            run_dir,
             cgroup_parent,
             network,
             lcs,
-            extra,
+            service,
+            bundles,
+            monitor,
+            yara,
+            daemon,
         })
     }
 
@@ -768,6 +813,253 @@ system_disk = { path = "/srv/lc2/sys.img" }
     fn syntax_error_has_position() {
         let err = parse("[[lc]\nid = 1").unwrap_err();
         assert!(matches!(err, ConfigError::Syntax { line: 1, .. }), "{err}");
+    }
+
+    /// Issue 18: typos in `[service]`, `[monitor]`, `[yara]` (and every other section) passed
+    /// silently; now they are errors at their line.
+    #[test]
+    fn unknown_keys_in_every_section_are_refused_at_their_line() {
+        let lines = GOOD.lines().count();
+        for (section, key) in [
+            ("[service]\nprot = 80\n", "prot"),
+            ("[monitor]\nintervall = 80\n", "intervall"),
+            ("[yara]\nrulez = \"/x\"\n", "rulez"),
+            ("[bundles]\ntrusted = []\n", "trusted"),
+            ("[daemon]\nlisen = \"127.0.0.1:1\"\n", "lisen"),
+            ("[monitor.smtp]\nhost = \"h\"\nprot = 25\n", "prot"),
+            (
+                "[[monitor.feeds]]\nname = \"a\"\nurl = \"http://x/i\"\ntrusted_keys = [\"/k\"]\nkeys = 1\n",
+                "keys",
+            ),
+        ] {
+            let err = parse(&format!("{GOOD}{section}")).unwrap_err();
+            let want_line = lines + section.lines().count();
+            match &err {
+                ConfigError::Syntax { line, message, .. } => {
+                    assert_eq!(*line, want_line, "{section}: {err}");
+                    assert!(message.contains(&format!("unknown field `{key}`")), "{err}");
+                }
+                other => panic!("{section}: expected a syntax error, got {other}"),
+            }
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("/etc/po.toml:{want_line}:"))
+            );
+        }
+    }
+
+    fn invalid_section(section: &str) -> (usize, String, String) {
+        let (line, key, msg) = invalid(&format!("{GOOD}{section}"));
+        (line - GOOD.lines().count(), key, msg)
+    }
+
+    #[test]
+    fn sections_are_checked_beyond_their_types() {
+        for (section, at, want_key, want) in [
+            (
+                "[service]\nrestart = []\n",
+                1,
+                "service.restart",
+                "needs a command",
+            ),
+            (
+                "[yara]\nrules = \"rules\"\n",
+                2,
+                "yara.rules",
+                "absolute path",
+            ),
+            (
+                "[bundles]\ntrusted_keys = [\"a.pub\"]\n",
+                2,
+                "bundles.trusted_keys",
+                "absolute path",
+            ),
+            (
+                "[bundles]\nmax_bundle_mib = 0\n",
+                2,
+                "bundles.max_bundle_mib",
+                "1 to 65536",
+            ),
+            (
+                "[monitor]\ninterval_secs = 0\n",
+                2,
+                "monitor.interval_secs",
+                "1 to 604800",
+            ),
+            (
+                "[monitor]\nadmins = [\"nobody\"]\n",
+                2,
+                "monitor.admins",
+                "not a mail address",
+            ),
+            (
+                "[monitor]\nsecret_file = \"rel\"\n",
+                2,
+                "monitor.secret_file",
+                "absolute",
+            ),
+            (
+                "[monitor]\nallowed_hosts = [\"http://x\"]\n",
+                2,
+                "monitor.allowed_hosts",
+                "no scheme",
+            ),
+            (
+                "[[monitor.feeds]]\nname = \"a\"\nurl = \"ftp://x/i.json\"\ntrusted_keys = [\"/k\"]\n",
+                3,
+                "monitor.feeds[0].url",
+                "only http",
+            ),
+            (
+                "[[monitor.feeds]]\nname = \"a\"\nurl = \"http://x/i.json\"\ntrusted_keys = []\n",
+                4,
+                "monitor.feeds[0].trusted_keys",
+                "at least one",
+            ),
+            (
+                "[[monitor.feeds]]\nname = \"a b\"\nurl = \"http://x/i.json\"\ntrusted_keys = [\"/k\"]\n",
+                2,
+                "monitor.feeds[0].name",
+                "use 1-64",
+            ),
+            (
+                "[monitor.smtp]\nhost = \"h\"\nusername = \"u\"\n",
+                3,
+                "monitor.smtp.username",
+                "both username and password_file",
+            ),
+            (
+                "[daemon]\ntokens = [\"x\"]\n",
+                2,
+                "daemon.tokens",
+                "sha256:<64 hex digits>",
+            ),
+            (
+                "[daemon]\nlisten = \"127.0.0.1:1\"\n",
+                2,
+                "daemon.listen",
+                "needs at least one bearer token",
+            ),
+        ] {
+            let (line, key, msg) = invalid_section(section);
+            assert_eq!((line, key.as_str()), (at, want_key), "{section}: {msg}");
+            assert!(msg.contains(want), "{section}: {msg}");
+        }
+        // A mode the syntax cannot express is refused too.
+        let err = parse(&format!(
+            "{GOOD}[monitor.smtp]\nhost = \"h\"\ntls = \"ssl\"\n"
+        ))
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err}");
+    }
+
+    #[test]
+    fn daemon_tls_pairs_and_plaintext_tcp() {
+        let h = format!("sha256:{}", "ab".repeat(32));
+        let daemon = |rest: &str| format!("{GOOD}[daemon]\ntokens = [\"{h}\"]\n{rest}");
+        let (_, key, msg) = invalid(&daemon("tls_cert = \"/c.pem\"\n"));
+        assert_eq!(key, "daemon.tls_cert");
+        assert!(msg.contains("`tls_cert` is set without `tls_key`"), "{msg}");
+        let (_, key, _) = invalid(&daemon("tls_key = \"/k.pem\"\n"));
+        assert_eq!(key, "daemon.tls_key");
+        for addr in ["0.0.0.0:7878", "192.0.2.1:7878", "[::]:7878"] {
+            let (_, key, msg) = invalid(&daemon(&format!("listen = \"{addr}\"\n")));
+            assert_eq!(key, "daemon.listen");
+            assert!(
+                msg.contains("in clear") && msg.contains("allow_plaintext_tcp"),
+                "{msg}"
+            );
+        }
+        let c = parse(&daemon(
+            "listen = \"0.0.0.0:7878\"\nallow_plaintext_tcp = true\n",
+        ))
+        .unwrap();
+        assert!(c.daemon.allow_plaintext_tcp && c.daemon.tls.is_none());
+        assert_eq!(c.daemon.tokens, [[0xab; 32]]);
+        let c = parse(&daemon(
+            "listen = \"0.0.0.0:7878\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\nmonitor = false\n",
+        ))
+        .unwrap();
+        assert_eq!(c.daemon.tls.unwrap().key, PathBuf::from("/k.pem"));
+        assert!(!c.daemon.monitor);
+    }
+
+    #[test]
+    fn sections_parse_into_typed_values_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.service, ServiceSettings::default());
+        assert_eq!(c.bundles, BundlesSection::default());
+        assert_eq!(c.monitor, None);
+        assert_eq!(c.yara, None);
+        assert_eq!(c.daemon, DaemonSection::defaults(Path::new("/tmp/po/run")));
+        assert_eq!(
+            c.daemon.socket,
+            PathBuf::from("/tmp/po/run/daemon/patchover.sock")
+        );
+        let err = c.monitor().unwrap_err().to_string();
+        assert!(
+            err.contains("[monitor]") && err.contains("docs/monitor.md"),
+            "{err}"
+        );
+
+        let c = parse(&format!(
+            r#"{GOOD}
+[service]
+port = 8080
+restart = ["/etc/init.d/S50app", "restart"]
+
+[bundles]
+trusted_keys = ["/k/a.pub"]
+max_bundle_mib = 8
+
+[yara]
+rules = "/etc/patchover/yara"
+
+[monitor]
+interval_secs = 60
+admins = ["Admin@Example.org"]
+[[monitor.feeds]]
+name = "main"
+url = "http://127.0.0.1:8080/index.json"
+trusted_keys = ["/k/feed.pub"]
+[monitor.imap]
+host = "127.0.0.1"
+username = "po"
+password_file = "/etc/po/imap.pw"
+"#
+        ))
+        .unwrap();
+        assert_eq!(c.service.port, 8080);
+        assert_eq!(c.service.health_path, "/health");
+        assert_eq!(c.bundles.trusted_keys, [PathBuf::from("/k/a.pub")]);
+        assert_eq!(c.bundles.max_bundle_bytes, Some(8 << 20));
+        assert_eq!(c.yara.unwrap().rules, PathBuf::from("/etc/patchover/yara"));
+        let m = c.monitor.unwrap();
+        assert_eq!(m.interval, std::time::Duration::from_secs(60));
+        assert_eq!(m.admins, ["admin@example.org"]);
+        assert_eq!(m.feeds[0].name, "main");
+        let imap = m.imap.unwrap();
+        assert_eq!((imap.port, imap.mailbox.as_str()), (993, "INBOX"));
+    }
+
+    #[test]
+    fn service_address_is_required_where_a_mode_needs_it() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.service_address().unwrap().to_string(), "10.77.0.10/24");
+        let c = parse(&GOOD.replace("service_address = \"10.77.0.10/24\"\n", "")).unwrap();
+        let err = c.service_address().unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Missing {
+                what: "network.service_address",
+                ..
+            }
+        ));
+        assert!(
+            err.to_string()
+                .starts_with("/etc/po.toml: network.service_address is not set"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod quiesce;
 
 pub use config::{
     Config, ConfigError, DEFAULT_CGROUP_PARENT, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, HostFacts,
+    ServiceSettings,
 };
 pub use error::chain as error_chain;
 pub use model::*;

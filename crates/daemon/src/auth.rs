@@ -20,17 +20,14 @@ pub enum TokenError {
 impl TokenHash {
     /// Parses `sha256:<64 hex>`.
     pub fn parse(s: &str) -> Result<TokenHash, TokenError> {
-        let bad = || TokenError::Format(s.chars().take(80).collect());
-        let hex = s.strip_prefix("sha256:").ok_or_else(bad)?;
-        if hex.len() != 64 {
-            return Err(bad());
-        }
-        let mut out = [0u8; 32];
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
-                .map_err(|_| bad())?;
-        }
-        Ok(TokenHash(out))
+        patchover_core::config::parse_token_hash(s)
+            .map(TokenHash)
+            .ok_or_else(|| TokenError::Format(s.chars().take(80).collect()))
+    }
+
+    /// A hash the config loader already parsed.
+    pub fn from_bytes(bytes: [u8; 32]) -> TokenHash {
+        TokenHash(bytes)
     }
 
     /// The hash of a clear token.

@@ -17,7 +17,7 @@ pub mod slow;
 pub mod tls;
 
 pub use api::{ApiError, Command, Dispatch, ErrorCode, Reply};
-pub use config::{DaemonConfig, DaemonConfigError};
+pub use config::DaemonConfig;
 pub use metrics::Metrics;
 pub use notify::{Notifier, NotifyError};
 pub use server::{Hub, RunGuard, router, routes, serve, tls_config};

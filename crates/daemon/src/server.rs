@@ -727,7 +727,7 @@ mod tests {
     }
 
     fn config(dir: &Path) -> DaemonConfig {
-        let mut c = DaemonConfig::from_extra(&Default::default(), dir).unwrap();
+        let mut c = DaemonConfig::from_section(&crate::config::DaemonSection::defaults(dir));
         c.shutdown_grace = Duration::from_secs(10);
         c
     }

@@ -31,7 +31,7 @@ pub mod poll;
 pub mod reply;
 
 pub use approval::{ApprovalError, Decision, Scope, Secret, Verdict};
-pub use config::{FeedConfig, MailServer, MonitorConfig, MonitorConfigError, TlsMode};
+pub use config::{FeedConfig, MailServer, MonitorConfig, PasswordFileError, TlsMode};
 pub use index::{FeedIndex, IndexEntry, IndexError, PublishError, PublishedFeed, publish};
 pub use monitor::{
     DecisionError, DecisionOutcome, Monitor, PatchStarter, RunHandle, RunReport, StartError,

@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 
-use crate::config::{MailServer, MonitorConfigError, TlsMode};
+use crate::config::{MailServer, PasswordFileError, TlsMode};
 
 /// The mailbox could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +40,7 @@ pub enum MailboxError {
         source: rustls_pki_types::pem::Error,
     },
     #[error("IMAP password")]
-    Password(#[source] MonitorConfigError),
+    Password(#[source] PasswordFileError),
     #[error("IMAP server {host}: {what}")]
     Imap {
         host: String,

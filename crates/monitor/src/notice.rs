@@ -13,7 +13,7 @@ use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{SmtpTransport, Transport};
 use serde::Serialize;
 
-use crate::config::{MailServer, MonitorConfigError, TlsMode};
+use crate::config::{MailServer, PasswordFileError, TlsMode};
 
 /// The notice could not be sent; the challenge stays unannounced and is retried.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +35,7 @@ pub enum NoticeError {
     #[error("cannot read the SMTP CA file")]
     CaFile(#[source] std::io::Error),
     #[error("SMTP password")]
-    Password(#[source] MonitorConfigError),
+    Password(#[source] PasswordFileError),
     #[error("cannot send the notice through {host}:{port}")]
     Send {
         host: String,

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -26,9 +25,14 @@ fn trusted(k: &Key) -> TrustedKeys {
 }
 
 fn config(toml_text: &str) -> MonitorConfig {
-    let v: toml::Table = toml::from_str(toml_text).unwrap();
-    let extra: BTreeMap<String, toml::Value> = v.into_iter().collect();
-    MonitorConfig::from_extra(&extra).unwrap()
+    let host = patchover_core::HostFacts {
+        cpus: 1,
+        memory_mib: 1024,
+    };
+    patchover_core::Config::parse(Path::new("/test/patchover.toml"), toml_text, &host)
+        .unwrap()
+        .monitor
+        .expect("a [monitor] section")
 }
 
 fn monitor<'a>(

@@ -625,7 +625,7 @@ impl<'a> Orchestrator<'a> {
             patchover_net::health::check_in(
                 &*lc,
                 to.address.addr,
-                &o.settings.service.health(&to.identity),
+                &crate::service::health(&o.settings.service, &to.identity),
             )
             .map_err(|e| OrchestratorError::Health(Box::new(e)))?;
             drop(lc);
@@ -680,7 +680,7 @@ impl<'a> Orchestrator<'a> {
             from: from.clone(),
             to: to.clone(),
             mode: req.mode,
-            health: self.settings.service.health(&to.identity),
+            health: crate::service::health(&self.settings.service, &to.identity),
             check_from: None,
             garp: patchover_net::GarpConfig {
                 refresh_after: if self.settings.refresher.is_some() {

@@ -252,6 +252,52 @@ fn bad_input_is_refused_and_changes_nothing() {
     t.assert_nothing_left(&a);
 }
 
+/// Issue 18: a typo in any section (`prot`, `intervall`, `rulez`) used to pass `lc list`
+/// silently; the whole config is checked at load, and the error names file, line and key.
+#[test]
+fn config_typo_in_any_section_is_refused_at_load_with_file_and_line() {
+    let t = Topo::new(&[(0, 20, 64)]);
+    let base = fs::read_to_string(&t.config).unwrap().trim_end().to_owned() + "\n";
+    let base_lines = base.lines().count();
+    let cfg = t.dir.path().join("sections.toml");
+    let with = |section: &str| {
+        fs::write(&cfg, format!("{base}\n{section}")).unwrap();
+        common::po(&cfg, &["lc", "list"])
+    };
+    // The same sections spelled right pass.
+    for good in [
+        "[service]\nport = 80\n",
+        "[monitor]\ninterval_secs = 80\n",
+        "[yara]\nrules = \"/x\"\n",
+    ] {
+        let out = with(good);
+        assert!(
+            out.status.success(),
+            "{good:?} refused: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The key is on the second line of the appended text (after the section header).
+    let line = base_lines + 3;
+    for (bad, key) in [
+        ("[service]\nprot = 80\n", "prot"),
+        ("[monitor]\nintervall = 80\n", "intervall"),
+        ("[yara]\nrulez = \"/x\"\n", "rulez"),
+        ("[bundles]\ntrusted_key = []\n", "trusted_key"),
+        ("[daemon]\nsokcet = \"/x\"\n", "sokcet"),
+    ] {
+        let out = with(bad);
+        assert_bad_input(&out, &format!("{}:{line}:", cfg.display()));
+        assert_bad_input(&out, &format!("unknown field `{key}`"));
+    }
+    // A value checked beyond its type: at its line, with its key.
+    let out = with("[monitor]\ninterval_secs = 0\n");
+    assert_bad_input(
+        &out,
+        &format!("{}:{line}: `monitor.interval_secs`", cfg.display()),
+    );
+}
+
 #[test]
 fn a_running_lc_outlives_patchover_and_is_adopted() {
     let t = Topo::new(&[(0, 20, 64)]);

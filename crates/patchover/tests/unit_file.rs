@@ -89,7 +89,7 @@ fn the_unit_and_the_default_config_agree() {
         },
     )
     .unwrap();
-    let daemon = patchover_daemon::DaemonConfig::from_extra(&cfg.extra, &cfg.run_dir).unwrap();
+    let daemon = patchover_daemon::DaemonConfig::from_config(&cfg);
 
     // What systemd removes on stop: the daemon's socket directory and nothing else.
     let runtime = Path::new("/run").join(one(&keys, "RuntimeDirectory"));

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use patchover_monitor::{Decision, MonitorConfig, Secret};
+use patchover_monitor::{Decision, Secret};
 
 use super::monitor::{chain, monitor_env};
 use super::{BadInput, Ctx};
@@ -56,12 +56,9 @@ pub fn run_code(a: ApprovalCodeArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         Some(p) => p,
         None => {
             let cfg = ctx.config()?;
-            MonitorConfig::from_extra(&cfg.extra)
-                .map_err(|e| BadInput(chain(&e)))?
-                .secret_file
-                .ok_or_else(|| {
-                    BadInput("no --secret-file and no [monitor] secret_file in the config".into())
-                })?
+            cfg.monitor()?.secret_file.clone().ok_or_else(|| {
+                BadInput("no --secret-file and no [monitor] secret_file in the config".into())
+            })?
         }
     };
     let secret = Secret::from_file(&path).map_err(|e| BadInput(chain(&e)))?;

@@ -264,7 +264,7 @@ fn trusted_keys(pubkeys: &[PathBuf], ctx: &Ctx) -> anyhow::Result<(TrustedKeys, 
         return Ok((keys, Limits::default()));
     }
     let config = ctx.config()?;
-    let section = BundlesConfig::from_extra(&config.extra).map_err(|e| BadInput(chain(&e)))?;
+    let section = BundlesConfig::from_section(&config.bundles);
     if section.trusted_keys.is_empty() {
         return Err(BadInput(format!(
             "no trusted keys: pass --pubkey, or list public keys under [bundles] trusted_keys in {}",

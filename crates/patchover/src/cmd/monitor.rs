@@ -65,8 +65,8 @@ impl MonitorEnv {
 /// Loads the config's [monitor] and [bundles] sections and opens the store.
 pub fn monitor_env(ctx: &Ctx) -> anyhow::Result<(MonitorEnv, Store)> {
     let config = ctx.config()?;
-    let monitor = MonitorConfig::from_extra(&config.extra).map_err(|e| BadInput(chain(&e)))?;
-    let bundles = BundlesConfig::from_extra(&config.extra).map_err(|e| BadInput(chain(&e)))?;
+    let monitor = config.monitor()?.clone();
+    let bundles = BundlesConfig::from_section(&config.bundles);
     let bundle_keys = bundles
         .load_trusted_keys()
         .map_err(|e| BadInput(chain(&e)))?;

@@ -139,12 +139,7 @@ fn plan(
     o: &SwitchOptions,
 ) -> anyhow::Result<SwitchPlan> {
     let net = &env.config.network;
-    let service = net.service_address.ok_or_else(|| {
-        BadInput(format!(
-            "{} has no network.service_address; set the address clients use",
-            env.config.path.display()
-        ))
-    })?;
+    let service = env.config.service_address()?;
     if mode != Mode::Seamless && net.bridge_address.is_none() {
         return Err(BadInput(
             "path and readdress modes check the service from the host: set network.bridge_address"
@@ -210,12 +205,11 @@ pub fn switch_json(
     // The service is told to drain by the commands of `[service]` (the demo's defaults:
     // SIGUSR1/SIGUSR2 to patchover-demo), run in the LCs through their backend, as the patch
     // cycle does.
-    let settings = patchover_orchestrator::service::ServiceSettings::from_extra(&env.config.extra)
-        .map_err(BadInput)?;
+    let settings = &env.config.service;
     let mut svc = patchover_orchestrator::service::LcServiceControl {
         backend: &env.backend,
         lcs: &env.config.lcs,
-        settings: &settings,
+        settings,
     };
     let mut window = |_: &SwitchPlan| -> Result<(), patchover_net::BoxError> { Ok(()) };
     let mut hooks = Hooks {
@@ -348,9 +342,7 @@ pub fn run(cmd: NetCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         }
         NetCmd::Setup { active } => {
             let mut env = Env::open(ctx)?;
-            let service = env.config.network.service_address.ok_or_else(|| {
-                BadInput("network.service_address is not set in the config".into())
-            })?;
+            let service = env.config.service_address()?;
             if env.config.network.bridge_address.is_none() {
                 return Err(BadInput(
                     "seamless mode routes clients through the host to the LCs on the bridge: set network.bridge_address (the LCs' gateway)".into(),

@@ -1,18 +1,14 @@
 //! `patchover patch`, `patchover rollback`, `patchover runs …`, `patchover service assign`:
 //! the patch execution program (seed fig. 2, 7) and its journal.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Subcommand;
 use patchover_bundle::BundlesConfig;
 use patchover_lc::LcBackend;
 use patchover_net::Mode;
-use patchover_orchestrator::{
-    Event, Orchestrator, PatchRequest, RunLock, RunReport, ServiceSettings, Settings,
-};
+use patchover_orchestrator::{Event, Orchestrator, PatchRequest, RunLock, RunReport, Settings};
 use patchover_store::Role;
 use serde_json::json;
 
@@ -64,22 +60,13 @@ pub enum ServiceCmd {
 }
 
 pub fn settings_for(env: &Env, report_timeout: u64) -> anyhow::Result<Settings> {
-    let bundles = BundlesConfig::from_extra(&env.config.extra).context("config [bundles]")?;
-    let service = ServiceSettings::from_extra(&env.config.extra).map_err(BadInput)?;
-    let yara_rules = match env.config.extra.get("yara") {
-        None => None,
-        Some(v) => Some(PathBuf::from(
-            v.get("rules")
-                .and_then(|r| r.as_str())
-                .ok_or_else(|| BadInput("config [yara]: set `rules = \"/dir/of/rules\"`".into()))?,
-        )),
-    };
+    let bundles = BundlesConfig::from_section(&env.config.bundles);
     Ok(Settings {
-        service,
+        service: env.config.service.clone(),
         agent_binary: super::image::guest_binary("patchover-agent")?,
         trusted_keys: bundles.trusted_keys,
         bundle_limits: bundles.limits,
-        yara_rules,
+        yara_rules: env.config.yara.as_ref().map(|y| y.rules.clone()),
         report_timeout: Duration::from_secs(report_timeout),
         drain_deadline: Duration::from_secs(10),
         garp: patchover_net::GarpConfig::default(),
@@ -586,11 +573,7 @@ pub fn refuse_second_active(env: &Env, spec: &patchover_core::LcSpec) -> anyhow:
 /// switches move it): `service assign` and `POST /v1/service/assign`.
 pub fn assign_json(env: &mut Env, lc: &str) -> anyhow::Result<serde_json::Value> {
     let spec = env.lc(lc)?.clone();
-    let service = env
-        .config
-        .network
-        .service_address
-        .ok_or_else(|| BadInput("network.service_address is not set in the config".into()))?;
+    let service = env.config.service_address()?;
     refuse_second_active(env, &spec)?;
     let ep = patchover_orchestrator::cycle_endpoint(&env.backend, &spec)?;
     patchover_orchestrator::recover::assign_service(&ep.access, &ep.iface, ep.mac, service)?;

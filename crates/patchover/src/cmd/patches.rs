@@ -228,7 +228,7 @@ pub fn import(
         ))
         .into());
     }
-    let bundles = BundlesConfig::from_extra(&config.extra).context("config [bundles]")?;
+    let bundles = BundlesConfig::from_section(&config.bundles);
     let keys = bundles.load_trusted_keys().context("config [bundles]")?;
     if keys.is_empty() {
         return Err(BadInput(format!(

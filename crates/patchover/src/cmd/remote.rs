@@ -21,9 +21,8 @@ pub fn daemon(ctx: &Ctx) -> anyhow::Result<Option<Client>> {
         return Ok(None);
     }
     let config = ctx.config()?;
-    let d = patchover_daemon::DaemonConfig::from_extra(&config.extra, &config.run_dir)
-        .map_err(|e| BadInput(patchover_orchestrator::chain(&e)))?;
-    Ok(Client::available(&d.socket).then(|| Client::new(&d.socket)))
+    let socket = &config.daemon.socket;
+    Ok(Client::available(socket).then(|| Client::new(socket)))
 }
 
 /// An API error as the error the direct path gives.

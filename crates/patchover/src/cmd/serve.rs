@@ -333,7 +333,7 @@ impl Daemon {
                     "active_lc": active,
                     "running_runs": self.hub.running(),
                     "open_runs": open,
-                    "monitor": env.config.extra.contains_key("monitor"),
+                    "monitor": env.config.monitor.is_some(),
                     "service_address": env.config.network.service_address.map(|a| a.to_string()),
                 })))
             }
@@ -537,8 +537,7 @@ pub fn run(a: ServeArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     // which starts no thread, so no other thread reads the environment meanwhile.
     unsafe { std::env::remove_var(patchover_daemon::notify::NOTIFY_SOCKET) };
     let config = ctx.config()?;
-    let dcfg = DaemonConfig::from_extra(&config.extra, &config.run_dir)
-        .map_err(|e| BadInput(patchover_orchestrator::chain(&e)))?;
+    let dcfg = DaemonConfig::from_config(&config);
     // The TLS files are read and checked before recovery touches anything: a bad one is a
     // config error (exit 2).
     let tls = patchover_daemon::tls_config(&dcfg)
@@ -576,14 +575,9 @@ pub fn run(a: ServeArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             ),
         }
     }
-    let monitor_interval = if dcfg.monitor && config.extra.contains_key("monitor") {
-        Some(
-            patchover_monitor::MonitorConfig::from_extra(&config.extra)
-                .map_err(|e| BadInput(patchover_orchestrator::chain(&e)))?
-                .interval,
-        )
-    } else {
-        None
+    let monitor_interval = match &config.monitor {
+        Some(m) if dcfg.monitor => Some(m.interval),
+        _ => None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

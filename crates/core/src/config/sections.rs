@@ -1,0 +1,375 @@
+//! The config's sections besides the LCs and the network: `[service]`, `[bundles]`, `[yara]`,
+//! `[daemon]` (and `[monitor]`, in [`super::monitor`]).
+//!
+//! Each is a typed raw struct that refuses unknown keys (so a typo such as `prot = 80` is an
+//! error at its line, not a silently ignored key) and a validated value the rest of patchover
+//! uses. The crates that act on a section (the daemon, the bundle verifier, the orchestrator)
+//! take these values; none of them parses TOML.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ConfigError, Validator};
+
+/// The `[service]` section: how to check the service the LCs run and how to restart, drain
+/// and hand it off.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSettings {
+    /// The TCP port the service listens on.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// A GET path whose answer names the LC that serves it (the demo's `/health`).
+    #[serde(default = "default_health")]
+    pub health_path: String,
+    /// A GET path whose answer is the service's version (the demo's `/version`).
+    #[serde(default = "default_version")]
+    pub version_path: String,
+    /// The command, run inside the standby, that restarts the service after the application
+    /// disk's final catch-up (so it reads the data as of the cut).
+    #[serde(default = "default_restart")]
+    pub restart: Vec<String>,
+    /// Run inside the old LC at the switch: stop keeping connections alive (answer with
+    /// `Connection: close`, close idle keep-alive connections), keep serving.
+    #[serde(default = "default_drain")]
+    pub drain: Vec<String>,
+    /// Undoes `drain`.
+    #[serde(default = "default_resume")]
+    pub resume: Vec<String>,
+    /// `seamless` hand-off, run inside the old LC: finish the requests in flight, hold the rest;
+    /// must exit 0 only once nothing is in flight (see `patchover_net::ServiceControl::park`).
+    #[serde(default = "default_park")]
+    pub park: Vec<String>,
+    /// Run inside the old LC after `park`: send the held and later requests to the standby;
+    /// `{to}` is replaced by the standby's `ADDR:PORT`.
+    #[serde(default = "default_forward")]
+    pub forward: Vec<String>,
+    /// Undoes `park` when the hand-off is called off before `forward`.
+    #[serde(default = "default_unpark")]
+    pub unpark: Vec<String>,
+}
+
+fn signal_demo(sig: &str) -> Vec<String> {
+    vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        format!("kill -{sig} $(cat /var/run/patchover-demo.pid)"),
+    ]
+}
+fn default_drain() -> Vec<String> {
+    signal_demo("USR1")
+}
+fn default_resume() -> Vec<String> {
+    signal_demo("USR2")
+}
+
+fn demo_ctl(args: &[&str]) -> Vec<String> {
+    ["/usr/bin/patchover-demo", "ctl"]
+        .iter()
+        .chain(args)
+        .map(|s| (*s).to_owned())
+        .collect()
+}
+fn default_park() -> Vec<String> {
+    demo_ctl(&["park"])
+}
+fn default_forward() -> Vec<String> {
+    demo_ctl(&["forward", "{to}"])
+}
+fn default_unpark() -> Vec<String> {
+    demo_ctl(&["resume"])
+}
+
+fn default_port() -> u16 {
+    80
+}
+fn default_health() -> String {
+    "/health".to_owned()
+}
+fn default_version() -> String {
+    "/version".to_owned()
+}
+fn default_restart() -> Vec<String> {
+    vec!["/etc/init.d/S50demo".to_owned(), "restart".to_owned()]
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        ServiceSettings {
+            port: default_port(),
+            health_path: default_health(),
+            version_path: default_version(),
+            restart: default_restart(),
+            drain: default_drain(),
+            resume: default_resume(),
+            park: default_park(),
+            forward: default_forward(),
+            unpark: default_unpark(),
+        }
+    }
+}
+
+/// The validated `[bundles]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BundlesSection {
+    /// Public key files (minisign format) whose signatures are trusted.
+    pub trusted_keys: Vec<PathBuf>,
+    /// `max_bundle_mib` in bytes, when set.
+    pub max_bundle_bytes: Option<u64>,
+    /// `max_unpacked_mib` in bytes, when set.
+    pub max_unpacked_bytes: Option<u64>,
+}
+
+/// The validated `[yara]` section: the malware check before the copy (seed step 702).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct YaraSection {
+    /// A directory of YARA rule files.
+    pub rules: PathBuf,
+}
+
+/// The TLS files of the daemon's TCP listener (`tls_cert`, `tls_key`): named here, read and
+/// checked when the daemon starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The validated `[daemon]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonSection {
+    pub socket: PathBuf,
+    pub listen: Option<SocketAddr>,
+    /// SHA-256 hashes of the bearer tokens.
+    pub tokens: Vec<[u8; 32]>,
+    /// Run the monitor on its interval when `[monitor]` is configured.
+    pub monitor: bool,
+    pub shutdown_grace: Duration,
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+    /// How long a connection may take to send its first request head.
+    pub head_timeout: Duration,
+    pub tls: Option<TlsPaths>,
+    /// `listen` off loopback without TLS was allowed explicitly.
+    pub allow_plaintext_tcp: bool,
+}
+
+impl DaemonSection {
+    /// The section when the config has no `[daemon]`.
+    pub fn defaults(run_dir: &Path) -> DaemonSection {
+        DaemonSection {
+            socket: default_socket(run_dir),
+            listen: None,
+            tokens: Vec::new(),
+            monitor: true,
+            shutdown_grace: Duration::from_secs(60),
+            max_body_bytes: 64 * 1024,
+            request_timeout: Duration::from_secs(120),
+            head_timeout: Duration::from_secs(10),
+            tls: None,
+            allow_plaintext_tcp: false,
+        }
+    }
+}
+
+/// The socket when `[daemon] socket` is not set: `<run_dir>/daemon/patchover.sock`. The
+/// `daemon/` directory is the unit's `RuntimeDirectory=patchover/daemon`, which systemd
+/// removes on stop; everything else in `run_dir` outlives the daemon.
+pub fn default_socket(run_dir: &Path) -> PathBuf {
+    run_dir.join("daemon").join("patchover.sock")
+}
+
+/// `sha256:<64 hex digits>` → the hash's bytes.
+pub fn parse_token_hash(s: &str) -> Option<[u8; 32]> {
+    let hex = s.strip_prefix("sha256:")?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBundles {
+    #[serde(default)]
+    trusted_keys: Vec<Spanned<PathBuf>>,
+    max_bundle_mib: Option<Spanned<u64>>,
+    max_unpacked_mib: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawYara {
+    rules: Spanned<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDaemon {
+    socket: Option<Spanned<PathBuf>>,
+    listen: Option<Spanned<SocketAddr>>,
+    #[serde(default)]
+    tokens: Vec<Spanned<String>>,
+    monitor: Option<bool>,
+    shutdown_grace_secs: Option<u64>,
+    max_body_bytes: Option<usize>,
+    request_timeout_secs: Option<u64>,
+    head_timeout_secs: Option<u64>,
+    tls_cert: Option<Spanned<PathBuf>>,
+    tls_key: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    allow_plaintext_tcp: bool,
+}
+
+impl Validator<'_> {
+    pub(super) fn service(
+        &self,
+        raw: Option<Spanned<ServiceSettings>>,
+    ) -> Result<ServiceSettings, ConfigError> {
+        let Some(raw) = raw else {
+            return Ok(ServiceSettings::default());
+        };
+        if raw.get_ref().restart.is_empty() {
+            return Err(self.err(
+                &raw,
+                "service.restart",
+                "needs a command (e.g. [\"/etc/init.d/S50app\", \"restart\"])",
+            ));
+        }
+        Ok(raw.into_inner())
+    }
+
+    pub(super) fn absolute(&self, p: &Spanned<PathBuf>, key: &str) -> Result<(), ConfigError> {
+        if p.get_ref().is_absolute() {
+            Ok(())
+        } else {
+            Err(self.err(
+                p,
+                key,
+                format!("{} must be an absolute path", p.get_ref().display()),
+            ))
+        }
+    }
+
+    pub(super) fn bundles(&self, raw: Option<RawBundles>) -> Result<BundlesSection, ConfigError> {
+        let Some(raw) = raw else {
+            return Ok(BundlesSection::default());
+        };
+        for p in &raw.trusted_keys {
+            self.absolute(p, "bundles.trusted_keys")?;
+        }
+        let mib = |key: &str, v: Option<Spanned<u64>>| -> Result<Option<u64>, ConfigError> {
+            match v {
+                None => Ok(None),
+                Some(s) if *s.get_ref() == 0 || *s.get_ref() > 64 * 1024 => {
+                    Err(self.err(&s, key, format!("{} must be 1 to 65536", s.get_ref())))
+                }
+                Some(s) => Ok(Some(s.into_inner() << 20)),
+            }
+        };
+        Ok(BundlesSection {
+            max_bundle_bytes: mib("bundles.max_bundle_mib", raw.max_bundle_mib)?,
+            max_unpacked_bytes: mib("bundles.max_unpacked_mib", raw.max_unpacked_mib)?,
+            trusted_keys: raw
+                .trusted_keys
+                .into_iter()
+                .map(|p| p.into_inner())
+                .collect(),
+        })
+    }
+
+    pub(super) fn yara(&self, raw: Option<RawYara>) -> Result<Option<YaraSection>, ConfigError> {
+        let Some(raw) = raw else { return Ok(None) };
+        self.absolute(&raw.rules, "yara.rules")?;
+        Ok(Some(YaraSection {
+            rules: raw.rules.into_inner(),
+        }))
+    }
+
+    pub(super) fn daemon(
+        &self,
+        raw: Option<RawDaemon>,
+        run_dir: &Path,
+    ) -> Result<DaemonSection, ConfigError> {
+        let raw = raw.unwrap_or_default();
+        let mut tokens = Vec::new();
+        for t in &raw.tokens {
+            tokens.push(parse_token_hash(t.get_ref()).ok_or_else(|| {
+                self.err(
+                    t,
+                    "daemon.tokens",
+                    format!(
+                        "{:?} is not a token hash; write \"sha256:<64 hex digits>\" (`patchover serve --hash-token` prints one)",
+                        t.get_ref().chars().take(80).collect::<String>()
+                    ),
+                )
+            })?);
+        }
+        if let Some(l) = &raw.listen
+            && tokens.is_empty()
+        {
+            return Err(self.err(
+                l,
+                "daemon.listen",
+                "`listen` needs at least one bearer token in `tokens`; add `tokens = [\"sha256:<hex>\"]`",
+            ));
+        }
+        let tls = match (raw.tls_cert, raw.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsPaths {
+                cert: cert.into_inner(),
+                key: key.into_inner(),
+            }),
+            (None, None) => None,
+            (Some(c), None) => {
+                return Err(self.err(
+                    &c,
+                    "daemon.tls_cert",
+                    "`tls_cert` is set without `tls_key`; set both (the PEM certificate and its private key) or neither",
+                ));
+            }
+            (None, Some(k)) => {
+                return Err(self.err(
+                    &k,
+                    "daemon.tls_key",
+                    "`tls_key` is set without `tls_cert`; set both (the PEM certificate and its private key) or neither",
+                ));
+            }
+        };
+        if let Some(addr) = &raw.listen
+            && !addr.get_ref().ip().is_loopback()
+            && tls.is_none()
+            && !raw.allow_plaintext_tcp
+        {
+            return Err(self.err(
+                addr,
+                "daemon.listen",
+                format!(
+                    "`listen = \"{}\"` is not a loopback address and has no TLS, so bearer tokens would cross the network in clear; set `tls_cert` and `tls_key` (see docs/daemon.md), listen on 127.0.0.1, or set `allow_plaintext_tcp = true` if a TLS proxy or a trusted network carries it",
+                    addr.get_ref()
+                ),
+            ));
+        }
+        let d = DaemonSection::defaults(run_dir);
+        let secs = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_secs);
+        Ok(DaemonSection {
+            socket: raw.socket.map_or(d.socket, Spanned::into_inner),
+            listen: raw.listen.map(Spanned::into_inner),
+            tokens,
+            monitor: raw.monitor.unwrap_or(d.monitor),
+            shutdown_grace: secs(raw.shutdown_grace_secs, d.shutdown_grace),
+            max_body_bytes: raw.max_body_bytes.unwrap_or(d.max_body_bytes),
+            request_timeout: secs(raw.request_timeout_secs, d.request_timeout),
+            head_timeout: secs(raw.head_timeout_secs, d.head_timeout),
+            tls,
+            allow_plaintext_tcp: raw.allow_plaintext_tcp,
+        })
+    }
+}
