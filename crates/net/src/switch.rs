@@ -11,7 +11,6 @@
 
 use std::fs::File;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -405,18 +404,13 @@ pub fn lock(path: &Path) -> Result<SwitchLock, SwitchError> {
         .write(true)
         .open(path)
         .map_err(err)?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(SwitchError::Busy {
-                lock: path.to_path_buf(),
-            });
-        }
-        return Err(err(e));
+    match f.try_lock() {
+        Ok(()) => Ok(SwitchLock(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(SwitchError::Busy {
+            lock: path.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(err(e)),
     }
-    Ok(SwitchLock(f))
 }
 
 /// Moves the service as `plan` says. On any failure after something changed, everything is put

@@ -12,7 +12,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use patchover_core::{Config, Ipv4Cidr};
@@ -48,9 +47,10 @@ impl RunLock {
             .write(true)
             .open(&path)
             .map_err(io)?;
-        // SAFETY: flock on an fd we own; no memory is involved.
-        let r = unsafe { libc_flock(f.as_raw_fd()) };
-        if r != 0 {
+        if let Err(e) = f.try_lock() {
+            if let std::fs::TryLockError::Error(source) = e {
+                return Err(io(source));
+            }
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
             return Err(OrchestratorError::BadInput(format!(
                 "a patch run for LC {lc} is in progress (patchover pid {}); wait for it, or see `patchover runs list`",
@@ -135,20 +135,6 @@ impl Drop for RunGuard {
         }
         let _ = self.child.wait();
     }
-}
-
-/// `flock(fd, LOCK_EX | LOCK_NB)`.
-///
-/// # Safety
-/// `fd` must be an open file descriptor.
-unsafe fn libc_flock(fd: i32) -> i32 {
-    unsafe extern "C" {
-        fn flock(fd: i32, op: i32) -> i32;
-    }
-    const LOCK_EX: i32 = 2;
-    const LOCK_NB: i32 = 4;
-    // SAFETY: the caller passes an open fd; flock has no other requirement.
-    unsafe { flock(fd, LOCK_EX | LOCK_NB) }
 }
 
 /// Whether `iface` in the LC `access` reaches holds `addr`.

@@ -236,7 +236,6 @@ fn round_failed(r: &serde_json::Value) -> bool {
 /// Holds `<state_dir>/monitor.lock` (flock) for one round, so overlapping rounds (a slow
 /// cron run and the next one) never poll and decide at the same time.
 fn lock_round(config: &Config) -> anyhow::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("cannot create {}", config.state_dir.display()))?;
     let path = config.state_dir.join("monitor.lock");
@@ -246,16 +245,17 @@ fn lock_round(config: &Config) -> anyhow::Result<std::fs::File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    // SAFETY: flock on a descriptor we own for the duration of the call; no memory involved.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r != 0 {
-        return Err(BadInput(format!(
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(BadInput(format!(
             "another monitor round holds {}; try again when it is done",
             path.display()
         ))
-        .into());
+        .into()),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::Error::new(e).context(format!("cannot lock {}", path.display())))
+        }
     }
-    Ok(f)
 }
 
 /// One monitor round, under the round lock: `monitor run-once`, `monitor run`, the daemon's
