@@ -25,6 +25,10 @@ pub enum InstallError {
         "the standby's system disk {0} has neither /etc/init.d nor /etc/systemd/system; patchover cannot install a boot script there"
     )]
     NoBootScripts(PathBuf),
+    #[error(
+        "the standby's system disk {0} boots its sysvinit scripts in parallel from insserv's makefiles, which would skip the patch execution script; create /etc/init.d/.legacy-bootordering in the image (as `patchover image build-debian` does)"
+    )]
+    ParallelBoot(PathBuf),
 }
 
 /// Where the script went.
@@ -79,10 +83,33 @@ pub fn install(
         .map_err(InstallError::Root)?;
 
     // Both are looked up as the LC would (links inside the LC resolve inside its root).
-    let script = if root.is_dir(Path::new("etc/init.d")) {
+    // A Debian image has /etc/init.d under either init: systemd is recognised by its init.
+    let systemd = root.is_dir(Path::new("etc/systemd/system")) && init_is_systemd(root);
+    let script = if !systemd && root.is_dir(Path::new("etc/init.d")) {
         let p = Path::new(INIT_SCRIPT);
+        // Debian's sysvinit runs the links in /etc/rcS.d, not /etc/init.d/S??*: the script
+        // goes last into the boot runlevel, after the filesystems, before any service.
+        let sysv_rc = root.is_dir(Path::new("etc/rcS.d"));
+        if sysv_rc
+            && root
+                .stat(Path::new("etc/init.d/.depend.boot"))
+                .ok()
+                .flatten()
+                .is_some()
+            && root
+                .stat(Path::new(LEGACY_ORDERING))
+                .ok()
+                .flatten()
+                .is_none()
+        {
+            return Err(InstallError::ParallelBoot(root.host_path().to_owned()));
+        }
         root.write_file(p, SCRIPT.as_bytes(), 0o755)
             .map_err(InstallError::Root)?;
+        if sysv_rc {
+            root.symlink(Path::new(RCS_LINK), Path::new("../init.d/S05patchover"))
+                .map_err(InstallError::Root)?;
+        }
         p
     } else if root.is_dir(Path::new("etc/systemd/system")) {
         let p = Path::new(UNIT_FILE);
@@ -104,13 +131,27 @@ pub fn install(
 }
 
 const INIT_SCRIPT: &str = "etc/init.d/S05patchover";
+const RCS_LINK: &str = "etc/rcS.d/S99patchover";
+const LEGACY_ORDERING: &str = "etc/init.d/.legacy-bootordering";
+
+/// Is the LC's `/sbin/init` systemd (the same file as `/lib/systemd/systemd`)?
+fn init_is_systemd(root: &LcRoot) -> bool {
+    let id = |p: &str| {
+        root.stat(Path::new(p))
+            .ok()
+            .flatten()
+            .map(|s| (s.st_dev, s.st_ino))
+    };
+    let init = id("sbin/init");
+    init.is_some() && init == id("lib/systemd/systemd")
+}
 const UNIT_FILE: &str = "etc/systemd/system/patchover-apply.service";
 const UNIT_WANTS: &str = "etc/systemd/system/multi-user.target.wants/patchover-apply.service";
 
 /// Removes the script and the agent directory (a run that is rolled back leaves no script
 /// that would patch at the standby's next boot).
 pub fn uninstall(root: &LcRoot) {
-    for f in [INIT_SCRIPT, UNIT_WANTS, UNIT_FILE] {
+    for f in [RCS_LINK, INIT_SCRIPT, UNIT_WANTS, UNIT_FILE] {
         if let Err(e) = root.remove_file(Path::new(f)) {
             tracing::warn!(error = %e, "removing the patch execution script");
         }
@@ -171,5 +212,59 @@ mod tests {
         uninstall(&lc);
         assert_eq!(fs::read_dir(host.join("units")).unwrap().count(), 1);
         assert!(fs::symlink_metadata(root.join(UNIT_FILE)).is_err());
+    }
+
+    /// Debian: sysvinit runs the `rcS.d` link (not `/etc/init.d/S05patchover` by itself);
+    /// systemd (with an `/etc/init.d` of its own) gets the unit; insserv's parallel boot,
+    /// which would skip the link, is refused.
+    #[test]
+    fn debian_images_get_the_script_their_init_runs() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("agent-bin"), "agent").unwrap();
+        let agent = t.path().join("agent-bin");
+        let sysv = t.path().join("sysv");
+        for d in [
+            "etc/init.d",
+            "etc/rcS.d",
+            "etc/systemd/system",
+            "sbin",
+            "var/lib",
+        ] {
+            fs::create_dir_all(sysv.join(d)).unwrap();
+        }
+        fs::write(sysv.join("sbin/init"), "sysvinit").unwrap();
+        fs::write(sysv.join("etc/init.d/.depend.boot"), "TARGETS = x").unwrap();
+        let lc = LcRoot::open(&sysv).unwrap();
+        let e = install(&lc, "lc2", "1", &[], &[], &agent).unwrap_err();
+        assert!(matches!(e, InstallError::ParallelBoot(_)), "{e:?}");
+        fs::write(sysv.join(LEGACY_ORDERING), "").unwrap();
+        let i = install(&lc, "lc2", "1", &[], &[], &agent).unwrap();
+        assert_eq!(i.script, Path::new("/").join(INIT_SCRIPT));
+        assert_eq!(
+            fs::read_link(sysv.join(RCS_LINK)).unwrap(),
+            Path::new("../init.d/S05patchover")
+        );
+        assert!(!sysv.join(UNIT_FILE).exists());
+        uninstall(&lc);
+        assert!(fs::symlink_metadata(sysv.join(RCS_LINK)).is_err());
+
+        let sd = t.path().join("systemd");
+        for d in [
+            "etc/init.d",
+            "etc/systemd/system/multi-user.target.wants",
+            "usr/lib/systemd",
+            "usr/sbin",
+            "var/lib",
+        ] {
+            fs::create_dir_all(sd.join(d)).unwrap();
+        }
+        symlink("usr/lib", sd.join("lib")).unwrap();
+        symlink("usr/sbin", sd.join("sbin")).unwrap();
+        fs::write(sd.join("usr/lib/systemd/systemd"), "systemd").unwrap();
+        symlink("/lib/systemd/systemd", sd.join("usr/sbin/init")).unwrap();
+        let lc = LcRoot::open(&sd).unwrap();
+        let i = install(&lc, "lc2", "1", &[], &[], &agent).unwrap();
+        assert_eq!(i.script, Path::new("/").join(UNIT_FILE));
+        assert!(!sd.join(INIT_SCRIPT).exists());
     }
 }

@@ -64,10 +64,66 @@ pub enum BundleCmd {
     },
     /// Show a bundle's manifest and contents (does NOT check the signature).
     Inspect { file: PathBuf },
+    /// Make a bundle of the Debian updates the archive offers for LC's packages: docs/debian.md.
+    FromApt {
+        lc: String,
+        /// The bundle file to write (nothing is written when there is nothing to update).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Only the security suite (leave -updates out).
+        #[arg(long)]
+        security_only: bool,
+        /// Only these installed packages (comma-separated) and what their updates need.
+        #[arg(long, value_delimiter = ',')]
+        packages: Vec<String>,
+        /// The archive, as an apt line "deb [signed-by=K] URI SUITE main" (repeatable).
+        /// Default: the host's apt sources for the LC's suite, -updates and -security.
+        #[arg(long)]
+        source: Vec<String>,
+    },
 }
 
 pub fn run(cmd: BundleCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     match cmd {
+        BundleCmd::FromApt {
+            lc,
+            output,
+            security_only,
+            packages,
+            source,
+        } => {
+            let config = ctx.config()?;
+            let spec = config
+                .lc(&lc)
+                .ok_or_else(|| BadInput(format!("unknown LC {lc:?}")))?;
+            let sources = source
+                .iter()
+                .map(|l| patchover_debian::sources::Source::parse_line(l));
+            let opts = patchover_debian::fromapt::FromAptOptions {
+                lc,
+                sources: sources
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| BadInput(e.to_string()))?,
+                security_only,
+                packages,
+                output,
+            };
+            let disk = &spec.system_disk;
+            let out = patchover_debian::fromapt::from_apt_on_disk(
+                &disk.path,
+                disk.kind == patchover_core::DiskKind::Image,
+                &opts,
+            )
+            .map_err(|e| match e.is_bad_input() {
+                true => anyhow::Error::from(BadInput(chain(&e))),
+                false => anyhow::Error::from(e),
+            })?;
+            match ctx.json {
+                true => println!("{}", serde_json::to_string(&out)?),
+                false => println!("{out}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         BundleCmd::Keygen {
             public,
             secret,

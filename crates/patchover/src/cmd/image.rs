@@ -44,10 +44,65 @@ pub enum ImageCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Build a Debian rootfs (mmdebstrap, sysvinit, the agent) in DIR: docs/debian.md.
+    BuildDebian {
+        dir: PathBuf,
+        /// Packages to install, comma-separated (their services are enabled).
+        #[arg(long, value_delimiter = ',', required = true)]
+        packages: Vec<String>,
+        /// Also create this empty directory as the application disk.
+        #[arg(long)]
+        app_dir: Option<PathBuf>,
+        #[arg(long, default_value = "bookworm")]
+        suite: String,
+        /// Include the suite's -updates and -security (default: the suite as released).
+        #[arg(long)]
+        with_updates: bool,
+        /// Replace DIR if it exists.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 pub fn run(cmd: ImageCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     match cmd {
+        ImageCmd::BuildDebian {
+            dir,
+            packages,
+            app_dir,
+            suite,
+            with_updates,
+            force,
+        } => {
+            use patchover_debian::image::{BuildOptions, build_debian};
+            let agent = guest_binary("patchover-agent")?;
+            let mut opts = BuildOptions::from_host(&suite, packages, with_updates, agent)
+                .map_err(|e| BadInput(format!("{:#}", anyhow::Error::from(e))))?;
+            opts.force = force;
+            let built = build_debian(&dir, &opts).map_err(|e| match e.is_bad_input() {
+                true => anyhow::Error::from(BadInput(e.to_string())),
+                false => anyhow::Error::from(e),
+            })?;
+            if let Some(app) = &app_dir {
+                fs::create_dir_all(app).with_context(|| format!("creating {}", app.display()))?;
+            }
+            match ctx.json {
+                true => println!("{}", serde_json::to_string(&built)?),
+                false => println!(
+                    "Debian {suite} image ({}) in {} ({}, {:.1} s + copy {:.1} s)",
+                    built.packages.join(", "),
+                    dir.display(),
+                    if built.cached {
+                        "from the cache"
+                    } else {
+                        "built"
+                    },
+                    built.build_secs,
+                    built.copy_secs
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         ImageCmd::BuildDemo {
             dir,
             qemu: true,

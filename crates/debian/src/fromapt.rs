@@ -1,0 +1,786 @@
+//! `patchover bundle from-apt LC`: the updates the archive offers for an LC's installed
+//! packages, as one patch bundle.
+//!
+//! 1. The LC's dpkg status is read through [`LcRoot`] (never a path the LC controls).
+//! 2. The host's apt, with a state directory of its own and that status as dpkg's, fetches the
+//!    archive's signed indexes and plans a `dist-upgrade` (or `install --only-upgrade P…`).
+//!    A plan that removes a package is refused, naming it: a patch run never removes.
+//! 3. Every `.deb` of the plan (upgrades and new dependencies) is downloaded by apt, so it is
+//!    checked against the signed index.
+//! 4. A conffile the LC changed that the update also changes would make dpkg ask; refused,
+//!    naming the package and file.
+//! 5. The free space of the LC's disk must hold the unpacked updates and the bundle.
+//! 6. The bundle: steps in apt's order (one `dpkg` step per package; packages apt must
+//!    configure together go into one `dpkg -i` of them all), a `package_version` check for
+//!    each, category `security` when a version comes from a security suite, title and
+//!    description from the changelog entries between the installed and the new version,
+//!    severity from their highest urgency ([`severity_of_urgency`]).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use patchover_lcroot::LcRoot;
+use sha2::{Digest, Sha256};
+
+use crate::apt::{AptEnv, AptError, PlanLine, hex};
+use crate::run::{ToolError, run};
+use crate::sources::{Source, SourcesError};
+use crate::status::{DpkgStatus, StatusError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FromAptError {
+    #[error("reading the LC's packages")]
+    Status(#[source] StatusError),
+    #[error("{lc} is {lc_arch}; from-apt plans with the host's apt for {host_arch} only")]
+    OtherArch {
+        lc: String,
+        lc_arch: String,
+        host_arch: String,
+    },
+    #[error(
+        "{lc} runs Debian {lc_suite}, but the archive source {source_line} is for another suite"
+    )]
+    OtherSuite {
+        lc: String,
+        lc_suite: String,
+        source_line: String,
+    },
+    #[error(
+        "{lc}'s system disk {} is an image; from-apt reads directory disks (ns LCs) only so far",
+        disk.display()
+    )]
+    ImageDisk { lc: String, disk: PathBuf },
+    #[error("{lc}'s /etc/os-release names no VERSION_CODENAME; name the archive with --source")]
+    NoSuite { lc: String },
+    #[error("the apt sources")]
+    Sources(#[source] SourcesError),
+    #[error("{package} is not installed on {lc}")]
+    NotInstalled { lc: String, package: String },
+    #[error("asking the archive")]
+    Apt(#[source] AptError),
+    #[error(
+        "the update would remove {}: a patch run never removes packages; update the others with --packages",
+        packages.join(", ")
+    )]
+    Removal { packages: Vec<String> },
+    #[error(
+        "updating {package} would ask about its configuration file {path}, which {lc} changed and the update changes too; a patch run never prompts: merge the change into the image or leave {package} out with --packages"
+    )]
+    ConffilePrompt {
+        lc: String,
+        package: String,
+        path: String,
+    },
+    #[error(
+        "{lc}'s disk has {free_mib} MiB free; the updates need {need_mib} MiB unpacked: free space first"
+    )]
+    DiskTooSmall {
+        lc: String,
+        free_mib: u64,
+        need_mib: u64,
+    },
+    #[error("looking into {}", deb.display())]
+    Deb {
+        deb: PathBuf,
+        #[source]
+        source: ToolError,
+    },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing the bundle {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: Box<patchover_bundle::create::CreateError>,
+    },
+}
+
+impl FromAptError {
+    /// Caused by the LC or by what was asked (exit code 2), not by the host.
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(
+            self,
+            FromAptError::Apt(_)
+                | FromAptError::Deb { .. }
+                | FromAptError::Io { .. }
+                | FromAptError::Create { .. }
+        )
+    }
+}
+
+/// What to make.
+#[derive(Debug, Clone, Default)]
+pub struct FromAptOptions {
+    /// The LC's name (messages, the bundle id).
+    pub lc: String,
+    /// The archive; empty: the host's sources for the LC's suite, with `-updates` and
+    /// `-security`.
+    pub sources: Vec<Source>,
+    /// Only the security suite (leaves `-updates` out).
+    pub security_only: bool,
+    /// Only these installed packages (and what their updates need); empty: all.
+    pub packages: Vec<String>,
+    pub output: PathBuf,
+}
+
+/// One package the bundle installs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Update {
+    pub package: String,
+    /// `None`: a new dependency.
+    pub old: Option<String>,
+    pub new: String,
+    pub security: bool,
+    /// Where apt takes the new version from (`Debian-Security:12/stable-security`).
+    pub release: String,
+    /// The highest changelog urgency of the entries since `old`.
+    pub urgency: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Everything installed is at the archive's newest version: no bundle is written.
+    NothingToDo {
+        installed: usize,
+        sources: Vec<String>,
+    },
+    Written {
+        path: PathBuf,
+        id: String,
+        category: String,
+        severity: String,
+        title: String,
+        updates: Vec<Update>,
+        bytes: u64,
+    },
+}
+
+/// [`from_apt`] on an LC's system disk. A directory disk is opened as the LC's root; an
+/// image is refused (a VM's packages are read from a point-in-time copy or through its agent:
+/// not done yet).
+pub fn from_apt_on_disk(
+    disk: &Path,
+    image: bool,
+    opts: &FromAptOptions,
+) -> Result<Outcome, FromAptError> {
+    if image {
+        return Err(FromAptError::ImageDisk {
+            lc: opts.lc.clone(),
+            disk: disk.to_owned(),
+        });
+    }
+    let root = LcRoot::open(disk).map_err(|source| {
+        FromAptError::Status(StatusError::Read {
+            lc: opts.lc.clone(),
+            source,
+        })
+    })?;
+    from_apt(&root, opts)
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::NothingToDo { installed, sources } => write!(
+                f,
+                "nothing to do: the {installed} installed packages are up to date with {}; no bundle written",
+                sources.join(" and ")
+            ),
+            Outcome::Written {
+                path,
+                id,
+                category,
+                severity,
+                title,
+                updates,
+                bytes,
+            } => {
+                writeln!(f, "wrote {} ({id}, {bytes} bytes): {title}", path.display())?;
+                writeln!(f, "  category {category}, severity {severity}")?;
+                for u in updates {
+                    writeln!(
+                        f,
+                        "  {} {} -> {}{}",
+                        u.package,
+                        u.old.as_deref().unwrap_or("(new)"),
+                        u.new,
+                        if u.security { "  [security]" } else { "" }
+                    )?;
+                }
+                write!(
+                    f,
+                    "next: patchover bundle sign {} --key SECRET_KEY",
+                    path.display()
+                )
+            }
+        }
+    }
+}
+
+/// Makes the bundle (see the module doc).
+pub fn from_apt(root: &LcRoot, opts: &FromAptOptions) -> Result<Outcome, FromAptError> {
+    let lc = opts.lc.as_str();
+    let status = DpkgStatus::read(root, lc).map_err(FromAptError::Status)?;
+    let host_arch = crate::image::host_arch();
+    if status.architecture != host_arch {
+        return Err(FromAptError::OtherArch {
+            lc: lc.into(),
+            lc_arch: status.architecture.clone(),
+            host_arch,
+        });
+    }
+    for p in &opts.packages {
+        if !status.installed.contains_key(p) {
+            return Err(FromAptError::NotInstalled {
+                lc: lc.into(),
+                package: p.clone(),
+            });
+        }
+    }
+    let suite = lc_suite(root).ok_or(FromAptError::NoSuite { lc: lc.into() })?;
+    let mut sources = if opts.sources.is_empty() {
+        let etc = Path::new("/etc/apt");
+        let all = crate::sources::host_sources(etc).map_err(FromAptError::Sources)?;
+        crate::sources::for_suite(&all, &suite, true, etc).map_err(FromAptError::Sources)?
+    } else {
+        opts.sources.clone()
+    };
+    if let Some(s) = sources.iter().find(|s| {
+        s.suite != suite
+            && !s.suite.starts_with(&format!("{suite}-"))
+            && !s.suite.starts_with(&format!("{suite}/"))
+    }) {
+        return Err(FromAptError::OtherSuite {
+            lc: lc.into(),
+            lc_suite: suite,
+            source_line: s.to_string(),
+        });
+    }
+    if opts.security_only {
+        sources.retain(|s| !s.suite.ends_with("-updates"));
+    }
+
+    let apt =
+        AptEnv::new(&sources, &status.architecture, &status.text).map_err(FromAptError::Apt)?;
+    apt.update().map_err(FromAptError::Apt)?;
+    let plan = apt.plan(&opts.packages).map_err(FromAptError::Apt)?;
+    let removed: Vec<String> = plan
+        .iter()
+        .filter_map(|l| match l {
+            PlanLine::Remv { package } => Some(package.clone()),
+            _ => None,
+        })
+        .collect();
+    if !removed.is_empty() {
+        return Err(FromAptError::Removal { packages: removed });
+    }
+    let mut updates = Vec::new();
+    for l in &plan {
+        if let PlanLine::Inst {
+            package,
+            old,
+            new,
+            releases,
+            ..
+        } = l
+        {
+            let security = releases.to_ascii_lowercase().contains("security")
+                || (sources.iter().all(Source::is_security) && !sources.is_empty());
+            updates.push(Update {
+                package: package.clone(),
+                old: old.clone(),
+                new: new.clone(),
+                security,
+                release: releases.clone(),
+                urgency: None,
+            });
+        }
+    }
+    if updates.is_empty() {
+        return Ok(Outcome::NothingToDo {
+            installed: status.installed.len(),
+            sources: sources.iter().map(ToString::to_string).collect(),
+        });
+    }
+
+    // Download and look into every package.
+    let work = tempfile::Builder::new()
+        .prefix("patchover-from-apt-")
+        .tempdir()
+        .map_err(io("creating a work directory"))?;
+    let bundle_dir = work.path().join("bundle");
+    fs::create_dir_all(bundle_dir.join("payload")).map_err(io("creating the bundle directory"))?;
+    let mut files = BTreeMap::new();
+    let mut changelogs = Vec::new();
+    let mut need_bytes = 0u64;
+    for u in &mut updates {
+        let deb = apt
+            .download(&u.package, &u.new)
+            .map_err(FromAptError::Apt)?;
+        let name = format!("{}_{}.deb", u.package, u.new.replace(':', "_"));
+        let dest = bundle_dir.join("payload").join(&name);
+        fs::copy(&deb, &dest).map_err(io("copying a package into the bundle"))?;
+        let size = fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
+        let unpacked = work.path().join("x").join(&u.package);
+        fs::create_dir_all(&unpacked).map_err(io("creating an unpack directory"))?;
+        let mut c = Command::new("dpkg-deb");
+        c.arg("-x").arg(&dest).arg(&unpacked);
+        run(c, "dpkg").map_err(|source| FromAptError::Deb {
+            deb: dest.clone(),
+            source,
+        })?;
+        let mut c = Command::new("dpkg-deb");
+        c.arg("-f").arg(&dest).arg("Installed-Size");
+        let kib: u64 = run(c, "dpkg")
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        need_bytes += kib * 1024 + 2 * size;
+        if let Some(installed) = status.installed.get(&u.package) {
+            check_conffiles(root, lc, &u.package, &installed.conffiles, &unpacked)?;
+        }
+        let (text, urgency) = changelog(&unpacked, &u.package, u.old.as_deref());
+        u.urgency = urgency;
+        changelogs.push((u.clone(), text));
+        files.insert(u.package.clone(), name);
+    }
+    check_space(root, lc, need_bytes)?;
+
+    // The manifest.
+    let mut hasher = Sha256::new();
+    for u in &updates {
+        hasher.update(format!("{}={}\n", u.package, u.new));
+    }
+    let id = format!("debian-{}", &hex(&hasher.finalize())[..12]);
+    let security = updates.iter().any(|u| u.security);
+    let category = if security { "security" } else { "bugfix" };
+    let severity = updates
+        .iter()
+        .map(|u| severity_of_urgency(u.urgency.as_deref()))
+        .max_by_key(|s| severity_rank(s))
+        .unwrap_or("medium");
+    let title = title(&updates, security);
+    let mut description = String::new();
+    for (u, text) in &changelogs {
+        let head = match &u.old {
+            Some(o) => format!("{} {} -> {}", u.package, o, u.new),
+            None => format!("{} {} (new dependency)", u.package, u.new),
+        };
+        description.push_str(&format!("{head}\n{text}\n"));
+    }
+    if description.len() > 15 * 1024 {
+        let mut cut = 15 * 1024;
+        while !description.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        description.truncate(cut);
+        description.push_str("\n[... cut ...]\n");
+    }
+    let mut steps = Vec::new();
+    for group in groups(&plan) {
+        let names: Vec<&String> = group.iter().filter_map(|p| files.get(p)).collect();
+        match names.as_slice() {
+            [] => {}
+            [one] => {
+                let mut t = toml::Table::new();
+                t.insert("kind".into(), "dpkg".into());
+                t.insert("file".into(), (*one).clone().into());
+                steps.push(t);
+            }
+            many => {
+                // Packages apt configures together: one dpkg run unpacks and configures them.
+                let script = format!("install-{}.sh", steps.len() + 1);
+                let args: Vec<String> = many.iter().map(|n| format!("'{n}'")).collect();
+                fs::write(
+                    bundle_dir.join("payload").join(&script),
+                    format!(
+                        "#!/bin/sh\n# Installs packages that depend on each other, in one dpkg run.\nset -e\nexec dpkg --force-confdef --force-confold -i {}\n",
+                        args.join(" ")
+                    ),
+                )
+                .map_err(io("writing an install script"))?;
+                let mut t = toml::Table::new();
+                t.insert("kind".into(), "script".into());
+                t.insert("file".into(), script.into());
+                steps.push(t);
+            }
+        }
+    }
+    let checks: Vec<toml::Table> = updates
+        .iter()
+        .map(|u| {
+            let mut t = toml::Table::new();
+            t.insert("kind".into(), "package_version".into());
+            t.insert("package".into(), u.package.clone().into());
+            t.insert("version".into(), u.new.clone().into());
+            t
+        })
+        .collect();
+    let mut m = toml::Table::new();
+    m.insert("format".into(), 1.into());
+    m.insert("id".into(), id.clone().into());
+    m.insert("title".into(), title.clone().into());
+    m.insert("description".into(), description.into());
+    m.insert("category".into(), category.into());
+    m.insert("severity".into(), severity.into());
+    m.insert("published".into(), now_rfc3339().into());
+    m.insert(
+        "step".into(),
+        toml::Value::Array(steps.into_iter().map(toml::Value::Table).collect()),
+    );
+    m.insert(
+        "check".into(),
+        toml::Value::Array(checks.into_iter().map(toml::Value::Table).collect()),
+    );
+    let text = toml::to_string(&m).map_err(|e| FromAptError::Io {
+        what: "writing the manifest".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    fs::write(bundle_dir.join("manifest.toml"), text).map_err(io("writing the manifest"))?;
+
+    // Written beside the output and renamed: a failure leaves nothing at the output.
+    let out = &opts.output;
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = parent.join(format!(
+        ".{}.partial-{}",
+        out.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    let made = patchover_bundle::create::create_bundle(&bundle_dir, &tmp).map_err(|source| {
+        let _ = fs::remove_file(&tmp);
+        FromAptError::Create {
+            path: out.clone(),
+            source: Box::new(source),
+        }
+    })?;
+    let _ = made;
+    fs::rename(&tmp, out).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        FromAptError::Io {
+            what: format!("moving the bundle to {}", out.display()),
+            source: e,
+        }
+    })?;
+    Ok(Outcome::Written {
+        path: out.clone(),
+        id,
+        category: category.into(),
+        severity: severity.into(),
+        title,
+        bytes: fs::metadata(out).map(|m| m.len()).unwrap_or(0),
+        updates,
+    })
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> FromAptError + '_ {
+    move |source| FromAptError::Io {
+        what: what.to_owned(),
+        source,
+    }
+}
+
+/// The LC's Debian codename, from its `/etc/os-release` (read through the root handle).
+fn lc_suite(root: &LcRoot) -> Option<String> {
+    let text = root
+        .read_file(Path::new("etc/os-release"), 64 * 1024)
+        .ok()?;
+    String::from_utf8_lossy(&text).lines().find_map(|l| {
+        let v = l
+            .strip_prefix("VERSION_CODENAME=")?
+            .trim()
+            .trim_matches('"');
+        (!v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric())).then(|| v.to_owned())
+    })
+}
+
+/// Groups apt's plan into sets configured together: a set closes when every package
+/// unpacked in it has been configured.
+fn groups(plan: &[PlanLine]) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    let mut cur: Vec<String> = Vec::new();
+    let mut pending = std::collections::BTreeSet::new();
+    for l in plan {
+        match l {
+            PlanLine::Inst { package, .. } => {
+                cur.push(package.clone());
+                pending.insert(package.clone());
+            }
+            PlanLine::Conf { package } => {
+                pending.remove(package);
+                if pending.is_empty() && !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            PlanLine::Remv { .. } => {}
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Refuses an update that would make dpkg ask about a conffile: the LC changed it (its MD5
+/// differs from what the installed package shipped) and the update ships another version.
+fn check_conffiles(
+    root: &LcRoot,
+    lc: &str,
+    package: &str,
+    shipped: &BTreeMap<String, String>,
+    unpacked: &Path,
+) -> Result<(), FromAptError> {
+    for (path, old_md5) in shipped {
+        if old_md5 == "newconffile" {
+            continue;
+        }
+        let rel = path.trim_start_matches('/');
+        let Ok(new) = fs::read(unpacked.join(rel)) else {
+            continue;
+        };
+        let Ok(current) = root.read_file(Path::new(rel), 16 << 20) else {
+            continue; // removed by the LC: dpkg keeps it removed without asking
+        };
+        let (new_md5, cur_md5) = (md5(&new), md5(&current));
+        if cur_md5 != *old_md5 && new_md5 != *old_md5 && cur_md5 != new_md5 {
+            return Err(FromAptError::ConffilePrompt {
+                lc: lc.into(),
+                package: package.into(),
+                path: path.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// MD5 (what dpkg records for conffiles), by the host's md5sum.
+fn md5(data: &[u8]) -> String {
+    let child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        return String::new();
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(data);
+    }
+    child
+        .wait_with_output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn check_space(root: &LcRoot, lc: &str, need: u64) -> Result<(), FromAptError> {
+    let st = nix::sys::statvfs::statvfs(root.host_path()).map_err(|e| FromAptError::Io {
+        what: format!("reading the free space of {lc}'s disk"),
+        source: e.into(),
+    })?;
+    let free = st.blocks_available() * st.fragment_size();
+    if free < need {
+        return Err(FromAptError::DiskTooSmall {
+            lc: lc.into(),
+            free_mib: free >> 20,
+            need_mib: need.div_ceil(1 << 20),
+        });
+    }
+    Ok(())
+}
+
+/// The changelog entries after `old` (all of them for a new package, at most 20), and their
+/// highest urgency.
+fn changelog(unpacked: &Path, package: &str, old: Option<&str>) -> (String, Option<String>) {
+    let gz = unpacked.join(format!("usr/share/doc/{package}/changelog.Debian.gz"));
+    let Ok(out) = Command::new("gzip").arg("-dc").arg(&gz).output() else {
+        return ("  (no changelog in the package)\n".into(), None);
+    };
+    if !out.status.success() {
+        return ("  (no changelog in the package)\n".into(), None);
+    }
+    parse_changelog(&String::from_utf8_lossy(&out.stdout), old)
+}
+
+/// See [`changelog`].
+pub fn parse_changelog(text: &str, old: Option<&str>) -> (String, Option<String>) {
+    let mut out = String::new();
+    let mut urgency: Option<String> = None;
+    let mut entries = 0;
+    for line in text.lines() {
+        let is_header = !line.starts_with([' ', '\t']) && line.contains(" (") && line.contains(';');
+        if is_header {
+            let version = line
+                .split_once(" (")
+                .and_then(|(_, r)| r.split_once(')'))
+                .map(|(v, _)| v);
+            if version.is_some() && version == old {
+                break;
+            }
+            entries += 1;
+            if entries > 20 {
+                break;
+            }
+            if let Some(u) = line.split("urgency=").nth(1).map(|u| {
+                u.split([',', ' '])
+                    .next()
+                    .unwrap_or("")
+                    .to_ascii_lowercase()
+            }) && severity_rank(severity_of_urgency(Some(&u)))
+                >= severity_rank(severity_of_urgency(urgency.as_deref()))
+            {
+                urgency = Some(u);
+            }
+        }
+        if entries > 0 {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    (out, urgency)
+}
+
+/// The documented mapping from a Debian changelog urgency to a bundle severity
+/// (docs/debian.md): low → low, medium → medium, high → high, emergency and critical →
+/// critical; none or anything else → medium.
+pub fn severity_of_urgency(urgency: Option<&str>) -> &'static str {
+    match urgency {
+        Some("low") => "low",
+        Some("high") => "high",
+        Some("emergency") | Some("critical") => "critical",
+        _ => "medium",
+    }
+}
+
+fn severity_rank(s: &str) -> u8 {
+    match s {
+        "none" => 0,
+        "low" => 1,
+        "medium" => 2,
+        "high" => 3,
+        _ => 4,
+    }
+}
+
+fn title(updates: &[Update], security: bool) -> String {
+    let kind = if security {
+        "Security update"
+    } else {
+        "Update"
+    };
+    let t = match updates {
+        [one] => format!("{kind}: {} {}", one.package, one.new),
+        many => {
+            let names: Vec<&str> = many.iter().map(|u| u.package.as_str()).collect();
+            format!(
+                "{kind} of {} Debian packages: {}",
+                many.len(),
+                names.join(", ")
+            )
+        }
+    };
+    if t.len() <= 200 {
+        return t;
+    }
+    let mut cut = 190;
+    while !t.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &t[..cut])
+}
+
+/// Now, as RFC 3339 UTC.
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CL: &str = "po-hello (1.0-3) bookworm-security; urgency=medium\n\n  * Third.\n\n -- T <t@e>  Mon, 07 Dec 2026 10:00:00 +0000\n\npo-hello (1.0-2) bookworm-security; urgency=high\n\n  * Fix CVE-2026-0001.\n\n -- T <t@e>  Sun, 06 Dec 2026 10:00:00 +0000\n\npo-hello (1.0-1) bookworm; urgency=low\n\n  * First.\n\n -- T <t@e>  Sat, 05 Dec 2026 10:00:00 +0000\n";
+
+    #[test]
+    fn changelog_entries_since_the_installed_version_and_their_highest_urgency() {
+        let (text, u) = parse_changelog(CL, Some("1.0-1"));
+        assert!(
+            text.contains("Fix CVE-2026-0001") && text.contains("Third"),
+            "{text}"
+        );
+        assert!(!text.contains("First"));
+        assert_eq!(u.as_deref(), Some("high"));
+        let (text, u) = parse_changelog(CL, Some("1.0-2"));
+        assert!(!text.contains("CVE"));
+        assert_eq!(u.as_deref(), Some("medium"));
+        let (text, u) = parse_changelog(CL, None);
+        assert!(text.contains("First"));
+        assert_eq!(u.as_deref(), Some("high"));
+    }
+
+    #[test]
+    fn urgency_maps_to_severity() {
+        assert_eq!(severity_of_urgency(Some("low")), "low");
+        assert_eq!(severity_of_urgency(Some("medium")), "medium");
+        assert_eq!(severity_of_urgency(Some("high")), "high");
+        assert_eq!(severity_of_urgency(Some("emergency")), "critical");
+        assert_eq!(severity_of_urgency(Some("critical")), "critical");
+        assert_eq!(severity_of_urgency(None), "medium");
+        assert_eq!(severity_of_urgency(Some("bogus")), "medium");
+    }
+
+    #[test]
+    fn packages_configured_together_form_one_group() {
+        let plan = crate::apt::parse_plan(
+            "Inst a [1] (2 x [all])\nConf a (2 x [all])\nInst b [1] (2 x [all])\nInst c [1] (2 x [all])\nConf c (2 x [all])\nConf b (2 x [all])\nInst d (1 x [all])\nConf d (1 x [all])\n",
+        );
+        assert_eq!(groups(&plan), [vec!["a"], vec!["b", "c"], vec!["d"]]);
+    }
+
+    #[test]
+    fn the_date_is_rfc3339() {
+        let d = now_rfc3339();
+        assert_eq!(d.len(), 20);
+        assert!(
+            d.parse::<patchover_bundle::manifest::Published>().is_ok(),
+            "{d}"
+        );
+    }
+}

@@ -1,0 +1,17 @@
+//! Real Debian systems for patchover (issue 19).
+//!
+//! - [`image`]: a Debian root filesystem for an LC (mmdebstrap from the host's archive).
+//! - [`fromapt`]: a patch bundle from the updates the archive offers for an LC's packages.
+//! - [`sources`], [`apt`], [`status`]: the host's apt sources, apt run with a state of its own,
+//!   the LC's dpkg status read through its confined root.
+//!
+//! See `docs/debian.md`.
+
+pub mod apt;
+#[cfg(feature = "fixture")]
+pub mod fixture;
+pub mod fromapt;
+pub mod image;
+pub mod run;
+pub mod sources;
+pub mod status;

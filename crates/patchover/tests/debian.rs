@@ -1,0 +1,269 @@
+//! Debian LCs (issue 19): a real Debian rootfs from `image build-debian` (mmdebstrap, sysvinit,
+//! nginx) booted as an `ns` LC, a bundle from `bundle from-apt` against a local signed archive
+//! on loopback, the whole patch cycle under load, `dpkg-query` before/after inside the LCs, a
+//! new boot that keeps the versions, and the rollback to the old versions on the old LC.
+//!
+//! The image is built once per machine and archive state: `PATCHOVER_DEBIAN_CACHE` (default
+//! here `/var/tmp/patchover-test-debian`) keeps the built tree; every LC boots from its own
+//! copy.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Client, Topo, http_ready, http_within, po_env};
+use patchover_debian::fixture::{Pkg, TestArchive, build_deb};
+
+fn cache() -> String {
+    std::env::var("PATCHOVER_DEBIAN_CACHE")
+        .unwrap_or_else(|_| "/var/tmp/patchover-test-debian".into())
+}
+
+fn po_ok_env(t: &Topo, args: &[&str]) -> String {
+    let c = cache();
+    let out = po_env(&t.config, args, &[("PATCHOVER_DEBIAN_CACHE", &c)]);
+    assert!(
+        out.status.success(),
+        "patchover {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn pkg(version: &str, urgency: &str) -> Pkg {
+    let mut p = Pkg::new("po-hello", version);
+    p.changelog = vec![(
+        version.into(),
+        urgency.into(),
+        format!("po-hello {version}."),
+    )];
+    p
+}
+
+/// nginx answers the cycle's health check (`"host":"HOSTNAME"`) and `/version` from the test
+/// package's file.
+const NGINX_SITE: &str = r#"server {
+    listen 80 default_server;
+    location = /health { default_type application/json; return 200 '{"host":"$hostname"}'; }
+    location = /version { default_type text/plain; alias /usr/share/po-hello/version; }
+    location / { default_type text/plain; return 200 "ok\n"; }
+}
+"#;
+
+fn dpkg_version(t: &Topo, lc: &str) -> String {
+    t.po_ok(&[
+        "lc",
+        "exec",
+        lc,
+        "--",
+        "dpkg-query",
+        "-W",
+        "-f=${Version}",
+        "po-hello",
+    ])
+    .trim()
+    .to_owned()
+}
+
+#[test]
+fn debian_lc_patched_from_a_local_archive_under_load_then_rolled_back() {
+    let t0 = Instant::now();
+    let t = Topo::new(&[(0, 40, 256), (1, 40, 256)]);
+    let key = t.dir.path().join("release.key");
+    let pubkey = t.dir.path().join("release.pub");
+    t.po_ok(&[
+        "bundle",
+        "keygen",
+        "--public",
+        pubkey.to_str().unwrap(),
+        "--secret",
+        key.to_str().unwrap(),
+    ]);
+    t.write_config(&format!(
+        "\n[bundles]\ntrusted_keys = [\"{}\"]\n\n[service]\nport = 80\nrestart = [\"/etc/init.d/nginx\", \"restart\"]\ndrain = [\"/bin/true\"]\nresume = [\"/bin/true\"]\n",
+        pubkey.display()
+    ));
+    let (a, b) = (t.lcs[0].id.clone(), t.lcs[1].id.clone());
+    let sys = t.lcs[0].sys.clone();
+    let built: serde_json::Value = serde_json::from_str(&po_ok_env(
+        &t,
+        &[
+            "--json",
+            "image",
+            "build-debian",
+            sys.to_str().unwrap(),
+            "--packages",
+            "nginx-light",
+            "--app-dir",
+            t.lcs[0].app.to_str().unwrap(),
+        ],
+    ))
+    .unwrap();
+    eprintln!("build-debian: {built}");
+    assert!(sys.join("usr/sbin/nginx").is_file());
+    assert!(sys.join("usr/sbin/patchover-agent").is_file());
+    // The LC's own copy, never the cache: writing it leaves the cache as it was.
+    let cached = Path::new(&cache()).join(built["cache_key"].as_str().unwrap());
+    assert!(cached.join("usr/sbin/nginx").is_file());
+    assert!(!cached.join("usr/sbin/patchover-agent").exists());
+
+    // The service: nginx with a site of the test, and po-hello 1.0-1 from the test's package.
+    let _ = fs::remove_file(sys.join("etc/nginx/sites-enabled/default"));
+    fs::write(sys.join("etc/nginx/conf.d/patchover-test.conf"), NGINX_SITE).unwrap();
+    build_deb(&pkg("1.0-1", "low"), &sys.join("tmp"));
+    let st = Command::new("chroot")
+        .arg(&sys)
+        .args(["dpkg", "-i", "/tmp/po-hello_1.0-1_all.deb"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for l in &t.lcs[1..] {
+        fs::create_dir_all(&l.sys).unwrap();
+        fs::create_dir_all(&l.app).unwrap();
+    }
+    t.write_config(&format!(
+        "\n[bundles]\ntrusted_keys = [\"{}\"]\n\n[service]\nport = 80\nrestart = [\"/etc/init.d/nginx\", \"restart\"]\ndrain = [\"/bin/true\"]\nresume = [\"/bin/true\"]\n",
+        pubkey.display()
+    ));
+
+    let boot = Instant::now();
+    t.po_ok(&["lc", "boot", &a]);
+    t.po_ok(&["service", "assign", &a]);
+    let client = Client::new(&t.bridge, &t.client_addr(0));
+    let svc = t.service();
+    let s = svc.clone();
+    let (st, body) = client.run(move || http_ready(&s, "/version"));
+    eprintln!("boot to nginx answering: {:?}", boot.elapsed());
+    assert_eq!(
+        (st, String::from_utf8_lossy(&body).trim()),
+        (200, "po-hello 1.0-1")
+    );
+    assert_eq!(dpkg_version(&t, &a), "1.0-1");
+
+    // The archive offers 1.0-2; from-apt turns it into a bundle.
+    let archive = TestArchive::new("bookworm-security", &[pkg("1.0-2", "high")]);
+    let bundle = t.dir.path().join("apt.tar.zst");
+    let src = archive.source().to_string();
+    let started = Instant::now();
+    let made: serde_json::Value = serde_json::from_str(&t.po_ok(&[
+        "--json",
+        "bundle",
+        "from-apt",
+        &a,
+        "-o",
+        bundle.to_str().unwrap(),
+        "--source",
+        &src,
+    ]))
+    .unwrap();
+    eprintln!("from-apt: {:?}: {made}", started.elapsed());
+    assert_eq!(
+        (made["category"].as_str(), made["severity"].as_str()),
+        (Some("security"), Some("high"))
+    );
+    t.po_ok(&[
+        "bundle",
+        "sign",
+        bundle.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    t.po_ok(&["patches", "import", bundle.to_str().unwrap(), "--mark"]);
+    // Nothing left to do against an archive that only has what is installed.
+    let nothing = t.dir.path().join("none.tar.zst");
+    let same = TestArchive::new("bookworm-security", &[pkg("1.0-1", "low")]);
+    let out = t.po_ok(&[
+        "bundle",
+        "from-apt",
+        &a,
+        "-o",
+        nothing.to_str().unwrap(),
+        "--source",
+        &same.source().to_string(),
+    ]);
+    assert!(out.contains("nothing to do"), "{out}");
+    assert!(!nothing.exists());
+    drop(same);
+
+    // The cycle under load: every request has a deadline.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (stop, ok, failed, s) = (stop.clone(), ok.clone(), failed.clone(), svc.clone());
+        client.spawn(move || {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                match http_within(&s, "GET", "/", b"", Duration::from_secs(2)) {
+                    Ok((200, _)) => ok.fetch_add(1, Ordering::SeqCst),
+                    other => {
+                        errors.push(format!("{other:?}"));
+                        failed.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            errors
+        })
+    };
+    let started = Instant::now();
+    let report = t.po_json(&["patch", &a, "--mode", "readdress"]);
+    let cycle = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let errors = load.join().unwrap();
+    eprintln!(
+        "patch cycle: {cycle:?}, {} requests, {} failed; steps: {}",
+        ok.load(Ordering::SeqCst),
+        failed.load(Ordering::SeqCst),
+        report["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| format!(
+                "{}={:.0}ms",
+                s["step"].as_str().unwrap_or("?"),
+                s["ms"].as_f64().unwrap_or(0.0)
+            ))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    assert_eq!(report["outcome"], "ok", "{report:#}");
+    assert_eq!(report["patches"][0]["status"], "ok", "{report:#}");
+    assert!(
+        errors.is_empty(),
+        "failed requests: {:?}",
+        &errors[..errors.len().min(5)]
+    );
+    assert!(ok.load(Ordering::SeqCst) > 20);
+    // The new LC runs 1.0-2, proven inside it and by the service; the old disk keeps 1.0-1.
+    assert_eq!(dpkg_version(&t, &b), "1.0-2");
+    let s = svc.clone();
+    let (_, body) = client.run(move || http_ready(&s, "/version"));
+    assert_eq!(String::from_utf8_lossy(&body).trim(), "po-hello 1.0-2");
+    assert_eq!(
+        fs::read_to_string(sys.join("usr/share/po-hello/version")).unwrap(),
+        "po-hello 1.0-1\n"
+    );
+    // Rollback: the old LC, with its old version, serves again.
+    let started = Instant::now();
+    t.po_ok(&["rollback", &a]);
+    eprintln!("rollback: {:?}", started.elapsed());
+    assert_eq!(dpkg_version(&t, &a), "1.0-1");
+    let s = svc.clone();
+    let (_, body) = client.run(move || http_ready(&s, "/version"));
+    assert_eq!(String::from_utf8_lossy(&body).trim(), "po-hello 1.0-1");
+    // The patched LC, booted again later (stop + boot, beyond the cycle's own reboot 708),
+    // still has the new version.
+    t.po_ok(&["lc", "boot", &b]);
+    assert_eq!(dpkg_version(&t, &b), "1.0-2");
+    t.po_ok(&["lc", "stop", &b]);
+    drop(archive);
+    eprintln!("whole test: {:?}", t0.elapsed());
+}
