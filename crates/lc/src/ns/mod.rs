@@ -479,8 +479,9 @@ impl<H: Host> LcBackend for NsBackend<H> {
         };
         // A frozen LC cannot run its shutdown scripts.
         let _ = st.groups.set_frozen(&self.host, false);
+        let signal = sysvinit_stop_signal(&spec.system_disk).unwrap_or(self.cfg.stop_signal);
         self.host
-            .signal(st.pid, self.cfg.stop_signal)
+            .signal(st.pid, signal)
             .map_err(host_err("asking init to shut down"))?;
         let start = Instant::now();
         while self.host.process_start_time(st.pid) == Some(st.start_time)
@@ -794,6 +795,32 @@ impl<H: Host> LcBackend for NsBackend<H> {
             },
         )
     }
+}
+
+/// Debian's sysvinit ignores busybox's poweroff signal (SIGUSR2) but runs its inittab's
+/// `ctrlaltdel` entry on SIGINT (a shutdown; in a PID namespace init then ends): the signal
+/// for an LC whose directory system disk has a sysvinit (an `/sbin/init` that is not busybox,
+/// an inittab with `ctrlaltdel`). Looked up inside the LC's root. See docs/debian.md.
+pub fn sysvinit_stop_signal(disk: &DiskSpec) -> Option<Signal> {
+    if disk.kind != DiskKind::Dir {
+        return None;
+    }
+    let root = patchover_lcroot::LcRoot::open(&disk.path).ok()?;
+    let id = |p: &str| {
+        root.stat(Path::new(p))
+            .ok()
+            .flatten()
+            .map(|s| (s.st_dev, s.st_ino))
+    };
+    let init = id("sbin/init")?;
+    if Some(init) == id("bin/busybox") {
+        return None;
+    }
+    let inittab = root.read_file(Path::new("etc/inittab"), 64 * 1024).ok()?;
+    String::from_utf8_lossy(&inittab)
+        .lines()
+        .any(|l| !l.trim_start().starts_with('#') && l.contains(":ctrlaltdel:"))
+        .then_some(Signal::SIGINT)
 }
 
 #[cfg(test)]

@@ -759,3 +759,38 @@ fn a_failed_serve_or_loop_attach_ends_the_server_and_leaves_nothing() {
         );
     }
 }
+
+/// sysvinit gets SIGINT (its ctrl-alt-del shutdown); busybox, and a root without an inittab
+/// entry for it, keep the configured signal.
+#[test]
+fn a_sysvinit_lc_is_stopped_with_its_ctrlaltdel_signal() {
+    use std::os::unix::fs::symlink;
+    let t = tempfile::tempdir().unwrap();
+    let disk = |p: &std::path::Path| DiskSpec {
+        role: patchover_core::DiskRole::System,
+        path: p.to_owned(),
+        kind: DiskKind::Dir,
+        mount: "/".into(),
+    };
+    let sysv = t.path().join("sysv");
+    std::fs::create_dir_all(sysv.join("sbin")).unwrap();
+    std::fs::create_dir_all(sysv.join("etc")).unwrap();
+    std::fs::write(sysv.join("sbin/init"), "sysvinit").unwrap();
+    std::fs::write(sysv.join("etc/inittab"), "id:2:initdefault:\n").unwrap();
+    assert_eq!(sysvinit_stop_signal(&disk(&sysv)), None);
+    std::fs::write(
+        sysv.join("etc/inittab"),
+        "id:2:initdefault:\nca:12345:ctrlaltdel:/sbin/shutdown -t1 -h now\n",
+    )
+    .unwrap();
+    assert_eq!(sysvinit_stop_signal(&disk(&sysv)), Some(Signal::SIGINT));
+    let bb = t.path().join("busybox");
+    std::fs::create_dir_all(bb.join("bin")).unwrap();
+    std::fs::create_dir_all(bb.join("sbin")).unwrap();
+    std::fs::create_dir_all(bb.join("etc")).unwrap();
+    std::fs::write(bb.join("bin/busybox"), "busybox").unwrap();
+    symlink("/bin/busybox", bb.join("sbin/init")).unwrap();
+    std::fs::write(bb.join("etc/inittab"), "::ctrlaltdel:/sbin/reboot\n").unwrap();
+    assert_eq!(sysvinit_stop_signal(&disk(&bb)), None);
+    assert_eq!(sysvinit_stop_signal(&disk(&t.path().join("absent"))), None);
+}
