@@ -373,12 +373,21 @@ pub fn from_apt(root: &LcRoot, opts: &FromAptOptions) -> Result<Outcome, FromApt
         .unwrap_or("medium");
     let title = title(&updates, security);
     let mut description = String::new();
-    for (u, text) in &changelogs {
+    for (i, (u, text)) in changelogs.iter().enumerate() {
         let head = match &u.old {
             Some(o) => format!("{} {} -> {}", u.package, o, u.new),
             None => format!("{} {} (new dependency)", u.package, u.new),
         };
-        description.push_str(&format!("{head}\n{text}\n"));
+        // Binary packages of one source share its changelog: shown once.
+        match changelogs[..i].iter().find(|(_, t)| t == text) {
+            Some((first, _)) => {
+                description.push_str(&format!(
+                    "{head}\n  (the changelog of {} above)\n\n",
+                    first.package
+                ));
+            }
+            _ => description.push_str(&format!("{head}\n{text}\n")),
+        }
     }
     if description.len() > 15 * 1024 {
         let mut cut = 15 * 1024;

@@ -57,7 +57,7 @@ const NGINX_SITE: &str = r#"server {
 }
 "#;
 
-fn dpkg_version(t: &Topo, lc: &str) -> String {
+fn dpkg_version(t: &Topo, lc: &str, package: &str) -> String {
     t.po_ok(&[
         "lc",
         "exec",
@@ -66,57 +66,141 @@ fn dpkg_version(t: &Topo, lc: &str) -> String {
         "dpkg-query",
         "-W",
         "-f=${Version}",
-        "po-hello",
+        package,
     ])
     .trim()
     .to_owned()
 }
 
+/// Two Debian LCs: LC 0 from `build-debian` (nginx-light; the image cache is checked to stay
+/// apart from the LC's copy) with the test's nginx site, LC 1 empty; a signing key the config
+/// trusts; nginx as the `[service]`.
+struct DebianLcs {
+    t: Topo,
+    key: std::path::PathBuf,
+    a: String,
+    b: String,
+    sys: std::path::PathBuf,
+}
+
+impl DebianLcs {
+    fn new() -> DebianLcs {
+        let t = Topo::new(&[(0, 40, 256), (1, 40, 256)]);
+        let key = t.dir.path().join("release.key");
+        let pubkey = t.dir.path().join("release.pub");
+        t.po_ok(&[
+            "bundle",
+            "keygen",
+            "--public",
+            pubkey.to_str().unwrap(),
+            "--secret",
+            key.to_str().unwrap(),
+        ]);
+        t.write_config(&format!(
+            "\n[bundles]\ntrusted_keys = [\"{}\"]\n\n[service]\nport = 80\nrestart = [\"/etc/init.d/nginx\", \"restart\"]\ndrain = [\"/bin/true\"]\nresume = [\"/bin/true\"]\n",
+            pubkey.display()
+        ));
+        let (a, b) = (t.lcs[0].id.clone(), t.lcs[1].id.clone());
+        let sys = t.lcs[0].sys.clone();
+        let built: serde_json::Value = serde_json::from_str(&po_ok_env(
+            &t,
+            &[
+                "--json",
+                "image",
+                "build-debian",
+                sys.to_str().unwrap(),
+                "--packages",
+                "nginx-light",
+                "--app-dir",
+                t.lcs[0].app.to_str().unwrap(),
+            ],
+        ))
+        .unwrap();
+        eprintln!("build-debian: {built}");
+        assert!(sys.join("usr/sbin/nginx").is_file());
+        assert!(sys.join("usr/sbin/patchover-agent").is_file());
+        // The LC's own copy, never the cache: writing it leaves the cache as it was.
+        let cached = Path::new(&cache()).join(built["cache_key"].as_str().unwrap());
+        assert!(cached.join("usr/sbin/nginx").is_file());
+        assert!(!cached.join("usr/sbin/patchover-agent").exists());
+
+        // The service: nginx with a site of the test.
+        let _ = fs::remove_file(sys.join("etc/nginx/sites-enabled/default"));
+        fs::write(sys.join("etc/nginx/conf.d/patchover-test.conf"), NGINX_SITE).unwrap();
+        for l in &t.lcs[1..] {
+            fs::create_dir_all(&l.sys).unwrap();
+            fs::create_dir_all(&l.app).unwrap();
+        }
+        t.write_config(&format!(
+            "\n[bundles]\ntrusted_keys = [\"{}\"]\n\n[service]\nport = 80\nrestart = [\"/etc/init.d/nginx\", \"restart\"]\ndrain = [\"/bin/true\"]\nresume = [\"/bin/true\"]\n",
+            pubkey.display()
+        ));
+
+        DebianLcs { t, key, a, b, sys }
+    }
+}
+
+/// `patchover patch LC` while a client GETs `/` without pause, each request with a 2 s
+/// deadline: the cycle succeeds, its patches are applied and no request fails.
+fn patch_under_load(t: &Topo, client: &Client, a: &str) -> serde_json::Value {
+    let svc = t.service();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load = {
+        let (stop, ok, failed, s) = (stop.clone(), ok.clone(), failed.clone(), svc.clone());
+        client.spawn(move || {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                match http_within(&s, "GET", "/", b"", Duration::from_secs(2)) {
+                    Ok((200, _)) => ok.fetch_add(1, Ordering::SeqCst),
+                    other => {
+                        errors.push(format!("{other:?}"));
+                        failed.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            errors
+        })
+    };
+    let started = Instant::now();
+    let report = t.po_json(&["patch", a, "--mode", "readdress"]);
+    let cycle = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::SeqCst);
+    let errors = load.join().unwrap();
+    eprintln!(
+        "patch cycle: {cycle:?}, {} requests, {} failed; steps: {}",
+        ok.load(Ordering::SeqCst),
+        failed.load(Ordering::SeqCst),
+        report["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| format!(
+                "{}={:.0}ms",
+                s["step"].as_str().unwrap_or("?"),
+                s["ms"].as_f64().unwrap_or(0.0)
+            ))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    assert_eq!(report["outcome"], "ok", "{report:#}");
+    assert_eq!(report["patches"][0]["status"], "ok", "{report:#}");
+    assert!(
+        errors.is_empty(),
+        "failed requests: {:?}",
+        &errors[..errors.len().min(5)]
+    );
+    assert!(ok.load(Ordering::SeqCst) > 20);
+    report
+}
+
 #[test]
 fn debian_lc_patched_from_a_local_archive_under_load_then_rolled_back() {
     let t0 = Instant::now();
-    let t = Topo::new(&[(0, 40, 256), (1, 40, 256)]);
-    let key = t.dir.path().join("release.key");
-    let pubkey = t.dir.path().join("release.pub");
-    t.po_ok(&[
-        "bundle",
-        "keygen",
-        "--public",
-        pubkey.to_str().unwrap(),
-        "--secret",
-        key.to_str().unwrap(),
-    ]);
-    t.write_config(&format!(
-        "\n[bundles]\ntrusted_keys = [\"{}\"]\n\n[service]\nport = 80\nrestart = [\"/etc/init.d/nginx\", \"restart\"]\ndrain = [\"/bin/true\"]\nresume = [\"/bin/true\"]\n",
-        pubkey.display()
-    ));
-    let (a, b) = (t.lcs[0].id.clone(), t.lcs[1].id.clone());
-    let sys = t.lcs[0].sys.clone();
-    let built: serde_json::Value = serde_json::from_str(&po_ok_env(
-        &t,
-        &[
-            "--json",
-            "image",
-            "build-debian",
-            sys.to_str().unwrap(),
-            "--packages",
-            "nginx-light",
-            "--app-dir",
-            t.lcs[0].app.to_str().unwrap(),
-        ],
-    ))
-    .unwrap();
-    eprintln!("build-debian: {built}");
-    assert!(sys.join("usr/sbin/nginx").is_file());
-    assert!(sys.join("usr/sbin/patchover-agent").is_file());
-    // The LC's own copy, never the cache: writing it leaves the cache as it was.
-    let cached = Path::new(&cache()).join(built["cache_key"].as_str().unwrap());
-    assert!(cached.join("usr/sbin/nginx").is_file());
-    assert!(!cached.join("usr/sbin/patchover-agent").exists());
-
-    // The service: nginx with a site of the test, and po-hello 1.0-1 from the test's package.
-    let _ = fs::remove_file(sys.join("etc/nginx/sites-enabled/default"));
-    fs::write(sys.join("etc/nginx/conf.d/patchover-test.conf"), NGINX_SITE).unwrap();
+    let DebianLcs { t, key, a, b, sys } = DebianLcs::new();
+    // po-hello 1.0-1 from the test's package.
     build_deb(&pkg("1.0-1", "low"), &sys.join("tmp"));
     let st = Command::new("chroot")
         .arg(&sys)
@@ -124,15 +208,6 @@ fn debian_lc_patched_from_a_local_archive_under_load_then_rolled_back() {
         .status()
         .unwrap();
     assert!(st.success());
-    for l in &t.lcs[1..] {
-        fs::create_dir_all(&l.sys).unwrap();
-        fs::create_dir_all(&l.app).unwrap();
-    }
-    t.write_config(&format!(
-        "\n[bundles]\ntrusted_keys = [\"{}\"]\n\n[service]\nport = 80\nrestart = [\"/etc/init.d/nginx\", \"restart\"]\ndrain = [\"/bin/true\"]\nresume = [\"/bin/true\"]\n",
-        pubkey.display()
-    ));
-
     let boot = Instant::now();
     t.po_ok(&["lc", "boot", &a]);
     t.po_ok(&["service", "assign", &a]);
@@ -145,7 +220,7 @@ fn debian_lc_patched_from_a_local_archive_under_load_then_rolled_back() {
         (st, String::from_utf8_lossy(&body).trim()),
         (200, "po-hello 1.0-1")
     );
-    assert_eq!(dpkg_version(&t, &a), "1.0-1");
+    assert_eq!(dpkg_version(&t, &a, "po-hello"), "1.0-1");
 
     // The archive offers 1.0-2; from-apt turns it into a bundle.
     let archive = TestArchive::new("bookworm-security", &[pkg("1.0-2", "high")]);
@@ -193,57 +268,9 @@ fn debian_lc_patched_from_a_local_archive_under_load_then_rolled_back() {
     drop(same);
 
     // The cycle under load: every request has a deadline.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load = {
-        let (stop, ok, failed, s) = (stop.clone(), ok.clone(), failed.clone(), svc.clone());
-        client.spawn(move || {
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                match http_within(&s, "GET", "/", b"", Duration::from_secs(2)) {
-                    Ok((200, _)) => ok.fetch_add(1, Ordering::SeqCst),
-                    other => {
-                        errors.push(format!("{other:?}"));
-                        failed.fetch_add(1, Ordering::SeqCst)
-                    }
-                };
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            errors
-        })
-    };
-    let started = Instant::now();
-    let report = t.po_json(&["patch", &a, "--mode", "readdress"]);
-    let cycle = started.elapsed();
-    std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    let errors = load.join().unwrap();
-    eprintln!(
-        "patch cycle: {cycle:?}, {} requests, {} failed; steps: {}",
-        ok.load(Ordering::SeqCst),
-        failed.load(Ordering::SeqCst),
-        report["steps"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|s| format!(
-                "{}={:.0}ms",
-                s["step"].as_str().unwrap_or("?"),
-                s["ms"].as_f64().unwrap_or(0.0)
-            ))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    assert_eq!(report["outcome"], "ok", "{report:#}");
-    assert_eq!(report["patches"][0]["status"], "ok", "{report:#}");
-    assert!(
-        errors.is_empty(),
-        "failed requests: {:?}",
-        &errors[..errors.len().min(5)]
-    );
-    assert!(ok.load(Ordering::SeqCst) > 20);
+    patch_under_load(&t, &client, &a);
     // The new LC runs 1.0-2, proven inside it and by the service; the old disk keeps 1.0-1.
-    assert_eq!(dpkg_version(&t, &b), "1.0-2");
+    assert_eq!(dpkg_version(&t, &b, "po-hello"), "1.0-2");
     let s = svc.clone();
     let (_, body) = client.run(move || http_ready(&s, "/version"));
     assert_eq!(String::from_utf8_lossy(&body).trim(), "po-hello 1.0-2");
@@ -255,15 +282,65 @@ fn debian_lc_patched_from_a_local_archive_under_load_then_rolled_back() {
     let started = Instant::now();
     t.po_ok(&["rollback", &a]);
     eprintln!("rollback: {:?}", started.elapsed());
-    assert_eq!(dpkg_version(&t, &a), "1.0-1");
+    assert_eq!(dpkg_version(&t, &a, "po-hello"), "1.0-1");
     let s = svc.clone();
     let (_, body) = client.run(move || http_ready(&s, "/version"));
     assert_eq!(String::from_utf8_lossy(&body).trim(), "po-hello 1.0-1");
     // The patched LC, booted again later (stop + boot, beyond the cycle's own reboot 708),
     // still has the new version.
     t.po_ok(&["lc", "boot", &b]);
-    assert_eq!(dpkg_version(&t, &b), "1.0-2");
+    assert_eq!(dpkg_version(&t, &b, "po-hello"), "1.0-2");
     t.po_ok(&["lc", "stop", &b]);
     drop(archive);
     eprintln!("whole test: {:?}", t0.elapsed());
+}
+
+/// The real archive the host's apt is configured for (no `--source`): from-apt offers the
+/// security updates of nginx that the image (the suite as released) lacks, or says clearly
+/// that there is nothing to update. When there is, the real packages go through the whole
+/// cycle under load and the rollback.
+#[test]
+fn debian_lc_gets_the_real_archives_nginx_updates_or_nothing_to_do() {
+    let DebianLcs { t, key, a, b, .. } = DebianLcs::new();
+    t.po_ok(&["lc", "boot", &a]);
+    t.po_ok(&["service", "assign", &a]);
+    let client = Client::new(&t.bridge, &t.client_addr(0));
+    let before = dpkg_version(&t, &a, "nginx-light");
+    let bundle = t.dir.path().join("nginx.tar.zst");
+    let started = Instant::now();
+    let out = t.po_ok(&[
+        "bundle",
+        "from-apt",
+        &a,
+        "-o",
+        bundle.to_str().unwrap(),
+        "--packages",
+        "nginx-light,nginx-common",
+    ]);
+    eprintln!("from-apt (real archive): {:?}:\n{out}", started.elapsed());
+    if out.contains("nothing to do") {
+        assert!(!bundle.exists());
+        eprintln!("the real archive has nothing to update for nginx-light {before}");
+        return;
+    }
+    let new = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("nginx-light {before} -> ")))
+        .unwrap_or_else(|| panic!("no nginx-light update in: {out}"))
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    t.po_ok(&[
+        "bundle",
+        "sign",
+        bundle.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]);
+    t.po_ok(&["patches", "import", bundle.to_str().unwrap(), "--mark"]);
+    patch_under_load(&t, &client, &a);
+    assert_eq!(dpkg_version(&t, &b, "nginx-light"), new);
+    t.po_ok(&["rollback", &a]);
+    assert_eq!(dpkg_version(&t, &a, "nginx-light"), before);
 }
