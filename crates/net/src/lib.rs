@@ -11,11 +11,15 @@
 //! the service-specific parts in as [`Hooks`]. An endpoint is reached through its network
 //! namespace (`ns` LCs) or its agent channel (`qemu` LCs); see [`lc`].
 
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
 pub mod garp;
 pub mod health;
 pub mod hold;
 pub mod lc;
+pub mod live;
 pub mod netns;
+pub mod network;
 pub mod nft;
 pub mod rtnl;
 pub mod switch;
@@ -23,8 +27,10 @@ pub mod switch;
 pub use garp::GarpConfig;
 pub use health::HealthCheck;
 pub use lc::{InLc, InLcError, LcAccess};
+pub use live::LiveNetwork;
+pub use network::{Network, NftChange, ServiceAddress};
 pub use switch::{
     BoxError, Endpoint, Hooks, Mode, NoControl, ServiceControl, SwitchError, SwitchLock,
-    SwitchPlan, SwitchReport, Switched, lock, seamless_setup, switch, switch_back, teardown,
-    validate,
+    SwitchPlan, SwitchReport, Switched, lock, seamless_setup, switch, switch_back, switch_with,
+    teardown, validate,
 };

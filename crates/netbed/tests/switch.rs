@@ -429,7 +429,7 @@ fn standby_not_ready_changes_nothing() {
             service: &mut svc,
             in_window: &mut window,
         };
-        let err = switch(&tb.plan(true), &mut hooks).err().expect("must fail");
+        let err = switch(&tb.plan(true), &mut hooks).expect_err("must fail");
         assert!(
             matches!(err, SwitchError::StandbyNotReady { .. }),
             "{mode}: {err:?}"
@@ -450,7 +450,7 @@ fn wrong_identity_on_standby_changes_nothing() {
         service: &mut svc,
         in_window: &mut window,
     };
-    let err = switch(&tb.plan(true), &mut hooks).err().expect("must fail");
+    let err = switch(&tb.plan(true), &mut hooks).expect_err("must fail");
     assert!(
         matches!(err, SwitchError::StandbyNotReady { .. }),
         "{err:?}"
@@ -597,7 +597,7 @@ fn service_address_taken_by_a_stranger_changes_nothing() {
             service: &mut svc,
             in_window: &mut window,
         };
-        let err = switch(&tb.plan(true), &mut hooks).err().expect("must fail");
+        let err = switch(&tb.plan(true), &mut hooks).expect_err("must fail");
         match &err {
             SwitchError::AddressTaken { mac, .. } => {
                 assert_eq!(mac.to_string(), "02:66:66:66:66:66")

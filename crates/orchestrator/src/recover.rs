@@ -17,7 +17,7 @@ use std::path::Path;
 use patchover_core::{Config, Ipv4Cidr};
 use patchover_lc::LcState;
 use patchover_net::rtnl::{Rtnl, RtnlError};
-use patchover_net::{InLcError, LcAccess};
+use patchover_net::{InLcError, LcAccess, ServiceAddress, SwitchError};
 use patchover_store::Role;
 
 use crate::cycle::{Orchestrator, endpoint};
@@ -137,39 +137,25 @@ impl Drop for RunGuard {
     }
 }
 
-/// Whether `iface` in the LC `access` reaches holds `addr`.
-pub fn holds_address(access: &LcAccess, iface: &str, addr: Ipv4Addr) -> Result<bool, InLcError> {
-    let lc = access.open()?;
-    Ok(lc.addresses(iface)?.iter().any(|a| a.addr == addr))
-}
-
-/// Whether the service is on the LC of endpoint `ep`: in `path` mode its port is on the bridge,
-/// in `seamless` mode the clients' NAT points at it, otherwise its NIC holds the service
-/// address.
+/// Whether the service is on the LC of endpoint `ep`: [`ServiceAddress::is_on`], the same
+/// answer the switcher's own checks give.
 pub fn service_is_on(
     config: &Config,
     mode: patchover_net::Mode,
     ep: &patchover_net::Endpoint,
     service: Ipv4Addr,
 ) -> Result<bool, OrchestratorError> {
-    match mode {
-        patchover_net::Mode::Path => {
-            port_on_bridge(config, &ep.host_port).map_err(OrchestratorError::net)
-        }
-        patchover_net::Mode::Seamless => Ok(patchover_net::nft::service_nat_target(None, service)
-            .map_err(|e| OrchestratorError::Switch(Box::new(e.into())))?
-            == Some(ep.address.addr)),
-        patchover_net::Mode::Readdress => {
-            holds_address(&ep.access, &ep.iface, service).map_err(OrchestratorError::in_lc)
-        }
-    }
-}
-
-fn port_on_bridge(config: &Config, port: &str) -> Result<bool, RtnlError> {
-    let r = Rtnl::open(None)?;
-    let bridge = r.need_link(&config.network.bridge)?;
-    Ok(r.link(port)?
-        .is_some_and(|l| l.controller == Some(bridge.index)))
+    ServiceAddress::new(service, mode, &config.network.bridge)
+        .is_on_host(None, ep)
+        .map_err(|e| match e {
+            // The errors this question always had: netlink, and inside the LC.
+            SwitchError::Rtnl(e) => OrchestratorError::net(e),
+            SwitchError::NoBridge { bridge } => {
+                OrchestratorError::net(RtnlError::NoSuchLink { name: bridge })
+            }
+            SwitchError::InLc { source, .. } => OrchestratorError::in_lc(source),
+            e => e.into(),
+        })
 }
 
 /// Puts the service path back on `active` in `path` mode: its port on the bridge, the
@@ -306,7 +292,11 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
         let standby_holds = match (&standby, service) {
             (Some(s), Some(svc)) if has("switch", "started") => endpoint(o.backend, s)
                 .ok()
-                .and_then(|ep| service_is_on(o.config, mode, &ep, svc.addr).ok())
+                .and_then(|ep| {
+                    ServiceAddress::new(svc.addr, mode, &o.config.network.bridge)
+                        .is_on_host(None, &ep)
+                        .ok()
+                })
                 .unwrap_or(false),
             _ => false,
         };

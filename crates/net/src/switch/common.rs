@@ -1,0 +1,199 @@
+//! What every mode shares: the checks before anything changes, the preparation before the
+//! pause, the drain wait, the check through the service address, the report.
+
+use std::time::{Duration, Instant};
+
+use crate::health;
+use crate::lc::InLc;
+use crate::network::{Network, ServiceAddress};
+use crate::rtnl::{LinkInfo, RtnlError};
+
+use super::{Endpoint, Hooks, Mode, SwitchError, SwitchPlan, SwitchReport, on};
+
+/// How often the drain is polled while new connections are held (the pause waits on it).
+pub(super) const PAUSED_DRAIN_POLL: Duration = Duration::from_micros(500);
+/// How often the drain is polled once the standby serves (nothing waits on it but the report).
+pub(super) const BACKGROUND_DRAIN_POLL: Duration = Duration::from_millis(5);
+
+/// One switch, after its checks: the plan, the network, and the way into both LCs.
+pub(super) struct Ctx<'a> {
+    pub plan: &'a SwitchPlan,
+    pub net: &'a dyn Network,
+    pub addr: ServiceAddress,
+    pub bridge: LinkInfo,
+    pub from_port: LinkInfo,
+    pub to_port: LinkInfo,
+    pub from_lc: Box<dyn InLc>,
+    pub to_lc: Box<dyn InLc>,
+    /// The decision: the checks passed.
+    pub t0: Instant,
+}
+
+fn need_link(net: &dyn Network, name: &str) -> Result<LinkInfo, SwitchError> {
+    Ok(net.link(name)?.ok_or_else(|| RtnlError::NoSuchLink {
+        name: name.to_string(),
+    })?)
+}
+
+impl<'a> Ctx<'a> {
+    /// Checks without changing anything: the bridge and both ports exist, the live path is
+    /// what the plan says, nobody else answers for the address, the standby answers.
+    pub(super) fn checked(
+        net: &'a dyn Network,
+        plan: &'a SwitchPlan,
+        hooks: &mut Hooks<'_>,
+    ) -> Result<Ctx<'a>, SwitchError> {
+        let addr = ServiceAddress::of(plan);
+        let bridge = addr.bridge_link(net)?;
+        let from_port = need_link(net, &plan.from.host_port)?;
+        let to_port = need_link(net, &plan.to.host_port)?;
+        // One way into each LC for the whole switch (a namespace worker, or the agent channel).
+        let from_lc = net.open_lc(&plan.from).map_err(on(&plan.from))?;
+        let to_lc = net.open_lc(&plan.to).map_err(on(&plan.to))?;
+        let mut ctx = Ctx {
+            plan,
+            net,
+            addr,
+            bridge,
+            from_port,
+            to_port,
+            from_lc,
+            to_lc,
+            t0: Instant::now(),
+        };
+        // The live path must be what the plan says, or we would "switch" something else.
+        match plan.mode {
+            Mode::Path => super::path::check_live(&ctx)?,
+            Mode::Readdress => super::readdress::check_live(&ctx)?,
+            Mode::Seamless => super::seamless::check_live(&ctx)?,
+        }
+        if plan.mode != Mode::Seamless {
+            ctx.nobody_else_answers()?;
+        }
+        // The standby must answer before we touch anything.
+        hooks
+            .service
+            .resume(&plan.to)
+            .map_err(|source| SwitchError::Hook {
+                hook: "resume",
+                source,
+            })?;
+        health::check_in(
+            &*ctx.to_lc,
+            plan.to.address.addr,
+            &plan.health.expecting(&plan.to.identity),
+        )
+        .map_err(|source| SwitchError::StandbyNotReady {
+            to: plan.to.name.clone(),
+            source,
+        })?;
+        ctx.t0 = Instant::now();
+        Ok(ctx)
+    }
+
+    /// Nobody but the two LCs may answer for the service address on the bridge.
+    fn nobody_else_answers(&self) -> Result<(), SwitchError> {
+        let plan = self.plan;
+        let Some(bridge_mac) = self.bridge.mac else {
+            return Ok(());
+        };
+        let owners = self.net.who_has(&plan.bridge, bridge_mac, self.addr.addr)?;
+        if let Some(mac) = owners
+            .into_iter()
+            .find(|m| *m != plan.from.mac && *m != plan.to.mac)
+        {
+            return Err(SwitchError::AddressTaken {
+                addr: self.addr.addr,
+                mac,
+                from: plan.from.name.clone(),
+                to: plan.to.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// This switch's report with every figure zero (the modes fill in theirs).
+    pub(super) fn report(&self) -> SwitchReport {
+        SwitchReport {
+            mode: self.plan.mode,
+            from: self.plan.from.name.clone(),
+            to: self.plan.to.name.clone(),
+            pause_ms: 0.0,
+            drain_ms: 0.0,
+            leftover_connections: 0,
+            first_request_ms: 0.0,
+            window_ms: 0.0,
+            held_syns: 0,
+            primed_neighbours: 0,
+            garp_sent: 0,
+        }
+    }
+
+    /// Opens everything the pause needs, so the pause only does the switching itself: netlink
+    /// in both LCs (readdress moves the address) and a packet socket in the standby (the
+    /// announcement inside the pause), an agent is pinged so a dead one fails here; a worker
+    /// in the check namespace; an `nft` waiting for its batch.
+    pub(super) fn ready(&self) -> Result<(), SwitchError> {
+        let plan = self.plan;
+        let readdress = plan.mode == Mode::Readdress;
+        let announce = plan.mode != Mode::Seamless;
+        self.to_lc
+            .prepare(&plan.to.iface, readdress, announce)
+            .map_err(on(&plan.to))?;
+        self.from_lc
+            .prepare(&plan.from.iface, readdress, false)
+            .map_err(on(&plan.from))?;
+        self.net.prepare_check()?;
+        if plan.mode != Mode::Path {
+            self.net.prepare_nft()?;
+        }
+        Ok(())
+    }
+
+    /// Waits, polling every `poll`, until the old LC has no busy connection on the service
+    /// port or the drain deadline passed.
+    pub(super) fn wait_drained(&self, poll: Duration) -> (Duration, usize) {
+        let start = Instant::now();
+        let mut warned = false;
+        loop {
+            // A failed count counts as busy, so a drain never ends on an error.
+            let left = match self.from_lc.busy_tcp_connections(self.plan.health.port) {
+                Ok(n) => n,
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(lc = %self.plan.from.name, error = %e, "cannot count the old LC's connections");
+                        warned = true;
+                    }
+                    usize::MAX
+                }
+            };
+            if left == 0 {
+                return (start.elapsed(), 0);
+            }
+            if start.elapsed() >= self.plan.drain_deadline {
+                return (start.elapsed(), left);
+            }
+            std::thread::sleep(poll);
+        }
+    }
+
+    /// The standby answers through the service address, from where the switch checks.
+    pub(super) fn check_to(&self) -> Result<(), SwitchError> {
+        let plan = self.plan;
+        let mut hc = plan.health.expecting(&plan.to.identity);
+        hc.patience = Duration::from_secs(1);
+        self.net
+            .check(plan.service.addr, &hc)
+            .map_err(|source| SwitchError::Check {
+                to: plan.to.name.clone(),
+                source,
+            })
+    }
+
+    /// The side `forward` moves from and the side it moves to: (endpoint, its port, its LC).
+    pub(super) fn sides(&self, forward: bool) -> [(&Endpoint, &LinkInfo, &dyn InLc); 2] {
+        let from = (&self.plan.from, &self.from_port, &*self.from_lc);
+        let to = (&self.plan.to, &self.to_port, &*self.to_lc);
+        if forward { [from, to] } else { [to, from] }
+    }
+}
