@@ -21,6 +21,7 @@ pub mod live;
 pub mod netns;
 pub mod network;
 pub mod nft;
+pub mod refresh;
 pub mod rtnl;
 pub mod switch;
 

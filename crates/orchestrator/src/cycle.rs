@@ -769,34 +769,9 @@ impl<'a> Orchestrator<'a> {
         if let Some(exe) = &self.settings.refresher
             && !self.settings.garp.refresh_after.is_empty()
         {
-            let after: Vec<String> = self
-                .settings
-                .garp
-                .refresh_after
-                .iter()
-                .map(|d| d.as_millis().to_string())
-                .collect();
-            use std::os::unix::process::CommandExt;
-            let spawned = std::process::Command::new(exe)
-                .process_group(0)
-                .args(["internal", "garp-refresh"])
-                .args(match &to.access {
-                    LcAccess::Netns(p) => ["--netns".as_ref(), p.as_os_str()],
-                    LcAccess::Agent { socket } => ["--agent".as_ref(), socket.as_os_str()],
-                })
-                .args(["--iface", &to.iface, "--mac", &to.mac.to_string()])
-                .args([
-                    "--ip",
-                    &service.addr.to_string(),
-                    "--count",
-                    &self.settings.garp.count.to_string(),
-                ])
-                .args(["--after-ms", &after.join(",")])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn();
-            if let Err(e) = spawned {
+            let refresh =
+                patchover_net::refresh::Refresh::new(&to, service.addr, &self.settings.garp);
+            if let Err(e) = refresh.command(exe).spawn() {
                 tracing::warn!(error = %e, "cannot start the gratuitous ARP refresher; neighbours that missed the first burst learn the address by ARP");
             }
         }

@@ -93,23 +93,10 @@ pub fn run(cmd: InternalCmd) -> anyhow::Result<ExitCode> {
             count,
             after_ms,
         } => {
-            let access = match (netns, agent) {
-                (Some(p), _) => patchover_net::LcAccess::Netns(p),
-                (None, Some(socket)) => patchover_net::LcAccess::Agent { socket },
-                (None, None) => anyhow::bail!("garp-refresh needs --netns or --agent"),
-            };
-            let start = std::time::Instant::now();
-            for ms in after_ms {
-                let at = std::time::Duration::from_millis(ms);
-                std::thread::sleep(at.saturating_sub(start.elapsed()));
-                access.open()?.announce(
-                    &iface,
-                    mac,
-                    ip,
-                    count,
-                    std::time::Duration::from_millis(5),
-                )?;
-            }
+            patchover_net::refresh::Refresh::from_args(
+                netns, agent, iface, mac, ip, count, &after_ms,
+            )?
+            .run()?;
             0
         }
         InternalCmd::RunGuard => {
