@@ -11,7 +11,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::host::Host;
 
@@ -179,7 +179,7 @@ pub struct LcGroups {
 }
 
 /// Limits as read back from the kernel.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     pub cpu_quota_us: Option<u64>,
     pub cpu_period_us: u64,

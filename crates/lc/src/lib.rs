@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use patchover_core::{LcId, LcSpec};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What the host sees of an LC.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -58,7 +58,7 @@ impl LcStatus {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LcState {
     Running,

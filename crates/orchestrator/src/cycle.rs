@@ -308,7 +308,7 @@ impl<'a> Orchestrator<'a> {
             .begin_run(active.id.as_str(), &req.mode.to_string(), req.dry_run)
             .map_err(|e| match e {
                 patchover_store::StoreError::Conflict(m) => {
-                    fail(&mut report, OrchestratorError::BadInput(m))
+                    fail(&mut report, OrchestratorError::Conflict(m))
                 }
                 e => fail(&mut report, e.into()),
             })?;

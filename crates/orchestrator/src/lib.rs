@@ -124,6 +124,9 @@ pub enum OrchestratorError {
     /// What was asked cannot be done; nothing was changed.
     #[error("{0}")]
     BadInput(String),
+    /// Another run of the same LC is still going; nothing was changed.
+    #[error("{0}")]
+    Conflict(String),
     #[error("run journal")]
     Store(#[from] patchover_store::StoreError),
     #[error(transparent)]
@@ -198,7 +201,9 @@ impl OrchestratorError {
     /// What an operator should do next.
     pub fn hint(&self) -> &'static str {
         match self {
-            OrchestratorError::BadInput(_) | OrchestratorError::NoStandby(_) => {
+            OrchestratorError::BadInput(_)
+            | OrchestratorError::Conflict(_)
+            | OrchestratorError::NoStandby(_) => {
                 "fix the request or the config; nothing was changed"
             }
             OrchestratorError::Malware(_) => {

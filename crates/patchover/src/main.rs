@@ -134,28 +134,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// The one place errors become exit codes: 2 for bad input (config, unknown LC, wrong state),
-/// 1 for everything else.
+/// The one place errors become exit codes: the kind of the first cause that has one
+/// ([`patchover_app::ErrorKind`]): 2 for bad input (config, unknown LC, wrong state, a run
+/// still going), 1 for everything else.
 fn exit_code(e: &anyhow::Error) -> u8 {
-    for cause in e.chain() {
-        if cause
-            .downcast_ref::<patchover_core::ConfigError>()
-            .is_some()
-        {
-            return 2;
-        }
-        if let Some(lc) = cause.downcast_ref::<patchover_lc::LcError>()
-            && lc.is_bad_input()
-        {
-            return 2;
-        }
-        if cause.downcast_ref::<cmd::BadInput>().is_some()
-            || cause.downcast_ref::<cmd::NotFound>().is_some()
-        {
-            return 2;
-        }
-    }
-    1
+    cmd::error_kind(e).exit_code()
 }
 
 fn init_tracing() {

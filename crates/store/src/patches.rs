@@ -3,11 +3,11 @@
 
 use patchover_core::Category;
 use rusqlite::{OptionalExtension, Row, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Store, StoreError, now_ms, q};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PatchResult {
     Ok,
@@ -34,7 +34,7 @@ impl PatchResult {
 }
 
 /// One row of the patch table.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PatchRow {
     pub id: String,
     pub title: String,

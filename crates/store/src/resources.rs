@@ -2,7 +2,7 @@
 
 use patchover_core::LcSpec;
 use rusqlite::{OptionalExtension, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Store, StoreError, now_ms, q};
 
@@ -10,7 +10,7 @@ use crate::{Store, StoreError, now_ms, q};
 const SYNCED_LCS: &str = "synced_lcs";
 
 /// What an LC is doing for the service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Runs the service.

@@ -2,11 +2,11 @@
 //! and after it acts, so a restarted patchover can finish or roll back what it finds.
 
 use rusqlite::{OptionalExtension, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Store, StoreError, now_ms, q};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRow {
     pub id: i64,
     pub lc: String,
@@ -20,7 +20,7 @@ pub struct RunRow {
     pub report: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepRow {
     pub seq: i64,
     pub step: String,

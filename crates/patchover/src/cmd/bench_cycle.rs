@@ -17,8 +17,8 @@ use patchover_lc::{LcBackend, Stdio};
 use patchover_net::Mode;
 use serde_json::json;
 
+use super::Ctx;
 use super::demo::{Prepared, prepare, teardown};
-use super::{Ctx, Env};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -165,7 +165,7 @@ pub fn run(a: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     }
 
     // Baseline: what patching means today, on the active LC: stop, patch, start.
-    let env = Env::open(&p.ctx)?;
+    let env = p.ctx.env()?;
     let spec = env.lc(&active)?.clone();
     let mut downtimes = Vec::new();
     for i in 0..a.baseline_runs {

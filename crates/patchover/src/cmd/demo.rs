@@ -21,7 +21,7 @@ use patchover_lc::LcBackend;
 use patchover_net::Mode;
 use serde_json::json;
 
-use super::{Ctx, Env};
+use super::Ctx;
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -442,7 +442,7 @@ sha256 = "{new}"
 
     say("booting lc1 and giving it the service");
     {
-        let env = Env::open(&dctx)?;
+        let env = dctx.env()?;
         let lc1 = env.lc("lc1")?.clone();
         env.backend.boot(&lc1)?;
         env.backend.wait_agent(&lc1, Duration::from_secs(30))?;

@@ -1,21 +1,20 @@
 //! `patchover lc …`: the resource table and the LC lifecycle.
 //!
-//! Every verb but `exec` goes through the daemon when one runs (see [`remote`]); each has one
-//! function that does it ([`list_json`], [`show_json`], [`act`], [`attach_disk`],
-//! [`attach_nic`]), called here or by the daemon, and one printer for its JSON.
+//! Every verb but `exec` goes through the daemon when one runs (see [`remote`]); each is one
+//! typed operation of [`patchover_app::lcs`], called here or by the daemon, and one printer
+//! for its typed result.
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Subcommand;
-use patchover_core::LcSpec;
+use patchover_app::lcs::{self, Acted, DiskAttached, LcView, NicAttached};
 use patchover_daemon::api::{LcAction, LcActionBody};
-use patchover_lc::{LcBackend, LcStatus, Stdio};
-use patchover_store::LcRow;
+use patchover_lc::{LcBackend, Stdio};
 use serde_json::json;
 
-use super::{Ctx, Env, NotFound, remote};
+use super::{Ctx, remote};
 
 #[derive(Subcommand)]
 pub enum LcCmd {
@@ -71,19 +70,19 @@ pub enum LcCmd {
 pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     match cmd {
         LcCmd::List => {
-            let v = remote::route(
+            let v = remote::route_typed(
                 ctx,
                 |c| remote::call(c, "GET", "/v1/lcs", None),
-                || list_json(&Env::open(ctx)?),
+                || Ok(lcs::list(&ctx.env()?)?),
             )?;
             print_list(ctx, &v)?;
             Ok(ExitCode::SUCCESS)
         }
         LcCmd::Show { lc } | LcCmd::Status { lc } => {
-            let v = remote::route(
+            let v = remote::route_typed(
                 ctx,
                 |c| remote::call(c, "GET", &format!("/v1/lcs/{}", remote::segment(&lc)), None),
-                || show_json(&Env::open(ctx)?, &lc),
+                || Ok(lcs::show(&ctx.env()?, &lc)?),
             )?;
             print_show(ctx, &v)?;
             Ok(ExitCode::SUCCESS)
@@ -111,23 +110,23 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             // The daemon reads the path itself: it gets it as this process sees it.
             let source = std::path::absolute(&source)
                 .with_context(|| format!("cannot resolve {}", source.display()))?;
-            let v = remote::route(
+            let v: DiskAttached = remote::route_typed(
                 ctx,
                 |c| {
                     let path = format!("/v1/lcs/{}/disks", remote::segment(&lc));
                     let body = json!({"source": source, "at": at});
                     remote::call(c, "POST", &path, Some(&body))
                 },
-                || attach_disk(&Env::open(ctx)?, &lc, &source, &at),
+                || Ok(lcs::attach_disk(&ctx.env()?, &lc, &source, &at)?),
             )?;
             if ctx.quiet {
             } else if ctx.json {
-                println!("{v}");
+                println!("{}", serde_json::to_value(&v)?);
             } else {
                 println!(
                     "{} attached to {lc} at {}",
-                    text(&v["source"]),
-                    text(&v["at"])
+                    v.source.display(),
+                    v.at.display()
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -138,7 +137,7 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             address,
             mac,
         } => {
-            let v = remote::route(
+            let v: NicAttached = remote::route_typed(
                 ctx,
                 |c| {
                     let path = format!("/v1/lcs/{}/nics", remote::segment(&lc));
@@ -149,17 +148,17 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                     });
                     remote::call(c, "POST", &path, Some(&body))
                 },
-                || attach_nic(&Env::open(ctx)?, &lc, &name, address, mac),
+                || Ok(lcs::attach_nic(&ctx.env()?, &lc, &name, address, mac)?),
             )?;
             if ctx.quiet {
             } else if ctx.json {
-                println!("{v}");
+                println!("{}", serde_json::to_value(&v)?);
             } else {
                 println!(
                     "{} plugged into {lc} as {} (host port {})",
-                    text(&v["nic"]["mac"]),
-                    text(&v["nic"]["name"]),
-                    text(&v["host_port"])
+                    text(&v.nic.mac),
+                    v.nic.name,
+                    v.host_port
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -167,7 +166,7 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         // exec acts here: it runs the program with this terminal's stdin, stdout and stderr,
         // which a JSON request cannot carry.
         LcCmd::Exec { lc, argv } => {
-            let env = Env::open(ctx)?;
+            let env = ctx.env()?;
             let spec = env.lc(&lc)?;
             let stdio = if ctx.json {
                 Stdio::Capture
@@ -195,7 +194,7 @@ pub fn run(cmd: LcCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
 
 /// Boots, reboots or stops an LC, here or through the daemon, and prints what it did.
 fn action(ctx: &Ctx, lc: &str, action: LcAction, body: &LcActionBody) -> anyhow::Result<ExitCode> {
-    let v = remote::route(
+    let v: Acted = remote::route_typed(
         ctx,
         |c| {
             let path = format!(
@@ -205,13 +204,13 @@ fn action(ctx: &Ctx, lc: &str, action: LcAction, body: &LcActionBody) -> anyhow:
             );
             remote::call(c, "POST", &path, Some(&serde_json::to_value(body)?))
         },
-        || act(&Env::open(ctx)?, lc, action, body),
+        || Ok(act(&ctx.env()?, lc, action, body)?),
     )?;
     if ctx.quiet {
     } else if ctx.json {
-        println!("{v}");
+        println!("{}", serde_json::to_value(&v)?);
     } else {
-        let ms = &v["took_ms"];
+        let ms = v.took_ms;
         match action {
             LcAction::Stop => println!("{lc} stopped in {ms} ms"),
             LcAction::Boot | LcAction::Reboot => {
@@ -220,12 +219,12 @@ fn action(ctx: &Ctx, lc: &str, action: LcAction, body: &LcActionBody) -> anyhow:
                 } else {
                     "rebooted"
                 };
-                let agent = v["agent_ms"]
-                    .as_u64()
+                let agent = v
+                    .agent_ms
                     .map_or(String::new(), |a| format!(", agent up after {a} ms"));
                 println!(
                     "{lc} {verb}: init pid {}{agent} ({ms} ms in all)",
-                    v["pid"].as_i64().unwrap_or_default()
+                    v.lc.pid.unwrap_or_default()
                 );
             }
         }
@@ -233,170 +232,38 @@ fn action(ctx: &Ctx, lc: &str, action: LcAction, body: &LcActionBody) -> anyhow:
     Ok(ExitCode::SUCCESS)
 }
 
-/// Boots, reboots or stops LC `id` (waiting for its agent after a boot unless `no_wait`); the
-/// LC afterwards as [`lc_json`] shows it, with `took_ms` and `agent_ms`. The one
-/// implementation of `lc boot|reboot|stop` and `POST /v1/lcs/{id}/{action}`.
+/// `POST /v1/lcs/{id}/{action}` and `lc boot|reboot|stop`: the API's action as the
+/// application's.
 pub fn act(
-    env: &Env,
+    env: &patchover_app::Env,
     id: &str,
     action: LcAction,
     body: &LcActionBody,
-) -> anyhow::Result<serde_json::Value> {
-    let spec = env.lc(id)?;
-    let timeout = body.timeout.unwrap_or(30);
-    let start = Instant::now();
-    let agent_ms = match action {
-        LcAction::Boot => {
-            env.backend.boot(spec)?;
-            wait_agent(env, spec, body.no_wait, timeout)?
-        }
-        LcAction::Reboot => {
-            env.backend.reboot(spec)?;
-            wait_agent(env, spec, body.no_wait, timeout)?
-        }
-        LcAction::Stop => {
-            env.backend.stop(spec)?;
-            None
-        }
+) -> Result<Acted, patchover_app::AppError> {
+    let action = match action {
+        LcAction::Boot => lcs::LcAction::Boot,
+        LcAction::Reboot => lcs::LcAction::Reboot,
+        LcAction::Stop => lcs::LcAction::Stop,
     };
-    let took_ms = start.elapsed().as_millis() as u64;
-    let mut v = show_json(env, id)?;
-    v["took_ms"] = json!(took_ms);
-    v["agent_ms"] = json!(agent_ms);
-    Ok(v)
+    let timeout = Duration::from_secs(body.timeout.unwrap_or(30));
+    lcs::act(env, id, action, body.no_wait, timeout)
 }
 
-/// Mounts host directory `source` into the running LC `id` at `at`: `lc attach-disk` and
-/// `POST /v1/lcs/{id}/disks`.
-pub fn attach_disk(
-    env: &Env,
-    id: &str,
-    source: &std::path::Path,
-    at: &std::path::Path,
-) -> anyhow::Result<serde_json::Value> {
-    if !source.is_absolute() {
-        return Err(super::BadInput(format!(
-            "{} is not an absolute path; give the directory's whole path",
-            source.display()
-        ))
-        .into());
-    }
-    let spec = env.lc(id)?;
-    env.backend.attach_disk(spec, source, at)?;
-    Ok(json!({"lc": id, "source": source, "at": at}))
-}
-
-/// Plugs NIC `name` into the running LC `id` and the host bridge (its MAC derived from the LC
-/// and the name unless given): `lc attach-nic` and `POST /v1/lcs/{id}/nics`.
-pub fn attach_nic(
-    env: &Env,
-    id: &str,
-    name: &str,
-    address: Option<patchover_core::Ipv4Cidr>,
-    mac: Option<patchover_core::MacAddr>,
-) -> anyhow::Result<serde_json::Value> {
-    let spec = env.lc(id)?;
-    if spec.nics.iter().any(|n| n.name == name) {
-        return Err(super::BadInput(format!("LC {id} already has a NIC named {name}")).into());
-    }
-    let nic = patchover_core::NicSpec {
-        mac: mac.unwrap_or_else(|| patchover_core::MacAddr::derive(&format!("{id}/{name}"))),
-        name: name.to_owned(),
-        address,
-        gateway: None,
-        detached: false,
-    };
-    let port = env.backend.attach_nic(spec, &nic)?;
-    Ok(json!({"lc": id, "nic": nic, "host_port": port}))
-}
-
-/// Waits for the agent when the image has one; returns how long that took.
-fn wait_agent(
-    env: &Env,
-    spec: &LcSpec,
-    no_wait: bool,
-    timeout: u64,
-) -> anyhow::Result<Option<u64>> {
-    if no_wait || !env.backend.has_agent(spec) {
-        return Ok(None);
-    }
-    let start = Instant::now();
-    env.backend
-        .wait_agent(spec, Duration::from_secs(timeout))
-        .with_context(|| {
-            format!(
-                "the LC runs but its agent did not answer; see its console log {}",
-                env.backend.console_log(spec).display()
-            )
-        })?;
-    Ok(Some(start.elapsed().as_millis() as u64))
-}
-
-/// One LC as `lc list`, `lc show` and the API (`GET /v1/lcs`, `GET /v1/lcs/{id}`) show it:
-/// its resource-table row (id, backend, cpu, cpu_share, memory_mib, system_disk, app_disk,
-/// nics, role), what the backend reports now (state, pid, uptime_s, processes, limits as the
-/// kernel has them, host_ports, agent_socket), its console log, and its whole config entry
-/// (`spec`).
-pub fn lc_json(env: &Env, row: &LcRow, st: &LcStatus) -> serde_json::Value {
-    let mut v = json!({
-        "id": row.spec.id,
-        "backend": row.spec.backend,
-        "cpu": row.spec.cpu.cpu,
-        "cpu_share": row.spec.cpu.share_pct,
-        "memory_mib": row.spec.memory_mib,
-        "system_disk": row.spec.system_disk.path,
-        "app_disk": row.spec.app_disk.as_ref().map(|d| &d.path),
-        "nics": row.spec.nics,
-        "role": row.role,
-        "console_log": env.backend.console_log(&row.spec),
-        "spec": row.spec,
-    });
-    if let (Ok(serde_json::Value::Object(status)), Some(out)) =
-        (serde_json::to_value(st), v.as_object_mut())
-    {
-        for (k, x) in status {
-            if k != "id" {
-                out.insert(k, x);
-            }
-        }
-    }
-    v
-}
-
-/// The resource table with each LC's state: `lc list` and `GET /v1/lcs`.
-pub fn list_json(env: &Env) -> anyhow::Result<serde_json::Value> {
-    let mut out = Vec::new();
-    for row in env.store.lcs()? {
-        let st = env.backend.status(&row.spec)?;
-        out.push(lc_json(env, &row, &st));
-    }
-    Ok(serde_json::Value::Array(out))
-}
-
-/// One LC: `lc show`, `lc status` and `GET /v1/lcs/{id}`.
-pub fn show_json(env: &Env, id: &str) -> anyhow::Result<serde_json::Value> {
-    env.lc(id)?;
-    let row = env.store.lc(id)?.ok_or_else(|| {
-        NotFound(format!(
-            "LC {id} is in the config but not in the resource table; run the command again"
-        ))
-    })?;
-    let st = env.backend.status(&row.spec)?;
-    Ok(lc_json(env, &row, &st))
-}
-
-/// A JSON value as table text: strings as they are, null as `-`.
-fn text(v: &serde_json::Value) -> String {
-    match v {
+/// A typed value as table text, as its JSON shows it: strings as they are, null as `-`.
+fn text<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v).unwrap_or_default() {
         serde_json::Value::Null => "-".to_owned(),
-        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::String(s) => s,
         v => v.to_string(),
     }
 }
 
-fn print_list(ctx: &Ctx, v: &serde_json::Value) -> anyhow::Result<()> {
+fn print_list(ctx: &Ctx, v: &[LcView]) -> anyhow::Result<()> {
     if ctx.json {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::to_value(v)?)?
+        );
         return Ok(());
     }
     let header = [
@@ -412,32 +279,27 @@ fn print_list(ctx: &Ctx, v: &serde_json::Value) -> anyhow::Result<()> {
         "STATE",
     ];
     let rows: Vec<Vec<String>> = v
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
         .iter()
         .map(|l| {
-            let nics: Vec<String> = l["nics"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or_default()
+            let nics: Vec<String> = l
+                .nics
                 .iter()
-                .map(|n| match n["address"].as_str() {
-                    Some(a) => format!("{} {a}", text(&n["name"])),
-                    None => text(&n["name"]),
+                .map(|n| match &n.address {
+                    Some(a) => format!("{} {}", n.name, text(a)),
+                    None => n.name.clone(),
                 })
                 .collect();
             vec![
-                text(&l["id"]),
-                text(&l["backend"]),
-                text(&l["cpu"]),
-                format!("{}%", text(&l["cpu_share"])),
-                format!("{} MiB", text(&l["memory_mib"])),
-                text(&l["system_disk"]),
-                text(&l["app_disk"]),
+                text(&l.id),
+                text(&l.backend),
+                l.cpu.to_string(),
+                format!("{}%", l.cpu_share),
+                format!("{} MiB", l.memory_mib),
+                text(&l.system_disk),
+                text(&l.app_disk),
                 nics.join(", "),
-                text(&l["role"]),
-                text(&l["state"]),
+                text(&l.role),
+                text(&l.state),
             ]
         })
         .collect();
@@ -445,76 +307,55 @@ fn print_list(ctx: &Ctx, v: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_show(ctx: &Ctx, v: &serde_json::Value) -> anyhow::Result<()> {
+fn print_show(ctx: &Ctx, v: &LcView) -> anyhow::Result<()> {
     if ctx.json {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::to_value(v)?)?
+        );
         return Ok(());
     }
     let mut lines = vec![
-        ("id", text(&v["id"])),
-        ("backend", text(&v["backend"])),
-        ("state", text(&v["state"])),
-        (
-            "cpu",
-            format!("CPU {} at {}%", text(&v["cpu"]), text(&v["cpu_share"])),
-        ),
-        ("memory", format!("{} MiB", text(&v["memory_mib"]))),
-        ("system disk", text(&v["system_disk"])),
+        ("id", text(&v.id)),
+        ("backend", text(&v.backend)),
+        ("state", text(&v.state)),
+        ("cpu", format!("CPU {} at {}%", v.cpu, v.cpu_share)),
+        ("memory", format!("{} MiB", v.memory_mib)),
+        ("system disk", text(&v.system_disk)),
     ];
-    let app = &v["spec"]["app_disk"];
-    if !app.is_null() {
+    if let Some(app) = &v.spec.app_disk {
         lines.push((
             "app disk",
-            format!("{} at {}", text(&app["path"]), text(&app["mount"])),
+            format!("{} at {}", text(&app.path), text(&app.mount)),
         ));
     }
-    for n in v["spec"]["nics"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-    {
+    for n in &v.spec.nics {
         lines.push((
             "nic",
-            format!(
-                "{} {} {}",
-                text(&n["name"]),
-                text(&n["mac"]),
-                text(&n["address"])
-            ),
+            format!("{} {} {}", n.name, text(&n.mac), text(&n.address)),
         ));
     }
-    if let Some(pid) = v["pid"].as_i64() {
+    if let Some(pid) = v.pid {
         lines.push(("init pid", pid.to_string()));
-        lines.push(("processes", text(&v["processes"])));
-        if let Some(u) = v["uptime_s"].as_f64() {
+        lines.push(("processes", v.processes.to_string()));
+        if let Some(u) = v.uptime_s {
             lines.push(("uptime", format!("{u:.1} s")));
         }
-        let l = &v["limits"];
-        if l.is_object() {
+        if let Some(l) = &v.limits {
             lines.push((
                 "kernel limits",
                 format!(
                     "cpu quota {} / {} us, cpus {}, memory {}",
-                    l["cpu_quota_us"]
-                        .as_u64()
-                        .map_or("max".to_owned(), |q| q.to_string()),
-                    text(&l["cpu_period_us"]),
-                    text(&l["cpus"]),
-                    l["memory_bytes"]
-                        .as_u64()
+                    l.cpu_quota_us.map_or("max".to_owned(), |q| q.to_string()),
+                    l.cpu_period_us,
+                    text(&l.cpus),
+                    l.memory_bytes
                         .map_or("max".to_owned(), |m| format!("{} MiB", m >> 20))
                 ),
             ));
         }
-        let ports: Vec<String> = v["host_ports"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-            .iter()
-            .map(text)
-            .collect();
-        lines.push(("host ports", ports.join(", ")));
-        lines.push(("console log", text(&v["console_log"])));
+        lines.push(("host ports", v.host_ports.join(", ")));
+        lines.push(("console log", text(&v.console_log)));
     }
     for (k, v) in lines {
         println!("{k:>14}  {v}");

@@ -48,69 +48,20 @@ impl Ctx {
     }
 }
 
-/// An error caused by what the user asked for (exit code 2), not by the host.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BadInput(pub String);
+pub use patchover_app::AppError::BadInput;
+pub use patchover_app::Env;
 
-/// Bad input naming something that does not exist (an LC, a patch): exit code 2, and 404
-/// through the API.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct NotFound(pub String);
-
-/// What most verbs need: the config, the store mirroring it, and the LC backend.
-pub struct Env {
-    pub config: Config,
-    pub store: patchover_store::Store,
-    /// Every LC backend; each call goes to the one the LC's spec names.
-    pub backend: patchover_lc::dispatch::ByKind,
+/// The kind of an error at the edge: the first cause in its chain that has one.
+pub fn error_kind(e: &anyhow::Error) -> patchover_app::ErrorKind {
+    e.chain()
+        .find_map(patchover_app::ErrorKind::of_cause)
+        .unwrap_or(patchover_app::ErrorKind::Internal)
 }
 
-impl Env {
-    pub fn open(ctx: &Ctx) -> anyhow::Result<Env> {
-        let config = ctx.config()?;
-        let mut store = patchover_store::Store::open(&config.store_path())?;
-        // Writes only when the config's LCs changed since the last sync.
-        store.sync_lcs(&config.lcs)?;
-        let exe = std::env::current_exe().context("cannot find the patchover binary")?;
-        let backend = patchover_lc::dispatch::ByKind {
-            ns: Box::new(
-                patchover_lc::ns::NsBackend::new(
-                    patchover_lc::host::LinuxHost::new(exe.clone()),
-                    patchover_lc::ns::NsConfig::from_config(&config),
-                )
-                .with_images(std::sync::Arc::new(
-                    patchover_qemu::nsdisks::NsImageServer::new(&config.run_dir),
-                )),
-            ),
-            qemu: Some(Box::new(patchover_qemu::backend::QemuBackend::new(
-                patchover_lc::host::LinuxHost::new(exe),
-                patchover_qemu::backend::QemuConfig::from_config(&config),
-            ))),
-        };
-        Ok(Env {
-            config,
-            store,
-            backend,
-        })
-    }
-
-    /// The LC named `id`, or a bad-input error listing the ones the config has.
-    pub fn lc(&self, id: &str) -> anyhow::Result<&patchover_core::LcSpec> {
-        let spec = self.config.lc(id).ok_or_else(|| {
-            let known: Vec<String> = self.config.lcs.iter().map(|l| l.id.to_string()).collect();
-            NotFound(format!(
-                "unknown LC {id:?}; {} defines: {}",
-                self.config.path.display(),
-                if known.is_empty() {
-                    "none".to_owned()
-                } else {
-                    known.join(", ")
-                }
-            ))
-        })?;
-        Ok(spec)
+impl Ctx {
+    /// The config, the store and the LC backends.
+    pub fn env(&self) -> anyhow::Result<Env> {
+        Ok(Env::open(self.config()?)?)
     }
 }
 

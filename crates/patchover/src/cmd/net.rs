@@ -317,7 +317,7 @@ pub fn run(cmd: NetCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                         Some(&serde_json::to_value(body)?),
                     )
                 },
-                || direct(switch_json(&Env::open(ctx)?, &from, &to, mode, &o)),
+                || direct(switch_json(&ctx.env()?, &from, &to, mode, &o)),
             )?;
             print_switch(ctx, &v)?;
             Ok(ExitCode::SUCCESS)
@@ -335,13 +335,13 @@ pub fn run(cmd: NetCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                         Some(&serde_json::to_value(body)?),
                     )
                 },
-                || direct(back_json(&Env::open(ctx)?, &o)),
+                || direct(back_json(&ctx.env()?, &o)),
             )?;
             print_switch(ctx, &v)?;
             Ok(ExitCode::SUCCESS)
         }
         NetCmd::Setup { active } => {
-            let mut env = Env::open(ctx)?;
+            let mut env = ctx.env()?;
             let service = env.config.service_address()?;
             if env.config.network.bridge_address.is_none() {
                 return Err(BadInput(

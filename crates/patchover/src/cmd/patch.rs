@@ -5,14 +5,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Subcommand;
+use patchover_app::runs::{self, RunDetail};
 use patchover_bundle::BundlesConfig;
 use patchover_lc::LcBackend;
 use patchover_net::Mode;
 use patchover_orchestrator::{Event, Orchestrator, PatchRequest, RunLock, RunReport, Settings};
-use patchover_store::Role;
+use patchover_store::{Role, RunRow};
 use serde_json::json;
 
-use super::{BadInput, Ctx, Env, NotFound};
+use super::{BadInput, Ctx, Env};
 
 #[derive(clap::Args)]
 pub struct PatchArgs {
@@ -237,7 +238,7 @@ pub fn execute(
     report_timeout: u64,
     events: &mut dyn FnMut(&Event),
 ) -> anyhow::Result<Result<RunReport, patchover_orchestrator::RunFailed>> {
-    let mut env = Env::open(ctx)?;
+    let mut env = ctx.env()?;
     env.lc(&req.lc)?;
     let settings = settings_for(&env, report_timeout)?;
     let _lock =
@@ -280,10 +281,7 @@ fn drive(ctx: &Ctx, req: PatchRequest, report_timeout: u64) -> anyhow::Result<Ex
         }
         Err(f) => {
             print_report(ctx, &f.report);
-            if matches!(
-                f.error,
-                patchover_orchestrator::OrchestratorError::BadInput(_)
-            ) {
+            if patchover_app::ErrorKind::of(&f.error) != patchover_app::ErrorKind::Internal {
                 return Err(BadInput(patchover_orchestrator::chain(&f.error)).into());
             }
             Ok(ExitCode::from(1))
@@ -293,7 +291,7 @@ fn drive(ctx: &Ctx, req: PatchRequest, report_timeout: u64) -> anyhow::Result<Ex
 
 /// The LC a rollback to `to` starts from: the active one.
 pub fn rollback_request(ctx: &Ctx, to: &str, mode: Mode) -> anyhow::Result<PatchRequest> {
-    let env = Env::open(ctx)?;
+    let env = ctx.env()?;
     env.lc(to)?;
     let active = env
         .store
@@ -351,51 +349,37 @@ pub fn run_rollback(a: RollbackArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     drive(ctx, req, 60)
 }
 
-/// The run journal: `runs list` and `GET /v1/runs`.
-pub fn runs_json(store: &patchover_store::Store) -> anyhow::Result<serde_json::Value> {
-    Ok(json!(store.runs()?))
-}
-
-/// One run with its steps: `runs show` and `GET /v1/runs/{id}`.
-pub fn run_json(store: &patchover_store::Store, run: i64) -> anyhow::Result<serde_json::Value> {
-    let r = store
-        .run(run)?
-        .ok_or_else(|| NotFound(format!("no run {run}; see `patchover runs list`")))?;
-    Ok(json!({"run": r, "steps": store.steps(run)?}))
-}
-
-/// A JSON value as table text: strings as they are, null as `-`.
-fn text(v: &serde_json::Value) -> String {
-    match v {
+/// A typed value as table text, as its JSON shows it: strings as they are, null as `-`.
+fn text<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v).unwrap_or_default() {
         serde_json::Value::Null => "-".to_owned(),
-        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::String(s) => s,
         v => v.to_string(),
     }
 }
 
-fn items(v: &serde_json::Value) -> &[serde_json::Value] {
-    v.as_array().map(Vec::as_slice).unwrap_or_default()
-}
-
-fn print_runs(ctx: &Ctx, runs: &serde_json::Value) -> anyhow::Result<()> {
+fn print_runs(ctx: &Ctx, runs: &[RunRow]) -> anyhow::Result<()> {
     if ctx.json {
-        println!("{}", serde_json::to_string_pretty(runs)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::to_value(runs)?)?
+        );
         return Ok(());
     }
-    let rows: Vec<Vec<String>> = items(runs)
+    let rows: Vec<Vec<String>> = runs
         .iter()
         .map(|r| {
             vec![
-                text(&r["id"]),
-                text(&r["lc"]),
-                text(&r["standby"]),
-                text(&r["mode"]),
-                if r["dry_run"] == true { "yes" } else { "no" }.into(),
-                text(&r["state"]),
-                r["outcome"].as_str().unwrap_or("running").to_owned(),
-                match (r["ended_ms"].as_i64(), r["started_ms"].as_i64()) {
-                    (Some(e), Some(s)) => format!("{:.1} s", (e - s) as f64 / 1000.0),
-                    _ => "-".into(),
+                r.id.to_string(),
+                r.lc.clone(),
+                text(&r.standby),
+                r.mode.clone(),
+                if r.dry_run { "yes" } else { "no" }.into(),
+                r.state.clone(),
+                r.outcome.as_deref().unwrap_or("running").to_owned(),
+                match r.ended_ms {
+                    Some(e) => format!("{:.1} s", (e - r.started_ms) as f64 / 1000.0),
+                    None => "-".into(),
                 },
             ]
         })
@@ -419,40 +403,50 @@ fn print_runs(ctx: &Ctx, runs: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_run(ctx: &Ctx, v: &serde_json::Value) -> anyhow::Result<()> {
+fn print_run(ctx: &Ctx, v: &RunDetail) -> anyhow::Result<()> {
     if ctx.json {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::to_value(v)?)?
+        );
         return Ok(());
     }
-    let r = &v["run"];
+    let r = &v.run;
     println!(
         "run {} on {} (standby {}, mode {}): {}",
-        text(&r["id"]),
-        text(&r["lc"]),
-        text(&r["standby"]),
-        text(&r["mode"]),
-        r["outcome"].as_str().unwrap_or("running")
+        r.id,
+        r.lc,
+        text(&r.standby),
+        r.mode,
+        r.outcome.as_deref().unwrap_or("running")
     );
-    let run_start = r["started_ms"].as_i64().unwrap_or_default();
+    let run_start = r.started_ms;
     let mut started = std::collections::HashMap::new();
-    let rows: Vec<Vec<String>> = items(&v["steps"])
+    let rows: Vec<Vec<String>> = v
+        .steps
         .iter()
         .filter_map(|s| {
-            let step = text(&s["step"]);
-            let at = s["at_ms"].as_i64().unwrap_or_default();
-            if s["state"] == "started" {
+            let step = s.step.clone();
+            let at = s.at_ms;
+            if s.state == "started" {
                 started.insert(step, at);
                 return None;
             }
             let took = started
                 .get(&step)
                 .map_or("-".into(), |t| format!("{} ms", at - t));
+            let error = s
+                .detail
+                .as_ref()
+                .and_then(|d| d.get("error"))
+                .and_then(|e| e.as_str())
+                .unwrap_or("");
             Some(vec![
                 format!("+{} ms", at - run_start),
                 step,
-                text(&s["state"]),
+                s.state.clone(),
                 took,
-                s["detail"]["error"].as_str().unwrap_or("").to_owned(),
+                error.to_owned(),
             ])
         })
         .collect();
@@ -466,18 +460,18 @@ fn print_run(ctx: &Ctx, v: &serde_json::Value) -> anyhow::Result<()> {
 pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     match cmd {
         RunsCmd::List => {
-            let v = super::remote::route(
+            let v: Vec<RunRow> = super::remote::route_typed(
                 ctx,
                 |c| super::remote::call(c, "GET", "/v1/runs", None),
-                || runs_json(&Env::open(ctx)?.store),
+                || Ok(runs::list(&ctx.env()?.store)?),
             )?;
             print_runs(ctx, &v)?;
         }
         RunsCmd::Show { run } => {
-            let v = super::remote::route(
+            let v: RunDetail = super::remote::route_typed(
                 ctx,
                 |c| super::remote::call(c, "GET", &format!("/v1/runs/{run}"), None),
-                || run_json(&Env::open(ctx)?.store, run),
+                || Ok(runs::show(&ctx.env()?.store, run)?),
             )?;
             print_run(ctx, &v)?;
         }
@@ -518,10 +512,10 @@ pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             if ctx.quiet {
             } else if ctx.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
-            } else if items(&v).is_empty() {
+            } else if v.as_array().is_none_or(Vec::is_empty) {
                 println!("no unfinished run to recover");
             } else {
-                for r in items(&v) {
+                for r in v.as_array().map(Vec::as_slice).unwrap_or_default() {
                     let what = r["error"].as_str().or(r["outcome"].as_str());
                     println!("run {}: {}", r["run_id"], what.unwrap_or("-"));
                 }
@@ -535,7 +529,7 @@ pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
 /// is left alone): `runs recover` and `POST /v1/runs/recover`. The reports of the runs dealt
 /// with (their JSON is the verb's and the route's answer).
 pub fn recover_runs(ctx: &Ctx, events: &mut dyn FnMut(&Event)) -> anyhow::Result<Vec<RunReport>> {
-    let mut env = Env::open(ctx)?;
+    let mut env = ctx.env()?;
     let settings = settings_for(&env, 60)?;
     let mut o = Orchestrator {
         config: &env.config,
@@ -591,7 +585,7 @@ pub fn run_service(cmd: ServiceCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                     let body = json!({"lc": lc});
                     super::remote::call(c, "POST", "/v1/service/assign", Some(&body))
                 },
-                || assign_json(&mut Env::open(ctx)?, &lc),
+                || assign_json(&mut ctx.env()?, &lc),
             )?;
             if ctx.quiet {
             } else if ctx.json {

@@ -10,6 +10,7 @@
 //! unprocessable, conflict, invalid body…) is bad input, exit code 2; `internal` is a host
 //! failure, exit code 1; both carry the daemon's message, which is the direct path's.
 
+use anyhow::Context;
 use patchover_daemon::ErrorCode;
 use patchover_daemon::client::{Client, ClientError};
 
@@ -73,6 +74,23 @@ pub fn route(
     }
 }
 
+/// [`route`] for a typed result: the daemon's JSON answer is read back into the type the
+/// direct path returns, so one printer renders both.
+pub fn route_typed<T: serde::de::DeserializeOwned>(
+    ctx: &Ctx,
+    remote: impl FnOnce(&Client) -> anyhow::Result<serde_json::Value>,
+    direct: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    match daemon(ctx)? {
+        Some(c) => {
+            let v = remote(&c)?;
+            serde_json::from_value(v)
+                .context("the daemon's answer does not have the expected shape")
+        }
+        None => direct(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,13 +102,19 @@ mod tests {
             ErrorCode::NotFound,
             "no patch \"x\"",
         )));
-        assert!(e.downcast_ref::<BadInput>().is_some());
+        assert_eq!(
+            crate::cmd::error_kind(&e),
+            patchover_app::ErrorKind::BadInput
+        );
         assert_eq!(format!("{e:#}"), "no patch \"x\"");
         let e = client_error(ClientError::Api(ApiError::new(
             ErrorCode::Internal,
             "disk on fire",
         )));
-        assert!(e.downcast_ref::<BadInput>().is_none());
+        assert_eq!(
+            crate::cmd::error_kind(&e),
+            patchover_app::ErrorKind::Internal
+        );
         assert_eq!(format!("{e:#}"), "disk on fire");
     }
 

@@ -1,7 +1,7 @@
 //! `patchover serve`: the daemon. The HTTP side lives in `patchover-daemon`; this file
-//! implements its [`Dispatch`] with the CLI's own functions (`patch::execute`,
-//! `lc::list_json`, `patches::import`, `monitor::round`…), so the API and the CLI are one
-//! implementation.
+//! implements its [`Dispatch`] with the operations the CLI calls (`patchover_app::lcs::list`,
+//! `patch::execute`, `patches::import`, `monitor::round`…), so the API and the CLI are one
+//! implementation. Errors become API statuses by their kind in one place ([`api_code`]).
 //!
 //! Runs go on their own thread (a run is a long blocking call) and are journaled, so a
 //! daemon stopped in the middle of one leaves it to `recover`, which the next start calls
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use patchover_app::{ErrorKind, patches};
 use patchover_daemon::api::{
     AssignBody, AttachDiskBody, AttachNicBody, ImportBody, MarksBody, RollbackBody, RunBody,
     SwitchBackBody, SwitchBody,
@@ -22,10 +23,10 @@ use patchover_daemon::metrics::RunFigures;
 use patchover_daemon::{ApiError, Command, DaemonConfig, Dispatch, ErrorCode, Hub, Reply};
 use patchover_monitor::poll::FeedStatus;
 use patchover_net::Mode;
-use patchover_orchestrator::{Event, OrchestratorError, PatchRequest, RunLock, RunReport};
+use patchover_orchestrator::{Event, PatchRequest, RunLock, RunReport};
 use serde_json::json;
 
-use super::{BadInput, Ctx, Env, NotFound};
+use super::{BadInput, Ctx, Env};
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
@@ -34,28 +35,37 @@ pub struct ServeArgs {
     pub hash_token: bool,
 }
 
-/// The one place the binary's errors become API errors.
+/// The one place an error kind becomes an API status.
+fn api_code(kind: ErrorKind) -> ErrorCode {
+    match kind {
+        ErrorKind::BadInput => ErrorCode::Unprocessable,
+        ErrorKind::NotFound => ErrorCode::NotFound,
+        ErrorKind::Conflict => ErrorCode::Conflict,
+        ErrorKind::Internal => ErrorCode::Internal,
+    }
+}
+
+/// The binary's errors as API errors.
 fn api_error(e: anyhow::Error) -> ApiError {
     let msg = format!("{e:#}");
-    for cause in e.chain() {
-        if cause.downcast_ref::<NotFound>().is_some() {
-            return ApiError::new(ErrorCode::NotFound, msg);
-        }
-        if cause.downcast_ref::<BadInput>().is_some()
-            || cause
-                .downcast_ref::<patchover_core::ConfigError>()
-                .is_some()
-        {
-            return ApiError::new(ErrorCode::Unprocessable, msg);
-        }
-        if let Some(lc) = cause.downcast_ref::<patchover_lc::LcError>()
-            && lc.is_bad_input()
-        {
-            return ApiError::new(ErrorCode::Unprocessable, msg);
-        }
+    let kind = super::error_kind(&e);
+    if kind == ErrorKind::Internal {
+        tracing::error!(error = %msg, "request failed");
     }
-    tracing::error!(error = %msg, "request failed");
-    ApiError::new(ErrorCode::Internal, msg)
+    ApiError::new(api_code(kind), msg)
+}
+
+/// A typed result as its JSON, or the API error of its failure.
+fn typed<T: serde::Serialize>(
+    r: Result<T, patchover_app::AppError>,
+) -> Result<serde_json::Value, ApiError> {
+    let v = r.map_err(|e| api_error(e.into()))?;
+    serde_json::to_value(&v).map_err(|e| api_error(e.into()))
+}
+
+/// A typed result as a 200 answer.
+fn reply<T: serde::Serialize>(r: Result<T, patchover_app::AppError>) -> Result<Reply, ApiError> {
+    typed(r).map(Reply::ok)
 }
 
 struct Daemon {
@@ -75,12 +85,12 @@ impl Daemon {
     }
 
     fn env(&self) -> Result<Env, ApiError> {
-        Env::open(&self.ctx()).map_err(api_error)
+        self.ctx().env().map_err(api_error)
     }
 
     /// The LC named `id` (404 when the config has none).
     fn spec(env: &Env, id: &str) -> Result<patchover_core::LcSpec, ApiError> {
-        env.lc(id).cloned().map_err(api_error)
+        env.lc(id).cloned().map_err(|e| api_error(e.into()))
     }
 
     fn mode(m: Option<&str>) -> Result<Mode, ApiError> {
@@ -147,15 +157,7 @@ impl Daemon {
                     Ok(Ok(r)) => r,
                     Ok(Err(f)) if f.report.run_id == 0 => {
                         hub.metrics.inc("patchover_runs_total", &["refused"]);
-                        let code = match &f.error {
-                            OrchestratorError::BadInput(m) if m.contains("still going") => {
-                                ErrorCode::Conflict
-                            }
-                            OrchestratorError::BadInput(_) | OrchestratorError::NoStandby(_) => {
-                                ErrorCode::Unprocessable
-                            }
-                            _ => ErrorCode::Internal,
-                        };
+                        let code = api_code(ErrorKind::of(&f.error));
                         let _ = tx.send(Err(ApiError::new(
                             code,
                             format!(
@@ -337,51 +339,40 @@ impl Daemon {
                     "service_address": env.config.network.service_address.map(|a| a.to_string()),
                 })))
             }
-            Command::ListLcs => Ok(Reply::ok(
-                super::lc::list_json(&self.env()?).map_err(api_error)?,
-            )),
-            Command::GetLc(id) => Ok(Reply::ok(
-                super::lc::show_json(&self.env()?, &id).map_err(api_error)?,
-            )),
+            Command::ListLcs => reply(patchover_app::lcs::list(&self.env()?)),
+            Command::GetLc(id) => reply(patchover_app::lcs::show(&self.env()?, &id)),
             Command::Lc { id, action, body } => {
                 let env = self.env()?;
-                let v = super::lc::act(&env, &id, action, &body).map_err(api_error)?;
+                let v = typed(super::lc::act(&env, &id, action, &body))?;
                 self.hub.publish(
                     "lc",
                     &json!({"lc": id, "action": action, "took_ms": v["took_ms"]}),
                 );
                 Ok(Reply::ok(v))
             }
-            Command::ListPatches => Ok(Reply::ok(
-                super::patches::list_json(&self.env()?.store).map_err(api_error)?,
-            )),
-            Command::GetPatch(id) => Ok(Reply::ok(
-                super::patches::show_json(&self.env()?.store, &id).map_err(api_error)?,
-            )),
+            Command::ListPatches => reply(patches::list(&self.env()?.store)),
+            Command::GetPatch(id) => reply(patches::show(&self.env()?.store, &id)),
             Command::ImportPatch(ImportBody { file, mark }) => {
                 let mut env = self.env()?;
-                let v = super::patches::import(
+                reply(patches::import(
                     &env.config,
                     &mut env.store,
                     std::path::Path::new(&file),
                     mark,
-                )
-                .map_err(api_error)?;
-                Ok(Reply::ok(v))
+                ))
             }
             Command::MarkPatch { id, apply_next } => {
                 let mut env = self.env()?;
-                super::patches::mark(&mut env.store, std::slice::from_ref(&id), apply_next)
-                    .map_err(api_error)?;
-                Ok(Reply::ok(
-                    super::patches::show_json(&env.store, &id).map_err(api_error)?,
-                ))
+                typed(patches::mark(
+                    &mut env.store,
+                    std::slice::from_ref(&id),
+                    apply_next,
+                ))?;
+                reply(patches::show(&env.store, &id))
             }
             Command::MarkPatches(MarksBody { ids, apply_next }) => {
                 let mut env = self.env()?;
-                Ok(Reply::ok(
-                    super::patches::mark(&mut env.store, &ids, apply_next).map_err(api_error)?,
-                ))
+                reply(patches::mark(&mut env.store, &ids, apply_next))
             }
             Command::StartRun(RunBody {
                 lc,
@@ -411,12 +402,8 @@ impl Daemon {
                     super::patch::rollback_request(&self.ctx(), &lc, mode).map_err(api_error)?;
                 self.start_run(req, 60)
             }
-            Command::ListRuns => Ok(Reply::ok(
-                super::patch::runs_json(&self.env()?.store).map_err(api_error)?,
-            )),
-            Command::GetRun(id) => Ok(Reply::ok(
-                super::patch::run_json(&self.env()?.store, id).map_err(api_error)?,
-            )),
+            Command::ListRuns => reply(patchover_app::runs::list(&self.env()?.store)),
+            Command::GetRun(id) => reply(patchover_app::runs::show(&self.env()?.store, id)),
             Command::MonitorRunOnce => self.monitor_once(),
             Command::MonitorStatus => Ok(Reply::ok(
                 super::monitor::status_json(&self.ctx()).map_err(api_error)?,
@@ -460,14 +447,11 @@ impl Daemon {
             Command::AttachDisk {
                 id,
                 body: AttachDiskBody { source, at },
-            } => Ok(Reply::ok(
-                super::lc::attach_disk(
-                    &self.env()?,
-                    &id,
-                    std::path::Path::new(&source),
-                    std::path::Path::new(&at),
-                )
-                .map_err(api_error)?,
+            } => reply(patchover_app::lcs::attach_disk(
+                &self.env()?,
+                &id,
+                std::path::Path::new(&source),
+                std::path::Path::new(&at),
             )),
             Command::AttachNic {
                 id,
@@ -484,9 +468,12 @@ impl Daemon {
                     .map(|m| m.parse::<patchover_core::MacAddr>())
                     .transpose()
                     .map_err(|e| invalid("mac", e.to_string()))?;
-                Ok(Reply::ok(
-                    super::lc::attach_nic(&self.env()?, &id, &name, address, mac)
-                        .map_err(api_error)?,
+                reply(patchover_app::lcs::attach_nic(
+                    &self.env()?,
+                    &id,
+                    &name,
+                    address,
+                    mac,
                 ))
             }
         }
@@ -551,7 +538,7 @@ pub fn run(a: ServeArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     // and before READY: the service manager starts dependents only after this.
     notify.status("recovering unfinished runs");
     {
-        let mut env = Env::open(ctx)?;
+        let mut env = ctx.env()?;
         let h = hub.clone();
         let mut events =
             move |e: &Event| h.publish("step", &serde_json::to_value(e).unwrap_or_default());
