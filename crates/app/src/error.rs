@@ -64,6 +64,9 @@ impl ErrorKind {
         if let Some(o) = e.downcast_ref::<OrchestratorError>() {
             return orchestrator_kind(o);
         }
+        if let Some(i) = e.downcast_ref::<patchover_image::ImageError>() {
+            return i.is_bad_input().then_some(ErrorKind::BadInput);
+        }
         None
     }
 }

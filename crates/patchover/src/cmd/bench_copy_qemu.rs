@@ -539,7 +539,7 @@ fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBe
         None => {
             say("building the demo VM image");
             let d = work.join("image");
-            super::image_qemu::build_demo_qemu(&d, "1.0.0", 80, true, None)
+            patchover_image::qemu::build_demo_qemu(&d, "1.0.0", 80, true, None)
                 .context("building the demo VM image")?;
             d
         }

@@ -375,7 +375,7 @@ pub fn prepare(
     match backend {
         BackendKind::Ns => {
             say("building the demo image (busybox, the agent, the demo service v1.0.0)");
-            super::image::build_demo(&layout.sys1, "1.0.0", 80, true)?;
+            patchover_image::build_demo(&layout.sys1, "1.0.0", 80, true)?;
             for d in [&layout.app1, &layout.sys2, &layout.app2] {
                 fs::create_dir_all(d)?;
             }
@@ -384,7 +384,7 @@ pub fn prepare(
             say(
                 "building the QEMU demo image (Debian's cloud kernel, busybox, the agent, the demo service v1.0.0)",
             );
-            let img = super::image_qemu::build_demo_qemu(
+            let img = patchover_image::qemu::build_demo_qemu(
                 &dir.join("qemu-image"),
                 "1.0.0",
                 80,

@@ -14,7 +14,6 @@ pub mod demo;
 pub mod disk;
 pub mod feed;
 pub mod image;
-pub mod image_qemu;
 pub mod internal;
 pub mod lc;
 pub mod load;

@@ -64,7 +64,7 @@ pub fn settings_for(env: &Env, report_timeout: u64) -> anyhow::Result<Settings> 
     let bundles = BundlesConfig::from_section(&env.config.bundles);
     Ok(Settings {
         service: env.config.service.clone(),
-        agent_binary: super::image::guest_binary("patchover-agent")?,
+        agent_binary: patchover_image::guest_binary("patchover-agent")?,
         trusted_keys: bundles.trusted_keys,
         bundle_limits: bundles.limits,
         yara_rules: env.config.yara.as_ref().map(|y| y.rules.clone()),

@@ -18,11 +18,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, bail};
 use serde::Serialize;
 
-use super::BadInput;
-use super::image::{DemoParts, populate_demo_tree, prepare_output, write};
+use crate::{DemoParts, ImageError, IoContext, populate_demo_tree, prepare_output, write};
 
 /// The Debian package that depends on the current cloud kernel.
 pub const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
@@ -56,19 +54,20 @@ pub fn build_demo_qemu(
     port: u16,
     force: bool,
     kernel_deb: Option<&Path>,
-) -> anyhow::Result<QemuImage> {
+) -> Result<QemuImage, ImageError> {
     let parts = DemoParts::find(version)?;
     let deb = find_kernel_deb(kernel_deb)?;
     let out = prepare_output(dir, force)?;
     let work = out.path().join(".work");
     let tree = work.join("rootfs");
-    fs::create_dir_all(&tree).with_context(|| format!("creating {}", tree.display()))?;
+    fs::create_dir_all(&tree).ctx(|| format!("creating {}", tree.display()))?;
 
     let kernel = Kernel::extract(&deb, &work.join("kernel"))?;
-    fs::copy(&kernel.vmlinuz, out.path().join("vmlinuz")).context("copying the kernel")?;
+    fs::copy(&kernel.vmlinuz, out.path().join("vmlinuz"))
+        .ctx(|| "copying the kernel".to_owned())?;
     let modules = kernel.resolve(&INITRD_MODULES)?;
     let initrd = initramfs(parts.busybox(), &modules)?;
-    fs::write(out.path().join("initrd.img"), initrd).context("writing initrd.img")?;
+    fs::write(out.path().join("initrd.img"), initrd).ctx(|| "writing initrd.img".to_owned())?;
 
     populate_demo_tree(&tree, &parts, port)?;
     write(&tree.join("etc/init.d/S01qemu"), S01QEMU, 0o755)?;
@@ -85,7 +84,7 @@ pub fn build_demo_qemu(
         &out.path().join("app.img"),
         APP_MIB,
     )?;
-    fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    fs::remove_dir_all(&work).ctx(|| format!("removing {}", work.display()))?;
     out.finish(dir)?;
     Ok(QemuImage {
         vmlinuz: dir.join("vmlinuz"),
@@ -106,10 +105,10 @@ fn by_hand(what: &str) -> String {
 }
 
 /// The kernel .deb: the given one, a cached one, or one downloaded with apt into the cache.
-fn find_kernel_deb(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+fn find_kernel_deb(explicit: Option<&Path>) -> Result<PathBuf, ImageError> {
     if let Some(p) = explicit {
         if !p.is_file() {
-            bail!(BadInput(format!(
+            return Err(ImageError::Refused(format!(
                 "--kernel-deb {}: no such file",
                 p.display()
             )));
@@ -129,28 +128,28 @@ fn find_kernel_deb(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         if let Some(deb) = cached_deb(cache, "linux-image-", "-cloud-amd64")? {
             return Ok(deb);
         }
-        bail!(by_hand(&format!(
+        return Err(ImageError::Failed(by_hand(&format!(
             "apt-cache cannot say which kernel {KERNEL_META_PACKAGE} depends on (no apt, or run `apt-get update`)"
-        )));
+        ))));
     };
     if let Some(deb) = cached_deb(cache, &pkg, "")? {
         return Ok(deb);
     }
-    fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
+    fs::create_dir_all(cache).ctx(|| format!("creating {}", cache.display()))?;
     // Download into a private directory, then rename: a cut download is never reused.
     let partial = cache.join(format!(".download-{}", std::process::id()));
     let _ = fs::remove_dir_all(&partial);
-    fs::create_dir(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    fs::create_dir(&partial).ctx(|| format!("creating {}", partial.display()))?;
     eprintln!("downloading {pkg} into {}", cache.display());
     let dl = Command::new("apt-get")
         .args(["-q", "-o", "APT::Sandbox::User=root", "download", &pkg])
         .current_dir(&partial)
         .output();
     let result = match dl {
-        Err(e) => Err(anyhow::anyhow!(by_hand(&format!(
+        Err(e) => Err(ImageError::Failed(by_hand(&format!(
             "cannot run apt-get ({e})"
         )))),
-        Ok(o) if !o.status.success() => Err(anyhow::anyhow!(by_hand(&format!(
+        Ok(o) if !o.status.success() => Err(ImageError::Failed(by_hand(&format!(
             "apt-get download {pkg} failed ({}): {}",
             o.status,
             String::from_utf8_lossy(&o.stderr).trim()
@@ -158,10 +157,10 @@ fn find_kernel_deb(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         Ok(_) => match cached_deb(&partial, &pkg, "")? {
             Some(deb) => {
                 let dest = cache.join(deb.file_name().expect("a file"));
-                fs::rename(&deb, &dest).with_context(|| format!("moving {}", deb.display()))?;
+                fs::rename(&deb, &dest).ctx(|| format!("moving {}", deb.display()))?;
                 Ok(dest)
             }
-            None => Err(anyhow::anyhow!(by_hand(&format!(
+            None => Err(ImageError::Failed(by_hand(&format!(
                 "apt-get download {pkg} left no .deb"
             )))),
         },
@@ -180,7 +179,7 @@ fn versioned_kernel_package(apt_cache_depends: &str) -> Option<String> {
 
 /// The newest `.deb` in `dir` of a package named `<prefix>…<suffix>` (`suffix` empty: the
 /// package `prefix` exactly).
-fn cached_deb(dir: &Path, prefix: &str, suffix: &str) -> anyhow::Result<Option<PathBuf>> {
+fn cached_deb(dir: &Path, prefix: &str, suffix: &str) -> Result<Option<PathBuf>, ImageError> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Ok(None);
     };
@@ -212,16 +211,16 @@ struct Kernel {
 }
 
 impl Kernel {
-    fn extract(deb: &Path, dest: &Path) -> anyhow::Result<Kernel> {
-        fs::create_dir_all(dest).with_context(|| format!("creating {}", dest.display()))?;
+    fn extract(deb: &Path, dest: &Path) -> Result<Kernel, ImageError> {
+        fs::create_dir_all(dest).ctx(|| format!("creating {}", dest.display()))?;
         let out = Command::new("dpkg-deb")
             .arg("-x")
             .arg(deb)
             .arg(dest)
             .output()
-            .context("cannot run dpkg-deb to unpack the kernel package; install dpkg")?;
+            .ctx(|| "cannot run dpkg-deb to unpack the kernel package; install dpkg".to_owned())?;
         if !out.status.success() {
-            bail!(
+            fail!(
                 "dpkg-deb -x {} failed ({}): {}; is it a kernel .deb?",
                 deb.display(),
                 out.status,
@@ -240,7 +239,7 @@ impl Kernel {
                     .is_some_and(|n| n.starts_with("vmlinuz-"))
             });
         let Some(vmlinuz) = vmlinuz else {
-            bail!(BadInput(format!(
+            return Err(ImageError::Refused(format!(
                 "{} holds no boot/vmlinuz-*; pass a linux-image-*-cloud-amd64 package",
                 deb.display()
             )));
@@ -256,7 +255,7 @@ impl Kernel {
             .map(|d| dest.join(d).join(&release))
             .find(|d| d.is_dir());
         let Some(modules_dir) = modules_dir else {
-            bail!(BadInput(format!(
+            return Err(ImageError::Refused(format!(
                 "{} holds no lib/modules/{release}",
                 deb.display()
             )));
@@ -271,7 +270,7 @@ impl Kernel {
     /// The modules `wanted` with their dependencies, dependencies first, as (name, file).
     /// Built-in ones are left out. Dependencies come from modules.dep when the package has
     /// one, else from each module's `.modinfo` (Debian's packages leave modules.dep to depmod).
-    fn resolve(&self, wanted: &[&str]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    fn resolve(&self, wanted: &[&str]) -> Result<Vec<(String, PathBuf)>, ImageError> {
         let mut files = std::collections::BTreeMap::new();
         walk(&self.modules_dir, &mut |p| {
             if let Some(n) = p.file_name().and_then(|n| n.to_str())
@@ -287,13 +286,16 @@ impl Kernel {
             .map(|(stem, _)| module_name(stem))
             .collect();
         let dep_file = fs::read_to_string(self.modules_dir.join("modules.dep")).ok();
-        let deps_of = |name: &str, file: &Path| -> anyhow::Result<Vec<String>> {
+        let deps_of = |name: &str, file: &Path| -> Result<Vec<String>, ImageError> {
             if let Some(dep) = &dep_file {
                 return Ok(modules_dep_entry(dep, name));
             }
-            let data = fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            let data = fs::read(file).ctx(|| format!("reading {}", file.display()))?;
             modinfo_depends(&data).ok_or_else(|| {
-                anyhow::anyhow!("{} has no readable .modinfo section", file.display())
+                ImageError::Failed(format!(
+                    "{} has no readable .modinfo section",
+                    file.display()
+                ))
             })
         };
         let mut order: Vec<(String, PathBuf)> = Vec::new();
@@ -302,23 +304,23 @@ impl Kernel {
             name: &str,
             files: &std::collections::BTreeMap<String, (PathBuf, String)>,
             builtin: &[String],
-            deps_of: &dyn Fn(&str, &Path) -> anyhow::Result<Vec<String>>,
+            deps_of: &DepsOf<'_>,
             visiting: &mut Vec<String>,
             order: &mut Vec<(String, PathBuf)>,
-        ) -> anyhow::Result<()> {
+        ) -> Result<(), ImageError> {
             if order.iter().any(|(n, _)| n == name) || builtin.iter().any(|b| b == name) {
                 return Ok(());
             }
             if visiting.iter().any(|v| v == name) {
-                bail!("kernel modules depend on each other in a cycle: {visiting:?}");
+                fail!("kernel modules depend on each other in a cycle: {visiting:?}");
             }
             let Some((file, ext)) = files.get(name) else {
-                bail!(
+                fail!(
                     "the kernel package has no module {name} and does not build it in; use a linux-image-*-cloud-amd64 package"
                 );
             };
             if !ext.is_empty() {
-                bail!(
+                fail!(
                     "module {name} is compressed ({}); only uncompressed .ko files are supported",
                     file.display()
                 );
@@ -345,9 +347,9 @@ impl Kernel {
     }
 }
 
-fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) -> anyhow::Result<()> {
-    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let p = e?.path();
+fn walk(dir: &Path, f: &mut dyn FnMut(&Path)) -> Result<(), ImageError> {
+    for e in fs::read_dir(dir).ctx(|| format!("reading {}", dir.display()))? {
+        let p = e.ctx(|| format!("reading {}", dir.display()))?.path();
         if p.is_dir() {
             walk(&p, f)?;
         } else {
@@ -419,24 +421,34 @@ fn elf_section<'a>(elf: &'a [u8], wanted: &str) -> Option<&'a [u8]> {
     })
 }
 
+/// The modules a kernel module depends on, read from its file.
+type DepsOf<'a> = dyn Fn(&str, &Path) -> Result<Vec<String>, ImageError> + 'a;
+
 /// The initramfs: busybox, the modules and /init (see [`init_script`]).
-fn initramfs(busybox: &Path, modules: &[(String, PathBuf)]) -> anyhow::Result<Vec<u8>> {
-    let mut w = cpio::Writer::new(Vec::new());
-    for d in ["bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"] {
-        w.dir(d, 0o755)?;
-    }
-    // The kernel opens /dev/console for /init before anything is mounted.
-    w.char_dev("dev/console", 0o600, 5, 1)?;
-    let bb = fs::read(busybox).with_context(|| format!("reading {}", busybox.display()))?;
-    w.file("bin/busybox", 0o755, &bb)?;
-    w.symlink("bin/sh", "busybox")?;
+fn initramfs(busybox: &Path, modules: &[(String, PathBuf)]) -> Result<Vec<u8>, ImageError> {
+    let bb = fs::read(busybox).ctx(|| format!("reading {}", busybox.display()))?;
+    let mut mods = Vec::new();
     for (name, file) in modules {
-        let data = fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-        w.file(&format!("lib/modules/{name}.ko"), 0o644, &data)?;
+        let data = fs::read(file).ctx(|| format!("reading {}", file.display()))?;
+        mods.push((name.as_str(), data));
     }
-    let names: Vec<&str> = modules.iter().map(|(n, _)| n.as_str()).collect();
-    w.file("init", 0o755, init_script(&names).as_bytes())?;
-    Ok(w.finish()?)
+    let archive = || -> io::Result<Vec<u8>> {
+        let mut w = cpio::Writer::new(Vec::new());
+        for d in ["bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules"] {
+            w.dir(d, 0o755)?;
+        }
+        // The kernel opens /dev/console for /init before anything is mounted.
+        w.char_dev("dev/console", 0o600, 5, 1)?;
+        w.file("bin/busybox", 0o755, &bb)?;
+        w.symlink("bin/sh", "busybox")?;
+        for (name, data) in &mods {
+            w.file(&format!("lib/modules/{name}.ko"), 0o644, data)?;
+        }
+        let names: Vec<&str> = mods.iter().map(|(n, _)| *n).collect();
+        w.file("init", 0o755, init_script(&names).as_bytes())?;
+        w.finish()
+    };
+    archive().ctx(|| "writing the initramfs".to_owned())
 }
 
 /// /init of the initramfs (QEMU conventions): load the modules, answer a probe boot, or mount
@@ -552,11 +564,14 @@ exit 0
 "#;
 
 /// Bytes under `dir` (files and links), plus a block per entry for the metadata.
-fn tree_bytes(dir: &Path) -> anyhow::Result<u64> {
+fn tree_bytes(dir: &Path) -> Result<u64, ImageError> {
     let mut total = 0;
-    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let e = e?;
-        let meta = e.path().symlink_metadata()?;
+    for e in fs::read_dir(dir).ctx(|| format!("reading {}", dir.display()))? {
+        let e = e.ctx(|| format!("reading {}", dir.display()))?;
+        let meta = e
+            .path()
+            .symlink_metadata()
+            .ctx(|| format!("reading {}", e.path().display()))?;
         total += 4096;
         if meta.is_dir() {
             total += tree_bytes(&e.path())?;
@@ -567,7 +582,7 @@ fn tree_bytes(dir: &Path) -> anyhow::Result<u64> {
     Ok(total)
 }
 
-fn mkfs_ext4(tree: &Path, label: &str, img: &Path, mib: u64) -> anyhow::Result<()> {
+fn mkfs_ext4(tree: &Path, label: &str, img: &Path, mib: u64) -> Result<(), ImageError> {
     let out = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-d"])
         .arg(tree)
@@ -575,9 +590,9 @@ fn mkfs_ext4(tree: &Path, label: &str, img: &Path, mib: u64) -> anyhow::Result<(
         .arg(img)
         .arg(format!("{mib}M"))
         .output()
-        .context("cannot run mkfs.ext4; install e2fsprogs (1.43 or later, for -d)")?;
+        .ctx(|| "cannot run mkfs.ext4; install e2fsprogs (1.43 or later, for -d)".to_owned())?;
     if !out.status.success() {
-        bail!(
+        fail!(
             "mkfs.ext4 -d {} {} failed ({}): {}",
             tree.display(),
             img.display(),
@@ -585,8 +600,8 @@ fn mkfs_ext4(tree: &Path, label: &str, img: &Path, mib: u64) -> anyhow::Result<(
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    fs::set_permissions(img, fs::Permissions::from_mode(0o644))?;
-    Ok(())
+    fs::set_permissions(img, fs::Permissions::from_mode(0o644))
+        .ctx(|| format!("chmod {}", img.display()))
 }
 
 /// A writer of cpio "newc" archives (the format the kernel unpacks as an initramfs):
@@ -774,7 +789,7 @@ mod tests {
 
     #[test]
     fn busybox_cpio_lists_what_the_writer_wrote() {
-        let Ok(bb) = super::super::image::busybox() else {
+        let Ok(bb) = crate::busybox() else {
             panic!("this test needs a static busybox (apt-get install busybox-static)");
         };
         let mut w = cpio::Writer::new(Vec::new());
