@@ -1,18 +1,22 @@
 //! `patchover bench copy`: disk copy throughput against `cp -a`, reflink, freeze windows and the
 //! writer's throughput loss, all measured in one run (see `patchover_disk::bench`).
-//! `--backend qemu` measures the VM's copy (QEMU mirror jobs) instead: see [`super::bench_copy_qemu`].
-//! `--disk image` measures an `ns` LC's image disk served by qemu-storage-daemon and copied by
-//! QEMU's dirty bitmap: see [`super::bench_copy_image`].
+//! `--backend qemu` measures the VM's copy (QEMU mirror jobs) instead: see
+//! [`patchover_bench::copy_qemu`]. `--disk image` measures an `ns` LC's image disk served by
+//! qemu-storage-daemon and copied by QEMU's dirty bitmap: see [`patchover_bench::copy_image`].
 
 use std::process::ExitCode;
 
 use anyhow::Context;
+use std::path::PathBuf;
+
 use clap::{Args, ValueEnum};
 use patchover_disk::bench::{self, BenchConfig, WriterSpec};
 
-use super::Ctx;
-use super::bench_copy_image::{self, ImageBenchConfig};
-use super::bench_copy_qemu::{self, QemuArgs};
+use patchover_bench::BenchError;
+use patchover_bench::copy_image::{self as bench_copy_image, ImageBenchConfig};
+use patchover_bench::copy_qemu::{self as bench_copy_qemu, QemuBenchConfig};
+
+use super::{BadInput, Ctx};
 
 /// Which kind of `ns` disk to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -30,6 +34,72 @@ pub enum CopyBackend {
     Ns,
     /// QEMU's mirror jobs on a VM's disk (the VM's own write tracking).
     Qemu,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct QemuArgs {
+    /// qemu: size of the file the guest writer writes to (MiB); the application disk is this
+    /// plus 256 MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub file_mib: u64,
+    /// qemu: the writer's target rate of random 4 KiB writes (MiB/s).
+    #[arg(long, default_value_t = 20.0)]
+    pub rate_mib: f64,
+    /// qemu: writer threads in the guest.
+    #[arg(long, default_value_t = 4)]
+    pub writer_threads: u32,
+    /// qemu: how long the writer runs alone for the baseline (s).
+    #[arg(long, default_value_t = 20.0)]
+    pub baseline_secs: f64,
+    /// qemu: how long each ready mirror keeps in sync with the writer before its cut (ms).
+    #[arg(long, default_value_t = 1000)]
+    pub hold_ms: u64,
+    /// qemu: the mirror's dirty-tracking granularity in bytes (0: QEMU's default, 64 KiB on a
+    /// raw image, which makes each random 4 KiB write cost a 64 KiB copy).
+    #[arg(long, default_value_t = 4096)]
+    pub granularity: u32,
+    /// qemu: the mirror's copy rate limit in MiB/s until it is ready (0: none); lifted once in
+    /// sync.
+    #[arg(long, default_value_t = 0)]
+    pub speed_mib: u64,
+    /// qemu: start every mirror write-blocking (each guest write reaches both images before it
+    /// completes) instead of background.
+    #[arg(long)]
+    pub write_blocking: bool,
+    /// qemu: an image directory from `patchover image build-demo --qemu` (default: build one).
+    #[arg(long, value_name = "DIR")]
+    pub image: Option<PathBuf>,
+    /// qemu: the work directory (images, run and state dirs; default under /var/tmp, removed
+    /// after the run).
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+}
+
+impl QemuArgs {
+    /// The benchmark's configuration.
+    fn config(&self) -> QemuBenchConfig {
+        QemuBenchConfig {
+            file_mib: self.file_mib,
+            rate_mib: self.rate_mib,
+            writer_threads: self.writer_threads,
+            baseline_secs: self.baseline_secs,
+            hold_ms: self.hold_ms,
+            granularity: self.granularity,
+            speed_mib: self.speed_mib,
+            write_blocking: self.write_blocking,
+            image: self.image.clone(),
+            work_dir: self.work_dir.clone(),
+        }
+    }
+}
+
+/// A benchmark's failure at the edge: a refusal is bad input (exit code 2).
+fn bench_error(e: BenchError) -> anyhow::Error {
+    if e.is_bad_input() {
+        BadInput(e.to_string()).into()
+    } else {
+        e.into()
+    }
 }
 
 #[derive(Args)]
@@ -78,7 +148,20 @@ pub fn run(args: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         ));
     }
     if args.backend == CopyBackend::Qemu {
-        return bench_copy_qemu::run(args.cuts.unwrap_or(20), &args.qemu, ctx);
+        let json = ctx.json;
+        let say = |s: &str| {
+            if !json {
+                eprintln!("… {s}");
+            }
+        };
+        let r = bench_copy_qemu::run(args.cuts.unwrap_or(20), &args.qemu.config(), &say)
+            .map_err(bench_error)?;
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            bench_copy_qemu::print(&r);
+        }
+        return Ok(ExitCode::SUCCESS);
     }
     let exe = std::env::current_exe().context("find the patchover binary for the writer")?;
     let writer_cmd = vec![
@@ -105,6 +188,7 @@ pub fn run(args: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 eprintln!("… {s}");
             }
         })
+        .map_err(bench_error)
         .context("bench copy --disk image")?;
         if json {
             println!("{}", serde_json::to_string(&r)?);

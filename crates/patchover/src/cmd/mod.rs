@@ -3,8 +3,6 @@
 pub mod approval;
 pub mod bench;
 pub mod bench_copy;
-pub mod bench_copy_image;
-pub mod bench_copy_qemu;
 pub mod bench_cycle;
 pub mod bench_feed;
 pub mod bench_soak;

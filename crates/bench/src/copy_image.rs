@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use crate::{BenchError, Context};
 use patchover_disk::CgroupFreezer;
 use patchover_disk::bench::{BenchConfig, Cgroup, Writer, WriterResult, WriterSpec, pct};
 use patchover_qemu::ServedCopy;
@@ -168,7 +168,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn run_tool(c: &mut Command) -> anyhow::Result<()> {
+fn run_tool(c: &mut Command) -> Result<(), BenchError> {
     let out = c
         .stdin(Stdio::null())
         .output()
@@ -184,14 +184,20 @@ fn run_tool(c: &mut Command) -> anyhow::Result<()> {
 
 /// Every file under `root`: relative path → (length, hash of the content); directories with
 /// length `u64::MAX`. `lost+found` is left out.
-pub fn tree_digest(root: &Path) -> anyhow::Result<BTreeMap<PathBuf, (u64, u64)>> {
+pub fn tree_digest(root: &Path) -> Result<BTreeMap<PathBuf, (u64, u64)>, BenchError> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     let mut buf = vec![0u8; 1 << 20];
     while let Some(d) = stack.pop() {
         for e in fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
             let e = e?;
-            let rel = e.path().strip_prefix(root)?.to_path_buf();
+            let rel = e
+                .path()
+                .strip_prefix(root)
+                .map_err(|_| {
+                    BenchError::Failed(format!("{} left {}", e.path().display(), root.display()))
+                })?
+                .to_path_buf();
             if rel == Path::new("lost+found") {
                 continue;
             }
@@ -266,10 +272,10 @@ fn fill(path: &Path, mib: u64) -> std::io::Result<()> {
 }
 
 /// Runs the bench. `say` gets one line per step.
-pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBenchReport> {
+pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> Result<ImageBenchReport, BenchError> {
     if cfg.cuts == 0 || cfg.file_mib == 0 {
-        bail!(super::BadInput(
-            "--cuts and the file size must be positive".to_owned()
+        return Err(BenchError::Refused(
+            "--cuts and the file size must be positive".to_owned(),
         ));
     }
     let mut rnd = [0u8; 4];
@@ -319,7 +325,7 @@ pub fn run(cfg: &ImageBenchConfig, say: &dyn Fn(&str)) -> anyhow::Result<ImageBe
         rate_bytes_s: cfg.rate_mb_s * 1e6,
     };
     let phase = Duration::from_secs_f64(cfg.phase_secs);
-    let alone = |what: &str| -> anyhow::Result<WriterResult> {
+    let alone = |what: &str| -> Result<WriterResult, BenchError> {
         say(&format!("writer alone ({what})"));
         let w = Writer::spawn(&bench_cfg, &spec, &cg)?;
         std::thread::sleep(phase);

@@ -25,19 +25,16 @@
 use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use clap::Args;
+use crate::{BenchError, Context};
 use patchover_core::{Config, HostFacts, LcSpec};
 use patchover_disk::bench::pct;
 use patchover_lc::{LcBackend, Stdio};
 use patchover_qemu::backend::{QemuBackend, QemuConfig};
 use patchover_qemu::{CopyMode, ImageFormat, Mirror, MirrorError, MirrorSpec, Qmp};
 use serde::Serialize;
-
-use super::Ctx;
 
 /// Room on the application disk besides the writer's file (churn, ext4 metadata).
 const DISK_HEADROOM_MIB: u64 = 256;
@@ -48,42 +45,33 @@ const GUEST_FILE_DIR: &str = "/data/bench";
 const GUEST_REPORT: &str = "/tmp/po-writer.report";
 const GUEST_LOG: &str = "/tmp/po-writer.log";
 
-#[derive(Args, Debug, Clone)]
-pub struct QemuArgs {
+/// What to measure (the CLI's `--file-mib`, `--rate-mib`, … of `bench copy --backend qemu`).
+#[derive(Debug, Clone)]
+pub struct QemuBenchConfig {
     /// qemu: size of the file the guest writer writes to (MiB); the application disk is this
     /// plus 256 MiB.
-    #[arg(long, default_value_t = 1024)]
     pub file_mib: u64,
     /// qemu: the writer's target rate of random 4 KiB writes (MiB/s).
-    #[arg(long, default_value_t = 20.0)]
     pub rate_mib: f64,
     /// qemu: writer threads in the guest.
-    #[arg(long, default_value_t = 4)]
     pub writer_threads: u32,
     /// qemu: how long the writer runs alone for the baseline (s).
-    #[arg(long, default_value_t = 20.0)]
     pub baseline_secs: f64,
     /// qemu: how long each ready mirror keeps in sync with the writer before its cut (ms).
-    #[arg(long, default_value_t = 1000)]
     pub hold_ms: u64,
     /// qemu: the mirror's dirty-tracking granularity in bytes (0: QEMU's default, 64 KiB on a
     /// raw image, which makes each random 4 KiB write cost a 64 KiB copy).
-    #[arg(long, default_value_t = 4096)]
     pub granularity: u32,
     /// qemu: the mirror's copy rate limit in MiB/s until it is ready (0: none); lifted once in
     /// sync.
-    #[arg(long, default_value_t = 0)]
     pub speed_mib: u64,
     /// qemu: start every mirror write-blocking (each guest write reaches both images before it
     /// completes) instead of background.
-    #[arg(long)]
     pub write_blocking: bool,
     /// qemu: an image directory from `patchover image build-demo --qemu` (default: build one).
-    #[arg(long, value_name = "DIR")]
     pub image: Option<PathBuf>,
     /// qemu: the work directory (images, run and state dirs; default under /var/tmp, removed
     /// after the run).
-    #[arg(long, value_name = "DIR")]
     pub work_dir: Option<PathBuf>,
 }
 
@@ -219,7 +207,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Compares two images byte for byte; `None` when equal, else where they first differ.
-pub fn compare_images(a: &Path, b: &Path) -> anyhow::Result<Option<String>> {
+pub fn compare_images(a: &Path, b: &Path) -> Result<Option<String>, BenchError> {
     let (la, lb) = (
         fs::metadata(a)
             .with_context(|| format!("stat {}", a.display()))?
@@ -246,7 +234,7 @@ pub fn compare_images(a: &Path, b: &Path) -> anyhow::Result<Option<String>> {
             (fa.read_exact(&mut ba[..n]), h.join())
         });
         ra.with_context(|| format!("read {}", a.display()))?;
-        rb.map_err(|_| anyhow::anyhow!("reader thread panicked"))?
+        rb.map_err(|_| BenchError::Failed("reader thread panicked".to_owned()))?
             .with_context(|| format!("read {}", b.display()))?;
         if ba[..n] != bb[..n] {
             let i = ba[..n]
@@ -275,7 +263,7 @@ struct Rig {
 }
 
 impl Rig {
-    fn exec(&self, script: &str) -> anyhow::Result<String> {
+    fn exec(&self, script: &str) -> Result<String, BenchError> {
         let out = self
             .backend
             .exec(
@@ -294,13 +282,13 @@ impl Rig {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn jobs_qmp(&self) -> anyhow::Result<Qmp> {
+    fn jobs_qmp(&self) -> Result<Qmp, BenchError> {
         let sock = patchover_qemu::backend::jobs_socket(&self.run_dir, &self.spec.id);
         Qmp::connect(&sock, Duration::from_secs(10)).context("connecting to the jobs monitor")
     }
 
     /// The writer's latest report line (it writes one every 100 ms).
-    fn sample(&self, pid: &str) -> anyhow::Result<Sample> {
+    fn sample(&self, pid: &str) -> Result<Sample, BenchError> {
         for _ in 0..50 {
             let out = self.exec(&format!("tail -n 1 {GUEST_REPORT}"))?;
             if let Some(s) = Sample::parse(out.trim()) {
@@ -312,7 +300,7 @@ impl Rig {
         bail!("the guest writer wrote no figures to {GUEST_REPORT}")
     }
 
-    fn writer_alive(&self, pid: &str) -> anyhow::Result<()> {
+    fn writer_alive(&self, pid: &str) -> Result<(), BenchError> {
         if self.exec(&format!("kill -0 {pid}")).is_err() {
             let log = self.exec(&format!("cat {GUEST_LOG}")).unwrap_or_default();
             bail!(
@@ -351,7 +339,7 @@ impl Drop for Rig {
     }
 }
 
-fn run_tool(cmd: &mut Command) -> anyhow::Result<()> {
+fn run_tool(cmd: &mut Command) -> Result<(), BenchError> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
@@ -366,7 +354,7 @@ fn run_tool(cmd: &mut Command) -> anyhow::Result<()> {
 /// Makes an empty ext4 application disk of `bytes` (sparse). Inode tables and journal are
 /// written now (`lazy_*_init=0`): left lazy, the guest kernel zeroes them in the background
 /// for the first minute after mounting, which would weigh on the baseline.
-fn make_ext4(img: &Path, bytes: u64) -> anyhow::Result<()> {
+fn make_ext4(img: &Path, bytes: u64) -> Result<(), BenchError> {
     let f = File::create(img).with_context(|| format!("creating {}", img.display()))?;
     f.set_len(bytes)
         .with_context(|| format!("sizing {}", img.display()))?;
@@ -392,9 +380,9 @@ fn unique() -> String {
 fn mirror_ready(
     qmp: &mut Qmp,
     target: &Path,
-    a: &QemuArgs,
+    a: &QemuBenchConfig,
     mut say: impl FnMut(&str),
-) -> anyhow::Result<(Mirror, CopyMode, patchover_qemu::Progress)> {
+) -> Result<(Mirror, CopyMode, patchover_qemu::Progress), BenchError> {
     let granularity = (a.granularity > 0).then_some(a.granularity);
     let spec = |mode| MirrorSpec {
         job_id: "bench-app".to_owned(),
@@ -433,18 +421,8 @@ fn mirror_ready(
     }
 }
 
-pub fn run(cuts: usize, a: &QemuArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let json = ctx.json;
-    let say = |s: &str| {
-        if !json {
-            eprintln!("… {s}");
-        }
-    };
-    let r = bench(cuts.max(1), a, &say)?;
-    if json {
-        println!("{}", serde_json::to_string(&r)?);
-        return Ok(ExitCode::SUCCESS);
-    }
+/// Prints the report as the CLI shows it without `--json`.
+pub fn print(r: &QemuBenchReport) {
     let mib = |b: f64| b / 1048576.0;
     let met = |b: bool| if b { "met" } else { "MISSED" };
     let f = &r.freeze;
@@ -513,13 +491,18 @@ pub fn run(cuts: usize, a: &QemuArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         "                accel {}; mirrors: {} background, {} write-blocking, granularity {} B",
         r.accel, r.copy_modes.background, r.copy_modes.write_blocking, r.granularity
     );
-    Ok(ExitCode::SUCCESS)
 }
 
-fn bench(cuts: usize, a: &QemuArgs, say: &dyn Fn(&str)) -> anyhow::Result<QemuBenchReport> {
+/// Runs the benchmark (`cuts` cuts, at least one), telling its progress to `say`.
+pub fn run(
+    cuts: usize,
+    a: &QemuBenchConfig,
+    say: &dyn Fn(&str),
+) -> Result<QemuBenchReport, BenchError> {
+    let cuts = cuts.max(1);
     if a.file_mib == 0 || a.rate_mib.is_nan() || a.rate_mib <= 0.0 || a.writer_threads == 0 {
-        bail!(super::BadInput(
-            "--file-mib, --rate-mib and --writer-threads must be positive".to_owned()
+        return Err(BenchError::Refused(
+            "--file-mib, --rate-mib and --writer-threads must be positive".to_owned(),
         ));
     }
     let u = unique();
