@@ -136,6 +136,17 @@ pub fn announce_here(
 /// Asks who has `ip` on `iface` of the calling thread's namespace (an ARP probe: sender address
 /// 0.0.0.0, so no neighbour cache learns anything) and returns the MACs that answer within
 /// `wait`. `own_mac` is the interface's MAC, the probe's sender.
+///
+/// The probe is sent [`PROBES`] times, spread over `wait` (as RFC 5227 sends several probes):
+/// one probe lost, or one answer late on a loaded host, does not hide an owner.
+/// How many probes [`who_has_here`] sends within its wait.
+pub const PROBES: u32 = 3;
+
+/// How long the switcher listens for another owner of the service address before it moves it:
+/// long enough for an answer delayed by a loaded host (30 ms missed one under a CI run), and
+/// spent before the pause, not in it.
+pub const CONFLICT_WAIT: Duration = Duration::from_millis(300);
+
 pub fn who_has_here(
     netns: Option<PathBuf>,
     iface: &str,
@@ -176,24 +187,44 @@ pub fn who_has_here(
     }
     let mut probe = frame(own_mac, Ipv4Addr::UNSPECIFIED, 1);
     probe[38..42].copy_from_slice(&ip.octets());
-    // SAFETY: `probe` and `addr` are valid for the lengths passed.
-    let n = unsafe {
-        libc::sendto(
-            sock.as_raw_fd(),
-            probe.as_ptr().cast(),
-            probe.len(),
-            0,
-            (&raw const addr).cast(),
-            sl,
-        )
+    let send = || {
+        // SAFETY: `probe` and `addr` are valid for the lengths passed.
+        let n = unsafe {
+            libc::sendto(
+                sock.as_raw_fd(),
+                probe.as_ptr().cast(),
+                probe.len(),
+                0,
+                (&raw const addr).cast(),
+                sl,
+            )
+        };
+        if n < 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        Ok(())
     };
-    if n < 0 {
-        return Err(io(std::io::Error::last_os_error()));
-    }
-    let deadline = std::time::Instant::now() + wait;
+    let start = std::time::Instant::now();
+    let deadline = start + wait;
+    let mut sent = 0u32;
     let mut owners = Vec::new();
     let mut buf = [0u8; 128];
-    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+    loop {
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            break;
+        }
+        // Probe k goes out at k/PROBES of the wait.
+        if sent < PROBES && now >= start + wait * sent / PROBES {
+            send()?;
+            sent += 1;
+        }
+        let next = if sent < PROBES {
+            (start + wait * sent / PROBES).min(deadline)
+        } else {
+            deadline
+        };
+        let left = next.saturating_duration_since(std::time::Instant::now());
         let tv = libc::timeval {
             tv_sec: left.as_secs() as libc::time_t,
             tv_usec: left.subsec_micros().max(1) as libc::suseconds_t,
@@ -211,7 +242,11 @@ pub fn who_has_here(
         // SAFETY: `buf` is valid for its length; the socket is open.
         let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
-            break;
+            match std::io::Error::last_os_error().raw_os_error() {
+                // The timeout (time for the next probe, or the end) or a signal.
+                Some(libc::EAGAIN | libc::EINTR) => continue,
+                _ => return Err(io(std::io::Error::last_os_error())),
+            }
         }
         if let Some(mac) = arp_reply_from(&buf[..n as usize], ip)
             && !owners.contains(&mac)

@@ -83,7 +83,7 @@ impl Network for LiveNetwork {
     ) -> Result<Vec<MacAddr>, SwitchError> {
         let (br, ns) = (bridge.to_string(), self.host_netns.clone());
         Ok(crate::netns::in_netns(self.host_ns(), move || {
-            garp::who_has_here(ns, &br, bridge_mac, addr, Duration::from_millis(30))
+            garp::who_has_here(ns, &br, bridge_mac, addr, garp::CONFLICT_WAIT)
         })??)
     }
 

@@ -571,6 +571,23 @@ impl Stranger {
         run(&["-n", &name, "addr", "add", addr, "dev", "eth0", "nodad"]);
         run(&["-n", &name, "link", "set", "eth0", "up"]);
         run(&["-n", &h, "link", "set", "poxn0", "master", "pobr", "up"]);
+        // The claim is made once both ends carry traffic: the switcher's probe must meet an
+        // owner that can answer, not a link still coming up.
+        let up = |ns: &str, dev: &str| {
+            let out = std::process::Command::new("ip")
+                .args(["-n", ns, "-j", "link", "show", dev])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("\"operstate\":\"UP\"")
+        };
+        let t0 = std::time::Instant::now();
+        while !(up(&name, "eth0") && up(&h, "poxn0")) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the stranger's link never came up"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         s
     }
 }
@@ -625,4 +642,95 @@ fn service_address_taken_by_a_stranger_changes_nothing() {
             assert_eq!(host.need_link(&tb.b.host_port).unwrap().controller, None);
         }
     }
+}
+
+/// The switcher's check for another owner of the service address probes more than once within
+/// its wait: an owner whose answer the first probe does not get (here: it takes the address
+/// 120 ms after the first probe, as a late answer on a loaded host looks) is still found.
+#[test]
+fn an_owner_that_answers_only_a_later_probe_is_found() {
+    let id = std::process::id();
+    let (a, b) = (format!("poprA-{id}"), format!("poprB-{id}"));
+    let run = |args: &[&str]| {
+        let st = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip {args:?}");
+    };
+    struct Gone(Vec<String>);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            for ns in &self.0 {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", ns])
+                    .status();
+            }
+        }
+    }
+    run(&["netns", "add", &a]);
+    let _gone = Gone(vec![a.clone(), b.clone()]);
+    run(&["netns", "add", &b]);
+    run(&[
+        "-n", &a, "link", "add", "probe0", "type", "veth", "peer", "name", "own0", "netns", &b,
+    ]);
+    run(&[
+        "-n",
+        &a,
+        "link",
+        "set",
+        "probe0",
+        "address",
+        "02:11:11:11:11:11",
+    ]);
+    run(&[
+        "-n",
+        &b,
+        "link",
+        "set",
+        "own0",
+        "address",
+        "02:22:22:22:22:22",
+    ]);
+    run(&["-n", &a, "link", "set", "probe0", "up"]);
+    run(&["-n", &b, "link", "set", "own0", "up"]);
+    let addr: Ipv4Addr = "10.251.7.9".parse().unwrap();
+    let late = {
+        let b = b.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(120));
+            let st = std::process::Command::new("ip")
+                .args([
+                    "-n",
+                    &b,
+                    "addr",
+                    "add",
+                    "10.251.7.9/24",
+                    "dev",
+                    "own0",
+                    "nodad",
+                ])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        })
+    };
+    let ns = PathBuf::from(format!("/run/netns/{a}"));
+    let inside = ns.clone();
+    let owners = patchover_net::netns::in_netns(Some(&ns), move || {
+        patchover_net::garp::who_has_here(
+            Some(inside),
+            "probe0",
+            "02:11:11:11:11:11".parse().unwrap(),
+            addr,
+            patchover_net::garp::CONFLICT_WAIT,
+        )
+    })
+    .unwrap()
+    .unwrap();
+    late.join().unwrap();
+    assert_eq!(
+        owners.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["02:22:22:22:22:22"]
+    );
 }
