@@ -48,11 +48,12 @@ pub enum FromAptError {
         lc_suite: String,
         source_line: String,
     },
-    #[error(
-        "{lc}'s system disk {} is an image; from-apt reads directory disks (ns LCs) only so far",
-        disk.display()
-    )]
-    ImageDisk { lc: String, disk: PathBuf },
+    #[error("mounting the image {} read-only", disk.display())]
+    Mount {
+        disk: PathBuf,
+        #[source]
+        source: ToolError,
+    },
     #[error("{lc}'s /etc/os-release names no VERSION_CODENAME; name the archive with --source")]
     NoSuite { lc: String },
     #[error("the apt sources")]
@@ -108,6 +109,7 @@ impl FromAptError {
         !matches!(
             self,
             FromAptError::Apt(_)
+                | FromAptError::Mount { .. }
                 | FromAptError::Deb { .. }
                 | FromAptError::Io { .. }
                 | FromAptError::Create { .. }
@@ -163,27 +165,46 @@ pub enum Outcome {
     },
 }
 
-/// [`from_apt`] on an LC's system disk. A directory disk is opened as the LC's root; an
-/// image is refused (a VM's packages are read from a point-in-time copy or through its agent:
-/// not done yet).
+/// [`from_apt`] on an LC's system disk. A directory disk is opened as the LC's root. An image
+/// (a VM's) must not be in use: the caller checks that the LC is stopped; it is loop-mounted
+/// read-only (`nosuid,nodev,noexec`) for the time of the read and opened as the root. A
+/// running VM's packages (through its agent, or from the cycle's point-in-time copy) are not
+/// read yet.
 pub fn from_apt_on_disk(
     disk: &Path,
     image: bool,
     opts: &FromAptOptions,
 ) -> Result<Outcome, FromAptError> {
-    if image {
-        return Err(FromAptError::ImageDisk {
-            lc: opts.lc.clone(),
-            disk: disk.to_owned(),
-        });
-    }
-    let root = LcRoot::open(disk).map_err(|source| {
+    let root_err = |source| {
         FromAptError::Status(StatusError::Read {
             lc: opts.lc.clone(),
             source,
         })
+    };
+    if !image {
+        return from_apt(&LcRoot::open(disk).map_err(root_err)?, opts);
+    }
+    let mnt = tempfile::Builder::new()
+        .prefix("patchover-from-apt-mnt-")
+        .tempdir()
+        .map_err(io("creating a mount point"))?;
+    let mut c = Command::new("mount");
+    c.args(["-o", "loop,ro,nosuid,nodev,noexec", "--no-canonicalize"])
+        .arg(disk)
+        .arg(mnt.path());
+    run(c, "mount").map_err(|source| FromAptError::Mount {
+        disk: disk.to_owned(),
+        source,
     })?;
-    from_apt(&root, opts)
+    let r = LcRoot::open(mnt.path())
+        .map_err(root_err)
+        .and_then(|root| from_apt(&root, opts));
+    let mut c = Command::new("umount");
+    c.arg(mnt.path());
+    if let Err(e) = run(c, "mount") {
+        tracing::warn!(error = %e, disk = %disk.display(), "unmounting the image");
+    }
+    r
 }
 
 impl std::fmt::Display for Outcome {

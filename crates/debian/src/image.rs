@@ -58,6 +58,8 @@ pub enum ImageError {
         #[source]
         source: ToolError,
     },
+    #[error("making the QEMU LC's files")]
+    Vm(#[source] patchover_image::ImageError),
     #[error("{what} {}", path.display())]
     Io {
         what: &'static str,
@@ -81,6 +83,9 @@ pub struct BuildOptions {
     pub agent: PathBuf,
     /// Replace a non-empty DIR.
     pub force: bool,
+    /// The tree is for a QEMU LC: `iproute2` is added, and the boot script that applies the
+    /// kernel command line the host builds ([`add_qemu_boot`]).
+    pub qemu: bool,
 }
 
 impl BuildOptions {
@@ -103,6 +108,7 @@ impl BuildOptions {
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_DIR)),
             agent,
             force: false,
+            qemu: false,
         })
     }
 }
@@ -113,7 +119,7 @@ impl ImageError {
         matches!(
             self,
             ImageError::BadPackage(_) | ImageError::BadSuite(_) | ImageError::Exists(_)
-        )
+        ) || matches!(self, ImageError::Vm(e) if e.is_bad_input())
     }
 }
 
@@ -149,6 +155,11 @@ pub fn build_debian(dir: &Path, opts: &BuildOptions) -> Result<Built, ImageError
         }
     }
     packages.push("sysvinit-core".into());
+    if opts.qemu {
+        // What the host runs inside a VM through its agent (`patchover_net::lc::agent`):
+        // `ip`, and busybox's `wget` and `arping`, whose options and output it reads.
+        packages.extend(["iproute2".into(), "busybox".into()]);
+    }
     packages.sort();
     packages.dedup();
     let nonempty = fs::read_dir(dir)
@@ -173,6 +184,9 @@ pub fn build_debian(dir: &Path, opts: &BuildOptions) -> Result<Built, ImageError
 
     let started = Instant::now();
     copy_out(&cached_tree, dir, &opts.agent)?;
+    if opts.qemu {
+        add_qemu_boot(dir)?;
+    }
     Ok(Built {
         dir: dir.to_owned(),
         suite: opts.suite.clone(),
@@ -364,6 +378,149 @@ fn customize(root: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
+/// `image build-debian --qemu`: the Debian tree (with [`BuildOptions::qemu`] set) as a QEMU
+/// LC's files in `dir` (`vmlinuz`, `initrd.img`, `system.img`, `app.img`), with the demo
+/// image's kernel and initramfs (`patchover_image::qemu::images_from_tree`).
+pub fn build_debian_qemu(dir: &Path, opts: &BuildOptions) -> Result<Built, ImageError> {
+    let opts = BuildOptions {
+        qemu: true,
+        ..opts.clone()
+    };
+    let deb = patchover_image::qemu::find_kernel_deb(None).map_err(ImageError::Vm)?;
+    let busybox = patchover_image::busybox().map_err(ImageError::Vm)?;
+    let out = patchover_image::prepare_output(dir, opts.force).map_err(ImageError::Vm)?;
+    let (tree, app) = (
+        out.path().join(".work/rootfs"),
+        out.path().join(".work/app"),
+    );
+    fs::create_dir_all(&app).map_err(|source| ImageError::Io {
+        what: "creating",
+        path: app.clone(),
+        source,
+    })?;
+    let mut built = build_debian(
+        &tree,
+        &BuildOptions {
+            force: true,
+            ..opts
+        },
+    )?;
+    patchover_image::qemu::images_from_tree(out.path(), &tree, &app, &busybox, &deb)
+        .map_err(ImageError::Vm)?;
+    let work = out.path().join(".work");
+    fs::remove_dir_all(&work).map_err(|source| ImageError::Io {
+        what: "removing",
+        path: work,
+        source,
+    })?;
+    out.finish(dir).map_err(ImageError::Vm)?;
+    built.dir = dir.to_owned();
+    Ok(built)
+}
+
+/// The first boot script of a QEMU LC (`/etc/rcS.d/S00patchover-qemu`): applies what the host
+/// put on the kernel command line (hostname, NICs by MAC, the application disk) and waits for
+/// the agent's virtio port. The same conventions as the demo's QEMU image (docs/lc-qemu.md).
+const QEMU_BOOT: &str = r#"#!/bin/sh
+### BEGIN INIT INFO
+# Provides:          patchover-qemu
+# Required-Start:
+# Required-Stop:
+# Default-Start:     S
+# Default-Stop:
+# Short-Description: patchover: the host's kernel command line for a QEMU LC
+### END INIT INFO
+PATH=/sbin:/bin:/usr/sbin:/usr/bin
+cmdline=$(cat /proc/cmdline)
+case " $cmdline " in
+    *" patchover.hostname="*|*" patchover.nic="*) ;;
+    *) exit 0 ;;
+esac
+case "$1" in
+  start)
+    ip link set dev lo up
+    for arg in $cmdline; do
+        case "$arg" in
+            patchover.hostname=*) hostname "${arg#patchover.hostname=}" ;;
+            patchover.nic=*)
+                spec=${arg#patchover.nic=}
+                name=${spec%%,*}; rest=${spec#*,}
+                mac=$(echo "${rest%%,*}" | tr A-F a-f); addr=${rest#*,}
+                gw=
+                case "$addr" in *,*) gw=${addr#*,}; addr=${addr%%,*} ;; esac
+                found=
+                for dev in /sys/class/net/*; do
+                    [ "$(cat "$dev/address" 2>/dev/null)" = "$mac" ] && found=${dev##*/}
+                done
+                if [ -z "$found" ]; then
+                    echo "patchover-qemu: no interface has MAC $mac (for $name)" >&2
+                    continue
+                fi
+                [ "$found" = "$name" ] || ip link set dev "$found" name "$name"
+                [ "$addr" = "-" ] || ip addr add "$addr" dev "$name"
+                ip link set dev "$name" up
+                [ -z "$gw" ] || ip route add default via "$gw" dev "$name"
+                ;;
+            patchover.app=*)
+                spec=${arg#patchover.app=}; dev=${spec%%,*}; dir=${spec#*,}
+                mkdir -p "$dir"
+                n=0
+                while [ ! -b "$dev" ] && [ $n -lt 100 ]; do sleep 0.05; n=$((n + 1)); done
+                mount -t ext4 "$dev" "$dir" || echo "patchover-qemu: cannot mount $dev on $dir" >&2
+                ;;
+        esac
+    done
+    n=0
+    while ! grep -qx org.patchover.agent /sys/class/virtio-ports/*/name 2>/dev/null \
+        && [ $n -lt 100 ]; do
+        sleep 0.05; n=$((n + 1))
+    done
+    ;;
+  stop)
+    for arg in $cmdline; do
+        case "$arg" in
+            patchover.app=*) umount "${arg#*,}" 2>/dev/null ;;
+        esac
+    done
+    sync
+    ;;
+esac
+exit 0
+"#;
+
+/// Makes the tree at `root` boot as a QEMU LC: [`QEMU_BOOT`] first in the boot runlevel,
+/// and its stop part in the halt runlevel (unmount the application disk, sync); busybox's
+/// `wget` and `arping` in `/usr/bin` (on the agent's PATH) for the host's in-guest checks.
+pub fn add_qemu_boot(root: &Path) -> Result<(), ImageError> {
+    let io = |what: &'static str| {
+        move |source| ImageError::Io {
+            what,
+            path: root.to_owned(),
+            source,
+        }
+    };
+    let script = root.join("etc/init.d/patchover-qemu");
+    fs::write(&script, QEMU_BOOT).map_err(io("writing the QEMU boot script in"))?;
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755))
+        .map_err(io("chmod the QEMU boot script in"))?;
+    for applet in ["wget", "arping"] {
+        let l = root.join("usr/bin").join(applet);
+        let _ = fs::remove_file(&l);
+        std::os::unix::fs::symlink("/bin/busybox", &l)
+            .map_err(io("linking a busybox applet in"))?;
+    }
+    for (link, rc) in [
+        ("S00patchover-qemu", "rcS.d"),
+        ("K01patchover-qemu", "rc0.d"),
+    ] {
+        let l = root.join("etc").join(rc).join(link);
+        let _ = fs::remove_file(&l);
+        std::os::unix::fs::symlink("../init.d/patchover-qemu", &l)
+            .map_err(io("linking the QEMU boot script in"))?;
+    }
+    Ok(())
+}
+
 /// Copies the cached tree to `dir` (through a temporary directory beside it) and puts the
 /// agent in.
 fn copy_out(tree: &Path, dir: &Path, agent: &Path) -> Result<(), ImageError> {
@@ -371,6 +528,11 @@ fn copy_out(tree: &Path, dir: &Path, agent: &Path) -> Result<(), ImageError> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|source| ImageError::Io {
+        what: "creating",
+        path: parent.to_owned(),
+        source,
+    })?;
     let tmp = parent.join(format!(".patchover-debian-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
     let mut c = Command::new("cp");

@@ -62,28 +62,10 @@ pub fn build_demo_qemu(
     let tree = work.join("rootfs");
     fs::create_dir_all(&tree).ctx(|| format!("creating {}", tree.display()))?;
 
-    let kernel = Kernel::extract(&deb, &work.join("kernel"))?;
-    fs::copy(&kernel.vmlinuz, out.path().join("vmlinuz"))
-        .ctx(|| "copying the kernel".to_owned())?;
-    let modules = kernel.resolve(&INITRD_MODULES)?;
-    let initrd = initramfs(parts.busybox(), &modules)?;
-    fs::write(out.path().join("initrd.img"), initrd).ctx(|| "writing initrd.img".to_owned())?;
-
     populate_demo_tree(&tree, &parts, port)?;
     write(&tree.join("etc/init.d/S01qemu"), S01QEMU, 0o755)?;
-    let sys_mib = (tree_bytes(&tree)? >> 20) + SYSTEM_HEADROOM_MIB;
-    mkfs_ext4(
-        &tree,
-        "system",
-        &out.path().join("system.img"),
-        sys_mib.max(SYSTEM_MIN_MIB),
-    )?;
-    mkfs_ext4(
-        &tree.join("data"),
-        "app",
-        &out.path().join("app.img"),
-        APP_MIB,
-    )?;
+    let (kernel, modules) =
+        images_from_tree(out.path(), &tree, &tree.join("data"), parts.busybox(), &deb)?;
     fs::remove_dir_all(&work).ctx(|| format!("removing {}", work.display()))?;
     out.finish(dir)?;
     Ok(QemuImage {
@@ -91,11 +73,43 @@ pub fn build_demo_qemu(
         initrd: dir.join("initrd.img"),
         system_disk: dir.join("system.img"),
         app_disk: dir.join("app.img"),
-        kernel_release: kernel.release,
-        modules: modules.into_iter().map(|(name, _)| name).collect(),
+        kernel_release: kernel,
+        modules,
         version: version.to_owned(),
         port,
     })
+}
+
+/// Writes a QEMU LC's files into `out`: `vmlinuz` and `initrd.img` from the kernel package
+/// `deb` (see [`find_kernel_deb`]), `system.img` from the root tree `tree`, `app.img` from
+/// `app_tree`. Returns the kernel's release and the initramfs's modules. Shared by the demo's
+/// image and `image build-debian --qemu` (patchover-debian).
+pub fn images_from_tree(
+    out: &Path,
+    tree: &Path,
+    app_tree: &Path,
+    busybox: &Path,
+    deb: &Path,
+) -> Result<(String, Vec<String>), ImageError> {
+    let work = out.join(".kernel");
+    let kernel = Kernel::extract(deb, &work)?;
+    fs::copy(&kernel.vmlinuz, out.join("vmlinuz")).ctx(|| "copying the kernel".to_owned())?;
+    let modules = kernel.resolve(&INITRD_MODULES)?;
+    fs::write(out.join("initrd.img"), initramfs(busybox, &modules)?)
+        .ctx(|| "writing initrd.img".to_owned())?;
+    let sys_mib = (tree_bytes(tree)? >> 20) + SYSTEM_HEADROOM_MIB;
+    mkfs_ext4(
+        tree,
+        "system",
+        &out.join("system.img"),
+        sys_mib.max(SYSTEM_MIN_MIB),
+    )?;
+    mkfs_ext4(app_tree, "app", &out.join("app.img"), APP_MIB)?;
+    fs::remove_dir_all(&work).ctx(|| format!("removing {}", work.display()))?;
+    Ok((
+        kernel.release,
+        modules.into_iter().map(|(name, _)| name).collect(),
+    ))
 }
 
 fn by_hand(what: &str) -> String {
@@ -105,7 +119,7 @@ fn by_hand(what: &str) -> String {
 }
 
 /// The kernel .deb: the given one, a cached one, or one downloaded with apt into the cache.
-fn find_kernel_deb(explicit: Option<&Path>) -> Result<PathBuf, ImageError> {
+pub fn find_kernel_deb(explicit: Option<&Path>) -> Result<PathBuf, ImageError> {
     if let Some(p) = explicit {
         if !p.is_file() {
             return Err(ImageError::Refused(format!(

@@ -109,6 +109,16 @@ pub fn run(cmd: BundleCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 output,
             };
             let disk = &spec.system_disk;
+            let image = disk.kind == patchover_core::DiskKind::Image;
+            if image
+                && patchover_lc::LcBackend::status(&ctx.env()?.backend, spec)?.state
+                    != patchover_lc::LcState::Stopped
+            {
+                anyhow::bail!(BadInput(format!(
+                    "{} is running: from-apt reads a VM's packages from its stopped disk (stop it, or use its point-in-time copy)",
+                    opts.lc
+                )));
+            }
             let out = patchover_debian::fromapt::from_apt_on_disk(
                 &disk.path,
                 disk.kind == patchover_core::DiskKind::Image,

@@ -52,6 +52,9 @@ pub enum ImageCmd {
         /// Include the suite's -updates and -security (default: the suite as released).
         #[arg(long)]
         with_updates: bool,
+        /// Build a QEMU LC instead: DIR gets vmlinuz, initrd.img, system.img and app.img.
+        #[arg(long, conflicts_with = "app_dir")]
+        qemu: bool,
         /// Replace DIR if it exists.
         #[arg(long)]
         force: bool,
@@ -66,14 +69,20 @@ pub fn run(cmd: ImageCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             app_dir,
             suite,
             with_updates,
+            qemu,
             force,
         } => {
-            use patchover_debian::image::{BuildOptions, build_debian};
+            use patchover_debian::image::{BuildOptions, build_debian, build_debian_qemu};
             let agent = guest_binary("patchover-agent")?;
             let mut opts = BuildOptions::from_host(&suite, packages, with_updates, agent)
                 .map_err(|e| BadInput(format!("{:#}", anyhow::Error::from(e))))?;
             opts.force = force;
-            let built = build_debian(&dir, &opts).map_err(|e| match e.is_bad_input() {
+            let build = if qemu {
+                build_debian_qemu
+            } else {
+                build_debian
+            };
+            let built = build(&dir, &opts).map_err(|e| match e.is_bad_input() {
                 true => anyhow::Error::from(BadInput(e.to_string())),
                 false => anyhow::Error::from(e),
             })?;
