@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use crate::{BenchError, Context};
 use patchover_core::{Config, HostFacts, LcSpec};
 use patchover_disk::bench::pct;
-use patchover_lc::{LcBackend, Stdio};
+use patchover_lc::{LcBackend, Pausable, Stdio};
 use patchover_qemu::backend::{QemuBackend, QemuConfig};
 use patchover_qemu::{CopyMode, ImageFormat, Mirror, MirrorError, MirrorSpec, Qmp};
 use serde::Serialize;

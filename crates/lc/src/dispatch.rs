@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use patchover_core::{BackendKind, LcSpec, NicSpec};
 
+use crate::migrate::{Copied, DiskCopyError, LiveCopy, Migratable, Pausable};
 use crate::{ExecOutput, LcBackend, LcError, LcStatus, Stdio};
 
 pub struct ByKind {
@@ -30,6 +31,35 @@ impl ByKind {
     }
 }
 
+impl Pausable for ByKind {
+    fn set_frozen(&self, spec: &LcSpec, frozen: bool) -> Result<(), LcError> {
+        self.of(spec)?.set_frozen(spec, frozen)
+    }
+}
+
+impl Migratable for ByKind {
+    fn copy_system_disk(&self, active: &LcSpec, dst: &Path) -> Result<Copied, DiskCopyError> {
+        self.of(active)
+            .map_err(DiskCopyError::system)?
+            .copy_system_disk(active, dst)
+    }
+    fn live_copy(
+        &self,
+        active: &LcSpec,
+        src: &patchover_core::DiskSpec,
+        dst: &patchover_core::DiskSpec,
+    ) -> Result<Box<dyn LiveCopy>, DiskCopyError> {
+        self.of(active)
+            .map_err(DiskCopyError::application)?
+            .live_copy(active, src, dst)
+    }
+    fn end_leftover_copies(&self, active: &LcSpec) -> Vec<String> {
+        self.of(active)
+            .map(|b| b.end_leftover_copies(active))
+            .unwrap_or_default()
+    }
+}
+
 impl LcBackend for ByKind {
     fn boot(&self, spec: &LcSpec) -> Result<LcStatus, LcError> {
         self.of(spec)?.boot(spec)
@@ -46,9 +76,6 @@ impl LcBackend for ByKind {
     fn exec(&self, spec: &LcSpec, argv: &[String], stdio: Stdio) -> Result<ExecOutput, LcError> {
         self.of(spec)?.exec(spec, argv, stdio)
     }
-    fn set_frozen(&self, spec: &LcSpec, frozen: bool) -> Result<(), LcError> {
-        self.of(spec)?.set_frozen(spec, frozen)
-    }
     fn attach_disk(&self, spec: &LcSpec, source: &Path, at: &Path) -> Result<(), LcError> {
         self.of(spec)?.attach_disk(spec, source, at)
     }
@@ -64,6 +91,13 @@ impl LcBackend for ByKind {
     }
     fn agent(&self, spec: &LcSpec) -> Result<patchover_agent::AgentClient, LcError> {
         self.of(spec)?.agent(spec)
+    }
+    fn access(&self, spec: &LcSpec) -> Result<crate::Access, LcError> {
+        self.of(spec)?.access(spec)
+    }
+    fn system_disk_readable_live(&self, spec: &LcSpec) -> bool {
+        self.of(spec)
+            .is_ok_and(|b| b.system_disk_readable_live(spec))
     }
     fn has_agent(&self, spec: &LcSpec) -> bool {
         self.of(spec).is_ok_and(|b| b.has_agent(spec))

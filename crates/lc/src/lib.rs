@@ -5,7 +5,7 @@
 //! mounted and its NICs plugged into the host bridge, and is controlled from the host: reboot,
 //! stop, status, exec, freeze, attach disks and NICs, and the agent channel. Backends:
 //! - [`ns::NsBackend`]: Linux namespaces + cgroups (software partitioning);
-//! - QEMU VMs (hardware partitioning) — the `qemu` backend, to come behind the same trait.
+//! - QEMU VMs (hardware partitioning): `patchover_qemu::backend::QemuBackend`.
 //!
 //! Every privileged call of a backend goes through the [`host::Host`] seam, so the backend's
 //! logic (ordering, rollback on failure, state checks) is unit-tested against a recording fake
@@ -16,6 +16,7 @@ pub mod disks;
 pub mod dispatch;
 pub mod host;
 pub mod images;
+pub mod migrate;
 pub mod ns;
 
 use std::path::PathBuf;
@@ -23,6 +24,10 @@ use std::time::Duration;
 
 use patchover_core::{LcId, LcSpec};
 use serde::{Deserialize, Serialize};
+
+pub use migrate::{
+    Copied, CopyProgress, CutDone, DiskCopyError, Hold, LiveCopy, Migratable, Pausable,
+};
 
 /// What the host sees of an LC.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -168,8 +173,20 @@ impl LcError {
     }
 }
 
-/// The partitioning mechanism and LC control program, one implementation per kind of LC.
-pub trait LcBackend {
+/// The way into a running LC from the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// The LC's network namespace (`/proc/<init>/ns/net` of an `ns` LC).
+    Netns(PathBuf),
+    /// The agent channel's socket on the host (a VM has no namespace on the host).
+    Agent(PathBuf),
+}
+
+/// The partitioning mechanism and LC control program, one implementation per kind of LC. What
+/// differs between kinds beyond boot and control — holding an LC still, copying its disks
+/// while it runs, the way into it — is the backend's too ([`Pausable`], [`Migratable`],
+/// [`LcBackend::access`]).
+pub trait LcBackend: Migratable {
     /// Boots the LC from its system disk; it runs its own boot scripts. Fails without a trace
     /// left on the host if any step fails.
     fn boot(&self, spec: &LcSpec) -> Result<LcStatus, LcError>;
@@ -184,8 +201,6 @@ pub trait LcBackend {
     fn status(&self, spec: &LcSpec) -> Result<LcStatus, LcError>;
     /// Runs a program inside the running LC.
     fn exec(&self, spec: &LcSpec, argv: &[String], stdio: Stdio) -> Result<ExecOutput, LcError>;
-    /// Holds every process of the LC still (the disk copier's quiesce), or lets them go.
-    fn set_frozen(&self, spec: &LcSpec, frozen: bool) -> Result<(), LcError>;
     /// Mounts a host directory into the running LC at `at`.
     fn attach_disk(
         &self,
@@ -208,6 +223,22 @@ pub trait LcBackend {
     /// Whether the LC's system has an agent to wait for. A system the host cannot look into
     /// (a VM's image) is taken to have one.
     fn has_agent(&self, spec: &LcSpec) -> bool {
+        let _ = spec;
+        true
+    }
+    /// The way into the running LC. By default its init's network namespace.
+    fn access(&self, spec: &LcSpec) -> Result<Access, LcError> {
+        let st = self.status(spec)?;
+        match (st.state, st.pid) {
+            (LcState::Running, Some(pid)) => {
+                Ok(Access::Netns(PathBuf::from(format!("/proc/{pid}/ns/net"))))
+            }
+            _ => Err(LcError::NotRunning(spec.id.clone())),
+        }
+    }
+    /// Whether the host can read the running LC's system disk consistently. A VM's image is
+    /// not (the guest has it mounted): its malware check (702) reads the copy, after 703.
+    fn system_disk_readable_live(&self, spec: &LcSpec) -> bool {
         let _ = spec;
         true
     }

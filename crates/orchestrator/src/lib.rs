@@ -1,9 +1,10 @@
 //! The patch execution program (seed fig. 2 and 7, claims 1–3): one patch run, from the
 //! standby search to the network switch, as a state machine journaled in the store.
 //!
-//! Every step is recorded before it acts and after it is done (`run_steps`), so a restarted
-//! patchover knows how far a run got: [`recover`] finishes a run whose switch completed and
-//! rolls back any other. Until the switch, nothing touches the active LC except the disk
+//! A run is a list of typed steps ([`step::Step`], one file each under `step/`; see
+//! `docs/architecture.md` for the map): [`step::Step`]s are recorded in the journal before they
+//! act and after they are done ([`journal`]), so a restarted patchover knows how far a run got:
+//! [`recover`] finishes a run whose switch completed and rolls back any other. Until the switch, nothing touches the active LC except the disk
 //! copier's brief freeze; any failure before it releases the standby and leaves the service
 //! where it was; a failed switch is rolled back by the switcher itself.
 //!
@@ -15,13 +16,19 @@
 //! inside the switch window → the old LC is stopped and kept intact as the rollback target.
 
 pub mod install;
+pub mod journal;
 pub mod malware;
+pub mod network;
+pub mod recover;
 pub mod service;
 pub mod standby;
+pub mod step;
 
+mod access;
+mod context;
 mod copy;
 mod cycle;
-pub mod recover;
+mod guard;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,9 +36,13 @@ use std::time::Duration;
 use patchover_net::Mode;
 use serde::Serialize;
 
-pub use cycle::{Orchestrator, RunFailed, endpoint as cycle_endpoint, lc_access};
-pub use recover::{RunGuard, RunLock, recover};
+pub use access::{endpoint as cycle_endpoint, lc_access};
+pub use context::Orchestrator;
+pub use cycle::RunFailed;
+pub use guard::{RunGuard, RunLock};
+pub use recover::recover;
 pub use service::ServiceSettings;
+pub use step::{Step, StepState};
 
 /// What to patch and how.
 #[derive(Debug, Clone)]
@@ -181,6 +192,12 @@ pub enum OrchestratorError {
     Net(#[source] Box<patchover_net::rtnl::RtnlError>),
     #[error("network setup inside an LC")]
     InLc(#[source] Box<patchover_net::InLcError>),
+    /// A step ran before the one whose result it needs (a defect, not an operator's error).
+    #[error("{step} needs {needs} first")]
+    OutOfOrder {
+        step: &'static str,
+        needs: &'static str,
+    },
 }
 
 impl From<patchover_net::SwitchError> for OrchestratorError {

@@ -1,67 +1,27 @@
-//! Crash safety: the per-LC run lock, and finishing or rolling back a run whose patchover died.
+//! Crash safety: finishing or rolling back a run whose patchover died.
 //!
-//! A live run holds `<run_dir>/runs/<lc>.lock` with `flock`. The kernel drops the lock when the
-//! process dies however it dies, so an unfinished run in the journal whose lock can be taken
-//! belongs to a dead patchover, and [`recover`] deals with it:
+//! A live run holds its LC's run lock (`crate::guard`); an unfinished run in the journal whose
+//! lock can be taken belongs to a dead patchover. How far it got ([`Reached`], read from the
+//! journal as [`crate::step::Step`]s) decides:
 //! - the switch was done: finish (stop the old LC, set the roles);
 //! - the switch started but did not finish: whoever holds the service address now decides —
 //!   the standby with a healthy service keeps it (finish), otherwise the address goes back to
 //!   the old LC (roll back), the switcher's nftables leftovers are removed;
 //! - the switch never started: release the standby; the service never moved.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::net::Ipv4Addr;
-use std::path::Path;
-
-use patchover_core::{Config, Ipv4Cidr};
+use patchover_core::{Ipv4Cidr, LcSpec};
 use patchover_lc::LcState;
-use patchover_net::rtnl::{Rtnl, RtnlError};
-use patchover_net::{InLcError, LcAccess, ServiceAddress, SwitchError};
-use patchover_store::Role;
+use patchover_net::{Mode, ServiceAddress};
+use patchover_store::{Role, RunRow};
 
-use crate::cycle::{Orchestrator, endpoint};
+use crate::access::endpoint;
+use crate::context::Orchestrator;
+use crate::journal::{self, Reached};
+use crate::step::{Step, StepState};
 use crate::{OrchestratorError, RunReport};
 
-/// Held while a run for one LC is going.
-#[derive(Debug)]
-pub struct RunLock {
-    _file: File,
-}
-
-impl RunLock {
-    /// Takes the lock of `lc`, or says who holds it.
-    pub fn acquire(run_dir: &Path, lc: &str) -> Result<RunLock, OrchestratorError> {
-        let dir = run_dir.join("runs");
-        let io = |source| OrchestratorError::Prepare {
-            disk: "run lock",
-            path: dir.clone(),
-            source,
-        };
-        std::fs::create_dir_all(&dir).map_err(io)?;
-        let path = dir.join(format!("{lc}.lock"));
-        let mut f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io)?;
-        if let Err(e) = f.try_lock() {
-            if let std::fs::TryLockError::Error(source) = e {
-                return Err(io(source));
-            }
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            return Err(OrchestratorError::BadInput(format!(
-                "a patch run for LC {lc} is in progress (patchover pid {}); wait for it, or see `patchover runs list`",
-                holder.trim()
-            )));
-        }
-        f.set_len(0).map_err(io)?;
-        let _ = write!(f, "{}", std::process::id());
-        Ok(RunLock { _file: f })
-    }
-}
+pub use crate::guard::{RunGuard, RunLock};
+pub use crate::network::{assign_service, ensure_bridge_address, queue_number, service_is_on};
 
 /// Runs the `[service] resume` command in `lc` (undoes a drain; harmless without one). A
 /// failure is logged, not returned: the service answers either way, only without keep-alive.
@@ -82,133 +42,6 @@ fn resume_service(o: &Orchestrator<'_>, lc: &patchover_core::LcSpec) {
             tracing::warn!(lc = %lc.id, error = %e, "cannot resume the old service; it answers without keeping connections alive until it restarts")
         }
     }
-}
-
-/// A process that waits on a pipe from this one; dropping the guard disarms it. If this process
-/// dies first, the guard sees end of input and runs `patchover runs recover`, logging (at
-/// `info` unless `PATCHOVER_LOG` says otherwise) to [`RunGuard::LOG`] in the run dir.
-pub struct RunGuard {
-    stdin: Option<std::process::ChildStdin>,
-    child: std::process::Child,
-}
-
-impl RunGuard {
-    /// The guard's log, in the run dir: what a recovery after a crash did, and when.
-    pub const LOG: &str = "run-guard.log";
-
-    pub fn arm(exe: &Path, config: &Path, run_dir: &Path) -> std::io::Result<RunGuard> {
-        use std::io::BufRead;
-        use std::os::unix::process::CommandExt;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(run_dir.join(Self::LOG))?;
-        let mut cmd = std::process::Command::new(exe);
-        cmd.args(["internal", "run-guard"])
-            .env("PATCHOVER_CONFIG", config)
-            .process_group(0)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(log);
-        if std::env::var_os("PATCHOVER_LOG").is_none() {
-            cmd.env("PATCHOVER_LOG", "info,netlink_packet_route=error");
-        }
-        let mut child = cmd.spawn()?;
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-        if line.trim() != "armed" {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(std::io::Error::other("the run guard did not start"));
-        }
-        Ok(RunGuard {
-            stdin: child.stdin.take(),
-            child,
-        })
-    }
-}
-
-impl Drop for RunGuard {
-    fn drop(&mut self) {
-        if let Some(mut s) = self.stdin.take() {
-            let _ = s.write_all(b"disarm\n");
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// Whether the service is on the LC of endpoint `ep`: [`ServiceAddress::is_on`], the same
-/// answer the switcher's own checks give.
-pub fn service_is_on(
-    config: &Config,
-    mode: patchover_net::Mode,
-    ep: &patchover_net::Endpoint,
-    service: Ipv4Addr,
-) -> Result<bool, OrchestratorError> {
-    ServiceAddress::new(service, mode, &config.network.bridge)
-        .is_on_host(None, ep)
-        .map_err(|e| match e {
-            // The errors this question always had: netlink, and inside the LC.
-            SwitchError::Rtnl(e) => OrchestratorError::net(e),
-            SwitchError::NoBridge { bridge } => {
-                OrchestratorError::net(RtnlError::NoSuchLink { name: bridge })
-            }
-            SwitchError::InLc { source, .. } => OrchestratorError::in_lc(source),
-            e => e.into(),
-        })
-}
-
-/// Puts the service path back on `active` in `path` mode: its port on the bridge, the
-/// standby's off.
-fn path_back(
-    config: &Config,
-    active_port: &str,
-    standby_port: Option<&str>,
-) -> Result<(), RtnlError> {
-    let r = Rtnl::open(None)?;
-    let bridge = r.need_link(&config.network.bridge)?;
-    if let Some(p) = standby_port
-        && let Some(l) = r.link(p)?
-    {
-        r.set_controller(l.index, None)?;
-    }
-    let a = r.need_link(active_port)?;
-    r.set_controller(a.index, Some(bridge.index))
-}
-
-/// Gives the host its configured address on the bridge (the switcher checks the service from
-/// there).
-pub fn ensure_bridge_address(config: &Config) -> Result<(), RtnlError> {
-    let Some(addr) = config.network.bridge_address else {
-        return Ok(());
-    };
-    let r = Rtnl::open(None)?;
-    let l = r.need_link(&config.network.bridge)?;
-    r.add_address(l.index, addr)
-}
-
-/// An NFQUEUE number for a run's held SYNs, distinct between concurrent runs on one host.
-pub fn queue_number(run_id: i64) -> u16 {
-    (1000 + (std::process::id() as i64 * 31 + run_id).rem_euclid(30_000)) as u16
-}
-
-/// Puts `service` on `iface` of the LC `access` reaches, and announces it.
-pub fn assign_service(
-    access: &LcAccess,
-    iface: &str,
-    mac: patchover_core::MacAddr,
-    service: Ipv4Cidr,
-) -> Result<(), InLcError> {
-    // A switcher rule left from an earlier switch of this address (the readdress MAC fix)
-    // would send the clients' frames to the LC that had it then.
-    if let Err(e) = patchover_net::teardown(None, service.addr) {
-        tracing::warn!(error = %e, "cannot remove old switcher rules for the service address");
-    }
-    let lc = access.open()?;
-    lc.add_address(iface, service)?;
-    let g = patchover_net::GarpConfig::default();
-    let _ = lc.announce(iface, mac, service.addr, g.count, g.interval);
-    Ok(())
 }
 
 /// Recovery of a `seamless` hand-off whose clients' NAT already points at the standby: the old
@@ -245,6 +78,30 @@ fn forward_held(
     }
 }
 
+/// What recovery does with a run, by how far it got and who holds the service now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The service is on the standby (or stays there): stop the old LC, swap the roles.
+    Finish,
+    /// The service is (put back) on the old LC: release the standby.
+    RollBack,
+}
+
+/// `standby_holds` is asked only for a switch cut short.
+pub fn decide(reached: Reached, standby_holds: impl FnOnce() -> bool) -> Decision {
+    match reached {
+        Reached::SwitchDone => Decision::Finish,
+        Reached::SwitchStarted if standby_holds() => Decision::Finish,
+        Reached::SwitchStarted | Reached::BeforeSwitch => Decision::RollBack,
+    }
+}
+
+/// The LCs of an unfinished run, as the config has them now.
+struct Lcs {
+    active: Option<LcSpec>,
+    standby: Option<LcSpec>,
+}
+
 /// Finishes or rolls back every unfinished run whose patchover is gone. Returns what was done.
 pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorError> {
     let mut done = Vec::new();
@@ -252,152 +109,69 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
         let Ok(_lock) = RunLock::acquire(&o.config.run_dir, &run.lc) else {
             continue; // a live patchover is on it
         };
-        let steps = o.store.steps(run.id)?;
-        let has =
-            |name: &str, state: &str| steps.iter().any(|s| s.step == name && s.state == state);
-        let last = steps
-            .last()
-            .map(|s| format!("{}:{}", s.step, s.state))
-            .unwrap_or_else(|| "start".into());
-        tracing::info!(run = run.id, lc = %run.lc, %last, "recovering an unfinished run");
-        let active = o.config.lc(&run.lc).cloned();
-        let standby = run.standby.as_deref().and_then(|s| o.config.lc(s)).cloned();
-        let mut report = RunReport {
-            run_id: run.id,
-            lc: run.lc.clone(),
-            standby: run.standby.clone(),
-            mode: run.mode.clone(),
-            dry_run: run.dry_run,
-            ..RunReport::default()
-        };
-        // A crash during the disk copier's cut could leave the active LC frozen (its thaw
-        // guard normally thaws it first): never leave it so.
-        if let Some(a) = &active
-            && o.backend
-                .status(a)
-                .is_ok_and(|st| st.state == LcState::Frozen)
-        {
-            let _ = o.backend.set_frozen(a, false);
-        }
-        // Mirror jobs outlive the patchover that started them: end them before the standby's
-        // disks are touched.
-        if let Some(a) = &active {
-            let ended = crate::copy::abort_leftover_jobs(&o.config.run_dir, a);
-            if !ended.is_empty() {
-                tracing::info!(run = run.id, jobs = ?ended, "ended the mirror jobs of the interrupted run");
-            }
-        }
-        let service = o.config.network.service_address;
-        let mode: patchover_net::Mode = run.mode.parse().unwrap_or(patchover_net::Mode::Readdress);
-        let standby_holds = match (&standby, service) {
-            (Some(s), Some(svc)) if has("switch", "started") => endpoint(o.backend, s)
-                .ok()
-                .and_then(|ep| {
-                    ServiceAddress::new(svc.addr, mode, &o.config.network.bridge)
-                        .is_on_host(None, &ep)
-                        .ok()
-                })
-                .unwrap_or(false),
-            _ => false,
-        };
-        if has("switch", "done") || standby_holds {
-            // The service is on the standby: finish the run. A switch cut short did not get
-            // to its announcements (and left the rule for held SYNs only): announce the
-            // address from the standby now, so clients stop sending to the old LC's MAC.
-            if !has("switch", "done")
-                && mode != patchover_net::Mode::Seamless
-                && let (Some(s), Some(svc)) = (&standby, service)
-                && let Ok(ep) = endpoint(o.backend, s)
-            {
-                assign_service(&ep.access, &ep.iface, ep.mac, svc)
-                    .map_err(OrchestratorError::in_lc)?;
-            }
-            // A hand-off cut short: the old service may still hold requests; they go to the
-            // standby, whose data is the truth now, before the old LC stops.
-            if !has("switch", "done")
-                && mode == patchover_net::Mode::Seamless
-                && let (Some(a), Some(s)) = (&active, &standby)
-            {
-                forward_held(o, a, s);
-            }
-            tracing::info!(
-                run = run.id,
-                "the service is on the standby; stopping the old LC"
-            );
-            if let Some(a) = &active
-                && o.backend
-                    .status(a)
-                    .is_ok_and(|st| st.state != LcState::Stopped)
-            {
-                o.backend.stop(a)?;
-            }
-            if let Some(s) = &standby {
-                o.store.set_role(s.id.as_str(), Role::Active)?;
-            }
-            o.store.set_role(&run.lc, Role::Standby)?;
+        done.push(recover_run(o, &run)?);
+    }
+    Ok(done)
+}
+
+/// Finishes or rolls back one unfinished run.
+fn recover_run(o: &mut Orchestrator<'_>, run: &RunRow) -> Result<RunReport, OrchestratorError> {
+    let entries = journal::read(o.store, run.id)?;
+    let reached = journal::reached(&entries);
+    let last = journal::last(&entries);
+    tracing::info!(run = run.id, lc = %run.lc, %last, "recovering an unfinished run");
+    let lcs = Lcs {
+        active: o.config.lc(&run.lc).cloned(),
+        standby: run.standby.as_deref().and_then(|s| o.config.lc(s)).cloned(),
+    };
+    let mut report = RunReport {
+        run_id: run.id,
+        lc: run.lc.clone(),
+        standby: run.standby.clone(),
+        mode: run.mode.clone(),
+        dry_run: run.dry_run,
+        ..RunReport::default()
+    };
+    if let Some(a) = &lcs.active {
+        let_go(o, run.id, a);
+    }
+    let service = o.config.network.service_address;
+    let mode: Mode = run.mode.parse().unwrap_or(Mode::Readdress);
+    let decision = decide(reached, || match (&lcs.standby, service) {
+        (Some(s), Some(svc)) => endpoint(o.backend, s)
+            .ok()
+            .and_then(|ep| {
+                ServiceAddress::new(svc.addr, mode, &o.config.network.bridge)
+                    .is_on_host(None, &ep)
+                    .ok()
+            })
+            .unwrap_or(false),
+        _ => false,
+    });
+    match decision {
+        Decision::Finish => {
+            finish(o, run, &lcs, reached, mode, service)?;
             report.outcome = "ok".into();
             report.error = Some(format!(
                 "patchover stopped at {last}; the run was finished by recovery"
             ));
-        } else {
-            // The service never moved, or must move back.
-            if let (Some(a), Some(svc)) = (&active, service)
-                && has("switch", "started")
+        }
+        Decision::RollBack => {
+            if reached == Reached::SwitchStarted
+                && let (Some(a), Some(svc)) = (&lcs.active, service)
             {
-                if mode == patchover_net::Mode::Path {
-                    let sport = standby
-                        .as_ref()
-                        .map(|s| patchover_lc::host_port_name(&s.id, 0));
-                    path_back(
-                        o.config,
-                        &patchover_lc::host_port_name(&a.id, 0),
-                        sport.as_deref(),
-                    )
-                    .map_err(OrchestratorError::net)?;
-                } else if mode == patchover_net::Mode::Seamless {
-                    // The clients' NAT never left the old LC (or goes back to it now); its
-                    // service, parked for the hand-off, serves its held requests itself.
-                    let ep = endpoint(o.backend, a)?;
-                    patchover_net::seamless_setup(None, svc.addr, ep.address.addr)
-                        .map_err(|e| OrchestratorError::Switch(Box::new(e.into())))?;
-                    let mut ctl = crate::service::LcServiceControl {
-                        backend: o.backend,
-                        lcs: &o.config.lcs,
-                        settings: &o.settings.service,
-                    };
-                    if let Err(e) = patchover_net::ServiceControl::unpark(&mut ctl, &ep) {
-                        tracing::warn!(lc = %a.id, error = %e, "cannot unpark the old service (it resumes by itself when its park expires)");
-                    }
-                } else {
-                    let _ = patchover_net::teardown(None, svc.addr);
-                    if let Some(s) = &standby
-                        && let Ok(ep) = endpoint(o.backend, s)
-                        && let Ok(lc) = ep.access.open()
-                    {
-                        let _ = lc.del_address(&ep.iface, svc);
-                    }
-                    let ep = endpoint(o.backend, a)?;
-                    assign_service(&ep.access, &ep.iface, ep.mac, svc)
-                        .map_err(OrchestratorError::in_lc)?;
-                }
-                if mode != patchover_net::Mode::Seamless {
-                    // The switch may have drained the old service (told it to stop keeping
-                    // connections alive) before patchover died; the switcher's own rollback
-                    // resumes it, so must this one, or it stays draining until it restarts.
-                    resume_service(o, a);
-                }
+                network_back(o, a, lcs.standby.as_ref(), mode, svc)?;
             }
             tracing::info!(
                 run = run.id,
                 "the service is on the active LC; releasing the standby"
             );
-            if let Some(s) = &standby {
-                o.release_standby(s, None);
+            if let Some(s) = &lcs.standby {
+                crate::step::release_standby::release(o, s, None);
             }
-            report.outcome = if has("switch", "started") {
-                "rolled-back"
-            } else {
-                "failed"
+            report.outcome = match reached {
+                Reached::BeforeSwitch => "failed",
+                _ => "rolled-back",
             }
             .into();
             report.error = Some(format!(
@@ -405,19 +179,240 @@ pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorE
                 run.lc
             ));
         }
-        o.store.record_step(
-            run.id,
-            "recover",
-            "done",
-            Some(&serde_json::json!({"outcome": report.outcome, "last": last})),
-        )?;
-        o.store.end_run(
-            run.id,
-            &report.outcome,
-            &serde_json::to_value(&report).unwrap_or_default(),
-        )?;
-        tracing::info!(run = run.id, outcome = %report.outcome, "recovered an unfinished run");
-        done.push(report);
     }
-    Ok(done)
+    journal::record(
+        o.store,
+        run.id,
+        Step::Recover,
+        StepState::Done,
+        Some(&serde_json::json!({"outcome": report.outcome, "last": last})),
+    )?;
+    o.store.end_run(
+        run.id,
+        &report.outcome,
+        &serde_json::to_value(&report).unwrap_or_default(),
+    )?;
+    tracing::info!(run = run.id, outcome = %report.outcome, "recovered an unfinished run");
+    Ok(report)
+}
+
+/// What a dead run may hold of the active LC: a crash during the disk copier's cut could
+/// leave it frozen (its thaw guard normally thaws it first), and copy jobs outlive the
+/// patchover that started them (they would go on writing into the standby's disk).
+fn let_go(o: &Orchestrator<'_>, run: i64, active: &LcSpec) {
+    if o.backend
+        .status(active)
+        .is_ok_and(|st| st.state == LcState::Frozen)
+    {
+        let _ = o.backend.set_frozen(active, false);
+    }
+    let ended = o.backend.end_leftover_copies(active);
+    if !ended.is_empty() {
+        tracing::info!(run, jobs = ?ended, "ended the mirror jobs of the interrupted run");
+    }
+}
+
+/// The service is on the standby: the run is finished. A switch cut short did not get to its
+/// announcements (and left the rule for held SYNs only): the standby announces the address
+/// now, so clients stop sending to the old LC's MAC; a hand-off cut short gets the old
+/// service's held requests to the standby, whose data is the truth now, before the old LC
+/// stops.
+fn finish(
+    o: &mut Orchestrator<'_>,
+    run: &RunRow,
+    lcs: &Lcs,
+    reached: Reached,
+    mode: Mode,
+    service: Option<Ipv4Cidr>,
+) -> Result<(), OrchestratorError> {
+    if reached != Reached::SwitchDone {
+        if mode != Mode::Seamless
+            && let (Some(s), Some(svc)) = (&lcs.standby, service)
+            && let Ok(ep) = endpoint(o.backend, s)
+        {
+            assign_service(&ep.access, &ep.iface, ep.mac, svc).map_err(OrchestratorError::in_lc)?;
+        }
+        if mode == Mode::Seamless
+            && let (Some(a), Some(s)) = (&lcs.active, &lcs.standby)
+        {
+            forward_held(o, a, s);
+        }
+    }
+    tracing::info!(
+        run = run.id,
+        "the service is on the standby; stopping the old LC"
+    );
+    if let Some(a) = &lcs.active
+        && o.backend
+            .status(a)
+            .is_ok_and(|st| st.state != LcState::Stopped)
+    {
+        o.backend.stop(a)?;
+    }
+    if let Some(s) = &lcs.standby {
+        o.store.set_role(s.id.as_str(), Role::Active)?;
+    }
+    o.store.set_role(&run.lc, Role::Standby)?;
+    Ok(())
+}
+
+/// Puts the service back on the old LC `a` after a switch cut short.
+fn network_back(
+    o: &Orchestrator<'_>,
+    a: &LcSpec,
+    standby: Option<&LcSpec>,
+    mode: Mode,
+    svc: Ipv4Cidr,
+) -> Result<(), OrchestratorError> {
+    match mode {
+        Mode::Path => {
+            let sport = standby.map(|s| patchover_lc::host_port_name(&s.id, 0));
+            crate::network::path_back(
+                o.config,
+                &patchover_lc::host_port_name(&a.id, 0),
+                sport.as_deref(),
+            )
+            .map_err(OrchestratorError::net)?;
+        }
+        Mode::Seamless => {
+            // The clients' NAT never left the old LC (or goes back to it now); its service,
+            // parked for the hand-off, serves its held requests itself.
+            let ep = endpoint(o.backend, a)?;
+            patchover_net::seamless_setup(None, svc.addr, ep.address.addr)
+                .map_err(|e| OrchestratorError::Switch(Box::new(e.into())))?;
+            let mut ctl = crate::service::LcServiceControl {
+                backend: o.backend,
+                lcs: &o.config.lcs,
+                settings: &o.settings.service,
+            };
+            if let Err(e) = patchover_net::ServiceControl::unpark(&mut ctl, &ep) {
+                tracing::warn!(lc = %a.id, error = %e, "cannot unpark the old service (it resumes by itself when its park expires)");
+            }
+            return Ok(());
+        }
+        Mode::Readdress => {
+            let _ = patchover_net::teardown(None, svc.addr);
+            if let Some(s) = standby
+                && let Ok(ep) = endpoint(o.backend, s)
+                && let Ok(lc) = ep.access.open()
+            {
+                let _ = lc.del_address(&ep.iface, svc);
+            }
+            let ep = endpoint(o.backend, a)?;
+            assign_service(&ep.access, &ep.iface, ep.mac, svc).map_err(OrchestratorError::in_lc)?;
+        }
+    }
+    // The switch may have drained the old service (told it to stop keeping connections
+    // alive) before patchover died; the switcher's own rollback resumes it, so must this one,
+    // or it stays draining until it restarts.
+    resume_service(o, a);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::step::fake::Bed;
+
+    #[test]
+    fn the_switch_decides_and_a_cut_short_one_asks_who_holds_the_service() {
+        assert_eq!(
+            decide(Reached::SwitchDone, || panic!("not asked")),
+            Decision::Finish
+        );
+        assert_eq!(
+            decide(Reached::BeforeSwitch, || panic!("not asked")),
+            Decision::RollBack
+        );
+        assert_eq!(decide(Reached::SwitchStarted, || true), Decision::Finish);
+        assert_eq!(decide(Reached::SwitchStarted, || false), Decision::RollBack);
+    }
+
+    /// A run journaled the way every patchover so far wrote it (bare step names), whose
+    /// patchover died while copying: the service never moved, the standby goes.
+    #[test]
+    fn an_old_journal_cut_before_the_switch_is_rolled_back() {
+        let mut bed = Bed::new();
+        bed.backend.running(&["lc1", "lc2"]);
+        let run = bed.run.id();
+        bed.store.set_run_standby(run, "lc2").unwrap();
+        bed.store.set_role("lc2", Role::Standby).unwrap();
+        for (step, state) in [
+            ("standby_search", "started"),
+            ("standby_search", "done"),
+            ("malware_check", "started"),
+            ("malware_check", "done"),
+            ("copy_system_disk", "started"),
+        ] {
+            bed.store.record_step(run, step, state, None).unwrap();
+        }
+        let done = bed.recover().unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].outcome, "failed");
+        assert!(
+            done[0]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("copy_system_disk:started")
+        );
+        let calls = bed.backend.calls();
+        assert!(calls.contains(&"end_copies lc1".to_owned()), "{calls:?}");
+        assert!(calls.contains(&"stop lc2".to_owned()), "{calls:?}");
+        assert!(
+            !calls.contains(&"stop lc1".to_owned()),
+            "the service stays: {calls:?}"
+        );
+        assert_eq!(bed.role("lc2"), Role::Unused);
+        let row = bed.store.run(run).unwrap().unwrap();
+        assert_eq!(row.outcome.as_deref(), Some("failed"));
+        let entries = journal::read(&bed.store, run).unwrap();
+        let last = entries.last().unwrap();
+        assert_eq!(
+            (last.step, last.state),
+            (Some(Step::Recover), Some(StepState::Done))
+        );
+        // Done once: an ended run is not recovered again.
+        assert!(bed.recover().unwrap().is_empty());
+    }
+
+    /// An old journal whose switch was done: the run is finished, the old LC stops and is
+    /// kept as the rollback target.
+    #[test]
+    fn an_old_journal_with_the_switch_done_is_finished() {
+        let mut bed = Bed::new();
+        bed.backend.running(&["lc1", "lc2"]);
+        let run = bed.run.id();
+        bed.store.set_run_standby(run, "lc2").unwrap();
+        for (step, state) in [
+            ("switch", "started"),
+            ("switch", "done"),
+            ("stop_old", "started"),
+        ] {
+            bed.store.record_step(run, step, state, None).unwrap();
+        }
+        let done = bed.recover().unwrap();
+        assert_eq!(done[0].outcome, "ok");
+        let calls = bed.backend.calls();
+        assert!(calls.contains(&"stop lc1".to_owned()), "{calls:?}");
+        assert!(!calls.contains(&"stop lc2".to_owned()), "{calls:?}");
+        assert_eq!(bed.role("lc2"), Role::Active);
+        assert_eq!(bed.role("lc1"), Role::Standby);
+    }
+
+    /// A live patchover holds the run's lock: recovery leaves its run alone.
+    #[test]
+    fn a_run_whose_patchover_lives_is_left_alone() {
+        let mut bed = Bed::new();
+        let _lock = RunLock::acquire(&bed.config.run_dir, "lc1").unwrap();
+        assert!(bed.recover().unwrap().is_empty());
+        assert!(
+            bed.store
+                .run(bed.run.id())
+                .unwrap()
+                .unwrap()
+                .ended_ms
+                .is_none()
+        );
+    }
 }

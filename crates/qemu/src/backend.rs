@@ -25,7 +25,9 @@ use patchover_core::{DiskKind, LcId, LcSpec, NicSpec};
 use patchover_lc::cgroup::{Layout, LcGroups};
 use patchover_lc::disks::DiskOwners;
 use patchover_lc::host::Host;
-use patchover_lc::{ExecOutput, LcBackend, LcError, LcState, LcStatus, Stdio, host_port_name};
+use patchover_lc::{
+    ExecOutput, LcBackend, LcError, LcState, LcStatus, Pausable, Stdio, host_port_name,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::accel::{self, Accel};
@@ -83,7 +85,7 @@ pub struct RuntimeState {
 
 pub struct QemuBackend<H: Host> {
     host: H,
-    cfg: QemuConfig,
+    pub(crate) cfg: QemuConfig,
 }
 
 enum Undo {
@@ -619,6 +621,21 @@ fn which(p: &Path) -> Option<PathBuf> {
         .find(|c| c.exists())
 }
 
+impl<H: Host> Pausable for QemuBackend<H> {
+    fn set_frozen(&self, spec: &LcSpec, frozen: bool) -> Result<(), LcError> {
+        self.running(&spec.id)
+            .ok_or_else(|| LcError::NotRunning(spec.id.clone()))?;
+        let mut q = self.qmp(&spec.id)?;
+        let r = if frozen { q.stop() } else { q.cont() };
+        let step = if frozen {
+            "pausing the VM"
+        } else {
+            "resuming the VM"
+        };
+        r.map_err(|e| LcError::host_chain(&spec.id, step, &e))
+    }
+}
+
 impl<H: Host> LcBackend for QemuBackend<H> {
     fn console_log(&self, spec: &LcSpec) -> PathBuf {
         self.console_log_of(&spec.id)
@@ -724,6 +741,20 @@ impl<H: Host> LcBackend for QemuBackend<H> {
         })
     }
 
+    /// A VM has no namespace on the host: the way in is its agent channel.
+    fn access(&self, spec: &LcSpec) -> Result<patchover_lc::Access, LcError> {
+        let st = self.status(spec)?;
+        match (st.state, st.agent_socket) {
+            (LcState::Running, Some(socket)) => Ok(patchover_lc::Access::Agent(socket)),
+            _ => Err(LcError::NotRunning(spec.id.clone())),
+        }
+    }
+
+    /// The guest has its system image mounted: the host reads only the copy.
+    fn system_disk_readable_live(&self, _spec: &LcSpec) -> bool {
+        false
+    }
+
     fn exec(&self, spec: &LcSpec, argv: &[String], stdio: Stdio) -> Result<ExecOutput, LcError> {
         self.running(&spec.id)
             .ok_or_else(|| LcError::NotRunning(spec.id.clone()))?;
@@ -768,19 +799,6 @@ impl<H: Host> LcBackend for QemuBackend<H> {
             stdout: stdout.into_bytes(),
             stderr: stderr.into_bytes(),
         })
-    }
-
-    fn set_frozen(&self, spec: &LcSpec, frozen: bool) -> Result<(), LcError> {
-        self.running(&spec.id)
-            .ok_or_else(|| LcError::NotRunning(spec.id.clone()))?;
-        let mut q = self.qmp(&spec.id)?;
-        let r = if frozen { q.stop() } else { q.cont() };
-        let step = if frozen {
-            "pausing the VM"
-        } else {
-            "resuming the VM"
-        };
-        r.map_err(|e| LcError::host_chain(&spec.id, step, &e))
     }
 
     fn attach_disk(&self, spec: &LcSpec, source: &Path, at: &Path) -> Result<(), LcError> {

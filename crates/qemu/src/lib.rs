@@ -21,6 +21,7 @@ pub mod accel;
 pub mod backend;
 pub mod backup;
 pub mod blockserver;
+pub mod livecopy;
 pub mod mirror;
 pub mod nsdisks;
 pub mod qmp;

@@ -1,8 +1,9 @@
 //! The `ns` backend's image server ([`patchover_lc::images::ImageServer`]): one
 //! [`BlockServer`] per LC, in `<run_dir>/blockserver/<lc>/`, serving the LC's application image
 //! (node [`patchover_lc::images::APP_NODE`]) and images attached later (`disk1`…) as FUSE exports that the LC
-//! loop-mounts. The orchestrator finds the server again by [`state_dir`] to copy the disk with
-//! a dirty bitmap ([`crate::backup::ServedCopy`]).
+//! loop-mounts, and the live copy of a served disk by the server's dirty bitmap
+//! ([`ImageServer::live_copy`], built on [`crate::backup::ServedCopy`]): the `ns` backend asks
+//! for it through the seam, the orchestrator never sees the server.
 //!
 //! Every call adopts the running server from its state directory (QSD outlives patchover), under
 //! an exclusive lock on `<state_dir>.lock`, so a CLI and the daemon never race on one LC's server.
@@ -11,17 +12,26 @@ use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use patchover_core::{LcId, error_chain};
-use patchover_lc::images::ImageServer;
+use patchover_core::{LcId, Quiesce, error_chain};
+use patchover_lc::images::{APP_NODE, ImageServer};
+use patchover_lc::{CutDone, DiskCopyError, LiveCopy};
 
+use crate::backup::{RoundReport, ServedCopy};
 use crate::blockserver::{BlockServer, BlockServerError, BlockServerSpec, ServedDisk, loop_user};
 
 /// Where LC `lc`'s block server keeps its state (pid, monitors, manifest, exports).
 pub fn state_dir(run_dir: &Path, lc: &LcId) -> PathBuf {
     run_dir.join("blockserver").join(lc.as_str())
 }
+
+/// The job (and so `<job>-dirty` bitmap and `<job>-copy` node) of a served application image's
+/// copy (see [`crate::backup`]).
+pub const APP_JOB: &str = "patchover-app";
+
+/// How long one block job may take.
+const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The monitor for copy jobs of LC `lc`'s block server.
 pub fn jobs_socket(run_dir: &Path, lc: &LcId) -> PathBuf {
@@ -130,6 +140,109 @@ impl ImageServer for NsImageServer {
             .map(|s| s.disks().iter().map(|d| d.node.clone()).collect())
             .unwrap_or_default()
     }
+
+    fn live_copy(
+        &self,
+        lc: &LcId,
+        node: &str,
+        dst: &Path,
+        at: &Path,
+    ) -> Option<Result<Box<dyn LiveCopy>, DiskCopyError>> {
+        let disk = served_disk(&self.run_dir, lc, node)?;
+        Some(
+            BlocksJob::start(&jobs_socket(&self.run_dir, lc), &disk, dst, at)
+                .map(|j| Box::new(j) as Box<dyn LiveCopy>)
+                .map_err(DiskCopyError::application),
+        )
+    }
+
+    fn end_copies(&self, lc: &LcId) -> Vec<String> {
+        crate::livecopy::end_jobs(&jobs_socket(&self.run_dir, lc), Some(APP_NODE))
+    }
+}
+
+/// A [`ServedCopy`] of an `ns` LC's application image, and where the LC mounts it.
+struct BlocksJob {
+    copy: ServedCopy,
+    /// The LC's filesystem on the disk, as the host sees it.
+    at: PathBuf,
+    /// The target, marked incomplete until the cut.
+    dst: PathBuf,
+    started: Instant,
+    rounds: Vec<RoundReport>,
+}
+
+impl BlocksJob {
+    /// The full copy, then the LC runs on while the bitmap records its writes.
+    fn start(
+        socket: &Path,
+        disk: &ServedDisk,
+        dst: &Path,
+        at: &Path,
+    ) -> Result<BlocksJob, Box<dyn std::error::Error + Send + Sync>> {
+        let started = Instant::now();
+        patchover_disk::mark_incomplete(dst, &disk.image)?;
+        let mut copy = ServedCopy::start(socket, disk, APP_JOB, dst)?;
+        copy.wait(JOB_TIMEOUT)?;
+        Ok(BlocksJob {
+            copy,
+            at: at.to_owned(),
+            dst: dst.to_owned(),
+            started,
+            rounds: Vec::new(),
+        })
+    }
+}
+
+impl LiveCopy for BlocksJob {
+    fn catches_up(&self) -> bool {
+        true
+    }
+
+    /// Bitmap rounds until one ships ≤ 8 MiB (at most 4).
+    fn catch_up(&mut self) -> Result<Option<serde_json::Value>, DiskCopyError> {
+        let rounds = self
+            .copy
+            .catch_up(8 << 20, 4, JOB_TIMEOUT)
+            .map_err(DiskCopyError::application)?;
+        self.rounds.extend(rounds.iter().copied());
+        Ok(Some(serde_json::json!({
+            "rounds": rounds.len(),
+            "bytes": rounds.iter().map(|r| r.bytes).collect::<Vec<_>>(),
+        })))
+    }
+
+    fn cut(self: Box<Self>, hold: &mut dyn Quiesce) -> Result<CutDone, DiskCopyError> {
+        let BlocksJob {
+            mut copy,
+            at,
+            dst,
+            started,
+            rounds,
+        } = *self;
+        let (cut, ()) = copy
+            .cut(&at, hold, || (), JOB_TIMEOUT)
+            .map_err(DiskCopyError::application)?;
+        copy.close().map_err(DiskCopyError::application)?;
+        patchover_disk::mark_complete(&dst).map_err(DiskCopyError::application)?;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        Ok(CutDone {
+            bytes_replayed: cut.shipped,
+            freeze_ms: Some(ms(cut.freeze)),
+            detail: serde_json::json!({
+                "bitmap": true,
+                "rounds_before_cut": rounds.len(),
+                "bytes_before_cut": rounds.iter().map(|r| r.bytes).sum::<u64>(),
+                "presync_ms": cut.presync.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+                "syncfs_ms": ms(cut.syncfs),
+                "job_start_ms": ms(cut.job_start),
+                "freeze_ms": ms(cut.freeze),
+                "shipped_after_thaw": cut.shipped,
+                "complete_after_thaw_ms": ms(cut.complete_after_thaw),
+                "total_s": started.elapsed().as_secs_f64(),
+            }),
+        })
+    }
 }
 
 /// What a server that died (killed, host trouble) left: its FUSE mounts, dead
@@ -150,7 +263,6 @@ fn leftovers(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use patchover_lc::images::APP_NODE;
 
     #[test]
     fn state_lives_under_the_run_dir_per_lc() {

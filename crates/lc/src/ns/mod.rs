@@ -11,6 +11,7 @@
 //!   start time) is a file under the run directory; a new patchover adopts a running LC by
 //!   checking that PID still has that start time.
 
+mod copy;
 pub mod launch;
 
 use std::path::{Path, PathBuf};
@@ -25,7 +26,8 @@ use crate::cgroup::{Layout, LcGroups};
 use crate::host::Host;
 use crate::images::ImageServer;
 use crate::{
-    ExecOutput, LcBackend, LcError, LcState, LcStatus, Stdio, host_port_name, peer_port_name,
+    ExecOutput, LcBackend, LcError, LcState, LcStatus, Pausable, Stdio, host_port_name,
+    peer_port_name,
 };
 use launch::{LaunchSpec, MountSpec, NicSetup};
 
@@ -431,6 +433,58 @@ fn nic_setup_for(nic: &NicSpec, temp_name: String) -> NicSetup {
     }
 }
 
+impl<H: Host> Pausable for NsBackend<H> {
+    fn set_frozen(&self, spec: &LcSpec, frozen: bool) -> Result<(), LcError> {
+        let st = self
+            .running(&spec.id)
+            .ok_or_else(|| LcError::NotRunning(spec.id.clone()))?;
+        if frozen {
+            // Armed before the freeze: if this process dies while the LC is frozen, the guard
+            // thaws it, so a crash of patchover never leaves the service stopped.
+            let (file, value) = st.groups.thaw_file();
+            let guard =
+                self.host
+                    .spawn_thaw_guard(&file, value)
+                    .map_err(|source| LcError::Host {
+                        lc: spec.id.clone(),
+                        step: "arming the thaw guard",
+                        source,
+                    })?;
+            self.guards
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(spec.id.to_string(), guard);
+        }
+        let res = st
+            .groups
+            .set_frozen(&self.host, frozen)
+            .map_err(|e| LcError::Host {
+                lc: spec.id.clone(),
+                step: if frozen { "freezing" } else { "thawing" },
+                source: std::io::Error::other(format_chain(&e)),
+            });
+        if !frozen || res.is_err() {
+            self.guards
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(spec.id.as_str());
+        }
+        res?;
+        let start = Instant::now();
+        while st.groups.is_frozen(&self.host) != frozen {
+            if start.elapsed() > Duration::from_secs(5) {
+                return Err(LcError::Timeout {
+                    lc: spec.id.clone(),
+                    what: if frozen { "freezing" } else { "thawing" },
+                    timeout: Duration::from_secs(5),
+                });
+            }
+            self.host.sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+}
+
 impl<H: Host> LcBackend for NsBackend<H> {
     fn console_log(&self, spec: &LcSpec) -> PathBuf {
         self.console_log_of(&spec.id)
@@ -577,56 +631,6 @@ impl<H: Host> LcBackend for NsBackend<H> {
                 step: "entering the LC",
                 source,
             })
-    }
-
-    fn set_frozen(&self, spec: &LcSpec, frozen: bool) -> Result<(), LcError> {
-        let st = self
-            .running(&spec.id)
-            .ok_or_else(|| LcError::NotRunning(spec.id.clone()))?;
-        if frozen {
-            // Armed before the freeze: if this process dies while the LC is frozen, the guard
-            // thaws it, so a crash of patchover never leaves the service stopped.
-            let (file, value) = st.groups.thaw_file();
-            let guard =
-                self.host
-                    .spawn_thaw_guard(&file, value)
-                    .map_err(|source| LcError::Host {
-                        lc: spec.id.clone(),
-                        step: "arming the thaw guard",
-                        source,
-                    })?;
-            self.guards
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(spec.id.to_string(), guard);
-        }
-        let res = st
-            .groups
-            .set_frozen(&self.host, frozen)
-            .map_err(|e| LcError::Host {
-                lc: spec.id.clone(),
-                step: if frozen { "freezing" } else { "thawing" },
-                source: std::io::Error::other(format_chain(&e)),
-            });
-        if !frozen || res.is_err() {
-            self.guards
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(spec.id.as_str());
-        }
-        res?;
-        let start = Instant::now();
-        while st.groups.is_frozen(&self.host) != frozen {
-            if start.elapsed() > Duration::from_secs(5) {
-                return Err(LcError::Timeout {
-                    lc: spec.id.clone(),
-                    what: if frozen { "freezing" } else { "thawing" },
-                    timeout: Duration::from_secs(5),
-                });
-            }
-            self.host.sleep(Duration::from_millis(1));
-        }
-        Ok(())
     }
 
     fn attach_disk(&self, spec: &LcSpec, source: &Path, at: &Path) -> Result<(), LcError> {

@@ -1,0 +1,91 @@
+//! How the `ns` backend copies a running LC's disks (seed 703/704): files by
+//! `patchover-disk` (fanotify traps the writes meanwhile); an application image its block
+//! server serves, by the server's dirty bitmap ([`crate::images::ImageServer::live_copy`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use patchover_core::{DiskKind, DiskSpec, LcSpec, Quiesce};
+use patchover_disk::{CopyOptions, FollowCopy, NoProgress};
+
+use super::NsBackend;
+use crate::host::Host;
+use crate::images::APP_NODE;
+use crate::migrate::{Copied, CopyProgress, CutDone, DiskCopyError, LiveCopy, Migratable};
+
+impl<H: Host> Migratable for NsBackend<H> {
+    fn copy_system_disk(&self, active: &LcSpec, dst: &Path) -> Result<Copied, DiskCopyError> {
+        let r = patchover_disk::copy_once(
+            &active.system_disk.path,
+            dst,
+            &CopyOptions::default(),
+            &NoProgress,
+        )
+        .map_err(DiskCopyError::system)?;
+        Ok(Copied {
+            bytes_copied: r.stats.bytes_copied,
+            bytes_replayed: r.stats.bytes_replayed,
+            detail: serde_json::to_value(&r).unwrap_or_default(),
+        })
+    }
+
+    fn live_copy(
+        &self,
+        active: &LcSpec,
+        src: &DiskSpec,
+        dst: &DiskSpec,
+    ) -> Result<Box<dyn LiveCopy>, DiskCopyError> {
+        if src.kind == DiskKind::Image
+            && let Some(server) = &self.images
+            && let Some(st) = self.running(&active.id)
+        {
+            // The LC's filesystem on the served disk, seen from the host.
+            let at = PathBuf::from(format!("/proc/{}/root", st.pid))
+                .join(src.mount.strip_prefix("/").unwrap_or(&src.mount));
+            if let Some(copy) = server.live_copy(&active.id, APP_NODE, &dst.path, &at) {
+                return copy;
+            }
+        }
+        let f = FollowCopy::start(
+            &src.path,
+            &dst.path,
+            &CopyOptions::default(),
+            Arc::new(NoProgress),
+        )
+        .map_err(DiskCopyError::application)?;
+        Ok(Box::new(FilesCopy(f)))
+    }
+
+    fn end_leftover_copies(&self, active: &LcSpec) -> Vec<String> {
+        self.images
+            .as_ref()
+            .map(|s| s.end_copies(&active.id))
+            .unwrap_or_default()
+    }
+}
+
+/// A file copy that follows the source's writes until the cut.
+struct FilesCopy(FollowCopy);
+
+impl LiveCopy for FilesCopy {
+    fn progress(&self) -> CopyProgress {
+        self.0
+            .stats()
+            .map_or_else(CopyProgress::default, |s| CopyProgress {
+                bytes_copied: s.bytes_copied,
+                bytes_replayed: s.bytes_replayed,
+            })
+    }
+
+    fn cut(self: Box<Self>, hold: &mut dyn Quiesce) -> Result<CutDone, DiskCopyError> {
+        let r = self.0.cut(hold).map_err(DiskCopyError::application)?;
+        Ok(CutDone {
+            bytes_replayed: r.stats.bytes_replayed,
+            freeze_ms: r
+                .cut
+                .as_ref()
+                .map(|c| c.freeze_window.as_secs_f64() * 1000.0),
+            detail: serde_json::to_value(&r).unwrap_or_default(),
+        })
+    }
+}

@@ -1,0 +1,60 @@
+//! Seed step 709 (and 8, "check it"): the service answers on the standby's own address, as
+//! the standby, before any client is sent there.
+
+use std::time::Duration;
+
+use crate::context::{Orchestrator, Run};
+use crate::service::get;
+use crate::{OrchestratorError, access};
+
+pub(super) fn run(
+    o: &mut Orchestrator<'_>,
+    run: &mut Run,
+) -> Result<serde_json::Value, OrchestratorError> {
+    let to = access::endpoint(o.backend, run.standby()?)?;
+    let lc = to
+        .access
+        .open()
+        .map_err(|e| OrchestratorError::Health(Box::new(e.into())))?;
+    patchover_net::health::check_in(
+        &*lc,
+        to.address.addr,
+        &crate::service::health(&o.settings.service, &to.identity),
+    )
+    .map_err(|e| OrchestratorError::Health(Box::new(e)))?;
+    drop(lc);
+    run.report.version_after = get(
+        &to.access,
+        to.address.addr,
+        o.settings.service.port,
+        &o.settings.service.version_path,
+        Duration::from_secs(2),
+    )
+    .ok();
+    run.to = Some(to);
+    Ok(serde_json::json!({"version": run.report.version_after}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Step;
+    use super::super::fake::Bed;
+
+    #[test]
+    fn a_standby_that_cannot_be_reached_is_not_healthy() {
+        let mut bed = Bed::new();
+        bed.step(Step::StandbySearch).unwrap();
+        bed.backend.running(&["lc1", "lc2"]);
+        let e = bed.step(Step::StandbyHealth).unwrap_err();
+        assert!(matches!(e, crate::OrchestratorError::Health(_)), "{e:?}");
+        assert!(bed.run.to.is_none(), "no endpoint to switch to");
+    }
+
+    #[test]
+    fn a_stopped_standby_has_no_endpoint() {
+        let mut bed = Bed::new();
+        bed.step(Step::StandbySearch).unwrap();
+        let e = bed.step(Step::StandbyHealth).unwrap_err();
+        assert!(e.to_string().contains("not running"), "{e}");
+    }
+}

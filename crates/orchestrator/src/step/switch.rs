@@ -1,0 +1,212 @@
+//! The network switch (seed claims 4/5, fig. 13–17; embodiment 2, fig. 21–26), done by
+//! `patchover_net::switch`. Inside its window, with new requests held: the application disk's
+//! final cut, the disk attached under the standby's service, the service restarted there and
+//! answering. The switcher rolls itself back on any failure; the run is then `rolled-back`.
+
+use std::time::Duration;
+
+use patchover_core::LcSpec;
+use patchover_lc::{LcBackend, Stdio};
+use patchover_net::{Endpoint, Hooks, Mode, SwitchPlan};
+
+use crate::context::{Orchestrator, Run};
+use crate::copy::LiveCopy;
+use crate::service::{LcServiceControl, get};
+use crate::{OrchestratorError, ServiceSettings, network};
+use patchover_lc::CutDone;
+
+pub(super) fn run(
+    o: &mut Orchestrator<'_>,
+    run: &mut Run,
+) -> Result<serde_json::Value, OrchestratorError> {
+    let plan = plan(o, run)?;
+    let standby = run.standby()?.clone();
+    let mut follow = run.follow.take();
+    let mut cut_report = None;
+    let backend = o.backend;
+    let svc = &o.settings.service;
+    let (active, to) = (&run.active, &plan.to);
+    let mut in_window = |_: &SwitchPlan| -> Result<(), patchover_net::BoxError> {
+        cut_report = take_over(backend, svc, active, &standby, follow.take())?;
+        get(
+            &to.access,
+            to.address.addr,
+            svc.port,
+            &svc.health_path,
+            Duration::from_secs(10),
+        )?;
+        Ok(())
+    };
+    let mut ctl = LcServiceControl {
+        backend,
+        lcs: &o.config.lcs,
+        settings: svc,
+    };
+    let mut hooks = Hooks {
+        service: &mut ctl,
+        in_window: &mut in_window,
+    };
+    let sw = patchover_net::switch(&plan, &mut hooks).inspect_err(|e| {
+        if matches!(e, patchover_net::SwitchError::RolledBack { .. }) {
+            run.report.outcome = "rolled-back".into();
+        }
+    })?;
+    run.report.pause_ms = Some(sw.report.pause_ms);
+    run.report.switch = Some(sw.report.clone());
+    let mut detail = serde_json::to_value(&sw.report).unwrap_or_default();
+    if let Some(r) = cut_report {
+        run.report.bytes_replayed += r.bytes_replayed;
+        run.report.freeze_ms = r.freeze_ms;
+        detail["cut_app_disk"] = r.detail;
+    }
+    run.refresh = sw.refresh;
+    run.report.outcome = "switched".into();
+    Ok(detail)
+}
+
+/// What the switcher is asked to do.
+fn plan(o: &Orchestrator<'_>, run: &Run) -> Result<SwitchPlan, OrchestratorError> {
+    let service = o.config.network.service_address.ok_or_else(|| {
+        OrchestratorError::BadInput("network.service_address is not set in the config".into())
+    })?;
+    let to = run.to()?.clone();
+    network::ensure_bridge_address(o.config).map_err(OrchestratorError::net)?;
+    Ok(SwitchPlan {
+        host_netns: None,
+        bridge: o.config.network.bridge.clone(),
+        service,
+        from: run.from.clone(),
+        health: crate::service::health(&o.settings.service, &to.identity),
+        to,
+        mode: run.req.mode,
+        check_from: None,
+        garp: patchover_net::GarpConfig {
+            // The later announcements come from a detached process (see `announce_later`).
+            refresh_after: if o.settings.refresher.is_some() {
+                Vec::new()
+            } else {
+                o.settings.garp.refresh_after.clone()
+            },
+            ..o.settings.garp.clone()
+        },
+        drain_deadline: o.settings.drain_deadline,
+        queue: network::queue_number(run.id()),
+        lock_path: o.config.run_dir.join("switch.lock"),
+        // A writing service must not serve from both LCs: hand off.
+        handoff: run.req.mode == Mode::Seamless,
+    })
+}
+
+/// In the switch window: the application disk's copy is cut (complete as of now), goes under
+/// the standby's service, and the service restarts there so it reads the data as of the cut.
+pub(super) fn take_over(
+    backend: &dyn LcBackend,
+    svc: &ServiceSettings,
+    active: &LcSpec,
+    standby: &LcSpec,
+    follow: Option<LiveCopy>,
+) -> Result<Option<CutDone>, patchover_net::BoxError> {
+    let cut = match follow {
+        Some(f) => Some(f.cut(backend, active)?),
+        None => None,
+    };
+    if let Some(d) = &standby.app_disk {
+        backend.attach_disk(standby, &d.path, &d.mount)?;
+    }
+    let out = backend.exec(standby, &svc.restart, Stdio::Capture)?;
+    if out.status != Some(0) {
+        return Err(format!(
+            "{:?} exited with {:?}: {}",
+            svc.restart,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    Ok(cut)
+}
+
+/// The later announcements of the service address (`[garp] refresh_after`) come from a
+/// detached `patchover internal garp-refresh`, so that the run ends now.
+pub(crate) fn announce_later(o: &Orchestrator<'_>, to: &Endpoint) {
+    let (Some(exe), Some(service)) = (&o.settings.refresher, o.config.network.service_address)
+    else {
+        return;
+    };
+    if o.settings.garp.refresh_after.is_empty() {
+        return;
+    }
+    let refresh = patchover_net::refresh::Refresh::new(to, service.addr, &o.settings.garp);
+    if let Err(e) = refresh.command(exe).spawn() {
+        tracing::warn!(error = %e, "cannot start the gratuitous ARP refresher; neighbours that missed the first burst learn the address by ARP");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Step;
+    use super::super::fake::Bed;
+    use super::take_over;
+
+    #[test]
+    fn in_the_window_the_cut_comes_first_then_the_disk_then_the_restart() {
+        let mut bed = Bed::new();
+        bed.backend.running(&["lc1"]);
+        bed.step(Step::StandbySearch).unwrap();
+        bed.step(Step::CopyAppDisk).unwrap();
+        bed.step(Step::BootStandby).unwrap();
+        let follow = bed.run.follow.take();
+        let standby = bed.run.standby.clone().unwrap();
+        let cut = take_over(
+            &bed.backend,
+            &bed.settings.service,
+            &bed.run.active,
+            &standby,
+            follow,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(cut.bytes_replayed, 7);
+        let calls = bed.backend.calls();
+        let at = |s: &str| {
+            calls
+                .iter()
+                .position(|c| c.starts_with(s))
+                .unwrap_or_else(|| panic!("{s}: {calls:?}"))
+        };
+        assert!(at("cut lc1") < at("attach_disk lc2"));
+        assert!(at("attach_disk lc2") < at("exec lc2 /etc/init.d/S50demo restart"));
+    }
+
+    #[test]
+    fn a_restart_that_fails_fails_the_window() {
+        let mut bed = Bed::new();
+        bed.step(Step::StandbySearch).unwrap();
+        bed.backend.running(&["lc1", "lc2"]);
+        bed.backend.exec_status(3, b"no service");
+        let standby = bed.run.standby.clone().unwrap();
+        let e = take_over(
+            &bed.backend,
+            &bed.settings.service,
+            &bed.run.active,
+            &standby,
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("exited with Some(3): no service"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn no_switch_without_a_healthy_standby_or_a_service_address() {
+        let mut bed = Bed::new();
+        bed.step(Step::StandbySearch).unwrap();
+        let e = bed.step(Step::Switch).unwrap_err();
+        assert!(e.to_string().contains("health check"), "{e}");
+        bed.config.network.service_address = None;
+        let e = bed.step(Step::Switch).unwrap_err();
+        assert!(e.to_string().contains("service_address is not set"), "{e}");
+    }
+}
