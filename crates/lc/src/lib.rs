@@ -11,6 +11,7 @@
 //! logic (ordering, rollback on failure, state checks) is unit-tested against a recording fake
 //! without root; the real calls are exercised by the integration tests.
 
+pub mod boot;
 pub mod cgroup;
 pub mod disks;
 pub mod dispatch;

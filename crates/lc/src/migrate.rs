@@ -62,7 +62,7 @@ pub struct CutDone {
 }
 
 /// How far a live copy is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CopyProgress {
     pub bytes_copied: u64,
     pub bytes_replayed: u64,
@@ -81,9 +81,9 @@ pub trait LiveCopy: Send {
     fn catch_up(&mut self) -> Result<Option<serde_json::Value>, DiskCopyError> {
         Ok(None)
     }
-    /// How far the copy is.
-    fn progress(&self) -> CopyProgress {
-        CopyProgress::default()
+    /// How far the copy is, if the copier counts it as it goes.
+    fn progress(&self) -> Option<CopyProgress> {
+        None
     }
     /// Makes the copy complete with the LC held still by `hold`, and lets it go.
     fn cut(self: Box<Self>, hold: &mut dyn Quiesce) -> Result<CutDone, DiskCopyError>;

@@ -46,6 +46,11 @@ impl LiveCopy {
         self.0.catches_up()
     }
 
+    /// How far the copy is, if the backend's copier counts it.
+    pub(crate) fn progress(&self) -> Option<patchover_lc::CopyProgress> {
+        self.0.progress()
+    }
+
     /// Brings the copy close to the source while the LC runs.
     pub(crate) fn catch_up(&mut self) -> Result<Option<serde_json::Value>, OrchestratorError> {
         Ok(self.0.catch_up()?)

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use patchover_agent::{AgentClient, Request, Response};
 use patchover_core::{DiskKind, LcId, LcSpec, NicSpec};
+use patchover_lc::boot::{BootTxn, PortKind, Undo};
 use patchover_lc::cgroup::{Layout, LcGroups};
 use patchover_lc::disks::DiskOwners;
 use patchover_lc::host::Host;
@@ -86,13 +87,6 @@ pub struct RuntimeState {
 pub struct QemuBackend<H: Host> {
     host: H,
     pub(crate) cfg: QemuConfig,
-}
-
-enum Undo {
-    Link(String),
-    Groups(LcGroups),
-    Dir(PathBuf),
-    Process(i32, LcGroups),
 }
 
 fn now_ms() -> u64 {
@@ -351,40 +345,17 @@ impl<H: Host> QemuBackend<H> {
         self.owners().check(spec)
     }
 
-    fn undo(&self, steps: Vec<Undo>) {
-        for step in steps.into_iter().rev() {
-            match step {
-                Undo::Process(pid, groups) => {
-                    self.leave_groups(&groups, pid);
-                    let _ = self.host.signal(pid, nix::sys::signal::Signal::SIGKILL);
-                    let start = Instant::now();
-                    while self.host.process_start_time(pid).is_some()
-                        && start.elapsed() < Duration::from_secs(5)
-                    {
-                        self.host.sleep(Duration::from_millis(20));
-                    }
-                }
-                Undo::Link(l) => {
-                    let _ = self.host.delete_link(&l);
-                }
-                Undo::Groups(g) => {
-                    let _ = g.kill_all(&self.host);
-                    let _ = g.remove(&self.host);
-                }
-                Undo::Dir(d) => {
-                    let _ = self.host.remove_all(&d);
-                }
-            }
-        }
-    }
-
     fn groups(&self, spec: &LcSpec) -> Result<LcGroups, LcError> {
         Layout::detect(&self.host)
             .and_then(|l| l.groups(&self.cfg.cgroup_parent, spec.id.as_str()))
             .map_err(|e| LcError::host_chain(&spec.id, "cgroup setup", &e))
     }
 
-    fn boot_steps(&self, spec: &LcSpec, undo: &mut Vec<Undo>) -> Result<RuntimeState, LcError> {
+    fn boot_steps<'a>(
+        &'a self,
+        spec: &LcSpec,
+        txn: &mut BootTxn<'a, H>,
+    ) -> Result<RuntimeState, LcError> {
         let id = &spec.id;
         let step = |step: &'static str| {
             move |source: std::io::Error| LcError::Host {
@@ -393,7 +364,10 @@ impl<H: Host> QemuBackend<H> {
                 source,
             }
         };
-        let q = spec.qemu.as_ref().expect("checked");
+        let q = spec.qemu.as_ref().ok_or_else(|| LcError::Unsupported {
+            lc: id.clone(),
+            message: "a VM needs a kernel; set `kernel` in the config".to_owned(),
+        })?;
         let probe = accel::choose(
             &self.cfg.qemu,
             &q.kernel,
@@ -405,52 +379,21 @@ impl<H: Host> QemuBackend<H> {
             lc: id.clone(),
             message: m,
         })?;
-
-        self.host
-            .ensure_bridge(&self.cfg.bridge)
-            .map_err(step("creating the bridge"))?;
+        txn.bridge(&self.cfg.bridge)?;
         let groups = self.groups(spec)?;
-        undo.push(Undo::Groups(groups.clone()));
-        groups
-            .create(
-                &self.host,
-                spec.cpu.cpu,
-                spec.cpu.share_pct,
-                spec.memory_mib + QEMU_OVERHEAD_MIB,
-            )
-            .map_err(|e| LcError::host_chain(id, "cgroup setup", &e))?;
-
-        let mut host_ports = Vec::new();
-        for (i, nic) in spec.nics.iter().enumerate() {
-            let port = host_port_name(id, i);
-            let _ = self.host.delete_link(&port);
-            self.host
-                .create_tap(&port)
-                .map_err(step("creating a tap"))?;
-            undo.push(Undo::Link(port.clone()));
-            if nic.detached {
-                self.host
-                    .set_link_up(&port)
-                    .map_err(step("bringing the tap up"))?;
-            } else {
-                self.host
-                    .attach_to_bridge(&port, &self.cfg.bridge)
-                    .map_err(step("plugging the tap into the bridge"))?;
-            }
-            host_ports.push(port);
-        }
-
+        txn.groups(
+            &groups,
+            spec.cpu.cpu,
+            spec.cpu.share_pct,
+            spec.memory_mib + QEMU_OVERHEAD_MIB,
+        )?;
+        let host_ports = txn.ports(spec, &self.cfg.bridge, PortKind::Tap, |host, port, _, _| {
+            host.create_tap(port)
+        })?;
         let lc_dir = self.lc_dir(id);
-        undo.push(Undo::Dir(lc_dir.clone()));
-        self.host
-            .create_dir_all(&lc_dir)
-            .map_err(step("creating the run directory"))?;
+        txn.run_dir(&lc_dir, &[])?;
         let console = self.console_log_of(id);
-        if let Some(p) = console.parent() {
-            self.host
-                .create_dir_all(p)
-                .map_err(step("creating the state directory"))?;
-        }
+        txn.console_dir(&console)?;
         // A marker line, so the console tail of a failed boot shows this boot only.
         if let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
@@ -470,7 +413,11 @@ impl<H: Host> QemuBackend<H> {
         let pid_text = self.host.read_file(&lc_dir.join("qemu.pid")).ok();
         let pid: Option<i32> = pid_text.as_deref().and_then(|t| t.trim().parse().ok());
         if let Some(pid) = pid {
-            undo.push(Undo::Process(pid, groups.clone()));
+            let groups = groups.clone();
+            txn.push(Undo::Then(
+                "ending QEMU",
+                Box::new(move || self.kill(&groups, pid)),
+            ));
         }
         if !out.status.success() {
             return Err(LcError::Launch {
@@ -547,6 +494,18 @@ impl<H: Host> QemuBackend<H> {
     /// Moves QEMU to the root of each cgroup hierarchy before it ends: an exited QEMU stays a
     /// zombie (in its cgroup) until whatever adopted it reaps it, which would keep the LC's
     /// cgroups from being removed.
+    /// Ends a QEMU process a failed boot started.
+    fn kill(&self, groups: &LcGroups, pid: i32) {
+        self.leave_groups(groups, pid);
+        let _ = self.host.signal(pid, nix::sys::signal::Signal::SIGKILL);
+        let start = Instant::now();
+        while self.host.process_start_time(pid).is_some()
+            && start.elapsed() < Duration::from_secs(5)
+        {
+            self.host.sleep(Duration::from_millis(20));
+        }
+    }
+
     fn leave_groups(&self, groups: &LcGroups, pid: i32) {
         for f in groups.procs_files() {
             // <root>/<parent>/<lc>/cgroup.procs → <root>/cgroup.procs
@@ -649,19 +608,19 @@ impl<H: Host> LcBackend for QemuBackend<H> {
         if !self.reap_ended(spec) {
             self.clean_leftovers(spec, None);
         }
-        let mut undo = Vec::new();
-        match self.boot_steps(spec, &mut undo) {
-            Ok(st) => {
-                tracing::info!(lc = %spec.id, pid = st.pid, accel = %st.accel, "booted");
-                self.status(spec)
-            }
-            Err(e) => {
-                self.undo(undo);
+        let mut txn = BootTxn::new(&self.host, &spec.id);
+        // Taken back last: the disks this boot may have claimed.
+        txn.push(Undo::Then(
+            "releasing the disks",
+            Box::new(|| {
                 self.owners()
-                    .release(&spec.id, spec.disks().map(|d| d.path.clone()));
-                Err(e)
-            }
-        }
+                    .release(&spec.id, spec.disks().map(|d| d.path.clone()))
+            }),
+        ));
+        let st = self.boot_steps(spec, &mut txn)?;
+        txn.commit();
+        tracing::info!(lc = %spec.id, pid = st.pid, accel = %st.accel, "booted");
+        self.status(spec)
     }
 
     fn stop(&self, spec: &LcSpec) -> Result<(), LcError> {

@@ -39,7 +39,7 @@ pub fn jobs_socket(run_dir: &Path, lc: &LcId) -> PathBuf {
 }
 
 /// The served disk `node` of `lc`, if its server runs and serves it.
-pub fn served_disk(run_dir: &Path, lc: &LcId, node: &str) -> Option<ServedDisk> {
+pub(crate) fn served_disk(run_dir: &Path, lc: &LcId, node: &str) -> Option<ServedDisk> {
     let s = BlockServer::adopt(&state_dir(run_dir, lc)).ok()?;
     s.disks().iter().find(|d| d.node == node).cloned()
 }
@@ -197,6 +197,14 @@ impl BlocksJob {
 impl LiveCopy for BlocksJob {
     fn catches_up(&self) -> bool {
         true
+    }
+
+    /// What the bitmap rounds shipped after the full copy.
+    fn progress(&self) -> Option<patchover_lc::CopyProgress> {
+        Some(patchover_lc::CopyProgress {
+            bytes_copied: 0,
+            bytes_replayed: self.rounds.iter().map(|r| r.bytes).sum(),
+        })
     }
 
     /// Bitmap rounds until one ships ≤ 8 MiB (at most 4).

@@ -68,13 +68,11 @@ impl<H: Host> Migratable for NsBackend<H> {
 struct FilesCopy(FollowCopy);
 
 impl LiveCopy for FilesCopy {
-    fn progress(&self) -> CopyProgress {
-        self.0
-            .stats()
-            .map_or_else(CopyProgress::default, |s| CopyProgress {
-                bytes_copied: s.bytes_copied,
-                bytes_replayed: s.bytes_replayed,
-            })
+    fn progress(&self) -> Option<CopyProgress> {
+        self.0.stats().map(|s| CopyProgress {
+            bytes_copied: s.bytes_copied,
+            bytes_replayed: s.bytes_replayed,
+        })
     }
 
     fn cut(self: Box<Self>, hold: &mut dyn Quiesce) -> Result<CutDone, DiskCopyError> {

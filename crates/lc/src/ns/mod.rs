@@ -22,6 +22,7 @@ use patchover_agent::{AgentClient, Request, Response, SOCKET_NAME};
 use patchover_core::{DiskKind, DiskSpec, LcId, LcSpec, NicSpec};
 use serde::{Deserialize, Serialize};
 
+use crate::boot::{BootTxn, PortKind, Undo};
 use crate::cgroup::{Layout, LcGroups};
 use crate::host::Host;
 use crate::images::ImageServer;
@@ -82,15 +83,6 @@ pub struct NsBackend<H: Host> {
     images: Option<std::sync::Arc<dyn ImageServer>>,
     /// Thaw guards of the LCs this process holds frozen.
     guards: std::sync::Mutex<std::collections::HashMap<String, Box<dyn std::any::Any + Send>>>,
-}
-
-/// Steps to take back if a boot fails half-way, run in reverse.
-enum Undo {
-    Link(String),
-    Groups(LcGroups),
-    Dir(PathBuf),
-    Images(LcId),
-    Loop(PathBuf),
 }
 
 impl<H: Host> NsBackend<H> {
@@ -192,46 +184,15 @@ impl<H: Host> NsBackend<H> {
             .map_err(host_err)
     }
 
-    fn undo(&self, steps: Vec<Undo>) {
-        for step in steps.into_iter().rev() {
-            match step {
-                Undo::Link(l) => {
-                    let _ = self.host.delete_link(&l);
-                }
-                Undo::Groups(g) => {
-                    let _ = g.kill_all(&self.host);
-                    self.wait_empty(&g, Duration::from_secs(5));
-                    let _ = g.remove(&self.host);
-                }
-                Undo::Dir(d) => {
-                    let _ = self.host.remove_all(&d);
-                }
-                Undo::Loop(dev) => {
-                    let _ = self.host.loop_detach(&dev);
-                }
-                Undo::Images(lc) => {
-                    if let Err(e) = self.stop_images(&lc) {
-                        tracing::warn!(%lc, error = %e, "could not stop the LC's image server");
-                    }
-                }
-            }
-        }
-    }
-
     fn wait_empty(&self, g: &LcGroups, timeout: Duration) -> bool {
-        let start = Instant::now();
-        loop {
-            if g.pids(&self.host).is_empty() {
-                return true;
-            }
-            if start.elapsed() >= timeout {
-                return false;
-            }
-            self.host.sleep(Duration::from_millis(20));
-        }
+        crate::boot::wait_empty(&self.host, g, timeout)
     }
 
-    fn boot_steps(&self, spec: &LcSpec, undo: &mut Vec<Undo>) -> Result<RuntimeState, LcError> {
+    fn boot_steps<'a>(
+        &'a self,
+        spec: &LcSpec,
+        txn: &mut BootTxn<'a, H>,
+    ) -> Result<RuntimeState, LcError> {
         let id = &spec.id;
         let step = |step: &'static str| {
             move |source: std::io::Error| LcError::Host {
@@ -240,70 +201,42 @@ impl<H: Host> NsBackend<H> {
                 source,
             }
         };
-        self.host
-            .ensure_bridge(&self.cfg.bridge)
-            .map_err(step("creating the bridge"))?;
-
+        txn.bridge(&self.cfg.bridge)?;
         let groups = self.groups(spec)?;
-        undo.push(Undo::Groups(groups.clone()));
-        groups
-            .create(
-                &self.host,
-                spec.cpu.cpu,
-                spec.cpu.share_pct,
-                spec.memory_mib,
-            )
-            .map_err(|e| LcError::Host {
-                lc: id.clone(),
-                step: "cgroup setup",
-                source: std::io::Error::other(format_chain(&e)),
-            })?;
-
-        let mut host_ports = Vec::new();
+        txn.groups(&groups, spec.cpu.cpu, spec.cpu.share_pct, spec.memory_mib)?;
         let mut nic_setup = Vec::new();
-        for (i, nic) in spec.nics.iter().enumerate() {
-            let (port, peer) = (host_port_name(id, i), peer_port_name(id, i));
-            // A port left by a crashed boot would make creation fail: remove it first.
-            let _ = self.host.delete_link(&port);
-            self.host
-                .create_veth(&port, &peer, nic.mac)
-                .map_err(step("creating a veth"))?;
-            undo.push(Undo::Link(port.clone()));
-            if nic.detached {
-                self.host
-                    .set_link_up(&port)
-                    .map_err(step("bringing the veth up"))?;
-            } else {
-                self.host
-                    .attach_to_bridge(&port, &self.cfg.bridge)
-                    .map_err(step("plugging the veth into the bridge"))?;
-            }
-            nic_setup.push(nic_setup_for(nic, peer));
-            host_ports.push(port);
-        }
-
+        let host_ports = txn.ports(
+            spec,
+            &self.cfg.bridge,
+            PortKind::Veth,
+            |host, port, i, nic| {
+                let peer = peer_port_name(id, i);
+                host.create_veth(port, &peer, nic.mac)?;
+                nic_setup.push(nic_setup_for(nic, peer));
+                Ok(())
+            },
+        )?;
         let lc_dir = self.lc_dir(id);
-        undo.push(Undo::Dir(lc_dir.clone()));
         let agent_dir = lc_dir.join("agent");
         let staging = lc_dir.join("root");
-        for d in [&agent_dir, &staging] {
-            self.host
-                .create_dir_all(d)
-                .map_err(step("creating the run directory"))?;
-        }
+        txn.run_dir(&lc_dir, &[&agent_dir, &staging])?;
         let console = self.console_log_of(id);
-        if let Some(p) = console.parent() {
-            self.host
-                .create_dir_all(p)
-                .map_err(step("creating the state directory"))?;
-        }
+        txn.console_dir(&console)?;
         // Application image disks through the image server: a loop device over its export,
         // attached here on the host (so the host sees what backs it), mounted by the LC.
         let mut mounts: Vec<MountSpec> = spec.app_disk.iter().map(mount_spec).collect();
         let mut loops = Vec::new();
         if let Some(server) = &self.images {
             for m in mounts.iter_mut().filter(|m| m.kind == DiskKind::Image) {
-                undo.push(Undo::Images(id.clone()));
+                let lc = id.clone();
+                txn.push(Undo::Then(
+                    "stopping the image server",
+                    Box::new(move || {
+                        if let Err(e) = self.stop_images(&lc) {
+                            tracing::warn!(%lc, error = %e, "could not stop the LC's image server");
+                        }
+                    }),
+                ));
                 let export = server
                     .serve(id, crate::images::APP_NODE, &m.source)
                     .map_err(step("serving the application image"))?;
@@ -311,7 +244,7 @@ impl<H: Host> NsBackend<H> {
                     .host
                     .loop_attach(&export)
                     .map_err(step("attaching a loop device to the image's export"))?;
-                undo.push(Undo::Loop(dev.clone()));
+                txn.push(Undo::Loop(dev.clone()));
                 loops.push(dev.clone());
                 m.source = dev;
             }
@@ -506,18 +439,14 @@ impl<H: Host> LcBackend for NsBackend<H> {
         }
         self.check_disks(spec)?;
         self.clean_leftovers(spec);
-        let mut undo = Vec::new();
-        match self.boot_steps(spec, &mut undo) {
-            Ok(_) => {
-                tracing::info!(lc = %spec.id, "booted");
-                self.status(spec)
-            }
-            Err(e) => {
-                tracing::warn!(lc = %spec.id, error = %e, "boot failed; undoing");
-                self.undo(undo);
-                Err(e)
-            }
+        let mut txn = BootTxn::new(&self.host, &spec.id);
+        if let Err(e) = self.boot_steps(spec, &mut txn) {
+            tracing::warn!(lc = %spec.id, error = %e, "boot failed; undoing");
+            return Err(e);
         }
+        txn.commit();
+        tracing::info!(lc = %spec.id, "booted");
+        self.status(spec)
     }
 
     fn stop(&self, spec: &LcSpec) -> Result<(), LcError> {

@@ -794,3 +794,46 @@ fn a_sysvinit_lc_is_stopped_with_its_ctrlaltdel_signal() {
     assert_eq!(sysvinit_stop_signal(&disk(&bb)), None);
     assert_eq!(sysvinit_stop_signal(&disk(&t.path().join("absent"))), None);
 }
+
+/// The boot transaction both backends share: a boot that fails takes back what it recorded,
+/// newest first (a backend's own step too); a committed one keeps everything.
+#[test]
+fn the_boot_transaction_takes_back_what_it_recorded_newest_first_unless_committed() {
+    use crate::boot::{BootTxn, PortKind, Undo};
+    let host = FakeHost::new();
+    let spec = lc("lc1");
+    {
+        let mut txn = BootTxn::new(&host, &spec.id);
+        txn.bridge("pobr0").unwrap();
+        txn.ports(&spec, "pobr0", PortKind::Veth, |h, port, i, nic| {
+            h.create_veth(port, &format!("pp{i}"), nic.mac)
+        })
+        .unwrap();
+        txn.run_dir(Path::new("/run/t/lc1"), &[Path::new("/run/t/lc1/agent")])
+            .unwrap();
+        let h = host.clone();
+        txn.push(Undo::Then(
+            "a backend's own step",
+            Box::new(move || {
+                let _ = h.op("own-undo", String::new());
+            }),
+        ));
+    }
+    let calls = host.mutations();
+    let own = position(&calls, "own-undo");
+    let rm = position(&calls, "rm -r /run/t/lc1");
+    let del = position(&calls, "delete_link polc1n0");
+    assert!(own < rm && rm < del, "{calls:?}");
+    assert!(
+        !calls.iter().any(|c| c.starts_with("delete_link pobr0")),
+        "the bridge stays"
+    );
+
+    let host = FakeHost::new();
+    {
+        let mut txn = BootTxn::new(&host, &spec.id);
+        txn.run_dir(Path::new("/run/t/lc1"), &[]).unwrap();
+        txn.commit();
+    }
+    assert!(!host.mutations().iter().any(|c| c.starts_with("rm -r")));
+}

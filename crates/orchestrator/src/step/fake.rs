@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use patchover_core::{Config, DiskSpec, HostFacts, LcSpec, NicSpec, Quiesce};
 use patchover_lc::{
-    Access, Copied, CutDone, DiskCopyError, ExecOutput, LcBackend, LcError, LcState, LcStatus,
-    LiveCopy, Migratable, Pausable, Stdio,
+    Access, Copied, CopyProgress, CutDone, DiskCopyError, ExecOutput, LcBackend, LcError, LcState,
+    LcStatus, LiveCopy, Migratable, Pausable, Stdio,
 };
 use patchover_net::{Endpoint, LcAccess, Mode};
 use patchover_store::{Role, Store};
@@ -189,6 +189,13 @@ struct FakeCopy {
 impl LiveCopy for FakeCopy {
     fn catches_up(&self) -> bool {
         self.rounds
+    }
+
+    fn progress(&self) -> Option<CopyProgress> {
+        Some(CopyProgress {
+            bytes_copied: 1234,
+            bytes_replayed: 0,
+        })
     }
 
     fn catch_up(&mut self) -> Result<Option<serde_json::Value>, DiskCopyError> {

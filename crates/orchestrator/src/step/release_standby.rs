@@ -11,12 +11,14 @@ use crate::context::Orchestrator;
 use crate::copy::{self, LiveCopy};
 use crate::install;
 
-/// Releases `s`, ending the live copy `follow` first. Best effort; says what it did.
+/// Releases `s`, ending the live copy `follow` first. Best effort; says what it did (and how
+/// far an unfinished copy got).
 pub(crate) fn release(
     o: &mut Orchestrator<'_>,
     s: &LcSpec,
     follow: Option<LiveCopy>,
 ) -> serde_json::Value {
+    let copied = follow.as_ref().and_then(LiveCopy::progress);
     drop(follow);
     let mut stopped = false;
     if o.backend
@@ -30,7 +32,11 @@ pub(crate) fn release(
         Ok(())
     });
     let _ = o.store.set_role(s.id.as_str(), Role::Unused);
-    serde_json::json!({"standby": s.id, "stopped": stopped})
+    let mut detail = serde_json::json!({"standby": s.id, "stopped": stopped});
+    if let Some(p) = copied {
+        detail["copied"] = serde_json::to_value(p).unwrap_or_default();
+    }
+    detail
 }
 
 #[cfg(test)]
@@ -51,6 +57,10 @@ mod tests {
         assert_eq!(bed.role("lc2"), Role::Standby);
         let d = bed.release();
         assert_eq!(d["stopped"], true);
+        assert_eq!(
+            d["copied"]["bytes_copied"], 1234,
+            "how far the copy got: {d}"
+        );
         assert!(!sys.join("etc/init.d/S05patchover").exists());
         assert!(!sys.join("var/lib/patchover-agent").exists());
         assert_eq!(bed.role("lc2"), Role::Unused);
