@@ -11,7 +11,7 @@
 //!    cost in the guest and the host's load at the time weigh on both alike);
 //! 3. cuts `--cuts` times as the patch cycle does (`patchover_orchestrator`'s `MirrorJob`):
 //!    mirror start (background; write-blocking if it does not converge) → ready → pause the
-//!    guest (`LcBackend::set_frozen`) → non-forced cancel (a point-in-time copy) → *compare the
+//!    guest (`Pausable::set_frozen`) → non-forced cancel (a point-in-time copy) → *compare the
 //!    images on the host while the guest is still paused* → resume;
 //! 4. reports the freeze window (pause → resume, minus the compare, which production does not
 //!    do), the writer's loss, identical N/N, and the first mirror's bulk rate against
