@@ -734,3 +734,35 @@ fn an_owner_that_answers_only_a_later_probe_is_found() {
         ["02:22:22:22:22:22"]
     );
 }
+
+/// `ServiceAddress` (what recovery asks after a crash) agrees with who really serves, before a
+/// switch, after it and after the switch back, in every mode.
+#[test]
+fn service_address_names_who_really_serves() {
+    for mode in [Mode::Path, Mode::Readdress, Mode::Seamless] {
+        let tb = Testbed::new(mode).unwrap();
+        let mut svc = Services {
+            a: Some(start_service(tb.a.netns().unwrap(), "lc-a")),
+            b: Some(start_service(tb.b.netns().unwrap(), "lc-b")),
+        };
+        let plan = tb.plan(true);
+        let holder = || {
+            let net = patchover_net::LiveNetwork::open(Some(&tb.host_netns), None).unwrap();
+            patchover_net::ServiceAddress::of(&plan)
+                .holder(&net, &[&tb.a, &tb.b])
+                .unwrap()
+                .map(|e| format!("lc-{}", e.name))
+        };
+        assert_eq!(holder().as_deref(), Some("lc-a"), "{mode}");
+        for (p, to) in [(tb.plan(true), "lc-b"), (tb.plan(false), "lc-a")] {
+            let mut window = no_window;
+            let mut hooks = Hooks {
+                service: &mut svc,
+                in_window: &mut window,
+            };
+            switch(&p, &mut hooks).unwrap();
+            assert_eq!(who_serves(&tb), to, "{mode}");
+            assert_eq!(holder().as_deref(), Some(to), "{mode}");
+        }
+    }
+}

@@ -235,4 +235,20 @@ mod tests {
         assert!(!bed.net.ops().iter().any(|o| o.starts_with("unpark")));
         assert_eq!(bed.net.holder().as_deref(), Some("b"));
     }
+
+    #[test]
+    fn handoff_cut_after_the_host_moved_is_still_the_old_lcs_for_recovery() {
+        // Only the host's own connections went to the standby when the NAT could not be put
+        // back: the clients' NAT decides, so recovery rolls back to the old LC.
+        let bed = handoff();
+        bed.net.fail("check").fail("nft service NAT back");
+        let e = bed.switch().unwrap_err();
+        assert!(
+            matches!(&e, SwitchError::RollbackFailed { rollback, .. } if rollback.contains("NAT back")),
+            "{e:?}"
+        );
+        assert_eq!(bed.net.ops().last().map(String::as_str), Some("unpark a"));
+        assert_eq!(bed.net.nat(), (ip("10.0.0.2"), ip("10.0.0.3")));
+        assert_eq!(bed.net.holder().as_deref(), Some("a"));
+    }
 }

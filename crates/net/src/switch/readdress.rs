@@ -322,4 +322,29 @@ mod tests {
         let last = bed.net.ops().last().cloned().unwrap();
         assert!(last.starts_with("nft MAC fix:"), "{last}");
     }
+
+    #[test]
+    fn readdress_failed_move_back_leaves_the_address_where_recovery_finds_it() {
+        // The standby cannot give the address back: the old LC already lost it, so recovery
+        // finds the service on the standby and finishes there instead of rolling back.
+        let bed = bed(Mode::Readdress);
+        bed.net.fail("check").fail("b: del");
+        let e = bed.switch().unwrap_err();
+        assert!(
+            matches!(&e, SwitchError::RollbackFailed { rollback, .. } if rollback.contains("moving back")),
+            "{e:?}"
+        );
+        let ops = bed.net.ops();
+        assert_eq!(
+            ops[ops.len() - 3..],
+            ["b: del 10.0.0.10/24", "resume a", "release"]
+        );
+        assert!(
+            bed.net
+                .addresses("a")
+                .iter()
+                .all(|a| a.addr != bed.plan.service.addr)
+        );
+        assert_eq!(bed.net.holder().as_deref(), Some("b"));
+    }
 }

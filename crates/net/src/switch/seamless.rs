@@ -164,4 +164,19 @@ mod tests {
         );
         assert!(bed.net.ops().is_empty(), "{:?}", bed.net.ops());
     }
+
+    #[test]
+    fn seamless_failed_nat_back_leaves_the_service_where_recovery_finds_it() {
+        let bed = bed(Mode::Seamless);
+        bed.net
+            .fail("check")
+            .fail("nft service NAT switch: nat 10.0.0.10 -> 10.0.0.2");
+        let e = bed.switch().unwrap_err();
+        assert!(
+            matches!(&e, SwitchError::RollbackFailed { rollback, .. } if rollback.contains("NAT back")),
+            "{e:?}"
+        );
+        assert_eq!(bed.net.nat(), (ip("10.0.0.3"), ip("10.0.0.3")));
+        assert_eq!(bed.net.holder().as_deref(), Some("b"));
+    }
 }
