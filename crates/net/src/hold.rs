@@ -389,22 +389,21 @@ impl Primer {
     }
 }
 
-fn reader(
+/// Joins `netns`, opens the primer's packet socket and binds the queue; reports the outcome on
+/// `ready` (`None`: it failed and was reported).
+fn open_here(
     netns: Option<PathBuf>,
     queue_num: u16,
-    mark: Option<u32>,
     prime: Option<Prime>,
-    state: Arc<AtomicU8>,
-    counts: Counts,
-    ready: std::sync::mpsc::Sender<Result<(), HoldError>>,
-) -> std::io::Result<()> {
+    ready: &std::sync::mpsc::Sender<Result<(), HoldError>>,
+) -> Option<(Option<Primer>, nfq::Queue)> {
     if let Some(ns) = &netns
         && let Err(e) = enter_netns(ns)
     {
         let _ = ready.send(Err(e.into()));
-        return Ok(());
+        return None;
     }
-    let mut primer = match prime {
+    let primer = match prime {
         Some(prime) => match garp::Sender::open_here(netns.clone(), &prime.port) {
             Ok(sender) => Some(Primer { sender, prime }),
             Err(source) => {
@@ -412,7 +411,7 @@ fn reader(
                     port: prime.port,
                     source,
                 }));
-                return Ok(());
+                return None;
             }
         },
         None => None,
@@ -428,57 +427,95 @@ fn reader(
         q.set_nonblocking(true);
         Ok(q)
     };
-    let mut q = match open() {
-        Ok(q) => q,
+    match open() {
+        Ok(q) => {
+            let _ = ready.send(Ok(()));
+            Some((primer, q))
+        }
         Err(source) => {
             let _ = ready.send(Err(HoldError::Queue {
                 queue: queue_num,
                 source,
             }));
-            return Ok(());
+            None
         }
+    }
+}
+
+/// The SYNs held so far and what each showed: its connection and its sender's MAC.
+#[derive(Default)]
+struct HeldSyns {
+    held: Vec<Option<nfq::Message>>,
+    seen: Vec<(Option<SynKey>, Option<MacAddr>)>,
+}
+
+impl HeldSyns {
+    /// Primes the standby, then accepts each connection's latest SYN, oldest connection
+    /// first, and drops the superseded ones.
+    fn release(
+        &mut self,
+        q: &mut nfq::Queue,
+        primer: &mut Option<Primer>,
+        mark: Option<u32>,
+        counts: &Counts,
+    ) -> std::io::Result<()> {
+        // The standby learns the clients first: these frames queue ahead of the SYNs.
+        if let Some(p) = &*primer {
+            let clients = on_link_clients(&self.seen, p.prime.service);
+            counts.primed.fetch_add(p.prime(&clients), Ordering::SeqCst);
+        }
+        let keys: Vec<Option<SynKey>> = self.seen.iter().map(|(k, _)| *k).collect();
+        for i in release_order(&keys) {
+            if let Some(mut m) = self.held[i].take() {
+                if let Some(mark) = mark {
+                    m.set_nfmark(mark);
+                }
+                m.set_verdict(nfq::Verdict::Accept);
+                q.verdict(m)?;
+            }
+        }
+        // What is left is superseded.
+        for mut m in self.held.drain(..).flatten() {
+            m.set_verdict(nfq::Verdict::Drop);
+            q.verdict(m)?;
+        }
+        self.seen.clear();
+        // Closing a packet socket waits for an RCU grace period; nothing waits on it here.
+        if let Some(p) = primer.take() {
+            let _ = std::thread::Builder::new()
+                .name("po-synhold-close".into())
+                .spawn(move || drop(p));
+        }
+        Ok(())
+    }
+}
+
+fn reader(
+    netns: Option<PathBuf>,
+    queue_num: u16,
+    mark: Option<u32>,
+    prime: Option<Prime>,
+    state: Arc<AtomicU8>,
+    counts: Counts,
+    ready: std::sync::mpsc::Sender<Result<(), HoldError>>,
+) -> std::io::Result<()> {
+    let Some((mut primer, mut q)) = open_here(netns, queue_num, prime, &ready) else {
+        return Ok(());
     };
-    let _ = ready.send(Ok(()));
-    let mut held: Vec<Option<nfq::Message>> = Vec::new();
-    let mut seen: Vec<(Option<SynKey>, Option<MacAddr>)> = Vec::new();
+    let mut syns = HeldSyns::default();
     let mut finish_seen: Option<Instant> = None;
     loop {
         let st = state.load(Ordering::SeqCst);
-        if st >= PASSING && !held.is_empty() {
-            // The standby learns the clients first: these frames queue ahead of the SYNs.
-            if let Some(p) = &primer {
-                let clients = on_link_clients(&seen, p.prime.service);
-                counts.primed.fetch_add(p.prime(&clients), Ordering::SeqCst);
-            }
-            let keys: Vec<Option<SynKey>> = seen.iter().map(|(k, _)| *k).collect();
-            for i in release_order(&keys) {
-                if let Some(mut m) = held[i].take() {
-                    if let Some(mark) = mark {
-                        m.set_nfmark(mark);
-                    }
-                    m.set_verdict(nfq::Verdict::Accept);
-                    q.verdict(m)?;
-                }
-            }
-            // What is left is superseded.
-            for mut m in held.drain(..).flatten() {
-                m.set_verdict(nfq::Verdict::Drop);
-                q.verdict(m)?;
-            }
-            seen.clear();
-            // Closing a packet socket waits for an RCU grace period; nothing waits on it here.
-            if let Some(p) = primer.take() {
-                let _ = std::thread::Builder::new()
-                    .name("po-synhold-close".into())
-                    .spawn(move || drop(p));
-            }
+        if st >= PASSING && !syns.held.is_empty() {
+            syns.release(&mut q, &mut primer, mark, &counts)?;
         }
         match q.recv() {
             Ok(mut m) => {
                 if st == HOLDING {
                     counts.held.fetch_add(1, Ordering::SeqCst);
-                    seen.push((SynKey::parse(m.get_payload()), source_mac(&m)));
-                    held.push(Some(m));
+                    syns.seen
+                        .push((SynKey::parse(m.get_payload()), source_mac(&m)));
+                    syns.held.push(Some(m));
                 } else {
                     if let Some(mark) = mark {
                         m.set_nfmark(mark);
