@@ -157,8 +157,9 @@ pub fn build_debian(dir: &Path, opts: &BuildOptions) -> Result<Built, ImageError
     packages.push("sysvinit-core".into());
     if opts.qemu {
         // What the host runs inside a VM through its agent (`patchover_net::lc::agent`):
-        // `ip`, and busybox's `wget` and `arping`, whose options and output it reads.
-        packages.extend(["iproute2".into(), "busybox".into()]);
+        // busybox's `ip`, `wget` and `arping`, whose options and output it reads.
+        // Static, so each of the many short execs is cheap in a TCG guest.
+        packages.push("busybox-static".into());
     }
     packages.sort();
     packages.dedup();
@@ -490,7 +491,9 @@ exit 0
 
 /// Makes the tree at `root` boot as a QEMU LC: [`QEMU_BOOT`] first in the boot runlevel,
 /// and its stop part in the halt runlevel (unmount the application disk, sync); busybox's
-/// `wget` and `arping` in `/usr/bin` (on the agent's PATH) for the host's in-guest checks.
+/// `ip`, `wget` and `arping` in `/usr/bin` (on the agent's PATH) for the host's in-guest
+/// checks and address moves. (The agent keeps its place after the services: the host checks
+/// the service's health soon after the agent answers.)
 pub fn add_qemu_boot(root: &Path) -> Result<(), ImageError> {
     let io = |what: &'static str| {
         move |source| ImageError::Io {
@@ -503,7 +506,7 @@ pub fn add_qemu_boot(root: &Path) -> Result<(), ImageError> {
     fs::write(&script, QEMU_BOOT).map_err(io("writing the QEMU boot script in"))?;
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755))
         .map_err(io("chmod the QEMU boot script in"))?;
-    for applet in ["wget", "arping"] {
+    for applet in ["ip", "wget", "arping"] {
         let l = root.join("usr/bin").join(applet);
         let _ = fs::remove_file(&l);
         std::os::unix::fs::symlink("/bin/busybox", &l)
