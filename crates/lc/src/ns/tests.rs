@@ -655,11 +655,29 @@ fn exec_enters_by_pid_and_cgroups() {
     assert!(call.ends_with("-- cat /x"), "{call}");
 }
 
-/// An image server that records its calls; `serve` fails when told to.
+/// An image server that records its calls; `serve` fails when told to; it copies the disks
+/// it serves when told to (`copies`).
 #[derive(Default)]
 struct FakeImages {
     calls: std::sync::Mutex<Vec<String>>,
     fail_serve: bool,
+    copies: bool,
+}
+
+/// A copy that has nothing to do.
+struct NoCopy;
+
+impl crate::LiveCopy for NoCopy {
+    fn cut(
+        self: Box<Self>,
+        _: &mut dyn patchover_core::Quiesce,
+    ) -> Result<crate::CutDone, crate::DiskCopyError> {
+        Ok(crate::CutDone {
+            bytes_replayed: 0,
+            freeze_ms: None,
+            detail: serde_json::Value::Null,
+        })
+    }
 }
 
 impl ImageServer for FakeImages {
@@ -688,6 +706,25 @@ impl ImageServer for FakeImages {
     }
     fn served(&self, _lc: &LcId) -> Vec<String> {
         Vec::new()
+    }
+    fn live_copy(
+        &self,
+        lc: &LcId,
+        node: &str,
+        dst: &Path,
+        at: &Path,
+    ) -> Option<Result<Box<dyn crate::LiveCopy>, crate::DiskCopyError>> {
+        self.calls.lock().unwrap().push(format!(
+            "live_copy {lc} {node} {} at {}",
+            dst.display(),
+            at.display()
+        ));
+        self.copies
+            .then(|| Ok(Box::new(NoCopy) as Box<dyn crate::LiveCopy>))
+    }
+    fn end_copies(&self, lc: &LcId) -> Vec<String> {
+        self.calls.lock().unwrap().push(format!("end_copies {lc}"));
+        vec!["patchover-app".to_owned()]
     }
 }
 
@@ -836,4 +873,57 @@ fn the_boot_transaction_takes_back_what_it_recorded_newest_first_unless_committe
         txn.commit();
     }
     assert!(!host.mutations().iter().any(|c| c.starts_with("rm -r")));
+}
+
+/// The `ns` backend owns its copies: a served application image is copied by its image server
+/// (the LC's filesystem on it as the host sees it, for the cut's sync); a disk the server does
+/// not serve falls back to the file copier; leftovers of a dead run are the server's to end.
+#[test]
+fn a_served_image_is_copied_by_its_server_and_leftover_copies_end_there() {
+    use crate::Migratable;
+    let host = FakeHost::new();
+    let images = std::sync::Arc::new(FakeImages {
+        copies: true,
+        ..Default::default()
+    });
+    let b = backend(&host).with_images(images.clone());
+    let spec = image_lc();
+    b.boot(&spec).unwrap();
+    let src = spec.app_disk.clone().unwrap();
+    let mut dst = src.clone();
+    dst.path = "/srv/lc2/app.img".into();
+    let copy = b.live_copy(&spec, &src, &dst).unwrap();
+    assert!(!copy.catches_up(), "the fake copy keeps up by itself");
+    let at = format!(
+        "/proc/1001/root/{}",
+        src.mount.strip_prefix("/").unwrap().display()
+    );
+    assert_eq!(
+        images.calls.lock().unwrap().last().unwrap(),
+        &format!("live_copy lc1 app /srv/lc2/app.img at {at}")
+    );
+    assert_eq!(b.end_leftover_copies(&spec), ["patchover-app"]);
+
+    // Not served: the file copier is asked (and finds no such directory on this host).
+    let images = std::sync::Arc::new(FakeImages::default());
+    let host = FakeHost::new();
+    let b = backend(&host).with_images(images.clone());
+    b.boot(&spec).unwrap();
+    let e = b.live_copy(&spec, &src, &dst).err().unwrap();
+    assert_eq!(e.disk, "application");
+    assert!(
+        images
+            .calls
+            .lock()
+            .unwrap()
+            .last()
+            .unwrap()
+            .starts_with("live_copy")
+    );
+    // Without an image server there is nothing of a dead run to end.
+    assert!(
+        backend(&FakeHost::new())
+            .end_leftover_copies(&spec)
+            .is_empty()
+    );
 }
