@@ -162,7 +162,7 @@ impl<'a, H: Host> BootTxn<'a, H> {
 impl<H: Host> Drop for BootTxn<'_, H> {
     fn drop(&mut self) {
         if !self.undo.is_empty() {
-            tracing::warn!(lc = %self.lc, steps = self.undo.len(), "boot failed; undoing");
+            tracing::debug!(lc = %self.lc, steps = self.undo.len(), "taking back a failed boot");
         }
         while let Some(u) = self.undo.pop() {
             match u {

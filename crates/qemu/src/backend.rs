@@ -617,7 +617,13 @@ impl<H: Host> LcBackend for QemuBackend<H> {
                     .release(&spec.id, spec.disks().map(|d| d.path.clone()))
             }),
         ));
-        let st = self.boot_steps(spec, &mut txn)?;
+        let st = match self.boot_steps(spec, &mut txn) {
+            Ok(st) => st,
+            Err(e) => {
+                tracing::warn!(lc = %spec.id, error = %e, "boot failed; undoing");
+                return Err(e);
+            }
+        };
         txn.commit();
         tracing::info!(lc = %spec.id, pid = st.pid, accel = %st.accel, "booted");
         self.status(spec)
