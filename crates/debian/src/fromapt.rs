@@ -9,7 +9,10 @@
 //!    checked against the signed index.
 //! 4. A conffile the LC changed that the update also changes would make dpkg ask; refused,
 //!    naming the package and file.
-//! 5. The free space of the LC's disk must hold the unpacked updates and the bundle.
+//! 5. Disk space: the standby's disk gets the packages, so the bundle's first step checks the
+//!    standby's own free space, before any package is unpacked ([`SPACE_SCRIPT`]). Where the
+//!    standby's disk is a block copy of the LC's (a VM's image) the LC's free space is the
+//!    standby's, and from-apt refuses already, before the run.
 //! 6. The bundle: steps in apt's order (one `dpkg` step per package; packages apt must
 //!    configure together go into one `dpkg -i` of them all), a `package_version` check for
 //!    each, category `security` when a version comes from a security suite, title and
@@ -18,14 +21,14 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use patchover_lcroot::LcRoot;
 use sha2::{Digest, Sha256};
 
 use crate::apt::{AptEnv, AptError, PlanLine, hex};
+use crate::reader::{AgentReader, ExecFn, LcReader, RootReader, md5_hex};
 use crate::run::{ToolError, run};
 use crate::sources::{Source, SourcesError};
 use crate::status::{DpkgStatus, StatusError};
@@ -109,6 +112,7 @@ impl FromAptError {
         !matches!(
             self,
             FromAptError::Apt(_)
+                | FromAptError::Status(StatusError::Agent { .. })
                 | FromAptError::Mount { .. }
                 | FromAptError::Deb { .. }
                 | FromAptError::Io { .. }
@@ -168,8 +172,7 @@ pub enum Outcome {
 /// [`from_apt`] on an LC's system disk. A directory disk is opened as the LC's root. An image
 /// (a VM's) must not be in use: the caller checks that the LC is stopped; it is loop-mounted
 /// read-only (`nosuid,nodev,noexec`) for the time of the read and opened as the root. A
-/// running VM's packages (through its agent, or from the cycle's point-in-time copy) are not
-/// read yet.
+/// running VM is read through its agent instead: [`from_apt_through_agent`].
 pub fn from_apt_on_disk(
     disk: &Path,
     image: bool,
@@ -184,6 +187,7 @@ pub fn from_apt_on_disk(
     if !image {
         return from_apt(&LcRoot::open(disk).map_err(root_err)?, opts);
     }
+    // The standby's disk will be a block copy of this image: its free space is this one's.
     let mnt = tempfile::Builder::new()
         .prefix("patchover-from-apt-mnt-")
         .tempdir()
@@ -198,7 +202,7 @@ pub fn from_apt_on_disk(
     })?;
     let r = LcRoot::open(mnt.path())
         .map_err(root_err)
-        .and_then(|root| from_apt(&root, opts));
+        .and_then(|root| from_apt_with(&RootReader::new(&root, &opts.lc, true), opts));
     let mut c = Command::new("umount");
     c.arg(mnt.path());
     if let Err(e) = run(c, "mount") {
@@ -246,10 +250,25 @@ impl std::fmt::Display for Outcome {
     }
 }
 
-/// Makes the bundle (see the module doc).
+/// [`from_apt_with`] on a directory disk, through its root handle.
 pub fn from_apt(root: &LcRoot, opts: &FromAptOptions) -> Result<Outcome, FromAptError> {
+    from_apt_with(&RootReader::new(root, &opts.lc, false), opts)
+}
+
+/// [`from_apt_with`] on a running VM: its packages, os-release and conffiles are read by its
+/// own tools through its agent (`exec`: the backend's exec), never from its image, which the
+/// guest is writing. The VM's free space stands for its standby's (a block copy).
+pub fn from_apt_through_agent(
+    exec: &ExecFn<'_>,
+    opts: &FromAptOptions,
+) -> Result<Outcome, FromAptError> {
+    from_apt_with(&AgentReader::new(&opts.lc, exec), opts)
+}
+
+/// Makes the bundle (see the module doc).
+pub fn from_apt_with(root: &dyn LcReader, opts: &FromAptOptions) -> Result<Outcome, FromAptError> {
     let lc = opts.lc.as_str();
-    let status = DpkgStatus::read(root, lc).map_err(FromAptError::Status)?;
+    let status = DpkgStatus::read(root).map_err(FromAptError::Status)?;
     let host_arch = crate::image::host_arch();
     if status.architecture != host_arch {
         return Err(FromAptError::OtherArch {
@@ -266,7 +285,9 @@ pub fn from_apt(root: &LcRoot, opts: &FromAptOptions) -> Result<Outcome, FromApt
             });
         }
     }
-    let suite = lc_suite(root).ok_or(FromAptError::NoSuite { lc: lc.into() })?;
+    let suite = lc_suite(root)
+        .map_err(FromAptError::Status)?
+        .ok_or(FromAptError::NoSuite { lc: lc.into() })?;
     let mut sources = if opts.sources.is_empty() {
         let etc = Path::new("/etc/apt");
         let all = crate::sources::host_sources(etc).map_err(FromAptError::Sources)?;
@@ -378,6 +399,9 @@ pub fn from_apt(root: &LcRoot, opts: &FromAptOptions) -> Result<Outcome, FromApt
         files.insert(u.package.clone(), name);
     }
     check_space(root, lc, need_bytes)?;
+    // The standby checks its own disk before anything is unpacked.
+    fs::write(bundle_dir.join("payload").join(SPACE_FILE), SPACE_SCRIPT)
+        .map_err(io("writing the space check"))?;
 
     // The manifest.
     let mut hasher = Sha256::new();
@@ -418,7 +442,7 @@ pub fn from_apt(root: &LcRoot, opts: &FromAptOptions) -> Result<Outcome, FromApt
         description.truncate(cut);
         description.push_str("\n[... cut ...]\n");
     }
-    let mut steps = Vec::new();
+    let mut steps = vec![space_step(need_bytes)];
     for group in groups(&plan) {
         let names: Vec<&String> = group.iter().filter_map(|p| files.get(p)).collect();
         match names.as_slice() {
@@ -524,18 +548,52 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> FromAptError + '_ {
     }
 }
 
-/// The LC's Debian codename, from its `/etc/os-release` (read through the root handle).
-fn lc_suite(root: &LcRoot) -> Option<String> {
-    let text = root
-        .read_file(Path::new("etc/os-release"), 64 * 1024)
-        .ok()?;
-    String::from_utf8_lossy(&text).lines().find_map(|l| {
+/// The LC's Debian codename, from its `/etc/os-release`.
+fn lc_suite(root: &dyn LcReader) -> Result<Option<String>, StatusError> {
+    Ok(root.os_release()?.as_deref().and_then(suite_of_os_release))
+}
+
+/// `VERSION_CODENAME` of an os-release text: letters and digits only, else none.
+pub fn suite_of_os_release(text: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(text).lines().find_map(|l| {
         let v = l
             .strip_prefix("VERSION_CODENAME=")?
             .trim()
             .trim_matches('"');
-        (!v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric())).then(|| v.to_owned())
+        (!v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric()))
+            .then(|| v.to_owned())
     })
+}
+
+/// The bundle's payload file of the standby's space check.
+pub const SPACE_FILE: &str = "check-space.sh";
+
+/// The bundle's first step, run on the standby at boot (707) before any package: its own
+/// disk (the filesystems of `/`, `/usr`, `/var`) must have `$1` KiB free. A failure fails the
+/// bundle with nothing installed; the service stays on the active LC.
+pub const SPACE_SCRIPT: &str = r#"#!/bin/sh
+# patchover from-apt: the standby's disk must hold the unpacked updates (docs/debian.md).
+need="$1"
+case "$need" in ''|*[!0-9]*) echo "check-space.sh: need a number of KiB" >&2; exit 2;; esac
+for d in / /usr /var; do
+    set -- $(df -P -k "$d" | tail -n 1)
+    case "$4" in ''|*[!0-9]*) echo "check-space.sh: cannot read the free space of $d" >&2; exit 2;; esac
+    if [ "$4" -lt "$need" ]; then
+        echo "the standby's disk ($d) has $4 KiB free; the updates need $need KiB unpacked: free space first" >&2
+        exit 1
+    fi
+done
+"#;
+
+fn space_step(need_bytes: u64) -> toml::Table {
+    let mut t = toml::Table::new();
+    t.insert("kind".into(), "script".into());
+    t.insert("file".into(), SPACE_FILE.into());
+    t.insert(
+        "args".into(),
+        toml::Value::Array(vec![need_bytes.div_ceil(1024).to_string().into()]),
+    );
+    t
 }
 
 /// Groups apt's plan into sets configured together: a set closes when every package
@@ -567,66 +625,55 @@ fn groups(plan: &[PlanLine]) -> Vec<Vec<String>> {
 
 /// Refuses an update that would make dpkg ask about a conffile: the LC changed it (its MD5
 /// differs from what the installed package shipped) and the update ships another version.
+/// The MD5s of the host's files (the new package, unpacked on the host) are computed here;
+/// the LC's through the reader (in Rust on a bounded read, or by the LC's own md5sum).
 fn check_conffiles(
-    root: &LcRoot,
+    root: &dyn LcReader,
     lc: &str,
     package: &str,
     shipped: &BTreeMap<String, String>,
     unpacked: &Path,
 ) -> Result<(), FromAptError> {
+    let mut new = BTreeMap::new();
     for (path, old_md5) in shipped {
         if old_md5 == "newconffile" {
             continue;
         }
-        let rel = path.trim_start_matches('/');
-        let Ok(new) = fs::read(unpacked.join(rel)) else {
+        if let Ok(bytes) = fs::read(unpacked.join(path.trim_start_matches('/'))) {
+            new.insert(path.as_str(), md5_hex(&bytes));
+        }
+    }
+    if new.is_empty() {
+        return Ok(());
+    }
+    let paths: Vec<&str> = new.keys().copied().collect();
+    let current = root.conffile_md5s(&paths).map_err(FromAptError::Status)?;
+    for (path, new_md5) in new {
+        // Removed by the LC: dpkg keeps it removed without asking.
+        let Some(cur_md5) = current.get(path) else {
             continue;
         };
-        let Ok(current) = root.read_file(Path::new(rel), 16 << 20) else {
-            continue; // removed by the LC: dpkg keeps it removed without asking
-        };
-        let (new_md5, cur_md5) = (md5(&new), md5(&current));
-        if cur_md5 != *old_md5 && new_md5 != *old_md5 && cur_md5 != new_md5 {
+        if conffile_would_prompt(&shipped[path], cur_md5, &new_md5) {
             return Err(FromAptError::ConffilePrompt {
                 lc: lc.into(),
                 package: package.into(),
-                path: path.clone(),
+                path: path.to_owned(),
             });
         }
     }
     Ok(())
 }
 
-/// MD5 (what dpkg records for conffiles), by the host's md5sum.
-fn md5(data: &[u8]) -> String {
-    let child = Command::new("md5sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn();
-    let Ok(mut child) = child else {
-        return String::new();
-    };
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(data);
-    }
-    child
-        .wait_with_output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .next()
-                .unwrap_or("")
-                .to_owned()
-        })
-        .unwrap_or_default()
+/// dpkg asks when the LC changed the file (`current` is not what was shipped) and the update
+/// ships another version too, unless the LC's is already the new one.
+pub fn conffile_would_prompt(shipped: &str, current: &str, new: &str) -> bool {
+    current != shipped && new != shipped && current != new
 }
 
-fn check_space(root: &LcRoot, lc: &str, need: u64) -> Result<(), FromAptError> {
-    let st = nix::sys::statvfs::statvfs(root.host_path()).map_err(|e| FromAptError::Io {
-        what: format!("reading the free space of {lc}'s disk"),
-        source: e.into(),
-    })?;
-    let free = st.blocks_available() * st.fragment_size();
+fn check_space(root: &dyn LcReader, lc: &str, need: u64) -> Result<(), FromAptError> {
+    let Some(free) = root.free_bytes().map_err(FromAptError::Status)? else {
+        return Ok(());
+    };
     if free < need {
         return Err(FromAptError::DiskTooSmall {
             lc: lc.into(),
@@ -802,6 +849,101 @@ mod tests {
             "Inst a [1] (2 x [all])\nConf a (2 x [all])\nInst b [1] (2 x [all])\nInst c [1] (2 x [all])\nConf c (2 x [all])\nConf b (2 x [all])\nInst d (1 x [all])\nConf d (1 x [all])\n",
         );
         assert_eq!(groups(&plan), [vec!["a"], vec!["b", "c"], vec!["d"]]);
+    }
+
+    #[test]
+    fn a_conffile_prompts_only_when_both_sides_changed_it() {
+        // (shipped, the LC's, the update's)
+        assert!(!conffile_would_prompt("a", "a", "b"), "the LC kept it");
+        assert!(!conffile_would_prompt("a", "b", "a"), "the update keeps it");
+        assert!(
+            !conffile_would_prompt("a", "b", "b"),
+            "the LC has the new one"
+        );
+        assert!(conffile_would_prompt("a", "b", "c"));
+    }
+
+    /// r19-md5sum: the conffile check hashed with the host's `md5sum` and took a failed run
+    /// as the MD5 "", so an LC that had not changed its file was refused when md5sum failed.
+    /// The MD5s are now computed in Rust on the bounded read through LcRoot.
+    #[test]
+    fn r19_md5sum_conffiles_are_hashed_in_rust_on_the_bounded_read() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(t.path().join("etc")).unwrap();
+        fs::write(t.path().join("etc/a.conf"), "a\n").unwrap();
+        fs::write(t.path().join("etc/big.conf"), vec![b'x'; (16 << 20) + 1]).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", t.path().join("etc/out.conf")).unwrap();
+        let root = LcRoot::open(t.path()).unwrap();
+        let r = RootReader::new(&root, "lc1", false);
+        let m = r
+            .conffile_md5s(&[
+                "/etc/a.conf",
+                "/etc/gone.conf",
+                "/etc/big.conf",
+                "/etc/out.conf",
+            ])
+            .unwrap();
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert_eq!(m["/etc/a.conf"], "60b725f10c9c85c70d97880dfe8191b3");
+        // Unchanged by the LC, changed by the update: no prompt, with no md5sum anywhere.
+        let new = tempfile::tempdir().unwrap();
+        fs::create_dir_all(new.path().join("etc")).unwrap();
+        fs::write(new.path().join("etc/a.conf"), "b\n").unwrap();
+        let shipped = BTreeMap::from([(
+            "/etc/a.conf".to_owned(),
+            "60b725f10c9c85c70d97880dfe8191b3".to_owned(),
+        )]);
+        check_conffiles(&r, "lc1", "po-conf", &shipped, new.path()).unwrap();
+        fs::write(t.path().join("etc/a.conf"), "changed\n").unwrap();
+        let e = check_conffiles(&r, "lc1", "po-conf", &shipped, new.path()).unwrap_err();
+        assert!(matches!(e, FromAptError::ConffilePrompt { .. }), "{e}");
+    }
+
+    #[test]
+    fn the_suite_is_a_plain_codename() {
+        assert_eq!(
+            suite_of_os_release(b"NAME=x\nVERSION_CODENAME=bookworm\n").as_deref(),
+            Some("bookworm")
+        );
+        assert_eq!(
+            suite_of_os_release(b"VERSION_CODENAME=\"trixie\"\n").as_deref(),
+            Some("trixie")
+        );
+        for bad in [
+            &b"VERSION_CODENAME=../x\n"[..],
+            b"VERSION_CODENAME=\n",
+            b"ID=debian\n",
+        ] {
+            assert_eq!(suite_of_os_release(bad), None);
+        }
+    }
+
+    /// The standby's space check, run by the host's sh and df on the host's own disk: a small
+    /// need passes, a need no disk has fails with the figures, a bad argument fails.
+    #[test]
+    fn the_standbys_space_check_compares_its_own_disk() {
+        let t = tempfile::tempdir().unwrap();
+        let script = t.path().join(SPACE_FILE);
+        fs::write(&script, SPACE_SCRIPT).unwrap();
+        let run = |need: &str| {
+            Command::new("/bin/sh")
+                .arg(&script)
+                .arg(need)
+                .output()
+                .unwrap()
+        };
+        let ok = run("1");
+        assert!(ok.status.success(), "{ok:?}");
+        let full = run("999999999999");
+        assert_eq!(full.status.code(), Some(1), "{full:?}");
+        let e = String::from_utf8_lossy(&full.stderr);
+        assert!(
+            e.contains("KiB free; the updates need 999999999999 KiB"),
+            "{e}"
+        );
+        assert_eq!(run("lots").status.code(), Some(2));
+        let step = space_step(5 * 1024 + 1);
+        assert_eq!(step["args"].as_array().unwrap()[0].as_str(), Some("6"));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! - [`fromapt`]: a patch bundle from the updates the archive offers for an LC's packages.
 //! - [`sources`], [`apt`], [`status`]: the host's apt sources, apt run with a state of its own,
 //!   the LC's dpkg status read through its confined root.
+//! - [`reader`]: what from-apt reads of an LC: through its root on the host, or through a
+//!   running VM's agent.
 //!
 //! See `docs/debian.md`.
 
@@ -12,6 +14,7 @@ pub mod apt;
 pub mod fixture;
 pub mod fromapt;
 pub mod image;
+pub mod reader;
 pub mod run;
 pub mod sources;
 pub mod status;

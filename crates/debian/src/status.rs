@@ -7,9 +7,8 @@
 //! `package_version` post-checks still prove what was installed.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
-use patchover_lcroot::LcRoot;
+use crate::reader::LcReader;
 
 /// The largest dpkg status patchover reads (a big server's is a few MiB).
 pub const MAX_STATUS_BYTES: u64 = 64 << 20;
@@ -32,6 +31,19 @@ pub enum StatusError {
     NotText { lc: String },
     #[error("{lc}'s dpkg status has no installed `dpkg` package, so its architecture is unknown")]
     NoArch { lc: String },
+    #[error("asking {lc} for {what}")]
+    Agent {
+        lc: String,
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{lc}'s answer for {what} is refused: {reason}")]
+    Refused {
+        lc: String,
+        what: &'static str,
+        reason: String,
+    },
 }
 
 /// A package dpkg lists as installed.
@@ -54,23 +66,13 @@ pub struct DpkgStatus {
 }
 
 impl DpkgStatus {
-    /// Reads the LC's status through its root handle.
-    pub fn read(root: &LcRoot, lc: &str) -> Result<DpkgStatus, StatusError> {
-        let bytes = match root.read_file(Path::new(STATUS_PATH), MAX_STATUS_BYTES) {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => {
-                return Err(StatusError::Missing { lc: lc.to_owned() });
-            }
-            Err(source) => {
-                return Err(StatusError::Read {
-                    lc: lc.to_owned(),
-                    source,
-                });
-            }
-        };
+    /// Reads the LC's status (through its root handle, or its agent).
+    pub fn read(lc: &dyn LcReader) -> Result<DpkgStatus, StatusError> {
+        let name = lc.lc().to_owned();
+        let bytes = lc.dpkg_status()?;
         let text =
-            String::from_utf8(bytes).map_err(|_| StatusError::NotText { lc: lc.to_owned() })?;
-        DpkgStatus::parse(text).ok_or(StatusError::NoArch { lc: lc.to_owned() })
+            String::from_utf8(bytes).map_err(|_| StatusError::NotText { lc: name.clone() })?;
+        DpkgStatus::parse(text).ok_or(StatusError::NoArch { lc: name })
     }
 
     /// Parses status text; `None` when no `dpkg` package is installed.
@@ -166,8 +168,9 @@ mod tests {
     #[test]
     fn a_root_without_a_status_is_named() {
         let t = tempfile::tempdir().unwrap();
-        let root = LcRoot::open(t.path()).unwrap();
-        let e = DpkgStatus::read(&root, "lc1").unwrap_err().to_string();
+        let root = patchover_lcroot::LcRoot::open(t.path()).unwrap();
+        let reader = crate::reader::RootReader::new(&root, "lc1", false);
+        let e = DpkgStatus::read(&reader).unwrap_err().to_string();
         assert!(e.contains("lc1's disk has no dpkg status"), "{e}");
     }
 }

@@ -103,10 +103,17 @@ fn a_bundle_of_the_updates_and_every_refusal() {
     assert_eq!(
         steps,
         [
+            "script check-space.sh",
             "dpkg -i po-hello-data_1.0-2.deb",
             "dpkg -i po-hello_1.0-2.deb"
         ]
     );
+    // The standby checks its own disk first (docs/debian.md, "Disk space").
+    let patchover_bundle::manifest::Step::Script { args, .. } = &m.steps[0] else {
+        panic!("{:?}", m.steps[0])
+    };
+    let kib: u64 = args[0].parse().unwrap();
+    assert!(kib > 0, "{args:?}");
     assert_eq!(m.checks.len(), 2);
     assert!(
         m.description

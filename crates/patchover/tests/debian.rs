@@ -359,11 +359,12 @@ fn sh(cmd: &mut Command) {
 
 /// Debian QEMU LCs (`build-debian --qemu`, TCG here): the Debian VM boots with sysvinit and
 /// serves, its packages are read inside it through its agent, from-apt reads the stopped VM's
-/// disk (and refuses a running VM's), the cycle patches the copy under load (10 s deadline),
+/// disk and, once it runs, reads it through its agent (never its image, which the guest
+/// writes) with the same result, the cycle patches the copy under load (10 s deadline),
 /// the versions are proven inside both VMs, the rollback returns the old one,
 /// and the VM powers off by itself.
 #[test]
-fn debian_vm_from_apt_on_its_stopped_disk_then_patched_under_load_and_rolled_back() {
+fn debian_vm_from_apt_stopped_and_running_then_patched_under_load_and_rolled_back() {
     let mut t = Topo::new(&[(0, 60, 320), (1, 60, 320)]);
     let key = t.dir.path().join("release.key");
     let pubkey = t.dir.path().join("release.pub");
@@ -428,7 +429,8 @@ fn debian_vm_from_apt_on_its_stopped_disk_then_patched_under_load_and_rolled_bac
     // from-apt on the stopped VM's disk.
     let archive = TestArchive::new("bookworm-security", &[pkg("1.0-2", "high")]);
     let bundle = t.dir.path().join("apt.tar.zst");
-    let out = t.po_ok(&[
+    let from_disk: serde_json::Value = serde_json::from_str(&t.po_ok(&[
+        "--json",
         "bundle",
         "from-apt",
         &a,
@@ -436,8 +438,17 @@ fn debian_vm_from_apt_on_its_stopped_disk_then_patched_under_load_and_rolled_bac
         bundle.to_str().unwrap(),
         "--source",
         &archive.source().to_string(),
-    ]);
-    assert!(out.contains("po-hello 1.0-1 -> 1.0-2"), "{out}");
+    ]))
+    .unwrap();
+    assert_eq!(
+        (
+            from_disk["updates"][0]["package"].as_str(),
+            from_disk["updates"][0]["old"].as_str(),
+            from_disk["updates"][0]["new"].as_str()
+        ),
+        (Some("po-hello"), Some("1.0-1"), Some("1.0-2")),
+        "{from_disk}"
+    );
     t.po_ok(&[
         "bundle",
         "sign",
@@ -459,10 +470,42 @@ fn debian_vm_from_apt_on_its_stopped_disk_then_patched_under_load_and_rolled_bac
         (200, "po-hello 1.0-1")
     );
     assert_eq!(dpkg_version(&t, &a, "po-hello"), "1.0-1");
-    // A running VM's disk is not read.
-    let e = t.po(&["bundle", "from-apt", &a, "-o", bundle.to_str().unwrap()]);
-    assert_eq!(e.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&e.stderr).contains("is running"));
+    // The running VM: read through its agent, the same updates, the same bundle id.
+    let live = t.dir.path().join("live.tar.zst");
+    let started = Instant::now();
+    let from_agent: serde_json::Value = serde_json::from_str(&t.po_ok(&[
+        "--json",
+        "bundle",
+        "from-apt",
+        &a,
+        "-o",
+        live.to_str().unwrap(),
+        "--source",
+        &archive.source().to_string(),
+    ]))
+    .unwrap();
+    eprintln!(
+        "from-apt on the running VM (agent): {:?}",
+        started.elapsed()
+    );
+    assert_eq!(from_agent["id"], from_disk["id"], "{from_agent}");
+    assert_eq!(from_agent["updates"], from_disk["updates"], "{from_agent}");
+    assert!(live.is_file());
+    // Nothing to do, read through the agent too: no file.
+    let same = TestArchive::new("bookworm-security", &[pkg("1.0-1", "low")]);
+    let none = t.dir.path().join("none.tar.zst");
+    let out = t.po_ok(&[
+        "bundle",
+        "from-apt",
+        &a,
+        "-o",
+        none.to_str().unwrap(),
+        "--source",
+        &same.source().to_string(),
+    ]);
+    assert!(out.contains("nothing to do"), "{out}");
+    assert!(!none.exists());
+    drop(same);
 
     // A TCG Debian guest moves the address in 4-5 s here (the switch's pause, measured
     // 4.2-5.2 s): requests are held that long, so the deadline is qemu_cycle.rs's seamless one.

@@ -110,20 +110,36 @@ pub fn run(cmd: BundleCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             };
             let disk = &spec.system_disk;
             let image = disk.kind == patchover_core::DiskKind::Image;
-            if image
-                && patchover_lc::LcBackend::status(&ctx.env()?.backend, spec)?.state
-                    != patchover_lc::LcState::Stopped
-            {
-                anyhow::bail!(BadInput(format!(
-                    "{} is running: from-apt reads a VM's packages from its stopped disk (stop it, or use its point-in-time copy)",
-                    opts.lc
-                )));
+            // Only a VM's state is asked for: an `ns` LC's directory disk is read as it is.
+            let env = if image { Some(ctx.env()?) } else { None };
+            let running_vm = match &env {
+                Some(env) => {
+                    patchover_lc::LcBackend::status(&env.backend, spec)?.state
+                        != patchover_lc::LcState::Stopped
+                }
+                None => false,
+            };
+            let out = match env {
+                // A running VM's image is being written: its own tools read it, through the
+                // agent (docs/debian.md, "A running VM").
+                Some(env) if running_vm => {
+                    let exec = |argv: &[String]| {
+                        patchover_lc::LcBackend::exec(
+                            &env.backend,
+                            spec,
+                            argv,
+                            patchover_lc::Stdio::Capture,
+                        )
+                        .map(|o| patchover_debian::reader::ExecOut {
+                            status: o.status,
+                            stdout: o.stdout,
+                        })
+                        .map_err(|e| e.into())
+                    };
+                    patchover_debian::fromapt::from_apt_through_agent(&exec, &opts)
+                }
+                _ => patchover_debian::fromapt::from_apt_on_disk(&disk.path, image, &opts),
             }
-            let out = patchover_debian::fromapt::from_apt_on_disk(
-                &disk.path,
-                disk.kind == patchover_core::DiskKind::Image,
-                &opts,
-            )
             .map_err(|e| match e.is_bad_input() {
                 true => anyhow::Error::from(BadInput(chain(&e))),
                 false => anyhow::Error::from(e),
