@@ -131,6 +131,15 @@ pub enum AppError {
         #[source]
         source: Box<patchover_bundle::VerifyError>,
     },
+    #[error("status of LC {lc}")]
+    Status {
+        lc: String,
+        #[source]
+        source: LcError,
+    },
+    /// The host's network or an LC's failed; the error says what.
+    #[error(transparent)]
+    Host(Box<dyn Error + Send + Sync>),
     #[error("{what}")]
     Io {
         what: String,
@@ -140,6 +149,11 @@ pub enum AppError {
 }
 
 impl AppError {
+    /// A failure of the host's network or of an LC, kept as it is.
+    pub fn host(e: impl Error + Send + Sync + 'static) -> AppError {
+        AppError::Host(Box::new(e))
+    }
+
     /// This error's kind, when it has one of its own (a wrapped error may have none: then the
     /// rest of its chain decides).
     pub fn kind(&self) -> Option<ErrorKind> {
@@ -152,6 +166,8 @@ impl AppError {
             AppError::Lc(l) => lc_kind(l),
             AppError::Orchestrator(o) => orchestrator_kind(o),
             AppError::Bundle { bad: true, .. } => Some(ErrorKind::BadInput),
+            AppError::Status { source, .. } => lc_kind(source),
+            AppError::Host(e) => Some(ErrorKind::of(&**e)),
             AppError::Bundle { bad: false, .. }
             | AppError::TrustedKeys(_)
             | AppError::AgentSilent { .. }

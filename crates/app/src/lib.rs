@@ -12,6 +12,7 @@ pub mod error;
 pub mod lcs;
 pub mod patches;
 pub mod runs;
+pub mod service;
 
 pub use env::Env;
 pub use error::{AppError, ErrorKind};

@@ -11,11 +11,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Subcommand;
-use patchover_core::LcSpec;
+use patchover_app::service;
 use patchover_daemon::api::{SwitchBackBody, SwitchBody, SwitchOptions};
-use patchover_lc::LcBackend;
 use patchover_load::parse_duration;
-use patchover_net::{Endpoint, GarpConfig, HealthCheck, Hooks, Mode, SwitchError, SwitchPlan};
+use patchover_net::{GarpConfig, HealthCheck, Hooks, Mode, SwitchError, SwitchPlan};
 use serde::{Deserialize, Serialize};
 
 use super::{BadInput, Ctx, Env, remote};
@@ -95,42 +94,6 @@ fn last_path(env: &Env) -> PathBuf {
     env.config.state_dir.join("net-last-switch.json")
 }
 
-fn endpoint(env: &Env, spec: &LcSpec) -> anyhow::Result<Endpoint> {
-    let nic = spec.nics.first().ok_or_else(|| {
-        BadInput(format!(
-            "LC {} has no NIC in the config; add one under [[lc.nic]]",
-            spec.id
-        ))
-    })?;
-    let address = nic.address.ok_or_else(|| {
-        BadInput(format!(
-            "NIC {} of LC {} has no address in the config",
-            nic.name, spec.id
-        ))
-    })?;
-    let status = env
-        .backend
-        .status(spec)
-        .with_context(|| format!("status of LC {}", spec.id))?;
-    if status.state != patchover_lc::LcState::Running {
-        return Err(BadInput(format!(
-            "LC {} is not running; boot it first (patchover lc boot {})",
-            spec.id, spec.id
-        ))
-        .into());
-    }
-    let access = patchover_orchestrator::lc_access(&env.backend, spec)?;
-    Ok(Endpoint {
-        name: spec.id.to_string(),
-        access,
-        host_port: patchover_lc::host_port_name(&spec.id, 0),
-        iface: nic.name.clone(),
-        mac: nic.mac,
-        address,
-        identity: String::new(),
-    })
-}
-
 fn plan(
     env: &Env,
     from: &str,
@@ -149,8 +112,8 @@ fn plan(
     }
     // Unknown LCs first, then their state.
     let (from_spec, to_spec) = (env.lc(from)?, env.lc(to)?);
-    let from_ep = endpoint(env, from_spec)?;
-    let mut to_ep = endpoint(env, to_spec)?;
+    let from_ep = service::endpoint(env, from_spec)?;
+    let mut to_ep = service::endpoint(env, to_spec)?;
     to_ep.identity = o.expect.clone();
     Ok(SwitchPlan {
         host_netns: None,
@@ -341,32 +304,17 @@ pub fn run(cmd: NetCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         NetCmd::Setup { active } => {
-            let mut env = ctx.env()?;
-            let service = env.config.service_address()?;
-            if env.config.network.bridge_address.is_none() {
-                return Err(BadInput(
-                    "seamless mode routes clients through the host to the LCs on the bridge: set network.bridge_address (the LCs' gateway)".into(),
-                )
-                .into());
-            }
-            let spec = env.lc(&active)?.clone();
-            super::patch::refuse_second_active(&env, &spec)?;
-            let ep = endpoint(&env, &spec)?;
-            // The host forwards the NATed traffic onto the bridge: it needs its address there.
-            patchover_orchestrator::recover::ensure_bridge_address(&env.config)?;
-            patchover_net::seamless_setup(None, service.addr, ep.address.addr)?;
-            // The NAT's target is the active LC (the one `patchover patch` starts from).
-            env.store.set_role(&active, patchover_store::Role::Active)?;
+            let nat = service::seamless_setup(&mut ctx.env()?, &active)?;
             if ctx.quiet {
             } else if ctx.json {
                 println!(
                     "{}",
-                    serde_json::json!({"service": service.to_string(), "active": active})
+                    serde_json::json!({"service": nat.service.to_string(), "active": nat.active})
                 );
             } else {
                 println!(
                     "service NAT: {} -> {} ({active})",
-                    service.addr, ep.address.addr
+                    nat.service.addr, nat.target
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use patchover_app::runs::{self, RunDetail};
+use patchover_app::service::{self, Assigned};
 use patchover_bundle::BundlesConfig;
-use patchover_lc::LcBackend;
 use patchover_net::Mode;
 use patchover_orchestrator::{Event, Orchestrator, PatchRequest, RunLock, RunReport, Settings};
 use patchover_store::{Role, RunRow};
@@ -541,60 +541,22 @@ pub fn recover_runs(ctx: &Ctx, events: &mut dyn FnMut(&Event)) -> anyhow::Result
     Ok(patchover_orchestrator::recover(&mut o)?)
 }
 
-/// Refuses to make `spec` the active LC while another active LC runs: the service is moved
-/// between LCs by `patchover patch` or `patchover net switch`, not by assigning it twice.
-pub fn refuse_second_active(env: &Env, spec: &patchover_core::LcSpec) -> anyhow::Result<()> {
-    if let Some(other) = env
-        .store
-        .lcs()?
-        .into_iter()
-        .find(|r| r.role == Role::Active && r.spec.id != spec.id)
-        && env
-            .backend
-            .status(&other.spec)
-            .is_ok_and(|s| s.pid.is_some())
-    {
-        return Err(BadInput(format!(
-            "LC {} is the active LC; move the service with `patchover patch` or `patchover net switch`",
-            other.spec.id
-        ))
-        .into());
-    }
-    Ok(())
-}
-
-/// Gives LC `lc` the service address and makes it the active LC (the first time; later the
-/// switches move it): `service assign` and `POST /v1/service/assign`.
-pub fn assign_json(env: &mut Env, lc: &str) -> anyhow::Result<serde_json::Value> {
-    let spec = env.lc(lc)?.clone();
-    let service = env.config.service_address()?;
-    refuse_second_active(env, &spec)?;
-    let ep = patchover_orchestrator::cycle_endpoint(&env.backend, &spec)?;
-    patchover_orchestrator::recover::assign_service(&ep.access, &ep.iface, ep.mac, service)?;
-    patchover_orchestrator::recover::ensure_bridge_address(&env.config)?;
-    env.store.set_role(spec.id.as_str(), Role::Active)?;
-    Ok(json!({"lc": lc, "service_address": service.to_string()}))
-}
-
 pub fn run_service(cmd: ServiceCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     match cmd {
         ServiceCmd::Assign { lc } => {
-            let v = super::remote::route(
+            let v: Assigned = super::remote::route_typed(
                 ctx,
                 |c| {
                     let body = json!({"lc": lc});
                     super::remote::call(c, "POST", "/v1/service/assign", Some(&body))
                 },
-                || assign_json(&mut ctx.env()?, &lc),
+                || Ok(service::assign(&mut ctx.env()?, &lc)?),
             )?;
             if ctx.quiet {
             } else if ctx.json {
-                println!("{v}");
+                println!("{}", serde_json::to_value(&v)?);
             } else {
-                println!(
-                    "{lc} now holds the service address {}",
-                    v["service_address"].as_str().unwrap_or("?")
-                );
+                println!("{lc} now holds the service address {}", v.service_address);
             }
         }
     }

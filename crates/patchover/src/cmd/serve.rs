@@ -429,9 +429,9 @@ impl Daemon {
                 self.hub.publish("switch", &v);
                 Ok(Reply::ok(v))
             }
-            Command::AssignService(AssignBody { lc }) => Ok(Reply::ok(
-                super::patch::assign_json(&mut self.env()?, &lc).map_err(api_error)?,
-            )),
+            Command::AssignService(AssignBody { lc }) => {
+                reply(patchover_app::service::assign(&mut self.env()?, &lc))
+            }
             Command::RecoverRuns => {
                 let h = self.hub.clone();
                 let mut events = move |e: &Event| {
