@@ -137,6 +137,9 @@ pub enum AppError {
         #[source]
         source: LcError,
     },
+    /// A switch failed or was refused; the service stays where it was.
+    #[error(transparent)]
+    Switch(Box<patchover_net::SwitchError>),
     /// The host's network or an LC's failed; the error says what.
     #[error(transparent)]
     Host(Box<dyn Error + Send + Sync>),
@@ -167,6 +170,9 @@ impl AppError {
             AppError::Orchestrator(o) => orchestrator_kind(o),
             AppError::Bundle { bad: true, .. } => Some(ErrorKind::BadInput),
             AppError::Status { source, .. } => lc_kind(source),
+            AppError::Switch(e) => {
+                crate::net::switch_is_bad_input(e).then_some(ErrorKind::BadInput)
+            }
             AppError::Host(e) => Some(ErrorKind::of(&**e)),
             AppError::Bundle { bad: false, .. }
             | AppError::TrustedKeys(_)

@@ -10,6 +10,8 @@
 pub mod env;
 pub mod error;
 pub mod lcs;
+pub mod monitor;
+pub mod net;
 pub mod patches;
 pub mod runs;
 pub mod service;

@@ -6,12 +6,12 @@
 //! cannot both win, whatever process reads them.
 
 use rusqlite::{OptionalExtension, Row, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Store, StoreError, q};
 
 /// What the monitor remembers about one feed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FeedStateRow {
     pub feed: String,
     pub url: String,
@@ -57,7 +57,7 @@ pub struct NewChallenge<'a> {
 }
 
 /// One approval challenge.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChallengeRow {
     pub id: String,
     pub patches: Vec<String>,

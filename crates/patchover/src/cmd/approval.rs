@@ -8,8 +8,9 @@ use std::process::ExitCode;
 use clap::Args;
 use patchover_monitor::{Decision, Secret};
 
-use super::monitor::{chain, monitor_env};
+use super::monitor::chain;
 use super::{BadInput, Ctx};
+use patchover_app::monitor::{MonitorEnv, SpawnStarter};
 
 #[derive(Args)]
 pub struct ApprovalCodeArgs {
@@ -85,8 +86,8 @@ pub fn run_code(a: ApprovalCodeArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
 
 pub fn run_approve(a: ApproveArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let d = decision(&a.decision)?;
-    let (env, mut store) = monitor_env(ctx)?;
-    let starter = super::monitor::SpawnStarter::new(ctx, &env.config)?;
+    let (env, mut store) = MonitorEnv::open(ctx.config()?)?;
+    let starter = SpawnStarter::new(&env.config)?;
     let m = env.monitor(&starter);
     let out = m
         .decide(&mut store, &a.challenge, &d, a.code.as_deref(), "host")

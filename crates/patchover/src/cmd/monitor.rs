@@ -1,28 +1,18 @@
 //! `patchover monitor run-once | run | status`: the patch monitor (seed fig. 18–20).
 //!
-//! The logic lives in `patchover-monitor`; this file loads the config sections, opens the
-//! store, and provides the [`PatchStarter`] that starts an approved patch cycle by spawning
-//! `patchover patch LC --bundle ID…` detached (its own process group, output to a log file
-//! in the state directory), so the monitor never waits for a cycle and a cycle outlives it.
+//! The logic lives in `patchover-monitor`, its operations in [`patchover_app::monitor`]
+//! (config sections, store, round lock, the starter of approved patch cycles).
 //!
 //! `run-once` and `status` go through the daemon when one runs (see [`super::remote`]): both
-//! paths call [`round`] / [`status_json`] and print their JSON with one printer.
+//! paths call the same operations and one printer renders them.
 
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Subcommand;
-use patchover_bundle::{BundlesConfig, Limits, TrustedKeys};
-use patchover_core::Config;
-use patchover_monitor::MonitorConfig;
-use patchover_monitor::monitor::{
-    Monitor, PatchStarter, RunHandle, RunReport, StartError, hostname,
-};
-use patchover_store::Store;
+use patchover_app::monitor::{self, MonitorStatus};
+use patchover_monitor::monitor::RunReport;
 
-use super::{BadInput, Ctx};
+use super::Ctx;
 
 #[derive(Subcommand)]
 pub enum MonitorCmd {
@@ -38,109 +28,6 @@ pub enum MonitorCmd {
 /// An error with its causes on one line.
 pub fn chain(e: &dyn std::error::Error) -> String {
     patchover_monitor::poll::chain(e)
-}
-
-/// What the monitor verbs need besides the store.
-pub struct MonitorEnv {
-    pub config: Config,
-    pub monitor: MonitorConfig,
-    pub bundle_keys: TrustedKeys,
-    pub limits: Limits,
-}
-
-impl MonitorEnv {
-    pub fn monitor<'a>(&'a self, starter: &'a dyn PatchStarter) -> Monitor<'a> {
-        Monitor {
-            config: &self.monitor,
-            bundle_keys: self.bundle_keys.clone(),
-            limits: self.limits,
-            bundles_dir: self.config.state_dir.join("bundles"),
-            lcs: self.config.lcs.iter().map(|l| l.id.to_string()).collect(),
-            host: hostname(),
-            starter,
-        }
-    }
-}
-
-/// Loads the config's [monitor] and [bundles] sections and opens the store.
-pub fn monitor_env(ctx: &Ctx) -> anyhow::Result<(MonitorEnv, Store)> {
-    let config = ctx.config()?;
-    let monitor = config.monitor()?.clone();
-    let bundles = BundlesConfig::from_section(&config.bundles);
-    let bundle_keys = bundles
-        .load_trusted_keys()
-        .map_err(|e| BadInput(chain(&e)))?;
-    let store = Store::open(&config.store_path())?;
-    Ok((
-        MonitorEnv {
-            config,
-            monitor,
-            bundle_keys,
-            limits: bundles.limits,
-        },
-        store,
-    ))
-}
-
-/// Starts `patchover patch LC --bundle ID…` detached.
-pub struct SpawnStarter {
-    exe: PathBuf,
-    config_path: PathBuf,
-    log_dir: PathBuf,
-}
-
-impl SpawnStarter {
-    pub fn new(ctx: &Ctx, config: &Config) -> anyhow::Result<SpawnStarter> {
-        Ok(SpawnStarter {
-            exe: std::env::current_exe().context("cannot find the patchover binary")?,
-            config_path: ctx.config_path.clone(),
-            log_dir: config.state_dir.join("logs"),
-        })
-    }
-}
-
-impl PatchStarter for SpawnStarter {
-    fn start(&self, lc: &str, bundle_ids: &[String]) -> Result<RunHandle, StartError> {
-        let err = |source| StartError::Spawn {
-            lc: lc.to_owned(),
-            source,
-        };
-        std::fs::create_dir_all(&self.log_dir).map_err(err)?;
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let log = self.log_dir.join(format!("patch-{lc}-{ts}.log"));
-        let out = std::fs::File::create(&log).map_err(err)?;
-        let errf = out.try_clone().map_err(err)?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg("--config")
-            .arg(&self.config_path)
-            .arg("patch")
-            .arg(lc);
-        for id in bundle_ids {
-            cmd.arg("--bundle").arg(id);
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(errf)
-            .process_group(0)
-            .spawn()
-            .map_err(err)?;
-        let pid = child.id();
-        tracing::info!(lc, bundles = ?bundle_ids, pid, log = %log.display(), "patch cycle spawned");
-        // Reap it when it ends, so a long-running monitor leaves no zombies; the cycle itself
-        // does not depend on us (own process group, output in the log).
-        let mut child = child;
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
-        Ok(RunHandle {
-            lc: lc.to_owned(),
-            bundles: bundle_ids.to_vec(),
-            pid: Some(pid),
-        })
-    }
 }
 
 /// A JSON value as text: strings as they are, null as `-`.
@@ -233,45 +120,10 @@ fn round_failed(r: &serde_json::Value) -> bool {
     !r["mailbox_error"].is_null() || items(&r["feeds"]).iter().any(|f| f["status"] == "failed")
 }
 
-/// Holds `<state_dir>/monitor.lock` (flock) for one round, so overlapping rounds (a slow
-/// cron run and the next one) never poll and decide at the same time.
-fn lock_round(config: &Config) -> anyhow::Result<std::fs::File> {
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("cannot create {}", config.state_dir.display()))?;
-    let path = config.state_dir.join("monitor.lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(BadInput(format!(
-            "another monitor round holds {}; try again when it is done",
-            path.display()
-        ))
-        .into()),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(anyhow::Error::new(e).context(format!("cannot lock {}", path.display())))
-        }
-    }
-}
-
-/// One monitor round, under the round lock: `monitor run-once`, `monitor run`, the daemon's
+/// One monitor round: `monitor run-once`, `monitor run`, the daemon's
 /// `POST /v1/monitor/run-once` and its interval loop.
 pub fn round(ctx: &Ctx) -> anyhow::Result<RunReport> {
-    let (env, mut store) = monitor_env(ctx)?;
-    let _lock = lock_round(&env.config)?;
-    let starter = SpawnStarter::new(ctx, &env.config)?;
-    Ok(env.monitor(&starter).run_once(&mut store))
-}
-
-/// The feeds' polling state and the approval challenges: `monitor status` and
-/// `GET /v1/monitor`.
-pub fn status_json(ctx: &Ctx) -> anyhow::Result<serde_json::Value> {
-    let (_env, store) = monitor_env(ctx)?;
-    Ok(serde_json::json!({"feeds": store.feed_states()?, "challenges": store.challenges()?}))
+    Ok(monitor::round(ctx.config()?)?)
 }
 
 fn print_round(ctx: &Ctx, r: &serde_json::Value) {
@@ -300,28 +152,29 @@ pub fn run(cmd: MonitorCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         // The rounds of a daemon run in the daemon (`[daemon] monitor`); this loop is for
         // hosts without one.
         MonitorCmd::Run => loop {
-            let (env, _) = monitor_env(ctx)?;
+            let interval = ctx.config()?.monitor()?.interval;
             print_round(ctx, &serde_json::to_value(round(ctx)?)?);
-            std::thread::sleep(env.monitor.interval);
+            std::thread::sleep(interval);
         },
         MonitorCmd::Status => {
-            let v = super::remote::route(
+            let v: MonitorStatus = super::remote::route_typed(
                 ctx,
                 |c| super::remote::call(c, "GET", "/v1/monitor", None),
-                || status_json(ctx),
+                || Ok(monitor::status(ctx.config()?)?),
             )?;
             if ctx.json {
-                println!("{v}");
+                println!("{}", serde_json::to_value(&v)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            let rows: Vec<Vec<String>> = items(&v["feeds"])
+            let rows: Vec<Vec<String>> = v
+                .feeds
                 .iter()
                 .map(|f| {
                     vec![
-                        text(&f["feed"]),
-                        text(&f["failures"]),
-                        f["etag"].as_str().unwrap_or_default().to_owned(),
-                        f["last_error"].as_str().unwrap_or_default().to_owned(),
+                        f.feed.clone(),
+                        f.failures.to_string(),
+                        f.etag.clone().unwrap_or_default(),
+                        f.last_error.clone().unwrap_or_default(),
                     ]
                 })
                 .collect();
@@ -329,18 +182,15 @@ pub fn run(cmd: MonitorCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 "{}",
                 super::table(&["feed", "failures", "etag", "last error"], &rows)
             );
-            let rows: Vec<Vec<String>> = items(&v["challenges"])
+            let rows: Vec<Vec<String>> = v
+                .challenges
                 .iter()
                 .map(|c| {
                     vec![
-                        text(&c["id"]),
-                        items(&c["patches"])
-                            .iter()
-                            .map(text)
-                            .collect::<Vec<_>>()
-                            .join(","),
-                        text(&c["decision"]),
-                        text(&c["failed_attempts"]),
+                        c.id.clone(),
+                        c.patches.join(","),
+                        c.decision.clone().unwrap_or_else(|| "-".to_owned()),
+                        c.failed_attempts.to_string(),
                     ]
                 })
                 .collect();
@@ -350,44 +200,5 @@ pub fn run(cmd: MonitorCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spawn_starter_runs_patch_with_the_bundles_detached() {
-        let dir = tempfile::tempdir().unwrap();
-        let args_file = dir.path().join("args");
-        let exe = dir.path().join("fake-patchover");
-        std::fs::write(
-            &exe,
-            format!(
-                "#!/bin/sh\necho \"$@\" > {}.tmp\nmv {0}.tmp {0}\n",
-                args_file.display()
-            ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        let s = SpawnStarter {
-            exe,
-            config_path: PathBuf::from("/etc/po.toml"),
-            log_dir: dir.path().join("logs"),
-        };
-        let h = s.start("lc1", &["a".to_owned(), "b".to_owned()]).unwrap();
-        assert_eq!(h.lc, "lc1");
-        assert!(h.pid.is_some());
-        let t0 = std::time::Instant::now();
-        while !args_file.exists() {
-            assert!(t0.elapsed() < std::time::Duration::from_secs(10));
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        assert_eq!(
-            std::fs::read_to_string(&args_file).unwrap().trim(),
-            "--config /etc/po.toml patch lc1 --bundle a --bundle b"
-        );
     }
 }

@@ -218,10 +218,11 @@ impl Daemon {
                     ),
                 ))
             })?;
-        let ctx = self.ctx();
-        let (menv, mut store) =
-            super::monitor::monitor_env(&ctx).map_err(|e| refused(api_error(e)))?;
-        let starter = super::monitor::SpawnStarter::new(&ctx, &menv.config).map_err(api_error)?;
+        let config = self.ctx().config().map_err(|e| refused(api_error(e)))?;
+        let (menv, mut store) = patchover_app::monitor::MonitorEnv::open(config)
+            .map_err(|e| refused(api_error(e.into())))?;
+        let starter = patchover_app::monitor::SpawnStarter::new(&menv.config)
+            .map_err(|e| api_error(e.into()))?;
         let out = menv
             .monitor(&starter)
             .decide(&mut store, &challenge, &decision, Some(&code), "link")
@@ -405,9 +406,10 @@ impl Daemon {
             Command::ListRuns => reply(patchover_app::runs::list(&self.env()?.store)),
             Command::GetRun(id) => reply(patchover_app::runs::show(&self.env()?.store, id)),
             Command::MonitorRunOnce => self.monitor_once(),
-            Command::MonitorStatus => Ok(Reply::ok(
-                super::monitor::status_json(&self.ctx()).map_err(api_error)?,
-            )),
+            Command::MonitorStatus => {
+                let config = self.ctx().config().map_err(api_error)?;
+                reply(patchover_app::monitor::status(config))
+            }
             Command::Approve { query } => self.approve(&query),
             Command::NetSwitch(SwitchBody {
                 from,
@@ -417,15 +419,18 @@ impl Daemon {
             }) => {
                 let mode = Self::mode(Some(&mode))?;
                 let env = self.env()?;
+                let settings = super::net::settings(&options);
                 // The later gratuitous ARP bursts go on in the daemon after the answer.
-                let (v, _refresh) =
-                    super::net::switch_json(&env, &from, &to, mode, &options).map_err(api_error)?;
+                let v = typed(
+                    patchover_app::net::switch(&env, &from, &to, mode, &settings).map(|s| s.report),
+                )?;
                 self.hub.publish("switch", &v);
                 Ok(Reply::ok(v))
             }
             Command::NetBack(SwitchBackBody { options }) => {
                 let env = self.env()?;
-                let (v, _refresh) = super::net::back_json(&env, &options).map_err(api_error)?;
+                let settings = super::net::settings(&options);
+                let v = typed(patchover_app::net::back(&env, &settings).map(|s| s.report))?;
                 self.hub.publish("switch", &v);
                 Ok(Reply::ok(v))
             }
