@@ -154,7 +154,7 @@ impl<'a> Orchestrator<'a> {
             {
                 Ok(id) => id,
                 Err(patchover_store::StoreError::Conflict(m)) => {
-                    return Err(failed(report, OrchestratorError::BadInput(m)));
+                    return Err(failed(report, OrchestratorError::Conflict(m)));
                 }
                 Err(e) => return Err(failed(report, e.into())),
             };
