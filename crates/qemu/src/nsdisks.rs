@@ -10,7 +10,6 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -74,10 +73,8 @@ impl NsImageServer {
             .truncate(false)
             .write(true)
             .open(parent.join(format!("{lc}.lock")))?;
-        // SAFETY: flock on an fd we own; released when `lock` closes.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // Released when `lock` closes.
+        lock.lock()?;
         f(&dir)
     }
 }

@@ -9,7 +9,9 @@ use patchover_app::runs::{self, RunDetail};
 use patchover_app::service::{self, Assigned};
 use patchover_bundle::BundlesConfig;
 use patchover_net::Mode;
-use patchover_orchestrator::{Event, Orchestrator, PatchRequest, RunLock, RunReport, Settings};
+use patchover_orchestrator::{
+    Event, Orchestrator, OrchestratorError, PatchRequest, RunLock, RunReport, Settings,
+};
 use patchover_store::{Role, RunRow};
 use serde_json::json;
 
@@ -281,7 +283,13 @@ fn drive(ctx: &Ctx, req: PatchRequest, report_timeout: u64) -> anyhow::Result<Ex
         }
         Err(f) => {
             print_report(ctx, &f.report);
-            if patchover_app::ErrorKind::of(&f.error) != patchover_app::ErrorKind::Internal {
+            // A run refused as asked (bad input, or another run of the LC still going) is the
+            // request's error (exit 2); a run that went and failed reports itself (exit 1),
+            // and its report is the one JSON document on stdout.
+            if matches!(
+                f.error,
+                OrchestratorError::BadInput(_) | OrchestratorError::Conflict(_)
+            ) {
                 return Err(BadInput(patchover_orchestrator::chain(&f.error)).into());
             }
             Ok(ExitCode::from(1))
