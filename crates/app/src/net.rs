@@ -115,9 +115,9 @@ pub fn switch(
     o: &SwitchSettings,
 ) -> Result<Switched, AppError> {
     let plan = plan(env, from, to, mode, o)?;
-    // The service is told to drain by the commands of `[service]` (the demo's defaults:
-    // SIGUSR1/SIGUSR2 to patchover-demo), run in the LCs through their backend, as the patch
-    // cycle does.
+    // The service is told to drain by the commands of `[service]` (none configured: none run;
+    // the demo's config sends SIGUSR1/SIGUSR2 to patchover-demo), run in the LCs through their
+    // backend, as the patch cycle does.
     let mut svc = patchover_orchestrator::service::LcServiceControl {
         backend: &env.backend,
         lcs: &env.config.lcs,

@@ -9,6 +9,7 @@
 
 mod monitor;
 mod sections;
+mod service;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -22,9 +23,9 @@ pub use monitor::{
     FeedConfig, MailServer, MonitorConfig, PasswordFileError, TlsMode, valid_address,
 };
 pub use sections::{
-    BundlesSection, DaemonSection, ServiceSettings, TlsPaths, YaraSection, default_socket,
-    parse_token_hash,
+    BundlesSection, DaemonSection, TlsPaths, YaraSection, default_socket, parse_token_hash,
 };
+pub use service::{HealthProbe, ServiceSettings};
 
 use crate::model::{
     BackendKind, CpuAlloc, DiskKind, DiskRole, DiskSpec, Ipv4Cidr, LcId, LcSpec, MacAddr, NicSpec,
@@ -205,7 +206,7 @@ struct RawConfig {
     monitor: Option<monitor::RawMonitor>,
     daemon: Option<sections::RawDaemon>,
     yara: Option<sections::RawYara>,
-    service: Option<Spanned<ServiceSettings>>,
+    service: Option<Spanned<service::RawService>>,
 }
 
 #[derive(Deserialize)]
@@ -608,7 +609,7 @@ fn normalize(p: &Path) -> PathBuf {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const HOST: HostFacts = HostFacts {
@@ -616,7 +617,7 @@ mod tests {
         memory_mib: 1024,
     };
 
-    const GOOD: &str = r#"
+    pub(crate) const GOOD: &str = r#"
 state_dir = "/tmp/po/state"
 run_dir = "/tmp/po/run"
 
@@ -641,7 +642,7 @@ memory_mib = 256
 system_disk = { path = "/srv/lc2/sys.img" }
 "#;
 
-    fn parse(text: &str) -> Result<Config, ConfigError> {
+    pub(crate) fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/po.toml"), text, &HOST)
     }
 
@@ -848,7 +849,7 @@ system_disk = { path = "/srv/lc2/sys.img" }
         }
     }
 
-    fn invalid_section(section: &str) -> (usize, String, String) {
+    pub(crate) fn invalid_section(section: &str) -> (usize, String, String) {
         let (line, key, msg) = invalid(&format!("{GOOD}{section}"));
         (line - GOOD.lines().count(), key, msg)
     }
@@ -856,12 +857,6 @@ system_disk = { path = "/srv/lc2/sys.img" }
     #[test]
     fn sections_are_checked_beyond_their_types() {
         for (section, at, want_key, want) in [
-            (
-                "[service]\nrestart = []\n",
-                1,
-                "service.restart",
-                "needs a command",
-            ),
             (
                 "[yara]\nrules = \"rules\"\n",
                 2,
@@ -1007,6 +1002,7 @@ system_disk = { path = "/srv/lc2/sys.img" }
 [service]
 port = 8080
 restart = ["/etc/init.d/S50app", "restart"]
+health = {{ kind = "http", path = "/health" }}
 
 [bundles]
 trusted_keys = ["/k/a.pub"]
@@ -1030,7 +1026,10 @@ password_file = "/etc/po/imap.pw"
         ))
         .unwrap();
         assert_eq!(c.service.port, 8080);
-        assert_eq!(c.service.health_path, "/health");
+        assert_eq!(c.service.restart, ["/etc/init.d/S50app", "restart"]);
+        assert!(
+            matches!(&c.service.health, Some(HealthProbe::Http { path, .. }) if path == "/health")
+        );
         assert_eq!(c.bundles.trusted_keys, [PathBuf::from("/k/a.pub")]);
         assert_eq!(c.bundles.max_bundle_bytes, Some(8 << 20));
         assert_eq!(c.yara.unwrap().rules, PathBuf::from("/etc/patchover/yara"));

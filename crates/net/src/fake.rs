@@ -386,6 +386,7 @@ impl Network for FakeNetwork {
                 addr: sa,
                 path: hc.path.clone(),
                 status_line: "HTTP/1.1 200 OK".into(),
+                status: hc.status,
                 expect: hc.expect.clone(),
                 body: ep.identity.clone(),
             })));

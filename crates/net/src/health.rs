@@ -1,9 +1,10 @@
 //! The service check: is the right service answering at an address?
 //!
 //! A switch is only done when the service answers on the service address *from the standby*.
-//! The check is a plain HTTP/1.1 GET (e.g. `/version`) whose body must contain an expected
-//! string that identifies the standby (its version, its LC id), so a reply from the old LC or
-//! from a stranger holding the address does not count.
+//! The check is a plain HTTP/1.1 GET (e.g. `/version`) that must answer the expected status,
+//! with an expected string in the body when one is set. Which LC answered is not read from the
+//! body: a check made inside an LC to one of that LC's own addresses ([`own_address`]) can only
+//! be accepted by that LC, so a reply from the old LC or from a stranger does not count.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -31,6 +32,16 @@ pub enum HealthError {
     Mismatch(Box<Mismatch>),
     #[error("service check")]
     InLc(#[from] InLcError),
+    /// The address checked is not the LC's own, so another machine would accept the check.
+    #[error(
+        "service check: {addr} is not an address of {lc} ({iface} has {has:?}), so another machine would answer the check"
+    )]
+    NotOwnAddress {
+        lc: String,
+        iface: String,
+        addr: Ipv4Addr,
+        has: Vec<String>,
+    },
 }
 
 /// An answer that was not the expected one.
@@ -39,6 +50,8 @@ pub struct Mismatch {
     pub addr: SocketAddr,
     pub path: String,
     pub status_line: String,
+    /// The status expected.
+    pub status: u16,
     pub expect: String,
     pub body: String,
 }
@@ -47,8 +60,8 @@ impl std::fmt::Display for Mismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "GET http://{}{} answered {:?}; expected 200 with {:?} in the body, got {:?}",
-            self.addr, self.path, self.status_line, self.expect, self.body
+            "GET http://{}{} answered {:?}; expected {} with {:?} in the body, got {:?}",
+            self.addr, self.path, self.status_line, self.status, self.expect, self.body
         )
     }
 }
@@ -59,8 +72,11 @@ pub struct HealthCheck {
     pub port: u16,
     /// e.g. `/version`.
     pub path: String,
-    /// A substring the standby's answer must contain; empty accepts any 200.
+    /// A substring the standby's answer must contain; empty accepts any body.
     pub expect: String,
+    /// The status the answer must have.
+    #[serde(default = "ok_status")]
+    pub status: u16,
     /// Per-attempt timeout.
     pub timeout: Duration,
     /// How long to keep retrying before giving up.
@@ -73,18 +89,57 @@ impl HealthCheck {
             port,
             path: path.to_string(),
             expect: expect.to_string(),
+            status: 200,
             timeout: Duration::from_millis(500),
             patience: Duration::from_secs(2),
         }
     }
 
-    /// The same check expecting another identity (used for the way back).
+    /// The same check expecting another identity in the body (used for the way back); an
+    /// empty `expect` keeps this check's own expectation.
     pub fn expecting(&self, expect: &str) -> HealthCheck {
+        if expect.is_empty() {
+            return self.clone();
+        }
         HealthCheck {
             expect: expect.to_string(),
             ..self.clone()
         }
     }
+}
+
+fn ok_status() -> u16 {
+    200
+}
+
+/// Proves that a check made inside `lc` to `addr` is accepted by `lc` itself: `addr` is one of
+/// the addresses on `lc`'s `iface`, and a connection to a local address never leaves the LC's
+/// network stack (its namespace, or its guest's kernel). This, and not text the service
+/// prints, is how patchover knows which LC answered.
+pub fn own_address(lc: &dyn InLc, iface: &str, addr: Ipv4Addr) -> Result<(), HealthError> {
+    let has = lc.addresses(iface)?;
+    if has.iter().any(|c| c.addr == addr) {
+        return Ok(());
+    }
+    Err(HealthError::NotOwnAddress {
+        lc: lc.describe(),
+        iface: iface.to_owned(),
+        addr,
+        has: has.iter().map(ToString::to_string).collect(),
+    })
+}
+
+/// [`check_in`] to one of `lc`'s own addresses, proven so before and after the check
+/// ([`own_address`]): passes only when `lc` itself answered.
+pub fn check_own(
+    lc: &dyn InLc,
+    iface: &str,
+    addr: Ipv4Addr,
+    hc: &HealthCheck,
+) -> Result<(), HealthError> {
+    own_address(lc, iface, addr)?;
+    check_in(lc, addr, hc)?;
+    own_address(lc, iface, addr)
 }
 
 /// Runs the check once from `netns` against `addr`.
@@ -160,15 +215,16 @@ fn get(sa: SocketAddr, hc: &HealthCheck) -> Result<(), HealthError> {
     judge(sa, hc, answer)
 }
 
-/// Whether `answer` passes `hc`: status 200 and the expected text in the body.
+/// Whether `answer` passes `hc`: the expected status and the expected text in the body.
 fn judge(sa: SocketAddr, hc: &HealthCheck, answer: HttpAnswer) -> Result<(), HealthError> {
-    if answer.status() == Some(200) && answer.body.contains(&hc.expect) {
+    if answer.status() == Some(hc.status) && answer.body.contains(&hc.expect) {
         return Ok(());
     }
     Err(HealthError::Mismatch(Box::new(Mismatch {
         addr: sa,
         path: hc.path.clone(),
         status_line: answer.status_line,
+        status: hc.status,
         expect: hc.expect.clone(),
         body: answer.body.chars().take(200).collect(),
     })))

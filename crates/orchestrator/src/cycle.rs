@@ -110,6 +110,7 @@ impl<'a> Orchestrator<'a> {
         let service = self.config.network.service_address.ok_or_else(|| {
             OrchestratorError::BadInput("network.service_address is not set in the config".into())
         })?;
+        crate::service::health(&self.settings.service)?;
         let from = crate::access::endpoint(self.backend, &active)?;
         if !network::service_is_on(self.config, req.mode, &from, service.addr)? {
             return Err(OrchestratorError::BadInput(match req.mode {
@@ -166,14 +167,16 @@ impl<'a> Orchestrator<'a> {
                 .ok()
         });
         let _ = self.store.set_role(active.id.as_str(), Role::Active);
-        report.version_before = get(
-            &from.access,
-            from.address.addr,
-            self.settings.service.port,
-            &self.settings.service.version_path,
-            Duration::from_secs(2),
-        )
-        .ok();
+        report.version_before = self.settings.service.version_path.as_ref().and_then(|p| {
+            get(
+                &from.access,
+                from.address.addr,
+                self.settings.service.port,
+                p,
+                Duration::from_secs(2),
+            )
+            .ok()
+        });
         let steps = self.steps(req, &active);
         let mut run = Run::new(req.clone(), active, from, bundles, report);
         let res = self.run_steps(&mut run, &steps);

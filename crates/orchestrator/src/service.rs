@@ -5,10 +5,31 @@ use std::time::{Duration, Instant};
 /// The `[service]` config section, typed and checked by the config loader.
 pub use patchover_core::ServiceSettings;
 
-/// The health check of the service that `settings` describe, expecting `expect` (an LC's
-/// identity) in the answer.
-pub fn health(settings: &ServiceSettings, expect: &str) -> patchover_net::HealthCheck {
-    patchover_net::HealthCheck::new(settings.port, &settings.health_path, expect)
+/// The health check of the service that `settings` describe (`[service] health`). Which LC
+/// answered is proven by where the check is made (`patchover_net::health::check_own`), not by
+/// the answer's text.
+pub fn health(
+    settings: &ServiceSettings,
+) -> Result<patchover_net::HealthCheck, crate::OrchestratorError> {
+    match &settings.health {
+        Some(patchover_core::HealthProbe::Http {
+            path,
+            status,
+            body,
+            patience,
+        }) => Ok(patchover_net::HealthCheck {
+            status: *status,
+            patience: *patience,
+            ..patchover_net::HealthCheck::new(
+                settings.port,
+                path,
+                body.as_deref().unwrap_or_default(),
+            )
+        }),
+        None => Err(crate::OrchestratorError::BadInput(
+            "the config says no way to check the service; set [service] health, e.g. health = { kind = \"http\", path = \"/\" } (docs/services.md)".into(),
+        )),
+    }
 }
 
 /// GETs `path` from `addr:port` inside the LC that `access` reaches (its namespace, or its
@@ -139,5 +160,41 @@ impl LcServiceControl<'_> {
             .into());
         }
         self.run(ep, argv)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use patchover_core::HealthProbe;
+
+    use super::*;
+
+    #[test]
+    fn no_health_check_configured_is_bad_input_that_names_the_key() {
+        let e = health(&ServiceSettings::default()).unwrap_err();
+        assert!(matches!(e, crate::OrchestratorError::BadInput(_)), "{e:?}");
+        assert!(e.to_string().contains("[service] health"), "{e}");
+    }
+
+    #[test]
+    fn the_configured_http_check_is_the_one_run() {
+        let s = ServiceSettings {
+            port: 8080,
+            health: Some(HealthProbe::Http {
+                path: "/ready".into(),
+                status: 204,
+                body: Some("up".into()),
+                patience: Duration::from_secs(9),
+            }),
+            ..ServiceSettings::default()
+        };
+        let hc = health(&s).unwrap();
+        assert_eq!((hc.port, hc.path.as_str()), (8080, "/ready"));
+        assert_eq!((hc.status, hc.expect.as_str()), (204, "up"));
+        assert_eq!(hc.patience, Duration::from_secs(9));
+        // An LC's identity is not text in the body: an empty one keeps the configured body.
+        assert_eq!(hc.expecting("").expect, "up");
     }
 }

@@ -97,7 +97,7 @@ impl DebianLcs {
             key.to_str().unwrap(),
         ]);
         t.write_config(&format!(
-            "\n[bundles]\ntrusted_keys = [\"{}\"]\n\n[service]\nport = 80\nrestart = [\"/etc/init.d/nginx\", \"restart\"]\ndrain = [\"/bin/true\"]\nresume = [\"/bin/true\"]\n",
+            "\n[bundles]\ntrusted_keys = [\"{}\"]\n\n[service]\nport = 80\nhealth = {{ kind = \"http\", path = \"/health\" }}\nrestart = [\"/etc/init.d/nginx\", \"restart\"]\ndrain = [\"/bin/true\"]\nresume = [\"/bin/true\"]\n",
             pubkey.display()
         ));
         let (a, b) = (t.lcs[0].id.clone(), t.lcs[1].id.clone());
@@ -132,7 +132,7 @@ impl DebianLcs {
             fs::create_dir_all(&l.app).unwrap();
         }
         t.write_config(&format!(
-            "\n[bundles]\ntrusted_keys = [\"{}\"]\n\n[service]\nport = 80\nrestart = [\"/etc/init.d/nginx\", \"restart\"]\ndrain = [\"/bin/true\"]\nresume = [\"/bin/true\"]\n",
+            "\n[bundles]\ntrusted_keys = [\"{}\"]\n\n[service]\nport = 80\nhealth = {{ kind = \"http\", path = \"/health\" }}\nrestart = [\"/etc/init.d/nginx\", \"restart\"]\ndrain = [\"/bin/true\"]\nresume = [\"/bin/true\"]\n",
             pubkey.display()
         ));
 
@@ -392,7 +392,7 @@ fn debian_vm_from_apt_stopped_and_running_then_patched_under_load_and_rolled_bac
     eprintln!("build-debian --qemu: {:?}", started.elapsed());
     t.qemu = Some(img.clone());
     t.write_config(&format!(
-        "\n[bundles]\ntrusted_keys = [\"{}\"]\n\n[service]\nport = 80\nrestart = [\"/etc/init.d/nginx\", \"restart\"]\ndrain = [\"/bin/true\"]\nresume = [\"/bin/true\"]\n",
+        "\n[bundles]\ntrusted_keys = [\"{}\"]\n\n[service]\nport = 80\nhealth = {{ kind = \"http\", path = \"/health\" }}\nrestart = [\"/etc/init.d/nginx\", \"restart\"]\ndrain = [\"/bin/true\"]\nresume = [\"/bin/true\"]\n",
         pubkey.display()
     ));
     let a = t.lcs[0].id.clone();

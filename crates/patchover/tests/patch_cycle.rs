@@ -261,6 +261,49 @@ fn a_hand_off_that_fails_after_the_park_unparks_the_old_service() {
     assert_eq!(running, [a], "the standby was released");
 }
 
+/// Issue 20: the service need not print who it is. Checked on `/version` (plain text, no
+/// identity), the cycle goes through: patchover proves which LC answered by where it checks.
+#[test]
+fn a_service_that_prints_no_identity_is_patched() {
+    let c = Cycle::new(
+        2,
+        "\n[service]\nhealth = { kind = \"http\", path = \"/version\", body = \"1.0\" }\n",
+    );
+    c.upgrade_bundle();
+    let a = c.t.lcs[0].id.clone();
+    c.start_service();
+    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    let report = c.t.po_json(&["patch", &a]);
+    assert_eq!(report["outcome"], "switched", "{report:#}");
+    assert_eq!(version(&client, &svc), "1.0.1");
+}
+
+/// Issue 20: a health check that never passes on the standby fails the run with the check's
+/// last answer, and the service stays where it is.
+#[test]
+fn a_standby_check_that_never_passes_fails_the_run_with_its_last_answer() {
+    let c = Cycle::new(
+        2,
+        "\n[service]\nhealth = { kind = \"http\", path = \"/health\", status = 204, patience_secs = 1 }\n",
+    );
+    c.upgrade_bundle();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    c.start_service();
+    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    let out = c.t.po(&["--json", "patch", &a]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("200 OK") && error.contains("expected 204"),
+        "{report:#}"
+    );
+    assert_eq!(version(&client, &svc), "1.0.0");
+    assert_eq!(c.t.po_json(&["lc", "status", &b])["state"], "stopped");
+}
+
 #[test]
 fn failures_before_the_switch_leave_the_service_where_it_is() {
     let rules = tempfile::tempdir().unwrap();

@@ -169,6 +169,19 @@ service_address = "{NET}.10/24"
 [bundles]
 trusted_keys = ["{pk}"]
 
+# The demo service (`patchover-demo`): how patchover checks it and the commands it runs in
+# the LCs (docs/services.md). patchover itself knows no service.
+[service]
+port = 80
+version_path = "/version"
+health = {{ kind = "http", path = "/health", body = "\"status\":\"ok\"" }}
+restart = ["/etc/init.d/S50demo", "restart"]
+drain = ["/bin/sh", "-c", "kill -USR1 $(cat /var/run/patchover-demo.pid)"]
+resume = ["/bin/sh", "-c", "kill -USR2 $(cat /var/run/patchover-demo.pid)"]
+park = ["/usr/bin/patchover-demo", "ctl", "park"]
+forward = ["/usr/bin/patchover-demo", "ctl", "forward", "{{to}}"]
+unpark = ["/usr/bin/patchover-demo", "ctl", "resume"]
+
 [[lc]]
 id = "lc1"
 {boot}cpu = 0

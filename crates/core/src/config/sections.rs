@@ -1,5 +1,5 @@
-//! The config's sections besides the LCs and the network: `[service]`, `[bundles]`, `[yara]`,
-//! `[daemon]` (and `[monitor]`, in [`super::monitor`]).
+//! The config's sections besides the LCs and the network: `[bundles]`, `[yara]`, `[daemon]`
+//! (and `[service]`, in [`super::service`]; `[monitor]`, in [`super::monitor`]).
 //!
 //! Each is a typed raw struct that refuses unknown keys (so a typo such as `prot = 80` is an
 //! error at its line, not a silently ignored key) and a validated value the rest of patchover
@@ -14,104 +14,6 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{ConfigError, Validator};
-
-/// The `[service]` section: how to check the service the LCs run and how to restart, drain
-/// and hand it off.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceSettings {
-    /// The TCP port the service listens on.
-    #[serde(default = "default_port")]
-    pub port: u16,
-    /// A GET path whose answer names the LC that serves it (the demo's `/health`).
-    #[serde(default = "default_health")]
-    pub health_path: String,
-    /// A GET path whose answer is the service's version (the demo's `/version`).
-    #[serde(default = "default_version")]
-    pub version_path: String,
-    /// The command, run inside the standby, that restarts the service after the application
-    /// disk's final catch-up (so it reads the data as of the cut).
-    #[serde(default = "default_restart")]
-    pub restart: Vec<String>,
-    /// Run inside the old LC at the switch: stop keeping connections alive (answer with
-    /// `Connection: close`, close idle keep-alive connections), keep serving.
-    #[serde(default = "default_drain")]
-    pub drain: Vec<String>,
-    /// Undoes `drain`.
-    #[serde(default = "default_resume")]
-    pub resume: Vec<String>,
-    /// `seamless` hand-off, run inside the old LC: finish the requests in flight, hold the rest;
-    /// must exit 0 only once nothing is in flight (see `patchover_net::ServiceControl::park`).
-    #[serde(default = "default_park")]
-    pub park: Vec<String>,
-    /// Run inside the old LC after `park`: send the held and later requests to the standby;
-    /// `{to}` is replaced by the standby's `ADDR:PORT`.
-    #[serde(default = "default_forward")]
-    pub forward: Vec<String>,
-    /// Undoes `park` when the hand-off is called off before `forward`.
-    #[serde(default = "default_unpark")]
-    pub unpark: Vec<String>,
-}
-
-fn signal_demo(sig: &str) -> Vec<String> {
-    vec![
-        "/bin/sh".to_owned(),
-        "-c".to_owned(),
-        format!("kill -{sig} $(cat /var/run/patchover-demo.pid)"),
-    ]
-}
-fn default_drain() -> Vec<String> {
-    signal_demo("USR1")
-}
-fn default_resume() -> Vec<String> {
-    signal_demo("USR2")
-}
-
-fn demo_ctl(args: &[&str]) -> Vec<String> {
-    ["/usr/bin/patchover-demo", "ctl"]
-        .iter()
-        .chain(args)
-        .map(|s| (*s).to_owned())
-        .collect()
-}
-fn default_park() -> Vec<String> {
-    demo_ctl(&["park"])
-}
-fn default_forward() -> Vec<String> {
-    demo_ctl(&["forward", "{to}"])
-}
-fn default_unpark() -> Vec<String> {
-    demo_ctl(&["resume"])
-}
-
-fn default_port() -> u16 {
-    80
-}
-fn default_health() -> String {
-    "/health".to_owned()
-}
-fn default_version() -> String {
-    "/version".to_owned()
-}
-fn default_restart() -> Vec<String> {
-    vec!["/etc/init.d/S50demo".to_owned(), "restart".to_owned()]
-}
-
-impl Default for ServiceSettings {
-    fn default() -> Self {
-        ServiceSettings {
-            port: default_port(),
-            health_path: default_health(),
-            version_path: default_version(),
-            restart: default_restart(),
-            drain: default_drain(),
-            resume: default_resume(),
-            park: default_park(),
-            forward: default_forward(),
-            unpark: default_unpark(),
-        }
-    }
-}
 
 /// The validated `[bundles]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -230,23 +132,6 @@ pub(super) struct RawDaemon {
 }
 
 impl Validator<'_> {
-    pub(super) fn service(
-        &self,
-        raw: Option<Spanned<ServiceSettings>>,
-    ) -> Result<ServiceSettings, ConfigError> {
-        let Some(raw) = raw else {
-            return Ok(ServiceSettings::default());
-        };
-        if raw.get_ref().restart.is_empty() {
-            return Err(self.err(
-                &raw,
-                "service.restart",
-                "needs a command (e.g. [\"/etc/init.d/S50app\", \"restart\"])",
-            ));
-        }
-        Ok(raw.into_inner())
-    }
-
     pub(super) fn absolute(&self, p: &Spanned<PathBuf>, key: &str) -> Result<(), ConfigError> {
         if p.get_ref().is_absolute() {
             Ok(())

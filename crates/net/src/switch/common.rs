@@ -78,8 +78,9 @@ impl<'a> Ctx<'a> {
                 hook: "resume",
                 source,
             })?;
-        health::check_in(
+        health::check_own(
             &*ctx.to_lc,
+            &plan.to.iface,
             plan.to.address.addr,
             &plan.health.expecting(&plan.to.identity),
         )

@@ -67,7 +67,11 @@ pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
         return Err(unpark(ctx, hooks, hook("in_window")(e), Vec::new()));
     }
     let window = tw.elapsed();
-    if let Err(e) = health::check_in(&*ctx.to_lc, new, &plan.health.expecting(&plan.to.identity)) {
+    // The standby answered its own address (checked before the pause, and here once after).
+    let hc = plan.health.expecting(&plan.to.identity);
+    if let Err(e) = health::check_in(&*ctx.to_lc, new, &hc)
+        .and_then(|()| health::own_address(&*ctx.to_lc, &plan.to.iface, new))
+    {
         let cause = SwitchError::StandbyNotReady {
             to: plan.to.name.clone(),
             source: e,

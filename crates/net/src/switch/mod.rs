@@ -624,6 +624,42 @@ mod tests {
         assert!(validate(&p).is_err());
     }
 
+    /// Issue 20: which LC answers the standby's check is proven by patchover (the check is
+    /// made inside the standby to one of its own addresses), not by what the service prints.
+    #[test]
+    fn a_standby_without_its_own_address_is_not_ready_and_nothing_changes() {
+        for mode in [Mode::Readdress, Mode::Seamless] {
+            let bed = super::testing::bed(mode);
+            let lc = crate::Network::open_lc(&bed.net, &bed.plan.to).unwrap();
+            lc.del_address("eth0", bed.plan.to.address).unwrap();
+            bed.net.clear();
+            let e = bed.switch().unwrap_err();
+            assert!(
+                matches!(
+                    &e,
+                    SwitchError::StandbyNotReady {
+                        source: HealthError::NotOwnAddress { addr, .. },
+                        ..
+                    } if *addr == bed.plan.to.address.addr
+                ),
+                "{mode}: {e:?}"
+            );
+            assert!(
+                !bed.net.ops().iter().any(|o| o.starts_with("b: get")),
+                "{mode}: no check was sent off the LC: {:?}",
+                bed.net.ops()
+            );
+            assert!(
+                !bed.net
+                    .ops()
+                    .iter()
+                    .any(|o| o.contains("drain") || o.contains("nft")),
+                "{mode}: nothing changed: {:?}",
+                bed.net.ops()
+            );
+        }
+    }
+
     #[test]
     fn handoff_is_for_seamless_only() {
         let mut p = plan(

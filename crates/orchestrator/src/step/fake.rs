@@ -382,7 +382,16 @@ nic = [{{ name = "eth0", address = "10.9.0.{n}/24" }}]
         let agent = d.join("agent-binary");
         std::fs::write(&agent, "#!/bin/sh\n").unwrap();
         let settings = Settings {
-            service: ServiceSettings::default(),
+            service: ServiceSettings {
+                health: Some(patchover_core::HealthProbe::Http {
+                    path: "/health".into(),
+                    status: 200,
+                    body: None,
+                    patience: Duration::from_secs(2),
+                }),
+                restart: vec!["/etc/init.d/S50demo".into(), "restart".into()],
+                ..ServiceSettings::default()
+            },
             agent_binary: agent,
             trusted_keys: Vec::new(),
             bundle_limits: patchover_bundle::Limits::default(),
@@ -409,7 +418,7 @@ nic = [{{ name = "eth0", address = "10.9.0.{n}/24" }}]
             iface: "eth0".into(),
             mac: active.nics[0].mac,
             address: active.nics[0].address.unwrap(),
-            identity: "\"host\":\"lc1\"".into(),
+            identity: String::new(),
         };
         let report = RunReport {
             run_id,

@@ -16,21 +16,24 @@ pub(super) fn run(
         .access
         .open()
         .map_err(|e| OrchestratorError::Health(Box::new(e.into())))?;
-    patchover_net::health::check_in(
+    patchover_net::health::check_own(
         &*lc,
+        &to.iface,
         to.address.addr,
-        &crate::service::health(&o.settings.service, &to.identity),
+        &crate::service::health(&o.settings.service)?,
     )
     .map_err(|e| OrchestratorError::Health(Box::new(e)))?;
     drop(lc);
-    run.report.version_after = get(
-        &to.access,
-        to.address.addr,
-        o.settings.service.port,
-        &o.settings.service.version_path,
-        Duration::from_secs(2),
-    )
-    .ok();
+    run.report.version_after = o.settings.service.version_path.as_ref().and_then(|p| {
+        get(
+            &to.access,
+            to.address.addr,
+            o.settings.service.port,
+            p,
+            Duration::from_secs(2),
+        )
+        .ok()
+    });
     run.to = Some(to);
     Ok(serde_json::json!({"version": run.report.version_after}))
 }

@@ -11,7 +11,7 @@ use patchover_net::{Endpoint, Hooks, Mode, SwitchPlan};
 
 use crate::context::{Orchestrator, Run};
 use crate::copy::LiveCopy;
-use crate::service::{LcServiceControl, get};
+use crate::service::LcServiceControl;
 use crate::{OrchestratorError, ServiceSettings, network};
 use patchover_lc::CutDone;
 
@@ -26,15 +26,17 @@ pub(super) fn run(
     let backend = o.backend;
     let svc = &o.settings.service;
     let (active, to) = (&run.active, &plan.to);
+    // The restarted service gets a while to answer again (its own check, on its own address).
+    let restarted = patchover_net::HealthCheck {
+        patience: plan.health.patience.max(Duration::from_secs(10)),
+        ..plan.health.clone()
+    };
     let mut in_window = |_: &SwitchPlan| -> Result<(), patchover_net::BoxError> {
         cut_report = take_over(backend, svc, active, &standby, follow.take())?;
-        get(
-            &to.access,
-            to.address.addr,
-            svc.port,
-            &svc.health_path,
-            Duration::from_secs(10),
-        )?;
+        let lc = to.access.open()?;
+        // Checked against its own address before the switch; once more after the answer.
+        patchover_net::health::check_in(&*lc, to.address.addr, &restarted)?;
+        patchover_net::health::own_address(&*lc, &to.iface, to.address.addr)?;
         Ok(())
     };
     let mut ctl = LcServiceControl {
@@ -76,7 +78,7 @@ fn plan(o: &Orchestrator<'_>, run: &Run) -> Result<SwitchPlan, OrchestratorError
         bridge: o.config.network.bridge.clone(),
         service,
         from: run.from.clone(),
-        health: crate::service::health(&o.settings.service, &to.identity),
+        health: crate::service::health(&o.settings.service)?,
         to,
         mode: run.req.mode,
         check_from: None,
@@ -112,6 +114,10 @@ pub(super) fn take_over(
     };
     if let Some(d) = &standby.app_disk {
         backend.attach_disk(standby, &d.path, &d.mount)?;
+    }
+    // Not configured: not run (a service that needs no restart to read the cut data).
+    if svc.restart.is_empty() {
+        return Ok(cut);
     }
     let out = backend.exec(standby, &svc.restart, Stdio::Capture)?;
     if out.status != Some(0) {
@@ -176,6 +182,32 @@ mod tests {
         };
         assert!(at("cut lc1") < at("attach_disk lc2"));
         assert!(at("attach_disk lc2") < at("exec lc2 /etc/init.d/S50demo restart"));
+    }
+
+    #[test]
+    fn a_restart_not_configured_is_not_run() {
+        let mut bed = Bed::new();
+        bed.step(Step::StandbySearch).unwrap();
+        bed.backend.running(&["lc1", "lc2"]);
+        bed.settings.service.restart.clear();
+        let standby = bed.run.standby.clone().unwrap();
+        take_over(
+            &bed.backend,
+            &bed.settings.service,
+            &bed.run.active,
+            &standby,
+            None,
+        )
+        .unwrap();
+        let calls = bed.backend.calls();
+        assert!(
+            !calls.iter().any(|c| c.starts_with("exec lc2")),
+            "{calls:?}"
+        );
+        assert!(
+            calls.iter().any(|c| c.starts_with("attach_disk lc2")),
+            "{calls:?}"
+        );
     }
 
     #[test]

@@ -238,7 +238,7 @@ impl Topo {
                 app.display(),
             ));
         }
-        text.push_str(extra);
+        text.push_str(&with_demo_service(extra));
         fs::write(&self.config, text).unwrap();
     }
 
@@ -572,4 +572,41 @@ pub fn http_ready(addr: &str, path: &str) -> (u16, Vec<u8>) {
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
+}
+
+/// The `[service]` of the demo service these tests' LCs run (what `patchover demo` writes):
+/// patchover itself has no service defaults.
+pub const DEMO_SERVICE: &str = r#"[service]
+port = 80
+version_path = "/version"
+health = { kind = "http", path = "/health", body = "\"status\":\"ok\"" }
+restart = ["/etc/init.d/S50demo", "restart"]
+drain = ["/bin/sh", "-c", "kill -USR1 $(cat /var/run/patchover-demo.pid)"]
+resume = ["/bin/sh", "-c", "kill -USR2 $(cat /var/run/patchover-demo.pid)"]
+park = ["/usr/bin/patchover-demo", "ctl", "park"]
+forward = ["/usr/bin/patchover-demo", "ctl", "forward", "{to}"]
+unpark = ["/usr/bin/patchover-demo", "ctl", "resume"]
+"#;
+
+/// `extra` with the demo's `[service]`: a `[service]` in `extra` keeps its own keys and gets
+/// the demo's others.
+pub fn with_demo_service(extra: &str) -> String {
+    let header = "[service]\n";
+    let Some(at) = extra.find(header) else {
+        return format!("{extra}\n{DEMO_SERVICE}");
+    };
+    let end = at + header.len();
+    let key = |l: &str| l.split_once('=').map(|(k, _)| k.trim().to_owned());
+    let own: Vec<String> = extra[end..]
+        .lines()
+        .take_while(|l| !l.starts_with('['))
+        .filter_map(key)
+        .collect();
+    let demo: String = DEMO_SERVICE
+        .lines()
+        .skip(1)
+        .filter(|l| key(l).is_some_and(|k| !own.contains(&k)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    format!("{}{demo}{}", &extra[..end], &extra[end..])
 }

@@ -1,0 +1,379 @@
+//! The `[service]` section: the contract between patchover and the service the LCs run
+//! (`docs/services.md`).
+//!
+//! patchover knows nothing about a service but what this section says: how to check that it
+//! answers, and which commands (hooks) to run in which LC at which moment of a run. There are
+//! no defaults that belong to one service: a hook that is not configured is not run, and a
+//! patch run refuses to start without a health check. Which LC answered a check is not taken
+//! from what the service prints: patchover makes the check's connection from inside the LC's
+//! own network namespace (or guest) to one of that LC's own addresses, so only that LC can
+//! accept it.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ConfigError, Validator};
+
+/// The validated `[service]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSettings {
+    /// The TCP port the service listens on.
+    pub port: u16,
+    /// How to check the service; `None` when the config has no `[service]` (a patch run then
+    /// refuses to start).
+    pub health: Option<HealthProbe>,
+    /// A GET path whose 200 answer is the service's version, recorded in the run's report
+    /// (`version_before`, `version_after`); not read when unset.
+    pub version_path: Option<String>,
+    /// Moment: in the switch window, after the application disk's final cut is attached to
+    /// the standby. Target: the standby. Runs once per switch; must (re)start the service so it
+    /// reads the data as of the cut. Empty: not run.
+    pub restart: Vec<String>,
+    /// Moment: at the switch, before the address moves. Target: the old LC. Stop keeping
+    /// connections alive, keep serving. Run again on a retried switch: must be idempotent.
+    /// Empty: not run.
+    pub drain: Vec<String>,
+    /// Moment: before the standby's check at the switch (target: the standby, which was never
+    /// drained), and when a switch is undone (target: the LC that was drained), and by recovery.
+    /// Undoes `drain`; must succeed on a service that is not drained. Empty: not run.
+    pub resume: Vec<String>,
+    /// `seamless` hand-off. Moment: the switch window. Target: the old LC. Finish the requests
+    /// in flight, hold the rest; exits 0 only once nothing is in flight. Empty: a seamless
+    /// switch with hand-off is refused.
+    pub park: Vec<String>,
+    /// Moment: after `park` and the standby's check. Target: the old LC. Send the held and later
+    /// requests to the standby; `{to}` is replaced by the standby's `ADDR:PORT`. Retried once:
+    /// must be idempotent.
+    pub forward: Vec<String>,
+    /// Moment: a hand-off called off before `forward`. Target: the old LC. Undoes `park`.
+    pub unpark: Vec<String>,
+}
+
+/// How patchover checks that the service answers on an LC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthProbe {
+    /// `kind = "http"`: a plain HTTP/1.1 GET of `path` on the service's port, made from inside
+    /// the LC to its own address; passes on `status` with `body` (when set) in the body.
+    Http {
+        path: String,
+        status: u16,
+        body: Option<String>,
+        /// How long a check may keep failing before it fails for good.
+        patience: Duration,
+    },
+}
+
+impl HealthProbe {
+    /// How long the check keeps trying.
+    pub fn patience(&self) -> Duration {
+        match self {
+            HealthProbe::Http { patience, .. } => *patience,
+        }
+    }
+}
+
+impl Default for ServiceSettings {
+    /// No `[service]`: the HTTP port, no health check, no hook.
+    fn default() -> Self {
+        ServiceSettings {
+            port: 80,
+            health: None,
+            version_path: None,
+            restart: Vec::new(),
+            drain: Vec::new(),
+            resume: Vec::new(),
+            park: Vec::new(),
+            forward: Vec::new(),
+            unpark: Vec::new(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawService {
+    port: Option<u16>,
+    health: Option<Spanned<RawHealth>>,
+    version_path: Option<Spanned<String>>,
+    restart: Option<Spanned<Vec<String>>>,
+    drain: Option<Spanned<Vec<String>>>,
+    resume: Option<Spanned<Vec<String>>>,
+    park: Option<Spanned<Vec<String>>>,
+    forward: Option<Spanned<Vec<String>>>,
+    unpark: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Spanned<String>,
+    path: Option<Spanned<String>>,
+    status: Option<Spanned<u16>>,
+    body: Option<Spanned<String>>,
+    patience_secs: Option<Spanned<u64>>,
+}
+
+impl Validator<'_> {
+    pub(super) fn service(
+        &self,
+        raw: Option<Spanned<RawService>>,
+    ) -> Result<ServiceSettings, ConfigError> {
+        let Some(raw) = raw else {
+            return Ok(ServiceSettings::default());
+        };
+        let at = raw.span();
+        let raw = raw.into_inner();
+        let Some(health) = raw.health else {
+            return Err(ConfigError::Invalid {
+                path: self.path.to_owned(),
+                line: super::line_col(self.text, at.start).0,
+                key: "service.health".to_owned(),
+                message: "is not set; say how to check the service, e.g. health = { kind = \"http\", path = \"/\" } (see docs/services.md)".to_owned(),
+            });
+        };
+        let health = self.health(health)?;
+        if let Some(p) = &raw.version_path {
+            self.get_path(p, "service.version_path")?;
+        }
+        let park = self.hook(raw.park, "service.park")?;
+        let forward = self.hook(raw.forward, "service.forward")?;
+        let unpark = self.hook(raw.unpark, "service.unpark")?;
+        let handoff = [&park, &forward, &unpark];
+        if handoff.iter().any(|h| h.is_some()) && handoff.iter().any(|h| h.is_none()) {
+            let set = handoff.iter().find_map(|h| h.as_ref()).expect("one is set");
+            return Err(self.err(
+                set,
+                "service.park",
+                "the hand-off needs all three of park, forward and unpark, or none",
+            ));
+        }
+        let plain =
+            |h: Option<Spanned<Vec<String>>>| h.map(Spanned::into_inner).unwrap_or_default();
+        Ok(ServiceSettings {
+            port: raw.port.unwrap_or(80),
+            health: Some(health),
+            version_path: raw.version_path.map(Spanned::into_inner),
+            restart: plain(self.hook(raw.restart, "service.restart")?),
+            drain: plain(self.hook(raw.drain, "service.drain")?),
+            resume: plain(self.hook(raw.resume, "service.resume")?),
+            park: plain(park),
+            forward: plain(forward),
+            unpark: plain(unpark),
+        })
+    }
+
+    fn health(&self, raw: Spanned<RawHealth>) -> Result<HealthProbe, ConfigError> {
+        let h = raw.get_ref();
+        if h.kind.get_ref() != "http" {
+            return Err(self.err(
+                &h.kind,
+                "service.health.kind",
+                format!(
+                    "{:?} is not a kind of check this patchover runs; write kind = \"http\"",
+                    h.kind.get_ref()
+                ),
+            ));
+        }
+        let Some(path) = &h.path else {
+            return Err(self.err(
+                &raw,
+                "service.health.path",
+                "an http check needs the path to GET, e.g. path = \"/\"",
+            ));
+        };
+        self.get_path(path, "service.health.path")?;
+        let status = match &h.status {
+            Some(s) if !(100..=599).contains(s.get_ref()) => {
+                return Err(self.err(
+                    s,
+                    "service.health.status",
+                    format!("{} is not an HTTP status (100 to 599)", s.get_ref()),
+                ));
+            }
+            Some(s) => *s.get_ref(),
+            None => 200,
+        };
+        let patience = match &h.patience_secs {
+            Some(p) if *p.get_ref() == 0 || *p.get_ref() > 3600 => {
+                return Err(self.err(
+                    p,
+                    "service.health.patience_secs",
+                    format!("{} must be 1 to 3600", p.get_ref()),
+                ));
+            }
+            Some(p) => Duration::from_secs(*p.get_ref()),
+            None => Duration::from_secs(2),
+        };
+        Ok(HealthProbe::Http {
+            path: path.get_ref().clone(),
+            status,
+            body: h.body.as_ref().map(|b| b.get_ref().clone()),
+            patience,
+        })
+    }
+
+    fn get_path(&self, p: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
+        let s = p.get_ref();
+        if s.starts_with('/') && !s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            Ok(())
+        } else {
+            Err(self.err(
+                p,
+                key,
+                format!(
+                    "{s:?} is not a request path; write one that starts with '/' and has no spaces"
+                ),
+            ))
+        }
+    }
+
+    /// A hook's command: absent is "not run"; present needs a program.
+    fn hook(
+        &self,
+        raw: Option<Spanned<Vec<String>>>,
+        key: &str,
+    ) -> Result<Option<Spanned<Vec<String>>>, ConfigError> {
+        match &raw {
+            Some(h) if h.get_ref().first().is_none_or(|p| p.trim().is_empty()) => Err(self.err(
+                h,
+                key,
+                "needs a command (e.g. [\"/etc/init.d/S50app\", \"restart\"]); leave the key out to run nothing",
+            )),
+            _ => Ok(raw),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::{GOOD, invalid_section, parse};
+
+    fn service(section: &str) -> ServiceSettings {
+        parse(&format!("{GOOD}{section}")).unwrap().service
+    }
+
+    #[test]
+    fn no_service_section_means_no_check_and_no_hook() {
+        let s = parse(GOOD).unwrap().service;
+        assert_eq!(s.health, None);
+        assert!(s.restart.is_empty() && s.drain.is_empty() && s.resume.is_empty());
+        assert!(s.park.is_empty() && s.forward.is_empty() && s.unpark.is_empty());
+        assert_eq!(s.version_path, None);
+    }
+
+    #[test]
+    fn an_http_check_with_its_defaults_and_in_full() {
+        let s = service("[service]\nhealth = { kind = \"http\", path = \"/\" }\n");
+        assert_eq!(
+            s.health,
+            Some(HealthProbe::Http {
+                path: "/".into(),
+                status: 200,
+                body: None,
+                patience: Duration::from_secs(2),
+            })
+        );
+        assert_eq!(s.port, 80);
+        assert!(s.restart.is_empty(), "a hook not configured is not run");
+
+        let s = service(
+            "[service]\nport = 8080\nversion_path = \"/v\"\ndrain = [\"/bin/true\"]\n[service.health]\nkind = \"http\"\npath = \"/ready\"\nstatus = 204\nbody = \"up\"\npatience_secs = 30\n",
+        );
+        assert_eq!(
+            s.health,
+            Some(HealthProbe::Http {
+                path: "/ready".into(),
+                status: 204,
+                body: Some("up".into()),
+                patience: Duration::from_secs(30),
+            })
+        );
+        assert_eq!(s.health.unwrap().patience(), Duration::from_secs(30));
+        assert_eq!((s.port, s.version_path.as_deref()), (8080, Some("/v")));
+        assert_eq!(s.drain, ["/bin/true"]);
+        assert!(s.resume.is_empty());
+    }
+
+    #[test]
+    fn bad_service_sections_are_refused_at_their_line_and_key() {
+        let h = "health = { kind = \"http\", path = \"/\" }\n";
+        for (section, at, want_key, want) in [
+            ("[service]\nport = 80\n", 1, "service.health", "is not set"),
+            (
+                "[service]\nhealth = { kind = \"smtp\", path = \"/\" }\n",
+                2,
+                "service.health.kind",
+                "\"smtp\" is not a kind",
+            ),
+            (
+                "[service]\n[service.health]\nkind = \"http\"\n",
+                2,
+                "service.health.path",
+                "needs the path",
+            ),
+            (
+                "[service]\n[service.health]\nkind = \"http\"\npath = \"health\"\n",
+                4,
+                "service.health.path",
+                "starts with '/'",
+            ),
+            (
+                "[service.health]\nkind = \"http\"\npath = \"/\"\nstatus = 999\n",
+                4,
+                "service.health.status",
+                "not an HTTP status",
+            ),
+            (
+                "[service.health]\nkind = \"http\"\npath = \"/\"\npatience_secs = 0\n",
+                4,
+                "service.health.patience_secs",
+                "1 to 3600",
+            ),
+            (
+                &format!("[service]\n{h}restart = []\n"),
+                3,
+                "service.restart",
+                "needs a command",
+            ),
+            (
+                &format!("[service]\n{h}drain = [\"\"]\n"),
+                3,
+                "service.drain",
+                "leave the key out",
+            ),
+            (
+                &format!("[service]\n{h}park = [\"/bin/park\"]\n"),
+                3,
+                "service.park",
+                "all three of park, forward and unpark",
+            ),
+            (
+                &format!("[service]\n{h}version_path = \"v\"\n"),
+                3,
+                "service.version_path",
+                "not a request path",
+            ),
+        ] {
+            let (line, key, msg) = invalid_section(section);
+            assert_eq!((line, key.as_str()), (at, want_key), "{section}: {msg}");
+            assert!(msg.contains(want), "{section}: {msg}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_of_the_health_check_are_refused() {
+        let text =
+            format!("{GOOD}[service.health]\nkind = \"http\"\npath = \"/\"\nexpect = \"x\"\n");
+        let err = parse(&text).unwrap_err();
+        assert!(err.to_string().contains("unknown field `expect`"), "{err}");
+        // At the key's own line.
+        let at = text.lines().position(|l| l.starts_with("expect")).unwrap() + 1;
+        assert!(
+            err.to_string().starts_with(&format!("/etc/po.toml:{at}:")),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,122 @@
+//! The service check against a real server in a real LC namespace (issue 20, the service
+//! contract): a server that prints nothing about who it is passes, because patchover proves
+//! which LC accepted the check's connection (made inside the LC, to its own address); another
+//! LC answering is caught although it answers well; a check that never passes fails with its
+//! last answer. Each test builds its own [`Testbed`] (unique namespaces, removed on drop).
+
+mod guest;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use patchover_load::server::RefServer;
+use patchover_net::health::{self, HealthError};
+use patchover_net::{HealthCheck, InLc, LcAccess, Mode};
+use patchover_netbed::testbed::{PORT, Testbed};
+
+fn serve(netns: &Path) -> RefServer {
+    // The reference server answers `GET /` with "hello" and `/health` with "ok": no identity.
+    RefServer::start(
+        Some(netns),
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, PORT)),
+        "any",
+    )
+    .expect("start the service")
+}
+
+fn check(path: &str) -> HealthCheck {
+    HealthCheck {
+        patience: Duration::from_millis(300),
+        ..HealthCheck::new(PORT, path, "")
+    }
+}
+
+/// Both ways into an LC: its namespace, and an agent channel as for a VM.
+fn ways_in(tb: &Testbed, g: &guest::Guest) -> Vec<(&'static str, Box<dyn InLc>)> {
+    vec![
+        ("netns", tb.b.access.open().unwrap()),
+        (
+            "agent",
+            LcAccess::Agent {
+                socket: g.socket.clone(),
+            }
+            .open()
+            .unwrap(),
+        ),
+    ]
+}
+
+fn guest_b(tb: &Testbed) -> guest::Guest {
+    let sock = std::env::temp_dir().join(format!("po-health-{}-b.sock", tb.id));
+    guest::Guest::start(&sock, tb.b.netns().unwrap())
+}
+
+#[test]
+fn a_plain_http_server_passes_because_patchover_proves_which_lc_answered() {
+    let tb = Testbed::new(Mode::Readdress).unwrap();
+    let _b = serve(tb.b.netns().unwrap());
+    let g = guest_b(&tb);
+    for (way, lc) in ways_in(&tb, &g) {
+        let b = tb.b.address.addr;
+        health::check_own(&*lc, &tb.b.iface, b, &check("/health"))
+            .unwrap_or_else(|e| panic!("{way}: {e:?}"));
+        // The status and the body text, when configured, are the service's part.
+        let hc = HealthCheck {
+            expect: "hello".into(),
+            ..check("/")
+        };
+        health::check_own(&*lc, &tb.b.iface, b, &hc).unwrap_or_else(|e| panic!("{way}: {e:?}"));
+    }
+}
+
+#[test]
+fn another_lc_answering_is_caught_although_it_answers_well() {
+    let tb = Testbed::new(Mode::Readdress).unwrap();
+    let _a = serve(tb.a.netns().unwrap());
+    let _b = serve(tb.b.netns().unwrap());
+    let g = guest_b(&tb);
+    for (way, lc) in ways_in(&tb, &g) {
+        // From inside b, LC a's address answers 200 with the same body b would give: text
+        // could not tell them apart.
+        let a = tb.a.address.addr;
+        health::check_in(&*lc, a, &check("/health"))
+            .unwrap_or_else(|e| panic!("{way}: a answers: {e:?}"));
+        let e = health::check_own(&*lc, &tb.b.iface, a, &check("/health")).unwrap_err();
+        assert!(
+            matches!(&e, HealthError::NotOwnAddress { addr, .. } if *addr == a),
+            "{way}: {e:?}"
+        );
+        assert!(
+            e.to_string().contains("another machine would answer"),
+            "{way}: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_check_that_never_passes_fails_with_its_last_answer() {
+    let tb = Testbed::new(Mode::Readdress).unwrap();
+    let _b = serve(tb.b.netns().unwrap());
+    let lc = tb.b.access.open().unwrap();
+    let b = tb.b.address.addr;
+    let hc = HealthCheck {
+        status: 204,
+        ..check("/health")
+    };
+    let e = health::check_own(&*lc, &tb.b.iface, b, &hc).unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, HealthError::Mismatch(_)), "{e:?}");
+    assert!(
+        text.contains("HTTP/1.1 200 OK") && text.contains("expected 204") && text.contains("ok"),
+        "{text}"
+    );
+    // Nobody listening: the last answer is why none came.
+    drop(_b);
+    let e = health::check_own(&*lc, &tb.b.iface, b, &check("/health")).unwrap_err();
+    assert!(
+        format!("{:?}", e).contains("refused")
+            || patchover_core::error_chain(&e).contains("refused"),
+        "{e:?}"
+    );
+}
