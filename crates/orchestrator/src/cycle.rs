@@ -111,6 +111,7 @@ impl<'a> Orchestrator<'a> {
             OrchestratorError::BadInput("network.service_address is not set in the config".into())
         })?;
         crate::service::health(&self.settings.service)?;
+        crate::service::hooks_present(self.backend, &active, &self.settings.service, req.mode)?;
         let from = crate::access::endpoint(self.backend, &active)?;
         if !network::service_is_on(self.config, req.mode, &from, service.addr)? {
             return Err(OrchestratorError::BadInput(match req.mode {

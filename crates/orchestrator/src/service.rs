@@ -32,6 +32,67 @@ pub fn health(
     }
 }
 
+/// The hooks a run in `mode` may run: all but the hand-off's outside `seamless`.
+fn hooks_of(
+    settings: &ServiceSettings,
+    mode: patchover_net::Mode,
+) -> Vec<(&'static str, &[String])> {
+    let mut hooks = vec![
+        ("restart", &settings.restart[..]),
+        ("drain", &settings.drain[..]),
+        ("resume", &settings.resume[..]),
+    ];
+    if mode == patchover_net::Mode::Seamless {
+        hooks.extend([
+            ("park", &settings.park[..]),
+            ("forward", &settings.forward[..]),
+            ("unpark", &settings.unpark[..]),
+        ]);
+    }
+    hooks
+}
+
+/// The programs of the hooks a run in `mode` may run are in `active` (the standby's system
+/// disk is its copy): a missing one is refused before anything changes, not found in the
+/// switch window. Asked of the LC's own shell (`command -v`), so a bare name is looked up on
+/// the LC's `PATH`.
+pub fn hooks_present(
+    backend: &dyn patchover_lc::LcBackend,
+    active: &patchover_core::LcSpec,
+    settings: &ServiceSettings,
+    mode: patchover_net::Mode,
+) -> Result<(), crate::OrchestratorError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (hook, argv) in hooks_of(settings, mode) {
+        let Some(program) = argv.first() else {
+            continue;
+        };
+        if !seen.insert(program) {
+            continue;
+        }
+        let ask = [
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            "command -v \"$1\"".to_owned(),
+            "sh".to_owned(),
+            program.clone(),
+        ];
+        let out = backend.exec(active, &ask, patchover_lc::Stdio::Capture)?;
+        if out.status != Some(0) {
+            return Err(crate::OrchestratorError::BadInput(format!(
+                "[service] {hook}: {program} is not in LC {} (asked with `command -v`, exit {:?}{}); install it there or fix the hook; nothing was changed",
+                active.id,
+                out.status,
+                match String::from_utf8_lossy(&out.stderr).trim() {
+                    "" => String::new(),
+                    e => format!(": {e}"),
+                },
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// GETs `path` from `addr:port` inside the LC that `access` reaches (its namespace, or its
 /// guest through the agent), retrying until `patience` runs out; returns the trimmed body of a
 /// 200 answer.
@@ -176,6 +237,41 @@ mod tests {
         let e = health(&ServiceSettings::default()).unwrap_err();
         assert!(matches!(e, crate::OrchestratorError::BadInput(_)), "{e:?}");
         assert!(e.to_string().contains("[service] health"), "{e}");
+    }
+
+    #[test]
+    fn a_hook_whose_program_is_missing_is_refused_naming_it() {
+        use crate::step::fake::Bed;
+        let bed = Bed::new();
+        let mut s = bed.settings.service.clone();
+        s.drain = vec!["/usr/sbin/drain-it".into()];
+        s.park = vec!["/usr/bin/park-it".into()];
+        s.forward = s.park.clone();
+        s.unpark = s.park.clone();
+        let readdress = patchover_net::Mode::Readdress;
+        hooks_present(&bed.backend, &bed.run.active, &s, readdress).unwrap();
+        let asked: Vec<String> = bed
+            .backend
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("exec lc1"))
+            .collect();
+        assert_eq!(
+            asked,
+            [
+                "exec lc1 /bin/sh -c command -v \"$1\" sh /etc/init.d/S50demo",
+                "exec lc1 /bin/sh -c command -v \"$1\" sh /usr/sbin/drain-it",
+            ],
+            "the hand-off's hooks are not asked for outside seamless"
+        );
+        bed.backend.exec_status(127, b"");
+        let e = hooks_present(&bed.backend, &bed.run.active, &s, readdress).unwrap_err();
+        assert!(matches!(e, crate::OrchestratorError::BadInput(_)), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains("[service] restart: /etc/init.d/S50demo is not in LC lc1"),
+            "{e}"
+        );
     }
 
     #[test]

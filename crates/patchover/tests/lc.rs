@@ -271,7 +271,7 @@ fn config_typo_in_any_section_is_refused_at_load_with_file_and_line() {
     };
     // The same sections spelled right pass.
     for good in [
-        "[service]\nport = 80\n",
+        "[service]\nport = 80\nhealth = { kind = \"http\", path = \"/\" }\n",
         "[monitor]\ninterval_secs = 80\n",
         "[yara]\nrules = \"/x\"\n",
     ] {

@@ -275,7 +275,7 @@ fn a_service_that_prints_no_identity_is_patched() {
     let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
     let svc = c.t.service();
     let report = c.t.po_json(&["patch", &a]);
-    assert_eq!(report["outcome"], "switched", "{report:#}");
+    assert_eq!(report["outcome"], "ok", "{report:#}");
     assert_eq!(version(&client, &svc), "1.0.1");
 }
 
@@ -299,6 +299,32 @@ fn a_standby_check_that_never_passes_fails_the_run_with_its_last_answer() {
     assert!(
         error.contains("200 OK") && error.contains("expected 204"),
         "{report:#}"
+    );
+    assert_eq!(version(&client, &svc), "1.0.0");
+    assert_eq!(c.t.po_json(&["lc", "status", &b])["state"], "stopped");
+}
+
+/// Issue 20: a hook whose program is not in the LC is refused before anything changes (not
+/// found in the switch window).
+#[test]
+fn a_hook_whose_program_is_missing_is_refused_before_anything_changes() {
+    let c = Cycle::new(
+        2,
+        "\n[service]\ndrain = [\"/usr/sbin/no-such-drain\", \"now\"]\n",
+    );
+    c.upgrade_bundle();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    c.start_service();
+    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    let out = c.t.po(&["patch", &a]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "[service] drain: /usr/sbin/no-such-drain is not in LC {a}"
+        )),
+        "{stderr}"
     );
     assert_eq!(version(&client, &svc), "1.0.0");
     assert_eq!(c.t.po_json(&["lc", "status", &b])["state"], "stopped");
@@ -371,7 +397,8 @@ fn failures_before_the_switch_leave_the_service_where_it_is() {
     )
     .unwrap();
     let out = c.t.po(&["--json", "patch", &a]);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     let err = report["error"].as_str().unwrap();
     assert!(
         err.contains("planted_backdoor") && err.contains("usr/bin/backdoor"),
@@ -439,7 +466,8 @@ fn each_failure_leaves_the_service_on_the_active_lc() {
         let load = Load::start(&client, svc.clone());
         let out = c.t.po(&["--json", "patch", &a, "--bundle", id]);
         let (ok, failures, acked) = load.finish();
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{id}: {e}: {}", String::from_utf8_lossy(&out.stdout)));
         assert_eq!(out.status.code(), Some(1), "{id}: {report:#}");
         let failed: Vec<&str> = report["steps"]
             .as_array()
@@ -574,7 +602,8 @@ fn no_standby_is_bad_input_naming_what_each_lacks() {
     let c = Cycle { t, key };
     c.upgrade_bundle();
     let out = c.t.po(&["--json", "patch", &a]);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     let err = report["error"].as_str().unwrap();
     assert!(
         err.contains(&format!("{b}: needs 96 MiB memory, has 32 MiB")),
