@@ -665,3 +665,34 @@ pub fn run(a: DemoOptions, json: bool) -> Result<bool, ShowcaseError> {
     let good = run["outcome"] == "ok" && requests_failed == 0 && lost == 0;
     Ok(good)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 20: patchover has no service defaults, so the demo's config states what the demo
+    /// needs, and it must load.
+    #[test]
+    fn the_demo_config_states_its_service_and_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = patchover_core::HostFacts {
+            cpus: 2,
+            memory_mib: 4096,
+        };
+        for mode in [Mode::Readdress, Mode::Seamless] {
+            let l = Layout::new(dir.path(), BackendKind::Ns);
+            let path = write_config(dir.path(), &dir.path().join("k.pub"), &l, mode).unwrap();
+            let text = fs::read_to_string(&path).unwrap();
+            let c = patchover_core::Config::parse(&path, &text, &host).unwrap();
+            let s = &c.service;
+            assert!(
+                matches!(&s.health, Some(patchover_core::HealthProbe::Http { path, .. }) if path == "/health"),
+                "{s:?}"
+            );
+            assert_eq!(s.restart, ["/etc/init.d/S50demo", "restart"]);
+            assert_eq!(s.version_path.as_deref(), Some("/version"));
+            assert_eq!(s.forward[3], "{to}");
+            assert!(!s.drain.is_empty() && !s.resume.is_empty() && !s.park.is_empty());
+        }
+    }
+}
