@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod error;
+pub mod helper;
 pub mod model;
 pub mod quiesce;
 

@@ -14,6 +14,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use patchover_core::MacAddr;
 
+use crate::helper::{self, HelperCall, LcHelper, Netcfg};
 use crate::ns::launch::LaunchSpec;
 
 /// A launcher that has created the LC's namespaces and its init process, which is waiting
@@ -77,9 +78,9 @@ pub trait Host {
         file: &Path,
         value: &str,
     ) -> io::Result<Box<dyn std::any::Any + Send>>;
-    /// Runs `internal <args…>` of the launcher binary; used for exec and attach, which must
-    /// enter namespaces from a single-threaded process.
-    fn run_internal(&self, args: &[String], stdio: crate::Stdio) -> io::Result<crate::ExecOutput>;
+    /// Runs a helper process of the launcher binary and waits for it; used for exec, netcfg
+    /// and attach, which must enter namespaces from a single-threaded process.
+    fn run_helper(&self, call: &LcHelper, stdio: crate::Stdio) -> io::Result<crate::ExecOutput>;
     /// Attaches a free loop device to `file` here in the host's mount namespace (buffered:
     /// never direct I/O, see `patchover_qemu::blockserver`); returns the device.
     fn loop_attach(&self, file: &Path) -> io::Result<PathBuf>;
@@ -219,17 +220,11 @@ impl Host for LinuxHost {
         }
     }
     fn configure_nics(&self, pid: i32, nics: &[crate::ns::launch::NicSetup]) -> io::Result<()> {
-        let spec = serde_json::to_string(nics).map_err(io::Error::other)?;
-        let out = self.run_internal(
-            &[
-                "netcfg".into(),
-                "--pid".into(),
-                pid.to_string(),
-                "--nics".into(),
-                spec,
-            ],
-            crate::Stdio::Capture,
-        )?;
+        let call = LcHelper::Netcfg(Netcfg {
+            pid,
+            nics: nics.to_vec(),
+        });
+        let out = self.run_helper(&call, crate::Stdio::Capture)?;
         if out.status == Some(0) {
             Ok(())
         } else {
@@ -241,8 +236,8 @@ impl Host for LinuxHost {
     }
 
     fn spawn_launcher(&self, spec: &LaunchSpec) -> io::Result<Box<dyn Launch + '_>> {
-        let mut child = Command::new(&self.launcher)
-            .args(["internal", "launch"])
+        let mut child = LcHelper::Launch
+            .command(&self.launcher)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -302,10 +297,12 @@ impl Host for LinuxHost {
         file: &Path,
         value: &str,
     ) -> io::Result<Box<dyn std::any::Any + Send>> {
-        let mut child = Command::new(&self.launcher)
-            .args(["internal", "thaw-guard", "--file"])
-            .arg(file)
-            .args(["--value", value])
+        let call = LcHelper::ThawGuard(helper::ThawGuard {
+            file: file.to_owned(),
+            value: value.to_owned(),
+        });
+        let mut child = call
+            .command(&self.launcher)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -344,9 +341,8 @@ impl Host for LinuxHost {
         run_quiet(Command::new("losetup").arg("-d").arg(dev))
     }
 
-    fn run_internal(&self, args: &[String], stdio: crate::Stdio) -> io::Result<crate::ExecOutput> {
-        let mut cmd = Command::new(&self.launcher);
-        cmd.arg("internal").args(args);
+    fn run_helper(&self, call: &LcHelper, stdio: crate::Stdio) -> io::Result<crate::ExecOutput> {
+        let mut cmd = call.command(&self.launcher);
         match stdio {
             crate::Stdio::Inherit => {
                 let status = cmd.status()?;

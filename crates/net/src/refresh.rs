@@ -2,15 +2,16 @@
 //! that the patch run that moved the address can end (`patchover internal garp-refresh`).
 //!
 //! The run hands the refresher a [`Refresh`]; the process boundary in between is this
-//! module's business ([`Refresh::command`] writes the arguments, [`Refresh::from_args`] reads
+//! module's business ([`HelperCall::args`] writes the arguments, [`Refresh::parse`] reads
 //! them back), so neither side formats or parses addresses itself.
 
 use std::ffi::OsString;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use patchover_core::MacAddr;
+use patchover_core::helper::{ArgReader, HelperArgsError, HelperCall, flag};
 
 use crate::garp::GarpConfig;
 use crate::lc::{InLcError, LcAccess};
@@ -28,11 +29,6 @@ pub struct Refresh {
     pub after: Vec<Duration>,
 }
 
-/// The arguments of a refresher could not be read.
-#[derive(Debug, thiserror::Error)]
-#[error("garp-refresh: {0}")]
-pub struct RefreshArgsError(String);
-
 impl Refresh {
     /// The refreshes `garp` asks for, of service address `addr` from the LC at `ep`.
     pub fn new(ep: &Endpoint, addr: Ipv4Addr, garp: &GarpConfig) -> Refresh {
@@ -46,70 +42,60 @@ impl Refresh {
         }
     }
 
-    /// The arguments after `patchover internal garp-refresh`.
-    pub fn args(&self) -> Vec<OsString> {
-        let mut a: Vec<OsString> = match &self.access {
-            LcAccess::Netns(p) => vec!["--netns".into(), p.into()],
-            LcAccess::Agent { socket } => vec!["--agent".into(), socket.into()],
-        };
-        let after: Vec<String> = self
-            .after
-            .iter()
-            .map(|d| d.as_millis().to_string())
-            .collect();
-        for (k, v) in [
-            ("--iface", self.iface.clone()),
-            ("--mac", self.mac.to_string()),
-            ("--ip", self.addr.to_string()),
-            ("--count", self.count.to_string()),
-            ("--after-ms", after.join(",")),
-        ] {
-            a.push(k.into());
-            a.push(v.into());
-        }
-        a
-    }
+    /// The verb after `patchover internal`.
+    pub const VERB: &str = "garp-refresh";
 
-    /// Reads what [`Refresh::args`] wrote (as the command line's parser hands it over).
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_args(
-        netns: Option<PathBuf>,
-        agent: Option<PathBuf>,
-        iface: String,
-        mac: MacAddr,
-        addr: Ipv4Addr,
-        count: u32,
-        after_ms: &[u64],
-    ) -> Result<Refresh, RefreshArgsError> {
-        let access = match (netns, agent) {
-            (Some(p), None) => LcAccess::Netns(p),
-            (None, Some(socket)) => LcAccess::Agent { socket },
-            _ => {
-                return Err(RefreshArgsError(
-                    "needs exactly one of --netns and --agent".into(),
-                ));
-            }
+    /// Reads what [`HelperCall::args`] wrote (the words after the verb).
+    pub fn parse(args: &[OsString]) -> Result<Refresh, HelperArgsError> {
+        let mut r = ArgReader::new(Self::VERB, args)?;
+        let access = match (r.optional("--netns")?, r.optional("--agent")?) {
+            (Some(p), None) => LcAccess::Netns(p.into()),
+            (None, Some(socket)) => LcAccess::Agent {
+                socket: socket.into(),
+            },
+            _ => return Err(r.rule("needs exactly one of --netns and --agent")),
         };
+        let iface = r.required("--iface")?;
+        let iface = r.value("--iface", &iface, "UTF-8")?;
+        let mac = r.parsed("--mac", "a MAC address")?;
+        let addr = r.parsed("--ip", "an IPv4 address")?;
+        let count = match r.optional("--count")? {
+            Some(c) => r.value("--count", &c, "a count")?,
+            None => 3,
+        };
+        let after = match r.optional("--after-ms")? {
+            Some(ms) => {
+                let list: String = r.value("--after-ms", &ms, "UTF-8")?;
+                list.split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| {
+                        r.value(
+                            "--after-ms",
+                            std::ffi::OsStr::new(s),
+                            "milliseconds, comma-separated",
+                        )
+                        .map(Duration::from_millis)
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            None => Vec::new(),
+        };
+        r.finish()?;
         Ok(Refresh {
             access,
             iface,
             mac,
             addr,
             count,
-            after: after_ms
-                .iter()
-                .map(|&ms| Duration::from_millis(ms))
-                .collect(),
+            after,
         })
     }
 
     /// `exe internal garp-refresh …`, detached: its own process group, no standard streams.
-    pub fn command(&self, exe: &Path) -> std::process::Command {
+    pub fn detached(&self, exe: &Path) -> std::process::Command {
         use std::os::unix::process::CommandExt;
-        let mut cmd = std::process::Command::new(exe);
+        let mut cmd = self.command(exe);
         cmd.process_group(0)
-            .args(["internal", "garp-refresh"])
-            .args(self.args())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
@@ -133,6 +119,31 @@ impl Refresh {
     }
 }
 
+impl HelperCall for Refresh {
+    fn verb(&self) -> &'static str {
+        Self::VERB
+    }
+
+    fn args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        match &self.access {
+            LcAccess::Netns(p) => flag(&mut a, "--netns", p),
+            LcAccess::Agent { socket } => flag(&mut a, "--agent", socket),
+        }
+        let after: Vec<String> = self
+            .after
+            .iter()
+            .map(|d| d.as_millis().to_string())
+            .collect();
+        flag(&mut a, "--iface", &self.iface);
+        flag(&mut a, "--mac", self.mac.to_string());
+        flag(&mut a, "--ip", self.addr.to_string());
+        flag(&mut a, "--count", self.count.to_string());
+        flag(&mut a, "--after-ms", after.join(","));
+        a
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,27 +159,6 @@ mod tests {
         }
     }
 
-    /// What a command-line parser makes of `args` (flag, value pairs).
-    fn parse(args: &[OsString]) -> Result<Refresh, RefreshArgsError> {
-        let mut v = std::collections::HashMap::new();
-        for kv in args.chunks(2) {
-            v.insert(kv[0].to_str().unwrap(), kv[1].to_str().unwrap().to_string());
-        }
-        let after: Vec<u64> = v["--after-ms"]
-            .split(',')
-            .map(|s| s.parse().unwrap())
-            .collect();
-        Refresh::from_args(
-            v.get("--netns").map(PathBuf::from),
-            v.get("--agent").map(PathBuf::from),
-            v["--iface"].clone(),
-            v["--mac"].parse().unwrap(),
-            v["--ip"].parse().unwrap(),
-            v["--count"].parse().unwrap(),
-            &after,
-        )
-    }
-
     #[test]
     fn a_refresh_reads_back_what_it_wrote() {
         for access in [
@@ -178,7 +168,8 @@ mod tests {
             },
         ] {
             let r = refresh(access);
-            assert_eq!(parse(&r.args()).unwrap(), r);
+            assert_eq!(Refresh::parse(&r.args()).unwrap(), r);
+            assert_eq!(Refresh::parse(&r.args()).unwrap().args(), r.args());
         }
     }
 
@@ -210,15 +201,35 @@ mod tests {
 
     #[test]
     fn one_way_in_exactly() {
-        let e = Refresh::from_args(
-            None,
-            None,
-            "eth0".into(),
-            MacAddr([2, 0, 0, 0, 0, 7]),
-            "10.0.0.10".parse().unwrap(),
-            3,
-            &[],
-        );
-        assert!(e.is_err());
+        let words = |s: &str| s.split(' ').map(OsString::from).collect::<Vec<_>>();
+        let tail = "--iface eth0 --mac 02:00:00:00:00:07 --ip 10.0.0.10";
+        for (args, want) in [
+            (
+                tail.to_owned(),
+                "internal garp-refresh: needs exactly one of --netns and --agent",
+            ),
+            (
+                format!("--netns /n --agent /a {tail}"),
+                "internal garp-refresh: needs exactly one of --netns and --agent",
+            ),
+            (
+                "--netns /n --iface eth0 --mac 02:00 --ip 10.0.0.10".to_owned(),
+                "internal garp-refresh: --mac \"02:00\" is not a MAC address",
+            ),
+            (
+                format!("--netns /n {tail} --after-ms 5,x"),
+                "internal garp-refresh: --after-ms \"x\" is not milliseconds, comma-separated",
+            ),
+            (
+                format!("--netns /n {tail} --ttl 4"),
+                "internal garp-refresh: unexpected argument \"--ttl 4\"",
+            ),
+        ] {
+            let e = Refresh::parse(&words(&args)).unwrap_err();
+            assert_eq!(e.to_string(), want, "{args}");
+        }
+        // What clap filled in before: three frames, no later rounds.
+        let r = Refresh::parse(&words(&format!("--netns /n {tail}"))).unwrap();
+        assert_eq!((r.count, r.after.len()), (3, 0));
     }
 }

@@ -5,9 +5,12 @@
 //! process dies however it dies, so an unfinished run in the journal whose lock can be taken
 //! belongs to a dead patchover (see [`crate::recover`]).
 
+use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
+
+use patchover_core::helper::{ArgReader, HelperArgsError, HelperCall};
 
 use crate::OrchestratorError;
 
@@ -70,9 +73,8 @@ impl RunGuard {
             .create(true)
             .append(true)
             .open(run_dir.join(Self::LOG))?;
-        let mut cmd = std::process::Command::new(exe);
-        cmd.args(["internal", "run-guard"])
-            .env("PATCHOVER_CONFIG", config)
+        let mut cmd = RunGuardHelper.command(exe);
+        cmd.env("PATCHOVER_CONFIG", config)
             .process_group(0)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -95,11 +97,54 @@ impl RunGuard {
     }
 }
 
+/// `patchover internal run-guard`, the process behind a [`RunGuard`]: it says `armed`, then
+/// waits for `disarm` on stdin; `PATCHOVER_CONFIG` names the config (it takes no arguments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunGuardHelper;
+
+impl RunGuardHelper {
+    /// The verb after `patchover internal`.
+    pub const VERB: &str = "run-guard";
+
+    /// Reads what [`HelperCall::args`] wrote (nothing).
+    pub fn parse(args: &[OsString]) -> Result<RunGuardHelper, HelperArgsError> {
+        ArgReader::new(Self::VERB, args)?.finish()?;
+        Ok(RunGuardHelper)
+    }
+}
+
+impl HelperCall for RunGuardHelper {
+    fn verb(&self) -> &'static str {
+        Self::VERB
+    }
+    fn args(&self) -> Vec<OsString> {
+        Vec::new()
+    }
+}
+
 impl Drop for RunGuard {
     fn drop(&mut self) {
         if let Some(mut s) = self.stdin.take() {
             let _ = s.write_all(b"disarm\n");
         }
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_run_guard_call_reads_back_and_takes_no_arguments() {
+        let cmd = RunGuardHelper.command(Path::new("/usr/bin/patchover"));
+        let args: Vec<OsString> = cmd.get_args().map(OsString::from).collect();
+        assert_eq!(args, ["internal", "run-guard"]);
+        assert_eq!(RunGuardHelper::parse(&args[2..]).unwrap(), RunGuardHelper);
+        let e = RunGuardHelper::parse(&["--config".into(), "/x".into()]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "internal run-guard: unexpected argument \"--config /x\""
+        );
     }
 }

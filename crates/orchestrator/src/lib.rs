@@ -39,7 +39,7 @@ use serde::Serialize;
 pub use access::{endpoint as cycle_endpoint, lc_access};
 pub use context::Orchestrator;
 pub use cycle::RunFailed;
-pub use guard::{RunGuard, RunLock};
+pub use guard::{RunGuard, RunGuardHelper, RunLock};
 pub use recover::recover;
 pub use service::ServiceSettings;
 pub use step::{Step, StepState};

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::boot::{BootTxn, PortKind, Undo};
 use crate::cgroup::{Layout, LcGroups};
+use crate::helper::{self, LcHelper};
 use crate::host::Host;
 use crate::images::ImageServer;
 use crate::{
@@ -546,15 +547,13 @@ impl<H: Host> LcBackend for NsBackend<H> {
                 message: "nothing to run: give a command after --".to_owned(),
             });
         }
-        let mut args = vec!["exec".to_owned(), "--pid".to_owned(), st.pid.to_string()];
-        for f in st.groups.procs_files() {
-            args.push("--cgroup-procs".to_owned());
-            args.push(f.display().to_string());
-        }
-        args.push("--".to_owned());
-        args.extend(argv.iter().cloned());
+        let call = LcHelper::Exec(helper::Exec {
+            pid: st.pid,
+            cgroup_procs: st.groups.procs_files(),
+            argv: argv.to_vec(),
+        });
         self.host
-            .run_internal(&args, stdio)
+            .run_helper(&call, stdio)
             .map_err(|source| LcError::Host {
                 lc: spec.id.clone(),
                 step: "entering the LC",
@@ -583,13 +582,6 @@ impl<H: Host> LcBackend for NsBackend<H> {
             .disks()
             .find(|d| d.path == source)
             .map_or_else(|| DiskKind::of_path(source), |d| d.kind);
-        let mut args = vec![
-            "attach-disk".to_owned(),
-            "--pid".to_owned(),
-            st.pid.to_string(),
-            "--target".to_owned(),
-            at.display().to_string(),
-        ];
         // An image is loop-mounted on the host (through the image server's export when there
         // is one) and that mount moved into the LC.
         let mut served = None;
@@ -617,15 +609,15 @@ impl<H: Host> LcBackend for NsBackend<H> {
                 export
             }
         };
-        if kind == DiskKind::Image {
-            args.push("--image-staging".to_owned());
-            args.push(self.lc_dir(&spec.id).join("attach").display().to_string());
-        }
-        args.push("--source".to_owned());
-        args.push(mounted.display().to_string());
+        let call = LcHelper::AttachDisk(helper::AttachDisk {
+            pid: st.pid,
+            source: mounted,
+            target: at.to_owned(),
+            image_staging: (kind == DiskKind::Image).then(|| self.lc_dir(&spec.id).join("attach")),
+        });
         let out = self
             .host
-            .run_internal(&args, Stdio::Capture)
+            .run_helper(&call, Stdio::Capture)
             .and_then(|out| match out.status {
                 Some(0) => Ok(()),
                 _ => Err(std::io::Error::other(

@@ -11,6 +11,7 @@ use nix::sys::signal::Signal;
 use patchover_core::{Config, HostFacts, LcSpec, MacAddr};
 
 use super::*;
+use crate::helper::HelperCall;
 use crate::host::Launch;
 
 const MOUNTINFO: &str = "\
@@ -303,7 +304,10 @@ impl Host for FakeHost {
     fn loop_detach(&self, dev: &Path) -> io::Result<()> {
         self.op("loop_detach", dev.display().to_string())
     }
-    fn run_internal(&self, args: &[String], _stdio: Stdio) -> io::Result<ExecOutput> {
+    fn run_helper(&self, call: &LcHelper, _stdio: Stdio) -> io::Result<ExecOutput> {
+        let args: Vec<String> = std::iter::once(call.verb().to_owned())
+            .chain(call.args().iter().map(|a| a.to_string_lossy().into_owned()))
+            .collect();
         self.op("internal", args.join(" "))?;
         Ok(ExecOutput {
             status: Some(0),

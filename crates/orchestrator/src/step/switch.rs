@@ -143,7 +143,7 @@ pub(crate) fn announce_later(o: &Orchestrator<'_>, to: &Endpoint) {
         return;
     }
     let refresh = patchover_net::refresh::Refresh::new(to, service.addr, &o.settings.garp);
-    if let Err(e) = refresh.command(exe).spawn() {
+    if let Err(e) = refresh.detached(exe).spawn() {
         tracing::warn!(error = %e, "cannot start the gratuitous ARP refresher; neighbours that missed the first burst learn the address by ARP");
     }
 }

@@ -1,141 +1,154 @@
-//! `patchover internal …`: hidden verbs that patchover runs as fresh single-threaded
-//! processes to create and enter LC namespaces (see `patchover_lc::ns::launch`).
+//! `patchover internal …`: hidden verbs that patchover runs as fresh processes of its own
+//! binary, to create and enter LC namespaces (see `patchover_lc::ns::launch`), to announce an
+//! address later, and to guard a run or a frozen LC against this process's death.
+//!
+//! Each helper is a typed call in the crate that owns it, which writes its own arguments
+//! ([`HelperCall`]) and reads them back; this dispatcher only hands the words over and runs
+//! what they parse to.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use patchover_lc::ns::launch;
+use patchover_core::helper::HelperArgsError;
+use patchover_lc::helper::LcHelper;
+use patchover_net::refresh::Refresh;
+use patchover_orchestrator::RunGuardHelper;
 
 #[derive(Subcommand)]
+#[command(disable_help_subcommand = true)]
 pub enum InternalCmd {
-    /// Create an LC's namespaces and init (protocol on stdin/stdout).
-    Launch,
-    /// Run a program inside a running LC.
-    Exec {
-        #[arg(long)]
-        pid: i32,
-        #[arg(long = "cgroup-procs")]
-        cgroup_procs: Vec<PathBuf>,
-        #[arg(last = true, required = true)]
-        argv: Vec<String>,
-    },
-    /// Configure NICs inside an LC's network namespace.
-    Netcfg {
-        #[arg(long)]
-        pid: i32,
-        #[arg(long)]
-        nics: String,
-    },
-    /// Announce an address again later (gratuitous ARP), detached from the run that moved it.
-    GarpRefresh {
-        /// The LC's network namespace (`ns` LCs).
-        #[arg(long, required_unless_present = "agent", conflicts_with = "agent")]
-        netns: Option<PathBuf>,
-        /// The LC's agent channel (`qemu` LCs).
-        #[arg(long)]
-        agent: Option<PathBuf>,
-        #[arg(long)]
-        iface: String,
-        #[arg(long)]
-        mac: patchover_core::MacAddr,
-        #[arg(long)]
-        ip: std::net::Ipv4Addr,
-        #[arg(long, default_value_t = 3)]
-        count: u32,
-        /// Milliseconds after the start, comma-separated.
-        #[arg(long, value_delimiter = ',')]
-        after_ms: Vec<u64>,
-    },
-    /// Recover the run at once if the patchover that armed this guard dies (`PATCHOVER_CONFIG`
-    /// names the config).
-    RunGuard,
-    /// Thaw a cgroup if patchover dies while it is frozen.
-    ThawGuard {
-        #[arg(long)]
-        file: PathBuf,
-        #[arg(long)]
-        value: String,
-    },
-    /// Mount a host directory into a running LC.
-    AttachDisk {
-        #[arg(long)]
-        pid: i32,
-        #[arg(long)]
-        source: PathBuf,
-        #[arg(long)]
-        target: PathBuf,
-        /// The source is an image: loop-mount it here on the host first, then move that mount.
-        #[arg(long)]
-        image_staging: Option<PathBuf>,
-    },
+    /// `<verb> <args…>` of one helper, read by that helper's own type.
+    #[command(external_subcommand)]
+    Call(Vec<OsString>),
+}
+
+/// A helper call, parsed.
+#[derive(Debug, PartialEq, Eq)]
+enum Helper {
+    Lc(LcHelper),
+    GarpRefresh(Refresh),
+    RunGuard(RunGuardHelper),
+}
+
+impl Helper {
+    /// `words` is the verb, then its arguments.
+    fn parse(words: &[OsString]) -> Result<Helper, HelperArgsError> {
+        let (verb, args) = words.split_first().unzip();
+        let verb = verb.map(|v| v.to_string_lossy()).unwrap_or_default();
+        let args = args.unwrap_or_default();
+        match &*verb {
+            Refresh::VERB => Refresh::parse(args).map(Helper::GarpRefresh),
+            RunGuardHelper::VERB => RunGuardHelper::parse(args).map(Helper::RunGuard),
+            v if LcHelper::VERBS.contains(&v) => LcHelper::parse(v, args).map(Helper::Lc),
+            _ => Err(HelperArgsError::UnknownVerb {
+                verb: verb.into_owned(),
+                known: LcHelper::VERBS
+                    .into_iter()
+                    .chain([Refresh::VERB, RunGuardHelper::VERB])
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
 }
 
 pub fn run(cmd: InternalCmd) -> anyhow::Result<ExitCode> {
-    let code = match cmd {
-        InternalCmd::Launch => launch::launch_main(),
-        InternalCmd::Exec {
-            pid,
-            cgroup_procs,
-            argv,
-        } => launch::exec_main(pid, &cgroup_procs, &argv).map_err(anyhow::Error::msg)?,
-        InternalCmd::Netcfg { pid, nics } => {
-            let nics: Vec<launch::NicSetup> = serde_json::from_str(&nics)?;
-            launch::netcfg_main(pid, &nics).map_err(anyhow::Error::msg)?;
+    let InternalCmd::Call(words) = cmd;
+    let code = match Helper::parse(&words)? {
+        Helper::Lc(call) => call.run().map_err(anyhow::Error::msg)?,
+        Helper::GarpRefresh(refresh) => {
+            refresh.run()?;
             0
         }
-        InternalCmd::GarpRefresh {
-            netns,
-            agent,
-            iface,
-            mac,
-            ip,
-            count,
-            after_ms,
-        } => {
-            patchover_net::refresh::Refresh::from_args(
-                netns, agent, iface, mac, ip, count, &after_ms,
-            )?
-            .run()?;
-            0
-        }
-        InternalCmd::RunGuard => {
-            use std::io::{BufRead, Write};
-            let mut out = std::io::stdout();
-            writeln!(out, "armed")?;
-            out.flush()?;
-            let mut line = String::new();
-            let _ = std::io::stdin().lock().read_line(&mut line);
-            if line.trim() == "disarm" {
-                return Ok(ExitCode::SUCCESS);
-            }
-            // The run's process died: its run lock is free now; recover.
-            tracing::info!("the patch run's process ended without disarming its guard; recovering");
-            let config = std::env::var_os("PATCHOVER_CONFIG")
-                .map(std::path::PathBuf::from)
-                .ok_or_else(|| anyhow::anyhow!("PATCHOVER_CONFIG is not set"))?;
-            let ctx = super::Ctx {
-                config_path: config,
-                json: true,
-                quiet: true,
-                direct: true,
-            };
-            super::patch::run_runs(super::patch::RunsCmd::Recover, &ctx)?;
-            0
-        }
-        InternalCmd::ThawGuard { file, value } => launch::thaw_guard_main(&file, &value),
-        InternalCmd::AttachDisk {
-            pid,
-            source,
-            target,
-            image_staging,
-        } => {
-            launch::attach_main(pid, &source, &target, image_staging.as_deref())
-                .map_err(anyhow::Error::msg)?;
-            0
-        }
+        Helper::RunGuard(RunGuardHelper) => return run_guard(),
     };
     Ok(ExitCode::from(
         u8::try_from(code.clamp(0, 255)).unwrap_or(1),
     ))
+}
+
+/// Says `armed`, waits on stdin, and recovers the run at once unless told `disarm` (the run's
+/// process died: its run lock is free now).
+fn run_guard() -> anyhow::Result<ExitCode> {
+    use std::io::{BufRead, Write};
+    let mut out = std::io::stdout();
+    writeln!(out, "armed")?;
+    out.flush()?;
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    if line.trim() == "disarm" {
+        return Ok(ExitCode::SUCCESS);
+    }
+    tracing::info!("the patch run's process ended without disarming its guard; recovering");
+    let config = std::env::var_os("PATCHOVER_CONFIG")
+        .map(std::path::PathBuf::from)
+        .ok_or_else(|| anyhow::anyhow!("PATCHOVER_CONFIG is not set"))?;
+    let ctx = super::Ctx {
+        config_path: config,
+        json: true,
+        quiet: true,
+        direct: true,
+    };
+    super::patch::run_runs(super::patch::RunsCmd::Recover, &ctx)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use clap::Parser;
+    use patchover_core::helper::HelperCall;
+
+    use super::*;
+
+    /// The words after `internal` of a command that a helper type built.
+    fn words(cmd: &std::process::Command) -> Vec<OsString> {
+        let all: Vec<OsString> = cmd.get_args().map(OsString::from).collect();
+        assert_eq!(all[0], "internal");
+        all[1..].to_vec()
+    }
+
+    #[test]
+    fn the_command_line_hands_every_helper_its_words_untouched() {
+        let exe = Path::new("/usr/bin/patchover");
+        let exec = LcHelper::Exec(patchover_lc::helper::Exec {
+            pid: 4,
+            cgroup_procs: vec!["/c/cgroup.procs".into()],
+            argv: vec!["sh".into(), "-c".into(), "x -- --help".into()],
+        });
+        let cmds = [
+            exec.command(exe),
+            LcHelper::Launch.command(exe),
+            RunGuardHelper.command(exe),
+        ];
+        for cmd in &cmds {
+            let argv: Vec<OsString> = std::iter::once(OsString::from("patchover"))
+                .chain(cmd.get_args().map(OsString::from))
+                .collect();
+            let cli = crate::Cli::try_parse_from(&argv).unwrap();
+            let crate::Command::Internal(InternalCmd::Call(got)) = cli.command else {
+                panic!("not internal: {argv:?}");
+            };
+            assert_eq!(got, words(cmd));
+        }
+        let back = Helper::parse(&words(&cmds[0])).unwrap();
+        assert_eq!(back, Helper::Lc(exec));
+        assert_eq!(
+            Helper::parse(&words(&cmds[2])).unwrap(),
+            Helper::RunGuard(RunGuardHelper)
+        );
+    }
+
+    #[test]
+    fn an_unknown_helper_is_refused_naming_the_known_ones() {
+        let e = Helper::parse(&["garp".into()]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "internal: unknown helper \"garp\"; one of: launch, exec, netcfg, attach-disk, \
+             thaw-guard, garp-refresh, run-guard"
+        );
+        assert!(Helper::parse(&[]).is_err());
+    }
 }
