@@ -47,8 +47,8 @@ fn pkg(version: &str, urgency: &str) -> Pkg {
     p
 }
 
-/// nginx answers the cycle's health check (`"host":"HOSTNAME"`) and `/version` from the test
-/// package's file.
+/// nginx answers the cycle's health check (`/health`: any 200 passes, patchover proves which LC
+/// answered; docs/services.md) and `/version` from the test package's file.
 const NGINX_SITE: &str = r#"server {
     listen 80 default_server;
     location = /health { default_type application/json; return 200 '{"host":"$hostname"}'; }
