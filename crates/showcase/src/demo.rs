@@ -592,6 +592,8 @@ pub fn run(a: DemoOptions, json: bool) -> Result<bool, ShowcaseError> {
         "reads": {"total": r.summary.total, "failed": r.summary.failed, "p50_ms": r.summary.latency.p50_ms, "p99_ms": r.summary.latency.p99_ms, "max_ms": r.summary.latency.max_ms},
         "writes_acknowledged": w.acked.len(),
         "writes_failed": w.failed.len(),
+        // What each failed write met (the first ten), to find its cause without a rerun.
+        "write_failures": w.failed.iter().take(10).collect::<Vec<_>>(),
         "writes_lost": lost,
         "pause_ms": run["pause_ms"],
         "freeze_ms": run["freeze_ms"],
@@ -628,6 +630,9 @@ pub fn run(a: DemoOptions, json: bool) -> Result<bool, ShowcaseError> {
             "  writes             {} acknowledged, {lost} lost",
             w.acked.len()
         );
+        for f in w.failed.iter().take(10) {
+            println!("  failed write       {f}");
+        }
         println!(
             "  pause              {} ms (freeze {} ms)",
             run["pause_ms"], run["freeze_ms"]
