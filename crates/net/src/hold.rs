@@ -359,6 +359,17 @@ fn source_mac(m: &nfq::Message) -> Option<MacAddr> {
     Some(MacAddr(a))
 }
 
+/// Whether an error read from the queue is the kernel's answer to a verdict on a packet it no
+/// longer holds (`ENOENT`: it dropped its queued packets through a device that went down, as a
+/// VM's tap or an LC's port does in the switch's window). That packet is gone — its client
+/// sends the SYN again — and the hold goes on; before, the whole switch failed and was rolled
+/// back ("SYN hold: the queue reader thread failed: No such file or directory", once in a
+/// fresh-clone CI's QEMU cycle). A verdict's error comes back as a netlink error message on
+/// the next read, not from the verdict's own send.
+fn verdict_for_a_packet_gone(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOENT)
+}
+
 /// Counters the reader thread fills in.
 struct Counts {
     held: Arc<AtomicUsize>,
@@ -526,6 +537,10 @@ fn reader(
                 continue;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if verdict_for_a_packet_gone(&e) => {
+                tracing::debug!("a held SYN was let go by the kernel before its verdict");
+                continue;
+            }
             Err(e) => return Err(e),
         }
         if st == FINISH {
@@ -544,6 +559,18 @@ fn reader(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_verdict_on_a_packet_gone_is_passed_over() {
+        assert!(verdict_for_a_packet_gone(
+            &std::io::Error::from_raw_os_error(libc::ENOENT)
+        ));
+        for errno in [libc::ENOBUFS, libc::EPERM, libc::ENODEV, libc::EINVAL] {
+            assert!(!verdict_for_a_packet_gone(
+                &std::io::Error::from_raw_os_error(errno)
+            ));
+        }
+    }
 
     /// An IPv4 TCP SYN's first bytes: `ihl` words of IP header, then ports and sequence.
     fn syn(ihl: u8, src: [u8; 4], sport: u16, seq: u32) -> Vec<u8> {
