@@ -634,12 +634,21 @@ fn check_conffiles(
     shipped: &BTreeMap<String, String>,
     unpacked: &Path,
 ) -> Result<(), FromAptError> {
+    // The paths come from the LC's dpkg status: they are opened inside the unpacked package
+    // only (a `..` or a path to a device cannot reach the host's files), and read bounded.
+    let pkg = LcRoot::open(unpacked).map_err(|e| FromAptError::Io {
+        what: format!("opening the unpacked {package}"),
+        source: std::io::Error::new(e.kind(), e.to_string()),
+    })?;
     let mut new = BTreeMap::new();
     for (path, old_md5) in shipped {
         if old_md5 == "newconffile" {
             continue;
         }
-        if let Ok(bytes) = fs::read(unpacked.join(path.trim_start_matches('/'))) {
+        if let Ok(bytes) = pkg.read_file(
+            Path::new(path.trim_start_matches('/')),
+            crate::reader::MAX_CONFFILE_BYTES,
+        ) {
             new.insert(path.as_str(), md5_hex(&bytes));
         }
     }
