@@ -360,8 +360,53 @@ impl Host for LinuxHost {
                     stderr: out.stderr,
                 })
             }
+            crate::Stdio::CaptureFor(limit) => output_within(&mut cmd, limit),
         }
     }
+}
+
+/// Runs `cmd` with its output captured; kills it once it has run `limit` (the exec helper's
+/// command dies with it: parent-death signal).
+fn output_within(cmd: &mut Command, limit: Duration) -> io::Result<crate::ExecOutput> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    type Pipe = Box<dyn io::Read + Send>;
+    let drain = |r: Option<Pipe>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = io::Read::read_to_end(&mut r, &mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(child.stdout.take().map(|r| Box::new(r) as Pipe));
+    let err = drain(child.stderr.take().map(|r| Box::new(r) as Pipe));
+    let start = std::time::Instant::now();
+    let (status, killed) = loop {
+        if let Some(st) = child.try_wait()? {
+            break (st.code(), false);
+        }
+        if start.elapsed() >= limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break (None, true);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let stdout = out.join().unwrap_or_default();
+    let mut stderr = err.join().unwrap_or_default();
+    if killed {
+        stderr.extend_from_slice(crate::killed_after(limit).as_bytes());
+    }
+    Ok(crate::ExecOutput {
+        status,
+        stdout,
+        stderr,
+    })
 }
 
 fn read_reply(r: &mut BufReader<ChildStdout>) -> io::Result<String> {
@@ -422,5 +467,43 @@ impl Drop for RealLaunch {
         // Dropped without release: the launcher sees EOF on stdin and kills the waiting init.
         drop(self.stdin.take());
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod output_tests {
+    use super::*;
+
+    #[test]
+    fn a_program_that_outlives_its_limit_is_killed_and_says_so() {
+        let start = std::time::Instant::now();
+        let out = output_within(
+            Command::new("sh").args(["-c", "echo started; exec sleep 30"]),
+            Duration::from_millis(300),
+        )
+        .unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(out.status, None);
+        assert_eq!(out.stdout, b"started\n");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("killed after 300ms"), "{err}");
+    }
+
+    #[test]
+    fn a_program_within_its_limit_keeps_its_status_and_output() {
+        let out = output_within(
+            Command::new("sh").args(["-c", "echo out; echo err >&2; exit 3"]),
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        assert_eq!(out.status, Some(3));
+        assert_eq!(
+            (&out.stdout[..], &out.stderr[..]),
+            (&b"out\n"[..], &b"err\n"[..])
+        );
     }
 }

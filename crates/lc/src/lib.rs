@@ -97,6 +97,14 @@ pub struct ExecOutput {
 pub enum Stdio {
     Inherit,
     Capture,
+    /// Captured, and the program killed once it has run this long (its status is then `None`
+    /// and its standard error says so): a check that must not hang.
+    CaptureFor(std::time::Duration),
+}
+
+/// What a program killed at its time limit leaves at the end of its standard error.
+pub fn killed_after(limit: std::time::Duration) -> String {
+    format!("\n[patchover] the program was killed after {limit:?}\n")
 }
 
 #[derive(Debug, thiserror::Error)]

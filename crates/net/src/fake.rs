@@ -528,6 +528,23 @@ impl InLc for FakeLc {
         })
     }
 
+    fn connect(&self, addr: SocketAddr, _timeout: Duration) -> Result<(), InLcError> {
+        let m = self.call(&format!("connect {addr}"), true)?;
+        let ep = m.ep(&self.name);
+        match ep {
+            Some(ep)
+                if std::net::IpAddr::V4(ep.address.addr) == addr.ip()
+                    && !m.down.contains(&ep.name) =>
+            {
+                Ok(())
+            }
+            _ => Err(InLcError::Connect {
+                addr,
+                source: std::io::ErrorKind::ConnectionRefused.into(),
+            }),
+        }
+    }
+
     fn busy_tcp_connections(&self, _port: u16) -> Result<usize, InLcError> {
         let m = self.call("busy", false)?;
         Ok(m.busy.get(&self.name).copied().unwrap_or(0))
@@ -564,5 +581,26 @@ impl ServiceControl for FakeControl {
     }
     fn unpark(&mut self, ep: &Endpoint) -> Result<(), BoxError> {
         self.call(format!("unpark {}", ep.name))
+    }
+    /// Logs `run <lc>: <argv>`; the program exits 0, or 1 saying "not ready" on an LC whose
+    /// service is down.
+    fn run_in(
+        &self,
+        ep: &Endpoint,
+        argv: &[String],
+        _timeout: Duration,
+    ) -> Result<crate::lc::GuestOutput, BoxError> {
+        let mut m = self.net.m();
+        m.call(format!("run {}: {}", ep.name, argv.join(" ")), true)?;
+        let down = m.down.contains(&ep.name);
+        Ok(crate::lc::GuestOutput {
+            status: Some(i32::from(down)),
+            stderr: if down {
+                "not ready".into()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        })
     }
 }

@@ -1,20 +1,23 @@
 //! The service check: is the right service answering at an address?
 //!
 //! A switch is only done when the service answers on the service address *from the standby*.
-//! The check is a plain HTTP/1.1 GET (e.g. `/version`) that must answer the expected status,
-//! with an expected string in the body when one is set. Which LC answered is not read from the
-//! body: a check made inside an LC to one of that LC's own addresses ([`own_address`]) can only
-//! be accepted by that LC, so a reply from the old LC or from a stranger does not count.
+//! What a check asks is its [`Probe`]: a plain HTTP/1.1 GET (e.g. `/version`) that must answer
+//! the expected status, with an expected string in the body when one is set; a TCP connect to
+//! the port; or a program run inside the LC by its backend ([`RunInLc`]). Which LC answered is
+//! not read from the answer: a check made inside an LC to one of that LC's own addresses
+//! ([`own_address`]) can only be accepted by that LC, so a reply from the old LC or from a
+//! stranger does not count; a program run inside the LC is in it by construction.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::lc::{HttpAnswer, InLc, InLcError};
+use crate::lc::{GuestOutput, HttpAnswer, InLc, InLcError};
 use crate::netns::{NetnsError, NsWorker, in_netns};
+use crate::switch::BoxError;
 
 /// The check failed.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,40 @@ pub enum HealthError {
     },
     #[error("service check: {0}")]
     Mismatch(Box<Mismatch>),
+    #[error("service check: TCP connect to {addr} failed")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `command` check's program ran and did not pass; `answer` is the end of its output.
+    #[error(
+        "service check: `{command}` in {lc} {how}; its last words: {answer:?}",
+        command = argv.join(" "),
+        how = match (status, timed_out) {
+            (_, true) => "timed out".to_string(),
+            (Some(c), _) => format!("exited with {c}"),
+            (None, _) => "was killed".to_string(),
+        }
+    )]
+    Command {
+        lc: String,
+        argv: Vec<String>,
+        status: Option<i32>,
+        timed_out: bool,
+        answer: String,
+    },
+    #[error("service check: cannot run `{command}` in {lc}", command = argv.join(" "))]
+    Run {
+        lc: String,
+        argv: Vec<String>,
+        #[source]
+        source: BoxError,
+    },
+    #[error(
+        "service check: a command check runs its program in {lc} through the LC's backend, and this check was made without it"
+    )]
+    NoRunner { lc: String },
     #[error("service check")]
     InLc(#[from] InLcError),
     /// The address checked is not the LC's own, so another machine would accept the check.
@@ -66,9 +103,26 @@ impl std::fmt::Display for Mismatch {
     }
 }
 
+/// What a check asks (`[service] health`'s `kind`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Probe {
+    /// `GET path`, judged by `status` and `expect`.
+    #[default]
+    Http,
+    /// A TCP connect to the port; passes when it is accepted.
+    Tcp,
+    /// A program run inside the LC by its backend ([`RunInLc`]); passes on exit 0. A check
+    /// made from outside any LC (through the service address) connects to the port instead.
+    Command { argv: Vec<String> },
+}
+
 /// What to ask and what the answer must contain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheck {
+    /// What the check asks; `path`, `expect` and `status` are an HTTP check's.
+    #[serde(default)]
+    pub probe: Probe,
     pub port: u16,
     /// e.g. `/version`.
     pub path: String,
@@ -86,6 +140,7 @@ pub struct HealthCheck {
 impl HealthCheck {
     pub fn new(port: u16, path: &str, expect: &str) -> HealthCheck {
         HealthCheck {
+            probe: Probe::Http,
             port,
             path: path.to_string(),
             expect: expect.to_string(),
@@ -112,6 +167,36 @@ fn ok_status() -> u16 {
     200
 }
 
+/// Runs a program inside one LC by its backend, for `command` checks: in an `ns` LC's
+/// namespaces and cgroups, in a VM's guest through its agent.
+pub trait RunInLc {
+    /// Runs `argv`, killed after `timeout`.
+    fn run(&self, argv: &[String], timeout: Duration) -> Result<GuestOutput, BoxError>;
+}
+
+/// Where a check is made from: inside an LC, by its way in ([`InLc`]) and, for `command`
+/// checks, by its backend ([`RunInLc`]).
+#[derive(Clone, Copy)]
+pub struct Inside<'a> {
+    pub lc: &'a dyn InLc,
+    pub run: Option<&'a dyn RunInLc>,
+}
+
+impl<'a> Inside<'a> {
+    /// Inside `lc`; a `command` check fails with [`HealthError::NoRunner`].
+    pub fn of(lc: &'a dyn InLc) -> Inside<'a> {
+        Inside { lc, run: None }
+    }
+
+    /// The same, running `command` checks' programs by `run`.
+    pub fn running(self, run: &'a dyn RunInLc) -> Inside<'a> {
+        Inside {
+            run: Some(run),
+            ..self
+        }
+    }
+}
+
 /// Proves that a check made inside `lc` to `addr` is accepted by `lc` itself: `addr` is one of
 /// the addresses on `lc`'s `iface`, and a connection to a local address never leaves the LC's
 /// network stack (its namespace, or its guest's kernel). This, and not text the service
@@ -129,17 +214,17 @@ pub fn own_address(lc: &dyn InLc, iface: &str, addr: Ipv4Addr) -> Result<(), Hea
     })
 }
 
-/// [`check_in`] to one of `lc`'s own addresses, proven so before and after the check
-/// ([`own_address`]): passes only when `lc` itself answered.
+/// [`check_in`] to one of the LC's own addresses, proven so before and after the check
+/// ([`own_address`]): passes only when the LC itself answered.
 pub fn check_own(
-    lc: &dyn InLc,
+    at: Inside<'_>,
     iface: &str,
     addr: Ipv4Addr,
     hc: &HealthCheck,
 ) -> Result<(), HealthError> {
-    own_address(lc, iface, addr)?;
-    check_in(lc, addr, hc)?;
-    own_address(lc, iface, addr)
+    own_address(at.lc, iface, addr)?;
+    check_in(at, addr, hc)?;
+    own_address(at.lc, iface, addr)
 }
 
 /// Runs the check once from `netns` against `addr`.
@@ -149,59 +234,99 @@ pub fn check_once(
     hc: &HealthCheck,
 ) -> Result<(), HealthError> {
     let sa = SocketAddr::from((addr, hc.port));
-    in_netns(netns, || get(sa, hc))?
+    in_netns(netns, || attempt_here(sa, hc))?
+}
+
+/// Runs `attempt` until it passes or `patience` is over; `attempt` is given the time left
+/// (at least a second). The last failure is the check's answer.
+fn retry(
+    patience: Duration,
+    mut attempt: impl FnMut(Duration) -> Result<(), HealthError>,
+) -> Result<(), HealthError> {
+    let start = Instant::now();
+    loop {
+        let left = patience
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_secs(1));
+        match attempt(left) {
+            Ok(()) => return Ok(()),
+            Err(e) if start.elapsed() >= patience => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "service check: retrying");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
 }
 
 /// Runs the check from `netns` until it passes or `hc.patience` is over.
 pub fn check(netns: Option<&Path>, addr: Ipv4Addr, hc: &HealthCheck) -> Result<(), HealthError> {
-    let start = Instant::now();
-    let netns: Option<PathBuf> = netns.map(Path::to_path_buf);
-    loop {
-        match check_once(netns.as_deref(), addr, hc) {
-            Ok(()) => return Ok(()),
-            Err(e) if start.elapsed() >= hc.patience => return Err(e),
-            Err(e) => {
-                tracing::debug!(error = %e, "service check: retrying");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-    }
+    retry(hc.patience, |_| check_once(netns, addr, hc))
 }
 
 /// Runs the check on `worker`'s namespace until it passes or `hc.patience` is over.
 pub fn check_on(worker: &NsWorker, addr: Ipv4Addr, hc: &HealthCheck) -> Result<(), HealthError> {
-    let start = Instant::now();
     let sa = SocketAddr::from((addr, hc.port));
-    loop {
+    retry(hc.patience, |_| {
         let h = hc.clone();
-        match worker.run(move || get(sa, &h))? {
-            Ok(()) => return Ok(()),
-            Err(e) if start.elapsed() >= hc.patience => return Err(e),
-            Err(e) => {
-                tracing::debug!(error = %e, "service check: retrying");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-    }
+        worker.run(move || attempt_here(sa, &h))?
+    })
 }
 
 /// Runs the check from inside an LC (its namespace or its guest) until it passes or
 /// `hc.patience` is over.
-pub fn check_in(lc: &dyn InLc, addr: Ipv4Addr, hc: &HealthCheck) -> Result<(), HealthError> {
-    let start = Instant::now();
+pub fn check_in(at: Inside<'_>, addr: Ipv4Addr, hc: &HealthCheck) -> Result<(), HealthError> {
     let sa = SocketAddr::from((addr, hc.port));
-    loop {
-        let res = lc
+    retry(hc.patience, |left| match &hc.probe {
+        Probe::Http => at
+            .lc
             .http_get(sa, &hc.path, hc.timeout)
             .map_err(HealthError::from)
-            .and_then(|a| judge(sa, hc, a));
-        match res {
-            Ok(()) => return Ok(()),
-            Err(e) if start.elapsed() >= hc.patience => return Err(e),
-            Err(e) => {
-                tracing::debug!(error = %e, "service check: retrying");
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            .and_then(|a| judge(sa, hc, a)),
+        Probe::Tcp => Ok(at.lc.connect(sa, hc.timeout)?),
+        Probe::Command { argv } => run_in(at, argv, left),
+    })
+}
+
+/// One run of a `command` check's program inside the LC, bounded by `timeout`.
+fn run_in(at: Inside<'_>, argv: &[String], timeout: Duration) -> Result<(), HealthError> {
+    let lc = at.lc.describe();
+    let Some(run) = at.run else {
+        return Err(HealthError::NoRunner { lc });
+    };
+    let out = run.run(argv, timeout).map_err(|source| HealthError::Run {
+        lc: lc.clone(),
+        argv: argv.to_vec(),
+        source,
+    })?;
+    if out.status == Some(0) && !out.timed_out {
+        return Ok(());
+    }
+    Err(HealthError::Command {
+        lc,
+        argv: argv.to_vec(),
+        status: out.status,
+        timed_out: out.timed_out,
+        answer: last_words(&out),
+    })
+}
+
+/// The end of a program's output (standard output, then standard error), at most 200
+/// characters: a failed check's last answer.
+fn last_words(out: &GuestOutput) -> String {
+    let all = format!("{}\n{}", out.stdout.trim(), out.stderr.trim());
+    let all = all.trim();
+    let n = all.chars().count();
+    all.chars().skip(n.saturating_sub(200)).collect()
+}
+
+/// One attempt of `hc` from the calling thread's namespace. A `command` check cannot run its
+/// program from here (outside any LC): it connects to the port.
+fn attempt_here(sa: SocketAddr, hc: &HealthCheck) -> Result<(), HealthError> {
+    match hc.probe {
+        Probe::Http => get(sa, hc),
+        Probe::Tcp | Probe::Command { .. } => {
+            connect_here(sa, hc.timeout).map_err(|source| HealthError::Connect { addr: sa, source })
         }
     }
 }
@@ -213,6 +338,11 @@ fn get(sa: SocketAddr, hc: &HealthCheck) -> Result<(), HealthError> {
         source,
     })?;
     judge(sa, hc, answer)
+}
+
+/// One TCP connect to `sa` from the calling thread's namespace, closed at once.
+pub(crate) fn connect_here(sa: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    TcpStream::connect_timeout(&sa, timeout).map(drop)
 }
 
 /// Whether `answer` passes `hc`: the expected status and the expected text in the body.

@@ -26,7 +26,7 @@ pub mod rtnl;
 pub mod switch;
 
 pub use garp::GarpConfig;
-pub use health::HealthCheck;
+pub use health::{HealthCheck, Probe};
 pub use lc::{InLc, InLcError, LcAccess};
 pub use live::LiveNetwork;
 pub use network::{Network, NftChange, ServiceAddress};

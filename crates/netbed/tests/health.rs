@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use patchover_load::server::RefServer;
-use patchover_net::health::{self, HealthError};
-use patchover_net::{HealthCheck, InLc, LcAccess, Mode};
+use patchover_net::health::{self, HealthError, Inside};
+use patchover_net::{HealthCheck, InLc, LcAccess, Mode, Probe};
 use patchover_netbed::testbed::{PORT, Testbed};
 
 fn serve(netns: &Path) -> RefServer {
@@ -59,14 +59,15 @@ fn a_plain_http_server_passes_because_patchover_proves_which_lc_answered() {
     let g = guest_b(&tb);
     for (way, lc) in ways_in(&tb, &g) {
         let b = tb.b.address.addr;
-        health::check_own(&*lc, &tb.b.iface, b, &check("/health"))
+        health::check_own(Inside::of(&*lc), &tb.b.iface, b, &check("/health"))
             .unwrap_or_else(|e| panic!("{way}: {e:?}"));
         // The status and the body text, when configured, are the service's part.
         let hc = HealthCheck {
             expect: "hello".into(),
             ..check("/")
         };
-        health::check_own(&*lc, &tb.b.iface, b, &hc).unwrap_or_else(|e| panic!("{way}: {e:?}"));
+        health::check_own(Inside::of(&*lc), &tb.b.iface, b, &hc)
+            .unwrap_or_else(|e| panic!("{way}: {e:?}"));
     }
 }
 
@@ -80,9 +81,9 @@ fn another_lc_answering_is_caught_although_it_answers_well() {
         // From inside b, LC a's address answers 200 with the same body b would give: text
         // could not tell them apart.
         let a = tb.a.address.addr;
-        health::check_in(&*lc, a, &check("/health"))
+        health::check_in(Inside::of(&*lc), a, &check("/health"))
             .unwrap_or_else(|e| panic!("{way}: a answers: {e:?}"));
-        let e = health::check_own(&*lc, &tb.b.iface, a, &check("/health")).unwrap_err();
+        let e = health::check_own(Inside::of(&*lc), &tb.b.iface, a, &check("/health")).unwrap_err();
         assert!(
             matches!(&e, HealthError::NotOwnAddress { addr, .. } if *addr == a),
             "{way}: {e:?}"
@@ -104,7 +105,7 @@ fn a_check_that_never_passes_fails_with_its_last_answer() {
         status: 204,
         ..check("/health")
     };
-    let e = health::check_own(&*lc, &tb.b.iface, b, &hc).unwrap_err();
+    let e = health::check_own(Inside::of(&*lc), &tb.b.iface, b, &hc).unwrap_err();
     let text = e.to_string();
     assert!(matches!(e, HealthError::Mismatch(_)), "{e:?}");
     assert!(
@@ -113,10 +114,41 @@ fn a_check_that_never_passes_fails_with_its_last_answer() {
     );
     // Nobody listening: the last answer is why none came.
     drop(_b);
-    let e = health::check_own(&*lc, &tb.b.iface, b, &check("/health")).unwrap_err();
+    let e = health::check_own(Inside::of(&*lc), &tb.b.iface, b, &check("/health")).unwrap_err();
     assert!(
         format!("{:?}", e).contains("refused")
             || patchover_core::error_chain(&e).contains("refused"),
         "{e:?}"
     );
+}
+
+/// `kind = "tcp"`: a connect from inside the LC (its namespace, and busybox `nc` through an
+/// agent) to its own address; refused while nothing listens, caught when the address is
+/// another LC's although that one accepts.
+#[test]
+fn a_tcp_check_connects_inside_the_lc_to_its_own_address() {
+    let tb = Testbed::new(Mode::Readdress).unwrap();
+    let g = guest_b(&tb);
+    let tcp = HealthCheck {
+        probe: Probe::Tcp,
+        ..check("")
+    };
+    let (a, b) = (tb.a.address.addr, tb.b.address.addr);
+    for (way, lc) in ways_in(&tb, &g) {
+        let e = health::check_own(Inside::of(&*lc), &tb.b.iface, b, &tcp).unwrap_err();
+        let chain = patchover_core::error_chain(&e);
+        assert!(chain.contains("refused"), "{way}: {chain}");
+    }
+    let _a = serve(tb.a.netns().unwrap());
+    let _b = serve(tb.b.netns().unwrap());
+    for (way, lc) in ways_in(&tb, &g) {
+        health::check_own(Inside::of(&*lc), &tb.b.iface, b, &tcp)
+            .unwrap_or_else(|e| panic!("{way}: {e:?}"));
+        health::check_in(Inside::of(&*lc), a, &tcp).unwrap_or_else(|e| panic!("{way}: {e:?}"));
+        let e = health::check_own(Inside::of(&*lc), &tb.b.iface, a, &tcp).unwrap_err();
+        assert!(
+            matches!(&e, HealthError::NotOwnAddress { addr, .. } if *addr == a),
+            "{way}: {e:?}"
+        );
+    }
 }

@@ -334,11 +334,11 @@ fn agent_ops_match_the_namespace() {
     assert_eq!(got.status(), Some(200), "{got:?}");
     assert!(got.body.contains("lc-b"));
     let hc = patchover_net::HealthCheck::new(PORT, "/version", "lc-b");
-    health::check_in(&*ag_a, tb.b.address.addr, &hc).unwrap();
+    health::check_in(health::Inside::of(&*ag_a), tb.b.address.addr, &hc).unwrap();
     let mut wrong = hc.expecting("lc-a");
     wrong.patience = Duration::from_millis(100);
     assert!(matches!(
-        health::check_in(&*ag_a, tb.b.address.addr, &wrong),
+        health::check_in(health::Inside::of(&*ag_a), tb.b.address.addr, &wrong),
         Err(health::HealthError::Mismatch(_))
     ));
     let closed = SocketAddr::from((tb.b.address.addr, 9));

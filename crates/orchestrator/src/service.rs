@@ -11,28 +11,56 @@ pub use patchover_core::ServiceSettings;
 pub fn health(
     settings: &ServiceSettings,
 ) -> Result<patchover_net::HealthCheck, crate::OrchestratorError> {
-    match &settings.health {
-        Some(patchover_core::HealthProbe::Http {
-            path,
-            status,
-            body,
-            patience,
-        }) => Ok(patchover_net::HealthCheck {
-            status: *status,
-            patience: *patience,
-            ..patchover_net::HealthCheck::new(
-                settings.port,
-                path,
-                body.as_deref().unwrap_or_default(),
-            )
-        }),
-        None => Err(crate::OrchestratorError::BadInput(
+    use patchover_core::HealthProbe;
+    use patchover_net::Probe;
+    let Some(configured) = &settings.health else {
+        return Err(crate::OrchestratorError::BadInput(
             "the config says no way to check the service; set [service] health, e.g. health = { kind = \"http\", path = \"/\" } (docs/services.md)".into(),
-        )),
+        ));
+    };
+    let (probe, path, status, body) = match configured {
+        HealthProbe::Http {
+            path, status, body, ..
+        } => (Probe::Http, &path[..], *status, body.as_deref()),
+        HealthProbe::Tcp { .. } => (Probe::Tcp, "", 200, None),
+        HealthProbe::Command { argv, .. } => (Probe::Command { argv: argv.clone() }, "", 200, None),
+    };
+    Ok(patchover_net::HealthCheck {
+        probe,
+        status,
+        patience: configured.patience(),
+        ..patchover_net::HealthCheck::new(settings.port, path, body.unwrap_or_default())
+    })
+}
+
+/// Runs a `command` check's program in one LC by its backend ([`patchover_lc::LcBackend::exec`]:
+/// an `ns` LC's namespaces and cgroups, a VM through its agent), killed at the check's time.
+pub struct RunByBackend<'a> {
+    pub backend: &'a dyn patchover_lc::LcBackend,
+    pub spec: &'a patchover_core::LcSpec,
+}
+
+impl patchover_net::health::RunInLc for RunByBackend<'_> {
+    fn run(
+        &self,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<patchover_net::lc::GuestOutput, patchover_net::BoxError> {
+        let start = Instant::now();
+        let out = self
+            .backend
+            .exec(self.spec, argv, patchover_lc::Stdio::CaptureFor(timeout))?;
+        Ok(patchover_net::lc::GuestOutput {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            timed_out: out.status.is_none() && start.elapsed() >= timeout,
+        })
     }
 }
 
-/// The hooks a run in `mode` may run: all but the hand-off's outside `seamless`.
+/// The hooks a run in `mode` may run (all but the hand-off's outside `seamless`), and a
+/// `command` health check's program.
 fn hooks_of(
     settings: &ServiceSettings,
     mode: patchover_net::Mode,
@@ -42,6 +70,10 @@ fn hooks_of(
         ("drain", &settings.drain[..]),
         ("resume", &settings.resume[..]),
     ];
+    // A command check's program is run in the LC too.
+    if let Some(patchover_core::HealthProbe::Command { argv, .. }) = &settings.health {
+        hooks.push(("health", &argv[..]));
+    }
     if mode == patchover_net::Mode::Seamless {
         hooks.extend([
             ("park", &settings.park[..]),
@@ -149,6 +181,17 @@ pub struct LcServiceControl<'a> {
 }
 
 impl LcServiceControl<'_> {
+    fn spec(
+        &self,
+        ep: &patchover_net::Endpoint,
+    ) -> Result<&patchover_core::LcSpec, patchover_net::BoxError> {
+        Ok(self
+            .lcs
+            .iter()
+            .find(|l| l.id.as_str() == ep.name)
+            .ok_or_else(|| format!("no LC {}", ep.name))?)
+    }
+
     fn run(
         &self,
         ep: &patchover_net::Endpoint,
@@ -157,11 +200,7 @@ impl LcServiceControl<'_> {
         if argv.is_empty() {
             return Ok(());
         }
-        let spec = self
-            .lcs
-            .iter()
-            .find(|l| l.id.as_str() == ep.name)
-            .ok_or_else(|| format!("no LC {}", ep.name))?;
+        let spec = self.spec(ep)?;
         let out = self
             .backend
             .exec(spec, argv, patchover_lc::Stdio::Capture)?;
@@ -203,6 +242,19 @@ impl patchover_net::ServiceControl for LcServiceControl<'_> {
     }
     fn unpark(&mut self, ep: &patchover_net::Endpoint) -> Result<(), patchover_net::BoxError> {
         self.hand_off(ep, "unpark", &self.settings.unpark)
+    }
+    fn run_in(
+        &self,
+        ep: &patchover_net::Endpoint,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<patchover_net::lc::GuestOutput, patchover_net::BoxError> {
+        use patchover_net::health::RunInLc;
+        let run = RunByBackend {
+            backend: self.backend,
+            spec: self.spec(ep)?,
+        };
+        run.run(argv, timeout)
     }
 }
 
@@ -270,6 +322,61 @@ mod tests {
         assert!(
             e.to_string()
                 .contains("[service] restart: /etc/init.d/S50demo is not in LC lc1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_command_checks_program_is_asked_for_like_a_hooks_and_becomes_the_probe() {
+        use crate::step::fake::Bed;
+        let bed = Bed::new();
+        let mut s = bed.settings.service.clone();
+        s.health = Some(HealthProbe::Command {
+            argv: vec!["pg_isready".into(), "-q".into()],
+            patience: Duration::from_secs(7),
+        });
+        hooks_present(
+            &bed.backend,
+            &bed.run.active,
+            &s,
+            patchover_net::Mode::Readdress,
+        )
+        .unwrap();
+        let asked = bed.backend.calls();
+        assert!(
+            asked.contains(&"exec lc1 /bin/sh -c command -v \"$1\" sh pg_isready".to_string()),
+            "{asked:?}"
+        );
+        let hc = health(&s).unwrap();
+        assert_eq!(
+            hc.probe,
+            patchover_net::Probe::Command {
+                argv: vec!["pg_isready".into(), "-q".into()]
+            }
+        );
+        assert_eq!((hc.port, hc.patience), (s.port, Duration::from_secs(7)));
+        s.health = Some(HealthProbe::Tcp {
+            patience: Duration::from_secs(3),
+        });
+        assert_eq!(health(&s).unwrap().probe, patchover_net::Probe::Tcp);
+        bed.backend.exec_status(127, b"");
+        s.health = Some(HealthProbe::Command {
+            argv: vec!["pg_isready".into()],
+            patience: Duration::from_secs(7),
+        });
+        s.restart.clear();
+        s.drain.clear();
+        s.resume.clear();
+        let e = hooks_present(
+            &bed.backend,
+            &bed.run.active,
+            &s,
+            patchover_net::Mode::Readdress,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("[service] health: pg_isready is not in LC lc1"),
             "{e}"
         );
     }

@@ -304,6 +304,69 @@ fn a_standby_check_that_never_passes_fails_the_run_with_its_last_answer() {
     assert_eq!(c.t.po_json(&["lc", "status", &b])["state"], "stopped");
 }
 
+/// Issue 20: a `command` check runs its program inside the standby (by the ns backend, in the
+/// LC's namespaces: `127.0.0.1` is the standby's own loopback) and a `tcp` check connects to
+/// the service port from inside it; both carry a cycle through.
+#[test]
+fn services_checked_by_a_command_in_the_lc_or_a_tcp_connect_are_patched() {
+    for health in [
+        r#"{ kind = "command", command = ["/bin/sh", "-c", "wget -q -O - http://127.0.0.1/version | grep -q '^1\\.0\\.'"] }"#,
+        r#"{ kind = "tcp" }"#,
+    ] {
+        let c = Cycle::new(2, &format!("\n[service]\nhealth = {health}\n"));
+        c.upgrade_bundle();
+        let a = c.t.lcs[0].id.clone();
+        c.start_service();
+        let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+        let svc = c.t.service();
+        let report = c.t.po_json(&["patch", &a]);
+        assert_eq!(report["outcome"], "ok", "{health}: {report:#}");
+        assert_eq!(version(&client, &svc), "1.0.1", "{health}");
+    }
+}
+
+/// Issue 20: a `command` check that never passes on the standby fails the run with its last
+/// answer (the end of the program's output, its exit status); the service stays. A check
+/// program that is not in the LC is refused before anything changes.
+#[test]
+fn a_command_check_that_never_passes_or_is_missing_is_reported_and_changes_nothing() {
+    let c = Cycle::new(
+        2,
+        "\n[service]\nhealth = { kind = \"command\", command = [\"/bin/sh\", \"-c\", \"echo not accepting connections; exit 2\"], patience_secs = 1 }\n",
+    );
+    c.upgrade_bundle();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    c.start_service();
+    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    let out = c.t.po(&["--json", "patch", &a]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("exited with 2") && error.contains("not accepting connections"),
+        "{report:#}"
+    );
+    assert_eq!(version(&client, &svc), "1.0.0");
+    assert_eq!(c.t.po_json(&["lc", "status", &b])["state"], "stopped");
+
+    let missing = Cycle::new(
+        2,
+        "\n[service]\nhealth = { kind = \"command\", command = [\"pg_isready\", \"-q\"] }\n",
+    );
+    missing.upgrade_bundle();
+    let (a, b) = (missing.t.lcs[0].id.clone(), missing.t.lcs[1].id.clone());
+    missing.start_service();
+    let out = missing.t.po(&["patch", &a]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("[service] health: pg_isready is not in LC {a}")),
+        "{stderr}"
+    );
+    assert_eq!(missing.t.po_json(&["lc", "status", &b])["state"], "stopped");
+}
+
 /// Issue 20: a hook whose program is not in the LC is refused before anything changes (not
 /// found in the switch window).
 #[test]

@@ -743,11 +743,15 @@ impl<H: Host> LcBackend for QemuBackend<H> {
                 message: "nothing to run: give a command after --".to_owned(),
             });
         }
+        let limit = match stdio {
+            Stdio::CaptureFor(limit) => limit,
+            Stdio::Inherit | Stdio::Capture => Duration::from_secs(600),
+        };
         let r = self.agent_call(
             &spec.id,
             &Request::Exec {
                 argv: argv.to_vec(),
-                timeout_ms: 600_000,
+                timeout_ms: limit.as_millis().max(1) as u64,
             },
             Duration::from_secs(10),
         )?;
@@ -767,7 +771,7 @@ impl<H: Host> LcBackend for QemuBackend<H> {
         };
         let mut stderr = stderr;
         if timed_out {
-            stderr.push_str("\n[patchover] the program was killed after 10 minutes\n");
+            stderr.push_str(&patchover_lc::killed_after(limit));
         }
         if stdio == Stdio::Inherit {
             let _ = std::io::stdout().write_all(stdout.as_bytes());

@@ -51,7 +51,8 @@ pub struct ServiceSettings {
     pub unpark: Vec<String>,
 }
 
-/// How patchover checks that the service answers on an LC.
+/// How patchover checks that the service answers on an LC. Every kind is made from inside the
+/// LC (see the module's doc), so which LC answered is known without asking the service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HealthProbe {
     /// `kind = "http"`: a plain HTTP/1.1 GET of `path` on the service's port, made from inside
@@ -63,13 +64,24 @@ pub enum HealthProbe {
         /// How long a check may keep failing before it fails for good.
         patience: Duration,
     },
+    /// `kind = "tcp"`: a TCP connect to the service's port, made from inside the LC to its own
+    /// address; passes when the connection is accepted.
+    Tcp { patience: Duration },
+    /// `kind = "command"`: `argv` run inside the LC by its backend (an `ns` LC's namespaces and
+    /// cgroups, a VM through its agent); passes on exit 0 (e.g. `pg_isready`).
+    Command {
+        argv: Vec<String>,
+        patience: Duration,
+    },
 }
 
 impl HealthProbe {
     /// How long the check keeps trying.
     pub fn patience(&self) -> Duration {
         match self {
-            HealthProbe::Http { patience, .. } => *patience,
+            HealthProbe::Http { patience, .. }
+            | HealthProbe::Tcp { patience }
+            | HealthProbe::Command { patience, .. } => *patience,
         }
     }
 }
@@ -112,6 +124,7 @@ struct RawHealth {
     path: Option<Spanned<String>>,
     status: Option<Spanned<u16>>,
     body: Option<Spanned<String>>,
+    command: Option<Spanned<Vec<String>>>,
     patience_secs: Option<Spanned<u64>>,
 }
 
@@ -166,19 +179,78 @@ impl Validator<'_> {
 
     fn health(&self, raw: Spanned<RawHealth>) -> Result<HealthProbe, ConfigError> {
         let h = raw.get_ref();
-        if h.kind.get_ref() != "http" {
-            return Err(self.err(
-                &h.kind,
-                "service.health.kind",
-                format!(
-                    "{:?} is not a kind of check this patchover runs; write kind = \"http\"",
-                    h.kind.get_ref()
-                ),
-            ));
+        let patience = self.patience(h)?;
+        let kind = h.kind.get_ref().as_str();
+        // The keys each kind reads; any other key set is a mistake, refused at its line.
+        let reads: &[&str] = match kind {
+            "http" => &["path", "status", "body"],
+            "tcp" => &[],
+            "command" => &["command"],
+            _ => {
+                return Err(self.err(
+                    &h.kind,
+                    "service.health.kind",
+                    format!(
+                        "{kind:?} is not a kind of check this patchover runs; write kind = \"http\", \"tcp\" or \"command\""
+                    ),
+                ));
+            }
+        };
+        self.only_keys_of(h, kind, reads)?;
+        Ok(match kind {
+            "http" => self.http(&raw, patience)?,
+            "tcp" => HealthProbe::Tcp { patience },
+            _ => HealthProbe::Command {
+                argv: self.health_command(&raw)?,
+                patience,
+            },
+        })
+    }
+
+    /// Refuses, at its line, a key of the health check that `kind` does not read.
+    fn only_keys_of(&self, h: &RawHealth, kind: &str, reads: &[&str]) -> Result<(), ConfigError> {
+        let set = [
+            ("path", h.path.as_ref().map(Spanned::span)),
+            ("status", h.status.as_ref().map(Spanned::span)),
+            ("body", h.body.as_ref().map(Spanned::span)),
+            ("command", h.command.as_ref().map(Spanned::span)),
+        ];
+        for (key, span) in set {
+            if let Some(span) = span.filter(|_| !reads.contains(&key)) {
+                return Err(ConfigError::Invalid {
+                    path: self.path.to_owned(),
+                    line: super::line_col(self.text, span.start).0,
+                    key: format!("service.health.{key}"),
+                    message: format!(
+                        "kind = {kind:?} reads no {key}; remove it or change the kind"
+                    ),
+                });
+            }
         }
+        Ok(())
+    }
+
+    fn patience(&self, h: &RawHealth) -> Result<Duration, ConfigError> {
+        match &h.patience_secs {
+            Some(p) if *p.get_ref() == 0 || *p.get_ref() > 3600 => Err(self.err(
+                p,
+                "service.health.patience_secs",
+                format!("{} must be 1 to 3600", p.get_ref()),
+            )),
+            Some(p) => Ok(Duration::from_secs(*p.get_ref())),
+            None => Ok(Duration::from_secs(2)),
+        }
+    }
+
+    fn http(
+        &self,
+        raw: &Spanned<RawHealth>,
+        patience: Duration,
+    ) -> Result<HealthProbe, ConfigError> {
+        let h = raw.get_ref();
         let Some(path) = &h.path else {
             return Err(self.err(
-                &raw,
+                raw,
                 "service.health.path",
                 "an http check needs the path to GET, e.g. path = \"/\"",
             ));
@@ -195,23 +267,30 @@ impl Validator<'_> {
             Some(s) => *s.get_ref(),
             None => 200,
         };
-        let patience = match &h.patience_secs {
-            Some(p) if *p.get_ref() == 0 || *p.get_ref() > 3600 => {
-                return Err(self.err(
-                    p,
-                    "service.health.patience_secs",
-                    format!("{} must be 1 to 3600", p.get_ref()),
-                ));
-            }
-            Some(p) => Duration::from_secs(*p.get_ref()),
-            None => Duration::from_secs(2),
-        };
         Ok(HealthProbe::Http {
             path: path.get_ref().clone(),
             status,
             body: h.body.as_ref().map(|b| b.get_ref().clone()),
             patience,
         })
+    }
+
+    /// The program of a `command` check: required, with a program.
+    fn health_command(&self, raw: &Spanned<RawHealth>) -> Result<Vec<String>, ConfigError> {
+        let key = "service.health.command";
+        match &raw.get_ref().command {
+            None => Err(self.err(
+                raw,
+                key,
+                "a command check needs the program to run in the LC, e.g. command = [\"pg_isready\", \"-h\", \"127.0.0.1\"]",
+            )),
+            Some(c) if no_program(c.get_ref()) => Err(self.err(
+                c,
+                key,
+                "needs a program, e.g. command = [\"pg_isready\", \"-h\", \"127.0.0.1\"]",
+            )),
+            Some(c) => Ok(c.get_ref().clone()),
+        }
     }
 
     fn get_path(&self, p: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
@@ -236,7 +315,7 @@ impl Validator<'_> {
         key: &str,
     ) -> Result<Option<Spanned<Vec<String>>>, ConfigError> {
         match &raw {
-            Some(h) if h.get_ref().first().is_none_or(|p| p.trim().is_empty()) => Err(self.err(
+            Some(h) if no_program(h.get_ref()) => Err(self.err(
                 h,
                 key,
                 "needs a command (e.g. [\"/etc/init.d/S50app\", \"restart\"]); leave the key out to run nothing",
@@ -244,6 +323,11 @@ impl Validator<'_> {
             _ => Ok(raw),
         }
     }
+}
+
+/// A command without a program to run (`[]`, `[""]`).
+fn no_program(argv: &[String]) -> bool {
+    argv.first().is_none_or(|p| p.trim().is_empty())
 }
 
 #[cfg(test)]
@@ -295,6 +379,78 @@ mod tests {
         assert_eq!((s.port, s.version_path.as_deref()), (8080, Some("/v")));
         assert_eq!(s.drain, ["/bin/true"]);
         assert!(s.resume.is_empty());
+    }
+
+    #[test]
+    fn tcp_and_command_checks() {
+        let s = service("[service]\nport = 5432\nhealth = { kind = \"tcp\", patience_secs = 5 }\n");
+        assert_eq!(
+            s.health,
+            Some(HealthProbe::Tcp {
+                patience: Duration::from_secs(5)
+            })
+        );
+        let s = service(
+            "[service.health]\nkind = \"command\"\ncommand = [\"pg_isready\", \"-h\", \"127.0.0.1\"]\n",
+        );
+        let want = HealthProbe::Command {
+            argv: vec!["pg_isready".into(), "-h".into(), "127.0.0.1".into()],
+            patience: Duration::from_secs(2),
+        };
+        assert_eq!(s.health.as_ref(), Some(&want));
+        assert_eq!(want.patience(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn keys_a_kind_does_not_read_and_commands_without_a_program_are_refused() {
+        for (section, at, want_key, want) in [
+            (
+                "[service.health]\nkind = \"command\"\n",
+                1,
+                "service.health.command",
+                "needs the program to run in the LC",
+            ),
+            (
+                "[service.health]\nkind = \"command\"\ncommand = []\n",
+                3,
+                "service.health.command",
+                "needs a program",
+            ),
+            (
+                "[service.health]\nkind = \"command\"\ncommand = [\" \", \"x\"]\n",
+                3,
+                "service.health.command",
+                "needs a program",
+            ),
+            (
+                "[service.health]\nkind = \"tcp\"\npath = \"/\"\n",
+                3,
+                "service.health.path",
+                "kind = \"tcp\" reads no path",
+            ),
+            (
+                "[service.health]\nkind = \"tcp\"\nbody = \"ok\"\n",
+                3,
+                "service.health.body",
+                "reads no body",
+            ),
+            (
+                "[service.health]\nkind = \"http\"\npath = \"/\"\ncommand = [\"true\"]\n",
+                4,
+                "service.health.command",
+                "kind = \"http\" reads no command",
+            ),
+            (
+                "[service.health]\nkind = \"command\"\ncommand = [\"true\"]\nstatus = 200\n",
+                4,
+                "service.health.status",
+                "reads no status",
+            ),
+        ] {
+            let (line, key, msg) = invalid_section(section);
+            assert_eq!((line, key.as_str()), (at, want_key), "{section}: {msg}");
+            assert!(msg.contains(want), "{section}: {msg}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! | add / remove address | `ip addr add\|del ADDR/PREFIX dev IF`          |
 //! | announce (per frame) | `arping -U -c 1 -w 1 -I IF ADDR`               |
 //! | HTTP GET             | `wget -S -q -O - http://ADDR:PORT/PATH`        |
+//! | TCP connect          | `nc -w SECS ADDR PORT -e true` (busybox `nc`)  |
 //! | busy connections     | `grep ':PORT … 0[13489B] ' /proc/net/tcp`      |
 //!
 //! busybox 1.35's `wget -T` crashes, so the GET's timeout is the agent's exec timeout; `-S`
@@ -246,6 +247,33 @@ impl InLc for AgentLc {
             path: path.to_string(),
             source: std::io::Error::other(if out.timed_out {
                 format!("no answer within {timeout:?}")
+            } else {
+                out.stderr.trim().to_string()
+            }),
+        })
+    }
+
+    fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<(), InLcError> {
+        // busybox nc: connects (within -w seconds), runs `true` on the connection and ends: exit
+        // 0 only when the connection was accepted.
+        let secs = timeout.as_secs_f64().ceil().max(1.0) as u64;
+        let a = argv(&[
+            "nc",
+            "-w",
+            &secs.to_string(),
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+            "-e",
+            "true",
+        ]);
+        let out = self.run(&a, timeout + Duration::from_secs(1))?;
+        if out.status == Some(0) {
+            return Ok(());
+        }
+        Err(InLcError::Connect {
+            addr,
+            source: std::io::Error::other(if out.timed_out {
+                format!("no connection within {timeout:?}")
             } else {
                 out.stderr.trim().to_string()
             }),

@@ -1,7 +1,7 @@
 //! Working inside an LC: the few things the switcher does *from the LC's side*.
 //!
 //! The switcher reads, adds and removes addresses on the LC's interface, announces an address
-//! from it (gratuitous ARP), asks the service over HTTP from inside the LC, and counts the TCP
+//! from it (gratuitous ARP), asks the service over HTTP (or only connects to it) from inside the LC, and counts the TCP
 //! connections the old LC still serves. How it gets in depends on the LC backend:
 //!
 //! - `ns` LCs share the host kernel: the switcher joins the LC's network namespace
@@ -155,6 +155,10 @@ pub trait InLc: Send {
         timeout: Duration,
     ) -> Result<HttpAnswer, InLcError>;
 
+    /// One TCP connect to `addr` from inside the LC, closed at once. `Err` when it was not
+    /// accepted (refused, timed out, unreachable).
+    fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<(), InLcError>;
+
     /// TCP connections on local `port` that still carry or may carry a request (established,
     /// SYN_RECV, FIN_WAIT1, CLOSE_WAIT, LAST_ACK, CLOSING; not TIME_WAIT).
     fn busy_tcp_connections(&self, port: u16) -> Result<usize, InLcError>;
@@ -173,6 +177,12 @@ pub enum InLcError {
     Http {
         addr: SocketAddr,
         path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TCP connect to {addr} from inside the LC failed")]
+    Connect {
+        addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },

@@ -135,6 +135,12 @@ impl InLc for NsLc {
             })
     }
 
+    fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<(), InLcError> {
+        self.worker
+            .run(move || crate::health::connect_here(addr, timeout))?
+            .map_err(|source| InLcError::Connect { addr, source })
+    }
+
     fn busy_tcp_connections(&self, port: u16) -> Result<usize, InLcError> {
         Ok(self.worker.busy_tcp_connections(port)?)
     }

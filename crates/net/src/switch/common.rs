@@ -3,12 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use crate::health;
+use crate::health::{self, Inside};
 use crate::lc::InLc;
 use crate::network::{Network, ServiceAddress};
 use crate::rtnl::{LinkInfo, RtnlError};
 
-use super::{Endpoint, Hooks, Mode, SwitchError, SwitchPlan, SwitchReport, on};
+use super::{Endpoint, Hooks, Mode, RunOn, SwitchError, SwitchPlan, SwitchReport, on};
 
 /// How often the drain is polled while new connections are held (the pause waits on it).
 pub(super) const PAUSED_DRAIN_POLL: Duration = Duration::from_micros(500);
@@ -78,8 +78,12 @@ impl<'a> Ctx<'a> {
                 hook: "resume",
                 source,
             })?;
+        let run = RunOn {
+            svc: &*hooks.service,
+            ep: &plan.to,
+        };
         health::check_own(
-            &*ctx.to_lc,
+            Inside::of(&*ctx.to_lc).running(&run),
             &plan.to.iface,
             plan.to.address.addr,
             &plan.health.expecting(&plan.to.identity),
@@ -196,5 +200,64 @@ impl<'a> Ctx<'a> {
         let from = (&self.plan.from, &self.from_port, &*self.from_lc);
         let to = (&self.plan.to, &self.to_port, &*self.to_lc);
         if forward { [from, to] } else { [to, from] }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::bed;
+    use super::*;
+    use crate::health::{HealthError, Probe};
+
+    #[test]
+    fn the_switch_checks_the_standby_with_the_configured_probe() {
+        let mut b = bed(Mode::Readdress);
+        b.plan.health.probe = Probe::Command {
+            argv: vec!["pg_isready".into(), "-q".into()],
+        };
+        b.net = crate::fake::FakeNetwork::for_plan(&b.plan);
+        b.switch().unwrap();
+        let ops = b.net.ops();
+        assert!(ops.contains(&"run b: pg_isready -q".to_string()), "{ops:?}");
+        assert!(!ops.iter().any(|o| o.starts_with("b: get")), "{ops:?}");
+
+        let mut b = bed(Mode::Readdress);
+        b.plan.health.probe = Probe::Tcp;
+        b.net = crate::fake::FakeNetwork::for_plan(&b.plan);
+        b.switch().unwrap();
+        let ops = b.net.ops();
+        assert!(
+            ops.contains(&"b: connect 10.0.0.3:8080".to_string()),
+            "{ops:?}"
+        );
+        assert!(!ops.iter().any(|o| o.starts_with("b: get")), "{ops:?}");
+    }
+
+    #[test]
+    fn a_command_check_that_fails_keeps_the_service_where_it_is_with_its_last_words() {
+        let mut b = bed(Mode::Readdress);
+        b.plan.health.probe = Probe::Command {
+            argv: vec!["pg_isready".into()],
+        };
+        b.net = crate::fake::FakeNetwork::for_plan(&b.plan);
+        b.net.service_down("b");
+        let e = b.switch().unwrap_err();
+        let SwitchError::StandbyNotReady { source, .. } = &e else {
+            panic!("{e:?}");
+        };
+        assert!(
+            matches!(source, HealthError::Command { status: Some(1), answer, .. } if answer == "not ready"),
+            "{source:?}"
+        );
+        assert!(
+            source
+                .to_string()
+                .contains("`pg_isready` in fake LC b exited with 1"),
+            "{source}"
+        );
+        assert!(
+            !b.net.ops().iter().any(|o| o.starts_with("hold")),
+            "nothing changed"
+        );
     }
 }

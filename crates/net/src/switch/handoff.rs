@@ -8,11 +8,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::health;
+use crate::health::{self, Inside};
 use crate::network::NftChange;
 
 use super::common::{BACKGROUND_DRAIN_POLL, Ctx};
-use super::{BoxError, Hooks, SwitchError, SwitchReport, Switched, ms, rolled_back};
+use super::{BoxError, Hooks, RunOn, SwitchError, SwitchReport, Switched, ms, rolled_back};
 
 fn hook(hook: &'static str) -> impl FnOnce(BoxError) -> SwitchError {
     move |source| SwitchError::Hook { hook, source }
@@ -69,7 +69,11 @@ pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
     let window = tw.elapsed();
     // The standby answered its own address (checked before the pause, and here once after).
     let hc = plan.health.expecting(&plan.to.identity);
-    if let Err(e) = health::check_in(&*ctx.to_lc, new, &hc)
+    let run = RunOn {
+        svc: &*hooks.service,
+        ep: &plan.to,
+    };
+    if let Err(e) = health::check_in(Inside::of(&*ctx.to_lc).running(&run), new, &hc)
         .and_then(|()| health::own_address(&*ctx.to_lc, &plan.to.iface, new))
     {
         let cause = SwitchError::StandbyNotReady {

@@ -24,9 +24,9 @@ use patchover_core::{Ipv4Cidr, MacAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::garp::{GarpConfig, GarpError};
-use crate::health::{HealthCheck, HealthError};
+use crate::health::{HealthCheck, HealthError, RunInLc};
 use crate::hold::HoldError;
-use crate::lc::{InLc, InLcError, LcAccess};
+use crate::lc::{GuestOutput, InLc, InLcError, LcAccess};
 use crate::live::{LiveNetwork, LowPriority};
 use crate::netns::NetnsError;
 use crate::network::{Network, NftChange};
@@ -195,6 +195,33 @@ pub trait ServiceControl {
             ep.name
         )
         .into())
+    }
+    /// Runs `argv` inside `ep`'s LC by its backend, killed after `timeout`: a `command` service
+    /// check ([`crate::health::Probe::Command`]).
+    fn run_in(
+        &self,
+        ep: &Endpoint,
+        argv: &[String],
+        timeout: Duration,
+    ) -> Result<GuestOutput, BoxError> {
+        let _ = timeout;
+        Err(format!(
+            "cannot run {argv:?} in {}: this switch has no way to run programs in LCs",
+            ep.name
+        )
+        .into())
+    }
+}
+
+/// A [`ServiceControl`] running the programs of `command` checks in one endpoint's LC.
+pub(crate) struct RunOn<'a> {
+    pub svc: &'a dyn ServiceControl,
+    pub ep: &'a Endpoint,
+}
+
+impl RunInLc for RunOn<'_> {
+    fn run(&self, argv: &[String], timeout: Duration) -> Result<GuestOutput, BoxError> {
+        self.svc.run_in(self.ep, argv, timeout)
     }
 }
 

@@ -4,20 +4,26 @@
 use std::time::Duration;
 
 use crate::context::{Orchestrator, Run};
-use crate::service::get;
+use crate::service::{RunByBackend, get};
 use crate::{OrchestratorError, access};
+use patchover_net::health::Inside;
 
 pub(super) fn run(
     o: &mut Orchestrator<'_>,
     run: &mut Run,
 ) -> Result<serde_json::Value, OrchestratorError> {
-    let to = access::endpoint(o.backend, run.standby()?)?;
+    let standby = run.standby()?;
+    let to = access::endpoint(o.backend, standby)?;
     let lc = to
         .access
         .open()
         .map_err(|e| OrchestratorError::Health(Box::new(e.into())))?;
+    let by_backend = RunByBackend {
+        backend: o.backend,
+        spec: standby,
+    };
     patchover_net::health::check_own(
-        &*lc,
+        Inside::of(&*lc).running(&by_backend),
         &to.iface,
         to.address.addr,
         &crate::service::health(&o.settings.service)?,

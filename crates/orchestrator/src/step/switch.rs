@@ -11,7 +11,7 @@ use patchover_net::{Endpoint, Hooks, Mode, SwitchPlan};
 
 use crate::context::{Orchestrator, Run};
 use crate::copy::LiveCopy;
-use crate::service::LcServiceControl;
+use crate::service::{LcServiceControl, RunByBackend};
 use crate::{OrchestratorError, ServiceSettings, network};
 use patchover_lc::CutDone;
 
@@ -35,7 +35,12 @@ pub(super) fn run(
         cut_report = take_over(backend, svc, active, &standby, follow.take())?;
         let lc = to.access.open()?;
         // Checked against its own address before the switch; once more after the answer.
-        patchover_net::health::check_in(&*lc, to.address.addr, &restarted)?;
+        let by_backend = RunByBackend {
+            backend,
+            spec: &standby,
+        };
+        let inside = patchover_net::health::Inside::of(&*lc).running(&by_backend);
+        patchover_net::health::check_in(inside, to.address.addr, &restarted)?;
         patchover_net::health::own_address(&*lc, &to.iface, to.address.addr)?;
         Ok(())
     };
