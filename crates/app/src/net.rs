@@ -81,6 +81,8 @@ fn plan(
         lock_path: env.config.run_dir.join("net-switch.lock"),
         // The hand-off moves a writing service's data too: only the patch cycle does it.
         handoff: false,
+        // Resumed only if the last switch drained it (moved the service away from it).
+        resume_to: last_switch(env)?.is_some_and(|last| last.from == to),
     })
 }
 
@@ -149,19 +151,29 @@ pub fn switch(
     })
 }
 
-/// Hands the service back to the LC the last switch moved it from: `net back` and
-/// `POST /v1/net/back`. As [`switch`].
-pub fn back(env: &Env, o: &SwitchSettings) -> Result<Switched, AppError> {
+/// The last switch recorded, `None` before the first.
+fn last_switch(env: &Env) -> Result<Option<LastSwitch>, AppError> {
     let path = last_path(env);
-    let text = std::fs::read(&path).map_err(|_| {
-        AppError::BadInput(format!(
+    let Ok(text) = std::fs::read(&path) else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|e| AppError::Io {
+            what: format!("reading {}", path.display()),
+            source: std::io::Error::other(e),
+        })
+}
+
+/// Hands the service back to the LC the last switch moved it from: `net back` and
+/// `POST /v1/net/back`. As [`switch`]; the LC it goes back to was drained, so it is resumed
+/// first.
+pub fn back(env: &Env, o: &SwitchSettings) -> Result<Switched, AppError> {
+    let Some(last) = last_switch(env)? else {
+        return Err(AppError::BadInput(format!(
             "no switch recorded in {}; nothing to hand back",
-            path.display()
-        ))
-    })?;
-    let last: LastSwitch = serde_json::from_slice(&text).map_err(|e| AppError::Io {
-        what: format!("reading {}", path.display()),
-        source: std::io::Error::other(e),
-    })?;
+            last_path(env).display()
+        )));
+    };
     switch(env, &last.to, &last.from, last.mode, o)
 }

@@ -298,6 +298,7 @@ mod tests {
             queue: 1,
             lock_path: "/nonexistent/lock".into(),
             handoff: false,
+            resume_to: false,
         }
     }
 

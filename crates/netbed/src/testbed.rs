@@ -279,6 +279,9 @@ impl Testbed {
             queue: 7,
             lock_path: self.lock_path.clone(),
             handoff: false,
+            // Tests switch back and forth: the target may have been drained by an earlier
+            // switch (resuming a reference server that is not drained changes nothing).
+            resume_to: true,
         }
     }
 

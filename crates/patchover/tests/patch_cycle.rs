@@ -306,12 +306,15 @@ fn a_standby_check_that_never_passes_fails_the_run_with_its_last_answer() {
 
 /// Issue 20: a `command` check runs its program inside the standby (by the ns backend, in the
 /// LC's namespaces: `127.0.0.1` is the standby's own loopback) and a `tcp` check connects to
-/// the service port from inside it; both carry a cycle through.
+/// the service port from inside it; both carry a cycle through. The `tcp` run's `resume`
+/// fails as a plain `nginx` does where the service already runs: a standby that was never
+/// drained is not resumed, so it does not fail the switch.
 #[test]
 fn services_checked_by_a_command_in_the_lc_or_a_tcp_connect_are_patched() {
     for health in [
         r#"{ kind = "command", command = ["/bin/sh", "-c", "wget -q -O - http://127.0.0.1/version | grep -q '^1\\.0\\.'"] }"#,
-        r#"{ kind = "tcp" }"#,
+        r#"{ kind = "tcp" }
+resume = ["/bin/sh", "-c", "echo 'bind() to 0.0.0.0:80 failed (98: Address already in use)' >&2; exit 1"]"#,
     ] {
         let c = Cycle::new(2, &format!("\n[service]\nhealth = {health}\n"));
         c.upgrade_bundle();

@@ -35,9 +35,11 @@ pub struct ServiceSettings {
     /// connections alive, keep serving. Run again on a retried switch: must be idempotent.
     /// Empty: not run.
     pub drain: Vec<String>,
-    /// Moment: before the standby's check at the switch (target: the standby, which was never
-    /// drained), and when a switch is undone (target: the LC that was drained), and by recovery.
-    /// Undoes `drain`; must succeed on a service that is not drained. Empty: not run.
+    /// Moment: when a switch is undone (target: the LC that was drained), by recovery, and
+    /// before a switch back's check (`net back`: the LC the earlier switch drained). Never on a
+    /// standby that was never drained (the patch cycle's, freshly booted), so a `resume` that
+    /// fails where the service already runs (a plain `nginx`) is fine. Undoes `drain`; must
+    /// succeed on a drained service. Empty: not run.
     pub resume: Vec<String>,
     /// `seamless` hand-off. Moment: the switch window. Target: the old LC. Finish the requests
     /// in flight, hold the rest; exits 0 only once nothing is in flight. Empty: a seamless

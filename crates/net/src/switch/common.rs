@@ -70,14 +70,17 @@ impl<'a> Ctx<'a> {
         if plan.mode != Mode::Seamless {
             ctx.nobody_else_answers()?;
         }
-        // The standby must answer before we touch anything.
-        hooks
-            .service
-            .resume(&plan.to)
-            .map_err(|source| SwitchError::Hook {
-                hook: "resume",
-                source,
-            })?;
+        // The standby must answer before we touch anything. It is resumed first only when an
+        // earlier switch drained it (`resume_to`): a standby never drained needs no undoing.
+        if plan.resume_to {
+            hooks
+                .service
+                .resume(&plan.to)
+                .map_err(|source| SwitchError::Hook {
+                    hook: "resume",
+                    source,
+                })?;
+        }
         let run = RunOn {
             svc: &*hooks.service,
             ep: &plan.to,
@@ -231,6 +234,28 @@ mod tests {
             "{ops:?}"
         );
         assert!(!ops.iter().any(|o| o.starts_with("b: get")), "{ops:?}");
+    }
+
+    #[test]
+    fn only_a_standby_an_earlier_switch_drained_is_resumed_before_its_check() {
+        let b = bed(Mode::Readdress);
+        b.switch().unwrap();
+        let ops = b.net.ops();
+        assert!(!ops.iter().any(|o| o.starts_with("resume")), "{ops:?}");
+        assert!(ops.contains(&"drain a".to_string()), "{ops:?}");
+        let back = b.plan.reversed();
+        assert!(back.resume_to);
+        b.switch_by(&back).unwrap();
+        let ops = b.net.ops();
+        let at = |op: &str| {
+            ops.iter()
+                .rposition(|o| o == op)
+                .unwrap_or_else(|| panic!("{op}: {ops:?}"))
+        };
+        assert!(
+            at("resume a") < at("a: get 10.0.0.2:8080/version"),
+            "{ops:?}"
+        );
     }
 
     #[test]

@@ -148,14 +148,22 @@ pub struct SwitchPlan {
     /// LCs serving at once — for services that write (each LC has its own data disk).
     #[serde(default)]
     pub handoff: bool,
+    /// The standby was drained by an earlier switch that this one undoes (a switch back to
+    /// the LC a switch moved the service away from): [`ServiceControl::resume`] runs there
+    /// before its check. A standby that was never drained (the patch cycle's, freshly booted)
+    /// is not resumed: a `resume` such as a plain `nginx` fails where the service runs.
+    #[serde(default)]
+    pub resume_to: bool,
 }
 
 impl SwitchPlan {
-    /// The plan that hands the service back (`from` and `to` swapped).
+    /// The plan that hands the service back (`from` and `to` swapped): the LC it goes back to
+    /// was drained by this plan's switch, so it is resumed first.
     pub fn reversed(&self) -> SwitchPlan {
         SwitchPlan {
             from: self.to.clone(),
             to: self.from.clone(),
+            resume_to: true,
             ..self.clone()
         }
     }
@@ -604,6 +612,7 @@ mod tests {
             queue: 1,
             lock_path: PathBuf::from("/nonexistent/lock"),
             handoff: false,
+            resume_to: false,
         }
     }
 
@@ -722,7 +731,15 @@ mod tests {
         let r = p.reversed();
         assert_eq!(r.from.name, "b");
         assert_eq!(r.to.name, "a");
-        assert_eq!(r.reversed(), p);
+        // a, where the service goes back, was drained by p's switch: it is resumed first.
+        assert!(r.resume_to && !p.resume_to);
+        assert_eq!(
+            r.reversed(),
+            SwitchPlan {
+                resume_to: true,
+                ..p
+            }
+        );
     }
 
     #[test]

@@ -63,7 +63,6 @@ mod tests {
             bed.net.ops(),
             [
                 "who-has 10.0.0.10 on br",
-                "resume b",
                 "b: get 10.0.0.10:8080/version",
                 "b: prepare addresses=false announce=true",
                 "a: prepare addresses=false announce=false",

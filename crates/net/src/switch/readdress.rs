@@ -197,7 +197,6 @@ mod tests {
             bed.net.ops(),
             [
                 "who-has 10.0.0.10 on br",
-                "resume b",
                 "b: get 10.0.0.3:8080/version",
                 "b: prepare addresses=true announce=true",
                 "a: prepare addresses=true announce=false",

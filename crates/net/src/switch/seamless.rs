@@ -93,7 +93,6 @@ mod tests {
         assert_eq!(
             bed.net.ops(),
             [
-                "resume b",
                 "b: get 10.0.0.3:8080/version",
                 "b: prepare addresses=false announce=false",
                 "a: prepare addresses=false announce=false",

@@ -59,6 +59,7 @@ pub(super) fn bed(mode: Mode) -> Bed {
         queue: 7,
         lock_path: dir.path().join("switch.lock"),
         handoff: false,
+        resume_to: false,
     };
     Bed {
         net: FakeNetwork::for_plan(&plan),
@@ -71,6 +72,11 @@ impl Bed {
     /// Runs the switch with the fake's service control and an `in_window` hook that logs
     /// `window` (and fails when the fake is told to fail `window`).
     pub fn switch(&self) -> Result<Switched, SwitchError> {
+        self.switch_by(&self.plan)
+    }
+
+    /// [`Bed::switch`] by another plan on the same network.
+    pub fn switch_by(&self, plan: &SwitchPlan) -> Result<Switched, SwitchError> {
         let mut ctl = self.net.control();
         let net = self.net.clone();
         let mut window = move |_: &SwitchPlan| net.call("window");
@@ -78,7 +84,7 @@ impl Bed {
             service: &mut ctl,
             in_window: &mut window,
         };
-        switch_with(&self.net, &self.plan, &mut hooks)
+        switch_with(&self.net, plan, &mut hooks)
     }
 
     /// The log, without the checks every switch starts with (up to the standby's own GET).

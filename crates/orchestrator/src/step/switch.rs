@@ -101,6 +101,8 @@ fn plan(o: &Orchestrator<'_>, run: &Run) -> Result<SwitchPlan, OrchestratorError
         lock_path: o.config.run_dir.join("switch.lock"),
         // A writing service must not serve from both LCs: hand off.
         handoff: run.req.mode == Mode::Seamless,
+        // The standby was booted for this run: never drained, so never resumed.
+        resume_to: false,
     })
 }
 
