@@ -394,6 +394,10 @@ impl Network for FakeNetwork {
         Ok(())
     }
 
+    fn check_path(&self, addr: Ipv4Addr) -> String {
+        format!("fake path to {addr}")
+    }
+
     fn forget_udp_flows(&self, old: Ipv4Addr) {
         let _ = self.m().call(format!("forget udp flows of {old}"), true);
     }
@@ -548,6 +552,10 @@ impl InLc for FakeLc {
     fn busy_tcp_connections(&self, _port: u16) -> Result<usize, InLcError> {
         let m = self.call("busy", false)?;
         Ok(m.busy.get(&self.name).copied().unwrap_or(0))
+    }
+
+    fn network_state(&self, _iface: &str, port: u16) -> String {
+        format!("fake state of {} on port {port}", self.name)
     }
 }
 

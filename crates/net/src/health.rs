@@ -234,7 +234,7 @@ pub fn check_once(
     hc: &HealthCheck,
 ) -> Result<(), HealthError> {
     let sa = SocketAddr::from((addr, hc.port));
-    in_netns(netns, || attempt_here(sa, hc))?
+    in_netns(netns, || attempt_here(sa, hc, None))?
 }
 
 /// Runs `attempt` until it passes or `patience` is over; `attempt` is given the time left
@@ -259,17 +259,32 @@ fn retry(
     }
 }
 
-/// Runs the check from `netns` until it passes or `hc.patience` is over.
-pub fn check(netns: Option<&Path>, addr: Ipv4Addr, hc: &HealthCheck) -> Result<(), HealthError> {
-    retry(hc.patience, |_| check_once(netns, addr, hc))
-}
-
-/// Runs the check on `worker`'s namespace until it passes or `hc.patience` is over.
-pub fn check_on(worker: &NsWorker, addr: Ipv4Addr, hc: &HealthCheck) -> Result<(), HealthError> {
+/// Runs the check from `netns` until it passes or `hc.patience` is over. With `via`, every
+/// attempt leaves through that device (see [`connect`]).
+pub fn check(
+    netns: Option<&Path>,
+    addr: Ipv4Addr,
+    hc: &HealthCheck,
+    via: Option<&str>,
+) -> Result<(), HealthError> {
     let sa = SocketAddr::from((addr, hc.port));
     retry(hc.patience, |_| {
-        let h = hc.clone();
-        worker.run(move || attempt_here(sa, &h))?
+        in_netns(netns, || attempt_here(sa, hc, via))?
+    })
+}
+
+/// Runs the check on `worker`'s namespace until it passes or `hc.patience` is over; with
+/// `via`, as [`check`].
+pub fn check_on(
+    worker: &NsWorker,
+    addr: Ipv4Addr,
+    hc: &HealthCheck,
+    via: Option<&str>,
+) -> Result<(), HealthError> {
+    let sa = SocketAddr::from((addr, hc.port));
+    retry(hc.patience, |_| {
+        let (h, dev) = (hc.clone(), via.map(str::to_owned));
+        worker.run(move || attempt_here(sa, &h, dev.as_deref()))?
     })
 }
 
@@ -320,29 +335,31 @@ fn last_words(out: &GuestOutput) -> String {
     all.chars().skip(n.saturating_sub(200)).collect()
 }
 
-/// One attempt of `hc` from the calling thread's namespace. A `command` check cannot run its
-/// program from here (outside any LC): it connects to the port.
-fn attempt_here(sa: SocketAddr, hc: &HealthCheck) -> Result<(), HealthError> {
+/// One attempt of `hc` from the calling thread's namespace (bound to device `via`, if given).
+/// A `command` check cannot run its program from here (outside any LC): it connects to the
+/// port.
+fn attempt_here(sa: SocketAddr, hc: &HealthCheck, via: Option<&str>) -> Result<(), HealthError> {
     match hc.probe {
-        Probe::Http => get(sa, hc),
-        Probe::Tcp | Probe::Command { .. } => {
-            connect_here(sa, hc.timeout).map_err(|source| HealthError::Connect { addr: sa, source })
-        }
+        Probe::Http => get(sa, hc, via),
+        Probe::Tcp | Probe::Command { .. } => connect(sa, hc.timeout, via)
+            .map(drop)
+            .map_err(|source| HealthError::Connect { addr: sa, source }),
     }
 }
 
-fn get(sa: SocketAddr, hc: &HealthCheck) -> Result<(), HealthError> {
-    let answer = http_get_here(sa, &hc.path, hc.timeout).map_err(|source| HealthError::Io {
-        addr: sa,
-        path: hc.path.clone(),
-        source,
-    })?;
+fn get(sa: SocketAddr, hc: &HealthCheck, via: Option<&str>) -> Result<(), HealthError> {
+    let answer =
+        http_get_here(sa, &hc.path, hc.timeout, via).map_err(|source| HealthError::Io {
+            addr: sa,
+            path: hc.path.clone(),
+            source,
+        })?;
     judge(sa, hc, answer)
 }
 
 /// One TCP connect to `sa` from the calling thread's namespace, closed at once.
 pub(crate) fn connect_here(sa: SocketAddr, timeout: Duration) -> std::io::Result<()> {
-    TcpStream::connect_timeout(&sa, timeout).map(drop)
+    connect(sa, timeout, None).map(drop)
 }
 
 /// Whether `answer` passes `hc`: the expected status and the expected text in the body.
@@ -360,13 +377,15 @@ fn judge(sa: SocketAddr, hc: &HealthCheck, answer: HttpAnswer) -> Result<(), Hea
     })))
 }
 
-/// One plain HTTP/1.1 `GET path` to `sa` from the calling thread's namespace.
+/// One plain HTTP/1.1 `GET path` to `sa` from the calling thread's namespace, bound to device
+/// `via` if given (see [`connect`]).
 pub(crate) fn http_get_here(
     sa: SocketAddr,
     path: &str,
     timeout: Duration,
+    via: Option<&str>,
 ) -> std::io::Result<HttpAnswer> {
-    let mut s = TcpStream::connect_timeout(&sa, timeout)?;
+    let mut s = connect(sa, timeout, via)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let req = format!(
@@ -381,4 +400,26 @@ pub(crate) fn http_get_here(
         status_line: head.lines().next().unwrap_or("").to_string(),
         body: body.to_string(),
     })
+}
+
+/// A TCP connection to `sa` within `timeout`. With `via`, the socket is bound to that device
+/// (`SO_BINDTODEVICE`) before it connects, so it leaves through it whatever the namespace's
+/// routes say: the switch's check goes out on the switch's bridge, where the service
+/// address's neighbour entry was pointed at the standby, even when another interface of the
+/// host has an address in the same subnet and its older route wins (a second bridge with the
+/// same addresses: issue 19's timed-out check).
+fn connect(sa: SocketAddr, timeout: Duration, via: Option<&str>) -> std::io::Result<TcpStream> {
+    let Some(dev) = via else {
+        return TcpStream::connect_timeout(&sa, timeout);
+    };
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(sa), Type::STREAM, Some(Protocol::TCP))?;
+    s.bind_device(Some(dev.as_bytes())).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot bind the check to device {dev}: {e}"),
+        )
+    })?;
+    s.connect_timeout(&sa.into(), timeout)?;
+    Ok(s.into())
 }

@@ -11,6 +11,7 @@
 //! the service-specific parts in as [`Hooks`]. An endpoint is reached through its network
 //! namespace (`ns` LCs) or its agent channel (`qemu` LCs); see [`lc`].
 
+mod diag;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod garp;

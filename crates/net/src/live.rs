@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use patchover_core::MacAddr;
 
+use crate::diag::run_in;
 use crate::garp;
 use crate::health::{self, HealthCheck, HealthError};
 use crate::hold::{HoldError, HoldStats, SynHold};
@@ -27,6 +28,8 @@ pub struct LiveNetwork {
     nft: Mutex<Option<nft::Prepared>>,
     /// A worker in the check namespace, started ahead of time.
     check: Mutex<Option<NsWorker>>,
+    /// The device checks leave by (see [`LiveNetwork::checking_via`]).
+    via: Option<String>,
 }
 
 impl LiveNetwork {
@@ -41,7 +44,20 @@ impl LiveNetwork {
             rtnl: Rtnl::open(host_netns)?,
             nft: Mutex::new(None),
             check: Mutex::new(None),
+            via: None,
         })
+    }
+
+    /// Checks leave through `device` (bound to it), whatever the check namespace's routes say.
+    /// A switch checking from the bridge's own namespace checks through the bridge: there the
+    /// service address's neighbour entry points at the LC that has it, while a route of
+    /// another interface with an address in the same subnet (added earlier, so it wins) would
+    /// send the check somewhere no LC of this switch is.
+    pub fn checking_via(self, device: &str) -> LiveNetwork {
+        LiveNetwork {
+            via: Some(device.to_owned()),
+            ..self
+        }
     }
 
     fn host_ns(&self) -> Option<&Path> {
@@ -125,9 +141,21 @@ impl Network for LiveNetwork {
     fn check(&self, addr: Ipv4Addr, hc: &HealthCheck) -> Result<(), HealthError> {
         let worker = self.check.lock().unwrap_or_else(|e| e.into_inner());
         match &*worker {
-            Some(w) => health::check_on(w, addr, hc),
-            None => health::check(self.check_ns(), addr, hc),
+            Some(w) => health::check_on(w, addr, hc, self.via.as_deref()),
+            None => health::check(self.check_ns(), addr, hc, self.via.as_deref()),
         }
+    }
+
+    fn check_path(&self, addr: Ipv4Addr) -> String {
+        let (ns, a) = (self.check_ns(), addr.to_string());
+        let mut parts = vec![run_in(ns, "route", "ip", &["-o", "route", "get", &a])];
+        if let Some(dev) = &self.via {
+            let label = format!("route via {dev}");
+            let args = ["-o", "route", "get", &a, "oif", dev];
+            parts.push(run_in(ns, &label, "ip", &args));
+        }
+        parts.push(run_in(ns, "neighbours", "ip", &["neigh", "show", "to", &a]));
+        parts.join("; ")
     }
 
     fn forget_udp_flows(&self, old: Ipv4Addr) {

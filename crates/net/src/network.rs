@@ -62,6 +62,9 @@ pub trait Network {
     /// The service check against `addr` from where the switch checks (the host, or
     /// `SwitchPlan::check_from`), retried for `hc.patience`.
     fn check(&self, addr: Ipv4Addr, hc: &HealthCheck) -> Result<(), HealthError>;
+    /// How the check's namespace reaches `addr` (its route, its neighbour entries), on one
+    /// bounded line, for the message of a failed check.
+    fn check_path(&self, addr: Ipv4Addr) -> String;
     /// Deletes the connection-tracking entries of UDP flows answered by `old`, so their next
     /// datagram is NATed anew. Best effort: failures are logged.
     fn forget_udp_flows(&self, old: Ipv4Addr);

@@ -766,3 +766,131 @@ fn service_address_names_who_really_serves() {
         }
     }
 }
+
+/// `ip ARGS` in namespace `ns`; a failure fails the test.
+fn ip_in(ns: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip -n {ns} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The answer of the LC serving the service address, asked from the client's namespace (on
+/// the bridge, whatever the host's routes say).
+fn who_serves_clients(tb: &Testbed) -> String {
+    for id in ["lc-a", "lc-b"] {
+        let hc = patchover_net::HealthCheck::new(PORT, "/version", id);
+        if health::check_once(Some(&tb.client_netns), tb.service_addr(), &hc).is_ok() {
+            return id.to_string();
+        }
+    }
+    "nobody".into()
+}
+
+/// Issue 19 (a readdress switch's check through the service address timed out once, in a
+/// fresh-clone CI run with other tests beside it; the check made inside the standby had
+/// passed): another interface of the host has an address in the service's subnet, added
+/// before the bridge's (a second topology on the same /24, a bridge a killed test left), so
+/// the host's route to the service address leaves by that interface, where no LC is. The
+/// switch's check goes out on the switch's bridge all the same: the switch goes through and
+/// back. (Without the binding the check timed out and both switches were rolled back.)
+#[test]
+fn r19_the_check_leaves_by_the_bridge_when_another_interface_routes_the_subnet() {
+    let tb = Testbed::new(Mode::Readdress).unwrap();
+    let h = format!("poh-{}", tb.id);
+    ip_in(
+        &h,
+        &[
+            "link", "add", "podecoy", "type", "veth", "peer", "name", "podecoyp",
+        ],
+    );
+    for l in ["podecoy", "podecoyp"] {
+        ip_in(&h, &["link", "set", l, "up"]);
+    }
+    // The decoy's route to 10.99.0.0/24 is the older one, so it wins.
+    ip_in(&h, &["addr", "del", "10.99.0.1/24", "dev", "pobr"]);
+    ip_in(&h, &["addr", "add", "10.99.0.1/24", "dev", "podecoy"]);
+    ip_in(&h, &["addr", "add", "10.99.0.1/24", "dev", "pobr"]);
+    let svc_addr = tb.service_addr().to_string();
+    let route = ip_in(&h, &["-o", "route", "get", &svc_addr]);
+    assert!(route.contains(" dev podecoy "), "{route}");
+    let mut svc = Services {
+        a: Some(start_service(tb.a.netns().unwrap(), "lc-a")),
+        b: Some(start_service(tb.b.netns().unwrap(), "lc-b")),
+    };
+    for (plan, to) in [(tb.plan(true), "lc-b"), (tb.plan(false), "lc-a")] {
+        let mut window = no_window;
+        let mut hooks = Hooks {
+            service: &mut svc,
+            in_window: &mut window,
+        };
+        switch(&plan, &mut hooks).unwrap_or_else(|e| panic!("switch to {to}: {e:#?}"));
+        assert_eq!(who_serves_clients(&tb), to);
+    }
+}
+
+/// A check through the service address that gets no answer (here the standby drops SYNs to
+/// the service address; its own address still answers, as in issue 19) rolls the switch back,
+/// and its message says what the check saw: the host's route and neighbour entry for the
+/// service address, the standby's addresses, neighbours and listening sockets.
+#[test]
+fn r19_a_check_that_gets_no_answer_says_what_it_saw() {
+    let tb = Testbed::new(Mode::Readdress).unwrap();
+    let mut svc = Services {
+        a: Some(start_service(tb.a.netns().unwrap(), "lc-a")),
+        b: Some(start_service(tb.b.netns().unwrap(), "lc-b")),
+    };
+    let drop_syns = format!(
+        "add table ip po_r19\nadd chain ip po_r19 in {{ type filter hook input priority 0; }}\nadd rule ip po_r19 in ip daddr {} tcp dport {PORT} drop\n",
+        tb.service_addr()
+    );
+    let b_ns = tb.b.netns().unwrap().to_path_buf();
+    let mut nft = patchover_net::netns::command_in(Some(&b_ns), "nft").unwrap();
+    let mut child = nft
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(drop_syns.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let mut window = no_window;
+    let mut hooks = Hooks {
+        service: &mut svc,
+        in_window: &mut window,
+    };
+    let err = switch(&tb.plan(true), &mut hooks).expect_err("must fail");
+    let SwitchError::RolledBack { cause, .. } = &err else {
+        panic!("{err:?}");
+    };
+    let SwitchError::Check { seen, .. } = &**cause else {
+        panic!("{cause:?}");
+    };
+    let (s, mac_b) = (tb.service_addr(), tb.b.mac.to_string());
+    for part in [
+        format!("from the checker: route: {s} dev pobr "),
+        format!("route via pobr: {s} dev pobr "),
+        format!("neighbours: {s} dev pobr lladdr {mac_b}"),
+        "in b: addresses: ".to_string(),
+        format!("inet {s}/24"),
+        "listening: LISTEN".to_string(),
+        format!(":{PORT} "),
+    ] {
+        assert!(seen.contains(&part), "{part:?} not in {seen:?}");
+    }
+    assert!(seen.len() < 2000, "bounded: {}", seen.len());
+    assert!(err.to_string().contains("service stays on a"), "{err}");
+    assert_eq!(who_serves_clients(&tb), "lc-a");
+}

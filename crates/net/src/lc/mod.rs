@@ -162,6 +162,11 @@ pub trait InLc: Send {
     /// TCP connections on local `port` that still carry or may carry a request (established,
     /// SYN_RECV, FIN_WAIT1, CLOSE_WAIT, LAST_ACK, CLOSING; not TIME_WAIT).
     fn busy_tcp_connections(&self, port: u16) -> Result<usize, InLcError>;
+
+    /// The LC's network as seen from inside (the addresses and neighbour entries of `iface`,
+    /// and, where the LC can tell, who listens on TCP `port`), on one bounded line, for the
+    /// message of a failed check. Best effort: a part that cannot be read says why.
+    fn network_state(&self, iface: &str, port: u16) -> String;
 }
 
 /// An operation inside an LC failed.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use patchover_core::{Ipv4Cidr, MacAddr};
 
 use super::{HttpAnswer, InLc, InLcError};
+use crate::diag::run_in;
 use crate::garp::Sender;
 use crate::netns::NsWorker;
 use crate::rtnl::Rtnl;
@@ -127,7 +128,7 @@ impl InLc for NsLc {
     ) -> Result<HttpAnswer, InLcError> {
         let p = path.to_string();
         self.worker
-            .run(move || crate::health::http_get_here(addr, &p, timeout))?
+            .run(move || crate::health::http_get_here(addr, &p, timeout, None))?
             .map_err(|source| InLcError::Http {
                 addr,
                 path: path.to_string(),
@@ -143,5 +144,21 @@ impl InLc for NsLc {
 
     fn busy_tcp_connections(&self, port: u16) -> Result<usize, InLcError> {
         Ok(self.worker.busy_tcp_connections(port)?)
+    }
+
+    fn network_state(&self, iface: &str, port: u16) -> String {
+        let ns = Some(self.path.as_path());
+        let sport = format!(":{port}");
+        [
+            run_in(
+                ns,
+                "addresses",
+                "ip",
+                &["-o", "-4", "addr", "show", "dev", iface],
+            ),
+            run_in(ns, "neighbours", "ip", &["neigh", "show", "dev", iface]),
+            run_in(ns, "listening", "ss", &["-Htln", "sport", "=", &sport]),
+        ]
+        .join("; ")
     }
 }

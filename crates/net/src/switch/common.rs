@@ -194,8 +194,21 @@ impl<'a> Ctx<'a> {
             .check(plan.service.addr, &hc)
             .map_err(|source| SwitchError::Check {
                 to: plan.to.name.clone(),
-                source,
+                seen: self.what_the_check_saw(),
+                source: Box::new(source),
             })
+    }
+
+    /// What the checker's namespace and the standby saw, for the message of a failed check
+    /// (taken before anything is rolled back).
+    fn what_the_check_saw(&self) -> String {
+        let plan = self.plan;
+        format!(
+            "from the checker: {}; in {}: {}",
+            self.net.check_path(plan.service.addr),
+            plan.to.name,
+            self.to_lc.network_state(&plan.to.iface, plan.health.port)
+        )
     }
 
     /// The side `forward` moves from and the side it moves to: (endpoint, its port, its LC).

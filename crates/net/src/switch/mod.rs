@@ -357,11 +357,16 @@ pub enum SwitchError {
         #[source]
         source: InLcError,
     },
-    #[error("switch: the standby {to} did not answer on the service address")]
+    /// `seen`: what the checker's namespace and the standby saw then (routes, neighbour
+    /// entries, addresses, listening sockets; bounded), so one failure tells its cause.
+    #[error(
+        "switch: the standby {to} did not answer on the service address (what the check saw: {seen})"
+    )]
     Check {
         to: String,
+        seen: String,
         #[source]
-        source: HealthError,
+        source: Box<HealthError>,
     },
     #[error("switch to {to} failed and was rolled back; the service stays on {from}")]
     RolledBack {
@@ -480,6 +485,11 @@ pub fn switch(plan: &SwitchPlan, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
     // tens of thousands of `TIME_WAIT` sockets under new-connection load) and the `nft` runs.
     let _low = (plan.mode == Mode::Seamless && !plan.handoff).then(LowPriority::enter);
     let net = LiveNetwork::open(plan.host_netns.as_deref(), plan.check_from.as_deref())?;
+    // Checked from the bridge's namespace: through the bridge (see `checking_via`).
+    let net = match plan.check_from {
+        None => net.checking_via(&plan.bridge),
+        Some(_) => net,
+    };
     run(&net, plan, hooks)
 }
 

@@ -261,7 +261,11 @@ mod tests {
         bed.net.fail("check");
         let e = bed.switch().unwrap_err();
         assert!(
-            rolled_back_because(&e, |c| matches!(c, SwitchError::Check { .. })),
+            rolled_back_because(&e, |c| matches!(
+                c,
+                SwitchError::Check { seen, .. }
+                    if seen == "from the checker: fake path to 10.0.0.10; in b: fake state of b on port 8080"
+            )),
             "{e:?}"
         );
         let ops = bed.ops_after_checks();
