@@ -124,7 +124,7 @@ pub struct LcDef {
 /// A bridge, its LCs' disks and a config, all of this test's own.
 pub struct Topo {
     pub dir: tempfile::TempDir,
-    /// This test's /24: 10.77.<net>.0 (unique, since the host may route it).
+    /// This test's /24: 10.77.<net>.0, held by no other test or interface ([`reserve_net`]).
     pub net: u8,
     pub suffix: String,
     pub bridge: String,
@@ -142,6 +142,45 @@ pub struct Topo {
     /// `ns` LCs whose application disk is an ext4 image (`lc<i>-app.img`), served by the LC's
     /// block server and copied by its dirty bitmap.
     pub app_image: bool,
+    /// Holds `net` for this test until it ends.
+    _net_lock: fs::File,
+}
+
+/// Where tests lock the /24s they use (one file per net; see [`reserve_net`]).
+const NET_LOCKS: &str = "/run/patchover-test-nets";
+
+/// A /24 of 10.77 for a test, from `start` on: one no other running test holds (a lock on
+/// `NET_LOCKS/<n>`, which the kernel lets go when its holder ends, even killed) and no
+/// interface of this host has (a bridge a killed test left; the demo's 10.77.250, never
+/// given out). Two topologies on one /24 share the host's route to it (the one added first
+/// wins, so the other's checks from the host go to the wrong bridge: issue 19's timed-out
+/// switch check) and the switcher's nftables tables, named by the service address.
+fn reserve_net(start: u32) -> (u8, fs::File) {
+    fs::create_dir_all(NET_LOCKS).unwrap();
+    let used = host_nets();
+    for i in 0..249 {
+        let net = ((start + i) % 249 + 1) as u8;
+        if used.contains(&net) {
+            continue;
+        }
+        let f = fs::File::create(Path::new(NET_LOCKS).join(net.to_string())).unwrap();
+        if f.try_lock().is_ok() {
+            return (net, f);
+        }
+    }
+    panic!("every 10.77.N.0/24 is held by a running test or an interface of this host");
+}
+
+/// The N of every 10.77.N.x address on this host's interfaces.
+fn host_nets() -> std::collections::HashSet<u8> {
+    let out = Command::new("ip")
+        .args(["-o", "-4", "addr", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("10.77.")?.split('.').next()?.parse().ok())
+        .collect()
 }
 
 impl Topo {
@@ -149,7 +188,7 @@ impl Topo {
     /// service address is .10, the host's address on the bridge .1, clients .200 and up.
     pub fn new(lcs: &[(u32, u32, u64)]) -> Topo {
         let suffix = unique();
-        let net = (u32::from_str_radix(&suffix, 16).unwrap() % 250 + 1) as u8;
+        let (net, net_lock) = reserve_net(u32::from_str_radix(&suffix, 16).unwrap());
         let dir = tempfile::Builder::new()
             .prefix("po-test-")
             .tempdir()
@@ -179,6 +218,7 @@ impl Topo {
             qemu: None,
             routed: false,
             app_image: false,
+            _net_lock: net_lock,
         };
         t.write_config("");
         t
