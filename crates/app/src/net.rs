@@ -124,6 +124,8 @@ pub fn switch(
         backend: &env.backend,
         lcs: &env.config.lcs,
         settings: &env.config.service,
+        // A bare network switch moves no data disk: the front is the patch cycle's.
+        front: None,
     };
     let mut window = |_: &SwitchPlan| -> Result<(), patchover_net::BoxError> { Ok(()) };
     let mut hooks = Hooks {

@@ -7,6 +7,7 @@
 //! an unknown key in any section is an error at its line, and no other crate parses TOML.
 //! Loading a config changes nothing on the host.
 
+mod front;
 mod monitor;
 mod sections;
 mod service;
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use front::{FrontKind, FrontSettings};
 pub use monitor::{
     FeedConfig, MailServer, MonitorConfig, PasswordFileError, TlsMode, valid_address,
 };

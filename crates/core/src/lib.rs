@@ -12,8 +12,8 @@ pub mod model;
 pub mod quiesce;
 
 pub use config::{
-    Config, ConfigError, DEFAULT_CGROUP_PARENT, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, HealthProbe,
-    HostFacts, ServiceSettings,
+    Config, ConfigError, DEFAULT_CGROUP_PARENT, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, FrontKind,
+    FrontSettings, HealthProbe, HostFacts, ServiceSettings,
 };
 pub use error::chain as error_chain;
 pub use model::*;

@@ -112,6 +112,10 @@ impl<'a> Orchestrator<'a> {
         })?;
         crate::service::health(&self.settings.service)?;
         crate::service::hooks_present(self.backend, &active, &self.settings.service, req.mode)?;
+        if let Some(front) = crate::front::of(&self.settings.service) {
+            let at = std::net::SocketAddr::from((service.addr, self.settings.service.port));
+            crate::front::check(&front, at, req.mode)?;
+        }
         let from = crate::access::endpoint(self.backend, &active)?;
         if !network::service_is_on(self.config, req.mode, &from, service.addr)? {
             return Err(OrchestratorError::BadInput(match req.mode {

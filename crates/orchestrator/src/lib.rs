@@ -15,6 +15,7 @@
 //! switch, with the application disk's final catch-up and the service restart on the standby
 //! inside the switch window → the old LC is stopped and kept intact as the rollback target.
 
+pub mod front;
 pub mod install;
 pub mod journal;
 pub mod malware;

@@ -29,10 +29,13 @@ fn resume_service(o: &Orchestrator<'_>, lc: &patchover_core::LcSpec) {
     let r = endpoint(o.backend, lc)
         .map_err(|e| patchover_core::error::chain(&e))
         .and_then(|ep| {
+            // The front too: a run that died with it paused leaves its clients waiting.
+            let front = crate::front::of(&o.settings.service);
             let mut ctl = crate::service::LcServiceControl {
                 backend: o.backend,
                 lcs: &o.config.lcs,
                 settings: &o.settings.service,
+                front: front.as_ref().map(|f| f as &dyn patchover_front::Front),
             };
             patchover_net::ServiceControl::resume(&mut ctl, &ep).map_err(|e| e.to_string())
         });
@@ -59,6 +62,7 @@ fn forward_held(
         backend: o.backend,
         lcs: &o.config.lcs,
         settings: &o.settings.service,
+        front: None,
     };
     let target = std::net::SocketAddr::from((to.address.addr, o.settings.service.port));
     if let Err(e) = patchover_net::ServiceControl::forward(&mut ctl, &from, target) {
@@ -284,6 +288,7 @@ fn network_back(
                 backend: o.backend,
                 lcs: &o.config.lcs,
                 settings: &o.settings.service,
+                front: None,
             };
             if let Err(e) = patchover_net::ServiceControl::unpark(&mut ctl, &ep) {
                 tracing::warn!(lc = %a.id, error = %e, "cannot unpark the old service (it resumes by itself when its park expires)");

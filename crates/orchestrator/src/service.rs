@@ -69,6 +69,8 @@ fn hooks_of(
         ("restart", &settings.restart[..]),
         ("drain", &settings.drain[..]),
         ("resume", &settings.resume[..]),
+        ("stop", &settings.stop[..]),
+        ("cut_check", &settings.cut_check[..]),
     ];
     // A command check's program is run in the LC too.
     if let Some(patchover_core::HealthProbe::Command { argv, .. }) = &settings.health {
@@ -173,11 +175,14 @@ fn fetch(
 }
 
 /// The switcher's [`patchover_net::ServiceControl`]: runs the configured drain and resume
-/// commands inside the LC an endpoint names.
+/// commands inside the LC an endpoint names, and pauses and resumes the front with them
+/// (`[service.front]`, docs/postgres.md).
 pub struct LcServiceControl<'a> {
     pub backend: &'a dyn patchover_lc::LcBackend,
     pub lcs: &'a [patchover_core::LcSpec],
     pub settings: &'a ServiceSettings,
+    /// Paused after the drain command, resumed after the resume command.
+    pub front: Option<&'a dyn patchover_front::Front>,
 }
 
 impl LcServiceControl<'_> {
@@ -218,11 +223,25 @@ impl LcServiceControl<'_> {
 }
 
 impl patchover_net::ServiceControl for LcServiceControl<'_> {
+    /// The drain command, then the front's pause: its running transactions finish, new ones
+    /// wait, and it closes its connections to the old LC (which the switcher then waits for).
     fn drain(&mut self, ep: &patchover_net::Endpoint) -> Result<(), patchover_net::BoxError> {
-        self.run(ep, &self.settings.drain)
+        self.run(ep, &self.settings.drain)?;
+        if let Some(front) = self.front {
+            let took = front.pause()?;
+            tracing::info!(front = %front.describe(), ms = took.as_millis() as u64, "front paused");
+        }
+        Ok(())
     }
+    /// The resume command (a service stopped in the window starts again), then the front's
+    /// resume; both are tried, the first failure is returned.
     fn resume(&mut self, ep: &patchover_net::Endpoint) -> Result<(), patchover_net::BoxError> {
-        self.run(ep, &self.settings.resume)
+        let hook = self.run(ep, &self.settings.resume);
+        let front = match self.front {
+            Some(f) => f.resume().map(|_| ()).map_err(Into::into),
+            None => Ok(()),
+        };
+        hook.and(front)
     }
     fn park(&mut self, ep: &patchover_net::Endpoint) -> Result<(), patchover_net::BoxError> {
         self.hand_off(ep, "park", &self.settings.park)
@@ -379,6 +398,43 @@ mod tests {
                 .contains("[service] health: pg_isready is not in LC lc1"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_front_is_paused_after_the_drain_and_resumed_after_the_resume_command() {
+        use crate::front::fake::FakeFront;
+        use crate::step::fake::Bed;
+        use patchover_net::ServiceControl;
+        let bed = Bed::new();
+        let mut s = bed.settings.service.clone();
+        s.drain = vec!["drain-it".into()];
+        s.resume = vec!["start-it".into()];
+        let front = FakeFront::default();
+        let ep = bed.run.from.clone();
+        let mut ctl = LcServiceControl {
+            backend: &bed.backend,
+            lcs: &bed.config.lcs,
+            settings: &s,
+            front: Some(&front),
+        };
+        ctl.drain(&ep).unwrap();
+        assert_eq!(*front.calls.borrow(), ["pause"]);
+        assert!(bed.backend.calls().iter().any(|c| c == "exec lc1 drain-it"));
+        // A failed resume command still resumes the front; the command's failure is returned.
+        bed.backend.exec_status(1, b"cannot start");
+        let e = ctl.resume(&ep).unwrap_err();
+        assert!(e.to_string().contains("cannot start"), "{e}");
+        assert_eq!(*front.calls.borrow(), ["pause", "resume"]);
+        assert!(!*front.paused.borrow());
+        // A pause that runs out fails the drain (the switch rolls back).
+        let slow = FakeFront {
+            pause_fails: true,
+            ..FakeFront::default()
+        };
+        ctl.front = Some(&slow);
+        bed.backend.exec_status(0, b"");
+        let e = ctl.drain(&ep).unwrap_err();
+        assert!(e.to_string().contains("pause deadline"), "{e}");
     }
 
     #[test]

@@ -26,6 +26,8 @@ macro_rules! ensure {
 
 pub mod cycle;
 pub mod demo;
+pub mod pgdemo;
+pub mod postgres;
 pub mod soak;
 
 /// The demo or a benchmark could not run, or was cut short.

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::front::{FrontSettings, RawFront};
 use super::{ConfigError, Validator};
 
 /// The validated `[service]` section.
@@ -51,6 +52,18 @@ pub struct ServiceSettings {
     pub forward: Vec<String>,
     /// Moment: a hand-off called off before `forward`. Target: the old LC. Undoes `park`.
     pub unpark: Vec<String>,
+    /// Moment: in the switch window, first in the old LC (before the application disk's final
+    /// cut), then in the standby (before the cut is attached there). Stop the service cleanly,
+    /// so that its data on the disk is complete (a database's shutdown checkpoint); succeed when
+    /// it is not running. The old LC's is undone by `resume` on a rollback. Empty: not run.
+    pub stop: Vec<String>,
+    /// Moment: in the switch window, in the old LC after `stop` and in the standby after the cut
+    /// is attached. Both must exit 0 and print the same: the data the standby starts from is
+    /// the data the old service left (e.g. a database cluster's state and checkpoint). Empty:
+    /// not run.
+    pub cut_check: Vec<String>,
+    /// `[service.front]`: the connection front paused around the switch (docs/postgres.md).
+    pub front: Option<FrontSettings>,
 }
 
 /// How patchover checks that the service answers on an LC. Every kind is made from inside the
@@ -101,6 +114,9 @@ impl Default for ServiceSettings {
             park: Vec::new(),
             forward: Vec::new(),
             unpark: Vec::new(),
+            stop: Vec::new(),
+            cut_check: Vec::new(),
+            front: None,
         }
     }
 }
@@ -117,6 +133,9 @@ pub(super) struct RawService {
     park: Option<Spanned<Vec<String>>>,
     forward: Option<Spanned<Vec<String>>>,
     unpark: Option<Spanned<Vec<String>>>,
+    stop: Option<Spanned<Vec<String>>>,
+    cut_check: Option<Spanned<Vec<String>>>,
+    front: Option<Spanned<RawFront>>,
 }
 
 #[derive(Deserialize)]
@@ -176,6 +195,9 @@ impl Validator<'_> {
             park: plain(park),
             forward: plain(forward),
             unpark: plain(unpark),
+            stop: plain(self.hook(raw.stop, "service.stop")?),
+            cut_check: plain(self.hook(raw.cut_check, "service.cut_check")?),
+            front: raw.front.map(|f| self.front(f)).transpose()?,
         })
     }
 

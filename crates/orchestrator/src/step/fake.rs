@@ -27,6 +27,8 @@ struct State {
     unreadable_live: bool,
     catch_up: bool,
     exec: Option<(i32, Vec<u8>, Vec<u8>)>,
+    /// Answers of commands in one LC, before `exec`.
+    exec_in: std::collections::HashMap<String, (i32, Vec<u8>, Vec<u8>)>,
     agent: Option<PathBuf>,
 }
 
@@ -81,6 +83,14 @@ impl FakeBackend {
 
     pub fn exec_answers(&self, stdout: &[u8], stderr: &[u8]) {
         self.with(|s| s.exec = Some((0, stdout.to_vec(), stderr.to_vec())));
+    }
+
+    /// Commands in `lc` answer this (status, stdout) from now on.
+    pub fn exec_in(&self, lc: &str, status: i32, stdout: &[u8]) {
+        self.with(|s| {
+            s.exec_in
+                .insert(lc.to_owned(), (status, stdout.to_vec(), b"(fake)".to_vec()))
+        });
     }
 
     pub fn exec_status(&self, status: i32, stderr: &[u8]) {
@@ -253,7 +263,9 @@ impl LcBackend for FakeBackend {
     }
     fn exec(&self, spec: &LcSpec, argv: &[String], _: Stdio) -> Result<ExecOutput, LcError> {
         self.call("exec", format!("exec {} {}", spec.id, argv.join(" ")))?;
-        let (status, stdout, stderr) = self.with(|s| s.exec.clone()).unwrap_or_default();
+        let (status, stdout, stderr) = self
+            .with(|s| s.exec_in.get(spec.id.as_str()).cloned().or(s.exec.clone()))
+            .unwrap_or_default();
         Ok(ExecOutput {
             status: Some(status),
             stdout,

@@ -1,7 +1,9 @@
 //! The network switch (seed claims 4/5, fig. 13–17; embodiment 2, fig. 21–26), done by
-//! `patchover_net::switch`. Inside its window, with new requests held: the application disk's
-//! final cut, the disk attached under the standby's service, the service restarted there and
-//! answering. The switcher rolls itself back on any failure; the run is then `rolled-back`.
+//! `patchover_net::switch`. Inside its window, with new requests held (and the front paused,
+//! `[service.front]`): the old service stopped cleanly, the application disk's final cut, the
+//! disk attached under the standby's service and checked against what the old one left, the
+//! service restarted there and answering. The switcher rolls itself back on any failure; the
+//! run is then `rolled-back`. After a switch the front reconnects and resumes.
 
 use std::time::Duration;
 
@@ -44,16 +46,21 @@ pub(super) fn run(
         patchover_net::health::own_address(&*lc, &to.iface, to.address.addr)?;
         Ok(())
     };
+    let front = crate::front::of(svc);
+    let front = front.as_ref().map(|f| f as &dyn patchover_front::Front);
     let mut ctl = LcServiceControl {
         backend,
         lcs: &o.config.lcs,
         settings: svc,
+        front,
     };
     let mut hooks = Hooks {
         service: &mut ctl,
         in_window: &mut in_window,
     };
-    let sw = patchover_net::switch(&plan, &mut hooks).inspect_err(|e| {
+    let switched = patchover_net::switch(&plan, &mut hooks);
+    let front_released = front.map(|f| after_switch(f, switched.is_ok()));
+    let sw = switched.inspect_err(|e| {
         if matches!(e, patchover_net::SwitchError::RolledBack { .. }) {
             run.report.outcome = "rolled-back".into();
         }
@@ -66,9 +73,28 @@ pub(super) fn run(
         run.report.freeze_ms = r.freeze_ms;
         detail["cut_app_disk"] = r.detail;
     }
+    if let Some(released) = front_released {
+        detail["front_released"] = serde_json::json!(released.is_ok());
+        if let Err(e) = released {
+            detail["front_error"] = e.into();
+        }
+    }
     run.refresh = sw.refresh;
     run.report.outcome = "switched".into();
     Ok(detail)
+}
+
+/// The front after the switch: released onto the standby, or (a failed switch; its rollback
+/// already resumed it) resumed once more, which does nothing when it is not paused.
+fn after_switch(front: &dyn patchover_front::Front, switched: bool) -> Result<(), String> {
+    if switched {
+        return crate::front::release(front);
+    }
+    front
+        .resume()
+        .map(|_| ())
+        .map_err(|e| patchover_core::error::chain(&e))
+        .inspect_err(|e| tracing::error!(front = %front.describe(), error = %e, "cannot resume the front after a failed switch; its clients wait until it is resumed"))
 }
 
 /// What the switcher is asked to do.
@@ -106,8 +132,10 @@ fn plan(o: &Orchestrator<'_>, run: &Run) -> Result<SwitchPlan, OrchestratorError
     })
 }
 
-/// In the switch window: the application disk's copy is cut (complete as of now), goes under
-/// the standby's service, and the service restarts there so it reads the data as of the cut.
+/// In the switch window: the old service stops cleanly (`stop`), the application disk's copy
+/// is cut (complete as of now), goes under the standby's service (its own stopped first), is
+/// checked to be what the old service left (`cut_check`), and the service restarts there so it
+/// reads the data as of the cut. A hook not configured is not run.
 pub(super) fn take_over(
     backend: &dyn LcBackend,
     svc: &ServiceSettings,
@@ -115,28 +143,50 @@ pub(super) fn take_over(
     standby: &LcSpec,
     follow: Option<LiveCopy>,
 ) -> Result<Option<CutDone>, patchover_net::BoxError> {
+    hook(backend, active, "stop", &svc.stop)?;
+    let left = hook(backend, active, "cut_check", &svc.cut_check)?;
     let cut = match follow {
         Some(f) => Some(f.cut(backend, active)?),
         None => None,
     };
+    hook(backend, standby, "stop", &svc.stop)?;
     if let Some(d) = &standby.app_disk {
         backend.attach_disk(standby, &d.path, &d.mount)?;
     }
-    // Not configured: not run (a service that needs no restart to read the cut data).
-    if svc.restart.is_empty() {
-        return Ok(cut);
+    let found = hook(backend, standby, "cut_check", &svc.cut_check)?;
+    if found != left {
+        return Err(format!(
+            "[service] cut_check: the standby {} found {found:?} on the cut, but the old LC {} left {left:?}: the cut is not the data the old service left",
+            standby.id, active.id
+        )
+        .into());
     }
-    let out = backend.exec(standby, &svc.restart, Stdio::Capture)?;
+    hook(backend, standby, "restart", &svc.restart)?;
+    Ok(cut)
+}
+
+/// Runs the hook `argv` in `lc` (not configured: not run, nothing printed); returns what it
+/// printed, trimmed. A status other than 0 fails it with its standard error.
+fn hook(
+    backend: &dyn LcBackend,
+    lc: &LcSpec,
+    name: &str,
+    argv: &[String],
+) -> Result<String, patchover_net::BoxError> {
+    if argv.is_empty() {
+        return Ok(String::new());
+    }
+    let out = backend.exec(lc, argv, Stdio::Capture)?;
     if out.status != Some(0) {
         return Err(format!(
-            "{:?} exited with {:?}: {}",
-            svc.restart,
+            "[service] {name} {argv:?} in {} exited with {:?}: {}",
+            lc.id,
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         )
         .into());
     }
-    Ok(cut)
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// The later announcements of the service address (`[garp] refresh_after`) come from a
@@ -189,6 +239,102 @@ mod tests {
         };
         assert!(at("cut lc1") < at("attach_disk lc2"));
         assert!(at("attach_disk lc2") < at("exec lc2 /etc/init.d/S50demo restart"));
+    }
+
+    fn window_with(bed: &mut Bed) -> Result<(), String> {
+        let follow = bed.run.follow.take();
+        let standby = bed.run.standby.clone().unwrap();
+        take_over(
+            &bed.backend,
+            &bed.settings.service,
+            &bed.run.active,
+            &standby,
+            follow,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+
+    fn stop_and_check(bed: &mut Bed) {
+        bed.step(Step::StandbySearch).unwrap();
+        bed.step(Step::CopyAppDisk).unwrap();
+        bed.step(Step::BootStandby).unwrap();
+        bed.settings.service.stop = vec!["pg-stop".into()];
+        bed.settings.service.cut_check = vec!["pg-state".into()];
+    }
+
+    #[test]
+    fn the_old_service_stops_before_the_cut_and_the_standby_finds_what_it_left() {
+        let mut bed = Bed::new();
+        bed.backend.running(&["lc1"]);
+        stop_and_check(&mut bed);
+        bed.backend
+            .exec_in("lc1", 0, b"state: shut down\ncheckpoint 0/1A\n");
+        bed.backend
+            .exec_in("lc2", 0, b"state: shut down\ncheckpoint 0/1A");
+        window_with(&mut bed).unwrap();
+        let calls = bed.backend.calls();
+        let at = |s: &str| {
+            calls
+                .iter()
+                .position(|c| c == s || c.starts_with(&format!("{s} ")))
+                .unwrap_or_else(|| panic!("{s}: {calls:?}"))
+        };
+        let order = [
+            "exec lc1 pg-stop",
+            "exec lc1 pg-state",
+            "cut lc1",
+            "exec lc2 pg-stop",
+            "attach_disk lc2",
+            "exec lc2 pg-state",
+            "exec lc2 /etc/init.d/S50demo restart",
+        ];
+        for w in order.windows(2) {
+            assert!(at(w[0]) < at(w[1]), "{} before {}: {calls:?}", w[0], w[1]);
+        }
+    }
+
+    #[test]
+    fn a_cut_that_is_not_what_the_old_service_left_is_refused_before_the_restart() {
+        let mut bed = Bed::new();
+        bed.backend.running(&["lc1"]);
+        stop_and_check(&mut bed);
+        bed.backend.exec_in("lc1", 0, b"state: shut down");
+        bed.backend.exec_in("lc2", 0, b"state: in production");
+        let e = window_with(&mut bed).unwrap_err();
+        assert!(
+            e.contains("the standby lc2 found \"state: in production\" on the cut, but the old LC lc1 left \"state: shut down\""),
+            "{e}"
+        );
+        let calls = bed.backend.calls();
+        assert!(!calls.iter().any(|c| c.contains("S50demo")), "{calls:?}");
+    }
+
+    #[test]
+    fn an_old_service_that_did_not_stop_cleanly_fails_the_window_before_the_cut() {
+        let mut bed = Bed::new();
+        bed.backend.running(&["lc1"]);
+        stop_and_check(&mut bed);
+        bed.backend
+            .exec_in("lc1", 1, b"Database cluster state: in production");
+        let e = window_with(&mut bed).unwrap_err();
+        assert!(
+            e.contains("[service] stop [\"pg-stop\"] in lc1 exited with Some(1)"),
+            "{e}"
+        );
+        // A stop that "succeeds" but leaves the cluster in production: its cut_check fails.
+        bed.settings.service.stop.clear();
+        let e = window_with(&mut bed).unwrap_err();
+        assert!(
+            e.contains("[service] cut_check [\"pg-state\"] in lc1 exited with Some(1)"),
+            "{e}"
+        );
+        let calls = bed.backend.calls();
+        assert!(!calls.iter().any(|c| c.starts_with("cut lc1")), "{calls:?}");
+        assert!(
+            !calls.iter().any(|c| c.starts_with("attach_disk")),
+            "{calls:?}"
+        );
     }
 
     #[test]

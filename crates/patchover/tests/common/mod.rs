@@ -235,6 +235,12 @@ impl Topo {
     }
 
     pub fn write_config(&self, extra: &str) {
+        self.write_config_with(&with_demo_service(extra));
+    }
+
+    /// The config with `extra` as it is: a `[service]` there is the whole service (no demo
+    /// keys are added).
+    pub fn write_config_with(&self, extra: &str) {
         let mut text = format!(
             "state_dir = \"{d}/state\"\nrun_dir = \"{d}/run\"\ncgroup_parent = \"{cg}\"\n\n[network]\nbridge = \"{br}\"\nservice_address = \"{svc}/24\"\nbridge_address = \"10.77.{n}.1/24\"\n",
             d = self.dir.path().display(),
@@ -278,7 +284,7 @@ impl Topo {
                 app.display(),
             ));
         }
-        text.push_str(&with_demo_service(extra));
+        text.push_str(extra);
         fs::write(&self.config, text).unwrap();
     }
 
