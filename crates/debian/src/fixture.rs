@@ -113,6 +113,65 @@ pub fn build_deb(p: &Pkg, out_dir: &Path) -> PathBuf {
     deb
 }
 
+/// A rebuild of `package` as installed in the Debian tree `root` (`dpkg-repack`: the same
+/// files, control fields and maintainer scripts) at `version`, with a changelog entry of
+/// `urgency` on top: an update of a real package (a local security rebuild, say) that
+/// changes nothing but its version. Written into `out_dir`; returns the `.deb`.
+pub fn repack(root: &Path, package: &str, version: &str, urgency: &str, out_dir: &Path) -> PathBuf {
+    let t = tempfile::tempdir().unwrap();
+    sh(Command::new("dpkg-repack")
+        .current_dir(t.path())
+        .arg("--generate")
+        .arg(format!("--root={}", root.display()))
+        .arg(package));
+    let tree = fs::read_dir(t.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("DEBIAN/control").is_file())
+        .expect("dpkg-repack made no tree");
+    let control = fs::read_to_string(tree.join("DEBIAN/control")).unwrap();
+    let mut arch = String::new();
+    let control: String = control
+        .lines()
+        .map(|l| {
+            if let Some(a) = l.strip_prefix("Architecture: ") {
+                arch = a.trim().to_owned();
+            }
+            match l.starts_with("Version: ") {
+                true => format!("Version: {version}\n"),
+                false => format!("{l}\n"),
+            }
+        })
+        .collect();
+    fs::write(tree.join("DEBIAN/control"), control).unwrap();
+    // The changed changelog would not match the old sums; the file is optional.
+    let _ = fs::remove_file(tree.join("DEBIAN/md5sums"));
+    let doc = tree.join(format!("usr/share/doc/{package}"));
+    let log = doc.join("changelog.Debian.gz");
+    let old = match log.is_file() {
+        true => sh(Command::new("gzip").arg("-dc").arg(&log)),
+        false => Vec::new(),
+    };
+    fs::create_dir_all(&doc).unwrap();
+    let mut text = format!(
+        "{package} ({version}) bookworm-security; urgency={urgency}\n\n  * Rebuilt for patchover's tests.\n\n -- patchover tests <tests@example.invalid>  Mon, 07 Dec 2026 10:00:00 +0000\n\n"
+    )
+    .into_bytes();
+    text.extend_from_slice(&old);
+    let _ = fs::remove_file(&log);
+    fs::write(doc.join("changelog.Debian"), text).unwrap();
+    sh(Command::new("gzip")
+        .args(["-9n"])
+        .arg(doc.join("changelog.Debian")));
+    fs::create_dir_all(out_dir).unwrap();
+    let deb = out_dir.join(format!("{package}_{version}_{arch}.deb"));
+    sh(Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-Zgzip", "-b"])
+        .arg(&tree)
+        .arg(&deb));
+    deb
+}
+
 /// The archive: `pool/`, `dists/SUITE/`, a key, and the HTTP server.
 pub struct TestArchive {
     pub dir: tempfile::TempDir,
@@ -127,14 +186,30 @@ pub struct TestArchive {
 impl TestArchive {
     /// An archive for `suite` with `packages`, signed and served.
     pub fn new(suite: &str, packages: &[Pkg]) -> TestArchive {
+        TestArchive::with_pool(suite, |pool| {
+            for p in packages {
+                build_deb(p, pool);
+            }
+        })
+    }
+
+    /// An archive for `suite` serving `debs` built elsewhere (e.g. by [`repack`]).
+    pub fn of_debs(suite: &str, debs: &[PathBuf]) -> TestArchive {
+        TestArchive::with_pool(suite, |pool| {
+            fs::create_dir_all(pool).unwrap();
+            for d in debs {
+                fs::copy(d, pool.join(d.file_name().unwrap())).unwrap();
+            }
+        })
+    }
+
+    fn with_pool(suite: &str, fill: impl FnOnce(&Path)) -> TestArchive {
         let dir = tempfile::Builder::new()
             .prefix("po-apt-")
             .tempdir()
             .unwrap();
         let d = dir.path();
-        for p in packages {
-            build_deb(p, &d.join("www/pool/main"));
-        }
+        fill(&d.join("www/pool/main"));
         let keyring = d.join("archive-key.gpg");
         make_key(&d.join("gnupg"), &keyring);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -281,6 +356,30 @@ fn make_key(home: &Path, public: &Path) {
 }
 
 /// A minimal HTTP/1.1 file server: GET of files under `www`, one request per connection.
+/// `%XX` escapes decoded (apt escapes the `+` of a version such as `1.0+po1` as `%2b`); a
+/// malformed escape is kept as it is.
+fn percent_decoded(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn serve(listener: TcpListener, www: &Path, stop: &AtomicBool) {
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
@@ -305,7 +404,8 @@ fn serve(listener: TcpListener, www: &Path, stop: &AtomicBool) {
         }
         let mut words = request.split_whitespace();
         let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or("/"));
-        let rel = path.split('?').next().unwrap_or("").trim_start_matches('/');
+        let rel = percent_decoded(path.split('?').next().unwrap_or(""));
+        let rel = rel.trim_start_matches('/');
         let file = (!rel.split('/').any(|c| c == ".."))
             .then(|| www.join(rel))
             .filter(|f| f.is_file())

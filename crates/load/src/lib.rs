@@ -15,6 +15,7 @@ pub mod server;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -79,6 +80,33 @@ pub struct LoadConfig {
     pub deadline: Duration,
     /// Network namespace the client sockets live in (`None`: this process's).
     pub netns: Option<PathBuf>,
+    /// Ends the run early: no request is sent once it is set (those already sent finish), so a
+    /// caller whose work takes an unknown time keeps the load on exactly as long as it needs.
+    #[serde(skip)]
+    pub stop: StopFlag,
+}
+
+/// A flag another thread sets to end a load run before its duration ([`LoadConfig::stop`]).
+#[derive(Debug, Clone, Default)]
+pub struct StopFlag(Arc<AtomicBool>);
+
+impl StopFlag {
+    /// Asks the run to send no more requests.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A stop flag is how a run is driven, not what it sends: two configs compare equal whatever
+/// their flags.
+impl PartialEq for StopFlag {
+    fn eq(&self, _: &StopFlag) -> bool {
+        true
+    }
 }
 
 impl LoadConfig {
@@ -99,6 +127,7 @@ impl LoadConfig {
             connections,
             deadline: Duration::from_secs(1),
             netns: None,
+            stop: StopFlag::default(),
         })
     }
 }
@@ -366,6 +395,9 @@ async fn drive(cfg: LoadConfig) -> LoadReport {
     for i in 0..n {
         let due = start + Duration::from_secs_f64(i as f64 * interval);
         tokio::time::sleep_until(due).await;
+        if cfg.stop.is_stopped() {
+            break;
+        }
         max_lag = max_lag.max(tokio::time::Instant::now().saturating_duration_since(due));
         let keepalive = match cfg.connections {
             ConnMode::New => false,
@@ -400,6 +432,7 @@ async fn drive(cfg: LoadConfig) -> LoadReport {
         }));
     }
     let sent_for = start.elapsed();
+    let sent = tasks.len() as u64;
     let mut samples = Vec::with_capacity(tasks.len());
     for t in tasks {
         if let Ok(s) = t.await {
@@ -410,8 +443,12 @@ async fn drive(cfg: LoadConfig) -> LoadReport {
     let summary = Summary::of(&samples);
     LoadReport {
         rate: cfg.rate,
-        duration_s: cfg.duration.as_secs_f64(),
-        achieved_rate: n as f64 / (sent_for.as_secs_f64() + interval),
+        // Stopped early: as long as it sent.
+        duration_s: match sent < n {
+            true => sent_for.as_secs_f64(),
+            false => cfg.duration.as_secs_f64(),
+        },
+        achieved_rate: sent as f64 / (sent_for.as_secs_f64() + interval),
         max_send_lag_ms: max_lag.as_secs_f64() * 1000.0,
         summary,
         timeline: timeline(&samples),

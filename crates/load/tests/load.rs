@@ -105,3 +105,28 @@ fn draining_keepalive_server_causes_no_failure() {
     assert_eq!(r.summary.total, 1500);
     assert_eq!(r.summary.failed_total, 0, "{:?}", r.summary.failed);
 }
+
+/// A run with a long duration ends when its stop flag is set: requests already sent finish
+/// and are counted, none is sent after, and the report says how long it really ran.
+#[test]
+fn a_stopped_run_ends_early_and_counts_what_it_sent() {
+    let srv = local_server("v1");
+    let c = cfg(srv.addr, 200.0, 60_000, ConnMode::Mixed);
+    let stop = c.stop.clone();
+    let started = std::time::Instant::now();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        stop.stop();
+    });
+    let r = run(&c).unwrap();
+    stopper.join().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!((50..=200).contains(&r.summary.total), "{}", r.summary.total);
+    assert_eq!(r.summary.ok, r.summary.total, "{:?}", r.summary.failed);
+    assert!(r.duration_s < 5.0, "{}", r.duration_s);
+    assert!(r.achieved_rate > 100.0, "{}", r.achieved_rate);
+}

@@ -21,12 +21,36 @@ use patchover_lc::LcBackend;
 use patchover_net::Mode;
 use serde_json::json;
 
+/// The service a demo patches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Service {
+    /// The project's demo service on busybox LCs (fast; the tests' and benchmarks' world).
+    #[default]
+    Demo,
+    /// Debian's nginx, unmodified, on Debian LCs, with its real pending updates
+    /// ([`crate::nginx`]).
+    Nginx,
+    // A next real service: a `Profile` in its own module beside `nginx` (on the
+    // `debian_world`), a variant here, its name in `parse_service` and `run`.
+}
+
+/// `demo` or `nginx`.
+pub fn parse_service(s: &str) -> Result<Service, String> {
+    match s {
+        "demo" => Ok(Service::Demo),
+        "nginx" => Ok(Service::Nginx),
+        _ => Err(format!("unknown service {s:?}: use demo or nginx")),
+    }
+}
+
 /// What `patchover demo` does (its options).
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
+    pub service: Service,
     /// Where the demo keeps its config, disks, keys and state (wiped at the start).
     pub dir: PathBuf,
-    pub mode: Mode,
+    /// The switch mode; `None`: the service's default (`readdress` for the demo service).
+    pub mode: Option<Mode>,
     /// Read requests per second of the load (GET /version, new and keep-alive connections).
     pub rate: f64,
     /// Keep the LCs running after the demo (to look around with `patchover lc …`).
@@ -38,6 +62,18 @@ pub struct DemoOptions {
     /// A request that takes this long counts as failed (default 2000 ms; 5000 ms on qemu,
     /// whose switch pause under TCG is 1–2 s: requests are held, not dropped).
     pub deadline_ms: Option<u64>,
+    /// Real services: where the updates come from (`bundle from-apt --source`); empty: the
+    /// host's apt sources for the LC's suite, `-updates` and `-security`.
+    pub sources: Vec<patchover_debian::sources::Source>,
+    /// Real services: bundle every pending update of the LC, not only the service's packages.
+    pub all_updates: bool,
+    /// Real services: patch → rollback cycles under load (each with its own clients).
+    pub cycles: u32,
+    /// Real services: connections of each of the two wrk runs.
+    pub wrk_connections: u32,
+    /// Real services: each wrk connection's pause between an answer and its next request
+    /// (0: as fast as wrk can).
+    pub wrk_delay_ms: u32,
 }
 
 /// `ns` or `qemu`.
@@ -66,6 +102,47 @@ fn instance(dir: &Path) -> String {
 /// The client's named network namespace.
 fn client_ns(dir: &Path) -> String {
     format!("podemo-c-{}", instance(dir))
+}
+
+/// A demo's names and addresses on the host: its bridge and /24 (`NET.1` the host, `.10` the
+/// service, `.1N` LC N, `.200` the client), and a client host (a named network namespace and
+/// the host's end of its veth; in `seamless` mode routed through the host on `CLIENT_NET`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Net {
+    pub bridge: String,
+    /// The first three octets of the LCs' /24.
+    pub net: String,
+    /// The first three octets of the routed client's /24 (`seamless`).
+    pub client_net: String,
+    pub client_veth: String,
+    pub client_ns: String,
+}
+
+impl Net {
+    /// The busybox demo's names: fixed, so its README lines and the soak's census name them.
+    pub fn busybox(dir: &Path) -> Net {
+        Net {
+            bridge: BRIDGE.to_owned(),
+            net: NET.to_owned(),
+            client_net: CLIENT_NET.to_owned(),
+            client_veth: "podemocli".to_owned(),
+            client_ns: client_ns(dir),
+        }
+    }
+
+    /// The service address.
+    pub fn service(&self, port: u16) -> Result<SocketAddr, ShowcaseError> {
+        Ok(format!("{}.10:{port}", self.net).parse()?)
+    }
+
+    /// The `[network]` section of a demo's config.
+    pub fn config_section(&self) -> String {
+        format!(
+            "[network]\nbridge = \"{b}\"\nbridge_address = \"{n}.1/24\"\nservice_address = \"{n}.10/24\"\n",
+            b = self.bridge,
+            n = self.net
+        )
+    }
 }
 
 /// The LCs' cgroup parent.
@@ -136,14 +213,15 @@ impl Layout {
 /// The NIC line of demo LC `n` (1 or 2) for a switch mode: own addresses (`readdress`), the
 /// same MAC and the service address on both (`path`), or own addresses with the host as
 /// gateway (`seamless`: clients are routed through the host's NAT).
-fn nic_line(mode: Mode, n: u8) -> String {
+pub fn nic_line(net: &Net, mode: Mode, n: u8) -> String {
+    let net = &net.net;
     match mode {
-        Mode::Readdress => format!("{{ name = \"eth0\", address = \"{NET}.1{n}/24\" }}"),
+        Mode::Readdress => format!("{{ name = \"eth0\", address = \"{net}.1{n}/24\" }}"),
         Mode::Path => {
-            format!("{{ name = \"eth0\", address = \"{NET}.10/24\", mac = \"02:50:4f:de:00:0a\" }}")
+            format!("{{ name = \"eth0\", address = \"{net}.10/24\", mac = \"02:50:4f:de:00:0a\" }}")
         }
         Mode::Seamless => {
-            format!("{{ name = \"eth0\", address = \"{NET}.1{n}/24\", gateway = \"{NET}.1\" }}")
+            format!("{{ name = \"eth0\", address = \"{net}.1{n}/24\", gateway = \"{net}.1\" }}")
         }
     }
 }
@@ -155,17 +233,14 @@ fn write_config(
     mode: Mode,
 ) -> Result<PathBuf, ShowcaseError> {
     let d = dir.display();
+    let net = Net::busybox(dir);
     let text = format!(
         r#"# Written by `patchover demo`.
 state_dir = "{d}/state"
 run_dir = "{d}/run"
 cgroup_parent = "{cg}"
 
-[network]
-bridge = "{BRIDGE}"
-bridge_address = "{NET}.1/24"
-service_address = "{NET}.10/24"
-
+{network}
 [bundles]
 trusted_keys = ["{pk}"]
 
@@ -201,8 +276,9 @@ app_disk = {{ path = "{app2}", mount = "/data" }}
 nic = [{nic2}]
 "#,
         cg = cgroup_parent(dir),
-        nic1 = nic_line(mode, 1),
-        nic2 = nic_line(mode, 2),
+        network = net.config_section(),
+        nic1 = nic_line(&net, mode, 1),
+        nic2 = nic_line(&net, mode, 2),
         pk = pubkey.display(),
         boot = l.boot,
         sys1 = l.sys1.display(),
@@ -333,17 +409,29 @@ fn stop_previous(dir: &Path) {
                 .output();
         }
     }
+    remove_net(&Net::busybox(dir));
+}
+
+/// Removes a demo's client host, bridge and the switcher's rules for its service address
+/// (kept after a switch on purpose); what is not there is passed over.
+pub fn remove_net(net: &Net) {
+    remove_client(net);
     let _ = Command::new("ip")
-        .args(["netns", "del", &client_ns(dir)])
+        .args(["link", "del", &net.client_veth])
         .output();
     let _ = Command::new("ip")
-        .args(["link", "del", "podemocli"])
+        .args(["link", "del", &net.bridge])
         .output();
-    let _ = Command::new("ip").args(["link", "del", BRIDGE]).output();
-    // The switcher's rules for the demo's service address (kept after a switch on purpose).
-    if let Ok(ip) = format!("{NET}.10").parse() {
+    if let Ok(ip) = format!("{}.10", net.net).parse() {
         let _ = patchover_net::teardown(None, ip);
     }
+}
+
+/// Removes the client's network namespace (its veth goes with it).
+pub fn remove_client(net: &Net) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", &net.client_ns])
+        .output();
 }
 
 /// The demo's world, ready: two LCs configured, lc1 booted with the service address, a signed
@@ -459,22 +547,26 @@ sha256 = "{new}"
         }
     }
 
+    let net = Net::busybox(dir);
+    let netns = add_client(&net, mode)?;
+    let service = net.service(80)?;
+
+    Ok(Prepared {
+        config_path,
+        seckey,
+        netns,
+        service,
+    })
+}
+
+/// Makes the demo's client host for `mode` (see [`Net`]); returns its network namespace.
+pub fn add_client(net: &Net, mode: Mode) -> Result<PathBuf, ShowcaseError> {
     // A client host: on the bridge, or (seamless) behind the host, which routes and NATs.
-    let cns = client_ns(dir);
-    let cns = cns.as_str();
+    let cns = net.client_ns.as_str();
+    let (veth, bridge) = (net.client_veth.as_str(), net.bridge.as_str());
     sh(&["ip", "netns", "add", cns])?;
     sh(&[
-        "ip",
-        "link",
-        "add",
-        "podemocli",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        cns,
+        "ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", cns,
     ])?;
     let client_addr = if mode == Mode::Seamless {
         // Forwarding for the demo's own two interfaces only; the host's setting stays.
@@ -482,19 +574,19 @@ sha256 = "{new}"
             "ip",
             "addr",
             "add",
-            &format!("{CLIENT_NET}.1/24"),
+            &format!("{}.1/24", net.client_net),
             "dev",
-            "podemocli",
+            veth,
         ])?;
-        sh(&["ip", "link", "set", "podemocli", "up"])?;
-        for dev in ["podemocli", BRIDGE] {
+        sh(&["ip", "link", "set", veth, "up"])?;
+        for dev in [veth, bridge] {
             fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/forwarding"), "1")
                 .with_context(|| format!("switching on forwarding for {dev}"))?;
         }
-        format!("{CLIENT_NET}.2/24")
+        format!("{}.2/24", net.client_net)
     } else {
-        sh(&["ip", "link", "set", "podemocli", "master", BRIDGE, "up"])?;
-        format!("{NET}.200/24")
+        sh(&["ip", "link", "set", veth, "master", bridge, "up"])?;
+        format!("{}.200/24", net.net)
     };
     sh(&["ip", "-n", cns, "addr", "add", &client_addr, "dev", "eth0"])?;
     sh(&["ip", "-n", cns, "link", "set", "eth0", "up"])?;
@@ -508,18 +600,10 @@ sha256 = "{new}"
             "add",
             "default",
             "via",
-            &format!("{CLIENT_NET}.1"),
+            &format!("{}.1", net.client_net),
         ])?;
     }
-    let netns = PathBuf::from(format!("/run/netns/{cns}"));
-    let service: SocketAddr = format!("{NET}.10:80").parse()?;
-
-    Ok(Prepared {
-        config_path,
-        seckey,
-        netns,
-        service,
-    })
+    Ok(PathBuf::from(format!("/run/netns/{cns}")))
 }
 
 /// Tears the demo's world down (the LCs, the client namespace).
@@ -527,7 +611,16 @@ pub fn teardown(dir: &Path) {
     stop_previous(dir);
 }
 
+/// Runs the demo of `a.service`; `true` when it met its guarantee (0 failed requests, …).
 pub fn run(a: DemoOptions, json: bool) -> Result<bool, ShowcaseError> {
+    match a.service {
+        Service::Demo => run_demo_service(a, json),
+        Service::Nginx => crate::nginx::run(&a, json),
+    }
+}
+
+fn run_demo_service(a: DemoOptions, json: bool) -> Result<bool, ShowcaseError> {
+    let mode = a.mode.unwrap_or(Mode::Readdress);
     let say = |s: &str| {
         if !json {
             eprintln!("demo: {s}");
@@ -538,7 +631,7 @@ pub fn run(a: DemoOptions, json: bool) -> Result<bool, ShowcaseError> {
         netns,
         service,
         ..
-    } = prepare(&a.dir, a.backend, a.mode, &say)?;
+    } = prepare(&a.dir, a.backend, mode, &say)?;
     let load_secs = a.load_seconds.max(5);
     let deadline = Duration::from_millis(a.deadline_ms.unwrap_or(match a.backend {
         BackendKind::Ns => 2000,
@@ -564,7 +657,7 @@ pub fn run(a: DemoOptions, json: bool) -> Result<bool, ShowcaseError> {
     let started = Instant::now();
     let out = Command::new(std::env::current_exe()?)
         .env("PATCHOVER_CONFIG", &config_path)
-        .args(["--json", "patch", "lc1", "--mode", &a.mode.to_string()])
+        .args(["--json", "patch", "lc1", "--mode", &mode.to_string()])
         .stderr(std::process::Stdio::inherit())
         .output()?;
     let cycle_s = started.elapsed().as_secs_f64();
@@ -583,7 +676,7 @@ pub fn run(a: DemoOptions, json: bool) -> Result<bool, ShowcaseError> {
     let requests_total = r.summary.total + w.acked.len() as u64 + w.failed.len() as u64;
     let requests_failed = r.summary.failed_total + w.failed.len() as u64;
     let report = json!({
-        "mode": a.mode.to_string(),
+        "mode": mode.to_string(),
         "backend": a.backend.to_string(),
         "deadline_ms": deadline.as_millis() as u64,
         "outcome": run["outcome"],
@@ -613,7 +706,7 @@ pub fn run(a: DemoOptions, json: bool) -> Result<bool, ShowcaseError> {
     } else {
         println!(
             "patchover demo ({} mode, {} LCs): {}",
-            a.mode,
+            mode,
             a.backend,
             run["outcome"].as_str().unwrap_or("?")
         );
@@ -656,9 +749,7 @@ pub fn run(a: DemoOptions, json: bool) -> Result<bool, ShowcaseError> {
             println!("  failed: {f}");
         }
     }
-    let _ = Command::new("ip")
-        .args(["netns", "del", &client_ns(&a.dir)])
-        .output();
+    remove_client(&Net::busybox(&a.dir));
     if !a.keep {
         stop_previous(&a.dir);
     } else if !json {

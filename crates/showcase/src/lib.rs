@@ -1,5 +1,6 @@
 //! The demo and the benchmarks built on it: `patchover demo` (two LCs, the demo service, a
-//! signed bundle, a client reading and writing all along, the patch cycle, the report),
+//! signed bundle, a client reading and writing all along, the patch cycle, the report;
+//! `--service nginx`: Debian's nginx and its real updates, [`nginx`] on [`debian_world`]),
 //! `patchover bench cycle` (the cycle step by step and the orchestration overhead against
 //! stop-patch-restart) and `patchover bench soak` (patch → rollback cycles under load, and
 //! what each leaves on the host). They drive the real `patchover` binary that runs them for
@@ -25,10 +26,13 @@ macro_rules! ensure {
 }
 
 pub mod cycle;
+pub mod debian_world;
 pub mod demo;
 pub mod pgdemo;
 pub mod postgres;
+pub mod nginx;
 pub mod soak;
+pub mod wrk;
 
 /// The demo or a benchmark could not run, or was cut short.
 #[derive(Debug, thiserror::Error)]

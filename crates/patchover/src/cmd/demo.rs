@@ -1,24 +1,31 @@
 //! `patchover demo`: the whole story on this host in one command (see
 //! `patchover_showcase::demo`): two LCs, the demo service v1.0.0 on one, a signed bundle that
 //! upgrades it to v1.0.1, a client that reads and writes all along, the patch cycle in
-//! between, and the report.
+//! between, and the report. `--service nginx`: Debian's nginx and its real pending updates,
+//! patched and rolled back under wrk and the deadline client (`patchover_showcase::nginx`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use patchover_core::BackendKind;
 use patchover_net::Mode;
-use patchover_showcase::demo::{DemoOptions, parse_backend};
+use patchover_showcase::demo::{DemoOptions, Service, parse_backend, parse_service};
 
-use super::Ctx;
+use super::{BadInput, Ctx};
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
-    /// Where the demo keeps its config, disks, keys and state (wiped at the start).
-    #[arg(long, default_value = "/var/tmp/patchover-demo")]
-    pub dir: PathBuf,
-    #[arg(long, default_value = "readdress", value_parser = |s: &str| s.parse::<Mode>())]
-    pub mode: Mode,
+    /// The service: `demo` (the project's demo service on busybox LCs) or `nginx` (Debian's
+    /// nginx on Debian LCs, its real pending updates, wrk and the deadline client).
+    #[arg(long, default_value = "demo", value_parser = parse_service)]
+    pub service: Service,
+    /// Where the demo keeps its config, disks, keys and state (wiped at the start). Default:
+    /// /var/tmp/patchover-demo, or /var/tmp/patchover-demo-SERVICE.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// The switch mode (default: readdress).
+    #[arg(long, value_parser = |s: &str| s.parse::<Mode>())]
+    pub mode: Option<Mode>,
     /// Read requests per second of the load (GET /version, new and keep-alive connections).
     #[arg(long, default_value_t = 200.0)]
     pub rate: f64,
@@ -35,24 +42,80 @@ pub struct DemoArgs {
     /// whose switch pause under TCG is 1–2 s: requests are held, not dropped).
     #[arg(long)]
     pub deadline_ms: Option<u64>,
+    /// nginx: the archive of the updates, as an apt line "deb [signed-by=K] URI SUITE main"
+    /// (repeatable). Default: the host's apt sources for the LC's suite, -updates, -security.
+    #[arg(long)]
+    pub source: Vec<String>,
+    /// nginx: bundle every pending update of the LC, not only nginx's packages.
+    #[arg(long)]
+    pub all_updates: bool,
+    /// nginx: patch → rollback cycles under load.
+    #[arg(long, default_value_t = 1)]
+    pub cycles: u32,
+    /// nginx: connections of each wrk run (keep-alive, and Connection: close).
+    #[arg(long, default_value_t = 4)]
+    pub wrk_connections: u32,
+    /// nginx: each wrk connection's pause between an answer and its next request, in ms, so
+    /// the load leaves the machine room for the cycle (0: as fast as wrk can).
+    #[arg(long, default_value_t = 2)]
+    pub wrk_delay_ms: u32,
 }
 
 impl DemoArgs {
-    fn options(&self) -> DemoOptions {
-        DemoOptions {
-            dir: self.dir.clone(),
+    /// The options, checked: what only a real service uses is refused for the demo service,
+    /// and the archive lines are parsed, before anything is made.
+    fn options(&self) -> Result<DemoOptions, patchover_app::AppError> {
+        let real = self.service != Service::Demo;
+        let only_real = [
+            ("--source", !self.source.is_empty()),
+            ("--all-updates", self.all_updates),
+            ("--cycles", self.cycles != 1),
+        ];
+        if let Some((flag, _)) = only_real.iter().find(|(_, set)| *set && !real) {
+            return Err(BadInput(format!(
+                "{flag} is for a real service (--service nginx); the demo service patches its own bundle once"
+            )));
+        }
+        if real && self.backend != BackendKind::Ns {
+            return Err(BadInput(
+                "--service nginx runs on ns LCs; leave --backend out".into(),
+            ));
+        }
+        if self.cycles == 0 || self.wrk_connections == 0 {
+            return Err(BadInput(
+                "--cycles and --wrk-connections must be at least 1".into(),
+            ));
+        }
+        let sources = self
+            .source
+            .iter()
+            .map(|l| patchover_debian::sources::Source::parse_line(l))
+            .collect::<Result<_, _>>()
+            .map_err(|e| BadInput(format!("--source: {e}")))?;
+        let dir = self.dir.clone().unwrap_or_else(|| match self.service {
+            Service::Demo => PathBuf::from("/var/tmp/patchover-demo"),
+            Service::Nginx => PathBuf::from("/var/tmp/patchover-demo-nginx"),
+        });
+        Ok(DemoOptions {
+            service: self.service,
+            dir,
             mode: self.mode,
             rate: self.rate,
             keep: self.keep,
             load_seconds: self.load_seconds,
             backend: self.backend,
             deadline_ms: self.deadline_ms,
-        }
+            sources,
+            all_updates: self.all_updates,
+            cycles: self.cycles,
+            wrk_connections: self.wrk_connections,
+            wrk_delay_ms: self.wrk_delay_ms,
+        })
     }
 }
 
 pub fn run(a: DemoArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let good = patchover_showcase::demo::run(a.options(), ctx.json)?;
+    let good = patchover_showcase::demo::run(a.options()?, ctx.json)?;
     Ok(if good {
         ExitCode::SUCCESS
     } else {
