@@ -28,9 +28,9 @@ macro_rules! ensure {
 pub mod cycle;
 pub mod debian_world;
 pub mod demo;
+pub mod nginx;
 pub mod pgdemo;
 pub mod postgres;
-pub mod nginx;
 pub mod soak;
 pub mod wrk;
 
