@@ -27,7 +27,7 @@ pub use monitor::{
 pub use sections::{
     BundlesSection, DaemonSection, TlsPaths, YaraSection, default_socket, parse_token_hash,
 };
-pub use service::{HealthProbe, ServiceSettings};
+pub use service::{HealthProbe, ServiceSettings, TlsTrust};
 
 use crate::model::{
     BackendKind, CpuAlloc, DiskKind, DiskRole, DiskSpec, Ipv4Cidr, LcId, LcSpec, MacAddr, NicSpec,

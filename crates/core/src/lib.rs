@@ -13,7 +13,7 @@ pub mod quiesce;
 
 pub use config::{
     Config, ConfigError, DEFAULT_CGROUP_PARENT, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, FrontKind,
-    FrontSettings, HealthProbe, HostFacts, ServiceSettings,
+    FrontSettings, HealthProbe, HostFacts, ServiceSettings, TlsTrust,
 };
 pub use error::chain as error_chain;
 pub use model::*;

@@ -532,6 +532,16 @@ impl InLc for FakeLc {
         })
     }
 
+    fn https_get(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        _trust: &patchover_core::TlsTrust,
+        timeout: Duration,
+    ) -> Result<HttpAnswer, InLcError> {
+        self.http_get(addr, path, timeout)
+    }
+
     fn connect(&self, addr: SocketAddr, _timeout: Duration) -> Result<(), InLcError> {
         let m = self.call(&format!("connect {addr}"), true)?;
         let ep = m.ep(&self.name);

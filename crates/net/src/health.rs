@@ -24,7 +24,7 @@ use crate::switch::BoxError;
 pub enum HealthError {
     #[error("service check")]
     Netns(#[from] NetnsError),
-    #[error("service check: GET http://{addr}{path} failed")]
+    #[error("service check: GET {addr}{path} failed")]
     Io {
         addr: SocketAddr,
         path: String,
@@ -110,6 +110,8 @@ pub enum Probe {
     /// `GET path`, judged by `status` and `expect`.
     #[default]
     Http,
+    /// `GET path` over TLS, trusting what the config says; judged as [`Probe::Http`].
+    Https(patchover_core::TlsTrust),
     /// A TCP connect to the port; passes when it is accepted.
     Tcp,
     /// A program run inside the LC by its backend ([`RunInLc`]); passes on exit 0. A check
@@ -298,6 +300,11 @@ pub fn check_in(at: Inside<'_>, addr: Ipv4Addr, hc: &HealthCheck) -> Result<(), 
             .http_get(sa, &hc.path, hc.timeout)
             .map_err(HealthError::from)
             .and_then(|a| judge(sa, hc, a)),
+        Probe::Https(trust) => at
+            .lc
+            .https_get(sa, &hc.path, trust, hc.timeout)
+            .map_err(HealthError::from)
+            .and_then(|a| judge(sa, hc, a)),
         Probe::Tcp => Ok(at.lc.connect(sa, hc.timeout)?),
         Probe::Command { argv } => run_in(at, argv, left),
     })
@@ -339,8 +346,19 @@ fn last_words(out: &GuestOutput) -> String {
 /// A `command` check cannot run its program from here (outside any LC): it connects to the
 /// port.
 fn attempt_here(sa: SocketAddr, hc: &HealthCheck, via: Option<&str>) -> Result<(), HealthError> {
-    match hc.probe {
+    match &hc.probe {
         Probe::Http => get(sa, hc, via),
+        Probe::Https(trust) => {
+            let answer =
+                crate::tls::get(trust, sa, &hc.path, hc.timeout, via).map_err(|source| {
+                    HealthError::Io {
+                        addr: sa,
+                        path: hc.path.clone(),
+                        source,
+                    }
+                })?;
+            judge(sa, hc, answer)
+        }
         Probe::Tcp | Probe::Command { .. } => connect(sa, hc.timeout, via)
             .map(drop)
             .map_err(|source| HealthError::Connect { addr: sa, source }),
@@ -385,15 +403,35 @@ pub(crate) fn http_get_here(
     timeout: Duration,
     via: Option<&str>,
 ) -> std::io::Result<HttpAnswer> {
-    let mut s = connect(sa, timeout, via)?;
+    let mut s = connect_for_get(sa, timeout, via)?;
+    exchange(&mut s, &sa.to_string(), path)
+}
+
+/// A connection to `sa` (bound to device `via`, if given: see [`connect`]) whose reads and
+/// writes time out after `timeout`.
+pub(crate) fn connect_for_get(
+    sa: SocketAddr,
+    timeout: Duration,
+    via: Option<&str>,
+) -> std::io::Result<TcpStream> {
+    let s = connect(sa, timeout, via)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
+    Ok(s)
+}
+
+/// Sends `GET path` (with `Host: host`) on `s` and reads the answer to its end.
+pub(crate) fn exchange(
+    s: &mut (impl Read + Write),
+    host: &str,
+    path: &str,
+) -> std::io::Result<HttpAnswer> {
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {sa}\r\nConnection: close\r\nUser-Agent: patchover-check\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: patchover-check\r\n\r\n"
     );
     s.write_all(req.as_bytes())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
+    s.flush()?;
+    let buf = crate::tls::read_answer(s)?;
     let text = String::from_utf8_lossy(&buf);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     Ok(HttpAnswer {

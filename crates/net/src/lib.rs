@@ -25,6 +25,7 @@ pub mod nft;
 pub mod refresh;
 pub mod rtnl;
 pub mod switch;
+pub mod tls;
 
 pub use garp::GarpConfig;
 pub use health::{HealthCheck, Probe};

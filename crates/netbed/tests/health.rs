@@ -152,3 +152,196 @@ fn a_tcp_check_connects_inside_the_lc_to_its_own_address() {
         );
     }
 }
+
+/// A TLS server in an LC's namespace: `openssl s_server -www` (answers `GET /` with 200) with
+/// a certificate for `svc.test` and `addr` signed by a CA of its own; killed on drop.
+struct TlsServer {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl TlsServer {
+    fn start(netns: &Path, addr: Ipv4Addr) -> TlsServer {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ext = format!(
+            "subjectAltName=DNS:svc.test,IP:{addr}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+        );
+        std::fs::write(d.join("ext.cnf"), ext).unwrap();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for (what, args) in [
+            (
+                "the CA",
+                vec![
+                    "req",
+                    "-x509",
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=po-test-ca",
+                ],
+            ),
+            (
+                "another CA",
+                vec![
+                    "req",
+                    "-x509",
+                    "-keyout",
+                    "other.key",
+                    "-out",
+                    "other.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=po-other-ca",
+                ],
+            ),
+            (
+                "the request",
+                vec![
+                    "req",
+                    "-keyout",
+                    "srv.key",
+                    "-out",
+                    "srv.csr",
+                    "-subj",
+                    "/CN=svc.test",
+                ],
+            ),
+            (
+                "the certificate",
+                vec![
+                    "x509",
+                    "-req",
+                    "-in",
+                    "srv.csr",
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    "srv.pem",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    "ext.cnf",
+                ],
+            ),
+        ] {
+            let mut cmd = std::process::Command::new("openssl");
+            cmd.args(&args).current_dir(d);
+            if args[0] == "req" {
+                cmd.args(ec);
+            }
+            let out = cmd.output().expect("openssl is needed");
+            assert!(
+                out.status.success(),
+                "{what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut cmd = patchover_net::netns::command_in(Some(netns), "openssl").unwrap();
+        cmd.args(["s_server", "-quiet", "-www", "-accept", &PORT.to_string()])
+            .args(["-cert", "srv.pem", "-key", "srv.key"])
+            .current_dir(d)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        TlsServer {
+            child: cmd.spawn().expect("start openssl s_server"),
+            dir,
+        }
+    }
+
+    fn file(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `kind = "https"`: a GET over TLS from inside the LC to its own address, trusting a CA file
+/// on the host or, with `insecure`, any certificate; a certificate of another CA or for
+/// another name fails the check with the TLS error; a VM (through its agent) says it cannot.
+#[test]
+fn an_https_check_trusts_only_what_the_config_says() {
+    use patchover_core::TlsTrust;
+    let tb = Testbed::new(Mode::Readdress).unwrap();
+    let b = tb.b.address.addr;
+    let srv = TlsServer::start(tb.b.netns().unwrap(), b);
+    let lc = tb.b.access.open().unwrap();
+    let https = |ca: Option<&str>, insecure: bool, sni: Option<&str>| HealthCheck {
+        probe: Probe::Https(TlsTrust {
+            ca_file: ca.map(|f| srv.file(f)),
+            insecure,
+            sni: sni.map(str::to_owned),
+        }),
+        patience: Duration::from_secs(3),
+        ..check("/")
+    };
+    for (hc, what) in [
+        (https(None, true, None), "insecure"),
+        (
+            https(Some("ca.pem"), false, None),
+            "the CA, the address's IP SAN",
+        ),
+        (
+            https(Some("ca.pem"), false, Some("svc.test")),
+            "the CA and the name",
+        ),
+    ] {
+        health::check_own(Inside::of(&*lc), &tb.b.iface, b, &hc)
+            .unwrap_or_else(|e| panic!("{what}: {}", patchover_core::error_chain(&e)));
+    }
+    // The same check from outside the LC (the switch's check through an address, from the
+    // host's namespace).
+    health::check(
+        Some(&tb.host_netns),
+        b,
+        &https(Some("ca.pem"), false, None),
+        None,
+    )
+    .unwrap_or_else(|e| panic!("from the host: {}", patchover_core::error_chain(&e)));
+    let quick = |hc: HealthCheck| HealthCheck {
+        patience: Duration::from_millis(300),
+        ..hc
+    };
+    for (hc, want) in [
+        (https(Some("other.pem"), false, None), "UnknownIssuer"),
+        (
+            https(Some("ca.pem"), false, Some("other.test")),
+            "not valid for name \"other.test\"",
+        ),
+    ] {
+        let e = health::check_own(Inside::of(&*lc), &tb.b.iface, b, &quick(hc)).unwrap_err();
+        let chain = patchover_core::error_chain(&e);
+        assert!(chain.contains(want), "{want}: {chain}");
+    }
+    let g = guest_b(&tb);
+    let agent = LcAccess::Agent {
+        socket: g.socket.clone(),
+    }
+    .open()
+    .unwrap();
+    let e = health::check_in(Inside::of(&*agent), b, &quick(https(None, true, None))).unwrap_err();
+    let chain = patchover_core::error_chain(&e);
+    assert!(
+        chain.contains("https check inside a VM is not done yet"),
+        "{chain}"
+    );
+}

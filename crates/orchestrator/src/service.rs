@@ -20,8 +20,17 @@ pub fn health(
     };
     let (probe, path, status, body) = match configured {
         HealthProbe::Http {
-            path, status, body, ..
-        } => (Probe::Http, &path[..], *status, body.as_deref()),
+            path,
+            status,
+            body,
+            tls,
+            ..
+        } => (
+            tls.clone().map_or(Probe::Http, Probe::Https),
+            &path[..],
+            *status,
+            body.as_deref(),
+        ),
         HealthProbe::Tcp { .. } => (Probe::Tcp, "", 200, None),
         HealthProbe::Command { argv, .. } => (Probe::Command { argv: argv.clone() }, "", 200, None),
     };
@@ -446,6 +455,7 @@ mod tests {
                 status: 204,
                 body: Some("up".into()),
                 patience: Duration::from_secs(9),
+                tls: None,
             }),
             ..ServiceSettings::default()
         };
@@ -454,6 +464,19 @@ mod tests {
         assert_eq!((hc.status, hc.expect.as_str()), (204, "up"));
         assert_eq!(hc.patience, Duration::from_secs(9));
         // An LC's identity is not text in the body: an empty one keeps the configured body.
+        assert_eq!(hc.probe, patchover_net::Probe::Http);
+        let trust = patchover_core::TlsTrust {
+            ca_file: None,
+            insecure: true,
+            sni: None,
+        };
+        let mut s = s;
+        if let Some(HealthProbe::Http { tls, .. }) = &mut s.health {
+            *tls = Some(trust.clone());
+        }
+        let hs = health(&s).unwrap();
+        assert_eq!(hs.probe, patchover_net::Probe::Https(trust));
+        assert_eq!((hs.path.as_str(), hs.status), ("/ready", 204));
         assert_eq!(hc.expecting("").expect, "up");
     }
 }

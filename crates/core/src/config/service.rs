@@ -11,7 +11,9 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use super::front::{FrontSettings, RawFront};
@@ -72,12 +74,15 @@ pub struct ServiceSettings {
 pub enum HealthProbe {
     /// `kind = "http"`: a plain HTTP/1.1 GET of `path` on the service's port, made from inside
     /// the LC to its own address; passes on `status` with `body` (when set) in the body.
+    /// `kind = "https"`: the same over TLS (`tls`).
     Http {
         path: String,
         status: u16,
         body: Option<String>,
         /// How long a check may keep failing before it fails for good.
         patience: Duration,
+        /// `Some` for `kind = "https"`: whom the check trusts.
+        tls: Option<TlsTrust>,
     },
     /// `kind = "tcp"`: a TCP connect to the service's port, made from inside the LC to its own
     /// address; passes when the connection is accepted.
@@ -88,6 +93,18 @@ pub enum HealthProbe {
         argv: Vec<String>,
         patience: Duration,
     },
+}
+
+/// Whom an `https` check trusts: the CA certificates of a file on the host (from the config,
+/// never from the LC), or, with `insecure`, any certificate; and the name it asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsTrust {
+    /// A PEM file of CA certificates on the host; `None` with `insecure`.
+    pub ca_file: Option<PathBuf>,
+    /// Any certificate is accepted (e.g. a self-signed one).
+    pub insecure: bool,
+    /// The server name sent (SNI) and verified; `None`: the address checked (an IP SAN).
+    pub sni: Option<String>,
 }
 
 impl HealthProbe {
@@ -146,6 +163,9 @@ struct RawHealth {
     status: Option<Spanned<u16>>,
     body: Option<Spanned<String>>,
     command: Option<Spanned<Vec<String>>>,
+    insecure: Option<Spanned<bool>>,
+    ca_file: Option<Spanned<PathBuf>>,
+    sni: Option<Spanned<String>>,
     patience_secs: Option<Spanned<u64>>,
 }
 
@@ -208,6 +228,7 @@ impl Validator<'_> {
         // The keys each kind reads; any other key set is a mistake, refused at its line.
         let reads: &[&str] = match kind {
             "http" => &["path", "status", "body"],
+            "https" => &["path", "status", "body", "insecure", "ca_file", "sni"],
             "tcp" => &[],
             "command" => &["command"],
             _ => {
@@ -215,14 +236,15 @@ impl Validator<'_> {
                     &h.kind,
                     "service.health.kind",
                     format!(
-                        "{kind:?} is not a kind of check this patchover runs; write kind = \"http\", \"tcp\" or \"command\""
+                        "{kind:?} is not a kind of check this patchover runs; write kind = \"http\", \"https\", \"tcp\" or \"command\""
                     ),
                 ));
             }
         };
         self.only_keys_of(h, kind, reads)?;
         Ok(match kind {
-            "http" => self.http(&raw, patience)?,
+            "http" => self.http(&raw, patience, None)?,
+            "https" => self.http(&raw, patience, Some(self.tls(&raw)?))?,
             "tcp" => HealthProbe::Tcp { patience },
             _ => HealthProbe::Command {
                 argv: self.health_command(&raw)?,
@@ -238,6 +260,9 @@ impl Validator<'_> {
             ("status", h.status.as_ref().map(Spanned::span)),
             ("body", h.body.as_ref().map(Spanned::span)),
             ("command", h.command.as_ref().map(Spanned::span)),
+            ("insecure", h.insecure.as_ref().map(Spanned::span)),
+            ("ca_file", h.ca_file.as_ref().map(Spanned::span)),
+            ("sni", h.sni.as_ref().map(Spanned::span)),
         ];
         for (key, span) in set {
             if let Some(span) = span.filter(|_| !reads.contains(&key)) {
@@ -270,6 +295,7 @@ impl Validator<'_> {
         &self,
         raw: &Spanned<RawHealth>,
         patience: Duration,
+        tls: Option<TlsTrust>,
     ) -> Result<HealthProbe, ConfigError> {
         let h = raw.get_ref();
         let Some(path) = &h.path else {
@@ -296,7 +322,82 @@ impl Validator<'_> {
             status,
             body: h.body.as_ref().map(|b| b.get_ref().clone()),
             patience,
+            tls,
         })
+    }
+
+    /// An `https` check's trust: a CA file on the host (absolute, with a PEM certificate in
+    /// it) or `insecure = true`, exactly one; `sni` a DNS name.
+    fn tls(&self, raw: &Spanned<RawHealth>) -> Result<TlsTrust, ConfigError> {
+        let h = raw.get_ref();
+        let insecure = h.insecure.as_ref().is_some_and(|i| *i.get_ref());
+        match (&h.ca_file, &h.insecure) {
+            (None, _) if !insecure => {
+                return Err(self.err(
+                    raw,
+                    "service.health.ca_file",
+                    "an https check needs to know whom to trust: ca_file = \"/etc/patchover/service-ca.pem\" (a PEM file on the host) or insecure = true (any certificate)",
+                ));
+            }
+            (Some(_), Some(i)) if insecure => {
+                return Err(self.err(
+                    i,
+                    "service.health.insecure",
+                    "insecure = true trusts any certificate, so ca_file would not be used; keep one of them",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(ca) = &h.ca_file {
+            self.ca_file(ca)?;
+        }
+        if let Some(sni) = &h.sni {
+            let s = sni.get_ref();
+            let ok = !s.is_empty()
+                && s.len() <= 253
+                && s.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                });
+            if !ok {
+                return Err(self.err(
+                    sni,
+                    "service.health.sni",
+                    format!("{s:?} is not a DNS name (letters, digits, '-' and dots)"),
+                ));
+            }
+        }
+        Ok(TlsTrust {
+            ca_file: h.ca_file.as_ref().map(|c| c.get_ref().clone()),
+            insecure,
+            sni: h.sni.as_ref().map(|s| s.get_ref().clone()),
+        })
+    }
+
+    /// A CA file on the host: absolute, readable, with a PEM certificate in it.
+    fn ca_file(&self, ca: &Spanned<PathBuf>) -> Result<(), ConfigError> {
+        let key = "service.health.ca_file";
+        let path = ca.get_ref();
+        if !path.is_absolute() {
+            return Err(self.err(ca, key, "use an absolute path on the host"));
+        }
+        match std::fs::read_to_string(path) {
+            Ok(text) if text.contains("-----BEGIN CERTIFICATE-----") => Ok(()),
+            Ok(_) => Err(self.err(
+                ca,
+                key,
+                format!(
+                    "{} has no PEM certificate (-----BEGIN CERTIFICATE-----); point ca_file at the CA's certificate",
+                    path.display()
+                ),
+            )),
+            Err(e) => Err(self.err(
+                ca,
+                key,
+                format!("cannot read {}: {e}; make it a readable file", path.display()),
+            )),
+        }
     }
 
     /// The program of a `command` check: required, with a program.
@@ -382,6 +483,7 @@ mod tests {
                 status: 200,
                 body: None,
                 patience: Duration::from_secs(2),
+                tls: None,
             })
         );
         assert_eq!(s.port, 80);
@@ -397,6 +499,7 @@ mod tests {
                 status: 204,
                 body: Some("up".into()),
                 patience: Duration::from_secs(30),
+                tls: None,
             })
         );
         assert_eq!(s.health.unwrap().patience(), Duration::from_secs(30));
@@ -472,6 +575,106 @@ mod tests {
             ),
         ] {
             let (line, key, msg) = invalid_section(section);
+            assert_eq!((line, key.as_str()), (at, want_key), "{section}: {msg}");
+            assert!(msg.contains(want), "{section}: {msg}");
+        }
+    }
+
+    #[test]
+    fn https_checks_trust_a_ca_file_or_nothing() {
+        let s = service(
+            "[service.health]\nkind = \"https\"\npath = \"/\"\ninsecure = true\nsni = \"svc.example\"\n",
+        );
+        let Some(HealthProbe::Http { tls: Some(tls), .. }) = &s.health else {
+            panic!("{:?}", s.health);
+        };
+        let want = TlsTrust {
+            ca_file: None,
+            insecure: true,
+            sni: Some("svc.example".into()),
+        };
+        assert_eq!(tls, &want);
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let s = service(&format!(
+            "[service.health]\nkind = \"https\"\npath = \"/h\"\nca_file = {:?}\n",
+            ca.display().to_string()
+        ));
+        let Some(HealthProbe::Http {
+            path,
+            tls: Some(tls),
+            ..
+        }) = &s.health
+        else {
+            panic!("{:?}", s.health);
+        };
+        assert_eq!(
+            (path.as_str(), tls.ca_file.as_deref(), tls.insecure),
+            ("/h", Some(&*ca), false)
+        );
+
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        let h = "[service.health]\nkind = \"https\"\npath = \"/\"\n";
+        for (section, at, want_key, want) in [
+            (
+                h.to_owned(),
+                1,
+                "service.health.ca_file",
+                "needs to know whom to trust",
+            ),
+            (
+                format!("{h}insecure = false\n"),
+                1,
+                "service.health.ca_file",
+                "or insecure = true",
+            ),
+            (
+                format!(
+                    "{h}insecure = true\nca_file = {:?}\n",
+                    ca.display().to_string()
+                ),
+                4,
+                "service.health.insecure",
+                "keep one of them",
+            ),
+            (
+                format!("{h}ca_file = \"ca.pem\"\n"),
+                4,
+                "service.health.ca_file",
+                "absolute path",
+            ),
+            (
+                format!("{h}ca_file = {:?}\n", key.display().to_string()),
+                4,
+                "service.health.ca_file",
+                "has no PEM certificate",
+            ),
+            (
+                format!("{h}ca_file = \"/nonexistent/po-ca.pem\"\n"),
+                4,
+                "service.health.ca_file",
+                "cannot read /nonexistent/po-ca.pem",
+            ),
+            (
+                format!("{h}insecure = true\nsni = \"a b\"\n"),
+                5,
+                "service.health.sni",
+                "not a DNS name",
+            ),
+            (
+                "[service.health]\nkind = \"http\"\npath = \"/\"\ninsecure = true\n".to_owned(),
+                4,
+                "service.health.insecure",
+                "kind = \"http\" reads no insecure",
+            ),
+        ] {
+            let (line, key, msg) = invalid_section(&section);
             assert_eq!((line, key.as_str()), (at, want_key), "{section}: {msg}");
             assert!(msg.contains(want), "{section}: {msg}");
         }

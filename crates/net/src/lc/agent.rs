@@ -254,6 +254,18 @@ impl InLc for AgentLc {
         })
     }
 
+    fn https_get(
+        &self,
+        _addr: SocketAddr,
+        _path: &str,
+        _trust: &patchover_core::TlsTrust,
+        _timeout: Duration,
+    ) -> Result<HttpAnswer, InLcError> {
+        Err(InLcError::NoHttps {
+            lc: self.describe(),
+        })
+    }
+
     fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<(), InLcError> {
         // busybox nc: connects (within -w seconds), runs `true` on the connection and ends: exit
         // 0 only when the connection was accepted.

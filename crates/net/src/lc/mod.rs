@@ -155,6 +155,16 @@ pub trait InLc: Send {
         timeout: Duration,
     ) -> Result<HttpAnswer, InLcError>;
 
+    /// One `GET path` over TLS to `addr` from inside the LC, trusting `trust`. `Ok` for any
+    /// HTTP answer, `Err` when none came (or the TLS handshake failed).
+    fn https_get(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        trust: &patchover_core::TlsTrust,
+        timeout: Duration,
+    ) -> Result<HttpAnswer, InLcError>;
+
     /// One TCP connect to `addr` from inside the LC, closed at once. `Err` when it was not
     /// accepted (refused, timed out, unreachable).
     fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<(), InLcError>;
@@ -178,6 +188,13 @@ pub enum InLcError {
     Rtnl(#[from] RtnlError),
     #[error("in the LC")]
     Garp(#[from] GarpError),
+    #[error("GET https://{addr}{path} from inside the LC failed")]
+    Https {
+        addr: SocketAddr,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("GET http://{addr}{path} from inside the LC failed")]
     Http {
         addr: SocketAddr,
@@ -185,6 +202,10 @@ pub enum InLcError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{lc}: an https check inside a VM is not done yet (the guest has no TLS client that checks what the config trusts); use kind = \"http\" or \"tcp\" for VMs"
+    )]
+    NoHttps { lc: String },
     #[error("TCP connect to {addr} from inside the LC failed")]
     Connect {
         addr: SocketAddr,

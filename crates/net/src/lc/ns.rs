@@ -136,6 +136,23 @@ impl InLc for NsLc {
             })
     }
 
+    fn https_get(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        trust: &patchover_core::TlsTrust,
+        timeout: Duration,
+    ) -> Result<HttpAnswer, InLcError> {
+        let (p, t) = (path.to_string(), trust.clone());
+        self.worker
+            .run(move || crate::tls::get(&t, addr, &p, timeout, None))?
+            .map_err(|source| InLcError::Https {
+                addr,
+                path: path.to_string(),
+                source,
+            })
+    }
+
     fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<(), InLcError> {
         self.worker
             .run(move || crate::health::connect_here(addr, timeout))?

@@ -400,6 +400,7 @@ nic = [{{ name = "eth0", address = "10.9.0.{n}/24" }}]
                     status: 200,
                     body: None,
                     patience: Duration::from_secs(2),
+                    tls: None,
                 }),
                 restart: vec!["/etc/init.d/S50demo".into(), "restart".into()],
                 ..ServiceSettings::default()
