@@ -343,14 +343,14 @@ fn wait_serving(netns: &Path, service: SocketAddr, path: &str) -> Result<(), Sho
         let until = Instant::now() + Duration::from_secs(30);
         loop {
             let r = crate::demo::request(service, "GET", &path, b"", Duration::from_secs(2));
-            if r == Ok(200) || Instant::now() > until {
+            if matches!(r, Ok((200, _))) || Instant::now() > until {
                 return r;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
     })?;
     match last {
-        Ok(200) => Ok(()),
+        Ok((200, _)) => Ok(()),
         other => bail!("the service never answered GET http://{service}/ with 200: {other:?}"),
     }
 }

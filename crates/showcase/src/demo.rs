@@ -291,39 +291,55 @@ nic = [{nic2}]
     Ok(path)
 }
 
-/// One request with a deadline on a fresh connection; the status code.
+/// One request with a deadline on a fresh connection; the status code and the answer's body
+/// (its first 200 bytes); `Err` says at which stage it failed and what it met.
 pub fn request(
     addr: SocketAddr,
     method: &str,
     path: &str,
     body: &[u8],
     deadline: Duration,
-) -> Result<u16, String> {
+) -> Result<(u16, String), String> {
     let start = Instant::now();
-    let mut s = TcpStream::connect_timeout(&addr, deadline).map_err(|e| e.to_string())?;
+    let mut s = TcpStream::connect_timeout(&addr, deadline).map_err(|e| format!("connect: {e}"))?;
     let left = deadline
         .saturating_sub(start.elapsed())
         .max(Duration::from_millis(1));
-    s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(left))
+        .map_err(|e| format!("connect: {e}"))?;
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: demo\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )
-    .map_err(|e| e.to_string())?;
-    s.write_all(body).map_err(|e| e.to_string())?;
+    .map_err(|e| format!("send: {e}"))?;
+    s.write_all(body).map_err(|e| format!("send: {e}"))?;
     let mut resp = Vec::new();
-    s.read_to_end(&mut resp).map_err(|e| e.to_string())?;
-    String::from_utf8_lossy(&resp)
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| "malformed answer".to_owned())
+    if let Err(e) = s.read_to_end(&mut resp) {
+        return Err(format!(
+            "read (after {} bytes of the answer): {e}",
+            resp.len()
+        ));
+    }
+    let text = String::from_utf8_lossy(&resp);
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok());
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b);
+    match (status, body) {
+        (Some(status), Some(b)) => Ok((status, b.chars().take(200).collect())),
+        _ => Err(format!(
+            "malformed answer ({} bytes: {:?})",
+            resp.len(),
+            text.chars().take(80).collect::<String>()
+        )),
+    }
 }
 
 pub struct WriterResult {
     pub acked: BTreeMap<String, String>,
+    /// What each failed write met, when it was sent (ms since `started`) and how long it took.
     pub failed: Vec<String>,
+    /// When the writer started: the clock of the times in `failed`.
+    pub started: Instant,
 }
 
 /// Writes keys as fast as the service acknowledges them, from inside the client namespace.
@@ -333,10 +349,12 @@ pub fn writer(
     deadline: Duration,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<WriterResult> {
+    let started = Instant::now();
     std::thread::spawn(move || {
         let mut r = WriterResult {
             acked: BTreeMap::new(),
             failed: Vec::new(),
+            started,
         };
         if let Err(e) = patchover_net::netns::enter_netns(&netns) {
             r.failed
@@ -347,12 +365,23 @@ pub fn writer(
         while !stop.load(Ordering::Relaxed) {
             n += 1;
             let (k, v) = (format!("demo-{n}"), format!("value-{n}"));
-            match request(addr, "PUT", &format!("/kv/{k}"), v.as_bytes(), deadline) {
-                Ok(201) => {
+            let sent = Instant::now();
+            let res = request(addr, "PUT", &format!("/kv/{k}"), v.as_bytes(), deadline);
+            let when = || {
+                format!(
+                    "PUT {k} sent at {} ms, after {} ms",
+                    sent.duration_since(started).as_millis(),
+                    sent.elapsed().as_millis()
+                )
+            };
+            match res {
+                Ok((201, _)) => {
                     r.acked.insert(k, v);
                 }
-                Ok(s) => r.failed.push(format!("PUT {k}: HTTP {s}")),
-                Err(e) => r.failed.push(format!("PUT {k}: {e}")),
+                Ok((s, b)) => r
+                    .failed
+                    .push(format!("{}: HTTP {s} {:?}", when(), b.trim())),
+                Err(e) => r.failed.push(format!("{}: {e}", when())),
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -687,6 +716,8 @@ fn run_demo_service(a: DemoOptions, json: bool) -> Result<bool, ShowcaseError> {
         "writes_failed": w.failed.len(),
         // What each failed write met (the first ten), to find its cause without a rerun.
         "write_failures": w.failed.iter().take(10).collect::<Vec<_>>(),
+        // On the clock of write_failures' times (the steps' ms follow one another from here).
+        "patch_started_ms": started.saturating_duration_since(w.started).as_millis() as u64,
         "writes_lost": lost,
         "pause_ms": run["pause_ms"],
         "freeze_ms": run["freeze_ms"],

@@ -208,7 +208,7 @@ fn reader(
         }
         while !stop.load(Ordering::Relaxed) {
             match demo::request(addr, "GET", "/version", b"", deadline) {
-                Ok(200) => ok.fetch_add(1, Ordering::Relaxed),
+                Ok((200, _)) => ok.fetch_add(1, Ordering::Relaxed),
                 _ => failed.fetch_add(1, Ordering::Relaxed),
             };
             std::thread::sleep(Duration::from_millis(2));
