@@ -146,6 +146,21 @@ impl Rtnl {
         })
     }
 
+    /// Sets the MAC address of link `index`. The kernel then keeps it: a bridge whose address
+    /// was never set takes the lowest of its ports' and changes it as ports come and go.
+    pub fn set_mac(&self, index: u32, mac: MacAddr) -> Result<(), RtnlError> {
+        let handle = self.handle.clone();
+        self.rt.block_on(async move {
+            handle
+                .link()
+                .set(index)
+                .address(mac.0.to_vec())
+                .execute()
+                .await
+                .map_err(Self::req(format!("set the MAC of link {index} to {mac}")))
+        })
+    }
+
     /// The IPv4 addresses on link `index`.
     pub fn addresses(&self, index: u32) -> Result<Vec<Ipv4Cidr>, RtnlError> {
         let handle = self.handle.clone();

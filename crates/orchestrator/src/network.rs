@@ -49,14 +49,38 @@ pub(crate) fn path_back(
 }
 
 /// Gives the host its configured address on the bridge (the switcher checks the service from
-/// there).
+/// there; in `seamless` mode it is the LCs' gateway) and fixes the bridge's MAC.
+///
+/// Why the MAC: a bridge whose MAC was never set takes the lowest MAC of its ports, and a new
+/// one when that port leaves — when the old LC stops after a switch. The LCs keep the old MAC
+/// for the host's address, and what they send through the host goes to a MAC that is nobody's
+/// until something makes them ask again (the host's next packet to them, or tens of seconds).
+/// Issue 15: the seamless demo's standby answered a write it was storing while the old LC
+/// stopped; no other client packet came by, and the answer never arrived.
 pub fn ensure_bridge_address(config: &Config) -> Result<(), RtnlError> {
     let Some(addr) = config.network.bridge_address else {
         return Ok(());
     };
+    let bridge = &config.network.bridge;
     let r = Rtnl::open(None)?;
-    let l = r.need_link(&config.network.bridge)?;
-    r.add_address(l.index, addr)
+    let l = r.need_link(bridge)?;
+    r.add_address(l.index, addr)?;
+    if let Some(mac) = l.mac
+        && !mac_is_set(bridge)
+    {
+        // Its MAC of now: the neighbours that know the host's address keep the right one.
+        r.set_mac(l.index, mac)?;
+        tracing::info!(%bridge, %mac, "fixed the bridge's MAC (it followed its ports)");
+    }
+    Ok(())
+}
+
+/// Whether the MAC of `link` (in this process's namespace) was set, so the kernel keeps it
+/// (`addr_assign_type` 3, `NET_ADDR_SET`). Unknown counts as not: setting it again only costs
+/// the host one ARP round trip to each neighbour on it.
+fn mac_is_set(link: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{link}/addr_assign_type"))
+        .is_ok_and(|t| t.trim() == "3")
 }
 
 /// An NFQUEUE number for a run's held SYNs, distinct between concurrent runs on one host.

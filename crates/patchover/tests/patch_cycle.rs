@@ -6,10 +6,10 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::cycle::{Cycle, KeepAlive, Load, assert_all_there, run_under_load, version};
-use common::{Client, Topo};
+use common::{Client, Topo, http_within};
 
 /// A request slower than this fails.
 const LOAD_DEADLINE: Duration = Duration::from_secs(2);
@@ -263,6 +263,71 @@ fn a_hand_off_that_fails_after_the_park_unparks_the_old_service() {
 
 /// Issue 20: the service need not print who it is. Checked on `/version` (plain text, no
 /// identity), the cycle goes through: patchover proves which LC answered by where it checks.
+/// Issue 15, the seamless demo's one failed write in about eight runs: an answer the standby
+/// sends after the old LC stopped must reach its client. The host's bridge had no MAC of its
+/// own: it took the lowest of its ports'. When that was the old LC's port and the old LC
+/// stopped, the bridge's MAC changed, and the standby, which had learnt the host's address
+/// (its gateway) with the old MAC, sent its answers to a MAC nobody had, until something made
+/// it ask again. Forced here: the old LC's port has the lowest MAC, and the standby holds a
+/// request (parked) while the old LC stops, then answers it.
+#[test]
+fn r15_an_answer_sent_after_the_old_lc_stopped_reaches_its_client() {
+    let mut t = Topo::new(&[(0, 40, 96), (1, 40, 96)]);
+    t.routed = true;
+    t.write_config("");
+    t.build_image(0, "1.0.0");
+    t.build_image(1, "1.0.0");
+    let (a, b) = (t.lcs[0].id.clone(), t.lcs[1].id.clone());
+    for id in [&a, &b] {
+        t.po_ok(&["lc", "boot", id]);
+    }
+    for (id, mac) in [(&a, "02:00:00:00:00:01"), (&b, "02:00:00:00:00:02")] {
+        let port = format!("po{id}n0");
+        let st = std::process::Command::new("ip")
+            .args(["link", "set", &port, "address", mac])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip link set {port} address {mac}");
+    }
+    let bridge_mac = || {
+        let f = format!("/sys/class/net/{}/address", t.bridge);
+        fs::read_to_string(f).unwrap().trim().to_owned()
+    };
+    assert_eq!(bridge_mac(), "02:00:00:00:00:01", "the old LC's port's");
+    t.po_ok(&["net", "setup", &b]);
+    let client = Client::routed(&t);
+    let svc = t.service();
+    // Answered through the host: the standby knows the host's address by its MAC of now.
+    assert_eq!(version(&client, &svc), "1.0.0");
+    let ctl = |cmd: &str| {
+        t.po_ok(&[
+            "lc",
+            "exec",
+            &b,
+            "--",
+            "/usr/bin/patchover-demo",
+            "ctl",
+            cmd,
+        ]);
+    };
+    ctl("park");
+    let s = svc.clone();
+    let held =
+        client.spawn(move || http_within(&s, "GET", "/version", b"", Duration::from_secs(5)));
+    std::thread::sleep(Duration::from_millis(300));
+    t.po_ok(&["lc", "stop", &a]);
+    let resumed = Instant::now();
+    ctl("resume");
+    let answer = held.join().unwrap();
+    let took = resumed.elapsed();
+    assert!(
+        matches!(&answer, Ok((200, v)) if v == b"1.0.0\n"),
+        "the held request: {answer:?} after {took:?}"
+    );
+    assert!(took < LOAD_DEADLINE, "answered {took:?} after the resume");
+    assert_eq!(bridge_mac(), "02:00:00:00:00:01", "the bridge kept its MAC");
+}
+
 #[test]
 fn a_service_that_prints_no_identity_is_patched() {
     let c = Cycle::new(
