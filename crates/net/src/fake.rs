@@ -45,6 +45,8 @@ struct Model {
     busy: BTreeMap<String, usize>,
     down: BTreeSet<String>,
     strangers: Vec<MacAddr>,
+    /// A stranger that answers the check through the service address (its MAC).
+    check_stranger: Option<MacAddr>,
     fail: Vec<String>,
     held: usize,
 }
@@ -144,6 +146,7 @@ impl FakeNetwork {
                 busy: BTreeMap::new(),
                 down: BTreeSet::new(),
                 strangers: Vec::new(),
+                check_stranger: None,
                 fail: Vec::new(),
                 held: 0,
             })),
@@ -175,6 +178,13 @@ impl FakeNetwork {
     /// A host that is neither LC answers ARP for the service address with `mac`.
     pub fn stranger(&self, mac: MacAddr) -> &FakeNetwork {
         self.m().strangers.push(mac);
+        self
+    }
+
+    /// A host that is neither LC answers the check through the service address (well: 200
+    /// with the standby's identity) from `mac`.
+    pub fn check_answered_by(&self, mac: MacAddr) -> &FakeNetwork {
+        self.m().check_stranger = Some(mac);
         self
     }
 
@@ -396,6 +406,13 @@ impl Network for FakeNetwork {
 
     fn check_path(&self, addr: Ipv4Addr) -> String {
         format!("fake path to {addr}")
+    }
+
+    fn check_neighbour(&self, addr: Ipv4Addr) -> Result<Option<MacAddr>, RtnlError> {
+        let mut m = self.m();
+        m.call(format!("neighbour {addr}"), false)
+            .map_err(|e| RtnlError::Socket(io(e)))?;
+        Ok(m.check_stranger.or_else(|| m.answering().map(|ep| ep.mac)))
     }
 
     fn forget_udp_flows(&self, old: Ipv4Addr) {

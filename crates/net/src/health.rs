@@ -33,6 +33,18 @@ pub enum HealthError {
     },
     #[error("service check: {0}")]
     Mismatch(Box<Mismatch>),
+    /// The check through the service address passed, but the checking namespace sent it to
+    /// another NIC than the standby's: another machine answered.
+    #[error(
+        "service check: {addr} was answered by {seen} (the checking namespace's neighbour entry), not by {lc}'s NIC {want}; another machine holds the address",
+        seen = seen.map_or("no known MAC".to_string(), |m| m.to_string())
+    )]
+    OtherAnswerer {
+        addr: Ipv4Addr,
+        seen: Option<patchover_core::MacAddr>,
+        lc: String,
+        want: patchover_core::MacAddr,
+    },
     #[error("service check: TCP connect to {addr} failed")]
     Connect {
         addr: SocketAddr,

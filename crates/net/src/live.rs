@@ -158,6 +158,23 @@ impl Network for LiveNetwork {
         parts.join("; ")
     }
 
+    fn check_neighbour(&self, addr: Ipv4Addr) -> Result<Option<MacAddr>, RtnlError> {
+        let opened;
+        let rtnl = match &self.check_from {
+            None => &self.rtnl,
+            Some(ns) => {
+                opened = Rtnl::open(Some(ns))?;
+                &opened
+            }
+        };
+        // A check bound to a device used that device's entry.
+        let index = match &self.via {
+            Some(dev) => Some(rtnl.need_link(dev)?.index),
+            None => None,
+        };
+        rtnl.neighbour(addr, index)
+    }
+
     fn forget_udp_flows(&self, old: Ipv4Addr) {
         forget_udp_flows(self.host_ns(), old)
     }

@@ -65,6 +65,9 @@ pub trait Network {
     /// How the check's namespace reaches `addr` (its route, its neighbour entries), on one
     /// bounded line, for the message of a failed check.
     fn check_path(&self, addr: Ipv4Addr) -> String;
+    /// The MAC of the check namespace's neighbour entry for `addr` (where the check's packets
+    /// to `addr` went), `None` without one.
+    fn check_neighbour(&self, addr: Ipv4Addr) -> Result<Option<MacAddr>, RtnlError>;
     /// Deletes the connection-tracking entries of UDP flows answered by `old`, so their next
     /// datagram is NATed anew. Best effort: failures are logged.
     fn forget_udp_flows(&self, old: Ipv4Addr);

@@ -238,6 +238,50 @@ impl Rtnl {
         })
     }
 
+    /// The MAC of this namespace's neighbour entry for `ip` on link `index` (any link when
+    /// `None`), `None` without one or when it failed: where packets to `ip` went.
+    pub fn neighbour(
+        &self,
+        ip: Ipv4Addr,
+        index: Option<u32>,
+    ) -> Result<Option<MacAddr>, RtnlError> {
+        use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
+        let handle = self.handle.clone();
+        self.rt.block_on(async move {
+            let mut s = handle
+                .neighbours()
+                .get()
+                .set_family(rtnetlink::IpVersion::V4)
+                .execute();
+            let mut found = None;
+            while let Some(msg) = s
+                .try_next()
+                .await
+                .map_err(Self::req(format!("read the neighbour entry of {ip}")))?
+            {
+                let is_ip = msg.attributes.iter().any(|a| {
+                    matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(v)) if *v == ip)
+                });
+                if !is_ip
+                    || index.is_some_and(|i| i != msg.header.ifindex)
+                    || matches!(
+                        msg.header.state,
+                        NeighbourState::Failed | NeighbourState::Incomplete
+                    )
+                {
+                    continue;
+                }
+                found = msg.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::LinkLocalAddress(b) => {
+                        <[u8; 6]>::try_from(&b[..]).ok().map(MacAddr)
+                    }
+                    _ => None,
+                });
+            }
+            Ok(found)
+        })
+    }
+
     /// Points the neighbour entry for `ip` on link `index` at `mac` (state STALE, so the kernel
     /// re-verifies it on use instead of trusting it forever).
     pub fn replace_neighbour(

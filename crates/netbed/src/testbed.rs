@@ -296,6 +296,76 @@ impl Testbed {
     }
 }
 
+/// A namespace on the bridge that claims an address; removed on drop.
+pub struct Stranger(String);
+
+impl Stranger {
+    /// Claims `addr` (`ADDR/PREFIX`) from a new namespace on `tb`'s bridge, MAC
+    /// 02:66:66:66:66:66.
+    pub fn claim(tb: &Testbed, addr: &str) -> Stranger {
+        let name = format!("pox-{}", tb.id);
+        let h = format!("poh-{}", tb.id);
+        let run = |args: &[&str]| {
+            let st = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(st.success(), "ip {args:?}");
+        };
+        run(&["netns", "add", &name]);
+        let s = Stranger(name.clone());
+        run(&[
+            "-n", &h, "link", "add", "poxn0", "type", "veth", "peer", "name", "eth0", "netns",
+            &name,
+        ]);
+        run(&[
+            "-n",
+            &name,
+            "link",
+            "set",
+            "eth0",
+            "address",
+            "02:66:66:66:66:66",
+        ]);
+        run(&["-n", &name, "addr", "add", addr, "dev", "eth0", "nodad"]);
+        run(&["-n", &name, "link", "set", "eth0", "up"]);
+        run(&["-n", &h, "link", "set", "poxn0", "master", "pobr", "up"]);
+        // The claim is made once both ends carry traffic: the switcher's probe must meet an
+        // owner that can answer, not a link still coming up.
+        let up = |ns: &str, dev: &str| {
+            let out = std::process::Command::new("ip")
+                .args(["-n", ns, "-j", "link", "show", dev])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).contains("\"operstate\":\"UP\"")
+        };
+        let t0 = std::time::Instant::now();
+        while !(up(&name, "eth0") && up(&h, "poxn0")) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the stranger's link never came up"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s
+    }
+}
+
+impl Drop for Stranger {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+impl Stranger {
+    /// The stranger's network namespace.
+    pub fn netns(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.0))
+    }
+}
+
 impl Drop for Testbed {
     fn drop(&mut self) {
         for ns in self.namespaces.iter().rev() {

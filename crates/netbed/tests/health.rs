@@ -345,3 +345,66 @@ fn an_https_check_trusts_only_what_the_config_says() {
         "{chain}"
     );
 }
+
+/// The switch's check through the service address (from the host) proves who answered: a
+/// stranger on the bridge answering 200 on the service address fails it, naming the
+/// stranger's MAC and the standby's; the standby holding the address passes.
+#[test]
+fn a_stranger_answering_the_check_through_the_service_address_is_caught() {
+    use patchover_net::{LiveNetwork, switch::check_through};
+    use patchover_netbed::testbed::Stranger;
+    let tb = Testbed::new(Mode::Readdress).unwrap();
+    let _a = serve(tb.a.netns().unwrap());
+    let mut plan = tb.plan(false);
+    plan.health = check("/health");
+    plan.to.identity.clear();
+    // As the switch checks from the bridge's namespace: through the bridge.
+    let net = LiveNetwork::open(Some(&tb.host_netns), None)
+        .unwrap()
+        .checking_via(&tb.bridge);
+    let to_lc = tb.a.access.open().unwrap();
+    // a holds the service address and the plan's standby is a: proven.
+    check_through(&net, &plan, &*to_lc)
+        .unwrap_or_else(|e| panic!("{}", patchover_core::error_chain(&e)));
+    // a lets the address go, a stranger takes it and answers as well as a would.
+    let ip = |args: &[&str]| {
+        let st = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip {args:?}");
+    };
+    let a_ns =
+        tb.a.netns()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+    let svc = tb.service.to_string();
+    ip(&["-n", &a_ns, "addr", "del", &svc, "dev", &tb.a.iface]);
+    let stranger = Stranger::claim(&tb, &svc);
+    let _s = serve(&stranger.netns());
+    let h_ns = tb
+        .host_netns
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    ip(&[
+        "-n",
+        &h_ns,
+        "neigh",
+        "flush",
+        "to",
+        &tb.service.addr.to_string(),
+    ]);
+    plan.health.patience = Duration::from_secs(3);
+    let e = check_through(&net, &plan, &*to_lc).unwrap_err();
+    let text = patchover_core::error_chain(&e);
+    assert!(
+        text.contains("answered by 02:66:66:66:66:66")
+            && text.contains(&format!("not by {}'s NIC {}", tb.a.name, tb.a.mac)),
+        "{text}"
+    );
+}

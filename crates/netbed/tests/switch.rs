@@ -17,7 +17,7 @@ use patchover_net::lc::NsLc;
 use patchover_net::{
     BoxError, Endpoint, Hooks, InLc, LcAccess, Mode, ServiceControl, SwitchError, health, switch,
 };
-use patchover_netbed::testbed::{PORT, Testbed};
+use patchover_netbed::testbed::{PORT, Stranger, Testbed};
 
 /// The service under test in one LC namespace.
 fn start_service(netns: &Path, identity: &str) -> RefServer {
@@ -537,67 +537,6 @@ fn missing_bridge_wrong_state_and_busy_lock() {
     assert_eq!(who_serves(&tb), "lc-a");
     switch(&tb.plan(true), &mut hooks).unwrap();
     assert_eq!(who_serves(&tb), "lc-b");
-}
-
-/// A namespace on the bridge that claims an address; removed on drop.
-struct Stranger(String);
-
-impl Stranger {
-    fn claim(tb: &Testbed, addr: &str) -> Stranger {
-        let name = format!("pox-{}", tb.id);
-        let h = format!("poh-{}", tb.id);
-        let run = |args: &[&str]| {
-            let st = std::process::Command::new("ip")
-                .args(args)
-                .status()
-                .unwrap();
-            assert!(st.success(), "ip {args:?}");
-        };
-        run(&["netns", "add", &name]);
-        let s = Stranger(name.clone());
-        run(&[
-            "-n", &h, "link", "add", "poxn0", "type", "veth", "peer", "name", "eth0", "netns",
-            &name,
-        ]);
-        run(&[
-            "-n",
-            &name,
-            "link",
-            "set",
-            "eth0",
-            "address",
-            "02:66:66:66:66:66",
-        ]);
-        run(&["-n", &name, "addr", "add", addr, "dev", "eth0", "nodad"]);
-        run(&["-n", &name, "link", "set", "eth0", "up"]);
-        run(&["-n", &h, "link", "set", "poxn0", "master", "pobr", "up"]);
-        // The claim is made once both ends carry traffic: the switcher's probe must meet an
-        // owner that can answer, not a link still coming up.
-        let up = |ns: &str, dev: &str| {
-            let out = std::process::Command::new("ip")
-                .args(["-n", ns, "-j", "link", "show", dev])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).contains("\"operstate\":\"UP\"")
-        };
-        let t0 = std::time::Instant::now();
-        while !(up(&name, "eth0") && up(&h, "poxn0")) {
-            assert!(
-                t0.elapsed() < Duration::from_secs(5),
-                "the stranger's link never came up"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        s
-    }
-}
-
-impl Drop for Stranger {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
-    }
 }
 
 #[test]

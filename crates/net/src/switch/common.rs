@@ -187,28 +187,7 @@ impl<'a> Ctx<'a> {
 
     /// The standby answers through the service address, from where the switch checks.
     pub(super) fn check_to(&self) -> Result<(), SwitchError> {
-        let plan = self.plan;
-        let mut hc = plan.health.expecting(&plan.to.identity);
-        hc.patience = Duration::from_secs(1);
-        self.net
-            .check(plan.service.addr, &hc)
-            .map_err(|source| SwitchError::Check {
-                to: plan.to.name.clone(),
-                seen: self.what_the_check_saw(),
-                source: Box::new(source),
-            })
-    }
-
-    /// What the checker's namespace and the standby saw, for the message of a failed check
-    /// (taken before anything is rolled back).
-    fn what_the_check_saw(&self) -> String {
-        let plan = self.plan;
-        format!(
-            "from the checker: {}; in {}: {}",
-            self.net.check_path(plan.service.addr),
-            plan.to.name,
-            self.to_lc.network_state(&plan.to.iface, plan.health.port)
-        )
+        check_through(self.net, self.plan, &*self.to_lc)
     }
 
     /// The side `forward` moves from and the side it moves to: (endpoint, its port, its LC).
@@ -217,6 +196,47 @@ impl<'a> Ctx<'a> {
         let to = (&self.plan.to, &self.to_port, &*self.to_lc);
         if forward { [from, to] } else { [to, from] }
     }
+}
+
+/// The check through the service address from where the switch checks (the host, or
+/// `check_from`), and the proof of who answered it: right after it, the checking namespace's
+/// neighbour entry for the address its packets went to (the service address; in `seamless`
+/// the standby's own, after the host's NAT) must be the standby's NIC. A stranger answering
+/// 200 fails the check naming both MACs. In `path` mode both LCs share one MAC; the old LC's
+/// port is off the bridge by then, so a stranger is what this catches. `to_lc` is the
+/// standby, asked what it saw when the check fails.
+pub fn check_through(
+    net: &dyn Network,
+    plan: &SwitchPlan,
+    to_lc: &dyn InLc,
+) -> Result<(), SwitchError> {
+    let failed = |source| SwitchError::Check {
+        to: plan.to.name.clone(),
+        seen: format!(
+            "from the checker: {}; in {}: {}",
+            net.check_path(plan.service.addr),
+            plan.to.name,
+            to_lc.network_state(&plan.to.iface, plan.health.port)
+        ),
+        source: Box::new(source),
+    };
+    let mut hc = plan.health.expecting(&plan.to.identity);
+    hc.patience = Duration::from_secs(1);
+    net.check(plan.service.addr, &hc).map_err(failed)?;
+    let sent_to = match plan.mode {
+        Mode::Seamless => plan.to.address.addr,
+        Mode::Path | Mode::Readdress => plan.service.addr,
+    };
+    let seen = net.check_neighbour(sent_to)?;
+    if seen == Some(plan.to.mac) {
+        return Ok(());
+    }
+    Err(failed(health::HealthError::OtherAnswerer {
+        addr: sent_to,
+        seen,
+        lc: plan.to.name.clone(),
+        want: plan.to.mac,
+    }))
 }
 
 #[cfg(test)]
@@ -269,6 +289,25 @@ mod tests {
             at("resume a") < at("a: get 10.0.0.2:8080/version"),
             "{ops:?}"
         );
+    }
+
+    #[test]
+    fn a_stranger_answering_the_check_through_the_service_address_rolls_the_switch_back() {
+        for mode in [Mode::Path, Mode::Readdress, Mode::Seamless] {
+            let b = bed(mode);
+            let stranger = patchover_core::MacAddr([2, 0x66, 0x66, 0x66, 0x66, 0x66]);
+            b.net.check_answered_by(stranger);
+            let e = b.switch().unwrap_err();
+            let SwitchError::RolledBack { cause, .. } = &e else {
+                panic!("{mode}: {e:?}");
+            };
+            let text = patchover_core::error_chain(&**cause);
+            assert!(
+                text.contains("answered by 02:66:66:66:66:66")
+                    && text.contains("not by b's NIC 02:00:00:00:00:0"),
+                "{mode}: {text}"
+            );
+        }
     }
 
     #[test]

@@ -43,6 +43,7 @@ mod seamless;
 mod testing;
 
 use common::Ctx;
+pub use common::check_through;
 
 /// An error from a hook the orchestrator passed in.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
