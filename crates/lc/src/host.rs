@@ -365,8 +365,52 @@ impl Host for LinuxHost {
     }
 }
 
-/// Runs `cmd` with its output captured; kills it once it has run `limit` (the exec helper's
-/// command dies with it: parent-death signal).
+/// What [`output_within`] keeps of each stream: its last 64 KiB (an LC's program is not
+/// trusted to write little).
+const KEPT_OUTPUT: usize = 64 << 10;
+
+/// Reads `r` to its end in a thread, keeping only its last [`KEPT_OUTPUT`] bytes.
+struct TailReader {
+    kept: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl TailReader {
+    fn start(r: Option<Box<dyn io::Read + Send>>) -> TailReader {
+        let kept = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, done) = std::sync::mpsc::channel();
+        let buf = kept.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            if let Some(mut r) = r {
+                while let Ok(n @ 1..) = io::Read::read(&mut r, &mut chunk) {
+                    let mut b = buf.lock().unwrap_or_else(|e| e.into_inner());
+                    b.extend_from_slice(&chunk[..n]);
+                    if b.len() > 2 * KEPT_OUTPUT {
+                        let cut = b.len() - KEPT_OUTPUT;
+                        b.drain(..cut);
+                    }
+                }
+            }
+            let _ = tx.send(());
+        });
+        TailReader { kept, done }
+    }
+
+    /// What was read by the end of the stream, or within `grace` (a stream something else
+    /// still holds open).
+    fn take(self, grace: Duration) -> Vec<u8> {
+        let _ = self.done.recv_timeout(grace);
+        let mut b = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let cut = b.len().saturating_sub(KEPT_OUTPUT);
+        b.split_off(cut)
+    }
+}
+
+/// Runs `cmd` with its output captured (the last [`KEPT_OUTPUT`] bytes of each stream); kills
+/// it once it has run `limit` (the exec helper's command dies with it: parent-death signal).
+/// A stream still held open after the program ended (by something it started) is read for at
+/// most a second more, so a program cannot hold the caller past its limit.
 fn output_within(cmd: &mut Command, limit: Duration) -> io::Result<crate::ExecOutput> {
     let mut child = cmd
         .stdin(Stdio::null())
@@ -374,17 +418,8 @@ fn output_within(cmd: &mut Command, limit: Duration) -> io::Result<crate::ExecOu
         .stderr(Stdio::piped())
         .spawn()?;
     type Pipe = Box<dyn io::Read + Send>;
-    let drain = |r: Option<Pipe>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut r) = r {
-                let _ = io::Read::read_to_end(&mut r, &mut buf);
-            }
-            buf
-        })
-    };
-    let out = drain(child.stdout.take().map(|r| Box::new(r) as Pipe));
-    let err = drain(child.stderr.take().map(|r| Box::new(r) as Pipe));
+    let out = TailReader::start(child.stdout.take().map(|r| Box::new(r) as Pipe));
+    let err = TailReader::start(child.stderr.take().map(|r| Box::new(r) as Pipe));
     let start = std::time::Instant::now();
     let (status, killed) = loop {
         if let Some(st) = child.try_wait()? {
@@ -397,8 +432,9 @@ fn output_within(cmd: &mut Command, limit: Duration) -> io::Result<crate::ExecOu
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    let stdout = out.join().unwrap_or_default();
-    let mut stderr = err.join().unwrap_or_default();
+    let grace = Duration::from_secs(1);
+    let stdout = out.take(grace);
+    let mut stderr = err.take(grace);
     if killed {
         stderr.extend_from_slice(crate::killed_after(limit).as_bytes());
     }
@@ -491,6 +527,32 @@ mod output_tests {
         assert_eq!(out.stdout, b"started\n");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("killed after 300ms"), "{err}");
+    }
+
+    #[test]
+    fn only_the_end_of_a_flood_is_kept_and_a_held_stream_does_not_hold_the_caller() {
+        let start = std::time::Instant::now();
+        // 1 MiB of 'x' then "end"; a background child keeps stdout open for 15 s (it then ends by itself).
+        let out = output_within(
+            Command::new("sh").args([
+                "-c",
+                "head -c 1048576 /dev/zero | tr '\\0' x; echo end; (sleep 15 &) ; exit 4",
+            ]),
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(out.status, Some(4));
+        assert!(out.stdout.len() <= KEPT_OUTPUT, "{}", out.stdout.len());
+        assert!(
+            out.stdout.ends_with(b"xend\n"),
+            "{:?}",
+            &out.stdout[out.stdout.len() - 8..]
+        );
     }
 
     #[test]
