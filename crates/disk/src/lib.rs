@@ -25,6 +25,7 @@ mod marker;
 mod trap;
 mod tree;
 pub mod verify;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +39,7 @@ pub use freeze::CgroupFreezer;
 pub use fsops::{BLOCK, Reflink};
 pub use marker::{MARKER, is_incomplete, mark_complete, mark_incomplete, marker_path};
 use patchover_core::Quiesce;
+pub use watch::{Seen, WriteWatch};
 
 /// How to copy.
 #[derive(Debug, Clone)]

@@ -58,6 +58,15 @@ impl Migratable for ByKind {
             .map(|b| b.end_leftover_copies(active))
             .unwrap_or_default()
     }
+    fn watch_writes(
+        &self,
+        active: &LcSpec,
+        disk: &patchover_core::DiskSpec,
+    ) -> Result<Box<dyn crate::WriteWatch>, DiskCopyError> {
+        self.of(active)
+            .map_err(DiskCopyError::application)?
+            .watch_writes(active, disk)
+    }
 }
 
 impl LcBackend for ByKind {

@@ -28,7 +28,8 @@ use patchover_core::{LcId, LcSpec};
 use serde::{Deserialize, Serialize};
 
 pub use migrate::{
-    Copied, CopyProgress, CutDone, DiskCopyError, Hold, LiveCopy, Migratable, Pausable,
+    Copied, CopyProgress, CutDone, DiskCopyError, Hold, LiveCopy, Migratable, Pausable, WriteWatch,
+    Writes,
 };
 
 /// What the host sees of an LC.

@@ -59,6 +59,39 @@ pub struct CutDone {
     /// How long the LC was held still.
     pub freeze_ms: Option<f64>,
     pub detail: serde_json::Value,
+    /// What the copy's write history holds from its start to the cut; `None` when the copier
+    /// keeps no count of the source's writes (QEMU's mirror).
+    pub writes: Option<Writes>,
+}
+
+/// What a write history says about a disk since a moment (a copy's start, a watch's start).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Writes {
+    /// The changes recorded, in `unit`s; 0: the disk was not written.
+    pub count: u64,
+    /// What `count` counts: `"trapped writes"` (a file copy's or a watch's fanotify trap),
+    /// `"bytes shipped from the dirty bitmap"` (a served image's copy).
+    pub unit: &'static str,
+    /// Some of the paths written, when the history names them.
+    pub paths: Vec<String>,
+}
+
+impl std::fmt::Display for Writes {
+    /// `3 trapped writes: kv.log, tmp`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.count, self.unit)?;
+        if !self.paths.is_empty() {
+            write!(f, ": {}", self.paths.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Counts the writes to an LC's disk from its start on, without copying it (see
+/// [`Migratable::watch_writes`]).
+pub trait WriteWatch: Send {
+    /// Every write seen since the watch started.
+    fn writes(&mut self) -> Result<Writes, DiskCopyError>;
 }
 
 /// How far a live copy is.
@@ -112,6 +145,19 @@ pub trait Migratable: Pausable {
     /// process that started it, and would go on writing into a standby's disk). Returns what
     /// was ended. One attempt, no waiting: recovery calls it before it puts the service back.
     fn end_leftover_copies(&self, active: &LcSpec) -> Vec<String>;
+    /// Starts counting the writes the running LC `active` makes to its disk `disk` (a service
+    /// declared stateless must make none). A backend or disk kind that cannot watch says so.
+    fn watch_writes(
+        &self,
+        active: &LcSpec,
+        disk: &DiskSpec,
+    ) -> Result<Box<dyn WriteWatch>, DiskCopyError> {
+        let _ = disk;
+        Err(DiskCopyError::application(format!(
+            "LC {}'s backend cannot watch its application disk for writes",
+            active.id
+        )))
+    }
 }
 
 /// Holds an LC still through its backend, as a [`Quiesce`] for a copy's cut.

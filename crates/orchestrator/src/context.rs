@@ -54,6 +54,12 @@ pub(crate) struct Run {
     pub refresh: Option<std::thread::JoinHandle<()>>,
     /// Set by a step that ended well but stops the run (a patch failed on the standby).
     pub halt: Option<OrchestratorError>,
+    /// A stateless service's write trap on the active LC's application disk, from 704 on
+    /// (`crate::stateless`).
+    pub watch: Option<Box<dyn patchover_lc::WriteWatch>>,
+    /// Found by the switch, it fails the run once the old LC is stopped (a stateless service
+    /// that wrote its disk after the switch).
+    pub fail_after_stop: Option<OrchestratorError>,
 }
 
 impl Run {
@@ -75,6 +81,8 @@ impl Run {
             to: None,
             refresh: None,
             halt: None,
+            watch: None,
+            fail_after_stop: None,
         }
     }
 

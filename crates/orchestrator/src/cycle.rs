@@ -116,6 +116,7 @@ impl<'a> Orchestrator<'a> {
             let at = std::net::SocketAddr::from((service.addr, self.settings.service.port));
             crate::front::check(&front, at, req.mode)?;
         }
+        crate::stateless::check(self.backend, &self.settings.service, req.mode, &active)?;
         let from = crate::access::endpoint(self.backend, &active)?;
         if !network::service_is_on(self.config, req.mode, &from, service.addr)? {
             return Err(OrchestratorError::BadInput(match req.mode {

@@ -30,6 +30,7 @@ mod context;
 mod copy;
 mod cycle;
 mod guard;
+mod stateless;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -43,6 +44,7 @@ pub use cycle::RunFailed;
 pub use guard::{RunGuard, RunGuardHelper, RunLock};
 pub use recover::recover;
 pub use service::ServiceSettings;
+pub use stateless::StatelessReport;
 pub use step::{Step, StepState};
 
 /// What to patch and how.
@@ -102,8 +104,9 @@ pub struct RunReport {
     pub standby: Option<String>,
     pub mode: String,
     pub dry_run: bool,
-    /// `ok`, `dry-run`, `failed` (before the switch: the service never moved), or
-    /// `rolled-back` (the switch failed and the service is back where it was).
+    /// `ok`, `dry-run`, `failed` (before the switch: the service never moved),
+    /// `rolled-back` (the switch failed and the service is back where it was), or `switched`
+    /// with an `error` (the service moved to the standby, then the run failed: see the error).
     pub outcome: String,
     pub error: Option<String>,
     /// What to do about the error.
@@ -119,6 +122,10 @@ pub struct RunReport {
     /// The service's answer to the health path before and after.
     pub version_before: Option<String>,
     pub version_after: Option<String>,
+    /// A stateless service's `seamless` switch: the application disk's writes before and
+    /// after it, and the old LC's connections (`docs/services.md`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stateless: Option<StatelessReport>,
 }
 
 /// A progress event, for progress output and the event stream.
@@ -187,6 +194,16 @@ pub enum OrchestratorError {
     Health(#[source] Box<patchover_net::health::HealthError>),
     #[error("the service did not restart on the standby: {0}")]
     Service(String),
+    /// A service declared stateless wrote its application disk.
+    #[error(
+        "[service] stateless: LC {lc} wrote its application disk {} ({writes}), so its service is not stateless",
+        if *.after_switch { "while it finished its connections after the switch" } else { "after its copy started" }
+    )]
+    NotStateless {
+        lc: String,
+        writes: patchover_lc::Writes,
+        after_switch: bool,
+    },
     #[error(transparent)]
     Switch(Box<patchover_net::SwitchError>),
     #[error("network setup")]
@@ -235,6 +252,17 @@ impl OrchestratorError {
             }
             OrchestratorError::Switch(_) => {
                 "the switch was rolled back and the service stays on the active LC; see the error"
+            }
+            OrchestratorError::NotStateless {
+                after_switch: false,
+                ..
+            } => {
+                "the service stays on the active LC; a service that writes its application disk is not stateless: remove `stateless = true` from [service] (seamless then hands off with park/forward) or switch with --mode readdress"
+            }
+            OrchestratorError::NotStateless {
+                after_switch: true, ..
+            } => {
+                "the service is on the standby with the application disk as of the cut; the old LC's later writes are on its own disk (stopped, kept intact): recover them from there, and remove `stateless = true` from [service]"
             }
             _ => "the service stays on the active LC; fix the cause and run again",
         }

@@ -47,9 +47,11 @@ fn resume_service(o: &Orchestrator<'_>, lc: &patchover_core::LcSpec) {
     }
 }
 
-/// Recovery of a `seamless` hand-off whose clients' NAT already points at the standby: the old
-/// service forwards what it holds to the standby, and its connections get the drain deadline
-/// to end, before the old LC is stopped. Best effort: the old LC stops either way.
+/// Recovery of a `seamless` switch whose clients' NAT already points at the standby: a
+/// hand-off's old service forwards what it holds to the standby (a stateless one has nothing
+/// to forward), and its connections get the drain deadline (`stateless_drain_secs` for a
+/// stateless service) to end, before the old LC is stopped. Best effort: the old LC stops
+/// either way.
 fn forward_held(
     o: &Orchestrator<'_>,
     active: &patchover_core::LcSpec,
@@ -58,24 +60,29 @@ fn forward_held(
     let (Ok(from), Ok(to)) = (endpoint(o.backend, active), endpoint(o.backend, standby)) else {
         return;
     };
+    let svc = &o.settings.service;
     let mut ctl = crate::service::LcServiceControl {
         backend: o.backend,
         lcs: &o.config.lcs,
-        settings: &o.settings.service,
+        settings: svc,
         front: None,
     };
-    let target = std::net::SocketAddr::from((to.address.addr, o.settings.service.port));
-    if let Err(e) = patchover_net::ServiceControl::forward(&mut ctl, &from, target) {
+    let target = std::net::SocketAddr::from((to.address.addr, svc.port));
+    if !svc.stateless
+        && let Err(e) = patchover_net::ServiceControl::forward(&mut ctl, &from, target)
+    {
         tracing::warn!(lc = %active.id, error = %e, "cannot make the old service forward its held requests");
         return;
     }
+    let deadline = if svc.stateless {
+        svc.stateless_drain
+    } else {
+        o.settings.drain_deadline
+    };
     let Ok(lc) = from.access.open() else { return };
     let start = std::time::Instant::now();
-    while start.elapsed() < o.settings.drain_deadline {
-        if lc
-            .busy_tcp_connections(o.settings.service.port)
-            .is_ok_and(|n| n == 0)
-        {
+    while start.elapsed() < deadline {
+        if lc.busy_tcp_connections(svc.port).is_ok_and(|n| n == 0) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -290,7 +297,10 @@ fn network_back(
                 settings: &o.settings.service,
                 front: None,
             };
-            if let Err(e) = patchover_net::ServiceControl::unpark(&mut ctl, &ep) {
+            // A stateless service was never parked.
+            if !o.settings.service.stateless
+                && let Err(e) = patchover_net::ServiceControl::unpark(&mut ctl, &ep)
+            {
                 tracing::warn!(lc = %a.id, error = %e, "cannot unpark the old service (it resumes by itself when its park expires)");
             }
             return Ok(());

@@ -68,24 +68,33 @@ impl patchover_net::health::RunInLc for RunByBackend<'_> {
     }
 }
 
-/// The hooks a run in `mode` may run (all but the hand-off's outside `seamless`), and a
-/// `command` health check's program.
+/// The hooks a run in `mode` may run (all but the hand-off's outside `seamless`; a stateless
+/// service's `seamless` switch runs none but `restart` and `resume`), and a `command` health
+/// check's program.
 fn hooks_of(
     settings: &ServiceSettings,
     mode: patchover_net::Mode,
 ) -> Vec<(&'static str, &[String])> {
-    let mut hooks = vec![
-        ("restart", &settings.restart[..]),
-        ("drain", &settings.drain[..]),
-        ("resume", &settings.resume[..]),
-        ("stop", &settings.stop[..]),
-        ("cut_check", &settings.cut_check[..]),
-    ];
+    let stateless = crate::stateless::applies(settings, mode);
+    let mut hooks = if stateless {
+        vec![
+            ("restart", &settings.restart[..]),
+            ("resume", &settings.resume[..]),
+        ]
+    } else {
+        vec![
+            ("restart", &settings.restart[..]),
+            ("drain", &settings.drain[..]),
+            ("resume", &settings.resume[..]),
+            ("stop", &settings.stop[..]),
+            ("cut_check", &settings.cut_check[..]),
+        ]
+    };
     // A command check's program is run in the LC too.
     if let Some(patchover_core::HealthProbe::Command { argv, .. }) = &settings.health {
         hooks.push(("health", &argv[..]));
     }
-    if mode == patchover_net::Mode::Seamless {
+    if mode == patchover_net::Mode::Seamless && !stateless {
         hooks.extend([
             ("park", &settings.park[..]),
             ("forward", &settings.forward[..]),

@@ -8,7 +8,9 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::cycle::{Cycle, KeepAlive, Load, assert_all_there, run_under_load, version};
+use common::cycle::{
+    Answer, Cycle, KeepAlive, Load, Reads, assert_all_there, run_under_load, version,
+};
 use common::{Client, Topo, http_within};
 
 /// A request slower than this fails.
@@ -250,15 +252,185 @@ fn a_hand_off_that_fails_after_the_park_unparks_the_old_service() {
     assert_all_there(&client, &svc, &k_acked);
     let nat = patchover_net::nft::service_nat_target(None, svc.parse().unwrap()).unwrap();
     assert_eq!(nat, Some(c.t.lcs[0].address.parse().unwrap()));
+    assert_eq!(running(&c), [a], "the standby was released");
+}
+
+/// The LCs that run, by `lc list`.
+fn running(c: &Cycle) -> Vec<String> {
     let list = c.t.po_json(&["lc", "list"]);
-    let running: Vec<_> = list
-        .as_array()
+    list.as_array()
         .unwrap()
         .iter()
         .filter(|r| r["state"] == "running")
         .map(|r| r["id"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(running, [a], "the standby was released");
+        .collect()
+}
+
+/// A stateless service (issue 20, item 2): the demo service only read (`GET /version` writes
+/// nothing), its old LC's flows get 20 s.
+const STATELESS: &str = "\n[service]\nstateless = true\nstateless_drain_secs = 20\n";
+
+/// One stateless `seamless` run under three reading clients: two on kept-alive connections
+/// they close themselves after 1.1 s and 1.5 s, one with a new connection per request.
+/// Returns the report, the kept-alive answers and the new-connection answers.
+fn stateless_run(
+    c: &Cycle,
+    client: &Client,
+    args: &[&str],
+) -> (serde_json::Value, Vec<Answer>, Vec<Answer>) {
+    let svc = c.t.service();
+    let kept =
+        [1100, 1500].map(|ms| Reads::start(client, svc.clone(), Some(Duration::from_millis(ms))));
+    let fresh = Reads::start(client, svc.clone(), None);
+    std::thread::sleep(SETTLE);
+    let report = c.t.po_json(args);
+    std::thread::sleep(SETTLE);
+    let (mut k_answers, mut k_failures, mut closed) = (Vec::new(), Vec::new(), 0);
+    for (i, k) in kept.into_iter().enumerate() {
+        let (a, f, cl) = k.finish();
+        // Connections of the two clients apart.
+        k_answers.extend(a.into_iter().map(|x| Answer {
+            conn: x.conn * 2 + i as u64,
+            ..x
+        }));
+        k_failures.extend(f);
+        closed += cl;
+    }
+    let (f_answers, f_failures, _) = fresh.finish();
+    eprintln!(
+        "{args:?}: {} kept-alive + {} new-connection reads; stateless {}; switch {}",
+        k_answers.len(),
+        f_answers.len(),
+        report["stateless"],
+        report["switch"]
+    );
+    assert_eq!(report["outcome"], "ok", "{report:#}");
+    assert!(
+        k_failures.is_empty() && f_failures.is_empty(),
+        "kept-alive: {:?}; new connections: {:?}",
+        &k_failures[..k_failures.len().min(5)],
+        &f_failures[..f_failures.len().min(5)]
+    );
+    assert!(
+        k_answers.len() > 50 && f_answers.len() > 50,
+        "the loads ran"
+    );
+    assert_eq!(
+        closed, 0,
+        "no drain: the old service never closed a kept-alive connection"
+    );
+    assert_eq!(report["switch"]["mode"], "seamless");
+    assert_eq!(report["switch"]["held_syns"], 0, "{report:#}");
+    assert_eq!(report["switch"]["pause_ms"], 0.0, "{report:#}");
+    (report, k_answers, f_answers)
+}
+
+/// Issue 20, item 2: a stateless service switches `seamless` with no hand-off and no drain:
+/// the NAT flips, kept-alive flows finish on the old LC while new ones go to the standby, and
+/// the old LC stops once its flows ended. Then it is handed back the same way.
+#[test]
+fn a_stateless_service_switches_seamless_with_no_hand_off_under_load() {
+    let c = Cycle::routed(2, STATELESS);
+    c.upgrade_bundle();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    let client = c.start_seamless();
+    let svc = c.t.service();
+    assert_eq!(version(&client, &svc), "1.0.0");
+    for (args, from, to, after) in [
+        (["patch", a.as_str(), "--mode", "seamless"], &a, &b, "1.0.1"),
+        (
+            ["rollback", a.as_str(), "--mode", "seamless"],
+            &b,
+            &a,
+            "1.0.0",
+        ),
+    ] {
+        let (report, kept, fresh) = stateless_run(&c, &client, &args);
+        let old = kept[0].by.clone();
+        // Pinned: every kept-alive connection was answered by one LC from first to last.
+        for k in &kept {
+            let first = kept.iter().find(|x| x.conn == k.conn).unwrap();
+            assert_eq!(
+                k.by, first.by,
+                "connection {} moved: no hand-off forwards",
+                k.conn
+            );
+        }
+        // Both served at once: the old LC answered kept-alive requests after the standby had
+        // answered a new connection.
+        let first_new = fresh
+            .iter()
+            .filter(|x| x.by != old)
+            .map(|x| x.sent_ms)
+            .min()
+            .expect("the standby served new connections");
+        let last_old = kept
+            .iter()
+            .filter(|x| x.by == old)
+            .map(|x| x.done_ms)
+            .max()
+            .unwrap();
+        assert!(
+            last_old > first_new,
+            "{args:?}: the old LC's flows ended ({last_old}) before the standby's first ({first_new})"
+        );
+        // The old LC stopped after its flows ended, none cut, its disk never written.
+        let st = &report["stateless"];
+        assert_eq!(st["connections_cut"], 0, "{report:#}");
+        assert!(st["old_lc_served_ms"].as_f64().unwrap() > 0.0, "{report:#}");
+        assert_eq!(st["writes_before_switch"]["count"], 0, "{report:#}");
+        assert_eq!(st["writes_after_switch"]["count"], 0, "{report:#}");
+        assert_eq!(running(&c), std::slice::from_ref(to), "{from} stopped");
+        assert_eq!(version(&client, &svc), after);
+        let nat = patchover_net::nft::service_nat_target(None, svc.parse().unwrap()).unwrap();
+        let to_addr = &c.t.lcs.iter().find(|l| &l.id == to).unwrap().address;
+        assert_eq!(nat, Some(to_addr.parse().unwrap()));
+    }
+}
+
+/// Issue 20, item 2: a service declared stateless whose application disk is written after the
+/// copy started (the demo service's writes) is refused with the reason; nothing changed.
+/// (Before the bridge kept one MAC, the released standby's port took the bridge's MAC with it
+/// here and the old LC's answer to one PUT in flight was lost, in 3 of 6 runs.)
+#[test]
+fn a_stateless_declaration_for_a_written_disk_is_refused_and_nothing_changes() {
+    let c = Cycle::routed(2, STATELESS);
+    c.upgrade_bundle();
+    let a = c.t.lcs[0].id.clone();
+    let client = c.start_seamless();
+    let svc = c.t.service();
+    let load = Load::start(&client, svc.clone());
+    std::thread::sleep(SETTLE);
+    let out = c.t.po(&["--json", "patch", &a, "--mode", "seamless"]);
+    std::thread::sleep(SETTLE);
+    let (ok, failures, acked) = load.finish();
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["outcome"], "failed", "{report:#}");
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!(
+            "LC {a} wrote its application disk after its copy started"
+        )) && error.contains("kv.log")
+            && error.contains("so its service is not stateless"),
+        "{report:#}"
+    );
+    let hint = report["hint"].as_str().unwrap_or_default();
+    assert!(hint.contains("remove `stateless = true`"), "{hint}");
+    assert!(report["stateless"]["writes_before_switch"]["count"].as_u64() > Some(0));
+    assert!(
+        failures.is_empty(),
+        "{:?}",
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok > 50, "the load ran: {ok}");
+    // Nothing changed: the old LC serves, with every write, the NAT points there, the standby
+    // was released.
+    assert_eq!(version(&client, &svc), "1.0.0");
+    assert_all_there(&client, &svc, &acked);
+    let nat = patchover_net::nft::service_nat_target(None, svc.parse().unwrap()).unwrap();
+    assert_eq!(nat, Some(c.t.lcs[0].address.parse().unwrap()));
+    assert_eq!(running(&c), [a]);
 }
 
 /// Issue 20: the service need not print who it is. Checked on `/version` (plain text, no
@@ -820,4 +992,77 @@ fn an_image_app_disk_is_served_and_copied_by_its_dirty_bitmap_under_load() {
     c.t.po_ok(&["lc", "stop", &a]);
     c.t.assert_nothing_left(&a);
     c.t.assert_nothing_left(&b);
+}
+
+/// Issue 20, item 2, after the switch: the old LC of a stateless service keeps a flow longer
+/// than `stateless_drain_secs` (cut at the deadline, counted) and writes its application disk
+/// while it serves it. The switch stands; the run fails saying so, and the write is kept on
+/// the stopped old LC's disk.
+#[test]
+fn a_stateless_old_lc_that_writes_after_the_switch_fails_the_run_and_is_cut_at_the_deadline() {
+    let c = Cycle::routed(
+        2,
+        "\n[service]\nstateless = true\nstateless_drain_secs = 3\n",
+    );
+    c.upgrade_bundle();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    let client = c.start_seamless();
+    let svc = c.t.service();
+    // Its connection outlives the deadline.
+    let kept = Reads::start(&client, svc.clone(), Some(Duration::from_secs(60)));
+    std::thread::sleep(SETTLE);
+    let (config, lc) = (c.t.config.clone(), a.clone());
+    let run = std::thread::spawn(move || {
+        common::po(&config, &["--json", "patch", &lc, "--mode", "seamless"])
+    });
+    // Once the NAT points at the standby, the old LC writes its application disk.
+    let to: std::net::Ipv4Addr = c.t.lcs[1].address.parse().unwrap();
+    let start = std::time::Instant::now();
+    while patchover_net::nft::service_nat_target(None, svc.parse().unwrap()).unwrap() != Some(to) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the NAT never flipped"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.t.po_ok(&[
+        "lc",
+        "exec",
+        &a,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo late > /data/late",
+    ]);
+    let out = run.join().unwrap();
+    let (answers, failures, _) = kept.finish();
+    eprintln!("{} reads, failed: {failures:?}", answers.len());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{report:#}");
+    assert_eq!(report["outcome"], "switched", "{report:#}");
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!(
+            "LC {a} wrote its application disk while it finished its connections after the switch"
+        )) && error.contains("late"),
+        "{report:#}"
+    );
+    assert!(
+        report["hint"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("kept intact")
+    );
+    let st = &report["stateless"];
+    assert!(st["connections_cut"].as_u64() >= Some(1), "{report:#}");
+    assert!(
+        st["old_lc_served_ms"].as_f64() >= Some(3000.0),
+        "{report:#}"
+    );
+    assert_eq!(st["writes_before_switch"]["count"], 0, "{report:#}");
+    // The switch stands; the old LC is stopped with the write on its disk.
+    assert_eq!(running(&c), [b]);
+    assert_eq!(version(&client, &svc), "1.0.1");
+    let (_, app) = c.t.disks(&c.t.lcs[0]);
+    assert_eq!(fs::read_to_string(app.join("late")).unwrap(), "late\n");
 }

@@ -150,6 +150,8 @@ impl LiveCopy for MirrorJob {
             bytes_replayed: 0,
             freeze_ms: Some(freeze_ms),
             detail,
+            // A mirror job keeps no count of the guest's writes.
+            writes: None,
         })
     }
 }

@@ -231,13 +231,19 @@ impl LiveCopy for BlocksJob {
         copy.close().map_err(DiskCopyError::application)?;
         patchover_disk::mark_complete(&dst).map_err(DiskCopyError::application)?;
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let before: u64 = rounds.iter().map(|r| r.bytes).sum();
         Ok(CutDone {
             bytes_replayed: cut.shipped,
             freeze_ms: Some(ms(cut.freeze)),
+            writes: Some(patchover_lc::Writes {
+                count: before + cut.shipped,
+                unit: "bytes shipped from the dirty bitmap",
+                paths: Vec::new(),
+            }),
             detail: serde_json::json!({
                 "bitmap": true,
                 "rounds_before_cut": rounds.len(),
-                "bytes_before_cut": rounds.iter().map(|r| r.bytes).sum::<u64>(),
+                "bytes_before_cut": before,
                 "presync_ms": cut.presync.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
                 "syncfs_ms": ms(cut.syncfs),
                 "job_start_ms": ms(cut.job_start),

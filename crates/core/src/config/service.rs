@@ -66,6 +66,14 @@ pub struct ServiceSettings {
     pub cut_check: Vec<String>,
     /// `[service.front]`: the connection front paused around the switch (docs/postgres.md).
     pub front: Option<FrontSettings>,
+    /// `stateless = true`: the service keeps no state on its application disk, so a `seamless`
+    /// switch needs no hand-off: the NAT flips, the old LC finishes the connections it accepted
+    /// and stops (docs/services.md, "Stateless services"). Checked by each run against the
+    /// disk's write history.
+    pub stateless: bool,
+    /// How long a stateless service's old LC may keep serving the connections it accepted
+    /// before it is stopped anyway (`stateless_drain_secs`, default 30 s).
+    pub stateless_drain: Duration,
 }
 
 /// How patchover checks that the service answers on an LC. Every kind is made from inside the
@@ -134,9 +142,14 @@ impl Default for ServiceSettings {
             stop: Vec::new(),
             cut_check: Vec::new(),
             front: None,
+            stateless: false,
+            stateless_drain: DEFAULT_STATELESS_DRAIN,
         }
     }
 }
+
+/// How long a stateless service's old LC keeps its connections when the config does not say.
+pub const DEFAULT_STATELESS_DRAIN: Duration = Duration::from_secs(30);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -153,6 +166,8 @@ pub(super) struct RawService {
     stop: Option<Spanned<Vec<String>>>,
     cut_check: Option<Spanned<Vec<String>>>,
     front: Option<Spanned<RawFront>>,
+    stateless: Option<bool>,
+    stateless_drain_secs: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -203,6 +218,8 @@ impl Validator<'_> {
                 "the hand-off needs all three of park, forward and unpark, or none",
             ));
         }
+        let stateless = raw.stateless.unwrap_or(false);
+        let stateless_drain = self.stateless_drain(stateless, raw.stateless_drain_secs)?;
         let plain =
             |h: Option<Spanned<Vec<String>>>| h.map(Spanned::into_inner).unwrap_or_default();
         Ok(ServiceSettings {
@@ -218,7 +235,30 @@ impl Validator<'_> {
             stop: plain(self.hook(raw.stop, "service.stop")?),
             cut_check: plain(self.hook(raw.cut_check, "service.cut_check")?),
             front: raw.front.map(|f| self.front(f)).transpose()?,
+            stateless,
+            stateless_drain,
         })
+    }
+
+    /// `stateless_drain_secs`: 1–3600, and only with `stateless = true`.
+    fn stateless_drain(
+        &self,
+        stateless: bool,
+        raw: Option<Spanned<u64>>,
+    ) -> Result<Duration, ConfigError> {
+        let key = "service.stateless_drain_secs";
+        match raw {
+            None => Ok(DEFAULT_STATELESS_DRAIN),
+            Some(s) if !stateless => Err(self.err(
+                &s,
+                key,
+                "only applies to a stateless service; set stateless = true or leave it out",
+            )),
+            Some(s) if *s.get_ref() == 0 || *s.get_ref() > 3600 => {
+                Err(self.err(&s, key, format!("{} must be 1 to 3600", s.get_ref())))
+            }
+            Some(s) => Ok(Duration::from_secs(*s.get_ref())),
+        }
     }
 
     fn health(&self, raw: Spanned<RawHealth>) -> Result<HealthProbe, ConfigError> {
@@ -744,6 +784,43 @@ mod tests {
             assert_eq!((line, key.as_str()), (at, want_key), "{section}: {msg}");
             assert!(msg.contains(want), "{section}: {msg}");
         }
+    }
+
+    #[test]
+    fn stateless_is_typed_and_its_drain_deadline_checked() {
+        let h = "health = { kind = \"http\", path = \"/\" }\n";
+        let s = service(&format!("[service]\n{h}"));
+        assert!(!s.stateless, "a service is not stateless unless it says so");
+        assert_eq!(s.stateless_drain, DEFAULT_STATELESS_DRAIN);
+        let s = service(&format!(
+            "[service]\n{h}stateless = true\nstateless_drain_secs = 5\n"
+        ));
+        assert!(s.stateless);
+        assert_eq!(s.stateless_drain, Duration::from_secs(5));
+        for (section, want) in [
+            (
+                format!("[service]\n{h}stateless_drain_secs = 5\n"),
+                "only applies to a stateless service",
+            ),
+            (
+                format!("[service]\n{h}stateless = true\nstateless_drain_secs = 0\n"),
+                "1 to 3600",
+            ),
+        ] {
+            let (line, key, msg) = invalid_section(&section);
+            let at = section.lines().count();
+            assert_eq!(
+                (line, key.as_str()),
+                (at, "service.stateless_drain_secs"),
+                "{msg}"
+            );
+            assert!(msg.contains(want), "{section}: {msg}");
+        }
+        let text = format!("{GOOD}[service]\n{h}stateless = \"yes\"\n");
+        let err = parse(&text).unwrap_err().to_string();
+        let at = text.lines().count();
+        assert!(err.starts_with(&format!("/etc/po.toml:{at}:")), "{err}");
+        assert!(err.contains("expected a boolean"), "{err}");
     }
 
     #[test]

@@ -11,7 +11,9 @@ use patchover_disk::{CopyOptions, FollowCopy, NoProgress};
 use super::NsBackend;
 use crate::host::Host;
 use crate::images::APP_NODE;
-use crate::migrate::{Copied, CopyProgress, CutDone, DiskCopyError, LiveCopy, Migratable};
+use crate::migrate::{
+    Copied, CopyProgress, CutDone, DiskCopyError, LiveCopy, Migratable, WriteWatch, Writes,
+};
 
 impl<H: Host> Migratable for NsBackend<H> {
     fn copy_system_disk(&self, active: &LcSpec, dst: &Path) -> Result<Copied, DiskCopyError> {
@@ -62,7 +64,43 @@ impl<H: Host> Migratable for NsBackend<H> {
             .map(|s| s.end_copies(&active.id))
             .unwrap_or_default()
     }
+
+    /// A directory disk: the copier's fanotify trap, counting only. An image is refused: its
+    /// writes reach the host as blocks of the image, not as files.
+    fn watch_writes(
+        &self,
+        active: &LcSpec,
+        disk: &DiskSpec,
+    ) -> Result<Box<dyn WriteWatch>, DiskCopyError> {
+        if disk.kind != DiskKind::Dir {
+            return Err(DiskCopyError::application(format!(
+                "LC {}'s application disk {} is an image; only a directory disk is watched for writes",
+                active.id,
+                disk.path.display()
+            )));
+        }
+        let w =
+            patchover_disk::WriteWatch::start(&disk.path).map_err(DiskCopyError::application)?;
+        Ok(Box::new(FilesWatch(w)))
+    }
 }
+
+/// [`Migratable::watch_writes`] of a directory disk.
+struct FilesWatch(patchover_disk::WriteWatch);
+
+impl WriteWatch for FilesWatch {
+    fn writes(&mut self) -> Result<Writes, DiskCopyError> {
+        let s = self.0.seen().map_err(DiskCopyError::application)?;
+        Ok(Writes {
+            count: s.writes,
+            unit: TRAPPED,
+            paths: s.paths,
+        })
+    }
+}
+
+/// What a fanotify trap counts.
+const TRAPPED: &str = "trapped writes";
 
 /// A file copy that follows the source's writes until the cut.
 struct FilesCopy(FollowCopy);
@@ -83,6 +121,11 @@ impl LiveCopy for FilesCopy {
                 .cut
                 .as_ref()
                 .map(|c| c.freeze_window.as_secs_f64() * 1000.0),
+            writes: Some(Writes {
+                count: r.stats.history_entries,
+                unit: TRAPPED,
+                paths: Vec::new(),
+            }),
             detail: serde_json::to_value(&r).unwrap_or_default(),
         })
     }

@@ -680,6 +680,7 @@ impl crate::LiveCopy for NoCopy {
             bytes_replayed: 0,
             freeze_ms: None,
             detail: serde_json::Value::Null,
+            writes: None,
         })
     }
 }

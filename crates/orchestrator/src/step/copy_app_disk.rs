@@ -17,6 +17,8 @@ pub(super) fn run(
         });
     };
     copy::clear_disk(&dst.path, "application")?;
+    // Armed before the copy starts: a stateless service's every write from now on is seen.
+    crate::stateless::watch(o, run)?;
     run.follow = Some(copy::LiveCopy::start(o.backend, &run.active, &src, &dst)?);
     Ok(serde_json::json!({"src": src.path, "dst": dst.path, "follow": true}))
 }

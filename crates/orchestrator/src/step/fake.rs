@@ -10,7 +10,7 @@ use std::time::Duration;
 use patchover_core::{Config, DiskSpec, HostFacts, LcSpec, NicSpec, Quiesce};
 use patchover_lc::{
     Access, Copied, CopyProgress, CutDone, DiskCopyError, ExecOutput, LcBackend, LcError, LcState,
-    LcStatus, LiveCopy, Migratable, Pausable, Stdio,
+    LcStatus, LiveCopy, Migratable, Pausable, Stdio, WriteWatch, Writes,
 };
 use patchover_net::{Endpoint, LcAccess, Mode};
 use patchover_store::{Role, Store};
@@ -30,6 +30,8 @@ struct State {
     /// Answers of commands in one LC, before `exec`.
     exec_in: std::collections::HashMap<String, (i32, Vec<u8>, Vec<u8>)>,
     agent: Option<PathBuf>,
+    /// What a write watch reports, read by read (the last one repeats); none: no write.
+    watch_reads: Vec<u64>,
 }
 
 /// An LC backend that records every call as a line (`boot lc2 app=none nic0=bridge`).
@@ -79,6 +81,12 @@ impl FakeBackend {
     /// Live copies from now on copy by rounds (they catch up before the cut).
     pub fn copies_catch_up(&self) {
         self.with(|s| s.catch_up = true);
+    }
+
+    /// The application disk is written: the watch's reads report these counts in turn (the
+    /// last one repeats).
+    pub fn disk_writes(&self, reads: &[u64]) {
+        self.with(|s| s.watch_reads = reads.to_vec());
     }
 
     pub fn exec_answers(&self, stdout: &[u8], stderr: &[u8]) {
@@ -187,6 +195,50 @@ impl Migratable for FakeBackend {
         let _ = self.call("end_copies", format!("end_copies {}", active.id));
         Vec::new()
     }
+
+    fn watch_writes(
+        &self,
+        active: &LcSpec,
+        disk: &DiskSpec,
+    ) -> Result<Box<dyn WriteWatch>, DiskCopyError> {
+        self.call(
+            "watch",
+            format!("watch {} {}", active.id, disk.path.display()),
+        )
+        .map_err(DiskCopyError::application)?;
+        Ok(Box::new(FakeWatch {
+            backend: self.clone(),
+            lc: active.id.to_string(),
+            read: 0,
+        }))
+    }
+}
+
+/// A write watch that reports what [`FakeBackend::disk_writes`] says.
+struct FakeWatch {
+    backend: FakeBackend,
+    lc: String,
+    read: usize,
+}
+
+impl WriteWatch for FakeWatch {
+    fn writes(&mut self) -> Result<Writes, DiskCopyError> {
+        let _ = self
+            .backend
+            .call("watch_read", format!("watch_read {}", self.lc));
+        let reads = self.backend.with(|s| s.watch_reads.clone());
+        let count = reads.get(self.read).or(reads.last()).copied().unwrap_or(0);
+        self.read += 1;
+        Ok(Writes {
+            count,
+            unit: "trapped writes",
+            paths: if count > 0 {
+                vec!["kv.log".into()]
+            } else {
+                Vec::new()
+            },
+        })
+    }
 }
 
 struct FakeCopy {
@@ -225,6 +277,11 @@ impl LiveCopy for FakeCopy {
             bytes_replayed: 7,
             freeze_ms: Some(1.0),
             detail: serde_json::json!({"fake": "cut"}),
+            writes: Some(Writes {
+                count: 0,
+                unit: "trapped writes",
+                paths: Vec::new(),
+            }),
         })
     }
 }
@@ -511,6 +568,45 @@ nic = [{{ name = "eth0", address = "10.9.0.{n}/24" }}]
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("r.yar"), rule).unwrap();
         self.settings.yara_rules = Some(d);
+    }
+
+    /// A switch plan of the bed's run (lc1 to lc1's own endpoint; only the shape matters), as
+    /// the switch step makes it before a stateless service changes it.
+    pub fn plan(&self) -> patchover_net::SwitchPlan {
+        let mode = self.run.req.mode;
+        patchover_net::SwitchPlan {
+            host_netns: None,
+            bridge: self.config.network.bridge.clone(),
+            service: self.config.network.service_address.unwrap(),
+            from: self.run.from.clone(),
+            to: self.run.from.clone(),
+            mode,
+            health: patchover_net::HealthCheck::new(80, "/health", ""),
+            check_from: None,
+            garp: patchover_net::GarpConfig::default(),
+            drain_deadline: self.settings.drain_deadline,
+            queue: 1,
+            lock_path: self.dir.path().join("switch.lock"),
+            handoff: mode == Mode::Seamless,
+            resume_to: false,
+        }
+    }
+
+    /// A switch's report with every figure zero.
+    pub fn switch_report(&self) -> patchover_net::SwitchReport {
+        patchover_net::SwitchReport {
+            mode: self.run.req.mode,
+            from: "lc1".into(),
+            to: "lc2".into(),
+            pause_ms: 0.0,
+            drain_ms: 0.0,
+            leftover_connections: 0,
+            first_request_ms: 0.0,
+            window_ms: 0.0,
+            held_syns: 0,
+            primed_neighbours: 0,
+            garp_sent: 0,
+        }
     }
 
     pub fn role(&self, lc: &str) -> Role {

@@ -1,5 +1,7 @@
 //! After the switch (seed step 8): the old LC is stopped and kept intact, as the target of a
-//! later rollback; the roles change in the resource table.
+//! later rollback; the roles change in the resource table. A stateless service whose old LC
+//! wrote its disk after the switch fails the run here, once the old LC is stopped (its writes
+//! kept on its disk).
 
 use patchover_store::Role;
 
@@ -14,6 +16,7 @@ pub(super) fn run(
     o.backend.stop(&run.active)?;
     o.store.set_role(standby.id.as_str(), Role::Active)?;
     o.store.set_role(run.active.id.as_str(), Role::Standby)?;
+    run.halt = run.fail_after_stop.take();
     Ok(serde_json::json!({"rollback_target": run.active.id}))
 }
 

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use patchover_core::LcSpec;
 use patchover_lc::{LcBackend, Stdio};
-use patchover_net::{Endpoint, Hooks, Mode, SwitchPlan};
+use patchover_net::{BoxError, Endpoint, HealthCheck, Hooks, SwitchPlan, Switched};
 
 use crate::context::{Orchestrator, Run};
 use crate::copy::LiveCopy;
 use crate::service::{LcServiceControl, RunByBackend};
-use crate::{OrchestratorError, ServiceSettings, network};
+use crate::{OrchestratorError, RunReport, ServiceSettings, network, stateless};
 use patchover_lc::CutDone;
 
 pub(super) fn run(
@@ -23,65 +23,148 @@ pub(super) fn run(
 ) -> Result<serde_json::Value, OrchestratorError> {
     let plan = plan(o, run)?;
     let standby = run.standby()?.clone();
-    let mut follow = run.follow.take();
-    let mut cut_report = None;
-    let backend = o.backend;
-    let svc = &o.settings.service;
-    let (active, to) = (&run.active, &plan.to);
     // The restarted service gets a while to answer again (its own check, on its own address).
-    let restarted = patchover_net::HealthCheck {
+    let restarted = HealthCheck {
         patience: plan.health.patience.max(Duration::from_secs(10)),
         ..plan.health.clone()
     };
-    let mut in_window = |_: &SwitchPlan| -> Result<(), patchover_net::BoxError> {
-        cut_report = take_over(backend, svc, active, &standby, follow.take())?;
-        let lc = to.access.open()?;
-        // Checked against its own address before the switch; once more after the answer.
-        let by_backend = RunByBackend {
+    let svc = &o.settings.service;
+    if stateless::applies(svc, plan.mode) {
+        return stateless_switch(o, run, &plan, &standby, &restarted);
+    }
+    let mut follow = run.follow.take();
+    let mut cut = None;
+    let (backend, active, to) = (o.backend, &run.active, &plan.to);
+    let mut in_window = |_: &SwitchPlan| -> Result<(), BoxError> {
+        cut = take_over_checked(
             backend,
-            spec: &standby,
-        };
-        let inside = patchover_net::health::Inside::of(&*lc).running(&by_backend);
-        patchover_net::health::check_in(inside, to.address.addr, &restarted)?;
-        patchover_net::health::own_address(&*lc, &to.iface, to.address.addr)?;
+            svc,
+            active,
+            &standby,
+            follow.take(),
+            to,
+            &restarted,
+        )?;
         Ok(())
     };
+    let (sw, mut detail) = switch_as(o, &mut run.report, &plan, svc, &mut in_window)?;
+    record_cut(&mut run.report, &mut detail, cut);
+    run.refresh = sw.refresh;
+    Ok(detail)
+}
+
+/// A stateless service in `seamless` (`crate::stateless`): the cut, the disk under the
+/// standby's service and its restart come *before* the switch (the standby serves new flows as
+/// soon as the NAT flips), then the switch with no drain and no hand-off; its window, once the
+/// old LC's connections ended, reads the write trap.
+fn stateless_switch(
+    o: &mut Orchestrator<'_>,
+    run: &mut Run,
+    plan: &SwitchPlan,
+    standby: &LcSpec,
+    restarted: &HealthCheck,
+) -> Result<serde_json::Value, OrchestratorError> {
+    let svc = stateless::control_settings(&o.settings.service);
+    // Refused before the active LC is held still for the cut, if it can be.
+    stateless::refuse_if_written(run, None)?;
+    let follow = run.follow.take();
+    let cut = take_over_checked(
+        o.backend,
+        &svc,
+        &run.active,
+        standby,
+        follow,
+        &plan.to,
+        restarted,
+    )
+    .map_err(|e| OrchestratorError::Service(crate::chain(&*e)))?;
+    stateless::refuse_if_written(run, cut.as_ref().and_then(|c| c.writes.as_ref()))?;
+    let mut watch = run.watch.take();
+    let mut after = None;
+    let mut in_window = |_: &SwitchPlan| -> Result<(), BoxError> {
+        after = stateless::after_flows(watch.as_mut());
+        Ok(())
+    };
+    let (sw, mut detail) = switch_as(o, &mut run.report, plan, &svc, &mut in_window)?;
+    stateless::record(run, &sw.report, after);
+    record_cut(&mut run.report, &mut detail, cut);
+    detail["stateless"] = serde_json::to_value(&run.report.stateless).unwrap_or_default();
+    run.refresh = sw.refresh;
+    Ok(detail)
+}
+
+/// Runs the switcher with the service commands of `svc` (and its front, released after the
+/// switch); the report gets its figures, or `rolled-back` when the switcher put everything
+/// back. Returns the switch and the step's detail.
+fn switch_as(
+    o: &Orchestrator<'_>,
+    report: &mut RunReport,
+    plan: &SwitchPlan,
+    svc: &ServiceSettings,
+    in_window: &mut dyn FnMut(&SwitchPlan) -> Result<(), BoxError>,
+) -> Result<(Switched, serde_json::Value), OrchestratorError> {
     let front = crate::front::of(svc);
     let front = front.as_ref().map(|f| f as &dyn patchover_front::Front);
     let mut ctl = LcServiceControl {
-        backend,
+        backend: o.backend,
         lcs: &o.config.lcs,
         settings: svc,
         front,
     };
     let mut hooks = Hooks {
         service: &mut ctl,
-        in_window: &mut in_window,
+        in_window,
     };
-    let switched = patchover_net::switch(&plan, &mut hooks);
+    let switched = patchover_net::switch(plan, &mut hooks);
     let front_released = front.map(|f| after_switch(f, switched.is_ok()));
     let sw = switched.inspect_err(|e| {
         if matches!(e, patchover_net::SwitchError::RolledBack { .. }) {
-            run.report.outcome = "rolled-back".into();
+            report.outcome = "rolled-back".into();
         }
     })?;
-    run.report.pause_ms = Some(sw.report.pause_ms);
-    run.report.switch = Some(sw.report.clone());
+    report.pause_ms = Some(sw.report.pause_ms);
+    report.switch = Some(sw.report.clone());
+    report.outcome = "switched".into();
     let mut detail = serde_json::to_value(&sw.report).unwrap_or_default();
-    if let Some(r) = cut_report {
-        run.report.bytes_replayed += r.bytes_replayed;
-        run.report.freeze_ms = r.freeze_ms;
-        detail["cut_app_disk"] = r.detail;
-    }
     if let Some(released) = front_released {
         detail["front_released"] = serde_json::json!(released.is_ok());
         if let Err(e) = released {
             detail["front_error"] = e.into();
         }
     }
-    run.refresh = sw.refresh;
-    run.report.outcome = "switched".into();
-    Ok(detail)
+    Ok((sw, detail))
+}
+
+/// The application disk's cut in the report and the step's detail.
+fn record_cut(report: &mut RunReport, detail: &mut serde_json::Value, cut: Option<CutDone>) {
+    if let Some(r) = cut {
+        report.bytes_replayed += r.bytes_replayed;
+        report.freeze_ms = r.freeze_ms;
+        detail["cut_app_disk"] = r.detail;
+    }
+}
+
+/// [`take_over`], then the restarted service answers on the standby's own address.
+fn take_over_checked(
+    backend: &dyn LcBackend,
+    svc: &ServiceSettings,
+    active: &LcSpec,
+    standby: &LcSpec,
+    follow: Option<LiveCopy>,
+    to: &Endpoint,
+    restarted: &HealthCheck,
+) -> Result<Option<CutDone>, BoxError> {
+    let cut = take_over(backend, svc, active, standby, follow)?;
+    let lc = to.access.open()?;
+    // Checked against its own address before the switch; once more after the answer.
+    let by_backend = RunByBackend {
+        backend,
+        spec: standby,
+    };
+    let inside = patchover_net::health::Inside::of(&*lc).running(&by_backend);
+    patchover_net::health::check_in(inside, to.address.addr, restarted)?;
+    patchover_net::health::own_address(&*lc, &to.iface, to.address.addr)?;
+    Ok(cut)
 }
 
 /// The front after the switch: released onto the standby, or (a failed switch; its rollback
@@ -104,7 +187,7 @@ fn plan(o: &Orchestrator<'_>, run: &Run) -> Result<SwitchPlan, OrchestratorError
     })?;
     let to = run.to()?.clone();
     network::ensure_bridge_address(o.config).map_err(OrchestratorError::net)?;
-    Ok(SwitchPlan {
+    let mut plan = SwitchPlan {
         host_netns: None,
         bridge: o.config.network.bridge.clone(),
         service,
@@ -125,11 +208,13 @@ fn plan(o: &Orchestrator<'_>, run: &Run) -> Result<SwitchPlan, OrchestratorError
         drain_deadline: o.settings.drain_deadline,
         queue: network::queue_number(run.id()),
         lock_path: o.config.run_dir.join("switch.lock"),
-        // A writing service must not serve from both LCs: hand off.
-        handoff: run.req.mode == Mode::Seamless,
+        // A writing service must not serve from both LCs: hand off (unless it is stateless).
+        handoff: run.req.mode == patchover_net::Mode::Seamless,
         // The standby was booted for this run: never drained, so never resumed.
         resume_to: false,
-    })
+    };
+    stateless::shape(&mut plan, &o.settings.service);
+    Ok(plan)
 }
 
 /// In the switch window: the old service stops cleanly (`stop`), the application disk's copy

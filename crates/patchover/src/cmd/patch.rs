@@ -144,6 +144,22 @@ fn print_report_json(ctx: &Ctx, r: &serde_json::Value) {
         ms("freeze_ms"),
         ms("pause_ms")
     );
+    let st = &r["stateless"];
+    if st.is_object() {
+        let writes = |k: &str| match &st[k] {
+            w if w.is_object() => format!("{} {}", w["count"], w["unit"].as_str().unwrap_or("")),
+            _ => "no application disk".into(),
+        };
+        println!(
+            "  stateless: old LC served its flows {} ms after the switch, {} connections cut; disk writes before {}, after {}",
+            st["old_lc_served_ms"]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{v:.0}")),
+            st["connections_cut"],
+            writes("writes_before_switch"),
+            writes("writes_after_switch")
+        );
+    }
     if let Some(e) = r["error"].as_str() {
         println!("  error: {e}");
     }

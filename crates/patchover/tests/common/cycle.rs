@@ -263,7 +263,7 @@ pub type KeepAliveResult = (u64, Vec<String>, BTreeMap<String, String>, u64);
 
 impl KeepAlive {
     pub fn start(client: &Client, service: String, deadline: Duration) -> KeepAlive {
-        use std::io::{BufRead, BufReader, Read, Write};
+        use std::io::{BufReader, Write};
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let handle = client.spawn(move || {
@@ -293,37 +293,7 @@ impl KeepAlive {
                         )
                         .as_bytes(),
                     )?;
-                    let mut line = String::new();
-                    if r.read_line(&mut line)? == 0 {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::ConnectionAborted,
-                            "closed before answering",
-                        ));
-                    }
-                    let status: u16 = line
-                        .split(' ')
-                        .nth(1)
-                        .and_then(|x| x.parse().ok())
-                        .ok_or_else(|| std::io::Error::other(format!("status line {line:?}")))?;
-                    let (mut len, mut by, mut close) = (0usize, String::new(), false);
-                    loop {
-                        let mut h = String::new();
-                        r.read_line(&mut h)?;
-                        let h = h.trim_end().to_ascii_lowercase();
-                        if h.is_empty() {
-                            break;
-                        }
-                        if let Some(v) = h.strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap_or(0);
-                        } else if let Some(v) = h.strip_prefix("x-served-by:") {
-                            by = v.trim().to_owned();
-                        } else if h.starts_with("connection:") && h.contains("close") {
-                            close = true;
-                        }
-                    }
-                    let mut body = vec![0; len];
-                    r.read_exact(&mut body)?;
-                    Ok((status, by, close))
+                    read_answer(r)
                 };
                 let reused = conn.as_ref().is_some_and(|c| c.1.is_some());
                 let mut res = attempt(&mut conn);
@@ -380,6 +350,150 @@ impl KeepAlive {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.take().unwrap().join().unwrap()
     }
+}
+
+/// Reads one HTTP/1.1 answer: its status, who served it (`X-Served-By`), and whether the
+/// server closes the connection after it.
+fn read_answer(
+    r: &mut std::io::BufReader<std::net::TcpStream>,
+) -> std::io::Result<(u16, String, bool)> {
+    use std::io::{BufRead, Read};
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            "closed before answering",
+        ));
+    }
+    let status: u16 = line
+        .split(' ')
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("status line {line:?}")))?;
+    let (mut len, mut by, mut close) = (0usize, String::new(), false);
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        let h = h.trim_end().to_ascii_lowercase();
+        if h.is_empty() {
+            break;
+        }
+        if let Some(v) = h.strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        } else if let Some(v) = h.strip_prefix("x-served-by:") {
+            by = v.trim().to_owned();
+        } else if h.starts_with("connection:") && h.contains("close") {
+            close = true;
+        }
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body)?;
+    Ok((status, by, close))
+}
+
+/// One read a [`Reads`] client got answered.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The LC that answered (`X-Served-By`).
+    pub by: String,
+    /// When the request was sent and when its answer was read, unix ms.
+    pub sent_ms: u128,
+    pub done_ms: u128,
+    /// The connection it went on (counted from 1).
+    pub conn: u64,
+}
+
+/// What a [`Reads`] client saw: the answers, the failed requests, and the connections the
+/// server closed (a drained service closes kept-alive connections).
+pub type ReadsResult = (Vec<Answer>, Vec<String>, u64);
+
+/// A client that only reads (`GET /version`, which writes nothing on the server), every request
+/// with a 2 s deadline, either on a new connection each (`keep: None`) or on a kept-alive
+/// connection that the client itself closes after `keep` (as browsers and `wrk` do).
+pub struct Reads {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<ReadsResult>>,
+}
+
+impl Reads {
+    pub fn start(client: &Client, service: String, keep: Option<Duration>) -> Reads {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = client.spawn(move || read_loop(&s, &service, keep));
+        Reads {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn finish(mut self) -> ReadsResult {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+fn read_loop(stop: &AtomicBool, service: &str, keep: Option<Duration>) -> ReadsResult {
+    use std::io::Write;
+    let deadline = Duration::from_secs(2);
+    let addr: std::net::SocketAddr = format!("{service}:80").parse().unwrap();
+    let (mut answers, mut failures, mut closed) = (Vec::new(), Vec::new(), 0u64);
+    let mut conn: Option<(std::io::BufReader<std::net::TcpStream>, Instant)> = None;
+    let mut n_conn = 0u64;
+    let req = match keep {
+        Some(_) => "GET /version HTTP/1.1\r\nHost: s\r\n\r\n",
+        None => "GET /version HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n",
+    };
+    while !stop.load(Ordering::Relaxed) {
+        if conn
+            .as_ref()
+            .is_some_and(|(_, at)| keep.is_none_or(|k| at.elapsed() >= k))
+        {
+            conn = None; // the client closes it
+        }
+        let (t, sent_ms) = (Instant::now(), unix_ms());
+        let res = (|| -> std::io::Result<(u16, String, bool)> {
+            if conn.is_none() {
+                let st = std::net::TcpStream::connect_timeout(&addr, deadline)?;
+                st.set_read_timeout(Some(deadline))?;
+                st.set_nodelay(true)?;
+                n_conn += 1;
+                conn = Some((std::io::BufReader::new(st), Instant::now()));
+            }
+            let (r, _) = conn.as_mut().unwrap();
+            r.get_mut().write_all(req.as_bytes())?;
+            read_answer(r)
+        })();
+        match res {
+            Ok((200, by, close)) if t.elapsed() < deadline => {
+                answers.push(Answer {
+                    by,
+                    sent_ms,
+                    done_ms: unix_ms(),
+                    conn: n_conn,
+                });
+                if close {
+                    closed += u64::from(keep.is_some());
+                    conn = None;
+                }
+            }
+            Ok((status, by, _)) => {
+                failures.push(format!(
+                    "GET /version: {status} from {by} after {:?} (sent at unix ms {sent_ms})",
+                    t.elapsed()
+                ));
+                conn = None;
+            }
+            Err(e) => {
+                failures.push(format!(
+                    "GET /version on connection {n_conn}: {e} after {:?} (sent at unix ms {sent_ms})",
+                    t.elapsed()
+                ));
+                conn = None;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    (answers, failures, closed)
 }
 
 /// Runs `args` (a `patch` or a `rollback`, with `--json` added) while `client` writes with a
