@@ -23,42 +23,62 @@ use crate::{Context, ShowcaseError};
 /// The cluster's data directory inside the LC: the application disk is mounted at `/data`.
 pub const DATA_DIR: &str = "/data/15/main";
 
-/// The `[service]` of a PostgreSQL LC behind a PgBouncer at `front` (docs/postgres.md).
+/// The `[service]` of a PostgreSQL LC behind a PgBouncer at `front` (docs/postgres.md). The
+/// hooks are the LC's `/usr/local/sbin/po-pg` ([`PO_PG`]).
 pub fn service_section(front: SocketAddr, pause_deadline_secs: u64) -> String {
-    let sh = |script: &str| {
-        serde_json::to_string(&["/bin/sh", "-c", script]).expect("strings serialize")
-    };
     format!(
         "\n# PostgreSQL 15 (Debian's), its data on the application disk; clients through PgBouncer.\n\
-         [service]\nport = 5432\nhealth = {{ kind = \"tcp\" }}\nstop = {}\ncut_check = {}\nrestart = {}\nresume = {}\n\n\
-         [service.front]\nkind = \"pgbouncer\"\nadmin = \"{front}\"\nuser = \"pgbouncer\"\npause_deadline_secs = {pause_deadline_secs}\n",
-        sh(STOP),
-        sh(CUT_CHECK),
-        sh(RESTART),
-        sh(RESUME),
+         [service]\nport = 5432\nhealth = {{ kind = \"tcp\" }}\n\
+         stop = [\"{PO_PG_PATH}\", \"stop\"]\ncut_check = [\"{PO_PG_PATH}\", \"cut-check\"]\n\
+         restart = [\"{PO_PG_PATH}\", \"restart\"]\nresume = [\"{PO_PG_PATH}\", \"resume\"]\n\n\
+         [service.front]\nkind = \"pgbouncer\"\nadmin = \"{front}\"\nuser = \"pgbouncer\"\npause_deadline_secs = {pause_deadline_secs}\n"
     )
 }
 
-/// `stop`: a fast shutdown (no client is connected then: the front is paused); nothing to do
-/// when it is not running.
-pub const STOP: &str =
-    "pg_ctlcluster 15 main status >/dev/null 2>&1 || exit 0; pg_ctlcluster 15 main stop -m fast";
-/// `restart`: PostgreSQL (re)started, on the data as of the cut.
-pub const RESTART: &str =
-    "pg_ctlcluster 15 main stop -m fast >/dev/null 2>&1; pg_ctlcluster 15 main start";
-/// `resume`: started unless running (a rollback after `stop`; the standby before its check).
-pub const RESUME: &str =
-    "pg_ctlcluster 15 main status >/dev/null 2>&1 || pg_ctlcluster 15 main start";
-/// `cut_check`: the cluster's identity, state and last checkpoint; fails unless it was shut
-/// down cleanly.
-pub const CUT_CHECK: &str = "export LC_ALL=C; s=$(/usr/lib/postgresql/15/bin/pg_controldata /data/15/main) || exit 1; printf '%s\\n' \"$s\" | grep -E '^(Database system identifier|Database cluster state|Latest checkpoint location):'; printf '%s\\n' \"$s\" | grep -q '^Database cluster state: *shut down$'";
+/// Where [`PO_PG`] goes in the LC.
+pub const PO_PG_PATH: &str = "/usr/local/sbin/po-pg";
+
+/// The service's hooks in the LC, one program: PostgreSQL's own `pg_ctl` as `postgres`
+/// (Debian's `pg_ctlcluster start` reports a started server as failed when run through the
+/// LC's exec: its wait loop gives up; `pg_ctl -w` waits on the server's own pid file).
+/// `stop`: a fast shutdown (nothing to do when not running); `restart`: stopped if running,
+/// started (on the data as of the cut); `resume`: started unless running; `cut-check`: the
+/// cluster's identity, state and last checkpoint, failing unless it was shut down cleanly.
+pub const PO_PG: &str = r#"#!/bin/sh
+# patchover's service hooks for PostgreSQL 15 "main" (docs/postgres.md).
+set -u
+D=/data/15/main
+B=/usr/lib/postgresql/15/bin
+as_pg() { runuser -u postgres -- "$@"; }
+running() { as_pg $B/pg_ctl -D $D status >/dev/null 2>&1; }
+start() {
+    install -d -o postgres -g postgres -m 2775 /var/run/postgresql
+    as_pg $B/pg_ctl -D $D -o "-c config_file=/etc/postgresql/15/main/postgresql.conf"         -l /var/log/postgresql/postgresql-15-main.log -w -t 60 start >/dev/null
+}
+stop() { as_pg $B/pg_ctl -D $D -m fast -w -t 60 stop >/dev/null; }
+case "${1:-}" in
+    stop) running || exit 0; stop ;;
+    restart) if running; then stop || exit 1; fi; start ;;
+    resume) running || start ;;
+    cut-check)
+        export LC_ALL=C
+        s=$($B/pg_controldata $D) || exit 1
+        printf '%s
+' "$s" | grep -E '^(Database system identifier|Database cluster state|Latest checkpoint location):'
+        printf '%s
+' "$s" | grep -q '^Database cluster state: *shut down$' ;;
+    *) echo "usage: $0 stop|restart|resume|cut-check" >&2; exit 2 ;;
+esac
+"#;
 
 /// What the LC's PostgreSQL is told (conf.d is read after postgresql.conf).
 const CONF: &str = "# patchover (docs/postgres.md): reached through the service address, small.\n\
 listen_addresses = '*'\n\
-unix_socket_directories = ''\n\
 shared_buffers = 32MB\n\
 max_connections = 40\n";
+
+/// The boot script that clears what a copied system disk brings of the old LC's PostgreSQL run.
+const PGRUN: &str = "#!/bin/sh\n### BEGIN INIT INFO\n# Provides:          patchover-pgrun\n# Required-Start:\n# Required-Stop:\n# Default-Start:     S\n# Default-Stop:\n# Short-Description: clears PostgreSQL's run files copied from another LC (patchover)\n### END INIT INFO\n[ \"$1\" = start ] || exit 0\nrm -f /run/postgresql/.s.PGSQL.*.lock /run/postgresql/.s.PGSQL.* /run/postgresql/*.pid\nexit 0\n";
 
 /// Turns a Debian tree with postgresql-15 (`build-debian --packages postgresql-15`) into a
 /// PostgreSQL LC: the cluster `15/main` moves to the application disk `app` (mounted at
@@ -87,6 +107,20 @@ pub fn prepare_lc(sys: &Path, app: &Path) -> Result<(), ShowcaseError> {
     let mut text = fs::read_to_string(&hba)?;
     text.push_str("# patchover's test network: PgBouncer on the host, the switch's checks\nhost all all 0.0.0.0/0 trust\n");
     fs::write(&hba, text)?;
+    // Debian's boot clears no /run here (build-debian drops mountall's bootclean), and the
+    // system disk is copied from a running LC: the socket's lock file names a PID of the old
+    // LC, which may be another process in the standby. Cleared before PostgreSQL starts.
+    let script = sys.join("etc/init.d/patchover-pgrun");
+    fs::write(&script, PGRUN)?;
+    fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let link = sys.join("etc/rcS.d/S05patchover-pgrun");
+    if fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink("../init.d/patchover-pgrun", &link)?;
+    }
+    let hooks = sys.join(PO_PG_PATH.trim_start_matches('/'));
+    fs::create_dir_all(hooks.parent().expect("a directory"))?;
+    fs::write(&hooks, PO_PG)?;
+    fs::set_permissions(&hooks, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let cluster = sys.join("var/lib/postgresql/15");
     for to in [app.to_owned(), sys.join("data")] {
         fs::create_dir_all(&to)?;
