@@ -21,13 +21,20 @@ use crate::{Context, ShowcaseError};
 
 /// nginx's `[service]`: the profile docs/services.md shows ("nginx, stateless HTTP"). The
 /// health check is GET / of Debian's default page; patchover proves which LC answered, so
-/// the page need not say. The drain is nginx's own graceful reload: the old workers close
-/// their idle keep-alive connections and finish the requests in flight, new workers serve on
-/// (idempotent; nothing to resume). A `readdress`/`path` switch waits for the old LC's
-/// connections to end, and wrk's keep-alive connections never end by themselves.
+/// the page need not say. nginx keeps nothing on an application disk (it has none here):
+/// `stateless`, so a `seamless` switch (the demo's default) flips the host's NAT with no
+/// hand-off and no drain, and the connections the old LC accepted finish there; those still
+/// open after 5 s are idle keep-alive connections (nginx closes a busy one after its
+/// `keepalive_requests`), closed by nginx's own graceful stop with the old LC. The drain is
+/// for a `readdress`/`path` switch, which holds new connections until the old LC has none:
+/// nginx's own graceful reload (the old workers close their idle keep-alive connections and
+/// finish the requests in flight, new workers serve on; idempotent; nothing to resume), since
+/// wrk's keep-alive connections never end by themselves.
 pub const NGINX_SERVICE: &str = r#"[service]
 port = 80
 health = { kind = "http", path = "/", status = 200, body = "Welcome to nginx" }
+stateless = true
+stateless_drain_secs = 5
 drain = ["/usr/sbin/nginx", "-s", "reload"]
 "#;
 
@@ -38,7 +45,7 @@ pub const NGINX: Profile = Profile {
     service: NGINX_SERVICE,
     port: 80,
     load_path: "/",
-    default_mode: Mode::Readdress,
+    default_mode: Mode::Seamless,
 };
 
 /// One patch → rollback cycle under the three clients.
@@ -61,6 +68,12 @@ impl Cycle {
 
     fn failed(&self) -> u64 {
         self.keepalive.counts.failed() + self.close.counts.failed() + self.deadline.failed_total
+    }
+
+    /// The switches' `leftover_connections`: what the old LC still had when it was stopped.
+    fn connections_cut(&self) -> u64 {
+        let cut = |r: &Value| r["switch"]["leftover_connections"].as_u64().unwrap_or(0);
+        cut(&self.patch) + self.rollback.as_ref().map_or(0, cut)
     }
 
     fn total(&self) -> u64 {
@@ -272,6 +285,8 @@ fn report(
         "deadline_client": dl,
         // What readdress/path cost keep-alive clients: each cut connection is one failed request.
         "keepalive_cuts_per_cycle": done.iter().map(|c| c.keepalive.counts.failed()).collect::<Vec<_>>(),
+        // Connections the old LC still had when it was stopped (patch and rollback switches).
+        "connections_cut_per_cycle": done.iter().map(Cycle::connections_cut).collect::<Vec<_>>(),
         "packages_before": before,
         "packages_after": after,
         "packages_after_rollback": after_rollback,
@@ -412,6 +427,7 @@ mod tests {
             ));
             assert!(c.service.restart.is_empty() && c.service.resume.is_empty());
             assert_eq!(c.service.drain, ["/usr/sbin/nginx", "-s", "reload"]);
+            assert!(c.service.stateless);
             assert_eq!(c.lcs.len(), 2);
         }
     }
