@@ -400,3 +400,45 @@ fn postgres_bench_ten_cycles() {
         r.commits_acknowledged
     );
 }
+
+/// `patchover demo --service postgres` refuses what it does not use, before it makes anything.
+#[test]
+fn the_postgres_demo_refuses_what_it_does_not_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("demo");
+    for (args, says) in [
+        (
+            &[
+                "demo",
+                "--service",
+                "postgres",
+                "--source",
+                "deb http://x bookworm main",
+            ][..],
+            "--source is for --service nginx",
+        ),
+        (
+            &["demo", "--service", "postgres", "--all-updates"][..],
+            "--all-updates is for --service nginx",
+        ),
+        (
+            &["demo", "--service", "postgres", "--mode", "seamless"][..],
+            "leave --mode out",
+        ),
+        (
+            &["demo", "--service", "postgres", "--cycles", "0"][..],
+            "at least 1",
+        ),
+    ] {
+        let out = std::process::Command::new(common::BIN)
+            .args(args)
+            .arg("--dir")
+            .arg(&d)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!d.exists(), "{args:?} made {}", d.display());
+    }
+}

@@ -30,6 +30,9 @@ pub enum Service {
     /// Debian's nginx, unmodified, on Debian LCs, with its real pending updates
     /// ([`crate::nginx`]).
     Nginx,
+    /// Debian's PostgreSQL 15 behind PgBouncer, under pgbench with the set check
+    /// ([`crate::pgdemo`], docs/postgres.md).
+    Postgres,
     // A next real service: a `Profile` in its own module beside `nginx` (on the
     // `debian_world`), a variant here, its name in `parse_service` and `run`.
 }
@@ -39,7 +42,10 @@ pub fn parse_service(s: &str) -> Result<Service, String> {
     match s {
         "demo" => Ok(Service::Demo),
         "nginx" => Ok(Service::Nginx),
-        _ => Err(format!("unknown service {s:?}: use demo or nginx")),
+        "postgres" => Ok(Service::Postgres),
+        _ => Err(format!(
+            "unknown service {s:?}: use demo, nginx or postgres"
+        )),
     }
 }
 
@@ -645,6 +651,16 @@ pub fn run(a: DemoOptions, json: bool) -> Result<bool, ShowcaseError> {
     match a.service {
         Service::Demo => run_demo_service(a, json),
         Service::Nginx => crate::nginx::run(&a, json),
+        Service::Postgres => crate::pgdemo::run(
+            &crate::pgdemo::PgDemoOptions {
+                dir: a.dir.clone(),
+                cycles: a.cycles,
+                // pgbench's -T: the documented 60 s at least (raised to fit the cycles).
+                seconds: a.load_seconds.max(60),
+                pause_deadline_secs: 10,
+            },
+            json,
+        ),
     }
 }
 

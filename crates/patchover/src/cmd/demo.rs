@@ -15,8 +15,10 @@ use super::{BadInput, Ctx};
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
-    /// The service: `demo` (the project's demo service on busybox LCs) or `nginx` (Debian's
-    /// nginx on Debian LCs, its real pending updates, wrk and the deadline client).
+    /// The service: `demo` (the project's demo service on busybox LCs), `nginx` (Debian's
+    /// nginx on Debian LCs, its real pending updates, wrk and the deadline client) or
+    /// `postgres` (Debian's PostgreSQL 15 behind PgBouncer, pgbench `-c 8 -j 2 -M simple
+    /// -T 60` and the set check; docs/postgres.md).
     #[arg(long, default_value = "demo", value_parser = parse_service)]
     pub service: Service,
     /// Where the demo keeps its config, disks, keys and state (wiped at the start). Default:
@@ -76,6 +78,22 @@ impl DemoArgs {
                 "{flag} is for a real service (--service nginx); the demo service patches its own bundle once"
             )));
         }
+        if self.service == Service::Postgres {
+            let nginx_only = [
+                ("--source", !self.source.is_empty()),
+                ("--all-updates", self.all_updates),
+            ];
+            if let Some((flag, _)) = nginx_only.iter().find(|(_, set)| *set) {
+                return Err(BadInput(format!(
+                    "{flag} is for --service nginx; the postgres demo patches its own bundle"
+                )));
+            }
+            if self.mode.is_some_and(|m| m != Mode::Readdress) {
+                return Err(BadInput(
+                    "--service postgres switches in readdress mode (its front is paused in a paused switch); leave --mode out".into(),
+                ));
+            }
+        }
         if real && self.backend != BackendKind::Ns {
             return Err(BadInput(
                 "--service nginx runs on ns LCs; leave --backend out".into(),
@@ -95,6 +113,7 @@ impl DemoArgs {
         let dir = self.dir.clone().unwrap_or_else(|| match self.service {
             Service::Demo => PathBuf::from("/var/tmp/patchover-demo"),
             Service::Nginx => PathBuf::from("/var/tmp/patchover-demo-nginx"),
+            Service::Postgres => PathBuf::from("/var/tmp/patchover-demo-postgres"),
         });
         Ok(DemoOptions {
             service: self.service,
