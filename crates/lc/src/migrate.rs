@@ -60,7 +60,7 @@ pub struct CutDone {
     pub freeze_ms: Option<f64>,
     pub detail: serde_json::Value,
     /// What the copy's write history holds from its start to the cut; `None` when the copier
-    /// keeps no count of the source's writes (QEMU's mirror).
+    /// keeps no count that is the disk's alone (QEMU's mirror, the file copier).
     pub writes: Option<Writes>,
 }
 

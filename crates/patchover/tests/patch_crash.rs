@@ -11,8 +11,8 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cycle::{Cycle, KeepAlive, Load, assert_all_there};
-use common::{BIN, Client, guest_dir};
+use common::cycle::{Cycle, KeepAlive, Load, Reads, assert_all_there};
+use common::{BIN, Client, guest_dir, unix_ms};
 
 /// A small deterministic generator (xorshift), seeded per run and printed for reruns.
 struct Rng(u64);
@@ -181,6 +181,62 @@ fn sigkill_inside_a_hand_off_is_recovered_both_ways() {
     assert_all_there(&client, &svc, &acked);
     assert_all_there(&client, &svc, &k_acked);
     eprintln!("{ok} + {k_ok} requests, none failed, {moved} forwarded");
+}
+
+/// Issue 20, item 2: a stateless run killed after its NAT flipped, while the old LC still
+/// serves the flows it accepted: recovery finishes the run (nothing to forward or unpark),
+/// lets the old LC's flows end, then stops it; no read failed.
+#[test]
+fn sigkill_after_a_stateless_flip_is_finished_once_the_old_flows_ended() {
+    let c = Cycle::routed(
+        2,
+        "\n[service]\nstateless = true\nstateless_drain_secs = 20\n",
+    );
+    c.upgrade_bundle();
+    let client = c.start_seamless();
+    let svc = c.t.service();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    // Kept-alive connections the client closes after 4 s, and new connections.
+    let kept = Reads::start(&client, svc.clone(), Some(Duration::from_secs(4)));
+    let fresh = Reads::start(&client, svc.clone(), None);
+    let nat = || patchover_net::nft::service_nat_target(None, svc.parse().unwrap()).unwrap();
+    let to = Some(c.t.lcs[1].address.parse().unwrap());
+    let mut child = spawn_patch(&c, &a, "seamless");
+    let start = Instant::now();
+    while nat() != to {
+        if child.try_wait().unwrap().is_some() {
+            let runs = c.t.po_json(&["runs", "list"]);
+            panic!("the run ended before its NAT flipped: {runs:#}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the NAT never flipped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    let killed_ms = unix_ms();
+    let outcome = recovered_outcome(&c, "nat flipped");
+    std::thread::sleep(Duration::from_millis(300));
+    let (k, k_failures, closed) = kept.finish();
+    let (f, f_failures, _) = fresh.finish();
+    eprintln!("{} kept-alive + {} new-connection reads", k.len(), f.len());
+    assert_eq!(outcome, "ok");
+    assert!(
+        k_failures.is_empty() && f_failures.is_empty(),
+        "{k_failures:?} {f_failures:?}"
+    );
+    assert_eq!(closed, 0, "nothing drained the old service");
+    assert_eq!(nat(), to, "the NAT stays on the standby");
+    let st = |lc: &str| c.t.po_json(&["lc", "status", lc])["state"].clone();
+    assert_eq!((st(&a), st(&b)), ("stopped".into(), "running".into()));
+    // The old LC served its pinned flow after patchover died: recovery waited for it.
+    let old = &k[0].by;
+    assert!(
+        k.iter().any(|x| &x.by == old && x.done_ms > killed_ms),
+        "no answer from {old} after the kill"
+    );
 }
 
 /// The id of the newest run in the journal (`None`: no run yet).
