@@ -28,7 +28,8 @@ pub const DATA_DIR: &str = "/data/15/main";
 pub fn service_section(front: SocketAddr, pause_deadline_secs: u64) -> String {
     format!(
         "\n# PostgreSQL 15 (Debian's), its data on the application disk; clients through PgBouncer.\n\
-         [service]\nport = 5432\nhealth = {{ kind = \"tcp\" }}\n\
+         [service]\nport = 5432\n\
+         health = {{ kind = \"command\", command = [\"pg_isready\", \"-q\", \"-h\", \"127.0.0.1\", \"-p\", \"5432\"], patience_secs = 10 }}\n\
          stop = [\"{PO_PG_PATH}\", \"stop\"]\ncut_check = [\"{PO_PG_PATH}\", \"cut-check\"]\n\
          restart = [\"{PO_PG_PATH}\", \"restart\"]\nresume = [\"{PO_PG_PATH}\", \"resume\"]\n\n\
          [service.front]\nkind = \"pgbouncer\"\nadmin = \"{front}\"\nuser = \"pgbouncer\"\npause_deadline_secs = {pause_deadline_secs}\n"
