@@ -239,9 +239,7 @@ impl<'a> Orchestrator<'a> {
         if let Some(t) = run.refresh.take() {
             let _ = t.join();
         }
-        if let Some(to) = &run.to {
-            step::announce_later(self, to);
-        }
+        step::announce_later(self, run);
         run.report.outcome = "ok".into();
         Ok(())
     }

@@ -275,18 +275,27 @@ fn hook(
 }
 
 /// The later announcements of the service address (`[garp] refresh_after`) come from a
-/// detached `patchover internal garp-refresh`, so that the run ends now.
-pub(crate) fn announce_later(o: &Orchestrator<'_>, to: &Endpoint) {
-    let (Some(exe), Some(service)) = (&o.settings.refresher, o.config.network.service_address)
-    else {
-        return;
+/// detached `patchover internal garp-refresh`, so that the run ends now. Not in `seamless`
+/// mode: there the service address stays on the host (its NAT) and no LC holds it, so no LC
+/// may claim it. Returns whether a refresher was started.
+pub(crate) fn announce_later(o: &Orchestrator<'_>, run: &Run) -> bool {
+    let (Some(exe), Some(service), Some(to)) = (
+        &o.settings.refresher,
+        o.config.network.service_address,
+        &run.to,
+    ) else {
+        return false;
     };
-    if o.settings.garp.refresh_after.is_empty() {
-        return;
+    if o.settings.garp.refresh_after.is_empty() || run.req.mode == patchover_net::Mode::Seamless {
+        return false;
     }
     let refresh = patchover_net::refresh::Refresh::new(to, service.addr, &o.settings.garp);
-    if let Err(e) = refresh.detached(exe).spawn() {
-        tracing::warn!(error = %e, "cannot start the gratuitous ARP refresher; neighbours that missed the first burst learn the address by ARP");
+    match refresh.detached(exe).spawn() {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the gratuitous ARP refresher; neighbours that missed the first burst learn the address by ARP");
+            false
+        }
     }
 }
 
@@ -295,6 +304,53 @@ mod tests {
     use super::super::Step;
     use super::super::fake::Bed;
     use super::take_over;
+
+    /// A bed whose run moved the service to lc2, with a refresher that records its arguments.
+    fn switched_with_a_refresher(mode: patchover_net::Mode) -> (Bed, std::path::PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let mut bed = Bed::with_mode(mode);
+        let marker = bed.dir.path().join("announced");
+        let exe = bed.dir.path().join("refresher");
+        std::fs::write(
+            &exe,
+            format!(
+                "#!/bin/sh\necho \"$@\" > {}.tmp && mv {m}.tmp {m}\n",
+                marker.display(),
+                m = marker.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        bed.settings.refresher = Some(exe);
+        bed.settings.garp.refresh_after = vec![std::time::Duration::from_millis(1000)];
+        let mut to = bed.run.from.clone();
+        to.name = "lc2".into();
+        bed.run.to = Some(to);
+        (bed, marker)
+    }
+
+    #[test]
+    fn the_address_is_announced_later_where_an_lc_holds_it_and_never_in_seamless_mode() {
+        let (mut bed, marker) = switched_with_a_refresher(patchover_net::Mode::Readdress);
+        assert!(bed.with(|o, run| super::announce_later(o, run)));
+        let start = std::time::Instant::now();
+        while !marker.exists() && start.elapsed() < std::time::Duration::from_secs(10) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let args = std::fs::read_to_string(&marker).expect("the refresher ran");
+        assert!(
+            args.contains("garp-refresh") && args.contains("10.9.0.100"),
+            "{args}"
+        );
+
+        let (mut bed, marker) = switched_with_a_refresher(patchover_net::Mode::Seamless);
+        assert!(!bed.with(|o, run| super::announce_later(o, run)));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            !marker.exists(),
+            "seamless: the service address is the host's"
+        );
+    }
 
     #[test]
     fn in_the_window_the_cut_comes_first_then_the_disk_then_the_restart() {
