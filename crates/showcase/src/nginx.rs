@@ -23,9 +23,10 @@ use crate::{Context, ShowcaseError};
 /// health check is GET / of Debian's default page; patchover proves which LC answered, so
 /// the page need not say. nginx keeps nothing on an application disk (it has none here):
 /// `stateless`, so a `seamless` switch (the demo's default) flips the host's NAT with no
-/// hand-off and no drain, and the connections the old LC accepted finish there; those still
-/// open after 5 s are idle keep-alive connections (nginx closes a busy one after its
-/// `keepalive_requests`), closed by nginx's own graceful stop with the old LC. The drain is
+/// hand-off and no drain, and the connections the old LC accepted finish there, for 5 s at
+/// most (`stateless_drain_secs`): then the old LC is stopped with what is left. Not yet right:
+/// a client that keeps reusing its pinned keep-alive connections (the deadline client's pool)
+/// still has requests on them then (docs/services.md, "nginx"). The drain is
 /// for a `readdress`/`path` switch, which holds new connections until the old LC has none:
 /// nginx's own graceful reload (the old workers close their idle keep-alive connections and
 /// finish the requests in flight, new workers serve on; idempotent; nothing to resume), since
