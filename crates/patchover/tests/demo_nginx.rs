@@ -159,40 +159,32 @@ fn the_nginx_demo_patches_and_rolls_back_under_wrk_and_the_deadline_client() {
 fn the_demos_options_are_checked_before_anything_is_made() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("demo");
-    for (args, says) in [
-        (
-            &["demo", "--cycles", "3"][..],
-            "--cycles is for a real service",
-        ),
-        (
-            &["demo", "--source", "deb http://x bookworm main"][..],
-            "--source is for a real service",
-        ),
-        (
-            &["demo", "--service", "nginx", "--backend", "qemu"][..],
-            "runs on ns LCs",
-        ),
-        (
-            &["demo", "--service", "nginx", "--source", "http://x"][..],
-            "--source",
-        ),
-        (
-            &["demo", "--service", "nginx", "--cycles", "0"][..],
-            "at least 1",
-        ),
-        (&["demo", "--service", "apache"][..], "unknown service"),
-    ] {
-        let out = Command::new(common::BIN)
-            .args(args)
-            .arg("--dir")
-            .arg(&d)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-        assert!(err.contains(says), "{args:?}: {err}");
-        assert!(!d.exists(), "{args:?} made {}", d.display());
-    }
+    common::refused_before_anything_is_made(
+        &[
+            (
+                &["demo", "--cycles", "3"][..],
+                "--cycles is for a real service",
+            ),
+            (
+                &["demo", "--source", "deb http://x bookworm main"][..],
+                "--source is for a real service",
+            ),
+            (
+                &["demo", "--service", "nginx", "--backend", "qemu"][..],
+                "runs on ns LCs",
+            ),
+            (
+                &["demo", "--service", "nginx", "--source", "http://x"][..],
+                "--source",
+            ),
+            (
+                &["demo", "--service", "nginx", "--cycles", "0"][..],
+                "at least 1",
+            ),
+            (&["demo", "--service", "apache"][..], "unknown service"),
+        ],
+        &d,
+    );
 }
 
 /// Slow tier: the real archive the host's apt uses. The image is the suite as released, so

@@ -125,23 +125,7 @@ impl PgLcs {
             "format = 1\nid = \"pg-level-1\"\ntitle = \"patch level 1\"\ncategory = \"security\"\nseverity = \"high\"\npublished = 2026-12-07T00:00:00Z\n\n[[step]]\nkind = \"replace\"\npath = \"/etc/po-patch-level\"\nfile = \"level\"\nold_sha256 = \"absent\"\n\n[[check]]\nkind = \"command_output\"\ncommand = [\"/bin/cat\", \"/etc/po-patch-level\"]\ncontains = \"1\"\n",
         )
         .unwrap();
-        let file = d.join("pg-level-1.po");
-        self.t.po_ok(&[
-            "bundle",
-            "create",
-            b.to_str().unwrap(),
-            "-o",
-            file.to_str().unwrap(),
-        ]);
-        self.t.po_ok(&[
-            "bundle",
-            "sign",
-            file.to_str().unwrap(),
-            "--key",
-            key.to_str().unwrap(),
-        ]);
-        self.t
-            .po_ok(&["patches", "import", file.to_str().unwrap(), "--mark"]);
+        self.t.sign_and_import(&b, &key, "pg-level-1");
     }
 
     fn boot(&self) {
@@ -409,39 +393,31 @@ fn postgres_bench_ten_cycles() {
 fn the_postgres_demo_refuses_what_it_does_not_use() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path().join("demo");
-    for (args, says) in [
-        (
-            &[
-                "demo",
-                "--service",
-                "postgres",
-                "--source",
-                "deb http://x bookworm main",
-            ][..],
-            "--source is for --service nginx",
-        ),
-        (
-            &["demo", "--service", "postgres", "--all-updates"][..],
-            "--all-updates is for --service nginx",
-        ),
-        (
-            &["demo", "--service", "postgres", "--mode", "seamless"][..],
-            "leave --mode out",
-        ),
-        (
-            &["demo", "--service", "postgres", "--cycles", "0"][..],
-            "at least 1",
-        ),
-    ] {
-        let out = std::process::Command::new(common::BIN)
-            .args(args)
-            .arg("--dir")
-            .arg(&d)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-        assert!(err.contains(says), "{args:?}: {err}");
-        assert!(!d.exists(), "{args:?} made {}", d.display());
-    }
+    common::refused_before_anything_is_made(
+        &[
+            (
+                &[
+                    "demo",
+                    "--service",
+                    "postgres",
+                    "--source",
+                    "deb http://x bookworm main",
+                ][..],
+                "--source is for --service nginx",
+            ),
+            (
+                &["demo", "--service", "postgres", "--all-updates"][..],
+                "--all-updates is for --service nginx",
+            ),
+            (
+                &["demo", "--service", "postgres", "--mode", "seamless"][..],
+                "leave --mode out",
+            ),
+            (
+                &["demo", "--service", "postgres", "--cycles", "0"][..],
+                "at least 1",
+            ),
+        ],
+        &d,
+    );
 }

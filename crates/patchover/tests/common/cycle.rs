@@ -121,23 +121,7 @@ impl Cycle {
             ),
         )
         .unwrap();
-        let file = self.t.dir.path().join(format!("{id}.po"));
-        self.t.po_ok(&[
-            "bundle",
-            "create",
-            dir.to_str().unwrap(),
-            "-o",
-            file.to_str().unwrap(),
-        ]);
-        self.t.po_ok(&[
-            "bundle",
-            "sign",
-            file.to_str().unwrap(),
-            "--key",
-            self.key.to_str().unwrap(),
-        ]);
-        self.t
-            .po_ok(&["patches", "import", file.to_str().unwrap(), "--mark"]);
+        self.t.sign_and_import(&dir, &self.key, id);
     }
 
     /// The bundle that upgrades the demo service from 1.0.0 to 1.0.1.

@@ -371,6 +371,21 @@ impl Topo {
     pub fn po(&self, args: &[&str]) -> Output {
         po(&self.config, args)
     }
+    /// Makes a bundle of directory `dir` (manifest and payload), signs it with `key`, imports
+    /// and marks it; returns the bundle file.
+    pub fn sign_and_import(&self, dir: &Path, key: &Path, name: &str) -> PathBuf {
+        let file = self.dir.path().join(format!("{name}.po"));
+        let (dir, file_s, key) = (
+            dir.to_str().unwrap(),
+            file.to_str().unwrap(),
+            key.to_str().unwrap(),
+        );
+        self.po_ok(&["bundle", "create", dir, "-o", file_s]);
+        self.po_ok(&["bundle", "sign", file_s, "--key", key]);
+        self.po_ok(&["patches", "import", file_s, "--mark"]);
+        file
+    }
+
     pub fn po_ok(&self, args: &[&str]) -> String {
         po_ok(&self.config, args)
     }
@@ -655,4 +670,21 @@ pub fn with_demo_service(extra: &str) -> String {
         .map(|l| format!("{l}\n"))
         .collect();
     format!("{}{demo}{}", &extra[..end], &extra[end..])
+}
+
+/// Each `(args, says)`: `patchover ARGS --dir DIR` exits 2 with `says` in its error, and
+/// makes nothing (DIR is not created).
+pub fn refused_before_anything_is_made(cases: &[(&[&str], &str)], d: &Path) {
+    for (args, says) in cases {
+        let out = Command::new(BIN)
+            .args(*args)
+            .arg("--dir")
+            .arg(d)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!d.exists(), "{args:?} made {}", d.display());
+    }
 }
