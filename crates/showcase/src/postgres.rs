@@ -87,41 +87,46 @@ const PGRUN: &str = "#!/bin/sh\n### BEGIN INIT INFO\n# Provides:          patcho
 /// standby, booted without its application disk, serves its checks from), PostgreSQL listens
 /// on every address and trusts the test network.
 pub fn prepare_lc(sys: &Path, app: &Path) -> Result<(), ShowcaseError> {
-    let etc = sys.join("etc/postgresql/15/main");
-    let conf_path = etc.join("postgresql.conf");
-    let conf = fs::read_to_string(&conf_path).with_context(|| {
-        format!(
-            "reading {} (is postgresql-15 in the image?)",
-            conf_path.display()
-        )
-    })?;
-    let conf: String = conf
+    // Every file of the tree is reached through the root-confined handle: a link in the
+    // image never leads the host out of it.
+    let root = patchover_lcroot::LcRoot::open(sys)
+        .with_context(|| format!("opening the system disk {}", sys.display()))?;
+    let read = |rel: &str| -> Result<String, ShowcaseError> {
+        let bytes = root.read_file(Path::new(rel), 1 << 20).with_context(|| {
+            format!(
+                "reading /{rel} of {} (is postgresql-15 in the image?)",
+                sys.display()
+            )
+        })?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    let write = |rel: &str, text: &str, mode: u32| {
+        root.write_file(Path::new(rel), text.as_bytes(), mode)
+            .with_context(|| format!("writing /{rel} of {}", sys.display()))
+    };
+    let etc = "etc/postgresql/15/main";
+    let conf: String = read(&format!("{etc}/postgresql.conf"))?
         .lines()
         .map(|l| match l.starts_with("data_directory") {
             true => format!("data_directory = '{DATA_DIR}'\t# patchover: the application disk\n"),
             false => format!("{l}\n"),
         })
         .collect();
-    fs::write(&conf_path, conf)?;
-    fs::write(etc.join("conf.d/patchover.conf"), CONF)?;
-    let hba = etc.join("pg_hba.conf");
-    let mut text = fs::read_to_string(&hba)?;
-    text.push_str("# patchover's test network: PgBouncer on the host, the switch's checks\nhost all all 0.0.0.0/0 trust\n");
-    fs::write(&hba, text)?;
+    write(&format!("{etc}/postgresql.conf"), &conf, 0o644)?;
+    write(&format!("{etc}/conf.d/patchover.conf"), CONF, 0o644)?;
+    let mut hba = read(&format!("{etc}/pg_hba.conf"))?;
+    hba.push_str("# patchover's test network: PgBouncer on the host, the switch's checks\nhost all all 0.0.0.0/0 trust\n");
+    write(&format!("{etc}/pg_hba.conf"), &hba, 0o644)?;
     // Debian's boot clears no /run here (build-debian drops mountall's bootclean), and the
     // system disk is copied from a running LC: the socket's lock file names a PID of the old
     // LC, which may be another process in the standby. Cleared before PostgreSQL starts.
-    let script = sys.join("etc/init.d/patchover-pgrun");
-    fs::write(&script, PGRUN)?;
-    fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    let link = sys.join("etc/rcS.d/S05patchover-pgrun");
-    if fs::symlink_metadata(&link).is_err() {
-        std::os::unix::fs::symlink("../init.d/patchover-pgrun", &link)?;
+    write("etc/init.d/patchover-pgrun", PGRUN, 0o755)?;
+    let link = Path::new("etc/rcS.d/S05patchover-pgrun");
+    if root.stat(link).ok().flatten().is_none() {
+        root.symlink(link, Path::new("../init.d/patchover-pgrun"))
+            .with_context(|| format!("linking /{} of {}", link.display(), sys.display()))?;
     }
-    let hooks = sys.join(PO_PG_PATH.trim_start_matches('/'));
-    fs::create_dir_all(hooks.parent().expect("a directory"))?;
-    fs::write(&hooks, PO_PG)?;
-    fs::set_permissions(&hooks, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    write(PO_PG_PATH.trim_start_matches('/'), PO_PG, 0o755)?;
     let cluster = sys.join("var/lib/postgresql/15");
     for to in [app.to_owned(), sys.join("data")] {
         fs::create_dir_all(&to)?;
