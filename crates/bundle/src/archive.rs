@@ -9,18 +9,23 @@
 //! the [`Limits`] (a zstd bomb, millions of entries, a manifest of megabytes). A truncated or
 //! corrupted archive is an error, never a shorter bundle.
 //!
+//! Links are judged where they resolve on the unpacked tree, not by their text (`links`).
+//!
 //! Reading is done twice when extracting: [`read_archive`] validates the whole archive without
 //! writing anything, then [`extract_archive`] writes it into a directory it creates itself,
-//! with `O_EXCL | O_NOFOLLOW` on every file, so a half-valid archive never leaves files behind.
+//! never following a link on the way (`extract`), so a half-valid archive never leaves files
+//! behind and a link in the tree never leads a write out of it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::extract::DestDir;
+use crate::links::{self, LinkWhy};
 use crate::manifest::{MAX_MANIFEST_BYTES, Manifest, ManifestError};
 
 /// The name of the manifest inside the archive.
@@ -74,8 +79,14 @@ pub enum ArchiveError {
         "entry {path:?} is a {kind}: bundles may only hold files, directories and symlinks inside payload/"
     )]
     ForbiddenType { path: String, kind: String },
-    #[error("entry {path:?} is a symlink to {target:?}, which leaves payload/")]
-    SymlinkEscapes { path: String, target: String },
+    #[error(
+        "entry {path:?} is a symlink to {target:?}, {why}: a bundle's links must resolve inside payload/ once unpacked, never above it; point the link at a path in payload/ or put the file itself there"
+    )]
+    SymlinkEscapes {
+        path: String,
+        target: String,
+        why: Box<LinkWhy>,
+    },
     #[error(
         "entry {path:?} is a hard link: bundles cannot hold hard links (build with `tar --hard-dereference`)"
     )]
@@ -154,7 +165,7 @@ pub fn extract_archive(
             path: dest.to_owned(),
             source,
         })?;
-    walk(bytes, limits, Some(dest))
+    walk(bytes, limits, Some(&DestDir::open(dest)?))
 }
 
 /// A reader that fails once more than `left` bytes were read, so a zstd bomb stops early.
@@ -193,6 +204,17 @@ impl<R: Read> Read for Capped<R> {
 
 fn is_cap_hit(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<CapHit>())
+}
+
+/// A read error of the archive stream: the decompression cap, or a corrupt archive.
+fn io_err(e: io::Error, limits: &Limits) -> ArchiveError {
+    if is_cap_hit(&e) {
+        ArchiveError::UnpackedTooLarge {
+            max: limits.max_unpacked_bytes,
+        }
+    } else {
+        ArchiveError::Corrupt(e)
+    }
 }
 
 /// Normalizes an entry path: strips leading `./` and a trailing `/`, and rejects anything
@@ -238,34 +260,15 @@ fn normalize(raw: &[u8]) -> Result<Option<String>, ArchiveError> {
     Ok(Some(s.to_owned()))
 }
 
-/// Resolves a symlink target lexically from the link's directory; `None` if it leaves
-/// `payload/` (or is absolute).
-fn resolve_link(link: &str, target: &str) -> Option<String> {
-    if target.is_empty() || target.starts_with('/') || target.contains('\0') {
-        return None;
-    }
-    let mut parts: Vec<&str> = link.split('/').collect();
-    parts.pop();
-    for t in target.split('/') {
-        match t {
-            "" | "." => {}
-            ".." => {
-                parts.pop()?;
-            }
-            other => parts.push(other),
-        }
-    }
-    if parts.len() < 2 || parts[0] != PAYLOAD_DIR {
-        return None;
-    }
-    Some(parts.join("/"))
-}
-
 fn ancestors(path: &str) -> impl Iterator<Item = &str> {
     path.match_indices('/').map(move |(i, _)| &path[..i])
 }
 
-fn walk(bytes: &[u8], limits: &Limits, dest: Option<&Path>) -> Result<BundleArchive, ArchiveError> {
+fn walk(
+    bytes: &[u8],
+    limits: &Limits,
+    dest: Option<&DestDir>,
+) -> Result<BundleArchive, ArchiveError> {
     if bytes.is_empty() {
         return Err(ArchiveError::Empty);
     }
@@ -289,16 +292,6 @@ fn walk(bytes: &[u8], limits: &Limits, dest: Option<&Path>) -> Result<BundleArch
         inner: decoder,
         left: cap,
     });
-    let io_err = |e: io::Error, limits: &Limits| {
-        if is_cap_hit(&e) {
-            ArchiveError::UnpackedTooLarge {
-                max: limits.max_unpacked_bytes,
-            }
-        } else {
-            ArchiveError::Corrupt(e)
-        }
-    };
-
     let mut kinds: BTreeMap<String, EntryKind> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     let mut manifest_bytes: Option<Vec<u8>> = None;
@@ -362,8 +355,15 @@ fn walk(bytes: &[u8], limits: &Limits, dest: Option<&Path>) -> Result<BundleArch
                     .link_name_bytes()
                     .map(|t| String::from_utf8_lossy(&t).into_owned())
                     .unwrap_or_default();
-                if resolve_link(&path, &target).is_none() {
-                    return Err(ArchiveError::SymlinkEscapes { path, target });
+                if let Err(problem) = links::check_target(&target) {
+                    return Err(ArchiveError::SymlinkEscapes {
+                        path,
+                        target,
+                        why: Box::new(LinkWhy {
+                            problem,
+                            via: Vec::new(),
+                        }),
+                    });
                 }
                 EntryKind::Symlink { target }
             }
@@ -395,7 +395,9 @@ fn walk(bytes: &[u8], limits: &Limits, dest: Option<&Path>) -> Result<BundleArch
             let mut buf = Vec::with_capacity(size as usize);
             entry.read_to_end(&mut buf).map_err(|e| io_err(e, limits))?;
             if let Some(dest) = dest {
-                write_file(&dest.join(MANIFEST_NAME), &buf, 0o644)?;
+                dest.create_file(MANIFEST_NAME, 0o644)?
+                    .write_all(&buf)
+                    .map_err(dest.write_err(MANIFEST_NAME))?;
             }
             manifest_bytes = Some(buf);
         } else if path == PAYLOAD_DIR {
@@ -406,49 +408,12 @@ fn walk(bytes: &[u8], limits: &Limits, dest: Option<&Path>) -> Result<BundleArch
                 });
             }
             if let Some(dest) = dest {
-                make_dir(&dest.join(PAYLOAD_DIR))?;
+                dest.mkdir(PAYLOAD_DIR)?;
             }
-        } else {
-            if let Some(dest) = dest {
-                let target = dest.join(&path);
-                if let Some(parent) = target.parent() {
-                    make_dirs(dest, parent)?;
-                }
-                match &kind {
-                    EntryKind::Dir => make_dir(&target)?,
-                    EntryKind::Symlink { target: t } => std::os::unix::fs::symlink(t, &target)
-                        .map_err(|source| ArchiveError::Write {
-                            path: target.clone(),
-                            source,
-                        })?,
-                    EntryKind::File { mode, .. } => {
-                        let mut f = fs::OpenOptions::new()
-                            .write(true)
-                            .create_new(true)
-                            .mode(mode & 0o755 | 0o600)
-                            .custom_flags(libc::O_NOFOLLOW)
-                            .open(&target)
-                            .map_err(|source| ArchiveError::Write {
-                                path: target.clone(),
-                                source,
-                            })?;
-                        let mut buf = vec![0u8; 64 * 1024];
-                        loop {
-                            let n = entry.read(&mut buf).map_err(|e| io_err(e, limits))?;
-                            if n == 0 {
-                                break;
-                            }
-                            f.write_all(&buf[..n])
-                                .map_err(|source| ArchiveError::Write {
-                                    path: target.clone(),
-                                    source,
-                                })?;
-                        }
-                    }
-                }
-            } else if matches!(kind, EntryKind::File { .. }) {
-                io::copy(&mut entry, &mut io::sink()).map_err(|e| io_err(e, limits))?;
-            }
+        } else if let Some(dest) = dest {
+            write_entry(dest, &path, &kind, &mut entry, limits)?;
+        } else if matches!(kind, EntryKind::File { .. }) {
+            io::copy(&mut entry, &mut io::sink()).map_err(|e| io_err(e, limits))?;
         }
         order.push(path.clone());
         kinds.insert(path, kind);
@@ -457,18 +422,10 @@ fn walk(bytes: &[u8], limits: &Limits, dest: Option<&Path>) -> Result<BundleArch
     let mut rest = archive.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(|e| io_err(e, limits))?;
 
-    // Whole-archive checks: a symlink target must not pass through another symlink (so the
-    // lexical check above is also the real one), and nothing may sit below a file.
-    for (path, kind) in &kinds {
-        if let EntryKind::Symlink { target } = kind
-            && let Some(resolved) = resolve_link(path, target)
-            && ancestors(&resolved).any(|a| matches!(kinds.get(a), Some(EntryKind::Symlink { .. })))
-        {
-            return Err(ArchiveError::SymlinkEscapes {
-                path: path.clone(),
-                target: target.clone(),
-            });
-        }
+    // Whole-archive checks: nothing may sit below a file or a link, and every link must
+    // resolve inside payload/ on the tree as unpacked (links followed, `..` from where the
+    // walk really is: `links`).
+    for path in kinds.keys() {
         for anc in ancestors(path) {
             if matches!(
                 kinds.get(anc),
@@ -478,6 +435,11 @@ fn walk(bytes: &[u8], limits: &Limits, dest: Option<&Path>) -> Result<BundleArch
             }
         }
     }
+    links::check_all(&kinds).map_err(|r| ArchiveError::SymlinkEscapes {
+        path: r.link,
+        target: r.target,
+        why: Box::new(r.why),
+    })?;
 
     let manifest_bytes = manifest_bytes.ok_or(ArchiveError::NoManifest)?;
     let manifest = Manifest::parse(&manifest_bytes).map_err(ArchiveError::Manifest)?;
@@ -504,54 +466,29 @@ fn walk(bytes: &[u8], limits: &Limits, dest: Option<&Path>) -> Result<BundleArch
     })
 }
 
-fn make_dir(path: &Path) -> Result<(), ArchiveError> {
-    match fs::DirBuilder::new().mode(0o755).create(path) {
-        Ok(()) => Ok(()),
-        // An implicit parent created for an earlier entry: fine if it is a real directory.
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match fs::symlink_metadata(path) {
-            Ok(md) if md.is_dir() => Ok(()),
-            _ => Err(ArchiveError::Write {
-                path: path.to_owned(),
-                source: e,
-            }),
-        },
-        Err(source) => Err(ArchiveError::Write {
-            path: path.to_owned(),
-            source,
-        }),
+/// Writes one payload entry below the extraction directory (never through a link: `extract`).
+fn write_entry(
+    dest: &DestDir,
+    path: &str,
+    kind: &EntryKind,
+    data: &mut impl Read,
+    limits: &Limits,
+) -> Result<(), ArchiveError> {
+    match kind {
+        EntryKind::Dir => dest.mkdir(path),
+        EntryKind::Symlink { target } => dest.symlink(path, target),
+        EntryKind::File { mode, .. } => {
+            let mut f = dest.create_file(path, mode & 0o755 | 0o600)?;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = data.read(&mut buf).map_err(|e| io_err(e, limits))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                f.write_all(&buf[..n]).map_err(dest.write_err(path))?;
+            }
+        }
     }
-}
-
-/// Creates `dir` and its missing parents below `base`, refusing to pass through anything that
-/// is not a real directory.
-fn make_dirs(base: &Path, dir: &Path) -> Result<(), ArchiveError> {
-    let rel = dir.strip_prefix(base).map_err(|_| ArchiveError::Write {
-        path: dir.to_owned(),
-        source: io::Error::other("outside the extraction directory"),
-    })?;
-    let mut cur = base.to_path_buf();
-    for c in rel.components() {
-        cur.push(c);
-        make_dir(&cur)?;
-    }
-    Ok(())
-}
-
-fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), ArchiveError> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|source| ArchiveError::Write {
-            path: path.to_owned(),
-            source,
-        })?;
-    f.write_all(data).map_err(|source| ArchiveError::Write {
-        path: path.to_owned(),
-        source,
-    })
 }
 
 /// Writes a bundle archive: `manifest` as `manifest.toml`, then every entry below

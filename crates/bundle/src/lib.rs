@@ -18,10 +18,12 @@ pub mod apply;
 pub mod archive;
 pub mod config;
 pub mod create;
+mod extract;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hash;
 pub mod keys;
+pub mod links;
 pub mod manifest;
 pub mod table;
 pub mod verify;

@@ -532,3 +532,127 @@ fn duplicate_trusted_key_is_a_config_error() {
     let e = TrustedKeys::from_files(&[key.public.clone(), copy]).unwrap_err();
     assert!(e.to_string().contains("listed twice"), "{e}");
 }
+
+/// The link whose `..`s cancel textually in issue 22's chain.
+const R22_EVIL: &str = "d1/d2/d3/d4/d5/d6/up/../../../../../../../etc/passwd";
+
+/// A source directory holding issue 22's chain: `payload/d1/…/d6/up -> ../../../../..`
+/// (which leads to `payload/d1`) and `payload/evil -> R22_EVIL`.
+fn r22_source(d: &Path, m: &str) -> PathBuf {
+    let src = source_dir(d, m, &[("run.sh", b"true\n", 0o755)]);
+    let six = src.join("payload/d1/d2/d3/d4/d5/d6");
+    std::fs::create_dir_all(&six).unwrap();
+    std::os::unix::fs::symlink("../../../../..", six.join("up")).unwrap();
+    std::os::unix::fs::symlink(R22_EVIL, src.join("payload/evil")).unwrap();
+    src
+}
+
+/// The refusal names the entry, where it resolves and through which link.
+fn assert_r22_refusal(e: &ArchiveError) {
+    let ArchiveError::SymlinkEscapes { path, target, .. } = e else {
+        panic!("expected the chain to be refused, got {e}");
+    };
+    assert_eq!((path.as_str(), target.as_str()), ("payload/evil", R22_EVIL));
+    let msg = e.to_string();
+    for want in [
+        "climbs above payload/",
+        "\"../../../../../etc/passwd\"",
+        "following payload/d1/d2/d3/d4/d5/d6/up -> payload/d1",
+        "point the link at a path in payload/",
+    ] {
+        assert!(msg.contains(want), "{want:?} not in: {msg}");
+    }
+}
+
+/// Issue 22, item 1 (r22): a signed bundle whose `evil` link reached `/etc/passwd` once
+/// unpacked passed `create`, `sign` and `verify` (the check cancelled `..` textually). The
+/// chain is now judged where it resolves: `create` writes nothing, a bundle holding it that
+/// was signed before the fix (by hand here, with the trusted key) fails `sign` and `verify`,
+/// and extraction refuses it before making its directory.
+#[test]
+fn r22_a_link_chain_out_of_payload_is_refused_by_create_sign_verify_and_extraction() {
+    use patchover_bundle::archive::{extract_archive, write_archive};
+    use patchover_bundle::create::SignBundleError;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = Key::new(d, "k");
+    let m = manifest("chain", SCRIPT_STEP, "");
+    let src = r22_source(d, &m);
+
+    let out = d.join("made.tar.zst");
+    match create_bundle(&src, &out) {
+        Err(CreateError::Invalid(e)) => assert_r22_refusal(&e),
+        other => panic!("create: {other:?}"),
+    }
+    assert!(!out.exists(), "create wrote the bundle");
+
+    // The same tree packed without any check, then signed: what an older patchover made.
+    let mut bytes = Vec::new();
+    write_archive(m.as_bytes(), Some(&src.join("payload")), &mut bytes).unwrap();
+    assert_r22_refusal(archive_err(&verify_signed_bytes(
+        d,
+        &key,
+        "old.tar.zst",
+        &bytes,
+    )));
+    let before = snapshot(d);
+    match sign_bundle(&d.join("old.tar.zst"), &key.signing) {
+        Err(SignBundleError::Invalid { source, .. }) => assert_r22_refusal(&source),
+        other => panic!("sign: {other:?}"),
+    }
+    assert_eq!(snapshot(d), before, "sign changed files");
+
+    let dest = d.join("unpacked");
+    assert_r22_refusal(&extract_archive(&bytes, &dest, &Limits::default()).unwrap_err());
+    assert!(!dest.exists(), "extraction made its directory");
+}
+
+/// Links that stay inside payload/ still work end to end, also through other links and with
+/// `..` after a link; a loop of links is refused.
+#[test]
+fn relative_links_inside_payload_still_work_and_loops_are_refused() {
+    use patchover_bundle::archive::extract_archive;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key = Key::new(d, "k");
+    let m = manifest("links", SCRIPT_STEP, "");
+    let src = source_dir(
+        d,
+        &m,
+        &[("run.sh", b"true\n", 0o755), ("lib/data", b"data\n", 0o644)],
+    );
+    let p = src.join("payload");
+    for (link, target) in [
+        ("lib/run", "../run.sh"),
+        ("via-link", "lib/run"),
+        ("sub/up", "../lib"),
+        ("after-dotdot", "sub/up/../lib/data"),
+        ("sub/dir", "../lib"),
+    ] {
+        std::fs::create_dir_all(p.join(link).parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(target, p.join(link)).unwrap();
+    }
+    let out = d.join("links.tar.zst");
+    create_bundle(&src, &out).unwrap();
+    sign_bundle(&out, &key.signing).unwrap();
+    verify_bundle(&out, &key.trusted(), &Limits::default()).unwrap();
+    let dest = d.join("unpacked");
+    extract_archive(&std::fs::read(&out).unwrap(), &dest, &Limits::default()).unwrap();
+    let read = |rel: &str| std::fs::read(dest.join("payload").join(rel)).unwrap();
+    assert_eq!(read("via-link"), b"true\n");
+    assert_eq!(read("after-dotdot"), b"data\n");
+    assert_eq!(read("sub/dir/data"), b"data\n");
+
+    let src = source_dir(d, &m, &[("run.sh", b"true\n", 0o755)]);
+    std::os::unix::fs::symlink("b", src.join("payload/a")).unwrap();
+    std::os::unix::fs::symlink("a/x", src.join("payload/b")).unwrap();
+    let e = create_bundle(&src, &d.join("loop.tar.zst")).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            CreateError::Invalid(ArchiveError::SymlinkEscapes { .. })
+        ) && chain(&e).contains("loops back to itself"),
+        "{}",
+        chain(&e)
+    );
+}
