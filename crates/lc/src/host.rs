@@ -6,6 +6,7 @@
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
@@ -62,6 +63,9 @@ pub trait Host {
     fn set_link_up(&self, link: &str) -> io::Result<()>;
     fn move_to_netns(&self, link: &str, pid: i32) -> io::Result<()>;
     fn delete_link(&self, name: &str) -> io::Result<()>;
+    /// Deletes the host's connection-tracking entries of the flows `addr` answered (an LC
+    /// that stopped: [`crate::flows::forget_answered_by`]). Best effort.
+    fn forget_flows(&self, addr: Ipv4Addr);
     /// Configures NICs inside the netns of `pid` (rename, address, up, default route).
     fn configure_nics(&self, pid: i32, nics: &[crate::ns::launch::NicSetup]) -> io::Result<()>;
 
@@ -218,6 +222,9 @@ impl Host for LinuxHost {
             Err(_) if !self.link_exists(name) => Ok(()),
             r => r,
         }
+    }
+    fn forget_flows(&self, addr: Ipv4Addr) {
+        crate::flows::forget_answered_by(addr)
     }
     fn configure_nics(&self, pid: i32, nics: &[crate::ns::launch::NicSetup]) -> io::Result<()> {
         let call = LcHelper::Netcfg(Netcfg {

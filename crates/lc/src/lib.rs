@@ -15,6 +15,7 @@ pub mod boot;
 pub mod cgroup;
 pub mod disks;
 pub mod dispatch;
+pub mod flows;
 pub mod helper;
 pub mod host;
 pub mod images;

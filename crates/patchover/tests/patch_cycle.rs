@@ -999,6 +999,18 @@ fn a_stateless_old_lc_that_writes_after_the_switch_fails_the_run_and_is_cut_at_t
     let svc = c.t.service();
     // Its connection outlives the deadline.
     let kept = Reads::start(&client, svc.clone(), Some(Duration::from_secs(60)));
+    // And an idle one from a known client port, cut at the old LC's stop too (below).
+    let ns = client.name.clone();
+    common::ip(&[
+        "netns",
+        "exec",
+        &ns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.tcp_orphan_retries=1",
+    ]);
+    let (s, port) = (svc.clone(), 40_000 + std::process::id() as u16 % 20_000);
+    let idle = client.run(move || from_port(port, &s, Duration::from_secs(5)).unwrap());
     std::thread::sleep(SETTLE);
     let (config, lc) = (c.t.config.clone(), a.clone());
     let run = std::thread::spawn(move || {
@@ -1054,4 +1066,70 @@ fn a_stateless_old_lc_that_writes_after_the_switch_fails_the_run_and_is_cut_at_t
     assert_eq!(version(&client, &svc), "1.0.1");
     let (_, app) = c.t.disks(&c.t.lcs[0]);
     assert_eq!(fs::read_to_string(app.join("late")).unwrap(), "late\n");
+    reused_port_reaches_the_new_lc(&client, idle, &svc, port);
+}
+
+/// After a stateless switch, the old LC stopped with an idle connection of a client still open:
+/// the client closes it (its FIN goes unanswered, the old LC is gone), then opens a new one
+/// from the same port (clients reuse ports within seconds). It must reach the LC that serves:
+/// the stopped LC's conntrack entries were deleted (`patchover_lc::flows`). With the entry left
+/// (LAST_ACK, 30 s), conntrack ignored the SYN and sent it to the stopped LC: a timeout.
+fn reused_port_reaches_the_new_lc(
+    client: &Client,
+    idle: std::net::TcpStream,
+    svc: &str,
+    port: u16,
+) {
+    drop(idle);
+    // The client gives its orphan up after one FIN retransmission (tcp_orphan_retries = 1).
+    std::thread::sleep(Duration::from_secs(3));
+    let s = svc.to_owned();
+    let again = client.run(move || from_port(port, &s, Duration::from_secs(3)));
+    assert!(
+        again.is_ok(),
+        "a new connection from client port {port}, reused after the old LC stopped: {again:?}"
+    );
+}
+
+/// A connection to `svc`:80 from client `port` (bound with SO_REUSEADDR), after one request
+/// answered on it (kept alive).
+fn from_port(port: u16, svc: &str, timeout: Duration) -> std::io::Result<std::net::TcpStream> {
+    use std::io::{Read, Write};
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+    let to = std::net::SocketAddr::new(svc.parse().expect("an address"), 80);
+    s.connect_timeout(&to.into(), timeout)?;
+    let mut t: std::net::TcpStream = s.into();
+    t.set_read_timeout(Some(timeout))?;
+    t.write_all(b"GET /version HTTP/1.1\r\nHost: service\r\n\r\n")?;
+    // The whole answer is read: a socket closed with unread bytes sends a reset, not a FIN.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = t.read(&mut buf)?;
+        got.extend_from_slice(&buf[..n]);
+        match (n, whole_answer(&got)) {
+            (_, Some(true)) => return Ok(t),
+            (0, _) | (_, Some(false)) => {
+                return Err(std::io::Error::other(format!(
+                    "answered {:?}",
+                    String::from_utf8_lossy(&got)
+                )));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether `got` holds a whole HTTP answer (by its Content-Length), and if so whether it is a 200.
+fn whole_answer(got: &[u8]) -> Option<bool> {
+    let text = String::from_utf8_lossy(got);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let len = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())?
+    })?;
+    (body.len() >= len).then(|| head.starts_with("HTTP/1.1 200"))
 }

@@ -689,6 +689,10 @@ impl<H: Host> LcBackend for QemuBackend<H> {
             }
         }
         self.clean_leftovers(spec, Some(&st));
+        // Nothing of it answers any more: its flows' entries go too (`patchover_lc::flows`).
+        for a in spec.nics.iter().filter_map(|n| n.address) {
+            self.host.forget_flows(a.addr);
+        }
         tracing::info!(lc = %spec.id, "stopped");
         Ok(())
     }

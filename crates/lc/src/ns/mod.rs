@@ -493,6 +493,10 @@ impl<H: Host> LcBackend for NsBackend<H> {
                 .delete_link(port)
                 .map_err(host_err("removing a veth"))?;
         }
+        // Nothing of it answers any more: its flows' entries go too (`crate::flows`).
+        for a in spec.nics.iter().filter_map(|n| n.address) {
+            self.host.forget_flows(a.addr);
+        }
         // rmdir of a cgroup fails while the last tasks are still being torn down.
         let start = Instant::now();
         loop {

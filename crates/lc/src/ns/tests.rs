@@ -233,6 +233,9 @@ impl Host for FakeHost {
         self.w.borrow_mut().links.remove(link);
         Ok(())
     }
+    fn forget_flows(&self, addr: std::net::Ipv4Addr) {
+        let _ = self.op("forget_flows", addr.to_string());
+    }
     fn delete_link(&self, name: &str) -> io::Result<()> {
         if !self.link_exists(name) {
             return Ok(());
@@ -549,6 +552,11 @@ fn stop_asks_init_then_cleans_up_everything() {
     assert!(
         !calls.iter().any(|c| c.contains("cgroup.kill")),
         "graceful stop needs no kill"
+    );
+    // The flows it answered are forgotten once nothing of it runs (`crate::flows`).
+    assert!(
+        position(&calls, "forget_flows 10.77.0.10") > position(&calls, "signal 1001 SIGUSR2"),
+        "{calls:#?}"
     );
     assert_nothing_left(&host);
     assert_eq!(b.status(&lc("lc1")).unwrap().state, LcState::Stopped);

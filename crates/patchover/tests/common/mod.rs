@@ -492,7 +492,7 @@ impl Drop for Topo {
 }
 
 /// Runs `ip ARGS`; a failure fails the test.
-fn ip(args: &[&str]) {
+pub fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().unwrap();
     assert!(
         out.status.success(),
