@@ -59,16 +59,21 @@ pub struct CopyOptions {
     pub keep_history: Option<PathBuf>,
 }
 
+impl CopyOptions {
+    /// The defaults, as a constant (for a `const` that changes one of them).
+    pub const DEFAULT: CopyOptions = CopyOptions {
+        reflink: Reflink::Auto,
+        scan_totals: false,
+        round_interval: Duration::from_millis(200),
+        max_rounds: 20,
+        sync: true,
+        keep_history: None,
+    };
+}
+
 impl Default for CopyOptions {
     fn default() -> Self {
-        CopyOptions {
-            reflink: Reflink::Auto,
-            scan_totals: false,
-            round_interval: Duration::from_millis(200),
-            max_rounds: 20,
-            sync: true,
-            keep_history: None,
-        }
+        CopyOptions::DEFAULT
     }
 }
 
