@@ -35,6 +35,9 @@ pub trait Front {
     fn resume(&self) -> Result<bool, FrontError>;
     /// After the switch: no server connection of before survives (`RECONNECT`), then `resume`.
     fn release(&self) -> Result<(), FrontError>;
+    /// The shell command an operator runs to let a front left paused go (after `PAUSE` it has
+    /// no server connection, so a `RESUME` connects to whatever serves the address now).
+    fn resume_command(&self) -> String;
 }
 
 /// The front failed.
@@ -247,6 +250,29 @@ impl Front for PgBouncer {
         drop(conn);
         self.resume().map(|_| ())
     }
+
+    fn resume_command(&self) -> String {
+        let login = format!(
+            "host={} port={} user={} dbname=pgbouncer",
+            self.admin.ip(),
+            self.admin.port(),
+            self.user
+        );
+        let password = match self.password {
+            Some(_) => "PGPASSWORD=<its admin password> ",
+            None => "",
+        };
+        format!(
+            "{password}psql {} -c {}",
+            shell_quote(&login),
+            shell_quote(&self.command("RESUME"))
+        )
+    }
+}
+
+/// `s` as one word for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// PgBouncer's answers to a `RESUME` of something that is not paused (1.18).
@@ -314,6 +340,22 @@ mod tests {
         assert!(
             bouncer(None).resume().is_err(),
             "not reachable is not 'not paused'"
+        );
+    }
+
+    #[test]
+    fn the_resume_command_names_the_console_and_the_database() {
+        assert_eq!(
+            bouncer(None).resume_command(),
+            "psql 'host=127.0.0.1 port=1 user=pgbouncer dbname=pgbouncer' -c 'RESUME'"
+        );
+        let mut b = bouncer(Some("it's"));
+        b.password = Some("secret".into());
+        let cmd = b.resume_command();
+        assert_eq!(
+            cmd,
+            "PGPASSWORD=<its admin password> psql 'host=127.0.0.1 port=1 user=pgbouncer dbname=pgbouncer' -c 'RESUME \"it'\\''s\"'",
+            "quoted for the shell, the password not shown"
         );
     }
 

@@ -229,6 +229,11 @@ impl<'a> Orchestrator<'a> {
                 self.journaled(run, s)?;
             }
             if let Some(e) = run.halt.take() {
+                // Failed after the switch (a front left paused): the service is on the
+                // standby all the same, whose address is announced as after any switch.
+                if run.report.outcome == "switched" {
+                    self.announce(run);
+                }
                 return Err(e);
             }
         }
@@ -236,12 +241,17 @@ impl<'a> Orchestrator<'a> {
             run.report.outcome = "dry-run".into();
             return Ok(());
         }
+        self.announce(run);
+        run.report.outcome = "ok".into();
+        Ok(())
+    }
+
+    /// After a switch: its first ARP refresh ends, the later ones are left to a refresher.
+    fn announce(&mut self, run: &mut Run) {
         if let Some(t) = run.refresh.take() {
             let _ = t.join();
         }
         step::announce_later(self, run);
-        run.report.outcome = "ok".into();
-        Ok(())
     }
 
     /// A run that failed before its switch, or whose switch rolled back, leaves the service

@@ -72,6 +72,46 @@ pub fn reached(entries: &[Entry]) -> Reached {
     r
 }
 
+/// The front's state (`[service.front]`, docs/postgres.md), journaled beside the steps as a
+/// `front_paused` line before its `PAUSE` is sent and a `front_released` line once it let its
+/// clients go (each `done`, the journal's states being a step's), so that recovery of a dead
+/// run knows whether the front still holds its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrontState {
+    Paused,
+    Released,
+}
+
+impl FrontState {
+    /// The name of its journal line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrontState::Paused => "front_paused",
+            FrontState::Released => "front_released",
+        }
+    }
+}
+
+/// Writes a front line; durable on return.
+pub(crate) fn record_front(
+    store: &mut Store,
+    run: i64,
+    state: FrontState,
+    detail: &serde_json::Value,
+) -> Result<(), StoreError> {
+    store.record_step(run, state.as_str(), StepState::Done.as_str(), Some(detail))
+}
+
+/// The front's state as the journal `entries` last recorded it (`None`: no front line, a run
+/// with no front or a journal written before the front's lines).
+pub fn front(entries: &[Entry]) -> Option<FrontState> {
+    entries.iter().rev().find_map(|e| {
+        [FrontState::Paused, FrontState::Released]
+            .into_iter()
+            .find(|s| s.as_str() == e.name)
+    })
+}
+
 /// The last line, as `step:state` (`start` for an empty journal).
 pub fn last(entries: &[Entry]) -> String {
     entries
@@ -153,6 +193,27 @@ mod tests {
         assert_eq!(reached(&read(&store, run).unwrap()), Reached::SwitchStarted);
         let (_d, store, run) = old_form(&[("switch", "started"), ("switch", "done")]);
         assert_eq!(reached(&read(&store, run).unwrap()), Reached::SwitchDone);
+    }
+
+    #[test]
+    fn the_fronts_last_line_is_its_state_and_does_not_move_the_run() {
+        let (_d, store, run) = old_form(&[
+            ("switch", "started"),
+            ("front_paused", "done"),
+            ("front_released", "done"),
+            ("front_paused", "done"),
+        ]);
+        let e = read(&store, run).unwrap();
+        assert_eq!(front(&e), Some(FrontState::Paused));
+        assert_eq!(reached(&e), Reached::SwitchStarted);
+        assert_eq!(e[1].step, None, "not a step");
+        let (_d, store, run) = old_form(&[("front_paused", "done"), ("front_released", "done")]);
+        assert_eq!(
+            front(&read(&store, run).unwrap()),
+            Some(FrontState::Released)
+        );
+        let (_d, store, run) = old_form(&[("switch", "started"), ("switch", "done")]);
+        assert_eq!(front(&read(&store, run).unwrap()), None);
     }
 
     #[test]

@@ -204,6 +204,22 @@ pub enum OrchestratorError {
         writes: patchover_lc::Writes,
         after_switch: bool,
     },
+    /// The front (`[service.front]`) is still paused after its letting go was retried: its
+    /// clients wait until someone lets it go.
+    #[error(
+        "the front {front} is still paused after {after}, so its clients wait: its {what} failed {tries} times; let it go with: {command}"
+    )]
+    FrontPaused {
+        front: String,
+        /// What happened before: the switch went through, rolled back, or recovery.
+        after: String,
+        what: &'static str,
+        tries: usize,
+        /// The shell command that resumes it.
+        command: String,
+        #[source]
+        source: Box<patchover_front::FrontError>,
+    },
     #[error(transparent)]
     Switch(Box<patchover_net::SwitchError>),
     #[error("network setup")]
@@ -263,6 +279,9 @@ impl OrchestratorError {
                 after_switch: true, ..
             } => {
                 "the service is on the standby with the application disk as of the cut; the old LC's later writes are on its own disk (stopped, kept intact): recover them from there, and remove `stateless = true` from [service]"
+            }
+            OrchestratorError::FrontPaused { .. } => {
+                "the front's clients wait until it is resumed: make its admin console answer and run the command in the error (until then the run's last front line in its journal is front_paused)"
             }
             _ => "the service stays on the active LC; fix the cause and run again",
         }

@@ -8,15 +8,20 @@
 //!   the standby with a healthy service keeps it (finish), otherwise the address goes back to
 //!   the old LC (roll back), the switcher's nftables leftovers are removed;
 //! - the switch never started: release the standby; the service never moved.
+//!
+//! A front (`[service.front]`) the journal has paused is let go once the service is where it
+//! stays: released onto the standby (finish) or resumed on the old LC (roll back).
 
 use patchover_core::{Ipv4Cidr, LcSpec};
+use patchover_front::Front;
 use patchover_lc::LcState;
 use patchover_net::{Mode, ServiceAddress};
 use patchover_store::{Role, RunRow};
 
 use crate::access::endpoint;
 use crate::context::Orchestrator;
-use crate::journal::{self, Reached};
+use crate::front::{Driven, LetGo};
+use crate::journal::{self, FrontState, Reached};
 use crate::step::{Step, StepState};
 use crate::{OrchestratorError, RunReport};
 
@@ -29,13 +34,12 @@ fn resume_service(o: &Orchestrator<'_>, lc: &patchover_core::LcSpec) {
     let r = endpoint(o.backend, lc)
         .map_err(|e| patchover_core::error::chain(&e))
         .and_then(|ep| {
-            // The front too: a run that died with it paused leaves its clients waiting.
-            let front = crate::front::of(&o.settings.service);
+            // Not the front: `front_let_go` lets it go after this, journaled.
             let mut ctl = crate::service::LcServiceControl {
                 backend: o.backend,
                 lcs: &o.config.lcs,
                 settings: &o.settings.service,
-                front: front.as_ref().map(|f| f as &dyn patchover_front::Front),
+                front: None,
             };
             patchover_net::ServiceControl::resume(&mut ctl, &ep).map_err(|e| e.to_string())
         });
@@ -115,26 +119,62 @@ struct Lcs {
 
 /// Finishes or rolls back every unfinished run whose patchover is gone. Returns what was done.
 pub fn recover(o: &mut Orchestrator<'_>) -> Result<Vec<RunReport>, OrchestratorError> {
+    let front = crate::front::of(&o.settings.service);
+    recover_with(o, front.as_ref().map(|f| f as &dyn Front))
+}
+
+/// [`recover`] with the front `[service.front]` names (the recording fake in tests).
+pub(crate) fn recover_with(
+    o: &mut Orchestrator<'_>,
+    front: Option<&dyn Front>,
+) -> Result<Vec<RunReport>, OrchestratorError> {
     let mut done = Vec::new();
     for run in o.store.runs()?.into_iter().filter(|r| r.ended_ms.is_none()) {
         let Ok(_lock) = RunLock::acquire(&o.config.run_dir, &run.lc) else {
             continue; // a live patchover is on it
         };
-        done.push(recover_run(o, &run)?);
+        done.push(recover_run(o, &run, front)?);
     }
     Ok(done)
 }
 
+/// What recovery found of a dead run.
+struct Found<'f> {
+    front: Option<&'f dyn Front>,
+    lcs: Lcs,
+    reached: Reached,
+    mode: Mode,
+    service: Option<Ipv4Cidr>,
+    /// The journal's last line, `step:state`.
+    last: String,
+    /// The front's state as journaled; a journal with no front line (an older patchover's)
+    /// may have left it paused once its switch started.
+    front_paused: bool,
+}
+
 /// Finishes or rolls back one unfinished run.
-fn recover_run(o: &mut Orchestrator<'_>, run: &RunRow) -> Result<RunReport, OrchestratorError> {
+fn recover_run(
+    o: &mut Orchestrator<'_>,
+    run: &RunRow,
+    front: Option<&dyn Front>,
+) -> Result<RunReport, OrchestratorError> {
     let entries = journal::read(o.store, run.id)?;
     let reached = journal::reached(&entries);
-    let last = journal::last(&entries);
-    tracing::info!(run = run.id, lc = %run.lc, %last, "recovering an unfinished run");
-    let lcs = Lcs {
-        active: o.config.lc(&run.lc).cloned(),
-        standby: run.standby.as_deref().and_then(|s| o.config.lc(s)).cloned(),
+    let found = Found {
+        front,
+        lcs: Lcs {
+            active: o.config.lc(&run.lc).cloned(),
+            standby: run.standby.as_deref().and_then(|s| o.config.lc(s)).cloned(),
+        },
+        reached,
+        mode: run.mode.parse().unwrap_or(Mode::Readdress),
+        service: o.config.network.service_address,
+        last: journal::last(&entries),
+        front_paused: journal::front(&entries).map_or(reached != Reached::BeforeSwitch, |f| {
+            f == FrontState::Paused
+        }),
     };
+    tracing::info!(run = run.id, lc = %run.lc, last = %found.last, "recovering an unfinished run");
     let mut report = RunReport {
         run_id: run.id,
         lc: run.lc.clone(),
@@ -143,60 +183,25 @@ fn recover_run(o: &mut Orchestrator<'_>, run: &RunRow) -> Result<RunReport, Orch
         dry_run: run.dry_run,
         ..RunReport::default()
     };
-    if let Some(a) = &lcs.active {
+    if let Some(a) = &found.lcs.active {
         let_go(o, run.id, a);
     }
-    let service = o.config.network.service_address;
-    let mode: Mode = run.mode.parse().unwrap_or(Mode::Readdress);
-    let decision = decide(reached, || match (&lcs.standby, service) {
-        (Some(s), Some(svc)) => endpoint(o.backend, s)
-            .ok()
-            .and_then(|ep| {
-                ServiceAddress::new(svc.addr, mode, &o.config.network.bridge)
-                    .is_on_host(None, &ep)
-                    .ok()
-            })
-            .unwrap_or(false),
-        _ => false,
+    let decision = decide(reached, || {
+        standby_holds(o, &found.lcs, found.service, found.mode)
     });
-    match decision {
-        Decision::Finish => {
-            finish(o, run, &lcs, reached, mode, service)?;
-            report.outcome = "ok".into();
-            report.error = Some(format!(
-                "patchover stopped at {last}; the run was finished by recovery"
-            ));
-        }
-        Decision::RollBack => {
-            if reached == Reached::SwitchStarted
-                && let (Some(a), Some(svc)) = (&lcs.active, service)
-            {
-                network_back(o, a, lcs.standby.as_ref(), mode, svc)?;
-            }
-            tracing::info!(
-                run = run.id,
-                "the service is on the active LC; releasing the standby"
-            );
-            if let Some(s) = &lcs.standby {
-                crate::step::release_standby::release(o, s, None);
-            }
-            report.outcome = match reached {
-                Reached::BeforeSwitch => "failed",
-                _ => "rolled-back",
-            }
-            .into();
-            report.error = Some(format!(
-                "patchover stopped at {last}; recovery rolled the run back and the service is on {}",
-                run.lc
-            ));
-        }
+    let (front, front_error) = match decision {
+        Decision::Finish => finish_run(o, run, &found, &mut report)?,
+        Decision::RollBack => roll_back_run(o, run, &found, &mut report)?,
+    };
+    if let (Some(e), Some(error)) = (front_error, &mut report.error) {
+        error.push_str(&format!("; {e}"));
     }
     journal::record(
         o.store,
         run.id,
         Step::Recover,
         StepState::Done,
-        Some(&serde_json::json!({"outcome": report.outcome, "last": last})),
+        Some(&serde_json::json!({"outcome": report.outcome, "last": found.last, "front": front})),
     )?;
     o.store.end_run(
         run.id,
@@ -205,6 +210,59 @@ fn recover_run(o: &mut Orchestrator<'_>, run: &RunRow) -> Result<RunReport, Orch
     )?;
     tracing::info!(run = run.id, outcome = %report.outcome, "recovered an unfinished run");
     Ok(report)
+}
+
+/// The service is (or stays) on the standby: it gets the address, the front is released onto
+/// it, the old LC stops. Returns what became of the front ([`front_let_go`]).
+fn finish_run(
+    o: &mut Orchestrator<'_>,
+    run: &RunRow,
+    found: &Found<'_>,
+    report: &mut RunReport,
+) -> Result<(serde_json::Value, Option<String>), OrchestratorError> {
+    let lcs = &found.lcs;
+    finish_network(o, lcs, found.reached, found.mode, found.service)?;
+    let front = front_let_go(o, run.id, found, LetGo::Release);
+    finish(o, run, lcs)?;
+    report.outcome = "ok".into();
+    report.error = Some(format!(
+        "patchover stopped at {}; the run was finished by recovery",
+        found.last
+    ));
+    Ok(front)
+}
+
+/// The service is (put back) on the old LC, its front resumed there, the standby goes.
+fn roll_back_run(
+    o: &mut Orchestrator<'_>,
+    run: &RunRow,
+    found: &Found<'_>,
+    report: &mut RunReport,
+) -> Result<(serde_json::Value, Option<String>), OrchestratorError> {
+    let lcs = &found.lcs;
+    if found.reached == Reached::SwitchStarted
+        && let (Some(a), Some(svc)) = (&lcs.active, found.service)
+    {
+        network_back(o, a, lcs.standby.as_ref(), found.mode, svc)?;
+    }
+    let front = front_let_go(o, run.id, found, LetGo::Resume);
+    tracing::info!(
+        run = run.id,
+        "the service is on the active LC; releasing the standby"
+    );
+    if let Some(s) = &lcs.standby {
+        crate::step::release_standby::release(o, s, None);
+    }
+    report.outcome = match found.reached {
+        Reached::BeforeSwitch => "failed",
+        _ => "rolled-back",
+    }
+    .into();
+    report.error = Some(format!(
+        "patchover stopped at {}; recovery rolled the run back and the service is on {}",
+        found.last, run.lc
+    ));
+    Ok(front)
 }
 
 /// What a dead run may hold of the active LC: a crash during the disk copier's cut could
@@ -223,32 +281,84 @@ fn let_go(o: &Orchestrator<'_>, run: i64, active: &LcSpec) {
     }
 }
 
-/// The service is on the standby: the run is finished. A switch cut short did not get to its
-/// announcements (and left the rule for held SYNs only): the standby announces the address
-/// now, so clients stop sending to the old LC's MAC; a hand-off cut short gets the old
-/// service's held requests to the standby, whose data is the truth now, before the old LC
-/// stops.
-fn finish(
+/// Whether the standby holds the service address now (asked of a switch cut short).
+fn standby_holds(o: &Orchestrator<'_>, lcs: &Lcs, service: Option<Ipv4Cidr>, mode: Mode) -> bool {
+    let (Some(s), Some(svc)) = (&lcs.standby, service) else {
+        return false;
+    };
+    endpoint(o.backend, s)
+        .ok()
+        .and_then(|ep| {
+            ServiceAddress::new(svc.addr, mode, &o.config.network.bridge)
+                .is_on_host(None, &ep)
+                .ok()
+        })
+        .unwrap_or(false)
+}
+
+/// The front (`[service.front]`) of a run whose journal has it paused is let go as `how`
+/// says, once the service is where it stays (released onto the standby, or resumed on the
+/// old LC once its service runs again), tried as after a switch and journaled
+/// (`front_released`, by `recover`). Returns what the recovery line says of it, and what to
+/// do when it is still paused.
+fn front_let_go(
     o: &mut Orchestrator<'_>,
-    run: &RunRow,
+    run: i64,
+    found: &Found<'_>,
+    how: LetGo,
+) -> (serde_json::Value, Option<String>) {
+    let Some(front) = found.front else {
+        return (serde_json::Value::Null, None);
+    };
+    if !found.front_paused {
+        return ("not paused".into(), None);
+    }
+    let driven = Driven::new(front, Some((&mut *o.store, run)), true);
+    match driven.let_go(how, "recover", "patchover died with it paused") {
+        Ok(tries) => (
+            serde_json::json!({"action": how.as_str(), "tries": tries}),
+            None,
+        ),
+        Err(e) => {
+            let e = crate::chain(&e);
+            (
+                serde_json::json!({"action": how.as_str(), "error": e}),
+                Some(e),
+            )
+        }
+    }
+}
+
+/// The service is on the standby: a switch cut short did not get to its announcements (and
+/// left the rule for held SYNs only): the standby announces the address now, so clients stop
+/// sending to the old LC's MAC; a hand-off cut short gets the old service's held requests to
+/// the standby, whose data is the truth now, before the old LC stops.
+fn finish_network(
+    o: &Orchestrator<'_>,
     lcs: &Lcs,
     reached: Reached,
     mode: Mode,
     service: Option<Ipv4Cidr>,
 ) -> Result<(), OrchestratorError> {
-    if reached != Reached::SwitchDone {
-        if mode != Mode::Seamless
-            && let (Some(s), Some(svc)) = (&lcs.standby, service)
-            && let Ok(ep) = endpoint(o.backend, s)
-        {
-            assign_service(&ep.access, &ep.iface, ep.mac, svc).map_err(OrchestratorError::in_lc)?;
-        }
-        if mode == Mode::Seamless
-            && let (Some(a), Some(s)) = (&lcs.active, &lcs.standby)
-        {
-            forward_held(o, a, s);
-        }
+    if reached == Reached::SwitchDone {
+        return Ok(());
     }
+    if mode != Mode::Seamless
+        && let (Some(s), Some(svc)) = (&lcs.standby, service)
+        && let Ok(ep) = endpoint(o.backend, s)
+    {
+        assign_service(&ep.access, &ep.iface, ep.mac, svc).map_err(OrchestratorError::in_lc)?;
+    }
+    if mode == Mode::Seamless
+        && let (Some(a), Some(s)) = (&lcs.active, &lcs.standby)
+    {
+        forward_held(o, a, s);
+    }
+    Ok(())
+}
+
+/// The service is on the standby: the run is finished (the old LC stops, the roles swap).
+fn finish(o: &mut Orchestrator<'_>, run: &RunRow, lcs: &Lcs) -> Result<(), OrchestratorError> {
     tracing::info!(
         run = run.id,
         "the service is on the standby; stopping the old LC"
@@ -413,6 +523,93 @@ mod tests {
         assert!(!calls.contains(&"stop lc2".to_owned()), "{calls:?}");
         assert_eq!(bed.role("lc2"), Role::Active);
         assert_eq!(bed.role("lc1"), Role::Standby);
+    }
+
+    /// The journal of a run whose switch went through and whose patchover died with the
+    /// front left paused (its release still being retried).
+    fn died_with_the_front_paused(bed: &mut Bed, switch_done: bool) -> i64 {
+        bed.backend.running(&["lc1", "lc2"]);
+        let run = bed.run.id();
+        bed.store.set_run_standby(run, "lc2").unwrap();
+        let mut lines = vec![("switch", "started"), ("front_paused", "done")];
+        if switch_done {
+            lines.extend([("switch", "done"), ("stop_old", "started")]);
+        }
+        for (step, state) in lines {
+            bed.store.record_step(run, step, state, None).unwrap();
+        }
+        run
+    }
+
+    /// Issue 21: recovery finished a run whose switch was done but never let the front go, so
+    /// its clients waited forever. The front the journal has paused is released onto the
+    /// standby, and the journal says recovery did it.
+    #[test]
+    fn r21_a_run_finished_by_recovery_releases_the_front_its_journal_has_paused() {
+        use crate::front::fake::FakeFront;
+        let mut bed = Bed::new();
+        let run = died_with_the_front_paused(&mut bed, true);
+        let front = FakeFront::default();
+        *front.paused.borrow_mut() = true;
+        front.failures.set(1);
+        let done = bed.with(|o, _| recover_with(o, Some(&front))).unwrap();
+        assert_eq!(done[0].outcome, "ok");
+        assert_eq!(*front.calls.borrow(), ["release", "release"], "retried");
+        assert!(!*front.paused.borrow());
+        let rows = bed.store.steps(run).unwrap();
+        let names: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{}:{}", r.step, r.state))
+            .collect();
+        let n = names.len();
+        assert_eq!(
+            names[n - 2..],
+            ["front_released:done", "recover:done"],
+            "{names:?}"
+        );
+        let released = rows[n - 2].detail.clone().unwrap();
+        assert_eq!(
+            (&released["by"], &released["action"], &released["tries"]),
+            (
+                &serde_json::json!("recover"),
+                &serde_json::json!("release"),
+                &serde_json::json!(2)
+            )
+        );
+        assert_eq!(
+            rows[n - 1].detail.as_ref().unwrap()["front"]["action"],
+            "release"
+        );
+        assert!(bed.backend.calls().contains(&"stop lc1".to_owned()));
+    }
+
+    /// A front the journal has released, or a run with no front, is not asked anything; a
+    /// journal with no front line whose switch started (an older patchover's) is let go.
+    #[test]
+    fn only_a_front_the_journal_may_have_left_paused_is_let_go() {
+        use crate::front::fake::FakeFront;
+        let mut bed = Bed::new();
+        let run = died_with_the_front_paused(&mut bed, true);
+        bed.store
+            .record_step(run, "front_released", "done", None)
+            .unwrap();
+        let front = FakeFront::default();
+        let done = bed.with(|o, _| recover_with(o, Some(&front))).unwrap();
+        assert_eq!(done[0].outcome, "ok");
+        assert!(front.calls.borrow().is_empty());
+        let last = bed.store.steps(run).unwrap().pop().unwrap();
+        assert_eq!(last.detail.unwrap()["front"], "not paused");
+
+        let mut bed = Bed::new();
+        bed.backend.running(&["lc1", "lc2"]);
+        let run = bed.run.id();
+        bed.store.set_run_standby(run, "lc2").unwrap();
+        for (step, state) in [("switch", "started"), ("switch", "done")] {
+            bed.store.record_step(run, step, state, None).unwrap();
+        }
+        let front = FakeFront::default();
+        bed.with(|o, _| recover_with(o, Some(&front))).unwrap();
+        assert_eq!(*front.calls.borrow(), ["release"]);
     }
 
     /// A live patchover holds the run's lock: recovery leaves its run alone.

@@ -200,7 +200,7 @@ pub struct LcServiceControl<'a> {
     pub lcs: &'a [patchover_core::LcSpec],
     pub settings: &'a ServiceSettings,
     /// Paused after the drain command, resumed after the resume command.
-    pub front: Option<&'a dyn patchover_front::Front>,
+    pub front: Option<&'a crate::front::Driven<'a>>,
 }
 
 impl LcServiceControl<'_> {
@@ -256,7 +256,7 @@ impl patchover_net::ServiceControl for LcServiceControl<'_> {
     fn resume(&mut self, ep: &patchover_net::Endpoint) -> Result<(), patchover_net::BoxError> {
         let hook = self.run(ep, &self.settings.resume);
         let front = match self.front {
-            Some(f) => f.resume().map(|_| ()).map_err(Into::into),
+            Some(f) => f.resume_once().map(|_| ()).map_err(Into::into),
             None => Ok(()),
         };
         hook.and(front)
@@ -428,12 +428,13 @@ mod tests {
         s.drain = vec!["drain-it".into()];
         s.resume = vec!["start-it".into()];
         let front = FakeFront::default();
+        let driven = crate::front::Driven::new(&front, None, false);
         let ep = bed.run.from.clone();
         let mut ctl = LcServiceControl {
             backend: &bed.backend,
             lcs: &bed.config.lcs,
             settings: &s,
-            front: Some(&front),
+            front: Some(&driven),
         };
         ctl.drain(&ep).unwrap();
         assert_eq!(*front.calls.borrow(), ["pause"]);
@@ -449,6 +450,7 @@ mod tests {
             pause_fails: true,
             ..FakeFront::default()
         };
+        let slow = crate::front::Driven::new(&slow, None, false);
         ctl.front = Some(&slow);
         bed.backend.exec_status(0, b"");
         let e = ctl.drain(&ep).unwrap_err();

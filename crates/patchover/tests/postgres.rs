@@ -41,6 +41,8 @@ struct PgLcs {
     t: Topo,
     a: String,
     front: SocketAddr,
+    /// PgBouncer's admin console as the config has it (the front, or a proxy in front of it).
+    admin: SocketAddr,
     pause_deadline: u64,
 }
 
@@ -78,6 +80,7 @@ impl PgLcs {
             a: t.lcs[0].id.clone(),
             t,
             front,
+            admin: front,
             bouncer: None,
             pause_deadline,
         };
@@ -88,7 +91,7 @@ impl PgLcs {
     /// The config: trusted key, PostgreSQL's `[service]`; `stop` replaced when given.
     fn configure(&self, stop: &str) {
         let pubkey = self.t.dir.path().join("release.pub");
-        let mut svc = postgres::service_section(self.front, self.pause_deadline);
+        let mut svc = postgres::service_section(self.admin, self.pause_deadline);
         if !stop.is_empty() {
             let line = svc
                 .lines()
@@ -187,6 +190,65 @@ impl PgLcs {
             report["outcome"]
         );
         (out.status.code(), report, took, (from, now_us()))
+    }
+
+    /// `patchover --json patch a` in the background, to be killed.
+    fn spawn_patch(&self) -> std::process::Child {
+        std::process::Command::new(common::BIN)
+            .env("PATCHOVER_CONFIG", &self.t.config)
+            .env("PATCHOVER_GUEST_DIR", common::guest_dir())
+            .args(["--json", "patch", &self.a, "--mode", "readdress"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// The newest run's id and its journal (`runs show --json`).
+    fn last_run(&self) -> (i64, Vec<serde_json::Value>) {
+        let runs = self.t.po_json(&["runs", "list"]);
+        let id = runs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["id"].as_i64())
+            .max()
+            .unwrap();
+        let shown = self.t.po_json(&["runs", "show", &id.to_string()]);
+        (id, shown["steps"].as_array().unwrap().clone())
+    }
+
+    /// Waits (running `runs recover` too; the run guard normally did it) until the newest run
+    /// has ended; its outcome.
+    fn recovered_outcome(&self, moment: &str) -> String {
+        let t = Instant::now();
+        loop {
+            let _ = self.t.po(&["runs", "recover"]);
+            let runs = self.t.po_json(&["runs", "list"]);
+            let last = runs.as_array().unwrap().last().cloned().unwrap();
+            if !last["ended_ms"].is_null() {
+                return last["outcome"].as_str().unwrap_or("?").to_owned();
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{moment}: not recovered"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Whether PgBouncer holds its clients (1.18's console does not show a `PAUSE` of every
+    /// database): a client's `SELECT 1` through it gets no answer within 3 s.
+    fn front_paused(&self) -> bool {
+        let login = Login {
+            timeout: Duration::from_secs(3),
+            ..self.client()
+        };
+        match Conn::connect(&login).and_then(|mut c| c.query("SELECT 1")) {
+            Ok(_) => false,
+            Err(e) if e.timed_out() => true,
+            Err(e) => panic!("a client through the front: {e}"),
+        }
     }
 
     fn bench(&self, seconds: u64) -> postgres::Running {
@@ -385,6 +447,304 @@ fn postgres_bench_ten_cycles() {
         windows.len(),
         r.transactions_total,
         r.commits_acknowledged
+    );
+}
+
+/// A TCP proxy in front of PgBouncer's admin console (the config's `[service.front] admin`),
+/// flaky on demand: once it has forwarded a `PAUSE` it refuses (accepts and closes at once)
+/// the next `refuse` connections, as a console that is restarting or full would.
+struct FlakyConsole {
+    addr: SocketAddr,
+    state: std::sync::Arc<Flaky>,
+}
+
+#[derive(Default)]
+struct Flaky {
+    paused_seen: std::sync::atomic::AtomicBool,
+    refuse: std::sync::atomic::AtomicUsize,
+    refused: std::sync::atomic::AtomicUsize,
+}
+
+impl FlakyConsole {
+    fn start(to: SocketAddr) -> FlakyConsole {
+        use std::sync::atomic::Ordering::SeqCst;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let state = std::sync::Arc::new(Flaky::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                if st.paused_seen.load(SeqCst) && st.refuse.load(SeqCst) > 0 {
+                    st.refuse.fetch_sub(1, SeqCst);
+                    st.refused.fetch_add(1, SeqCst);
+                    continue;
+                }
+                if let Ok(up) = std::net::TcpStream::connect(to) {
+                    pipe(c, up, st.clone());
+                }
+            }
+        });
+        FlakyConsole { addr, state }
+    }
+
+    /// From the next `PAUSE` on, refuse `n` connections.
+    fn refuse_after_pause(&self, n: usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.state.paused_seen.store(false, SeqCst);
+        self.state.refuse.store(n, SeqCst);
+    }
+
+    /// Pass every connection again.
+    fn pass(&self) {
+        self.state
+            .refuse
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn refused(&self) -> usize {
+        self.state.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Copies both ways between an admin client and PgBouncer, noting a `PAUSE` on the way in.
+fn pipe(client: std::net::TcpStream, server: std::net::TcpStream, st: std::sync::Arc<Flaky>) {
+    use std::io::{Read, Write};
+    let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    let (mut s_in, mut c_out) = (server, client);
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut s_in, &mut c_out);
+        let _ = c_out.shutdown(std::net::Shutdown::Both);
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = c_in.read(&mut buf) {
+            if n == 0 || s_out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            if buf[..n].windows(5).any(|w| w == b"PAUSE") {
+                st.paused_seen
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let _ = s_out.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+/// The journal's lines named `name`, with their detail.
+fn lines<'a>(journal: &'a [serde_json::Value], name: &str) -> Vec<&'a serde_json::Value> {
+    journal.iter().filter(|l| l["step"] == name).collect()
+}
+
+/// The journal's front lines and the recovery line, for messages.
+fn front_story(journal: &[serde_json::Value]) -> String {
+    journal
+        .iter()
+        .filter(|l| {
+            let s = l["step"].as_str().unwrap_or("");
+            s.starts_with("front_") || s == "recover" || s == "switch"
+        })
+        .map(|l| format!("{}:{} {}", l["step"], l["state"], l["detail"]))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A world whose front console goes through a [`FlakyConsole`], PgBouncer started.
+fn flaky_world(stop: &str) -> (PgLcs, FlakyConsole) {
+    let mut pg = PgLcs::new(10);
+    let console = FlakyConsole::start(pg.front);
+    pg.admin = console.addr;
+    pg.configure(stop);
+    pg.boot();
+    pg.start_front();
+    (pg, console)
+}
+
+/// Issue 21, gap 1: a front whose console refuses a few times after the switch is released
+/// by the retries (journaled paused before `PAUSE`, released after, with the tries); one
+/// whose console keeps refusing fails the run loudly (exit 1, outcome `switched`, the error
+/// names the front, the release and the command that lets it go), the journal's last front
+/// line says paused, its clients wait, and the named command lets them go. pgbench: nothing
+/// failed, nothing lost.
+#[test]
+fn r21_a_flaky_front_console_is_retried_and_a_dead_one_fails_the_run_with_the_resume_command() {
+    let (pg, console) = flaky_world("");
+    let bench = pg.bench(70);
+    std::thread::sleep(Duration::from_secs(3));
+
+    console.refuse_after_pause(3);
+    let (code, report, took, _) = pg.run("patch");
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_eq!(console.refused(), 3);
+    let (_, journal) = pg.last_run();
+    let story = front_story(&journal);
+    eprintln!("flaky console, patch {took:?}: {}\n{story}", steps(&report));
+    let switch = lines(&journal, "switch").pop().unwrap();
+    assert_eq!(switch["detail"]["front_released"], true, "{story}");
+    assert_eq!(switch["detail"]["front_tries"], 4, "{story}");
+    let paused = journal.iter().position(|l| l["step"] == "front_paused");
+    let released = journal.iter().position(|l| l["step"] == "front_released");
+    assert!(paused.is_some() && paused < released, "{story}");
+    let released = &journal[released.unwrap()]["detail"];
+    assert_eq!(
+        (&released["by"], &released["tries"]),
+        (&"switch".into(), &4.into())
+    );
+    assert!(!pg.front_paused());
+
+    let (code, back, _, _) = pg.run("rollback");
+    assert_eq!(code, Some(0), "{back:#}");
+    pg.t.po_ok(&["patches", "mark", "pg-level-1"]);
+    console.refuse_after_pause(usize::MAX);
+    let (code, report, took, _) = pg.run("patch");
+    let (_, journal) = pg.last_run();
+    let story = front_story(&journal);
+    eprintln!(
+        "dead console, patch {took:?}: {}: {}\n{story}",
+        steps(&report),
+        report["error"]
+    );
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(report["outcome"], "switched", "{report:#}");
+    let command = format!(
+        "psql 'host=127.0.0.1 port={} user=pgbouncer dbname=pgbouncer' -c 'RESUME'",
+        console.addr.port()
+    );
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!(
+            "the front pgbouncer at {} is still paused after the switch to",
+            console.addr
+        )) && error.contains("its release failed 9 times; let it go with: ")
+            && error.contains(&command),
+        "{error}"
+    );
+    let front_lines: Vec<_> = journal
+        .iter()
+        .filter(|l| l["step"].as_str().unwrap_or("").starts_with("front_"))
+        .collect();
+    assert_eq!(
+        front_lines.last().unwrap()["step"],
+        "front_paused",
+        "{story}"
+    );
+    assert_eq!(
+        lines(&journal, "switch").pop().unwrap()["detail"]["front_released"],
+        false
+    );
+    assert!(pg.front_paused(), "its clients wait");
+
+    console.pass();
+    let out = std::process::Command::new("sh")
+        .args(["-c", &command])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{command}: {out:?}");
+    assert!(!pg.front_paused(), "the command in the error let it go");
+    let r = bench.finish(&pg.client()).unwrap();
+    assert_nothing_lost(&r);
+}
+
+/// Issue 21, gap 2: patchover SIGKILLed with PgBouncer paused, twice: (1) inside the switch
+/// window (the old PostgreSQL stopped; the `stop` hook marks the moment, then sleeps), where
+/// recovery rolls back and resumes the front on the old LC; (2) while the front's release is
+/// retried after the switch (its console refusing), where recovery finishes the run and
+/// releases the front onto the standby. Each time the journal says what recovery did, and
+/// pgbench sees nothing fail and loses no commit.
+#[test]
+fn r21_sigkill_with_the_front_paused_is_recovered_and_the_front_let_go() {
+    let marker = "/tmp/po-in-window";
+    let (pg, console) = flaky_world(&format!(
+        "{} stop && touch {marker} && sleep 5",
+        postgres::PO_PG_PATH
+    ));
+    let bench = pg.bench(75);
+    std::thread::sleep(Duration::from_secs(3));
+
+    let window = now_us();
+    let mut child = pg.spawn_patch();
+    let t0 = Instant::now();
+    while !pg
+        .t
+        .po(&["lc", "exec", &pg.a, "--", "test", "-e", marker])
+        .status
+        .success()
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its window"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(120), "no window came");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let paused = pg.front_paused();
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(paused, "killed with the front paused");
+    let outcome = pg.recovered_outcome("killed in the window");
+    let window = (window, now_us());
+    let (_, journal) = pg.last_run();
+    let story = front_story(&journal);
+    eprintln!(
+        "killed in the window after {:?}: {outcome}\n{story}",
+        t0.elapsed()
+    );
+    assert_eq!(outcome, "rolled-back", "{story}");
+    let released = lines(&journal, "front_released");
+    assert_eq!(released.len(), 1, "{story}");
+    assert_eq!(
+        (
+            &released[0]["detail"]["by"],
+            &released[0]["detail"]["action"]
+        ),
+        (&"recover".into(), &"resume".into()),
+        "{story}"
+    );
+    assert_eq!(
+        lines(&journal, "recover")[0]["detail"]["front"]["action"],
+        "resume"
+    );
+    assert!(!pg.front_paused());
+
+    pg.configure("");
+    pg.t.po_ok(&["patches", "mark", "pg-level-1"]);
+    console.refuse_after_pause(usize::MAX);
+    let release = now_us();
+    let mut child = pg.spawn_patch();
+    let t0 = Instant::now();
+    while console.refused() == 0 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its release"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(120), "no release came");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    console.pass();
+    let outcome = pg.recovered_outcome("killed in the release");
+    let release = (release, now_us());
+    let (_, journal) = pg.last_run();
+    let story = front_story(&journal);
+    eprintln!("killed in the release: {outcome}\n{story}");
+    assert_eq!(outcome, "ok", "{story}");
+    let released = lines(&journal, "front_released");
+    assert_eq!(released.len(), 1, "{story}");
+    assert_eq!(
+        (
+            &released[0]["detail"]["by"],
+            &released[0]["detail"]["action"]
+        ),
+        (&"recover".into(), &"release".into()),
+        "{story}"
+    );
+    assert!(!pg.front_paused());
+    let r = bench.finish(&pg.client()).unwrap();
+    assert_nothing_lost(&r);
+    let (in_window, p99) = r.pause_and_steady_p99(window.0, window.1);
+    let (in_release, _) = r.pause_and_steady_p99(release.0, release.1);
+    eprintln!(
+        "the slowest transaction (the clients' wait, kill and recovery included): killed in the window {in_window:.0} ms, killed in the release {in_release:.0} ms; steady p99 {p99:.1} ms"
     );
 }
 

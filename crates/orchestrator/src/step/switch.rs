@@ -13,6 +13,7 @@ use patchover_net::{BoxError, Endpoint, HealthCheck, Hooks, SwitchPlan, Switched
 
 use crate::context::{Orchestrator, Run};
 use crate::copy::LiveCopy;
+use crate::front::{Driven, LetGo};
 use crate::service::{LcServiceControl, RunByBackend};
 use crate::{OrchestratorError, RunReport, ServiceSettings, network, stateless};
 use patchover_lc::CutDone;
@@ -28,7 +29,8 @@ pub(super) fn run(
         patience: plan.health.patience.max(Duration::from_secs(10)),
         ..plan.health.clone()
     };
-    let svc = &o.settings.service;
+    let settings = o.settings;
+    let svc = &settings.service;
     if stateless::applies(svc, plan.mode) {
         return stateless_switch(o, run, &plan, &standby, &restarted);
     }
@@ -47,9 +49,11 @@ pub(super) fn run(
         )?;
         Ok(())
     };
-    let (sw, mut detail) = switch_as(o, &mut run.report, &plan, svc, &mut in_window)?;
+    let done = switch_as(o, &mut run.report, &plan, svc, &mut in_window)?;
+    let mut detail = done.detail;
     record_cut(&mut run.report, &mut detail, cut);
-    run.refresh = sw.refresh;
+    run.refresh = done.sw.refresh;
+    run.fail_after_stop = done.front_paused;
     Ok(detail)
 }
 
@@ -85,54 +89,73 @@ fn stateless_switch(
         after = stateless::after_flows(watch.as_mut());
         Ok(())
     };
-    let (sw, mut detail) = switch_as(o, &mut run.report, plan, &svc, &mut in_window)?;
-    stateless::record(run, &sw.report, after);
+    let done = switch_as(o, &mut run.report, plan, &svc, &mut in_window)?;
+    let mut detail = done.detail;
+    stateless::record(run, &done.sw.report, after);
     record_cut(&mut run.report, &mut detail, cut);
     detail["stateless"] = serde_json::to_value(&run.report.stateless).unwrap_or_default();
-    run.refresh = sw.refresh;
+    run.refresh = done.sw.refresh;
     Ok(detail)
 }
 
-/// Runs the switcher with the service commands of `svc` (and its front, released after the
-/// switch); the report gets its figures, or `rolled-back` when the switcher put everything
-/// back. Returns the switch and the step's detail.
+/// What [`switch_as`] did: the switch, the step's detail, and a front it could not let go
+/// after a switch that went through (the run fails with it once the old LC is stopped).
+struct SwitchedAs {
+    sw: Switched,
+    detail: serde_json::Value,
+    front_paused: Option<OrchestratorError>,
+}
+
+/// Runs the switcher with the service commands of `svc` (and its front, journaled, paused in
+/// the drain and let go after the switch, `crate::front::Driven`); the report gets its
+/// figures, or `rolled-back` when the switcher put everything back.
 fn switch_as(
-    o: &Orchestrator<'_>,
+    o: &mut Orchestrator<'_>,
     report: &mut RunReport,
     plan: &SwitchPlan,
     svc: &ServiceSettings,
     in_window: &mut dyn FnMut(&SwitchPlan) -> Result<(), BoxError>,
-) -> Result<(Switched, serde_json::Value), OrchestratorError> {
+) -> Result<SwitchedAs, OrchestratorError> {
     let front = crate::front::of(svc);
-    let front = front.as_ref().map(|f| f as &dyn patchover_front::Front);
+    let driven = front
+        .as_ref()
+        .map(|f| Driven::new(f, Some((&mut *o.store, report.run_id)), false));
     let mut ctl = LcServiceControl {
         backend: o.backend,
         lcs: &o.config.lcs,
         settings: svc,
-        front,
+        front: driven.as_ref(),
     };
     let mut hooks = Hooks {
         service: &mut ctl,
         in_window,
     };
     let switched = patchover_net::switch(plan, &mut hooks);
-    let front_released = front.map(|f| after_switch(f, switched.is_ok()));
-    let sw = switched.inspect_err(|e| {
-        if matches!(e, patchover_net::SwitchError::RolledBack { .. }) {
-            report.outcome = "rolled-back".into();
+    let front_let_go = driven
+        .as_ref()
+        .map(|f| after_switch(f, &switched, &plan.to.name));
+    let sw = match switched {
+        Ok(sw) => sw,
+        Err(e) => {
+            if matches!(e, patchover_net::SwitchError::RolledBack { .. }) {
+                report.outcome = "rolled-back".into();
+            }
+            return Err(match front_let_go {
+                Some(Err(still_paused)) => still_paused,
+                _ => e.into(),
+            });
         }
-    })?;
+    };
     report.pause_ms = Some(sw.report.pause_ms);
     report.switch = Some(sw.report.clone());
     report.outcome = "switched".into();
     let mut detail = serde_json::to_value(&sw.report).unwrap_or_default();
-    if let Some(released) = front_released {
-        detail["front_released"] = serde_json::json!(released.is_ok());
-        if let Err(e) = released {
-            detail["front_error"] = e.into();
-        }
-    }
-    Ok((sw, detail))
+    let front_paused = front_let_go.and_then(|r| front_detail(&mut detail, r));
+    Ok(SwitchedAs {
+        sw,
+        detail,
+        front_paused,
+    })
 }
 
 /// The application disk's cut in the report and the step's detail.
@@ -167,17 +190,45 @@ fn take_over_checked(
     Ok(cut)
 }
 
-/// The front after the switch: released onto the standby, or (a failed switch; its rollback
-/// already resumed it) resumed once more, which does nothing when it is not paused.
-fn after_switch(front: &dyn patchover_front::Front, switched: bool) -> Result<(), String> {
-    if switched {
-        return crate::front::release(front);
+/// The front's release in the step's detail (`front_released`, and `front_tries` or
+/// `front_error`); returns the error of a front left paused.
+fn front_detail(
+    detail: &mut serde_json::Value,
+    let_go: Result<usize, OrchestratorError>,
+) -> Option<OrchestratorError> {
+    detail["front_released"] = let_go.is_ok().into();
+    match let_go {
+        Ok(tries) => {
+            detail["front_tries"] = tries.into();
+            None
+        }
+        Err(e) => {
+            detail["front_error"] = crate::chain(&e).into();
+            Some(e)
+        }
     }
-    front
-        .resume()
-        .map(|_| ())
-        .map_err(|e| patchover_core::error::chain(&e))
-        .inspect_err(|e| tracing::error!(front = %front.describe(), error = %e, "cannot resume the front after a failed switch; its clients wait until it is resumed"))
+}
+
+/// The front after the switch: released onto the standby, or (a failed switch; its rollback
+/// resumed it once) resumed while the journal has it paused; each retried. `Ok`: the tries.
+fn after_switch(
+    front: &Driven<'_>,
+    switched: &Result<Switched, patchover_net::SwitchError>,
+    to: &str,
+) -> Result<usize, OrchestratorError> {
+    match switched {
+        Ok(_) => front.let_go(
+            LetGo::Release,
+            "switch",
+            &format!("the switch to {to} went through (the service is there)"),
+        ),
+        Err(_) if !front.is_paused() => Ok(0),
+        Err(e) => front.let_go(
+            LetGo::Resume,
+            "switch",
+            &format!("the switch rolled back ({})", crate::chain(e)),
+        ),
+    }
 }
 
 /// What the switcher is asked to do.
@@ -523,6 +574,43 @@ mod tests {
             e.to_string().contains("exited with Some(3): no service"),
             "{e}"
         );
+    }
+
+    /// Issue 21: after a switch that rolled back, a front its rollback could not resume (the
+    /// journal still has it paused) is resumed with the same retries as a release; a front the
+    /// rollback resumed, or never paused, is left alone.
+    #[test]
+    fn r21_a_front_left_paused_by_a_rolled_back_switch_is_resumed_with_retries() {
+        use crate::front::Driven;
+        use crate::front::fake::FakeFront;
+        let mut bed = Bed::new();
+        let run = bed.run.id();
+        let failed: Result<patchover_net::Switched, _> =
+            Err(patchover_net::SwitchError::DrainTimeout {
+                from: "lc1".into(),
+                left: 1,
+                deadline: std::time::Duration::from_secs(1),
+            });
+        let front = FakeFront::default();
+        let no_wait = [std::time::Duration::ZERO; 8];
+        let driven = Driven::new(&front, Some((&mut bed.store, run)), false).with_retry(&no_wait);
+        assert_eq!(super::after_switch(&driven, &failed, "lc2").unwrap(), 0);
+        assert!(front.calls.borrow().is_empty(), "never paused");
+        driven.pause().unwrap();
+        front.failures.set(2);
+        assert_eq!(super::after_switch(&driven, &failed, "lc2").unwrap(), 3);
+        assert_eq!(
+            *front.calls.borrow(),
+            ["pause", "resume", "resume", "resume"]
+        );
+        front.failures.set(usize::MAX);
+        driven.pause().unwrap();
+        let e = super::after_switch(&driven, &failed, "lc2").unwrap_err();
+        assert!(
+            e.to_string().contains("is still paused after the switch rolled back (switch: the old LC lc1 still has 1 connections"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("resume-the-fake"), "{e}");
     }
 
     #[test]
