@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use patchover_core::{BackendKind, Ipv4Cidr, LcId, LcSpec, MacAddr, NicSpec};
+use patchover_core::{BackendKind, Ipv4Cidr, LcId, LcSpec, MacAddr, NicSpec, check_iface_name};
 use patchover_lc::cgroup::Limits;
 use patchover_lc::{LcBackend, LcState, LcStatus};
 use patchover_store::{LcRow, Role};
@@ -206,6 +206,10 @@ pub fn attach_nic(
     address: Option<Ipv4Cidr>,
     mac: Option<MacAddr>,
 ) -> Result<NicAttached, AppError> {
+    // First, before anything is looked up or made: the name reaches `ip` inside the LC and a
+    // guest's shell script.
+    check_iface_name(name)
+        .map_err(|e| AppError::BadInput(format!("NIC for LC {id}: {e}; nothing was changed")))?;
     let spec = env.lc(id)?;
     if spec.nics.iter().any(|n| n.name == name) {
         return Err(AppError::BadInput(format!(

@@ -31,7 +31,7 @@ pub use service::{HealthProbe, ServiceSettings, TlsTrust};
 
 use crate::model::{
     BackendKind, CpuAlloc, DiskKind, DiskRole, DiskSpec, Ipv4Cidr, LcId, LcSpec, MacAddr, NicSpec,
-    QemuBoot,
+    QemuBoot, check_iface_name,
 };
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/patchover/patchover.toml";
@@ -297,14 +297,8 @@ impl Validator<'_> {
             Some(n) => NetworkConfig {
                 bridge: match n.bridge {
                     Some(b) => {
-                        let name = b.get_ref();
-                        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-                            return Err(self.err(
-                                &b,
-                                "network.bridge",
-                                "an interface name of 1-15 characters without '/' or spaces",
-                            ));
-                        }
+                        check_iface_name(b.get_ref())
+                            .map_err(|e| self.err(&b, "network.bridge", e))?;
                         b.into_inner()
                     }
                     None => "pobr0".to_owned(),
@@ -398,13 +392,7 @@ impl Validator<'_> {
             let mut nics = Vec::new();
             for (i, n) in lc.nic.into_iter().enumerate() {
                 let name = n.name.get_ref();
-                if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-                    return Err(self.err(
-                        &n.name,
-                        &key("nic.name"),
-                        "an interface name of 1-15 characters without '/' or spaces",
-                    ));
-                }
+                check_iface_name(name).map_err(|e| self.err(&n.name, &key("nic.name"), e))?;
                 if nics.iter().any(|x: &NicSpec| &x.name == name) {
                     return Err(self.err(
                         &n.name,
@@ -810,6 +798,42 @@ system_disk = { path = "/srv/lc2/sys.img" }
         assert_eq!(key, "lc.lc2.system_disk.path");
         let (_, key, _) = invalid(&GOOD.replace("mount = \"/data\"", "mount = \"/\""));
         assert_eq!(key, "lc.lc1.app_disk.mount");
+    }
+
+    /// Issue 22, item 5: a NIC name reached a guest's `sh -c` unquoted and the loader let `;`,
+    /// `$` and `(` through. Names are now interface names (1-15 of a-z 0-9 _ -), refused at
+    /// their line with what to use; the bridge's name the same.
+    #[test]
+    fn r22_nic_and_bridge_names_that_could_reach_a_shell_are_refused() {
+        for bad in [
+            "a;touch /x",
+            "$(id)",
+            "`id`",
+            "eth0'",
+            "a\"b",
+            "eth 1",
+            "-h",
+            "ETH0",
+            "eth0.100",
+            "",
+            "abcdefghijklmnop",
+        ] {
+            let toml_str = toml::Value::String(bad.to_owned()).to_string();
+            let text = GOOD.replace("name = \"eth0\"", &format!("name = {toml_str}"));
+            let (line, key, msg) = invalid(&text);
+            assert_eq!((line, key.as_str()), (16, "lc.lc1.nic.name"), "{bad:?}");
+            assert!(
+                msg.contains("invalid interface name") && msg.contains("a-z, 0-9, '_' and '-'"),
+                "{bad:?}: {msg}"
+            );
+            let text = GOOD.replace("bridge = \"pobr0\"", &format!("bridge = {toml_str}"));
+            let (_, key, _) = invalid(&text);
+            assert_eq!(key, "network.bridge", "{bad:?}");
+        }
+        for good in ["eth0", "e", "po_br-1", "abcdefghijklmno"] {
+            let c = parse(&GOOD.replace("name = \"eth0\"", &format!("name = \"{good}\""))).unwrap();
+            assert_eq!(c.lc("lc1").unwrap().nics[0].name, good);
+        }
     }
 
     #[test]

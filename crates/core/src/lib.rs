@@ -10,6 +10,7 @@ pub mod error;
 pub mod helper;
 pub mod model;
 pub mod quiesce;
+pub mod shell;
 
 pub use config::{
     Config, ConfigError, DEFAULT_CGROUP_PARENT, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, FrontKind,

@@ -242,6 +242,25 @@ pub struct NicSpec {
     pub detached: bool,
 }
 
+/// The longest interface name Linux takes (`IFNAMSIZ` - 1).
+pub const IFACE_NAME_MAX: usize = 15;
+
+/// Checks a network interface name (a NIC inside an LC, the host bridge): 1-15 of
+/// `a-z 0-9 _ -`, not starting with `-`. Such names reach the `ip` command inside an LC and a
+/// guest's shell scripts: nothing in them can be taken as shell syntax, a path, an option or
+/// two words. Checked where a name enters: the config loader and `lc attach-nic` (CLI, REST).
+pub fn check_iface_name(name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if name.is_empty() || name.len() > IFACE_NAME_MAX || !ok_chars || name.starts_with('-') {
+        return Err(format!(
+            "invalid interface name {name:?}: use 1-{IFACE_NAME_MAX} characters of a-z, 0-9, '_' and '-', not starting with '-' (like eth1)"
+        ));
+    }
+    Ok(())
+}
+
 /// The CPU part of an LC's resources: a share of one host CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpuAlloc {

@@ -24,6 +24,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use patchover_core::shell;
 use patchover_lcroot::LcRoot;
 use sha2::{Digest, Sha256};
 
@@ -456,7 +457,7 @@ pub fn from_apt_with(root: &dyn LcReader, opts: &FromAptOptions) -> Result<Outco
             many => {
                 // Packages apt configures together: one dpkg run unpacks and configures them.
                 let script = format!("install-{}.sh", steps.len() + 1);
-                let args: Vec<String> = many.iter().map(|n| format!("'{n}'")).collect();
+                let args: Vec<String> = many.iter().map(|n| shell::quote(n)).collect();
                 fs::write(
                     bundle_dir.join("payload").join(&script),
                     format!(

@@ -1614,6 +1614,18 @@ fn bad_input_through_the_daemon_gets_the_direct_code_and_message() {
             "/v1/lcs/{id}/nics",
             "already has a NIC named eth0",
         ),
+        // Issue 22, item 5: names that could reach a shell, refused before anything is looked
+        // up (a is stopped: the name is what is refused).
+        (
+            vec!["lc", "attach-nic", &a, "a;touch /x"],
+            "/v1/lcs/{id}/nics",
+            "invalid interface name \"a;touch /x\": use 1-15 characters of a-z, 0-9, '_' and '-'",
+        ),
+        (
+            vec!["lc", "attach-nic", &a, "$(id)"],
+            "/v1/lcs/{id}/nics",
+            "invalid interface name \"$(id)\"",
+        ),
         (
             vec!["lc", "show", "nope"],
             "/v1/lcs/{id}",
@@ -1847,6 +1859,29 @@ fn switch_assign_recover_and_attach_through_the_daemon_and_direct() {
         outs.push(keys);
     }
     assert_eq!(outs[0], outs[1]);
+
+    // Issue 22, item 5: on a running LC, through the daemon and directly, a NIC name that
+    // could reach a shell is refused (exit 2, the rule in the message) and nothing is made:
+    // no host port, no interface inside.
+    for name in ["$(id)", "a;touch /x"] {
+        for direct in [false, true] {
+            let v = po_via(&t.config, &["lc", "attach-nic", &a, name], direct);
+            assert_eq!(v.code, Some(2), "{name:?} direct={direct}: {}", v.stderr);
+            let e = v.json["error"].as_str().unwrap();
+            assert!(e.contains("invalid interface name"), "{e}");
+        }
+    }
+    assert!(
+        !Path::new(&format!("/sys/class/net/po{a}n2")).exists(),
+        "a host port was made"
+    );
+    let links = po_via(
+        &t.config,
+        &["lc", "exec", &a, "--", "ip", "-o", "link"],
+        true,
+    );
+    let links = links.json["stdout"].as_str().unwrap();
+    assert!(links.contains("eth1") && !links.contains("(id)"), "{links}");
     drop(d);
     drop(t);
 }

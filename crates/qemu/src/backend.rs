@@ -565,13 +565,15 @@ impl<H: Host> QemuBackend<H> {
         }
     }
 
-    /// Runs a shell script in the guest; a non-zero exit is the error of `step`.
-    fn guest_sh(&self, spec: &LcSpec, step: &'static str, script: String) -> Result<(), LcError> {
-        let out = self.exec(
-            spec,
-            &["/bin/sh".to_owned(), "-c".to_owned(), script],
-            Stdio::Capture,
-        )?;
+    /// Runs one of the guest scripts with `args`; a non-zero exit is the error of `step`.
+    fn guest_sh(
+        &self,
+        spec: &LcSpec,
+        step: &'static str,
+        script: &'static str,
+        args: &[String],
+    ) -> Result<(), LcError> {
+        let out = self.exec(spec, &guest_sh_argv(script, args), Stdio::Capture)?;
         if out.status == Some(0) {
             return Ok(());
         }
@@ -581,6 +583,51 @@ impl<H: Host> QemuBackend<H> {
             source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
         })
     }
+}
+
+/// Finds the disk with serial `$1` and mounts it on `$2`. The script is a constant: the node
+/// and the mount point reach it as positional parameters, never pasted into its text.
+const MOUNT_DISK_SCRIPT: &str = r#"node=$1 at=$2 d=
+for i in $(seq 100); do
+    for b in /sys/block/vd*; do
+        [ "$(cat "$b/serial" 2>/dev/null)" = "$node" ] && d=/dev/${b##*/} && break 2
+    done
+    sleep 0.05
+done
+[ -n "$d" ] || { echo 'the disk did not appear in the guest' >&2; exit 1; }
+mkdir -p "$at" && mount "$d" "$at""#;
+
+/// Finds the interface with MAC `$1`, names it `$2`, gives it the address `$3` (none if
+/// empty) and brings it up. A constant script: the values are positional parameters.
+const NIC_SCRIPT: &str = r#"mac=$1 name=$2 addr=$3 f=
+for i in $(seq 100); do
+    for n in /sys/class/net/*; do
+        [ "$(cat "$n/address")" = "$mac" ] && f=${n##*/} && break 2
+    done
+    sleep 0.05
+done
+[ -n "$f" ] || { echo 'the NIC did not appear in the guest' >&2; exit 1; }
+[ "$f" = "$name" ] || ip link set dev "$f" name "$name"
+[ -z "$addr" ] || ip addr add "$addr" dev "$name"
+ip link set dev "$name" up"#;
+
+/// The positional parameters of [`NIC_SCRIPT`] for `nic`.
+fn nic_script_args(nic: &NicSpec) -> Vec<String> {
+    vec![
+        nic.mac.to_string(),
+        nic.name.clone(),
+        nic.address.map(|a| a.to_string()).unwrap_or_default(),
+    ]
+}
+
+/// The argv that runs `script` in the guest's shell with `args` as `$1`, `$2`, …: data never
+/// becomes part of the script's text.
+fn guest_sh_argv(script: &'static str, args: &[String]) -> Vec<String> {
+    ["/bin/sh", "-c", script, "sh"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(args.iter().cloned())
+        .collect()
 }
 
 fn which(p: &Path) -> Option<PathBuf> {
@@ -834,15 +881,12 @@ impl<H: Host> LcBackend for QemuBackend<H> {
             source,
         })?;
         // The guest finds the disk by its serial and mounts it.
-        let script = format!(
-            "for i in $(seq 100); do for b in /sys/block/vd*; do \
-               [ \"$(cat $b/serial 2>/dev/null)\" = {node} ] && d=/dev/${{b##*/}} && break 2; \
-             done; sleep 0.05; done; \
-             [ -n \"$d\" ] || {{ echo 'the disk did not appear in the guest' >&2; exit 1; }}; \
-             mkdir -p '{at}' && mount \"$d\" '{at}'",
-            at = at.display()
-        );
-        self.guest_sh(spec, "mounting the disk in the guest", script)
+        self.guest_sh(
+            spec,
+            "mounting the disk in the guest",
+            MOUNT_DISK_SCRIPT,
+            &[node, at.display().to_string()],
+        )
     }
 
     fn attach_nic(&self, spec: &LcSpec, nic: &NicSpec) -> Result<String, LcError> {
@@ -885,20 +929,12 @@ impl<H: Host> LcBackend for QemuBackend<H> {
             )
             .map_err(qerr)?;
             // The guest names and addresses the new interface (found by its MAC).
-            let addr = nic
-                .address
-                .map(|a| format!("ip addr add {a} dev {name};", name = nic.name))
-                .unwrap_or_default();
-            let script = format!(
-                "for i in $(seq 100); do for n in /sys/class/net/*; do \
-                   [ \"$(cat $n/address)\" = {mac} ] && f=${{n##*/}} && break 2; \
-                 done; sleep 0.05; done; \
-                 [ -n \"$f\" ] || {{ echo 'the NIC did not appear in the guest' >&2; exit 1; }}; \
-                 [ \"$f\" = {name} ] || ip link set \"$f\" name {name}; {addr} ip link set {name} up",
-                mac = nic.mac,
-                name = nic.name
-            );
-            self.guest_sh(spec, "configuring the NIC in the guest", script)
+            self.guest_sh(
+                spec,
+                "configuring the NIC in the guest",
+                NIC_SCRIPT,
+                &nic_script_args(nic),
+            )
         })();
         if let Err(e) = done {
             let _ = self.host.delete_link(&port);
@@ -962,6 +998,60 @@ impl<H: Host> LcBackend for QemuBackend<H> {
 mod tests {
     use super::*;
     use patchover_core::{Config, HostFacts};
+
+    /// Issue 22, item 5: the NIC name was pasted into the guest's `sh -c` text. The script is
+    /// now a constant and the values are its positional parameters: run by a real `/bin/sh`
+    /// (the host's `lo`, MAC 00:00:00:00:00:00, standing in for the new NIC, a fake `ip`
+    /// recording its argv), hostile names (which the loader and `attach-nic` refuse before
+    /// they get here) reach `ip` as one argument each, and nothing they say is run.
+    #[test]
+    fn r22_the_guest_nic_script_takes_the_name_as_an_argument_not_as_script_text() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let (log, pwned) = (t.path().join("ip.log"), t.path().join("pwned"));
+        let fake = t.path().join("ip");
+        let quoted_log = patchover_core::shell::quote(log.to_str().unwrap());
+        std::fs::write(
+            &fake,
+            format!("#!/bin/sh\nprintf '%s\\0' \"$@\" >> {quoted_log}\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let p = pwned.display();
+        for name in [
+            format!("$(touch {p})"),
+            format!("`touch {p}`"),
+            format!("x; touch {p}"),
+            format!("x'; touch {p}; '"),
+        ] {
+            let nic = NicSpec {
+                name: name.clone(),
+                mac: "00:00:00:00:00:00".parse().unwrap(),
+                address: Some("10.9.9.9/24".parse().unwrap()),
+                gateway: None,
+                detached: false,
+            };
+            let argv = guest_sh_argv(NIC_SCRIPT, &nic_script_args(&nic));
+            assert_eq!(argv[..4], ["/bin/sh", "-c", NIC_SCRIPT, "sh"]);
+            let _ = std::fs::remove_file(&log);
+            let out = Command::new(&argv[0])
+                .args(&argv[1..])
+                .env("PATH", format!("{}:/usr/bin:/bin", t.path().display()))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{name:?}: {out:?}");
+            let calls = std::fs::read(&log).unwrap();
+            let args: Vec<&[u8]> = calls.split(|b| *b == 0).collect();
+            let named = args.iter().filter(|a| **a == name.as_bytes()).count();
+            assert_eq!(
+                named,
+                3,
+                "{name:?}: ip got {:?}",
+                String::from_utf8_lossy(&calls)
+            );
+            assert!(!pwned.exists(), "{name:?} ran a command");
+        }
+    }
 
     fn spec() -> LcSpec {
         let text = r#"
