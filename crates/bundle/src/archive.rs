@@ -690,6 +690,79 @@ file = "run.sh"
         ));
     }
 
+    /// The kernel as the oracle for the link check: random trees of directories, files and
+    /// links whose targets mix names, links, `.` and `..`; whenever the reader accepts one, it
+    /// is unpacked (three levels below a scratch directory, so an escape has somewhere to go)
+    /// and every link, resolved by the kernel (`canonicalize`), lands inside `payload/` or
+    /// nowhere (a dangling name), and never loops.
+    #[test]
+    fn every_accepted_link_resolves_inside_payload_when_the_kernel_follows_it() {
+        const NAMES: [&str; 8] = ["a", "b", "f", "l0", "l1", "l2", "..", "."];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let scratch = tempfile::tempdir().unwrap();
+        let (mut accepted, mut links_checked) = (0, 0);
+        for round in 0..600 {
+            let mut targets = Vec::new();
+            for _ in 0..3 {
+                let len = 1 + next(6);
+                let t: Vec<&str> = (0..len).map(|_| NAMES[next(NAMES.len())]).collect();
+                targets.push(t.join("/"));
+            }
+            let homes = ["payload", "payload/a", "payload/a/b"];
+            let links: Vec<String> = (0..3)
+                .map(|i| format!("{}/l{i}", homes[next(homes.len())]))
+                .collect();
+            let mut es = good_entries();
+            es.push(raw("payload/f", b"f"));
+            es.push(raw("payload/a/b/f", b"f"));
+            for (l, t) in links.iter().zip(&targets) {
+                es.push(Raw {
+                    path: l.as_bytes(),
+                    kind: tar::EntryType::Symlink,
+                    data: b"",
+                    link: t.as_bytes(),
+                });
+            }
+            let bytes = zst(&tar_of(&es));
+            if read_archive(&bytes, &Limits::default()).is_err() {
+                continue;
+            }
+            accepted += 1;
+            let dest = scratch.path().join(format!("{round}/x/y"));
+            fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            extract_archive(&bytes, &dest, &Limits::default()).unwrap();
+            let payload = dest.join(PAYLOAD_DIR).canonicalize().unwrap();
+            for (l, t) in links.iter().zip(&targets) {
+                match dest.join(l).canonicalize() {
+                    Ok(p) => assert!(
+                        p.starts_with(&payload),
+                        "{l} -> {t} accepted, but resolves to {} ({links:?} -> {targets:?})",
+                        p.display()
+                    ),
+                    Err(e) => assert_ne!(
+                        e.raw_os_error(),
+                        Some(libc::ELOOP),
+                        "{l} -> {t} accepted, but loops ({links:?} -> {targets:?})"
+                    ),
+                }
+                links_checked += 1;
+            }
+        }
+        eprintln!("{accepted} accepted, {links_checked} links checked");
+        // The generator reaches both sides of the check.
+        assert!(
+            accepted > 50 && accepted < 550,
+            "{accepted} of 600 accepted"
+        );
+        assert!(links_checked >= 3 * 50);
+    }
+
     #[test]
     fn dotdot_and_absolute_rejected() {
         for p in [
