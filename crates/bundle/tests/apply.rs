@@ -587,3 +587,54 @@ fn table_copy_drives_a_run_and_records_results() {
         ]
     );
 }
+
+/// Issue 22, item 1, where it matters (the agent at boot, 1202): a bundle holding the link
+/// chain that reached `/etc/passwd` once unpacked, signed with the trusted key before the fix
+/// and staged in the table with its right hash, is refused by `verify_marked`, naming the
+/// entry and where it resolves; nothing is unpacked, nothing runs.
+#[test]
+fn r22_a_staged_bundle_whose_link_climbs_out_is_refused_before_anything_is_unpacked() {
+    use patchover_bundle::archive::write_archive;
+    use patchover_bundle::keys::signature_path;
+    let lab = Lab::new();
+    let good = lab.bundle("t-a", &script("s.sh"), "", &[("s.sh", b"true\n", 0o755)]);
+    let agent = lab.base.join("agent");
+    std::fs::create_dir_all(&agent).unwrap();
+    let root = patchover_lcroot::LcRoot::open(&lab.base).unwrap();
+    let keys = std::slice::from_ref(&lab.key.public);
+    let mut table = stage(&root, Path::new("agent"), "lc2", "run-7", &[good], keys).unwrap();
+
+    let payload = lab.base.join("chain/payload");
+    let six = payload.join("d1/d2/d3/d4/d5/d6");
+    std::fs::create_dir_all(&six).unwrap();
+    std::fs::write(payload.join("s.sh"), "true\n").unwrap();
+    std::os::unix::fs::symlink("../../../../..", six.join("up")).unwrap();
+    let evil = "d1/d2/d3/d4/d5/d6/up/../../../../../../../etc/passwd";
+    std::os::unix::fs::symlink(evil, payload.join("evil")).unwrap();
+    let mut bytes = Vec::new();
+    let m = manifest("t-a", &script("s.sh"), "");
+    write_archive(m.as_bytes(), Some(&payload), &mut bytes).unwrap();
+    let file = agent.join("bundles").join(&table.entries[0].file);
+    std::fs::write(&file, &bytes).unwrap();
+    let sig = lab
+        .key
+        .signing
+        .sign(&bytes, "signed before the fix")
+        .unwrap();
+    std::fs::write(signature_path(&file), sig).unwrap();
+    table.entries[0].sha256 = Sha256::of(&bytes);
+    write_table(&agent.join("table.json"), &table).unwrap();
+
+    let t = read_table(&agent.join("table.json")).unwrap();
+    let keys = TrustedKeys::from_dir(&agent.join("keys")).unwrap();
+    let e = verify_marked(&t, &agent.join("bundles"), &keys, &Limits::default()).unwrap_err();
+    let msg = common::chain(&e);
+    assert!(
+        msg.contains("entry \"payload/evil\"") && msg.contains("\"../../../../../etc/passwd\""),
+        "{msg}"
+    );
+    let results = verification_failure_results(&t, &e);
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].status, BundleStatus::Failed);
+    assert!(!lab.base.join("work").exists(), "something was unpacked");
+}
