@@ -337,48 +337,15 @@ fn walk(
             Some(false) => return Err(ArchiveError::Duplicate { path }),
             None => {}
         }
-        let kind = match etype {
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let size = entry.size();
-                let mode = entry.header().mode().map_err(|e| io_err(e, limits))? & 0o7777;
-                unpacked = unpacked.saturating_add(size);
-                if unpacked > limits.max_unpacked_bytes {
-                    return Err(ArchiveError::UnpackedTooLarge {
-                        max: limits.max_unpacked_bytes,
-                    });
-                }
-                EntryKind::File { size, mode }
+        let kind = entry_kind(&entry, path.clone(), limits)?;
+        if let EntryKind::File { size, .. } = kind {
+            unpacked = unpacked.saturating_add(size);
+            if unpacked > limits.max_unpacked_bytes {
+                return Err(ArchiveError::UnpackedTooLarge {
+                    max: limits.max_unpacked_bytes,
+                });
             }
-            tar::EntryType::Directory => EntryKind::Dir,
-            tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| String::from_utf8_lossy(&t).into_owned())
-                    .unwrap_or_default();
-                if let Err(problem) = links::check_target(&target) {
-                    return Err(ArchiveError::SymlinkEscapes {
-                        path,
-                        target,
-                        why: Box::new(LinkWhy {
-                            problem,
-                            via: Vec::new(),
-                        }),
-                    });
-                }
-                EntryKind::Symlink { target }
-            }
-            tar::EntryType::Link => return Err(ArchiveError::HardLink { path }),
-            other => {
-                let kind = match other {
-                    tar::EntryType::Char => "character device".to_owned(),
-                    tar::EntryType::Block => "block device".to_owned(),
-                    tar::EntryType::Fifo => "fifo".to_owned(),
-                    tar::EntryType::GNUSparse => "sparse file".to_owned(),
-                    o => format!("tar entry of type {:?}", o.as_byte() as char),
-                };
-                return Err(ArchiveError::ForbiddenType { path, kind });
-            }
-        };
+        }
         if path == MANIFEST_NAME {
             let EntryKind::File { size, .. } = kind else {
                 return Err(ArchiveError::ForbiddenType {
@@ -422,24 +389,7 @@ fn walk(
     let mut rest = archive.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(|e| io_err(e, limits))?;
 
-    // Whole-archive checks: nothing may sit below a file or a link, and every link must
-    // resolve inside payload/ on the tree as unpacked (links followed, `..` from where the
-    // walk really is: `links`).
-    for path in kinds.keys() {
-        for anc in ancestors(path) {
-            if matches!(
-                kinds.get(anc),
-                Some(EntryKind::File { .. } | EntryKind::Symlink { .. })
-            ) {
-                return Err(ArchiveError::Duplicate { path: path.clone() });
-            }
-        }
-    }
-    links::check_all(&kinds).map_err(|r| ArchiveError::SymlinkEscapes {
-        path: r.link,
-        target: r.target,
-        why: Box::new(r.why),
-    })?;
+    check_tree(&kinds)?;
 
     let manifest_bytes = manifest_bytes.ok_or(ArchiveError::NoManifest)?;
     let manifest = Manifest::parse(&manifest_bytes).map_err(ArchiveError::Manifest)?;
@@ -464,6 +414,75 @@ fn walk(
         entries,
         unpacked_bytes: unpacked,
     })
+}
+
+/// The checks of the whole archive: nothing may sit below a file or a link, and every link
+/// must resolve inside payload/ on the tree as unpacked (links followed, `..` from where the
+/// walk really is: `links`).
+fn check_tree(kinds: &BTreeMap<String, EntryKind>) -> Result<(), ArchiveError> {
+    for path in kinds.keys() {
+        for anc in ancestors(path) {
+            if matches!(
+                kinds.get(anc),
+                Some(EntryKind::File { .. } | EntryKind::Symlink { .. })
+            ) {
+                return Err(ArchiveError::Duplicate { path: path.clone() });
+            }
+        }
+    }
+    links::check_all(kinds).map_err(|r| ArchiveError::SymlinkEscapes {
+        path: r.link,
+        target: r.target,
+        why: Box::new(r.why),
+    })
+}
+
+/// What the entry at `path` is; anything but a file, a directory or a link with a plain
+/// relative target is refused.
+fn entry_kind<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    path: String,
+    limits: &Limits,
+) -> Result<EntryKind, ArchiveError> {
+    let kind = match entry.header().entry_type() {
+        tar::EntryType::Regular | tar::EntryType::Continuous => {
+            let mode = entry.header().mode().map_err(|e| io_err(e, limits))? & 0o7777;
+            EntryKind::File {
+                size: entry.size(),
+                mode,
+            }
+        }
+        tar::EntryType::Directory => EntryKind::Dir,
+        tar::EntryType::Symlink => {
+            let target = entry
+                .link_name_bytes()
+                .map(|t| String::from_utf8_lossy(&t).into_owned())
+                .unwrap_or_default();
+            if let Err(problem) = links::check_target(&target) {
+                return Err(ArchiveError::SymlinkEscapes {
+                    path,
+                    target,
+                    why: Box::new(LinkWhy {
+                        problem,
+                        via: Vec::new(),
+                    }),
+                });
+            }
+            EntryKind::Symlink { target }
+        }
+        tar::EntryType::Link => return Err(ArchiveError::HardLink { path }),
+        other => {
+            let kind = match other {
+                tar::EntryType::Char => "character device".to_owned(),
+                tar::EntryType::Block => "block device".to_owned(),
+                tar::EntryType::Fifo => "fifo".to_owned(),
+                tar::EntryType::GNUSparse => "sparse file".to_owned(),
+                o => format!("tar entry of type {:?}", o.as_byte() as char),
+            };
+            return Err(ArchiveError::ForbiddenType { path, kind });
+        }
+    };
+    Ok(kind)
 }
 
 /// Writes one payload entry below the extraction directory (never through a link: `extract`).
