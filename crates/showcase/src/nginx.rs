@@ -24,9 +24,10 @@ use crate::{Context, ShowcaseError};
 /// the page need not say. nginx keeps nothing on an application disk (it has none here):
 /// `stateless`, so a `seamless` switch (the demo's default) flips the host's NAT with no
 /// hand-off and no drain, and the connections the old LC accepted finish there, for 5 s at
-/// most (`stateless_drain_secs`): then the old LC is stopped with what is left. Not yet right:
-/// a client that keeps reusing its pinned keep-alive connections (the deadline client's pool)
-/// still has requests on them then (docs/services.md, "nginx"). The drain is
+/// most (`stateless_drain_secs`): then the old LC is stopped with what is left (its nginx's
+/// graceful stop closes them: a client sees the close, or a reset it retries on a new
+/// connection), and the host forgets their tracked flows (`patchover_lc::flows`), so a client
+/// port they used reaches the standby when it is reused (docs/services.md, "nginx"). The drain is
 /// for a `readdress`/`path` switch, which holds new connections until the old LC has none:
 /// nginx's own graceful reload (the old workers close their idle keep-alive connections and
 /// finish the requests in flight, new workers serve on; idempotent; nothing to resume), since
