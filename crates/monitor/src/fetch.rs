@@ -5,7 +5,9 @@
 //! headers and body together, so a server trickling one byte a second still times out), every
 //! body a byte limit checked against `Content-Length` first and enforced while reading, and
 //! redirects are followed here, by hand, so each hop's host is checked against the
-//! allow-list (the feed's own host plus `allowed_hosts`) before it is contacted.
+//! allow-list (the feed's own host plus `allowed_hosts`) before it is contacted, and a
+//! redirect from `https` to plain `http` is refused (a server or a man in the middle of a
+//! later hop must not move us off TLS).
 
 use std::time::Duration;
 
@@ -72,6 +74,10 @@ impl HttpUrl {
         self.0.as_str()
     }
 
+    pub fn is_https(&self) -> bool {
+        self.0.scheme() == "https"
+    }
+
     /// This URL with `suffix` appended to its path (`index.json` → `index.json.minisig`).
     pub fn with_suffix(&self, suffix: &str) -> HttpUrl {
         let mut u = self.0.clone();
@@ -96,6 +102,16 @@ pub enum FetchError {
     ForeignHost { url: String, host: String },
     #[error("{url}: more than {max} redirects (a redirect loop?)")]
     TooManyRedirects { url: String, max: u32 },
+    #[error(
+        "redirect from {from} to {to} refused: it leaves https for plain http (a downgrade); the server must redirect to an https URL"
+    )]
+    Downgrade { from: String, to: String },
+    #[error("cannot read the feed's CA file {path}")]
+    CaFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
     #[error("{url}: redirect without a usable Location")]
     BadRedirect {
         url: String,
@@ -123,6 +139,8 @@ impl FetchError {
             FetchError::ForeignHost { .. } => "foreign-host",
             FetchError::TooManyRedirects { .. } => "redirect-loop",
             FetchError::BadRedirect { .. } => "bad-redirect",
+            FetchError::Downgrade { .. } => "downgrade",
+            FetchError::CaFile { .. } => "bad-ca",
             FetchError::Status { .. } => "http-status",
             FetchError::TooLarge { .. } => "too-large",
             FetchError::Timeout { .. } => "timeout",
@@ -159,6 +177,9 @@ pub struct FetchPolicy {
     pub max_redirects: u32,
     /// Hosts that may be contacted besides the one of the URL first asked for.
     pub allowed_hosts: Vec<String>,
+    /// A CA (PEM) HTTPS servers must chain to instead of the web PKI roots (a feed's
+    /// `ca_file`).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// An HTTP client bound to a [`FetchPolicy`].
@@ -167,16 +188,61 @@ pub struct Fetcher {
     policy: FetchPolicy,
 }
 
+/// The roots HTTPS servers are checked against: the web PKI, or the certificates of `ca_file`.
+fn root_certs(ca_file: Option<&std::path::Path>) -> Result<ureq::tls::RootCerts, FetchError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let Some(path) = ca_file else {
+        return Ok(ureq::tls::RootCerts::WebPki);
+    };
+    let ca_err = |source| FetchError::CaFile {
+        path: path.to_owned(),
+        source,
+    };
+    let mut certs = Vec::new();
+    for cert in CertificateDer::pem_file_iter(path).map_err(ca_err)? {
+        let der = cert.map_err(ca_err)?;
+        certs.push(ureq::tls::Certificate::from_der(&der).to_owned());
+    }
+    if certs.is_empty() {
+        return Err(ca_err(rustls_pki_types::pem::Error::NoItemsFound));
+    }
+    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
+}
+
+/// Where a redirect answer points, resolved against the URL that answered. A redirect from
+/// https to plain http is refused whatever the host.
+fn redirect_target(current: &HttpUrl, location: Option<String>) -> Result<HttpUrl, FetchError> {
+    let bad = |source| FetchError::BadRedirect {
+        url: current.to_string(),
+        source,
+    };
+    let loc = location.ok_or_else(|| bad(None))?;
+    let next = current.join(&loc).map_err(|e| bad(Some(e)))?;
+    if current.is_https() && !next.is_https() {
+        return Err(FetchError::Downgrade {
+            from: current.to_string(),
+            to: next.to_string(),
+        });
+    }
+    Ok(next)
+}
+
 impl Fetcher {
-    pub fn new(policy: FetchPolicy) -> Fetcher {
+    /// A client for `policy`; fails only when its `ca_file` cannot be read.
+    pub fn new(policy: FetchPolicy) -> Result<Fetcher, FetchError> {
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(root_certs(policy.ca_file.as_deref())?)
+            .build();
         let agent = ureq::Agent::config_builder()
             .timeout_global(Some(policy.timeout))
             .max_redirects(0)
             .http_status_as_error(false)
+            .tls_config(tls)
             .user_agent(concat!("patchover-monitor/", env!("CARGO_PKG_VERSION")))
             .build()
             .new_agent();
-        Fetcher { agent, policy }
+        Ok(Fetcher { agent, policy })
     }
 
     pub fn policy(&self) -> &FetchPolicy {
@@ -189,9 +255,88 @@ impl Fetcher {
         h == origin_host || self.policy.allowed_hosts.contains(&h)
     }
 
+    fn timeout(&self, url: &HttpUrl) -> FetchError {
+        FetchError::Timeout {
+            url: url.to_string(),
+            secs: self.policy.timeout.as_secs(),
+        }
+    }
+
+    fn map_err(&self, url: &HttpUrl, max_bytes: u64, source: ureq::Error) -> FetchError {
+        match source {
+            ureq::Error::Timeout(_) => self.timeout(url),
+            ureq::Error::BodyExceedsLimit(_) => FetchError::TooLarge {
+                url: url.to_string(),
+                max: max_bytes,
+            },
+            ureq::Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => self.timeout(url),
+            source => FetchError::Http {
+                url: url.to_string(),
+                source: Box::new(source),
+            },
+        }
+    }
+
+    /// One request, no redirect followed.
+    fn request(
+        &self,
+        url: &HttpUrl,
+        validators: Option<&Validators>,
+        remaining: Duration,
+        max_bytes: u64,
+    ) -> Result<ureq::http::Response<ureq::Body>, FetchError> {
+        let mut req = self
+            .agent
+            .get(url.as_str())
+            .config()
+            .timeout_global(Some(remaining))
+            .build();
+        if let Some(v) = validators {
+            if let Some(e) = &v.etag {
+                req = req.header("If-None-Match", e);
+            }
+            if let Some(m) = &v.last_modified {
+                req = req.header("If-Modified-Since", m);
+            }
+        }
+        req.call().map_err(|e| self.map_err(url, max_bytes, e))
+    }
+
+    /// Reads a `200` answer's body, at most `max_bytes` (`Content-Length` checked first).
+    fn body(
+        &self,
+        url: &HttpUrl,
+        mut resp: ureq::http::Response<ureq::Body>,
+        max_bytes: u64,
+    ) -> Result<Fetched, FetchError> {
+        if let Some(len) = resp.body().content_length()
+            && len > max_bytes
+        {
+            return Err(FetchError::TooLarge {
+                url: url.to_string(),
+                max: max_bytes,
+            });
+        }
+        let validators = Validators {
+            etag: header(&resp, "etag"),
+            last_modified: header(&resp, "last-modified"),
+        };
+        let bytes = resp
+            .body_mut()
+            .with_config()
+            .limit(max_bytes)
+            .read_to_vec()
+            .map_err(|e| self.map_err(url, max_bytes, e))?;
+        Ok(Fetched::Body {
+            bytes,
+            validators,
+            final_url: url.to_string(),
+        })
+    }
+
     /// GETs `url` (conditionally, with `validators`), following at most `max_redirects`
-    /// redirects to allowed hosts, reading at most `max_bytes`. `origin_host` is the host the
-    /// allow-list is relative to (the feed's own host).
+    /// redirects to allowed hosts and never from https to http, reading at most `max_bytes`.
+    /// `origin_host` is the host the allow-list is relative to (the feed's own host).
     pub fn get(
         &self,
         url: &HttpUrl,
@@ -210,73 +355,12 @@ impl Fetcher {
                 });
             }
             let remaining = self.policy.timeout.saturating_sub(started.elapsed());
-            let timeout = || FetchError::Timeout {
-                url: current.to_string(),
-                secs: self.policy.timeout.as_secs(),
-            };
             if remaining.is_zero() {
-                return Err(timeout());
+                return Err(self.timeout(&current));
             }
-            let mut req = self
-                .agent
-                .get(current.as_str())
-                .config()
-                .timeout_global(Some(remaining))
-                .build();
-            if let Some(v) = validators {
-                if let Some(e) = &v.etag {
-                    req = req.header("If-None-Match", e);
-                }
-                if let Some(m) = &v.last_modified {
-                    req = req.header("If-Modified-Since", m);
-                }
-            }
-            let map_err = |source: ureq::Error| match source {
-                ureq::Error::Timeout(_) => timeout(),
-                ureq::Error::BodyExceedsLimit(_) => FetchError::TooLarge {
-                    url: current.to_string(),
-                    max: max_bytes,
-                },
-                ureq::Error::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => timeout(),
-                source => FetchError::Http {
-                    url: current.to_string(),
-                    source: Box::new(source),
-                },
-            };
-            let mut resp = req.call().map_err(map_err)?;
-            let status = resp.status().as_u16();
-            let header = |name: &str| {
-                resp.headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            };
-            match status {
-                200 => {
-                    if let Some(len) = resp.body().content_length()
-                        && len > max_bytes
-                    {
-                        return Err(FetchError::TooLarge {
-                            url: current.to_string(),
-                            max: max_bytes,
-                        });
-                    }
-                    let validators = Validators {
-                        etag: header("etag"),
-                        last_modified: header("last-modified"),
-                    };
-                    let bytes = resp
-                        .body_mut()
-                        .with_config()
-                        .limit(max_bytes)
-                        .read_to_vec()
-                        .map_err(map_err)?;
-                    return Ok(Fetched::Body {
-                        bytes,
-                        validators,
-                        final_url: current.to_string(),
-                    });
-                }
+            let resp = self.request(&current, validators, remaining, max_bytes)?;
+            match resp.status().as_u16() {
+                200 => return self.body(&current, resp, max_bytes),
                 304 if validators.is_some() => return Ok(Fetched::NotModified),
                 301 | 302 | 303 | 307 | 308 => {
                     hops += 1;
@@ -286,22 +370,11 @@ impl Fetcher {
                             max: self.policy.max_redirects,
                         });
                     }
-                    let Some(loc) = header("location") else {
-                        return Err(FetchError::BadRedirect {
-                            url: current.to_string(),
-                            source: None,
-                        });
-                    };
-                    let next = current
-                        .join(&loc)
-                        .map_err(|source| FetchError::BadRedirect {
-                            url: current.to_string(),
-                            source: Some(source),
-                        })?;
+                    let next = redirect_target(&current, header(&resp, "location"))?;
                     tracing::debug!(from = %current, to = %next, "following redirect");
                     current = next;
                 }
-                _ => {
+                status => {
                     return Err(FetchError::Status {
                         url: current.to_string(),
                         status,
@@ -310,6 +383,13 @@ impl Fetcher {
             }
         }
     }
+}
+
+fn header(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String> {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -333,5 +413,29 @@ mod tests {
         assert!(HttpUrl::parse("ftp://x/y").is_err());
         assert!(HttpUrl::parse("http://user:pw@x/y").is_err());
         assert!(HttpUrl::parse("not a url").is_err());
+    }
+
+    #[test]
+    fn redirects_never_leave_https_for_http() {
+        let https = HttpUrl::parse("https://example.org/feed/index.json").unwrap();
+        let http = HttpUrl::parse("http://example.org/feed/index.json").unwrap();
+        let to = |u: &HttpUrl, loc: &str| redirect_target(u, Some(loc.to_owned()));
+        for loc in ["http://example.org/feed/index.json", "HTTP://example.org/x"] {
+            let e = to(&https, loc).unwrap_err();
+            assert_eq!(e.reason(), "downgrade", "{loc}: {e}");
+        }
+        // A relative Location keeps the scheme; https to https and upgrades are followed.
+        assert!(to(&https, "/other/index.json").unwrap().is_https());
+        assert!(to(&https, "https://mirror.example.org/i").is_ok());
+        assert!(to(&http, "https://example.org/i").unwrap().is_https());
+        assert!(to(&http, "/plain").is_ok());
+        assert_eq!(
+            to(&https, "ftp://x/y").unwrap_err().reason(),
+            "bad-redirect"
+        );
+        assert_eq!(
+            redirect_target(&https, None).unwrap_err().reason(),
+            "bad-redirect"
+        );
     }
 }

@@ -2,11 +2,16 @@
 //! read the replies, act on the genuine decisions.
 //!
 //! [`Monitor::decide`] is the single place a decision takes effect, whether it came by mail
-//! or from `patchover approve` on the host: challenge known, not used, not expired, not
-//! locked by failed attempts; code genuine (constant-time); the decision only names patches
-//! the challenge offered; then the challenge is used atomically, the apply-next flags are set
-//! (1808), and the patch cycle is started for the affected LCs (1809) through
-//! [`PatchStarter`], which the binary implements by spawning `patchover patch LC --bundle …`.
+//! or from `patchover approve` on the host: challenge known, not used, not expired; code
+//! genuine (constant-time); the decision only names patches the challenge offered; then the
+//! challenge is used atomically, the apply-next flags are set (1808), and the patch cycle is
+//! started for the affected LCs (1809) through [`PatchStarter`], which the binary implements
+//! by spawning `patchover patch LC --bundle …`.
+//!
+//! Wrong codes are counted on the challenge and logged with the claimed sender, but they never
+//! lock it: a `From` line is forged at will, so a lockout would let anyone who can send a mail
+//! deny the administrator's real answer, and it buys nothing against guessing (a code is 120
+//! bits of HMAC; each guess costs a mail read once per round).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,16 +21,13 @@ use patchover_store::{NewChallenge, Store};
 use serde::Serialize;
 
 use crate::approval::{ApprovalError, Decision, Secret, Verdict, new_challenge};
-use crate::config::MonitorConfig;
+use crate::config::{FeedConfig, MonitorConfig};
 use crate::fetch::{FetchPolicy, Fetcher, HttpUrl};
 use crate::index::rfc3339;
 use crate::mailbox::Inbox;
 use crate::notice::{NoticeItem, compose, send};
 use crate::poll::{FeedOutcome, PollContext, Registered, chain, now_ms, poll_feed};
 use crate::reply::parse_reply;
-
-/// Failed code attempts after which a challenge is refused for good.
-pub const MAX_FAILED_ATTEMPTS: i64 = 5;
 
 /// A patch run that was started.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -63,8 +65,6 @@ pub enum DecisionError {
     Used(String),
     #[error("challenge {0} has expired; wait for the next notice or approve on the host")]
     Expired(String),
-    #[error("challenge {0} is locked after {MAX_FAILED_ATTEMPTS} wrong codes")]
-    Locked(String),
     #[error("the code does not match decision `{decision}` on challenge {challenge}")]
     BadCode { challenge: String, decision: String },
     #[error("the code is malformed")]
@@ -85,7 +85,6 @@ impl DecisionError {
             DecisionError::Unknown(_) => "unknown-challenge",
             DecisionError::Used(_) => "replayed",
             DecisionError::Expired(_) => "expired",
-            DecisionError::Locked(_) => "locked",
             DecisionError::BadCode { .. } | DecisionError::CodeFormat(_) => "bad-code",
             DecisionError::NotOffered(_) => "not-offered",
             DecisionError::NoSecret | DecisionError::Secret(_) => "no-secret",
@@ -191,54 +190,64 @@ impl Monitor<'_> {
 
     /// Polls every feed once (fig. 19, 1801–1803).
     pub fn poll_feeds(&self, store: &mut Store) -> Vec<FeedOutcome> {
-        let mut out = Vec::new();
-        for feed in &self.config.feeds {
-            let index_keys = match load_keys(&feed.trusted_keys) {
-                Ok(k) => k,
-                Err(e) => {
-                    tracing::error!(feed = %feed.name, error = %chain(&e), "cannot load the feed's trusted keys");
-                    out.push(FeedOutcome {
-                        feed: feed.name.clone(),
-                        status: crate::poll::FeedStatus::Failed,
-                        listed: 0,
-                        registered: Vec::new(),
-                        rejected: vec![crate::poll::Rejection {
-                            what: feed.name.clone(),
-                            reason: "bad-keys",
-                            detail: chain(&e),
-                        }],
-                        next_attempt_ms: 0,
-                    });
-                    continue;
-                }
-            };
-            let mut allowed = self.config.allowed_hosts.clone();
-            if let Ok(u) = HttpUrl::parse(&feed.url) {
-                allowed.push(u.host());
-            }
-            let fetcher = Fetcher::new(FetchPolicy {
-                timeout: self.config.http_timeout,
-                max_redirects: self.config.max_redirects,
-                allowed_hosts: allowed,
-            });
-            let bundle_keys = if self.bundle_keys.is_empty() {
-                &index_keys
-            } else {
-                &self.bundle_keys
-            };
-            let cx = PollContext {
-                fetcher: &fetcher,
-                index_keys: &index_keys,
-                bundle_keys,
-                limits: &self.limits,
-                max_index_bytes: self.config.max_index_bytes,
-                bundles_dir: &self.bundles_dir,
-                interval: self.config.interval,
-                backoff_max: self.config.backoff_max,
-            };
-            out.push(poll_feed(store, feed, &cx));
+        self.config
+            .feeds
+            .iter()
+            .map(|feed| self.poll_one(store, feed))
+            .collect()
+    }
+
+    /// A feed whose own configuration (keys, CA) cannot be used: not contacted, no backoff.
+    fn unusable(feed: &FeedConfig, reason: &'static str, e: &dyn std::error::Error) -> FeedOutcome {
+        tracing::error!(feed = %feed.name, reason, error = %chain(e), "feed not polled: its configuration cannot be used");
+        FeedOutcome {
+            feed: feed.name.clone(),
+            status: crate::poll::FeedStatus::Failed,
+            listed: 0,
+            registered: Vec::new(),
+            rejected: vec![crate::poll::Rejection {
+                what: feed.name.clone(),
+                reason,
+                detail: chain(e),
+            }],
+            next_attempt_ms: 0,
         }
-        out
+    }
+
+    fn poll_one(&self, store: &mut Store, feed: &FeedConfig) -> FeedOutcome {
+        let index_keys = match load_keys(&feed.trusted_keys) {
+            Ok(k) => k,
+            Err(e) => return Self::unusable(feed, "bad-keys", &e),
+        };
+        let mut allowed = self.config.allowed_hosts.clone();
+        if let Ok(u) = HttpUrl::parse(&feed.url) {
+            allowed.push(u.host());
+        }
+        let fetcher = match Fetcher::new(FetchPolicy {
+            timeout: self.config.http_timeout,
+            max_redirects: self.config.max_redirects,
+            allowed_hosts: allowed,
+            ca_file: feed.ca_file.clone(),
+        }) {
+            Ok(f) => f,
+            Err(e) => return Self::unusable(feed, e.reason(), &e),
+        };
+        let bundle_keys = if self.bundle_keys.is_empty() {
+            &index_keys
+        } else {
+            &self.bundle_keys
+        };
+        let cx = PollContext {
+            fetcher: &fetcher,
+            index_keys: &index_keys,
+            bundle_keys,
+            limits: &self.limits,
+            max_index_bytes: self.config.max_index_bytes,
+            bundles_dir: &self.bundles_dir,
+            interval: self.config.interval,
+            backoff_max: self.config.backoff_max,
+        };
+        poll_feed(store, feed, &cx)
     }
 
     /// Makes a challenge for the newly registered patches (only security ones if so
@@ -464,9 +473,6 @@ impl Monitor<'_> {
         if now >= c.expires_ms {
             return Err(DecisionError::Expired(c.id));
         }
-        if c.failed_attempts >= MAX_FAILED_ATTEMPTS {
-            return Err(DecisionError::Locked(c.id));
-        }
         if let Some(code) = code {
             let secret = self.secret()?;
             let ok = secret
@@ -476,7 +482,8 @@ impl Monitor<'_> {
                 let n = store
                     .record_challenge_failure(&c.id)
                     .map_err(DecisionError::Store)?;
-                tracing::warn!(challenge = %c.id, failed_attempts = n, by, "wrong approval code");
+                // Counted and logged, never a lockout: the sender may be anyone (see above).
+                tracing::warn!(challenge = %c.id, failed_attempts = n, by, "wrong approval code; the challenge stays open");
                 ok?;
                 return Err(DecisionError::BadCode {
                     challenge: c.id,

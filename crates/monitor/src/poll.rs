@@ -4,7 +4,11 @@
 //! What is trusted and when:
 //! 1. the index is fetched conditionally (`If-None-Match` / `If-Modified-Since` from the
 //!    store), so an unchanged feed costs one small request;
-//! 2. its signature is checked with the feed's keys before it is parsed;
+//! 2. its signature is checked with the feed's keys before it is parsed; then its signed times:
+//!    an index generated before the newest one already accepted from the feed is refused
+//!    (rollback), and so is one past its `expires` (freeze), even when the server answers
+//!    `304` for it; the newest accepted time is kept in the store, so this holds across
+//!    restarts;
 //! 3. each new bundle is fetched from an allowed host only, read up to exactly the size the
 //!    signed index gives, its SHA-256 compared with the index's, then its own signature
 //!    checked and its archive validated by the bundle crate (`verify_bundle`), and its
@@ -27,7 +31,7 @@ use serde::Serialize;
 
 use crate::config::FeedConfig;
 use crate::fetch::{Fetched, Fetcher, HttpUrl, Validators};
-use crate::index::{FeedIndex, IndexEntry, verify_index};
+use crate::index::{FeedIndex, IndexEntry, IndexTimes, StaleIndex, now_unix, verify_index};
 
 /// Largest `.minisig` fetched.
 const MAX_SIGNATURE_BYTES: u64 = 16 * 1024;
@@ -52,6 +56,12 @@ pub enum PollError {
         feed: String,
         #[source]
         source: crate::index::IndexError,
+    },
+    #[error("feed {feed}: index refused")]
+    Stale {
+        feed: String,
+        #[source]
+        source: StaleIndex,
     },
     #[error("bundle {id}: size {got} differs from the index's {want}")]
     Size { id: String, got: u64, want: u64 },
@@ -96,6 +106,10 @@ impl PollError {
                 crate::index::IndexError::Signature(_)
                 | crate::index::IndexError::SignatureFile(_) => "bad-signature",
                 _ => "bad-index",
+            },
+            PollError::Stale { source, .. } => match source {
+                StaleIndex::Rollback { .. } => "rollback",
+                StaleIndex::Expired { .. } => "expired",
             },
             PollError::Size { .. } => "size-mismatch",
             PollError::TooLarge { .. } => "too-large",
@@ -201,10 +215,13 @@ pub fn poll_feed(store: &mut Store, feed: &FeedConfig, cx: &PollContext<'_>) -> 
         }
     };
     if state.url != feed.url {
-        // A new URL is a new feed: its validators mean nothing.
+        // A new URL: its validators mean nothing. The newest index accepted stays: the feed
+        // (its name, its keys) is the same, and a new URL must not open a way back.
         state = FeedStateRow {
             feed: feed.name.clone(),
             url: feed.url.clone(),
+            index_generated_s: state.index_generated_s,
+            index_expires_s: state.index_expires_s,
             ..FeedStateRow::default()
         };
     }
@@ -222,7 +239,7 @@ pub fn poll_feed(store: &mut Store, feed: &FeedConfig, cx: &PollContext<'_>) -> 
     }
     state.last_checked_ms = Some(now);
     match poll_inner(store, feed, cx, &state, &mut out) {
-        Ok(validators) => {
+        Ok(Accepted { validators, times }) => {
             state.failures = 0;
             state.next_attempt_ms = 0;
             state.last_ok_ms = Some(now);
@@ -230,6 +247,10 @@ pub fn poll_feed(store: &mut Store, feed: &FeedConfig, cx: &PollContext<'_>) -> 
             if let Some(v) = validators {
                 state.etag = v.etag;
                 state.last_modified = v.last_modified;
+            }
+            if let Some(t) = times {
+                state.index_generated_s = Some(t.generated);
+                state.index_expires_s = t.expires;
             }
         }
         Err(e) => {
@@ -254,22 +275,38 @@ pub fn poll_feed(store: &mut Store, feed: &FeedConfig, cx: &PollContext<'_>) -> 
     out
 }
 
-/// Returns the validators to keep (None: keep the old ones).
-fn poll_inner(
-    store: &mut Store,
+/// What a good poll leaves for the feed's state.
+struct Accepted {
+    /// The validators to keep (None: keep the old ones).
+    validators: Option<Validators>,
+    /// The times of the index accepted (None: not modified).
+    times: Option<IndexTimes>,
+}
+
+/// A genuine, fresh index: its bytes parsed, its times, its validators and the URL it came
+/// from after redirects.
+struct FreshIndex {
+    index: FeedIndex,
+    times: IndexTimes,
+    validators: Validators,
+    final_url: HttpUrl,
+}
+
+/// Fetches, verifies and checks the times of the feed's index; `None` when not modified (and
+/// the index already accepted has not expired since).
+fn fetch_index(
     feed: &FeedConfig,
     cx: &PollContext<'_>,
     state: &FeedStateRow,
-    out: &mut FeedOutcome,
-) -> Result<Option<Validators>, PollError> {
-    let fname = || feed.name.clone();
-    let url = HttpUrl::parse(&feed.url).map_err(|source| PollError::Url {
-        feed: fname(),
-        source,
-    })?;
+    url: &HttpUrl,
+) -> Result<Option<FreshIndex>, PollError> {
     let origin = url.host();
     let fetch_err = |source| PollError::Fetch {
-        feed: fname(),
+        feed: feed.name.clone(),
+        source,
+    };
+    let stale = |source| PollError::Stale {
+        feed: feed.name.clone(),
         source,
     };
     let old = Validators {
@@ -279,12 +316,18 @@ fn poll_inner(
     let conditional = (old.etag.is_some() || old.last_modified.is_some()).then_some(&old);
     let (bytes, validators, final_url) = match cx
         .fetcher
-        .get(&url, &origin, conditional, cx.max_index_bytes)
+        .get(url, &origin, conditional, cx.max_index_bytes)
         .map_err(fetch_err)?
     {
         Fetched::NotModified => {
-            tracing::debug!(feed = %feed.name, "feed not modified");
-            out.status = FeedStatus::NotModified;
+            // The index accepted before is still the feed's: it must not have expired.
+            if let Some(generated) = state.index_generated_s {
+                let kept = IndexTimes {
+                    generated,
+                    expires: state.index_expires_s,
+                };
+                kept.check_fresh(None, now_unix()).map_err(stale)?;
+            }
             return Ok(None);
         }
         Fetched::Body {
@@ -294,7 +337,7 @@ fn poll_inner(
         } => (bytes, validators, final_url),
     };
     let final_url = HttpUrl::parse(&final_url).map_err(|source| PollError::Url {
-        feed: fname(),
+        feed: feed.name.clone(),
         source,
     })?;
     let sig = match cx
@@ -310,20 +353,52 @@ fn poll_inner(
         Fetched::Body { bytes, .. } => String::from_utf8_lossy(&bytes).into_owned(),
         Fetched::NotModified => String::new(),
     };
-    let index = verify_index(&bytes, &sig, cx.index_keys).map_err(|source| PollError::Index {
-        feed: fname(),
+    let index_err = |source| PollError::Index {
+        feed: feed.name.clone(),
+        source,
+    };
+    let index = verify_index(&bytes, &sig, cx.index_keys).map_err(index_err)?;
+    let times = index.times().map_err(index_err)?;
+    times
+        .check_fresh(state.index_generated_s, now_unix())
+        .map_err(stale)?;
+    Ok(Some(FreshIndex {
+        index,
+        times,
+        validators,
+        final_url,
+    }))
+}
+
+fn poll_inner(
+    store: &mut Store,
+    feed: &FeedConfig,
+    cx: &PollContext<'_>,
+    state: &FeedStateRow,
+    out: &mut FeedOutcome,
+) -> Result<Accepted, PollError> {
+    let url = HttpUrl::parse(&feed.url).map_err(|source| PollError::Url {
+        feed: feed.name.clone(),
         source,
     })?;
+    let Some(fresh) = fetch_index(feed, cx, state, &url)? else {
+        tracing::debug!(feed = %feed.name, "feed not modified");
+        out.status = FeedStatus::NotModified;
+        return Ok(Accepted {
+            validators: None,
+            times: None,
+        });
+    };
     out.status = FeedStatus::Fetched;
-    out.listed = index.bundles.len();
+    out.listed = fresh.index.bundles.len();
     let known: HashSet<String> = store
         .patch_ids()
         .map_err(PollError::Store)?
         .into_iter()
         .collect();
     let mut all_done = true;
-    for entry in index.new_entries(&known) {
-        match fetch_bundle(store, entry, &final_url, &origin, cx) {
+    for entry in fresh.index.new_entries(&known) {
+        match fetch_bundle(store, entry, &fresh.final_url, &url.host(), cx) {
             Ok(r) => {
                 tracing::info!(feed = %feed.name, bundle = %r.id, category = %r.category, severity = %r.severity, "new patch registered");
                 out.registered.push(r);
@@ -340,7 +415,10 @@ fn poll_inner(
             }
         }
     }
-    Ok(all_done.then_some(validators))
+    Ok(Accepted {
+        validators: all_done.then_some(fresh.validators),
+        times: Some(fresh.times),
+    })
 }
 
 /// Cleans up a partly written incoming bundle on every early return.

@@ -6,12 +6,13 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{HttpServer, ImapServer, Key, RecordingStarter, Route, SmtpServer, bundle};
 use mail_parser::MimeHeaders;
 use patchover_bundle::{Limits, TrustedKey, TrustedKeys};
+use patchover_monitor::index::{Expiry, rfc3339};
 use patchover_monitor::mailbox::Inbox;
 use patchover_monitor::monitor::{Monitor, RunReport};
 use patchover_monitor::poll::FeedStatus;
@@ -93,27 +94,43 @@ fn append(cfg: &MonitorConfig, mails: &[Vec<u8>]) {
     inbox.logout();
 }
 
-#[test]
-fn notice_then_authenticated_reply_marks_and_starts_and_attacks_change_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let key = Key::new(dir, "feed");
-    let feed_dir = dir.join("feed");
-    bundle(dir, &feed_dir, "sec-1", "security", &["lc1"], &key);
-    bundle(dir, &feed_dir, "fix-1", "bugfix", &[], &key);
-    let published = publish(&feed_dir, &key.signing, &trusted(&key), &Limits::default()).unwrap();
-    assert_eq!(published.bundles, 2);
-    let http = HttpServer::start();
-    http.serve_dir(&feed_dir, "/feed");
-    let smtp = SmtpServer::start(dir);
-    let imap = ImapServer::start(dir);
-    let secret_file = dir.join("approval.secret");
-    std::fs::write(&secret_file, SECRET).unwrap();
-    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let pw_file = dir.join("imap.pw");
-    std::fs::write(&pw_file, format!("{}\n", common::IMAP_PASSWORD)).unwrap();
-    let cfg = config(&format!(
-        r#"[monitor]
+/// Everything a mail round trip needs: a published feed with `sec-1` (for lc1) and `fix-1`
+/// (no target) on a loopback HTTP server, aiosmtpd, dovecot, the approval secret, and a
+/// config that uses them all.
+struct MailWorld {
+    http: HttpServer,
+    smtp: SmtpServer,
+    _imap: ImapServer,
+    cfg: MonitorConfig,
+    db: PathBuf,
+}
+
+impl MailWorld {
+    fn start(dir: &Path) -> MailWorld {
+        let key = Key::new(dir, "feed");
+        let feed_dir = dir.join("feed");
+        bundle(dir, &feed_dir, "sec-1", "security", &["lc1"], &key);
+        bundle(dir, &feed_dir, "fix-1", "bugfix", &[], &key);
+        let published = publish(
+            &feed_dir,
+            &key.signing,
+            &trusted(&key),
+            &Limits::default(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(published.bundles, 2);
+        let http = HttpServer::start();
+        http.serve_dir(&feed_dir, "/feed");
+        let smtp = SmtpServer::start(dir);
+        let imap = ImapServer::start(dir);
+        let secret_file = dir.join("approval.secret");
+        std::fs::write(&secret_file, SECRET).unwrap();
+        std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let pw_file = dir.join("imap.pw");
+        std::fs::write(&pw_file, format!("{}\n", common::IMAP_PASSWORD)).unwrap();
+        let cfg = config(&format!(
+            r#"[monitor]
 interval_secs = 60
 admins = ["admin@example.org"]
 from = "patchover@example.org"
@@ -135,15 +152,35 @@ tls = "none"
 username = "{user}"
 password_file = "{pw}"
 "#,
-        secret = secret_file.display(),
-        url = http.url("/feed/index.json"),
-        pubkey = key.public.display(),
-        smtp = smtp.port,
-        imap = imap.port,
-        user = common::IMAP_USER,
-        pw = pw_file.display(),
-    ));
-    let db = dir.join("state/state.db");
+            secret = secret_file.display(),
+            url = http.url("/feed/index.json"),
+            pubkey = key.public.display(),
+            smtp = smtp.port,
+            imap = imap.port,
+            user = common::IMAP_USER,
+            pw = pw_file.display(),
+        ));
+        MailWorld {
+            http,
+            smtp,
+            _imap: imap,
+            cfg,
+            db: dir.join("state/state.db"),
+        }
+    }
+}
+
+#[test]
+fn notice_then_authenticated_reply_marks_and_starts_and_attacks_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let MailWorld {
+        http,
+        smtp,
+        _imap,
+        cfg,
+        db,
+    } = MailWorld::start(dir);
     let starter = RecordingStarter::default();
     let m = monitor(&cfg, dir, &starter);
 
@@ -319,6 +356,69 @@ Content-Type: multipart/mixed; boundary=\"never-closed\r\n\r\n--never\r\n\x00\xf
     assert_eq!(store.patches().unwrap().len(), 2);
 }
 
+/// Issue 22 item 3 (regression): a `From` line is forged at will, so wrong codes "from the
+/// administrator" must not lock the challenge. Before the fix, five such mails locked it and
+/// the real reply was refused with `locked`.
+#[test]
+fn spoofed_wrong_replies_never_lock_out_the_real_reply() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let w = MailWorld::start(dir);
+    let starter = RecordingStarter::default();
+    let m = monitor(&w.cfg, dir, &starter);
+    let mut store = Store::open(&w.db).unwrap();
+    let r1 = m.run_once(&mut store);
+    let challenge = r1.notices[0].challenge.clone();
+    let mails = w.smtp.wait_mails(1, Duration::from_secs(5));
+    let notice = mail_parser::MessageParser::default()
+        .parse(&mails[0])
+        .unwrap();
+    let all: Decision = "approve all".parse().unwrap();
+    // Well-formed codes for the right challenge and decision, made with guessed secrets.
+    let spoofed = |n: usize| -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| {
+                let guess = format!("attacker guess {i:04} of the secret");
+                let code = Secret::from_bytes(guess.as_bytes())
+                    .unwrap()
+                    .code(&challenge, &all);
+                client_reply("admin@example.org", &notice, "approve all", &code)
+            })
+            .collect()
+    };
+
+    // Eight spoofed replies: each refused, counted, nothing marked or started.
+    append(&w.cfg, &spoofed(8));
+    let r2 = m.run_once(&mut store);
+    assert_eq!(reasons(&r2), ["bad-code"; 8], "{r2:#?}");
+    assert!(starter.calls.lock().unwrap().is_empty());
+    assert!(!store.patch("sec-1").unwrap().unwrap().apply_next);
+    let c = store.challenge(&challenge).unwrap().unwrap();
+    assert_eq!((c.failed_attempts, c.used_ms), (8, None));
+
+    // More spoofed replies, then the administrator's own: the real one is accepted.
+    let genuine = Secret::from_bytes(SECRET).unwrap().code(&challenge, &all);
+    let mut batch = spoofed(3);
+    batch.push(client_reply(
+        "admin@example.org",
+        &notice,
+        "approve all",
+        &genuine,
+    ));
+    append(&w.cfg, &batch);
+    let r3 = m.run_once(&mut store);
+    assert_eq!(
+        reasons(&r3),
+        ["bad-code", "bad-code", "bad-code", "accepted"],
+        "{r3:#?}"
+    );
+    assert!(store.patch("sec-1").unwrap().unwrap().apply_next);
+    assert_eq!(starter.calls.lock().unwrap().len(), 2);
+    let c = store.challenge(&challenge).unwrap().unwrap();
+    assert_eq!(c.failed_attempts, 11);
+    assert_eq!(c.decided_by.as_deref(), Some("admin@example.org"));
+}
+
 #[test]
 fn hostile_feeds_are_rejected_and_back_off() {
     let tmp = tempfile::tempdir().unwrap();
@@ -330,13 +430,20 @@ fn hostile_feeds_are_rejected_and_back_off() {
     // bad signature: a good index signed by a key the config does not trust.
     let d = dir.join("badsig");
     bundle(dir, &d, "b-sig", "security", &[], &key);
-    publish(&d, &stranger.signing, &trusted(&key), &Limits::default()).unwrap();
+    publish(
+        &d,
+        &stranger.signing,
+        &trusted(&key),
+        &Limits::default(),
+        None,
+    )
+    .unwrap();
     http.serve_dir(&d, "/badsig");
 
     // hash mismatch: the bundle served differs from the signed index (same size).
     let d = dir.join("hash");
     let b = bundle(dir, &d, "b-hash", "security", &[], &key);
-    publish(&d, &key.signing, &trusted(&key), &Limits::default()).unwrap();
+    publish(&d, &key.signing, &trusted(&key), &Limits::default(), None).unwrap();
     http.serve_dir(&d, "/hash");
     let mut bytes = std::fs::read(&b).unwrap();
     let last = bytes.len() - 1;
@@ -352,21 +459,16 @@ fn hostile_feeds_are_rejected_and_back_off() {
     // foreign host: the index points at another host (localhost is not 127.0.0.1).
     let d = dir.join("foreign");
     bundle(dir, &d, "b-foreign", "security", &[], &key);
-    let idx = d.join("index.json");
-    publish(&d, &key.signing, &trusted(&key), &Limits::default()).unwrap();
-    let text = std::fs::read_to_string(&idx).unwrap().replace(
-        "\"b-foreign.tar.zst\"",
-        &format!(
-            "\"http://localhost:{}/foreign/b-foreign.tar.zst\"",
-            http.port
-        ),
-    );
-    std::fs::write(&idx, &text).unwrap();
-    let sig = key
-        .signing
-        .sign(text.as_bytes(), "file:index.json")
-        .unwrap();
-    std::fs::write(d.join("index.json.minisig"), sig).unwrap();
+    publish(&d, &key.signing, &trusted(&key), &Limits::default(), None).unwrap();
+    resign(&d, &key, |text| {
+        text.replace(
+            "\"b-foreign.tar.zst\"",
+            &format!(
+                "\"http://localhost:{}/foreign/b-foreign.tar.zst\"",
+                http.port
+            ),
+        )
+    });
     http.serve_dir(&d, "/foreign");
 
     // redirect loop, slow-loris, 10 MB index.
@@ -473,6 +575,254 @@ fn hostile_feeds_are_rejected_and_back_off() {
     }
 }
 
+/// Edits `dir/index.json` and signs it again with `key`: an index the publisher really
+/// signed, with the content a test needs (an old time, a foreign URL).
+fn resign(dir: &Path, key: &Key, edit: impl FnOnce(String) -> String) {
+    let idx = dir.join("index.json");
+    let text = edit(std::fs::read_to_string(&idx).unwrap());
+    std::fs::write(&idx, &text).unwrap();
+    let sig = key
+        .signing
+        .sign(text.as_bytes(), "file:index.json")
+        .unwrap();
+    std::fs::write(dir.join("index.json.minisig"), sig).unwrap();
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A `[monitor]` section with one feed per `(name, url)`, all signed by `key`, each with the
+/// extra lines `feed_extra`.
+fn feeds_config(key: &Key, feeds: &[(&str, String)], feed_extra: &str) -> MonitorConfig {
+    let feeds: String = feeds
+        .iter()
+        .map(|(n, url)| {
+            format!(
+                "[[monitor.feeds]]\nname = \"{n}\"\nurl = \"{url}\"\ntrusted_keys = [\"{}\"]\n{feed_extra}",
+                key.public.display()
+            )
+        })
+        .collect();
+    config(&format!(
+        "[monitor]\ninterval_secs = 60\nhttp_timeout_secs = 5\n{feeds}"
+    ))
+}
+
+fn rejections(r: &RunReport) -> Vec<(String, Vec<&'static str>)> {
+    r.feeds
+        .iter()
+        .map(|f| {
+            (
+                f.feed.clone(),
+                f.rejected.iter().map(|x| x.reason).collect(),
+            )
+        })
+        .collect()
+}
+
+/// Issue 22 item 2, rollback: a genuine but older index (here one that still lists a bundle
+/// the publisher has since withdrawn) is refused, also by a restarted monitor, because the
+/// newest index accepted is kept in the store. Before the fix the old index was taken and the
+/// withdrawn bundle registered.
+#[test]
+fn an_older_signed_index_is_refused_even_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let key = Key::new(dir, "feed");
+    let (v1, v2) = (dir.join("v1"), dir.join("v2"));
+    bundle(dir, &v1, "withdrawn-1", "security", &[], &key);
+    let old = publish(&v1, &key.signing, &trusted(&key), &Limits::default(), None).unwrap();
+    let an_hour_ago = rfc3339(unix_now() - 3600);
+    resign(&v1, &key, |t| t.replace(&old.generated, &an_hour_ago));
+    bundle(dir, &v2, "current-1", "security", &[], &key);
+    publish(&v2, &key.signing, &trusted(&key), &Limits::default(), None).unwrap();
+    let http = HttpServer::start();
+    http.serve_dir(&v2, "/feed");
+    let cfg = feeds_config(&key, &[("main", http.url("/feed/index.json"))], "");
+    let db = dir.join("state/state.db");
+    let starter = RecordingStarter::default();
+
+    let r1 = monitor(&cfg, dir, &starter).run_once(&mut Store::open(&db).unwrap());
+    assert!(matches!(r1.feeds[0].status, FeedStatus::Fetched), "{r1:#?}");
+    assert_eq!(r1.feeds[0].registered[0].id, "current-1");
+
+    // The server (or anyone in between) now serves the old, genuinely signed index; the
+    // monitor was restarted in between (a new store handle, a new monitor).
+    http.serve_dir(&v1, "/feed");
+    let mut store = Store::open(&db).unwrap();
+    let r2 = monitor(&cfg, dir, &starter).run_once(&mut store);
+    assert_eq!(
+        rejections(&r2),
+        [("main".to_owned(), vec!["rollback"])],
+        "{r2:#?}"
+    );
+    let detail = &r2.feeds[0].rejected[0].detail;
+    for want in ["feed main", &an_hour_ago, "feed publish"] {
+        assert!(detail.contains(want), "{want:?} not in {detail}");
+    }
+    assert!(store.patch("withdrawn-1").unwrap().is_none());
+    assert!(http.hits("/feed/withdrawn-1.tar.zst").is_empty());
+    let st = store.feed_state("main").unwrap().unwrap();
+    assert!(st.index_generated_s.unwrap() > unix_now() - 600, "{st:?}");
+}
+
+/// Issue 22 item 2, freeze: an index past its signed expiry is refused, whether the server
+/// sends it again or answers `304 Not Modified` for it. An index within its expiry is taken.
+#[test]
+fn an_expired_index_is_refused_even_when_the_server_answers_304() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let key = Key::new(dir, "feed");
+    let now = unix_now();
+    let http = HttpServer::start();
+    // "expired": published with `--expires 1h` two hours ago (same bytes, signed again).
+    let (expired, frozen) = (dir.join("expired"), dir.join("frozen"));
+    bundle(dir, &expired, "e-1", "security", &[], &key);
+    let hour = Some(Expiry::After(Duration::from_secs(3600)));
+    let p = publish(
+        &expired,
+        &key.signing,
+        &trusted(&key),
+        &Limits::default(),
+        hour,
+    )
+    .unwrap();
+    let (g, e) = (rfc3339(now - 7200), rfc3339(now - 3600));
+    resign(&expired, &key, |t| {
+        t.replace(&p.generated, &g)
+            .replace(p.expires.as_deref().unwrap(), &e)
+    });
+    http.serve_dir(&expired, "/expired");
+    // "frozen": valid for a day; the server will keep answering 304 for it.
+    bundle(dir, &frozen, "f-1", "security", &[], &key);
+    let day = Some(Expiry::At(now + 86_400));
+    let p = publish(
+        &frozen,
+        &key.signing,
+        &trusted(&key),
+        &Limits::default(),
+        day,
+    )
+    .unwrap();
+    assert_eq!(p.expires.as_deref(), Some(rfc3339(now + 86_400).as_str()));
+    http.serve_dir(&frozen, "/frozen");
+    let cfg = feeds_config(
+        &key,
+        &[
+            ("expired", http.url("/expired/index.json")),
+            ("frozen", http.url("/frozen/index.json")),
+        ],
+        "",
+    );
+    let starter = RecordingStarter::default();
+    let m = monitor(&cfg, dir, &starter);
+    let mut store = Store::open(&dir.join("state.db")).unwrap();
+
+    let r1 = m.run_once(&mut store);
+    assert_eq!(
+        rejections(&r1),
+        [
+            ("expired".to_owned(), vec!["expired"]),
+            ("frozen".to_owned(), vec![])
+        ],
+        "{r1:#?}"
+    );
+    assert!(r1.feeds[0].rejected[0].detail.contains(&e), "{r1:#?}");
+    assert!(store.patch("e-1").unwrap().is_none());
+    assert!(store.patch("f-1").unwrap().is_some());
+
+    // The signed expiry is what the store keeps. Then the day passes: the kept expiry is
+    // moved into the past rather than waited for (the server's answer, 304, is the same).
+    let mut st = store.feed_state("frozen").unwrap().unwrap();
+    assert_eq!(st.index_expires_s, Some(now + 86_400));
+    st.index_expires_s = Some(unix_now() - 1);
+    store.save_feed_state(&st).unwrap();
+    let before = http.hits("/frozen/index.json");
+    let r2 = m.run_once(&mut store);
+    assert_eq!(
+        http.hits("/frozen/index.json")[before.len()..],
+        [304],
+        "the frozen feed answered 304"
+    );
+    let frozen_out = &r2.feeds[1];
+    assert!(matches!(frozen_out.status, FeedStatus::Failed), "{r2:#?}");
+    assert_eq!(frozen_out.rejected[0].reason, "expired", "{r2:#?}");
+}
+
+/// Issue 22 item 2: a redirect from https to plain http is refused, even to the same host;
+/// https itself (with the feed's `ca_file`) and https to https redirects work. Before the fix
+/// the redirect was followed and the plain-http index taken.
+#[test]
+fn a_redirect_from_https_to_http_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let key = Key::new(dir, "feed");
+    let certs = common::certs(dir);
+    let https = HttpServer::start_tls(&certs);
+    let http = HttpServer::start();
+    let (tls_dir, plain_dir) = (dir.join("tls"), dir.join("plain"));
+    bundle(dir, &tls_dir, "tls-1", "security", &[], &key);
+    publish(
+        &tls_dir,
+        &key.signing,
+        &trusted(&key),
+        &Limits::default(),
+        None,
+    )
+    .unwrap();
+    https.serve_dir(&tls_dir, "/a");
+    for f in ["index.json", "index.json.minisig"] {
+        https.route(&format!("/moved/{f}"), Route::Redirect(format!("/a/{f}")));
+    }
+    bundle(dir, &plain_dir, "plain-1", "security", &[], &key);
+    publish(
+        &plain_dir,
+        &key.signing,
+        &trusted(&key),
+        &Limits::default(),
+        None,
+    )
+    .unwrap();
+    http.serve_dir(&plain_dir, "/b");
+    for f in ["index.json", "index.json.minisig"] {
+        https.route(
+            &format!("/down/{f}"),
+            Route::Redirect(http.url(&format!("/b/{f}"))),
+        );
+    }
+    let cfg = feeds_config(
+        &key,
+        &[
+            ("moved", https.url("/moved/index.json")),
+            ("down", https.url("/down/index.json")),
+        ],
+        &format!("ca_file = \"{}\"\n", certs.ca.display()),
+    );
+    let starter = RecordingStarter::default();
+    let mut store = Store::open(&dir.join("state.db")).unwrap();
+    let r = monitor(&cfg, dir, &starter).run_once(&mut store);
+    assert_eq!(
+        rejections(&r),
+        [
+            ("moved".to_owned(), vec![]),
+            ("down".to_owned(), vec!["downgrade"])
+        ],
+        "{r:#?}"
+    );
+    assert_eq!(r.feeds[0].registered[0].id, "tls-1");
+    let detail = &r.feeds[1].rejected[0].detail;
+    assert!(detail.contains(&http.url("/b/index.json")), "{detail}");
+    assert!(store.patch("plain-1").unwrap().is_none());
+    assert!(
+        http.log.lock().unwrap().is_empty(),
+        "the plain http server was contacted"
+    );
+}
+
 #[test]
 fn host_approval_without_mail_and_rejection_records() {
     let tmp = tempfile::tempdir().unwrap();
@@ -481,7 +831,14 @@ fn host_approval_without_mail_and_rejection_records() {
     let feed_dir = dir.join("feed");
     bundle(dir, &feed_dir, "p-1", "security", &["lc1"], &key);
     bundle(dir, &feed_dir, "p-2", "enhancement", &["lc1"], &key);
-    publish(&feed_dir, &key.signing, &trusted(&key), &Limits::default()).unwrap();
+    publish(
+        &feed_dir,
+        &key.signing,
+        &trusted(&key),
+        &Limits::default(),
+        None,
+    )
+    .unwrap();
     let http = HttpServer::start();
     http.serve_dir(&feed_dir, "/f");
     let secret_file = dir.join("s");
@@ -548,8 +905,9 @@ fn host_approval_without_mail_and_rejection_records() {
         .unwrap_err();
     assert_eq!(e.reason(), "replayed");
 
-    // Five wrong codes lock a challenge, even for the right code afterwards.
-    let ch2 = "LOCKEDCHALLENGEAAAAAAAAAAAAAAAAA";
+    // Wrong codes are counted but never lock a challenge (issue 22: anyone can send them);
+    // the right code afterwards is accepted. (This part used to assert a lockout after 5.)
+    let ch2 = "WRONGCODESCHALLENGEAAAAAAAAAAAAA";
     store
         .insert_challenge(&NewChallenge {
             id: ch2,
@@ -559,7 +917,7 @@ fn host_approval_without_mail_and_rejection_records() {
             expires_ms: i64::MAX,
         })
         .unwrap();
-    for _ in 0..5 {
+    for _ in 0..6 {
         let e = m
             .decide(
                 &mut store,
@@ -571,17 +929,17 @@ fn host_approval_without_mail_and_rejection_records() {
             .unwrap_err();
         assert_eq!(e.reason(), "bad-code");
     }
-    let e = m
-        .decide(
-            &mut store,
-            ch2,
-            &approve,
-            Some(&secret.code(ch2, &approve)),
-            "x",
-        )
-        .unwrap_err();
-    assert_eq!(e.reason(), "locked");
     assert!(!store.patch("p-2").unwrap().unwrap().apply_next);
+    m.decide(
+        &mut store,
+        ch2,
+        &approve,
+        Some(&secret.code(ch2, &approve)),
+        "x",
+    )
+    .unwrap();
+    assert!(store.patch("p-2").unwrap().unwrap().apply_next);
+    assert_eq!(store.challenge(ch2).unwrap().unwrap().failed_attempts, 6);
 }
 
 #[test]

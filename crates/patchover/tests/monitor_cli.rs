@@ -225,3 +225,58 @@ trusted_keys = ["{key}"]
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already used"));
 }
+
+/// `feed publish --expires` signs the expiry into the index (format 2, issue 22); a value
+/// that is neither a duration nor a time, or a time already past, is refused with exit 2 and
+/// nothing is written.
+#[test]
+fn feed_publish_expires_signs_the_expiry_into_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    generate_keypair(&d.join("feed.pub"), &d.join("feed.key"), None).unwrap();
+    let key = SigningKey::from_file(&d.join("feed.key"), None).unwrap();
+    let feed = d.join("feed");
+    std::fs::create_dir_all(&feed).unwrap();
+    bundle(d, &feed, "cve-2", &key);
+    let config = d.join("none.toml");
+    let publish = |expires: &str| {
+        po(
+            &config,
+            &[
+                "--json",
+                "feed",
+                "publish",
+                feed.to_str().unwrap(),
+                "--key",
+                d.join("feed.key").to_str().unwrap(),
+                "--expires",
+                expires,
+            ],
+        )
+    };
+    for (bad, says) in [
+        ("tomorrow", "write a duration"),
+        ("2020-01-01T00:00:00Z", "is not after the publication time"),
+    ] {
+        let o = publish(bad);
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        // With --json the error is printed as JSON on stdout.
+        let err = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(err.contains(says), "{bad}: {err}");
+        assert!(
+            !feed.join("index.json").exists(),
+            "{bad}: an index was written"
+        );
+    }
+    let out = json(&publish("7d"));
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(feed.join("index.json")).unwrap()).unwrap();
+    assert_eq!(index["format"], 2);
+    assert_eq!(index["expires"], out["expires"]);
+    assert_eq!(index["generated"], out["generated"]);
+    assert!(out["expires"].as_str().unwrap() > out["generated"].as_str().unwrap());
+}

@@ -102,6 +102,13 @@ const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     );
     "#,
+    // 4: the newest feed index accepted per feed (issue 22): its signed publication time, so an
+    // older index is refused as a rollback even after a restart, and its signed expiry, so an
+    // index the server keeps answering 304 for is refused once it expired (a frozen feed).
+    r#"
+    ALTER TABLE feed_state ADD COLUMN index_generated_s INTEGER;
+    ALTER TABLE feed_state ADD COLUMN index_expires_s INTEGER;
+    "#,
 ];
 
 pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {

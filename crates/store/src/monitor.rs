@@ -26,6 +26,12 @@ pub struct FeedStateRow {
     /// Not polled again before this time (backoff after failures).
     pub next_attempt_ms: i64,
     pub last_error: Option<String>,
+    /// The signed `generated` time (unix seconds) of the newest index accepted from this
+    /// feed; an index generated before it is refused (rollback). Kept when the URL changes.
+    pub index_generated_s: Option<i64>,
+    /// The signed `expires` time (unix seconds) of that index, if it had one; once past, the
+    /// index is refused even when the server answers `304 Not Modified` (freeze).
+    pub index_expires_s: Option<i64>,
 }
 
 fn feed_row(r: &Row<'_>) -> rusqlite::Result<FeedStateRow> {
@@ -39,10 +45,12 @@ fn feed_row(r: &Row<'_>) -> rusqlite::Result<FeedStateRow> {
         failures: r.get(6)?,
         next_attempt_ms: r.get(7)?,
         last_error: r.get(8)?,
+        index_generated_s: r.get(9)?,
+        index_expires_s: r.get(10)?,
     })
 }
 
-const FEED_COLS: &str = "feed, url, etag, last_modified, last_checked_ms, last_ok_ms, failures, next_attempt_ms, last_error";
+const FEED_COLS: &str = "feed, url, etag, last_modified, last_checked_ms, last_ok_ms, failures, next_attempt_ms, last_error, index_generated_s, index_expires_s";
 
 /// A new approval challenge, as the notice mail announces it.
 #[derive(Debug, Clone)]
@@ -65,6 +73,7 @@ pub struct ChallengeRow {
     pub created_ms: i64,
     pub expires_ms: i64,
     pub notified_ms: Option<i64>,
+    /// Wrong codes received for it: reported, never a lockout (a sender can be forged).
     pub failed_attempts: i64,
     /// Set once a genuine decision used the challenge; it is never accepted again.
     pub used_ms: Option<i64>,
@@ -130,7 +139,7 @@ impl Store {
         self.conn
             .execute(
                 &format!(
-                    "INSERT OR REPLACE INTO feed_state ({FEED_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+                    "INSERT OR REPLACE INTO feed_state ({FEED_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
                 ),
                 params![
                     f.feed,
@@ -141,7 +150,9 @@ impl Store {
                     f.last_ok_ms,
                     f.failures,
                     f.next_attempt_ms,
-                    f.last_error
+                    f.last_error,
+                    f.index_generated_s,
+                    f.index_expires_s
                 ],
             )
             .map_err(q("save feed state"))?;

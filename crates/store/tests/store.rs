@@ -1,7 +1,7 @@
 use std::path::Path;
 
 use patchover_core::{Category, Config, HostFacts};
-use patchover_store::{NewPatch, PatchResult, Role, Store, StoreError};
+use patchover_store::{FeedStateRow, NewPatch, PatchResult, Role, Store, StoreError};
 
 fn config(extra_lc: bool) -> Config {
     let mut text = String::from(
@@ -36,7 +36,7 @@ fn resource_table_mirrors_config_and_keeps_roles() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
     let mut s = Store::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), 3);
+    assert_eq!(s.schema_version().unwrap(), 4);
     s.sync_lcs(&config(true).lcs).unwrap();
     assert_eq!(s.lcs().unwrap().len(), 2);
     s.set_role("lc1", Role::Active).unwrap();
@@ -184,4 +184,23 @@ fn r_concurrent_writers_wait_instead_of_database_is_locked() {
     }
     syncer.join().unwrap();
     assert_eq!(s.steps(run).unwrap().len(), 2000);
+}
+
+/// The newest index accepted per feed (issue 22: rollback and freeze) is kept across a reopen,
+/// which is what lets a restarted monitor still refuse an older index.
+#[test]
+fn feed_state_keeps_the_newest_index_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let row = FeedStateRow {
+        feed: "vendor".into(),
+        url: "https://example.org/feed/index.json".into(),
+        etag: Some("\"e\"".into()),
+        index_generated_s: Some(1_794_996_000),
+        index_expires_s: Some(1_795_600_800),
+        ..FeedStateRow::default()
+    };
+    Store::open(&path).unwrap().save_feed_state(&row).unwrap();
+    let s = Store::open(&path).unwrap();
+    assert_eq!(s.feed_state("vendor").unwrap(), Some(row));
 }

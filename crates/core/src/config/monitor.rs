@@ -62,6 +62,9 @@ pub struct FeedConfig {
     pub url: String,
     /// Public keys (minisign) whose signature on the index is trusted.
     pub trusted_keys: Vec<PathBuf>,
+    /// A CA (PEM) that the feed's HTTPS servers must chain to, instead of the web PKI roots
+    /// (a private feed behind a site CA).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// An SMTP or IMAP server.
@@ -188,6 +191,7 @@ struct RawFeed {
     name: Spanned<String>,
     url: Spanned<String>,
     trusted_keys: Spanned<Vec<Spanned<PathBuf>>>,
+    ca_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -289,6 +293,58 @@ impl Validator<'_> {
         })
     }
 
+    /// One `[[monitor.feeds]]` entry; `before` are the feeds already read.
+    fn feed(&self, i: usize, f: RawFeed, before: &[FeedConfig]) -> Result<FeedConfig, ConfigError> {
+        let key = format!("monitor.feeds[{i}]");
+        let name = f.name.get_ref();
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(self.err(
+                &f.name,
+                &format!("{key}.name"),
+                format!("{name:?}: use 1-64 of A-Z a-z 0-9 - _ ."),
+            ));
+        }
+        if before.iter().any(|o| &o.name == name) {
+            return Err(self.err(
+                &f.name,
+                &format!("{key}.name"),
+                format!("{name:?} is used twice"),
+            ));
+        }
+        if let Some(m) = feed_url_problem(f.url.get_ref()) {
+            return Err(self.err(&f.url, &format!("{key}.url"), m));
+        }
+        if f.trusted_keys.get_ref().is_empty() {
+            return Err(self.err(
+                &f.trusted_keys,
+                &format!("{key}.trusted_keys"),
+                "list at least one public key that signs this feed's index",
+            ));
+        }
+        for p in f.trusted_keys.get_ref() {
+            self.absolute(p, &format!("{key}.trusted_keys"))?;
+        }
+        if let Some(p) = &f.ca_file {
+            self.absolute(p, &format!("{key}.ca_file"))?;
+        }
+        Ok(FeedConfig {
+            name: f.name.into_inner(),
+            url: f.url.into_inner(),
+            trusted_keys: f
+                .trusted_keys
+                .into_inner()
+                .into_iter()
+                .map(Spanned::into_inner)
+                .collect(),
+            ca_file: f.ca_file.map(Spanned::into_inner),
+        })
+    }
+
     pub(super) fn monitor(
         &self,
         raw: Option<RawMonitor>,
@@ -297,50 +353,8 @@ impl Validator<'_> {
         let d = MonitorConfig::default();
         let mut feeds = Vec::new();
         for (i, f) in raw.feeds.into_iter().enumerate() {
-            let key = format!("monitor.feeds[{i}]");
-            let name = f.name.get_ref();
-            if name.is_empty()
-                || name.len() > 64
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            {
-                return Err(self.err(
-                    &f.name,
-                    &format!("{key}.name"),
-                    format!("{name:?}: use 1-64 of A-Z a-z 0-9 - _ ."),
-                ));
-            }
-            if feeds.iter().any(|o: &FeedConfig| &o.name == name) {
-                return Err(self.err(
-                    &f.name,
-                    &format!("{key}.name"),
-                    format!("{name:?} is used twice"),
-                ));
-            }
-            if let Some(m) = feed_url_problem(f.url.get_ref()) {
-                return Err(self.err(&f.url, &format!("{key}.url"), m));
-            }
-            if f.trusted_keys.get_ref().is_empty() {
-                return Err(self.err(
-                    &f.trusted_keys,
-                    &format!("{key}.trusted_keys"),
-                    "list at least one public key that signs this feed's index",
-                ));
-            }
-            for p in f.trusted_keys.get_ref() {
-                self.absolute(p, &format!("{key}.trusted_keys"))?;
-            }
-            feeds.push(FeedConfig {
-                name: f.name.into_inner(),
-                url: f.url.into_inner(),
-                trusted_keys: f
-                    .trusted_keys
-                    .into_inner()
-                    .into_iter()
-                    .map(Spanned::into_inner)
-                    .collect(),
-            });
+            let feed = self.feed(i, f, &feeds)?;
+            feeds.push(feed);
         }
         if let Some(p) = &raw.secret_file {
             self.absolute(p, "monitor.secret_file")?;

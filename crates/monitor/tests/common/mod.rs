@@ -1,5 +1,5 @@
-//! Real servers on loopback for the monitor's tests: a small HTTP server (std, one thread per
-//! connection, with misbehaving routes), aiosmtpd delivering to a Maildir, and dovecot
+//! Real servers on loopback for the monitor's tests: a small HTTP(S) server (std, one thread
+//! per connection, with misbehaving routes; HTTPS through rustls), aiosmtpd delivering to a Maildir, and dovecot
 //! serving IMAP from a passwd file. Each picks a free port, runs in its own temp dir, and is
 //! stopped when dropped.
 #![allow(dead_code)]
@@ -98,6 +98,8 @@ pub enum Route {
 
 pub struct HttpServer {
     pub port: u16,
+    /// `https` when the server speaks TLS.
+    scheme: &'static str,
     routes: Arc<Mutex<HashMap<String, Route>>>,
     /// (path, status) of every request served.
     pub log: Arc<Mutex<Vec<(String, u16)>>>,
@@ -106,24 +108,58 @@ pub struct HttpServer {
 
 impl HttpServer {
     pub fn start() -> HttpServer {
+        HttpServer::start_with(None)
+    }
+
+    /// An HTTPS server with `certs`' server certificate (rustls).
+    pub fn start_tls(certs: &Certs) -> HttpServer {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&certs.cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(&certs.key).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        HttpServer::start_with(Some(Arc::new(cfg)))
+    }
+
+    fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> HttpServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let routes: Arc<Mutex<HashMap<String, Route>>> = Arc::default();
         let log: Arc<Mutex<Vec<(String, u16)>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (r, l, s) = (routes.clone(), log.clone(), stop.clone());
+        let scheme = if tls.is_some() { "https" } else { "http" };
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (r, l, s) = (r.clone(), l.clone(), s.clone());
-                std::thread::spawn(move || serve(conn, &r, &l, &s));
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let (r, l, s, tls) = (r.clone(), l.clone(), s.clone(), tls.clone());
+                std::thread::spawn(move || match tls {
+                    None => serve(conn, &r, &l, &s),
+                    Some(cfg) => {
+                        let Ok(session) = rustls::ServerConnection::new(cfg) else {
+                            return;
+                        };
+                        serve(rustls::StreamOwned::new(session, conn), &r, &l, &s);
+                    }
+                });
             }
         });
         HttpServer {
             port,
+            scheme,
             routes,
             log,
             stop,
@@ -131,7 +167,7 @@ impl HttpServer {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("{}://127.0.0.1:{}{path}", self.scheme, self.port)
     }
 
     pub fn route(&self, path: &str, route: Route) {
@@ -179,12 +215,11 @@ impl Drop for HttpServer {
 }
 
 fn serve(
-    mut c: TcpStream,
+    mut c: impl Read + Write,
     routes: &Mutex<HashMap<String, Route>>,
     log: &Mutex<Vec<(String, u16)>>,
     stop: &AtomicBool,
 ) {
-    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
@@ -262,6 +297,7 @@ fn serve(
             }
         }
     }
+    let _ = c.flush();
 }
 
 // ---------------------------------------------------------------- processes

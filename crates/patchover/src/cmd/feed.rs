@@ -1,4 +1,4 @@
-//! `patchover feed publish DIR --key SECKEY`: write and sign a feed index for a directory of
+//! `patchover feed publish DIR --key SECKEY [--expires 7d]`: write and sign a feed index for a directory of
 //! signed bundles, so any static web server can be a patch server (see docs/monitor.md).
 
 use std::path::{Path, PathBuf};
@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use patchover_bundle::keys::SigningKey;
 use patchover_bundle::{Limits, TrustedKey, TrustedKeys};
+use patchover_monitor::index::Expiry;
 
 use super::{BadInput, Ctx};
 
@@ -26,6 +27,11 @@ pub enum FeedCmd {
         /// Public keys the bundles must verify with (default: the index key's own).
         #[arg(long = "bundle-key")]
         bundle_keys: Vec<PathBuf>,
+        /// When subscribers stop believing this index: a duration after now (90m, 12h, 7d,
+        /// 2w) or an RFC 3339 time. Publish again before then. Without it the index never
+        /// expires (format 1).
+        #[arg(long)]
+        expires: Option<String>,
     },
 }
 
@@ -47,7 +53,12 @@ pub fn run(cmd: FeedCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             key,
             password_file,
             bundle_keys,
+            expires,
         } => {
+            let expires = expires
+                .map(|e| e.parse::<Expiry>())
+                .transpose()
+                .map_err(|e| BadInput(e.to_string()))?;
             let pw = password(password_file.as_deref())?;
             let signing = SigningKey::from_file(&key, pw.as_deref())
                 .map_err(|e| BadInput(super::monitor::chain(&e)))?;
@@ -58,17 +69,22 @@ pub fn run(cmd: FeedCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 TrustedKeys::from_files(&bundle_keys)
                     .map_err(|e| BadInput(super::monitor::chain(&e)))?
             };
-            let out = patchover_monitor::publish(&dir, &signing, &keys, &Limits::default())
-                .map_err(|e| BadInput(super::monitor::chain(&e)))?;
+            let out =
+                patchover_monitor::publish(&dir, &signing, &keys, &Limits::default(), expires)
+                    .map_err(|e| BadInput(super::monitor::chain(&e)))?;
             if ctx.json {
                 println!("{}", serde_json::to_string(&out)?);
             } else {
                 println!(
-                    "{}: {} bundles, signed by key {} ({})",
+                    "{}: {} bundles, signed by key {} ({}), generated {}, {}",
                     out.index.display(),
                     out.bundles,
                     out.key_id,
-                    out.signature.display()
+                    out.signature.display(),
+                    out.generated,
+                    out.expires
+                        .as_deref()
+                        .map_or_else(|| "never expires".to_owned(), |e| format!("expires {e}"))
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -170,9 +170,17 @@ pub fn run(cmd: MonitorCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 .feeds
                 .iter()
                 .map(|f| {
+                    let time = |t: Option<i64>, none: &str| {
+                        t.map_or_else(|| none.to_owned(), patchover_monitor::index::rfc3339)
+                    };
                     vec![
                         f.feed.clone(),
                         f.failures.to_string(),
+                        time(f.index_generated_s, "-"),
+                        match f.index_generated_s {
+                            None => "-".to_owned(),
+                            Some(_) => time(f.index_expires_s, "never"),
+                        },
                         f.etag.clone().unwrap_or_default(),
                         f.last_error.clone().unwrap_or_default(),
                     ]
@@ -180,7 +188,17 @@ pub fn run(cmd: MonitorCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 .collect();
             print!(
                 "{}",
-                super::table(&["feed", "failures", "etag", "last error"], &rows)
+                super::table(
+                    &[
+                        "feed",
+                        "failures",
+                        "index generated",
+                        "index expires",
+                        "etag",
+                        "last error"
+                    ],
+                    &rows
+                )
             );
             let rows: Vec<Vec<String>> = v
                 .challenges
