@@ -228,6 +228,26 @@ fn qemu_bad_input_is_refused_and_changes_nothing() {
     t.po_ok(&["lc", "boot", &id]);
     let st = t.po_json(&["lc", "status", &id]);
     assert_eq!(st["state"], "running", "{st:#}");
+
+    // Issue 22, item 5: a NIC plugged into the running VM is named and addressed by the
+    // guest's constant script (the name, MAC and address passed as its arguments); a name
+    // that could reach a shell is refused before anything is made.
+    let out = t.po(&["lc", "attach-nic", &id, "$(id)"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("invalid interface name"),
+        "{out:?}"
+    );
+    assert!(!std::path::Path::new(&format!("/sys/class/net/po{id}n1")).exists());
+    let nic = t.po_json(&["lc", "attach-nic", &id, "eth1", "--address", "10.78.0.5/24"]);
+    assert_eq!(nic["host_port"], format!("po{id}n1"));
+    let out = t.po_json(&[
+        "lc", "exec", &id, "--", "ip", "-o", "-4", "addr", "show", "dev", "eth1",
+    ]);
+    assert!(
+        out["stdout"].as_str().unwrap().contains("10.78.0.5/24"),
+        "{out}"
+    );
     t.po_ok(&["lc", "stop", &id]);
     t.assert_nothing_left(&id);
 }
