@@ -944,6 +944,12 @@ system_disk = { path = "/srv/lc2/sys.img" }
                 "use 1-64",
             ),
             (
+                "[[monitor.feeds]]\nname = \"a\"\nurl = \"https://x/i.json\"\ntrusted_keys = [\"/k\"]\nca_file = \"ca.pem\"\n",
+                5,
+                "monitor.feeds[0].ca_file",
+                "absolute",
+            ),
+            (
                 "[monitor.smtp]\nhost = \"h\"\nusername = \"u\"\n",
                 3,
                 "monitor.smtp.username",

@@ -15,6 +15,7 @@
 //! name = "vendor"
 //! url = "https://patches.example.org/feed/index.json"
 //! trusted_keys = ["/etc/patchover/keys/vendor-feed.pub"]
+//! ca_file = "/etc/patchover/site-ca.pem"   # optional: instead of the web PKI roots
 //!
 //! [monitor.smtp]
 //! host = "smtp.example.org"
