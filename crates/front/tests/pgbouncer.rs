@@ -165,3 +165,25 @@ fn a_transaction_longer_than_the_pause_deadline_is_waited_for_then_the_pause_is_
     assert_eq!(n.rows[0][0].as_deref(), Some("1"));
     assert!(!front.resume().unwrap(), "not left paused");
 }
+
+/// Issue 21: the command a run that could not let the front go names (`resume_command`),
+/// run by an operator's shell, lets the held clients go.
+#[test]
+fn the_resume_command_of_a_front_left_paused_lets_its_clients_go() {
+    let bed = bed();
+    let front = bed.front(Duration::from_secs(5));
+    let mut c = Conn::connect(&bed.client()).unwrap();
+    let before = system_id(&mut c);
+    front.pause().unwrap();
+    let held = std::thread::spawn(move || system_id(&mut c));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!held.is_finished(), "held by the pause");
+    let command = front.resume_command();
+    let out = std::process::Command::new("sh")
+        .args(["-c", &command])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{command}: {out:?}");
+    assert_eq!(held.join().unwrap(), before);
+    assert!(!front.resume().unwrap(), "the command resumed it");
+}

@@ -548,6 +548,18 @@ fn front_story(journal: &[serde_json::Value]) -> String {
         .join("\n")
 }
 
+/// pgbench's `-T` in the front's tests: room for two patch runs (a system disk copy took up
+/// to 22 s here) and the waits around them.
+const BENCH_SECS: u64 = 110;
+
+/// The scenarios ended while pgbench still ran: its clients were held and let go, not idle.
+fn still_running(bench: &postgres::Running) {
+    assert!(
+        bench.started.elapsed() < Duration::from_secs(BENCH_SECS),
+        "pgbench ended ({BENCH_SECS} s) before the last scenario did: raise BENCH_SECS"
+    );
+}
+
 /// A world whose front console goes through a [`FlakyConsole`], PgBouncer started.
 fn flaky_world(stop: &str) -> (PgLcs, FlakyConsole) {
     let mut pg = PgLcs::new(10);
@@ -568,7 +580,7 @@ fn flaky_world(stop: &str) -> (PgLcs, FlakyConsole) {
 #[test]
 fn r21_a_flaky_front_console_is_retried_and_a_dead_one_fails_the_run_with_the_resume_command() {
     let (pg, console) = flaky_world("");
-    let bench = pg.bench(70);
+    let bench = pg.bench(BENCH_SECS);
     std::thread::sleep(Duration::from_secs(3));
 
     console.refuse_after_pause(3);
@@ -640,6 +652,7 @@ fn r21_a_flaky_front_console_is_retried_and_a_dead_one_fails_the_run_with_the_re
         .unwrap();
     assert!(out.status.success(), "{command}: {out:?}");
     assert!(!pg.front_paused(), "the command in the error let it go");
+    still_running(&bench);
     let r = bench.finish(&pg.client()).unwrap();
     assert_nothing_lost(&r);
 }
@@ -657,7 +670,7 @@ fn r21_sigkill_with_the_front_paused_is_recovered_and_the_front_let_go() {
         "{} stop && touch {marker} && sleep 5",
         postgres::PO_PG_PATH
     ));
-    let bench = pg.bench(75);
+    let bench = pg.bench(BENCH_SECS);
     std::thread::sleep(Duration::from_secs(3));
 
     let window = now_us();
@@ -739,6 +752,7 @@ fn r21_sigkill_with_the_front_paused_is_recovered_and_the_front_let_go() {
         "{story}"
     );
     assert!(!pg.front_paused());
+    still_running(&bench);
     let r = bench.finish(&pg.client()).unwrap();
     assert_nothing_lost(&r);
     let (in_window, p99) = r.pause_and_steady_p99(window.0, window.1);
