@@ -1012,6 +1012,27 @@ system_disk = { path = "/srv/lc2/sys.img" }
     }
 
     #[test]
+    fn daemon_connection_limits_are_checked() {
+        let c = parse(&format!(
+            "{GOOD}[daemon]\nmax_connections = 8\nidle_timeout_secs = 5\n"
+        ))
+        .unwrap();
+        assert_eq!(c.daemon.max_connections, 8);
+        assert_eq!(c.daemon.idle_timeout.as_secs(), 5);
+        let d = parse(GOOD).unwrap().daemon;
+        assert_eq!((d.max_connections, d.idle_timeout.as_secs()), (256, 60));
+        for (rest, want_key) in [
+            ("max_connections = 0\n", "daemon.max_connections"),
+            ("max_connections = 70000\n", "daemon.max_connections"),
+            ("idle_timeout_secs = 0\n", "daemon.idle_timeout_secs"),
+        ] {
+            let (line, key, msg) = invalid(&format!("{GOOD}[daemon]\n{rest}"));
+            assert_eq!(key, want_key, "{rest}: {msg}");
+            assert!(line > 0 && msg.contains("must be 1 to"), "{rest}: {msg}");
+        }
+    }
+
+    #[test]
     fn sections_parse_into_typed_values_with_defaults() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.service, ServiceSettings::default());

@@ -12,7 +12,9 @@
 //! shutdown_grace_secs = 60                    # how long SIGTERM waits for running runs
 //! max_body_bytes = 65536
 //! request_timeout_secs = 120                 # a command taking longer: 408
-//! head_timeout_secs = 10                     # a client must send its request head by then
+//! head_timeout_secs = 10                     # a request head must be whole by then
+//! idle_timeout_secs = 60                     # after an answer, the next request within this
+//! max_connections = 256                      # per listener; past it: 503 and closed
 //! tls_cert = "/etc/patchover/tls/cert.pem"   # TLS on the TCP listener: both or neither
 //! tls_key = "/etc/patchover/tls/key.pem"
 //! allow_plaintext_tcp = false                 # needed for `listen` off loopback without TLS
@@ -41,8 +43,13 @@ pub struct DaemonConfig {
     pub shutdown_grace: std::time::Duration,
     pub max_body_bytes: usize,
     pub request_timeout: std::time::Duration,
-    /// How long a connection may take to send its first request head.
+    /// How long a request head may take, from its first byte (the first request's: from
+    /// the connection's start).
     pub head_timeout: std::time::Duration,
+    /// How long a connection may wait after an answer for its next request.
+    pub idle_timeout: std::time::Duration,
+    /// How many connections each listener holds at once; past it: 503 and closed.
+    pub max_connections: usize,
     /// TLS on the TCP listener (`tls_cert` and `tls_key`).
     pub tls: Option<TlsFiles>,
     /// `listen` off loopback without TLS was allowed explicitly.
@@ -66,6 +73,8 @@ impl DaemonConfig {
             max_body_bytes: s.max_body_bytes,
             request_timeout: s.request_timeout,
             head_timeout: s.head_timeout,
+            idle_timeout: s.idle_timeout,
+            max_connections: s.max_connections,
             tls: s.tls.as_ref().map(|t| TlsFiles {
                 cert: t.cert.clone(),
                 key: t.key.clone(),

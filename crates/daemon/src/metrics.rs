@@ -94,6 +94,16 @@ pub const REGISTRY: &[(&str, &str, &[&str])] = &[
         "Events published on the event stream.",
         &[],
     ),
+    (
+        "patchover_connections_refused_total",
+        "Connections answered 503 and closed because their listener held max_connections.",
+        &[],
+    ),
+    (
+        "patchover_connections_timed_out_total",
+        "Connections closed by a deadline, by phase (head: a request head not whole in time; idle: no request after an answer).",
+        &["phase"],
+    ),
 ];
 
 /// The daemon's counters.
@@ -259,7 +269,11 @@ mod tests {
     fn every_registered_metric_is_incremented_somewhere() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut code = String::new();
-        for f in ["src/server.rs", "../patchover/src/cmd/serve.rs"] {
+        for f in [
+            "src/server.rs",
+            "src/slow.rs",
+            "../patchover/src/cmd/serve.rs",
+        ] {
             code.push_str(&std::fs::read_to_string(root.join(f)).unwrap());
         }
         let own = std::fs::read_to_string(root.join("src/metrics.rs")).unwrap();

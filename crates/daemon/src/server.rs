@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{
-    DefaultBodyLimit, FromRequest, MatchedPath, Path as UrlPath, RawQuery, Request, State,
+    ConnectInfo, DefaultBodyLimit, FromRequest, MatchedPath, Path as UrlPath, RawQuery, Request,
+    State,
 };
 use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
@@ -34,6 +35,7 @@ use crate::api::{
 use crate::auth::{TokenHash, authorized};
 use crate::config::DaemonConfig;
 use crate::metrics::Metrics;
+use crate::slow::{Capped, Guarded};
 
 /// What the handlers, the run driver and the monitor loop share: metrics, the event stream,
 /// the count of running runs and the shutdown flag.
@@ -296,13 +298,37 @@ async fn require_token(
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if !authorized(h, &tokens) {
-        return ApiError::new(
+        // The connection closes after the answer: a peer without a token gets no second try
+        // on it (each guess costs a new connection, under the cap).
+        let mut resp = ApiError::new(
             ErrorCode::Unauthorized,
             "send `Authorization: Bearer <token>` with a token whose hash is in [daemon] tokens",
         )
         .into_response();
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        return resp;
     }
     next.run(req).await
+}
+
+/// The outermost layer: the connection is [answering](crate::slow::Track::begin) from the
+/// request until its response body is done, so its idle and head deadlines do not run
+/// meanwhile (an event stream is never cut for being quiet).
+async fn answering(req: Request, next: Next) -> Response {
+    let answering = req
+        .extensions()
+        .get::<ConnectInfo<crate::slow::Track>>()
+        .map(|c| c.0.begin());
+    let resp = next.run(req).await;
+    match answering {
+        Some(answering) => {
+            resp.map(|inner| axum::body::Body::new(crate::slow::Tracked { inner, answering }))
+        }
+        None => resp,
+    }
 }
 
 type Route = (&'static str, &'static str, MethodRouter<AppState>);
@@ -503,10 +529,11 @@ pub fn router(
         .layer(DefaultBodyLimit::max(cfg.max_body_bytes))
         .route_layer(middleware::from_fn_with_state(s.clone(), count))
         .with_state(s);
-    match tokens {
+    let r = match tokens {
         Some(t) => r.layer(middleware::from_fn_with_state(Arc::new(t), require_token)),
         None => r,
-    }
+    };
+    r.layer(middleware::from_fn(answering))
 }
 
 /// Errors of the listeners.
@@ -528,10 +555,10 @@ pub enum ServeError {
     },
 }
 
-/// The TCP listener, plain or TLS.
+/// The TCP listener, plain or TLS; both under the connection cap.
 enum Tcp {
-    Plain(tokio::net::TcpListener),
-    Tls(crate::tls::TlsListener),
+    Plain(Capped<tokio::net::TcpListener>),
+    Tls(crate::tls::TlsListener<Capped<tokio::net::TcpListener>>),
 }
 
 fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
@@ -574,6 +601,33 @@ pub fn tls_config(
     }
 }
 
+/// Serves `app` on `l` until shutdown, each connection under the head and idle deadlines
+/// ([`Guarded`]) and told when it is answering ([`crate::slow::Track`]).
+fn spawn_serve<L>(
+    l: L,
+    app: Router,
+    cfg: &DaemonConfig,
+    hub: &Arc<Hub>,
+) -> tokio::task::JoinHandle<std::io::Result<()>>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let l = Guarded {
+        inner: l,
+        head_timeout: cfg.head_timeout,
+        idle_timeout: cfg.idle_timeout,
+        hub: hub.clone(),
+    };
+    let hub = hub.clone();
+    let app = app.into_make_service_with_connect_info::<crate::slow::Track>();
+    tokio::spawn(async move {
+        axum::serve(l, app)
+            .with_graceful_shutdown(async move { hub.wait_shutdown().await })
+            .await
+    })
+}
+
 /// Serves the API on the Unix socket (and TCP when configured, over TLS with `tls`, from
 /// [`tls_config`]) until `stop` resolves, then shuts down gracefully: no new connections, event
 /// streams end, running runs get up to `cfg.shutdown_grace` to finish.
@@ -585,8 +639,12 @@ pub async fn serve(
     notify: crate::Notifier,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let unix = bind_unix(&cfg.socket)?;
-    let head_timeout = cfg.head_timeout;
+    let unix = Capped::new(
+        bind_unix(&cfg.socket)?,
+        cfg.max_connections,
+        true,
+        hub.clone(),
+    );
     let tcp = match cfg.listen {
         None => None,
         Some(addr) => {
@@ -596,11 +654,15 @@ pub async fn serve(
             };
             let l = tokio::net::TcpListener::bind(addr).await.map_err(listen)?;
             Some(match tls.clone() {
-                // The handshake gets the head deadline too; the head's starts after it.
+                // Refused before the handshake; the handshake gets the head deadline too
+                // (the head's starts after it).
                 Some(tls) => {
-                    Tcp::Tls(crate::tls::TlsListener::new(l, tls, head_timeout).map_err(listen)?)
+                    let l = Capped::new(l, cfg.max_connections, false, hub.clone());
+                    Tcp::Tls(
+                        crate::tls::TlsListener::new(l, tls, cfg.head_timeout).map_err(listen)?,
+                    )
                 }
-                None => Tcp::Plain(l),
+                None => Tcp::Plain(Capped::new(l, cfg.max_connections, true, hub.clone())),
             })
         }
     };
@@ -629,39 +691,12 @@ pub async fn serve(
         });
     }
     let unix_app = router(dispatch.clone(), hub.clone(), cfg, None);
-    let h1 = hub.clone();
-    let unix_srv = tokio::spawn(async move {
-        let unix = crate::slow::Guarded {
-            inner: unix,
-            head_timeout,
-        };
-        axum::serve(unix, unix_app)
-            .with_graceful_shutdown(async move { h1.wait_shutdown().await })
-            .await
-    });
+    let unix_srv = spawn_serve(unix, unix_app, cfg, &hub);
     let tcp_srv = tcp.map(|l| {
         let app = router(dispatch, hub.clone(), cfg, Some(cfg.tokens.clone()));
-        let h2 = hub.clone();
-        let stopped = async move { h2.wait_shutdown().await };
         match l {
-            Tcp::Plain(inner) => {
-                let l = crate::slow::Guarded {
-                    inner,
-                    head_timeout,
-                };
-                tokio::spawn(
-                    async move { axum::serve(l, app).with_graceful_shutdown(stopped).await },
-                )
-            }
-            Tcp::Tls(inner) => {
-                let l = crate::slow::Guarded {
-                    inner,
-                    head_timeout,
-                };
-                tokio::spawn(
-                    async move { axum::serve(l, app).with_graceful_shutdown(stopped).await },
-                )
-            }
+            Tcp::Plain(l) => spawn_serve(l, app, cfg, &hub),
+            Tcp::Tls(l) => spawn_serve(l, app, cfg, &hub),
         }
     });
     let joined = |r: Result<std::io::Result<()>, tokio::task::JoinError>, what: String| match r {

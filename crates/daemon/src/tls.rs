@@ -12,7 +12,6 @@
 //! certificates, ALPN `http/1.1`.
 
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +20,6 @@ use axum::serve::Listener;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -155,25 +153,31 @@ impl TlsFiles {
     }
 }
 
-/// A TCP listener whose connections come out with their TLS handshake done. Connections whose
-/// handshake fails or does not finish within the deadline are dropped (logged at debug).
-pub struct TlsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
+/// A listener whose connections come out with their TLS handshake done. Connections whose
+/// handshake fails or does not finish within the deadline are dropped (logged at debug). The
+/// inner listener decides what is admitted at all (the daemon's: [`crate::slow::Capped`], so
+/// a refused connection costs no handshake).
+pub struct TlsListener<L: Listener> {
+    rx: mpsc::Receiver<(TlsStream<L::Io>, L::Addr)>,
+    local: L::Addr,
 }
 
-impl TlsListener {
-    /// Starts accepting on `tcp` (on the current tokio runtime); the accept task ends when the
-    /// listener is dropped.
+impl<L> TlsListener<L>
+where
+    L: Listener,
+    L::Addr: Clone + std::fmt::Display,
+{
+    /// Starts accepting on `inner` (on the current tokio runtime); the accept task ends when
+    /// the listener is dropped.
     pub fn new(
-        tcp: TcpListener,
+        inner: L,
         config: Arc<ServerConfig>,
         handshake_timeout: Duration,
-    ) -> io::Result<TlsListener> {
-        let local = tcp.local_addr()?;
+    ) -> io::Result<TlsListener<L>> {
+        let local = inner.local_addr()?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(accept_loop(
-            tcp,
+            inner,
             TlsAcceptor::from(config),
             handshake_timeout,
             tx,
@@ -182,17 +186,20 @@ impl TlsListener {
     }
 }
 
-async fn accept_loop(
-    mut tcp: TcpListener,
+async fn accept_loop<L>(
+    mut inner: L,
     acceptor: TlsAcceptor,
     handshake_timeout: Duration,
-    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
-) {
+    tx: mpsc::Sender<(TlsStream<L::Io>, L::Addr)>,
+) where
+    L: Listener,
+    L::Addr: std::fmt::Display,
+{
     loop {
         // axum's accept logs and retries on errors (e.g. too many open files).
         let (stream, peer) = tokio::select! {
             _ = tx.closed() => return,
-            c = Listener::accept(&mut tcp) => c,
+            c = inner.accept() => c,
         };
         let (acceptor, tx) = (acceptor.clone(), tx.clone());
         tokio::spawn(async move {
@@ -208,9 +215,13 @@ async fn accept_loop(
     }
 }
 
-impl Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
+impl<L> Listener for TlsListener<L>
+where
+    L: Listener,
+    L::Addr: Clone + Sync,
+{
+    type Io = TlsStream<L::Io>;
+    type Addr = L::Addr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.rx.recv().await {
@@ -221,7 +232,7 @@ impl Listener for TlsListener {
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(self.local)
+        Ok(self.local.clone())
     }
 }
 
@@ -229,6 +240,8 @@ impl Listener for TlsListener {
 mod tests {
     use std::io::{Read, Write};
     use std::process::Command;
+
+    use tokio::net::TcpListener;
 
     use super::*;
 

@@ -2409,3 +2409,203 @@ fn a_restart_that_loses_the_runtime_directory_finds_every_lc_and_unfinished_run(
     drop(t);
     drop(levels);
 }
+
+/// The daemon on its socket and on TCP with [`TOKEN`], with `limits` in `[daemon]` and a
+/// `[monitor]` without feeds (so `POST /v1/monitor/run-once` publishes an event).
+fn limited(limits: &str) -> (Topo, Daemon, u16) {
+    let t = Topo::new(&[(0, 50, 64)]);
+    let d = t.dir.path();
+    std::fs::write(d.join("secret"), "an approval secret for the test\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d.join("secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let port = free_port();
+    let socket = d.join("sock/patchover.sock");
+    t.write_config(&format!(
+        "\n[daemon]\nsocket = \"{}\"\nlisten = \"127.0.0.1:{port}\"\ntokens = [\"{}\"]\nmonitor = false\n{limits}\n[monitor]\nsecret_file = \"{}\"\n",
+        socket.display(),
+        token_hash(),
+        d.join("secret").display(),
+    ));
+    let daemon = Daemon::start(&t.config, &socket);
+    (t, daemon, port)
+}
+
+fn tcp_to(port: u16) -> std::net::TcpStream {
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Sends one keep-alive request and reads its answer (a `Content-Length` body).
+fn keep_alive<S: Read + Write>(s: &mut BufReader<S>, path: &str, token: Option<&str>) -> Resp {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    s.get_mut()
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes())
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut line = Vec::new();
+        let n = s.read_until(b'\n', &mut line).unwrap();
+        assert!(n > 0, "closed before a whole answer: {head:?}");
+        head.extend_from_slice(&line);
+    }
+    let mut r = parse_response(&head);
+    let len: usize = r.headers["content-length"].parse().unwrap();
+    r.body = vec![0; len];
+    s.read_exact(&mut r.body).unwrap();
+    r
+}
+
+/// Waits for the daemon to close `s`: EOF or a reset, never a read timeout. The time it took.
+fn closed_by_daemon<S: Read>(s: &mut S) -> Duration {
+    let t = Instant::now();
+    let mut buf = [0u8; 256];
+    match s.read(&mut buf) {
+        Ok(0) => t.elapsed(),
+        Ok(n) => panic!("unexpected bytes: {:?}", String::from_utf8_lossy(&buf[..n])),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => t.elapsed(),
+        Err(e) => panic!("the daemon did not close the connection: {e}"),
+    }
+}
+
+/// Issue 22: no connection cap. Past `max_connections` a TCP connection is answered 503 and
+/// closed (the Unix socket has its own budget, so a flood on TCP does not lock out the local
+/// CLI); once the holders close, the daemon serves again.
+#[test]
+fn connections_past_the_cap_are_answered_503_and_the_daemon_serves_after_they_close() {
+    let (_t, d, port) = limited("max_connections = 3\nhead_timeout_secs = 60\n");
+    let holders: Vec<_> = (0..3).map(|_| tcp_to(port)).collect();
+    // Admitted in order: the holders have the three places.
+    std::thread::sleep(Duration::from_millis(300));
+    let over = tcp_to(port);
+    let r = http(
+        over,
+        "GET",
+        "/v1/status",
+        &[("authorization", &format!("Bearer {TOKEN}"))],
+        None,
+    );
+    r.error(503, "unavailable");
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_connections (3)"),
+        "{:?}",
+        r.json()
+    );
+    assert_eq!(r.headers["connection"], "close");
+    // The socket is not the TCP listener's budget.
+    assert_eq!(d.get("/v1/status").status, 200);
+    drop(holders);
+    let t0 = Instant::now();
+    loop {
+        let r = http(
+            tcp_to(port),
+            "GET",
+            "/v1/status",
+            &[("authorization", &format!("Bearer {TOKEN}"))],
+            None,
+        );
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "still refused 5 s after the holders closed: {}",
+            r.status
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = parse_prometheus(&String::from_utf8(d.get("/metrics").body).unwrap());
+    assert!(metric(&m, "patchover_connections_refused_total", &[]) >= 1.0);
+}
+
+/// Issue 22: the daemon kept the TCP connection after a 401. Now the answer says
+/// `Connection: close` and the socket is closed (read returns EOF); a connection with the
+/// token stays open for its next request.
+#[test]
+fn a_401_closes_the_connection_and_an_authorized_one_is_kept() {
+    let (_t, _d, port) = limited("");
+    let mut s = BufReader::new(tcp_to(port));
+    let r = keep_alive(&mut s, "/v1/status", Some("wrong-token-0123456789"));
+    r.error(401, "unauthorized");
+    closed_by_daemon(&mut s);
+    assert_eq!(r.headers["connection"], "close");
+
+    let mut s = BufReader::new(tcp_to(port));
+    for _ in 0..2 {
+        let r = keep_alive(&mut s, "/v1/status", Some(TOKEN));
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+}
+
+/// Issue 22: idle connections were never closed, and only the first request head had a
+/// deadline. A keep-alive connection with no request for `idle_timeout_secs` is closed; a
+/// second request head trickled byte by byte is cut `head_timeout_secs` after its first byte;
+/// an event stream held past both stays open and still receives events.
+#[test]
+fn idle_and_trickling_connections_are_closed_but_an_event_stream_is_not() {
+    let (_t, d, port) = limited("idle_timeout_secs = 1\nhead_timeout_secs = 1\n");
+    // The event stream, over TCP with the token.
+    let mut ev = BufReader::new(tcp_to(port));
+    ev.get_mut()
+        .write_all(
+            format!("GET /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    let mut line = String::new();
+    ev.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+
+    // Idle after an answer: closed after the idle timeout, not before.
+    let mut idle = BufReader::new(tcp_to(port));
+    assert_eq!(keep_alive(&mut idle, "/v1/status", Some(TOKEN)).status, 200);
+    let took = closed_by_daemon(&mut idle);
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+
+    // A second request trickled a byte every 200 ms (5 s in all): cut after about 1 s.
+    let slow = UnixStream::connect(&d.socket).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut slow = BufReader::new(slow);
+    assert_eq!(keep_alive(&mut slow, "/v1/status", None).status, 200);
+    let mut w = slow.get_ref().try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        let t = Instant::now();
+        for b in b"GET /v1/status HTTP/1.1\r\nHost: xxxxxxxxx" {
+            if w.write_all(&[*b]).is_err() {
+                return Some(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        None
+    });
+    let took = closed_by_daemon(&mut slow);
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    drop(slow);
+    let _ = trickle.join().unwrap();
+
+    // The stream, quiet for over twice the idle timeout, is open and gets the next event.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(d.post("/v1/monitor/run-once", "").status, 200);
+    let t0 = Instant::now();
+    loop {
+        line.clear();
+        let n = ev.read_line(&mut line).expect("the event stream is open");
+        assert!(n > 0, "the event stream was closed");
+        if line.trim() == "event: monitor" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no monitor event");
+    }
+}

@@ -237,7 +237,8 @@ pub(super) struct RawMonitor {
 }
 
 impl Validator<'_> {
-    fn range(
+    /// A number that must lie in `lo..=hi` (an error at its line otherwise).
+    pub(super) fn range(
         &self,
         key: &str,
         v: Option<Spanned<u64>>,

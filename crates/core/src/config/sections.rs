@@ -53,8 +53,15 @@ pub struct DaemonSection {
     pub shutdown_grace: Duration,
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
-    /// How long a connection may take to send its first request head.
+    /// How long a connection may take to send a request head, from its first byte (the
+    /// first request's: from the connection's start).
     pub head_timeout: Duration,
+    /// How long a keep-alive connection may wait, after an answer, before its next request
+    /// starts; then it is closed. Answers in progress (event streams) are never cut by it.
+    pub idle_timeout: Duration,
+    /// How many connections each listener (the socket, TCP) holds open at once; past it a
+    /// new one is answered 503 and closed.
+    pub max_connections: usize,
     pub tls: Option<TlsPaths>,
     /// `listen` off loopback without TLS was allowed explicitly.
     pub allow_plaintext_tcp: bool,
@@ -72,6 +79,8 @@ impl DaemonSection {
             max_body_bytes: 64 * 1024,
             request_timeout: Duration::from_secs(120),
             head_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 256,
             tls: None,
             allow_plaintext_tcp: false,
         }
@@ -125,6 +134,8 @@ pub(super) struct RawDaemon {
     max_body_bytes: Option<usize>,
     request_timeout_secs: Option<u64>,
     head_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<Spanned<u64>>,
+    max_connections: Option<Spanned<u64>>,
     tls_cert: Option<Spanned<PathBuf>>,
     tls_key: Option<Spanned<PathBuf>>,
     #[serde(default)]
@@ -244,6 +255,10 @@ impl Validator<'_> {
         }
         let d = DaemonSection::defaults(run_dir);
         let secs = |v: Option<u64>, d: Duration| v.map_or(d, Duration::from_secs);
+        let idle = self.range("daemon.idle_timeout_secs", raw.idle_timeout_secs, 1, 86_400)?;
+        let max_connections = self
+            .range("daemon.max_connections", raw.max_connections, 1, 65_536)?
+            .map_or(d.max_connections, |n| n as usize);
         Ok(DaemonSection {
             socket: raw.socket.map_or(d.socket, Spanned::into_inner),
             listen: raw.listen.map(Spanned::into_inner),
@@ -253,6 +268,8 @@ impl Validator<'_> {
             max_body_bytes: raw.max_body_bytes.unwrap_or(d.max_body_bytes),
             request_timeout: secs(raw.request_timeout_secs, d.request_timeout),
             head_timeout: secs(raw.head_timeout_secs, d.head_timeout),
+            idle_timeout: secs(idle, d.idle_timeout),
+            max_connections,
             tls,
             allow_plaintext_tcp: raw.allow_plaintext_tcp,
         })
