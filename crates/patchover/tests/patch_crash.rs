@@ -141,7 +141,7 @@ fn sigkill_inside_a_hand_off_is_recovered_both_ways() {
         child.kill().unwrap();
         let _ = child.wait();
         // The run guard recovers at once; `runs recover` waits for it (or does it).
-        let outcome = recovered_outcome(&c, moment);
+        let outcome = c.t.recovered_outcome(moment);
         assert_eq!(outcome, expect_outcome, "{moment}");
         let on = &c.t.lcs[expect_on].id;
         assert_eq!(nat(), addr(expect_on), "{moment}: the NAT points at {on}");
@@ -217,7 +217,7 @@ fn sigkill_after_a_stateless_flip_is_finished_once_the_old_flows_ended() {
     child.kill().unwrap();
     let _ = child.wait();
     let killed_ms = unix_ms();
-    let outcome = recovered_outcome(&c, "nat flipped");
+    let outcome = c.t.recovered_outcome("nat flipped");
     std::thread::sleep(Duration::from_millis(300));
     let (k, k_failures, closed) = kept.finish();
     let (f, f_failures, _) = fresh.finish();
@@ -250,24 +250,6 @@ fn spawn_patch(c: &Cycle, lc: &str, mode: &str) -> std::process::Child {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap()
-}
-
-/// Waits (at most 60 s, running `runs recover`) until the newest run has ended; its outcome.
-fn recovered_outcome(c: &Cycle, moment: &str) -> String {
-    let t = Instant::now();
-    loop {
-        let _ = c.t.po(&["runs", "recover"]);
-        let runs = c.t.po_json(&["runs", "list"]);
-        let last = runs.as_array().unwrap().last().cloned().unwrap();
-        if !last["ended_ms"].is_null() {
-            return last["outcome"].as_str().unwrap_or("?").to_owned();
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "{moment}: not recovered"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn last_run_id(c: &Cycle) -> Option<i64> {
@@ -323,7 +305,7 @@ fn r15_sigkill_inside_the_drain_leaves_the_service_keeping_connections_alive() {
     }
     child.kill().unwrap();
     let _ = child.wait();
-    let outcome = recovered_outcome(&c, "killed in the drain");
+    let outcome = c.t.recovered_outcome("killed in the drain");
     assert_eq!(outcome, "rolled-back");
     let health = {
         let s = svc.clone();

@@ -218,25 +218,6 @@ impl PgLcs {
         (id, shown["steps"].as_array().unwrap().clone())
     }
 
-    /// Waits (running `runs recover` too; the run guard normally did it) until the newest run
-    /// has ended; its outcome.
-    fn recovered_outcome(&self, moment: &str) -> String {
-        let t = Instant::now();
-        loop {
-            let _ = self.t.po(&["runs", "recover"]);
-            let runs = self.t.po_json(&["runs", "list"]);
-            let last = runs.as_array().unwrap().last().cloned().unwrap();
-            if !last["ended_ms"].is_null() {
-                return last["outcome"].as_str().unwrap_or("?").to_owned();
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "{moment}: not recovered"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
     /// Whether PgBouncer holds its clients (1.18's console does not show a `PAUSE` of every
     /// database): a client's `SELECT 1` through it gets no answer within 3 s.
     fn front_paused(&self) -> bool {
@@ -693,7 +674,7 @@ fn r21_sigkill_with_the_front_paused_is_recovered_and_the_front_let_go() {
     child.kill().unwrap();
     let _ = child.wait();
     assert!(paused, "killed with the front paused");
-    let outcome = pg.recovered_outcome("killed in the window");
+    let outcome = pg.t.recovered_outcome("killed in the window");
     let window = (window, now_us());
     let (_, journal) = pg.last_run();
     let story = front_story(&journal);
@@ -735,7 +716,7 @@ fn r21_sigkill_with_the_front_paused_is_recovered_and_the_front_let_go() {
     child.kill().unwrap();
     let _ = child.wait();
     console.pass();
-    let outcome = pg.recovered_outcome("killed in the release");
+    let outcome = pg.t.recovered_outcome("killed in the release");
     let release = (release, now_us());
     let (_, journal) = pg.last_run();
     let story = front_story(&journal);

@@ -393,6 +393,25 @@ impl Topo {
         po_json(&self.config, args)
     }
 
+    /// Waits (at most 60 s, running `runs recover`: a killed run's guard normally did it) until
+    /// the newest run has ended; its outcome. `moment` names the kill in the failure message.
+    pub fn recovered_outcome(&self, moment: &str) -> String {
+        let t = std::time::Instant::now();
+        loop {
+            let _ = self.po(&["runs", "recover"]);
+            let runs = self.po_json(&["runs", "list"]);
+            let last = runs.as_array().unwrap().last().cloned().unwrap();
+            if !last["ended_ms"].is_null() {
+                return last["outcome"].as_str().unwrap_or("?").to_owned();
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{moment}: not recovered"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The LC's v2 cgroup directory (this host has the unified hierarchy).
     pub fn v2_group(&self, id: &str) -> PathBuf {
         PathBuf::from(format!(
