@@ -15,6 +15,7 @@
 //! is linked statically into every rootfs.
 
 pub mod apply;
+pub mod fuzzing;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;

@@ -13,6 +13,7 @@ pub mod apt;
 #[cfg(feature = "fixture")]
 pub mod fixture;
 pub mod fromapt;
+pub mod fuzzing;
 pub mod image;
 pub mod reader;
 pub mod run;
