@@ -473,4 +473,44 @@ mod tests {
         );
         trickle.abort();
     }
+
+    /// The cap on real loopback sockets: past it a plain listener answers 503 and closes, a
+    /// TLS one (no answer) closes before any byte; a place comes back when a holder closes.
+    #[tokio::test]
+    async fn past_the_cap_a_connection_is_answered_or_closed_and_places_come_back() {
+        for answer in [true, false] {
+            let hub = Hub::new();
+            let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = tcp.local_addr().unwrap();
+            let mut l = Capped::new(tcp, 1, answer, hub.clone());
+            let holder = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (admitted, _) = l.accept().await;
+            let mut over = tokio::net::TcpStream::connect(addr).await.unwrap();
+            // The next accept refuses `over` and waits for a connection it can admit.
+            let next = tokio::spawn(async move {
+                let (io, _) = l.accept().await;
+                (io, l)
+            });
+            let mut got = Vec::new();
+            over.read_to_end(&mut got).await.unwrap();
+            let got = String::from_utf8_lossy(&got);
+            if answer {
+                assert!(got.starts_with("HTTP/1.1 503 "), "{got}");
+                assert!(got.contains("max_connections (1)"), "{got}");
+            } else {
+                assert_eq!(got, "", "a TLS port answers nothing in clear");
+            }
+            assert_eq!(
+                hub.metrics.get("patchover_connections_refused_total", &[]),
+                1.0
+            );
+            drop((admitted, holder));
+            let _again = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (io, _l) = tokio::time::timeout(Duration::from_secs(5), next)
+                .await
+                .expect("a place after the holder closed")
+                .unwrap();
+            drop(io);
+        }
+    }
 }
