@@ -25,6 +25,22 @@ fn trusted(k: &Key) -> TrustedKeys {
     TrustedKeys::new(vec![TrustedKey::from_file(&k.public).unwrap()]).unwrap()
 }
 
+/// Publishes the index of the bundles in `dir`, signed by `key`, which also signed them.
+fn publish_signed(
+    dir: &Path,
+    key: &Key,
+    expires: Option<Expiry>,
+) -> patchover_monitor::PublishedFeed {
+    publish(
+        dir,
+        &key.signing,
+        &trusted(key),
+        &Limits::default(),
+        expires,
+    )
+    .unwrap()
+}
+
 fn config(toml_text: &str) -> MonitorConfig {
     let host = patchover_core::HostFacts {
         cpus: 1,
@@ -111,14 +127,7 @@ impl MailWorld {
         let feed_dir = dir.join("feed");
         bundle(dir, &feed_dir, "sec-1", "security", &["lc1"], &key);
         bundle(dir, &feed_dir, "fix-1", "bugfix", &[], &key);
-        let published = publish(
-            &feed_dir,
-            &key.signing,
-            &trusted(&key),
-            &Limits::default(),
-            None,
-        )
-        .unwrap();
+        let published = publish_signed(&feed_dir, &key, None);
         assert_eq!(published.bundles, 2);
         let http = HttpServer::start();
         http.serve_dir(&feed_dir, "/feed");
@@ -443,7 +452,7 @@ fn hostile_feeds_are_rejected_and_back_off() {
     // hash mismatch: the bundle served differs from the signed index (same size).
     let d = dir.join("hash");
     let b = bundle(dir, &d, "b-hash", "security", &[], &key);
-    publish(&d, &key.signing, &trusted(&key), &Limits::default(), None).unwrap();
+    publish_signed(&d, &key, None);
     http.serve_dir(&d, "/hash");
     let mut bytes = std::fs::read(&b).unwrap();
     let last = bytes.len() - 1;
@@ -459,7 +468,7 @@ fn hostile_feeds_are_rejected_and_back_off() {
     // foreign host: the index points at another host (localhost is not 127.0.0.1).
     let d = dir.join("foreign");
     bundle(dir, &d, "b-foreign", "security", &[], &key);
-    publish(&d, &key.signing, &trusted(&key), &Limits::default(), None).unwrap();
+    publish_signed(&d, &key, None);
     resign(&d, &key, |text| {
         text.replace(
             "\"b-foreign.tar.zst\"",
@@ -635,11 +644,11 @@ fn an_older_signed_index_is_refused_even_after_a_restart() {
     let key = Key::new(dir, "feed");
     let (v1, v2) = (dir.join("v1"), dir.join("v2"));
     bundle(dir, &v1, "withdrawn-1", "security", &[], &key);
-    let old = publish(&v1, &key.signing, &trusted(&key), &Limits::default(), None).unwrap();
+    let old = publish_signed(&v1, &key, None);
     let an_hour_ago = rfc3339(unix_now() - 3600);
     resign(&v1, &key, |t| t.replace(&old.generated, &an_hour_ago));
     bundle(dir, &v2, "current-1", "security", &[], &key);
-    publish(&v2, &key.signing, &trusted(&key), &Limits::default(), None).unwrap();
+    publish_signed(&v2, &key, None);
     let http = HttpServer::start();
     http.serve_dir(&v2, "/feed");
     let cfg = feeds_config(&key, &[("main", http.url("/feed/index.json"))], "");
@@ -683,14 +692,7 @@ fn an_expired_index_is_refused_even_when_the_server_answers_304() {
     let (expired, frozen) = (dir.join("expired"), dir.join("frozen"));
     bundle(dir, &expired, "e-1", "security", &[], &key);
     let hour = Some(Expiry::After(Duration::from_secs(3600)));
-    let p = publish(
-        &expired,
-        &key.signing,
-        &trusted(&key),
-        &Limits::default(),
-        hour,
-    )
-    .unwrap();
+    let p = publish_signed(&expired, &key, hour);
     let (g, e) = (rfc3339(now - 7200), rfc3339(now - 3600));
     resign(&expired, &key, |t| {
         t.replace(&p.generated, &g)
@@ -700,14 +702,7 @@ fn an_expired_index_is_refused_even_when_the_server_answers_304() {
     // "frozen": valid for a day; the server will keep answering 304 for it.
     bundle(dir, &frozen, "f-1", "security", &[], &key);
     let day = Some(Expiry::At(now + 86_400));
-    let p = publish(
-        &frozen,
-        &key.signing,
-        &trusted(&key),
-        &Limits::default(),
-        day,
-    )
-    .unwrap();
+    let p = publish_signed(&frozen, &key, day);
     assert_eq!(p.expires.as_deref(), Some(rfc3339(now + 86_400).as_str()));
     http.serve_dir(&frozen, "/frozen");
     let cfg = feeds_config(
@@ -766,27 +761,13 @@ fn a_redirect_from_https_to_http_is_refused() {
     let http = HttpServer::start();
     let (tls_dir, plain_dir) = (dir.join("tls"), dir.join("plain"));
     bundle(dir, &tls_dir, "tls-1", "security", &[], &key);
-    publish(
-        &tls_dir,
-        &key.signing,
-        &trusted(&key),
-        &Limits::default(),
-        None,
-    )
-    .unwrap();
+    publish_signed(&tls_dir, &key, None);
     https.serve_dir(&tls_dir, "/a");
     for f in ["index.json", "index.json.minisig"] {
         https.route(&format!("/moved/{f}"), Route::Redirect(format!("/a/{f}")));
     }
     bundle(dir, &plain_dir, "plain-1", "security", &[], &key);
-    publish(
-        &plain_dir,
-        &key.signing,
-        &trusted(&key),
-        &Limits::default(),
-        None,
-    )
-    .unwrap();
+    publish_signed(&plain_dir, &key, None);
     http.serve_dir(&plain_dir, "/b");
     for f in ["index.json", "index.json.minisig"] {
         https.route(
@@ -831,14 +812,7 @@ fn host_approval_without_mail_and_rejection_records() {
     let feed_dir = dir.join("feed");
     bundle(dir, &feed_dir, "p-1", "security", &["lc1"], &key);
     bundle(dir, &feed_dir, "p-2", "enhancement", &["lc1"], &key);
-    publish(
-        &feed_dir,
-        &key.signing,
-        &trusted(&key),
-        &Limits::default(),
-        None,
-    )
-    .unwrap();
+    publish_signed(&feed_dir, &key, None);
     let http = HttpServer::start();
     http.serve_dir(&feed_dir, "/f");
     let secret_file = dir.join("s");
