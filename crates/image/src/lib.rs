@@ -4,9 +4,10 @@
 //! an initramfs.
 //!
 //! The guest binaries (`patchover-agent`, `patchover-demo`) must be static, since the rootfs
-//! has no C library ([`is_static_elf`] reads the ELF program headers). They are found in
-//! `$PATCHOVER_GUEST_DIR`, beside the running binary, or in cargo's static-target directory
-//! next to it; `scripts/build-guest` builds them.
+//! has no C library ([`is_static_elf`] reads the ELF program headers). They are found
+//! ([`GuestDirs`]) in `$PATCHOVER_GUEST_DIR` when it is set, then where the package installs
+//! them (`/usr/lib/patchover`), then in a development checkout's build tree next to the
+//! running binary; `scripts/build-guest` builds them, `scripts/deb` packages them.
 
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
@@ -80,44 +81,106 @@ pub fn is_static_elf(path: &Path) -> bool {
     })
 }
 
-/// Finds a static guest binary by name.
-pub fn guest_binary(name: &str) -> Result<PathBuf, ImageError> {
-    let mut dirs = Vec::new();
-    if let Some(d) = std::env::var_os("PATCHOVER_GUEST_DIR") {
-        dirs.push(PathBuf::from(d));
-    }
-    if let Some(exe_dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_owned))
-    {
-        dirs.push(exe_dir.clone());
-        for up in [exe_dir.parent(), exe_dir.parent().and_then(Path::parent)]
-            .into_iter()
-            .flatten()
-        {
-            dirs.push(up.join("x86_64-unknown-linux-gnu/release"));
-            dirs.push(up.join("target/x86_64-unknown-linux-gnu/release"));
+/// Where the package (`scripts/deb`) installs the static guest binaries.
+pub const PACKAGE_GUEST_DIR: &str = "/usr/lib/patchover";
+
+/// The environment variable that names the guest binaries' directory explicitly.
+pub const GUEST_DIR_ENV: &str = "PATCHOVER_GUEST_DIR";
+
+/// The places guest binaries are looked for, in order: the explicit setting
+/// (`$PATCHOVER_GUEST_DIR`), the package's directory ([`PACKAGE_GUEST_DIR`]), then the build
+/// tree of a development checkout next to the running binary (`target/…/release`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestDirs {
+    pub explicit: Option<PathBuf>,
+    pub package: PathBuf,
+    pub build_tree: Vec<PathBuf>,
+}
+
+impl GuestDirs {
+    /// This process's places: the environment, `/usr/lib/patchover`, and the directories
+    /// near the running executable.
+    pub fn of_this_process() -> GuestDirs {
+        let exe = std::env::current_exe().ok();
+        GuestDirs {
+            explicit: std::env::var_os(GUEST_DIR_ENV).map(PathBuf::from),
+            package: PathBuf::from(PACKAGE_GUEST_DIR),
+            build_tree: exe.as_deref().map(build_tree_near).unwrap_or_default(),
         }
     }
-    let mut dynamic = None;
-    for d in &dirs {
-        let p = d.join(name);
-        if p.is_file() {
-            if is_static_elf(&p) {
-                return Ok(p);
+
+    fn in_order(&self) -> impl Iterator<Item = &PathBuf> {
+        self.explicit
+            .iter()
+            .chain(std::iter::once(&self.package))
+            .chain(&self.build_tree)
+    }
+
+    /// Finds the static guest binary `name` in the first place that has it.
+    pub fn find(&self, name: &str) -> Result<PathBuf, ImageError> {
+        let mut dynamic = None;
+        for p in self.in_order().map(|d| d.join(name)) {
+            if p.is_file() {
+                if is_static_elf(&p) {
+                    return Ok(p);
+                }
+                dynamic.get_or_insert(p);
             }
-            dynamic.get_or_insert(p);
         }
+        Err(ImageError::Refused(match dynamic {
+            Some(p) => format!(
+                "{} is linked dynamically and would not run inside an LC; build the static guest binaries with `scripts/build-guest`",
+                p.display()
+            ),
+            None => self.not_found(name),
+        }))
     }
-    match dynamic {
-        Some(p) => Err(ImageError::Refused(format!(
-            "{} is linked dynamically and would not run inside an LC; build the static guest binaries with `scripts/build-guest`",
-            p.display()
-        ))),
-        None => Err(ImageError::Refused(format!(
-            "cannot find the static guest binary {name} (looked in $PATCHOVER_GUEST_DIR and near this binary); build it with `scripts/build-guest`"
-        ))),
+
+    fn not_found(&self, name: &str) -> String {
+        let explicit = match &self.explicit {
+            Some(d) => format!("${GUEST_DIR_ENV} ({})", d.display()),
+            None => format!("${GUEST_DIR_ENV} (not set)"),
+        };
+        let tree: Vec<String> = self
+            .build_tree
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        format!(
+            "cannot find the static guest binary {name}: not in {explicit}, not in the package's {}, \
+             not in the build tree near this binary ({}); install the patchover package, set \
+             ${GUEST_DIR_ENV}, or build them with `scripts/build-guest`",
+            self.package.display(),
+            if tree.is_empty() {
+                "none".to_owned()
+            } else {
+                tree.join(", ")
+            },
+        )
     }
+}
+
+/// A development checkout's places for a binary at `exe`: its own directory, and the static
+/// target's release directory one and two levels up (`target/debug/patchover`,
+/// `target/debug/deps/test-…`).
+fn build_tree_near(exe: &Path) -> Vec<PathBuf> {
+    let Some(exe_dir) = exe.parent() else {
+        return Vec::new();
+    };
+    let mut dirs = vec![exe_dir.to_owned()];
+    for up in [exe_dir.parent(), exe_dir.parent().and_then(Path::parent)]
+        .into_iter()
+        .flatten()
+    {
+        dirs.push(up.join("x86_64-unknown-linux-gnu/release"));
+        dirs.push(up.join("target/x86_64-unknown-linux-gnu/release"));
+    }
+    dirs
+}
+
+/// Finds a static guest binary by name ([`GuestDirs::of_this_process`]).
+pub fn guest_binary(name: &str) -> Result<PathBuf, ImageError> {
+    GuestDirs::of_this_process().find(name)
 }
 
 /// A static busybox, installing Debian's busybox-static when there is none.
@@ -389,4 +452,114 @@ fn tempfile_dir(parent: &Path) -> Result<TmpDir, ImageError> {
     let _ = fs::remove_dir_all(&p);
     fs::create_dir(&p).ctx(|| format!("creating {}", p.display()))?;
     Ok(TmpDir(Some(p)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ELF64 file: no program headers (static), or one `PT_INTERP` (dynamic).
+    fn elf(path: &Path, dynamic: bool) {
+        let mut d = vec![0u8; 64];
+        d[..5].copy_from_slice(b"\x7fELF\x02");
+        d[32..40].copy_from_slice(&64u64.to_le_bytes());
+        d[54..56].copy_from_slice(&56u16.to_le_bytes());
+        if dynamic {
+            d[56..58].copy_from_slice(&1u16.to_le_bytes());
+            let mut ph = vec![0u8; 56];
+            ph[..4].copy_from_slice(&3u32.to_le_bytes());
+            d.extend(ph);
+        }
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, d).unwrap();
+    }
+
+    /// Three places under one temporary directory, each holding `agent` when asked.
+    fn places(root: &Path, explicit: bool) -> GuestDirs {
+        GuestDirs {
+            explicit: explicit.then(|| root.join("explicit")),
+            package: root.join("usr/lib/patchover"),
+            build_tree: vec![
+                root.join("target/debug"),
+                root.join("target/static/release"),
+            ],
+        }
+    }
+
+    #[test]
+    fn guest_binaries_come_from_the_explicit_setting_then_the_package_then_the_build_tree() {
+        let t = tempfile::tempdir().unwrap();
+        let dirs = places(t.path(), true);
+        elf(&dirs.build_tree[1].join("agent"), false);
+        assert_eq!(
+            dirs.find("agent").unwrap(),
+            dirs.build_tree[1].join("agent")
+        );
+        elf(&dirs.package.join("agent"), false);
+        assert_eq!(dirs.find("agent").unwrap(), dirs.package.join("agent"));
+        let explicit = dirs.explicit.clone().unwrap();
+        elf(&explicit.join("agent"), false);
+        assert_eq!(dirs.find("agent").unwrap(), explicit.join("agent"));
+        // Not set: the package's directory comes first.
+        assert_eq!(
+            places(t.path(), false).find("agent").unwrap(),
+            dirs.package.join("agent")
+        );
+    }
+
+    #[test]
+    fn a_missing_guest_binary_is_refused_naming_all_three_places() {
+        let t = tempfile::tempdir().unwrap();
+        for explicit in [true, false] {
+            let dirs = places(t.path(), explicit);
+            let e = dirs.find("patchover-agent").unwrap_err();
+            assert!(e.is_bad_input());
+            let msg = e.to_string();
+            let setting = if explicit {
+                format!(
+                    "$PATCHOVER_GUEST_DIR ({})",
+                    t.path().join("explicit").display()
+                )
+            } else {
+                "$PATCHOVER_GUEST_DIR (not set)".to_owned()
+            };
+            for part in [
+                "cannot find the static guest binary patchover-agent",
+                &setting,
+                &format!("the package's {}", dirs.package.display()),
+                &dirs.build_tree[1].display().to_string(),
+                "scripts/build-guest",
+            ] {
+                assert!(msg.contains(part), "{part:?} not in: {msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_dynamic_guest_binary_is_refused_and_a_static_one_later_is_taken() {
+        let t = tempfile::tempdir().unwrap();
+        let dirs = places(t.path(), true);
+        elf(&dirs.package.join("agent"), true);
+        let e = dirs.find("agent").unwrap_err().to_string();
+        assert!(e.contains("linked dynamically"), "{e}");
+        assert!(e.contains(&dirs.package.display().to_string()), "{e}");
+        elf(&dirs.build_tree[0].join("agent"), false);
+        assert_eq!(
+            dirs.find("agent").unwrap(),
+            dirs.build_tree[0].join("agent")
+        );
+    }
+
+    #[test]
+    fn the_build_tree_is_found_from_a_binary_or_a_test_in_target() {
+        let dirs = build_tree_near(Path::new("/src/target/debug/deps/lc-1234"));
+        assert!(dirs.contains(&PathBuf::from(
+            "/src/target/x86_64-unknown-linux-gnu/release"
+        )));
+        let dirs = build_tree_near(Path::new("/src/target/debug/patchover"));
+        assert!(dirs.contains(&PathBuf::from(
+            "/src/target/x86_64-unknown-linux-gnu/release"
+        )));
+        assert_eq!(dirs[0], PathBuf::from("/src/target/debug"));
+    }
 }
