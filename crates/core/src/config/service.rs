@@ -74,6 +74,14 @@ pub struct ServiceSettings {
     /// How long a stateless service's old LC may keep serving the connections it accepted
     /// before it is stopped anyway (`stateless_drain_secs`, default 30 s).
     pub stateless_drain: Duration,
+    /// `watch_secs`: how long the service is watched on the new LC after the switch, the old
+    /// LC kept booted with its application disk following, before the old LC is stopped; a
+    /// failed check hands the service back (docs/patch-cycle.md, "The watch"). Zero (the
+    /// default): no watch, the old LC stops at once.
+    pub watch: Duration,
+    /// `watch_interval_ms`: how often the watch checks (default 500 ms); also how long one
+    /// check may keep failing before it fails.
+    pub watch_interval: Duration,
 }
 
 /// How patchover checks that the service answers on an LC. Every kind is made from inside the
@@ -144,9 +152,14 @@ impl Default for ServiceSettings {
             front: None,
             stateless: false,
             stateless_drain: DEFAULT_STATELESS_DRAIN,
+            watch: Duration::ZERO,
+            watch_interval: DEFAULT_WATCH_INTERVAL,
         }
     }
 }
+
+/// How often a watch checks the service when the config does not say.
+pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How long a stateless service's old LC keeps its connections when the config does not say.
 pub const DEFAULT_STATELESS_DRAIN: Duration = Duration::from_secs(30);
@@ -168,6 +181,8 @@ pub(super) struct RawService {
     front: Option<Spanned<RawFront>>,
     stateless: Option<bool>,
     stateless_drain_secs: Option<Spanned<u64>>,
+    watch_secs: Option<Spanned<u64>>,
+    watch_interval_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -220,6 +235,7 @@ impl Validator<'_> {
         }
         let stateless = raw.stateless.unwrap_or(false);
         let stateless_drain = self.stateless_drain(stateless, raw.stateless_drain_secs)?;
+        let (watch, watch_interval) = self.watch(raw.watch_secs, raw.watch_interval_ms)?;
         let plain =
             |h: Option<Spanned<Vec<String>>>| h.map(Spanned::into_inner).unwrap_or_default();
         Ok(ServiceSettings {
@@ -237,7 +253,59 @@ impl Validator<'_> {
             front: raw.front.map(|f| self.front(f)).transpose()?,
             stateless,
             stateless_drain,
+            watch,
+            watch_interval,
         })
+    }
+
+    /// `watch_secs` (0 to 3600; 0 = no watch) and `watch_interval_ms` (50 to 60000, only with
+    /// a watch): a watch must be long enough for one check.
+    fn watch(
+        &self,
+        secs: Option<Spanned<u64>>,
+        interval: Option<Spanned<u64>>,
+    ) -> Result<(Duration, Duration), ConfigError> {
+        let watch = match &secs {
+            Some(s) if *s.get_ref() > 3600 => {
+                return Err(self.err(
+                    s,
+                    "service.watch_secs",
+                    format!("{} must be 0 (no watch) to 3600", s.get_ref()),
+                ));
+            }
+            Some(s) => Duration::from_secs(*s.get_ref()),
+            None => Duration::ZERO,
+        };
+        let every = match &interval {
+            None => DEFAULT_WATCH_INTERVAL,
+            Some(i) if watch.is_zero() => {
+                return Err(self.err(
+                    i,
+                    "service.watch_interval_ms",
+                    "only applies to a watch; set watch_secs (e.g. 60) or leave it out",
+                ));
+            }
+            Some(i) if !(50..=60_000).contains(i.get_ref()) => {
+                return Err(self.err(
+                    i,
+                    "service.watch_interval_ms",
+                    format!("{} must be 50 to 60000", i.get_ref()),
+                ));
+            }
+            Some(i) => Duration::from_millis(*i.get_ref()),
+        };
+        if let Some(s) = secs.as_ref().filter(|_| !watch.is_zero() && watch < every) {
+            return Err(self.err(
+                s,
+                "service.watch_secs",
+                format!(
+                    "{} s is shorter than one check ({} ms, watch_interval_ms); watch longer or check more often",
+                    s.get_ref(),
+                    every.as_millis()
+                ),
+            ));
+        }
+        Ok((watch, every))
     }
 
     /// `stateless_drain_secs`: 1–3600, and only with `stateless = true`.
@@ -821,6 +889,51 @@ mod tests {
         let at = text.lines().count();
         assert!(err.starts_with(&format!("/etc/po.toml:{at}:")), "{err}");
         assert!(err.contains("expected a boolean"), "{err}");
+    }
+
+    #[test]
+    fn the_watch_is_off_by_default_typed_and_refused_shorter_than_one_check() {
+        let h = "health = { kind = \"http\", path = \"/\" }\n";
+        let s = service(&format!("[service]\n{h}"));
+        assert_eq!(s.watch, Duration::ZERO, "no watch unless the config asks");
+        assert_eq!(s.watch_interval, DEFAULT_WATCH_INTERVAL);
+        let s = service(&format!(
+            "[service]\n{h}watch_secs = 20\nwatch_interval_ms = 250\n"
+        ));
+        assert_eq!(
+            (s.watch, s.watch_interval),
+            (Duration::from_secs(20), Duration::from_millis(250))
+        );
+        for (section, key, want) in [
+            (
+                format!("[service]\n{h}watch_interval_ms = 2000\nwatch_secs = 1\n"),
+                "service.watch_secs",
+                "1 s is shorter than one check (2000 ms, watch_interval_ms)",
+            ),
+            (
+                format!("[service]\n{h}watch_secs = 3601\n"),
+                "service.watch_secs",
+                "0 (no watch) to 3600",
+            ),
+            (
+                format!("[service]\n{h}watch_interval_ms = 100\n"),
+                "service.watch_interval_ms",
+                "only applies to a watch",
+            ),
+            (
+                format!("[service]\n{h}watch_secs = 5\nwatch_interval_ms = 10\n"),
+                "service.watch_interval_ms",
+                "50 to 60000",
+            ),
+        ] {
+            let (line, got, msg) = invalid_section(&section);
+            assert_eq!(
+                (line, got.as_str()),
+                (section.lines().count(), key),
+                "{msg}"
+            );
+            assert!(msg.contains(want), "{section}: {msg}");
+        }
     }
 
     #[test]
