@@ -7,6 +7,7 @@
 //! ([`ErrorKind::exit_code`]) and the API's status (the binary's one mapping to
 //! `patchover_daemon::ErrorCode`).
 
+pub mod config_check;
 pub mod env;
 pub mod error;
 pub mod lcs;

@@ -73,6 +73,8 @@ pub enum ConfigError {
         path: PathBuf,
         line: usize,
         col: usize,
+        /// The dotted key the error's line is about (its table and key), e.g. `network.bogus`.
+        key: String,
         message: String,
     },
     #[error("{path}:{line}: `{key}`: {message}", path = path.display())]
@@ -178,10 +180,78 @@ impl Config {
                 path: path.to_owned(),
                 line,
                 col,
+                key: key_at_line(text, line),
                 message: e.message().trim().to_owned(),
             }
         })?;
         Validator { path, text, host }.validate(raw)
+    }
+}
+
+/// Where a load error is: its file, line and dotted key, and what is wrong
+/// (`patchover config check` prints it as `file:line: key: message`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorAt<'a> {
+    pub path: &'a Path,
+    pub line: usize,
+    pub key: &'a str,
+    pub message: &'a str,
+}
+
+impl ConfigError {
+    /// The place of an error in the file; `None` for one that has none (unreadable file, a
+    /// setting a verb needs that the file lacks).
+    pub fn at(&self) -> Option<ErrorAt<'_>> {
+        match self {
+            ConfigError::Syntax {
+                path,
+                line,
+                key,
+                message,
+                ..
+            }
+            | ConfigError::Invalid {
+                path,
+                line,
+                key,
+                message,
+            } => Some(ErrorAt {
+                path,
+                line: *line,
+                key,
+                message,
+            }),
+            ConfigError::Read { .. } | ConfigError::Missing { .. } => None,
+        }
+    }
+}
+
+/// The dotted key of line `line` (1-based) of TOML `text`: the table header in force there
+/// and the key the line sets (`network.bogus`); a header line is its table's name.
+fn key_at_line(text: &str, line: usize) -> String {
+    let mut table = String::new();
+    let mut key = String::new();
+    for l in text.lines().take(line) {
+        let l = l.trim();
+        if let Some(h) = l.strip_prefix('[') {
+            table = h
+                .trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned();
+            key.clear();
+        } else if let Some((k, _)) = l.split_once('=') {
+            key = k.trim().trim_matches('"').to_owned();
+        } else {
+            key.clear();
+        }
+    }
+    match (table.is_empty(), key.is_empty()) {
+        (_, true) => table,
+        (true, false) => key,
+        (false, false) => format!("{table}.{key}"),
     }
 }
 
@@ -834,6 +904,26 @@ system_disk = { path = "/srv/lc2/sys.img" }
             let c = parse(&GOOD.replace("name = \"eth0\"", &format!("name = \"{good}\""))).unwrap();
             assert_eq!(c.lc("lc1").unwrap().nics[0].name, good);
         }
+    }
+
+    #[test]
+    fn errors_name_their_line_and_dotted_key() {
+        let cases = [
+            ("state_dir = 5\n", 1, "state_dir"),
+            ("[network]\nbridge = \"b\"\nbogus = 1\n", 3, "network.bogus"),
+            ("[network]\nbridge = \"b\"\n[network]\n", 3, "network"),
+            ("[[monitor.feeds]]\nname = 3\n", 2, "monitor.feeds.name"),
+        ];
+        for (text, line, key) in cases {
+            let err = parse(text).unwrap_err();
+            let at = err.at().unwrap_or_else(|| panic!("{text:?}: {err}"));
+            assert_eq!((at.line, at.key), (line, key), "{text:?}: {err}");
+            assert_eq!(at.path, Path::new("/etc/po.toml"));
+        }
+        let err = parse(&GOOD.replace("cpu_share = 50", "cpu_share = 500")).unwrap_err();
+        assert!(err.at().unwrap().key.ends_with(".cpu_share"), "{err}");
+        let missing = Config::load(Path::new("/nonexistent/po.toml"), &HostFacts::probe());
+        assert!(missing.unwrap_err().at().is_none());
     }
 
     #[test]

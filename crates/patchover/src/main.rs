@@ -82,6 +82,9 @@ enum Command {
     Service(cmd::patch::ServiceCmd),
     /// The daemon: the REST API on a Unix socket (and TCP), metrics, events, the monitor.
     Serve(cmd::serve::ServeArgs),
+    /// The config file.
+    #[command(subcommand)]
+    Config(cmd::config::ConfigCmd),
     /// Internal: run by patchover itself to start and enter LCs.
     #[command(subcommand, hide = true)]
     Internal(cmd::internal::InternalCmd),
@@ -115,6 +118,7 @@ fn main() -> ExitCode {
         Command::Runs(c) => cmd::patch::run_runs(c, &ctx),
         Command::Service(c) => cmd::patch::run_service(c, &ctx),
         Command::Serve(a) => cmd::serve::run(a, &ctx),
+        Command::Config(c) => cmd::config::run(c, &ctx),
         Command::Internal(c) => cmd::internal::run(c),
     };
     match result {

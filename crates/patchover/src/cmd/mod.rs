@@ -8,6 +8,7 @@ pub mod bench_feed;
 pub mod bench_soak;
 pub mod bench_switch;
 pub mod bundle;
+pub mod config;
 pub mod demo;
 pub mod disk;
 pub mod feed;

@@ -1,0 +1,103 @@
+//! The operator's verbs: `config check` (the typed loader over a whole file), `status` (one
+//! screen of a real world) and `doctor` (the host's features, probed for real).
+
+mod common;
+
+use std::fs;
+use std::process::{Command, Output};
+
+use common::BIN;
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run patchover")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+const GOOD: &str = "state_dir = \"/tmp/po-operator/state\"
+run_dir = \"/tmp/po-operator/run\"
+
+[network]
+bridge = \"pobop0\"
+service_address = \"10.77.0.10/24\"
+
+[[lc]]
+id = \"lc1\"
+cpu = 0
+cpu_share = 50
+memory_mib = 64
+system_disk = { path = \"/srv/lc1/sys\" }
+
+[service]
+port = 8080
+health = { kind = \"http\", path = \"/health\" }
+";
+
+#[test]
+fn config_check_says_ok_with_a_summary_or_each_error_at_file_line_key() {
+    let d = tempfile::tempdir().unwrap();
+    let good = d.path().join("good.toml");
+    fs::write(&good, GOOD).unwrap();
+    // FILE defaults to --config.
+    let out = run(&["--config", good.to_str().unwrap(), "config", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!(
+            "{}: ok: 1 LCs (lc1 (ns)); service 10.77.0.10/24 port 8080, check http /health; no monitor; 0 trusted bundle keys; daemon socket /tmp/po-operator/run/daemon/patchover.sock\n",
+            good.display()
+        )
+    );
+    let json = run(&["--json", "config", "check", good.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["summary"]["lcs"][0], "lc1 (ns)");
+    assert_eq!(v["errors"].as_array().unwrap().len(), 0);
+
+    // Each bad file: exit 2 and exactly `file:line: key: message`.
+    let cases: &[(&str, &str, &str)] = &[
+        // An unknown key, at its line.
+        (
+            "bridge = \"pobop0\"",
+            "bridge = \"pobop0\"\nbridg = \"x\"",
+            "6: network.bridg: unknown field `bridg`, expected one of `bridge`, `bridge_address`, `service_address`",
+        ),
+        // A value that does not parse as its type.
+        (
+            "memory_mib = 64",
+            "memory_mib = \"lots\"",
+            "12: lc.memory_mib: invalid type: string \"lots\", expected u64",
+        ),
+        // A value checked beyond its type.
+        (
+            "cpu_share = 50",
+            "cpu_share = 0",
+            "11: lc.lc1.cpu_share: a percentage of one CPU, 1-100",
+        ),
+        // An unknown key in another section.
+        (
+            "port = 8080",
+            "port = 8080\nprot = 80",
+            "17: service.prot: unknown field `prot`",
+        ),
+    ];
+    for (from, to, want) in cases {
+        let bad = d.path().join("bad.toml");
+        fs::write(&bad, GOOD.replace(from, to)).unwrap();
+        let out = run(&["config", "check", bad.to_str().unwrap()]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{to}: {err}");
+        let want = format!("{}:{want}", bad.display());
+        assert!(err.starts_with(&want), "{to}:\n got: {err}\nwant: {want}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(out.stdout.is_empty());
+    }
+    // A file that cannot be read is said so, exit 2.
+    let out = run(&["config", "check", "/nonexistent/po.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cannot read config /nonexistent/po.toml"));
+}
