@@ -46,7 +46,7 @@ fn one<'a>(keys: &'a BTreeMap<String, Vec<String>>, k: &str) -> &'a str {
 fn systemd_analyze_verify_finds_nothing_to_say() {
     let dir = tempfile::tempdir().unwrap();
     // The one host-specific line: where the binary is installed.
-    let text = unit_text().replace("/usr/local/bin/patchover", BIN);
+    let text = unit_text().replace("/usr/bin/patchover", BIN);
     let unit = dir.path().join("patchover.service");
     std::fs::write(&unit, text).unwrap();
     let out = Command::new("systemd-analyze")

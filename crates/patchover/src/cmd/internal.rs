@@ -1,6 +1,8 @@
 //! `patchover internal …`: hidden verbs that patchover runs as fresh processes of its own
 //! binary, to create and enter LC namespaces (see `patchover_lc::ns::launch`), to announce an
-//! address later, and to guard a run or a frozen LC against this process's death.
+//! address later, and to guard a run or a frozen LC against this process's death; and the
+//! two build steps of the package (`scripts/deb`): `gen-man DIR`, `gen-completions DIR`
+//! ([`super::docgen`]).
 //!
 //! Each helper is a typed call in the crate that owns it, which writes its own arguments
 //! ([`HelperCall`]) and reads them back; this dispatcher only hands the words over and runs
@@ -18,6 +20,10 @@ use patchover_orchestrator::RunGuardHelper;
 #[derive(Subcommand)]
 #[command(disable_help_subcommand = true)]
 pub enum InternalCmd {
+    /// Write the man pages (`patchover.1`, one per verb) into DIR.
+    GenMan { dir: std::path::PathBuf },
+    /// Write the bash, zsh and fish completions into DIR.
+    GenCompletions { dir: std::path::PathBuf },
     /// `<verb> <args…>` of one helper, read by that helper's own type.
     #[command(external_subcommand)]
     Call(Vec<OsString>),
@@ -54,7 +60,17 @@ impl Helper {
 }
 
 pub fn run(cmd: InternalCmd) -> anyhow::Result<ExitCode> {
-    let InternalCmd::Call(words) = cmd;
+    let words = match cmd {
+        InternalCmd::GenMan { dir } => {
+            super::docgen::man_pages(&dir)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        InternalCmd::GenCompletions { dir } => {
+            super::docgen::completions(&dir)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        InternalCmd::Call(words) => words,
+    };
     let code = match Helper::parse(&words)? {
         Helper::Lc(call) => call.run().map_err(anyhow::Error::msg)?,
         Helper::GarpRefresh(refresh) => {

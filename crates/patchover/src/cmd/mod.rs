@@ -11,6 +11,7 @@ pub mod bundle;
 pub mod config;
 pub mod demo;
 pub mod disk;
+pub mod docgen;
 pub mod feed;
 pub mod image;
 pub mod internal;
