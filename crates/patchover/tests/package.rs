@@ -211,3 +211,137 @@ fn the_package_puts_each_part_where_the_unit_the_lookup_and_the_shells_look() {
     assert!(license.contains("Apache License") && license.contains("Version 2.0"));
     assert_eq!(deb["license-file"][0].as_str(), Some("../../LICENSE"));
 }
+
+/// The .deb under test: `$PATCHOVER_DEB` when set (a package built already), otherwise the
+/// one `scripts/deb` builds now (a release build: the slow tier).
+fn the_deb() -> PathBuf {
+    if let Some(deb) = std::env::var_os("PATCHOVER_DEB") {
+        return PathBuf::from(deb);
+    }
+    let out = run(Command::new(repo().join("scripts/deb")).current_dir(repo()));
+    let said = String::from_utf8(out.stdout).unwrap();
+    let last = said
+        .lines()
+        .last()
+        .expect("scripts/deb prints the .deb's path");
+    repo().join("crates/patchover").join(last.trim())
+}
+
+/// `argv` run in a private mount namespace whose `/usr` is the scratch root's `usr` laid
+/// over the host's (a read-only overlay): the package's files are where it installs them,
+/// the host's C library and tools are still there, and nothing outside changes.
+fn in_scratch_usr(root: &Path, argv: &[&str]) -> Output {
+    let script =
+        r#"mount -t overlay patchover-deb -o "lowerdir=$1/usr:/usr" /usr && shift && exec "$@""#;
+    Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(root)
+        .args(argv)
+        .env_remove("PATCHOVER_GUEST_DIR")
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn the_deb_unpacked_into_a_scratch_root_runs_from_there_with_its_guest_binaries() {
+    let deb = the_deb();
+    let fields = run(Command::new("dpkg-deb")
+        .arg("-f")
+        .arg(&deb)
+        .args(["Depends", "Recommends"]));
+    let fields = String::from_utf8(fields.stdout).unwrap();
+    for pkg in [
+        "nftables",
+        "iproute2",
+        "conntrack",
+        "busybox-static",
+        "qemu-system-x86",
+        "mmdebstrap",
+    ] {
+        assert!(fields.contains(pkg), "{pkg} not in {fields}");
+    }
+    let root = tempfile::tempdir().unwrap();
+    run(Command::new("dpkg").arg("-x").arg(&deb).arg(root.path()));
+    let root = root.path();
+
+    let version = in_scratch_usr(root, &["/usr/bin/patchover", "--version"]);
+    assert!(version.status.success(), "{}", text(&version));
+    let want = format!("patchover {}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(String::from_utf8_lossy(&version.stdout).trim(), want);
+    let page = in_scratch_usr(root, &["man", "-w", "patchover-lc-boot"]);
+    assert!(
+        text(&page).contains("/usr/share/man/man1/patchover-lc-boot.1.gz"),
+        "{}",
+        text(&page)
+    );
+
+    // With $PATCHOVER_GUEST_DIR unset and no build tree near /usr/bin, the package's
+    // /usr/lib/patchover is the one place the agent can come from.
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("sys");
+    let built = in_scratch_usr(
+        root,
+        &[
+            "/usr/bin/patchover",
+            "image",
+            "build-demo",
+            image.to_str().unwrap(),
+        ],
+    );
+    assert!(built.status.success(), "{}", text(&built));
+    let agent = std::fs::read(image.join(patchover_lc::AGENT_PATH_IN_LC)).unwrap();
+    let packaged = std::fs::read(root.join("usr/lib/patchover/patchover-agent")).unwrap();
+    assert!(agent == packaged, "the image's agent is not the package's");
+
+    // The same binary outside the namespace, on a host without the package: refused, naming
+    // the three places.
+    if !Path::new(patchover_image::PACKAGE_GUEST_DIR).exists() {
+        let out = Command::new(root.join("usr/bin/patchover"))
+            .args(["image", "build-demo"])
+            .arg(work.path().join("sys2"))
+            .env_remove("PATCHOVER_GUEST_DIR")
+            .output()
+            .unwrap();
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{said}");
+        for part in [
+            "cannot find the static guest binary",
+            "PATCHOVER_GUEST_DIR",
+            "/usr/lib/patchover",
+        ] {
+            assert!(said.contains(part), "{part}: {said}");
+        }
+    }
+
+    // The packaged binary checks a config as the installed one would.
+    let cfg = work.path().join("patchover.toml");
+    std::fs::write(&cfg, "[network]\nbridge = \"pobr0\"\n").unwrap();
+    let check = in_scratch_usr(
+        root,
+        &[
+            "/usr/bin/patchover",
+            "config",
+            "check",
+            cfg.to_str().unwrap(),
+        ],
+    );
+    assert!(check.status.success(), "{}", text(&check));
+}
