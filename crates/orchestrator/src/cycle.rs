@@ -225,7 +225,7 @@ impl<'a> Orchestrator<'a> {
     /// Runs `steps` in order, each journaled; skips those with nothing to do.
     fn run_steps(&mut self, run: &mut Run, steps: &[Step]) -> Result<(), OrchestratorError> {
         for &s in steps {
-            if s.applies(run) {
+            if s.applies(run, &self.settings.service) {
                 self.journaled(run, s)?;
             }
             if let Some(e) = run.halt.take() {
@@ -256,8 +256,13 @@ impl<'a> Orchestrator<'a> {
 
     /// A run that failed before its switch, or whose switch rolled back, leaves the service
     /// where it was: the standby goes.
-    fn after_failure(&mut self, run: &mut Run) {
-        if run.report.outcome == "switched" {
+    pub(crate) fn after_failure(&mut self, run: &mut Run) {
+        // After the switch the standby is no standby any more (a failed watch handed the
+        // service back and stopped it, or kept both LCs).
+        if matches!(
+            run.report.outcome.as_str(),
+            "switched" | "handed-back" | "hand-back-failed"
+        ) {
             return;
         }
         if let Some(s) = run.standby.clone() {

@@ -55,21 +55,33 @@ pub enum Reached {
     BeforeSwitch,
     /// The switch started and did not finish: whoever holds the service address decides.
     SwitchStarted,
-    /// The switch was done: the service is on the standby.
+    /// The switch was done: the service is on the standby (and a watch, if any, passed).
     SwitchDone,
+    /// The service was being watched on the standby (issue 23): whether it is healthy now
+    /// decides.
+    Watching,
+    /// A failed watch's hand-back started and did not end: whoever holds the service decides.
+    HandingBack,
+    /// The hand-back went through: the service is on the old LC.
+    HandedBack,
+    /// The hand-back did not go through: both LCs were kept running.
+    HandBackFailed,
 }
 
 /// Where the journal `entries` says a run got.
 pub fn reached(entries: &[Entry]) -> Reached {
-    let mut r = Reached::BeforeSwitch;
-    for e in entries {
-        match (e.step, e.state) {
-            (Some(Step::Switch), Some(StepState::Done)) => return Reached::SwitchDone,
-            (Some(Step::Switch), Some(_)) => r = Reached::SwitchStarted,
-            _ => {}
-        }
-    }
-    r
+    entries
+        .iter()
+        .fold(Reached::BeforeSwitch, |r, e| match (e.step, e.state) {
+            (Some(Step::Switch), Some(StepState::Done)) => Reached::SwitchDone,
+            (Some(Step::Switch), Some(_)) if r == Reached::BeforeSwitch => Reached::SwitchStarted,
+            (Some(Step::Watch), Some(StepState::Started)) => Reached::Watching,
+            (Some(Step::Watch), Some(StepState::Done)) => Reached::SwitchDone,
+            (Some(Step::HandBack), Some(StepState::Started)) => Reached::HandingBack,
+            (Some(Step::HandBack), Some(StepState::Done)) => Reached::HandedBack,
+            (Some(Step::HandBack), Some(StepState::Failed)) => Reached::HandBackFailed,
+            _ => r,
+        })
 }
 
 /// The front's state (`[service.front]`, docs/postgres.md), journaled beside the steps as a
@@ -193,6 +205,31 @@ mod tests {
         assert_eq!(reached(&read(&store, run).unwrap()), Reached::SwitchStarted);
         let (_d, store, run) = old_form(&[("switch", "started"), ("switch", "done")]);
         assert_eq!(reached(&read(&store, run).unwrap()), Reached::SwitchDone);
+    }
+
+    #[test]
+    fn a_watch_and_its_hand_back_say_how_far_the_run_got() {
+        let at = |lines: &[(&str, &str)]| {
+            let (_d, store, run) = old_form(lines);
+            reached(&read(&store, run).unwrap())
+        };
+        let switched = [("switch", "started"), ("switch", "done")];
+        let watching = [&switched[..], &[("watch", "started")]].concat();
+        assert_eq!(at(&watching), Reached::Watching);
+        let watched = [&watching[..], &[("watch", "done"), ("stop_old", "started")]].concat();
+        assert_eq!(at(&watched), Reached::SwitchDone);
+        let failed = [&watching[..], &[("watch_failed", "done")]].concat();
+        assert_eq!(at(&failed), Reached::Watching, "no hand-back yet");
+        let handing = [&failed[..], &[("hand_back", "started")]].concat();
+        assert_eq!(at(&handing), Reached::HandingBack);
+        let back = [&handing[..], &[("hand_back", "done"), ("watch", "failed")]].concat();
+        assert_eq!(at(&back), Reached::HandedBack);
+        let kept = [
+            &handing[..],
+            &[("hand_back", "failed"), ("watch", "failed")],
+        ]
+        .concat();
+        assert_eq!(at(&kept), Reached::HandBackFailed);
     }
 
     #[test]

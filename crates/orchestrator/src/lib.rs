@@ -106,7 +106,9 @@ pub struct RunReport {
     pub dry_run: bool,
     /// `ok`, `dry-run`, `failed` (before the switch: the service never moved),
     /// `rolled-back` (the switch failed and the service is back where it was), or `switched`
-    /// with an `error` (the service moved to the standby, then the run failed: see the error).
+    /// with an `error` (the service moved to the standby, then the run failed: see the error);
+    /// after a failed watch (issue 23) `handed-back` (the service is back on the old LC, the
+    /// new one stopped) or `hand-back-failed` (both LCs run, the service on the new one).
     pub outcome: String,
     pub error: Option<String>,
     /// What to do about the error.
@@ -226,6 +228,26 @@ pub enum OrchestratorError {
     Net(#[source] Box<patchover_net::rtnl::RtnlError>),
     #[error("network setup inside an LC")]
     InLc(#[source] Box<patchover_net::InLcError>),
+    /// The watch after the switch failed and the service went back to the old LC.
+    #[error(
+        "the watch of {lc} after the switch failed ({reason}); the service was handed back to {back_to}"
+    )]
+    HandedBack {
+        lc: String,
+        back_to: String,
+        reason: String,
+    },
+    /// The watch failed and the hand-back did not go through: both LCs are kept running.
+    #[error(
+        "the watch of {lc} after the switch failed ({reason}) and the hand-back to {back_to} did not go through; both LCs are kept running"
+    )]
+    HandBackFailed {
+        lc: String,
+        back_to: String,
+        reason: String,
+        #[source]
+        source: Box<OrchestratorError>,
+    },
     /// A step ran before the one whose result it needs (a defect, not an operator's error).
     #[error("{step} needs {needs} first")]
     OutOfOrder {
@@ -279,6 +301,12 @@ impl OrchestratorError {
                 after_switch: true, ..
             } => {
                 "the service is on the standby with the application disk as of the cut; the old LC's later writes are on its own disk (stopped, kept intact): recover them from there, and remove `stateless = true` from [service]"
+            }
+            OrchestratorError::HandedBack { .. } => {
+                "the service is back on the old LC with the application disk as of the hand-back's cut; the patched LC is stopped: see why it failed (the reason above, its console log), fix the bundle and patch again"
+            }
+            OrchestratorError::HandBackFailed { .. } => {
+                "the service stays where it answered last (the switcher undid a hand-back that failed); both LCs run: see the cause, then stop the one that does not serve or `patchover rollback`"
             }
             OrchestratorError::FrontPaused { .. } => {
                 "the front's clients wait until it is resumed: make its admin console answer and run the command in the error (until then the run's last front line in its journal is front_paused)"

@@ -7,7 +7,11 @@
 //! - the switch started but did not finish: whoever holds the service address now decides —
 //!   the standby with a healthy service keeps it (finish), otherwise the address goes back to
 //!   the old LC (roll back), the switcher's nftables leftovers are removed;
-//! - the switch never started: release the standby; the service never moved.
+//! - the switch never started: release the standby; the service never moved;
+//! - a watch after the switch (issue 23) was going on: a service still passing its check on
+//!   the standby keeps it (finish), otherwise it is handed back to the old LC;
+//! - a hand-back was going on: done if the old LC holds the service again (the failed LC
+//!   stops), otherwise done again from the start; one that had failed leaves both LCs running.
 //!
 //! A front (`[service.front]`) the journal has paused is let go once the service is where it
 //! stays: released onto the standby (finish) or resumed on the old LC (roll back).
@@ -100,14 +104,38 @@ pub enum Decision {
     Finish,
     /// The service is (put back) on the old LC: release the standby.
     RollBack,
+    /// A failed watch's hand-back (issue 23), done (again) by recovery: the service goes back
+    /// to the old LC, still running, its application disk copied from the new one and cut in
+    /// the switch window.
+    HandBack,
+    /// The hand-back went through: the failed new LC stops, the old LC is the active one.
+    FinishHandBack,
+    /// The hand-back did not go through: both LCs are kept running.
+    KeepBoth,
 }
 
-/// `standby_holds` is asked only for a switch cut short.
-pub fn decide(reached: Reached, standby_holds: impl FnOnce() -> bool) -> Decision {
+/// What recovery asks of the LCs when the journal leaves the decision open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// A switch cut short: does the standby hold the service address?
+    StandbyHolds,
+    /// A watch cut short: does the service still pass its watch's check on the standby?
+    StandbyHealthy,
+    /// A hand-back cut short: does the old LC hold the service address again?
+    OldHolds,
+}
+
+/// `ask` is asked only what the journal leaves open.
+pub fn decide(reached: Reached, mut ask: impl FnMut(Ask) -> bool) -> Decision {
     match reached {
         Reached::SwitchDone => Decision::Finish,
-        Reached::SwitchStarted if standby_holds() => Decision::Finish,
+        Reached::SwitchStarted if ask(Ask::StandbyHolds) => Decision::Finish,
         Reached::SwitchStarted | Reached::BeforeSwitch => Decision::RollBack,
+        Reached::Watching if ask(Ask::StandbyHealthy) => Decision::Finish,
+        Reached::HandingBack if ask(Ask::OldHolds) => Decision::FinishHandBack,
+        Reached::Watching | Reached::HandingBack => Decision::HandBack,
+        Reached::HandedBack => Decision::FinishHandBack,
+        Reached::HandBackFailed => Decision::KeepBoth,
     }
 }
 
@@ -186,12 +214,23 @@ fn recover_run(
     if let Some(a) = &found.lcs.active {
         let_go(o, run.id, a);
     }
-    let decision = decide(reached, || {
-        standby_holds(o, &found.lcs, found.service, found.mode)
+    if matches!(reached, Reached::Watching | Reached::HandingBack)
+        && let Some(s) = &found.lcs.standby
+    {
+        // The source of the watch's reverse copy, held still for its cut.
+        let_go(o, run.id, s);
+    }
+    let decision = decide(reached, |ask| match ask {
+        Ask::StandbyHolds => holds(o, found.lcs.standby.as_ref(), found.service, found.mode),
+        Ask::OldHolds => holds(o, found.lcs.active.as_ref(), found.service, found.mode),
+        Ask::StandbyHealthy => standby_healthy(o, &found.lcs),
     });
     let (front, front_error) = match decision {
         Decision::Finish => finish_run(o, run, &found, &mut report)?,
         Decision::RollBack => roll_back_run(o, run, &found, &mut report)?,
+        Decision::HandBack | Decision::FinishHandBack | Decision::KeepBoth => {
+            hand_back_run(o, run, &found, &mut report, decision)?
+        }
     };
     if let (Some(e), Some(error)) = (front_error, &mut report.error) {
         error.push_str(&format!("; {e}"));
@@ -281,9 +320,9 @@ fn let_go(o: &Orchestrator<'_>, run: i64, active: &LcSpec) {
     }
 }
 
-/// Whether the standby holds the service address now (asked of a switch cut short).
-fn standby_holds(o: &Orchestrator<'_>, lcs: &Lcs, service: Option<Ipv4Cidr>, mode: Mode) -> bool {
-    let (Some(s), Some(svc)) = (&lcs.standby, service) else {
+/// Whether `lc` holds the service address now (asked of a switch or a hand-back cut short).
+fn holds(o: &Orchestrator<'_>, lc: Option<&LcSpec>, service: Option<Ipv4Cidr>, mode: Mode) -> bool {
+    let (Some(s), Some(svc)) = (lc, service) else {
         return false;
     };
     endpoint(o.backend, s)
@@ -294,6 +333,102 @@ fn standby_holds(o: &Orchestrator<'_>, lcs: &Lcs, service: Option<Ipv4Cidr>, mod
                 .ok()
         })
         .unwrap_or(false)
+}
+
+/// Whether the service passes the watch's check on the standby now (asked of a watch cut
+/// short): healthy, the run is finished as a healthy watch's would be.
+fn standby_healthy(o: &Orchestrator<'_>, lcs: &Lcs) -> bool {
+    let Some(s) = &lcs.standby else { return false };
+    let svc = &o.settings.service;
+    let checked = crate::service::health(svc).and_then(|hc| {
+        let hc = patchover_net::HealthCheck {
+            patience: svc.watch_interval.max(hc.patience),
+            ..hc
+        };
+        let to = endpoint(o.backend, s)?;
+        crate::step::standby_health::check_service(o.backend, s, &to, &hc, true)
+    });
+    checked
+        .inspect_err(|e| tracing::warn!(lc = %s.id, error = %crate::chain(e), "the watched service does not pass its check; handing it back"))
+        .is_ok()
+}
+
+/// A run that died in its watch or its hand-back (issue 23): the hand-back is done (again:
+/// a hand-back cut short first puts the switcher's leftovers and the address back on the new
+/// LC; the reverse copy died with patchover, so a new one copies the whole application disk,
+/// cut in the window), finished (the failed LC stops), or, when it did not go through, both
+/// LCs are kept.
+fn hand_back_run(
+    o: &mut Orchestrator<'_>,
+    run: &RunRow,
+    found: &Found<'_>,
+    report: &mut RunReport,
+    decision: Decision,
+) -> Result<(serde_json::Value, Option<String>), OrchestratorError> {
+    let (Some(old), Some(new)) = (&found.lcs.active, &found.lcs.standby) else {
+        return Err(OrchestratorError::BadInput(format!(
+            "run {} was handing the service back between LCs the config no longer has ({} and {:?})",
+            run.id, run.lc, run.standby
+        )));
+    };
+    let lcs = (new, old);
+    let done = match decision {
+        Decision::HandBack => redo_hand_back(o, run, found, report, lcs),
+        Decision::FinishHandBack => {
+            let swapped = Lcs {
+                active: Some(new.clone()),
+                standby: Some(old.clone()),
+            };
+            // Cut short after the address moved: announced from the old LC as a switch's
+            // recovery would (a hand-back that went through announced it itself).
+            let network = match found.reached {
+                Reached::HandingBack => {
+                    finish_network(o, &swapped, found.reached, found.mode, found.service)
+                }
+                _ => Ok(()),
+            };
+            network.and_then(|()| crate::step::watch::finish(o, lcs))
+        }
+        _ => Err(OrchestratorError::Service(
+            "the hand-back did not go through before patchover died".into(),
+        )),
+    };
+    let (how, outcome) = match &done {
+        Ok(()) => (LetGo::Release, "handed-back"),
+        Err(_) => (LetGo::Resume, "hand-back-failed"),
+    };
+    let front = front_let_go(o, run.id, found, how);
+    report.outcome = outcome.into();
+    report.error = Some(match done {
+        Ok(()) => format!(
+            "patchover stopped at {}; recovery handed the service back to {} and stopped {}",
+            found.last, old.id, new.id
+        ),
+        Err(e) => format!(
+            "patchover stopped at {}; the service was not handed back to {} ({}); both LCs are kept running",
+            found.last,
+            old.id,
+            crate::chain(&e)
+        ),
+    });
+    Ok(front)
+}
+
+/// The hand-back of a dead run, from the start.
+fn redo_hand_back(
+    o: &mut Orchestrator<'_>,
+    run: &RunRow,
+    found: &Found<'_>,
+    report: &mut RunReport,
+    (new, old): (&LcSpec, &LcSpec),
+) -> Result<(), OrchestratorError> {
+    if found.reached == Reached::HandingBack
+        && let Some(svc) = found.service
+    {
+        network_back(o, new, Some(old), found.mode, svc)?;
+    }
+    let follow = crate::step::watch::reverse_follow(o.backend, (new, old))?;
+    crate::step::watch::hand_back(o, run.id, report, (new, old), found.mode, follow).map(drop)
 }
 
 /// The front (`[service.front]`) of a run whose journal has it paused is let go as `how`
@@ -442,15 +577,27 @@ mod tests {
     #[test]
     fn the_switch_decides_and_a_cut_short_one_asks_who_holds_the_service() {
         assert_eq!(
-            decide(Reached::SwitchDone, || panic!("not asked")),
+            decide(Reached::SwitchDone, |_| panic!("not asked")),
             Decision::Finish
         );
         assert_eq!(
-            decide(Reached::BeforeSwitch, || panic!("not asked")),
+            decide(Reached::BeforeSwitch, |_| panic!("not asked")),
             Decision::RollBack
         );
-        assert_eq!(decide(Reached::SwitchStarted, || true), Decision::Finish);
-        assert_eq!(decide(Reached::SwitchStarted, || false), Decision::RollBack);
+        let asked = |want: Ask, answer: bool| {
+            move |a: Ask| {
+                assert_eq!(a, want);
+                answer
+            }
+        };
+        assert_eq!(
+            decide(Reached::SwitchStarted, asked(Ask::StandbyHolds, true)),
+            Decision::Finish
+        );
+        assert_eq!(
+            decide(Reached::SwitchStarted, asked(Ask::StandbyHolds, false)),
+            Decision::RollBack
+        );
     }
 
     /// A run journaled the way every patchover so far wrote it (bare step names), whose
@@ -610,6 +757,140 @@ mod tests {
         let front = FakeFront::default();
         bed.with(|o, _| recover_with(o, Some(&front))).unwrap();
         assert_eq!(*front.calls.borrow(), ["release"]);
+    }
+
+    #[test]
+    fn a_watch_cut_short_asks_for_health_and_a_hand_back_cut_short_who_holds_the_service() {
+        let never = |_: Ask| -> bool { panic!("not asked") };
+        assert_eq!(decide(Reached::HandedBack, never), Decision::FinishHandBack);
+        assert_eq!(decide(Reached::HandBackFailed, never), Decision::KeepBoth);
+        let answer = |want: Ask, yes: bool| {
+            move |a: Ask| {
+                assert_eq!(a, want);
+                yes
+            }
+        };
+        for (reached, ask, yes, want) in [
+            (
+                Reached::Watching,
+                Ask::StandbyHealthy,
+                true,
+                Decision::Finish,
+            ),
+            (
+                Reached::Watching,
+                Ask::StandbyHealthy,
+                false,
+                Decision::HandBack,
+            ),
+            (
+                Reached::HandingBack,
+                Ask::OldHolds,
+                true,
+                Decision::FinishHandBack,
+            ),
+            (
+                Reached::HandingBack,
+                Ask::OldHolds,
+                false,
+                Decision::HandBack,
+            ),
+        ] {
+            assert_eq!(decide(reached, answer(ask, yes)), want, "{reached:?} {yes}");
+        }
+    }
+
+    /// The journal of a run that died after its switch, in its watch (`lines` after it).
+    fn died_watching(bed: &mut Bed, lines: &[(&str, &str)]) -> i64 {
+        bed.backend.running(&["lc1", "lc2"]);
+        let run = bed.run.id();
+        bed.store.set_run_standby(run, "lc2").unwrap();
+        let mut all = vec![
+            ("switch", "started"),
+            ("switch", "done"),
+            ("watch", "started"),
+        ];
+        all.extend_from_slice(lines);
+        for (step, state) in all {
+            bed.store.record_step(run, step, state, None).unwrap();
+        }
+        run
+    }
+
+    /// Killed in a watch whose service does not pass its check now (the fake cannot be
+    /// reached): recovery hands the service back with a new reverse copy; here the switch back
+    /// cannot be made either (no network), so both LCs are kept and the report says so.
+    #[test]
+    fn a_run_killed_in_its_watch_with_the_service_failing_is_handed_back() {
+        let mut bed = Bed::new();
+        bed.settings.service.watch = std::time::Duration::from_secs(5);
+        let run = died_watching(&mut bed, &[]);
+        let done = bed.recover().unwrap();
+        assert_eq!(done[0].outcome, "hand-back-failed");
+        let error = done[0].error.as_deref().unwrap();
+        assert!(
+            error.contains(
+                "patchover stopped at watch:started; the service was not handed back to lc1"
+            ),
+            "{error}"
+        );
+        let calls = bed.backend.calls();
+        let app = bed.disk("lc1", "app");
+        assert!(
+            calls.contains(&format!("live_copy lc2 {}", app.display())),
+            "{calls:?}"
+        );
+        assert!(!calls.iter().any(|c| c.starts_with("stop")), "{calls:?}");
+        let names: Vec<String> = bed
+            .store
+            .steps(run)
+            .unwrap()
+            .iter()
+            .map(|r| format!("{}:{}", r.step, r.state))
+            .collect();
+        assert_eq!(
+            names[3..],
+            ["hand_back:started", "hand_back:failed", "recover:done"],
+            "{names:?}"
+        );
+        assert_eq!(bed.role("lc2"), Role::Active);
+    }
+
+    /// Killed once the hand-back went through: the failed LC stops, the old one is active.
+    #[test]
+    fn a_run_killed_after_its_hand_back_is_finished() {
+        let mut bed = Bed::new();
+        died_watching(
+            &mut bed,
+            &[
+                ("watch_failed", "done"),
+                ("hand_back", "started"),
+                ("hand_back", "done"),
+            ],
+        );
+        let done = bed.recover().unwrap();
+        assert_eq!(done[0].outcome, "handed-back");
+        assert_eq!(bed.backend.calls(), ["end_copies lc1", "stop lc2"]);
+        assert_eq!(bed.role("lc1"), Role::Active);
+        assert_eq!(bed.role("lc2"), Role::Unused);
+    }
+
+    /// Killed after a healthy watch: finished as any switched run (the old LC stops); killed
+    /// after a failed hand-back: both LCs stay.
+    #[test]
+    fn a_run_killed_after_a_healthy_watch_or_a_failed_hand_back() {
+        let mut bed = Bed::new();
+        died_watching(&mut bed, &[("watch", "done"), ("stop_old", "started")]);
+        assert_eq!(bed.recover().unwrap()[0].outcome, "ok");
+        assert!(bed.backend.calls().contains(&"stop lc1".to_owned()));
+
+        let mut bed = Bed::new();
+        died_watching(
+            &mut bed,
+            &[("hand_back", "started"), ("hand_back", "failed")],
+        );
+        assert_eq!(bed.recover().unwrap()[0].outcome, "hand-back-failed");
+        assert!(!bed.backend.calls().iter().any(|c| c.starts_with("stop")));
     }
 
     /// A live patchover holds the run's lock: recovery leaves its run alone.

@@ -25,12 +25,15 @@ mod tests {
     fn only_a_copy_that_catches_up_is_asked_to() {
         let mut bed = Bed::new();
         bed.step(Step::StandbySearch).unwrap();
-        assert!(!Step::CatchUpAppDisk.applies(&bed.run), "no copy yet");
+        assert!(
+            !Step::CatchUpAppDisk.applies(&bed.run, &bed.settings.service),
+            "no copy yet"
+        );
         bed.step(Step::CopyAppDisk).unwrap();
-        assert!(!Step::CatchUpAppDisk.applies(&bed.run));
+        assert!(!Step::CatchUpAppDisk.applies(&bed.run, &bed.settings.service));
         bed.backend.copies_catch_up();
         bed.step(Step::CopyAppDisk).unwrap();
-        assert!(Step::CatchUpAppDisk.applies(&bed.run));
+        assert!(Step::CatchUpAppDisk.applies(&bed.run, &bed.settings.service));
         let d = bed.step(Step::CatchUpAppDisk).unwrap();
         assert_eq!(d["rounds"], 1);
         bed.backend.fail("catch_up");

@@ -32,7 +32,7 @@ mod tests {
     fn the_copy_is_started_and_kept_following() {
         let mut bed = Bed::new();
         bed.step(Step::StandbySearch).unwrap();
-        assert!(Step::CopyAppDisk.applies(&bed.run));
+        assert!(Step::CopyAppDisk.applies(&bed.run, &bed.settings.service));
         let d = bed.step(Step::CopyAppDisk).unwrap();
         assert_eq!(d["follow"], true);
         assert!(bed.run.follow.is_some());
@@ -49,7 +49,7 @@ mod tests {
         let mut bed = Bed::new();
         bed.step(Step::StandbySearch).unwrap();
         bed.run.active.app_disk = None;
-        assert!(!Step::CopyAppDisk.applies(&bed.run));
+        assert!(!Step::CopyAppDisk.applies(&bed.run, &bed.settings.service));
         assert!(bed.step(Step::CopyAppDisk).is_err());
     }
 }

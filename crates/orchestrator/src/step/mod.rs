@@ -21,6 +21,8 @@
 //! | [`Step::CatchUpAppDisk`] | 704 | `catch_up_app_disk.rs` |
 //! | [`Step::CutAppDisk`] | 704 (dry run) | `cut_app_disk.rs` |
 //! | [`Step::Switch`] | fig. 13–17, 21–26 | `switch.rs` |
+//! | [`Step::Watch`] | 8, issue 23 | `watch.rs` |
+//! | [`Step::HandBack`] | 8, issue 23 | `watch.rs` |
 //! | [`Step::StopOld`] | 8 | `stop_old.rs` |
 //! | [`Step::ReleaseStandby`] | 709 (failure) | `release_standby.rs` |
 //! | [`Step::Recover`] | — | `crate::recover` |
@@ -36,10 +38,11 @@ mod patch_report;
 mod post_checks;
 mod reboot_standby;
 pub(crate) mod release_standby;
-mod standby_health;
+pub(crate) mod standby_health;
 mod standby_search;
 mod stop_old;
 mod switch;
+pub(crate) mod watch;
 
 #[cfg(test)]
 pub(crate) mod fake;
@@ -47,8 +50,8 @@ pub(crate) mod fake;
 use std::fmt;
 use std::str::FromStr;
 
-use crate::OrchestratorError;
 use crate::context::{Orchestrator, Run};
+use crate::{OrchestratorError, ServiceSettings};
 
 pub(crate) use switch::announce_later;
 
@@ -81,6 +84,12 @@ pub enum Step {
     CutAppDisk,
     /// Claims 4/5: the network switch, with the cut and the restart in its window.
     Switch,
+    /// Issue 23: the service is watched on the new LC (`[service] watch_secs`), the old LC
+    /// kept booted with its application disk following; a failed check hands the service back.
+    Watch,
+    /// A failed watch's hand-back: the switch back to the old LC, still running, with the
+    /// reverse follow cut in its window (journaled by [`Step::Watch`] and by recovery).
+    HandBack,
     /// The old LC stops, kept intact as the rollback target.
     StopOld,
     /// A run that failed before (or rolled back) its switch lets the standby go.
@@ -98,7 +107,7 @@ pub enum StepState {
 }
 
 impl Step {
-    pub const ALL: [Step; 16] = [
+    pub const ALL: [Step; 18] = [
         Step::StandbySearch,
         Step::MalwareCheck,
         Step::CopySystemDisk,
@@ -115,6 +124,8 @@ impl Step {
         Step::StopOld,
         Step::ReleaseStandby,
         Step::Recover,
+        Step::Watch,
+        Step::HandBack,
     ];
 
     /// The name in the journal, the events and the report (unchanged since the journal began).
@@ -136,12 +147,15 @@ impl Step {
             Step::StopOld => "stop_old",
             Step::ReleaseStandby => "release_standby",
             Step::Recover => "recover",
+            Step::Watch => "watch",
+            Step::HandBack => "hand_back",
         }
     }
 
     /// Whether the step has anything to do in this run; one that has not is not journaled.
-    pub(crate) fn applies(self, run: &Run) -> bool {
+    pub(crate) fn applies(self, run: &Run, svc: &ServiceSettings) -> bool {
         match self {
+            Step::Watch => !svc.watch.is_zero(),
             Step::CopyAppDisk => {
                 run.active.app_disk.is_some()
                     && run.standby.as_ref().is_some_and(|s| s.app_disk.is_some())
@@ -172,11 +186,14 @@ impl Step {
             Step::CutAppDisk => cut_app_disk::run(o, run),
             Step::Switch => switch::run(o, run),
             Step::StopOld => stop_old::run(o, run),
-            // Not in a list: a failed run and recovery journal these themselves.
-            Step::ReleaseStandby | Step::Recover => Err(OrchestratorError::OutOfOrder {
-                step: self.as_str(),
-                needs: "a failed or an unfinished run",
-            }),
+            Step::Watch => watch::run(o, run),
+            // Not in a list: a failed run, a failed watch and recovery journal these themselves.
+            Step::ReleaseStandby | Step::Recover | Step::HandBack => {
+                Err(OrchestratorError::OutOfOrder {
+                    step: self.as_str(),
+                    needs: "a failed or an unfinished run",
+                })
+            }
         }
     }
 }
@@ -245,6 +262,7 @@ pub(crate) fn patch_steps(scan_copy: bool) -> Vec<Step> {
         Step::StandbyHealth,
         Step::CatchUpAppDisk,
         Step::Switch,
+        Step::Watch,
         Step::StopOld,
     ];
     if scan_copy {
@@ -314,7 +332,9 @@ mod tests {
                 "switch",
                 "stop_old",
                 "release_standby",
-                "recover"
+                "recover",
+                "watch",
+                "hand_back"
             ]
         );
     }
@@ -340,5 +360,11 @@ mod tests {
         let d = dry_run(patch_steps(false));
         assert_eq!(&d[d.len() - 2..], [Step::CatchUpAppDisk, Step::CutAppDisk]);
         assert!(!d.contains(&Step::Switch) && !d.contains(&Step::StopOld));
+        assert!(!d.contains(&Step::Watch) && !r.contains(&Step::Watch));
+        let p = patch_steps(false);
+        assert_eq!(
+            &p[p.len() - 3..],
+            [Step::Switch, Step::Watch, Step::StopOld]
+        );
     }
 }

@@ -2,7 +2,8 @@
 //! fails, the service simply stays on the active LC.
 
 use patchover_bundle::PostCheckReport;
-use patchover_lc::Stdio;
+use patchover_core::LcSpec;
+use patchover_lc::{LcBackend, Stdio};
 
 use crate::OrchestratorError;
 use crate::context::{Orchestrator, Run};
@@ -14,28 +15,43 @@ pub(super) fn run(
     o: &mut Orchestrator<'_>,
     run: &mut Run,
 ) -> Result<serde_json::Value, OrchestratorError> {
-    let out = o.backend.exec(
-        run.standby()?,
+    let rep = ask(o.backend, run.standby()?)?;
+    run.report.post_checks = Some(rep.clone());
+    judge(&rep)?;
+    Ok(serde_json::to_value(&rep).unwrap_or_default())
+}
+
+/// Runs the bundles' post-checks in `lc` by its agent (the standby; the new active LC in a
+/// watch, `super::watch`).
+pub(super) fn ask(
+    backend: &dyn LcBackend,
+    lc: &LcSpec,
+) -> Result<PostCheckReport, OrchestratorError> {
+    let out = backend.exec(
+        lc,
         &[AGENT_BIN_IN_LC.to_owned(), "post-checks".to_owned()],
         Stdio::Capture,
     )?;
-    let rep: PostCheckReport = serde_json::from_slice(&out.stdout).map_err(|e| {
+    serde_json::from_slice(&out.stdout).map_err(|e| {
         OrchestratorError::PostCheck(format!(
             "no report from the standby ({e}): {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ))
-    })?;
-    run.report.post_checks = Some(rep.clone());
-    if !rep.passed {
-        let failed: Vec<String> = rep
-            .checks
-            .iter()
-            .filter(|c| !c.passed)
-            .map(|c| format!("{} check {} ({}): {}", c.bundle, c.index, c.kind, c.detail))
-            .collect();
-        return Err(OrchestratorError::PostCheck(failed.join("; ")));
+    })
+}
+
+/// A report that did not pass fails with the failed checks named.
+pub(super) fn judge(rep: &PostCheckReport) -> Result<(), OrchestratorError> {
+    if rep.passed {
+        return Ok(());
     }
-    Ok(serde_json::to_value(&rep).unwrap_or_default())
+    let failed: Vec<String> = rep
+        .checks
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| format!("{} check {} ({}): {}", c.bundle, c.index, c.kind, c.detail))
+        .collect();
+    Err(OrchestratorError::PostCheck(failed.join("; ")))
 }
 
 #[cfg(test)]

@@ -6,7 +6,10 @@ use std::time::Duration;
 use crate::context::{Orchestrator, Run};
 use crate::service::{RunByBackend, get};
 use crate::{OrchestratorError, access};
-use patchover_net::health::Inside;
+use patchover_core::LcSpec;
+use patchover_lc::LcBackend;
+use patchover_net::health::{HealthError, Inside};
+use patchover_net::{Endpoint, HealthCheck};
 
 pub(super) fn run(
     o: &mut Orchestrator<'_>,
@@ -14,22 +17,8 @@ pub(super) fn run(
 ) -> Result<serde_json::Value, OrchestratorError> {
     let standby = run.standby()?;
     let to = access::endpoint(o.backend, standby)?;
-    let lc = to
-        .access
-        .open()
-        .map_err(|e| OrchestratorError::Health(Box::new(e.into())))?;
-    let by_backend = RunByBackend {
-        backend: o.backend,
-        spec: standby,
-    };
-    patchover_net::health::check_own(
-        Inside::of(&*lc).running(&by_backend),
-        &to.iface,
-        to.address.addr,
-        &crate::service::health(&o.settings.service)?,
-    )
-    .map_err(|e| OrchestratorError::Health(Box::new(e)))?;
-    drop(lc);
+    let hc = crate::service::health(&o.settings.service)?;
+    check_service(o.backend, standby, &to, &hc, false)?;
     run.report.version_after = o.settings.service.version_path.as_ref().and_then(|p| {
         get(
             &to.access,
@@ -42,6 +31,33 @@ pub(super) fn run(
     });
     run.to = Some(to);
     Ok(serde_json::json!({"version": run.report.version_after}))
+}
+
+/// The `[service]` check `hc` made inside `spec`, to its own address (`to`): the standby's
+/// before the switch, and the new active LC's at each interval of a watch (`super::watch`),
+/// which first asks whether anything still listens on the service's port (`listening`: a
+/// connection refused there is a service process gone, not a slow answer).
+pub(crate) fn check_service(
+    backend: &dyn LcBackend,
+    spec: &LcSpec,
+    to: &Endpoint,
+    hc: &HealthCheck,
+    listening: bool,
+) -> Result<(), OrchestratorError> {
+    let health = |e: HealthError| OrchestratorError::Health(Box::new(e));
+    let lc = to.access.open().map_err(|e| health(e.into()))?;
+    if listening {
+        let at = std::net::SocketAddr::from((to.address.addr, hc.port));
+        lc.connect(at, hc.timeout).map_err(|e| health(e.into()))?;
+    }
+    let by_backend = RunByBackend { backend, spec };
+    patchover_net::health::check_own(
+        Inside::of(&*lc).running(&by_backend),
+        &to.iface,
+        to.address.addr,
+        hc,
+    )
+    .map_err(health)
 }
 
 #[cfg(test)]

@@ -24,11 +24,7 @@ pub(super) fn run(
 ) -> Result<serde_json::Value, OrchestratorError> {
     let plan = plan(o, run)?;
     let standby = run.standby()?.clone();
-    // The restarted service gets a while to answer again (its own check, on its own address).
-    let restarted = HealthCheck {
-        patience: plan.health.patience.max(Duration::from_secs(10)),
-        ..plan.health.clone()
-    };
+    let restarted = restart_check(&plan);
     let settings = o.settings;
     let svc = &settings.service;
     if stateless::applies(svc, plan.mode) {
@@ -233,19 +229,34 @@ fn after_switch(
 
 /// What the switcher is asked to do.
 fn plan(o: &Orchestrator<'_>, run: &Run) -> Result<SwitchPlan, OrchestratorError> {
-    let service = o.config.network.service_address.ok_or_else(|| {
-        OrchestratorError::BadInput("network.service_address is not set in the config".into())
-    })?;
-    let to = run.to()?.clone();
+    service_address(o)?;
+    plan_between(
+        o,
+        run.from.clone(),
+        run.to()?.clone(),
+        run.req.mode,
+        run.id(),
+    )
+}
+
+/// A switch of the service from `from` to `to` in `mode`, for the run `run_id`.
+fn plan_between(
+    o: &Orchestrator<'_>,
+    from: Endpoint,
+    to: Endpoint,
+    mode: patchover_net::Mode,
+    run_id: i64,
+) -> Result<SwitchPlan, OrchestratorError> {
+    let service = service_address(o)?;
     network::ensure_bridge_address(o.config).map_err(OrchestratorError::net)?;
     let mut plan = SwitchPlan {
         host_netns: None,
         bridge: o.config.network.bridge.clone(),
         service,
-        from: run.from.clone(),
+        from,
         health: crate::service::health(&o.settings.service)?,
         to,
-        mode: run.req.mode,
+        mode,
         check_from: None,
         garp: patchover_net::GarpConfig {
             // The later announcements come from a detached process (see `announce_later`).
@@ -257,15 +268,70 @@ fn plan(o: &Orchestrator<'_>, run: &Run) -> Result<SwitchPlan, OrchestratorError
             ..o.settings.garp.clone()
         },
         drain_deadline: o.settings.drain_deadline,
-        queue: network::queue_number(run.id()),
+        queue: network::queue_number(run_id),
         lock_path: o.config.run_dir.join("switch.lock"),
         // A writing service must not serve from both LCs: hand off (unless it is stateless).
-        handoff: run.req.mode == patchover_net::Mode::Seamless,
+        handoff: mode == patchover_net::Mode::Seamless,
         // The standby was booted for this run: never drained, so never resumed.
         resume_to: false,
     };
     stateless::shape(&mut plan, &o.settings.service);
     Ok(plan)
+}
+
+fn service_address(o: &Orchestrator<'_>) -> Result<patchover_core::Ipv4Cidr, OrchestratorError> {
+    o.config.network.service_address.ok_or_else(|| {
+        OrchestratorError::BadInput("network.service_address is not set in the config".into())
+    })
+}
+
+/// A failed watch's hand-back (issue 23, `super::watch`): the switch from the new LC `failed`
+/// back to the old LC `old`, which still runs (drained by the run's switch, so resumed before
+/// its check), with the same take-over in its window the other way round: the reverse
+/// follow cut with `failed` held still, the cut attached under the old LC's service, which
+/// restarts on it and answers before any client is sent back. The failed service is not
+/// asked to drain: it may be gone (its kept-alive connections are then gone with it).
+pub(crate) fn hand_back(
+    o: &mut Orchestrator<'_>,
+    run_id: i64,
+    report: &mut RunReport,
+    (failed, old): (&LcSpec, &LcSpec),
+    mode: patchover_net::Mode,
+    follow: Option<LiveCopy>,
+) -> Result<serde_json::Value, OrchestratorError> {
+    let from = crate::access::endpoint(o.backend, failed)?;
+    let to = crate::access::endpoint(o.backend, old)?;
+    let plan = SwitchPlan {
+        resume_to: true,
+        ..plan_between(o, from, to, mode, run_id)?
+    };
+    let restarted = restart_check(&plan);
+    let svc = ServiceSettings {
+        drain: Vec::new(),
+        ..o.settings.service.clone()
+    };
+    let (backend, to) = (o.backend, &plan.to);
+    let mut follow = follow;
+    let mut cut = None;
+    let mut in_window = |_: &SwitchPlan| -> Result<(), BoxError> {
+        cut = take_over_checked(backend, &svc, failed, old, follow.take(), to, &restarted)?;
+        Ok(())
+    };
+    let done = switch_as(o, report, &plan, &svc, &mut in_window)?;
+    let mut detail = done.detail;
+    record_cut(report, &mut detail, cut);
+    // The first burst's refresher thread goes on by itself.
+    drop(done.sw.refresh);
+    Ok(detail)
+}
+
+/// The check of a service restarted in the window: it gets a while to answer again (its own
+/// check, on its own address).
+fn restart_check(plan: &SwitchPlan) -> HealthCheck {
+    HealthCheck {
+        patience: plan.health.patience.max(Duration::from_secs(10)),
+        ..plan.health.clone()
+    }
 }
 
 /// In the switch window: the old service stops cleanly (`stop`), the application disk's copy
