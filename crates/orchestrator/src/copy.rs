@@ -73,6 +73,16 @@ impl LiveCopy {
 /// Clears a standby disk so the copier finds an empty destination. Refuses anything that is
 /// not the standby's own configured disk path.
 pub(crate) fn clear_disk(path: &Path, disk: &'static str) -> Result<(), OrchestratorError> {
+    clear(path, disk, false)
+}
+
+/// [`clear_disk`], but a directory itself stays: the old LC of a watch (`step::watch`) has it
+/// mounted, and a mount whose directory was removed can no longer be mounted over.
+pub(crate) fn empty_disk(path: &Path, disk: &'static str) -> Result<(), OrchestratorError> {
+    clear(path, disk, true)
+}
+
+fn clear(path: &Path, disk: &'static str, keep_dir: bool) -> Result<(), OrchestratorError> {
     let prep = |source: std::io::Error| OrchestratorError::Prepare {
         disk,
         path: path.to_owned(),
@@ -87,7 +97,9 @@ pub(crate) fn clear_disk(path: &Path, disk: &'static str) -> Result<(), Orchestr
             LcRoot::open(path)
                 .and_then(|r| r.clear())
                 .map_err(|e| prep(std::io::Error::other(e)))?;
-            std::fs::remove_dir(path).map_err(prep)?;
+            if !keep_dir {
+                std::fs::remove_dir(path).map_err(prep)?;
+            }
         }
         Ok(_) => std::fs::remove_file(path).map_err(prep)?,
     }

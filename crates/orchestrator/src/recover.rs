@@ -34,7 +34,7 @@ pub use crate::network::{assign_service, ensure_bridge_address, queue_number, se
 
 /// Runs the `[service] resume` command in `lc` (undoes a drain; harmless without one). A
 /// failure is logged, not returned: the service answers either way, only without keep-alive.
-fn resume_service(o: &Orchestrator<'_>, lc: &patchover_core::LcSpec) {
+pub(crate) fn resume_service(o: &Orchestrator<'_>, lc: &patchover_core::LcSpec) {
     let r = endpoint(o.backend, lc)
         .map_err(|e| patchover_core::error::chain(&e))
         .and_then(|ep| {

@@ -1133,3 +1133,131 @@ fn whole_answer(got: &[u8]) -> Option<bool> {
     })?;
     (body.len() >= len).then(|| head.starts_with("HTTP/1.1 200"))
 }
+
+/// Issue 23: the new LC's service process is killed ~10 s into a 20 s watch after the switch,
+/// under a writing and a reading load. The watch sees it and hands the service back to the
+/// old LC, kept booted with its application disk following the new one's writes: the service
+/// answers from the old LC again (1.0.0), every acknowledged write (also those the new LC
+/// acknowledged before it died) is there, and no request failed outside the window from the
+/// kill to the first answer from the old LC (requests in flight on the dead process are
+/// counted apart). Prints the kill-to-answer time (goal: ≤ 2 s).
+#[test]
+fn a_service_killed_in_its_watch_is_handed_back_to_the_old_lc_under_load() {
+    let c = Cycle::new(2, "\n[service]\nwatch_secs = 20\nwatch_interval_ms = 250\n");
+    c.upgrade_bundle();
+    c.start_service();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    let load = Load::start(&client, svc.clone());
+    let reads = Reads::start(&client, svc.clone(), None);
+    std::thread::sleep(SETTLE);
+    let config = c.t.config.clone();
+    let (a2, t0) = (a.clone(), Instant::now());
+    let patch = std::thread::spawn(move || common::po(&config, &["--json", "patch", &a2]));
+    while version(&client, &svc) != "1.0.1" {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never switched");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let switched = Instant::now();
+    std::thread::sleep(Duration::from_secs(10));
+    let killed_ms = kill_the_service_of(&c, &b);
+    let out = patch.join().unwrap();
+    let took = switched.elapsed();
+    std::thread::sleep(SETTLE);
+    let (ok, failures, acked) = load.finish();
+    let (answers, read_failures, _) = reads.finish();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(1), "{report:#}");
+    assert_eq!(report["outcome"], "handed-back", "{report:#}");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("the service was handed back to {a}")),
+        "{error}"
+    );
+    let old_by = answers.first().expect("reads before the run").by.clone();
+    let back = answers
+        .iter()
+        .find(|x| x.by == old_by && x.sent_ms > killed_ms)
+        .expect("the old LC answers again");
+    let all: Vec<&String> = failures.iter().chain(&read_failures).collect();
+    let sent = |f: &str| -> u128 {
+        let at = f.rsplit("sent at unix ms ").next().unwrap();
+        at.trim_end_matches(')').parse().unwrap()
+    };
+    let in_flight = all.iter().filter(|f| sent(f) < killed_ms).count();
+    let in_window = all
+        .iter()
+        .filter(|f| (killed_ms..=back.done_ms).contains(&sent(f)))
+        .count();
+    let outside: Vec<&&String> = all
+        .iter()
+        .filter(|f| sent(f) > back.done_ms || sent(f) + 2000 < killed_ms)
+        .collect();
+    eprintln!(
+        "watch hand-back: killed {:.1} s after the switch, answering from the old LC {} ms after the kill (goal ≤ 2000); {} requests ok, {} reads, failed: {in_flight} in flight on the dead process, {in_window} in the detection window, {} outside; {} writes acknowledged; run ended {:.1} s after the switch",
+        10.0,
+        back.done_ms - killed_ms,
+        ok,
+        answers.len(),
+        outside.len(),
+        acked.len(),
+        took.as_secs_f64()
+    );
+    assert!(
+        outside.is_empty(),
+        "failed outside the detection window: {:?}",
+        &outside[..outside.len().min(5)]
+    );
+    assert!(ok > 100, "the load ran: {ok}");
+    assert_eq!(version(&client, &svc), "1.0.0");
+    assert_all_there(&client, &svc, &acked);
+    assert_eq!(running(&c), [a], "the failed LC is stopped");
+    let run =
+        c.t.po_json(&["runs", "show", &report["run_id"].to_string()]);
+    let lines: Vec<String> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{}:{}",
+                s["step"].as_str().unwrap(),
+                s["state"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let tail = &lines[lines.len() - 5..];
+    assert_eq!(
+        tail,
+        [
+            "watch:started",
+            "watch_failed:done",
+            "hand_back:started",
+            "hand_back:done",
+            "watch:failed"
+        ],
+        "{lines:?}"
+    );
+}
+
+/// SIGKILLs the demo service's process in LC `id` (found among the LC's cgroup's processes),
+/// returns when, in unix ms.
+fn kill_the_service_of(c: &Cycle, id: &str) -> u128 {
+    let pid =
+        c.t.pids(id)
+            .into_iter()
+            .find(|p| {
+                fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("--listen"))
+            })
+            .unwrap_or_else(|| panic!("no demo service in {id}"));
+    let at = common::unix_ms();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    at
+}

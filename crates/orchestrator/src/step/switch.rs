@@ -286,8 +286,8 @@ fn service_address(o: &Orchestrator<'_>) -> Result<patchover_core::Ipv4Cidr, Orc
 }
 
 /// A failed watch's hand-back (issue 23, `super::watch`): the switch from the new LC `failed`
-/// back to the old LC `old`, which still runs (drained by the run's switch, so resumed before
-/// its check), with the same take-over in its window the other way round: the reverse
+/// back to the old LC `old`, which still runs (drained by the run's switch, so resumed first),
+/// with the same take-over in its window the other way round: the reverse
 /// follow cut with `failed` held still, the cut attached under the old LC's service, which
 /// restarts on it and answers before any client is sent back. The failed service is not
 /// asked to drain: it may be gone (its kept-alive connections are then gone with it).
@@ -301,13 +301,14 @@ pub(crate) fn hand_back(
 ) -> Result<serde_json::Value, OrchestratorError> {
     let from = crate::access::endpoint(o.backend, failed)?;
     let to = crate::access::endpoint(o.backend, old)?;
-    let plan = SwitchPlan {
-        resume_to: true,
-        ..plan_between(o, from, to, mode, run_id)?
-    };
+    let plan = plan_between(o, from, to, mode, run_id)?;
+    // Undone here rather than by the switcher (`resume_to`), whose rollback would also
+    // `resume` the failed LC, which this switch never drained.
+    crate::recover::resume_service(o, old);
     let restarted = restart_check(&plan);
     let svc = ServiceSettings {
         drain: Vec::new(),
+        resume: Vec::new(),
         ..o.settings.service.clone()
     };
     let (backend, to) = (o.backend, &plan.to);

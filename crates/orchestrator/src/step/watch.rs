@@ -7,9 +7,9 @@
 //! inside the LC to its own address, given one interval to pass (`super::standby_health`).
 //!
 //! Meanwhile the old LC stays booted and its application disk follows the new active LC's
-//! writes: the same live copy as 704 with source and destination swapped (its directory, as
-//! the old service sees it, is replaced by the copy's; the old service keeps running on what
-//! it had open, serves nobody, and is restarted on the cut, see below). A healthy watch ends
+//! writes: the same live copy as 704 with source and destination swapped (the old service
+//! keeps running on the files it had open, serves nobody, and is restarted on the cut, see
+//! below). A healthy watch ends
 //! that copy and `stop_old` stops the old LC as always. A failed one journals `watch_failed`
 //! (the reason), then hands the service back: an ordinary switch to the still-running old LC
 //! (`super::switch::hand_back`) whose window cuts the reverse copy with the failed LC held
@@ -103,7 +103,8 @@ impl Probe for OnLc<'_> {
 }
 
 /// The old LC's application disk follows the new active LC's (`None`: no application disk):
-/// emptied, then the copy of 704 the other way round.
+/// emptied (a directory stays, the old LC has it mounted), then the copy of 704 the other way
+/// round.
 pub(crate) fn reverse_follow(
     backend: &dyn LcBackend,
     (new, old): (&LcSpec, &LcSpec),
@@ -111,7 +112,7 @@ pub(crate) fn reverse_follow(
     let (Some(src), Some(dst)) = (&new.app_disk, &old.app_disk) else {
         return Ok(None);
     };
-    copy::clear_disk(&dst.path, "application")?;
+    copy::empty_disk(&dst.path, "application")?;
     LiveCopy::start(backend, new, src, dst).map(Some)
 }
 
