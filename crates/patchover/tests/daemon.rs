@@ -738,8 +738,8 @@ fn every_route_bad_input_tokens_metrics_and_sigterm() {
 #[test]
 fn openapi_document_matches_the_server() {
     let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.yaml");
-    let doc: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(&doc_path).unwrap()).unwrap();
+    let doc: serde_norway::Value =
+        serde_norway::from_str(&std::fs::read_to_string(&doc_path).unwrap()).unwrap();
     let mut documented = BTreeSet::new();
     let mut schema_of: HashMap<(String, String), Option<String>> = HashMap::new();
     for (path, ops) in doc["paths"].as_mapping().unwrap() {
