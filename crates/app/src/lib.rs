@@ -16,6 +16,7 @@ pub mod net;
 pub mod patches;
 pub mod runs;
 pub mod service;
+pub mod status;
 
 pub use env::Env;
 pub use error::{AppError, ErrorKind};

@@ -82,6 +82,9 @@ enum Command {
     Service(cmd::patch::ServiceCmd),
     /// The daemon: the REST API on a Unix socket (and TCP), metrics, events, the monitor.
     Serve(cmd::serve::ServeArgs),
+    /// One screen: LCs with role and state, the service and whether it answers, the last
+    /// runs, pending and approved patches, the monitor and the daemon.
+    Status,
     /// The config file.
     #[command(subcommand)]
     Config(cmd::config::ConfigCmd),
@@ -118,6 +121,7 @@ fn main() -> ExitCode {
         Command::Runs(c) => cmd::patch::run_runs(c, &ctx),
         Command::Service(c) => cmd::patch::run_service(c, &ctx),
         Command::Serve(a) => cmd::serve::run(a, &ctx),
+        Command::Status => cmd::status::run(&ctx),
         Command::Config(c) => cmd::config::run(c, &ctx),
         Command::Internal(c) => cmd::internal::run(c),
     };

@@ -400,8 +400,8 @@ fn every_route_bad_input_tokens_metrics_and_sigterm() {
 
     let st = d.get("/v1/status");
     assert_eq!(st.status, 200);
-    assert_eq!(st.json()["lcs"], 2);
-    assert_eq!(st.json()["running_runs"], 0);
+    assert_eq!(st.json()["lcs"].as_array().map(Vec::len), Some(2));
+    assert_eq!(st.json()["daemon"]["running_runs"], 0);
     count("/v1/status", 200);
 
     let lcs = d.get("/v1/lcs");
@@ -618,7 +618,7 @@ fn every_route_bad_input_tokens_metrics_and_sigterm() {
     tcp(&[("authorization", TOKEN)]).error(401, "unauthorized");
     let ok = tcp(&[("authorization", &format!("Bearer {TOKEN}"))]);
     assert_eq!(ok.status, 200);
-    assert_eq!(ok.json()["lcs"], 2);
+    assert_eq!(ok.json()["lcs"].as_array().map(Vec::len), Some(2));
     count("/v1/status", 200);
 
     // The event stream answers as SSE.
@@ -1064,7 +1064,7 @@ fn runs_over_the_api_conflict_metrics_and_sigterm_during_a_run() {
     }
     again.error(409, "conflict");
     assert_eq!(
-        d.get("/v1/status").json()["running_runs"],
+        d.get("/v1/status").json()["daemon"]["running_runs"],
         1,
         "{:#}",
         d.get(&format!("/v1/runs/{run_id}")).json()
@@ -1406,6 +1406,21 @@ fn routed_verbs_give_the_same_json_through_the_daemon_and_direct() {
         outs[0], outs[1],
         "boot, reboot, stop: through the daemon, then --direct"
     );
+
+    // The one screen: the same both ways but for who answered (the daemon knows its PID and
+    // the runs it drives; the CLI only that something answers on the socket).
+    let st = same_both_ways(&d, &t.config, &["status"], "/v1/status", &["daemon"]);
+    assert_eq!(st["lcs"].as_array().map(Vec::len), Some(2), "{st}");
+    assert_eq!(st["monitor"]["feeds"], serde_json::json!([]), "{st}");
+    let via = po_via(&t.config, &["status"], false).json;
+    assert_eq!(via["daemon"]["answers"], true, "{via}");
+    assert!(
+        via["daemon"]["pid"].as_u64().is_some_and(|p| p > 1),
+        "{via}"
+    );
+    let direct = po_via(&t.config, &["status"], true).json;
+    assert_eq!(direct["daemon"]["answers"], true, "{direct}");
+    assert_eq!(direct["daemon"]["pid"], serde_json::Value::Null, "{direct}");
 
     // The patch table.
     same_both_ways(&d, &t.config, &["patches", "list"], "/v1/patches", &[]);
@@ -2189,7 +2204,7 @@ fn tls_on_tcp_serves_tokens_refuses_plaintext_and_bad_tls_config_exits_2() {
     };
     let ok = over_tls(Some(&auth));
     assert_eq!(ok.status, 200, "{:?}", String::from_utf8_lossy(&ok.body));
-    assert_eq!(ok.json()["lcs"], 1);
+    assert_eq!(ok.json()["lcs"].as_array().map(Vec::len), Some(1));
     over_tls(Some("Bearer wrong-token-0123456789abcdef")).error(401, "unauthorized");
     over_tls(None).error(401, "unauthorized");
     // The right token in plaintext to the TLS port gets no HTTP answer.

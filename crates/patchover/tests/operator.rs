@@ -101,3 +101,72 @@ fn config_check_says_ok_with_a_summary_or_each_error_at_file_line_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("cannot read config /nonexistent/po.toml"));
 }
+
+/// `status` of a real world: an active LC whose service answers (asked with the configured
+/// check inside it), a stopped standby, an approved patch, no daemon; then the service
+/// stopped (it does not answer) and the LC stopped (the check cannot be made): states shown,
+/// exit 0 every time.
+#[test]
+fn status_shows_roles_states_the_service_patches_and_the_daemon() {
+    let c = common::cycle::Cycle::new(2, "");
+    c.start_service();
+    c.upgrade_bundle();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    let s = c.t.po_json(&["status"]);
+    let lc = |s: &serde_json::Value, id: &str| {
+        s["lcs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} not in {s:#}"))
+    };
+    assert_eq!(lc(&s, &a)["role"], "active", "{s:#}");
+    assert_eq!(lc(&s, &a)["state"], "running", "{s:#}");
+    assert!(lc(&s, &a)["pid"].as_i64().is_some(), "{s:#}");
+    assert_eq!(lc(&s, &b)["role"], "unused", "{s:#}");
+    assert_eq!(lc(&s, &b)["state"], "stopped", "{s:#}");
+    assert_eq!(s["active_lc"], a.as_str());
+    assert_eq!(s["service"]["lc"], a.as_str());
+    assert_eq!(s["service"]["address"], format!("{}/24", c.t.service()));
+    assert_eq!(s["service"]["lc_address"], c.t.lcs[0].address.as_str());
+    assert_eq!(s["service"]["answers"], true, "{s:#}");
+    assert_eq!(s["patches"]["approved"][0]["id"], "demo-1.0.1", "{s:#}");
+    assert_eq!(s["patches"]["pending"].as_array().unwrap().len(), 0);
+    assert_eq!(s["runs"].as_array().unwrap().len(), 0);
+    assert_eq!(s["monitor"], serde_json::Value::Null);
+    assert_eq!(s["daemon"]["answers"], false, "{s:#}");
+    let screen = c.t.po_ok(&["status"]);
+    for want in [
+        format!("on LC {a} ({}): answers", c.t.lcs[0].address),
+        "patches approved for the next run: demo-1.0.1".to_owned(),
+        "daemon: not running".to_owned(),
+    ] {
+        assert!(screen.contains(&want), "{want:?} not in:\n{screen}");
+    }
+
+    // The service stopped inside the LC: the same check fails, and says why.
+    c.t.po_ok(&["lc", "exec", &a, "--", "/etc/init.d/S50demo", "stop"]);
+    let s = c.t.po_json(&["status"]);
+    assert_eq!(s["service"]["answers"], false, "{s:#}");
+    assert!(
+        s["service"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("service check")),
+        "{s:#}"
+    );
+    assert!(c.t.po_ok(&["status"]).contains("does NOT answer"));
+
+    // The LC stopped: the check cannot be made; still a status, exit 0.
+    c.t.po_ok(&["lc", "stop", &a]);
+    let s = c.t.po_json(&["status"]);
+    assert_eq!(lc(&s, &a)["state"], "stopped", "{s:#}");
+    assert_eq!(s["service"]["answers"], serde_json::Value::Null, "{s:#}");
+    assert!(
+        s["service"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("stopped")),
+        "{s:#}"
+    );
+}

@@ -23,6 +23,7 @@ pub mod patch;
 pub mod patches;
 pub mod remote;
 pub mod serve;
+pub mod status;
 
 use std::path::PathBuf;
 

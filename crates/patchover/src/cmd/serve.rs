@@ -312,33 +312,16 @@ impl Dispatch for Daemon {
 
 impl Daemon {
     fn dispatch_inner(&self, cmd: Command) -> Result<Reply, ApiError> {
-        let store_err = |e: patchover_store::StoreError| api_error(e.into());
         match cmd {
             Command::Status => {
                 let env = self.env()?;
-                let lcs = env.store.lcs().map_err(store_err)?;
-                let active = lcs
-                    .iter()
-                    .find(|r| r.role == patchover_store::Role::Active)
-                    .map(|r| r.spec.id.to_string());
-                let open: Vec<i64> = env
-                    .store
-                    .runs()
-                    .map_err(store_err)?
-                    .iter()
-                    .filter(|r| r.ended_ms.is_none())
-                    .map(|r| r.id)
-                    .collect();
-                Ok(Reply::ok(json!({
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "pid": std::process::id(),
-                    "lcs": lcs.len(),
-                    "active_lc": active,
-                    "running_runs": self.hub.running(),
-                    "open_runs": open,
-                    "monitor": env.config.monitor.is_some(),
-                    "service_address": env.config.network.service_address.map(|a| a.to_string()),
-                })))
+                let daemon = patchover_app::status::DaemonState {
+                    socket: env.config.daemon.socket.clone(),
+                    answers: true,
+                    pid: Some(std::process::id()),
+                    running_runs: Some(self.hub.running()),
+                };
+                reply(patchover_app::status::status(&env, daemon))
             }
             Command::ListLcs => reply(patchover_app::lcs::list(&self.env()?)),
             Command::GetLc(id) => reply(patchover_app::lcs::show(&self.env()?, &id)),
