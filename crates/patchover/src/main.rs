@@ -5,6 +5,7 @@
 //! their whole chain, and mapped to exit codes in [`exit_code`].
 
 mod cmd;
+mod logs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -95,7 +96,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let log = logs::init();
     let ctx = cmd::Ctx {
         config_path: cli.config,
         json: cli.json,
@@ -137,6 +138,10 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("error: {e:#}");
             }
+            if log == logs::LogSink::Journald {
+                // The journal also gets the failure as an entry of its own, at priority err.
+                tracing::error!(exit_code = exit_code(&e), error = %format!("{e:#}"), "patchover failed");
+            }
             ExitCode::from(exit_code(&e))
         }
     }
@@ -147,19 +152,4 @@ fn main() -> ExitCode {
 /// still going), 1 for everything else.
 fn exit_code(e: &anyhow::Error) -> u8 {
     cmd::error_kind(e).exit_code()
-}
-
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("PATCHOVER_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("warn,netlink_packet_route=error"));
-    let json = std::env::var("PATCHOVER_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
