@@ -38,20 +38,26 @@ impl Pausable for ByKind {
 }
 
 impl Migratable for ByKind {
-    fn copy_system_disk(&self, active: &LcSpec, dst: &Path) -> Result<Copied, DiskCopyError> {
+    fn copy_system_disk(
+        &self,
+        active: &LcSpec,
+        dst: &Path,
+        progress: &dyn crate::Progress,
+    ) -> Result<Copied, DiskCopyError> {
         self.of(active)
             .map_err(DiskCopyError::system)?
-            .copy_system_disk(active, dst)
+            .copy_system_disk(active, dst, progress)
     }
     fn live_copy(
         &self,
         active: &LcSpec,
         src: &patchover_core::DiskSpec,
         dst: &patchover_core::DiskSpec,
+        progress: std::sync::Arc<dyn crate::Progress>,
     ) -> Result<Box<dyn LiveCopy>, DiskCopyError> {
         self.of(active)
             .map_err(DiskCopyError::application)?
-            .live_copy(active, src, dst)
+            .live_copy(active, src, dst, progress)
     }
     fn end_leftover_copies(&self, active: &LcSpec) -> Vec<String> {
         self.of(active)

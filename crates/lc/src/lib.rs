@@ -29,8 +29,8 @@ use patchover_core::{LcId, LcSpec};
 use serde::{Deserialize, Serialize};
 
 pub use migrate::{
-    Copied, CopyProgress, CutDone, DiskCopyError, Hold, LiveCopy, Migratable, Pausable, WriteWatch,
-    Writes,
+    Copied, CopyProgress, CutDone, DiskCopyError, Hold, LiveCopy, Migratable, NoProgress, Pausable,
+    Progress, WriteWatch, Writes,
 };
 
 /// What the host sees of an LC.

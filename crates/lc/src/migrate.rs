@@ -12,8 +12,11 @@
 //! with the active LC held still.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use patchover_core::{DiskSpec, LcSpec, Quiesce};
+/// Where a copy reports its bytes as it goes (the orchestrator's meter, or nothing).
+pub use patchover_disk::{NoProgress, Progress};
 
 use crate::LcError;
 
@@ -131,15 +134,22 @@ pub trait Pausable {
 /// Copies a running LC's disks with a write history.
 pub trait Migratable: Pausable {
     /// 703: copies the running LC's system disk to `dst` (empty) until caught up, as a
-    /// point-in-time copy another LC can boot.
-    fn copy_system_disk(&self, active: &LcSpec, dst: &Path) -> Result<Copied, DiskCopyError>;
+    /// point-in-time copy another LC can boot. Its bulk copy reports to `progress`.
+    fn copy_system_disk(
+        &self,
+        active: &LcSpec,
+        dst: &Path,
+        progress: &dyn Progress,
+    ) -> Result<Copied, DiskCopyError>;
     /// 704: starts copying the running LC's disk `src` to `dst` (empty), following its writes
-    /// until the cut.
+    /// until the cut. A copier that counts its bulk copy reports it to `progress` (from its
+    /// own thread, while later steps run).
     fn live_copy(
         &self,
         active: &LcSpec,
         src: &DiskSpec,
         dst: &DiskSpec,
+        progress: Arc<dyn Progress>,
     ) -> Result<Box<dyn LiveCopy>, DiskCopyError>;
     /// Ends the copy jobs a dead patchover left running for `active` (a job outlives the
     /// process that started it, and would go on writing into a standby's disk). Returns what

@@ -16,6 +16,8 @@ pub struct Orchestrator<'a> {
     pub backend: &'a dyn LcBackend,
     pub settings: &'a Settings,
     pub events: &'a mut dyn FnMut(&Event),
+    /// Where the disk copies' progress goes (from the copiers' threads).
+    pub progress: crate::progress::ProgressSink,
 }
 
 impl Orchestrator<'_> {

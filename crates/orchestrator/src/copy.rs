@@ -24,8 +24,9 @@ pub(crate) fn copy_system(
     backend: &dyn LcBackend,
     active: &LcSpec,
     dst: &Path,
+    progress: &dyn patchover_lc::Progress,
 ) -> Result<Copied, OrchestratorError> {
-    Ok(backend.copy_system_disk(active, dst)?)
+    Ok(backend.copy_system_disk(active, dst, progress)?)
 }
 
 /// 704: a copy of the application disk that goes on until [`LiveCopy::cut`].
@@ -37,8 +38,9 @@ impl LiveCopy {
         active: &LcSpec,
         src: &DiskSpec,
         dst: &DiskSpec,
+        progress: std::sync::Arc<dyn patchover_lc::Progress>,
     ) -> Result<LiveCopy, OrchestratorError> {
-        Ok(LiveCopy(backend.live_copy(active, src, dst)?))
+        Ok(LiveCopy(backend.live_copy(active, src, dst, progress)?))
     }
 
     /// Whether [`LiveCopy::catch_up`] has anything to do.

@@ -20,6 +20,7 @@ pub mod install;
 pub mod journal;
 pub mod malware;
 pub mod network;
+pub mod progress;
 pub mod recover;
 pub mod service;
 pub mod standby;
@@ -36,7 +37,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use patchover_net::Mode;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use access::{endpoint as cycle_endpoint, lc_access};
 pub use context::Orchestrator;
@@ -130,8 +131,9 @@ pub struct RunReport {
     pub stateless: Option<StatelessReport>,
 }
 
-/// A progress event, for progress output and the event stream.
-#[derive(Debug, Clone, Serialize)]
+/// A step event, for progress output and the event stream (a copy's bytes are
+/// [`progress::ProgressEvent`]s).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {
     pub run_id: i64,
     pub step: String,

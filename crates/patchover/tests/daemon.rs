@@ -1071,6 +1071,7 @@ fn runs_over_the_api_conflict_metrics_and_sigterm_during_a_run() {
     );
 
     let mut steps_done = BTreeSet::new();
+    let mut progress: Vec<serde_json::Value> = Vec::new();
     let outcome = loop {
         let (kind, e) = next();
         match kind.as_str() {
@@ -1080,11 +1081,31 @@ fn runs_over_the_api_conflict_metrics_and_sigterm_during_a_run() {
                     steps_done.insert(e["step"].as_str().unwrap().to_owned());
                 }
             }
+            "progress" => {
+                assert_eq!(e["run_id"], run_id, "{e}");
+                progress.push(e);
+            }
             "run" if e["run_id"] == run_id => break e,
             _ => {}
         }
     };
     assert_eq!(outcome["outcome"], "ok", "{outcome}");
+    // Issue 25: the stream carries each copy's bytes: from 0 of the total counted first, never
+    // going back, to the end of the bulk copy.
+    let sys: Vec<_> = progress
+        .iter()
+        .filter(|e| e["step"] == "copy_system_disk")
+        .collect();
+    assert!(sys.len() >= 2, "{progress:?}");
+    assert_eq!(sys[0]["bytes"], 0, "{progress:?}");
+    assert!(sys[0]["total"].as_u64().unwrap() > 0, "{progress:?}");
+    let bytes: Vec<u64> = sys.iter().map(|e| e["bytes"].as_u64().unwrap()).collect();
+    assert!(bytes.windows(2).all(|w| w[0] <= w[1]), "{bytes:?}");
+    assert_eq!(sys.last().unwrap()["bytes"], sys.last().unwrap()["total"]);
+    assert!(
+        progress.iter().any(|e| e["step"] == "copy_app_disk"),
+        "{progress:?}"
+    );
     assert!(steps_done.len() >= 5, "{steps_done:?}");
     assert_eq!(version(&client, &svc), "1.0.1");
 
@@ -1099,6 +1120,14 @@ fn runs_over_the_api_conflict_metrics_and_sigterm_during_a_run() {
             .filter(|l| l.contains("\"step\""))
             .count()
             >= steps_done.len(),
+        "{watch_events}"
+    );
+    // `runs watch --json` shows them as a run in its own process does: flat JSON lines.
+    assert!(
+        watch_events.lines().any(|l| {
+            let e: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            e["event"] == "progress" && e["step"] == "copy_system_disk" && e["total"].is_u64()
+        }),
         "{watch_events}"
     );
     let run = d.get(&format!("/v1/runs/{run_id}")).json();

@@ -1261,3 +1261,69 @@ fn kill_the_service_of(c: &Cycle, id: &str) -> u128 {
     .unwrap();
     at
 }
+
+/// The JSON lines of `stderr` that are progress events of `step`.
+fn progress_events(stderr: &[u8], step: &str) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "progress" && e["step"] == step)
+        .collect()
+}
+
+/// Issue 25 item 4: a run shows each copy's bytes as it goes. `patch --json` writes them as
+/// JSON event lines on stderr (stdout keeps the one report): the system disk's and the
+/// application disk's, bytes never going back and ending at the total counted first, each
+/// with a rate. A `rollback` on a pipe shows plain lines with no escape code.
+#[test]
+fn patch_and_rollback_show_each_copys_bytes_rate_and_eta() {
+    const FILES: u64 = 12;
+    const FILE: usize = 16 << 20;
+    let c = Cycle::new(2, "");
+    c.upgrade_bundle();
+    let a = c.t.lcs[0].id.clone();
+    let bulk = c.t.lcs[0].app.join("bulk");
+    fs::create_dir_all(&bulk).unwrap();
+    for i in 0..FILES {
+        let data: Vec<u8> = (0..FILE).map(|n| (n as u64 * 31 + i) as u8).collect();
+        fs::write(bulk.join(format!("f{i}")), data).unwrap();
+    }
+    c.start_service();
+
+    let out = c.t.po(&["--json", "patch", &a]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["outcome"], "ok", "{report:#}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains('\x1b'), "{stderr}");
+    for step in ["copy_system_disk", "copy_app_disk"] {
+        let evs = progress_events(&out.stderr, step);
+        assert!(evs.len() >= 2, "{step}: {stderr}");
+        let bytes: Vec<u64> = evs.iter().map(|e| e["bytes"].as_u64().unwrap()).collect();
+        assert!(bytes.windows(2).all(|w| w[0] <= w[1]), "{step}: {bytes:?}");
+        let last = evs.last().unwrap();
+        assert_eq!(last["run_id"], report["run_id"]);
+        assert_eq!(last["bytes"], last["total"], "{step}: {last}");
+        assert!(last["rate"].as_f64().unwrap() > 0.0, "{last}");
+        assert!(last["eta_secs"].is_number(), "{last}");
+    }
+    let app = progress_events(&out.stderr, "copy_app_disk");
+    assert!(app.last().unwrap()["total"].as_u64().unwrap() >= FILES * FILE as u64);
+    // The step events go on stderr too, one JSON line each.
+    assert!(stderr.contains(r#""event":"step""#), "{stderr}");
+
+    // The patch's later ARP refreshes (1 s and 5 s after its switch) are over first: one
+    // that came during the rollback's switch would announce the patched LC again.
+    std::thread::sleep(Duration::from_secs(6));
+    // Not a terminal: plain lines, the copy's last at 100%.
+    let out = c.t.po(&["rollback", &a]);
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains('\x1b'), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains(" copy_app_disk ") && l.contains("(100%)") && l.contains("/s")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("switch"), "{stderr}");
+}

@@ -9,12 +9,13 @@
 //! server ([`end_jobs`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use patchover_core::{DiskSpec, LcSpec, Quiesce};
 use patchover_lc::host::Host;
 use patchover_lc::migrate::BoxError;
-use patchover_lc::{Copied, CutDone, DiskCopyError, LiveCopy, Migratable};
+use patchover_lc::{Copied, CutDone, DiskCopyError, LiveCopy, Migratable, Progress};
 
 use crate::backend::{QemuBackend, image_format, jobs_socket};
 use crate::{CopyMode, ImageFormat, Mirror, MirrorSpec, Qmp};
@@ -23,7 +24,12 @@ use crate::{CopyMode, ImageFormat, Mirror, MirrorSpec, Qmp};
 const CONVERGE: Duration = Duration::from_secs(600);
 
 impl<H: Host> Migratable for QemuBackend<H> {
-    fn copy_system_disk(&self, active: &LcSpec, dst: &Path) -> Result<Copied, DiskCopyError> {
+    fn copy_system_disk(
+        &self,
+        active: &LcSpec,
+        dst: &Path,
+        _progress: &dyn Progress,
+    ) -> Result<Copied, DiskCopyError> {
         let job = MirrorJob::start(&self.jobs_socket(active), active, "sys", dst)
             .map_err(DiskCopyError::system)?;
         let detail = job.cut().map_err(DiskCopyError::system)?;
@@ -39,6 +45,7 @@ impl<H: Host> Migratable for QemuBackend<H> {
         active: &LcSpec,
         _src: &DiskSpec,
         dst: &DiskSpec,
+        _progress: Arc<dyn Progress>,
     ) -> Result<Box<dyn LiveCopy>, DiskCopyError> {
         let job = MirrorJob::start(&self.jobs_socket(active), active, "app", &dst.path)
             .map_err(DiskCopyError::application)?;

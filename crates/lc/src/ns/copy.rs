@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use patchover_core::{DiskKind, DiskSpec, LcSpec, Quiesce};
-use patchover_disk::{CopyOptions, FollowCopy, NoProgress};
+use patchover_disk::{CopyOptions, FollowCopy, Progress};
 
 use super::NsBackend;
 use crate::host::Host;
@@ -20,20 +20,29 @@ use crate::migrate::{
 /// this copy, whatever the running LC writes after it (logs). A file written all the time
 /// (nginx's access log under load) is re-read whole by each round, so 20 rounds cost 20 reads
 /// of a log that grows cycle after cycle: the ten-cycle nginx run's copy grew from 7 to 29 s.
+/// Both copies count the source first (a walk of its metadata), so progress has a total.
 const SYSTEM_DISK_COPY: CopyOptions = CopyOptions {
     max_rounds: 3,
+    scan_totals: true,
+    ..CopyOptions::DEFAULT
+};
+
+/// The application disk's file copy: the defaults, counted first like the system disk.
+const APP_DISK_COPY: CopyOptions = CopyOptions {
+    scan_totals: true,
     ..CopyOptions::DEFAULT
 };
 
 impl<H: Host> Migratable for NsBackend<H> {
-    fn copy_system_disk(&self, active: &LcSpec, dst: &Path) -> Result<Copied, DiskCopyError> {
-        let r = patchover_disk::copy_once(
-            &active.system_disk.path,
-            dst,
-            &SYSTEM_DISK_COPY,
-            &NoProgress,
-        )
-        .map_err(DiskCopyError::system)?;
+    fn copy_system_disk(
+        &self,
+        active: &LcSpec,
+        dst: &Path,
+        progress: &dyn Progress,
+    ) -> Result<Copied, DiskCopyError> {
+        let r =
+            patchover_disk::copy_once(&active.system_disk.path, dst, &SYSTEM_DISK_COPY, progress)
+                .map_err(DiskCopyError::system)?;
         Ok(Copied {
             bytes_copied: r.stats.bytes_copied,
             bytes_replayed: r.stats.bytes_replayed,
@@ -46,6 +55,7 @@ impl<H: Host> Migratable for NsBackend<H> {
         active: &LcSpec,
         src: &DiskSpec,
         dst: &DiskSpec,
+        progress: Arc<dyn Progress>,
     ) -> Result<Box<dyn LiveCopy>, DiskCopyError> {
         if src.kind == DiskKind::Image
             && let Some(server) = &self.images
@@ -58,13 +68,8 @@ impl<H: Host> Migratable for NsBackend<H> {
                 return copy;
             }
         }
-        let f = FollowCopy::start(
-            &src.path,
-            &dst.path,
-            &CopyOptions::default(),
-            Arc::new(NoProgress),
-        )
-        .map_err(DiskCopyError::application)?;
+        let f = FollowCopy::start(&src.path, &dst.path, &APP_DISK_COPY, progress)
+            .map_err(DiskCopyError::application)?;
         Ok(Box::new(FilesCopy(f)))
     }
 

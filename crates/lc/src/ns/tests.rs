@@ -905,7 +905,9 @@ fn a_served_image_is_copied_by_its_server_and_leftover_copies_end_there() {
     let src = spec.app_disk.clone().unwrap();
     let mut dst = src.clone();
     dst.path = "/srv/lc2/app.img".into();
-    let copy = b.live_copy(&spec, &src, &dst).unwrap();
+    let copy = b
+        .live_copy(&spec, &src, &dst, std::sync::Arc::new(crate::NoProgress))
+        .unwrap();
     assert!(!copy.catches_up(), "the fake copy keeps up by itself");
     let at = format!(
         "/proc/1001/root/{}",
@@ -922,7 +924,10 @@ fn a_served_image_is_copied_by_its_server_and_leftover_copies_end_there() {
     let host = FakeHost::new();
     let b = backend(&host).with_images(images.clone());
     b.boot(&spec).unwrap();
-    let e = b.live_copy(&spec, &src, &dst).err().unwrap();
+    let e = b
+        .live_copy(&spec, &src, &dst, std::sync::Arc::new(crate::NoProgress))
+        .err()
+        .unwrap();
     assert_eq!(e.disk, "application");
     assert!(
         images

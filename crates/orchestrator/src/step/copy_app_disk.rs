@@ -2,7 +2,9 @@
 //! writes trapped) until the cut in the switch window, so every write the service confirmed
 //! before the switch is on the standby.
 
+use super::Step;
 use crate::context::{Orchestrator, Run};
+use crate::progress::Meter;
 use crate::{OrchestratorError, copy};
 
 pub(super) fn run(
@@ -19,7 +21,14 @@ pub(super) fn run(
     copy::clear_disk(&dst.path, "application")?;
     // Armed before the copy starts: a stateless service's every write from now on is seen.
     crate::stateless::watch(o, run)?;
-    run.follow = Some(copy::LiveCopy::start(o.backend, &run.active, &src, &dst)?);
+    let meter = Meter::new(run.id(), Step::CopyAppDisk, o.progress.clone());
+    run.follow = Some(copy::LiveCopy::start(
+        o.backend,
+        &run.active,
+        &src,
+        &dst,
+        std::sync::Arc::new(meter),
+    )?);
     Ok(serde_json::json!({"src": src.path, "dst": dst.path, "follow": true}))
 }
 
@@ -36,6 +45,10 @@ mod tests {
         let d = bed.step(Step::CopyAppDisk).unwrap();
         assert_eq!(d["follow"], true);
         assert!(bed.run.follow.is_some());
+        // The copy reports under the step that started it (it goes on during later steps).
+        let seen = bed.progress.lock().unwrap().clone();
+        assert!(seen.iter().all(|e| e.step == "copy_app_disk"), "{seen:?}");
+        assert_eq!(seen.last().map(|e| (e.bytes, e.total)), Some((8192, 8192)));
         assert!(
             bed.backend
                 .calls()

@@ -158,13 +158,20 @@ impl Pausable for FakeBackend {
 }
 
 impl Migratable for FakeBackend {
-    fn copy_system_disk(&self, active: &LcSpec, dst: &Path) -> Result<Copied, DiskCopyError> {
+    fn copy_system_disk(
+        &self,
+        active: &LcSpec,
+        dst: &Path,
+        progress: &dyn patchover_lc::Progress,
+    ) -> Result<Copied, DiskCopyError> {
         self.call(
             "copy_system",
             format!("copy_system {} {}", active.id, dst.display()),
         )
         .map_err(DiskCopyError::system)?;
         std::fs::create_dir_all(dst).map_err(DiskCopyError::system)?;
+        progress.scanned(4096, 1);
+        progress.copied(4096, 1);
         Ok(Copied {
             bytes_copied: 4096,
             bytes_replayed: 0,
@@ -177,12 +184,16 @@ impl Migratable for FakeBackend {
         active: &LcSpec,
         _src: &DiskSpec,
         dst: &DiskSpec,
+        progress: std::sync::Arc<dyn patchover_lc::Progress>,
     ) -> Result<Box<dyn LiveCopy>, DiskCopyError> {
         self.call(
             "live_copy",
             format!("live_copy {} {}", active.id, dst.path.display()),
         )
         .map_err(DiskCopyError::application)?;
+        progress.scanned(8192, 2);
+        progress.copied(4096, 1);
+        progress.copied(8192, 2);
         Ok(Box::new(FakeCopy {
             backend: self.clone(),
             lc: active.id.to_string(),
@@ -390,6 +401,8 @@ pub(crate) struct Bed {
     pub backend: FakeBackend,
     pub settings: Settings,
     pub run: Run,
+    /// The progress events the steps sent.
+    pub progress: std::sync::Arc<Mutex<Vec<crate::progress::ProgressEvent>>>,
 }
 
 impl Bed {
@@ -506,6 +519,7 @@ nic = [{{ name = "eth0", address = "10.9.0.{n}/24" }}]
             store,
             backend,
             settings,
+            progress: Default::default(),
         }
     }
 
@@ -517,6 +531,12 @@ nic = [{{ name = "eth0", address = "10.9.0.{n}/24" }}]
             store: &mut self.store,
             backend: &self.backend,
             settings: &self.settings,
+            progress: {
+                let seen = self.progress.clone();
+                std::sync::Arc::new(move |e: &crate::progress::ProgressEvent| {
+                    seen.lock().unwrap().push(e.clone())
+                })
+            },
             events: &mut events,
         };
         f(&mut o, &mut self.run)

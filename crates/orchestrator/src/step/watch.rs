@@ -113,7 +113,10 @@ pub(crate) fn reverse_follow(
         return Ok(None);
     };
     copy::empty_disk(&dst.path, "application")?;
-    LiveCopy::start(backend, new, src, dst).map(Some)
+    // A copy kept up in the background while the service is watched, not a step's work to
+    // show: no progress.
+    let quiet = std::sync::Arc::new(patchover_lc::NoProgress);
+    LiveCopy::start(backend, new, src, dst, quiet).map(Some)
 }
 
 pub(super) fn run(

@@ -22,6 +22,7 @@ pub mod net;
 pub mod patch;
 pub mod patches;
 pub mod remote;
+pub mod runview;
 pub mod serve;
 pub mod status;
 

@@ -15,7 +15,9 @@ use patchover_orchestrator::{
 use patchover_store::{Role, RunRow};
 use serde_json::json;
 
+use super::runview::RunView;
 use super::{BadInput, Ctx, Env};
+use patchover_orchestrator::progress::{ProgressSink, no_progress};
 
 #[derive(clap::Args)]
 pub struct PatchArgs {
@@ -78,30 +80,6 @@ pub fn settings_for(env: &Env, report_timeout: u64) -> anyhow::Result<Settings> 
             .ok()
             .map(|exe| (exe, env.config.path.clone())),
     })
-}
-
-fn progress(ctx: &Ctx) -> impl FnMut(&Event) + use<> {
-    let json = ctx.json;
-    move |e: &Event| {
-        if json {
-            return;
-        }
-        let ms = e
-            .detail
-            .as_ref()
-            .and_then(|d| d.get("ms"))
-            .and_then(|m| m.as_f64())
-            .map_or(String::new(), |ms| format!(" ({ms:.0} ms)"));
-        let err = e
-            .detail
-            .as_ref()
-            .and_then(|d| d.get("error"))
-            .and_then(|m| m.as_str())
-            .map_or(String::new(), |m| format!(": {m}"));
-        if e.state != "started" {
-            eprintln!("run {} {:<18} {}{ms}{err}", e.run_id, e.step, e.state);
-        }
-    }
 }
 
 fn print_report(ctx: &Ctx, r: &RunReport) {
@@ -196,54 +174,24 @@ fn via_daemon(
     })
 }
 
-/// Follows `run` on the event stream until it ends, printing its steps (a spinner on the
-/// current one); with --json, each event as one JSON line on stderr.
+/// Follows `run` on the event stream until it ends, showing its steps and copies as a run in
+/// this process shows them ([`RunView`]).
 fn watch(ctx: &Ctx, c: &patchover_daemon::client::Client, run: i64) -> anyhow::Result<()> {
-    let bar = if ctx.json {
-        None
-    } else {
-        let b = indicatif::ProgressBar::new_spinner();
-        b.enable_steady_tick(Duration::from_millis(120));
-        Some(b)
-    };
+    let view = RunView::new(ctx);
     // Subscribed first, then asked whether the run already ended, so no end is missed.
     let still_going = || {
         c.call("GET", &format!("/v1/runs/{run}"), None)
             .map(|r| !r["run"]["ended_ms"].is_i64())
     };
-    c.events(still_going, |kind, e| {
+    let r = c.events(still_going, |kind, e| {
         if e["run_id"].as_i64() != Some(run) {
             return true;
         }
-        if ctx.json {
-            eprintln!("{}", json!({"event": kind, "data": e}));
-        } else if let Some(b) = &bar {
-            match (kind, e["state"].as_str()) {
-                ("step", Some("started")) => {
-                    b.set_message(format!("run {run} {}", e["step"].as_str().unwrap_or("?")))
-                }
-                ("step", Some(state)) => {
-                    let ms = e["detail"]["ms"]
-                        .as_f64()
-                        .map_or(String::new(), |m| format!(" ({m:.0} ms)"));
-                    let err = e["detail"]["error"]
-                        .as_str()
-                        .map_or(String::new(), |m| format!(": {m}"));
-                    b.println(format!(
-                        "run {run} {:<18} {state}{ms}{err}",
-                        e["step"].as_str().unwrap_or("?")
-                    ));
-                }
-                _ => {}
-            }
-        }
+        view.streamed(kind, e);
         kind != "run"
-    })
-    .map_err(client_error)?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    Ok(())
+    });
+    view.finish();
+    r.map_err(client_error)
 }
 
 /// Runs the orchestrator for a patch or a rollback, with the run lock and recovery first:
@@ -255,6 +203,7 @@ pub fn execute(
     req: &PatchRequest,
     report_timeout: u64,
     events: &mut dyn FnMut(&Event),
+    progress: ProgressSink,
 ) -> anyhow::Result<Result<RunReport, patchover_orchestrator::RunFailed>> {
     let mut env = ctx.env()?;
     env.lc(&req.lc)?;
@@ -267,6 +216,7 @@ pub fn execute(
         backend: &env.backend,
         settings: &settings,
         events,
+        progress,
     };
     // A run this LC's lock covered but whose patchover died is dealt with first.
     drop(_lock);
@@ -291,8 +241,11 @@ pub fn execute(
 }
 
 fn drive(ctx: &Ctx, req: PatchRequest, report_timeout: u64) -> anyhow::Result<ExitCode> {
-    let mut events = progress(ctx);
-    match execute(ctx, &req, report_timeout, &mut events)? {
+    let view = RunView::new(ctx);
+    let mut events = |e: &Event| view.step(e);
+    let ran = execute(ctx, &req, report_timeout, &mut events, view.sink());
+    view.finish();
+    match ran? {
         Ok(r) => {
             print_report(ctx, &r);
             Ok(ExitCode::SUCCESS)
@@ -527,10 +480,10 @@ pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 ctx,
                 |c| super::remote::call(c, "POST", "/v1/runs/recover", None),
                 || {
-                    Ok(serde_json::to_value(recover_runs(
-                        ctx,
-                        &mut progress(ctx),
-                    )?)?)
+                    let view = RunView::new(ctx);
+                    let recovered = recover_runs(ctx, &mut |e: &Event| view.step(e));
+                    view.finish();
+                    Ok(serde_json::to_value(recovered?)?)
                 },
             )?;
             if ctx.quiet {
@@ -561,6 +514,7 @@ pub fn recover_runs(ctx: &Ctx, events: &mut dyn FnMut(&Event)) -> anyhow::Result
         backend: &env.backend,
         settings: &settings,
         events,
+        progress: no_progress(),
     };
     Ok(patchover_orchestrator::recover(&mut o)?)
 }

@@ -23,6 +23,7 @@ use patchover_daemon::metrics::RunFigures;
 use patchover_daemon::{ApiError, Command, DaemonConfig, Dispatch, ErrorCode, Hub, Reply};
 use patchover_monitor::poll::FeedStatus;
 use patchover_net::Mode;
+use patchover_orchestrator::progress::{ProgressEvent, ProgressSink};
 use patchover_orchestrator::{Event, PatchRequest, RunLock, RunReport};
 use serde_json::json;
 
@@ -148,7 +149,14 @@ impl Daemon {
                     }
                     h.publish("step", &serde_json::to_value(e).unwrap_or_default());
                 };
-                let report = match super::patch::execute(&ctx, &req, report_timeout, &mut events) {
+                let progress: ProgressSink = {
+                    let h = hub.clone();
+                    Arc::new(move |p: &ProgressEvent| {
+                        h.publish("progress", &serde_json::to_value(p).unwrap_or_default())
+                    })
+                };
+                let ran = super::patch::execute(&ctx, &req, report_timeout, &mut events, progress);
+                let report = match ran {
                     Err(e) => {
                         hub.metrics.inc("patchover_runs_total", &["refused"]);
                         let _ = tx.send(Err(api_error(e)));
@@ -538,6 +546,7 @@ pub fn run(a: ServeArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                     backend: &env.backend,
                     settings: &settings,
                     events: &mut events,
+                    progress: patchover_orchestrator::progress::no_progress(),
                 };
                 for r in patchover_orchestrator::recover(&mut o)? {
                     tracing::warn!(run = r.run_id, outcome = %r.outcome, "recovered an unfinished run");
