@@ -125,7 +125,8 @@ fn run(name: &str, seeds: Vec<Vec<u8>>, body: fn(&[u8]) -> bool) -> (u64, u64) {
 }
 
 fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
+    use ct_codecs::Encoder;
+    ct_codecs::Hex::encode_to_string(d).unwrap()
 }
 
 const MANIFEST: &str = r#"format = 1

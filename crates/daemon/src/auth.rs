@@ -37,11 +37,9 @@ impl TokenHash {
 
     /// The config form, `sha256:<hex>`.
     pub fn to_config(&self) -> String {
-        let mut s = String::from("sha256:");
-        for b in self.0 {
-            s.push_str(&format!("{b:02x}"));
-        }
-        s
+        use ct_codecs::Encoder;
+        let hex = ct_codecs::Hex::encode_to_string(self.0).expect("hex of 32 bytes fits");
+        format!("sha256:{hex}")
     }
 }
 
@@ -75,6 +73,10 @@ mod tests {
 
     #[test]
     fn round_trip_and_match() {
+        assert_eq!(
+            TokenHash::of("").to_config(),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
         let h = TokenHash::of("s3cret");
         let parsed = TokenHash::parse(&h.to_config()).unwrap();
         assert_eq!(parsed, h);
@@ -97,6 +99,9 @@ mod tests {
             "s3cret",
             "sha256:abcd",
             &format!("sha256:{}", "zz".repeat(32)),
+            // u8::from_str_radix took a sign: "+f" was read as 0x0f before ct-codecs.
+            &format!("sha256:{}", "+f".repeat(32)),
+            &format!("sha256:{}", "ab".repeat(33)),
         ] {
             assert!(TokenHash::parse(s).is_err(), "{s}");
         }

@@ -8,6 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use ct_codecs::Encoder;
 use sha2::{Digest, Sha256};
 
 use crate::run::{ToolError, run, tail};
@@ -271,8 +272,9 @@ pub fn parse_plan(text: &str) -> Vec<PlanLine> {
     out
 }
 
+/// Lowercase hex (`ct-codecs`), as apt and dpkg write digests.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    ct_codecs::Hex::encode_to_string(bytes).expect("hex of a digest fits")
 }
 
 #[cfg(test)]

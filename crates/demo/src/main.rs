@@ -35,6 +35,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
+use ct_codecs::{Decoder, Encoder, Hex};
+
 const MAX_HEADER: usize = 16 * 1024;
 const MAX_BODY: usize = 1024 * 1024;
 const MAX_KEY: usize = 200;
@@ -132,21 +134,11 @@ struct StoreInner {
 }
 
 fn hex(data: &[u8]) -> String {
-    let mut s = String::with_capacity(data.len() * 2);
-    for b in data {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    Hex::encode_to_string(data).expect("hex of a value fits")
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    Hex::decode_to_vec(s, None).ok()
 }
 
 impl Store {

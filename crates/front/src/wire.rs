@@ -9,6 +9,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use ct_codecs::Encoder;
 use md5::{Digest, Md5};
 
 /// The largest message accepted from the server.
@@ -300,7 +301,7 @@ fn md5_password(user: &str, password: &str, salt: &[u8]) -> String {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    ct_codecs::Hex::encode_to_string(b).expect("hex of a digest fits")
 }
 
 /// An ErrorResponse's SQLSTATE and message.

@@ -17,6 +17,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use ct_codecs::{Base32NoPadding, Decoder, Encoder};
 use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;
@@ -241,40 +242,14 @@ impl Secret {
     }
 }
 
-const B32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-
+/// RFC 4648 base32 without padding (`ct-codecs`: constant time, so decoding a code typed
+/// in does not leak by its timing which letters were right).
 fn base32_encode(data: &[u8]) -> String {
-    let mut out = String::new();
-    let mut buf: u32 = 0;
-    let mut bits = 0;
-    for &b in data {
-        buf = (buf << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(B32[((buf >> bits) & 31) as usize] as char);
-        }
-    }
-    if bits > 0 {
-        out.push(B32[((buf << (5 - bits)) & 31) as usize] as char);
-    }
-    out
+    Base32NoPadding::encode_to_string(data).expect("base32 of a few bytes fits")
 }
 
 fn base32_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut buf: u32 = 0;
-    let mut bits = 0;
-    for c in s.bytes() {
-        let v = B32.iter().position(|&x| x == c)? as u32;
-        buf = (buf << 5) | v;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buf >> bits) as u8);
-        }
-    }
-    Some(out)
+    Base32NoPadding::decode_to_vec(s, None).ok()
 }
 
 fn format_code(s: &str) -> String {
@@ -319,7 +294,7 @@ pub fn new_challenge() -> Result<String, ApprovalError> {
 
 /// Whether `s` looks like a challenge (so a reply's text can be searched for one).
 pub fn is_challenge(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|c| B32.contains(&c))
+    s.len() == 32 && base32_decode(s).is_some()
 }
 
 /// The approval link the administrator's side makes (`patchover approval-code --link`):
@@ -435,6 +410,23 @@ mod tests {
         let b = new_challenge().unwrap();
         assert!(is_challenge(&a) && is_challenge(&b));
         assert_ne!(a, b);
+        assert!(!is_challenge(&a.to_ascii_lowercase()) && !is_challenge(&a[1..]));
+    }
+
+    /// RFC 4648's vectors (unpadded): the codes and challenges made before base32 went through
+    /// ct-codecs read the same.
+    #[test]
+    fn base32_is_rfc_4648() {
+        for (plain, enc) in [
+            ("f", "MY"),
+            ("fo", "MZXQ"),
+            ("foob", "MZXW6YQ"),
+            ("foobar", "MZXW6YTBOI"),
+        ] {
+            assert_eq!(base32_encode(plain.as_bytes()), enc);
+            assert_eq!(base32_decode(enc).unwrap(), plain.as_bytes());
+        }
+        assert_eq!(base32_decode("MZXW1"), None);
     }
 
     #[test]

@@ -86,7 +86,8 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>], input: &[u8]) -> Vec<u8> {
 }
 
 fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
+    use ct_codecs::Encoder;
+    ct_codecs::Hex::encode_to_string(d).unwrap()
 }
 
 fn run(name: &str, seeds: Vec<Vec<u8>>, body: fn(&[u8]) -> bool) -> (u64, u64) {

@@ -96,15 +96,12 @@ pub fn default_socket(run_dir: &Path) -> PathBuf {
 
 /// `sha256:<64 hex digits>` → the hash's bytes.
 pub fn parse_token_hash(s: &str) -> Option<[u8; 32]> {
+    use ct_codecs::Decoder;
     let hex = s.strip_prefix("sha256:")?;
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+    ct_codecs::Hex::decode_to_vec(hex, None)
+        .ok()?
+        .try_into()
+        .ok()
 }
 
 #[derive(Deserialize)]
