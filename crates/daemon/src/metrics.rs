@@ -19,7 +19,7 @@ pub const REGISTRY: &[(&str, &str, &[&str])] = &[
     ),
     (
         "patchover_runs_total",
-        "Patch runs by outcome (ok, dry-run, failed, rolled-back, refused).",
+        "Patch runs by outcome (ok, dry-run, failed, rolled-back, handed-back, hand-back-failed, refused).",
         &["outcome"],
     ),
     (

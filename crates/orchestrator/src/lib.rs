@@ -13,7 +13,9 @@
 //! table copy and the patch execution script → 707 boot the standby, wait for its report
 //! (1207) → 708 reboot it → 709 post-checks and the service's health on the standby → the
 //! switch, with the application disk's final catch-up and the service restart on the standby
-//! inside the switch window → the old LC is stopped and kept intact as the rollback target.
+//! inside the switch window → (with `[service] watch_secs`) the watch on the new LC, handing the
+//! service back to the still-running old LC if it fails → the old LC is stopped and kept intact
+//! as the rollback target.
 
 pub mod front;
 pub mod install;
