@@ -11,7 +11,9 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cycle::{Cycle, KeepAlive, Load, Reads, assert_all_there};
+use common::cycle::{
+    Cycle, KeepAlive, Load, Reads, assert_all_there, first_answer_by, split_failures,
+};
 use common::{BIN, Client, guest_dir, unix_ms};
 
 /// A small deterministic generator (xorshift), seeded per run and printed for reruns.
@@ -237,6 +239,111 @@ fn sigkill_after_a_stateless_flip_is_finished_once_the_old_flows_ended() {
         k.iter().any(|x| &x.by == old && x.done_ms > killed_ms),
         "no answer from {old} after the kill"
     );
+}
+
+/// Issue 23: patchover SIGKILLed in a run's watch after the switch. First with the service
+/// healthy on the new LC: recovery finishes the run (the old LC stops). Then, the next run
+/// (back the other way), with the new LC's service killed just before patchover (the watch
+/// checks every 5 s, so it has not seen it): recovery finds it failing and hands the service
+/// back to the old LC, still running, with a new reverse copy cut in the switch window.
+/// Across both, no request fails outside the window from the service's kill to the first
+/// answer from the old LC, and no acknowledged write is lost.
+#[test]
+fn sigkill_in_a_watch_is_finished_when_healthy_and_handed_back_when_not() {
+    let c = Cycle::new(
+        2,
+        "\n[service]\nwatch_secs = 30\nwatch_interval_ms = 5000\n",
+    );
+    c.bundle(
+        "stamp-1",
+        "[[step]]\nkind = \"script\"\nfile = \"stamp.sh\"\n",
+        &[("stamp.sh", b"date > /etc/demo/last-patch\n")],
+    );
+    c.start_service();
+    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    let load = Load::with_deadline(&client, svc.clone(), Duration::from_secs(7));
+    let reads = Reads::start(&client, svc.clone(), None);
+    let st = |lc: &str| c.t.po_json(&["lc", "status", lc])["state"].clone();
+
+    let mut child = kill_in_the_watch(&c, &a, None);
+    let outcome = c.t.recovered_outcome("killed in a healthy watch");
+    let _ = child.wait();
+    assert_eq!(outcome, "ok", "a healthy watch is finished");
+    assert_eq!((st(&a), st(&b)), ("stopped".into(), "running".into()));
+
+    let killed = std::cell::Cell::new(0);
+    let mut child = kill_in_the_watch(&c, &b, Some(&|| killed.set(c.t.kill_the_service_of(&a))));
+    let outcome =
+        c.t.recovered_outcome("killed in a watch of a failed service");
+    let _ = child.wait();
+    let run =
+        c.t.po_json(&["runs", "show", &last_run_id(&c).unwrap().to_string()]);
+    assert_eq!(outcome, "handed-back", "{:#}", run["run"]);
+    assert_eq!((st(&a), st(&b)), ("stopped".into(), "running".into()));
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, failures, acked) = load.finish();
+    let (answers, read_failures, _) = reads.finish();
+    // The first answers are lc a's (before the runs), then lc b's (after the first).
+    let a_by = &answers.first().expect("reads before the runs").by;
+    let b_by = &answers.iter().find(|x| &x.by != a_by).expect("b served").by;
+    let back = first_answer_by(&answers, b_by, killed.get()).expect("the old LC answers again");
+    let split = split_failures(
+        failures.iter().chain(&read_failures),
+        killed.get(),
+        back.done_ms,
+    );
+    eprintln!(
+        "recovered hand-back: answering from the old LC {} ms after the service's kill; {ok} requests, {} reads, failed: {} in flight, {} in the window, {} outside; {} writes acknowledged",
+        back.done_ms - killed.get(),
+        answers.len(),
+        split.in_flight,
+        split.inside,
+        split.outside.len(),
+        acked.len()
+    );
+    assert!(
+        split.outside.is_empty(),
+        "{:?}",
+        &split.outside[..split.outside.len().min(5)]
+    );
+    assert_all_there(&client, &svc, &acked);
+}
+
+/// Starts a patch of `lc` (the marked bundle), waits until its watch has started, runs
+/// `before` (if any), then SIGKILLs patchover.
+fn kill_in_the_watch(c: &Cycle, lc: &str, before: Option<&dyn Fn()>) -> std::process::Child {
+    c.t.po_ok(&["patches", "mark", "stamp-1"]);
+    let mut child = spawn_patch(c, lc, "readdress");
+    let start = Instant::now();
+    loop {
+        let watching = last_run_id(c).is_some_and(|id| {
+            let run = c.t.po_json(&["runs", "show", &id.to_string()]);
+            run["run"]["ended_ms"].is_null()
+                && run["steps"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["step"] == "watch")
+        });
+        if watching {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its watch"
+        );
+        assert!(start.elapsed() < Duration::from_secs(60), "no watch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The watch's first check (at once) has passed: the service was healthy when it began.
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some(f) = before {
+        f();
+    }
+    child.kill().unwrap();
+    child
 }
 
 /// The id of the newest run in the journal (`None`: no run yet).

@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::cycle::{
-    Answer, Cycle, KeepAlive, Load, Reads, assert_all_there, run_under_load, version,
+    Answer, Cycle, KeepAlive, Load, Reads, assert_all_there, first_answer_by, run_under_load,
+    split_failures, version,
 };
 use common::{Client, Topo, http_within};
 
@@ -1161,7 +1162,7 @@ fn a_service_killed_in_its_watch_is_handed_back_to_the_old_lc_under_load() {
     }
     let switched = Instant::now();
     std::thread::sleep(Duration::from_secs(10));
-    let killed_ms = kill_the_service_of(&c, &b);
+    let killed_ms = c.t.kill_the_service_of(&b);
     let out = patch.join().unwrap();
     let took = switched.elapsed();
     std::thread::sleep(SETTLE);
@@ -1176,31 +1177,21 @@ fn a_service_killed_in_its_watch_is_handed_back_to_the_old_lc_under_load() {
         error.contains(&format!("the service was handed back to {a}")),
         "{error}"
     );
-    let old_by = answers.first().expect("reads before the run").by.clone();
-    let back = answers
-        .iter()
-        .find(|x| x.by == old_by && x.sent_ms > killed_ms)
-        .expect("the old LC answers again");
-    let all: Vec<&String> = failures.iter().chain(&read_failures).collect();
-    let sent = |f: &str| -> u128 {
-        let at = f.rsplit("sent at unix ms ").next().unwrap();
-        at.trim_end_matches(')').parse().unwrap()
-    };
-    let in_flight = all.iter().filter(|f| sent(f) < killed_ms).count();
-    let in_window = all
-        .iter()
-        .filter(|f| (killed_ms..=back.done_ms).contains(&sent(f)))
-        .count();
-    let outside: Vec<&&String> = all
-        .iter()
-        .filter(|f| sent(f) > back.done_ms || sent(f) + 2000 < killed_ms)
-        .collect();
+    let old_by = &answers.first().expect("reads before the run").by;
+    let back = first_answer_by(&answers, old_by, killed_ms).expect("the old LC answers again");
+    let split = split_failures(
+        failures.iter().chain(&read_failures),
+        killed_ms,
+        back.done_ms,
+    );
+    let outside = &split.outside;
     eprintln!(
-        "watch hand-back: killed {:.1} s after the switch, answering from the old LC {} ms after the kill (goal ≤ 2000); {} requests ok, {} reads, failed: {in_flight} in flight on the dead process, {in_window} in the detection window, {} outside; {} writes acknowledged; run ended {:.1} s after the switch",
-        10.0,
+        "watch hand-back: killed 10 s after the switch, answering from the old LC {} ms after the kill (goal ≤ 2000); {} requests ok, {} reads, failed: {} in flight on the dead process, {} in the detection window, {} outside; {} writes acknowledged; run ended {:.1} s after the switch",
         back.done_ms - killed_ms,
         ok,
         answers.len(),
+        split.in_flight,
+        split.inside,
         outside.len(),
         acked.len(),
         took.as_secs_f64()
@@ -1241,27 +1232,6 @@ fn a_service_killed_in_its_watch_is_handed_back_to_the_old_lc_under_load() {
         "{lines:?}"
     );
 }
-
-/// SIGKILLs the demo service's process in LC `id` (found among the LC's cgroup's processes),
-/// returns when, in unix ms.
-fn kill_the_service_of(c: &Cycle, id: &str) -> u128 {
-    let pid =
-        c.t.pids(id)
-            .into_iter()
-            .find(|p| {
-                fs::read(format!("/proc/{p}/cmdline"))
-                    .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("--listen"))
-            })
-            .unwrap_or_else(|| panic!("no demo service in {id}"));
-    let at = common::unix_ms();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    at
-}
-
 /// The JSON lines of `stderr` that are progress events of `step`.
 fn progress_events(stderr: &[u8], step: &str) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(stderr)

@@ -549,3 +549,41 @@ pub fn version(client: &Client, service: &str) -> String {
     assert_eq!(st, 200);
     String::from_utf8(body).unwrap().trim().to_owned()
 }
+
+/// Failed requests of a [`Load`] and a [`Reads`] (each says when it was sent, unix ms) around
+/// a failure of the service from `from_ms` (e.g. its process killed) to `to_ms` (answered
+/// again): sent in the 2 s before it (in flight), inside it, and outside both.
+pub struct FailureSplit<'a> {
+    pub in_flight: usize,
+    pub inside: usize,
+    pub outside: Vec<&'a String>,
+}
+
+pub fn split_failures<'a>(
+    failures: impl IntoIterator<Item = &'a String>,
+    from_ms: u128,
+    to_ms: u128,
+) -> FailureSplit<'a> {
+    let sent = |f: &str| -> u128 {
+        let at = f.rsplit("sent at unix ms ").next().unwrap();
+        at.trim_end_matches(')').parse().unwrap()
+    };
+    let mut split = FailureSplit {
+        in_flight: 0,
+        inside: 0,
+        outside: Vec::new(),
+    };
+    for f in failures {
+        match sent(f) {
+            s if (from_ms.saturating_sub(2000)..from_ms).contains(&s) => split.in_flight += 1,
+            s if (from_ms..=to_ms).contains(&s) => split.inside += 1,
+            _ => split.outside.push(f),
+        }
+    }
+    split
+}
+
+/// The first answer `by` an LC sent after `after_ms`.
+pub fn first_answer_by<'a>(answers: &'a [Answer], by: &str, after_ms: u128) -> Option<&'a Answer> {
+    answers.iter().find(|x| x.by == by && x.sent_ms > after_ms)
+}

@@ -429,6 +429,26 @@ impl Topo {
             .collect()
     }
 
+    /// SIGKILLs the demo service's process in LC `id` (found among the LC's cgroup's
+    /// processes by its `--listen`); returns when, in unix ms.
+    pub fn kill_the_service_of(&self, id: &str) -> u128 {
+        let pid = self
+            .pids(id)
+            .into_iter()
+            .find(|p| {
+                fs::read(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("--listen"))
+            })
+            .unwrap_or_else(|| panic!("no demo service in {id}"));
+        let at = unix_ms();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        at
+    }
+
     /// Asserts that LC `id` left nothing on the host.
     pub fn assert_nothing_left(&self, id: &str) {
         for ctl in ["unified", "cpu", "memory", "cpuset", "freezer"] {
