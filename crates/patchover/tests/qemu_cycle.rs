@@ -169,6 +169,19 @@ fn a_standby_vm_that_does_not_boot_leaves_the_service_on_the_active_vm() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(out.status.code(), Some(1), "{report:#}");
     assert_eq!(step_names(&report, false), ["reboot_standby"], "{report:#}");
+    // Issue 25: the mirror jobs' progress (query-block-jobs) shows as a file copy's does, as
+    // JSON lines on stderr: each disk from its length counted to all of it.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for step in ["copy_system_disk", "copy_app_disk"] {
+        let evs: Vec<serde_json::Value> = stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["event"] == "progress" && e["step"] == step)
+            .collect();
+        let last = evs.last().unwrap_or_else(|| panic!("{step}: {stderr}"));
+        assert!(last["total"].as_u64().unwrap() > 0, "{step}: {last}");
+        assert_eq!(last["bytes"], last["total"], "{step}: {stderr}");
+    }
     let err = report["error"].as_str().unwrap();
     // The error carries the guest's console, which shows why.
     assert!(err.contains("console"), "{err}");

@@ -28,9 +28,9 @@ impl<H: Host> Migratable for QemuBackend<H> {
         &self,
         active: &LcSpec,
         dst: &Path,
-        _progress: &dyn Progress,
+        progress: &dyn Progress,
     ) -> Result<Copied, DiskCopyError> {
-        let job = MirrorJob::start(&self.jobs_socket(active), active, "sys", dst)
+        let job = MirrorJob::start(&self.jobs_socket(active), active, ("sys", dst), progress)
             .map_err(DiskCopyError::system)?;
         let detail = job.cut().map_err(DiskCopyError::system)?;
         Ok(Copied {
@@ -45,15 +45,33 @@ impl<H: Host> Migratable for QemuBackend<H> {
         active: &LcSpec,
         _src: &DiskSpec,
         dst: &DiskSpec,
-        _progress: Arc<dyn Progress>,
+        progress: Arc<dyn Progress>,
     ) -> Result<Box<dyn LiveCopy>, DiskCopyError> {
-        let job = MirrorJob::start(&self.jobs_socket(active), active, "app", &dst.path)
-            .map_err(DiskCopyError::application)?;
+        let job = MirrorJob::start(
+            &self.jobs_socket(active),
+            active,
+            ("app", &dst.path),
+            &*progress,
+        )
+        .map_err(DiskCopyError::application)?;
         Ok(Box::new(job))
     }
 
     fn end_leftover_copies(&self, active: &LcSpec) -> Vec<String> {
         end_jobs(&self.jobs_socket(active), None)
+    }
+}
+
+/// A mirror's progress as a disk copy's: its first length is the total counted, its offset
+/// the bytes copied.
+fn metered(progress: &dyn Progress) -> impl FnMut(crate::mirror::Progress) + '_ {
+    let mut counted = false;
+    move |p| {
+        if !counted {
+            progress.scanned(p.len, 0);
+            counted = true;
+        }
+        progress.copied(p.offset, 0);
     }
 }
 
@@ -76,12 +94,12 @@ pub struct MirrorJob {
 
 impl MirrorJob {
     /// Mirrors block node `node` of the VM whose jobs monitor is `socket` into `dst`, until
-    /// READY.
+    /// READY; the job's offset and length (`query-block-jobs`) go to `progress` as it goes.
     pub fn start(
         socket: &Path,
         active: &LcSpec,
-        node: &str,
-        dst: &Path,
+        (node, dst): (&str, &Path),
+        progress: &dyn Progress,
     ) -> Result<MirrorJob, BoxError> {
         let mut qmp = Qmp::connect(socket, Duration::from_secs(10))?;
         let started = Instant::now();
@@ -98,14 +116,15 @@ impl MirrorJob {
             copy_mode: mode,
             speed: 0,
         };
+        let mut report = metered(progress);
         let mut mirror = Mirror::start(&mut qmp, spec(CopyMode::Background))?;
-        let mode = match mirror.wait_ready(&mut qmp, CONVERGE) {
+        let mode = match mirror.wait_ready_reporting(&mut qmp, CONVERGE, &mut report) {
             Ok(_) => CopyMode::Background,
             Err(crate::MirrorError::NotConverging { .. }) => {
                 tracing::warn!(lc = %active.id, node, "the mirror does not converge; starting again write-blocking");
                 mirror.abort(&mut qmp)?;
                 let mut m = Mirror::start(&mut qmp, spec(CopyMode::WriteBlocking))?;
-                if let Err(e) = m.wait_ready(&mut qmp, CONVERGE) {
+                if let Err(e) = m.wait_ready_reporting(&mut qmp, CONVERGE, &mut report) {
                     let _ = m.abort(&mut qmp);
                     return Err(e.into());
                 }

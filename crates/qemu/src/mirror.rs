@@ -356,6 +356,17 @@ impl Mirror {
         qmp: &mut Qmp,
         timeout: Duration,
     ) -> Result<Progress, MirrorError> {
+        self.wait_ready_reporting(qmp, timeout, &mut |_| {})
+    }
+
+    /// [`Mirror::wait_ready`], handing `report` the job's progress each time it is read
+    /// (each job event, at least every 200 ms), the ready one last.
+    pub fn wait_ready_reporting(
+        &mut self,
+        qmp: &mut Qmp,
+        timeout: Duration,
+        report: &mut dyn FnMut(Progress),
+    ) -> Result<Progress, MirrorError> {
         let deadline = Instant::now() + timeout;
         let id = self.spec.job_id.clone();
         loop {
@@ -374,6 +385,7 @@ impl Mirror {
                 offset: job.offset,
                 len: job.len,
             };
+            report(progress);
             if job.ready {
                 self.ready = true;
                 qmp.discard_events(|e| e.name == "BLOCK_JOB_READY" && e.job_id() == Some(&id));

@@ -373,3 +373,32 @@ fn a_fine_granularity_mirror_copies_4k_writes_and_a_bad_one_reaches_qemu_and_is_
     m.cut(&mut qmp, Duration::from_secs(30)).unwrap();
     assert_same("target after the cut", &target, &model);
 }
+
+/// Issue 25: waiting for ready hands on the job's progress as it reads it (what a patch run
+/// shows of a VM's disk copy): several readings, offsets never going back, the last the ready
+/// one, all of the length copied.
+#[test]
+fn waiting_for_ready_reports_the_jobs_progress_up_to_its_length() {
+    let mut rng = Rng(0x5eed_0025);
+    let model = rng.bytes(SIZE);
+    let q = QemuGuard::start(SIZE, &model);
+    let mut qmp = q.connect();
+    let mut sp = spec(&q, "src", "copy", ImageFormat::Raw, CopyMode::Background);
+    // About 2 s for 64 MiB: several readings at one each 200 ms.
+    sp.speed = 32 << 20;
+    let mut m = Mirror::start(&mut qmp, sp).unwrap();
+    let mut seen = Vec::new();
+    let p = m
+        .wait_ready_reporting(&mut qmp, Duration::from_secs(60), &mut |p| seen.push(p))
+        .unwrap();
+    assert!(seen.len() >= 3, "{seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0].offset <= w[1].offset),
+        "{seen:?}"
+    );
+    assert!(seen[0].offset < SIZE as u64, "{seen:?}");
+    assert_eq!(seen.last(), Some(&p));
+    assert_eq!(p.offset, p.len, "{p:?}");
+    assert!(p.len >= SIZE as u64, "{p:?}");
+    m.abort(&mut qmp).unwrap();
+}
