@@ -211,20 +211,7 @@ fn recover_run(
         dry_run: run.dry_run,
         ..RunReport::default()
     };
-    if let Some(a) = &found.lcs.active {
-        let_go(o, run.id, a);
-    }
-    if matches!(reached, Reached::Watching | Reached::HandingBack)
-        && let Some(s) = &found.lcs.standby
-    {
-        // The source of the watch's reverse copy, held still for its cut.
-        let_go(o, run.id, s);
-    }
-    let decision = decide(reached, |ask| match ask {
-        Ask::StandbyHolds => holds(o, found.lcs.standby.as_ref(), found.service, found.mode),
-        Ask::OldHolds => holds(o, found.lcs.active.as_ref(), found.service, found.mode),
-        Ask::StandbyHealthy => standby_healthy(o, &found.lcs),
-    });
+    let decision = decision(o, run.id, &found);
     let (front, front_error) = match decision {
         Decision::Finish => finish_run(o, run, &found, &mut report)?,
         Decision::RollBack => roll_back_run(o, run, &found, &mut report)?,
@@ -249,6 +236,26 @@ fn recover_run(
     )?;
     tracing::info!(run = run.id, outcome = %report.outcome, "recovered an unfinished run");
     Ok(report)
+}
+
+/// What is to be done with a dead run, once what it may hold still is let go: the active LC
+/// (and, in a watch or its hand-back, the new LC, the reverse copy's source) thawed, its
+/// leftover copy jobs ended.
+fn decision(o: &Orchestrator<'_>, run: i64, found: &Found<'_>) -> Decision {
+    let lcs = &found.lcs;
+    if let Some(a) = &lcs.active {
+        let_go(o, run, a);
+    }
+    if matches!(found.reached, Reached::Watching | Reached::HandingBack)
+        && let Some(s) = &lcs.standby
+    {
+        let_go(o, run, s);
+    }
+    decide(found.reached, |ask| match ask {
+        Ask::StandbyHolds => holds(o, lcs.standby.as_ref(), found.service, found.mode),
+        Ask::OldHolds => holds(o, lcs.active.as_ref(), found.service, found.mode),
+        Ask::StandbyHealthy => standby_healthy(o, lcs),
+    })
 }
 
 /// The service is (or stays) on the standby: it gets the address, the front is released onto
@@ -427,8 +434,8 @@ fn redo_hand_back(
     {
         network_back(o, new, Some(old), found.mode, svc)?;
     }
-    let follow = crate::step::watch::reverse_follow(o.backend, (new, old))?;
-    crate::step::watch::hand_back(o, run.id, report, (new, old), found.mode, follow).map(drop)
+    // The reverse copy died with patchover: the hand-back starts a new one.
+    crate::step::watch::hand_back(o, run.id, report, (new, old), found.mode, None).map(drop)
 }
 
 /// The front (`[service.front]`) of a run whose journal has it paused is let go as `how`

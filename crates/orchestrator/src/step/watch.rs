@@ -130,7 +130,11 @@ pub(super) fn run(
         patience: svc.watch_interval,
         ..crate::service::health(svc)?
     };
-    let follow = reverse_follow(o.backend, (&new, &run.active))?;
+    // Without it the watch goes on: a hand-back then starts the copy itself (`hand_back`).
+    let follow = reverse_follow(o.backend, (&new, &run.active))
+        .inspect_err(|e| tracing::warn!(lc = %run.active.id, error = %chain(e), "the old LC's application disk cannot follow the new LC's; a hand-back copies it whole"))
+        .ok()
+        .flatten();
     let mut probe = OnLc {
         backend: o.backend,
         spec: &new,
@@ -210,7 +214,8 @@ fn hand_back_failed(
 }
 
 /// The hand-back, journaled as [`Step::HandBack`] (by a failed watch and by recovery): the
-/// switch back to `old` (`super::switch::hand_back`), then `failed` stops and `old` is the
+/// reverse copy (`follow`, or a new one: recovery's, or a watch whose copy could not start),
+/// the switch back to `old` (`super::switch::hand_back`), then `failed` stops and `old` is the
 /// active LC again (`handed-back`). If the switch back does not go through, both LCs keep
 /// running and the one holding the service is the active one (`hand-back-failed`).
 pub(crate) fn hand_back(
@@ -221,14 +226,29 @@ pub(crate) fn hand_back(
     mode: patchover_net::Mode,
     follow: Option<LiveCopy>,
 ) -> Result<serde_json::Value, OrchestratorError> {
+    let name = Step::HandBack.as_str();
     journal::record(o.store, run_id, Step::HandBack, StepState::Started, None)?;
-    let done = switch::hand_back(o, run_id, report, (failed, old), mode, follow)
+    o.emit(run_id, name, StepState::Started.as_str(), None);
+    let t = Instant::now();
+    let follow = match follow {
+        Some(f) => Ok(Some(f)),
+        None => reverse_follow(o.backend, (failed, old)),
+    };
+    let done = follow
+        .and_then(|f| switch::hand_back(o, run_id, report, (failed, old), mode, f))
         .and_then(|d| finish(o, (failed, old)).map(|()| d));
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
     let (state, detail) = match &done {
         Ok(d) => (StepState::Done, d.clone()),
         Err(e) => (StepState::Failed, serde_json::json!({"error": chain(e)})),
     };
     journal::record(o.store, run_id, Step::HandBack, state, Some(&detail))?;
+    o.emit(run_id, name, state.as_str(), Some(detail));
+    report.steps.push(crate::StepTiming {
+        step: name.to_owned(),
+        ms,
+        ok: done.is_ok(),
+    });
     report.outcome = match done {
         Ok(_) => "handed-back",
         Err(_) => {
@@ -417,6 +437,14 @@ mod tests {
                 .contains("not healthy")
         );
         assert_eq!(bed.run.report.outcome, "hand-back-failed");
+        let timed: Vec<_> = bed
+            .run
+            .report
+            .steps
+            .iter()
+            .map(|t| (t.step.as_str(), t.ok))
+            .collect();
+        assert_eq!(timed[1..], [("hand_back", false), ("watch", false)]);
         let calls = bed.backend.calls();
         assert!(
             calls.iter().any(|c| c.ends_with("post-checks")),
@@ -432,6 +460,32 @@ mod tests {
         // The run's own failure path leaves them alone too.
         bed.with(|o, run| o.after_failure(run));
         assert!(!bed.backend.calls().iter().any(|c| c.starts_with("stop")));
+    }
+
+    /// An old LC whose disk cannot follow does not stop the watch; the hand-back tries the
+    /// copy again (and here, failing again, keeps both LCs, saying why).
+    #[test]
+    fn a_reverse_copy_that_cannot_start_is_tried_again_by_the_hand_back() {
+        let mut bed = switched();
+        bed.backend
+            .exec_answers(br#"{"passed": true, "checks": []}"#, b"");
+        bed.backend.fail("live_copy");
+        let e = bed
+            .with(|o, run| o.journaled(run, Step::Watch))
+            .unwrap_err();
+        assert!(
+            chain(&e).contains("live_copy fails (fake)"),
+            "{}",
+            chain(&e)
+        );
+        let copies = bed
+            .backend
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("live_copy lc2"))
+            .count();
+        assert_eq!(copies, 2, "at the watch's start and at the hand-back");
+        assert!(bed.journal().contains(&"hand_back:failed".to_owned()));
     }
 
     /// Post-checks that fail on the new LC fail the watch before any interval's check.
