@@ -135,7 +135,7 @@ pub fn status(env: &Env, daemon: DaemonState) -> Result<Status, AppError> {
     let runs = env.store.runs()?;
     Ok(Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        lcs: rows.iter().map(|r| lc_line(env, &r.spec, r.role)).collect(),
+        lcs: lc_lines(env, &rows),
         active_lc: active.map(|r| r.spec.id.to_string()),
         service: service(env, active.map(|r| &r.spec)),
         open_runs: runs
@@ -148,6 +148,11 @@ pub fn status(env: &Env, daemon: DaemonState) -> Result<Status, AppError> {
         monitor: monitor(env)?,
         daemon,
     })
+}
+
+/// Each LC of `rows` with its role and its state now.
+pub fn lc_lines(env: &Env, rows: &[patchover_store::LcRow]) -> Vec<LcLine> {
+    rows.iter().map(|r| lc_line(env, &r.spec, r.role)).collect()
 }
 
 fn lc_line(env: &Env, spec: &LcSpec, role: Role) -> LcLine {
@@ -223,14 +228,7 @@ fn check(
 fn last_runs(env: &Env, runs: &[RunRow]) -> Result<Vec<RunLine>, AppError> {
     let mut out = Vec::new();
     for r in runs.iter().rev().take(LAST_RUNS) {
-        let rollback = env
-            .store
-            .steps(r.id)?
-            .iter()
-            .find(|s| s.step == "standby_search")
-            .and_then(|s| s.detail.as_ref())
-            .is_some_and(|d| d["rollback"] == true);
-        let kind = if rollback { "rollback" } else { "patch" };
+        let kind = crate::runs::kind(&env.store.steps(r.id)?);
         out.push(RunLine {
             id: r.id,
             kind: if r.dry_run {
@@ -249,7 +247,8 @@ fn last_runs(env: &Env, runs: &[RunRow]) -> Result<Vec<RunLine>, AppError> {
     Ok(out)
 }
 
-fn patches(env: &Env) -> Result<PatchLines, AppError> {
+/// The patches not applied yet, pending and approved.
+pub fn patches(env: &Env) -> Result<PatchLines, AppError> {
     let mut lines = PatchLines {
         pending: Vec::new(),
         approved: Vec::new(),
@@ -272,7 +271,8 @@ fn patches(env: &Env) -> Result<PatchLines, AppError> {
     Ok(lines)
 }
 
-fn monitor(env: &Env) -> Result<Option<MonitorState>, AppError> {
+/// The monitor's feeds and open challenges (`None` without `[monitor]`).
+pub fn monitor(env: &Env) -> Result<Option<MonitorState>, AppError> {
     if env.config.monitor.is_none() {
         return Ok(None);
     }

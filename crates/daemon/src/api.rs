@@ -202,6 +202,9 @@ pub enum Command {
         id: String,
         body: AttachNicBody,
     },
+    /// `/metrics`: ingest the runs that ended since the last scrape into the hub's metrics
+    /// and answer the gauges ([`crate::metrics::Gauges`]) as JSON.
+    Scrape,
 }
 
 impl Command {
@@ -230,6 +233,7 @@ impl Command {
             Command::RecoverRuns => "recover_runs",
             Command::AttachDisk { .. } => "attach_disk",
             Command::AttachNic { .. } => "attach_nic",
+            Command::Scrape => "scrape",
         }
     }
 }

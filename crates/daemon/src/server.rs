@@ -34,7 +34,7 @@ use crate::api::{
 };
 use crate::auth::{TokenHash, authorized};
 use crate::config::DaemonConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Gauges, Metrics};
 use crate::slow::{Capped, Guarded};
 
 /// What the handlers, the run driver and the monitor loop share: metrics, the event stream,
@@ -260,15 +260,34 @@ async fn events(
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-async fn metrics(State(s): State<AppState>) -> Response {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
+/// `/metrics`: the dispatcher ingests new runs and reads the gauges; OpenMetrics to a client
+/// that asks for it (Prometheus does), the classic text format 0.0.4 to others.
+async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let reply = run(&s, Command::Scrape).await?;
+    let gauges: Gauges = serde_json::from_value(reply.body).map_err(|e| {
+        ApiError::new(
+            ErrorCode::Internal,
+            format!("the scrape's gauges are not readable ({e}); see the daemon's log"),
+        )
+    })?;
+    let text = s.hub.metrics.render(&gauges);
+    let openmetrics = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let (kind, body) = if openmetrics {
+        (
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            text,
+        )
+    } else {
+        (
             "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        s.hub.metrics.render(),
-    )
-        .into_response()
+            crate::metrics::to_text_004(&text),
+        )
+    };
+    Ok(([(axum::http::header::CONTENT_TYPE, kind)], body).into_response())
 }
 
 /// Counts every request by its route template and status.

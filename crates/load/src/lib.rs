@@ -308,6 +308,10 @@ pub struct LoadReport {
     /// When request 0 was due (sample times count from here).
     #[serde(skip)]
     pub started: Option<Instant>,
+    /// The same moment on the wall clock, in unix milliseconds (to put the samples beside a
+    /// run's journal, whose times are the wall clock's).
+    #[serde(skip)]
+    pub started_unix_ms: Option<f64>,
 }
 
 fn timeline(samples: &[Sample]) -> Vec<Second> {
@@ -389,6 +393,9 @@ async fn drive(cfg: LoadConfig) -> LoadReport {
     let req_ka: Arc<[u8]> = http::request(&cfg.host, &cfg.path, true).into();
     let req_new: Arc<[u8]> = http::request(&cfg.host, &cfg.path, false).into();
     let start_std = Instant::now();
+    let start_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
     let start = tokio::time::Instant::from_std(start_std);
     let mut tasks = Vec::with_capacity(n as usize);
     let mut max_lag = Duration::ZERO;
@@ -454,6 +461,7 @@ async fn drive(cfg: LoadConfig) -> LoadReport {
         timeline: timeline(&samples),
         samples,
         started: Some(start_std),
+        started_unix_ms: Some(start_unix_ms),
     }
 }
 

@@ -271,7 +271,15 @@ fn parse_prometheus(text: &str) -> Samples {
                 (n.to_owned(), labels)
             }
         };
-        assert!(typed.contains(&name), "sample {name} without a # TYPE line");
+        // A histogram's samples are its name's _bucket, _sum and _count.
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|x| name.strip_suffix(x).filter(|f| typed.contains(*f)))
+            .unwrap_or(&name);
+        assert!(
+            typed.contains(family),
+            "sample {name} without a # TYPE line"
+        );
         assert!(
             name.chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
@@ -989,6 +997,143 @@ fn lc_lifecycle_over_the_api_with_events() {
     assert!(d.sigterm().success());
 }
 
+/// Issue 27: a run started from the CLI (`--direct`, not through the daemon) is in the
+/// daemon's `/metrics`, read from the journal: the run histogram counts it once, the pause
+/// histogram has its observation; the gauges follow the real LCs; `promtool check metrics`
+/// finds nothing to say.
+#[test]
+fn a_direct_cli_run_is_in_the_daemons_metrics_and_promtool_finds_them_clean() {
+    use common::cycle::Cycle;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("po.sock");
+    let c = Cycle::new(
+        2,
+        &format!("\n[daemon]\nsocket = \"{}\"\n", socket.display()),
+    );
+    c.upgrade_bundle();
+    c.start_service();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    let d = Daemon::start(&c.t.config, &socket);
+    let before = parse_prometheus(std::str::from_utf8(&d.get("/metrics").body).unwrap());
+    let series = |m: &Samples, lc: &str| {
+        m.iter()
+            .filter(|((n, l), _)| {
+                n == "patchover_lc_state" && l.iter().any(|(k, v)| k == "lc" && v == lc)
+            })
+            .map(|((_, l), v)| (l.clone(), *v))
+            .collect::<Vec<_>>()
+    };
+    let state = |m: &Samples, lc: &str| {
+        let s = series(m, lc);
+        assert_eq!(s.len(), 1, "one series per LC: {s:?}");
+        assert_eq!(s[0].1, 1.0);
+        let get = |k: &str| s[0].0.iter().find(|(n, _)| n == k).unwrap().1.clone();
+        (get("state"), get("role"))
+    };
+    assert_eq!(
+        state(&before, &a),
+        ("running".to_owned(), "active".to_owned())
+    );
+    assert_eq!(
+        metric(&before, "patchover_patches", &[("state", "approved")]),
+        1.0
+    );
+
+    let run = common::po_json(&c.t.config, &["--direct", "patch", &a]);
+    assert_eq!(run["outcome"], "ok", "{run:#}");
+    let pause_ms = run["pause_ms"].as_f64().unwrap();
+
+    let resp = d.get("/metrics");
+    assert_eq!(
+        resp.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = String::from_utf8(resp.body).unwrap();
+    let said = common::promtool_check(&text);
+    assert!(said.is_empty(), "promtool check metrics:\n{said}\n{text}");
+    let m = parse_prometheus(&text);
+    let run_count = |m: &Samples| {
+        metric(
+            m,
+            "patchover_run_seconds_count",
+            &[("kind", "patch"), ("outcome", "ok")],
+        )
+    };
+    assert_eq!(run_count(&m), 1.0, "{text}");
+    assert_eq!(
+        metric(&m, "patchover_runs_total", &[("outcome", "ok")]),
+        1.0
+    );
+    assert_eq!(metric(&m, "patchover_switch_pause_seconds_count", &[]), 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            "patchover_switch_pause_seconds_bucket",
+            &[("le", "+Inf")]
+        ),
+        1.0
+    );
+    let sum = metric(&m, "patchover_switch_pause_seconds_sum", &[]);
+    assert!(
+        (sum * 1000.0 - pause_ms).abs() < 0.01,
+        "{sum} s, {pause_ms} ms"
+    );
+    assert_eq!(
+        metric(&m, "patchover_step_seconds_count", &[("step", "switch")]),
+        1.0
+    );
+    assert_eq!(metric(&m, "patchover_runs_in_progress", &[]), 0.0);
+    assert_eq!(
+        metric(&m, "patchover_patches", &[("state", "approved")]),
+        0.0
+    );
+    // The service moved: the old LC stopped, the standby is active.
+    assert_eq!(state(&m, &b), ("running".to_owned(), "active".to_owned()));
+    assert_eq!(state(&m, &a).0, "stopped", "{text}");
+    assert_eq!(
+        metric(
+            &m,
+            "patchover_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    // A second scrape counts the run once.
+    let again = parse_prometheus(std::str::from_utf8(&d.get("/metrics").body).unwrap());
+    assert_eq!(run_count(&again), 1.0);
+
+    // The same run as a page (no load ran with it: the time line only), in a real browser.
+    let id = run["run_id"].as_i64().unwrap().to_string();
+    let page = dir.path().join("run.html");
+    let page_arg = page.to_str().unwrap();
+    let said = common::po_json(&c.t.config, &["runs", "show", &id, "--html", page_arg]);
+    assert_eq!(said["html"], page_arg);
+    let journal = d.get(&format!("/v1/runs/{id}")).json();
+    let steps = journal["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == "started")
+        .count();
+    assert!(steps >= 10, "{journal:#}");
+    let r = common::chromium(&page);
+    assert!(r.colours > 1, "the screenshot is blank");
+    assert_eq!(
+        r.dom.matches("<svg id=\"timeline\"").count(),
+        1,
+        "{}",
+        r.dom
+    );
+    assert_eq!(r.dom.matches("class=\"step\"").count(), steps, "{}", r.dom);
+    assert_eq!(
+        r.dom
+            .matches("id=\"timeline-switch\" class=\"switch\"")
+            .count(),
+        1
+    );
+    assert!(!r.dom.contains("id=\"latency\"") && r.dom.contains("No load ran"));
+}
+
 /// The whole cycle through the daemon: a run started over the API (202), a second run for
 /// the same LC refused with 409 while it goes, its steps on the event stream, the metrics
 /// after it; then a rollback run during which SIGTERM arrives: the daemon waits for it, exits
@@ -1190,6 +1335,16 @@ fn runs_over_the_api_conflict_metrics_and_sigterm_during_a_run() {
         serde_json::json!([])
     );
     assert_eq!(d2.get("/v1/status").json()["active_lc"], a.as_str());
+    // The restarted daemon's metrics hold both runs, from the journal, each of its kind.
+    let m = parse_prometheus(std::str::from_utf8(&d2.get("/metrics").body).unwrap());
+    for kind in ["patch", "rollback"] {
+        let labels = [("kind", kind), ("outcome", "ok")];
+        assert_eq!(
+            metric(&m, "patchover_run_seconds_count", &labels),
+            1.0,
+            "{kind}"
+        );
+    }
     drop(d2);
 }
 

@@ -23,6 +23,7 @@ pub mod patch;
 pub mod patches;
 pub mod remote;
 pub mod runview;
+pub mod scrape;
 pub mod serve;
 pub mod status;
 

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Subcommand;
 use patchover_app::runs::{self, RunDetail};
 use patchover_app::service::{self, Assigned};
@@ -50,7 +51,13 @@ pub enum RunsCmd {
     /// Every patch run with its outcome.
     List,
     /// One run's timeline: every step with its duration.
-    Show { run: i64 },
+    Show {
+        run: i64,
+        /// Also write the run as one self-contained HTML page to FILE: its steps on a time
+        /// line, the switch marked.
+        #[arg(long, value_name = "FILE")]
+        html: Option<std::path::PathBuf>,
+    },
     /// Finish or roll back runs whose patchover died (also done before every patch).
     Recover,
     /// Follow a run's steps live (from the daemon's event stream) until it ends.
@@ -434,6 +441,23 @@ fn print_run(ctx: &Ctx, v: &RunDetail) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `runs show RUN --html FILE`: the run's page (no load: the time line only).
+fn write_html(ctx: &Ctx, v: &RunDetail, path: &std::path::Path) -> anyhow::Result<()> {
+    let page = patchover_report::page(v, None)?;
+    patchover_report::write(path, &page).with_context(|| {
+        format!(
+            "writing {}; check the directory exists and is writable",
+            path.display()
+        )
+    })?;
+    if ctx.json {
+        println!("{}", json!({"run": v.run.id, "html": path}));
+    } else if !ctx.quiet {
+        println!("run {}: wrote {}", v.run.id, path.display());
+    }
+    Ok(())
+}
+
 pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     match cmd {
         RunsCmd::List => {
@@ -444,13 +468,16 @@ pub fn run_runs(cmd: RunsCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             )?;
             print_runs(ctx, &v)?;
         }
-        RunsCmd::Show { run } => {
+        RunsCmd::Show { run, html } => {
             let v: RunDetail = super::remote::route_typed(
                 ctx,
                 |c| super::remote::call(c, "GET", &format!("/v1/runs/{run}"), None),
                 || Ok(runs::show(&ctx.env()?.store, run)?),
             )?;
-            print_run(ctx, &v)?;
+            match html {
+                Some(path) => write_html(ctx, &v, &path)?,
+                None => print_run(ctx, &v)?,
+            }
         }
         RunsCmd::Watch { run } => {
             let c = super::remote::daemon(&Ctx {

@@ -19,7 +19,6 @@ use patchover_daemon::api::{
     AssignBody, AttachDiskBody, AttachNicBody, ImportBody, MarksBody, RollbackBody, RunBody,
     SwitchBackBody, SwitchBody,
 };
-use patchover_daemon::metrics::RunFigures;
 use patchover_daemon::{ApiError, Command, DaemonConfig, Dispatch, ErrorCode, Hub, Reply};
 use patchover_monitor::poll::FeedStatus;
 use patchover_net::Mode;
@@ -253,20 +252,9 @@ impl Daemon {
     }
 }
 
+/// A run's end: logged and published; its figures reach the metrics from the journal at the
+/// next scrape (`cmd::scrape`), as a CLI run's do.
 fn record_run(hub: &Hub, r: &RunReport) {
-    let steps: Vec<(String, f64)> = r.steps.iter().map(|s| (s.step.clone(), s.ms)).collect();
-    hub.metrics.run_finished(&RunFigures {
-        outcome: &r.outcome,
-        steps: &steps,
-        bytes_copied: r.bytes_copied,
-        bytes_replayed: r.bytes_replayed,
-        freeze_ms: r.freeze_ms,
-        pause_ms: r.pause_ms,
-        switch_counts: r
-            .switch
-            .as_ref()
-            .map(|s| (s.held_syns as u64, s.leftover_connections as u64)),
-    });
     tracing::info!(run = r.run_id, lc = %r.lc, outcome = %r.outcome, "run ended");
     hub.publish(
         "run",
@@ -331,6 +319,7 @@ impl Daemon {
                 };
                 reply(patchover_app::status::status(&env, daemon))
             }
+            Command::Scrape => reply(super::scrape::scrape(&self.env()?, &self.hub.metrics)),
             Command::ListLcs => reply(patchover_app::lcs::list(&self.env()?)),
             Command::GetLc(id) => reply(patchover_app::lcs::show(&self.env()?, &id)),
             Command::Lc { id, action, body } => {

@@ -727,3 +727,79 @@ pub fn refused_before_anything_is_made(cases: &[(&[&str], &str)], d: &Path) {
         assert!(!d.exists(), "{args:?} made {}", d.display());
     }
 }
+
+/// What `promtool check metrics` (Debian's prometheus package; scripts/install-deps installs
+/// it) says of `text`: empty when it is clean.
+pub fn promtool_check(text: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/install-deps installs it)");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match out.status.success() {
+        true => said.trim().to_owned(),
+        false => format!("exit {}: {said}", out.status),
+    }
+}
+
+/// A page as headless Chromium (Debian's chromium; scripts/install-deps installs it) renders
+/// it: the screenshot's distinct colours (a blank page has one) and the rendered DOM.
+pub struct Rendered {
+    pub colours: usize,
+    pub dom: String,
+}
+
+/// Opens `page` in headless Chromium at 1400x1000: a screenshot (kept beside the page as
+/// `NAME.png`, decoded here) and `--dump-dom`.
+pub fn chromium(page: &Path) -> Rendered {
+    let shot = page.with_extension("png");
+    let profile = page.with_extension("chromium-profile");
+    let url = format!("file://{}", page.canonicalize().unwrap().display());
+    let run = |args: &[&str]| {
+        let out = Command::new("chromium")
+            .args(["--headless", "--no-sandbox", "--disable-gpu"])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(args)
+            .arg(&url)
+            .output()
+            .expect("chromium (Debian's chromium package; scripts/install-deps installs it)");
+        assert!(out.status.success(), "chromium {args:?}: {out:?}");
+        out.stdout
+    };
+    run(&[
+        &format!("--screenshot={}", shot.display()),
+        "--window-size=1400,1000",
+    ]);
+    let dom = String::from_utf8(run(&["--dump-dom"])).unwrap();
+    let _ = std::fs::remove_dir_all(&profile);
+    Rendered {
+        colours: png_colours(&shot),
+        dom,
+    }
+}
+
+/// The distinct colours of a PNG.
+fn png_colours(path: &Path) -> usize {
+    let file = std::fs::File::open(path)
+        .unwrap_or_else(|e| panic!("no screenshot at {}: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let px = info.color_type.samples() * (info.bit_depth as usize).div_ceil(8);
+    let colours: std::collections::HashSet<&[u8]> = buf[..info.buffer_size()].chunks(px).collect();
+    colours.len()
+}
