@@ -316,27 +316,7 @@ fn sigkill_in_a_watch_is_finished_when_healthy_and_handed_back_when_not() {
 fn kill_in_the_watch(c: &Cycle, lc: &str, before: Option<&dyn Fn()>) -> std::process::Child {
     c.t.po_ok(&["patches", "mark", "stamp-1"]);
     let mut child = spawn_patch(c, lc, "readdress");
-    let start = Instant::now();
-    loop {
-        let watching = last_run_id(c).is_some_and(|id| {
-            let run = c.t.po_json(&["runs", "show", &id.to_string()]);
-            run["run"]["ended_ms"].is_null()
-                && run["steps"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|s| s["step"] == "watch")
-        });
-        if watching {
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before its watch"
-        );
-        assert!(start.elapsed() < Duration::from_secs(60), "no watch");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_step(c, &mut child, "watch");
     // The watch's first check (at once) has passed: the service was healthy when it began.
     std::thread::sleep(Duration::from_millis(500));
     if let Some(f) = before {
@@ -344,6 +324,109 @@ fn kill_in_the_watch(c: &Cycle, lc: &str, before: Option<&dyn Fn()>) -> std::pro
     }
     child.kill().unwrap();
     child
+}
+
+/// Waits until the newest run, still going, has journaled `step`.
+fn wait_for_step(c: &Cycle, child: &mut std::process::Child, step: &str) {
+    let start = Instant::now();
+    loop {
+        let there = last_run_id(c).is_some_and(|id| {
+            let run = c.t.po_json(&["runs", "show", &id.to_string()]);
+            run["run"]["ended_ms"].is_null()
+                && run["steps"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["step"] == step)
+        });
+        if there {
+            return;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before {step}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(60), "no {step}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 23: patchover SIGKILLed inside a hand-back (the new LC's service killed in a watch
+/// checking every 250 ms), at moments from its start to the failed LC's stop: recovery
+/// finishes the hand-back (the old LC holds the service again) or does it again from the
+/// start; each time the old LC serves, the failed one is stopped, nothing acknowledged is lost
+/// and nothing fails outside the window from the service's kill to the old LC's first answer.
+#[test]
+fn sigkill_inside_a_hand_back_is_finished_by_recovery() {
+    let c = Cycle::new(2, "\n[service]\nwatch_secs = 30\nwatch_interval_ms = 250\n");
+    c.bundle(
+        "stamp-1",
+        "[[step]]\nkind = \"script\"\nfile = \"stamp.sh\"\n",
+        &[("stamp.sh", b"date > /etc/demo/last-patch\n")],
+    );
+    c.start_service();
+    let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    let svc = c.t.service();
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
+    let st = |lc: &str| c.t.po_json(&["lc", "status", lc])["state"].clone();
+    for delay_ms in [0, 250, 1500] {
+        let load = Load::with_deadline(&client, svc.clone(), Duration::from_secs(7));
+        let reads = Reads::start(&client, svc.clone(), None);
+        std::thread::sleep(Duration::from_millis(300));
+        c.t.po_ok(&["patches", "mark", "stamp-1"]);
+        let mut child = spawn_patch(&c, &a, "readdress");
+        wait_for_step(&c, &mut child, "watch");
+        std::thread::sleep(Duration::from_millis(500));
+        let killed = c.t.kill_the_service_of(&b);
+        wait_for_step(&c, &mut child, "hand_back");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        child.kill().unwrap();
+        let _ = child.wait();
+        let moment = format!("{delay_ms} ms into a hand-back");
+        let outcome = c.t.recovered_outcome(&moment);
+        let run =
+            c.t.po_json(&["runs", "show", &last_run_id(&c).unwrap().to_string()]);
+        assert_eq!(outcome, "handed-back", "{moment}: {:#}", run["run"]);
+        assert_eq!(
+            (st(&a), st(&b)),
+            ("running".into(), "stopped".into()),
+            "{moment}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let (ok, failures, acked) = load.finish();
+        let (answers, read_failures, _) = reads.finish();
+        let a_by = &answers.first().expect("reads before the run").by;
+        let back = first_answer_by(&answers, a_by, killed).expect("the old LC answers again");
+        let split = split_failures(failures.iter().chain(&read_failures), killed, back.done_ms);
+        let steps: Vec<String> = run["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}:{}",
+                    s["step"].as_str().unwrap(),
+                    s["state"].as_str().unwrap()
+                )
+            })
+            .collect();
+        eprintln!(
+            "{moment}: recovered as {outcome} ({}); answering from the old LC {} ms after the service's kill; {ok} requests, {} reads, failed: {} in flight, {} in the window, {} outside; {} writes acknowledged",
+            steps[steps.len().saturating_sub(4)..].join(" "),
+            back.done_ms - killed,
+            answers.len(),
+            split.in_flight,
+            split.inside,
+            split.outside.len(),
+            acked.len()
+        );
+        assert!(
+            split.outside.is_empty(),
+            "{moment}: {:?}",
+            &split.outside[..split.outside.len().min(5)]
+        );
+        assert_all_there(&client, &svc, &acked);
+    }
 }
 
 /// The id of the newest run in the journal (`None`: no run yet).
