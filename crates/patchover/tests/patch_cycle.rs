@@ -1249,6 +1249,7 @@ fn progress_events(stderr: &[u8], step: &str) -> Vec<serde_json::Value> {
 fn patch_and_rollback_show_each_copys_bytes_rate_and_eta() {
     const FILES: u64 = 12;
     const FILE: usize = 16 << 20;
+    const SMALL: usize = 2000;
     let c = Cycle::new(2, "");
     c.upgrade_bundle();
     let a = c.t.lcs[0].id.clone();
@@ -1257,6 +1258,13 @@ fn patch_and_rollback_show_each_copys_bytes_rate_and_eta() {
     for i in 0..FILES {
         let data: Vec<u8> = (0..FILE).map(|n| (n as u64 * 31 + i) as u8).collect();
         fs::write(bulk.join(format!("f{i}")), data).unwrap();
+    }
+    // Many small files too: copied one by one, they make the copy last past one event
+    // interval, so events come between the first and the last.
+    let small = c.t.lcs[0].app.join("small");
+    fs::create_dir_all(&small).unwrap();
+    for i in 0..SMALL {
+        fs::write(small.join(format!("s{i}")), [i as u8; 4096]).unwrap();
     }
     c.start_service();
 
@@ -1275,6 +1283,7 @@ fn patch_and_rollback_show_each_copys_bytes_rate_and_eta() {
         assert_eq!(last["bytes"], last["total"], "{step}: {last}");
         assert!(last["rate"].as_f64().unwrap() > 0.0, "{last}");
         assert!(last["eta_secs"].is_number(), "{last}");
+        eprintln!("{step}: {} progress events, the last {last}", evs.len());
     }
     let app = progress_events(&out.stderr, "copy_app_disk");
     assert!(app.last().unwrap()["total"].as_u64().unwrap() >= FILES * FILE as u64);

@@ -68,9 +68,14 @@ impl RunView {
 
     /// `out` takes the lines and JSON lines (bars draw on stderr).
     pub fn with(style: Style, out: Box<dyn Write + Send>) -> RunView {
+        RunView::drawn_on(style, out, ProgressDrawTarget::stderr())
+    }
+
+    /// [`RunView::with`], the bars drawn on `target`.
+    fn drawn_on(style: Style, out: Box<dyn Write + Send>, target: ProgressDrawTarget) -> RunView {
         let mut state = State::default();
         if style == Style::Bars {
-            let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+            let multi = MultiProgress::with_draw_target(target);
             let spinner = multi.add(ProgressBar::new_spinner());
             spinner.enable_steady_tick(Duration::from_millis(120));
             state.multi = Some(multi);
@@ -339,6 +344,41 @@ mod tests {
         assert_eq!(evs[0]["eta_secs"], 1.5);
         assert_eq!(evs[1]["bytes"], 1000);
         assert_eq!(evs[2], json!({"event": "run", "data": {"run_id": 4}}));
+    }
+
+    /// A terminal: the spinner names the current step, each copy has its bar, sized to the
+    /// total (or the bytes, when more came), finished at the end; the run's end clears them.
+    #[test]
+    fn bars_follow_each_copy_and_the_current_step() {
+        let v = RunView::drawn_on(
+            Style::Bars,
+            Box::new(Buf::default()),
+            ProgressDrawTarget::hidden(),
+        );
+        v.step(&Event {
+            run_id: 4,
+            step: "install_patches".into(),
+            state: "started".into(),
+            detail: None,
+        });
+        v.progress(&at(500));
+        {
+            let st = v.state();
+            let spinner = st.spinner.as_ref().unwrap();
+            assert_eq!(spinner.message(), "run 4 install_patches");
+            let b = &st.bars["copy_app_disk"];
+            assert_eq!((b.position(), b.length()), (500, Some(1000)));
+            assert_eq!(b.message(), "1.91 MiB/s, ETA 2 s");
+            assert!(!b.is_finished());
+        }
+        v.progress(&ProgressEvent {
+            total: 1200,
+            ..at(1200)
+        });
+        assert!(v.state().bars["copy_app_disk"].is_finished());
+        v.finish();
+        let st = v.state();
+        assert!(st.bars.is_empty() && st.spinner.is_none());
     }
 
     #[test]
