@@ -8,6 +8,7 @@
 //! `patchover_daemon::ErrorCode`).
 
 pub mod config_check;
+pub mod doctor;
 pub mod env;
 pub mod error;
 pub mod lcs;

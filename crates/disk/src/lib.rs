@@ -34,6 +34,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use engine::Stats;
+
+/// Whether the write trap can be armed here: an fanotify group with the reporting flags the
+/// live copy uses, marked `FAN_MARK_FILESYSTEM` on the filesystem holding `dir`, then closed
+/// (`patchover doctor`).
+pub fn probe_fanotify(dir: &Path) -> std::io::Result<()> {
+    trap::Trap::start(dir, false).map(drop)
+}
 pub use error::CopyError;
 pub use freeze::CgroupFreezer;
 pub use fsops::{BLOCK, Reflink};
@@ -421,6 +428,12 @@ fn checkpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fanotify_probe_fails_where_no_filesystem_is() {
+        let e = probe_fanotify(Path::new("/nonexistent/dir")).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
+    }
 
     /// The orchestrator keeps a follow copy in its own thread or task.
     #[test]

@@ -21,6 +21,7 @@ pub mod host;
 pub mod images;
 pub mod migrate;
 pub mod ns;
+pub mod probe;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -551,3 +551,47 @@ fn tmp_name(name: &OsStr) -> OsString {
 
 #[cfg(test)]
 mod tests;
+
+/// Whether this kernel resolves paths inside a root (`openat2` with `RESOLVE_IN_ROOT`, what
+/// [`LcRoot`] relies on before any fallback): `/..` opened under `root` must be `root` itself
+/// (`patchover doctor`).
+pub fn probe_openat2(root: &Path) -> io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let dir = File::open(root)?;
+    let path = c"/..";
+    // SAFETY: open_how is plain data; zero is its neutral value for every field.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC | libc::O_DIRECTORY) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT;
+    // SAFETY: valid fd, NUL-terminated path and a how of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd and nobody else owns it.
+    let got = File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    let (a, b) = (dir.metadata()?, got.metadata()?);
+    if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+        return Err(io::Error::other(
+            "openat2 RESOLVE_IN_ROOT let `/..` leave the root",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod probe_tests {
+    #[test]
+    fn the_openat2_probe_fails_without_a_root() {
+        let e = super::probe_openat2(std::path::Path::new("/nonexistent/root")).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    }
+}

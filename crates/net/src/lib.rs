@@ -22,6 +22,7 @@ pub mod live;
 pub mod netns;
 pub mod network;
 pub mod nft;
+pub mod probe;
 pub mod refresh;
 pub mod rtnl;
 pub mod switch;

@@ -86,6 +86,9 @@ enum Command {
     /// One screen: LCs with role and state, the service and whether it answers, the last
     /// runs, pending and approved patches, the monitor and the daemon.
     Status,
+    /// Check the kernel features and programs patchover relies on, each with what to do when
+    /// it is missing; exit code 1 when something the config needs is missing.
+    Doctor,
     /// The config file.
     #[command(subcommand)]
     Config(cmd::config::ConfigCmd),
@@ -123,6 +126,7 @@ fn main() -> ExitCode {
         Command::Service(c) => cmd::patch::run_service(c, &ctx),
         Command::Serve(a) => cmd::serve::run(a, &ctx),
         Command::Status => cmd::status::run(&ctx),
+        Command::Doctor => cmd::doctor::run(&ctx),
         Command::Config(c) => cmd::config::run(c, &ctx),
         Command::Internal(c) => cmd::internal::run(c),
     };

@@ -170,3 +170,140 @@ fn status_shows_roles_states_the_service_patches_and_the_daemon() {
         "{s:#}"
     );
 }
+
+fn doctor(args: &[&str], path: Option<&str>) -> (Option<i32>, serde_json::Value, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).args(["--json", "doctor"]);
+    if let Some(p) = path {
+        cmd.env("PATH", p);
+    }
+    cmd.env_remove("PATCHOVER_QEMU");
+    let out = cmd.output().expect("run patchover doctor");
+    let v = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", text(&out.stdout), text(&out.stderr)));
+    (out.status.code(), v, text(&out.stderr))
+}
+
+fn check<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no check {name:?} in {v:#}"))
+}
+
+/// On this host (every feature and program there), with no config: every check is ok, exit 0.
+#[test]
+fn doctor_finds_every_feature_of_this_host() {
+    let (code, v, err) = doctor(&["--config", "/nonexistent/po.toml"], None);
+    assert_eq!(code, Some(0), "{v:#}\n{err}");
+    assert_eq!(v["config"], serde_json::Value::Null);
+    let checks = v["checks"].as_array().unwrap();
+    assert!(checks.len() >= 15, "{v:#}");
+    for c in checks {
+        assert_eq!(c["state"], "ok", "{c}");
+        assert_eq!(c["fix"], serde_json::Value::Null, "{c}");
+    }
+    for name in [
+        "network namespace",
+        "cgroup freezer",
+        "fanotify (FAN_MARK_FILESYSTEM)",
+        "openat2 (RESOLVE_IN_ROOT)",
+        "xtables NFQUEUE (SYN hold)",
+        "nftables (nft)",
+        "conntrack",
+        "KVM or TCG",
+        "qemu-system-x86_64",
+    ] {
+        check(&v, name);
+    }
+}
+
+/// A PATH without `nft` and `qemu-system-x86_64`, and a config naming a qemu LC: both are
+/// missing and needed, each with its fix, exit 1; without the qemu LC, a missing QEMU is
+/// not needed (but `nft` still is).
+#[test]
+fn doctor_names_what_the_config_needs_and_is_missing_with_its_fix() {
+    let d = tempfile::tempdir().unwrap();
+    let bin = d.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    for p in [
+        "iptables-nft",
+        "conntrack",
+        "busybox",
+        "mmdebstrap",
+        "qemu-storage-daemon",
+    ] {
+        let real = std::env::var("PATH")
+            .unwrap()
+            .split(':')
+            .map(|dir| std::path::Path::new(dir).join(p))
+            .find(|c| c.exists())
+            .unwrap_or_else(|| panic!("{p} is not on this host's PATH"));
+        std::os::unix::fs::symlink(real, bin.join(p)).unwrap();
+    }
+    let kernel = d.path().join("vmlinuz");
+    fs::write(&kernel, b"").unwrap();
+    let sys = d.path().join("lc1.img");
+    fs::write(&sys, b"").unwrap();
+    let config = d.path().join("po.toml");
+    let qemu_lc = format!(
+        "state_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n[network]\nbridge = \"pobdoc0\"\n[[lc]]\nid = \"lc1\"\nbackend = \"qemu\"\nkernel = \"{1}\"\ncpu = 0\ncpu_share = 50\nmemory_mib = 128\nsystem_disk = {{ path = \"{2}\" }}\n",
+        d.path().display(),
+        kernel.display(),
+        sys.display()
+    );
+    fs::write(&config, &qemu_lc).unwrap();
+    let path = bin.to_str().unwrap();
+    let (code, v, err) = doctor(&["--config", config.to_str().unwrap()], Some(path));
+    assert_eq!(code, Some(1), "{v:#}\n{err}");
+    assert_eq!(v["config"], config.to_str().unwrap());
+    let nft = check(&v, "nftables (nft)");
+    assert_eq!(nft["state"], "missing", "{nft}");
+    assert_eq!(nft["fix"], "apt install nftables; modprobe nf_tables");
+    let qemu = check(&v, "qemu-system-x86_64");
+    assert_eq!(qemu["state"], "missing", "{qemu}");
+    assert_eq!(qemu["needed"], true);
+    assert!(
+        qemu["fix"]
+            .as_str()
+            .unwrap()
+            .starts_with("apt install qemu-system-x86"),
+        "{qemu}"
+    );
+    // Without QEMU there is no TCG either (and no KVM guest can be booted).
+    assert_eq!(check(&v, "KVM or TCG")["state"], "missing", "{v:#}");
+    assert_eq!(check(&v, "conntrack")["state"], "ok");
+    assert_eq!(check(&v, "xtables NFQUEUE (SYN hold)")["state"], "ok");
+    // The text names each missing item with its fix.
+    let out = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap(), "doctor"])
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let screen = text(&out.stdout);
+    assert!(
+        screen.contains("nftables (nft): apt install nftables; modprobe nf_tables"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("qemu-system-x86_64: apt install qemu-system-x86"),
+        "{screen}"
+    );
+
+    // No qemu LC: QEMU is missing but not needed; nft still fails the run.
+    fs::write(
+        &config,
+        qemu_lc
+            .replace("backend = \"qemu\"\n", "")
+            .replace(&format!("kernel = \"{}\"\n", kernel.display()), "")
+            .replace(sys.to_str().unwrap(), d.path().to_str().unwrap()),
+    )
+    .unwrap();
+    let (code, v, err) = doctor(&["--config", config.to_str().unwrap()], Some(path));
+    assert_eq!(code, Some(1), "{v:#}\n{err}");
+    assert_eq!(check(&v, "qemu-system-x86_64")["state"], "not_needed");
+    assert_eq!(check(&v, "nftables (nft)")["state"], "missing");
+}

@@ -630,7 +630,8 @@ fn guest_sh_argv(script: &'static str, args: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn which(p: &Path) -> Option<PathBuf> {
+/// `p` itself when it has a directory part, else the first `PATH` entry that has it.
+pub fn which(p: &Path) -> Option<PathBuf> {
     if p.components().count() > 1 {
         return p.exists().then(|| p.to_owned());
     }

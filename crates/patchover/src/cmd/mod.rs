@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod disk;
 pub mod docgen;
+pub mod doctor;
 pub mod feed;
 pub mod image;
 pub mod internal;
