@@ -5,9 +5,61 @@ mod common;
 
 use std::process::Command;
 
+/// With `--report`: the run's page, opened in headless Chromium: a screenshot that is not
+/// blank, and in the rendered DOM the time line with a mark per step, the latency plot with a
+/// mark per failed read, and the switch marked on both.
 #[test]
 fn the_demo_patches_under_load_without_a_failed_request_or_a_lost_write() {
-    demo(&["--load-seconds", "15"], 1000);
+    let out = tempfile::tempdir().unwrap();
+    let page = out.path().join("demo.html");
+    let report = demo(
+        &["--load-seconds", "15", "--report", page.to_str().unwrap()],
+        1000,
+    );
+    assert_eq!(report["report_file"], page.to_str().unwrap());
+    let r = common::chromium(&page);
+    assert!(r.colours > 1, "the screenshot is blank");
+    let count = |s: &str| r.dom.matches(s).count();
+    assert_eq!(count("<svg id=\"timeline\""), 1, "{}", r.dom);
+    assert_eq!(count("<svg id=\"latency\""), 1, "{}", r.dom);
+    let steps = report["steps"].as_array().unwrap().len();
+    assert_eq!(count("class=\"step\""), steps, "{}", r.dom);
+    // `reads.failed` counts failed reads by kind.
+    let failed: u64 = report["reads"]["failed"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(count("class=\"failed\"") as u64, failed, "{report:#}");
+    assert_eq!(count("id=\"timeline-switch\" class=\"switch\""), 1);
+    assert_eq!(count("id=\"latency-switch\" class=\"switch\""), 1);
+}
+
+/// `--report` is refused where it has no page to write, before anything is made.
+#[test]
+fn a_report_is_refused_for_a_real_service_or_a_missing_directory() {
+    for (args, says) in [
+        (
+            &["--service", "nginx", "--report", "/tmp/r.html"][..],
+            "--report is for the demo service",
+        ),
+        (
+            &["--report", "/nonexistent-po-dir/r.html"][..],
+            "is not a directory",
+        ),
+    ] {
+        let out = Command::new(common::BIN)
+            .arg("demo")
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{out:?}"
+        );
+    }
 }
 
 /// The other two modes: one NIC identity whose bridge port moves (`path`), and the hand-off

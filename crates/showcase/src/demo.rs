@@ -80,6 +80,9 @@ pub struct DemoOptions {
     /// Real services: each wrk connection's pause between an answer and its next request
     /// (0: as fast as wrk can).
     pub wrk_delay_ms: u32,
+    /// The demo service: write the run as one HTML page here (`patchover-report`): its steps
+    /// and every read of the load around the switch.
+    pub report: Option<PathBuf>,
 }
 
 /// `ns` or `qemu`.
@@ -641,6 +644,34 @@ pub fn add_client(net: &Net, mode: Mode) -> Result<PathBuf, ShowcaseError> {
     Ok(PathBuf::from(format!("/run/netns/{cns}")))
 }
 
+/// `--report FILE`: run `run_id`'s page from the demo's journal, with every read of the load
+/// `r` (its samples, placed by its start on the wall clock) around the switch.
+fn write_report(
+    path: &Path,
+    config_path: &Path,
+    run_id: i64,
+    r: &patchover_load::LoadReport,
+    deadline: Duration,
+) -> Result<(), ShowcaseError> {
+    let env = crate::env(config_path)?;
+    let detail = patchover_app::runs::show(&env.store, run_id)?;
+    let started_unix_ms = r.started_unix_ms.ok_or_else(|| {
+        ShowcaseError::Failed("the load did not say when it started; no report".into())
+    })?;
+    let load = patchover_report::Load {
+        started_unix_ms,
+        samples: &r.samples,
+        deadline_ms: Some(deadline.as_secs_f64() * 1000.0),
+    };
+    let page = patchover_report::page(&detail, Some(&load)).context("the report page")?;
+    patchover_report::write(path, &page).with_context(|| {
+        format!(
+            "writing the report to {}; check its directory exists and is writable",
+            path.display()
+        )
+    })
+}
+
 /// Tears the demo's world down (the LCs, the client namespace).
 pub fn teardown(dir: &Path) {
     stop_previous(dir);
@@ -717,6 +748,15 @@ fn run_demo_service(a: DemoOptions, json: bool) -> Result<bool, ShowcaseError> {
         .join()
         .map_err(|_| ShowcaseError::Failed("the load thread panicked".to_owned()))??;
     let lost = lost_writes(&netns, service, &w.acked)?;
+    if let Some(path) = &a.report {
+        write_report(
+            path,
+            &config_path,
+            run["run_id"].as_i64().unwrap_or(0),
+            &r,
+            deadline,
+        )?;
+    }
 
     let requests_total = r.summary.total + w.acked.len() as u64 + w.failed.len() as u64;
     let requests_failed = r.summary.failed_total + w.failed.len() as u64;
@@ -747,6 +787,7 @@ fn run_demo_service(a: DemoOptions, json: bool) -> Result<bool, ShowcaseError> {
         "steps": run["steps"],
         "error": run["error"],
         "run_id": run["run_id"],
+        "report_file": a.report,
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -791,6 +832,9 @@ fn run_demo_service(a: DemoOptions, json: bool) -> Result<bool, ShowcaseError> {
         }
         if let Some(e) = run["error"].as_str() {
             println!("  error: {e}");
+        }
+        if let Some(p) = &a.report {
+            println!("  report             {}", p.display());
         }
         for f in w.failed.iter().take(5) {
             println!("  failed: {f}");

@@ -61,6 +61,10 @@ pub struct DemoArgs {
     /// the load leaves the machine room for the cycle (0: as fast as wrk can).
     #[arg(long, default_value_t = 2)]
     pub wrk_delay_ms: u32,
+    /// The demo service: also write the run as one self-contained HTML page to FILE (its steps
+    /// on a time line and every read of the load around the switch).
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
 }
 
 impl DemoArgs {
@@ -73,6 +77,20 @@ impl DemoArgs {
             ("--all-updates", self.all_updates),
             ("--cycles", self.cycles != 1),
         ];
+        if real && self.report.is_some() {
+            return Err(BadInput(
+                "--report is for the demo service (--service demo); nginx and postgres print their figures".into(),
+            ));
+        }
+        if let Some(dir) = self.report.as_deref().and_then(|p| p.parent())
+            && !dir.as_os_str().is_empty()
+            && !dir.is_dir()
+        {
+            return Err(BadInput(format!(
+                "--report: {} is not a directory; make it first",
+                dir.display()
+            )));
+        }
         if let Some((flag, _)) = only_real.iter().find(|(_, set)| *set && !real) {
             return Err(BadInput(format!(
                 "{flag} is for a real service (--service nginx); the demo service patches its own bundle once"
@@ -129,6 +147,7 @@ impl DemoArgs {
             cycles: self.cycles,
             wrk_connections: self.wrk_connections,
             wrk_delay_ms: self.wrk_delay_ms,
+            report: self.report.clone(),
         })
     }
 }
