@@ -1098,7 +1098,17 @@ fn a_direct_cli_run_is_in_the_daemons_metrics_and_promtool_finds_them_clean() {
         ),
         1.0
     );
-    // A second scrape counts the run once.
+    // A second scrape counts the run once; Prometheus, asking for OpenMetrics, gets it.
+    let om = http(
+        UnixStream::connect(&socket).unwrap(),
+        "GET",
+        "/metrics",
+        &[("accept", "application/openmetrics-text; version=1.0.0")],
+        None,
+    );
+    assert!(om.headers["content-type"].starts_with("application/openmetrics-text"));
+    let om = String::from_utf8(om.body).unwrap();
+    assert!(om.ends_with("# EOF\n") && om.contains("# TYPE patchover_runs counter\n"));
     let again = parse_prometheus(std::str::from_utf8(&d.get("/metrics").body).unwrap());
     assert_eq!(run_count(&again), 1.0);
 
