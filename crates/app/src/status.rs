@@ -300,3 +300,65 @@ pub fn monitor(env: &Env) -> Result<Option<MonitorState>, AppError> {
             .count(),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(dir: &std::path::Path, extra: &str) -> Env {
+        let text = format!(
+            "state_dir = \"{0}/state\"\nrun_dir = \"{0}/run\"\n[network]\nbridge = \"pobst0\"\n{extra}",
+            dir.display()
+        );
+        let host = patchover_core::HostFacts {
+            cpus: 2,
+            memory_mib: 1024,
+        };
+        let config = patchover_core::Config::parse(&dir.join("po.toml"), &text, &host).unwrap();
+        Env::open(config).unwrap()
+    }
+
+    fn daemon() -> DaemonState {
+        DaemonState {
+            socket: PathBuf::from("/nonexistent.sock"),
+            answers: false,
+            pid: None,
+            running_runs: None,
+        }
+    }
+
+    #[test]
+    fn the_last_five_runs_newest_first_with_their_kind_and_the_open_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let mut env = env(d.path(), "");
+        let s = &mut env.store;
+        let rollback = serde_json::json!({"standby": "b", "rollback": true});
+        for (lc, dry, back) in [("a", false, false), ("b", false, true), ("c", true, false)] {
+            let id = s.begin_run(lc, "readdress", dry).unwrap();
+            s.record_step(id, "standby_search", "started", None)
+                .unwrap();
+            let detail = back.then_some(&rollback);
+            s.record_step(id, "standby_search", "done", detail).unwrap();
+            s.end_run(id, "switched", &serde_json::json!({})).unwrap();
+        }
+        for lc in ["d", "e", "f"] {
+            s.begin_run(lc, "path", false).unwrap();
+        }
+        let st = status(&env, daemon()).unwrap();
+        let ids: Vec<i64> = st.runs.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [6, 5, 4, 3, 2]);
+        let kinds: Vec<&str> = st.runs.iter().map(|r| r.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["patch", "patch", "patch", "patch (dry run)", "rollback"]
+        );
+        assert_eq!(st.runs[4].outcome.as_deref(), Some("switched"));
+        assert!(st.runs[4].duration_ms.is_some_and(|d| d >= 0));
+        assert_eq!(st.runs[0].duration_ms, None);
+        assert_eq!(st.open_runs, [4, 5, 6]);
+        // No LC is active: the service is not checked, and the status says why.
+        assert_eq!(st.service.answers, None);
+        assert!(st.service.detail.unwrap().contains("service assign"));
+        assert_eq!(st.monitor, None);
+    }
+}
