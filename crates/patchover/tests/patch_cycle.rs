@@ -1144,19 +1144,40 @@ fn whole_answer(got: &[u8]) -> Option<bool> {
 /// counted apart). Prints the kill-to-answer time (goal: ≤ 2 s).
 #[test]
 fn a_service_killed_in_its_watch_is_handed_back_to_the_old_lc_under_load() {
-    let c = Cycle::new(2, "\n[service]\nwatch_secs = 20\nwatch_interval_ms = 250\n");
+    let c = Cycle::new(2, WATCH_20_S);
     c.upgrade_bundle();
     c.start_service();
-    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
     let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
+    killed_in_its_watch(&c, &client, "readdress");
+}
+
+/// The same in `seamless` mode: the hand-back asks no hand-off of the dead service (it can
+/// neither park nor forward); the old service takes the cut and answers before the host's
+/// NAT points back at it.
+#[test]
+fn a_service_killed_in_its_watch_is_handed_back_in_seamless_mode() {
+    let c = Cycle::routed(2, WATCH_20_S);
+    c.upgrade_bundle();
+    let client = c.start_seamless();
+    killed_in_its_watch(&c, &client, "seamless");
+}
+
+const WATCH_20_S: &str = "\n[service]\nwatch_secs = 20\nwatch_interval_ms = 250\n";
+
+/// Patches LC 0 in `mode` with a 20 s watch under load, kills the new LC's service 10 s
+/// after the switch, and checks the hand-back (see above).
+fn killed_in_its_watch(c: &Cycle, client: &Client, mode: &str) {
+    let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
     let svc = c.t.service();
-    let load = Load::start(&client, svc.clone());
-    let reads = Reads::start(&client, svc.clone(), None);
+    let load = Load::start(client, svc.clone());
+    let reads = Reads::start(client, svc.clone(), None);
     std::thread::sleep(SETTLE);
     let config = c.t.config.clone();
-    let (a2, t0) = (a.clone(), Instant::now());
-    let patch = std::thread::spawn(move || common::po(&config, &["--json", "patch", &a2]));
-    while version(&client, &svc) != "1.0.1" {
+    let (a2, t0, mode2) = (a.clone(), Instant::now(), mode.to_owned());
+    let patch = std::thread::spawn(move || {
+        common::po(&config, &["--json", "patch", &a2, "--mode", &mode2])
+    });
+    while version(client, &svc) != "1.0.1" {
         assert!(t0.elapsed() < Duration::from_secs(60), "never switched");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -1186,7 +1207,7 @@ fn a_service_killed_in_its_watch_is_handed_back_to_the_old_lc_under_load() {
     );
     let outside = &split.outside;
     eprintln!(
-        "watch hand-back: killed 10 s after the switch, answering from the old LC {} ms after the kill (goal ≤ 2000); {} requests ok, {} reads, failed: {} in flight on the dead process, {} in the detection window, {} outside; {} writes acknowledged; run ended {:.1} s after the switch",
+        "watch hand-back ({mode}): killed 10 s after the switch, answering from the old LC {} ms after the kill (goal ≤ 2000); {} requests ok, {} reads, failed: {} in flight on the dead process, {} in the detection window, {} outside; {} writes acknowledged; run ended {:.1} s after the switch",
         back.done_ms - killed_ms,
         ok,
         answers.len(),
@@ -1202,9 +1223,10 @@ fn a_service_killed_in_its_watch_is_handed_back_to_the_old_lc_under_load() {
         &outside[..outside.len().min(5)]
     );
     assert!(ok > 100, "the load ran: {ok}");
-    assert_eq!(version(&client, &svc), "1.0.0");
-    assert_all_there(&client, &svc, &acked);
-    assert_eq!(running(&c), [a], "the failed LC is stopped");
+    assert_eq!(version(client, &svc), "1.0.0");
+    assert_all_there(client, &svc, &acked);
+    assert_eq!(running(c), [a], "the failed LC is stopped");
+    assert_eq!(report["switch"]["mode"], mode, "{report:#}");
     let run =
         c.t.po_json(&["runs", "show", &report["run_id"].to_string()]);
     let lines: Vec<String> = run["steps"]

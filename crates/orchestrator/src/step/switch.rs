@@ -301,7 +301,7 @@ pub(crate) fn hand_back(
 ) -> Result<serde_json::Value, OrchestratorError> {
     let from = crate::access::endpoint(o.backend, failed)?;
     let to = crate::access::endpoint(o.backend, old)?;
-    let plan = plan_between(o, from, to, mode, run_id)?;
+    let mut plan = plan_between(o, from, to, mode, run_id)?;
     // Undone here rather than by the switcher (`resume_to`), whose rollback would also
     // `resume` the failed LC, which this switch never drained.
     crate::recover::resume_service(o, old);
@@ -311,6 +311,10 @@ pub(crate) fn hand_back(
         resume: Vec::new(),
         ..o.settings.service.clone()
     };
+    if mode == patchover_net::Mode::Seamless {
+        shape_hand_back(&mut plan);
+        return seamless_hand_back(o, report, &plan, &svc, (failed, old), follow, &restarted);
+    }
     let (backend, to) = (o.backend, &plan.to);
     let mut follow = follow;
     let mut cut = None;
@@ -322,6 +326,40 @@ pub(crate) fn hand_back(
     let mut detail = done.detail;
     record_cut(report, &mut detail, cut);
     // The first burst's refresher thread goes on by itself.
+    drop(done.sw.refresh);
+    Ok(detail)
+}
+
+/// How long a `seamless` hand-back lets the failed LC's pinned flows go on after the NAT
+/// flipped back: they were on a failed service, so not long.
+const HAND_BACK_DRAIN: Duration = Duration::from_secs(1);
+
+/// A `seamless` hand-back has no hand-off: the failed service can neither park nor forward
+/// (it may be gone), and what was in flight on it is lost with it.
+fn shape_hand_back(plan: &mut SwitchPlan) {
+    plan.handoff = false;
+    plan.drain_deadline = plan.drain_deadline.min(HAND_BACK_DRAIN);
+}
+
+/// A `seamless` hand-back, ordered as a stateless switch is (`stateless_switch`): the take-over
+/// first — the failed LC's `stop` and `cut_check`, the reverse follow cut with the failed LC
+/// held still, the old service restarted on the cut and checked on its own address — then
+/// the NAT flips back with no hand-off, so no client reaches the old service before it
+/// serves the data as of the cut.
+fn seamless_hand_back(
+    o: &mut Orchestrator<'_>,
+    report: &mut RunReport,
+    plan: &SwitchPlan,
+    svc: &ServiceSettings,
+    (failed, old): (&LcSpec, &LcSpec),
+    follow: Option<LiveCopy>,
+    restarted: &HealthCheck,
+) -> Result<serde_json::Value, OrchestratorError> {
+    let cut = take_over_checked(o.backend, svc, failed, old, follow, &plan.to, restarted)
+        .map_err(|e| OrchestratorError::Service(crate::chain(&*e)))?;
+    let done = switch_as(o, report, plan, svc, &mut |_: &SwitchPlan| Ok(()))?;
+    let mut detail = done.detail;
+    record_cut(report, &mut detail, cut);
     drop(done.sw.refresh);
     Ok(detail)
 }

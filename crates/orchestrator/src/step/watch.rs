@@ -344,7 +344,10 @@ mod tests {
 
     /// A bed whose run switched to lc2 and watches it for a second.
     fn switched() -> Bed {
-        let mut bed = Bed::new();
+        switched_in(Bed::new())
+    }
+
+    fn switched_in(mut bed: Bed) -> Bed {
         bed.step(Step::StandbySearch).unwrap();
         bed.backend.running(&["lc1", "lc2"]);
         let mut to = bed.run.from.clone();
@@ -460,6 +463,54 @@ mod tests {
         // The run's own failure path leaves them alone too.
         bed.with(|o, run| o.after_failure(run));
         assert!(!bed.backend.calls().iter().any(|c| c.starts_with("stop")));
+    }
+
+    /// A `seamless` hand-back asks nothing of the failed service but `stop` (it may be gone:
+    /// no park, no forward) and takes over before the NAT flips back: the reverse copy is cut
+    /// and attached under the old service first. Here the fake's old LC cannot be reached
+    /// for its check after the restart, so the hand-back fails there, both LCs kept — but the
+    /// cut came first, and no hand-off command ran on the failed LC.
+    #[test]
+    fn a_seamless_hand_back_takes_over_before_the_flip_and_never_parks_the_failed_service() {
+        let mut bed = switched_in(Bed::with_mode(patchover_net::Mode::Seamless));
+        bed.settings.service.park = vec!["park-it".into()];
+        bed.settings.service.forward = vec!["forward-it".into()];
+        bed.backend
+            .exec_answers(br#"{"passed": true, "checks": []}"#, b"");
+        let e = bed
+            .with(|o, run| o.journaled(run, Step::Watch))
+            .unwrap_err();
+        assert!(
+            matches!(e, OrchestratorError::HandBackFailed { .. }),
+            "{e:?}"
+        );
+        let calls = bed.backend.calls();
+        let at = |what: &str| calls.iter().position(|c| c.starts_with(what));
+        let (cut, attach) = (at("cut lc2"), at("attach_disk lc1"));
+        assert!(
+            cut.is_some() && attach > cut,
+            "cut, then attached: {calls:?}"
+        );
+        assert!(
+            !calls
+                .iter()
+                .any(|c| c.contains("park-it") || c.contains("forward-it")),
+            "no hand-off asked of the failed service: {calls:?}"
+        );
+        assert!(bed.journal().contains(&"hand_back:failed".to_owned()));
+
+        // In readdress mode the take-over waits for the switcher's window (which the fake's
+        // network never reaches).
+        let mut bed = switched();
+        bed.backend
+            .exec_answers(br#"{"passed": true, "checks": []}"#, b"");
+        bed.with(|o, run| o.journaled(run, Step::Watch))
+            .unwrap_err();
+        assert!(
+            !bed.backend.calls().iter().any(|c| c.starts_with("cut lc2")),
+            "{:?}",
+            bed.backend.calls()
+        );
     }
 
     /// An old LC whose disk cannot follow does not stop the watch; the hand-back tries the
