@@ -394,7 +394,25 @@ fn program_checks(needs: &Needs) -> Vec<Check> {
             false,
             "apt install mmdebstrap (for `image build-debian`)",
         ),
+        guest("patchover-agent", true),
+        guest("patchover-demo", false),
     ]
+}
+
+/// A static guest binary where the lookup finds it ($PATCHOVER_GUEST_DIR, the package's
+/// /usr/lib/patchover, a checkout's build tree): the agent is installed into every standby.
+fn guest(name: &'static str, needed: bool) -> Check {
+    Check {
+        name,
+        needed,
+        fix: "install the patchover package (/usr/lib/patchover), set PATCHOVER_GUEST_DIR, or run scripts/build-guest in a source checkout",
+        probe: Box::new(move || {
+            patchover_image::GuestDirs::of_this_process()
+                .find(name)
+                .map(|p| p.display().to_string())
+                .map_err(|e| e.to_string())
+        }),
+    }
 }
 
 #[cfg(test)]

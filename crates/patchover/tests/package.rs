@@ -4,9 +4,10 @@
 //! verb and pass their tools' checks, and the package's asset list puts the binary where the
 //! unit's `ExecStart` runs it and the guest binaries where the lookup finds them.
 //! Slow tier (the release build): the .deb unpacked into a scratch root (`dpkg -x`, never
-//! onto this host) and run from there in a private mount namespace whose `/usr` is an
-//! overlay of the scratch root's `usr` over the host's, so `/usr/bin/patchover` and
-//! `/usr/lib/patchover` are the package's and nothing outside the namespace changes.
+//! onto this host) and run from there (`--version`, `doctor`, `image build-demo`, `config
+//! check`) in a private mount namespace whose `/usr` is an overlay of the scratch root's `usr`
+//! over the host's, so `/usr/bin/patchover` and `/usr/lib/patchover` are the package's and
+//! nothing outside the namespace changes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -218,7 +219,17 @@ fn the_deb() -> PathBuf {
     if let Some(deb) = std::env::var_os("PATCHOVER_DEB") {
         return PathBuf::from(deb);
     }
-    let out = run(Command::new(repo().join("scripts/deb")).current_dir(repo()));
+    let mut deb = Command::new(repo().join("scripts/deb"));
+    // As from a shell: what the test harness adds (the debug tree's library path, this test's
+    // own CARGO_* variables) makes cargo rebuild the whole release tree every time.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        let kept = ["CARGO_HOME", "CARGO_TARGET_DIR"].contains(&&*k);
+        if k == "LD_LIBRARY_PATH" || (k.starts_with("CARGO") && !kept) {
+            deb.env_remove(&*k);
+        }
+    }
+    let out = run(deb.current_dir(repo()));
     let said = String::from_utf8(out.stdout).unwrap();
     let last = said
         .lines()
@@ -330,6 +341,29 @@ fn the_deb_unpacked_into_a_scratch_root_runs_from_there_with_its_guest_binaries(
             assert!(said.contains(part), "{part}: {said}");
         }
     }
+
+    // doctor, as an operator runs it once the package is in: every check passes on this host,
+    // and the agent it finds is the package's.
+    let doc = in_scratch_usr(
+        root,
+        &[
+            "/usr/bin/patchover",
+            "--json",
+            "--config",
+            "/nonexistent/po.toml",
+            "doctor",
+        ],
+    );
+    assert_eq!(doc.status.code(), Some(0), "{}", text(&doc));
+    let v: serde_json::Value = serde_json::from_slice(&doc.stdout).unwrap();
+    let checks = v["checks"].as_array().unwrap();
+    let agent = checks.iter().find(|c| c["name"] == "patchover-agent");
+    let agent = agent.unwrap_or_else(|| panic!("no patchover-agent check: {v:#}"));
+    assert_eq!(agent["state"], "ok", "{agent}");
+    assert_eq!(
+        agent["detail"], "/usr/lib/patchover/patchover-agent",
+        "{agent}"
+    );
 
     // The packaged binary checks a config as the installed one would.
     let cfg = work.path().join("patchover.toml");
