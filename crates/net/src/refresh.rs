@@ -102,12 +102,24 @@ impl Refresh {
         cmd
     }
 
-    /// Sends the announcements (what the refresher process does), 5 ms between frames.
+    /// Sends the announcements (what the refresher process does), 5 ms between frames, each
+    /// burst only while the LC still holds the address: a later switch (a rollback right after
+    /// the patch) may have moved it away, and announcing it then would point the neighbours
+    /// back at an LC that no longer answers for it. Ends at the first burst it skips.
     pub fn run(&self) -> Result<(), InLcError> {
         let start = Instant::now();
         for at in &self.after {
             std::thread::sleep(at.saturating_sub(start.elapsed()));
-            self.access.open()?.announce(
+            let lc = self.access.open()?;
+            if !lc
+                .addresses(&self.iface)?
+                .iter()
+                .any(|a| a.addr == self.addr)
+            {
+                tracing::info!(addr = %self.addr, iface = %self.iface, "the LC no longer holds the service address: no more announcements");
+                return Ok(());
+            }
+            lc.announce(
                 &self.iface,
                 self.mac,
                 self.addr,

@@ -833,3 +833,73 @@ fn r19_a_check_that_gets_no_answer_says_what_it_saw() {
     assert!(err.to_string().contains("service stays on a"), "{err}");
     assert_eq!(who_serves_clients(&tb), "lc-a");
 }
+
+/// The MAC the client namespace's neighbour table has for `addr` (`None`: no entry).
+fn client_neighbour(tb: &Testbed, addr: Ipv4Addr) -> Option<String> {
+    let ns = tb.client_netns.file_name().unwrap().to_str().unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "neigh", "show", &addr.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "lladdr")?;
+    Some(words[at + 1].to_owned())
+}
+
+/// A later refresher (`patchover internal garp-refresh`, started by a switch) announces the
+/// service address only while its LC holds it: one that outlived a switch back (a rollback
+/// right after the patch) must not point the neighbours at the LC that gave the address up.
+/// The same refresher does announce once that LC holds the address again (so the test sees
+/// announcements when they are sent).
+#[test]
+fn a_refresher_announces_the_service_address_only_while_its_lc_holds_it() {
+    let tb = Testbed::new(Mode::Readdress).unwrap();
+    let addr = tb.service.addr;
+    // Any connection attempt resolves the address (nothing needs to listen).
+    patchover_net::netns::in_netns(Some(&tb.client_netns), move || {
+        let _ = std::net::TcpStream::connect_timeout(
+            &SocketAddr::from((addr, PORT)),
+            Duration::from_secs(2),
+        );
+    })
+    .unwrap();
+    let a_mac = tb.a.mac.to_string();
+    assert_eq!(client_neighbour(&tb, addr), Some(a_mac.clone()));
+    let from_b = patchover_net::refresh::Refresh {
+        access: tb.b.access.clone(),
+        iface: tb.b.iface.clone(),
+        mac: tb.b.mac,
+        addr,
+        count: 3,
+        after: vec![Duration::ZERO],
+    };
+    // Past the neighbour entry's locktime (1 s), so an announcement would replace it.
+    std::thread::sleep(Duration::from_millis(1500));
+    from_b.run().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        client_neighbour(&tb, addr),
+        Some(a_mac),
+        "lc b does not hold the address: it must not announce it"
+    );
+    let b_ns = tb.b.netns().unwrap().file_name().unwrap().to_str().unwrap();
+    let cidr = format!("{addr}/{}", tb.service.prefix);
+    let st = std::process::Command::new("ip")
+        .args([
+            "-n",
+            b_ns,
+            "addr",
+            "add",
+            &cidr,
+            "dev",
+            &tb.b.iface,
+            "nodad",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    from_b.run().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(client_neighbour(&tb, addr), Some(tb.b.mac.to_string()));
+}

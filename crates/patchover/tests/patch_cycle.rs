@@ -1312,9 +1312,9 @@ fn patch_and_rollback_show_each_copys_bytes_rate_and_eta() {
     // The step events go on stderr too, one JSON line each.
     assert!(stderr.contains(r#""event":"step""#), "{stderr}");
 
-    // The patch's later ARP refreshes (1 s and 5 s after its switch) are over first: one
-    // that came during the rollback's switch would announce the patched LC again.
-    std::thread::sleep(Duration::from_secs(6));
+    // At once, while the patch's later ARP refreshes (1 s and 5 s after its switch) are due:
+    // its refresher stops once the rollback moved the address away (before it, one could
+    // announce the patched LC again in the rollback's check).
     // Not a terminal: plain lines, the copy's last at 100%.
     let out = c.t.po(&["rollback", &a]);
     assert!(out.status.success(), "{out:?}");
