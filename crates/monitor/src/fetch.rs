@@ -106,7 +106,7 @@ pub enum FetchError {
         "redirect from {from} to {to} refused: it leaves https for plain http (a downgrade); the server must redirect to an https URL"
     )]
     Downgrade { from: String, to: String },
-    #[error("cannot read the feed's CA file {path}")]
+    #[error("cannot read the CA file {path} (the feed's `ca_file`, or the host's CA store)")]
     CaFile {
         path: std::path::PathBuf,
         #[source]
@@ -188,13 +188,48 @@ pub struct Fetcher {
     policy: FetchPolicy,
 }
 
-/// The roots HTTPS servers are checked against: the web PKI, or the certificates of `ca_file`.
+/// Where the host keeps its CA store as one PEM bundle, in the order looked at after
+/// `SSL_CERT_FILE` (Debian's `ca-certificates` first).
+const SYSTEM_BUNDLES: [&str; 3] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// The host's CA store: `SSL_CERT_FILE` when set (as OpenSSL reads it), else the first of
+/// [`SYSTEM_BUNDLES`] there is; `None` when the host has none.
+fn system_bundle() -> Option<std::path::PathBuf> {
+    if let Some(f) = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()) {
+        return Some(f.into());
+    }
+    SYSTEM_BUNDLES
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// The roots HTTPS servers are checked against: the certificates of the feed's `ca_file`, or
+/// else the host's CA store (what the administrator keeps current with `ca-certificates`,
+/// site CAs included), or the bundled web PKI roots on a host without one.
 fn root_certs(ca_file: Option<&std::path::Path>) -> Result<ureq::tls::RootCerts, FetchError> {
+    match ca_file
+        .map(std::path::Path::to_path_buf)
+        .or_else(system_bundle)
+    {
+        Some(path) => pem_roots(&path),
+        None => {
+            tracing::warn!(
+                "no CA store on this host (SSL_CERT_FILE, {SYSTEM_BUNDLES:?}): feeds are checked against the bundled web PKI roots"
+            );
+            Ok(ureq::tls::RootCerts::WebPki)
+        }
+    }
+}
+
+/// Every certificate of the PEM file at `path` (none is an error).
+fn pem_roots(path: &std::path::Path) -> Result<ureq::tls::RootCerts, FetchError> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
-    let Some(path) = ca_file else {
-        return Ok(ureq::tls::RootCerts::WebPki);
-    };
     let ca_err = |source| FetchError::CaFile {
         path: path.to_owned(),
         source,

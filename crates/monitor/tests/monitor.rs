@@ -1018,3 +1018,41 @@ username = \"po-smtp\"\npassword_file = \"{}\"\n{ca_line}\
     );
     inbox.logout();
 }
+
+/// Issue 28 item 2: without `ca_file`, a feed's HTTPS server is checked against the host's CA
+/// store (`SSL_CERT_FILE` standing in for `/etc/ssl/certs/ca-certificates.crt`): the real
+/// Debian store does not hold the test CA, so the feed is refused; a store that holds it is
+/// trusted; a feed's `ca_file` replaces the store.
+#[test]
+fn feeds_trust_the_hosts_ca_store_unless_the_feed_names_a_ca_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let key = Key::new(dir, "feed");
+    let certs = common::certs(dir);
+    let https = HttpServer::start_tls(&certs);
+    let feed_dir = dir.join("feed");
+    bundle(dir, &feed_dir, "store-1", "security", &[], &key);
+    publish_signed(&feed_dir, &key, None);
+    https.serve_dir(&feed_dir, "/f");
+    let starter = RecordingStarter::default();
+    let round = |store_file: &str, store_env: &Path, extra: &str| {
+        // SAFETY: nextest runs each test in its own process; nothing else reads the
+        // environment while it is set.
+        unsafe { std::env::set_var("SSL_CERT_FILE", store_env) };
+        let cfg = feeds_config(&key, &[("f", https.url("/f/index.json"))], extra);
+        let mut store = Store::open(&dir.join(store_file)).unwrap();
+        monitor(&cfg, dir, &starter).run_once(&mut store)
+    };
+    let debian = Path::new("/etc/ssl/certs/ca-certificates.crt");
+    let r = round("a.db", debian, "");
+    assert!(matches!(r.feeds[0].status, FeedStatus::Failed), "{r:#?}");
+    let detail = &r.feeds[0].rejected[0].detail;
+    assert!(detail.to_lowercase().contains("certificate"), "{detail}");
+
+    let r = round("b.db", &certs.ca, "");
+    assert_eq!(r.feeds[0].registered[0].id, "store-1", "{r:#?}");
+
+    let ca_file = format!("ca_file = \"{}\"\n", certs.ca.display());
+    let r = round("c.db", debian, &ca_file);
+    assert_eq!(r.feeds[0].registered[0].id, "store-1", "{r:#?}");
+}
