@@ -266,8 +266,13 @@ fn links_planted_in_the_active_lc_never_lead_patchover_out_of_it() {
         "rule never_here { strings: $a = \"NOT-ON-ANY-DISK-7f3a\" condition: $a }",
     )
     .unwrap();
+    // The LC below flips a link as fast as its shell goes for the whole run (10), a hostile
+    // CPU load beside the standby's service: on a loaded 2-core CI host the service took more
+    // than the default 2 s to accept the switch's check once (the switch was rolled back,
+    // safely). A service beside such a neighbour gets a longer check, as an operator would
+    // configure it.
     let s = Scene::new(&format!(
-        "\n[yara]\nrules = \"{}\"\n",
+        "\n[yara]\nrules = \"{}\"\n\n[service]\nhealth = {{ kind = \"http\", path = \"/health\", body = \"\\\"status\\\":\\\"ok\\\"\", patience_secs = 10 }}\n",
         rules.path().display()
     ));
     let (c, a, b, canary) = (&s.c, &s.a, &s.b, &s.canary);
