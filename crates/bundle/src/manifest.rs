@@ -158,42 +158,14 @@ impl FromStr for Published {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let hint = "write an RFC 3339 date-time with an offset, e.g. 2026-11-20T10:00:00Z";
-        let dt: toml::value::Datetime = s
+        let at: jiff::Timestamp = s
             .parse()
-            .map_err(|_| format!("{s:?} is not a date-time: {hint}"))?;
-        let (Some(date), Some(time), Some(offset)) = (dt.date, dt.time, dt.offset) else {
-            return Err(format!("{s:?} lacks a date, a time or an offset: {hint}"));
-        };
-        let offset_min = match offset {
-            toml::value::Offset::Z => 0i64,
-            toml::value::Offset::Custom { minutes } => i64::from(minutes),
-        };
-        let days = days_from_civil(
-            i64::from(date.year),
-            i64::from(date.month),
-            i64::from(date.day),
-        );
-        let secs = days * 86_400
-            + i64::from(time.hour) * 3600
-            + i64::from(time.minute) * 60
-            + i64::from(time.second)
-            - offset_min * 60;
+            .map_err(|e| format!("{s:?} is not a date-time with an offset ({e}): {hint}"))?;
         Ok(Published {
-            rfc3339: dt.to_string(),
-            unix: secs,
+            rfc3339: s.to_owned(),
+            unix: at.as_second(),
         })
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// A file inside the bundle's `payload/` directory, relative to it: plain components only,

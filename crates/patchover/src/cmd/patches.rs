@@ -47,25 +47,8 @@ fn open(ctx: &Ctx) -> anyhow::Result<(patchover_core::Config, Store)> {
 }
 
 fn ms_text(ms: Option<i64>) -> String {
-    ms.map_or("-".to_owned(), |ms| {
-        let secs = ms / 1000;
-        let (d, rem) = (secs / 86_400, secs % 86_400);
-        // Days since the epoch to a civil date (Howard Hinnant's algorithm).
-        let z = d + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        format!(
-            "{year:04}-{month:02}-{day:02} {:02}:{:02}",
-            rem / 3600,
-            rem % 3600 / 60
-        )
-    })
+    ms.and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map_or("-".to_owned(), |t| t.strftime("%Y-%m-%d %H:%M").to_string())
 }
 
 pub fn run(cmd: PatchesCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
