@@ -398,18 +398,7 @@ fn sigkill_inside_a_hand_back_is_finished_by_recovery() {
         let a_by = &answers.first().expect("reads before the run").by;
         let back = first_answer_by(&answers, a_by, killed).expect("the old LC answers again");
         let split = split_failures(failures.iter().chain(&read_failures), killed, back.done_ms);
-        let steps: Vec<String> = run["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| {
-                format!(
-                    "{}:{}",
-                    s["step"].as_str().unwrap(),
-                    s["state"].as_str().unwrap()
-                )
-            })
-            .collect();
+        let steps = common::step_lines(&run);
         eprintln!(
             "{moment}: recovered as {outcome} ({}); answering from the old LC {} ms after the service's kill; {ok} requests, {} reads, failed: {} in flight, {} in the window, {} outside; {} writes acknowledged",
             steps[steps.len().saturating_sub(4)..].join(" "),

@@ -1229,18 +1229,7 @@ fn killed_in_its_watch(c: &Cycle, client: &Client, mode: &str) {
     assert_eq!(report["switch"]["mode"], mode, "{report:#}");
     let run =
         c.t.po_json(&["runs", "show", &report["run_id"].to_string()]);
-    let lines: Vec<String> = run["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            format!(
-                "{}:{}",
-                s["step"].as_str().unwrap(),
-                s["state"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let lines = common::step_lines(&run);
     let tail = &lines[lines.len() - 5..];
     assert_eq!(
         tail,

@@ -27,6 +27,22 @@ pub fn unix_ms() -> u128 {
 }
 
 /// A suffix unique to this test process and call.
+/// A `runs show --json` answer's journal as `step:state` lines, in order.
+pub fn step_lines(run: &serde_json::Value) -> Vec<String> {
+    run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{}:{}",
+                s["step"].as_str().unwrap(),
+                s["state"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
 pub fn unique() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
