@@ -261,8 +261,13 @@ case "$1" in
         kill $pid 2>/dev/null
         # Wait until it is gone, so that a start right after finds its port free.
         n=0
-        # A zombie (init does not reap while it runs the shutdown scripts) counts as gone.
-        while [ -r /proc/$pid/status ] && ! grep -q '^State:.*Z' /proc/$pid/status && [ $n -lt 500 ]; do
+        # A zombie (init does not reap while it runs the shutdown scripts) counts as gone,
+        # but only once it is the last of its threads: a thread-group leader shows State: Z as
+        # soon as it exits, while its other threads still hold the shared descriptors (the
+        # listening socket) until they too have exited.
+        while [ -r /proc/$pid/status ] \
+            && ! {{ grep -q '^State:.*Z' /proc/$pid/status && grep -q '^Threads:[[:space:]]*1$' /proc/$pid/status; }} \
+            && [ $n -lt 500 ]; do
             usleep 10000; n=$((n+1))
         done
         rm -f $PIDFILE
