@@ -89,11 +89,7 @@ fn sigkill_inside_a_hand_off_is_recovered_both_ways() {
         2,
         "\n[service]\npark = [\"/bin/sh\", \"-c\", \"/usr/bin/patchover-demo ctl park && sleep 3\"]\nforward = [\"/bin/sh\", \"-c\", \"sleep 3; exec /usr/bin/patchover-demo ctl forward {to}\"]\n",
     );
-    c.bundle(
-        "stamp-1",
-        "[[step]]\nkind = \"script\"\nfile = \"stamp.sh\"\n",
-        &[("stamp.sh", b"date > /etc/demo/last-patch\n")],
-    );
+    c.stamp_bundle();
     let client = c.start_seamless();
     let svc = c.t.service();
     let (a, b) = (c.t.lcs[0].id.clone(), c.t.lcs[1].id.clone());
@@ -254,11 +250,7 @@ fn sigkill_in_a_watch_is_finished_when_healthy_and_handed_back_when_not() {
         2,
         "\n[service]\nwatch_secs = 30\nwatch_interval_ms = 5000\n",
     );
-    c.bundle(
-        "stamp-1",
-        "[[step]]\nkind = \"script\"\nfile = \"stamp.sh\"\n",
-        &[("stamp.sh", b"date > /etc/demo/last-patch\n")],
-    );
+    c.stamp_bundle();
     c.start_service();
     let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
     let svc = c.t.service();
@@ -359,11 +351,7 @@ fn wait_for_step(c: &Cycle, child: &mut std::process::Child, step: &str) {
 #[test]
 fn sigkill_inside_a_hand_back_is_finished_by_recovery() {
     let c = Cycle::new(2, "\n[service]\nwatch_secs = 30\nwatch_interval_ms = 250\n");
-    c.bundle(
-        "stamp-1",
-        "[[step]]\nkind = \"script\"\nfile = \"stamp.sh\"\n",
-        &[("stamp.sh", b"date > /etc/demo/last-patch\n")],
-    );
+    c.stamp_bundle();
     c.start_service();
     let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
     let svc = c.t.service();
@@ -450,11 +438,7 @@ fn r15_sigkill_inside_the_drain_leaves_the_service_keeping_connections_alive() {
         2,
         "\n[service]\ndrain = [\"/bin/sh\", \"-c\", \"kill -USR1 $(cat /var/run/patchover-demo.pid) && touch /var/run/po-drained && sleep 3\"]\n",
     );
-    c.bundle(
-        "stamp-1",
-        "[[step]]\nkind = \"script\"\nfile = \"stamp.sh\"\n",
-        &[("stamp.sh", b"date > /etc/demo/last-patch\n")],
-    );
+    c.stamp_bundle();
     c.start_service();
     let client = Client::new(&c.t.bridge, &c.t.client_addr(0));
     let svc = c.t.service();
@@ -563,11 +547,7 @@ fn crash_at_random_points(c: Cycle, points: u32, max_delay: Duration, mode: &str
     let mut rng = Rng(seed);
 
     // An idempotent patch, so that every cycle can apply it again.
-    c.bundle(
-        "stamp-1",
-        "[[step]]\nkind = \"script\"\nfile = \"stamp.sh\"\n",
-        &[("stamp.sh", b"date > /etc/demo/last-patch\n")],
-    );
+    c.stamp_bundle();
     let seamless = mode == "seamless";
     let client = if seamless {
         c.start_seamless()

@@ -124,6 +124,16 @@ impl Cycle {
         self.t.sign_and_import(&dir, &self.key, id);
     }
 
+    /// `stamp-1`: a script bundle that writes the patch's date to /etc/demo/last-patch (the
+    /// crash tests' patch: a cycle with something to apply and nothing to check).
+    pub fn stamp_bundle(&self) {
+        self.bundle(
+            "stamp-1",
+            "[[step]]\nkind = \"script\"\nfile = \"stamp.sh\"\n",
+            &[("stamp.sh", b"date > /etc/demo/last-patch\n")],
+        );
+    }
+
     /// The bundle that upgrades the demo service from 1.0.0 to 1.0.1.
     pub fn upgrade_bundle(&self) {
         let steps = format!(
