@@ -10,9 +10,10 @@ use std::path::Path;
 
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{LinkAttribute, LinkFlag};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::neighbour::NeighbourState;
 use patchover_core::{Ipv4Cidr, MacAddr};
+use rtnetlink::LinkUnspec;
 
 use crate::netns::{NetnsError, in_netns};
 
@@ -75,6 +76,15 @@ impl Rtnl {
         }
     }
 
+    /// Changes an existing link as `msg` says (`RTM_NEWLINK` without `NLM_F_CREATE`: what
+    /// `ip link set` sends).
+    fn change(&self, msg: LinkMessage, what: String) -> Result<(), RtnlError> {
+        let handle = self.handle.clone();
+        self.rt
+            .block_on(async move { handle.link().change(msg).execute().await })
+            .map_err(Self::req(what))
+    }
+
     /// Looks a link up by name; `Ok(None)` if it does not exist.
     pub fn link(&self, name: &str) -> Result<Option<LinkInfo>, RtnlError> {
         let handle = self.handle.clone();
@@ -85,7 +95,7 @@ impl Rtnl {
                     let mut info = LinkInfo {
                         index: msg.header.index,
                         controller: None,
-                        up: msg.header.flags.contains(&LinkFlag::Up),
+                        up: msg.header.flags.contains(LinkFlags::Up),
                         mac: None,
                     };
                     for a in &msg.attributes {
@@ -121,44 +131,26 @@ impl Rtnl {
 
     /// Makes link `index` a port of bridge `bridge` (or of none) and sets it up.
     pub fn set_controller(&self, index: u32, bridge: Option<u32>) -> Result<(), RtnlError> {
-        let handle = self.handle.clone();
-        self.rt.block_on(async move {
-            let req = handle.link().set(index);
-            let req = match bridge {
-                Some(b) => req.controller(b),
-                None => req.nocontroller(),
-            };
-            req.execute()
-                .await
-                .map_err(Self::req(format!("set controller of link {index}")))
-        })
+        let req = LinkUnspec::new_with_index(index);
+        let req = match bridge {
+            Some(b) => req.controller(b),
+            None => req.nocontroller(),
+        };
+        self.change(req.build(), format!("set controller of link {index}"))
     }
 
     /// Sets link `index` up or down.
     pub fn set_up(&self, index: u32, up: bool) -> Result<(), RtnlError> {
-        let handle = self.handle.clone();
-        self.rt.block_on(async move {
-            let req = handle.link().set(index);
-            let req = if up { req.up() } else { req.down() };
-            req.execute()
-                .await
-                .map_err(Self::req(format!("set link {index} up={up}")))
-        })
+        let req = LinkUnspec::new_with_index(index);
+        let req = if up { req.up() } else { req.down() };
+        self.change(req.build(), format!("set link {index} up={up}"))
     }
 
     /// Sets the MAC address of link `index`. The kernel then keeps it: a bridge whose address
     /// was never set takes the lowest of its ports' and changes it as ports come and go.
     pub fn set_mac(&self, index: u32, mac: MacAddr) -> Result<(), RtnlError> {
-        let handle = self.handle.clone();
-        self.rt.block_on(async move {
-            handle
-                .link()
-                .set(index)
-                .address(mac.0.to_vec())
-                .execute()
-                .await
-                .map_err(Self::req(format!("set the MAC of link {index} to {mac}")))
-        })
+        let req = LinkUnspec::new_with_index(index).address(mac.0.to_vec());
+        self.change(req.build(), format!("set the MAC of link {index} to {mac}"))
     }
 
     /// The IPv4 addresses on link `index`.
@@ -251,7 +243,7 @@ impl Rtnl {
             let mut s = handle
                 .neighbours()
                 .get()
-                .set_family(rtnetlink::IpVersion::V4)
+                .set_address_family(netlink_packet_route::AddressFamily::Inet)
                 .execute();
             let mut found = None;
             while let Some(msg) = s
@@ -272,7 +264,7 @@ impl Rtnl {
                     continue;
                 }
                 found = msg.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::LinkLocalAddress(b) => {
+                    NeighbourAttribute::LinkLayerAddress(b) => {
                         <[u8; 6]>::try_from(&b[..]).ok().map(MacAddr)
                     }
                     _ => None,
@@ -295,7 +287,7 @@ impl Rtnl {
             handle
                 .neighbours()
                 .add(index, IpAddr::V4(ip))
-                .link_local_address(&mac.0)
+                .link_layer_address(&mac.0)
                 .state(NeighbourState::Stale)
                 .replace()
                 .execute()
