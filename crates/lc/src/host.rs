@@ -9,11 +9,13 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use patchover_core::MacAddr;
+use patchover_netlink::rtnl::{Rtnl, RtnlError};
 
 use crate::helper::{self, HelperCall, LcHelper, Netcfg};
 use crate::ns::launch::LaunchSpec;
@@ -55,9 +57,9 @@ pub trait Host {
     fn ensure_bridge(&self, name: &str) -> io::Result<bool>;
     fn link_exists(&self, name: &str) -> bool;
     fn create_veth(&self, host_end: &str, peer: &str, peer_mac: MacAddr) -> io::Result<()>;
-    /// Makes `port` a port of `bridge` and brings it up.
     /// Creates a tap device (a VM's NIC on the host), down and on no bridge.
     fn create_tap(&self, name: &str) -> io::Result<()>;
+    /// Makes `port` a port of `bridge` and brings it up.
     fn attach_to_bridge(&self, port: &str, bridge: &str) -> io::Result<()>;
     /// Brings a link up without making it a bridge port.
     fn set_link_up(&self, link: &str) -> io::Result<()>;
@@ -96,16 +98,39 @@ pub trait Host {
 pub struct LinuxHost {
     /// The `patchover` binary, whose hidden `internal` verbs enter namespaces.
     pub launcher: PathBuf,
+    /// The host namespace's rtnetlink connection, opened on first use.
+    rtnl: OnceLock<Rtnl>,
 }
 
 impl LinuxHost {
     pub fn new(launcher: PathBuf) -> LinuxHost {
-        LinuxHost { launcher }
+        LinuxHost {
+            launcher,
+            rtnl: OnceLock::new(),
+        }
     }
 
-    fn ip(&self, args: &[&str]) -> io::Result<()> {
-        run_quiet(Command::new("ip").args(args))
+    /// Runs `f` on the host's rtnetlink connection; an error keeps the kernel's errno as its
+    /// kind (`AlreadyExists` for a name taken...) and says which link it was about.
+    fn rtnl<T>(&self, f: impl FnOnce(&Rtnl) -> Result<T, RtnlError>) -> io::Result<T> {
+        let rtnl = match self.rtnl.get() {
+            Some(r) => r,
+            None => {
+                let r = Rtnl::open(None).map_err(link_error)?;
+                self.rtnl.get_or_init(|| r)
+            }
+        };
+        f(rtnl).map_err(link_error)
     }
+}
+
+/// An rtnetlink error as the [`Host`] seam's `io::Error`: the kind from the errno, the whole
+/// chain in the message (the seam's callers wrap it as one source).
+fn link_error(e: RtnlError) -> io::Error {
+    let kind = e.raw_os_error().map_or(io::ErrorKind::Other, |c| {
+        io::Error::from_raw_os_error(c).kind()
+    });
+    io::Error::new(kind, patchover_core::error_chain(&e))
 }
 
 /// Runs a command, turning a non-zero exit into an error carrying its stderr.
@@ -186,42 +211,36 @@ impl Host for LinuxHost {
         if self.link_exists(name) {
             return Ok(false);
         }
-        self.ip(&["link", "add", name, "type", "bridge"])?;
-        self.ip(&["link", "set", name, "up"])?;
-        Ok(true)
+        match self.rtnl(|r| r.add_bridge(name)) {
+            // Made by someone else since the check.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            r => r.map(|()| true),
+        }
     }
     fn link_exists(&self, name: &str) -> bool {
         Path::new("/sys/class/net").join(name).exists()
     }
     fn create_veth(&self, host_end: &str, peer: &str, peer_mac: MacAddr) -> io::Result<()> {
-        let mac = peer_mac.to_string();
-        self.ip(&[
-            "link", "add", host_end, "type", "veth", "peer", "name", peer, "address", &mac,
-        ])
+        self.rtnl(|r| r.add_veth(host_end, peer, peer_mac))
     }
     fn create_tap(&self, name: &str) -> io::Result<()> {
-        self.ip(&["tuntap", "add", "dev", name, "mode", "tap"])
+        self.rtnl(|r| r.add_tap(name))
     }
     fn attach_to_bridge(&self, port: &str, bridge: &str) -> io::Result<()> {
-        self.ip(&["link", "set", port, "master", bridge])?;
-        self.ip(&["link", "set", port, "up"])
+        self.rtnl(|r| r.attach(port, bridge))
     }
     fn set_link_up(&self, link: &str) -> io::Result<()> {
-        self.ip(&["link", "set", link, "up"])
+        self.rtnl(|r| r.set_up_by_name(link))
     }
     fn move_to_netns(&self, link: &str, pid: i32) -> io::Result<()> {
-        self.ip(&["link", "set", link, "netns", &pid.to_string()])
+        let pid = u32::try_from(pid)
+            .map_err(|_| io::Error::other(format!("move link {link:?}: no process {pid}")))?;
+        self.rtnl(|r| r.move_to_netns_of(link, pid))
     }
     fn delete_link(&self, name: &str) -> io::Result<()> {
-        if !self.link_exists(name) {
-            return Ok(());
-        }
-        match self.ip(&["link", "del", name]) {
-            // The kernel removes a veth by itself when the namespace of its peer goes away;
-            // that may happen between the check and the delete.
-            Err(_) if !self.link_exists(name) => Ok(()),
-            r => r,
-        }
+        // A link that is gone is fine: the kernel removes a veth by itself when the namespace
+        // of its peer goes away.
+        self.rtnl(|r| r.delete(name)).map(drop)
     }
     fn forget_flows(&self, addr: Ipv4Addr) {
         crate::flows::forget_answered_by(addr)

@@ -24,7 +24,9 @@ pub mod network;
 pub mod nft;
 pub mod probe;
 pub mod refresh;
-pub mod rtnl;
+/// Links, addresses and neighbours over rtnetlink (owned by `patchover-netlink`, which the LC
+/// backends use too).
+pub use patchover_netlink::rtnl;
 pub mod switch;
 pub mod tls;
 

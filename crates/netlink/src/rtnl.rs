@@ -1,7 +1,8 @@
 //! Links, addresses and neighbours over rtnetlink, in any network namespace.
 //!
 //! The switcher changes the live path with a handful of netlink requests (attach a port to the
-//! bridge, move an address, fix a neighbour entry). They are sent over a netlink socket opened
+//! bridge, move an address, fix a neighbour entry); an LC backend creates its bridge, veth
+//! pairs and taps and removes them again. The requests are sent over a netlink socket opened
 //! inside the namespace they act on, so no `ip` output is ever parsed and no namespace is
 //! entered by the calling thread.
 
@@ -10,10 +11,10 @@ use std::path::Path;
 
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::neighbour::NeighbourState;
 use patchover_core::{Ipv4Cidr, MacAddr};
-use rtnetlink::LinkUnspec;
+use rtnetlink::{LinkBridge, LinkUnspec, LinkVeth};
 
 use crate::netns::{NetnsError, in_netns};
 
@@ -32,6 +33,31 @@ pub enum RtnlError {
     },
     #[error("link {name:?} does not exist; check the name (host port names look like po<LC>n<i>)")]
     NoSuchLink { name: String },
+    /// Its message names the tap.
+    #[error(transparent)]
+    Tap(#[from] crate::tap::TapError),
+}
+
+impl RtnlError {
+    /// The errno the kernel answered with (`EEXIST` for a name taken, `ENODEV` for a link
+    /// that is gone...), if the request got that far.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            RtnlError::Netns(_) => None,
+            RtnlError::Socket(e) => e.raw_os_error(),
+            RtnlError::Request { source, .. } => errno(source),
+            RtnlError::NoSuchLink { .. } => Some(libc::ENODEV),
+            RtnlError::Tap(e) => e.raw_os_error(),
+        }
+    }
+}
+
+/// The errno of a netlink error answer (the kernel sends it negated).
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
 }
 
 /// What the switcher needs to know about a link.
@@ -48,6 +74,8 @@ pub struct LinkInfo {
 pub struct Rtnl {
     rt: tokio::runtime::Runtime,
     handle: rtnetlink::Handle,
+    /// The namespace it was opened in (`None`: the opener's).
+    netns: Option<std::path::PathBuf>,
 }
 
 impl Rtnl {
@@ -64,7 +92,11 @@ impl Rtnl {
                 (conn, handle)
             };
             rt.spawn(conn);
-            Ok(Rtnl { rt, handle })
+            Ok(Rtnl {
+                rt,
+                handle,
+                netns: netns.map(Path::to_path_buf),
+            })
         })?
     }
 
@@ -112,11 +144,7 @@ impl Rtnl {
                     Ok(Some(info))
                 }
                 Ok(None) => Ok(None),
-                Err(rtnetlink::Error::NetlinkError(e))
-                    if e.code.map(|c| c.get()) == Some(-libc::ENODEV) =>
-                {
-                    Ok(None)
-                }
+                Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
                 Err(e) => Err(Self::req(format!("look up link {name:?}"))(e)),
             }
         })
@@ -151,6 +179,79 @@ impl Rtnl {
     pub fn set_mac(&self, index: u32, mac: MacAddr) -> Result<(), RtnlError> {
         let req = LinkUnspec::new_with_index(index).address(mac.0.to_vec());
         self.change(req.build(), format!("set the MAC of link {index} to {mac}"))
+    }
+
+    /// Sends `msg` as a new link (`RTM_NEWLINK` with `NLM_F_CREATE | NLM_F_EXCL`: a name that is
+    /// taken fails with `EEXIST`).
+    fn add(&self, msg: LinkMessage, what: String) -> Result<(), RtnlError> {
+        let handle = self.handle.clone();
+        self.rt
+            .block_on(async move { handle.link().add(msg).execute().await })
+            .map_err(Self::req(what))
+    }
+
+    /// Creates bridge `name`, up.
+    pub fn add_bridge(&self, name: &str) -> Result<(), RtnlError> {
+        let msg = LinkBridge::new(name).up().build();
+        self.add(msg, format!("create bridge {name:?}"))
+    }
+
+    /// Creates the veth pair `name` and `peer`, both down; `peer` gets MAC `peer_mac`.
+    pub fn add_veth(&self, name: &str, peer: &str, peer_mac: MacAddr) -> Result<(), RtnlError> {
+        let peer_msg = LinkUnspec::new_with_name(peer)
+            .address(peer_mac.0.to_vec())
+            .build();
+        let msg = LinkVeth::new(name, peer)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .build();
+        self.add(
+            msg,
+            format!("create veth {name:?} with peer {peer:?} ({peer_mac})"),
+        )
+    }
+
+    /// Creates tap device `name` (persistent, down, on no bridge) in the namespace this
+    /// connection was opened in (opened with `None`: the calling thread's). Not a netlink
+    /// request: see [`crate::tap`].
+    pub fn add_tap(&self, name: &str) -> Result<(), RtnlError> {
+        in_netns(self.netns.as_deref(), || crate::tap::create(name))??;
+        Ok(())
+    }
+
+    /// Makes link `port` a port of bridge `bridge` and sets it up.
+    pub fn attach(&self, port: &str, bridge: &str) -> Result<(), RtnlError> {
+        let b = self.need_link(bridge)?.index;
+        let msg = LinkUnspec::new_with_name(port).controller(b).up().build();
+        self.change(msg, format!("plug link {port:?} into bridge {bridge:?}"))
+    }
+
+    /// Sets link `name` up.
+    pub fn set_up_by_name(&self, name: &str) -> Result<(), RtnlError> {
+        let msg = LinkUnspec::new_with_name(name).up().build();
+        self.change(msg, format!("set link {name:?} up"))
+    }
+
+    /// Moves link `name` into the network namespace of process `pid`.
+    pub fn move_to_netns_of(&self, name: &str, pid: u32) -> Result<(), RtnlError> {
+        let msg = LinkUnspec::new_with_name(name).setns_by_pid(pid).build();
+        self.change(
+            msg,
+            format!("move link {name:?} into the namespace of pid {pid}"),
+        )
+    }
+
+    /// Deletes link `name` (a veth takes its peer along); `Ok(false)` if there was none.
+    pub fn delete(&self, name: &str) -> Result<bool, RtnlError> {
+        let handle = self.handle.clone();
+        let msg = LinkUnspec::new_with_name(name).build();
+        let r = self
+            .rt
+            .block_on(async move { handle.link().del_with_message(msg).execute().await });
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(Self::req(format!("delete link {name:?}"))(e)),
+        }
     }
 
     /// The IPv4 addresses on link `index`.
