@@ -16,6 +16,7 @@ use std::process::{Command, Stdio};
 use patchover_bundle::{BundlesConfig, Limits, TrustedKeys};
 use patchover_core::Config;
 use patchover_monitor::MonitorConfig;
+use patchover_monitor::apt::AptFeed;
 use patchover_monitor::monitor::{
     Monitor, PatchStarter, RunHandle, RunReport, StartError, hostname,
 };
@@ -31,6 +32,8 @@ pub struct MonitorEnv {
     pub monitor: MonitorConfig,
     pub bundle_keys: TrustedKeys,
     pub limits: Limits,
+    /// The `kind = "apt"` feeds, their signing keys loaded and checked against `[bundles]`.
+    pub apt_feeds: Vec<AptFeed>,
 }
 
 impl MonitorEnv {
@@ -41,6 +44,14 @@ impl MonitorEnv {
         let bundle_keys = bundles
             .load_trusted_keys()
             .map_err(|e| AppError::BadInput(patchover_monitor::poll::chain(&e)))?;
+        // Refused at load: an apt feed's key that is missing, or trusted for more or less than
+        // apt bundles.
+        let apt_feeds = monitor
+            .apt_feeds
+            .iter()
+            .map(|f| AptFeed::load(f, &bundle_keys))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| AppError::BadInput(patchover_monitor::poll::chain(&e)))?;
         let store = Store::open(&config.store_path())?;
         Ok((
             MonitorEnv {
@@ -48,6 +59,7 @@ impl MonitorEnv {
                 monitor,
                 bundle_keys,
                 limits: bundles.limits,
+                apt_feeds,
             },
             store,
         ))
@@ -62,6 +74,7 @@ impl MonitorEnv {
             lcs: self.config.lcs.iter().map(|l| l.id.to_string()).collect(),
             host: hostname(),
             starter,
+            apt_feeds: self.apt_feeds.clone(),
         }
     }
 }

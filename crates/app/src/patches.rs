@@ -138,11 +138,12 @@ pub fn import(
 }
 
 /// Whether a bundle was refused for what it is (a signature that does not verify or is
-/// malformed, a bad archive, too large, or no such file): bad input, exit code 2 and 422
+/// malformed, a key's scope it is not of, a bad archive, too large, or no such file): bad input, exit code 2 and 422
 /// through the API. Only a failure to read an existing file is the host's.
 fn is_bad_bundle(e: &VerifyError) -> bool {
     match e {
         VerifyError::Signature { .. }
+        | VerifyError::Scope { .. }
         | VerifyError::Archive { .. }
         | VerifyError::TooLarge { .. } => true,
         VerifyError::Read { source, .. } => source.kind() == std::io::ErrorKind::NotFound,

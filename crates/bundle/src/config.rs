@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use patchover_core::config::BundlesSection;
 
 use crate::archive::Limits;
-use crate::keys::{KeyError, TrustedKeys};
+use crate::keys::{KeyError, ScopedKey, TrustedKeys};
 
 /// The section name in the config.
 pub const SECTION: &str = "bundles";
@@ -32,6 +32,8 @@ pub enum BundlesConfigError {
 pub struct BundlesConfig {
     /// Public key files (minisign format) whose signatures are trusted.
     pub trusted_keys: Vec<PathBuf>,
+    /// Public key files trusted only for their scope's bundles.
+    pub scoped_keys: Vec<ScopedKey>,
     pub limits: Limits,
 }
 
@@ -47,13 +49,15 @@ impl BundlesConfig {
         }
         BundlesConfig {
             trusted_keys: section.trusted_keys.clone(),
+            scoped_keys: section.scoped_keys.clone(),
             limits,
         }
     }
 
     /// Loads the trusted public keys the section lists.
     pub fn load_trusted_keys(&self) -> Result<TrustedKeys, BundlesConfigError> {
-        TrustedKeys::from_files(&self.trusted_keys).map_err(BundlesConfigError::Keys)
+        TrustedKeys::from_config(&self.trusted_keys, &self.scoped_keys)
+            .map_err(BundlesConfigError::Keys)
     }
 }
 
@@ -71,6 +75,7 @@ mod tests {
             trusted_keys: vec![PathBuf::from("/k/a.pub")],
             max_bundle_bytes: Some(8 << 20),
             max_unpacked_bytes: None,
+            ..Default::default()
         });
         assert_eq!(c.trusted_keys, [PathBuf::from("/k/a.pub")]);
         assert_eq!(c.limits.max_bundle_bytes, 8 << 20);

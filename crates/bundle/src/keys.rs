@@ -13,6 +13,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use ct_codecs::{Base64, Decoder};
+pub use patchover_core::config::{KeyScope, ScopedKey};
 use serde::Serialize;
 
 /// The file name suffix of a detached signature (`bundle.tar.zst.minisig`).
@@ -171,6 +172,8 @@ pub struct TrustedKey {
     id: KeyId,
     key: minisign_verify::PublicKey,
     source: String,
+    /// `None`: trusted for every bundle; else only for bundles of that scope's shape.
+    scope: Option<KeyScope>,
 }
 
 impl TrustedKey {
@@ -199,6 +202,7 @@ impl TrustedKey {
             id: KeyId(id),
             key,
             source: source.to_owned(),
+            scope: None,
         })
     }
 
@@ -213,6 +217,16 @@ impl TrustedKey {
     /// Where the key came from (a path, usually).
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// The same key, trusted only for bundles of `scope`'s shape.
+    pub fn scoped(mut self, scope: KeyScope) -> TrustedKey {
+        self.scope = Some(scope);
+        self
+    }
+
+    pub fn scope(&self) -> Option<KeyScope> {
+        self.scope
     }
 }
 
@@ -230,6 +244,8 @@ pub struct SignatureInfo {
     pub key_source: String,
     /// The signed comment (minisign's "trusted comment": timestamp, file name…).
     pub trusted_comment: String,
+    /// The key's scope (`None`: trusted for every bundle).
+    pub scope: Option<KeyScope>,
 }
 
 /// A parsed signature file, not yet checked against anything.
@@ -319,7 +335,20 @@ impl TrustedKeys {
         )
     }
 
+    /// Loads `[bundles]`' keys: `trusted` for every bundle, `scoped` each for its scope only.
+    pub fn from_config(trusted: &[PathBuf], scoped: &[ScopedKey]) -> Result<TrustedKeys, KeyError> {
+        let mut keys: Vec<TrustedKey> = trusted
+            .iter()
+            .map(|p| TrustedKey::from_file(p))
+            .collect::<Result<_, _>>()?;
+        for k in scoped {
+            keys.push(TrustedKey::from_file(&k.path)?.scoped(k.scope));
+        }
+        TrustedKeys::new(keys)
+    }
+
     /// Loads every `*.pub` file in `dir` (sorted by name), e.g. the agent's `keys/` directory.
+    /// A `*.apt.pub` file is trusted only for apt bundles ([`SCOPED_KEY_SUFFIX`]).
     pub fn from_dir(dir: &Path) -> Result<TrustedKeys, KeyError> {
         let read_err = |source| KeyError::Read {
             path: dir.to_owned(),
@@ -333,7 +362,15 @@ impl TrustedKeys {
             }
         }
         paths.sort();
-        TrustedKeys::from_files(&paths)
+        let keys = paths
+            .iter()
+            .map(|p| {
+                let k = TrustedKey::from_file(p)?;
+                let scoped = p.to_string_lossy().ends_with(SCOPED_KEY_SUFFIX);
+                Ok(if scoped { k.scoped(KeyScope::Apt) } else { k })
+            })
+            .collect::<Result<_, KeyError>>()?;
+        TrustedKeys::new(keys)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -377,9 +414,14 @@ impl TrustedKeys {
             key_id: sig.key_id,
             key_source: key.source.clone(),
             trusted_comment: sig.sig.trusted_comment().to_owned(),
+            scope: key.scope,
         })
     }
 }
+
+/// The file name ending of a public key trusted only for apt bundles in a key directory
+/// (the agent's `keys/`, where `stage` writes `key-<n>.apt.pub`).
+pub const SCOPED_KEY_SUFFIX: &str = ".apt.pub";
 
 /// The signature path of a bundle: `<bundle>.minisig`.
 pub fn signature_path(bundle: &Path) -> PathBuf {

@@ -240,7 +240,7 @@ pub fn write_table(path: &Path, table: &TableCopy) -> Result<(), TableError> {
 /// Puts a patch run onto a standby's disk (seed 705/706): under `agent_dir` (the standby's
 /// `/var/lib/patchover-agent`, a path inside `root`) it writes `bundles/<id>.tar.zst` with its
 /// `.minisig` for each of `bundles` (in apply order, all marked), `keys/key-<n>.pub` for each
-/// of `key_files`, and `table.json` last, so an agent that finds a table finds everything it
+/// of `key_files` (`key-s<n>.apt.pub` for each of `scoped_keys`), and `table.json` last, so an agent that finds a table finds everything it
 /// names. Each copied bundle is hashed again, through the descriptor it was written by, and
 /// must equal what was verified. Files left from an earlier run in `bundles/` and `keys/` are
 /// removed first. Every write goes through `root`: a link the LC planted anywhere on the way
@@ -253,6 +253,7 @@ pub fn stage(
     run_id: &str,
     bundles: &[VerifiedBundle],
     key_files: &[PathBuf],
+    scoped_keys: &[crate::keys::ScopedKey],
 ) -> Result<TableCopy, TableError> {
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -293,6 +294,12 @@ pub fn stage(
     for (n, k) in key_files.iter().enumerate() {
         let dest = kdir.join(format!("key-{n}.pub"));
         root.copy_in(k, &dest, 0o644).map_err(io(&dest))?;
+    }
+    // A scoped key keeps its scope in the LC: the agent reads it from the name.
+    for (n, k) in scoped_keys.iter().enumerate() {
+        let crate::keys::KeyScope::Apt = k.scope;
+        let dest = kdir.join(format!("key-s{n}{}", crate::keys::SCOPED_KEY_SUFFIX));
+        root.copy_in(&k.path, &dest, 0o644).map_err(io(&dest))?;
     }
     table.validate()?;
     let mut bytes = serde_json::to_vec_pretty(&table).map_err(|source| TableError::Parse {

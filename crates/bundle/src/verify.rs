@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::archive::{ArchiveError, BundleArchive, Limits, read_archive};
 use crate::hash::Sha256;
 use crate::keys::{
-    KeyId, SignatureError, SignatureFile, SignatureInfo, TrustedKeys, signature_path,
+    KeyId, KeyScope, SignatureError, SignatureFile, SignatureInfo, TrustedKeys, signature_path,
 };
 use crate::manifest::Manifest;
 
@@ -38,6 +38,16 @@ pub enum VerifyError {
         path: PathBuf,
         #[source]
         source: SignatureError,
+    },
+    #[error(
+        "bundle {path} is signed by key {key_id} ({key_source}), which is trusted only for {scope} bundles (scope = \"{scope}\" in [[bundles.scoped_keys]]), and it is not one: {why}; such a bundle must be signed by a key in [bundles] trusted_keys"
+    )]
+    Scope {
+        path: PathBuf,
+        key_id: KeyId,
+        key_source: String,
+        scope: KeyScope,
+        why: crate::aptshape::ShapeError,
     },
     #[error("bundle {path}: archive rejected")]
     Archive {
@@ -134,6 +144,15 @@ pub fn verify_bundle_with(
         path: path.to_owned(),
         source,
     })?;
+    if let Some(scope @ KeyScope::Apt) = signature.scope {
+        crate::aptshape::check(&bytes, &archive).map_err(|why| VerifyError::Scope {
+            path: path.to_owned(),
+            key_id: signature.key_id,
+            key_source: signature.key_source.clone(),
+            scope,
+            why,
+        })?;
+    }
     tracing::debug!(bundle = %archive.manifest.id, key = %signature.key_id, "bundle verified");
     Ok(VerifiedBundle {
         manifest: archive.manifest,

@@ -532,6 +532,7 @@ fn table_copy_drives_a_run_and_records_results() {
         "run-7",
         &verified,
         std::slice::from_ref(&lab.key.public),
+        &[],
     )
     .unwrap();
     assert!(agent.join("bundles/t-a.tar.zst.minisig").exists());
@@ -602,7 +603,16 @@ fn r22_a_staged_bundle_whose_link_climbs_out_is_refused_before_anything_is_unpac
     std::fs::create_dir_all(&agent).unwrap();
     let root = patchover_lcroot::LcRoot::open(&lab.base).unwrap();
     let keys = std::slice::from_ref(&lab.key.public);
-    let mut table = stage(&root, Path::new("agent"), "lc2", "run-7", &[good], keys).unwrap();
+    let mut table = stage(
+        &root,
+        Path::new("agent"),
+        "lc2",
+        "run-7",
+        &[good],
+        keys,
+        &[],
+    )
+    .unwrap();
 
     let payload = lab.base.join("chain/payload");
     let six = payload.join("d1/d2/d3/d4/d5/d6");

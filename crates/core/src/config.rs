@@ -22,10 +22,11 @@ use toml::Spanned;
 
 pub use front::{FrontKind, FrontSettings};
 pub use monitor::{
-    FeedConfig, MailServer, MonitorConfig, PasswordFileError, TlsMode, valid_address,
+    AptFeedConfig, FeedConfig, MailServer, MonitorConfig, PasswordFileError, TlsMode, valid_address,
 };
 pub use sections::{
-    BundlesSection, DaemonSection, TlsPaths, YaraSection, default_socket, parse_token_hash,
+    BundlesSection, DaemonSection, KeyScope, ScopedKey, TlsPaths, YaraSection, default_socket,
+    parse_token_hash,
 };
 pub use service::{HealthProbe, ServiceSettings, TlsTrust};
 
@@ -906,6 +907,32 @@ system_disk = { path = "/srv/lc2/sys.img" }
         }
     }
 
+    /// Issue 24: an apt feed, and its key trusted only for apt bundles.
+    #[test]
+    fn an_apt_feed_and_a_scoped_key_are_read() {
+        let c = parse(
+            "[bundles]\ntrusted_keys = [\"/k/release.pub\"]\n[[bundles.scoped_keys]]\npath = \"/k/apt.pub\"\nscope = \"apt\"\n[[monitor.feeds]]\nname = \"debian\"\nkind = \"apt\"\nsigning_key = \"/k/apt.key\"\nsources = [\"deb [signed-by=/k/a.gpg] http://127.0.0.1:1/ bookworm-security main\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.bundles.scoped_keys,
+            [ScopedKey {
+                path: "/k/apt.pub".into(),
+                scope: KeyScope::Apt
+            }]
+        );
+        let m = c.monitor().unwrap();
+        assert!(m.feeds.is_empty());
+        assert_eq!(m.apt_feeds.len(), 1);
+        assert_eq!(m.apt_feeds[0].signing_key, Path::new("/k/apt.key"));
+        assert_eq!(m.apt_feeds[0].sources.len(), 1);
+        let e =
+            parse("[[bundles.scoped_keys]]\npath = \"/k/a.pub\"\nscope = \"all\"\n").unwrap_err();
+        let at = e.at().unwrap();
+        assert_eq!(at.line, 3, "{e}");
+        assert!(e.to_string().contains("apt"), "{e}");
+    }
+
     #[test]
     fn errors_name_their_line_and_dotted_key() {
         let cases = [
@@ -1038,6 +1065,42 @@ system_disk = { path = "/srv/lc2/sys.img" }
                 5,
                 "monitor.feeds[0].ca_file",
                 "absolute",
+            ),
+            (
+                "[[bundles.scoped_keys]]\npath = \"apt.pub\"\nscope = \"apt\"\n",
+                2,
+                "bundles.scoped_keys[0].path",
+                "absolute path",
+            ),
+            (
+                "[bundles]\ntrusted_keys = [\"/k/apt.pub\"]\n[[bundles.scoped_keys]]\npath = \"/k/apt.pub\"\nscope = \"apt\"\n",
+                4,
+                "bundles.scoped_keys[0].path",
+                "list it in one place",
+            ),
+            (
+                "[[monitor.feeds]]\nname = \"deb\"\nkind = \"apt\"\n",
+                2,
+                "monitor.feeds[0].signing_key",
+                "needs signing_key",
+            ),
+            (
+                "[[monitor.feeds]]\nname = \"deb\"\nkind = \"apt\"\nsigning_key = \"/k/apt.key\"\nurl = \"http://x/i.json\"\n",
+                5,
+                "monitor.feeds[0].url",
+                "an apt feed has no index",
+            ),
+            (
+                "[[monitor.feeds]]\nname = \"deb\"\nkind = \"apt\"\nsigning_key = \"apt.key\"\n",
+                4,
+                "monitor.feeds[0].signing_key",
+                "absolute",
+            ),
+            (
+                "[[monitor.feeds]]\nname = \"a\"\nurl = \"http://x/i.json\"\ntrusted_keys = [\"/k\"]\nsigning_key = \"/k/apt.key\"\n",
+                5,
+                "monitor.feeds[0].signing_key",
+                "only an apt feed",
             ),
             (
                 "[monitor.smtp]\nhost = \"h\"\nusername = \"u\"\n",

@@ -10,8 +10,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::sources::Source;
@@ -181,6 +181,8 @@ pub struct TestArchive {
     pub keyring: PathBuf,
     stop: Arc<AtomicBool>,
     server: Option<JoinHandle<()>>,
+    /// Every request's path, in order (the tests count what was downloaded).
+    requests: Arc<Mutex<Vec<String>>>,
 }
 
 impl TestArchive {
@@ -215,9 +217,10 @@ impl TestArchive {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(Mutex::new(Vec::new()));
         let server = {
-            let (stop, www) = (stop.clone(), d.join("www"));
-            std::thread::spawn(move || serve(listener, &www, &stop))
+            let (stop, www, log) = (stop.clone(), d.join("www"), requests.clone());
+            std::thread::spawn(move || serve(listener, &www, &stop, &log))
         };
         let a = TestArchive {
             dir,
@@ -226,6 +229,7 @@ impl TestArchive {
             keyring,
             stop,
             server: Some(server),
+            requests,
         };
         a.publish(&a.dir.path().join("gnupg"));
         a
@@ -300,6 +304,29 @@ impl TestArchive {
                 .arg(dist.join(out))
                 .arg(dist.join("Release")));
         }
+    }
+
+    /// Every request's path so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// How many packages (`.deb` files under `pool/`) were requested so far.
+    pub fn package_downloads(&self) -> usize {
+        self.requests()
+            .iter()
+            .filter(|p| p.contains("/pool/") && p.ends_with(".deb"))
+            .count()
+    }
+
+    /// Adds `packages` to the pool and publishes the archive again (signed with its key): a
+    /// new version appears in the archive.
+    pub fn add(&self, packages: &[Pkg]) {
+        let pool = self.dir.path().join("www/pool/main");
+        for p in packages {
+            build_deb(p, &pool);
+        }
+        self.publish(&self.dir.path().join("gnupg"));
     }
 
     /// Signs the Release file again with a key apt does not trust.
@@ -380,7 +407,7 @@ fn percent_decoded(path: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn serve(listener: TcpListener, www: &Path, stop: &AtomicBool) {
+fn serve(listener: TcpListener, www: &Path, stop: &AtomicBool, log: &Mutex<Vec<String>>) {
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -405,6 +432,7 @@ fn serve(listener: TcpListener, www: &Path, stop: &AtomicBool) {
         let mut words = request.split_whitespace();
         let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or("/"));
         let rel = percent_decoded(path.split('?').next().unwrap_or(""));
+        log.lock().unwrap().push(rel.clone());
         let rel = rel.trim_start_matches('/');
         let file = (!rel.split('/').any(|c| c == ".."))
             .then(|| www.join(rel))

@@ -24,7 +24,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use patchover_core::shell;
+use patchover_bundle::aptshape;
 use patchover_lcroot::LcRoot;
 use sha2::{Digest, Sha256};
 
@@ -135,6 +135,11 @@ pub struct FromAptOptions {
     /// Only these installed packages (and what their updates need); empty: all.
     pub packages: Vec<String>,
     pub output: PathBuf,
+    /// The bundle's id; `None`: `debian-<12 hex digits of sha256(package=version…)>`.
+    pub id: Option<String>,
+    /// Name the LC in the manifest's `[targets] lcs` (the patch monitor's bundles are made
+    /// for one LC).
+    pub target_lc: bool,
 }
 
 /// One package the bundle installs.
@@ -268,6 +273,55 @@ pub fn from_apt_through_agent(
 
 /// Makes the bundle (see the module doc).
 pub fn from_apt_with(root: &dyn LcReader, opts: &FromAptOptions) -> Result<Outcome, FromAptError> {
+    let planned = plan_with(root, opts)?;
+    match planned.nothing_to_do() {
+        Some(nothing) => Ok(nothing),
+        None => planned.build(opts),
+    }
+}
+
+/// The updates the archive offers for an LC, planned by apt with the archive's indexes
+/// fetched and verified, before any package is downloaded: [`Planned::build`] downloads them
+/// and writes the bundle. The patch monitor looks at [`Planned::set_digest`] in between, so
+/// a set it has already made a bundle of is never downloaded again.
+pub struct Planned<'r> {
+    root: &'r dyn LcReader,
+    status: DpkgStatus,
+    sources: Vec<Source>,
+    apt: AptEnv,
+    plan: Vec<PlanLine>,
+    /// What the bundle would install, in apt's order.
+    pub updates: Vec<Update>,
+}
+
+impl Planned<'_> {
+    /// Everything installed is at the archive's newest version.
+    pub fn nothing_to_do(&self) -> Option<Outcome> {
+        self.updates.is_empty().then(|| Outcome::NothingToDo {
+            installed: self.status.installed.len(),
+            sources: self.sources.iter().map(ToString::to_string).collect(),
+        })
+    }
+
+    /// SHA-256 (hex) of the LC's apt state (its dpkg status as read) and the set of updates
+    /// (`package=version` lines in apt's order): the same LC state offered the same versions
+    /// always gives the same digest; a new version, a new package or a changed LC another.
+    pub fn set_digest(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(Sha256::digest(self.status.text.as_bytes()));
+        for u in &self.updates {
+            h.update(format!("{}={}\n", u.package, u.new));
+        }
+        hex(&h.finalize())
+    }
+}
+
+/// Reads the LC's packages and suite, checks the sources, and plans with apt (the archive's
+/// signed indexes are fetched and verified here; no package yet).
+pub fn plan_with<'r>(
+    root: &'r dyn LcReader,
+    opts: &FromAptOptions,
+) -> Result<Planned<'r>, FromAptError> {
     let lc = opts.lc.as_str();
     let status = DpkgStatus::read(root).map_err(FromAptError::Status)?;
     let host_arch = crate::image::host_arch();
@@ -347,13 +401,34 @@ pub fn from_apt_with(root: &dyn LcReader, opts: &FromAptOptions) -> Result<Outco
             });
         }
     }
-    if updates.is_empty() {
-        return Ok(Outcome::NothingToDo {
-            installed: status.installed.len(),
-            sources: sources.iter().map(ToString::to_string).collect(),
-        });
-    }
+    Ok(Planned {
+        root,
+        status,
+        sources,
+        apt,
+        plan,
+        updates,
+    })
+}
 
+impl Planned<'_> {
+    /// Downloads every package of the plan (checked against the signed index by apt), looks
+    /// into each (conffiles, changelog, sizes) and writes the bundle.
+    pub fn build(self, opts: &FromAptOptions) -> Result<Outcome, FromAptError> {
+        build(self, opts)
+    }
+}
+
+fn build(planned: Planned<'_>, opts: &FromAptOptions) -> Result<Outcome, FromAptError> {
+    let Planned {
+        root,
+        status,
+        apt,
+        plan,
+        mut updates,
+        ..
+    } = planned;
+    let lc = opts.lc.as_str();
     // Download and look into every package.
     let work = tempfile::Builder::new()
         .prefix("patchover-from-apt-")
@@ -409,7 +484,10 @@ pub fn from_apt_with(root: &dyn LcReader, opts: &FromAptOptions) -> Result<Outco
     for u in &updates {
         hasher.update(format!("{}={}\n", u.package, u.new));
     }
-    let id = format!("debian-{}", &hex(&hasher.finalize())[..12]);
+    let id = opts
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("debian-{}", &hex(&hasher.finalize())[..12]));
     let security = updates.iter().any(|u| u.security);
     let category = if security { "security" } else { "bugfix" };
     let severity = updates
@@ -456,14 +534,11 @@ pub fn from_apt_with(root: &dyn LcReader, opts: &FromAptOptions) -> Result<Outco
             }
             many => {
                 // Packages apt configures together: one dpkg run unpacks and configures them.
-                let script = format!("install-{}.sh", steps.len() + 1);
-                let args: Vec<String> = many.iter().map(|n| shell::quote(n)).collect();
+                let script = aptshape::install_script_name(steps.len() + 1);
+                let names: Vec<&str> = many.iter().map(|n| n.as_str()).collect();
                 fs::write(
                     bundle_dir.join("payload").join(&script),
-                    format!(
-                        "#!/bin/sh\n# Installs packages that depend on each other, in one dpkg run.\nset -e\nexec dpkg --force-confdef --force-confold -i {}\n",
-                        args.join(" ")
-                    ),
+                    aptshape::install_script(&names),
                 )
                 .map_err(io("writing an install script"))?;
                 let mut t = toml::Table::new();
@@ -491,6 +566,11 @@ pub fn from_apt_with(root: &dyn LcReader, opts: &FromAptOptions) -> Result<Outco
     m.insert("category".into(), category.into());
     m.insert("severity".into(), severity.into());
     m.insert("published".into(), now_rfc3339().into());
+    if opts.target_lc {
+        let mut t = toml::Table::new();
+        t.insert("lcs".into(), toml::Value::Array(vec![lc.into()]));
+        m.insert("targets".into(), t.into());
+    }
     m.insert(
         "step".into(),
         toml::Value::Array(steps.into_iter().map(toml::Value::Table).collect()),
@@ -566,25 +646,7 @@ pub fn suite_of_os_release(text: &[u8]) -> Option<String> {
     })
 }
 
-/// The bundle's payload file of the standby's space check.
-pub const SPACE_FILE: &str = "check-space.sh";
-
-/// The bundle's first step, run on the standby at boot (707) before any package: its own
-/// disk (the filesystems of `/`, `/usr`, `/var`) must have `$1` KiB free. A failure fails the
-/// bundle with nothing installed; the service stays on the active LC.
-pub const SPACE_SCRIPT: &str = r#"#!/bin/sh
-# patchover from-apt: the standby's disk must hold the unpacked updates (docs/debian.md).
-need="$1"
-case "$need" in ''|*[!0-9]*) echo "check-space.sh: need a number of KiB" >&2; exit 2;; esac
-for d in / /usr /var; do
-    set -- $(df -P -k "$d" | tail -n 1)
-    case "$4" in ''|*[!0-9]*) echo "check-space.sh: cannot read the free space of $d" >&2; exit 2;; esac
-    if [ "$4" -lt "$need" ]; then
-        echo "the standby's disk ($d) has $4 KiB free; the updates need $need KiB unpacked: free space first" >&2
-        exit 1
-    fi
-done
-"#;
+pub use patchover_bundle::aptshape::{SPACE_FILE, SPACE_SCRIPT};
 
 fn space_step(need_bytes: u64) -> toml::Table {
     let mut t = toml::Table::new();

@@ -51,6 +51,26 @@ fn opts(lc: &str, a: &TestArchive, out: &Path) -> FromAptOptions {
     }
 }
 
+/// What from-apt writes is of the shape a key trusted only for apt bundles may sign
+/// (`patchover_bundle::aptshape`): signed by such a key, it verifies.
+fn assert_verifies_with_an_apt_scoped_key(bundle: &Path) {
+    use patchover_bundle::{KeyScope, ScopedKey, TrustedKeys};
+    let k = tempfile::tempdir().unwrap();
+    let (public, secret) = (k.path().join("apt.pub"), k.path().join("apt.key"));
+    patchover_bundle::keys::generate_keypair(&public, &secret, None).unwrap();
+    let signing = patchover_bundle::keys::SigningKey::from_file(&secret, None).unwrap();
+    patchover_bundle::create::sign_bundle(bundle, &signing).unwrap();
+    let scoped = ScopedKey {
+        path: public,
+        scope: KeyScope::Apt,
+    };
+    let keys = TrustedKeys::from_config(&[], &[scoped]).unwrap();
+    let v = patchover_bundle::verify_bundle(bundle, &keys, &patchover_bundle::Limits::default())
+        .unwrap_or_else(|e| panic!("{}", patchover_core::error_chain(&e)));
+    assert_eq!(v.signature().scope, Some(KeyScope::Apt));
+    let _ = std::fs::remove_file(patchover_bundle::keys::signature_path(bundle));
+}
+
 #[test]
 fn a_bundle_of_the_updates_and_every_refusal() {
     let archive = TestArchive::new("bookworm-security", &packages());
@@ -99,6 +119,7 @@ fn a_bundle_of_the_updates_and_every_refusal() {
     )
     .unwrap();
     let m = &b.manifest;
+    assert_verifies_with_an_apt_scoped_key(&out);
     let steps: Vec<String> = m.steps.iter().map(|s| s.describe()).collect();
     assert_eq!(
         steps,

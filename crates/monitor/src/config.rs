@@ -5,5 +5,5 @@
 //! the monitor uses the checked values. See `docs/monitor.md`.
 
 pub use patchover_core::config::{
-    FeedConfig, MailServer, MonitorConfig, PasswordFileError, TlsMode, valid_address,
+    AptFeedConfig, FeedConfig, MailServer, MonitorConfig, PasswordFileError, TlsMode, valid_address,
 };

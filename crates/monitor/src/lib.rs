@@ -18,6 +18,7 @@
 //! so it survives restarts. See `docs/monitor.md`.
 
 pub mod approval;
+pub mod apt;
 pub mod bench;
 pub mod config;
 pub mod fetch;
@@ -31,7 +32,9 @@ pub mod poll;
 pub mod reply;
 
 pub use approval::{ApprovalError, Decision, Scope, Secret, Verdict};
-pub use config::{FeedConfig, MailServer, MonitorConfig, PasswordFileError, TlsMode};
+pub use config::{
+    AptFeedConfig, FeedConfig, MailServer, MonitorConfig, PasswordFileError, TlsMode,
+};
 pub use index::{FeedIndex, IndexEntry, IndexError, PublishError, PublishedFeed, publish};
 pub use monitor::{
     DecisionError, DecisionOutcome, Monitor, PatchStarter, RunHandle, RunReport, StartError,

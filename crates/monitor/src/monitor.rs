@@ -21,6 +21,7 @@ use patchover_store::{NewChallenge, Store};
 use serde::Serialize;
 
 use crate::approval::{ApprovalError, Decision, Secret, Verdict, new_challenge};
+use crate::apt::{AptContext, AptFeed, AptLc, poll_apt_lc};
 use crate::config::{FeedConfig, MonitorConfig};
 use crate::fetch::{FetchPolicy, Fetcher, HttpUrl};
 use crate::index::rfc3339;
@@ -150,6 +151,23 @@ pub struct Monitor<'a> {
     /// This host's name, for the notice.
     pub host: String,
     pub starter: &'a dyn PatchStarter,
+    /// The `kind = "apt"` feeds, their keys checked ([`AptFeed::load`]). Each watches the LCs
+    /// the resource table has active (those its `lcs` names, or all).
+    pub apt_feeds: Vec<AptFeed>,
+}
+
+/// The LCs the resource table has active (an apt feed watches those).
+fn active_lcs(store: &Store) -> Vec<patchover_store::LcRow> {
+    match store.lcs() {
+        Ok(rows) => rows
+            .into_iter()
+            .filter(|r| r.role == patchover_store::Role::Active)
+            .collect(),
+        Err(e) => {
+            tracing::error!(error = %chain(&e), "cannot read the resource table");
+            Vec::new()
+        }
+    }
 }
 
 /// This host's name (from the kernel), for mails.
@@ -190,11 +208,36 @@ impl Monitor<'_> {
 
     /// Polls every feed once (fig. 19, 1801–1803).
     pub fn poll_feeds(&self, store: &mut Store) -> Vec<FeedOutcome> {
-        self.config
+        let mut out: Vec<FeedOutcome> = self
+            .config
             .feeds
             .iter()
             .map(|feed| self.poll_one(store, feed))
-            .collect()
+            .collect();
+        let cx = AptContext {
+            bundle_keys: &self.bundle_keys,
+            limits: &self.limits,
+            bundles_dir: &self.bundles_dir,
+            interval: self.config.interval,
+            backoff_max: self.config.backoff_max,
+        };
+        if self.apt_feeds.is_empty() {
+            return out;
+        }
+        let lcs = active_lcs(store);
+        for feed in &self.apt_feeds {
+            let named = &feed.config.lcs;
+            for lc in lcs
+                .iter()
+                .filter(|l| named.is_empty() || named.contains(&l.spec.id.to_string()))
+            {
+                out.push(match AptLc::of(&lc.spec) {
+                    Ok(alc) => poll_apt_lc(store, feed, &alc, &cx),
+                    Err(e) => crate::apt::not_watched(&feed.config.name, &lc.spec, e),
+                });
+            }
+        }
+        out
     }
 
     /// A feed whose own configuration (keys, CA) cannot be used: not contacted, no backoff.

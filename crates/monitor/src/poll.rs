@@ -203,6 +203,31 @@ fn jitter() -> f64 {
     (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// A failed poll of `state`'s feed (`reason`, `detail`): one more failure in a row, the
+/// next attempt after the backoff (`interval`, `max`), reported in `out`. The one backoff of
+/// every feed kind.
+pub(crate) fn failed(
+    state: &mut FeedStateRow,
+    out: &mut FeedOutcome,
+    now: i64,
+    (interval, max): (Duration, Duration),
+    reason: &'static str,
+    detail: String,
+) {
+    state.failures += 1;
+    let delay = backoff_delay(interval, max, state.failures as u32, jitter());
+    state.next_attempt_ms = now + delay.as_millis() as i64;
+    tracing::warn!(feed = %state.feed, reason, error = %detail, retry_in_s = delay.as_secs(), "feed poll failed");
+    out.status = FeedStatus::Failed;
+    out.rejected.push(Rejection {
+        what: out.feed.clone(),
+        reason,
+        detail: detail.clone(),
+    });
+    state.last_error = Some(detail);
+    out.next_attempt_ms = state.next_attempt_ms;
+}
+
 /// Polls `feed` once.
 pub fn poll_feed(store: &mut Store, feed: &FeedConfig, cx: &PollContext<'_>) -> FeedOutcome {
     let now = now_ms();
@@ -254,18 +279,8 @@ pub fn poll_feed(store: &mut Store, feed: &FeedConfig, cx: &PollContext<'_>) -> 
             }
         }
         Err(e) => {
-            state.failures += 1;
-            let delay = backoff_delay(cx.interval, cx.backoff_max, state.failures as u32, jitter());
-            state.next_attempt_ms = now + delay.as_millis() as i64;
-            let detail = chain(&e);
-            tracing::warn!(feed = %feed.name, reason = e.reason(), error = %detail, retry_in_s = delay.as_secs(), "feed poll failed");
-            out.status = FeedStatus::Failed;
-            out.rejected.push(Rejection {
-                what: feed.name.clone(),
-                reason: e.reason(),
-                detail: detail.clone(),
-            });
-            state.last_error = Some(detail);
+            let backoff = (cx.interval, cx.backoff_max);
+            failed(&mut state, &mut out, now, backoff, e.reason(), chain(&e));
         }
     }
     out.next_attempt_ms = state.next_attempt_ms;
@@ -552,6 +567,17 @@ fn fetch_bundle(
     rename(&tmp_sig, &signature_path(&file))?;
     rename(&tmp, &file)?;
     drop(guard);
+    register(store, &v, file)
+}
+
+/// Registers a verified bundle kept at `file` in the patch table (1803).
+pub(crate) fn register(
+    store: &mut Store,
+    v: &patchover_bundle::VerifiedBundle,
+    file: PathBuf,
+) -> Result<Registered, PollError> {
+    let m = v.manifest();
+    let id = m.id.to_string();
     let severity = m.severity.to_string();
     let sha = v.sha256().to_string();
     let file_s = file.display().to_string();

@@ -65,6 +65,7 @@ fn monitor<'a>(
         lcs: vec!["lc1".into(), "lc2".into()],
         host: "testhost".into(),
         starter,
+        apt_feeds: Vec::new(),
     }
 }
 
@@ -1055,4 +1056,385 @@ fn feeds_trust_the_hosts_ca_store_unless_the_feed_names_a_ca_file() {
     let ca_file = format!("ca_file = \"{}\"\n", certs.ca.display());
     let r = round("c.db", debian, &ca_file);
     assert_eq!(r.feeds[0].registered[0].id, "store-1", "{r:#?}");
+}
+
+/// The package versions of the apt-feed test: `v(name, version, urgency)`.
+fn deb_pkg(name: &str, version: &str) -> patchover_debian::fixture::Pkg {
+    let mut p = patchover_debian::fixture::Pkg::new(name, version);
+    p.changelog = vec![(
+        version.into(),
+        "high".into(),
+        format!("Fix CVE-2026-24 in {name}."),
+    )];
+    p
+}
+
+/// The notice mail whose Message-ID names `challenge`.
+fn notice_of(smtp: &SmtpServer, challenge: &str) -> Vec<u8> {
+    let t0 = Instant::now();
+    loop {
+        let want = format!("patchover.{challenge}@");
+        if let Some(m) = smtp
+            .mails()
+            .into_iter()
+            .find(|m| String::from_utf8_lossy(m).contains(&want))
+        {
+            return m;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no notice for {challenge}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An apt feed's world: a local signed archive offering po-hello 1.0-2; lc1 (po-hello and
+/// po-extra 1.0-1 installed) and lc3 (no dpkg), both ns LCs on directory disks; a key trusted
+/// only for apt bundles; aiosmtpd and dovecot; a config with the `debian` apt feed and a `gone`
+/// one whose archive is unreachable.
+struct AptWorld {
+    archive: patchover_debian::fixture::TestArchive,
+    smtp: SmtpServer,
+    _imap: ImapServer,
+    full: patchover_core::Config,
+    cfg: MonitorConfig,
+    keys: TrustedKeys,
+}
+
+impl AptWorld {
+    fn start(dir: &Path) -> AptWorld {
+        use patchover_debian::fixture::{TestArchive, build_deb, fake_root};
+        let archive = TestArchive::new("bookworm-security", &[deb_pkg("po-hello", "1.0-2")]);
+        let debs = dir.join("debs");
+        let (r1, r3) = (dir.join("lc1-sys"), dir.join("lc3-sys"));
+        let installed = [
+            build_deb(&deb_pkg("po-hello", "1.0-1"), &debs),
+            build_deb(&deb_pkg("po-extra", "1.0-1"), &debs),
+        ];
+        fake_root(&r1, "bookworm", &installed);
+        std::fs::create_dir_all(r3.join("etc")).unwrap(); // no dpkg at all
+        let key = Key::new(dir, "apt");
+        let smtp = SmtpServer::start(dir);
+        let _imap = ImapServer::start(dir);
+        let secret_file = dir.join("approval.secret");
+        std::fs::write(&secret_file, SECRET).unwrap();
+        std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let pw_file = dir.join("imap.pw");
+        std::fs::write(&pw_file, format!("{}\n", common::IMAP_PASSWORD)).unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed_port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let text = format!(
+            r#"[[lc]]
+    id = "lc1"
+    cpu = 0
+    cpu_share = 10
+    memory_mib = 64
+    system_disk = {{ path = "{r1}" }}
+    [[lc]]
+    id = "lc3"
+    cpu = 0
+    cpu_share = 10
+    memory_mib = 64
+    system_disk = {{ path = "{r3}" }}
+    [[bundles.scoped_keys]]
+    path = "{public}"
+    scope = "apt"
+    [monitor]
+    interval_secs = 60
+    security_only = true
+    admins = ["admin@example.org"]
+    from = "patchover@example.org"
+    secret_file = "{secret}"
+    [[monitor.feeds]]
+    name = "debian"
+    kind = "apt"
+    signing_key = "{secret_key}"
+    sources = ["{source}"]
+    [[monitor.feeds]]
+    name = "gone"
+    kind = "apt"
+    signing_key = "{secret_key}"
+    sources = ["deb [signed-by={keyring}] http://127.0.0.1:{closed_port}/ bookworm-security main"]
+    lcs = ["lc1"]
+    [monitor.smtp]
+    host = "127.0.0.1"
+    port = {smtp}
+    tls = "none"
+    [monitor.imap]
+    host = "127.0.0.1"
+    port = {imap}
+    tls = "none"
+    username = "{user}"
+    password_file = "{pw}"
+    "#,
+            r1 = r1.display(),
+            r3 = r3.display(),
+            public = key.public.display(),
+            secret = secret_file.display(),
+            secret_key = key.secret.display(),
+            source = archive.source(),
+            keyring = archive.keyring.display(),
+            smtp = smtp.port,
+            imap = _imap.port,
+            user = common::IMAP_USER,
+            pw = pw_file.display(),
+        );
+        let host = patchover_core::HostFacts {
+            cpus: 1,
+            memory_mib: 1024,
+        };
+        let full = patchover_core::Config::parse(Path::new("/test/po.toml"), &text, &host).unwrap();
+        let cfg = full.monitor.clone().unwrap();
+        let bundles = patchover_bundle::BundlesConfig::from_section(&full.bundles);
+        let keys = bundles.load_trusted_keys().unwrap();
+        AptWorld {
+            archive,
+            smtp,
+            _imap,
+            full,
+            cfg,
+            keys,
+        }
+    }
+}
+
+/// Issue 24: a `kind = "apt"` feed against a local signed archive, aiosmtpd and dovecot. A new
+/// version in the archive becomes a bundle for the active LC that has the package (signed
+/// with a key trusted only for apt bundles), a notice, and on the authenticated reply the
+/// patch cycle for that LC. The same set again downloads nothing; a grown set supersedes the
+/// pending bundle; an LC without dpkg is reported while the others are polled; a badly signed
+/// or unreachable archive fails the LC's poll and backs off.
+#[test]
+fn an_apt_feed_offers_the_archives_updates_once_and_supersedes_a_grown_set() {
+    use patchover_monitor::apt::{AptFeed, state_key};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let AptWorld {
+        archive,
+        smtp,
+        _imap,
+        full,
+        cfg,
+        keys,
+    } = AptWorld::start(dir);
+    let starter = RecordingStarter::default();
+    let mut m = monitor(&cfg, dir, &starter);
+    m.bundle_keys = keys.clone();
+    m.apt_feeds = cfg
+        .apt_feeds
+        .iter()
+        .map(|f| AptFeed::load(f, &keys).unwrap_or_else(|e| panic!("{}", chain(&e))))
+        .collect();
+    let mut store = Store::open(&dir.join("state/state.db")).unwrap();
+    store.sync_lcs(&full.lcs).unwrap();
+    for lc in ["lc1", "lc3"] {
+        store.set_role(lc, patchover_store::Role::Active).unwrap();
+    }
+    let outcome = |r: &RunReport, feed: &str| {
+        r.feeds
+            .iter()
+            .find(|f| f.feed == feed)
+            .unwrap_or_else(|| panic!("no {feed} in {r:?}"))
+            .clone()
+    };
+
+    // Round 1: lc1's update registered (for lc1 only), one notice; lc3 has no dpkg; the
+    // unreachable archive fails and backs off.
+    let r1 = m.run_once(&mut store);
+    let o = outcome(&r1, "debian/lc1");
+    assert!(matches!(o.status, FeedStatus::Fetched), "{o:?}");
+    let first = o.registered[0].id.clone();
+    assert!(first.starts_with("apt-"), "{first}");
+    let o3 = outcome(&r1, "debian/lc3");
+    assert_eq!(o3.rejected[0].reason, "no-dpkg", "{o3:?}");
+    assert!(
+        o3.rejected[0]
+            .detail
+            .contains("lc3's disk has no dpkg status"),
+        "{o3:?}"
+    );
+    let gone = outcome(&r1, "gone/lc1");
+    assert_eq!(gone.rejected[0].reason, "archive", "{gone:?}");
+    assert!(gone.next_attempt_ms > 0, "{gone:?}");
+    assert_eq!(archive.package_downloads(), 1, "{:?}", archive.requests());
+    let row = store.patch(&first).unwrap().unwrap();
+    let v =
+        patchover_bundle::verify_bundle(Path::new(&row.file), &keys, &Limits::default()).unwrap();
+    assert_eq!(v.signature().scope, Some(patchover_bundle::KeyScope::Apt));
+    let targets: Vec<String> = v
+        .manifest()
+        .targets
+        .lcs
+        .iter()
+        .map(|l| l.to_string())
+        .collect();
+    assert_eq!(targets, ["lc1"]);
+    assert_eq!(r1.notices.len(), 1, "{r1:?}");
+    let first_challenge = r1.notices[0].challenge.clone();
+    assert_eq!(r1.notices[0].patches, std::slice::from_ref(&first));
+    notice_of(&smtp, &first_challenge);
+
+    // Round 2: the same set: nothing downloaded, nothing registered, no notice; the
+    // unreachable archive is backing off (not contacted).
+    let requests = archive.requests().len();
+    let r2 = m.run_once(&mut store);
+    let o = outcome(&r2, "debian/lc1");
+    assert!(matches!(o.status, FeedStatus::NotModified), "{o:?}");
+    assert!(o.registered.is_empty() && r2.notices.is_empty(), "{r2:?}");
+    assert_eq!(archive.package_downloads(), 1, "{:?}", archive.requests());
+    assert!(
+        archive.requests().len() > requests,
+        "the indexes are asked each round"
+    );
+    assert!(matches!(
+        outcome(&r2, "gone/lc1").status,
+        FeedStatus::Backoff
+    ));
+    let st = store
+        .feed_state(&state_key("debian", "lc1"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(st.apt_bundle.as_deref(), Some(first.as_str()));
+
+    // Round 3: the set grew while waiting: a new bundle with both packages, a new notice; the
+    // old challenge is closed as superseded, a reply to it changes nothing.
+    archive.add(&[deb_pkg("po-extra", "1.0-2")]);
+    let r3 = m.run_once(&mut store);
+    let o = outcome(&r3, "debian/lc1");
+    assert!(matches!(o.status, FeedStatus::Fetched), "{o:?}");
+    let second = o.registered[0].id.clone();
+    assert_ne!(second, first);
+    assert_eq!(archive.package_downloads(), 3, "{:?}", archive.requests());
+    let old = store.challenge(&first_challenge).unwrap().unwrap();
+    assert_eq!(
+        old.decision.as_deref(),
+        Some(format!("superseded by {second}").as_str())
+    );
+    assert_eq!(r3.notices.len(), 1, "{r3:?}");
+    let challenge = r3.notices[0].challenge.clone();
+    assert_eq!(r3.notices[0].patches, std::slice::from_ref(&second));
+    let secret = Secret::from_bytes(SECRET).unwrap();
+    let all: Decision = "approve all".parse().unwrap();
+    let old_notice = notice_of(&smtp, &first_challenge);
+    let old_notice = mail_parser::MessageParser::default()
+        .parse(&old_notice)
+        .unwrap();
+    let new_notice = notice_of(&smtp, &challenge);
+    let new_notice = mail_parser::MessageParser::default()
+        .parse(&new_notice)
+        .unwrap();
+    let stale = secret.code(&first_challenge, &all);
+    let genuine = secret.code(&challenge, &all);
+    append(
+        &cfg,
+        &[client_reply(
+            "admin@example.org",
+            &old_notice,
+            "approve all",
+            &stale,
+        )],
+    );
+    let r4 = m.run_once(&mut store);
+    assert_eq!(reasons(&r4), ["replayed"], "{r4:?}");
+    assert!(starter.calls.lock().unwrap().is_empty());
+    append(
+        &cfg,
+        &[client_reply(
+            "admin@example.org",
+            &new_notice,
+            "approve all",
+            &genuine,
+        )],
+    );
+    let r5 = m.run_once(&mut store);
+    assert_eq!(reasons(&r5), ["accepted"], "{r5:?}");
+    assert_eq!(
+        *starter.calls.lock().unwrap(),
+        [("lc1".to_owned(), vec![second.clone()])]
+    );
+    assert_eq!(archive.package_downloads(), 3, "{:?}", archive.requests());
+
+    // A badly signed archive: the LC's poll fails (reason archive) and backs off.
+    archive.resign_with_another_key();
+    let mut st = store
+        .feed_state(&state_key("debian", "lc1"))
+        .unwrap()
+        .unwrap();
+    st.apt_set = None; // as if new: the archive must be asked
+    store.save_feed_state(&st).unwrap();
+    let r6 = m.run_once(&mut store);
+    let o = outcome(&r6, "debian/lc1");
+    assert_eq!(o.rejected[0].reason, "archive", "{o:?}");
+    assert!(o.rejected[0].detail.contains("cannot be used"), "{o:?}");
+    let asked = archive.requests().len();
+    let r7 = m.run_once(&mut store);
+    assert!(matches!(
+        outcome(&r7, "debian/lc1").status,
+        FeedStatus::Backoff
+    ));
+    assert_eq!(
+        archive.requests().len(),
+        asked,
+        "backing off: not contacted"
+    );
+}
+
+/// Issue 24: an apt feed's signing key that is missing, or not trusted for apt bundles only,
+/// is refused when the monitor loads, naming the key and what to do.
+#[test]
+fn an_apt_feeds_signing_key_must_be_trusted_for_apt_bundles_only() {
+    use patchover_bundle::{KeyScope, ScopedKey};
+    use patchover_monitor::apt::AptFeed;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let key = Key::new(dir, "apt");
+    let feed = patchover_monitor::AptFeedConfig {
+        name: "debian".into(),
+        signing_key: key.secret.clone(),
+        password_file: None,
+        sources: Vec::new(),
+        lcs: Vec::new(),
+    };
+    let scoped = TrustedKeys::from_config(
+        &[],
+        &[ScopedKey {
+            path: key.public.clone(),
+            scope: KeyScope::Apt,
+        }],
+    )
+    .unwrap();
+    assert!(AptFeed::load(&feed, &scoped).is_ok());
+    let id = key.signing.id().to_string();
+    let cases = [
+        (
+            TrustedKeys::default(),
+            feed.clone(),
+            "is not trusted for apt bundles",
+        ),
+        (trusted(&key), feed.clone(), "is trusted for every bundle"),
+        (
+            scoped.clone(),
+            patchover_monitor::AptFeedConfig {
+                signing_key: dir.join("missing.key"),
+                ..feed.clone()
+            },
+            "cannot be used; make a key pair",
+        ),
+    ];
+    for (keys, f, want) in cases {
+        let e = AptFeed::load(&f, &keys).err().expect(want);
+        let msg = chain(&e);
+        assert!(msg.contains(want), "{msg}");
+        assert!(msg.contains("[[bundles.scoped_keys]]"), "{msg}");
+        assert!(msg.contains(&f.signing_key.display().to_string()), "{msg}");
+        if want != "cannot be used; make a key pair" {
+            assert!(msg.contains(&id), "{msg}");
+        }
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    patchover_core::error_chain(e)
 }

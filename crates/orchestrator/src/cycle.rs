@@ -64,12 +64,14 @@ impl<'a> Orchestrator<'a> {
             }
             rows
         };
-        let keys = TrustedKeys::from_files(&self.settings.trusted_keys).map_err(|e| {
-            OrchestratorError::BadInput(format!(
-                "the trusted bundle keys cannot be read: {}",
-                chain(&e)
-            ))
-        })?;
+        let keys =
+            TrustedKeys::from_config(&self.settings.trusted_keys, &self.settings.scoped_keys)
+                .map_err(|e| {
+                    OrchestratorError::BadInput(format!(
+                        "the trusted bundle keys cannot be read: {}",
+                        chain(&e)
+                    ))
+                })?;
         let mut out = Vec::new();
         for r in rows {
             let b = verify_bundle(Path::new(&r.file), &keys, &self.settings.bundle_limits)

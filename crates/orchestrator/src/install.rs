@@ -72,13 +72,14 @@ pub fn install(
     run_id: &str,
     bundles: &[VerifiedBundle],
     keys: &[PathBuf],
+    scoped_keys: &[patchover_bundle::ScopedKey],
     agent: &Path,
 ) -> Result<Installed, InstallError> {
     let dir = Path::new(AGENT_DIR_REL);
     // A previous run's files (its report above all) must not be mistaken for this run's.
     root.remove_all(dir).map_err(InstallError::Root)?;
     root.mkdir_all(dir, 0o755).map_err(InstallError::Root)?;
-    stage(root, dir, lc, run_id, bundles, keys).map_err(InstallError::Table)?;
+    stage(root, dir, lc, run_id, bundles, keys, scoped_keys).map_err(InstallError::Table)?;
     root.copy_in(agent, &dir.join("patchover-agent"), 0o755)
         .map_err(InstallError::Root)?;
 
@@ -194,12 +195,12 @@ mod tests {
         symlink(host.join("units"), root.join("var/lib/patchover-agent")).unwrap();
         let lc = LcRoot::open(&root).unwrap();
         // The absolute link points at nothing inside the root: refused, the host untouched.
-        let e = install(&lc, "lc2", "1", &[], &[], &host.join("agent-bin")).unwrap_err();
+        let e = install(&lc, "lc2", "1", &[], &[], &[], &host.join("agent-bin")).unwrap_err();
         assert!(format!("{e:?}").contains("NotADirectory"), "{e:?}");
         assert_eq!(fs::read_dir(host.join("units")).unwrap().count(), 1);
         // Made to exist inside (as the LC would see it): the writes go there.
         fs::create_dir_all(root.join(host.join("units").strip_prefix("/").unwrap())).unwrap();
-        let i = install(&lc, "lc2", "1", &[], &[], &host.join("agent-bin")).unwrap();
+        let i = install(&lc, "lc2", "1", &[], &[], &[], &host.join("agent-bin")).unwrap();
         assert_eq!(i.script, Path::new("/").join(UNIT_FILE));
         assert_eq!(fs::read_dir(host.join("units")).unwrap().count(), 1);
         assert_eq!(
@@ -235,10 +236,10 @@ mod tests {
         fs::write(sysv.join("sbin/init"), "sysvinit").unwrap();
         fs::write(sysv.join("etc/init.d/.depend.boot"), "TARGETS = x").unwrap();
         let lc = LcRoot::open(&sysv).unwrap();
-        let e = install(&lc, "lc2", "1", &[], &[], &agent).unwrap_err();
+        let e = install(&lc, "lc2", "1", &[], &[], &[], &agent).unwrap_err();
         assert!(matches!(e, InstallError::ParallelBoot(_)), "{e:?}");
         fs::write(sysv.join(LEGACY_ORDERING), "").unwrap();
-        let i = install(&lc, "lc2", "1", &[], &[], &agent).unwrap();
+        let i = install(&lc, "lc2", "1", &[], &[], &[], &agent).unwrap();
         assert_eq!(i.script, Path::new("/").join(INIT_SCRIPT));
         assert_eq!(
             fs::read_link(sysv.join(RCS_LINK)).unwrap(),
@@ -263,7 +264,7 @@ mod tests {
         fs::write(sd.join("usr/lib/systemd/systemd"), "systemd").unwrap();
         symlink("/lib/systemd/systemd", sd.join("usr/sbin/init")).unwrap();
         let lc = LcRoot::open(&sd).unwrap();
-        let i = install(&lc, "lc2", "1", &[], &[], &agent).unwrap();
+        let i = install(&lc, "lc2", "1", &[], &[], &[], &agent).unwrap();
         assert_eq!(i.script, Path::new("/").join(UNIT_FILE));
         assert!(!sd.join(INIT_SCRIPT).exists());
     }

@@ -73,6 +73,8 @@ pub struct Settings {
     pub agent_binary: PathBuf,
     /// Trusted public keys for bundles.
     pub trusted_keys: Vec<PathBuf>,
+    /// Public keys trusted only for their scope's bundles (`[[bundles.scoped_keys]]`).
+    pub scoped_keys: Vec<patchover_bundle::ScopedKey>,
     pub bundle_limits: patchover_bundle::Limits,
     /// YARA rules directory for step 702 (none: the step is skipped and says so).
     pub yara_rules: Option<PathBuf>,

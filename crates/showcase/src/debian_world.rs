@@ -287,6 +287,7 @@ fn bundle_updates(
                 .collect(),
         },
         output: output.clone(),
+        ..FromAptOptions::default()
     };
     let root = patchover_lcroot::LcRoot::open(sys)
         .with_context(|| format!("opening {lc}'s system disk"))?;

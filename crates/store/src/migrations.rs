@@ -109,6 +109,13 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE feed_state ADD COLUMN index_generated_s INTEGER;
     ALTER TABLE feed_state ADD COLUMN index_expires_s INTEGER;
     "#,
+    // 5: an apt feed keeps one state row per LC (issue 24): the digest of the last set of
+    // updates made into a bundle, and that bundle's id, so the same set is never downloaded
+    // again and a grown set supersedes the pending bundle.
+    r#"
+    ALTER TABLE feed_state ADD COLUMN apt_set TEXT;
+    ALTER TABLE feed_state ADD COLUMN apt_bundle TEXT;
+    "#,
 ];
 
 pub(crate) fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {

@@ -32,6 +32,11 @@ pub struct FeedStateRow {
     /// The signed `expires` time (unix seconds) of that index, if it had one; once past, the
     /// index is refused even when the server answers `304 Not Modified` (freeze).
     pub index_expires_s: Option<i64>,
+    /// An apt feed's row (one per LC): the digest of the last set of updates (the LC's apt
+    /// state and `package=version` list) made into a bundle.
+    pub apt_set: Option<String>,
+    /// The bundle made of that set.
+    pub apt_bundle: Option<String>,
 }
 
 fn feed_row(r: &Row<'_>) -> rusqlite::Result<FeedStateRow> {
@@ -47,10 +52,12 @@ fn feed_row(r: &Row<'_>) -> rusqlite::Result<FeedStateRow> {
         last_error: r.get(8)?,
         index_generated_s: r.get(9)?,
         index_expires_s: r.get(10)?,
+        apt_set: r.get(11)?,
+        apt_bundle: r.get(12)?,
     })
 }
 
-const FEED_COLS: &str = "feed, url, etag, last_modified, last_checked_ms, last_ok_ms, failures, next_attempt_ms, last_error, index_generated_s, index_expires_s";
+const FEED_COLS: &str = "feed, url, etag, last_modified, last_checked_ms, last_ok_ms, failures, next_attempt_ms, last_error, index_generated_s, index_expires_s, apt_set, apt_bundle";
 
 /// A new approval challenge, as the notice mail announces it.
 #[derive(Debug, Clone)]
@@ -139,7 +146,7 @@ impl Store {
         self.conn
             .execute(
                 &format!(
-                    "INSERT OR REPLACE INTO feed_state ({FEED_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                    "INSERT OR REPLACE INTO feed_state ({FEED_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
                 ),
                 params![
                     f.feed,
@@ -152,7 +159,9 @@ impl Store {
                     f.next_attempt_ms,
                     f.last_error,
                     f.index_generated_s,
-                    f.index_expires_s
+                    f.index_expires_s,
+                    f.apt_set,
+                    f.apt_bundle
                 ],
             )
             .map_err(q("save feed state"))?;

@@ -36,7 +36,7 @@ fn resource_table_mirrors_config_and_keeps_roles() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.db");
     let mut s = Store::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), 4);
+    assert_eq!(s.schema_version().unwrap(), 5);
     s.sync_lcs(&config(true).lcs).unwrap();
     assert_eq!(s.lcs().unwrap().len(), 2);
     s.set_role("lc1", Role::Active).unwrap();
@@ -198,6 +198,8 @@ fn feed_state_keeps_the_newest_index_across_reopen() {
         etag: Some("\"e\"".into()),
         index_generated_s: Some(1_794_996_000),
         index_expires_s: Some(1_795_600_800),
+        apt_set: Some("5e7".into()),
+        apt_bundle: Some("apt-0123456789abcdef".into()),
         ..FeedStateRow::default()
     };
     Store::open(&path).unwrap().save_feed_state(&row).unwrap();

@@ -17,6 +17,11 @@
 //! trusted_keys = ["/etc/patchover/keys/vendor-feed.pub"]
 //! ca_file = "/etc/patchover/site-ca.pem"   # optional: instead of the web PKI roots
 //!
+//! [[monitor.feeds]]            # the Debian archive of each active Debian LC
+//! name = "debian"
+//! kind = "apt"
+//! signing_key = "/etc/patchover/keys/apt.key"  # its .pub in [[bundles.scoped_keys]], scope "apt"
+//!
 //! [monitor.smtp]
 //! host = "smtp.example.org"
 //! port = 587
@@ -68,6 +73,23 @@ pub struct FeedConfig {
     pub ca_file: Option<PathBuf>,
 }
 
+/// A `kind = "apt"` feed: each round, the pending Debian updates of each active Debian LC
+/// become a bundle signed with `signing_key`, a key trusted only for such bundles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AptFeedConfig {
+    pub name: String,
+    /// The minisign secret key that signs the bundles; its public key must be listed in
+    /// `[[bundles.scoped_keys]]` with `scope = "apt"` (checked when the monitor starts).
+    pub signing_key: PathBuf,
+    /// The secret key's password (first line), if it has one.
+    pub password_file: Option<PathBuf>,
+    /// The archive as apt lines (`deb [signed-by=K] URI SUITE main`); empty: the host's
+    /// sources for each LC's suite, `-updates` and `-security`.
+    pub sources: Vec<String>,
+    /// Only these LCs (when they are active); empty: every active LC.
+    pub lcs: Vec<String>,
+}
+
 /// An SMTP or IMAP server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MailServer {
@@ -109,6 +131,8 @@ impl MailServer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MonitorConfig {
     pub feeds: Vec<FeedConfig>,
+    /// The `kind = "apt"` feeds.
+    pub apt_feeds: Vec<AptFeedConfig>,
     pub interval: Duration,
     /// Mail only about security patches (all new patches are still registered).
     pub security_only: bool,
@@ -133,6 +157,7 @@ impl Default for MonitorConfig {
     fn default() -> Self {
         MonitorConfig {
             feeds: Vec::new(),
+            apt_feeds: Vec::new(),
             interval: Duration::from_secs(300),
             security_only: false,
             secret_file: None,
@@ -186,13 +211,30 @@ fn feed_url_problem(s: &str) -> Option<String> {
     None
 }
 
+/// What a `[[monitor.feeds]]` entry watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+enum FeedKind {
+    /// A signed index of bundles over HTTP(S).
+    #[default]
+    Index,
+    /// The Debian archive of the active Debian LCs.
+    Apt,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFeed {
     name: Spanned<String>,
-    url: Spanned<String>,
-    trusted_keys: Spanned<Vec<Spanned<PathBuf>>>,
+    #[serde(default)]
+    kind: FeedKind,
+    url: Option<Spanned<String>>,
+    trusted_keys: Option<Spanned<Vec<Spanned<PathBuf>>>>,
     ca_file: Option<Spanned<PathBuf>>,
+    signing_key: Option<Spanned<PathBuf>>,
+    password_file: Option<Spanned<PathBuf>>,
+    sources: Option<Spanned<Vec<String>>>,
+    lcs: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -295,40 +337,105 @@ impl Validator<'_> {
         })
     }
 
-    /// One `[[monitor.feeds]]` entry; `before` are the feeds already read.
-    fn feed(&self, i: usize, f: RawFeed, before: &[FeedConfig]) -> Result<FeedConfig, ConfigError> {
-        let key = format!("monitor.feeds[{i}]");
-        let name = f.name.get_ref();
-        if name.is_empty()
-            || name.len() > 64
-            || !name
+    /// A feed's name: 1-64 of `A-Z a-z 0-9 - _ .`, unique among `before`.
+    fn feed_name(
+        &self,
+        key: &str,
+        name: &Spanned<String>,
+        before: &[String],
+    ) -> Result<(), ConfigError> {
+        let n = name.get_ref();
+        if n.is_empty()
+            || n.len() > 64
+            || !n
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         {
             return Err(self.err(
-                &f.name,
+                name,
                 &format!("{key}.name"),
-                format!("{name:?}: use 1-64 of A-Z a-z 0-9 - _ ."),
+                format!("{n:?}: use 1-64 of A-Z a-z 0-9 - _ ."),
             ));
         }
-        if before.iter().any(|o| &o.name == name) {
+        if before.iter().any(|o| o == n) {
+            return Err(self.err(name, &format!("{key}.name"), format!("{n:?} is used twice")));
+        }
+        Ok(())
+    }
+
+    /// A `kind = "apt"` entry of `[[monitor.feeds]]`.
+    fn apt_feed(&self, key: &str, f: RawFeed) -> Result<AptFeedConfig, ConfigError> {
+        let index_only = [
+            ("url", f.url.as_ref().map(|u| u.span())),
+            ("trusted_keys", f.trusted_keys.as_ref().map(|k| k.span())),
+            ("ca_file", f.ca_file.as_ref().map(|c| c.span())),
+        ];
+        if let Some((k, Some(span))) = index_only.into_iter().find(|(_, s)| s.is_some()) {
             return Err(self.err(
-                &f.name,
-                &format!("{key}.name"),
-                format!("{name:?} is used twice"),
+                &Spanned::new(span, ()),
+                &format!("{key}.{k}"),
+                "an apt feed has no index: it asks the archive of each LC's apt sources (or `sources`); remove the key",
             ));
         }
-        if let Some(m) = feed_url_problem(f.url.get_ref()) {
-            return Err(self.err(&f.url, &format!("{key}.url"), m));
-        }
-        if f.trusted_keys.get_ref().is_empty() {
+        let Some(signing_key) = f.signing_key else {
             return Err(self.err(
-                &f.trusted_keys,
+                &f.name,
+                &format!("{key}.signing_key"),
+                "an apt feed needs signing_key: the minisign secret key that signs its bundles (make one with `patchover bundle keygen`, list its .pub in [[bundles.scoped_keys]] with scope = \"apt\")",
+            ));
+        };
+        self.absolute(&signing_key, &format!("{key}.signing_key"))?;
+        if let Some(p) = &f.password_file {
+            self.absolute(p, &format!("{key}.password_file"))?;
+        }
+        Ok(AptFeedConfig {
+            name: f.name.into_inner(),
+            signing_key: signing_key.into_inner(),
+            password_file: f.password_file.map(Spanned::into_inner),
+            sources: f.sources.map(Spanned::into_inner).unwrap_or_default(),
+            lcs: f.lcs.unwrap_or_default(),
+        })
+    }
+
+    /// One `kind = "index"` entry of `[[monitor.feeds]]`.
+    fn feed(&self, key: &str, f: RawFeed) -> Result<FeedConfig, ConfigError> {
+        let apt_only = [
+            ("signing_key", f.signing_key.as_ref().map(|u| u.span())),
+            ("password_file", f.password_file.as_ref().map(|k| k.span())),
+            ("sources", f.sources.as_ref().map(|c| c.span())),
+        ];
+        if let Some((k, Some(span))) = apt_only.into_iter().find(|(_, s)| s.is_some()) {
+            return Err(self.err(
+                &Spanned::new(span, ()),
+                &format!("{key}.{k}"),
+                "only an apt feed (kind = \"apt\") has this key",
+            ));
+        }
+        let Some(url) = f.url else {
+            return Err(self.err(
+                &f.name,
+                &format!("{key}.url"),
+                "a feed needs url: its signed index (or kind = \"apt\")",
+            ));
+        };
+        let Some(trusted_keys) = f.trusted_keys else {
+            return Err(self.err(
+                &f.name,
+                &format!("{key}.trusted_keys"),
+                "list at least one public key that signs this feed's index",
+            ));
+        };
+        if let Some(m) = feed_url_problem(url.get_ref()) {
+            return Err(self.err(&url, &format!("{key}.url"), m));
+        }
+        if trusted_keys.get_ref().is_empty() {
+            return Err(self.err(
+                &trusted_keys,
                 &format!("{key}.trusted_keys"),
                 "list at least one public key that signs this feed's index",
             ));
         }
-        for p in f.trusted_keys.get_ref() {
+        for p in trusted_keys.get_ref() {
             self.absolute(p, &format!("{key}.trusted_keys"))?;
         }
         if let Some(p) = &f.ca_file {
@@ -336,9 +443,8 @@ impl Validator<'_> {
         }
         Ok(FeedConfig {
             name: f.name.into_inner(),
-            url: f.url.into_inner(),
-            trusted_keys: f
-                .trusted_keys
+            url: url.into_inner(),
+            trusted_keys: trusted_keys
                 .into_inner()
                 .into_iter()
                 .map(Spanned::into_inner)
@@ -353,10 +459,15 @@ impl Validator<'_> {
     ) -> Result<Option<MonitorConfig>, ConfigError> {
         let Some(raw) = raw else { return Ok(None) };
         let d = MonitorConfig::default();
-        let mut feeds = Vec::new();
+        let (mut feeds, mut apt_feeds, mut names) = (Vec::new(), Vec::new(), Vec::new());
         for (i, f) in raw.feeds.into_iter().enumerate() {
-            let feed = self.feed(i, f, &feeds)?;
-            feeds.push(feed);
+            let key = format!("monitor.feeds[{i}]");
+            self.feed_name(&key, &f.name, &names)?;
+            names.push(f.name.get_ref().clone());
+            match f.kind {
+                FeedKind::Index => feeds.push(self.feed(&key, f)?),
+                FeedKind::Apt => apt_feeds.push(self.apt_feed(&key, f)?),
+            }
         }
         if let Some(p) = &raw.secret_file {
             self.absolute(p, "monitor.secret_file")?;
@@ -425,6 +536,7 @@ impl Validator<'_> {
             .transpose()?;
         Ok(Some(MonitorConfig {
             feeds,
+            apt_feeds,
             interval: interval.map_or(d.interval, Duration::from_secs),
             security_only: raw.security_only,
             secret_file: raw.secret_file.map(Spanned::into_inner),

@@ -18,12 +18,39 @@ use super::{ConfigError, Validator};
 /// The validated `[bundles]` section.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BundlesSection {
-    /// Public key files (minisign format) whose signatures are trusted.
+    /// Public key files (minisign format) whose signatures are trusted for any bundle.
     pub trusted_keys: Vec<PathBuf>,
+    /// `[[bundles.scoped_keys]]`: public key files trusted only for one kind of bundle.
+    pub scoped_keys: Vec<ScopedKey>,
     /// `max_bundle_mib` in bytes, when set.
     pub max_bundle_bytes: Option<u64>,
     /// `max_unpacked_mib` in bytes, when set.
     pub max_unpacked_bytes: Option<u64>,
+}
+
+/// What a scoped key may sign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyScope {
+    /// Only bundles of the shape `bundle from-apt` makes: Debian packages from the archive,
+    /// the space check and `dpkg -i` of packages configured together; `package_version`
+    /// checks. No other script, diff, file or check (`patchover_bundle::aptshape`).
+    Apt,
+}
+
+impl std::fmt::Display for KeyScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyScope::Apt => f.write_str("apt"),
+        }
+    }
+}
+
+/// A `[[bundles.scoped_keys]]` entry: a public key trusted only for its scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopedKey {
+    pub path: PathBuf,
+    pub scope: KeyScope,
 }
 
 /// The validated `[yara]` section: the malware check before the copy (seed step 702).
@@ -109,8 +136,17 @@ pub fn parse_token_hash(s: &str) -> Option<[u8; 32]> {
 pub(super) struct RawBundles {
     #[serde(default)]
     trusted_keys: Vec<Spanned<PathBuf>>,
+    #[serde(default)]
+    scoped_keys: Vec<RawScopedKey>,
     max_bundle_mib: Option<Spanned<u64>>,
     max_unpacked_mib: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScopedKey {
+    path: Spanned<PathBuf>,
+    scope: KeyScope,
 }
 
 #[derive(Deserialize)]
@@ -159,6 +195,24 @@ impl Validator<'_> {
         for p in &raw.trusted_keys {
             self.absolute(p, "bundles.trusted_keys")?;
         }
+        for (i, k) in raw.scoped_keys.iter().enumerate() {
+            let key = format!("bundles.scoped_keys[{i}].path");
+            self.absolute(&k.path, &key)?;
+            if raw
+                .trusted_keys
+                .iter()
+                .any(|p| p.get_ref() == k.path.get_ref())
+            {
+                return Err(self.err(
+                    &k.path,
+                    &key,
+                    format!(
+                        "{} is also in bundles.trusted_keys, where it is trusted for every bundle: list it in one place",
+                        k.path.get_ref().display()
+                    ),
+                ));
+            }
+        }
         let mib = |key: &str, v: Option<Spanned<u64>>| -> Result<Option<u64>, ConfigError> {
             match v {
                 None => Ok(None),
@@ -175,6 +229,14 @@ impl Validator<'_> {
                 .trusted_keys
                 .into_iter()
                 .map(|p| p.into_inner())
+                .collect(),
+            scoped_keys: raw
+                .scoped_keys
+                .into_iter()
+                .map(|k| ScopedKey {
+                    path: k.path.into_inner(),
+                    scope: k.scope,
+                })
                 .collect(),
         })
     }

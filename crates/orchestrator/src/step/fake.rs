@@ -477,6 +477,7 @@ nic = [{{ name = "eth0", address = "10.9.0.{n}/24" }}]
             },
             agent_binary: agent,
             trusted_keys: Vec::new(),
+            scoped_keys: Vec::new(),
             bundle_limits: patchover_bundle::Limits::default(),
             yara_rules: None,
             report_timeout: Duration::from_secs(2),

@@ -17,6 +17,7 @@ pub(super) fn run(
             &run.id().to_string(),
             &run.bundles,
             &o.settings.trusted_keys,
+            &o.settings.scoped_keys,
             &o.settings.agent_binary,
         )?)
     })?;

@@ -107,6 +107,7 @@ pub fn run(cmd: BundleCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 security_only,
                 packages,
                 output,
+                ..Default::default()
             };
             let disk = &spec.system_disk;
             let image = disk.kind == patchover_core::DiskKind::Image;

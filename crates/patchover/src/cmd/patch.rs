@@ -77,6 +77,7 @@ pub fn settings_for(env: &Env, report_timeout: u64) -> anyhow::Result<Settings> 
         service: env.config.service.clone(),
         agent_binary: patchover_image::guest_binary("patchover-agent")?,
         trusted_keys: bundles.trusted_keys,
+        scoped_keys: bundles.scoped_keys,
         bundle_limits: bundles.limits,
         yara_rules: env.config.yara.as_ref().map(|y| y.rules.clone()),
         report_timeout: Duration::from_secs(report_timeout),
