@@ -449,9 +449,11 @@ impl Held for FakeHeld {
         let mut m = self.net.m();
         m.call("release".into(), true)
             .map_err(|e| HoldError::Reader(io(e)))?;
+        let now = Instant::now();
         Ok(HoldStats {
             held: m.held,
-            released_at: Instant::now(),
+            released_at: now,
+            let_go_at: now,
             primed: m.held,
         })
     }

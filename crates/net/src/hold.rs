@@ -30,8 +30,8 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -100,8 +100,11 @@ const BRNF: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
 pub struct HoldStats {
     /// SYNs that were held and released.
     pub held: usize,
-    /// When held SYNs were let go (the end of the pause; removing the rule comes after).
+    /// When the release began (removing the rule comes after).
     pub released_at: Instant,
+    /// When the last held SYN was let go, the standby primed before (the end of the pause):
+    /// `released_at` when none was held.
+    pub let_go_at: Instant,
     /// Clients announced to the standby before the release ([`Prime`]).
     pub primed: usize,
 }
@@ -113,6 +116,7 @@ pub struct SynHold {
     state: Arc<AtomicU8>,
     held: Arc<AtomicUsize>,
     primed: Arc<AtomicUsize>,
+    let_go: Arc<Mutex<Option<Instant>>>,
     reader: Option<JoinHandle<std::io::Result<()>>>,
     prev_brnf: Option<String>,
     rule_installed: bool,
@@ -134,6 +138,7 @@ impl SynHold {
         let state = Arc::new(AtomicU8::new(HOLDING));
         let held = Arc::new(AtomicUsize::new(0));
         let primed = Arc::new(AtomicUsize::new(0));
+        let let_go = Arc::new(Mutex::new(None));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let reader = {
             let netns = netns.map(Path::to_path_buf);
@@ -141,6 +146,7 @@ impl SynHold {
             let counts = Counts {
                 held: held.clone(),
                 primed: primed.clone(),
+                let_go: let_go.clone(),
             };
             std::thread::Builder::new()
                 .name("po-synhold".into())
@@ -185,6 +191,7 @@ impl SynHold {
             state,
             held,
             primed,
+            let_go,
             reader: Some(reader),
             prev_brnf: None,
             rule_installed: false,
@@ -256,6 +263,12 @@ impl SynHold {
             None => Ok(HoldStats {
                 held: self.held.load(Ordering::SeqCst),
                 released_at,
+                let_go_at: self
+                    .let_go
+                    .lock()
+                    .ok()
+                    .and_then(|t| *t)
+                    .map_or(released_at, |t| t.max(released_at)),
                 primed: self.primed.load(Ordering::SeqCst),
             }),
         }
@@ -374,6 +387,8 @@ fn verdict_for_a_packet_gone(e: &std::io::Error) -> bool {
 struct Counts {
     held: Arc<AtomicUsize>,
     primed: Arc<AtomicUsize>,
+    /// When the held SYNs were let go.
+    let_go: Arc<Mutex<Option<Instant>>>,
 }
 
 /// The standby's port, opened before the pause.
@@ -484,6 +499,9 @@ impl HeldSyns {
                 m.set_verdict(nfq::Verdict::Accept);
                 q.verdict(m)?;
             }
+        }
+        if let Ok(mut t) = counts.let_go.lock() {
+            *t = Some(Instant::now());
         }
         // What is left is superseded.
         for mut m in self.held.drain(..).flatten() {

@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 use crate::testbed::{PORT, Testbed, TestbedError};
 use patchover_net::garp;
 use patchover_net::rtnl::Rtnl;
-use patchover_net::switch::{BoxError, Endpoint, Hooks, Mode, ServiceControl, SwitchPlan, switch};
+use patchover_net::switch::{
+    BoxError, Endpoint, Hooks, Mode, Phase, ServiceControl, SwitchPlan, switch,
+};
 
 /// The benchmark could not run.
 #[derive(Debug, thiserror::Error)]
@@ -75,25 +77,71 @@ impl Default for BenchConfig {
     }
 }
 
-/// Min, median and max of a per-switch figure in milliseconds.
+/// Min, median, 99th percentile and max of a per-switch figure in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Spread {
     pub min: f64,
     pub p50: f64,
+    /// Nearest rank: below 100 switches this is the largest but one only from 100 on.
+    #[serde(default)]
+    pub p99: f64,
     pub max: f64,
 }
 
 impl Spread {
-    fn of(mut v: Vec<f64>) -> Spread {
+    pub fn of(mut v: Vec<f64>) -> Spread {
         if v.is_empty() {
             return Spread::default();
         }
         v.sort_by(f64::total_cmp);
+        let rank = |q: f64| ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
         Spread {
             min: v[0],
             p50: v[v.len() / 2],
+            p99: v[rank(0.99)],
             max: v[v.len() - 1],
         }
+    }
+}
+
+/// One phase of the switches of a case ([`patchover_net::switch::phase`]), over its switches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseSpread {
+    pub name: String,
+    pub ms: Spread,
+}
+
+/// Each phase's spread over the switches, in the order the phases ran.
+fn phase_spreads(switches: &[Vec<Phase>]) -> Vec<PhaseSpread> {
+    let mut names: Vec<&str> = Vec::new();
+    for p in switches.iter().flatten() {
+        if !names.contains(&p.name.as_str()) {
+            names.push(&p.name);
+        }
+    }
+    names
+        .into_iter()
+        .map(|name| PhaseSpread {
+            name: name.to_owned(),
+            ms: Spread::of(
+                switches
+                    .iter()
+                    .map(|ps| ps.iter().filter(|p| p.name == name).map(|p| p.ms).sum())
+                    .collect(),
+            ),
+        })
+        .collect()
+}
+
+/// The goal of issue 26 for the paused modes: pause p99 at most this, nothing failed.
+pub const PAUSE_P99_GOAL_MS: f64 = 10.0;
+
+impl CaseResult {
+    /// Whether a paused mode's case met its goal ([`PAUSE_P99_GOAL_MS`], 0 failed); `None` for
+    /// cases without a pause goal.
+    pub fn pause_goal_met(&self) -> Option<bool> {
+        matches!(self.case.as_str(), "path" | "readdress")
+            .then(|| self.failed == 0 && self.pause_ms.p99 <= PAUSE_P99_GOAL_MS)
     }
 }
 
@@ -117,6 +165,10 @@ pub struct CaseResult {
     pub outage_ms: Spread,
     /// Pause reported by the switcher (held connections), per switch.
     pub pause_ms: Spread,
+    /// Where each switch's time went, phase by phase (the switcher's report), over the
+    /// switches: in `path`/`readdress` the pause is the phases from `drain` to `release`.
+    #[serde(default)]
+    pub phases: Vec<PhaseSpread>,
     pub drain_ms: Spread,
     pub first_request_ms: Spread,
     pub achieved_rate: f64,
@@ -208,6 +260,7 @@ struct Window {
     pause_ms: Option<f64>,
     drain_ms: Option<f64>,
     first_ms: Option<f64>,
+    phases: Vec<Phase>,
 }
 
 #[derive(Clone, Copy)]
@@ -302,6 +355,7 @@ fn run_case(cfg: &BenchConfig, case: Case, conns: ConnMode) -> Result<CaseResult
             std::thread::sleep(w);
         }
         let t_start = Instant::now();
+        let mut phases = Vec::new();
         let (pause, drain, first) = match case {
             Case::Mode(_) => {
                 let plan = tb.plan(i % 2 == 0);
@@ -319,6 +373,7 @@ fn run_case(cfg: &BenchConfig, case: Case, conns: ConnMode) -> Result<CaseResult
                     // Detach: the refresh skips itself when a later switch moved the address.
                     drop(h);
                 }
+                phases = sw.report.phases.clone();
                 (
                     Some(sw.report.pause_ms),
                     Some(sw.report.drain_ms),
@@ -374,6 +429,7 @@ fn run_case(cfg: &BenchConfig, case: Case, conns: ConnMode) -> Result<CaseResult
             pause_ms: pause,
             drain_ms: drain,
             first_ms: first,
+            phases,
         });
     }
     let report = load.join().map_err(|_| BenchError::Panicked)??;
@@ -423,6 +479,7 @@ fn run_case(cfg: &BenchConfig, case: Case, conns: ConnMode) -> Result<CaseResult
         pause_ms: Spread::of(windows.iter().filter_map(|w| w.pause_ms).collect()),
         drain_ms: Spread::of(windows.iter().filter_map(|w| w.drain_ms).collect()),
         first_request_ms: Spread::of(windows.iter().filter_map(|w| w.first_ms).collect()),
+        phases: phase_spreads(&windows.iter().map(|w| w.phases.clone()).collect::<Vec<_>>()),
         achieved_rate: report.achieved_rate,
         profile: profile(
             &report.samples,
@@ -640,6 +697,23 @@ mod tests {
     #[test]
     fn spread_sorts() {
         let s = Spread::of(vec![3.0, 1.0, 2.0]);
-        assert_eq!((s.min, s.p50, s.max), (1.0, 2.0, 3.0));
+        assert_eq!((s.min, s.p50, s.p99, s.max), (1.0, 2.0, 3.0, 3.0));
+        // Nearest rank: of 200 switches, the 198th.
+        let s = Spread::of((1..=200).map(f64::from).collect());
+        assert_eq!((s.p50, s.p99, s.max), (101.0, 198.0, 200.0));
+    }
+
+    #[test]
+    fn phases_spread_by_name_in_the_order_they_ran() {
+        let ph = |n: &str, ms: f64| Phase { name: n.into(), ms };
+        let s = phase_spreads(&[
+            vec![ph("drain", 1.0), ph("move", 4.0)],
+            vec![ph("drain", 3.0), ph("window", 2.0), ph("move", 2.0)],
+        ]);
+        let names: Vec<&str> = s.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["drain", "move", "window"]);
+        assert_eq!((s[0].ms.min, s[0].ms.max), (1.0, 3.0));
+        // A switch without the phase counts 0 for it.
+        assert_eq!((s[2].ms.min, s[2].ms.max), (0.0, 2.0));
     }
 }

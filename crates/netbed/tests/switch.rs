@@ -121,8 +121,11 @@ fn under_load_via(mode: Mode, conns: ConnMode, switches: usize, agent: bool) {
             service: &mut svc,
             in_window: &mut window,
         };
+        let t = std::time::Instant::now();
         let sw = switch(&plan, &mut hooks).unwrap_or_else(|e| panic!("switch {i}: {e:?}"));
+        let took_ms = t.elapsed().as_secs_f64() * 1000.0;
         assert_eq!(who_serves(&tb), plan.to.identity, "after switch {i}");
+        phases_add_up(&sw.report, took_ms);
         reports.push(sw.report);
         std::thread::sleep(gap);
     }
@@ -137,9 +140,18 @@ fn under_load_via(mode: Mode, conns: ConnMode, switches: usize, agent: bool) {
         r.summary.latency.max_ms
     );
     for rep in &reports {
+        let phases: Vec<String> = rep
+            .phases
+            .iter()
+            .map(|p| format!("{} {:.2}", p.name, p.ms))
+            .collect();
         eprintln!(
-            "  pause {:.2} ms drain {:.2} ms first request {:.2} ms held {}",
-            rep.pause_ms, rep.drain_ms, rep.first_request_ms, rep.held_syns
+            "  pause {:.2} ms drain {:.2} ms first request {:.2} ms held {} phases: {}",
+            rep.pause_ms,
+            rep.drain_ms,
+            rep.first_request_ms,
+            rep.held_syns,
+            phases.join(", ")
         );
     }
     assert!(
@@ -159,6 +171,29 @@ fn under_load_via(mode: Mode, conns: ConnMode, switches: usize, agent: bool) {
     for rep in &reports {
         // The goal is 50 ms (checked by `patchover bench switch`); CI machines are noisy.
         assert!(rep.pause_ms < 500.0, "pause {} ms", rep.pause_ms);
+    }
+}
+
+/// Issue 26: a switch's phases are named, each once, and add up: together at most the switch
+/// took (`took_ms`, measured around it), and in `path`/`readdress` the pause is exactly the
+/// phases from the drain to the release.
+fn phases_add_up(r: &patchover_net::SwitchReport, took_ms: f64) {
+    use patchover_net::switch::phase::{CHECK, DRAIN, HOLD, MOVE, PREPARE, RELEASE, WINDOW};
+    let names: Vec<&str> = r.phases.iter().map(|p| p.name.as_str()).collect();
+    let want: &[&str] = match r.mode {
+        Mode::Path | Mode::Readdress => &[PREPARE, HOLD, DRAIN, WINDOW, MOVE, CHECK, RELEASE],
+        Mode::Seamless => &[PREPARE, MOVE, CHECK, DRAIN, WINDOW],
+    };
+    assert_eq!(names, want, "{r:?}");
+    assert!(r.phases.iter().all(|p| p.ms >= 0.0), "{r:?}");
+    let all: f64 = r.phases.iter().map(|p| p.ms).sum();
+    assert!(
+        all <= took_ms,
+        "phases {all} ms of a switch of {took_ms} ms: {r:?}"
+    );
+    if r.mode != Mode::Seamless {
+        let paused: f64 = r.phases[2..].iter().map(|p| p.ms).sum();
+        assert!((paused - r.pause_ms).abs() < 1e-6, "{r:?}");
     }
 }
 

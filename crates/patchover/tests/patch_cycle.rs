@@ -100,6 +100,11 @@ fn patch_under_load_then_roll_back() {
             "stop_old"
         ]
     );
+    eprintln!(
+        "switch: pause {} ms; {}",
+        report["pause_ms"],
+        common::cycle::switch_phases(&runs)
+    );
 
     // Hours later: hand the service back, under load, with the writes made since.
     let (_, acked2) = run_under_load(&c, &client, LOAD_DEADLINE, SETTLE, 50, &["rollback", &a]);

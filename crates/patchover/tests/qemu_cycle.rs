@@ -65,6 +65,12 @@ fn qemu_patch_under_load_then_roll_back() {
     };
     assert_eq!(detail("copy_system_disk")["mirror"], true, "{run:#}");
     assert_eq!(detail("switch")["mode"], "readdress", "{run:#}");
+    // The same phases as an ns LC's switch (patch_cycle), so emulation's cost shows by phase.
+    eprintln!(
+        "switch: pause {} ms; {}",
+        detail("switch")["pause_ms"],
+        common::cycle::switch_phases(&run)
+    );
     assert_eq!(
         c.t.po_json(&["lc", "status", &a])["state"],
         "stopped",

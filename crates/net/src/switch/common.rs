@@ -122,19 +122,7 @@ impl<'a> Ctx<'a> {
 
     /// This switch's report with every figure zero (the modes fill in theirs).
     pub(super) fn report(&self) -> SwitchReport {
-        SwitchReport {
-            mode: self.plan.mode,
-            from: self.plan.from.name.clone(),
-            to: self.plan.to.name.clone(),
-            pause_ms: 0.0,
-            drain_ms: 0.0,
-            leftover_connections: 0,
-            first_request_ms: 0.0,
-            window_ms: 0.0,
-            held_syns: 0,
-            primed_neighbours: 0,
-            garp_sent: 0,
-        }
+        SwitchReport::new(self.plan.mode, &self.plan.from.name, &self.plan.to.name)
     }
 
     /// Opens everything the pause needs, so the pause only does the switching itself: netlink

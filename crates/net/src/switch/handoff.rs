@@ -6,12 +6,13 @@
 //! standby. No SYN is held; requests that reach the old LC while it is parked wait for the
 //! forward.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::health::{self, Inside};
 use crate::network::NftChange;
 
 use super::common::{BACKGROUND_DRAIN_POLL, Ctx};
+use super::phase::{CHECK, DRAIN, HOLD, Laps, MOVE, PREPARE, RELEASE, WINDOW};
 use super::{BoxError, Hooks, RunOn, SwitchError, SwitchReport, Switched, ms, rolled_back};
 
 fn hook(hook: &'static str) -> impl FnOnce(BoxError) -> SwitchError {
@@ -51,8 +52,10 @@ pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
     let plan = ctx.plan;
     let s = plan.service.addr;
     let (old, new) = (plan.from.address.addr, plan.to.address.addr);
+    let mut laps = Laps::starting(ctx.t0);
     ctx.ready()?;
-    let t_park = Instant::now();
+    laps.lap(PREPARE);
+    let t_park = laps.mark();
     if let Err(e) = hooks.service.park(&plan.from) {
         let rb = match hooks.service.unpark(&plan.from) {
             Ok(()) => Vec::new(),
@@ -62,11 +65,13 @@ pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
     }
     // Until the clients' NAT moves, a failure puts everything back: the standby has served
     // nobody but the switcher's check, so the old LC's data is still the whole truth.
-    let tw = Instant::now();
+    laps.lap(HOLD);
+    let tw = laps.mark();
     if let Err(e) = (hooks.in_window)(plan) {
         return Err(unpark(ctx, hooks, hook("in_window")(e), Vec::new()));
     }
-    let window = tw.elapsed();
+    laps.lap(WINDOW);
+    let window = laps.mark().saturating_duration_since(tw);
     // The standby answered its own address (checked before the pause, and here once after).
     let hc = plan.health.expecting(&plan.to.identity);
     let run = RunOn {
@@ -94,6 +99,7 @@ pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
         let rb = nat_back(ctx);
         return Err(unpark(ctx, hooks, cause, rb));
     }
+    laps.lap(CHECK);
     let all = NftChange::ServiceNat {
         service: s,
         target: new,
@@ -102,6 +108,7 @@ pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
         let rb = nat_back(ctx);
         return Err(unpark(ctx, hooks, e.into(), rb));
     }
+    laps.lap(MOVE);
     let first = ctx.t0.elapsed();
     // From here the standby serves clients: the old service must never serve again. A failed
     // forward leaves it parked (its held requests fail when the old LC stops) — reported,
@@ -115,7 +122,8 @@ pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
         std::thread::sleep(Duration::from_millis(50));
         forward = hooks.service.forward(&plan.from, to);
     }
-    let pause = t_park.elapsed();
+    laps.lap(RELEASE);
+    let pause = laps.mark().saturating_duration_since(t_park);
     if let Err(e) = &forward {
         tracing::error!(from = %plan.from.name, error = %e, "the old service did not take the forward; its held requests will fail");
     }
@@ -124,6 +132,7 @@ pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
         tracing::warn!(left, from = %plan.from.name, "old LC still has connections at the drain deadline");
     }
     ctx.net.forget_udp_flows(old);
+    laps.lap(DRAIN);
     if let Err(e) = forward {
         return Err(hook("forward")(e));
     }
@@ -134,6 +143,7 @@ pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
             leftover_connections: left,
             first_request_ms: ms(first),
             window_ms: ms(window),
+            phases: laps.into_phases(),
             ..ctx.report()
         },
         refresh: None,
@@ -177,6 +187,17 @@ mod tests {
             ]
         );
         assert!(sw.report.pause_ms > 0.0);
+        let r = &sw.report;
+        let names: Vec<&str> = r.phases.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "prepare", "hold", "window", "check", "move", "release", "drain"
+            ]
+        );
+        // The pause: from the park to the forward.
+        let paused: f64 = r.phases[1..6].iter().map(|p| p.ms).sum();
+        assert!((paused - r.pause_ms).abs() < 1e-6, "{r:?}");
         assert_eq!(bed.net.nat(), (ip("10.0.0.3"), ip("10.0.0.3")));
         assert_eq!(bed.net.holder().as_deref(), Some("b"));
     }

@@ -37,6 +37,7 @@ mod common;
 mod handoff;
 mod path;
 mod paused;
+pub mod phase;
 mod readdress;
 mod seamless;
 #[cfg(test)]
@@ -44,6 +45,7 @@ mod testing;
 
 use common::Ctx;
 pub use common::check_through;
+pub use phase::{Laps, Phase};
 
 /// An error from a hook the orchestrator passed in.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -282,6 +284,32 @@ pub struct SwitchReport {
     pub primed_neighbours: usize,
     /// Gratuitous ARP frames sent in the first burst.
     pub garp_sent: u32,
+    /// Where the time went, phase by phase from the decision on ([`phase`]): consecutive,
+    /// so they add up; in `path`/`readdress` the pause is the phases from `drain` to
+    /// `release`.
+    #[serde(default)]
+    pub phases: Vec<Phase>,
+}
+
+impl SwitchReport {
+    /// The report of a switch of `mode` from `from` to `to` with every figure zero (each mode
+    /// fills in its own).
+    pub fn new(mode: Mode, from: &str, to: &str) -> SwitchReport {
+        SwitchReport {
+            mode,
+            from: from.to_owned(),
+            to: to.to_owned(),
+            pause_ms: 0.0,
+            drain_ms: 0.0,
+            leftover_connections: 0,
+            first_request_ms: 0.0,
+            window_ms: 0.0,
+            held_syns: 0,
+            primed_neighbours: 0,
+            garp_sent: 0,
+            phases: Vec::new(),
+        }
+    }
 }
 
 /// The result of a successful switch: the report and the pending ARP refreshes.

@@ -1,12 +1,13 @@
 //! `path` and `readdress` (seed fig. 13–17): hold new connections, drain the old LC, run the
 //! window, move, check, release. What differs between the two is a [`Move`].
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::hold::Prime;
 use crate::network::HoldSpec;
 
 use super::common::{Ctx, PAUSED_DRAIN_POLL};
+use super::phase::{CHECK, DRAIN, HOLD, Laps, MOVE, PREPARE, RELEASE, WINDOW};
 use super::{Hooks, SwitchError, SwitchReport, Switched, ms, rolled_back};
 
 /// What a paused mode does around the shared sequence.
@@ -49,8 +50,10 @@ pub(super) fn run(
     hooks: &mut Hooks<'_>,
 ) -> Result<Switched, SwitchError> {
     let plan = ctx.plan;
+    let mut laps = Laps::starting(ctx.t0);
     ctx.ready()?;
     let mark = mode.before_hold(ctx)?;
+    laps.lap(PREPARE);
     // The standby learns the held clients' MACs before it answers them (see `hold`).
     let hold = ctx.net.hold(&HoldSpec {
         service: plan.service.addr,
@@ -63,17 +66,20 @@ pub(super) fn run(
             service: plan.service,
         }),
     })?;
-    let t_hold = Instant::now();
+    laps.lap(HOLD);
+    let t_hold = laps.mark();
     tracing::debug!(hold_ms = ms(ctx.t0.elapsed()), "holding new connections");
     let mut moved = false;
-    match in_pause(ctx, mode, hooks, t_hold, &mut moved) {
+    match in_pause(ctx, mode, hooks, &mut laps, &mut moved) {
         Ok(w) => {
             let stats = hold.release()?;
-            let pause = stats.released_at.duration_since(t_hold);
+            laps.lap_at(RELEASE, stats.let_go_at);
+            let pause = stats.let_go_at.saturating_duration_since(t_hold);
             let refresh = mode.after_release(ctx)?;
             Ok(Switched {
                 report: SwitchReport {
                     pause_ms: ms(pause),
+                    phases: laps.into_phases(),
                     drain_ms: ms(w.drain),
                     first_request_ms: ms(w.first),
                     window_ms: ms(w.window),
@@ -105,14 +111,15 @@ pub(super) fn run(
     }
 }
 
-/// Everything while new connections are held: drain, window, move, check.
+/// Everything while new connections are held: drain, window, move, check, each a lap.
 fn in_pause(
     ctx: &Ctx<'_>,
     mode: &dyn Move,
     hooks: &mut Hooks<'_>,
-    t_hold: Instant,
+    laps: &mut Laps,
     moved: &mut bool,
 ) -> Result<Window, SwitchError> {
+    let t_hold = laps.mark();
     let plan = ctx.plan;
     hooks
         .service
@@ -122,6 +129,7 @@ fn in_pause(
             source,
         })?;
     let (drain, left) = ctx.wait_drained(PAUSED_DRAIN_POLL);
+    laps.lap(DRAIN);
     tracing::debug!(at_ms = ms(t_hold.elapsed()), "drained");
     if left > 0 {
         return Err(SwitchError::DrainTimeout {
@@ -130,16 +138,19 @@ fn in_pause(
             deadline: plan.drain_deadline,
         });
     }
-    let tw = Instant::now();
+    let tw = laps.mark();
     (hooks.in_window)(plan).map_err(|source| SwitchError::Hook {
         hook: "in_window",
         source,
     })?;
-    let window = tw.elapsed();
+    laps.lap(WINDOW);
+    let window = laps.mark().saturating_duration_since(tw);
     *moved = true;
     let garp_sent = mode.move_service(ctx, true)?;
+    laps.lap(MOVE);
     tracing::debug!(at_ms = ms(t_hold.elapsed()), "moved");
     ctx.check_to()?;
+    laps.lap(CHECK);
     tracing::debug!(at_ms = ms(t_hold.elapsed()), "checked");
     Ok(Window {
         drain,
@@ -147,4 +158,28 @@ fn in_pause(
         garp_sent,
         first: ctx.t0.elapsed(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Mode;
+    use super::super::phase::{CHECK, DRAIN, HOLD, MOVE, PREPARE, RELEASE, WINDOW};
+    use super::super::testing::bed;
+
+    #[test]
+    fn the_pause_is_its_phases_from_the_drain_to_the_release() {
+        for mode in [Mode::Path, Mode::Readdress] {
+            let r = bed(mode).switch().unwrap().report;
+            let names: Vec<&str> = r.phases.iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(
+                names,
+                [PREPARE, HOLD, DRAIN, WINDOW, MOVE, CHECK, RELEASE],
+                "{mode}"
+            );
+            assert!(r.phases.iter().all(|p| p.ms >= 0.0), "{mode}: {r:?}");
+            let paused: f64 = r.phases[2..].iter().map(|p| p.ms).sum();
+            assert!((paused - r.pause_ms).abs() < 1e-6, "{mode}: {r:?}");
+            assert_eq!(r.phase_ms(WINDOW), Some(r.window_ms), "{mode}");
+        }
+    }
 }

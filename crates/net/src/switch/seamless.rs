@@ -6,6 +6,7 @@
 use crate::network::NftChange;
 
 use super::common::{BACKGROUND_DRAIN_POLL, Ctx};
+use super::phase::{CHECK, DRAIN, Laps, MOVE, PREPARE, WINDOW};
 use super::{Hooks, SwitchError, SwitchReport, Switched, ms, rolled_back};
 
 /// The live path before a `seamless` switch: the NAT points at the old LC.
@@ -38,8 +39,11 @@ fn move_nat(ctx: &Ctx<'_>, forward: bool) -> Result<(), SwitchError> {
 pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, SwitchError> {
     let plan = ctx.plan;
     // Runs at low priority (entered in `switch`).
+    let mut laps = Laps::starting(ctx.t0);
     ctx.ready()?;
+    laps.lap(PREPARE);
     move_nat(ctx, true)?;
+    laps.lap(MOVE);
     if let Err(cause) = ctx.check_to() {
         let mut rb = Vec::new();
         if let Err(e) = move_nat(ctx, false) {
@@ -47,6 +51,7 @@ pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
         }
         return Err(rolled_back(plan, cause, rb));
     }
+    laps.lap(CHECK);
     let first = ctx.t0.elapsed();
     hooks
         .service
@@ -60,17 +65,20 @@ pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
         tracing::warn!(left, from = %plan.from.name, "old LC still has connections at the drain deadline");
     }
     ctx.net.forget_udp_flows(plan.from.address.addr);
-    let tw = std::time::Instant::now();
+    laps.lap(DRAIN);
+    let tw = laps.mark();
     (hooks.in_window)(plan).map_err(|source| SwitchError::Hook {
         hook: "in_window",
         source,
     })?;
+    laps.lap(WINDOW);
     Ok(Switched {
         report: SwitchReport {
             drain_ms: ms(drain),
             leftover_connections: left,
             first_request_ms: ms(first),
-            window_ms: ms(tw.elapsed()),
+            window_ms: ms(laps.mark().saturating_duration_since(tw)),
+            phases: laps.into_phases(),
             ..ctx.report()
         },
         refresh: None,
@@ -106,6 +114,8 @@ mod tests {
             ]
         );
         assert_eq!(sw.report.pause_ms, 0.0);
+        let names: Vec<&str> = sw.report.phases.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["prepare", "move", "check", "drain", "window"]);
         assert_eq!(sw.report.leftover_connections, 0);
         assert_eq!(bed.net.holder().as_deref(), Some("b"));
     }

@@ -615,19 +615,7 @@ nic = [{{ name = "eth0", address = "10.9.0.{n}/24" }}]
 
     /// A switch's report with every figure zero.
     pub fn switch_report(&self) -> patchover_net::SwitchReport {
-        patchover_net::SwitchReport {
-            mode: self.run.req.mode,
-            from: "lc1".into(),
-            to: "lc2".into(),
-            pause_ms: 0.0,
-            drain_ms: 0.0,
-            leftover_connections: 0,
-            first_request_ms: 0.0,
-            window_ms: 0.0,
-            held_syns: 0,
-            primed_neighbours: 0,
-            garp_sent: 0,
-        }
+        patchover_net::SwitchReport::new(self.run.req.mode, "lc1", "lc2")
     }
 
     pub fn role(&self, lc: &str) -> Role {

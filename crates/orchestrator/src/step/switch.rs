@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use patchover_core::LcSpec;
 use patchover_lc::{LcBackend, Stdio};
+use patchover_net::switch::phase::{ATTACH, FREEZE, LAST_CATCH_UP, RESTART, STOP, WINDOW};
+use patchover_net::switch::{Laps, Phase};
 use patchover_net::{BoxError, Endpoint, HealthCheck, Hooks, SwitchPlan, Switched};
 
 use crate::context::{Orchestrator, Run};
@@ -32,21 +34,24 @@ pub(super) fn run(
     }
     let mut follow = run.follow.take();
     let mut cut = None;
+    let mut laps = Laps::now();
     let (backend, active, to) = (o.backend, &run.active, &plan.to);
     let mut in_window = |_: &SwitchPlan| -> Result<(), BoxError> {
+        laps = Laps::now();
         cut = take_over_checked(
             backend,
             svc,
-            active,
-            &standby,
+            (active, &standby),
             follow.take(),
             to,
             &restarted,
+            &mut laps,
         )?;
         Ok(())
     };
     let done = switch_as(o, &mut run.report, &plan, svc, &mut in_window)?;
     let mut detail = done.detail;
+    split_window(&mut run.report, &mut detail, laps.phases());
     record_cut(&mut run.report, &mut detail, cut);
     run.refresh = done.sw.refresh;
     run.fail_after_stop = done.front_paused;
@@ -71,11 +76,11 @@ fn stateless_switch(
     let cut = take_over_checked(
         o.backend,
         &svc,
-        &run.active,
-        standby,
+        (&run.active, standby),
         follow,
         &plan.to,
         restarted,
+        &mut Laps::now(),
     )
     .map_err(|e| OrchestratorError::Service(crate::chain(&*e)))?;
     stateless::refuse_if_written(run, cut.as_ref().and_then(|c| c.writes.as_ref()))?;
@@ -154,6 +159,15 @@ fn switch_as(
     })
 }
 
+/// The window's own phases (`take_over`'s laps) in place of the switcher's `window`, in the
+/// report and the step's detail.
+fn split_window(report: &mut RunReport, detail: &mut serde_json::Value, parts: &[Phase]) {
+    if let Some(sw) = report.switch.as_mut() {
+        sw.split_phase(WINDOW, parts);
+        detail["phases"] = serde_json::to_value(&sw.phases).unwrap_or_default();
+    }
+}
+
 /// The application disk's cut in the report and the step's detail.
 fn record_cut(report: &mut RunReport, detail: &mut serde_json::Value, cut: Option<CutDone>) {
     if let Some(r) = cut {
@@ -163,17 +177,18 @@ fn record_cut(report: &mut RunReport, detail: &mut serde_json::Value, cut: Optio
     }
 }
 
-/// [`take_over`], then the restarted service answers on the standby's own address.
+/// [`take_over`], then the restarted service answers on the standby's own address (part of
+/// the restart's phase).
 fn take_over_checked(
     backend: &dyn LcBackend,
     svc: &ServiceSettings,
-    active: &LcSpec,
-    standby: &LcSpec,
+    (active, standby): (&LcSpec, &LcSpec),
     follow: Option<LiveCopy>,
     to: &Endpoint,
     restarted: &HealthCheck,
+    laps: &mut Laps,
 ) -> Result<Option<CutDone>, BoxError> {
-    let cut = take_over(backend, svc, active, standby, follow)?;
+    let cut = take_over(backend, svc, active, standby, follow, laps)?;
     let lc = to.access.open()?;
     // Checked against its own address before the switch; once more after the answer.
     let by_backend = RunByBackend {
@@ -183,6 +198,7 @@ fn take_over_checked(
     let inside = patchover_net::health::Inside::of(&*lc).running(&by_backend);
     patchover_net::health::check_in(inside, to.address.addr, restarted)?;
     patchover_net::health::own_address(&*lc, &to.iface, to.address.addr)?;
+    laps.lap(RESTART);
     Ok(cut)
 }
 
@@ -318,12 +334,23 @@ pub(crate) fn hand_back(
     let (backend, to) = (o.backend, &plan.to);
     let mut follow = follow;
     let mut cut = None;
+    let mut laps = Laps::now();
     let mut in_window = |_: &SwitchPlan| -> Result<(), BoxError> {
-        cut = take_over_checked(backend, &svc, failed, old, follow.take(), to, &restarted)?;
+        laps = Laps::now();
+        cut = take_over_checked(
+            backend,
+            &svc,
+            (failed, old),
+            follow.take(),
+            to,
+            &restarted,
+            &mut laps,
+        )?;
         Ok(())
     };
     let done = switch_as(o, report, &plan, &svc, &mut in_window)?;
     let mut detail = done.detail;
+    split_window(report, &mut detail, laps.phases());
     record_cut(report, &mut detail, cut);
     // The first burst's refresher thread goes on by itself.
     drop(done.sw.refresh);
@@ -355,8 +382,16 @@ fn seamless_hand_back(
     follow: Option<LiveCopy>,
     restarted: &HealthCheck,
 ) -> Result<serde_json::Value, OrchestratorError> {
-    let cut = take_over_checked(o.backend, svc, failed, old, follow, &plan.to, restarted)
-        .map_err(|e| OrchestratorError::Service(crate::chain(&*e)))?;
+    let cut = take_over_checked(
+        o.backend,
+        svc,
+        (failed, old),
+        follow,
+        &plan.to,
+        restarted,
+        &mut Laps::now(),
+    )
+    .map_err(|e| OrchestratorError::Service(crate::chain(&*e)))?;
     let done = switch_as(o, report, plan, svc, &mut |_: &SwitchPlan| Ok(()))?;
     let mut detail = done.detail;
     record_cut(report, &mut detail, cut);
@@ -376,25 +411,31 @@ fn restart_check(plan: &SwitchPlan) -> HealthCheck {
 /// In the switch window: the old service stops cleanly (`stop`), the application disk's copy
 /// is cut (complete as of now), goes under the standby's service (its own stopped first), is
 /// checked to be what the old service left (`cut_check`), and the service restarts there so it
-/// reads the data as of the cut. A hook not configured is not run.
+/// reads the data as of the cut. A hook not configured is not run. Each part is a lap of
+/// `laps` (`patchover_net::switch::phase`: stop, last catch-up and freeze, attach, restart).
 pub(super) fn take_over(
     backend: &dyn LcBackend,
     svc: &ServiceSettings,
     active: &LcSpec,
     standby: &LcSpec,
     follow: Option<LiveCopy>,
+    laps: &mut Laps,
 ) -> Result<Option<CutDone>, patchover_net::BoxError> {
     hook(backend, active, "stop", &svc.stop)?;
     let left = hook(backend, active, "cut_check", &svc.cut_check)?;
+    laps.lap(STOP);
     let cut = match follow {
         Some(f) => Some(f.cut(backend, active)?),
         None => None,
     };
+    let frozen = cut.as_ref().and_then(|c| c.freeze_ms).unwrap_or(0.0);
+    laps.lap_split(LAST_CATCH_UP, FREEZE, frozen);
     hook(backend, standby, "stop", &svc.stop)?;
     if let Some(d) = &standby.app_disk {
         backend.attach_disk(standby, &d.path, &d.mount)?;
     }
     let found = hook(backend, standby, "cut_check", &svc.cut_check)?;
+    laps.lap(ATTACH);
     if found != left {
         return Err(format!(
             "[service] cut_check: the standby {} found {found:?} on the cut, but the old LC {} left {left:?}: the cut is not the data the old service left",
@@ -403,6 +444,7 @@ pub(super) fn take_over(
         .into());
     }
     hook(backend, standby, "restart", &svc.restart)?;
+    laps.lap(RESTART);
     Ok(cut)
 }
 
@@ -460,6 +502,7 @@ mod tests {
     use super::super::Step;
     use super::super::fake::Bed;
     use super::take_over;
+    use patchover_net::switch::Laps;
 
     /// A bed whose run moved the service to lc2, with a refresher that records its arguments.
     fn switched_with_a_refresher(mode: patchover_net::Mode) -> (Bed, std::path::PathBuf) {
@@ -517,16 +560,25 @@ mod tests {
         bed.step(Step::BootStandby).unwrap();
         let follow = bed.run.follow.take();
         let standby = bed.run.standby.clone().unwrap();
+        let mut laps = Laps::now();
         let cut = take_over(
             &bed.backend,
             &bed.settings.service,
             &bed.run.active,
             &standby,
             follow,
+            &mut laps,
         )
         .unwrap()
         .unwrap();
         assert_eq!(cut.bytes_replayed, 7);
+        // The window's phases, in the order they ran, the cut's freeze inside the cut's time.
+        let names: Vec<&str> = laps.phases().iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["stop", "last_catch_up", "freeze", "attach", "restart"]
+        );
+        assert!(laps.phases().iter().all(|p| p.ms >= 0.0));
         let calls = bed.backend.calls();
         let at = |s: &str| {
             calls
@@ -547,6 +599,7 @@ mod tests {
             &bed.run.active,
             &standby,
             follow,
+            &mut Laps::now(),
         )
         .map(|_| ())
         .map_err(|e| e.to_string())
@@ -647,6 +700,7 @@ mod tests {
             &bed.run.active,
             &standby,
             None,
+            &mut Laps::now(),
         )
         .unwrap();
         let calls = bed.backend.calls();
@@ -673,6 +727,7 @@ mod tests {
             &bed.run.active,
             &standby,
             None,
+            &mut Laps::now(),
         )
         .unwrap_err();
         assert!(

@@ -122,6 +122,7 @@ fn print_switch(ctx: &Ctx, r: &SwitchReport) -> anyhow::Result<()> {
             r.first_request_ms,
             r.held_syns
         );
+        println!("phases: {}", r.phases_line());
         let left = r.leftover_connections;
         if left > 0 {
             println!(

@@ -130,6 +130,11 @@ fn print_report_json(ctx: &Ctx, r: &serde_json::Value) {
         ms("freeze_ms"),
         ms("pause_ms")
     );
+    if let Ok(sw) = serde_json::from_value::<patchover_net::SwitchReport>(r["switch"].clone())
+        && !sw.phases.is_empty()
+    {
+        println!("  switch phases: {}", sw.phases_line());
+    }
     let st = &r["stateless"];
     if st.is_object() {
         let writes = |k: &str| match &st[k] {

@@ -597,3 +597,50 @@ pub fn split_failures<'a>(
 pub fn first_answer_by<'a>(answers: &'a [Answer], by: &str, after_ms: u128) -> Option<&'a Answer> {
     answers.iter().find(|x| x.by == by && x.sent_ms > after_ms)
 }
+
+/// The phases a `path`/`readdress` switch of the patch cycle reports (issue 26), for `ns` and
+/// `qemu` LCs alike: the switcher's, its window split into the take-over's.
+pub const PAUSED_SWITCH_PHASES: [&str; 12] = [
+    "prepare",
+    "hold",
+    "drain",
+    "stop",
+    "last_catch_up",
+    "freeze",
+    "attach",
+    "restart",
+    "window",
+    "move",
+    "check",
+    "release",
+];
+
+/// Checks a paused switch's phases in the run's journal (the switch step's detail) and
+/// returns them as `name ms` for the log: each named as [`PAUSED_SWITCH_PHASES`], none
+/// negative, and the pause exactly those from the drain to the release.
+pub fn switch_phases(run: &serde_json::Value) -> String {
+    let step = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "switch" && s["state"] == "done")
+        .unwrap_or_else(|| panic!("no switch: {run:#}"));
+    let detail = &step["detail"];
+    let phases = detail["phases"].as_array().expect("phases").clone();
+    let names: Vec<&str> = phases.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, PAUSED_SWITCH_PHASES, "{detail:#}");
+    let ms: Vec<f64> = phases.iter().map(|p| p["ms"].as_f64().unwrap()).collect();
+    assert!(ms.iter().all(|m| *m >= 0.0), "{detail:#}");
+    let paused: f64 = ms[2..].iter().sum();
+    let pause = detail["pause_ms"].as_f64().unwrap();
+    assert!(
+        (paused - pause).abs() < 0.01,
+        "{paused} != {pause}: {detail:#}"
+    );
+    names
+        .iter()
+        .zip(&ms)
+        .map(|(n, m)| format!("{n} {m:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
