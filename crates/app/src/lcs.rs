@@ -206,8 +206,8 @@ pub fn attach_nic(
     address: Option<Ipv4Cidr>,
     mac: Option<MacAddr>,
 ) -> Result<NicAttached, AppError> {
-    // First, before anything is looked up or made: the name reaches `ip` inside the LC and a
-    // guest's shell script.
+    // First, before anything is looked up or made: the name becomes a link's name inside the
+    // LC and an argument of a guest's shell script.
     check_iface_name(name)
         .map_err(|e| AppError::BadInput(format!("NIC for LC {id}: {e}; nothing was changed")))?;
     let spec = env.lc(id)?;

@@ -14,7 +14,7 @@ use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::neighbour::NeighbourState;
 use patchover_core::{Ipv4Cidr, MacAddr};
-use rtnetlink::{LinkBridge, LinkUnspec, LinkVeth};
+use rtnetlink::{LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::netns::{NetnsError, in_netns};
 
@@ -252,6 +252,27 @@ impl Rtnl {
             Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
             Err(e) => Err(Self::req(format!("delete link {name:?}"))(e)),
         }
+    }
+
+    /// Renames link `from` to `to` (a link that is down).
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), RtnlError> {
+        let index = self.need_link(from)?.index;
+        let msg = LinkUnspec::new_with_index(index).name(to).build();
+        self.change(msg, format!("rename link {from:?} to {to:?}"))
+    }
+
+    /// Adds the default route through `gateway` on link `index`.
+    pub fn add_default_route(&self, gateway: Ipv4Addr, index: u32) -> Result<(), RtnlError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .gateway(gateway)
+            .output_interface(index)
+            .build();
+        let handle = self.handle.clone();
+        self.rt
+            .block_on(async move { handle.route().add(msg).execute().await })
+            .map_err(Self::req(format!(
+                "add the default route through {gateway} on link {index}"
+            )))
     }
 
     /// The IPv4 addresses on link `index`.

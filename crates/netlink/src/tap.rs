@@ -46,18 +46,20 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+/// `name` as the kernel takes an interface name: 1 to 15 bytes, no '/', ':', NUL or space.
+fn check_name(name: &str) -> Result<&[u8], TapError> {
+    let bytes = name.as_bytes();
+    let bad = |b: &u8| matches!(b, b'/' | b':' | 0) || b.is_ascii_whitespace();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.iter().any(bad) {
+        return Err(TapError::BadName { name: name.into() });
+    }
+    Ok(bytes)
+}
+
 /// Creates tap device `name` in the calling thread's network namespace, down and on no
 /// bridge, persistent (it stays after this returns, until it is deleted).
 pub fn create(name: &str) -> Result<(), TapError> {
-    let bytes = name.as_bytes();
-    if bytes.is_empty()
-        || bytes.len() >= libc::IFNAMSIZ
-        || bytes
-            .iter()
-            .any(|b| *b == b'/' || *b == b':' || b.is_ascii_whitespace() || *b == 0)
-    {
-        return Err(TapError::BadName { name: name.into() });
-    }
+    let bytes = check_name(name)?;
     let tun = OpenOptions::new()
         .read(true)
         .write(true)

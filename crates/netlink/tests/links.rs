@@ -6,7 +6,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, unshare};
-use patchover_core::MacAddr;
+use patchover_core::{Ipv4Cidr, MacAddr};
 use patchover_netlink::rtnl::{Rtnl, RtnlError};
 
 /// Runs `f` on a thread in a new, empty network namespace, with a connection opened there.
@@ -128,5 +128,29 @@ fn a_veth_end_moves_into_the_namespace_of_a_process() {
         assert!(r.link("pom0").unwrap().is_some());
         let e = r.move_to_netns_of("pom1", other.0.id()).unwrap_err();
         assert_eq!(os_error(&e), Some(libc::ENODEV));
+    });
+}
+
+#[test]
+fn a_nic_is_renamed_addressed_and_given_a_default_route() {
+    in_fresh_netns(|r| {
+        r.add_veth("porn0", "porn1", MacAddr([0x02, 0, 0, 0, 0, 5]))
+            .unwrap();
+        r.rename("porn0", "eth7").unwrap();
+        assert!(r.link("porn0").unwrap().is_none());
+        let i = r.need_link("eth7").unwrap().index;
+        let cidr: Ipv4Cidr = "10.77.5.2/24".parse().unwrap();
+        r.add_address(i, cidr).unwrap();
+        r.add_address(i, cidr).unwrap();
+        assert_eq!(r.addresses(i).unwrap(), vec![cidr], "added once");
+        r.set_up(i, true).unwrap();
+        r.set_up_by_name("porn1").unwrap();
+        let gw = "10.77.5.1".parse().unwrap();
+        r.add_default_route(gw, i).unwrap();
+        let again = r.add_default_route(gw, i).unwrap_err();
+        assert_eq!(os_error(&again), Some(libc::EEXIST), "the route is there");
+        let gone = r.rename("porn0", "eth8").unwrap_err();
+        assert_eq!(os_error(&gone), Some(libc::ENODEV));
+        assert!(patchover_core::error_chain(&gone).contains("porn0"));
     });
 }

@@ -33,8 +33,9 @@ use nix::unistd::{
     ForkResult, chdir, dup2_stderr, dup2_stdin, dup2_stdout, execve, fork, pipe2, pivot_root,
     sethostname, setsid,
 };
-use patchover_core::DiskKind;
+use patchover_core::{DiskKind, Ipv4Cidr};
 use patchover_lcroot::LcRoot;
+use patchover_netlink::rtnl::{Rtnl, RtnlError};
 use serde::{Deserialize, Serialize};
 
 use crate::host::run_quiet;
@@ -471,22 +472,33 @@ fn die_with_parent() -> Result<(), String> {
 }
 
 /// `internal netcfg --pid P --nics JSON`: configures NICs inside the network namespace of P
-/// with the host's `ip` (only the network namespace is entered, so host binaries are used).
+/// over rtnetlink, on a socket opened after joining only that namespace.
 pub fn netcfg_main(pid: i32, nics: &[NicSetup]) -> Result<(), String> {
     let fd = ns_fd(pid, "net")?;
     setns(&fd, CloneFlags::CLONE_NEWNET).map_err(errno("setns net"))?;
-    let ip = |args: &[&str]| run_quiet(Command::new("ip").args(args)).map_err(|e| e.to_string());
-    ip(&["link", "set", "lo", "up"])?;
+    let rtnl = Rtnl::open(None).map_err(|e| patchover_core::error_chain(&e))?;
+    configure_nics(&rtnl, nics)
+}
+
+/// Loopback up; each NIC renamed, addressed, up, and given its default route.
+fn configure_nics(r: &Rtnl, nics: &[NicSetup]) -> Result<(), String> {
+    let chain = |e: RtnlError| patchover_core::error_chain(&e);
+    r.set_up_by_name("lo").map_err(chain)?;
     for n in nics {
         if n.temp_name != n.name {
-            ip(&["link", "set", &n.temp_name, "name", &n.name])?;
+            r.rename(&n.temp_name, &n.name).map_err(chain)?;
         }
+        let index = r.need_link(&n.name).map_err(chain)?.index;
         if let Some(a) = &n.address {
-            ip(&["addr", "add", a, "dev", &n.name])?;
+            let cidr: Ipv4Cidr = a.parse().map_err(|e| format!("NIC {}: {e}", n.name))?;
+            r.add_address(index, cidr).map_err(chain)?;
         }
-        ip(&["link", "set", &n.name, "up"])?;
+        r.set_up(index, true).map_err(chain)?;
         if let Some(g) = &n.gateway {
-            ip(&["route", "add", "default", "via", g, "dev", &n.name])?;
+            let gw: std::net::Ipv4Addr = g
+                .parse()
+                .map_err(|e| format!("NIC {}: gateway {g:?}: {e}", n.name))?;
+            r.add_default_route(gw, index).map_err(chain)?;
         }
     }
     Ok(())
