@@ -9,7 +9,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{HttpServer, ImapServer, Key, RecordingStarter, Route, SmtpServer, bundle};
+use common::{
+    HttpServer, ImapServer, Key, RecordingStarter, Route, SmtpServer, append, bundle, client_reply,
+};
 use mail_parser::MimeHeaders;
 use patchover_bundle::{Limits, TrustedKey, TrustedKeys};
 use patchover_monitor::index::{Expiry, rfc3339};
@@ -74,41 +76,6 @@ fn reasons(r: &RunReport) -> Vec<&str> {
         .iter()
         .map(|o| o.reason.unwrap_or("accepted"))
         .collect()
-}
-
-/// A reply as a mail client writes it: threading headers, the answer on top, the notice
-/// quoted below.
-fn client_reply(
-    from: &str,
-    notice: &mail_parser::Message<'_>,
-    decision: &str,
-    code: &str,
-) -> Vec<u8> {
-    let mid = notice.message_id().unwrap();
-    let quoted: String = notice
-        .body_text(0)
-        .unwrap()
-        .lines()
-        .map(|l| format!("> {l}\r\n"))
-        .collect();
-    format!(
-        "From: The Admin <{from}>\r\nTo: patchover@example.org\r\nSubject: Re: {subject}\r\n\
-Date: Fri, 20 Nov 2026 11:00:00 +0000\r\nMessage-ID: <reply-{n}@example.org>\r\n\
-In-Reply-To: <{mid}>\r\nReferences: <{mid}>\r\nMIME-Version: 1.0\r\n\
-Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
-Decision: {decision}\r\nCode: {code}\r\n\r\nOn Fri, 20 Nov 2026, patchover wrote:\r\n{quoted}",
-        subject = notice.subject().unwrap(),
-        n = code.len() + decision.len() + from.len(),
-    )
-    .into_bytes()
-}
-
-fn append(cfg: &MonitorConfig, mails: &[Vec<u8>]) {
-    let mut inbox = Inbox::open(cfg.imap.as_ref().unwrap()).unwrap();
-    for m in mails {
-        inbox.append(m).unwrap();
-    }
-    inbox.logout();
 }
 
 /// Everything a mail round trip needs: a published feed with `sec-1` (for lc1) and `fix-1`

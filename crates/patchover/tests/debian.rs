@@ -8,6 +8,9 @@
 //! copy.
 
 mod common;
+/// The monitor's mail servers (aiosmtpd, dovecot) and a mail client's reply, shared.
+#[path = "../../monitor/tests/common/mod.rs"]
+mod mail;
 
 use std::fs;
 use std::path::Path;
@@ -300,6 +303,134 @@ fn debian_lc_patched_from_a_local_archive_under_load_then_rolled_back() {
     assert_eq!(dpkg_version(&t, &b, "po-hello"), "1.0-2");
     t.po_ok(&["lc", "stop", &b]);
     drop(archive);
+    eprintln!("whole test: {:?}", t0.elapsed());
+}
+
+/// The monitor's config for the apt feed test: `[[bundles.scoped_keys]]` with the apt key,
+/// `[monitor]` with the apt feed on `archive`, security updates only, aiosmtpd and dovecot.
+fn apt_monitor_config(
+    dir: &Path,
+    archive: &TestArchive,
+    smtp: &mail::SmtpServer,
+    imap: &mail::ImapServer,
+) -> String {
+    let secret = dir.join("approval.secret");
+    fs::write(&secret, APPROVAL_SECRET).unwrap();
+    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let pw = dir.join("imap.pw");
+    fs::write(&pw, format!("{}\n", mail::IMAP_PASSWORD)).unwrap();
+    format!(
+        "\n[[bundles.scoped_keys]]\npath = \"{d}/apt.pub\"\nscope = \"apt\"\n\n[monitor]\ninterval_secs = 60\nsecurity_only = true\nadmins = [\"admin@example.org\"]\nfrom = \"patchover@example.org\"\nsecret_file = \"{secret}\"\n\n[[monitor.feeds]]\nname = \"debian\"\nkind = \"apt\"\nsigning_key = \"{d}/apt.key\"\nsources = [\"{source}\"]\n\n[monitor.smtp]\nhost = \"127.0.0.1\"\nport = {smtp}\ntls = \"none\"\n\n[monitor.imap]\nhost = \"127.0.0.1\"\nport = {imap}\ntls = \"none\"\nusername = \"{user}\"\npassword_file = \"{pw}\"\n",
+        d = dir.display(),
+        secret = secret.display(),
+        source = archive.source(),
+        smtp = smtp.port,
+        imap = imap.port,
+        user = mail::IMAP_USER,
+        pw = pw.display(),
+    )
+}
+
+const APPROVAL_SECRET: &[u8] = b"the apt feed test's approval secret\n";
+
+/// Waits until the process `pid` (the patch cycle the monitor started, detached) is gone.
+fn wait_gone(pid: u64, within: Duration) {
+    let t0 = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(t0.elapsed() < within, "the patch cycle {pid} still runs");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 24, end to end: the monitor watches apt for the active Debian LC. A new version of
+/// po-hello appears in the local signed archive → the monitor's round makes a bundle for the
+/// LC, signed with a key trusted only for apt bundles, registers it and mails the notice
+/// (aiosmtpd) → the administrator's reply with the code (dovecot) → the next round starts
+/// the patch cycle → `dpkg-query` on the new active LC shows the new version.
+#[test]
+fn the_monitor_offers_an_archives_new_version_and_the_reply_patches_the_debian_lc() {
+    let t0 = Instant::now();
+    let DebianLcs { t, a, b, sys, .. } = DebianLcs::new();
+    build_deb(&pkg("1.0-1", "low"), &sys.join("tmp"));
+    let st = Command::new("chroot")
+        .arg(&sys)
+        .args(["dpkg", "-i", "/tmp/po-hello_1.0-1_all.deb"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    t.po_ok(&["lc", "boot", &a]);
+    t.po_ok(&["service", "assign", &a]);
+    let d = t.dir.path();
+    t.po_ok(&[
+        "bundle",
+        "keygen",
+        "--public",
+        d.join("apt.pub").to_str().unwrap(),
+        "--secret",
+        d.join("apt.key").to_str().unwrap(),
+    ]);
+    let archive = TestArchive::new("bookworm-security", &[pkg("1.0-1", "low")]);
+    let (smtp, imap) = (mail::SmtpServer::start(d), mail::ImapServer::start(d));
+    let extra = apt_monitor_config(d, &archive, &smtp, &imap);
+    t.write_config(&format!("{}{extra}", nginx_service(&d.join("release.pub"))));
+
+    // Nothing newer yet: the round offers nothing.
+    let r = t.po_json(&["monitor", "run-once"]);
+    assert_eq!(r["feeds"][0]["feed"], format!("debian/{a}"), "{r:#}");
+    assert_eq!(r["feeds"][0]["status"], "not-modified", "{r:#}");
+    // A new version appears in the archive: registered, notice mailed.
+    archive.add(&[pkg("1.0-2", "high")]);
+    let started = Instant::now();
+    let r = t.po_json(&["monitor", "run-once"]);
+    eprintln!("the round that made the bundle: {:?}", started.elapsed());
+    let id = r["feeds"][0]["registered"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let challenge = r["notices"][0]["challenge"].as_str().unwrap().to_owned();
+    assert_eq!(r["notices"][0]["sent"], true, "{r:#}");
+    let mails = smtp.wait_mails(1, Duration::from_secs(10));
+    let notice = mail_parser::MessageParser::default()
+        .parse(&mails[0])
+        .unwrap();
+    let text = notice.body_text(0).unwrap().into_owned();
+    assert!(
+        text.contains(&id) && text.contains("po-hello 1.0-2"),
+        "{text}"
+    );
+
+    // The administrator's reply; the next round starts `patch LC --bundle ID`.
+    let code = patchover_monitor::Secret::from_bytes(APPROVAL_SECRET)
+        .unwrap()
+        .code(&challenge, &"approve all".parse().unwrap());
+    // Only the [monitor] section is used: the host's real size does not matter.
+    let host = patchover_core::HostFacts {
+        cpus: 1024,
+        memory_mib: 1 << 30,
+    };
+    let config =
+        patchover_core::Config::parse(&t.config, &fs::read_to_string(&t.config).unwrap(), &host)
+            .unwrap();
+    let reply = mail::client_reply("admin@example.org", &notice, "approve all", &code);
+    mail::append(config.monitor.as_ref().unwrap(), &[reply]);
+    let r = t.po_json(&["monitor", "run-once"]);
+    let started = &r["replies"][0]["decision"]["started"][0];
+    assert_eq!(started["lc"], a.as_str(), "{r:#}");
+    assert_eq!(started["bundles"][0], id.as_str(), "{r:#}");
+    let cycle = Instant::now();
+    wait_gone(started["pid"].as_u64().unwrap(), Duration::from_secs(120));
+    eprintln!("the patch cycle the reply started: {:?}", cycle.elapsed());
+    let logs = fs::read_dir(d.join("state/logs")).unwrap();
+    for l in logs {
+        eprintln!(
+            "{}",
+            fs::read_to_string(l.unwrap().path()).unwrap_or_default()
+        );
+    }
+    // The new active LC runs the archive's new version.
+    assert_eq!(dpkg_version(&t, &b, "po-hello"), "1.0-2");
+    t.po_ok(&["lc", "stop", &b]);
+    drop((archive, smtp, imap));
     eprintln!("whole test: {:?}", t0.elapsed());
 }
 

@@ -637,3 +637,40 @@ impl PatchStarter for RecordingStarter {
         })
     }
 }
+
+// ---------------------------------------------------------------- replies
+
+/// A reply as a mail client writes it: threading headers, the answer on top, the notice
+/// quoted below.
+pub fn client_reply(
+    from: &str,
+    notice: &mail_parser::Message<'_>,
+    decision: &str,
+    code: &str,
+) -> Vec<u8> {
+    let mid = notice.message_id().unwrap();
+    let quoted: String = notice
+        .body_text(0)
+        .unwrap()
+        .lines()
+        .map(|l| format!("> {l}\r\n"))
+        .collect();
+    format!(
+        "From: The Admin <{from}>\r\nTo: patchover@example.org\r\nSubject: Re: {subject}\r\n\
+Date: Fri, 20 Nov 2026 11:00:00 +0000\r\nMessage-ID: <reply-{n}@example.org>\r\n\
+In-Reply-To: <{mid}>\r\nReferences: <{mid}>\r\nMIME-Version: 1.0\r\n\
+Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
+Decision: {decision}\r\nCode: {code}\r\n\r\nOn Fri, 20 Nov 2026, patchover wrote:\r\n{quoted}",
+        subject = notice.subject().unwrap(),
+        n = code.len() + decision.len() + from.len(),
+    )
+    .into_bytes()
+}
+
+pub fn append(cfg: &patchover_monitor::MonitorConfig, mails: &[Vec<u8>]) {
+    let mut inbox = patchover_monitor::mailbox::Inbox::open(cfg.imap.as_ref().unwrap()).unwrap();
+    for m in mails {
+        inbox.append(m).unwrap();
+    }
+    inbox.logout();
+}
