@@ -280,3 +280,59 @@ fn feed_publish_expires_signs_the_expiry_into_the_index() {
     assert_eq!(index["generated"], out["generated"]);
     assert!(out["expires"].as_str().unwrap() > out["generated"].as_str().unwrap());
 }
+
+/// Issue 24: an apt feed whose signing key is missing, or not trusted for apt bundles only, is
+/// refused when the monitor loads: exit 2, the message names the key and what to do, and
+/// nothing ran (no state written).
+#[test]
+fn an_apt_feeds_key_not_trusted_for_apt_bundles_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s = |p: &str| d.join(p).to_str().unwrap().to_owned();
+    generate_keypair(&d.join("apt.pub"), &d.join("apt.key"), None).unwrap();
+    let config = d.join("patchover.toml");
+    let write = |bundles: &str, key: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"{state}\"\nrun_dir = \"{run}\"\n\n{bundles}\n[monitor]\n\n[[monitor.feeds]]\nname = \"debian\"\nkind = \"apt\"\nsigning_key = \"{key}\"\n",
+                state = s("state"),
+                run = s("run"),
+            ),
+        )
+        .unwrap();
+    };
+    let scoped = format!(
+        "[[bundles.scoped_keys]]\npath = \"{}\"\nscope = \"apt\"\n",
+        s("apt.pub")
+    );
+    for (bundles, key, want) in [
+        (
+            String::new(),
+            s("apt.key"),
+            "is not trusted for apt bundles",
+        ),
+        (
+            format!("[bundles]\ntrusted_keys = [\"{}\"]\n", s("apt.pub")),
+            s("apt.key"),
+            "is trusted for every bundle",
+        ),
+        (
+            scoped.clone(),
+            s("gone.key"),
+            "cannot be used; make a key pair",
+        ),
+    ] {
+        write(&bundles, &key);
+        let o = po(&config, &["monitor", "run-once"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(want) && err.contains(&key), "{err}");
+        assert!(err.contains("[[bundles.scoped_keys]]"), "{err}");
+        assert!(!d.join("state").exists(), "the monitor ran: {err}");
+    }
+    // Trusted for apt bundles only: the monitor runs (no active LC: nothing to watch).
+    write(&scoped, &s("apt.key"));
+    let out = json(&po(&config, &["--json", "monitor", "run-once"]));
+    assert_eq!(out["feeds"].as_array().map(Vec::len), Some(0), "{out}");
+}
