@@ -28,6 +28,7 @@ use crate::error::CopyError;
 use crate::fsops::{self, FastPaths, Hashes};
 use crate::journal::Journal;
 use crate::marker;
+use crate::ranges::{Changed, RangeLog};
 use crate::trap::{Op, Trap};
 use crate::tree::{self, Dir, HandleRef, Meta};
 use crate::{CopyOptions, Progress};
@@ -54,10 +55,24 @@ pub struct Stats {
     /// Paths replayed (after coalescing entries of one round).
     pub paths_replayed: u64,
     pub rounds: u64,
+    /// Whether replay reads only the byte ranges the kernel reported written (ext4's
+    /// tracepoints, see `ranges.rs`), rather than whole modified files.
+    pub range_log: bool,
     /// Times a link stood where the copier walked a directory or opened a file, on either side,
     /// and was refused rather than followed: the source changed under the copy (a directory
     /// swapped for a link), or the copy holds a link where the source now has a directory.
     pub refused_links: u64,
+}
+
+/// Time spent by replay, by phase (cumulative).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Times {
+    /// Reading the write trap and the range log.
+    pub drain: std::time::Duration,
+    /// Reading and hashing file data (source, and the copy where no hash is known).
+    pub read: std::time::Duration,
+    /// Writing changed blocks to the copy.
+    pub write: std::time::Duration,
 }
 
 const REPLACE: u8 = 1;
@@ -244,6 +259,12 @@ pub struct Engine {
     pub bulk_done: bool,
     /// The bulk copy's worker pool, while it runs.
     pool: Option<Pool>,
+    /// Byte ranges of the source's writes, where the kernel reports them.
+    ranges: Option<RangeLog>,
+    /// Diff whole files whatever the range log says (after a fanotify overflow).
+    whole: bool,
+    /// Where replay's time went, for a cut's phases (reset by the caller).
+    pub times: Times,
     /// Directories whose metadata waits for the pool.
     deferred_dirs: Vec<PathBuf>,
 }
@@ -322,6 +343,7 @@ impl Engine {
             open_root(&plan.src).map_err(|e| CopyError::read(&plan.src, e))?;
         let (droot, droot_name) =
             open_root(&plan.dst).map_err(|e| CopyError::write(&plan.dst, e))?;
+        let plan_src = plan.src.clone();
         let root_dev = sroot
             .stat(&sroot_name)
             .map_err(|e| CopyError::read(&plan.src, e))?
@@ -351,6 +373,13 @@ impl Engine {
             bulk_done: false,
             pool: None,
             deferred_dirs: Vec::new(),
+            ranges: if opts.ranges {
+                RangeLog::start(&plan_src)
+            } else {
+                None
+            },
+            whole: false,
+            times: Times::default(),
         })
     }
 
@@ -796,10 +825,16 @@ impl Engine {
 
     /// Drains the trap and replays the history so far. Returns the number of trapped writes.
     pub fn round(&mut self, progress: &dyn Progress) -> Result<u64, CopyError> {
+        let t = std::time::Instant::now();
         let events = self.trap.drain().map_err(|e| CopyError::Trap {
             path: self.src.clone(),
             source: e,
         })?;
+        // After fanotify: every write seen there has its range in the log by now.
+        if let Some(log) = &self.ranges {
+            log.drain();
+        }
+        self.times.drain += t.elapsed();
         self.stats.rounds += 1;
         let n = events.len() as u64;
         let mut order: Vec<PathBuf> = Vec::new();
@@ -858,6 +893,9 @@ impl Engine {
             .append("round", Some((self.stats.rounds, n)), Path::new(""))
             .map_err(|e| self.jerr(e))?;
         self.journal.flush().map_err(|e| self.jerr(e))?;
+        if let Some(log) = &self.ranges {
+            log.end_round();
+        }
         self.refresh_fast_paths();
         progress.replayed(
             self.stats.rounds,
@@ -884,7 +922,10 @@ impl Engine {
         }
         if rescan {
             tracing::warn!("fanotify queue overflowed: comparing the whole tree");
-            self.rescan(Path::new(""), progress)?;
+            self.whole = true;
+            let r = self.rescan(Path::new(""), progress);
+            self.whole = false;
+            r?;
         }
         self.fix_dirs()
     }
@@ -946,28 +987,7 @@ impl Engine {
         };
         if smd.is_file() {
             if flags & CONTENT != 0 || dmd.len() != smd.len() {
-                let sf = sdir.open_regular(&sname, false).map_err(|e| {
-                    self.note(&e);
-                    CopyError::read(&sp, e)
-                })?;
-                let df = ddir
-                    .open_regular(&dname, true)
-                    .map_err(|e| CopyError::write(&dp, e))?;
-                let key = (dmd.dev(), dmd.ino());
-                let mut h = self.hashes.remove(&key).unwrap_or_default();
-                let mut ranges = Vec::new();
-                let r = fsops::diff_fds(&sf, &sp, &df, &dp, &mut h, self.frozen, &mut |o, l| {
-                    ranges.push((o, l))
-                });
-                self.hashes.insert(key, h);
-                let st = r?;
-                self.stats.bytes_hashed += st.bytes_read;
-                self.stats.bytes_replayed += st.bytes_written;
-                for (o, l) in ranges {
-                    self.journal
-                        .append("ship", Some((o, l)), rel)
-                        .map_err(|e| self.jerr(e))?;
-                }
+                self.diff_content(rel, (&sdir, &sname, &sp), (&ddir, &dname, &dp), &dmd)?;
             }
         } else if smd.is_symlink() {
             if sdir.readlink(&sname).ok() != ddir.readlink(&dname).ok() {
@@ -984,6 +1004,60 @@ impl Engine {
             self.meta_at((&sdir, &sname, &sp), (&ddir, &dname, &dp), dmd.kind(), true)?;
         }
         Ok(())
+    }
+
+    /// Makes the copy's regular file `rel` equal to the source's by block hashes: only the
+    /// ranges the write-range log names, or the whole file where there is no log.
+    fn diff_content(
+        &mut self,
+        rel: &Path,
+        (sdir, sname, sp): (&Dir, &CStr, &Path),
+        (ddir, dname, dp): (&Dir, &CStr, &Path),
+        dmd: &Meta,
+    ) -> Result<(), CopyError> {
+        let sf = sdir.open_regular(sname, false).map_err(|e| {
+            self.note(&e);
+            CopyError::read(sp, e)
+        })?;
+        let df = ddir
+            .open_regular(dname, true)
+            .map_err(|e| CopyError::write(dp, e))?;
+        let changed = self.changed(&sf, sp)?;
+        let only = match &changed {
+            Changed::Ranges(r) => Some(r.as_slice()),
+            Changed::Whole => None,
+        };
+        let key = (dmd.dev(), dmd.ino());
+        let mut h = self.hashes.remove(&key).unwrap_or_default();
+        let mut ranges = Vec::new();
+        let r = fsops::diff_fds(&sf, sp, &df, dp, &mut h, self.frozen, only, &mut |o, l| {
+            ranges.push((o, l))
+        });
+        self.hashes.insert(key, h);
+        let st = r?;
+        self.stats.bytes_hashed += st.bytes_read;
+        self.stats.bytes_replayed += st.bytes_written;
+        self.times.read += st.read;
+        self.times.write += st.write;
+        for (o, l) in ranges {
+            self.journal
+                .append("ship", Some((o, l)), rel)
+                .map_err(|e| self.jerr(e))?;
+        }
+        Ok(())
+    }
+
+    /// What may have changed in the opened source file since its last diff.
+    fn changed(&self, sf: &fs::File, sp: &Path) -> Result<Changed, CopyError> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(log) = self.ranges.as_ref().filter(|_| !self.whole) else {
+            return Ok(Changed::Whole);
+        };
+        let md = sf.metadata().map_err(|e| CopyError::read(sp, e))?;
+        if md.dev() != self.root_dev {
+            return Ok(Changed::Whole);
+        }
+        Ok(log.take(md.ino()))
     }
 
     /// Removes the copy's `rel`, whatever it is. Nothing to do when a link stands on the way in
@@ -1096,5 +1170,6 @@ impl Engine {
         self.stats.bytes_copy_range = self.fp.bytes_copy_range;
         self.stats.bytes_read_write = self.fp.bytes_read_write;
         self.stats.refused_links = self.refused.load(Ordering::Relaxed);
+        self.stats.range_log = self.ranges.as_ref().is_some_and(RangeLog::exact);
     }
 }

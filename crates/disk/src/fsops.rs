@@ -14,6 +14,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -260,12 +261,28 @@ pub type Hashes = Vec<Option<u128>>;
 pub struct DiffStats {
     pub bytes_read: u64,
     pub bytes_written: u64,
+    /// Time spent reading the source (and the copy, for blocks with no hash yet) and hashing.
+    pub read: Duration,
+    /// Time spent writing (and punching) changed blocks.
+    pub write: Duration,
+}
+
+impl DiffStats {
+    fn add(&mut self, o: &DiffStats) {
+        self.bytes_read += o.bytes_read;
+        self.bytes_written += o.bytes_written;
+        self.read += o.read;
+        self.write += o.write;
+    }
 }
 
 /// Makes the existing regular file `df` equal to `sf` by comparing 4 KiB block hashes, writing
 /// only the blocks that differ (all-zero blocks are punched as holes). `hashes` holds what is
-/// known about `df` and is updated. Changed ranges are reported to `on_range`. `parallel` splits
-/// large files over the CPUs. `src`/`dst` name the files in errors only.
+/// known about `df` and is updated. `only`: the byte ranges that may have changed (from the
+/// write-range log), or `None` to compare the whole file; a change of size adds the bytes
+/// between the two sizes. Changed ranges are reported to `on_range`. `parallel` splits large
+/// whole-file diffs over the CPUs. `src`/`dst` name the files in errors only.
+#[allow(clippy::too_many_arguments)]
 pub fn diff_fds(
     sf: &File,
     src: &Path,
@@ -273,9 +290,9 @@ pub fn diff_fds(
     dst: &Path,
     hashes: &mut Hashes,
     parallel: bool,
+    only: Option<&[(u64, u64)]>,
     on_range: &mut dyn FnMut(u64, u64),
 ) -> Result<DiffStats, CopyError> {
-    let mut st = DiffStats::default();
     let slen = sf.metadata().map_err(|e| CopyError::read(src, e))?.len();
     let dlen = df.metadata().map_err(|e| CopyError::write(dst, e))?.len();
     if slen != dlen {
@@ -285,8 +302,60 @@ pub fn diff_fds(
     }
     let nblocks = (slen as usize).div_ceil(BLOCK);
     hashes.resize(nblocks, None);
-    // Large files are split over the CPUs when asked (`parallel`: while the writers are frozen at
-    // a cut, the hash scan is the freeze window, and the cores are otherwise idle).
+    let spans = match only {
+        None => whole_spans(nblocks, slen, parallel),
+        Some(r) => {
+            let mut r = r.to_vec();
+            if slen > dlen {
+                r.push((dlen, slen - dlen));
+            }
+            block_spans(&r, slen)
+        }
+    };
+    let threads = spans.len() > 1 && only.is_none();
+    let wall = Instant::now();
+    let mut results: Vec<SpanResult> = Vec::new();
+    std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        let mut rest: &mut [Option<u128>] = hashes;
+        let mut first = 0usize;
+        for (start, end) in spans {
+            let (b0, b1) = (start as usize / BLOCK, (end as usize).div_ceil(BLOCK));
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(b0 - first);
+            let (mine, tail) = tail.split_at_mut(b1 - b0);
+            rest = tail;
+            first = b1;
+            if threads {
+                handles.push(scope.spawn(move || diff_span(sf, src, df, dst, mine, start, end)));
+            } else {
+                results.push(diff_span(sf, src, df, dst, mine, start, end));
+            }
+        }
+        for h in handles {
+            results.push(h.join().unwrap_or(Err(CopyError::WorkerDied)));
+        }
+    });
+    let wall = wall.elapsed();
+    let mut st = DiffStats::default();
+    for r in results {
+        let (s, ranges) = r?;
+        st.add(&s);
+        for (o, l) in ranges {
+            on_range(o, l);
+        }
+    }
+    if threads {
+        // Threads' times overlap: split the wall time in their proportion.
+        let busy = (st.read + st.write).as_secs_f64().max(1e-9);
+        st.write = wall.mul_f64(st.write.as_secs_f64() / busy);
+        st.read = wall.saturating_sub(st.write);
+    }
+    Ok(st)
+}
+
+/// The whole file as spans, one per thread when `parallel` and the file is large (while the
+/// writers are frozen at a cut, the scan is the freeze window, and the cores are otherwise idle).
+fn whole_spans(nblocks: usize, slen: u64, parallel: bool) -> Vec<(u64, u64)> {
     let threads = if parallel && slen >= PARALLEL_MIN {
         std::thread::available_parallelism()
             .map_or(1, |n| n.get())
@@ -294,38 +363,35 @@ pub fn diff_fds(
     } else {
         1
     };
-    let per = nblocks.div_ceil(threads).div_ceil(CHUNK / BLOCK) * (CHUNK / BLOCK);
-    let mut results: Vec<SpanResult> = Vec::new();
-    std::thread::scope(|scope| {
-        let mut handles = Vec::new();
-        let mut rest: &mut [Option<u128>] = hashes;
-        let mut first = 0usize;
-        while !rest.is_empty() {
-            let take = per.min(rest.len());
-            let (mine, tail) = rest.split_at_mut(take);
-            rest = tail;
-            let start = (first * BLOCK) as u64;
-            let end = (((first + take) * BLOCK) as u64).min(slen);
-            first += take;
-            if threads == 1 {
-                results.push(diff_span(sf, src, df, dst, mine, start, end));
-            } else {
-                handles.push(scope.spawn(move || diff_span(sf, src, df, dst, mine, start, end)));
-            }
-        }
-        for h in handles {
-            results.push(h.join().unwrap_or(Err(CopyError::WorkerDied)));
-        }
-    });
-    for r in results {
-        let (s, ranges) = r?;
-        st.bytes_read += s.bytes_read;
-        st.bytes_written += s.bytes_written;
-        for (o, l) in ranges {
-            on_range(o, l);
+    let per = (nblocks.div_ceil(threads).div_ceil(CHUNK / BLOCK) * (CHUNK / BLOCK)).max(1);
+    (0..nblocks)
+        .step_by(per)
+        .map(|b| ((b * BLOCK) as u64, (((b + per) * BLOCK) as u64).min(slen)))
+        .collect()
+}
+
+/// Byte ranges widened to whole blocks, clipped to `len`, sorted and merged.
+pub fn block_spans(ranges: &[(u64, u64)], len: u64) -> Vec<(u64, u64)> {
+    let b = BLOCK as u64;
+    let mut v: Vec<(u64, u64)> = ranges
+        .iter()
+        .filter(|(o, l)| *l > 0 && *o < len)
+        .map(|(o, l)| {
+            (
+                o / b * b,
+                (o.saturating_add(*l).min(len).div_ceil(b) * b).min(len),
+            )
+        })
+        .collect();
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (s, e) in v {
+        match out.last_mut() {
+            Some(last) if s <= last.1.div_ceil(b) * b => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
         }
     }
-    Ok(st)
+    out
 }
 
 /// What one thread's diff did, and the ranges it wrote.
@@ -347,12 +413,14 @@ fn diff_span(
     let mut st = DiffStats::default();
     let mut ranges = Vec::new();
     let mut on_range = |o, l| ranges.push((o, l));
-    let mut sbuf = vec![0u8; CHUNK];
-    let mut dbuf = vec![0u8; CHUNK];
+    let size = ((end - start) as usize).div_ceil(BLOCK).max(1) * BLOCK;
+    let mut sbuf = vec![0u8; CHUNK.min(size)];
+    let mut dbuf = vec![0u8; CHUNK.min(size)];
     let zero = [0u8; BLOCK];
     let mut off = start;
     while off < end {
-        let want = ((end - off) as usize).min(CHUNK);
+        let (t, w0) = (Instant::now(), st.write);
+        let want = ((end - off) as usize).min(sbuf.len());
         let n = read_full(sf, &mut sbuf[..want], off).map_err(|e| CopyError::read(src, e))?;
         st.bytes_read += n as u64;
         if n == 0 {
@@ -393,6 +461,7 @@ fn diff_span(
         if let Some((s, e)) = run {
             write_run(df, dst, &sbuf, off, s, e, n, &zero, &mut st, &mut on_range)?;
         }
+        st.read += t.elapsed().saturating_sub(st.write - w0);
         off += n as u64;
     }
     Ok((st, ranges))
@@ -406,6 +475,24 @@ fn write_run(
     off: u64,
     s: usize,
     e: usize,
+    n: usize,
+    zero: &[u8],
+    st: &mut DiffStats,
+    on_range: &mut dyn FnMut(u64, u64),
+) -> Result<(), CopyError> {
+    let t = Instant::now();
+    let r = write_blocks(df, dst, sbuf, off, (s, e), n, zero, st, on_range);
+    st.write += t.elapsed();
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_blocks(
+    df: &File,
+    dst: &Path,
+    sbuf: &[u8],
+    off: u64,
+    (s, e): (usize, usize),
     n: usize,
     zero: &[u8],
     st: &mut DiffStats,
@@ -465,7 +552,7 @@ mod tests {
     ) -> Result<DiffStats, CopyError> {
         let sf = File::open(src).unwrap();
         let df = OpenOptions::new().read(true).write(true).open(dst).unwrap();
-        diff_fds(&sf, src, &df, dst, hashes, parallel, on_range)
+        diff_fds(&sf, src, &df, dst, hashes, parallel, None, on_range)
     }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -545,5 +632,53 @@ mod tests {
         assert_eq!(fs::read(&t).unwrap(), data);
         assert_eq!(ranges.len(), 4, "{ranges:?}");
         assert!(st.bytes_written <= 4 * BLOCK as u64);
+    }
+
+    #[test]
+    fn ranges_merge_to_whole_blocks_within_the_file() {
+        let b = BLOCK as u64;
+        assert_eq!(
+            block_spans(
+                &[(5 * b + 1, 10), (b, 1), (0, 1), (5 * b, 3), (99 * b, 1)],
+                6 * b
+            ),
+            vec![(0, 2 * b), (5 * b, 6 * b)]
+        );
+        assert_eq!(
+            block_spans(&[(b, u64::MAX - b)], 3 * b + 7),
+            vec![(b, 3 * b + 7)]
+        );
+    }
+
+    #[test]
+    fn a_diff_limited_to_ranges_reads_and_ships_only_those() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, t) = (d.path().join("s"), d.path().join("t"));
+        let mut data = pattern(64 * BLOCK, 3);
+        fs::write(&s, &data).unwrap();
+        fs::write(&t, &data).unwrap();
+        // Two changes; only the second is named, plus a growth of the file.
+        data[BLOCK] ^= 1;
+        data[40 * BLOCK + 9] ^= 1;
+        data.extend_from_slice(&[7u8; 100]);
+        fs::write(&s, &data).unwrap();
+        let sf = File::open(&s).unwrap();
+        let df = OpenOptions::new().read(true).write(true).open(&t).unwrap();
+        let mut h = Hashes::new();
+        let mut shipped = Vec::new();
+        let only = [((40 * BLOCK + 9) as u64, 1)];
+        let st = diff_fds(&sf, &s, &df, &t, &mut h, false, Some(&only), &mut |o, l| {
+            shipped.push((o, l))
+        })
+        .unwrap();
+        let grown = (64 * BLOCK) as u64;
+        assert_eq!(
+            shipped,
+            vec![((40 * BLOCK) as u64, BLOCK as u64), (grown, 100)]
+        );
+        assert_eq!(st.bytes_read, (BLOCK + 100) as u64, "{st:?}");
+        let copy = fs::read(&t).unwrap();
+        assert_eq!(copy[40 * BLOCK + 9], data[40 * BLOCK + 9]);
+        assert_ne!(copy[BLOCK], data[BLOCK], "an unnamed range is not read");
     }
 }
