@@ -65,7 +65,12 @@ pub fn busy_tcp_connections(netns: Option<&Path>, port: u16) -> Result<usize, Ne
 }
 
 fn busy_here(port: u16) -> std::io::Result<usize> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    Ok(busy_ids_here(port)?.len())
+}
+
+/// A `sock_diag` netlink socket in the calling thread's namespace.
+fn diag_socket() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, OwnedFd};
     // SAFETY: plain socket(2) call; the fd is checked and owned below.
     let fd = unsafe {
         libc::socket(
@@ -78,24 +83,119 @@ fn busy_here(port: u16) -> std::io::Result<usize> {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `fd` is a fresh descriptor nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let req = diag_request(BUSY_MASK);
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn diag_send(sock: &std::os::fd::OwnedFd, req: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     // SAFETY: `req` is valid for its length; the kernel is the implicit destination.
     if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(())
+}
+
+fn diag_recv(sock: &std::os::fd::OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `buf` is valid for its length.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// The busy TCP sockets on local `port` in the calling thread's namespace, by a dump of the
+/// kernel's whole socket table (state-filtered, but walked whole: every `TIME_WAIT` socket of
+/// every namespace is visited).
+fn busy_ids_here(port: u16) -> std::io::Result<Vec<SockId>> {
+    let sock = diag_socket()?;
+    diag_send(&sock, &diag_request(BUSY_MASK))?;
     let mut buf = vec![0u8; 64 * 1024];
-    let mut count = 0;
+    let mut ids = Vec::new();
     loop {
-        // SAFETY: `buf` is valid for its length.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let (c, done) = count_in_dump(&buf[..n as usize], port)?;
-        count += c;
+        let n = diag_recv(&sock, &mut buf)?;
+        let done = ids_in_dump(&buf[..n], port, &mut ids)?;
         if done || n == 0 {
-            return Ok(count);
+            return Ok(ids);
+        }
+    }
+}
+
+/// A TCP socket as `sock_diag` names it: its `inet_diag_sockid` (ports, addresses, interface;
+/// the cookie left out, so a request socket and the connection it became are one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct SockId([u8; 40]);
+
+/// Which of `ids` are still busy, each looked up by its addresses and ports (a hash lookup in
+/// the kernel, not a walk of the table); an error when a lookup failed for another reason
+/// than the socket being gone.
+fn still_busy_here(ids: &[SockId]) -> std::io::Result<Vec<SockId>> {
+    let sock = diag_socket()?;
+    let mut buf = vec![0u8; 8 * 1024];
+    let mut busy = Vec::new();
+    for id in ids {
+        diag_send(&sock, &lookup_request(id))?;
+        let n = diag_recv(&sock, &mut buf)?;
+        let m = &buf[..n];
+        if m.len() < 18 {
+            return Err(std::io::Error::other("short sock_diag answer"));
+        }
+        match u16::from_ne_bytes([m[4], m[5]]) {
+            2 => {
+                let errno = -i32::from_ne_bytes([m[16], m[17], m[18], m[19]]);
+                if errno != libc::ENOENT {
+                    return Err(std::io::Error::from_raw_os_error(errno));
+                }
+            }
+            _ if BUSY_MASK & 1u32.checked_shl(u32::from(m[17])).unwrap_or(0) != 0 => {
+                busy.push(*id)
+            }
+            _ => {}
+        }
+    }
+    Ok(busy)
+}
+
+/// A `SOCK_DIAG_BY_FAMILY` request for the one IPv4 TCP socket `id` (no cookie).
+fn lookup_request(id: &SockId) -> [u8; 72] {
+    let mut r = diag_request(BUSY_MASK);
+    r[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    r[24..64].copy_from_slice(&id.0);
+    r[64..72].fill(0xff); // INET_DIAG_NOCOOKIE
+    r
+}
+
+/// Follows the old LC's busy connections through a drain: one dump of the socket table
+/// finds them, then each is looked up by itself until none is busy, and a last dump confirms
+/// that none is left (a connection that started meanwhile is found there and followed the
+/// same way). A drain polled by dumps alone walked the whole table, with every `TIME_WAIT`
+/// socket of every namespace, every half millisecond: milliseconds each at 5,000 new
+/// connections per second, competing with the service for the CPU (issue 26). An error
+/// counts as busy, so a drain never ends on one.
+#[derive(Debug, Default)]
+pub(crate) struct Drain {
+    tracked: Vec<SockId>,
+}
+
+impl Drain {
+    /// The busy connections on `port` now (see the type); run in the LC's namespace.
+    pub(crate) fn poll_here(&mut self, port: u16) -> usize {
+        if !self.tracked.is_empty() {
+            match still_busy_here(&self.tracked) {
+                Ok(left) => self.tracked = left,
+                Err(_) => self.tracked.clear(),
+            }
+            if !self.tracked.is_empty() {
+                return self.tracked.len();
+            }
+        }
+        match busy_ids_here(port) {
+            Ok(ids) => {
+                self.tracked = ids;
+                self.tracked.len()
+            }
+            Err(_) => usize::MAX,
         }
     }
 }
@@ -114,8 +214,16 @@ fn diag_request(mask: u32) -> [u8; 72] {
 }
 
 /// Counts sockets with local `port` in one buffer of dump replies; `true` once the dump is done.
-fn count_in_dump(mut buf: &[u8], port: u16) -> std::io::Result<(usize, bool)> {
-    let mut count = 0;
+#[cfg(test)]
+fn count_in_dump(buf: &[u8], port: u16) -> std::io::Result<(usize, bool)> {
+    let mut ids = Vec::new();
+    let done = ids_in_dump(buf, port, &mut ids)?;
+    Ok((ids.len(), done))
+}
+
+/// Adds the sockets with local `port` in one buffer of dump replies to `ids`; `true` once the
+/// dump is done.
+fn ids_in_dump(mut buf: &[u8], port: u16, ids: &mut Vec<SockId>) -> std::io::Result<bool> {
     while buf.len() >= 16 {
         let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         let kind = u16::from_ne_bytes([buf[4], buf[5]]);
@@ -123,7 +231,7 @@ fn count_in_dump(mut buf: &[u8], port: u16) -> std::io::Result<(usize, bool)> {
             break;
         }
         match kind {
-            3 => return Ok((count, true)), // NLMSG_DONE
+            3 => return Ok(true), // NLMSG_DONE
             2 => {
                 // NLMSG_ERROR
                 let errno = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
@@ -131,15 +239,17 @@ fn count_in_dump(mut buf: &[u8], port: u16) -> std::io::Result<(usize, bool)> {
             }
             _ => {
                 // inet_diag_msg: family, state, timer, retrans, then the socket id (sport first).
-                if len >= 16 + 6 && u16::from_be_bytes([buf[20], buf[21]]) == port {
-                    count += 1;
+                if len >= 16 + 44 && u16::from_be_bytes([buf[20], buf[21]]) == port {
+                    let mut id = [0u8; 40];
+                    id.copy_from_slice(&buf[20..60]);
+                    ids.push(SockId(id));
                 }
             }
         }
         let aligned = (len + 3) & !3;
         buf = &buf[aligned.min(buf.len())..];
     }
-    Ok((count, false))
+    Ok(false)
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -301,5 +411,40 @@ pub(crate) mod tests {
         let (s, _) = l.accept().unwrap();
         assert_eq!(busy_tcp_connections(None, port).unwrap(), 1);
         drop((c, s));
+    }
+
+    /// Issue 26: a drain finds the busy connections by one dump, follows each by a lookup of
+    /// its own, sees one that starts meanwhile at the confirming dump, and ends at 0 only
+    /// when a dump finds none.
+    #[test]
+    fn a_drain_follows_each_connection_until_a_dump_finds_none() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut d = Drain::default();
+        let c1 = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s1, _) = l.accept().unwrap();
+        let c2 = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s2, _) = l.accept().unwrap();
+        assert_eq!(d.poll_here(port), 2);
+        // Looked up one by one: the same two, still busy.
+        assert_eq!(still_busy_here(&d.tracked).unwrap().len(), 2);
+        assert_eq!(d.poll_here(port), 2);
+        // One ends (the server's side closes first: FIN_WAIT2 / TIME_WAIT are not busy).
+        drop(s1);
+        drop(c1);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(d.poll_here(port), 1);
+        // A connection that started meanwhile is found once the followed one ended.
+        let c3 = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s3, _) = l.accept().unwrap();
+        drop(s2);
+        drop(c2);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(d.poll_here(port), 1, "the dump found the new one");
+        drop(s3);
+        drop(c3);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(d.poll_here(port), 0);
+        assert!(d.tracked.is_empty());
     }
 }

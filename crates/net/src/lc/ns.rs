@@ -12,7 +12,7 @@ use patchover_core::{Ipv4Cidr, MacAddr};
 use super::{HttpAnswer, InLc, InLcError};
 use crate::diag::run_in;
 use crate::garp::Sender;
-use crate::netns::NsWorker;
+use crate::netns::{Drain, NsWorker};
 use crate::rtnl::Rtnl;
 
 /// A network namespace, entered once.
@@ -22,6 +22,8 @@ pub struct NsLc {
     rtnl: OnceLock<Rtnl>,
     links: Mutex<HashMap<String, u32>>,
     senders: Mutex<HashMap<String, Arc<Sender>>>,
+    /// The connections a drain follows (`busy_tcp_connections`).
+    drain: Arc<Mutex<Drain>>,
 }
 
 impl NsLc {
@@ -33,6 +35,7 @@ impl NsLc {
             rtnl: OnceLock::new(),
             links: Mutex::new(HashMap::new()),
             senders: Mutex::new(HashMap::new()),
+            drain: Arc::new(Mutex::new(Drain::default())),
         })
     }
 
@@ -160,7 +163,13 @@ impl InLc for NsLc {
     }
 
     fn busy_tcp_connections(&self, port: u16) -> Result<usize, InLcError> {
-        Ok(self.worker.busy_tcp_connections(port)?)
+        let drain = self.drain.clone();
+        Ok(self.worker.run(move || {
+            drain
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .poll_here(port)
+        })?)
     }
 
     fn network_state(&self, iface: &str, port: u16) -> String {
