@@ -220,6 +220,17 @@ impl SynHold {
         Ok(())
     }
 
+    /// Waits, up to `limit`, until the reader let the held SYNs go (or ended).
+    fn wait_let_go(&self, limit: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < limit
+            && self.let_go.lock().is_ok_and(|t| t.is_none())
+            && self.reader.as_ref().is_some_and(|r| !r.is_finished())
+        {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
     /// SYNs held so far.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::SeqCst)
@@ -235,6 +246,9 @@ impl SynHold {
         // First pass everything through (held packets go out at once), then remove the rule.
         self.state.store(PASSING, Ordering::SeqCst);
         let released_at = Instant::now();
+        // The held SYNs go first; removing the rule starts a process, which on a busy host
+        // kept the reader from the CPU while clients waited (issue 26).
+        self.wait_let_go(Duration::from_millis(50));
         let mut first_err = None;
         if self.rule_installed {
             if let Err(e) = self.iptables("-D") {
@@ -391,6 +405,15 @@ struct Counts {
     let_go: Arc<Mutex<Option<Instant>>>,
 }
 
+impl Counts {
+    /// The held SYNs are let go now (the first time only).
+    fn let_go_now(&self) {
+        if let Ok(mut t) = self.let_go.lock() {
+            t.get_or_insert_with(Instant::now);
+        }
+    }
+}
+
 /// The standby's port, opened before the pause.
 struct Primer {
     sender: garp::Sender,
@@ -500,9 +523,7 @@ impl HeldSyns {
                 q.verdict(m)?;
             }
         }
-        if let Ok(mut t) = counts.let_go.lock() {
-            *t = Some(Instant::now());
-        }
+        counts.let_go_now();
         // What is left is superseded.
         for mut m in self.held.drain(..).flatten() {
             m.set_verdict(nfq::Verdict::Drop);
@@ -535,8 +556,11 @@ fn reader(
     let mut finish_seen: Option<Instant> = None;
     loop {
         let st = state.load(Ordering::SeqCst);
-        if st >= PASSING && !syns.held.is_empty() {
-            syns.release(&mut q, &mut primer, mark, &counts)?;
+        if st >= PASSING {
+            if !syns.held.is_empty() {
+                syns.release(&mut q, &mut primer, mark, &counts)?;
+            }
+            counts.let_go_now();
         }
         match q.recv() {
             Ok(mut m) => {

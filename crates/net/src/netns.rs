@@ -148,9 +148,7 @@ fn still_busy_here(ids: &[SockId]) -> std::io::Result<Vec<SockId>> {
                     return Err(std::io::Error::from_raw_os_error(errno));
                 }
             }
-            _ if BUSY_MASK & 1u32.checked_shl(u32::from(m[17])).unwrap_or(0) != 0 => {
-                busy.push(*id)
-            }
+            _ if BUSY_MASK & 1u32.checked_shl(u32::from(m[17])).unwrap_or(0) != 0 => busy.push(*id),
             _ => {}
         }
     }
