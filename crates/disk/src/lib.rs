@@ -415,6 +415,12 @@ fn follow_loop(sh: &Shared, opts: &CopyOptions, progress: &dyn Progress) -> Resu
     Ok(())
 }
 
+/// Catch-up rounds before a freeze, at most.
+const CATCH_UP_ROUNDS: usize = 3;
+
+/// A catch-up round this short leaves the frozen round about nothing: stop catching up.
+const CONVERGED: Duration = Duration::from_millis(3);
+
 /// The nice value of the thread that freezes, replays and thaws.
 const FROZEN_NICE: libc::c_int = -10;
 
@@ -458,8 +464,18 @@ fn checkpoint(
     if !e.bulk_done {
         e.bulk(&NoProgress)?;
     }
-    // Catch up while the writers still run, so the frozen round has little left to do.
-    e.round(&NoProgress)?;
+    // Catch up while the writers still run, so the frozen round has little left to do. With
+    // the write-range log a round costs what was written since the last one, so rounds
+    // converge: repeat while one still took long (the next has only that time's writes).
+    // Without it each round reads every modified file whole and one is enough.
+    for _ in 0..CATCH_UP_ROUNDS {
+        let t = Instant::now();
+        e.round(&NoProgress)?;
+        e.refresh_fast_paths();
+        if !e.stats.range_log || t.elapsed() < CONVERGED {
+            break;
+        }
+    }
     let entries0 = e.stats.history_entries;
     let bytes0 = e.stats.bytes_replayed;
     let read0 = e.stats.bytes_hashed;
