@@ -174,18 +174,12 @@ impl AptLc {
 /// The outcome for an active LC an apt feed cannot watch (nothing contacted, no backoff).
 pub fn not_watched(feed: &str, spec: &patchover_core::LcSpec, why: String) -> FeedOutcome {
     tracing::warn!(feed, lc = %spec.id, reason = "lc", %why, "LC not watched");
-    FeedOutcome {
-        feed: state_key(feed, spec.id.as_str()),
-        status: FeedStatus::Failed,
-        listed: 0,
-        registered: Vec::new(),
-        rejected: vec![crate::poll::Rejection {
-            what: spec.id.to_string(),
-            reason: "lc",
-            detail: why,
-        }],
-        next_attempt_ms: 0,
-    }
+    FeedOutcome::refused(
+        state_key(feed, spec.id.as_str()),
+        spec.id.to_string(),
+        "lc",
+        why,
+    )
 }
 
 /// What one LC's poll needs besides the store.
@@ -252,14 +246,7 @@ pub fn poll_apt_lc(
             ..FeedStateRow::default()
         },
     };
-    let mut out = FeedOutcome {
-        feed: key.clone(),
-        status: FeedStatus::Backoff,
-        listed: 0,
-        registered: Vec::new(),
-        rejected: Vec::new(),
-        next_attempt_ms: state.next_attempt_ms,
-    };
+    let mut out = FeedOutcome::backing_off(key.clone(), state.next_attempt_ms);
     if now < state.next_attempt_ms {
         tracing::info!(feed = %key, until_ms = state.next_attempt_ms, "apt feed backing off after failures; not polled");
         return out;

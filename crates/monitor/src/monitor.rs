@@ -243,18 +243,7 @@ impl Monitor<'_> {
     /// A feed whose own configuration (keys, CA) cannot be used: not contacted, no backoff.
     fn unusable(feed: &FeedConfig, reason: &'static str, e: &dyn std::error::Error) -> FeedOutcome {
         tracing::error!(feed = %feed.name, reason, error = %chain(e), "feed not polled: its configuration cannot be used");
-        FeedOutcome {
-            feed: feed.name.clone(),
-            status: crate::poll::FeedStatus::Failed,
-            listed: 0,
-            registered: Vec::new(),
-            rejected: vec![crate::poll::Rejection {
-                what: feed.name.clone(),
-                reason,
-                detail: chain(e),
-            }],
-            next_attempt_ms: 0,
-        }
+        FeedOutcome::refused(feed.name.clone(), feed.name.clone(), reason, chain(e))
     }
 
     fn poll_one(&self, store: &mut Store, feed: &FeedConfig) -> FeedOutcome {

@@ -166,6 +166,42 @@ pub struct FeedOutcome {
     pub next_attempt_ms: i64,
 }
 
+impl FeedOutcome {
+    /// A feed (or one LC of an apt feed) not polled yet: backing off until `next_attempt_ms`
+    /// unless the poll goes on and says otherwise.
+    pub(crate) fn backing_off(feed: String, next_attempt_ms: i64) -> FeedOutcome {
+        FeedOutcome {
+            feed,
+            status: FeedStatus::Backoff,
+            listed: 0,
+            registered: Vec::new(),
+            rejected: Vec::new(),
+            next_attempt_ms,
+        }
+    }
+
+    /// Not polled because of `what` (nothing contacted, no backoff): one rejection says why.
+    pub(crate) fn refused(
+        feed: String,
+        what: String,
+        reason: &'static str,
+        detail: String,
+    ) -> FeedOutcome {
+        FeedOutcome {
+            feed,
+            status: FeedStatus::Failed,
+            listed: 0,
+            registered: Vec::new(),
+            rejected: vec![Rejection {
+                what,
+                reason,
+                detail,
+            }],
+            next_attempt_ms: 0,
+        }
+    }
+}
+
 /// Everything one poll needs besides the store.
 pub struct PollContext<'a> {
     pub fetcher: &'a Fetcher,
@@ -250,14 +286,7 @@ pub fn poll_feed(store: &mut Store, feed: &FeedConfig, cx: &PollContext<'_>) -> 
             ..FeedStateRow::default()
         };
     }
-    let mut out = FeedOutcome {
-        feed: feed.name.clone(),
-        status: FeedStatus::Backoff,
-        listed: 0,
-        registered: Vec::new(),
-        rejected: Vec::new(),
-        next_attempt_ms: state.next_attempt_ms,
-    };
+    let mut out = FeedOutcome::backing_off(feed.name.clone(), state.next_attempt_ms);
     if now < state.next_attempt_ms {
         tracing::info!(feed = %feed.name, until_ms = state.next_attempt_ms, "feed backing off after failures; not polled");
         return out;
