@@ -138,7 +138,7 @@ pub fn import(
 }
 
 /// Whether a bundle was refused for what it is (a signature that does not verify or is
-/// malformed, a key's scope it is not of, a bad archive, too large, or no such file): bad input, exit code 2 and 422
+/// malformed, a key's scope it is not of, packages not in the archive's signed index, a bad archive, too large, or no such file): bad input, exit code 2 and 422
 /// through the API. Only a failure to read an existing file is the host's.
 fn is_bad_bundle(e: &VerifyError) -> bool {
     match e {
@@ -146,6 +146,8 @@ fn is_bad_bundle(e: &VerifyError) -> bool {
         | VerifyError::Scope { .. }
         | VerifyError::Archive { .. }
         | VerifyError::TooLarge { .. } => true,
+        // Packages not tied to the archive's signed index; gpgv missing is the host's.
+        VerifyError::Index { why, .. } => !why.is_host_failure(),
         VerifyError::Read { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
     }
 }

@@ -7,8 +7,8 @@
 //! byte for byte) and the `dpkg -i` of packages apt configures together
 //! ([`install_script`], byte for byte, naming only `.deb` files of the bundle); no diff, no
 //! replaced file, no check but `package_version`, no file in the archive that no step uses.
-//! The `.deb` files themselves are what apt downloaded and checked against the archive's
-//! signed index when the bundle was made; the scope does not (cannot) re-check them.
+//! The `.deb` files themselves must be in the archive's signed index, which the bundle
+//! carries ([`crate::aptindex`], checked on the host after this shape check).
 //!
 //! The constants live here, in the bundle crate, so the maker (`patchover_debian::fromapt`)
 //! and the verifier share one definition.
@@ -63,8 +63,9 @@ pub struct ShapeError(pub String);
 /// Scripts are small; anything larger is not one of ours.
 const MAX_SCRIPT_BYTES: u64 = 64 << 10;
 
-/// Checks that the archive (`bytes`, already validated as `archive`) is of the from-apt shape.
-pub fn check(bytes: &[u8], archive: &BundleArchive) -> Result<(), ShapeError> {
+/// Checks that the archive (`bytes`, already validated as `archive`) is of the from-apt shape;
+/// returns the archive paths of the `.deb` files its steps install.
+pub fn check(bytes: &[u8], archive: &BundleArchive) -> Result<BTreeSet<String>, ShapeError> {
     let m = &archive.manifest;
     if let Some(c) = m
         .checks
@@ -83,13 +84,15 @@ pub fn check(bytes: &[u8], archive: &BundleArchive) -> Result<(), ShapeError> {
     }
     let mut used = BTreeSet::new();
     let mut scripts = BTreeSet::new();
+    let mut debs = BTreeSet::new();
     for (i, step) in m.steps.iter().enumerate() {
         let file = step.payload_file().as_str();
         check_step(i + 1, step, file)?;
         used.insert(format!("payload/{file}"));
-        if matches!(step, Step::Script { .. }) {
-            scripts.insert(format!("payload/{file}"));
-        }
+        match step {
+            Step::Script { .. } => scripts.insert(format!("payload/{file}")),
+            _ => debs.insert(format!("payload/{file}")),
+        };
     }
     let texts =
         read_files(bytes, &scripts).map_err(|e| ShapeError(format!("reading its scripts: {e}")))?;
@@ -102,9 +105,9 @@ pub fn check(bytes: &[u8], archive: &BundleArchive) -> Result<(), ShapeError> {
             _ => text
                 .as_deref()
                 .and_then(debs_of_install_script)
-                .map(|debs| {
-                    used.extend(debs.iter().map(|d| format!("payload/{d}")));
-                    install_script(&debs.iter().map(String::as_str).collect::<Vec<_>>())
+                .map(|names| {
+                    debs.extend(names.iter().map(|d| format!("payload/{d}")));
+                    install_script(&names.iter().map(String::as_str).collect::<Vec<_>>())
                 }),
         };
         if want.is_none() || text != want {
@@ -113,7 +116,9 @@ pub fn check(bytes: &[u8], archive: &BundleArchive) -> Result<(), ShapeError> {
             )));
         }
     }
-    check_entries(archive, &used)
+    used.extend(debs.iter().cloned());
+    check_entries(archive, &used)?;
+    Ok(debs)
 }
 
 /// One step: step 1 the space check with one number; then `dpkg` of a `.deb`, or the
@@ -161,12 +166,19 @@ fn is_deb_name(f: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+' | b'~'))
 }
 
-/// Every entry is the manifest, the `payload` directory, or a used regular file.
+/// Every entry is the manifest, the `payload` directory, a used regular file, or an index
+/// file ([`crate::aptindex::is_index_name`]).
 fn check_entries(archive: &BundleArchive, used: &BTreeSet<String>) -> Result<(), ShapeError> {
     for e in &archive.entries {
         let ok = match &e.kind {
             EntryKind::Dir => e.path == "payload",
-            EntryKind::File { .. } => e.path == "manifest.toml" || used.contains(&e.path),
+            EntryKind::File { .. } => {
+                e.path == "manifest.toml"
+                    || used.contains(&e.path)
+                    || e.path
+                        .strip_prefix("payload/")
+                        .is_some_and(crate::aptindex::is_index_name)
+            }
             EntryKind::Symlink { .. } => false,
         };
         if !ok {

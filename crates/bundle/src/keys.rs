@@ -174,6 +174,23 @@ pub struct TrustedKey {
     source: String,
     /// `None`: trusted for every bundle; else only for bundles of that scope's shape.
     scope: Option<KeyScope>,
+    /// For an apt-scoped key: how its bundles' packages are tied to the archive.
+    index: Option<IndexTrust>,
+}
+
+/// How the `.deb` files of a bundle signed by an apt-scoped key are tied to the archive they
+/// claim to come from (`crate::aptindex`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexTrust {
+    /// On the host: each `.deb` must be listed in a package index whose hash a release file
+    /// signed by one of these OpenPGP keyrings lists (`archive_keyrings` of the key's
+    /// `[[bundles.scoped_keys]]` entry).
+    Keyrings(Vec<PathBuf>),
+    /// In an agent's `keys/` directory: the host checked the packages against the archive's
+    /// signed index before it staged the bundle, and the agent checks that the bundle is the
+    /// one the host verified (its SHA-256 in the table). The agent runs on the standby, which
+    /// is no more trusted than the bundle; it keeps the shape check.
+    CheckedByHost,
 }
 
 impl TrustedKey {
@@ -203,6 +220,7 @@ impl TrustedKey {
             key,
             source: source.to_owned(),
             scope: None,
+            index: None,
         })
     }
 
@@ -219,14 +237,21 @@ impl TrustedKey {
         &self.source
     }
 
-    /// The same key, trusted only for bundles of `scope`'s shape.
-    pub fn scoped(mut self, scope: KeyScope) -> TrustedKey {
+    /// The same key, trusted only for bundles of `scope`'s shape whose packages `index`
+    /// ties to the archive.
+    pub fn scoped(mut self, scope: KeyScope, index: IndexTrust) -> TrustedKey {
         self.scope = Some(scope);
+        self.index = Some(index);
         self
     }
 
     pub fn scope(&self) -> Option<KeyScope> {
         self.scope
+    }
+
+    /// For a scoped key: how its bundles' packages are tied to the archive.
+    pub fn index(&self) -> Option<&IndexTrust> {
+        self.index.as_ref()
     }
 }
 
@@ -246,6 +271,9 @@ pub struct SignatureInfo {
     pub trusted_comment: String,
     /// The key's scope (`None`: trusted for every bundle).
     pub scope: Option<KeyScope>,
+    /// For a scoped key: how the bundle's packages are tied to the archive.
+    #[serde(skip)]
+    pub index: Option<IndexTrust>,
 }
 
 /// A parsed signature file, not yet checked against anything.
@@ -342,7 +370,8 @@ impl TrustedKeys {
             .map(|p| TrustedKey::from_file(p))
             .collect::<Result<_, _>>()?;
         for k in scoped {
-            keys.push(TrustedKey::from_file(&k.path)?.scoped(k.scope));
+            let index = IndexTrust::Keyrings(k.archive_keyrings.clone());
+            keys.push(TrustedKey::from_file(&k.path)?.scoped(k.scope, index));
         }
         TrustedKeys::new(keys)
     }
@@ -367,7 +396,11 @@ impl TrustedKeys {
             .map(|p| {
                 let k = TrustedKey::from_file(p)?;
                 let scoped = p.to_string_lossy().ends_with(SCOPED_KEY_SUFFIX);
-                Ok(if scoped { k.scoped(KeyScope::Apt) } else { k })
+                Ok(if scoped {
+                    k.scoped(KeyScope::Apt, IndexTrust::CheckedByHost)
+                } else {
+                    k
+                })
             })
             .collect::<Result<_, KeyError>>()?;
         TrustedKeys::new(keys)
@@ -415,6 +448,7 @@ impl TrustedKeys {
             key_source: key.source.clone(),
             trusted_comment: sig.sig.trusted_comment().to_owned(),
             scope: key.scope,
+            index: key.index.clone(),
         })
     }
 }

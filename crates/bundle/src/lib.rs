@@ -15,6 +15,7 @@
 //! [`VerifiedBundle`]s, which only [`verify::verify_bundle`] makes.
 
 pub mod apply;
+pub mod aptindex;
 pub mod aptshape;
 pub mod archive;
 pub mod config;
@@ -36,7 +37,9 @@ pub use apply::{
 pub use archive::{ArchiveError, BundleArchive, Limits};
 pub use config::{BundlesConfig, BundlesConfigError};
 pub use hash::Sha256;
-pub use keys::{KeyError, KeyId, KeyScope, ScopedKey, SignatureError, TrustedKey, TrustedKeys};
+pub use keys::{
+    IndexTrust, KeyError, KeyId, KeyScope, ScopedKey, SignatureError, TrustedKey, TrustedKeys,
+};
 pub use manifest::{BundleId, Check, Manifest, ManifestError, Severity, Step};
 #[cfg(feature = "stage")]
 pub use table::stage;

@@ -18,7 +18,8 @@ use serde::Serialize;
 use crate::archive::{ArchiveError, BundleArchive, Limits, read_archive};
 use crate::hash::Sha256;
 use crate::keys::{
-    KeyId, KeyScope, SignatureError, SignatureFile, SignatureInfo, TrustedKeys, signature_path,
+    IndexTrust, KeyId, KeyScope, SignatureError, SignatureFile, SignatureInfo, TrustedKeys,
+    signature_path,
 };
 use crate::manifest::Manifest;
 
@@ -48,6 +49,16 @@ pub enum VerifyError {
         key_source: String,
         scope: KeyScope,
         why: crate::aptshape::ShapeError,
+    },
+    #[error(
+        "bundle {path} is signed by key {key_id} ({key_source}), which is trusted only for apt bundles, and its packages are not the archive's: {why}"
+    )]
+    Index {
+        path: PathBuf,
+        key_id: KeyId,
+        key_source: String,
+        #[source]
+        why: Box<crate::aptindex::IndexError>,
     },
     #[error("bundle {path}: archive rejected")]
     Archive {
@@ -145,13 +156,29 @@ pub fn verify_bundle_with(
         source,
     })?;
     if let Some(scope @ KeyScope::Apt) = signature.scope {
-        crate::aptshape::check(&bytes, &archive).map_err(|why| VerifyError::Scope {
+        let debs = crate::aptshape::check(&bytes, &archive).map_err(|why| VerifyError::Scope {
             path: path.to_owned(),
             key_id: signature.key_id,
             key_source: signature.key_source.clone(),
             scope,
             why,
         })?;
+        match &signature.index {
+            Some(IndexTrust::Keyrings(keyrings)) => {
+                let now = jiff::Timestamp::now().as_second();
+                crate::aptindex::check(&bytes, &debs, keyrings, now).map_err(|why| {
+                    VerifyError::Index {
+                        path: path.to_owned(),
+                        key_id: signature.key_id,
+                        key_source: signature.key_source.clone(),
+                        why: Box::new(why),
+                    }
+                })?;
+            }
+            // An agent's copy: the host checked it before staging (`IndexTrust`).
+            Some(IndexTrust::CheckedByHost) => {}
+            None => unreachable!("a scoped key always has its IndexTrust (TrustedKey::scoped)"),
+        }
     }
     tracing::debug!(bundle = %archive.manifest.id, key = %signature.key_id, "bundle verified");
     Ok(VerifiedBundle {

@@ -911,14 +911,15 @@ system_disk = { path = "/srv/lc2/sys.img" }
     #[test]
     fn an_apt_feed_and_a_scoped_key_are_read() {
         let c = parse(
-            "[bundles]\ntrusted_keys = [\"/k/release.pub\"]\n[[bundles.scoped_keys]]\npath = \"/k/apt.pub\"\nscope = \"apt\"\n[[monitor.feeds]]\nname = \"debian\"\nkind = \"apt\"\nsigning_key = \"/k/apt.key\"\nsources = [\"deb [signed-by=/k/a.gpg] http://127.0.0.1:1/ bookworm-security main\"]\n",
+            "[bundles]\ntrusted_keys = [\"/k/release.pub\"]\n[[bundles.scoped_keys]]\npath = \"/k/apt.pub\"\nscope = \"apt\"\narchive_keyrings = [\"/k/a.gpg\"]\n[[monitor.feeds]]\nname = \"debian\"\nkind = \"apt\"\nsigning_key = \"/k/apt.key\"\nsources = [\"deb [signed-by=/k/a.gpg] http://127.0.0.1:1/ bookworm-security main\"]\n",
         )
         .unwrap();
         assert_eq!(
             c.bundles.scoped_keys,
             [ScopedKey {
                 path: "/k/apt.pub".into(),
-                scope: KeyScope::Apt
+                scope: KeyScope::Apt,
+                archive_keyrings: vec!["/k/a.gpg".into()],
             }]
         );
         let m = c.monitor().unwrap();
@@ -931,6 +932,13 @@ system_disk = { path = "/srv/lc2/sys.img" }
         let at = e.at().unwrap();
         assert_eq!(at.line, 3, "{e}");
         assert!(e.to_string().contains("apt"), "{e}");
+        // An apt key without the archive keyrings its packages must be signed with.
+        let e =
+            parse("[[bundles.scoped_keys]]\npath = \"/k/a.pub\"\nscope = \"apt\"\n").unwrap_err();
+        assert_eq!(e.at().unwrap().line, 3, "{e}");
+        assert!(e.to_string().contains("archive_keyrings"), "{e}");
+        let e = parse("[[bundles.scoped_keys]]\npath = \"/k/a.pub\"\nscope = \"apt\"\narchive_keyrings = [\"k.gpg\"]\n").unwrap_err();
+        assert!(e.to_string().contains("absolute"), "{e}");
     }
 
     #[test]

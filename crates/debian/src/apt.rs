@@ -31,6 +31,16 @@ pub enum AptError {
         #[source]
         source: ToolError,
     },
+    #[error(
+        "{} is in no package index apt fetched ({}); an apt bundle must carry the signed index that lists each package",
+        deb.display(), lists.display()
+    )]
+    NotIndexed { deb: PathBuf, lists: PathBuf },
+    #[error(
+        "apt fetched no InRelease file (lists in {}): an apt bundle carries the archive's clear-signed InRelease, and an archive with only Release and Release.gpg is not supported",
+        lists.display()
+    )]
+    NoInRelease { lists: PathBuf },
     #[error("apt-get download left no .deb for {package} {version} in {}", dir.display())]
     NoDeb {
         package: String,
@@ -88,7 +98,7 @@ impl AptEnv {
         fs::write(d.join("etc/sources.list"), list).map_err(AptError::Setup)?;
         fs::write(d.join("status"), status).map_err(AptError::Setup)?;
         let conf = format!(
-            "Dir \"/\";\nDir::Etc \"{d}/etc/\";\nDir::Etc::main \"apt.conf\";\nDir::Etc::parts \"apt.conf.d\";\nDir::Etc::sourcelist \"sources.list\";\nDir::Etc::sourceparts \"sources.list.d\";\nDir::Etc::preferences \"preferences\";\nDir::Etc::preferencesparts \"preferences.d\";\nDir::Etc::trusted \"trusted.gpg\";\nDir::Etc::trustedparts \"trusted.gpg.d\";\nDir::State \"{d}/state/\";\nDir::State::status \"{d}/status\";\nDir::Cache \"{d}/cache/\";\nDir::Log \"{d}/log/\";\nAPT::Architecture \"{arch}\";\nAPT::Architectures {{ \"{arch}\"; }};\nAPT::Sandbox::User \"root\";\nAPT::Install-Recommends \"false\";\nAPT::Get::Show-Versions \"true\";\nAcquire::Languages \"none\";\nAcquire::Retries \"0\";\nAcquire::http::Timeout \"20\";\nAcquire::IndexTargets::deb::Contents-deb::DefaultEnabled \"false\";\nDebug::NoLocking \"true\";\n",
+            "Dir \"/\";\nDir::Etc \"{d}/etc/\";\nDir::Etc::main \"apt.conf\";\nDir::Etc::parts \"apt.conf.d\";\nDir::Etc::sourcelist \"sources.list\";\nDir::Etc::sourceparts \"sources.list.d\";\nDir::Etc::preferences \"preferences\";\nDir::Etc::preferencesparts \"preferences.d\";\nDir::Etc::trusted \"trusted.gpg\";\nDir::Etc::trustedparts \"trusted.gpg.d\";\nDir::State \"{d}/state/\";\nDir::State::status \"{d}/status\";\nDir::Cache \"{d}/cache/\";\nDir::Log \"{d}/log/\";\nAPT::Architecture \"{arch}\";\nAPT::Architectures {{ \"{arch}\"; }};\nAPT::Sandbox::User \"root\";\nAPT::Install-Recommends \"false\";\nAPT::Get::Show-Versions \"true\";\nAcquire::Languages \"none\";\nAcquire::GzipIndexes \"false\";\nAcquire::Retries \"0\";\nAcquire::http::Timeout \"20\";\nAcquire::IndexTargets::deb::Contents-deb::DefaultEnabled \"false\";\nDebug::NoLocking \"true\";\n",
             d = d.display()
         );
         fs::write(d.join("apt.conf"), conf).map_err(AptError::Setup)?;
@@ -225,6 +235,57 @@ impl AptEnv {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// The signed index an apt bundle carries for `debs` (`patchover_bundle::aptindex`):
+    /// every `InRelease` apt fetched, and each package index (uncompressed, as apt keeps it)
+    /// that lists one of `debs` by SHA-256. Each deb must be listed by one.
+    pub fn index_files(&self, debs: &[PathBuf]) -> Result<IndexFiles, AptError> {
+        let lists = self.dir.path().join("state/lists");
+        let mut names: Vec<PathBuf> = fs::read_dir(&lists)
+            .map_err(AptError::Setup)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        names.sort();
+        let ends = |p: &Path, s: &str| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(s))
+        };
+        let releases: Vec<PathBuf> = names
+            .iter()
+            .filter(|p| ends(p, "_InRelease"))
+            .cloned()
+            .collect();
+        if releases.is_empty() {
+            return Err(AptError::NoInRelease { lists });
+        }
+        let mut indexes = Vec::new();
+        for p in names.iter().filter(|p| ends(p, "_Packages")) {
+            indexes.push((p.clone(), fs::read_to_string(p).map_err(AptError::Setup)?));
+        }
+        let mut packages = Vec::new();
+        for deb in debs {
+            let sha = hex(&Sha256::digest(fs::read(deb).map_err(AptError::Setup)?));
+            let line = format!("\nSHA256: {sha}\n");
+            let Some((p, _)) = indexes.iter().find(|(_, text)| text.contains(&line)) else {
+                return Err(AptError::NotIndexed {
+                    deb: deb.clone(),
+                    lists,
+                });
+            };
+            if !packages.contains(p) {
+                packages.push(p.clone());
+            }
+        }
+        Ok(IndexFiles { releases, packages })
+    }
+}
+
+/// The index files of an apt bundle ([`AptEnv::index_files`]).
+#[derive(Debug)]
+pub struct IndexFiles {
+    pub releases: Vec<PathBuf>,
+    pub packages: Vec<PathBuf>,
 }
 
 /// Parses `apt-get -s` output.

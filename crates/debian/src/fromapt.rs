@@ -6,7 +6,9 @@
 //!    archive's signed indexes and plans a `dist-upgrade` (or `install --only-upgrade P…`).
 //!    A plan that removes a package is refused, naming it: a patch run never removes.
 //! 3. Every `.deb` of the plan (upgrades and new dependencies) is downloaded by apt, so it is
-//!    checked against the signed index.
+//!    checked against the signed index. The bundle carries that index (each `InRelease` and
+//!    the package indexes that list its packages), so a host verifying it under a key
+//!    trusted only for apt bundles checks each package again (`patchover_bundle::aptindex`).
 //! 4. A conffile the LC changed that the update also changes would make dpkg ask; refused,
 //!    naming the package and file.
 //! 5. Disk space: the standby's disk gets the packages, so the bundle's first step checks the
@@ -24,7 +26,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use patchover_bundle::aptshape;
+use patchover_bundle::{aptindex, aptshape};
 use patchover_lcroot::LcRoot;
 use sha2::{Digest, Sha256};
 
@@ -439,6 +441,7 @@ fn build(planned: Planned<'_>, opts: &FromAptOptions) -> Result<Outcome, FromApt
     let mut files = BTreeMap::new();
     let mut changelogs = Vec::new();
     let mut need_bytes = 0u64;
+    let mut downloaded = Vec::new();
     for u in &mut updates {
         let deb = apt
             .download(&u.package, &u.new)
@@ -446,6 +449,7 @@ fn build(planned: Planned<'_>, opts: &FromAptOptions) -> Result<Outcome, FromApt
         let name = format!("{}_{}.deb", u.package, u.new.replace(':', "_"));
         let dest = bundle_dir.join("payload").join(&name);
         fs::copy(&deb, &dest).map_err(io("copying a package into the bundle"))?;
+        downloaded.push(dest.clone());
         let size = fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
         let unpacked = work.path().join("x").join(&u.package);
         fs::create_dir_all(&unpacked).map_err(io("creating an unpack directory"))?;
@@ -475,6 +479,27 @@ fn build(planned: Planned<'_>, opts: &FromAptOptions) -> Result<Outcome, FromApt
         files.insert(u.package.clone(), name);
     }
     check_space(root, lc, need_bytes)?;
+    // The archive's signed index, so a key trusted only for apt bundles cannot carry a
+    // package the archive did not sign (`patchover_bundle::aptindex`).
+    let index = apt.index_files(&downloaded).map_err(FromAptError::Apt)?;
+    for (n, p) in index.releases.iter().enumerate() {
+        fs::copy(
+            p,
+            bundle_dir
+                .join("payload")
+                .join(aptindex::release_name(n + 1)),
+        )
+        .map_err(io("copying a release file into the bundle"))?;
+    }
+    for (n, p) in index.packages.iter().enumerate() {
+        fs::copy(
+            p,
+            bundle_dir
+                .join("payload")
+                .join(aptindex::packages_name(n + 1)),
+        )
+        .map_err(io("copying a package index into the bundle"))?;
+    }
     // The standby checks its own disk before anything is unpacked.
     fs::write(bundle_dir.join("payload").join(SPACE_FILE), SPACE_SCRIPT)
         .map_err(io("writing the space check"))?;

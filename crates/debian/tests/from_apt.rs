@@ -53,7 +53,7 @@ fn opts(lc: &str, a: &TestArchive, out: &Path) -> FromAptOptions {
 
 /// What from-apt writes is of the shape a key trusted only for apt bundles may sign
 /// (`patchover_bundle::aptshape`): signed by such a key, it verifies.
-fn assert_verifies_with_an_apt_scoped_key(bundle: &Path) {
+fn assert_verifies_with_an_apt_scoped_key(bundle: &Path, archive: &TestArchive) {
     use patchover_bundle::{KeyScope, ScopedKey, TrustedKeys};
     let k = tempfile::tempdir().unwrap();
     let (public, secret) = (k.path().join("apt.pub"), k.path().join("apt.key"));
@@ -63,6 +63,7 @@ fn assert_verifies_with_an_apt_scoped_key(bundle: &Path) {
     let scoped = ScopedKey {
         path: public,
         scope: KeyScope::Apt,
+        archive_keyrings: vec![archive.keyring.clone()],
     };
     let keys = TrustedKeys::from_config(&[], &[scoped]).unwrap();
     let v = patchover_bundle::verify_bundle(bundle, &keys, &patchover_bundle::Limits::default())
@@ -119,7 +120,7 @@ fn a_bundle_of_the_updates_and_every_refusal() {
     )
     .unwrap();
     let m = &b.manifest;
-    assert_verifies_with_an_apt_scoped_key(&out);
+    assert_verifies_with_an_apt_scoped_key(&out, &archive);
     let steps: Vec<String> = m.steps.iter().map(|s| s.describe()).collect();
     assert_eq!(
         steps,

@@ -24,7 +24,7 @@
 use std::path::{Path, PathBuf};
 
 use patchover_bundle::keys::SigningKey;
-use patchover_bundle::{KeyScope, Limits, TrustedKeys, verify_bundle};
+use patchover_bundle::{IndexTrust, KeyScope, Limits, TrustedKeys, verify_bundle};
 use patchover_debian::fromapt::{FromAptError, FromAptOptions, Planned, plan_with};
 use patchover_debian::reader::RootReader;
 use patchover_debian::sources::Source;
@@ -68,6 +68,16 @@ pub enum AptKeyError {
         key_id: patchover_bundle::KeyId,
         listed: String,
     },
+    #[error(
+        "apt feed {feed}: source {line:?} {}; the bundles made from it would be refused: every source of an apt feed needs signed-by=KEYRING with KEYRING in archive_keyrings of the key's [[bundles.scoped_keys]] entry (now {trusted})",
+        match keyring { Some(k) => format!("is signed with {k}, which is not in archive_keyrings"), None => "names no signed-by keyring".to_owned() }
+    )]
+    Keyring {
+        feed: String,
+        line: String,
+        keyring: Option<String>,
+        trusted: String,
+    },
     #[error("apt feed {feed}: source {line:?}")]
     Source {
         feed: String,
@@ -107,8 +117,11 @@ impl AptFeed {
             }
         })?;
         let key_id = signer.id();
-        match keys.keys().iter().find(|k| k.id() == key_id) {
-            Some(k) if k.scope() == Some(KeyScope::Apt) => {}
+        let keyrings = match keys.keys().iter().find(|k| k.id() == key_id) {
+            Some(k) if k.scope() == Some(KeyScope::Apt) => match k.index() {
+                Some(IndexTrust::Keyrings(rings)) => rings.clone(),
+                _ => Vec::new(),
+            },
             Some(k) => {
                 return Err(AptKeyError::TooTrusted {
                     feed,
@@ -118,8 +131,8 @@ impl AptFeed {
                 });
             }
             None => return Err(AptKeyError::NotTrusted { feed, path, key_id }),
-        }
-        let sources = config
+        };
+        let sources: Vec<Source> = config
             .sources
             .iter()
             .map(|line| {
@@ -130,6 +143,24 @@ impl AptFeed {
                 })
             })
             .collect::<Result<_, _>>()?;
+        for s in &sources {
+            let ok = s
+                .signed_by
+                .as_ref()
+                .is_some_and(|k| keyrings.iter().any(|r| r == Path::new(k)));
+            if !ok {
+                return Err(AptKeyError::Keyring {
+                    feed,
+                    line: s.to_string(),
+                    keyring: s.signed_by.clone(),
+                    trusted: keyrings
+                        .iter()
+                        .map(|r| r.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        }
         Ok(AptFeed {
             config: config.clone(),
             signer: std::sync::Arc::new(signer),

@@ -1108,6 +1108,7 @@ impl AptWorld {
     [[bundles.scoped_keys]]
     path = "{public}"
     scope = "apt"
+    archive_keyrings = ["{keyring}"]
     [monitor]
     interval_secs = 60
     security_only = true
@@ -1357,11 +1358,14 @@ fn an_apt_feeds_signing_key_must_be_trusted_for_apt_bundles_only() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let key = Key::new(dir, "apt");
+    let ring = dir.join("archive.gpg");
+    let source =
+        |ring: &str| format!("deb [signed-by={ring}] http://127.0.0.1:1/ bookworm-security main");
     let feed = patchover_monitor::AptFeedConfig {
         name: "debian".into(),
         signing_key: key.secret.clone(),
         password_file: None,
-        sources: Vec::new(),
+        sources: vec![source(ring.to_str().unwrap())],
         lcs: Vec::new(),
     };
     let scoped = TrustedKeys::from_config(
@@ -1369,10 +1373,33 @@ fn an_apt_feeds_signing_key_must_be_trusted_for_apt_bundles_only() {
         &[ScopedKey {
             path: key.public.clone(),
             scope: KeyScope::Apt,
+            archive_keyrings: vec![ring.clone()],
         }],
     )
     .unwrap();
     assert!(AptFeed::load(&feed, &scoped).is_ok());
+    // A source whose keyring the scoped key does not trust, or that names none: its
+    // bundles would be refused at verify, so the feed is refused at load.
+    for (line, want) in [
+        (
+            source("/elsewhere/other.gpg"),
+            "is signed with /elsewhere/other.gpg, which is not in archive_keyrings",
+        ),
+        (
+            "deb http://127.0.0.1:1/ bookworm-security main".to_owned(),
+            "names no signed-by keyring",
+        ),
+    ] {
+        let f = patchover_monitor::AptFeedConfig {
+            sources: vec![line],
+            ..feed.clone()
+        };
+        let msg = chain(&AptFeed::load(&f, &scoped).err().expect(want));
+        assert!(
+            msg.contains(want) && msg.contains(ring.to_str().unwrap()),
+            "{msg}"
+        );
+    }
     let id = key.signing.id().to_string();
     let cases = [
         (

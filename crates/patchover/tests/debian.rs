@@ -320,10 +320,11 @@ fn apt_monitor_config(
     let pw = dir.join("imap.pw");
     fs::write(&pw, format!("{}\n", mail::IMAP_PASSWORD)).unwrap();
     format!(
-        "\n[[bundles.scoped_keys]]\npath = \"{d}/apt.pub\"\nscope = \"apt\"\n\n[monitor]\ninterval_secs = 60\nsecurity_only = true\nadmins = [\"admin@example.org\"]\nfrom = \"patchover@example.org\"\nsecret_file = \"{secret}\"\n\n[[monitor.feeds]]\nname = \"debian\"\nkind = \"apt\"\nsigning_key = \"{d}/apt.key\"\nsources = [\"{source}\"]\n\n[monitor.smtp]\nhost = \"127.0.0.1\"\nport = {smtp}\ntls = \"none\"\n\n[monitor.imap]\nhost = \"127.0.0.1\"\nport = {imap}\ntls = \"none\"\nusername = \"{user}\"\npassword_file = \"{pw}\"\n",
+        "\n[[bundles.scoped_keys]]\npath = \"{d}/apt.pub\"\nscope = \"apt\"\narchive_keyrings = [\"{keyring}\"]\n\n[monitor]\ninterval_secs = 60\nsecurity_only = true\nadmins = [\"admin@example.org\"]\nfrom = \"patchover@example.org\"\nsecret_file = \"{secret}\"\n\n[[monitor.feeds]]\nname = \"debian\"\nkind = \"apt\"\nsigning_key = \"{d}/apt.key\"\nsources = [\"{source}\"]\n\n[monitor.smtp]\nhost = \"127.0.0.1\"\nport = {smtp}\ntls = \"none\"\n\n[monitor.imap]\nhost = \"127.0.0.1\"\nport = {imap}\ntls = \"none\"\nusername = \"{user}\"\npassword_file = \"{pw}\"\n",
         d = dir.display(),
         secret = secret.display(),
         source = archive.source(),
+        keyring = archive.keyring.display(),
         smtp = smtp.port,
         imap = imap.port,
         user = mail::IMAP_USER,

@@ -303,7 +303,7 @@ fn an_apt_feeds_key_not_trusted_for_apt_bundles_is_refused_at_load() {
         .unwrap();
     };
     let scoped = format!(
-        "[[bundles.scoped_keys]]\npath = \"{}\"\nscope = \"apt\"\n",
+        "[[bundles.scoped_keys]]\npath = \"{}\"\nscope = \"apt\"\narchive_keyrings = [\"/usr/share/keyrings/debian-archive-keyring.gpg\"]\n",
         s("apt.pub")
     );
     for (bundles, key, want) in [

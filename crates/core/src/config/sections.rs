@@ -51,6 +51,11 @@ impl std::fmt::Display for KeyScope {
 pub struct ScopedKey {
     pub path: PathBuf,
     pub scope: KeyScope,
+    /// For `scope = "apt"`: the OpenPGP keyrings (binary, as apt's `signed-by`) of the
+    /// archives whose packages such a bundle may carry. Each `.deb` of the bundle must be
+    /// listed in a package index whose hash is in a release file signed by one of them
+    /// (`patchover_bundle::aptindex`), so the scoped key cannot sign a package of its own.
+    pub archive_keyrings: Vec<PathBuf>,
 }
 
 /// The validated `[yara]` section: the malware check before the copy (seed step 702).
@@ -146,7 +151,9 @@ pub(super) struct RawBundles {
 #[serde(deny_unknown_fields)]
 struct RawScopedKey {
     path: Spanned<PathBuf>,
-    scope: KeyScope,
+    scope: Spanned<KeyScope>,
+    #[serde(default)]
+    archive_keyrings: Vec<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize)]
@@ -212,6 +219,17 @@ impl Validator<'_> {
                     ),
                 ));
             }
+            let rings = format!("bundles.scoped_keys[{i}].archive_keyrings");
+            for p in &k.archive_keyrings {
+                self.absolute(p, &rings)?;
+            }
+            if *k.scope.get_ref() == KeyScope::Apt && k.archive_keyrings.is_empty() {
+                return Err(self.err(
+                    &k.scope,
+                    &rings,
+                    "a key with scope = \"apt\" needs archive_keyrings: the OpenPGP keyrings of the archives whose packages its bundles may carry (as in apt's signed-by, e.g. [\"/usr/share/keyrings/debian-archive-keyring.gpg\"]); every .deb of such a bundle must be in an index signed by one of them".to_owned(),
+                ));
+            }
         }
         let mib = |key: &str, v: Option<Spanned<u64>>| -> Result<Option<u64>, ConfigError> {
             match v {
@@ -235,7 +253,12 @@ impl Validator<'_> {
                 .into_iter()
                 .map(|k| ScopedKey {
                     path: k.path.into_inner(),
-                    scope: k.scope,
+                    scope: k.scope.into_inner(),
+                    archive_keyrings: k
+                        .archive_keyrings
+                        .into_iter()
+                        .map(|p| p.into_inner())
+                        .collect(),
                 })
                 .collect(),
         })
