@@ -33,8 +33,15 @@ pub struct ConfigSummary {
     pub service_port: u16,
     /// How the service is checked (`http /health`, `tcp`, `command pg_isready`), if at all.
     pub health: Option<String>,
+    /// Every feed, index and apt.
     pub monitor_feeds: Option<usize>,
+    /// Of those, the `kind = "apt"` feeds.
+    #[serde(default)]
+    pub apt_feeds: usize,
     pub trusted_keys: usize,
+    /// `[[bundles.scoped_keys]]`: keys trusted only for apt bundles.
+    #[serde(default)]
+    pub apt_keys: usize,
     pub yara: bool,
     pub daemon_socket: PathBuf,
 }
@@ -75,10 +82,16 @@ impl std::fmt::Display for ConfigSummary {
         write!(f, " port {}, check ", self.service_port)?;
         write!(f, "{}", self.health.as_deref().unwrap_or("none"))?;
         match self.monitor_feeds {
+            Some(n) if self.apt_feeds > 0 => {
+                write!(f, "; monitor: {n} feeds ({} apt)", self.apt_feeds)?
+            }
             Some(n) => write!(f, "; monitor: {n} feeds")?,
             None => write!(f, "; no monitor")?,
         }
         write!(f, "; {} trusted bundle keys", self.trusted_keys)?;
+        if self.apt_keys > 0 {
+            write!(f, " and {} for apt bundles only", self.apt_keys)?;
+        }
         if self.yara {
             write!(f, "; yara rules")?;
         }
@@ -138,8 +151,13 @@ fn summary(c: &Config) -> ConfigSummary {
             HealthProbe::Tcp { .. } => "tcp".to_owned(),
             HealthProbe::Command { argv, .. } => format!("command {}", argv.join(" ")),
         }),
-        monitor_feeds: c.monitor.as_ref().map(|m| m.feeds.len()),
+        monitor_feeds: c
+            .monitor
+            .as_ref()
+            .map(|m| m.feeds.len() + m.apt_feeds.len()),
+        apt_feeds: c.monitor.as_ref().map_or(0, |m| m.apt_feeds.len()),
         trusted_keys: c.bundles.trusted_keys.len(),
+        apt_keys: c.bundles.scoped_keys.len(),
         yara: c.yara.is_some(),
         daemon_socket: c.daemon.socket.clone(),
     }
@@ -173,6 +191,18 @@ mod tests {
             d.path().join("po.toml").display()
         );
         assert_eq!(c.lines(), vec![want]);
+        // An apt feed and its key trusted only for apt bundles are counted.
+        let (d, c) = checked(
+            "[[lc]]\nid = \"a\"\ncpu = 0\ncpu_share = 50\nmemory_mib = 64\nsystem_disk = { path = \"/srv/a\" }\n[bundles]\ntrusted_keys = [\"/k/r.pub\"]\n[[bundles.scoped_keys]]\npath = \"/k/apt.pub\"\nscope = \"apt\"\narchive_keyrings = [\"/k/a.gpg\"]\n[[monitor.feeds]]\nname = \"i\"\nurl = \"http://127.0.0.1:1/i.json\"\ntrusted_keys = [\"/k/f.pub\"]\n[[monitor.feeds]]\nname = \"deb\"\nkind = \"apt\"\nsigning_key = \"/k/apt.key\"\nlcs = [\"a\"]\n",
+        );
+        let line = &c.lines()[0];
+        assert!(
+            line.contains(
+                "monitor: 2 feeds (1 apt); 1 trusted bundle keys and 1 for apt bundles only"
+            ),
+            "{line} ({})",
+            d.path().display()
+        );
     }
 
     #[test]

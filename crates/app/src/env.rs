@@ -19,25 +19,7 @@ impl Env {
         let mut store = patchover_store::Store::open(&config.store_path())?;
         // Writes only when the config's LCs changed since the last sync.
         store.sync_lcs(&config.lcs)?;
-        let exe = std::env::current_exe().map_err(|source| AppError::Io {
-            what: "cannot find the patchover binary".to_owned(),
-            source,
-        })?;
-        let backend = patchover_lc::dispatch::ByKind {
-            ns: Box::new(
-                patchover_lc::ns::NsBackend::new(
-                    patchover_lc::host::LinuxHost::new(exe.clone()),
-                    patchover_lc::ns::NsConfig::from_config(&config),
-                )
-                .with_images(std::sync::Arc::new(
-                    patchover_qemu::nsdisks::NsImageServer::new(&config.run_dir),
-                )),
-            ),
-            qemu: Some(Box::new(patchover_qemu::backend::QemuBackend::new(
-                patchover_lc::host::LinuxHost::new(exe),
-                patchover_qemu::backend::QemuConfig::from_config(&config),
-            ))),
-        };
+        let backend = backends(&config)?;
         Ok(Env {
             config,
             store,
@@ -60,4 +42,27 @@ impl Env {
             ))
         })
     }
+}
+
+/// Every LC backend for `config`'s LCs (they start helper processes from this executable).
+pub fn backends(config: &Config) -> Result<patchover_lc::dispatch::ByKind, AppError> {
+    let exe = std::env::current_exe().map_err(|source| AppError::Io {
+        what: "cannot find the patchover binary".to_owned(),
+        source,
+    })?;
+    Ok(patchover_lc::dispatch::ByKind {
+        ns: Box::new(
+            patchover_lc::ns::NsBackend::new(
+                patchover_lc::host::LinuxHost::new(exe.clone()),
+                patchover_lc::ns::NsConfig::from_config(config),
+            )
+            .with_images(std::sync::Arc::new(
+                patchover_qemu::nsdisks::NsImageServer::new(&config.run_dir),
+            )),
+        ),
+        qemu: Some(Box::new(patchover_qemu::backend::QemuBackend::new(
+            patchover_lc::host::LinuxHost::new(exe),
+            patchover_qemu::backend::QemuConfig::from_config(config),
+        ))),
+    })
 }

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use patchover_bundle::{BundlesConfig, Limits, TrustedKeys};
 use patchover_core::Config;
 use patchover_monitor::MonitorConfig;
-use patchover_monitor::apt::AptFeed;
+use patchover_monitor::apt::{AptFeed, ExecOut, VmAccess};
 use patchover_monitor::monitor::{
     Monitor, PatchStarter, RunHandle, RunReport, StartError, hostname,
 };
@@ -34,6 +34,37 @@ pub struct MonitorEnv {
     pub limits: Limits,
     /// The `kind = "apt"` feeds, their signing keys loaded and checked against `[bundles]`.
     pub apt_feeds: Vec<AptFeed>,
+    /// The LC backends, when an apt feed may watch a VM (its state and its agent).
+    vms: Option<BackendVms>,
+}
+
+/// The LC backends as the apt feed's [`VmAccess`]: a VM's state, and exec through its agent.
+struct BackendVms(patchover_lc::dispatch::ByKind);
+
+impl VmAccess for BackendVms {
+    fn is_running(&self, spec: &patchover_core::LcSpec) -> Result<bool, String> {
+        patchover_lc::LcBackend::status(&self.0, spec)
+            .map(|s| s.state != patchover_lc::LcState::Stopped)
+            .map_err(|e| {
+                format!(
+                    "the state of {}: {}",
+                    spec.id,
+                    patchover_core::error_chain(&e)
+                )
+            })
+    }
+
+    fn exec(
+        &self,
+        spec: &patchover_core::LcSpec,
+        argv: &[String],
+    ) -> Result<ExecOut, Box<dyn std::error::Error + Send + Sync>> {
+        let o = patchover_lc::LcBackend::exec(&self.0, spec, argv, patchover_lc::Stdio::Capture)?;
+        Ok(ExecOut {
+            status: o.status,
+            stdout: o.stdout,
+        })
+    }
 }
 
 impl MonitorEnv {
@@ -53,6 +84,16 @@ impl MonitorEnv {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| AppError::BadInput(patchover_monitor::poll::chain(&e)))?;
         let store = Store::open(&config.store_path())?;
+        // A VM is watched through the backends (its agent while it runs).
+        let vms = match !apt_feeds.is_empty()
+            && config
+                .lcs
+                .iter()
+                .any(|l| l.system_disk.kind != patchover_core::DiskKind::Dir)
+        {
+            true => Some(BackendVms(crate::env::backends(&config)?)),
+            false => None,
+        };
         Ok((
             MonitorEnv {
                 config,
@@ -60,6 +101,7 @@ impl MonitorEnv {
                 bundle_keys,
                 limits: bundles.limits,
                 apt_feeds,
+                vms,
             },
             store,
         ))
@@ -75,6 +117,7 @@ impl MonitorEnv {
             host: hostname(),
             starter,
             apt_feeds: self.apt_feeds.clone(),
+            vms: self.vms.as_ref().map(|v| v as &dyn VmAccess),
         }
     }
 }

@@ -566,7 +566,8 @@ impl Validator<'_> {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR));
         let service = self.service(raw.service)?;
         let bundles = self.bundles(raw.bundles)?;
-        let monitor = self.monitor(raw.monitor)?;
+        let ids: Vec<String> = lcs.iter().map(|l| l.id.to_string()).collect();
+        let monitor = self.monitor(raw.monitor, &ids)?;
         let yara = self.yara(raw.yara)?;
         let daemon = self.daemon(raw.daemon, &run_dir)?;
 
@@ -1108,6 +1109,18 @@ system_disk = { path = "/srv/lc2/sys.img" }
                 "[[monitor.feeds]]\nname = \"a\"\nurl = \"http://x/i.json\"\ntrusted_keys = [\"/k\"]\nsigning_key = \"/k/apt.key\"\n",
                 5,
                 "monitor.feeds[0].signing_key",
+                "only an apt feed",
+            ),
+            (
+                "[[monitor.feeds]]\nname = \"deb\"\nkind = \"apt\"\nsigning_key = \"/k/apt.key\"\nlcs = [\"lc1\", \"lc9\"]\n",
+                5,
+                "monitor.feeds[0].lcs",
+                "\"lc9\" is not an LC of this config",
+            ),
+            (
+                "[[monitor.feeds]]\nname = \"a\"\nurl = \"http://x/i.json\"\ntrusted_keys = [\"/k\"]\nlcs = []\n",
+                5,
+                "monitor.feeds[0].lcs",
                 "only an apt feed",
             ),
             (

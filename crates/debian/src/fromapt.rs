@@ -186,14 +186,28 @@ pub fn from_apt_on_disk(
     image: bool,
     opts: &FromAptOptions,
 ) -> Result<Outcome, FromAptError> {
+    with_disk_reader(disk, image, &opts.lc, |r| from_apt_with(r, opts))?
+}
+
+/// Runs `f` with a reader of the LC `lc`'s system disk (as [`from_apt_on_disk`] reads it: a
+/// directory through its root handle; an image not in use loop-mounted read-only for the
+/// time of `f`, then unmounted). The outer error is the disk's (it cannot be opened or
+/// mounted); the inner one is `f`'s.
+pub fn with_disk_reader<T, E>(
+    disk: &Path,
+    image: bool,
+    lc: &str,
+    f: impl FnOnce(&dyn LcReader) -> Result<T, E>,
+) -> Result<Result<T, E>, FromAptError> {
     let root_err = |source| {
         FromAptError::Status(StatusError::Read {
-            lc: opts.lc.clone(),
+            lc: lc.to_owned(),
             source,
         })
     };
     if !image {
-        return from_apt(&LcRoot::open(disk).map_err(root_err)?, opts);
+        let root = LcRoot::open(disk).map_err(root_err)?;
+        return Ok(f(&RootReader::new(&root, lc, false)));
     }
     // The standby's disk will be a block copy of this image: its free space is this one's.
     let mnt = tempfile::Builder::new()
@@ -210,7 +224,7 @@ pub fn from_apt_on_disk(
     })?;
     let r = LcRoot::open(mnt.path())
         .map_err(root_err)
-        .and_then(|root| from_apt_with(&RootReader::new(&root, &opts.lc, true), opts));
+        .map(|root| f(&RootReader::new(&root, lc, true)));
     let mut c = Command::new("umount");
     c.arg(mnt.path());
     if let Err(e) = run(c, "mount") {

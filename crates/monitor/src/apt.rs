@@ -1,7 +1,8 @@
 //! A `kind = "apt"` feed (issue 24): the Debian archive of each active Debian LC, watched as
 //! a feed (docs/monitor.md, "Watching apt").
 //!
-//! Each round, for each LC the app hands in (the active LCs with a directory system disk):
+//! Each round, for each active LC (a directory system disk through its root handle; a VM
+//! through its agent while it runs, its image mounted read-only while it is stopped):
 //! apt plans the LC's pending updates exactly as `patchover bundle from-apt` does
 //! ([`patchover_debian::fromapt::plan_with`]: the archive's signed indexes fetched and
 //! verified, no package yet). The plan's digest (the LC's dpkg status and the `package=version`
@@ -25,11 +26,13 @@ use std::path::{Path, PathBuf};
 
 use patchover_bundle::keys::SigningKey;
 use patchover_bundle::{IndexTrust, KeyScope, Limits, TrustedKeys, verify_bundle};
-use patchover_debian::fromapt::{FromAptError, FromAptOptions, Planned, plan_with};
-use patchover_debian::reader::RootReader;
+use patchover_debian::fromapt::{
+    FromAptError, FromAptOptions, Planned, plan_with, with_disk_reader,
+};
+pub use patchover_debian::reader::ExecOut;
+use patchover_debian::reader::{AgentReader, ExecFn, LcReader};
 use patchover_debian::sources::Source;
 use patchover_debian::status::StatusError;
-use patchover_lcroot::LcRoot;
 use patchover_store::{FeedStateRow, Store};
 use sha2::{Digest, Sha256};
 
@@ -178,26 +181,71 @@ fn read_password(p: &Path) -> Result<String, patchover_bundle::KeyError> {
         })
 }
 
-/// An active LC to watch: its name and its (directory) system disk.
-#[derive(Debug, Clone)]
-pub struct AptLc {
-    pub lc: String,
-    pub disk: PathBuf,
+/// A VM's state and its agent: what the apt feed needs of the LC backends (the app's
+/// `patchover_lc` backends provide it; the monitor crate does not start VMs).
+pub trait VmAccess {
+    /// Whether `spec` (a VM) is running (its image is then being written: read through its
+    /// agent, never the image).
+    fn is_running(&self, spec: &patchover_core::LcSpec) -> Result<bool, String>;
+    /// Runs `argv` inside the running VM through its agent, its output captured.
+    fn exec(
+        &self,
+        spec: &patchover_core::LcSpec,
+        argv: &[String],
+    ) -> Result<ExecOut, Box<dyn std::error::Error + Send + Sync>>;
 }
 
-impl AptLc {
-    /// An LC whose system disk is a directory; a VM's image is not read (the apt feed does not
-    /// yet read a running VM through its agent, as `bundle from-apt` does): the reason.
-    pub fn of(spec: &patchover_core::LcSpec) -> Result<AptLc, String> {
-        match spec.system_disk.kind {
-            patchover_core::DiskKind::Dir => Ok(AptLc {
-                lc: spec.id.to_string(),
-                disk: spec.system_disk.path.clone(),
-            }),
-            _ => Err(format!(
-                "{} is a VM: the apt feed reads directory system disks only (a running VM's packages are read through its agent by `patchover bundle from-apt {}`)",
-                spec.id, spec.id
-            )),
+/// How an active LC's packages are read.
+pub enum AptLc<'a> {
+    /// Its system disk: a directory through its root handle, or a stopped VM's image mounted
+    /// read-only for the time of the poll.
+    Disk {
+        lc: String,
+        path: PathBuf,
+        image: bool,
+    },
+    /// A running VM: its own tools, through its agent (`bundle from-apt`'s way too).
+    Agent { lc: String, exec: Box<ExecFn<'a>> },
+}
+
+impl<'a> AptLc<'a> {
+    /// How to read `spec`: its directory disk; a VM through `vms` (its agent while it runs,
+    /// its image while it is stopped). A VM without `vms` is not watched: the reason.
+    pub fn of(
+        spec: &'a patchover_core::LcSpec,
+        vms: Option<&'a dyn VmAccess>,
+    ) -> Result<AptLc<'a>, String> {
+        let lc = spec.id.to_string();
+        let disk = &spec.system_disk;
+        if disk.kind == patchover_core::DiskKind::Dir {
+            return Ok(AptLc::Disk {
+                lc,
+                path: disk.path.clone(),
+                image: false,
+            });
+        }
+        let Some(vms) = vms else {
+            return Err(format!(
+                "{lc} is a VM and this monitor has no access to the LC backends (a running VM's packages are read through its agent by `patchover bundle from-apt {lc}`)"
+            ));
+        };
+        if vms.is_running(spec)? {
+            Ok(AptLc::Agent {
+                lc,
+                exec: Box::new(move |argv: &[String]| vms.exec(spec, argv)),
+            })
+        } else {
+            Ok(AptLc::Disk {
+                lc,
+                path: disk.path.clone(),
+                image: true,
+            })
+        }
+    }
+
+    pub fn lc(&self) -> &str {
+        match self {
+            AptLc::Disk { lc, .. } | AptLc::Agent { lc, .. } => lc,
         }
     }
 }
@@ -264,16 +312,16 @@ pub fn state_key(feed: &str, lc: &str) -> String {
 pub fn poll_apt_lc(
     store: &mut Store,
     feed: &AptFeed,
-    lc: &AptLc,
+    lc: &AptLc<'_>,
     cx: &AptContext<'_>,
 ) -> FeedOutcome {
     let now = now_ms();
-    let key = state_key(&feed.config.name, &lc.lc);
+    let key = state_key(&feed.config.name, lc.lc());
     let mut state = match store.feed_state(&key) {
         Ok(Some(s)) => s,
         _ => FeedStateRow {
             feed: key.clone(),
-            url: format!("apt:{}", lc.lc),
+            url: format!("apt:{}", lc.lc()),
             ..FeedStateRow::default()
         },
     };
@@ -305,36 +353,54 @@ pub fn poll_apt_lc(
 fn poll_inner(
     store: &mut Store,
     feed: &AptFeed,
-    lc: &AptLc,
+    lc: &AptLc<'_>,
     cx: &AptContext<'_>,
     state: &mut FeedStateRow,
     out: &mut FeedOutcome,
 ) -> Result<(), AptPollError> {
     let plan_err = |source| AptPollError::Plan {
-        lc: lc.lc.clone(),
+        lc: lc.lc().to_owned(),
         source: Box::new(source),
     };
-    let root = LcRoot::open(&lc.disk).map_err(|source| {
-        plan_err(FromAptError::Status(StatusError::Read {
-            lc: lc.lc.clone(),
-            source,
-        }))
-    })?;
-    let reader = RootReader::new(&root, &lc.lc, false);
+    match lc {
+        AptLc::Disk { lc, path, image } => with_disk_reader(path, *image, lc, |r| {
+            plan_and_build(store, feed, r, cx, state, out)
+        })
+        .map_err(plan_err)?,
+        AptLc::Agent { lc, exec } => {
+            plan_and_build(store, feed, &AgentReader::new(lc, exec), cx, state, out)
+        }
+    }
+}
+
+/// Plans `lc`'s updates; a new set is built, signed, verified and registered.
+fn plan_and_build(
+    store: &mut Store,
+    feed: &AptFeed,
+    lc: &dyn LcReader,
+    cx: &AptContext<'_>,
+    state: &mut FeedStateRow,
+    out: &mut FeedOutcome,
+) -> Result<(), AptPollError> {
+    let name = lc.lc().to_owned();
+    let plan_err = |source| AptPollError::Plan {
+        lc: name.clone(),
+        source: Box::new(source),
+    };
     let mut opts = FromAptOptions {
-        lc: lc.lc.clone(),
+        lc: name.clone(),
         sources: feed.sources.clone(),
         target_lc: true,
         ..FromAptOptions::default()
     };
-    let planned = plan_with(&reader, &opts).map_err(plan_err)?;
+    let planned = plan_with(lc, &opts).map_err(plan_err)?;
     out.listed = planned.updates.len();
     if planned.nothing_to_do().is_some() {
         out.status = FeedStatus::NotModified;
         return Ok(());
     }
     let set = planned.set_digest();
-    let id = bundle_id(&lc.lc, &set);
+    let id = bundle_id(&name, &set);
     if state.apt_set.as_deref() == Some(set.as_str())
         || store.patch(&id).map_err(AptPollError::Store)?.is_some()
     {
@@ -348,7 +414,7 @@ fn poll_inner(
         build_and_register(store, feed, planned, &mut opts, cx).map_err(|source| match source {
             BuildError::Store(e) => AptPollError::Store(e),
             BuildError::Other(source) => AptPollError::Build {
-                lc: lc.lc.clone(),
+                lc: name.clone(),
                 source,
             },
         })?;

@@ -154,6 +154,9 @@ pub struct Monitor<'a> {
     /// The `kind = "apt"` feeds, their keys checked ([`AptFeed::load`]). Each watches the LCs
     /// the resource table has active (those its `lcs` names, or all).
     pub apt_feeds: Vec<AptFeed>,
+    /// The LC backends' VM state and agents, so an apt feed watches VMs too; `None`: VMs
+    /// are not watched (each round says so for each).
+    pub vms: Option<&'a dyn crate::apt::VmAccess>,
 }
 
 /// The LCs the resource table has active (an apt feed watches those).
@@ -231,7 +234,7 @@ impl Monitor<'_> {
                 .iter()
                 .filter(|l| named.is_empty() || named.contains(&l.spec.id.to_string()))
             {
-                out.push(match AptLc::of(&lc.spec) {
+                out.push(match AptLc::of(&lc.spec, self.vms) {
                     Ok(alc) => poll_apt_lc(store, feed, &alc, &cx),
                     Err(e) => crate::apt::not_watched(&feed.config.name, &lc.spec, e),
                 });

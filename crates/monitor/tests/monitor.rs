@@ -68,6 +68,7 @@ fn monitor<'a>(
         host: "testhost".into(),
         starter,
         apt_feeds: Vec::new(),
+        vms: None,
     }
 }
 

@@ -270,3 +270,96 @@ fn qemu_bad_input_is_refused_and_changes_nothing() {
     t.po_ok(&["lc", "stop", &id]);
     t.assert_nothing_left(&id);
 }
+
+/// Issue 24: an apt feed watches an active VM too. While it runs, its packages are read by
+/// its own tools through its agent (never from the image the guest is writing), as `bundle
+/// from-apt` does. The busybox VM is given a Debian dpkg status (po-hello 1.0-1) and
+/// os-release; the local signed archive has po-hello 1.0-2 → the round registers a bundle
+/// for the VM, signed by the apt-scoped key and checked against the archive's signed index
+/// with the key's archive_keyrings. Before this, a VM was "not watched".
+#[test]
+fn an_apt_feed_watches_a_running_vm_through_its_agent() {
+    use patchover_debian::fixture::{Pkg, TestArchive, build_deb, fake_root};
+    let k = tempfile::tempdir().unwrap();
+    let kd = k.path();
+    let archive = TestArchive::new("bookworm-security", &[Pkg::new("po-hello", "1.0-2")]);
+    let extra = format!(
+        "\n[[bundles.scoped_keys]]\npath = \"{d}/apt.pub\"\nscope = \"apt\"\narchive_keyrings = [\"{ring}\"]\n\n[monitor]\n\n[[monitor.feeds]]\nname = \"debian\"\nkind = \"apt\"\nsigning_key = \"{d}/apt.key\"\nsources = [\"{source}\"]\n",
+        d = kd.display(),
+        ring = archive.keyring.display(),
+        source = archive.source(),
+    );
+    let c = Cycle::qemu(1, &extra, false);
+    let a = c.t.lcs[0].id.clone();
+    c.t.po_ok(&[
+        "bundle",
+        "keygen",
+        "--public",
+        kd.join("apt.pub").to_str().unwrap(),
+        "--secret",
+        kd.join("apt.key").to_str().unwrap(),
+    ]);
+    c.start_service();
+    // The guest's own files: a Debian dpkg status with po-hello 1.0-1, and its os-release.
+    let root = kd.join("root");
+    fake_root(
+        &root,
+        "bookworm",
+        &[build_deb(&Pkg::new("po-hello", "1.0-1"), &kd.join("debs"))],
+    );
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    c.t.po_ok(&[
+        "lc",
+        "exec",
+        &a,
+        "--",
+        "/bin/sh",
+        "-c",
+        "mkdir -p /var/lib/dpkg && printf '%s' \"$1\" > /var/lib/dpkg/status && printf '%s' \"$2\" > /etc/os-release",
+        "sh",
+        &read("var/lib/dpkg/status"),
+        &read("etc/os-release"),
+    ]);
+
+    let r = c.t.po_json(&["monitor", "run-once"]);
+    let feed = r["feeds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["feed"] == format!("debian/{a}"))
+        .unwrap_or_else(|| panic!("no round for {a}: {r:#}"));
+    assert_eq!(feed["status"], "fetched", "{r:#}");
+    let id = feed["registered"][0]["id"].as_str().unwrap();
+    assert!(id.starts_with("apt-"), "{r:#}");
+    // The bundle is in the patch table, for this VM, with the version the archive offers.
+    let patches = c.t.po_json(&["patches", "list"]);
+    let row = patches
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == id)
+        .unwrap_or_else(|| panic!("{id} not registered: {patches:#}"));
+    let inspected =
+        c.t.po_json(&["bundle", "inspect", row["file"].as_str().unwrap()]);
+    assert_eq!(
+        inspected["manifest"]["targets"]["lcs"][0],
+        a.as_str(),
+        "{inspected:#}"
+    );
+    assert_eq!(
+        inspected["manifest"]["checks"][0]["version"], "1.0-2",
+        "{inspected:#}"
+    );
+    // Nothing new since: the same set is not downloaded again.
+    let downloads = archive.package_downloads();
+    let r = c.t.po_json(&["monitor", "run-once"]);
+    assert!(
+        r["feeds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["feed"] == format!("debian/{a}") && f["status"] == "not-modified"),
+        "{r:#}"
+    );
+    assert_eq!(archive.package_downloads(), downloads);
+}

@@ -234,7 +234,7 @@ struct RawFeed {
     signing_key: Option<Spanned<PathBuf>>,
     password_file: Option<Spanned<PathBuf>>,
     sources: Option<Spanned<Vec<String>>>,
-    lcs: Option<Vec<String>>,
+    lcs: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -364,7 +364,25 @@ impl Validator<'_> {
     }
 
     /// A `kind = "apt"` entry of `[[monitor.feeds]]`.
-    fn apt_feed(&self, key: &str, f: RawFeed) -> Result<AptFeedConfig, ConfigError> {
+    fn apt_feed(
+        &self,
+        key: &str,
+        f: RawFeed,
+        known: &[String],
+    ) -> Result<AptFeedConfig, ConfigError> {
+        for lc in f.lcs.iter().flat_map(|l| l.get_ref()) {
+            if !known.contains(lc.get_ref()) {
+                return Err(self.err(
+                    lc,
+                    &format!("{key}.lcs"),
+                    format!(
+                        "{:?} is not an LC of this config (it defines: {}); the feed would never watch it",
+                        lc.get_ref(),
+                        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    ),
+                ));
+            }
+        }
         let index_only = [
             ("url", f.url.as_ref().map(|u| u.span())),
             ("trusted_keys", f.trusted_keys.as_ref().map(|k| k.span())),
@@ -393,7 +411,13 @@ impl Validator<'_> {
             signing_key: signing_key.into_inner(),
             password_file: f.password_file.map(Spanned::into_inner),
             sources: f.sources.map(Spanned::into_inner).unwrap_or_default(),
-            lcs: f.lcs.unwrap_or_default(),
+            lcs: f
+                .lcs
+                .map(Spanned::into_inner)
+                .unwrap_or_default()
+                .into_iter()
+                .map(Spanned::into_inner)
+                .collect(),
         })
     }
 
@@ -403,6 +427,7 @@ impl Validator<'_> {
             ("signing_key", f.signing_key.as_ref().map(|u| u.span())),
             ("password_file", f.password_file.as_ref().map(|k| k.span())),
             ("sources", f.sources.as_ref().map(|c| c.span())),
+            ("lcs", f.lcs.as_ref().map(|c| c.span())),
         ];
         if let Some((k, Some(span))) = apt_only.into_iter().find(|(_, s)| s.is_some()) {
             return Err(self.err(
@@ -453,9 +478,11 @@ impl Validator<'_> {
         })
     }
 
+    /// `[monitor]`; `known` the ids of the config's LCs.
     pub(super) fn monitor(
         &self,
         raw: Option<RawMonitor>,
+        known: &[String],
     ) -> Result<Option<MonitorConfig>, ConfigError> {
         let Some(raw) = raw else { return Ok(None) };
         let d = MonitorConfig::default();
@@ -466,7 +493,7 @@ impl Validator<'_> {
             names.push(f.name.get_ref().clone());
             match f.kind {
                 FeedKind::Index => feeds.push(self.feed(&key, f)?),
-                FeedKind::Apt => apt_feeds.push(self.apt_feed(&key, f)?),
+                FeedKind::Apt => apt_feeds.push(self.apt_feed(&key, f, known)?),
             }
         }
         if let Some(p) = &raw.secret_file {
