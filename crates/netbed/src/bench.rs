@@ -170,6 +170,10 @@ pub struct CaseResult {
     #[serde(default)]
     pub phases: Vec<PhaseSpread>,
     pub drain_ms: Spread,
+    /// The drain's first look at the old LC's connections, per switch (one walk of the
+    /// kernel's TCP table on a namespace LC).
+    #[serde(default)]
+    pub drain_first_look_ms: Spread,
     pub first_request_ms: Spread,
     pub achieved_rate: f64,
     /// Latency by when a request was due, relative to the decision of its switch (all
@@ -259,6 +263,7 @@ struct Window {
     end_us: u64,
     pause_ms: Option<f64>,
     drain_ms: Option<f64>,
+    first_look_ms: Option<f64>,
     first_ms: Option<f64>,
     phases: Vec<Phase>,
 }
@@ -356,6 +361,7 @@ fn run_case(cfg: &BenchConfig, case: Case, conns: ConnMode) -> Result<CaseResult
         }
         let t_start = Instant::now();
         let mut phases = Vec::new();
+        let mut first_look = None;
         let (pause, drain, first) = match case {
             Case::Mode(_) => {
                 let plan = tb.plan(i % 2 == 0);
@@ -374,6 +380,7 @@ fn run_case(cfg: &BenchConfig, case: Case, conns: ConnMode) -> Result<CaseResult
                     drop(h);
                 }
                 phases = sw.report.phases.clone();
+                first_look = Some(sw.report.drain_first_look_ms);
                 (
                     Some(sw.report.pause_ms),
                     Some(sw.report.drain_ms),
@@ -428,6 +435,7 @@ fn run_case(cfg: &BenchConfig, case: Case, conns: ConnMode) -> Result<CaseResult
                 .as_micros() as u64,
             pause_ms: pause,
             drain_ms: drain,
+            first_look_ms: first_look,
             first_ms: first,
             phases,
         });
@@ -478,6 +486,7 @@ fn run_case(cfg: &BenchConfig, case: Case, conns: ConnMode) -> Result<CaseResult
         outage_ms: Spread::of(outage),
         pause_ms: Spread::of(windows.iter().filter_map(|w| w.pause_ms).collect()),
         drain_ms: Spread::of(windows.iter().filter_map(|w| w.drain_ms).collect()),
+        drain_first_look_ms: Spread::of(windows.iter().filter_map(|w| w.first_look_ms).collect()),
         first_request_ms: Spread::of(windows.iter().filter_map(|w| w.first_ms).collect()),
         phases: phase_spreads(&windows.iter().map(|w| w.phases.clone()).collect::<Vec<_>>()),
         achieved_rate: report.achieved_rate,

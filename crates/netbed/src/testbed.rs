@@ -141,7 +141,23 @@ impl Testbed {
             tb.b.mac = tb.a.mac;
         }
         for role in ["h", "a", "b", "c"] {
-            ip(&["netns", "add", &ns(role)])?;
+            if role == "a" || role == "b" {
+                // The LCs' namespaces are made as patchover makes an LC's: with a TCP table
+                // of their own (patchover_netlink::tcptable), so the drain's look is the same.
+                let made = PathBuf::from(format!("/run/netns/{}", ns(role)));
+                patchover_netlink::tcptable::create_with_own_tcp_table(
+                    patchover_netlink::tcptable::LC_TCP_TABLE_BUCKETS,
+                    &made,
+                    || ip(&["netns", "add", &ns(role)]),
+                )
+                .map_err(|e| TestbedError::Sysctl {
+                    key: "net.ipv4.tcp_child_ehash_entries".into(),
+                    source: std::io::Error::other(patchover_core::error_chain(&e)),
+                })?
+                .0?;
+            } else {
+                ip(&["netns", "add", &ns(role)])?;
+            }
             tb.namespaces.push(ns(role));
             ip(&["-n", &ns(role), "link", "set", "lo", "up"])?;
         }

@@ -9,3 +9,4 @@
 pub mod netns;
 pub mod rtnl;
 pub mod tap;
+pub mod tcptable;

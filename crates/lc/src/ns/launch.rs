@@ -26,7 +26,7 @@ use std::process::Command;
 
 use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use nix::sched::{CloneFlags, setns, unshare};
+use nix::sched::{CloneFlags, setns};
 use nix::sys::stat::{Mode, SFlag, makedev, mknodat};
 use nix::sys::wait::waitpid;
 use nix::unistd::{
@@ -122,14 +122,22 @@ pub fn launch_main() -> i32 {
         for f in &spec.cgroup_procs {
             fs::write(f, &me).map_err(|e| format!("cannot join cgroup {}: {e}", f.display()))?;
         }
-        unshare(
+        // The LC's network namespace gets a TCP table of its own, so a switch's drain walks
+        // only the LC's sockets (patchover_netlink::tcptable).
+        patchover_netlink::tcptable::unshare_with_own_tcp_table(
             CloneFlags::CLONE_NEWNS
                 | CloneFlags::CLONE_NEWUTS
                 | CloneFlags::CLONE_NEWIPC
                 | CloneFlags::CLONE_NEWNET
                 | CloneFlags::CLONE_NEWPID,
+            patchover_netlink::tcptable::LC_TCP_TABLE_BUCKETS,
         )
-        .map_err(errno("unshare"))?;
+        .map_err(|e| {
+            format!(
+                "creating the namespaces: {}",
+                patchover_core::error_chain(&e)
+            )
+        })?;
         let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).map_err(errno("pipe"))?;
         let (err_r, err_w) = pipe2(OFlag::O_CLOEXEC).map_err(errno("pipe"))?;
         Ok((console, go_r, go_w, err_r, err_w))

@@ -15,6 +15,18 @@ pub(super) const PAUSED_DRAIN_POLL: Duration = Duration::from_micros(500);
 /// How often the drain is polled once the standby serves (nothing waits on it but the report).
 pub(super) const BACKGROUND_DRAIN_POLL: Duration = Duration::from_millis(5);
 
+/// What the drain wait saw.
+pub(super) struct DrainWait {
+    pub took: Duration,
+    /// Busy connections left (0: drained).
+    pub left: usize,
+    /// How many times the old LC's connections were looked at.
+    pub looks: u32,
+    /// How long the first look took: on a namespace LC, one walk of the kernel's TCP table
+    /// (the later looks follow what it found, and one more walk confirms the end).
+    pub first_look: Duration,
+}
+
 /// One switch, after its checks: the plan, the network, and the way into both LCs.
 pub(super) struct Ctx<'a> {
     pub plan: &'a SwitchPlan,
@@ -148,10 +160,13 @@ impl<'a> Ctx<'a> {
 
     /// Waits, polling every `poll`, until the old LC has no busy connection on the service
     /// port or the drain deadline passed.
-    pub(super) fn wait_drained(&self, poll: Duration) -> (Duration, usize) {
+    pub(super) fn wait_drained(&self, poll: Duration) -> DrainWait {
         let start = Instant::now();
         let mut warned = false;
+        let mut looks = 0u32;
+        let mut first_look = Duration::ZERO;
         loop {
+            let t = Instant::now();
             // A failed count counts as busy, so a drain never ends on an error.
             let left = match self.from_lc.busy_tcp_connections(self.plan.health.port) {
                 Ok(n) => n,
@@ -163,11 +178,21 @@ impl<'a> Ctx<'a> {
                     usize::MAX
                 }
             };
+            looks += 1;
+            if looks == 1 {
+                first_look = t.elapsed();
+            }
+            let done = |left| DrainWait {
+                took: start.elapsed(),
+                left,
+                looks,
+                first_look,
+            };
             if left == 0 {
-                return (start.elapsed(), 0);
+                return done(0);
             }
             if start.elapsed() >= self.plan.drain_deadline {
-                return (start.elapsed(), left);
+                return done(left);
             }
             std::thread::sleep(poll);
         }

@@ -127,7 +127,8 @@ pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
     if let Err(e) = &forward {
         tracing::error!(from = %plan.from.name, error = %e, "the old service did not take the forward; its held requests will fail");
     }
-    let (drain, left) = ctx.wait_drained(BACKGROUND_DRAIN_POLL);
+    let waited = ctx.wait_drained(BACKGROUND_DRAIN_POLL);
+    let (drain, left) = (waited.took, waited.left);
     if left > 0 {
         tracing::warn!(left, from = %plan.from.name, "old LC still has connections at the drain deadline");
     }
@@ -141,6 +142,8 @@ pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
             pause_ms: ms(pause),
             drain_ms: ms(drain),
             leftover_connections: left,
+            drain_looks: waited.looks,
+            drain_first_look_ms: ms(waited.first_look),
             first_request_ms: ms(first),
             window_ms: ms(window),
             phases: laps.into_phases(),

@@ -271,6 +271,13 @@ pub struct SwitchReport {
     pub drain_ms: f64,
     /// Connections still open on the old LC at the drain deadline (seamless only; 0 otherwise).
     pub leftover_connections: usize,
+    /// How many times the drain looked at the old LC's connections.
+    #[serde(default)]
+    pub drain_looks: u32,
+    /// How long the drain's first look took (on a namespace LC one walk of the kernel's TCP
+    /// table, whose cost grows with every socket in it, `TIME_WAIT` ones included).
+    #[serde(default)]
+    pub drain_first_look_ms: f64,
     /// From the decision to the first request the standby served through the service address
     /// (the switcher's own check).
     pub first_request_ms: f64,
@@ -302,6 +309,8 @@ impl SwitchReport {
             pause_ms: 0.0,
             drain_ms: 0.0,
             leftover_connections: 0,
+            drain_looks: 0,
+            drain_first_look_ms: 0.0,
             first_request_ms: 0.0,
             window_ms: 0.0,
             held_syns: 0,

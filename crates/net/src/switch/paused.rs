@@ -38,6 +38,8 @@ pub(super) trait Move {
 /// What the pause measured.
 struct Window {
     drain: Duration,
+    looks: u32,
+    first_look: Duration,
     window: Duration,
     garp_sent: u32,
     first: Duration,
@@ -81,6 +83,8 @@ pub(super) fn run(
                     pause_ms: ms(pause),
                     phases: laps.into_phases(),
                     drain_ms: ms(w.drain),
+                    drain_looks: w.looks,
+                    drain_first_look_ms: ms(w.first_look),
                     first_request_ms: ms(w.first),
                     window_ms: ms(w.window),
                     held_syns: stats.held,
@@ -128,7 +132,8 @@ fn in_pause(
             hook: "drain",
             source,
         })?;
-    let (drain, left) = ctx.wait_drained(PAUSED_DRAIN_POLL);
+    let waited = ctx.wait_drained(PAUSED_DRAIN_POLL);
+    let (drain, left) = (waited.took, waited.left);
     laps.lap(DRAIN);
     tracing::debug!(at_ms = ms(t_hold.elapsed()), "drained");
     if left > 0 {
@@ -154,6 +159,8 @@ fn in_pause(
     tracing::debug!(at_ms = ms(t_hold.elapsed()), "checked");
     Ok(Window {
         drain,
+        looks: waited.looks,
+        first_look: waited.first_look,
         window,
         garp_sent,
         first: ctx.t0.elapsed(),
@@ -180,6 +187,8 @@ mod tests {
             let paused: f64 = r.phases[2..].iter().map(|p| p.ms).sum();
             assert!((paused - r.pause_ms).abs() < 1e-6, "{mode}: {r:?}");
             assert_eq!(r.phase_ms(WINDOW), Some(r.window_ms), "{mode}");
+            assert!(r.drain_looks >= 1, "{mode}: {r:?}");
+            assert!(r.drain_first_look_ms <= r.drain_ms, "{mode}: {r:?}");
         }
     }
 }

@@ -60,7 +60,8 @@ pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
             hook: "drain",
             source,
         })?;
-    let (drain, left) = ctx.wait_drained(BACKGROUND_DRAIN_POLL);
+    let waited = ctx.wait_drained(BACKGROUND_DRAIN_POLL);
+    let (drain, left) = (waited.took, waited.left);
     if left > 0 {
         tracing::warn!(left, from = %plan.from.name, "old LC still has connections at the drain deadline");
     }
@@ -76,6 +77,8 @@ pub(super) fn run(ctx: &Ctx<'_>, hooks: &mut Hooks<'_>) -> Result<Switched, Swit
         report: SwitchReport {
             drain_ms: ms(drain),
             leftover_connections: left,
+            drain_looks: waited.looks,
+            drain_first_look_ms: ms(waited.first_look),
             first_request_ms: ms(first),
             window_ms: ms(laps.mark().saturating_duration_since(tw)),
             phases: laps.into_phases(),
