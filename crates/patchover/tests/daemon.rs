@@ -1983,7 +1983,13 @@ fn switch_assign_recover_and_attach_through_the_daemon_and_direct() {
     assert_eq!(v, serde_json::json!([]));
 
     // a -> b through the daemon, back directly; a -> b directly, back through the daemon.
-    let timing = ["pause_ms", "drain_ms", "first_request_ms", "window_ms"];
+    let timing = [
+        "pause_ms",
+        "drain_ms",
+        "drain_first_look_ms",
+        "first_request_ms",
+        "window_ms",
+    ];
     let fast = ["--port", "80", "--garp-refresh", "100ms"];
     let switch: Vec<&str> = ["net", "switch", &a, &b, "--mode", "readdress"]
         .into_iter()
