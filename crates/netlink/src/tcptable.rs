@@ -64,20 +64,7 @@ pub fn unshare_with_own_tcp_table(
     buckets: u32,
 ) -> Result<TcpTable, TcpTableError> {
     let kept = read_limits()?;
-    unshare(CloneFlags::CLONE_NEWNET).map_err(|source| TcpTableError::Unshare {
-        what: "a scratch network namespace",
-        source,
-    })?;
-    let table = match std::fs::write(CHILD_EHASH, buckets.to_string()) {
-        Ok(()) => TcpTable::Own,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => TcpTable::Shared,
-        Err(source) => {
-            return Err(TcpTableError::Sysctl {
-                path: CHILD_EHASH,
-                source,
-            });
-        }
-    };
+    let table = enter_scratch(buckets)?;
     unshare(flags).map_err(|source| TcpTableError::Unshare {
         what: "the LC's namespaces",
         source,
@@ -100,20 +87,7 @@ pub fn create_with_own_tcp_table<T: Send>(
     let kept = read_limits()?;
     let (out, table) = std::thread::scope(|s| {
         s.spawn(|| -> Result<(T, TcpTable), TcpTableError> {
-            unshare(CloneFlags::CLONE_NEWNET).map_err(|source| TcpTableError::Unshare {
-                what: "a scratch network namespace",
-                source,
-            })?;
-            let table = match std::fs::write(CHILD_EHASH, buckets.to_string()) {
-                Ok(()) => TcpTable::Own,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => TcpTable::Shared,
-                Err(source) => {
-                    return Err(TcpTableError::Sysctl {
-                        path: CHILD_EHASH,
-                        source,
-                    });
-                }
-            };
+            let table = enter_scratch(buckets)?;
             // The thread ends here, and the scratch namespace with it.
             Ok((create(), table))
         })
@@ -130,6 +104,23 @@ pub fn create_with_own_tcp_table<T: Send>(
         })??;
     }
     Ok((out, table))
+}
+
+/// Moves the calling thread into a fresh scratch network namespace whose new namespaces get
+/// a TCP table of `buckets` of their own (`Shared`: the kernel has no such sysctl).
+fn enter_scratch(buckets: u32) -> Result<TcpTable, TcpTableError> {
+    unshare(CloneFlags::CLONE_NEWNET).map_err(|source| TcpTableError::Unshare {
+        what: "a scratch network namespace",
+        source,
+    })?;
+    match std::fs::write(CHILD_EHASH, buckets.to_string()) {
+        Ok(()) => Ok(TcpTable::Own),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TcpTable::Shared),
+        Err(source) => Err(TcpTableError::Sysctl {
+            path: CHILD_EHASH,
+            source,
+        }),
+    }
 }
 
 fn read_limits() -> Result<[String; 2], TcpTableError> {
