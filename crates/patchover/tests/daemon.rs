@@ -1294,6 +1294,16 @@ fn runs_over_the_api_conflict_metrics_and_sigterm_during_a_run() {
         &["--direct", "runs", "show", &run_id.to_string()],
     );
     assert_eq!(cli, run, "`runs show --json` is the API's JSON");
+    // Its text says where the switch's time went, phase by phase (issue 26).
+    let text =
+        c.t.po_ok(&["--direct", "runs", "show", &run_id.to_string()]);
+    assert!(
+        text.lines().any(|l| l.starts_with("switch phases (pause ")
+            && l.contains("prepare ")
+            && l.contains(", drain ")
+            && l.contains(", release ")),
+        "{text}"
+    );
 
     let m = parse_prometheus(std::str::from_utf8(&d.get("/metrics").body).unwrap());
     assert_eq!(

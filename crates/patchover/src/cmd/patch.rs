@@ -444,6 +444,20 @@ fn print_run(ctx: &Ctx, v: &RunDetail) -> anyhow::Result<()> {
         "{}",
         super::table(&["AT", "STEP", "STATE", "TOOK", "ERROR"], &rows)
     );
+    // Where each switch's time went (issue 26), as `patch` prints it.
+    for s in v.steps.iter().filter(|s| s.state == "done") {
+        if let Some(d) = &s.detail
+            && let Ok(sw) = serde_json::from_value::<patchover_net::SwitchReport>(d.clone())
+            && !sw.phases.is_empty()
+        {
+            println!(
+                "{} phases (pause {:.1} ms): {}",
+                s.step,
+                sw.pause_ms,
+                sw.phases_line()
+            );
+        }
+    }
     Ok(())
 }
 
