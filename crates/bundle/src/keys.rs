@@ -172,10 +172,9 @@ pub struct TrustedKey {
     id: KeyId,
     key: minisign_verify::PublicKey,
     source: String,
-    /// `None`: trusted for every bundle; else only for bundles of that scope's shape.
-    scope: Option<KeyScope>,
-    /// For an apt-scoped key: how its bundles' packages are tied to the archive.
-    index: Option<IndexTrust>,
+    /// `None`: trusted for every bundle; else only for bundles of that scope's shape, whose
+    /// packages the [`IndexTrust`] ties to the archive (one field: never one without the other).
+    scoped: Option<(KeyScope, IndexTrust)>,
 }
 
 /// How the `.deb` files of a bundle signed by an apt-scoped key are tied to the archive they
@@ -219,8 +218,7 @@ impl TrustedKey {
             id: KeyId(id),
             key,
             source: source.to_owned(),
-            scope: None,
-            index: None,
+            scoped: None,
         })
     }
 
@@ -240,18 +238,17 @@ impl TrustedKey {
     /// The same key, trusted only for bundles of `scope`'s shape whose packages `index`
     /// ties to the archive.
     pub fn scoped(mut self, scope: KeyScope, index: IndexTrust) -> TrustedKey {
-        self.scope = Some(scope);
-        self.index = Some(index);
+        self.scoped = Some((scope, index));
         self
     }
 
     pub fn scope(&self) -> Option<KeyScope> {
-        self.scope
+        self.scoped.as_ref().map(|(s, _)| *s)
     }
 
     /// For a scoped key: how its bundles' packages are tied to the archive.
     pub fn index(&self) -> Option<&IndexTrust> {
-        self.index.as_ref()
+        self.scoped.as_ref().map(|(_, i)| i)
     }
 }
 
@@ -447,8 +444,8 @@ impl TrustedKeys {
             key_id: sig.key_id,
             key_source: key.source.clone(),
             trusted_comment: sig.sig.trusted_comment().to_owned(),
-            scope: key.scope,
-            index: key.index.clone(),
+            scope: key.scope(),
+            index: key.index().cloned(),
         })
     }
 }
